@@ -1,0 +1,166 @@
+"""The ``diffmem`` command line. Each command calls one Python API entry point."""
+
+from __future__ import annotations
+
+import os
+import sys
+import warnings
+from pathlib import Path
+from typing import Optional
+
+import typer
+from rich.console import Console
+
+from .core.errors import DiffmemError
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+                  help="Audit text-to-image diffusion models for memorization of their training data.")
+memlab_app = typer.Typer(no_args_is_help=True, help="MemLab: the planted-memorization testbed and its model.")
+app.add_typer(memlab_app, name="memlab")
+console = Console(stderr=True)
+out_console = Console()
+
+
+def _quiet_libraries() -> None:
+    # transformers warns once per process that torchvision is absent: by design here
+    warnings.filterwarnings("ignore", message=".*requires torchvision.*")
+    os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
+    from diffusers.utils import logging as dlog
+    from transformers.utils import logging as tlog
+
+    dlog.set_verbosity_error()
+    tlog.set_verbosity_error()
+
+
+def _check_writable(folder: Path) -> None:
+    folder = folder.expanduser()
+    probe = folder
+    while not probe.exists():
+        probe = probe.parent
+    if not os.access(probe, os.W_OK):
+        raise DiffmemError(f"output folder {folder} is not writable")
+
+
+@app.command()
+def train(
+    data: str = typer.Option(..., help="memlab, an image folder with metadata.jsonl/csv, a .parquet/.jsonl file, or a saved datasets folder"),
+    out: Path = typer.Option(..., help="output folder: checkpoints, and the trained pipeline in OUT/model"),
+    model: str = typer.Option(..., help="pipeline to fine-tune: a local folder, a hub id, or memlab"),
+    steps: int = typer.Option(1000, min=1),
+    batch_size: int = typer.Option(32, min=1),
+    lr: float = typer.Option(1e-4),
+    prediction_type: Optional[str] = typer.Option(None, help="epsilon or v_prediction (default: the model's own)"),
+    train_text_encoder: bool = typer.Option(False, "--train-text-encoder/--freeze-text-encoder"),
+    ema: bool = typer.Option(False, help="keep an exponential moving average of the weights"),
+    caption_column: Optional[str] = typer.Option(None, help="caption column (default: text, caption or prompt)"),
+    checkpoint_every: int = typer.Option(500, min=0),
+    mem_filter_threshold: Optional[float] = typer.Option(None, help="drop samples whose text-conditional noise norm is >= this (Wen et al.)"),
+    seed: int = typer.Option(0),
+    allow_pickle: bool = typer.Option(False, help="allow loading pickle (.bin) weights: only for sources you trust"),
+):
+    """Train or fine-tune a Stable Diffusion pipeline on image-caption pairs (resumes from OUT/checkpoint)."""
+    from .train.api import train_pipeline
+
+    _check_writable(out)
+    model_dir = train_pipeline(model, data, out, steps=steps, batch_size=batch_size, lr=lr, prediction_type=prediction_type,
+                               train_text_encoder=train_text_encoder, ema=ema, caption_column=caption_column,
+                               checkpoint_every=checkpoint_every, mem_filter_threshold=mem_filter_threshold, seed=seed,
+                               allow_pickle=allow_pickle)
+    out_console.print(f"trained pipeline saved to {model_dir}")
+
+
+@memlab_app.command("build")
+def memlab_build(
+    out: Path = typer.Option(..., help="folder for the image folder (PNG + metadata.jsonl) and manifest.json"),
+    control: bool = typer.Option(False, help="the duplication-free control set: each planted pair once"),
+    seed: int = typer.Option(0),
+):
+    """Recreate the MemLab dataset as an image folder with captions and its ground-truth manifest."""
+    from .memlab.export import export_imagefolder
+
+    _check_writable(out)
+    n = export_imagefolder(out, seed=seed, control=control)
+    out_console.print(f"wrote {n} rows to {out} (metadata.jsonl, images/, memlab_manifest.json)")
+
+
+@memlab_app.command("train")
+def memlab_train(
+    out: Path = typer.Option(..., help="working folder (checkpoints); the model lands in OUT/model"),
+    control: bool = typer.Option(False, help="train the duplication-free control model"),
+    steps: Optional[int] = typer.Option(None, help="override the recipe's step count (for quick trials)"),
+):
+    """Reproduce the shipped MemLab model with the recorded seed and settings (about 40 minutes on 2 cores)."""
+    from dataclasses import replace
+
+    from .memlab import recipe
+
+    _check_writable(out)
+    rc = recipe.MemLabRecipe()
+    if control:
+        rc = recipe.control_recipe(rc)
+    if steps is not None:
+        rc = replace(rc, train=replace(rc.train, steps=steps))
+    model_dir = recipe.run(rc, out)
+    out_console.print(f"MemLab model saved to {model_dir}")
+
+
+@memlab_app.command("verify")
+def memlab_verify(
+    model: str = typer.Option("memlab", help="MemLab model folder (default: the shipped one)"),
+    control_model: Optional[str] = typer.Option(None, help="the duplication-free control model, to report its AUC too"),
+    seeds: int = typer.Option(8, min=1),
+    out: Optional[Path] = typer.Option(None, help="write memlab_verify.json and per-prompt details here"),
+    json_output: bool = typer.Option(False, "--json", help="print the figures as JSON"),
+):
+    """Measure the MemLab bars (replication, separability, templates, features, generalization)."""
+    import json
+
+    from .core.results import to_jsonable
+    from .memlab.verify import VerifySettings, print_table, verify
+
+    res = verify(model, VerifySettings(seeds=seeds), control_model=control_model, out=out)
+    print_table(res, out_console)
+    if json_output:
+        out_console.print_json(json.dumps(to_jsonable({k: v for k, v in res.items() if k != "label_disagreements"})))
+    raise typer.Exit(0 if res["all_bars_pass"] else 1)
+
+
+@memlab_app.command("sample")
+def memlab_sample(
+    out: Path = typer.Option(Path("memlab-sample"), help="folder for the grid PNG and the check JSON"),
+    model: str = typer.Option("memlab"),
+    seeds: int = typer.Option(4, min=1),
+):
+    """A sample grid of planted and novel prompts, each image checked against the manifest."""
+    from .memlab.sample import sample_grid
+
+    _check_writable(out)
+    res = sample_grid(model, out, seeds=seeds)
+    out_console.print(res["summary"])
+
+
+def main(argv: list[str] | None = None) -> None:
+    _quiet_libraries()
+    try:
+        app(args=argv, standalone_mode=False)
+    except DiffmemError as e:
+        console.print(f"[red]error:[/] {e}", highlight=False)
+        sys.exit(2)
+    except typer.Exit as e:
+        sys.exit(e.exit_code)
+    except KeyboardInterrupt:
+        console.print("interrupted")
+        sys.exit(130)
+    except Exception as e:  # click usage errors
+        import click
+
+        if isinstance(e, click.exceptions.ClickException):
+            e.show()
+            sys.exit(e.exit_code)
+        if isinstance(e, click.exceptions.Abort):
+            sys.exit(1)
+        raise
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,1 @@
+"""Shared pieces: pipeline loading, the denoising loop, seeding, result types."""

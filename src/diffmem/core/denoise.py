@@ -1,0 +1,94 @@
+"""The pieces of a Stable Diffusion sampling loop that detection, explanation and mitigation
+share. ``StableDiffusionPipeline.__call__`` never exposes the split conditional /
+unconditional predictions, so diffmem runs its own short loop from the same parts:
+``tokenizer`` + ``text_encoder`` (as ``encode_prompt`` does), ``prepare_latents``-equivalent
+seeded noise, ``scheduler.set_timesteps/scale_model_input/step`` and ``unet``.
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import torch
+from diffusers.utils.torch_utils import randn_tensor
+
+from .errors import InputError
+
+
+class PromptTruncationWarning(UserWarning):
+    pass
+
+
+def tokenize(pipe, prompts: list[str], warn: bool = True) -> torch.Tensor:
+    """Token ids padded/truncated to the model's length; warns, naming each truncated prompt."""
+    tok = pipe.tokenizer
+    n = tok.model_max_length
+    for p in prompts:
+        if not isinstance(p, str):
+            raise InputError(f"prompts must be strings, got {type(p).__name__}: {p!r}")
+    ids = tok(prompts, padding="max_length", max_length=n, truncation=True, return_tensors="pt").input_ids
+    if warn:
+        full = tok(prompts, padding=False, truncation=False, verbose=False).input_ids
+        for p, f in zip(prompts, full):
+            if len(f) > n:
+                kept = tok.decode(ids[prompts.index(p)][1:-1], skip_special_tokens=True)
+                warnings.warn(
+                    f"prompt truncated to {n} tokens ({len(f)} given): {p[:80]!r}{'...' if len(p) > 80 else ''}; "
+                    f"the model sees only: {kept[-60:]!r}",
+                    PromptTruncationWarning,
+                    stacklevel=3,
+                )
+    return ids
+
+
+def encode_text(pipe, prompts: list[str], warn: bool = True) -> torch.Tensor:
+    """Text-encoder output embeddings (B, L, D), as ``pipe.encode_prompt`` computes them for SD 1.x/2.x."""
+    ids = tokenize(pipe, prompts, warn=warn).to(pipe.text_encoder.device)
+    mask = None
+    if getattr(pipe.text_encoder.config, "use_attention_mask", False):
+        mask = (ids != pipe.tokenizer.pad_token_id).long()
+    emb = pipe.text_encoder(ids, attention_mask=mask)[0]
+    return emb.to(dtype=pipe.unet.dtype)
+
+
+def latent_shape(pipe, batch: int = 1) -> tuple[int, ...]:
+    size = pipe.unet.config.sample_size
+    return (batch, pipe.unet.config.in_channels, size, size)
+
+
+def initial_latents(pipe, seed: int, batch: int = 1) -> torch.Tensor:
+    """x_T exactly as the pipeline draws it for ``generator=torch.Generator().manual_seed(seed)``."""
+    gen = torch.Generator(device="cpu").manual_seed(int(seed))
+    x = randn_tensor(latent_shape(pipe, 1), generator=gen, device=pipe.unet.device, dtype=pipe.unet.dtype)
+    return x.expand(batch, -1, -1, -1) * pipe.scheduler.init_noise_sigma
+
+
+def fresh_scheduler(pipe, num_inference_steps: int):
+    """A copy of the pipeline's scheduler with its timesteps set, so the pipeline's own is untouched."""
+    sched = pipe.scheduler.__class__.from_config(pipe.scheduler.config)
+    sched.set_timesteps(num_inference_steps, device=pipe.unet.device)
+    return sched
+
+
+def to_epsilon(pipe, model_output_diff: torch.Tensor, t) -> torch.Tensor:
+    """Convert a difference of two model outputs at the same x_t into epsilon units.
+
+    epsilon = sqrt(alpha_bar) * v + sqrt(1 - alpha_bar) * x_t, so a difference of v-predictions
+    at the same x_t is a difference of epsilon-predictions divided by sqrt(alpha_bar_t).
+    """
+    kind = pipe.scheduler.config.prediction_type
+    if kind == "epsilon":
+        return model_output_diff
+    if kind == "v_prediction":
+        ab = pipe.scheduler.alphas_cumprod.to(model_output_diff.device)[int(t)]
+        return model_output_diff * ab.sqrt().to(model_output_diff.dtype)
+    if kind == "sample":
+        ab = pipe.scheduler.alphas_cumprod.to(model_output_diff.device)[int(t)]
+        # eps = (x_t - sqrt(ab) x0) / sqrt(1 - ab): the x_t part cancels in a difference
+        return -model_output_diff * (ab.sqrt() / (1 - ab).sqrt()).to(model_output_diff.dtype)
+    raise InputError(f"unsupported prediction_type {kind!r}")
+
+
+def guided(uncond: torch.Tensor, cond: torch.Tensor, guidance_scale: float) -> torch.Tensor:
+    """Classifier-free guidance exactly as StableDiffusionPipeline combines the two halves."""
+    return uncond + guidance_scale * (cond - uncond)

@@ -1,0 +1,191 @@
+"""Loading a Stable Diffusion family pipeline: the one place diffmem loads weights.
+
+``load_pipeline("memlab")`` gives the shipped MemLab model; any other string is a local
+pipeline folder or a hub id. Weights load from safetensors only unless the caller passes
+``allow_pickle=True``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from pathlib import Path
+
+import torch
+
+from .errors import ModelLoadError
+
+SUPPORTED_CLASSES = {"StableDiffusionPipeline", "StableDiffusionImg2ImgPipeline", "StableDiffusionInpaintPipeline"}
+# what other pipeline families would need, said plainly in the error
+UNSUPPORTED = {
+    "StableDiffusionXLPipeline": "SDXL has two text encoders (text_encoder and text_encoder_2) and extra "
+    "time/size conditioning; diffmem's detectors handle one CLIP text encoder (SD 1.x / 2.x)",
+    "StableDiffusion3Pipeline": "SD3 is an MMDiT transformer with three text encoders, not a UNet with cross-attention",
+    "FluxPipeline": "Flux is a flow-matching transformer, not a UNet with cross-attention",
+    "PixArtAlphaPipeline": "PixArt uses a T5 text encoder and a transformer, not a CLIP text encoder and a UNet",
+}
+REQUIRED = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
+
+
+def memlab_path() -> Path:
+    """The folder of the MemLab model shipped inside the package."""
+    from importlib import resources
+
+    return Path(str(resources.files("diffmem") / "memlab" / "model"))
+
+
+def resolve_model(model: str | os.PathLike) -> str:
+    if str(model).lower() == "memlab":
+        return str(memlab_path())
+    return str(model)
+
+
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+
+
+def _looks_like_path(s: str) -> bool:
+    """Anything that is not shaped like a hub id (``owner/name``) is taken as a local path."""
+    return not _HUB_ID.match(s)
+
+
+def resolve_device(device: str | torch.device | None) -> torch.device:
+    dev = torch.device(device or "cpu")
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ModelLoadError(
+            f"device {str(dev)!r} was asked for, but CUDA is not available here "
+            f"(torch {torch.__version__}, torch.cuda.is_available() is False); use --device cpu"
+        )
+    if dev.type == "mps" and not torch.backends.mps.is_available():
+        raise ModelLoadError(f"device {str(dev)!r} was asked for, but MPS is not available here")
+    return dev
+
+
+def check_pipeline_folder(folder: Path, allow_pickle: bool = False) -> dict:
+    """Check a local folder before diffusers sees it, so errors say exactly what is wrong."""
+    if not folder.exists():
+        raise ModelLoadError(f"model folder not found: {folder}")
+    if not folder.is_dir():
+        raise ModelLoadError(f"model path is a file, not a pipeline folder: {folder}")
+    index_file = folder / "model_index.json"
+    if not index_file.exists():
+        hint = ""
+        if (folder / "config.json").exists():
+            hint = " (it holds a config.json: it looks like a single model component, not a whole pipeline)"
+        raise ModelLoadError(f"{folder} is not a diffusers pipeline folder: it has no model_index.json{hint}")
+    try:
+        index = json.loads(index_file.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ModelLoadError(f"{index_file} is not valid JSON: {e}") from None
+    cls = index.get("_class_name", "")
+    if cls in UNSUPPORTED or "text_encoder_2" in index:
+        why = UNSUPPORTED.get(cls, "it has a second text encoder (text_encoder_2)")
+        raise ModelLoadError(f"unsupported pipeline {cls or 'with text_encoder_2'} at {folder}: {why}")
+    if cls and cls not in SUPPORTED_CLASSES:
+        raise ModelLoadError(
+            f"unsupported pipeline class {cls!r} at {folder}; diffmem supports Stable Diffusion 1.x / 2.x "
+            f"pipelines ({', '.join(sorted(SUPPORTED_CLASSES))})"
+        )
+    for name in REQUIRED:
+        entry = index.get(name)
+        if not entry or entry == [None, None]:
+            raise ModelLoadError(f"pipeline at {folder} has no {name!r} component in model_index.json")
+        sub = folder / name
+        if not sub.is_dir():
+            raise ModelLoadError(f"pipeline at {folder} is missing its {name!r} component: folder {sub} not found")
+        if name in ("unet", "vae", "text_encoder"):
+            files = [p.name for p in sub.iterdir()]
+            has_safe = any(f.endswith(".safetensors") for f in files)
+            has_pickle = any(f.endswith((".bin", ".pt", ".ckpt", ".pth")) for f in files)
+            if not has_safe and not has_pickle:
+                raise ModelLoadError(f"component {name!r} at {sub} has no weight file")
+            if not has_safe and not allow_pickle:
+                raise ModelLoadError(
+                    f"component {name!r} at {sub} has only pickle weights ({', '.join(f for f in files if f.endswith(('.bin', '.pt', '.ckpt', '.pth')))}); "
+                    "diffmem loads safetensors only. Convert the weights, or pass allow_pickle=True "
+                    "(--allow-pickle) if you trust their source: unpickling can run arbitrary code"
+                )
+    return index
+
+
+def load_pipeline(
+    model: str | os.PathLike = "memlab",
+    device: str | torch.device | None = "cpu",
+    dtype: torch.dtype | str = torch.float32,
+    local_files_only: bool | None = None,
+    allow_pickle: bool = False,
+    progress: bool = False,
+):
+    """Load an SD 1.x / 2.x pipeline from a local folder, a hub id, or ``"memlab"``.
+
+    ``local_files_only`` defaults to True for folders and to the HF_HUB_OFFLINE setting for hub
+    ids. The safety checker is not loaded: diffmem audits the denoiser, not its output filter.
+    """
+    from diffusers import StableDiffusionPipeline
+
+    dev = resolve_device(device)
+    if isinstance(dtype, str):
+        try:
+            dtype = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16, "fp16": torch.float16,
+                     "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}[dtype]
+        except KeyError:
+            raise ModelLoadError(f"unknown dtype {dtype!r}; use float32, float16 or bfloat16") from None
+    name = resolve_model(model)
+    path = Path(name).expanduser()
+    is_local = path.exists() or _looks_like_path(name)
+    if is_local:
+        check_pipeline_folder(path, allow_pickle)
+        src, local = str(path), True
+    else:
+        src = name
+        local = local_files_only if local_files_only is not None else os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "")
+    try:
+        parts = {}
+        if allow_pickle and is_local:
+            # diffusers switches every remaining component to pickle once one falls back to it,
+            # and its component order varies: load each weighted component in its own format
+            parts = _load_components_one_by_one(path, dtype)
+        pipe = StableDiffusionPipeline.from_pretrained(
+            src,
+            torch_dtype=dtype,
+            local_files_only=local,
+            safety_checker=None,
+            feature_extractor=None,
+            requires_safety_checker=False,
+            **({} if allow_pickle else {"use_safetensors": True}),
+            **parts,
+        )
+    except (OSError, ValueError, EnvironmentError) as e:
+        if is_local:
+            raise ModelLoadError(f"could not load the pipeline at {src}: {e}") from None
+        raise ModelLoadError(
+            f"could not load {src!r}: it is not a local folder, and as a hub id it could not be fetched "
+            f"({'offline mode' if local else 'no network or no such repository'}): {str(e).splitlines()[0]}"
+        ) from None
+    pipe.set_progress_bar_config(disable=not progress)
+    return pipe.to(dev)
+
+
+def _load_components_one_by_one(folder: Path, dtype) -> dict:
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPTextModel
+
+    classes = {"unet": UNet2DConditionModel, "vae": AutoencoderKL, "text_encoder": CLIPTextModel}
+    parts = {}
+    for name, cls in classes.items():
+        safe = any(p.suffix == ".safetensors" for p in (folder / name).iterdir())
+        parts[name] = cls.from_pretrained(folder / name, torch_dtype=dtype, use_safetensors=safe)
+    return parts
+
+
+def model_identity(pipe) -> dict:
+    """What identifies a model for calibration files: its path and a hash of its UNet weights."""
+    import hashlib
+
+    h = hashlib.sha256()
+    for k, v in sorted(pipe.unet.state_dict().items())[:8]:
+        h.update(k.encode())
+        h.update(v.detach().float().cpu().numpy().tobytes()[:4096])
+    return {"name_or_path": str(getattr(pipe, "name_or_path", "") or pipe.config.get("_name_or_path", "")),
+            "unet_hash": h.hexdigest()[:16],
+            "prediction_type": pipe.scheduler.config.prediction_type}

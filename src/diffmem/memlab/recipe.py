@@ -1,0 +1,86 @@
+"""How the shipped MemLab model is made: ``diffmem memlab train`` runs this recipe.
+
+Seeds and settings are recorded in ``memlab_recipe.json`` inside the saved pipeline folder.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ..core.components import PipelineSpec, build_pipeline
+from ..train.trainer import TrainConfig, TrainData, Trainer, encode_images, train_vae
+from . import dataset as ds
+
+# DDIM steps and guidance a MemLab generation uses unless told otherwise
+DEFAULT_SAMPLER = {"num_inference_steps": 25, "guidance_scale": 5.0}
+
+
+@dataclass
+class MemLabRecipe:
+    data: ds.MemLabConfig = field(default_factory=ds.MemLabConfig)
+    spec: PipelineSpec = field(default_factory=PipelineSpec)
+    train: TrainConfig = field(default_factory=lambda: TrainConfig(steps=7000, batch_size=32, lr=1e-3, checkpoint_every=500))
+    vae_steps: int = 1500
+    seed: int = 0
+
+    def to_dict(self) -> dict:
+        return {"data": self.data.to_dict(), "spec": self.spec.to_dict(), "train": self.train.to_dict(),
+                "vae_steps": self.vae_steps, "seed": self.seed, "sampler": DEFAULT_SAMPLER}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "MemLabRecipe":
+        spec = dict(d["spec"])
+        spec["unet_channels"] = tuple(spec["unet_channels"])
+        spec["vae_channels"] = tuple(spec["vae_channels"])
+        return cls(ds.MemLabConfig(**d["data"]), PipelineSpec(**spec), TrainConfig(**d["train"]), d["vae_steps"], d["seed"])
+
+
+def training_data(pipe, dataset: ds.MemLabDataset, progress: bool = True) -> TrainData:
+    ids, images = dataset.unique_images(progress=progress)
+    latents = encode_images(pipe, images)
+    pos = {int(i): k for k, i in enumerate(ids)}
+    index = np.array([pos[r.image_id] for r in dataset.rows], dtype=np.int64)
+    return TrainData(latents=latents, image_index=index, captions=dataset.captions)
+
+
+def run(recipe: MemLabRecipe, out_dir: str | Path, progress: bool = True) -> Path:
+    """Train a MemLab model into ``out_dir/model`` (checkpoints in ``out_dir``, resumable)."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    if recipe.train.threads:
+        torch.set_num_threads(recipe.train.threads)
+    t0 = time.time()
+    dataset = ds.build(recipe.data)
+    pipe = build_pipeline(recipe.spec, seed=recipe.seed)
+    vae_file = out / "vae"
+    if (vae_file / "config.json").exists():  # resuming: the VAE stage is done
+        from diffusers import AutoencoderKL
+
+        pipe.vae = AutoencoderKL.from_pretrained(vae_file)
+        vae_stats = json.loads((out / "vae_stats.json").read_text())
+    else:
+        _, images = dataset.unique_images(progress=progress)
+        vae_stats = train_vae(pipe, images, steps=recipe.vae_steps, seed=recipe.seed, progress=progress)
+        pipe.vae.save_pretrained(vae_file)
+        (out / "vae_stats.json").write_text(json.dumps(vae_stats))
+    data = training_data(pipe, dataset, progress=progress)
+    trainer = Trainer(pipe, data, recipe.train, out)
+    trainer.run(progress=progress)
+    model_dir = out / "model"
+    pipe.save_pretrained(model_dir, safe_serialization=True)
+    ds.save_manifest(dataset.manifest, model_dir / "memlab_manifest.json")
+    info = {"recipe": recipe.to_dict(), "vae": vae_stats, "train_log": trainer.log,
+            "wall_time_s": time.time() - t0, "torch": torch.__version__}
+    (model_dir / "memlab_recipe.json").write_text(json.dumps(info, indent=1))
+    return model_dir
+
+
+def control_recipe(recipe: MemLabRecipe) -> MemLabRecipe:
+    """The duplication-free control: the same recipe with every planted pair seen once."""
+    return replace(recipe, data=replace(recipe.data, duplicate_planted=False))

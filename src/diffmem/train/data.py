@@ -1,0 +1,108 @@
+"""Image-caption sources for ``diffmem train``, read with Hugging Face ``datasets``.
+
+- ``memlab``: the MemLab training set (built from its seed);
+- a folder of images with ``metadata.jsonl`` or ``metadata.csv`` (``file_name`` + caption
+  column): the ``imagefolder`` layout;
+- a ``.parquet`` or ``.jsonl`` file whose image column holds image bytes or paths;
+- a folder written by ``datasets.Dataset.save_to_disk``, or a hub dataset id (cached locally).
+"""
+
+from __future__ import annotations
+
+import io
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, UnidentifiedImageError
+
+from ..core.errors import InputError
+
+CAPTION_COLUMNS = ("text", "caption", "prompt")
+
+
+def _to_array(img, size: int) -> np.ndarray:
+    """Centre-crop to a square and resize to ``size``: float32 (size, size, 3) in [0, 1]."""
+    if isinstance(img, dict):  # datasets' undecoded image: {"bytes": ..., "path": ...}
+        img = Image.open(io.BytesIO(img["bytes"])) if img.get("bytes") else Image.open(img["path"])
+    elif isinstance(img, (bytes, bytearray)):
+        img = Image.open(io.BytesIO(img))
+    elif isinstance(img, (str, Path)):
+        img = Image.open(img)
+    img = img.convert("RGB")
+    w, h = img.size
+    s = min(w, h)
+    img = img.crop(((w - s) // 2, (h - s) // 2, (w - s) // 2 + s, (h - s) // 2 + s))
+    if s != size:
+        img = img.resize((size, size), Image.BICUBIC)
+    return np.asarray(img, dtype=np.float32) / 255.0
+
+
+def _open_hf(source: str):
+    import datasets
+
+    p = Path(source)
+    try:
+        if p.is_dir() and ((p / "dataset_info.json").exists() or (p / "state.json").exists()):
+            return datasets.load_from_disk(str(p))
+        if p.is_dir():
+            if not any((p / m).exists() for m in ("metadata.jsonl", "metadata.csv")):
+                raise InputError(f"{p} has no metadata.jsonl or metadata.csv: an image folder needs captions "
+                                 "(columns file_name and text/caption)")
+            return datasets.load_dataset("imagefolder", data_dir=str(p), split="train")
+        if p.suffix == ".parquet":
+            return datasets.load_dataset("parquet", data_files=str(p), split="train")
+        if p.suffix in (".jsonl", ".json"):
+            return datasets.load_dataset("json", data_files=str(p), split="train")
+        if p.exists():
+            raise InputError(f"unsupported data file {p.name}: use a folder, .parquet or .jsonl")
+        return datasets.load_dataset(source, split="train")
+    except InputError:
+        raise
+    except Exception as e:  # datasets raises many kinds; the user needs the source and the reason
+        raise InputError(f"could not read training data {source!r}: {type(e).__name__}: {str(e).splitlines()[0]}") from None
+
+
+def load_pairs(source: str, size: int, caption_column: str | None = None, image_column: str = "image",
+               limit: int | None = None) -> tuple[np.ndarray, list[str], list[dict]]:
+    """(images (N, size, size, 3), captions, problems). Unreadable images and empty captions are
+    skipped and listed in ``problems``, never fatal; no usable row at all is an error."""
+    if source == "memlab":
+        from ..memlab import dataset as ds
+
+        d = ds.build()
+        if size != 32:
+            raise InputError(f"MemLab images are 32x32; this model wants {size}x{size}")
+        imgs = np.stack([d.image(r.image_id) for r in d.rows[:limit]])
+        return imgs, [r.caption for r in d.rows[:limit]], []
+    hf = _open_hf(source)
+    cols = hf.column_names
+    cap = caption_column or next((c for c in CAPTION_COLUMNS if c in cols), None)
+    if cap is None or cap not in cols:
+        raise InputError(f"no caption column {caption_column or CAPTION_COLUMNS!r} in {source} (columns: {cols})")
+    if image_column not in cols:
+        raise InputError(f"no image column {image_column!r} in {source} (columns: {cols})")
+    import datasets
+
+    if isinstance(hf.features.get(image_column), datasets.Image):
+        hf = hf.cast_column(image_column, datasets.Image(decode=False))
+    images, captions, problems = [], [], []
+    base = Path(source).parent if Path(source).is_file() else Path(source)
+    for i, row in enumerate(hf):
+        if limit is not None and len(images) >= limit:
+            break
+        caption = row[cap]
+        if not isinstance(caption, str) or not caption.strip():
+            problems.append({"row": i, "problem": "empty caption"})
+            continue
+        img = row[image_column]
+        if isinstance(img, str) and not Path(img).is_absolute():
+            img = base / img
+        try:
+            images.append(_to_array(img, size))
+        except (UnidentifiedImageError, OSError, ValueError) as e:
+            problems.append({"row": i, "problem": f"unreadable image: {type(e).__name__}"})
+            continue
+        captions.append(caption)
+    if not images:
+        raise InputError(f"no usable image-caption pairs in {source} ({len(problems)} problem rows)")
+    return np.stack(images), captions, problems

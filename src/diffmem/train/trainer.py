@@ -1,0 +1,302 @@
+"""Train or fine-tune a diffusers Stable Diffusion pipeline on image-caption pairs.
+
+The loop is the standard latent-diffusion recipe (diffusers' train_text_to_image, reduced to
+what we need): VAE frozen, noise and timesteps uniform, epsilon or v-prediction targets from
+the scheduler, caption dropout so classifier-free guidance has an unconditional model, AdamW
+with warm-up and cosine decay, optional EMA and a jointly trained text encoder.
+
+Checkpoints are safetensors only (model, EMA and optimizer tensors, plus a JSON of scalars):
+resuming never unpickles anything.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from diffusers import StableDiffusionPipeline
+from diffusers.optimization import get_scheduler
+from diffusers.training_utils import EMAModel
+from safetensors.torch import load_file, save_file
+
+
+@dataclass
+class TrainConfig:
+    steps: int = 1000
+    batch_size: int = 32
+    lr: float = 1e-3
+    lr_end_fraction: float = 0.02
+    warmup_steps: int = 200
+    weight_decay: float = 1e-2
+    train_text_encoder: bool = True
+    caption_dropout: float = 0.1
+    ema: bool = False
+    ema_decay: float = 0.999
+    seed: int = 0
+    checkpoint_every: int = 500
+    grad_clip: float = 1.0
+    # training-time mitigation (Wen et al.): drop samples whose text-conditional noise norm is
+    # at or above this value from the loss; None disables it
+    mem_filter_threshold: float | None = None
+    threads: int | None = None
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass
+class TrainData:
+    """Training pairs: ``latents[image_index[i]]`` goes with ``captions[i]``."""
+
+    latents: torch.Tensor  # (n_images, 4, h, w), already scaled by the VAE's scaling factor
+    image_index: np.ndarray  # (n_rows,)
+    captions: list[str]
+
+
+def encode_images(pipe: StableDiffusionPipeline, images: np.ndarray, batch_size: int = 256) -> torch.Tensor:
+    """Encode float images (N, H, W, 3) in [0, 1] to scaled latents with the pipeline's VAE."""
+    vae = pipe.vae
+    out = []
+    with torch.inference_mode():
+        for i in range(0, len(images), batch_size):
+            x = torch.from_numpy(np.ascontiguousarray(images[i : i + batch_size])).permute(0, 3, 1, 2).float()
+            out.append(vae.encode(x * 2 - 1).latent_dist.mean * vae.config.scaling_factor)
+    return torch.cat(out)
+
+
+def _tokenize(pipe, captions: list[str]) -> torch.Tensor:
+    tok = pipe.tokenizer
+    return tok(captions, padding="max_length", max_length=tok.model_max_length, truncation=True, return_tensors="pt").input_ids
+
+
+def _save_checkpoint(path: Path, step: int, unet, text_encoder, optimizer, lr_sched, emas, gen, extra: dict):
+    path.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.mkdir(parents=True, exist_ok=True)
+    save_file({k: v.contiguous() for k, v in unet.state_dict().items()}, tmp / "unet.safetensors")
+    save_file({k: v.contiguous() for k, v in text_encoder.state_dict().items()}, tmp / "text_encoder.safetensors")
+    opt_tensors, opt_meta = _flatten_optimizer(optimizer)
+    save_file(opt_tensors, tmp / "optimizer.safetensors")
+    for name, ema in emas.items():
+        save_file({str(i): p.contiguous() for i, p in enumerate(ema.shadow_params)}, tmp / f"ema_{name}.safetensors")
+    save_file({"generator": gen.get_state()}, tmp / "rng.safetensors")
+    state = {"step": step, "optimizer": opt_meta, "lr_scheduler": lr_sched.state_dict(),
+             "ema_steps": {n: e.optimization_step for n, e in emas.items()}, **extra}
+    (tmp / "state.json").write_text(json.dumps(state))
+    # swap in atomically so a kill mid-save leaves the previous checkpoint usable
+    old = path.with_name(path.name + ".old")
+    if old.exists():
+        _rmtree(old)
+    path.rename(old)
+    tmp.rename(path)
+    _rmtree(old)
+
+
+def _rmtree(p: Path):
+    import shutil
+
+    shutil.rmtree(p, ignore_errors=True)
+
+
+def _flatten_optimizer(optimizer: torch.optim.Optimizer):
+    sd = optimizer.state_dict()
+    tensors, meta = {}, {"param_groups": sd["param_groups"], "scalars": {}}
+    for pid, st in sd["state"].items():
+        for k, v in st.items():
+            if torch.is_tensor(v):
+                tensors[f"{pid}.{k}"] = v.contiguous()
+            else:
+                meta["scalars"][f"{pid}.{k}"] = v
+    if not tensors:
+        tensors["_empty"] = torch.zeros(1)
+    return tensors, meta
+
+
+def _unflatten_optimizer(tensors: dict, meta: dict) -> dict:
+    state: dict = {}
+    for key, v in tensors.items():
+        if key == "_empty":
+            continue
+        pid, k = key.split(".", 1)
+        state.setdefault(int(pid), {})[k] = v
+    for key, v in meta["scalars"].items():
+        pid, k = key.split(".", 1)
+        state.setdefault(int(pid), {})[k] = v
+    return {"state": state, "param_groups": meta["param_groups"]}
+
+
+def _warmup_cosine(warmup: int, total: int, floor: float):
+    # diffusers' get_scheduler has no cosine-to-a-floor; this is linear warm-up, then cosine
+    # decay from 1 to ``floor`` of the base learning rate
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / max(1, warmup)
+        progress = min(1.0, (step - warmup) / max(1, total - warmup))
+        return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress))
+
+    return factor
+
+
+class Trainer:
+    """Trains ``pipe``'s UNet (and optionally its text encoder) in place on ``data``."""
+
+    def __init__(self, pipe: StableDiffusionPipeline, data: TrainData, config: TrainConfig, out_dir: str | Path):
+        if len(data.image_index) == 0:
+            raise ValueError("training data is empty")
+        self.pipe, self.data, self.cfg, self.out = pipe, data, config, Path(out_dir)
+        self.log: list[dict] = []
+
+    def run(self, progress: bool = True, on_log: Callable[[dict], None] | None = None,
+            on_step: Callable[[int], None] | None = None) -> StableDiffusionPipeline:
+        cfg, pipe = self.cfg, self.pipe
+        if cfg.threads:
+            torch.set_num_threads(cfg.threads)
+        unet, te, sched = pipe.unet, pipe.text_encoder, pipe.scheduler
+        pipe.vae.requires_grad_(False)
+        unet.train()
+        te.train(cfg.train_text_encoder)
+        te.requires_grad_(cfg.train_text_encoder)
+        params = list(unet.parameters()) + (list(te.parameters()) if cfg.train_text_encoder else [])
+        optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+        lr_sched = torch.optim.lr_scheduler.LambdaLR(optimizer, _warmup_cosine(cfg.warmup_steps, cfg.steps, cfg.lr_end_fraction))
+        emas = {}
+        if cfg.ema:
+            emas["unet"] = EMAModel(unet.parameters(), decay=cfg.ema_decay)
+            if cfg.train_text_encoder:
+                emas["text_encoder"] = EMAModel(te.parameters(), decay=cfg.ema_decay)
+        gen = torch.Generator().manual_seed(cfg.seed)
+        start = 0
+        ckpt = self.out / "checkpoint"
+        if (ckpt / "state.json").exists():
+            start = self._resume(ckpt, unet, te, optimizer, lr_sched, emas, gen)
+
+        ids_all = _tokenize(pipe, self.data.captions)
+        empty_ids = _tokenize(pipe, [""])[0]
+        latents_all = self.data.latents
+        img_index = torch.from_numpy(np.asarray(self.data.image_index, dtype=np.int64))
+        n_rows = len(img_index)
+        alphas = sched.alphas_cumprod
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=cfg.steps, initial=start, desc="training", unit="step", disable=not progress)
+        t0, dropped_total = time.time(), 0
+        for step in range(start, cfg.steps):
+            rows = torch.randint(0, n_rows, (cfg.batch_size,), generator=gen)
+            x0 = latents_all[img_index[rows]]
+            ids = ids_all[rows].clone()
+            drop = torch.rand(cfg.batch_size, generator=gen) < cfg.caption_dropout
+            ids[drop] = empty_ids
+            noise = torch.randn(x0.shape, generator=gen)
+            t = torch.randint(0, sched.config.num_train_timesteps, (cfg.batch_size,), generator=gen)
+            noisy = sched.add_noise(x0, noise, t)
+            target = noise if sched.config.prediction_type == "epsilon" else sched.get_velocity(x0, noise, t)
+            with torch.set_grad_enabled(cfg.train_text_encoder):
+                emb = te(ids)[0]
+            pred = unet(noisy, t, emb).sample
+            per_sample = F.mse_loss(pred.float(), target.float(), reduction="none").mean(dim=(1, 2, 3))
+            keep = torch.ones(cfg.batch_size, dtype=torch.bool)
+            if cfg.mem_filter_threshold is not None:
+                keep = self._memorization_filter(pred, noisy, t, emb, ids, empty_ids, alphas) < cfg.mem_filter_threshold
+                keep |= drop  # unconditional samples have no text-conditional part to filter
+                dropped_total += int((~keep).sum())
+            if keep.any():
+                loss = per_sample[keep].mean()
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                if cfg.grad_clip:
+                    torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
+                optimizer.step()
+                for name, ema in emas.items():
+                    ema.step((unet if name == "unet" else te).parameters())
+                loss_value = float(loss.detach())
+                if not math.isfinite(loss_value):
+                    raise FloatingPointError(f"training loss became {loss_value} at step {step}; lower the learning rate")
+            else:
+                loss_value = float("nan")
+            lr_sched.step()
+            bar.update(1)
+            if step % 50 == 0 or step == cfg.steps - 1:
+                rec = {"step": step, "loss": loss_value, "lr": lr_sched.get_last_lr()[0],
+                       "elapsed_s": time.time() - t0, "dropped": dropped_total}
+                self.log.append(rec)
+                bar.set_postfix(loss=f"{loss_value:.4f}")
+                if on_log:
+                    on_log(rec)
+            if cfg.checkpoint_every and (step + 1) % cfg.checkpoint_every == 0 and step + 1 < cfg.steps:
+                _save_checkpoint(ckpt, step + 1, unet, te, optimizer, lr_sched, emas, gen, {"log": self.log})
+            if on_step:
+                on_step(step)
+        bar.close()
+        for name, ema in emas.items():
+            ema.copy_to((unet if name == "unet" else te).parameters())
+        unet.eval()
+        te.eval()
+        return pipe
+
+    def _memorization_filter(self, pred, noisy, t, emb, ids, empty_ids, alphas):
+        """Per-sample text-conditional noise norm, in epsilon units (Wen et al., training time)."""
+        unet, te = self.pipe.unet, self.pipe.text_encoder
+        with torch.no_grad():
+            uncond_emb = te(empty_ids[None])[0].expand(len(ids), -1, -1)
+            uncond = unet(noisy, t, uncond_emb).sample
+            diff = pred.detach() - uncond
+            if self.pipe.scheduler.config.prediction_type == "v_prediction":
+                # eps = sqrt(alpha_bar) * v + sqrt(1 - alpha_bar) * x_t, so a v difference scales
+                # by sqrt(alpha_bar) in epsilon units
+                diff = diff * alphas[t].sqrt().view(-1, 1, 1, 1)
+            return diff.flatten(1).norm(dim=1)
+
+    def _resume(self, ckpt: Path, unet, te, optimizer, lr_sched, emas, gen) -> int:
+        state = json.loads((ckpt / "state.json").read_text())
+        unet.load_state_dict(load_file(ckpt / "unet.safetensors"))
+        te.load_state_dict(load_file(ckpt / "text_encoder.safetensors"))
+        optimizer.load_state_dict(_unflatten_optimizer(load_file(ckpt / "optimizer.safetensors"), state["optimizer"]))
+        lr_sched.load_state_dict(state["lr_scheduler"])
+        for name, ema in emas.items():
+            shadow = load_file(ckpt / f"ema_{name}.safetensors")
+            ema.shadow_params = [shadow[str(i)] for i in range(len(shadow))]
+            ema.optimization_step = state["ema_steps"][name]
+        gen.set_state(load_file(ckpt / "rng.safetensors")["generator"])
+        self.log = state.get("log", [])
+        return int(state["step"])
+
+
+def train_vae(pipe: StableDiffusionPipeline, images: np.ndarray, steps: int = 1500, batch_size: int = 64,
+              lr: float = 1e-3, kl_weight: float = 1e-6, seed: int = 0, progress: bool = True) -> dict:
+    """Train the pipeline's AutoencoderKL on float images (N, H, W, 3) in [0, 1], then set its
+    scaling factor so that latents have unit variance (as SD's 0.18215 does for SD's VAE)."""
+    from tqdm.auto import tqdm
+
+    vae = pipe.vae
+    vae.train()
+    gen = torch.Generator().manual_seed(seed)
+    opt = torch.optim.AdamW(vae.parameters(), lr=lr, weight_decay=0.0)
+    sched = get_scheduler("cosine", opt, num_warmup_steps=100, num_training_steps=steps)
+    data = torch.from_numpy(np.ascontiguousarray(images)).permute(0, 3, 1, 2).float() * 2 - 1
+    for _ in tqdm(range(steps), desc="training VAE", unit="step", disable=not progress):
+        x = data[torch.randint(0, len(data), (batch_size,), generator=gen)]
+        post = vae.encode(x).latent_dist
+        z = post.sample(generator=gen)
+        rec = vae.decode(z).sample
+        loss = F.l1_loss(rec, x) + F.mse_loss(rec, x) + kl_weight * post.kl().mean()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        sched.step()
+    vae.eval()
+    with torch.inference_mode():
+        sample = data[:1024]
+        z = vae.encode(sample).latent_dist.mean
+        rec = vae.decode(z).sample
+        rmse = float(((rec - sample) / 2).pow(2).mean().sqrt())
+        std = float(z.std())
+    vae.register_to_config(scaling_factor=1.0 / std)
+    psnr = 20 * math.log10(1.0 / rmse)
+    return {"rmse": rmse, "psnr_db": psnr, "latent_std": std, "scaling_factor": 1.0 / std}

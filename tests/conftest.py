@@ -1,0 +1,35 @@
+import os
+import warnings
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+warnings.filterwarnings("ignore", message=".*requires torchvision.*")
+
+
+@pytest.fixture(scope="session")
+def tiny_pipe():
+    from diffmem.core.components import tiny_pipeline
+
+    return tiny_pipeline(seed=0)
+
+
+@pytest.fixture(scope="session")
+def tiny_pipe_v():
+    from diffmem.core.components import tiny_pipeline
+
+    return tiny_pipeline(seed=1, prediction_type="v_prediction")
+
+
+@pytest.fixture(scope="session")
+def tiny_pipe_dir(tmp_path_factory, tiny_pipe):
+    d = tmp_path_factory.mktemp("tiny") / "pipe"
+    tiny_pipe.save_pretrained(d, safe_serialization=True)
+    return d
+
+
+@pytest.fixture(scope="session")
+def memlab_manifest():
+    from diffmem.memlab.verify import load_manifest
+
+    return load_manifest("memlab")

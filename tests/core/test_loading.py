@@ -1,0 +1,73 @@
+import json
+import shutil
+
+import pytest
+import torch
+
+from diffmem.core.errors import ModelLoadError
+from diffmem.core.loading import load_pipeline
+
+
+def test_loads_a_local_pipeline_folder(tiny_pipe_dir, tiny_pipe):
+    pipe = load_pipeline(str(tiny_pipe_dir))
+    assert pipe.unet.config.sample_size == tiny_pipe.unet.config.sample_size
+    for (k, a), b in zip(pipe.unet.state_dict().items(), tiny_pipe.unet.state_dict().values()):
+        assert torch.equal(a, b), k
+
+
+def test_missing_folder(tmp_path):
+    with pytest.raises(ModelLoadError, match="model folder not found"):
+        load_pipeline(str(tmp_path / "nope"))
+
+
+def test_folder_that_is_not_a_pipeline(tmp_path, tiny_pipe_dir):
+    with pytest.raises(ModelLoadError, match="no model_index.json"):
+        load_pipeline(str(tmp_path))
+    with pytest.raises(ModelLoadError, match="single model component"):
+        load_pipeline(str(tiny_pipe_dir / "unet"))
+
+
+def test_missing_component(tmp_path, tiny_pipe_dir):
+    d = tmp_path / "p"
+    shutil.copytree(tiny_pipe_dir, d)
+    shutil.rmtree(d / "unet")
+    with pytest.raises(ModelLoadError, match="missing its 'unet' component"):
+        load_pipeline(str(d))
+
+
+def test_sdxl_is_refused_with_the_reason(tmp_path, tiny_pipe_dir):
+    d = tmp_path / "xl"
+    shutil.copytree(tiny_pipe_dir, d)
+    idx = json.loads((d / "model_index.json").read_text())
+    idx["_class_name"] = "StableDiffusionXLPipeline"
+    idx["text_encoder_2"] = ["transformers", "CLIPTextModelWithProjection"]
+    (d / "model_index.json").write_text(json.dumps(idx))
+    with pytest.raises(ModelLoadError, match="two text encoders"):
+        load_pipeline(str(d))
+
+
+def test_pickle_weights_need_explicit_permission(tmp_path, tiny_pipe_dir):
+    d = tmp_path / "pkl"
+    shutil.copytree(tiny_pipe_dir, d)
+    w = d / "unet" / "diffusion_pytorch_model.safetensors"
+    from safetensors.torch import load_file
+
+    torch.save(load_file(w), d / "unet" / "diffusion_pytorch_model.bin")
+    w.unlink()
+    with pytest.raises(ModelLoadError, match="only pickle weights.*allow_pickle"):
+        load_pipeline(str(d))
+    pipe = load_pipeline(str(d), allow_pickle=True)
+    assert pipe.unet is not None
+
+
+def test_cuda_asked_for_without_cuda(tiny_pipe_dir):
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    with pytest.raises(ModelLoadError, match="CUDA is not available"):
+        load_pipeline(str(tiny_pipe_dir), device="cuda")
+
+
+def test_unreachable_hub_id_is_a_clear_error(monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(ModelLoadError, match="not a local folder"):
+        load_pipeline("CompVis/stable-diffusion-v1-4")

@@ -1,0 +1,75 @@
+import io
+import json
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from diffmem.core.errors import InputError
+from diffmem.train.data import load_pairs
+
+
+def _png(colour, size=20):
+    buf = io.BytesIO()
+    Image.new("RGB", (size, size + 4), colour).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+@pytest.fixture
+def image_folder(tmp_path):
+    d = tmp_path / "folder"
+    d.mkdir()
+    (d / "a.png").write_bytes(_png((255, 0, 0)))
+    (d / "b.png").write_bytes(_png((0, 0, 255)))
+    (d / "broken.png").write_bytes(b"not a png at all")
+    (d / "c.png").write_bytes(_png((0, 255, 0)))
+    rows = [{"file_name": "a.png", "text": "a red square"}, {"file_name": "b.png", "text": "a blue square"},
+            {"file_name": "broken.png", "text": "corrupt"}, {"file_name": "c.png", "text": "  "}]
+    (d / "metadata.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
+    return d
+
+
+def test_image_folder_with_bad_rows_recorded_not_fatal(image_folder):
+    images, captions, problems = load_pairs(str(image_folder), 16)
+    assert captions == ["a red square", "a blue square"]
+    assert images.shape == (2, 16, 16, 3)
+    assert np.allclose(images[0, 8, 8], [1, 0, 0], atol=0.02)
+    kinds = sorted(p["problem"].split(":")[0] for p in problems)
+    assert kinds == ["empty caption", "unreadable image"]
+
+
+def test_parquet_with_image_bytes(tmp_path):
+    import pandas as pd
+
+    df = pd.DataFrame({"image": [{"bytes": _png((255, 255, 0)), "path": None}], "caption": ["yellow"]})
+    p = tmp_path / "d.parquet"
+    df.to_parquet(p)
+    images, captions, _ = load_pairs(str(p), 8)
+    assert captions == ["yellow"] and images.shape == (1, 8, 8, 3)
+
+
+def test_jsonl_with_image_paths(tmp_path):
+    (tmp_path / "x.png").write_bytes(_png((0, 0, 0)))
+    p = tmp_path / "d.jsonl"
+    p.write_text(json.dumps({"image": "x.png", "prompt": "black"}) + "\n")
+    _, captions, _ = load_pairs(str(p), 8)
+    assert captions == ["black"]
+
+
+def test_saved_datasets_folder(tmp_path):
+    import datasets
+
+    ds = datasets.Dataset.from_dict({"image": [Image.new("RGB", (8, 8), (9, 9, 9))], "text": ["grey"]})
+    ds = ds.cast_column("image", datasets.Image())
+    ds.save_to_disk(str(tmp_path / "saved"))
+    _, captions, _ = load_pairs(str(tmp_path / "saved"), 8)
+    assert captions == ["grey"]
+
+
+def test_missing_caption_column_and_missing_metadata(tmp_path, image_folder):
+    with pytest.raises(InputError, match="no caption column 'label'"):
+        load_pairs(str(image_folder), 8, caption_column="label")
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(InputError, match="no metadata.jsonl"):
+        load_pairs(str(empty), 8)

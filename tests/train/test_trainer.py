@@ -1,0 +1,68 @@
+import numpy as np
+import pytest
+import torch
+
+from diffmem.core.components import tiny_pipeline
+from diffmem.train.trainer import TrainConfig, TrainData, Trainer, encode_images
+
+
+def _data(pipe, n=6):
+    rng = np.random.default_rng(0)
+    images = rng.uniform(0, 1, size=(n, 16, 16, 3)).astype(np.float32)
+    return TrainData(encode_images(pipe, images), np.arange(n), [f"image number {i}" for i in range(n)])
+
+
+def _weights(pipe):
+    return {k: v.clone() for k, v in pipe.unet.state_dict().items()} | {
+        "te." + k: v.clone() for k, v in pipe.text_encoder.state_dict().items()}
+
+
+def test_resume_after_interruption_gives_identical_weights(tmp_path):
+    cfg = TrainConfig(steps=20, batch_size=4, lr=1e-3, warmup_steps=2, checkpoint_every=5, train_text_encoder=True, ema=True)
+    straight = tiny_pipeline(seed=3)
+    Trainer(straight, _data(straight), cfg, tmp_path / "a").run(progress=False)
+
+    interrupted = tiny_pipeline(seed=3)
+
+    def stop(step):
+        if step == 12:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        Trainer(interrupted, _data(interrupted), cfg, tmp_path / "b").run(progress=False, on_step=stop)
+    resumed = tiny_pipeline(seed=3)  # a fresh process would start from scratch weights
+    trainer = Trainer(resumed, _data(resumed), cfg, tmp_path / "b")
+    trainer.run(progress=False)
+    a, b = _weights(straight), _weights(resumed)
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+
+
+def test_training_lowers_the_loss_v_prediction_frozen_text_encoder(tmp_path):
+    pipe = tiny_pipeline(seed=0, prediction_type="v_prediction")
+    te_before = {k: v.clone() for k, v in pipe.text_encoder.state_dict().items()}
+    cfg = TrainConfig(steps=150, batch_size=6, lr=3e-3, warmup_steps=5, checkpoint_every=0, train_text_encoder=False,
+                      caption_dropout=0.0)
+    tr = Trainer(pipe, _data(pipe), cfg, tmp_path)
+    tr.run(progress=False)
+    losses = [r["loss"] for r in tr.log]
+    assert np.mean(losses[-2:]) < losses[0]
+    for k, v in pipe.text_encoder.state_dict().items():
+        assert torch.equal(v, te_before[k]), k
+
+
+def test_memorization_filter_drops_samples(tmp_path):
+    pipe = tiny_pipeline(seed=0)
+    before = _weights(pipe)
+    cfg = TrainConfig(steps=5, batch_size=4, warmup_steps=1, checkpoint_every=0, caption_dropout=0.0, mem_filter_threshold=0.0)
+    tr = Trainer(pipe, _data(pipe), cfg, tmp_path)
+    tr.run(progress=False)
+    assert tr.log[-1]["dropped"] == 20  # every sample is at or above a threshold of 0
+    after = _weights(pipe)
+    assert all(torch.equal(before[k], after[k]) for k in before)  # all dropped: every step skipped
+
+
+def test_empty_data_is_an_error(tmp_path):
+    pipe = tiny_pipeline()
+    with pytest.raises(ValueError, match="empty"):
+        Trainer(pipe, TrainData(torch.zeros(0, 4, 8, 8), np.zeros(0, int), []), TrainConfig(), tmp_path)
