@@ -5,6 +5,10 @@ import pytest
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 warnings.filterwarnings("ignore", message=".*requires torchvision.*")
+if os.environ.get("DIFFMEM_TEST_THREADS"):
+    import torch
+
+    torch.set_num_threads(int(os.environ["DIFFMEM_TEST_THREADS"]))
 
 
 @pytest.fixture(scope="session")

@@ -17,8 +17,17 @@ app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_
                   help="Audit text-to-image diffusion models for memorization of their training data.")
 memlab_app = typer.Typer(no_args_is_help=True, help="MemLab: the planted-memorization testbed and its model.")
 app.add_typer(memlab_app, name="memlab")
-console = Console(stderr=True)
-out_console = Console()
+bench_app = typer.Typer(no_args_is_help=True, help="Benchmarks on labelled prompt sets.")
+app.add_typer(bench_app, name="bench")
+
+
+def _steps(text: str) -> list[int]:
+    try:
+        return [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise DiffmemError(f"--steps takes step indices separated by commas (0 = first step), got {text!r}") from None
+console = Console(stderr=True, soft_wrap=True)
+out_console = Console(soft_wrap=True)
 
 
 def _quiet_libraries() -> None:
@@ -31,14 +40,93 @@ def _quiet_libraries() -> None:
     dlog.set_verbosity_error()
     tlog.set_verbosity_error()
 
+    def show(message, category, filename, lineno, file=None, line=None):
+        console.print(f"warning: {message}", highlight=False, markup=False, style="yellow")
+
+    warnings.showwarning = show
+
 
 def _check_writable(folder: Path) -> None:
-    folder = folder.expanduser()
-    probe = folder
-    while not probe.exists():
-        probe = probe.parent
-    if not os.access(probe, os.W_OK):
-        raise DiffmemError(f"output folder {folder} is not writable")
+    from .core.prompts import ensure_writable_dir
+
+    ensure_writable_dir(folder)
+
+
+@app.command()
+def detect(
+    prompts: Path = typer.Option(..., help="prompts: .txt (one per line), .jsonl or .csv"),
+    column: Optional[str] = typer.Option(None, help="the prompt column of a .csv / .jsonl (default: prompt, caption or text)"),
+    model: str = typer.Option("memlab", help="a local pipeline folder, a hub id, or memlab"),
+    out: Path = typer.Option(Path("detect-results.parquet"), help="results file (.parquet or .json)"),
+    steps: str = typer.Option("0", help="sampling steps to score, comma-separated (0 = the first step)"),
+    num_inference_steps: Optional[int] = typer.Option(None, help="sampler steps (default: the model's; SD: 50)"),
+    guidance_scale: Optional[float] = typer.Option(None, help="guidance scale (default: the model's; SD: 7.5)"),
+    generations: int = typer.Option(1, min=1, help="seeded generations averaged per prompt"),
+    seed: int = typer.Option(0, help="generation g uses seed + g"),
+    batch_size: int = typer.Option(32, min=1),
+    calibration: Optional[Path] = typer.Option(None, help="a calibration file to apply (verdict column)"),
+    calibrate_with: Optional[Path] = typer.Option(None, help="non-memorized reference prompts: fit a calibration first"),
+    fpr: float = typer.Option(0.01, help="false-positive rate for --calibrate-with"),
+    device: str = typer.Option("cpu"),
+    dtype: str = typer.Option("float32"),
+):
+    """Score prompts with Wen et al.'s text-conditional noise norm (first step, one generation by default)."""
+    from .core.loading import load_pipeline, sampler_defaults
+    from .core.prompts import read_prompts
+    from .detect import Calibration, NoiseNormDetector
+    from .detect.run import detect_file
+
+    read_prompts(prompts, column)  # bad input fails before the model loads
+    if calibrate_with is not None:
+        read_prompts(calibrate_with)
+    _check_writable(out.parent)
+    pipe = load_pipeline(model, device=device, dtype=dtype)
+    d = sampler_defaults(pipe)
+    det = NoiseNormDetector(pipe, num_inference_steps or d["num_inference_steps"],
+                            guidance_scale if guidance_scale is not None else d["guidance_scale"],
+                            steps=_steps(steps), generations=generations, seed=seed, batch_size=batch_size)
+    cal = Calibration.load(calibration) if calibration else None
+    if calibrate_with is not None:
+        cal = Calibration.fit(det.score(read_prompts(calibrate_with), progress=True), fpr=fpr)
+        cal_path = out.with_name(out.stem + ".calibration.json")
+        cal.save(cal_path)
+        console.print(f"calibration: threshold {cal.threshold:.4g} at FPR {fpr} from {cal.n_reference} prompts -> {cal_path}")
+    summary = detect_file(det, prompts, out, column=column, calibration=cal)
+    out_console.print(summary.line())
+
+
+@bench_app.command("detect")
+def bench_detect_cmd(
+    data: Optional[str] = typer.Option(None, help="memlab (default), or a .csv with a label column"),
+    positives: Optional[Path] = typer.Option(None, help="memorized prompts, one file (.txt / .jsonl, e.g. sdv1_500_memorized.jsonl)"),
+    negatives: Optional[Path] = typer.Option(None, help="non-memorized prompts, one file"),
+    label_column: str = typer.Option("label"),
+    column: Optional[str] = typer.Option(None, help="prompt column of .csv / .jsonl files"),
+    model: str = typer.Option("memlab"),
+    out: Path = typer.Option(Path("bench-detect"), help="folder for bench_detect.json and bench_detect_roc.png"),
+    generations: str = typer.Option("1,4", help="generation counts for the grid"),
+    seed: int = typer.Option(0),
+    batch_size: int = typer.Option(64, min=1),
+    black_box: bool = typer.Option(True, help="also run the seed-consistency (black-box) detector"),
+):
+    """AUC and TPR@1%FPR over a grid of steps x generations, a ROC plot and a JSON file."""
+    from .bench.detect import bench_detect, labelled_from_files, memlab_labelled
+    from .core.loading import load_pipeline
+
+    if data in (None, "memlab") and positives is None:
+        from .memlab.verify import load_manifest
+
+        labelled = memlab_labelled(load_manifest(model))
+    else:
+        labelled = labelled_from_files(data, str(positives) if positives else None, str(negatives) if negatives else None,
+                                       label_column, column)
+    _check_writable(out)
+    pipe = load_pipeline(model)
+    res = bench_detect(pipe, labelled, generations=tuple(_steps(generations)), seed=seed, batch_size=batch_size,
+                       black_box=black_box)
+    files = res.save(out)
+    out_console.print(res.table())
+    out_console.print(f"wrote {files['json']} and {files['png']}")
 
 
 @app.command()

@@ -189,3 +189,18 @@ def model_identity(pipe) -> dict:
     return {"name_or_path": str(getattr(pipe, "name_or_path", "") or pipe.config.get("_name_or_path", "")),
             "unet_hash": h.hexdigest()[:16],
             "prediction_type": pipe.scheduler.config.prediction_type}
+
+
+OFFICIAL_SAMPLER = {"num_inference_steps": 50, "guidance_scale": 7.5}  # Wen et al.'s SD v1.4 settings
+
+
+def sampler_defaults(pipe) -> dict:
+    """The model's own default sampler settings: MemLab records them; others get SD's official ones."""
+    folder = Path(str(getattr(pipe, "name_or_path", "") or pipe.config.get("_name_or_path", "") or ""))
+    recipe = folder / "memlab_recipe.json"
+    if recipe.is_file():
+        try:
+            return dict(json.loads(recipe.read_text())["recipe"]["sampler"])
+        except (KeyError, json.JSONDecodeError):
+            pass
+    return dict(OFFICIAL_SAMPLER)

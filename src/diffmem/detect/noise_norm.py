@@ -49,11 +49,19 @@ class DetectionResult:
     seeds: list[int]
     method: str = "noise_norm"
     model: dict = field(default_factory=dict)
+    threshold: float | None = None  # set by a Calibration; verdict = score > threshold
+    calibration: dict = field(default_factory=dict)
+
+    @property
+    def verdicts(self) -> np.ndarray | None:
+        return None if self.threshold is None else np.asarray(self.scores) > self.threshold
 
     def to_frame(self):
         import pandas as pd
 
         df = pd.DataFrame({"prompt": self.prompts, "score": self.scores})
+        if self.threshold is not None:
+            df["verdict"] = np.where(self.verdicts, "memorized", "not memorized")
         g, s = self.values.shape[1:]
         for gi in range(g):
             for si in range(s):
@@ -62,7 +70,7 @@ class DetectionResult:
 
     def _meta(self) -> dict:
         return {"method": self.method, "settings": self.settings, "seeds": self.seeds, "model": self.model,
-                "values_shape": list(self.values.shape)}
+                "values_shape": list(self.values.shape), "threshold": self.threshold, "calibration": self.calibration}
 
     def save(self, path: str | Path) -> Path:
         path = Path(path)
@@ -82,10 +90,10 @@ class DetectionResult:
             cols = [c for c in df.columns if c.startswith("gen")]
             values = df[cols].to_numpy(dtype=np.float64).reshape(meta["values_shape"])
             return cls(df["prompt"].tolist(), df["score"].to_numpy(), values, meta["settings"], meta["seeds"],
-                       meta["method"], meta.get("model", {}))
+                       meta["method"], meta.get("model", {}), meta.get("threshold"), meta.get("calibration", {}))
         d = json.loads(path.read_text())
         return cls(d["prompts"], np.asarray(d["scores"], float), np.asarray(d["values"], float).reshape(d["values_shape"]),
-                   d["settings"], d["seeds"], d["method"], d.get("model", {}))
+                   d["settings"], d["seeds"], d["method"], d.get("model", {}), d.get("threshold"), d.get("calibration", {}))
 
 
 def check_prompts(prompts: Sequence[str]) -> list[str]:

@@ -1,0 +1,1 @@
+"""Benchmarks on labelled prompt sets."""

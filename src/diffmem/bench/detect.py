@@ -1,0 +1,181 @@
+"""``diffmem bench detect``: the field's evaluation protocol on labelled prompt sets.
+
+Memorized prompts are positives. AUC and TPR@1%FPR come from scikit-learn's ``roc_curve``, with
+TPR@1%FPR the TPR at the largest FPR below 0.01. The settings grid (scored steps x generations)
+is computed from one run: the detector records every step and generation, and each cell averages
+its subset, so the grid costs no more than its largest cell.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from ..core.errors import InputError
+from ..core.prompts import read_prompts
+from ..core.results import dump_json
+
+
+@dataclass
+class LabelledPrompts:
+    prompts: list[str]
+    labels: np.ndarray  # 1 = memorized
+    groups: list[str]
+    source: str
+
+
+def memlab_labelled(manifest: dict) -> LabelledPrompts:
+    """MemLab: planted verbatim prompts and new-context template prompts against control and novel."""
+    from ..memlab import dataset as ds
+
+    pos = [("verbatim", p) for p in ds.prompts(manifest, "verbatim")] + [("template", p) for p in ds.prompts(manifest, "template")]
+    neg = [("control", p) for p in ds.prompts(manifest, "control")] + [("novel", p) for p in ds.prompts(manifest, "novel")]
+    rows = pos + neg
+    return LabelledPrompts([p for _, p in rows], np.r_[np.ones(len(pos)), np.zeros(len(neg))], [g for g, _ in rows], "memlab")
+
+
+def labelled_from_files(data: str | None = None, positives: str | None = None, negatives: str | None = None,
+                        label_column: str = "label", column: str | None = None) -> LabelledPrompts:
+    """A csv with a label column (1/0, true/false, memorized/...), or one file per class
+    (.txt, or .jsonl such as Webster's ``caption``/``index``/``url`` list)."""
+    if data:
+        import csv
+
+        path = Path(data)
+        if path.suffix.lower() != ".csv":
+            raise InputError("--data takes a .csv with a label column; give one file per class with --positives/--negatives")
+        read_prompts(path, column)  # same checks as every prompt file
+        with open(path, encoding="utf-8-sig", newline="") as f:
+            rows = list(csv.DictReader(f))
+        if not rows or label_column not in rows[0]:
+            raise InputError(f"{path} has no label column {label_column!r}")
+        col = column or next(c for c in ("prompt", "caption", "text") if c in rows[0])
+        labels = np.array([_parse_label(r[label_column], path, i + 2) for i, r in enumerate(rows)], float)
+        return LabelledPrompts([r[col] for r in rows], labels, ["csv"] * len(rows), str(path))
+    if not (positives and negatives):
+        raise InputError("give --data FILE.csv, or both --positives and --negatives (or use the built-in memlab set)")
+    pos, neg = read_prompts(positives, column), read_prompts(negatives, column)
+    return LabelledPrompts(pos + neg, np.r_[np.ones(len(pos)), np.zeros(len(neg))],
+                           ["positive"] * len(pos) + ["negative"] * len(neg), f"{positives} | {negatives}")
+
+
+def _parse_label(v: str, path, line) -> int:
+    t = str(v).strip().lower()
+    if t in ("1", "true", "yes", "memorized", "mem", "vm", "tm", "positive"):
+        return 1
+    if t in ("0", "false", "no", "non-memorized", "nonmemorized", "not memorized", "negative", "none"):
+        return 0
+    raise InputError(f"{path} line {line}: label {v!r} is not 1/0, true/false or memorized/non-memorized")
+
+
+def roc(labels: np.ndarray, scores: np.ndarray) -> dict:
+    from sklearn.metrics import roc_auc_score, roc_curve
+
+    labels = np.asarray(labels)
+    if labels.min() == labels.max():
+        raise InputError("the labelled set needs both memorized and non-memorized prompts")
+    fpr, tpr, thr = roc_curve(labels, scores)
+    below = fpr < 0.01
+    return {"auc": float(roc_auc_score(labels, scores)), "tpr_at_1pct_fpr": float(tpr[below].max()) if below.any() else 0.0,
+            "fpr": fpr.tolist(), "tpr": tpr.tolist()}
+
+
+@dataclass
+class DetectBenchResult:
+    source: str
+    grid: list[dict]  # {"steps": label, "generations": n, "auc", "tpr_at_1pct_fpr", ...}
+    settings: dict
+    seeds: list[int]
+    model: dict
+    extra_rows: list[dict] = field(default_factory=list)  # other detectors, same table
+
+    def table(self) -> str:
+        step_labels = list(dict.fromkeys(r["steps"] for r in self.grid))
+        gens = sorted({r["generations"] for r in self.grid})
+        lines = ["| steps \\ generations | " + " | ".join(f"n={g}: AUC / TPR@1%FPR" for g in gens) + " |",
+                 "|---|" + "---|" * len(gens)]
+        for sl in step_labels:
+            cells = []
+            for g in gens:
+                r = next(r for r in self.grid if r["steps"] == sl and r["generations"] == g)
+                cells.append(f"{r['auc']:.3f} / {r['tpr_at_1pct_fpr']:.3f}")
+            lines.append(f"| noise norm, {sl} | " + " | ".join(cells) + " |")
+        for r in self.extra_rows:
+            lines.append(f"| {r['name']} | " + f"{r['auc']:.3f} / {r['tpr_at_1pct_fpr']:.3f} (n={r['generations']})" + " |")
+        return "\n".join(lines)
+
+    def save(self, out: str | Path) -> dict:
+        out = Path(out)
+        out.mkdir(parents=True, exist_ok=True)
+        slim = lambda rows: [{k: v for k, v in r.items() if k not in ("fpr", "tpr")} for r in rows]  # noqa: E731
+        dump_json({"source": self.source, "grid": slim(self.grid), "other_detectors": slim(self.extra_rows),
+                   "settings": self.settings, "seeds": self.seeds, "model": self.model, "table": self.table(),
+                   "roc_curves": {f"{r['steps']} n={r['generations']}": {"fpr": r["fpr"], "tpr": r["tpr"]} for r in self.grid}},
+                  out / "bench_detect.json")
+        self.plot(out / "bench_detect_roc.png")
+        return {"json": out / "bench_detect.json", "png": out / "bench_detect_roc.png"}
+
+    def plot(self, path) -> None:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        fig, ax = plt.subplots(figsize=(5.2, 4.6))
+        for r in self.grid + self.extra_rows:
+            name = r.get("name") or f"noise norm, {r['steps']}, n={r['generations']}"
+            ax.plot(r["fpr"], r["tpr"], label=f"{name} (AUC {r['auc']:.3f})", lw=1.3)
+        ax.axvline(0.01, color="grey", ls=":", lw=1)
+        ax.set_xscale("symlog", linthresh=0.01)
+        ax.set_xlim(0, 1)
+        ax.set_xlabel("false-positive rate (log scale above 0.01)")
+        ax.set_ylabel("true-positive rate")
+        s = self.settings
+        ax.set_title(f"{self.source}: {int(self.n_pos)} memorized vs {int(self.n_neg)} not\n"
+                     f"{s['num_inference_steps']} steps, guidance {s['guidance_scale']}, seeds {self.seeds}", fontsize=8)
+        ax.legend(fontsize=6, loc="lower right")
+        fig.tight_layout()
+        fig.savefig(path, dpi=120)
+        plt.close(fig)
+
+    n_pos: int = 0
+    n_neg: int = 0
+
+
+def step_sets(num_inference_steps: int) -> dict[str, list[int]]:
+    """The published table's rows: first step, first 10 steps (or a fifth), all steps."""
+    few = min(10, max(2, num_inference_steps // 5))
+    return {"first step": [0], f"first {few} steps": list(range(few)), f"all {num_inference_steps} steps": list(range(num_inference_steps))}
+
+
+def bench_detect(pipe, data: LabelledPrompts, generations=(1, 4), num_inference_steps: int | None = None,
+                 guidance_scale: float | None = None, seed: int = 0, batch_size: int = 64, black_box: bool = True,
+                 progress: bool = True) -> DetectBenchResult:
+    from ..core.loading import sampler_defaults
+    from ..detect.noise_norm import NoiseNormDetector
+    from ..detect.seed_consistency import SeedConsistencyDetector
+
+    d = sampler_defaults(pipe)
+    nsteps = num_inference_steps or d["num_inference_steps"]
+    gscale = guidance_scale if guidance_scale is not None else d["guidance_scale"]
+    sets = step_sets(nsteps)
+    all_steps = sorted({s for v in sets.values() for s in v})
+    det = NoiseNormDetector(pipe, nsteps, gscale, steps=all_steps, generations=max(generations), seed=seed, batch_size=batch_size)
+    res = det.score(data.prompts, progress=progress)
+    grid = []
+    for label, steps in sets.items():
+        idx = [all_steps.index(s) for s in steps]
+        for g in generations:
+            scores = res.values[:, :g, :][:, :, idx].mean(axis=(1, 2))
+            grid.append({"steps": label, "generations": g, **roc(data.labels, scores)})
+    extra = []
+    if black_box:
+        bb = SeedConsistencyDetector(pipe, mode="x0", generations=4, num_inference_steps=nsteps, guidance_scale=gscale,
+                                     seed=seed, batch_size=batch_size).score(data.prompts)
+        extra.append({"name": "seed consistency (black box, x0 after 1 step)", "generations": 4, **roc(data.labels, bb.scores)})
+    out = DetectBenchResult(data.source, grid, det.settings.to_dict(), det.settings.seeds(), res.model, extra)
+    out.n_pos, out.n_neg = int(data.labels.sum()), int((1 - data.labels).sum())
+    return out

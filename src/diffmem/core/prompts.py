@@ -1,0 +1,105 @@
+"""Reading prompt files: ``.txt`` (one per line), ``.jsonl`` and ``.csv`` (a chosen column).
+
+Every problem is an ``InputError`` that names the file and the line: an empty file, an empty
+prompt line, bytes that are not UTF-8, a missing column, a malformed JSON line.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+from pathlib import Path
+from typing import Iterator
+
+from .errors import InputError
+
+DEFAULT_COLUMNS = ("prompt", "caption", "text")
+
+
+def _read_text(path: Path) -> str:
+    if not path.exists():
+        raise InputError(f"prompt file not found: {path}")
+    if path.is_dir():
+        raise InputError(f"prompt path is a folder, not a file: {path}")
+    raw = path.read_bytes()
+    try:
+        return raw.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        line = raw[: e.start].count(b"\n") + 1
+        raise InputError(f"{path} is not UTF-8 text (byte {e.start}, line {line}); re-save it as UTF-8") from None
+
+
+def iter_prompts(path: str | Path, column: str | None = None) -> Iterator[str]:
+    """Yield prompts one by one (the whole file is checked for encoding first)."""
+    path = Path(path)
+    text = _read_text(path)
+    suffix = path.suffix.lower()
+    n = 0
+    if suffix == ".jsonl":
+        for i, line in enumerate(text.splitlines(), 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise InputError(f"{path} line {i} is not valid JSON: {e.msg}") from None
+            if not isinstance(row, dict):
+                raise InputError(f"{path} line {i} is not a JSON object")
+            col = column or next((c for c in DEFAULT_COLUMNS if c in row), None)
+            if col is None or col not in row:
+                raise InputError(f"{path} line {i} has no column {column or ' / '.join(DEFAULT_COLUMNS)!r} (keys: {sorted(row)})")
+            yield _check(row[col], path, i)
+            n += 1
+    elif suffix == ".csv":
+        reader = csv.DictReader(io.StringIO(text))
+        fields = reader.fieldnames or []
+        col = column or next((c for c in DEFAULT_COLUMNS if c in fields), None)
+        if col is None or col not in fields:
+            raise InputError(f"{path} has no column {column or ' / '.join(DEFAULT_COLUMNS)!r} (columns: {fields})")
+        for i, row in enumerate(reader, 2):
+            yield _check(row[col], path, i)
+            n += 1
+    else:
+        if column:
+            raise InputError(f"--column applies to .csv and .jsonl files, not {path.name}")
+        lines = text.splitlines()
+        while lines and not lines[-1].strip():  # a trailing newline is not an empty prompt
+            lines.pop()
+        for i, line in enumerate(lines, 1):
+            yield _check(line, path, i)
+            n += 1
+    if n == 0:
+        raise InputError(f"{path} holds no prompts")
+
+
+def _check(value, path: Path, line: int) -> str:
+    if not isinstance(value, str):
+        raise InputError(f"{path} line {line}: the prompt is not text ({value!r})")
+    if not value.strip():
+        raise InputError(f"{path} line {line}: empty prompt")
+    return value
+
+
+def read_prompts(path: str | Path, column: str | None = None) -> list[str]:
+    return list(iter_prompts(path, column))
+
+
+def ensure_writable_dir(folder: str | Path) -> Path:
+    """Check, before any work starts, that ``folder`` can be created and written to."""
+    import os
+    import tempfile
+
+    folder = Path(folder).expanduser()
+    probe = folder
+    while not probe.exists():
+        probe = probe.parent
+    if not probe.is_dir():
+        raise InputError(f"output folder {folder} cannot be created: {probe} is a file")
+    try:
+        fd, name = tempfile.mkstemp(dir=probe, prefix=".diffmem-write-test-")
+        os.close(fd)
+        os.unlink(name)
+    except OSError as e:
+        raise InputError(f"output folder {folder} is not writable: {e.strerror}") from None
+    return folder

@@ -1,0 +1,43 @@
+import numpy as np
+import pytest
+
+from diffmem.bench.detect import LabelledPrompts, bench_detect, labelled_from_files, roc
+from diffmem.core.errors import InputError
+
+
+def test_tpr_at_1pct_fpr_is_taken_below_the_bar():
+    # 200 negatives: one scores above every positive -> FPR 0.005 < 0.01 counts, TPR there is 1
+    neg = np.r_[np.linspace(0, 1, 199), 10.0]
+    pos = np.linspace(2, 3, 50)
+    r = roc(np.r_[np.ones(50), np.zeros(200)], np.r_[pos, neg])
+    assert r["tpr_at_1pct_fpr"] == 1.0 and 0.99 < r["auc"] < 1.0
+    # 100 negatives: the same single outlier is FPR 0.01, not below it -> TPR at FPR 0 is 0
+    neg = np.r_[np.linspace(0, 1, 99), 10.0]
+    r = roc(np.r_[np.ones(50), np.zeros(100)], np.r_[pos, neg])
+    assert r["tpr_at_1pct_fpr"] == 0.0
+
+
+def test_grid_on_a_tiny_pipeline(tiny_pipe, tmp_path):
+    data = LabelledPrompts(["a cat", "a dog", "a red circle", "a blue square"], np.array([1, 1, 0, 0.0]), ["x"] * 4, "test")
+    res = bench_detect(tiny_pipe, data, generations=(1, 2), num_inference_steps=5, guidance_scale=7.5, progress=False)
+    assert {(r["steps"], r["generations"]) for r in res.grid} == {
+        (s, g) for s in ("first step", "first 2 steps", "all 5 steps") for g in (1, 2)}
+    files = res.save(tmp_path)
+    assert files["png"].stat().st_size > 1000 and "AUC" in res.table()
+    # a grid cell equals a detector run with exactly those settings
+    from diffmem.detect import NoiseNormDetector
+
+    direct = NoiseNormDetector(tiny_pipe, 5, 7.5, steps=[0], generations=2).score(data.prompts)
+    cell = next(r for r in res.grid if r["steps"] == "first step" and r["generations"] == 2)
+    assert cell["auc"] == roc(data.labels, direct.scores)["auc"]
+
+
+def test_labelled_files(tmp_path):
+    (tmp_path / "l.csv").write_text("prompt,label\na,1\nb,0\nc,memorized\n")
+    d = labelled_from_files(str(tmp_path / "l.csv"))
+    assert d.prompts == ["a", "b", "c"] and list(d.labels) == [1, 0, 1]
+    (tmp_path / "bad.csv").write_text("prompt,label\na,maybe\n")
+    with pytest.raises(InputError, match="line 2"):
+        labelled_from_files(str(tmp_path / "bad.csv"))
+    with pytest.raises(InputError, match="both --positives and --negatives"):
+        labelled_from_files(positives=str(tmp_path / "l.csv"))

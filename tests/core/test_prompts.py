@@ -1,0 +1,52 @@
+import pytest
+
+from diffmem.core.errors import InputError
+from diffmem.core.prompts import ensure_writable_dir, read_prompts
+
+
+def test_txt_jsonl_csv(tmp_path):
+    (tmp_path / "p.txt").write_text("a cat\na dog\n\n")  # trailing blank lines are not prompts
+    assert read_prompts(tmp_path / "p.txt") == ["a cat", "a dog"]
+    (tmp_path / "p.jsonl").write_text('{"caption": "x", "index": 1, "url": "u"}\n{"caption": "y", "index": 2, "url": "u"}\n')
+    assert read_prompts(tmp_path / "p.jsonl") == ["x", "y"]
+    (tmp_path / "p.csv").write_text("id,text,label\n1,hello,1\n2,world,0\n")
+    assert read_prompts(tmp_path / "p.csv", "text") == ["hello", "world"]
+
+
+def test_the_public_sd_v1_list_reads():
+    from pathlib import Path
+
+    f = Path(__file__).resolve().parents[3] / "shared" / "data" / "sdv1_500_memorized.jsonl"
+    if not f.exists():
+        pytest.skip("shared data not beside the checkout")
+    prompts = read_prompts(f)
+    assert len(prompts) == 500 and all(p.strip() for p in prompts)
+
+
+@pytest.mark.parametrize(
+    "name,content,message",
+    [
+        ("e.txt", b"", "holds no prompts"),
+        ("blank.txt", b"a cat\n   \na dog\n", "line 2: empty prompt"),
+        ("latin1.txt", "caf\xe9\n".encode("latin-1"), "not UTF-8"),
+        ("bad.jsonl", b'{"prompt": "ok"}\n{not json}\n', "line 2 is not valid JSON"),
+        ("nocol.csv", b"id,text\n1,hi\n", "no column 'prompt'"),
+    ],
+)
+def test_bad_files_name_the_problem(tmp_path, name, content, message):
+    f = tmp_path / name
+    f.write_bytes(content)
+    with pytest.raises(InputError, match=message):
+        read_prompts(f, "prompt" if name.endswith(".csv") else None)
+
+
+def test_missing_file(tmp_path):
+    with pytest.raises(InputError, match="not found"):
+        read_prompts(tmp_path / "nope.txt")
+
+
+def test_output_folder_checks(tmp_path):
+    assert ensure_writable_dir(tmp_path / "new" / "deeper") == tmp_path / "new" / "deeper"
+    (tmp_path / "f").write_text("x")
+    with pytest.raises(InputError, match="is a file"):
+        ensure_writable_dir(tmp_path / "f" / "out")

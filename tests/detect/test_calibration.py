@@ -1,0 +1,45 @@
+import numpy as np
+import pytest
+
+from diffmem.detect import Calibration, CalibrationMismatch, NoiseNormDetector
+
+PROMPTS = ["a cat", "a dog", "a red circle", "a blue square"]
+
+
+def test_threshold_keeps_the_false_positive_rate():
+    rng = np.random.default_rng(0)
+    ref = rng.normal(size=1000)
+    cal = Calibration.fit(ref, fpr=0.01)
+    assert (ref > cal.threshold).mean() <= 0.01
+    assert (ref > cal.threshold).mean() >= 0.009  # and not far below it
+    fresh = rng.normal(size=20000)
+    assert abs((fresh > cal.threshold).mean() - 0.01) < 0.005
+
+
+def test_applies_to_same_model_and_settings_only(tiny_pipe, tmp_path):
+    det = NoiseNormDetector(tiny_pipe, num_inference_steps=4)
+    ref = det.score(PROMPTS)
+    cal = Calibration.fit(ref, fpr=0.25)
+    out = Calibration.load(cal.save(tmp_path / "cal.json")).apply(det.score(PROMPTS))
+    assert list(out.to_frame()["verdict"]) == list(np.where(out.scores > cal.threshold, "memorized", "not memorized"))
+    # other settings: refused, with the reason
+    with pytest.raises(CalibrationMismatch, match="num_inference_steps"):
+        cal.apply(NoiseNormDetector(tiny_pipe, num_inference_steps=5).score(PROMPTS))
+    # batch size does not change scores: allowed
+    cal.apply(NoiseNormDetector(tiny_pipe, num_inference_steps=4, batch_size=1).score(PROMPTS))
+
+
+def test_other_model_is_refused(tiny_pipe):
+    from diffmem.core.components import tiny_pipeline
+
+    other = tiny_pipeline(seed=7)
+    cal = Calibration.fit(NoiseNormDetector(tiny_pipe, num_inference_steps=4).score(PROMPTS), fpr=0.25)
+    with pytest.raises(CalibrationMismatch, match="different UNet weights"):
+        cal.apply(NoiseNormDetector(other, num_inference_steps=4).score(PROMPTS))
+
+
+def test_bad_reference():
+    with pytest.raises(ValueError, match="NaN"):
+        Calibration.fit(np.array([1.0, np.nan]))
+    with pytest.raises(ValueError, match="no reference"):
+        Calibration.fit(np.array([]))

@@ -1,0 +1,71 @@
+import numpy as np
+import pytest
+import torch
+
+from diffmem.core import denoise
+from diffmem.core.errors import InputError
+from diffmem.detect import DetectionResult, NoiseNormDetector
+
+PROMPTS = ["a red circle on the left", "a photo of a cat", "an astronaut riding a horse on the moon"]
+
+
+def _pipeline_reference(pipe, prompts, seeds, steps, num_inference_steps, guidance):
+    """Norms recorded inside the standard StableDiffusionPipeline.__call__ through a UNet hook."""
+    calls = []
+
+    def record(module, args, kwargs, output):
+        sample = output[0] if isinstance(output, tuple) else output.sample  # the pipeline calls return_dict=False
+        calls.append((args[1] if len(args) > 1 else kwargs["timestep"], sample.detach().clone()))
+
+    handle = pipe.unet.register_forward_hook(record, with_kwargs=True)
+    out = np.zeros((len(prompts), len(seeds), len(steps)))
+    try:
+        for gi, seed in enumerate(seeds):
+            calls.clear()
+            gens = [torch.Generator().manual_seed(seed) for _ in prompts]
+            pipe(prompts, num_inference_steps=num_inference_steps, guidance_scale=guidance, generator=gens, output_type="latent")
+            for si, step in enumerate(steps):
+                t, both = calls[step]
+                uncond, cond = both.chunk(2)  # the pipeline batches [unconditional, conditional]
+                diff = denoise.to_epsilon(pipe, cond - uncond, t)
+                out[:, gi, si] = diff.flatten(1).norm(dim=1).numpy()
+    finally:
+        handle.remove()
+    return out
+
+
+@pytest.mark.parametrize("fixture", ["tiny_pipe", "tiny_pipe_v"])
+def test_scores_equal_a_plain_pipeline_run(fixture, request):
+    pipe = request.getfixturevalue(fixture)
+    det = NoiseNormDetector(pipe, num_inference_steps=6, guidance_scale=7.5, steps=[0, 1, 3], generations=2, seed=11, batch_size=2)
+    res = det.score(PROMPTS)
+    ref = _pipeline_reference(pipe, PROMPTS, [11, 12], [0, 1, 3], 6, 7.5)
+    np.testing.assert_allclose(res.values, ref, rtol=1e-4)
+    np.testing.assert_allclose(res.scores, ref.mean(axis=(1, 2)), rtol=1e-4)
+
+
+def test_batching_does_not_change_scores(tiny_pipe):
+    a = NoiseNormDetector(tiny_pipe, num_inference_steps=4, steps=[0, 2], batch_size=1).score(PROMPTS)
+    b = NoiseNormDetector(tiny_pipe, num_inference_steps=4, steps=[0, 2], batch_size=3).score(PROMPTS)
+    np.testing.assert_allclose(a.values, b.values, rtol=1e-5)
+
+
+def test_result_round_trips(tmp_path, tiny_pipe):
+    res = NoiseNormDetector(tiny_pipe, num_inference_steps=4, steps=[0, 1], generations=2).score(PROMPTS)
+    for name in ("r.json", "r.parquet"):
+        back = DetectionResult.load(res.save(tmp_path / name))
+        assert back.prompts == res.prompts and back.seeds == res.seeds and back.settings == res.settings
+        np.testing.assert_allclose(back.values, res.values)
+    assert list(res.to_frame().columns[:2]) == ["prompt", "score"]
+
+
+def test_bad_input(tiny_pipe):
+    det = NoiseNormDetector(tiny_pipe, num_inference_steps=4)
+    with pytest.raises(InputError, match="no prompts"):
+        det.score([])
+    with pytest.raises(InputError, match="prompt 1 is empty"):
+        det.score(["fine", "  "])
+    with pytest.raises(InputError, match="steps must lie"):
+        NoiseNormDetector(tiny_pipe, num_inference_steps=4, steps=[4])
+    with pytest.warns(denoise.PromptTruncationWarning, match="truncated to 77 tokens"):
+        det.score(["word " * 100])

@@ -1,0 +1,70 @@
+"""The command line: bad input gives one clear line and exit code 2, never a traceback."""
+
+import subprocess
+import sys
+
+
+def run(*args, **kw):
+    return subprocess.run([sys.executable, "-m", "diffmem.cli", *args], capture_output=True, text=True, timeout=300, **kw)
+
+
+def test_missing_model_folder(tmp_path):
+    r = run("train", "--model", str(tmp_path / "nope"), "--data", "memlab", "--out", str(tmp_path / "o"))
+    assert r.returncode == 2
+    assert "model folder not found" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_folder_that_is_not_a_pipeline(tmp_path):
+    r = run("memlab", "verify", "--model", str(tmp_path))
+    assert r.returncode == 2 and "no model_index.json" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_unwritable_output(tmp_path):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("x")
+    r = run("memlab", "build", "--out", str(blocker / "sub"))
+    assert r.returncode == 2 and "cannot be created" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_help_lists_commands():
+    r = run("--help")
+    assert r.returncode == 0 and "train" in r.stdout and "memlab" in r.stdout
+
+
+def test_detect_bad_inputs_never_write_results(tmp_path):
+    out = tmp_path / "r.parquet"
+    cases = {
+        "empty.txt": (b"", "holds no prompts"),
+        "blank.txt": (b"a cat\n\na dog\n", "line 2: empty prompt"),
+        "latin.txt": ("caf\xe9".encode("latin-1"), "not UTF-8"),
+        "nocol.csv": (b"id,text\n1,x\n", "no column 'prompt'"),
+    }
+    for name, (content, msg) in cases.items():
+        f = tmp_path / name
+        f.write_bytes(content)
+        r = run("detect", "--prompts", str(f), "--out", str(out), *(["--column", "prompt"] if name.endswith("csv") else []))
+        assert r.returncode == 2, (name, r.stderr)
+        assert msg in r.stderr and "Traceback" not in r.stderr, (name, r.stderr)
+        assert not out.exists() and not list(tmp_path.glob(".r.parquet*"))
+    ok = tmp_path / "ok.txt"
+    ok.write_text("a cat\n")
+    r = run("detect", "--prompts", str(ok), "--model", str(tmp_path / "missing-model"), "--out", str(out))
+    assert r.returncode == 2 and "model folder not found" in r.stderr and not out.exists()
+
+
+def test_detect_end_to_end_with_calibration_and_long_prompt(tmp_path, tiny_pipe_dir):
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("a cat\na dog\n" + "word " * 100 + "\n")
+    ref = tmp_path / "ref.txt"
+    ref.write_text("\n".join(f"reference prompt {i}" for i in range(20)) + "\n")
+    out = tmp_path / "r.parquet"
+    r = run("detect", "--prompts", str(prompts), "--model", str(tiny_pipe_dir), "--out", str(out),
+            "--num-inference-steps", "4", "--calibrate-with", str(ref), "--fpr", "0.1")
+    assert r.returncode == 0, r.stderr
+    assert "truncated to 77 tokens" in r.stderr  # the warning names the prompt
+    assert "scored 3 prompts" in r.stdout and "flagged" in r.stdout
+    from diffmem.detect import DetectionResult
+
+    res = DetectionResult.load(out)
+    assert len(res.prompts) == 3 and res.threshold is not None
+    assert "verdict" in res.to_frame()
