@@ -68,3 +68,31 @@ def test_detect_end_to_end_with_calibration_and_long_prompt(tmp_path, tiny_pipe_
     res = DetectionResult.load(out)
     assert len(res.prompts) == 3 and res.threshold is not None
     assert "verdict" in res.to_frame()
+
+
+def test_train_end_to_end_and_resume(tmp_path, tiny_pipe_dir):
+    import json
+
+    from PIL import Image
+
+    data = tmp_path / "data"
+    data.mkdir()
+    rows = []
+    for i, colour in enumerate([(255, 0, 0), (0, 255, 0), (0, 0, 255)]):
+        Image.new("RGB", (16, 16), colour).save(data / f"{i}.png")
+        rows.append({"file_name": f"{i}.png", "text": f"colour {i}"})
+    (data / "metadata.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
+    out = tmp_path / "out"
+    args = ["train", "--model", str(tiny_pipe_dir), "--data", str(data), "--out", str(out), "--batch-size", "2",
+            "--checkpoint-every", "2", "--prediction-type", "v_prediction", "--ema"]
+    r = run(*args, "--steps", "3")
+    assert r.returncode == 0, r.stderr
+    assert (out / "checkpoint" / "state.json").exists()
+    r = run(*args, "--steps", "5")  # resumes from the checkpoint at step 2
+    assert r.returncode == 0, r.stderr
+    from diffusers import StableDiffusionPipeline
+
+    pipe = StableDiffusionPipeline.from_pretrained(out / "model")
+    assert pipe.scheduler.config.prediction_type == "v_prediction"
+    log = json.loads((out / "model" / "diffmem_train.json").read_text())
+    assert log["rows"] == 3 and log["config"]["ema"] is True

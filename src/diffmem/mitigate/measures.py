@@ -1,0 +1,223 @@
+"""Replication and alignment measures. Each is a class (holding what it loads once: a training
+set's features, a model) and a plain function; both call the same kernel.
+
+Replication: how close a generation comes to its nearest training image.
+- ``MemLabReplication`` (MemLab): RMSE in units of the training image's own VAE round-trip
+  error; replicated at ratio <= 2 (see ``diffmem.memlab.replication``).
+- ``SSCDReplication`` (real data): SSCD copy-detection embeddings from a TorchScript file the user
+  supplies. Preprocessing: resize the short side to 256, centre-crop 224, ImageNet mean/std
+  normalisation; cosine similarity; max over the training images; 0.5 and above is a copy
+  (the field's convention).
+- ``PixelReplication`` (no weights): Pearson correlation of 64x64 grey thumbnails, max over the
+  training images; crude (blind to shifts and crops) but needs nothing downloaded.
+
+Alignment: how well a generation shows what the prompt asked for.
+- ``MemLabAlignment``: the share of the prompt's named colour / shape / position that the
+  attribute reader finds in the image.
+- ``CLIPScore``: cosine similarity of CLIP image and text embeddings, from a local CLIP folder.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ..core.errors import InputError
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+def _to_nchw(images) -> torch.Tensor:
+    arr = np.asarray(images, dtype=np.float32)
+    if arr.ndim == 3:
+        arr = arr[None]
+    if arr.max() > 1.5:
+        arr = arr / 255.0
+    return torch.from_numpy(np.ascontiguousarray(arr)).permute(0, 3, 1, 2)
+
+
+# -- replication kernels ----------------------------------------------------------------------
+def max_cosine(gen: torch.Tensor, train: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
+    """Kernel: (similarity to the nearest row of ``train``, its index) for each row of ``gen``."""
+    g = torch.nn.functional.normalize(gen.float().flatten(1), dim=1)
+    t = torch.nn.functional.normalize(train.float().flatten(1), dim=1)
+    sim = g @ t.T
+    best, idx = sim.max(dim=1)
+    return best.numpy(), idx.numpy()
+
+
+def sscd_preprocess(images) -> torch.Tensor:
+    x = _to_nchw(images)
+    h, w = x.shape[-2:]
+    scale = 256 / min(h, w)
+    x = torch.nn.functional.interpolate(x, size=(max(256, round(h * scale)), max(256, round(w * scale))),
+                                        mode="bilinear", antialias=True, align_corners=False)
+    h, w = x.shape[-2:]
+    top, left = (h - 224) // 2, (w - 224) // 2
+    x = x[..., top : top + 224, left : left + 224]
+    mean = torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1)
+    std = torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)
+    return (x - mean) / std
+
+
+def load_torchscript(path: str | Path):
+    path = Path(path)
+    if not path.exists():
+        raise InputError(f"SSCD model file not found: {path}")
+    try:
+        return torch.jit.load(str(path), map_location="cpu").eval()
+    except (RuntimeError, ValueError) as e:
+        raise InputError(f"{path} is not a TorchScript model (SSCD is distributed as TorchScript, e.g. "
+                         f"sscd_disc_mixup.torchscript.pt): {str(e).splitlines()[0]}") from None
+
+
+class SSCDReplication:
+    threshold = 0.5
+
+    def __init__(self, model_path: str | Path, train_images, batch_size: int = 32):
+        self.model = load_torchscript(model_path)
+        self.batch_size = batch_size
+        self.train = self.embed(train_images)
+
+    @torch.inference_mode()
+    def embed(self, images) -> torch.Tensor:
+        out = []
+        for i in range(0, len(images), self.batch_size):
+            out.append(self.model(sscd_preprocess(images[i : i + self.batch_size])))
+        return torch.cat(out)
+
+    def __call__(self, images) -> dict:
+        sim, idx = max_cosine(self.embed(images), self.train)
+        return {"similarity": sim, "nearest": idx, "replicated": sim >= self.threshold}
+
+
+def sscd_replication(images, train_images, model_path) -> dict:
+    return SSCDReplication(model_path, train_images)(images)
+
+
+def _thumbs(images, size: int = 64) -> torch.Tensor:
+    x = _to_nchw(images).mean(dim=1, keepdim=True)
+    x = torch.nn.functional.interpolate(x, size=(size, size), mode="bilinear", antialias=True, align_corners=False).flatten(1)
+    return x - x.mean(dim=1, keepdim=True)
+
+
+class PixelReplication:
+    """No-weights fallback: Pearson correlation of grey 64x64 thumbnails; copies at >= 0.95."""
+
+    threshold = 0.95
+
+    def __init__(self, train_images):
+        self.train = _thumbs(train_images)
+
+    def __call__(self, images) -> dict:
+        sim, idx = max_cosine(_thumbs(images), self.train)
+        return {"similarity": sim, "nearest": idx, "replicated": sim >= self.threshold}
+
+
+def pixel_replication(images, train_images) -> dict:
+    return PixelReplication(train_images)(images)
+
+
+class MemLabReplication:
+    """MemLab's measure (ratio to the nearest training image's VAE round-trip error)."""
+
+    def __init__(self, pipe, manifest: dict | None = None):
+        from ..memlab import dataset as ds
+        from ..memlab.replication import MemLabReplication as Kernel
+
+        manifest = manifest or _manifest_of(pipe)
+        self.kernel = Kernel(ds.build(ds.MemLabConfig(**manifest["config"])), pipe.vae)
+        self.threshold = self.kernel.threshold
+
+    def __call__(self, images) -> dict:
+        m = self.kernel.nearest(np.asarray(images).reshape(-1, *np.asarray(images).shape[-3:]))
+        return {"ratio": m.ratio, "nearest": m.nearest_id, "replicated": m.replicated}
+
+
+def memlab_replication(images, pipe) -> dict:
+    return MemLabReplication(pipe)(images)
+
+
+def _manifest_of(pipe) -> dict:
+    import json
+
+    p = Path(str(pipe.name_or_path)) / "memlab_manifest.json"
+    if not p.exists():
+        raise InputError("this pipeline is not a MemLab model (no memlab_manifest.json): give --sscd or use the pixel measure")
+    return json.loads(p.read_text())
+
+
+# -- alignment --------------------------------------------------------------------------------
+def named_features(prompt: str) -> dict[str, str]:
+    """The MemLab features a prompt names (colour, shape, position)."""
+    from ..memlab import world
+
+    words = prompt.lower().replace(",", " ").split()
+    out = {}
+    for c in world.COLOURS:
+        if c in words:
+            out["colour"] = c
+    for s in world.SHAPES:
+        if s in words:
+            out["shape"] = s
+    for pos in world.POSITIONS:
+        if pos in words:
+            out["position"] = pos
+    return out
+
+
+def memlab_alignment_kernel(reads: list[dict], prompts: list[str]) -> np.ndarray:
+    scores = []
+    for rd, p in zip(reads, prompts):
+        named = named_features(p)
+        scores.append(np.mean([rd.get(k) == v for k, v in named.items()]) if named else np.nan)
+    return np.array(scores, float)
+
+
+class MemLabAlignment:
+    def __init__(self):
+        from ..memlab.reader import AttributeReader
+
+        self.reader = AttributeReader()
+
+    def __call__(self, images, prompts: list[str]) -> np.ndarray:
+        """images (N, H, W, 3) with one prompt each."""
+        return memlab_alignment_kernel(self.reader.read_many(images), prompts)
+
+
+def memlab_alignment(images, prompts) -> np.ndarray:
+    return MemLabAlignment()(images, prompts)
+
+
+class CLIPScore:
+    """Cosine similarity of CLIP image and text embeddings, from a local transformers CLIP folder."""
+
+    def __init__(self, path: str | Path):
+        from transformers import CLIPModel, CLIPTokenizer
+
+        path = Path(path)
+        if not (path / "config.json").exists():
+            raise InputError(f"CLIP model folder not found or incomplete: {path}")
+        self.model = CLIPModel.from_pretrained(path, use_safetensors=True).eval()
+        self.tokenizer = CLIPTokenizer.from_pretrained(path)
+        self.size = self.model.config.vision_config.image_size
+
+    @torch.inference_mode()
+    def __call__(self, images, prompts: list[str]) -> np.ndarray:
+        x = _to_nchw(images)
+        x = torch.nn.functional.interpolate(x, size=(self.size, self.size), mode="bicubic", antialias=True, align_corners=False)
+        mean = torch.tensor((0.48145466, 0.4578275, 0.40821073)).view(1, 3, 1, 1)
+        std = torch.tensor((0.26862954, 0.26130258, 0.27577711)).view(1, 3, 1, 1)
+        img = self.model.get_image_features(pixel_values=(x - mean) / std)
+        tok = self.tokenizer(prompts, padding=True, truncation=True, return_tensors="pt")
+        txt = self.model.get_text_features(**tok)
+        if not torch.is_tensor(img):
+            img, txt = img.pooler_output, txt.pooler_output
+        return torch.nn.functional.cosine_similarity(img, txt).numpy()
+
+
+def clip_score(images, prompts, path) -> np.ndarray:
+    return CLIPScore(path)(images, prompts)

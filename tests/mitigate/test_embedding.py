@@ -1,0 +1,68 @@
+import numpy as np
+import pytest
+import torch
+
+from diffmem.core.errors import InputError
+from diffmem.core.generate import generate
+from diffmem.mitigate import BASELINES, EmbeddingOptimization, MitigationResult, NonFiniteLoss
+
+PROMPTS = ["a red circle", "a photo of a cat"]
+
+
+def test_loss_falls_and_trajectory_is_recorded(tiny_pipe):
+    m = EmbeddingOptimization(tiny_pipe, target=1e-6, lr=0.05, max_iters=4, generations=2, num_inference_steps=3)
+    res = m.mitigate(PROMPTS, generate_images=False)
+    for tr in res.trajectories:
+        assert len(tr) == 5 and tr[-1] < tr[0]
+    assert not res.reached_target.any() and res.unreached == PROMPTS  # reported, never silent
+    assert (res.iterations == 4).all()
+
+
+def test_prompts_below_target_pass_untouched_bit_for_bit(tiny_pipe):
+    m = EmbeddingOptimization(tiny_pipe, target=1e9, generations=2, num_inference_steps=3)
+    res = m.mitigate(PROMPTS)
+    assert (res.iterations == 0).all() and res.reached_target.all()
+    plain = generate(tiny_pipe, PROMPTS, [0, 1], num_inference_steps=3, guidance_scale=7.5)
+    assert np.array_equal(res.images_after, plain) and np.array_equal(res.images_before, plain)
+
+
+def test_optimized_embedding_is_used_for_generation(tiny_pipe, tmp_path):
+    m = EmbeddingOptimization(tiny_pipe, target=1e-6, lr=0.5, max_iters=2, generations=2, num_inference_steps=3)
+    res = m.mitigate(PROMPTS)
+    assert not np.array_equal(res.images_after, res.images_before)
+    back = MitigationResult.load(res.save(tmp_path / "m"))
+    assert np.array_equal(back.images_after, res.images_after) and back.trajectories == res.trajectories
+    assert res.plot_grid(tmp_path / "g.png").stat().st_size > 1000
+    assert res.plot_trajectories(tmp_path / "t.png").stat().st_size > 1000
+
+
+def test_bos_position_stays_fixed(tiny_pipe):
+    m = EmbeddingOptimization(tiny_pipe, target=1e-6, lr=0.5, max_iters=2, generations=1, num_inference_steps=3)
+    from diffmem.core import denoise
+
+    emb, _, steps, _ = m.optimize("a red circle")
+    with torch.no_grad():
+        orig = denoise.encode_text(tiny_pipe, ["a red circle"])
+    assert steps == 2
+    assert torch.equal(emb[:, 0], orig[:, 0]) and not torch.equal(emb[:, 1:], orig[:, 1:])
+
+
+def test_non_finite_loss_stops_with_a_clear_error(tiny_pipe):
+    m = EmbeddingOptimization(tiny_pipe, target=1e-6, lr=1e30, max_iters=5, generations=1, num_inference_steps=3)
+    with pytest.raises(NonFiniteLoss, match="lower the learning rate"):
+        m.mitigate(["a red circle"], generate_images=False)
+
+
+def test_bad_target(tiny_pipe):
+    with pytest.raises(InputError, match="positive"):
+        EmbeddingOptimization(tiny_pipe, target=float("nan"))
+
+
+@pytest.mark.parametrize("name", sorted(BASELINES))
+def test_baselines_share_the_interface(tiny_pipe, name):
+    res = BASELINES[name](tiny_pipe, generations=2, num_inference_steps=3).mitigate(PROMPTS)
+    assert res.images_after.shape == res.images_before.shape == (2, 2, 16, 16, 3)
+    if name in ("rta", "rna", "word_repetition"):
+        assert all(new != old for new, old in zip(res.mitigated_prompts, PROMPTS))
+    if name == "rta":
+        assert all(len(new.split()) == len(old.split()) + 4 for new, old in zip(res.mitigated_prompts, PROMPTS))

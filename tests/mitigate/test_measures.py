@@ -1,0 +1,63 @@
+import numpy as np
+import pytest
+import torch
+
+from diffmem.core.errors import InputError
+from diffmem.mitigate import measures as M
+
+
+def test_max_cosine_against_brute_force():
+    rng = np.random.default_rng(0)
+    g, t = rng.normal(size=(5, 7)), rng.normal(size=(9, 7))
+    sim, idx = M.max_cosine(torch.tensor(g), torch.tensor(t))
+    ref = (g / np.linalg.norm(g, axis=1, keepdims=True)) @ (t / np.linalg.norm(t, axis=1, keepdims=True)).T
+    np.testing.assert_allclose(sim, ref.max(1), rtol=1e-5)
+    assert (idx == ref.argmax(1)).all()
+
+
+def test_pixel_replication_finds_copies_not_strangers():
+    rng = np.random.default_rng(0)
+    train = rng.uniform(size=(10, 32, 32, 3)).astype(np.float32)
+    copies = np.clip(train[[3, 7]] + rng.normal(0, 0.01, size=(2, 32, 32, 3)), 0, 1)
+    strangers = rng.uniform(size=(2, 32, 32, 3)).astype(np.float32)
+    cls = M.PixelReplication(train)
+    out = cls(np.concatenate([copies, strangers]))
+    assert list(out["replicated"]) == [True, True, False, False] and list(out["nearest"][:2]) == [3, 7]
+    np.testing.assert_allclose(M.pixel_replication(copies, train)["similarity"], out["similarity"][:2])
+
+
+def test_sscd_preprocessing_shape_and_normalisation():
+    x = M.sscd_preprocess(np.full((2, 300, 400, 3), 0.5, np.float32))
+    assert x.shape == (2, 3, 224, 224)
+    np.testing.assert_allclose(x[0, :, 100, 100].numpy(), (0.5 - np.array(M.IMAGENET_MEAN)) / np.array(M.IMAGENET_STD), rtol=1e-4)
+
+
+def test_sscd_with_a_torchscript_stand_in(tmp_path):
+    class Embed(torch.nn.Module):
+        def forward(self, x):
+            return torch.nn.functional.adaptive_avg_pool2d(x, 4).flatten(1)
+
+    path = tmp_path / "fake_sscd.pt"
+    torch.jit.script(Embed()).save(str(path))
+    rng = np.random.default_rng(1)
+    train = rng.uniform(size=(4, 64, 64, 3)).astype(np.float32)
+    out = M.SSCDReplication(path, train)(train[:2])
+    np.testing.assert_allclose(out["similarity"], 1.0, rtol=1e-5)
+    assert list(out["nearest"]) == [0, 1]
+
+
+def test_sscd_bad_paths(tmp_path):
+    with pytest.raises(InputError, match="not found"):
+        M.load_torchscript(tmp_path / "missing.pt")
+    bad = tmp_path / "bad.pt"
+    bad.write_bytes(b"definitely not torchscript")
+    with pytest.raises(InputError, match="not a TorchScript model"):
+        M.load_torchscript(bad)
+
+
+def test_memlab_alignment_reads_named_features():
+    from diffmem.memlab import world
+
+    img = world.render(world.Scene("red", "circle", "left", background_seed=3))
+    assert M.memlab_alignment(img[None], ["a red circle on the left"])[0] == 1.0
+    assert M.memlab_alignment(img[None], ["a blue circle on the left"])[0] == pytest.approx(2 / 3)
