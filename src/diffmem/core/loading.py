@@ -147,7 +147,7 @@ def load_pipeline(
             parts = _load_components_one_by_one(path, dtype)
         pipe = StableDiffusionPipeline.from_pretrained(
             src,
-            torch_dtype=dtype,
+            dtype=dtype,
             local_files_only=local,
             safety_checker=None,
             feature_extractor=None,
@@ -174,7 +174,7 @@ def _load_components_one_by_one(folder: Path, dtype) -> dict:
     parts = {}
     for name, cls in classes.items():
         safe = any(p.suffix == ".safetensors" for p in (folder / name).iterdir())
-        parts[name] = cls.from_pretrained(folder / name, torch_dtype=dtype, use_safetensors=safe)
+        parts[name] = cls.from_pretrained(folder / name, dtype=dtype, use_safetensors=safe)
     return parts
 
 

@@ -53,6 +53,8 @@ def roc_figures(pos: np.ndarray, neg: np.ndarray) -> dict:
     """AUC and TPR at 1% FPR (TPR at the largest FPR below 0.01), with scikit-learn."""
     from sklearn.metrics import roc_auc_score, roc_curve
 
+    if len(pos) == 0 or len(neg) == 0:
+        return {"auc": float("nan"), "tpr_at_1pct_fpr": float("nan"), "n_pos": int(len(pos)), "n_neg": int(len(neg))}
     y = np.r_[np.ones(len(pos)), np.zeros(len(neg))]
     s = np.r_[pos, neg]
     fpr, tpr, _ = roc_curve(y, s)
@@ -153,7 +155,7 @@ def verify(model="memlab", settings: VerifySettings | None = None, control_model
             rec = {"group": name, "prompt": e["prompt"], "expected": e["expected"],
                    "nearest_ratio": match.ratio[sl].tolist(), "nearest_id": match.nearest_id[sl].tolist(),
                    "replicated_any": match.replicated[sl].tolist(), "reads": reads[sl]}
-            own = e.get("image_id") or planted_id.get(e.get("planted_prompt"))
+            own = e["image_id"] if e.get("image_id") is not None else planted_id.get(e.get("planted_prompt"))
             if own is not None:
                 rec["own_ratio"] = rep.ratio_to(flat[sl], own).tolist()
                 rec["own_image_id"] = own
