@@ -95,6 +95,86 @@ def detect(
     out_console.print(summary.line())
 
 
+@app.command()
+def explain(
+    prompt: str = typer.Option(..., help="the prompt to explain"),
+    model: str = typer.Option("memlab"),
+    method: str = typer.Option("attribution", help="attribution (gradients, Wen et al.) or ablation (score drop per word)"),
+    steps: str = typer.Option("0", help="sampling steps, comma-separated (0 = first step)"),
+    generations: int = typer.Option(1, min=1),
+    seed: int = typer.Option(0),
+    out: Optional[Path] = typer.Option(None, help="folder for attribution.json, .png and .html"),
+):
+    """Which words of a prompt carry its memorization: coloured in the terminal, as a bar chart and as HTML."""
+    from .core.loading import load_pipeline, sampler_defaults
+    from .explain import TokenAblation, TokenAttribution
+
+    if method not in ("attribution", "ablation"):
+        raise DiffmemError(f"--method must be attribution or ablation, got {method!r}")
+    if not prompt.strip():
+        raise DiffmemError("the prompt to explain is empty")
+    if out is not None:
+        _check_writable(out)
+    pipe = load_pipeline(model)
+    d = sampler_defaults(pipe)
+    cls = TokenAttribution if method == "attribution" else TokenAblation
+    res = cls(pipe, d["num_inference_steps"], d["guidance_scale"], steps=_steps(steps), generations=generations, seed=seed).attribute(prompt)
+    out_console.print(res.to_rich())
+    out_console.print(" ".join(f"{w}={v:.3g}" for w, v in res.ranking()))
+    if out is not None:
+        out.mkdir(parents=True, exist_ok=True)
+        res.save(out / "attribution.json")
+        res.plot(out / "attribution.png")
+        (out / "attribution.html").write_text(res.to_html(), encoding="utf-8")
+        out_console.print(f"wrote {out}/attribution.json, .png and .html")
+
+
+@app.command()
+def mitigate(
+    prompts: Path = typer.Option(..., help="prompts to mitigate (.txt / .jsonl / .csv)"),
+    column: Optional[str] = typer.Option(None),
+    model: str = typer.Option("memlab"),
+    method: str = typer.Option("embedding", help="embedding (Wen et al.), rta, rna, gni or word_repetition"),
+    target: Optional[float] = typer.Option(None, help="target first-step loss (embedding)"),
+    calibration: Optional[Path] = typer.Option(None, help="take the target from a calibration file's threshold"),
+    lr: float = typer.Option(0.05),
+    max_iters: int = typer.Option(10, min=0),
+    generations: int = typer.Option(4, min=1),
+    seed: int = typer.Option(0),
+    n_tokens: int = typer.Option(4, help="rta: random words added"),
+    sigma: float = typer.Option(0.1, help="gni: noise standard deviation"),
+    out: Path = typer.Option(Path("mitigate-out"), help="folder for results, image grid and loss trajectories"),
+):
+    """Mitigate memorized prompts at inference; writes before/after images, loss trajectories and measures."""
+    from .core.loading import load_pipeline, sampler_defaults
+    from .core.prompts import read_prompts
+    from .detect import Calibration
+    from .mitigate import BASELINES, EmbeddingOptimization
+    from .mitigate.report import measure_and_save
+
+    texts = read_prompts(prompts, column)
+    _check_writable(out)
+    if method == "embedding":
+        if (target is None) == (calibration is None):
+            raise DiffmemError("give exactly one of --target and --calibration for the embedding method")
+        source = "given"
+        if calibration is not None:
+            target, source = Calibration.load(calibration).threshold, f"calibration {calibration}"
+    elif method not in BASELINES:
+        raise DiffmemError(f"unknown method {method!r}: use embedding, {', '.join(sorted(BASELINES))}")
+    pipe = load_pipeline(model)
+    d = sampler_defaults(pipe)
+    kw = dict(generations=generations, seed=seed, num_inference_steps=d["num_inference_steps"], guidance_scale=d["guidance_scale"])
+    if method == "embedding":
+        m = EmbeddingOptimization(pipe, target, lr=lr, max_iters=max_iters, target_source=source, **kw)
+    else:
+        extra = {"rta": {"n_tokens": n_tokens}, "gni": {"sigma": sigma}}.get(method, {})
+        m = BASELINES[method](pipe, **extra, **kw)
+    res = m.mitigate(texts, progress=True)
+    summary = measure_and_save(pipe, res, out)
+    out_console.print(summary)
+
+
 @bench_app.command("detect")
 def bench_detect_cmd(
     data: Optional[str] = typer.Option(None, help="memlab (default), or a .csv with a label column"),

@@ -1,0 +1,50 @@
+"""Measure a mitigation result (replication and alignment, before and after) and write its files."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from .embedding import MitigationResult
+
+
+def measure(pipe, res: MitigationResult) -> dict:
+    """Replication and alignment before and after, for MemLab models (MemLab's replication measure
+    and the attribute reader). Other models need their training images and, for real data, SSCD and
+    CLIP weights: use ``diffmem.mitigate.measures`` from Python; here only the loss figures are kept."""
+    from . import measures as M
+
+    if not (Path(str(pipe.name_or_path)) / "memlab_manifest.json").exists():
+        return {}
+    rep = M.MemLabReplication(pipe)
+    align = M.MemLabAlignment()
+    out = {}
+    p, s = res.images_before.shape[:2]
+    prompts_flat = [pr for pr in res.prompts for _ in range(s)]
+    for when, imgs in (("before", res.images_before), ("after", res.images_after)):
+        flat = imgs.reshape(p * s, *imgs.shape[2:])
+        r = rep(flat)["replicated"].reshape(p, s)
+        a = align(flat, prompts_flat).reshape(p, s)
+        out[f"replication_{when}"] = r.mean(axis=1).tolist()
+        out[f"alignment_{when}"] = np.nanmean(a, axis=1).tolist()
+    return out
+
+
+def measure_and_save(pipe, res: MitigationResult, out: str | Path) -> str:
+    out = Path(out)
+    res.measures.update(measure(pipe, res))
+    res.save(out)
+    res.plot_grid(out / "before_after.png")
+    if any(len(t) for t in res.trajectories):
+        res.plot_trajectories(out / "loss_trajectories.png")
+    res.to_frame().to_csv(out / "mitigation.csv", index=False)
+    lines = [f"{res.method}: {len(res.prompts)} prompts, seeds {res.seeds} -> {out}"]
+    if res.unreached:
+        lines.append(f"target not reached within {res.settings.get('max_iters')} iterations for {len(res.unreached)} prompt(s): "
+                     + "; ".join(repr(p) for p in res.unreached[:5]))
+    m = res.measures
+    if "replication_before" in m:
+        lines.append(f"replication {np.mean(m['replication_before']):.3f} -> {np.mean(m['replication_after']):.3f}; "
+                     f"alignment {np.mean(m['alignment_before']):.3f} -> {np.mean(m['alignment_after']):.3f}")
+    return "\n".join(lines)
