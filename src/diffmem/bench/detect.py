@@ -27,12 +27,17 @@ class LabelledPrompts:
     source: str
 
 
-def memlab_labelled(manifest: dict) -> LabelledPrompts:
-    """MemLab: planted verbatim prompts and new-context template prompts against control and novel."""
+def memlab_labelled(manifest: dict, max_control: int | None = 400) -> LabelledPrompts:
+    """MemLab: planted verbatim prompts and new-context template prompts against control and novel
+    prompts (a seeded sample of ``max_control`` of the 1,200 control captions, all 200 novel ones)."""
     from ..memlab import dataset as ds
 
     pos = [("verbatim", p) for p in ds.prompts(manifest, "verbatim")] + [("template", p) for p in ds.prompts(manifest, "template")]
-    neg = [("control", p) for p in ds.prompts(manifest, "control")] + [("novel", p) for p in ds.prompts(manifest, "novel")]
+    control = ds.prompts(manifest, "control")
+    if max_control is not None and len(control) > max_control:
+        rng = np.random.default_rng(0)
+        control = [control[i] for i in sorted(rng.choice(len(control), max_control, replace=False))]
+    neg = [("control", p) for p in control] + [("novel", p) for p in ds.prompts(manifest, "novel")]
     rows = pos + neg
     return LabelledPrompts([p for _, p in rows], np.r_[np.ones(len(pos)), np.zeros(len(neg))], [g for g, _ in rows], "memlab")
 

@@ -41,9 +41,9 @@ CONTROL_AUC_RANGE = (0.35, 0.65)
 @dataclass
 class VerifySettings:
     seeds: int = 8
-    control_prompts: int = 100
-    single_prompts: int = 100
-    novel_prompts: int = 200
+    control_prompts: int = 80  # a seeded sample of the 1,200; 80 x 8 generations
+    single_prompts: int = 24
+    novel_prompts: int = 120
     threshold: float = DEFAULT_THRESHOLD
     batch_size: int = 64
     score_batch_size: int = 64
