@@ -1,0 +1,182 @@
+"""Feature extractors behind one interface: ``extractor(images) -> list[set[str]]``.
+
+A feature is a short string: ``"colour:red"`` for a categorical reading, ``"stamp"`` for a
+present/absent one. ``describe(feature)`` gives the words a prompt would use to name it, which is
+what explicit-matching and sentence-embedding expectations compare against.
+
+- ``MemLabExtractor``: MemLab's attribute reader (the ground truth, used for the bars).
+- ``CLIPZeroShotExtractor``: a local transformers CLIP; a feature is present when its prompt
+  ("a photo with {description}") beats its negation by ``margin`` in CLIP's softmax.
+- ``ChatExtractor``: an OpenAI-compatible chat endpoint (base URL + key from the environment),
+  asked one yes/no question per candidate feature, as the paper used GPT-4.
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+import os
+from typing import Protocol, Sequence
+
+import numpy as np
+
+from ..core.errors import InputError
+
+
+class FeatureExtractor(Protocol):
+    name: str
+
+    def __call__(self, images) -> list[set[str]]: ...
+
+    def describe(self, feature: str) -> str: ...
+
+
+# -- MemLab ----------------------------------------------------------------------------------
+MEMLAB_DESCRIPTIONS = {
+    "white_ground": "white snowy ground",
+    "sand_ground": "sandy desert ground",
+    "dark_sky": "dark night sky",
+    "stamp": "a text label stamped in the corner",
+    "vignette": "black corners",
+    "frame": "a dark frame around the image",
+}
+
+
+class MemLabExtractor:
+    name = "memlab_reader"
+
+    def __init__(self):
+        from ..memlab.reader import AttributeReader
+
+        self.reader = AttributeReader()
+
+    def __call__(self, images) -> list[set[str]]:
+        out = []
+        for r in self.reader.read_many(images):
+            feats = {f"{k}:{r[k]}" for k in ("colour", "shape", "position") if r[k] is not None}
+            feats |= {k for k in MEMLAB_DESCRIPTIONS if r[k]}
+            if r["template"] is not None:
+                feats.add(f"template:{r['template']}")
+            out.append(feats)
+        return out
+
+    def describe(self, feature: str) -> str:
+        if ":" in feature:
+            kind, value = feature.split(":", 1)
+            if kind == "template":
+                return "a striped layout"  # neutral: the trigger phrase must not make it "named"
+            return value
+        return MEMLAB_DESCRIPTIONS.get(feature, feature.replace("_", " "))
+
+
+# -- CLIP zero-shot --------------------------------------------------------------------------
+class CLIPZeroShotExtractor:
+    """Candidate features from a vocabulary {feature: description}, read by a local CLIP."""
+
+    name = "clip_zero_shot"
+
+    def __init__(self, path: str, vocabulary: dict[str, str], margin: float = 0.0, batch_size: int = 16):
+        if not vocabulary:
+            raise InputError("CLIP zero-shot needs a non-empty feature vocabulary")
+        from ..mitigate.measures import CLIPScore
+
+        self.clip = CLIPScore(path)
+        self.vocabulary = dict(vocabulary)
+        self.margin = margin
+        self.batch_size = batch_size
+
+    def describe(self, feature: str) -> str:
+        return self.vocabulary.get(feature, feature)
+
+    def __call__(self, images) -> list[set[str]]:
+        import torch
+
+        feats = list(self.vocabulary)
+        pos = [f"a photo with {self.vocabulary[f]}" for f in feats]
+        neg = [f"a photo without {self.vocabulary[f]}" for f in feats]
+        images = np.asarray(images)
+        out: list[set[str]] = []
+        for i in range(0, len(images), self.batch_size):
+            chunk = images[i : i + self.batch_size]
+            # (B, F) similarities for the feature prompts and their negations
+            sp = np.stack([self.clip(chunk, [p] * len(chunk)) for p in pos], axis=1)
+            sn = np.stack([self.clip(chunk, [n] * len(chunk)) for n in neg], axis=1)
+            scale = float(self.clip.model.logit_scale.exp()) if hasattr(self.clip.model, "logit_scale") else 100.0
+            prob = torch.softmax(torch.tensor(np.stack([sp, sn], -1) * scale), dim=-1)[..., 0].numpy()
+            for row in prob:
+                out.append({f for f, p in zip(feats, row) if p - 0.5 > self.margin / 2})
+        return out
+
+
+# -- an OpenAI-compatible chat endpoint ------------------------------------------------------
+class ChatExtractor:
+    """Asks an OpenAI-compatible ``/chat/completions`` endpoint yes/no per candidate feature.
+
+    The base URL and key come from the environment (``DIFFMEM_CHAT_BASE_URL``,
+    ``DIFFMEM_CHAT_API_KEY``, or OPENAI_BASE_URL / OPENAI_API_KEY); images are sent inline as PNG
+    data URLs. Nothing is sent anywhere unless this extractor is built.
+    """
+
+    name = "chat"
+    QUESTION = "Does this image show {description}? Answer only yes or no."
+
+    def __init__(self, vocabulary: dict[str, str], model: str = "gpt-4o", base_url: str | None = None,
+                 api_key: str | None = None, timeout: float = 60.0):
+        if not vocabulary:
+            raise InputError("the chat extractor needs a non-empty feature vocabulary")
+        self.vocabulary = dict(vocabulary)
+        self.model = model
+        self.base_url = (base_url or os.environ.get("DIFFMEM_CHAT_BASE_URL") or os.environ.get("OPENAI_BASE_URL") or "").rstrip("/")
+        self.api_key = api_key or os.environ.get("DIFFMEM_CHAT_API_KEY") or os.environ.get("OPENAI_API_KEY")
+        if not self.base_url:
+            raise InputError("no chat endpoint: set DIFFMEM_CHAT_BASE_URL (or OPENAI_BASE_URL)")
+        if not self.api_key:
+            raise InputError("no API key: set DIFFMEM_CHAT_API_KEY (or OPENAI_API_KEY)")
+        self.timeout = timeout
+
+    def describe(self, feature: str) -> str:
+        return self.vocabulary.get(feature, feature)
+
+    @staticmethod
+    def _data_url(image) -> str:
+        from PIL import Image
+
+        arr = np.asarray(image)
+        if arr.dtype != np.uint8:
+            arr = (np.clip(arr, 0, 1) * 255).round().astype(np.uint8)
+        buf = io.BytesIO()
+        Image.fromarray(arr).save(buf, format="PNG")
+        return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
+
+    def _ask(self, image_url: str, question: str) -> bool:
+        import urllib.error
+        import urllib.request
+
+        body = {"model": self.model, "temperature": 0, "max_tokens": 3, "messages": [{"role": "user", "content": [
+            {"type": "text", "text": question}, {"type": "image_url", "image_url": {"url": image_url}}]}]}
+        req = urllib.request.Request(f"{self.base_url}/chat/completions", data=json.dumps(body).encode(),
+                                     headers={"Content-Type": "application/json", "Authorization": f"Bearer {self.api_key}"})
+        try:
+            with urllib.request.urlopen(req, timeout=self.timeout) as resp:
+                reply = json.loads(resp.read())
+        except urllib.error.HTTPError as e:
+            raise InputError(f"chat endpoint {self.base_url} answered HTTP {e.code}: {e.read()[:200]!r}") from None
+        except (urllib.error.URLError, TimeoutError) as e:
+            raise InputError(f"chat endpoint {self.base_url} unreachable: {e}") from None
+        try:
+            text = reply["choices"][0]["message"]["content"]
+        except (KeyError, IndexError, TypeError):
+            raise InputError(f"chat endpoint {self.base_url} gave an unexpected reply: {str(reply)[:200]}") from None
+        return text.strip().lower().startswith("yes")
+
+    def __call__(self, images) -> list[set[str]]:
+        out = []
+        for im in images:
+            url = self._data_url(im)
+            out.append({f for f, d in self.vocabulary.items() if self._ask(url, self.QUESTION.format(description=d))})
+        return out
+
+
+def features_of(extractor, images: Sequence) -> list[set[str]]:
+    return extractor(np.asarray(images))

@@ -1,0 +1,216 @@
+"""The three kinds of memorization (Naseh, Roh, Houmansadr): consistent features across seeds,
+classified as explicit intended, implicit intended or unintended.
+
+``MemorizationProfiler(pipe, extractor, ...).profile(prompts) -> ProfileResult``
+
+1. N seeded generations per prompt (default 16; generation batched across seeds and prompts).
+2. Features per image from the extractor; each feature's frequency over the N seeds.
+3. Lift against a control: the same feature's frequency over control prompts generated with the
+   same seeds. Some seeds favour some features whatever the prompt, and a model-wide habit is
+   frequent for every prompt; neither is memorization of the prompt.
+4. A feature is memorized for a prompt when frequency >= tau (default 0.8) and
+   lift >= lift_bound (default 2: at least twice as frequent as under unrelated prompts; the
+   control frequency is floored at one generation's share so lift stays finite).
+5. Each memorized feature is explicit when the prompt names it (lexical match on lemmas, plus
+   synonyms), implicit when an expectation source says the prompt implies it, else unintended.
+   The evidence for each decision is kept.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+
+from ..core.errors import InputError
+from ..core.results import dump_json, write_parquet
+from .expectations import contains_phrase
+
+KINDS = ("explicit", "implicit", "unintended")
+
+
+@dataclass
+class ProfileResult:
+    prompts: list[str]
+    seeds: list[int]
+    rows: list[dict]  # one per (prompt, feature seen): frequency, lift, memorized, kind, evidence, trace
+    settings: dict
+    extractor: str
+    control_prompts: list[str]
+    seconds_per_prompt: float
+    images: np.ndarray | None = None  # (P, N, H, W, 3)
+    image_features: list[list[list[str]]] = field(default_factory=list)
+
+    def to_frame(self):
+        import pandas as pd
+
+        return pd.DataFrame(self.rows)
+
+    def memorized(self, prompt: str | None = None) -> list[dict]:
+        return [r for r in self.rows if r["memorized"] and (prompt is None or r["prompt"] == prompt)]
+
+    def save(self, folder: str | Path) -> Path:
+        folder = Path(folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        meta = {"prompts": self.prompts, "seeds": self.seeds, "settings": self.settings, "extractor": self.extractor,
+                "control_prompts": self.control_prompts, "seconds_per_prompt": self.seconds_per_prompt,
+                "image_features": self.image_features}
+        dump_json({**meta, "rows": self.rows}, folder / "profile.json")
+        frame = self.to_frame()
+        if len(frame):
+            frame["trace"] = frame["trace"].map(json.dumps) if "trace" in frame else None
+            write_parquet(frame, folder / "profile.parquet", meta)
+        if self.images is not None:
+            np.savez_compressed(folder / "profile_images.npz", images=self.images)
+        return folder
+
+    @classmethod
+    def load(cls, folder: str | Path) -> "ProfileResult":
+        folder = Path(folder)
+        d = json.loads((folder / "profile.json").read_text())
+        images = None
+        if (folder / "profile_images.npz").exists():
+            with np.load(folder / "profile_images.npz", allow_pickle=False) as z:
+                images = z["images"]
+        return cls(d["prompts"], d["seeds"], d["rows"], d["settings"], d["extractor"], d["control_prompts"],
+                   d["seconds_per_prompt"], images, d["image_features"])
+
+    def plot(self, path: str | Path, prompt_index: int = 0, max_images: int = 16) -> Path:
+        """The N images of one prompt, each captioned with the memorized features it shows."""
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        if self.images is None:
+            raise InputError("this profile holds no images")
+        prompt = self.prompts[prompt_index]
+        mem = {r["feature"]: r["kind"] for r in self.memorized(prompt)}
+        colours = {"explicit": "#2a7", "implicit": "#27c", "unintended": "#d33"}
+        imgs = self.images[prompt_index][:max_images]
+        cols = min(8, len(imgs))
+        rows = int(np.ceil(len(imgs) / cols))
+        fig, axes = plt.subplots(rows, cols, figsize=(1.35 * cols, 1.55 * rows + 0.9), squeeze=False)
+        for k, ax in enumerate(axes.flat):
+            ax.axis("off")
+            if k >= len(imgs):
+                continue
+            ax.imshow(imgs[k], interpolation="nearest")
+            shown = [f for f in self.image_features[prompt_index][k] if f in mem]
+            unintended = [f for f in shown if mem[f] == "unintended"]
+            ax.set_title(f"seed {self.seeds[k]}" + ("\n" + ", ".join(unintended) if unintended else ""),
+                         fontsize=5, color=colours["unintended"] if unintended else "black")
+        legend = "   ".join(f"{f} ({k})" for f, k in sorted(mem.items(), key=lambda x: KINDS.index(x[1])))
+        fig.suptitle(f"{prompt}\nmemorized: {legend or 'none'}", fontsize=6)
+        fig.tight_layout()
+        fig.savefig(path, dpi=130)
+        plt.close(fig)
+        return Path(path)
+
+
+class MemorizationProfiler:
+    def __init__(self, pipe, extractor, n: int = 16, tau: float = 0.8, lift_bound: float = 2.0,
+                 control_prompts: Sequence[str] | None = None, expectations: Sequence = (),
+                 synonyms: dict[str, list[str]] | None = None, tracer=None, seed: int = 0,
+                 num_inference_steps: int | None = None, guidance_scale: float | None = None, batch_size: int = 64):
+        from ..core.loading import sampler_defaults
+
+        if n < 2:
+            raise InputError("a feature is memorized when consistent across seeds: n must be at least 2")
+        if not 0 < tau <= 1:
+            raise InputError(f"tau must lie in (0, 1], got {tau}")
+        d = sampler_defaults(pipe)
+        self.pipe, self.extractor = pipe, extractor
+        self.expectations = list(expectations)
+        self.synonyms = {k: list(v) for k, v in (synonyms or {}).items()}
+        self.tracer = tracer
+        self.control_prompts = list(control_prompts) if control_prompts else _default_controls(pipe)
+        self.settings = {"n": n, "tau": tau, "lift_bound": lift_bound, "seed": seed,
+                         "num_inference_steps": num_inference_steps or d["num_inference_steps"],
+                         "guidance_scale": guidance_scale if guidance_scale is not None else d["guidance_scale"],
+                         "batch_size": batch_size, "expectations": [e.name for e in self.expectations]}
+
+    def seeds(self) -> list[int]:
+        return [self.settings["seed"] + i for i in range(self.settings["n"])]
+
+    def _features(self, prompts: list[str], progress: bool) -> tuple[np.ndarray, list[list[set[str]]]]:
+        from ..core.generate import generate
+
+        s = self.settings
+        imgs = generate(self.pipe, prompts, self.seeds(), s["num_inference_steps"], s["guidance_scale"], s["batch_size"], progress)
+        flat = self.extractor(imgs.reshape(-1, *imgs.shape[2:]))
+        n = len(self.seeds())
+        return imgs, [flat[i * n : (i + 1) * n] for i in range(len(prompts))]
+
+    def control_frequencies(self, progress: bool = False) -> dict[str, float]:
+        if not hasattr(self, "_control"):
+            _, feats = self._features(self.control_prompts, progress)
+            total = sum(len(f) for f in feats)
+            counts: dict[str, int] = {}
+            for per_prompt in feats:
+                for img in per_prompt:
+                    for f in img:
+                        counts[f] = counts.get(f, 0) + 1
+            self._control = ({f: c / total for f, c in counts.items()}, total)
+        return self._control[0]
+
+    def classify(self, prompt: str, feature: str) -> tuple[str, str]:
+        desc = self.extractor.describe(feature)
+        for term in [desc, *self.synonyms.get(feature, [])]:
+            if contains_phrase(prompt, term):
+                return "explicit", f"the prompt names {term!r}"
+        for source in self.expectations:
+            ev = source.implies(prompt, feature, desc)
+            if ev:
+                return "implicit", ev
+        return "unintended", "neither named nor implied by any expectation source" + (
+            "" if self.expectations else " (no expectation source given)")
+
+    def profile(self, prompts: Sequence[str], progress: bool = False, keep_images: bool = True) -> ProfileResult:
+        from ..detect.noise_norm import check_prompts
+
+        prompts = check_prompts(prompts)
+        s = self.settings
+        control = self.control_frequencies(progress)
+        floor = 1.0 / self._control[1]
+        t0 = time.time()
+        images, feats = self._features(prompts, progress)
+        seconds = (time.time() - t0) / len(prompts)
+        rows = []
+        for p, per_image in zip(prompts, feats):
+            counts: dict[str, int] = {}
+            for img in per_image:
+                for f in img:
+                    counts[f] = counts.get(f, 0) + 1
+            for f, c in sorted(counts.items()):
+                freq = c / len(per_image)
+                cf = control.get(f, 0.0)
+                lift = freq / max(cf, floor)
+                memorized = freq >= s["tau"] and lift >= s["lift_bound"]
+                row = {"prompt": p, "feature": f, "description": self.extractor.describe(f), "frequency": freq,
+                       "control_frequency": cf, "lift": lift, "memorized": memorized, "kind": None, "evidence": None,
+                       "trace": None}
+                if memorized:
+                    row["kind"], row["evidence"] = self.classify(p, f)
+                    if self.tracer is not None:
+                        row["trace"] = self.tracer.trace(p, f)
+                elif freq >= s["tau"]:
+                    row["evidence"] = f"frequent ({freq:.2f}) but as frequent under control prompts (lift {lift:.2f})"
+                rows.append(row)
+        return ProfileResult(prompts, self.seeds(), rows, dict(s), self.extractor.name, self.control_prompts, seconds,
+                             images if keep_images else None, [[sorted(img) for img in pi] for pi in feats])
+
+
+def _default_controls(pipe, k: int = 24) -> list[str]:
+    """MemLab models: a seeded sample of the manifest's novel prompts. Others must give controls."""
+    p = Path(str(getattr(pipe, "name_or_path", ""))) / "memlab_manifest.json"
+    if not p.exists():
+        raise InputError("give control_prompts: unrelated prompts whose feature frequencies are the lift baseline")
+    manifest = json.loads(p.read_text())
+    novel = [e["prompt"] for e in manifest["groups"]["novel"]]
+    rng = np.random.default_rng(1)
+    return [novel[i] for i in sorted(rng.choice(len(novel), min(k, len(novel)), replace=False))]
