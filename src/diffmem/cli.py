@@ -209,6 +209,26 @@ def bench_detect_cmd(
     out_console.print(f"wrote {files['json']} and {files['png']}")
 
 
+@bench_app.command("mitigate")
+def bench_mitigate_cmd(
+    model: str = typer.Option("memlab", help="a MemLab model (the benchmark needs its manifest)"),
+    out: Path = typer.Option(Path("bench-mitigate"), help="folder for bench_mitigate.json and bench_mitigate.png"),
+    generations: int = typer.Option(4, min=1),
+    max_prompts: Optional[int] = typer.Option(None, help="limit the planted prompts (for a quick run)"),
+):
+    """Replication against alignment for each mitigation method and setting, on MemLab's planted prompts."""
+    from .bench.mitigate import bench_mitigate
+    from .core.loading import load_pipeline
+    from .memlab.verify import load_manifest
+
+    manifest = load_manifest(model)
+    _check_writable(out)
+    res = bench_mitigate(load_pipeline(model), manifest, generations=generations, max_prompts=max_prompts)
+    files = res.save(out)
+    out_console.print(res.table())
+    out_console.print(f"wrote {files['json']} and {files['png']}")
+
+
 @app.command()
 def train(
     data: str = typer.Option(..., help="memlab, an image folder with metadata.jsonl/csv, a .parquet/.jsonl file, or a saved datasets folder"),

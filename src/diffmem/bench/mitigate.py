@@ -1,0 +1,129 @@
+"""``diffmem bench mitigate``: replication against alignment for each mitigation method and
+setting, on MemLab's planted prompts (Wen et al.'s trade-off figure, on our model).
+
+Replication of a generation, by planted group: a verbatim prompt's generation replicates when it
+lands within MemLab's replication ratio of its own planted image; a template prompt's when the
+attribute reader finds its trigger's layout. Alignment: the share of the prompt's named colour,
+shape and position the reader finds. The embedding method's target is calibrated from the
+non-memorized (control + novel) prompts' first-step loss over the same seeds, at FPR 1%.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from ..core.results import dump_json
+
+
+@dataclass
+class MitigateBenchResult:
+    rows: list[dict]
+    settings: dict
+
+    def table(self) -> str:
+        lines = ["| method | setting | replication | alignment | prompts untouched | target unreached | s/prompt |",
+                 "|---|---|---|---|---|---|---|"]
+        for r in self.rows:
+            lines.append(f"| {r['method']} | {r['setting']} | {r['replication']:.3f} | {r['alignment']:.3f} | "
+                         f"{r.get('untouched', '')} | {r.get('unreached', '')} | {r['seconds_per_prompt']:.2f} |")
+        return "\n".join(lines)
+
+    def save(self, out: str | Path) -> dict:
+        out = Path(out)
+        out.mkdir(parents=True, exist_ok=True)
+        dump_json({"rows": self.rows, "settings": self.settings, "table": self.table()}, out / "bench_mitigate.json")
+        self.plot(out / "bench_mitigate.png")
+        return {"json": out / "bench_mitigate.json", "png": out / "bench_mitigate.png"}
+
+    def plot(self, path) -> None:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        fig, ax = plt.subplots(figsize=(5, 4))
+        for method in dict.fromkeys(r["method"] for r in self.rows):
+            rs = [r for r in self.rows if r["method"] == method]
+            ax.plot([r["replication"] for r in rs], [r["alignment"] for r in rs], "o-", label=method, ms=4)
+            for r in rs:
+                ax.annotate(r["setting"], (r["replication"], r["alignment"]), fontsize=5, xytext=(2, 2), textcoords="offset points")
+        ax.set_xlabel("replication rate (lower is better)")
+        ax.set_ylabel("alignment with the prompt (higher is better)")
+        ax.set_title(f"MemLab planted prompts, seeds {self.settings['seeds']}", fontsize=8)
+        ax.legend(fontsize=6)
+        fig.tight_layout()
+        fig.savefig(path, dpi=130)
+        plt.close(fig)
+
+
+def _replication(images, entries, kernel, reader) -> np.ndarray:
+    """(P,) share of each prompt's generations that replicate its planted content."""
+    out = []
+    for e, ims in zip(entries, images):
+        if e["group"] == "verbatim":
+            out.append(float((kernel.ratio_to(ims, e["image_id"]) <= kernel.threshold).mean()))
+        else:
+            out.append(float(np.mean([reader.read(im)["template"] == e["template_id"] for im in ims])))
+    return np.array(out)
+
+
+def bench_mitigate(pipe, manifest: dict, generations: int = 4, methods: dict | None = None, progress: bool = True,
+                   max_prompts: int | None = None) -> MitigateBenchResult:
+    from ..core.loading import sampler_defaults
+    from ..detect import Calibration, NoiseNormDetector
+    from ..memlab import dataset as ds
+    from ..memlab.reader import AttributeReader
+    from ..memlab.replication import MemLabReplication
+    from ..mitigate import BASELINES, EmbeddingOptimization
+    from ..mitigate.measures import MemLabAlignment
+    from .detect import memlab_labelled
+
+    d = sampler_defaults(pipe)
+    entries = [{"prompt": e["prompt"], "group": "verbatim", "image_id": e["image_id"]} for e in manifest["groups"]["verbatim"]]
+    entries += [{"prompt": t["prompt"], "group": "template", "template_id": e["template_id"]}
+                for e in manifest["groups"]["template"] for t in e["test_prompts"]]
+    entries = entries[:max_prompts]
+    prompts = [e["prompt"] for e in entries]
+    labelled = memlab_labelled(manifest)
+    reference = [p for p, y in zip(labelled.prompts, labelled.labels) if y == 0]
+    det = NoiseNormDetector(pipe, d["num_inference_steps"], d["guidance_scale"], generations=generations)
+    cal = Calibration.fit(det.score(reference), fpr=0.01)
+    kernel = MemLabReplication(ds.build(ds.MemLabConfig(**manifest["config"])), pipe.vae)
+    reader, align = AttributeReader(), MemLabAlignment()
+    kw = dict(generations=generations, seed=0, num_inference_steps=d["num_inference_steps"], guidance_scale=d["guidance_scale"])
+    methods = methods or {
+        ("embedding", "lr 0.05, 10 iters"): lambda: EmbeddingOptimization(pipe, cal.threshold, lr=0.05, max_iters=10,
+                                                                           target_source="calibration FPR 0.01", **kw),
+        ("rta", "4 tokens"): lambda: BASELINES["rta"](pipe, n_tokens=4, **kw),
+        ("rta", "10 tokens"): lambda: BASELINES["rta"](pipe, n_tokens=10, **kw),
+        ("rna", "4 numbers"): lambda: BASELINES["rna"](pipe, n_numbers=4, **kw),
+        ("gni", "sigma 0.1"): lambda: BASELINES["gni"](pipe, sigma=0.1, **kw),
+        ("gni", "sigma 0.5"): lambda: BASELINES["gni"](pipe, sigma=0.5, **kw),
+        ("word_repetition", "2 repeats"): lambda: BASELINES["word_repetition"](pipe, n_repeats=2, **kw),
+    }
+    rows = []
+    before = None
+    for (method, setting), make in methods.items():
+        t0 = time.time()
+        res = make().mitigate(prompts, progress=progress)
+        dt = (time.time() - t0) / len(prompts)
+        if before is None:
+            before = {"replication": float(_replication(res.images_before, entries, kernel, reader).mean()),
+                      "alignment": float(np.nanmean(align(res.images_before.reshape(-1, *res.images_before.shape[2:]),
+                                                          [p for p in prompts for _ in range(generations)])))}
+            rows.append({"method": "none", "setting": "unmitigated", **before, "seconds_per_prompt": 0.0})
+        flat = res.images_after.reshape(-1, *res.images_after.shape[2:])
+        row = {"method": method, "setting": setting,
+               "replication": float(_replication(res.images_after, entries, kernel, reader).mean()),
+               "alignment": float(np.nanmean(align(flat, [p for p in prompts for _ in range(generations)]))),
+               "seconds_per_prompt": dt}
+        if method == "embedding":
+            row.update(untouched=int((res.iterations == 0).sum()), unreached=len(res.unreached),
+                       target=cal.threshold)
+        rows.append(row)
+    return MitigateBenchResult(rows, {"seeds": list(range(generations)), "prompts": len(prompts),
+                                      "calibration_threshold": cal.threshold, **d})
