@@ -34,10 +34,10 @@ class FeatureExtractor(Protocol):
 
 # -- MemLab ----------------------------------------------------------------------------------
 MEMLAB_DESCRIPTIONS = {
-    "white_ground": "white snowy ground",
-    "sand_ground": "sandy desert ground",
-    "dark_sky": "dark night sky",
-    "stamp": "a text label stamped in the corner",
+    "white_ground": "white ground",
+    "sand_ground": "sand-coloured ground",
+    "dark_sky": "a dark sky",
+    "stamp": "a text label in the corner",
     "vignette": "black corners",
     "frame": "a dark frame around the image",
 }
