@@ -96,3 +96,18 @@ def test_train_end_to_end_and_resume(tmp_path, tiny_pipe_dir):
     assert pipe.scheduler.config.prediction_type == "v_prediction"
     log = json.loads((out / "model" / "diffmem_train.json").read_text())
     assert log["rows"] == 3 and log["config"]["ema"] is True
+
+
+def test_exit_codes_reach_the_shell(monkeypatch):
+    import pytest
+    import typer
+
+    from diffmem import cli
+
+    @cli.memlab_app.command("exit-probe", hidden=True)
+    def probe():
+        raise typer.Exit(3)
+
+    with pytest.raises(SystemExit) as e:
+        cli.main(["memlab", "exit-probe"])
+    assert e.value.code == 3

@@ -330,7 +330,10 @@ def memlab_sample(
 def main(argv: list[str] | None = None) -> None:
     _quiet_libraries()
     try:
-        app(args=argv, standalone_mode=False)
+        # without standalone mode, click returns (not raises) the code of a typer.Exit
+        rc = app(args=argv, standalone_mode=False)
+        if isinstance(rc, int) and rc:
+            sys.exit(rc)
     except DiffmemError as e:
         console.print(f"[red]error:[/] {e}", highlight=False)
         sys.exit(2)
