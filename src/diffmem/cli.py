@@ -39,6 +39,8 @@ def _quiet_libraries() -> None:
 
     dlog.set_verbosity_error()
     tlog.set_verbosity_error()
+    dlog.disable_progress_bar()  # "Loading pipeline components": diffmem shows its own progress
+    tlog.disable_progress_bar()
 
     def show(message, category, filename, lineno, file=None, line=None):
         console.print(f"warning: {message}", highlight=False, markup=False, style="yellow")

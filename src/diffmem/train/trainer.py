@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import math
 import time
+import warnings
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable
@@ -220,7 +221,11 @@ class Trainer:
                     raise FloatingPointError(f"training loss became {loss_value} at step {step}; lower the learning rate")
             else:
                 loss_value = float("nan")
-            lr_sched.step()
+            with warnings.catch_warnings():
+                # a step whose samples were all filtered out skips the optimizer on purpose; the
+                # schedule still counts it, so the budget means the same with and without the filter
+                warnings.filterwarnings("ignore", message="Detected call of `lr_scheduler.step()`")
+                lr_sched.step()
             bar.update(1)
             if step % 50 == 0 or step == cfg.steps - 1:
                 rec = {"step": step, "loss": loss_value, "lr": lr_sched.get_last_lr()[0],
