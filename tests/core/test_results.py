@@ -1,0 +1,19 @@
+import os
+
+import pandas as pd
+
+from diffmem.core.results import atomic_write_text, read_parquet, write_parquet
+
+
+def test_atomic_writes_use_the_umask_and_leave_no_temp_files(tmp_path):
+    old = os.umask(0o022)
+    try:
+        atomic_write_text(tmp_path / "a.json", "{}")
+        write_parquet(pd.DataFrame({"x": [1, 2]}), tmp_path / "b.parquet", {"k": 1})
+    finally:
+        os.umask(old)
+    for name in ("a.json", "b.parquet"):
+        assert (tmp_path / name).stat().st_mode & 0o777 == 0o644
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.json", "b.parquet"]
+    frame, meta = read_parquet(tmp_path / "b.parquet")
+    assert list(frame["x"]) == [1, 2] and meta == {"k": 1}
