@@ -20,6 +20,12 @@ def generate(pipe, prompts: Sequence[str], seeds: Sequence[int], num_inference_s
 
     jobs = [(pi, si) for pi in range(len(prompts)) for si in range(len(seeds))]
     out = None
+    uncond = None
+    if prompt_embeds is not None:
+        from .denoise import encode_text
+
+        with torch.inference_mode():
+            uncond = encode_text(pipe, [""], warn=False)
     bar = tqdm(total=len(jobs), desc="generating", unit="img", disable=not progress)
     for b0 in range(0, len(jobs), batch_size):
         chunk = jobs[b0 : b0 + batch_size]
@@ -28,10 +34,7 @@ def generate(pipe, prompts: Sequence[str], seeds: Sequence[int], num_inference_s
                       generator=gens, output_type="np")
         if prompt_embeds is not None:
             emb = prompt_embeds[[pi for pi, _ in chunk]]
-            from .denoise import encode_text
-
-            with torch.inference_mode():
-                neg = encode_text(pipe, [""], warn=False).expand(len(chunk), -1, -1)
+            neg = uncond.expand(len(chunk), -1, -1)
             images = pipe(prompt_embeds=emb, negative_prompt_embeds=neg, **kwargs).images
         else:
             images = pipe(prompt=[prompts[pi] for pi, _ in chunk], **kwargs).images

@@ -7,7 +7,6 @@ renamed into place only when every prompt is scored. Memory does not grow with t
 
 from __future__ import annotations
 
-import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,6 +15,7 @@ import numpy as np
 
 from ..core.errors import InputError
 from ..core.prompts import iter_prompts
+from ..core.results import atomic_path
 from .calibration import Calibration
 from .noise_norm import DetectionResult
 
@@ -49,43 +49,35 @@ def detect_file(detector, prompts_path: str | Path, out: str | Path, column: str
 
     t0 = time.time()
     bar = tqdm(total=n, desc="scoring", unit="prompt", disable=not progress)
-    tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    writer = None
-    parts: list[DetectionResult] = []
     scores_seen: list[np.ndarray] = []
     flagged = 0
-    try:
+
+    def scored():
+        nonlocal flagged
         for buf in _chunks(iter_prompts(prompts_path, column), chunk):
             res = detector.score(buf)
             if calibration is not None:
                 res = calibration.apply(res)
                 flagged += int(res.verdicts.sum())
             scores_seen.append(np.asarray(res.scores, np.float32))
-            if out.suffix == ".parquet":
-                writer = _append_parquet(writer, tmp, res)
-            else:
-                parts.append(res)
             bar.update(len(buf))
+            yield res
+
+    try:
         if out.suffix == ".parquet":
-            writer.close()
+            with atomic_path(out) as tmp:  # rows stream to disk; renamed into place when all are scored
+                writer = None
+                try:
+                    for res in scored():
+                        writer = _append_parquet(writer, tmp, res)
+                finally:
+                    if writer is not None:
+                        writer.close()
         else:
-            merged = DetectionResult([p for r in parts for p in r.prompts], np.concatenate([r.scores for r in parts]),
-                                     np.concatenate([r.values for r in parts]), parts[0].settings, parts[0].seeds,
-                                     parts[0].method, parts[0].model, parts[0].threshold, parts[0].calibration)
-            merged.save(tmp.with_suffix(".json"))
-            os.replace(tmp.with_suffix(".json"), tmp)
-        os.replace(tmp, out)
-    except BaseException:
-        if writer is not None:
-            try:
-                writer.close()
-            except Exception:
-                pass
-        for p in (tmp, tmp.with_suffix(".json")):
-            if p.exists():
-                p.unlink()
-        raise
+            parts = list(scored())
+            DetectionResult([p for r in parts for p in r.prompts], np.concatenate([r.scores for r in parts]),
+                            np.concatenate([r.values for r in parts]), parts[0].settings, parts[0].seeds,
+                            parts[0].method, parts[0].model, parts[0].threshold, parts[0].calibration).save(out)
     finally:
         bar.close()
     allscores = np.concatenate(scores_seen)

@@ -50,17 +50,15 @@ class VerifySettings:
 
 
 def roc_figures(pos: np.ndarray, neg: np.ndarray) -> dict:
-    """AUC and TPR at 1% FPR (TPR at the largest FPR below 0.01), with scikit-learn."""
-    from sklearn.metrics import roc_auc_score, roc_curve
+    """AUC and TPR at 1% FPR of positives against negatives (``bench.detect.roc``'s kernel);
+    NaN where a class is empty."""
+    from ..bench.detect import roc
 
+    counts = {"n_pos": int(len(pos)), "n_neg": int(len(neg))}
     if len(pos) == 0 or len(neg) == 0:
-        return {"auc": float("nan"), "tpr_at_1pct_fpr": float("nan"), "n_pos": int(len(pos)), "n_neg": int(len(neg))}
-    y = np.r_[np.ones(len(pos)), np.zeros(len(neg))]
-    s = np.r_[pos, neg]
-    fpr, tpr, _ = roc_curve(y, s)
-    below = fpr < 0.01
-    return {"auc": float(roc_auc_score(y, s)), "tpr_at_1pct_fpr": float(tpr[below].max()) if below.any() else 0.0,
-            "n_pos": int(len(pos)), "n_neg": int(len(neg))}
+        return {"auc": float("nan"), "tpr_at_1pct_fpr": float("nan"), **counts}
+    r = roc(np.r_[np.ones(len(pos)), np.zeros(len(neg))], np.r_[pos, neg])
+    return {"auc": r["auc"], "tpr_at_1pct_fpr": r["tpr_at_1pct_fpr"], **counts}
 
 
 def _first_step_scores(pipe, prompts: list[str], batch_size: int) -> np.ndarray:
