@@ -11,7 +11,7 @@ from typing import Optional
 import typer
 from rich.console import Console
 
-from .core.errors import DiffmemError
+from .core.errors import DiffmemError, InputError
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Audit text-to-image diffusion models for memorization of their training data.")
@@ -231,6 +231,129 @@ def bench_mitigate_cmd(
     out_console.print(f"wrote {files['json']} and {files['png']}")
 
 
+@bench_app.command("explain")
+def bench_explain_cmd(
+    model: str = typer.Option("memlab", help="a MemLab model (the benchmark needs its manifest)"),
+    out: Path = typer.Option(Path("bench-explain"), help="folder for bench_explain.json"),
+    generations: int = typer.Option(1, min=1),
+    max_prompts: Optional[int] = typer.Option(None, help="limit the trigger and verbatim prompts (for a quick run)"),
+):
+    """Do attributions point at the trigger phrase, and do gradient attribution and ablation agree?"""
+    from .bench.explain import bench_explain
+    from .core.loading import load_pipeline
+    from .memlab.verify import load_manifest
+
+    manifest = load_manifest(model)
+    _check_writable(out)
+    res = bench_explain(load_pipeline(model), manifest, generations=generations, max_prompts=max_prompts)
+    path = res.save(out)
+    out_console.print(res.table())
+    for bar, ok in res.bars().items():
+        out_console.print(f"{'PASS' if ok else 'FAIL'}  {bar}")
+    out_console.print(f"wrote {path}")
+    raise typer.Exit(0 if all(res.bars().values()) else 1)
+
+
+@bench_app.command("categorize")
+def bench_categorize_cmd(
+    model: str = typer.Option("memlab", help="a MemLab model (the benchmark needs its manifest)"),
+    out: Path = typer.Option(Path("bench-categorize"), help="folder for bench_categorize.json (and the profile with --keep-profile)"),
+    n: int = typer.Option(16, min=2, help="generations per prompt"),
+    max_prompts: Optional[int] = typer.Option(None, help="limit the novel prompts (for a quick run)"),
+    keep_profile: bool = typer.Option(False, help="also save the profile with its images under OUT/profile"),
+):
+    """The three kinds of memorization against MemLab's manifest, per expectation route."""
+    from .bench.categorize import bench_categorize
+    from .core.loading import load_pipeline
+    from .memlab.verify import load_manifest
+
+    manifest = load_manifest(model)
+    _check_writable(out)
+    res = bench_categorize(load_pipeline(model), manifest, n=n, max_prompts=max_prompts,
+                           profile_out=out / "profile" if keep_profile else None)
+    path = res.save(out)
+    out_console.print(res.table())
+    for bar, ok in res.bars().items():
+        out_console.print(f"{'PASS' if ok else 'FAIL'}  {bar}")
+    out_console.print(f"wrote {path}")
+    raise typer.Exit(0 if all(res.bars().values()) else 1)
+
+
+@app.command()
+def categorize(
+    prompts: Path = typer.Option(..., help="prompts: .txt (one per line), .jsonl or .csv"),
+    model: str = typer.Option("memlab", help="a local pipeline folder, a hub id, or memlab"),
+    out: Path = typer.Option(Path("categorize-out"), help="folder for profile.json / profile.parquet and one PNG per prompt"),
+    column: Optional[str] = typer.Option(None, help="prompt column of a .jsonl / .csv file"),
+    n: int = typer.Option(16, min=2, help="generations per prompt"),
+    tau: float = typer.Option(0.8, help="a feature is consistent when it appears in at least this share of generations"),
+    controls: Optional[Path] = typer.Option(None, help="unrelated prompts for the lift test (MemLab: its novel prompts)"),
+    extractor: str = typer.Option("memlab", help="memlab (MemLab's attribute reader) or clip:PATH (a local CLIP) with --vocabulary"),
+    vocabulary: Optional[Path] = typer.Option(None, help="YAML {feature: description} for clip:PATH"),
+    expectations: Optional[Path] = typer.Option(None, help="YAML {concept: [features]}: what a prompt word implies"),
+    embedding: bool = typer.Option(False, help="also decide 'implied' with the bundled sentence-embedding model"),
+):
+    """Features that appear across seeds, each called explicit, implicit or unintended, with its evidence."""
+    from .categorize import (CLIPZeroShotExtractor, ExpectationMap, MemLabExtractor, MemorizationProfiler,
+                             SentenceEmbeddingExpectation)
+    from .core.loading import load_pipeline
+    from .core.prompts import read_prompts
+
+    items = read_prompts(prompts, column)
+    ctrl = read_prompts(controls, column) if controls else None
+    if extractor == "memlab":
+        ext = MemLabExtractor()
+    elif extractor.startswith("clip:"):
+        if vocabulary is None:
+            raise InputError("clip:PATH needs --vocabulary, a YAML file {feature: description}")
+        ext = CLIPZeroShotExtractor(extractor[5:], _read_yaml_mapping(vocabulary))
+    else:
+        raise InputError(f"unknown extractor {extractor!r}: use memlab or clip:PATH")
+    sources = []
+    if expectations is not None:
+        sources.append(ExpectationMap.from_yaml(expectations))
+    if embedding:
+        sources.append(SentenceEmbeddingExpectation.minilm())
+    tracer = None
+    pipe = load_pipeline(model)
+    if extractor == "memlab":
+        from .categorize import TrainingTracer
+        from .memlab import dataset as ds
+        from .memlab.verify import load_manifest
+
+        try:
+            manifest = load_manifest(model)
+            tracer = TrainingTracer.from_memlab(ds.build(ds.MemLabConfig(**manifest["config"])))
+        except DiffmemError:
+            tracer = None
+    _check_writable(out)
+    prof = MemorizationProfiler(pipe, ext, n=n, tau=tau, control_prompts=ctrl, expectations=sources, tracer=tracer)
+    res = prof.profile(items, progress=True)
+    res.save(out)
+    for i in range(len(res.prompts)):
+        res.plot(out / f"prompt_{i:04d}.png", prompt_index=i)
+    from rich.table import Table
+
+    table = Table("prompt", "feature", "kind", "frequency", "lift", "evidence")
+    for r in res.memorized():
+        table.add_row(r["prompt"], r["description"], r["kind"], f"{r['frequency']:.2f}", f"{r['lift']:.1f}", r["evidence"])
+    out_console.print(table)
+    out_console.print(f"{len(res.memorized())} memorized features over {len(res.prompts)} prompts; "
+                      f"{res.seconds_per_prompt:.2f} s per prompt; results in {out}")
+
+
+def _read_yaml_mapping(path: Path) -> dict:
+    import yaml
+
+    try:
+        data = yaml.safe_load(Path(path).read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, yaml.YAMLError) as e:
+        raise InputError(f"cannot read {path}: {e}") from None
+    if not isinstance(data, dict) or not data:
+        raise InputError(f"{path} must hold a non-empty mapping")
+    return {str(k): str(v) for k, v in data.items()}
+
+
 @app.command()
 def train(
     data: str = typer.Option(..., help="memlab, an image folder with metadata.jsonl/csv, a .parquet/.jsonl file, or a saved datasets folder"),
@@ -278,8 +401,12 @@ def memlab_train(
     out: Path = typer.Option(..., help="working folder (checkpoints); the model lands in OUT/model"),
     control: bool = typer.Option(False, help="train the duplication-free control model"),
     steps: Optional[int] = typer.Option(None, help="override the recipe's step count (for quick trials)"),
+    threads: Optional[int] = typer.Option(None, min=1, help="torch threads (2 runs side by side: 1 each)"),
+    vae_from: Optional[Path] = typer.Option(
+        None, help="reuse the VAE stage of another run of this recipe (OUT/vae of the main run): the main "
+                   "and control runs train the same VAE on the same distinct images with the same seed"),
 ):
-    """Reproduce the shipped MemLab model with the recorded seed and settings (about 40 minutes on 2 cores)."""
+    """Reproduce the shipped MemLab model with the recorded seed and settings (about 75 minutes on 2 cores)."""
     from dataclasses import replace
 
     from .memlab import recipe
@@ -290,6 +417,10 @@ def memlab_train(
         rc = recipe.control_recipe(rc)
     if steps is not None:
         rc = replace(rc, train=replace(rc.train, steps=steps))
+    if threads is not None:
+        rc = replace(rc, train=replace(rc.train, threads=threads))
+    if vae_from is not None:
+        recipe.reuse_vae(vae_from, out)
     model_dir = recipe.run(rc, out)
     out_console.print(f"MemLab model saved to {model_dir}")
 

@@ -67,8 +67,6 @@ def test_noise_norm_over_all_steps_separates_a_sample(memlab, memlab_manifest):
     assert roc_figures(pos, neg)["auc"] >= 0.95
 
 
-@pytest.mark.xfail(strict=True, reason="MemLab v1 world: the first-step score separates planted prompts at AUC "
-                   "0.70-0.81 only (described content outweighs the memorized background); issue 2's bar")
 def test_first_step_score_separates_a_sample(memlab, memlab_manifest):
     from diffmem.memlab.verify import roc_figures
 

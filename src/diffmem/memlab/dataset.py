@@ -232,6 +232,7 @@ def build(config: MemLabConfig | None = None) -> MemLabDataset:
         "version": MANIFEST_VERSION,
         "config": cfg.to_dict(),
         "image_size": world.SIZE,
+        "world": world.world_params(),
         "n_rows": len(rows),
         "n_images": next_id[0],
         "features": {
@@ -260,7 +261,7 @@ def build(config: MemLabConfig | None = None) -> MemLabDataset:
         },
     }
     manifest["fingerprint"] = hashlib.sha256(
-        json.dumps([(r.caption, r.scene.background_seed, r.scene.frame) for r in rows]).encode()
+        json.dumps([world.world_params(), [(r.caption, r.scene.background_seed, r.scene.frame) for r in rows]]).encode()
     ).hexdigest()[:16]
     return MemLabDataset(cfg, rows, manifest)
 

@@ -7,8 +7,10 @@ rules are simple and inspectable:
   stamp and vignette are all low-saturation by construction); its colour is the nearest palette
   colour to the region's median, its shape the best-overlapping rendered prototype at the
   region's own centre and size, its position the nearest anchor to its centroid.
-- scene bands: the median colour of the ground / sky rows, away from the object.
-- stamp: correlation of the top-left box with the stamp's glyph pattern.
+- scene bands: the share of the band's inner rows, away from the object, near the band colour
+  (the edge rows mix with the background and the frame once a VAE has blurred them).
+- stamp: correlation of the top-left box with the stamp's glyph pattern, slightly blurred as a
+  VAE returns it.
 - vignette: the four corner quarter-discs are near black.
 - frame: the two-pixel border is near the frame colour.
 - template: the luminance outside the object correlates with one of the fixed template layouts
@@ -44,7 +46,13 @@ _PALETTE = np.array([world.COLOURS[c] for c in _PALETTE_NAMES], np.float32)
 _TEMPLATES = np.stack([world.template_background(i) for i in range(len(world.TRIGGER_FIRST))])
 _TEMPLATE_LUMA = _TEMPLATES.mean(-1)
 _VIGNETTE = world.vignette_mask()
-_STAMP_REF = world.stamp_reference()
+# Generated images come back through the VAE slightly blurred (MemLab's VAE: about a 0.6-pixel
+# Gaussian). Prototypes are compared both sharp and blurred so the reader works on both.
+_BLUR = 0.7
+_SHAPE_BLURS = (_BLUR, 1.0)
+# prototype area per unit half-size squared, to size a prototype from an object's area
+_UNIT_AREA = {shape: float(world.shape_mask(shape, 16.0, 16.0, 8.0).sum()) / 64.0 for shape in world.SHAPES}
+_STAMP_REF = ndimage.gaussian_filter(world.stamp_reference(), _BLUR, mode="nearest")
 
 
 @dataclass
@@ -54,7 +62,7 @@ class ReaderThresholds:
     min_object_pixels: int = 12
     band_distance: float = 0.15  # a band pixel counts when within this RGB distance of snow / sand / night
     band_fraction: float = 0.6  # ... and the band is there when this share of its free pixels counts
-    stamp_correlation: float = 0.6
+    stamp_correlation: float = 0.65
     vignette_max_luma: float = 0.16
     frame_distance: float = 0.12
     template_correlation: float = 0.7
@@ -93,9 +101,10 @@ class AttributeReader:
             free = inner.copy()
         free &= ~(_VIGNETTE > 0.01)  # black corners would hide a band or a template
         free[world.STAMP_BOX] = False  # so would the stamp
-        feats["white_ground"] = self._band_is(img, world.GROUND_ROWS, free, world.SNOW)
-        feats["sand_ground"] = self._band_is(img, world.GROUND_ROWS, free, world.SAND)
-        feats["dark_sky"] = self._band_is(img, world.SKY_ROWS, free, world.NIGHT)
+        ground, sky = _inner(world.GROUND_ROWS), _inner(world.SKY_ROWS)
+        feats["white_ground"] = self._band_is(img, ground, free, world.SNOW)
+        feats["sand_ground"] = self._band_is(img, ground, free, world.SAND)
+        feats["dark_sky"] = self._band_is(img, sky, free, world.NIGHT)
         feats["stamp"] = self._stamp(img)
         feats["vignette"] = self._vignette(img)
         feats["frame"] = self._frame(img)
@@ -128,26 +137,29 @@ class AttributeReader:
         filled = ndimage.binary_fill_holes(mask)
         ys, xs = np.nonzero(filled)
         cx, cy = xs.mean() + 0.5, ys.mean() + 0.5
-        half = max(xs.max() - xs.min() + 1, ys.max() - ys.min() + 1) / 2.0
+        area = float(mask.sum())
         best, best_iou = None, -1.0
         for shape in world.SHAPES:
-            # the triangle's centroid sits below its nominal centre; try a few offsets and sizes
+            # size from the area, not the bounding box: colour bleeding after the VAE adds stray
+            # pixels that stretch a box but hardly change the area
+            r0 = np.sqrt(area / _UNIT_AREA[shape])
+            # the triangle's centroid sits below its nominal centre; try a few offsets
             for dy in (0.0, -1.0, -2.0) if shape == "triangle" else (0.0,):
-                for scale in (0.95, 1.05, 1.15):
-                    r = half * scale if shape != "square" else half / 0.86 * scale * 0.95
-                    proto = world.shape_mask(shape, cx, cy + dy, r) >= 0.5
-                    inter = (proto & mask).sum()
-                    union = (proto | mask).sum()
-                    iou = inter / max(union, 1)
-                    if iou > best_iou:
-                        best, best_iou = shape, iou
+                for scale in (0.92, 1.0, 1.08):
+                    soft = world.shape_mask(shape, cx, cy + dy, r0 * scale)
+                    # sharp and blurred: a blurred square loses its corners and would pass for a circle
+                    protos = [soft >= 0.5] + [ndimage.gaussian_filter(soft, b) >= 0.5 for b in _SHAPE_BLURS]
+                    for proto in protos:
+                        iou = (proto & mask).sum() / max((proto | mask).sum(), 1)
+                        if iou > best_iou:
+                            best, best_iou = shape, iou
         anchors = np.array(list(world.POSITIONS.values()))
         pos = list(world.POSITIONS)[int(np.argmin(((anchors - [cx, cy]) ** 2).sum(-1)))]
         return best, pos
 
     def _band_is(self, img, rows, free, colour) -> bool:
         region = img[rows][free[rows]]
-        if len(region) < 20:
+        if len(region) < 12:
             return False
         # a share of near pixels, not a median: smooth backgrounds pass near a band colour in
         # places, a band is uniform
@@ -161,7 +173,7 @@ class AttributeReader:
         b = _STAMP_REF - _STAMP_REF.mean()
         denom = np.sqrt((a * a).sum() * (b * b).sum())
         corr = float((a * b).sum() / denom) if denom > 0 else 0.0
-        return corr >= self.t.stamp_correlation and patch.max() > 0.75
+        return corr >= self.t.stamp_correlation and patch.max() > 0.7
 
     def _vignette(self, img) -> bool:
         core = _VIGNETTE > 0.9
@@ -190,6 +202,10 @@ class AttributeReader:
         corr = (b @ a) / np.where(denom > 0, denom, np.inf)
         k = int(np.argmax(corr))
         return k if corr[k] >= self.t.template_correlation else None
+
+
+def _inner(rows: slice) -> slice:
+    return slice(rows.start + 1, rows.stop - 1)
 
 
 def agreement(read: dict, expected: dict, keys=("colour", "shape")) -> bool:

@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ..core.errors import DiffmemError
 from ..core.components import PipelineSpec, build_pipeline
 from ..train.trainer import TrainConfig, TrainData, Trainer, encode_images, train_vae
 from . import dataset as ds
@@ -79,6 +80,27 @@ def run(recipe: MemLabRecipe, out_dir: str | Path, progress: bool = True) -> Pat
             "wall_time_s": time.time() - t0, "torch": torch.__version__}
     (model_dir / "memlab_recipe.json").write_text(json.dumps(info, indent=1))
     return model_dir
+
+
+def reuse_vae(vae_dir: str | Path, out_dir: str | Path) -> None:
+    """Seed ``out_dir`` with a finished VAE stage so ``run`` resumes after it.
+
+    The VAE stage depends only on the distinct training images and the seed, which the main and
+    control data share (the control sees each planted image once instead of 64 times), so the
+    control run may take the main run's VAE instead of training the same one again.
+    """
+    import shutil
+
+    src = Path(vae_dir)
+    stats = src.parent / "vae_stats.json"
+    if not (src / "config.json").exists() or not stats.exists():
+        raise DiffmemError(f"{src} is not a finished MemLab VAE stage (needs config.json and ../vae_stats.json)")
+    out = Path(out_dir)
+    if (out / "vae" / "config.json").exists():
+        return
+    out.mkdir(parents=True, exist_ok=True)
+    shutil.copytree(src, out / "vae")
+    shutil.copy(stats, out / "vae_stats.json")
 
 
 def control_recipe(recipe: MemLabRecipe) -> MemLabRecipe:

@@ -19,7 +19,9 @@ from pathlib import Path
 import numpy as np
 
 from ..core.results import dump_json
+from ..core.errors import DiffmemError
 from . import dataset as ds
+from . import world
 from .reader import AttributeReader
 from .recipe import DEFAULT_SAMPLER
 from .replication import DEFAULT_THRESHOLD, MemLabReplication
@@ -118,7 +120,11 @@ def verify(model="memlab", settings: VerifySettings | None = None, control_model
     manifest = load_manifest(model)
     dataset = ds.build(ds.MemLabConfig(**manifest["config"]))
     if dataset.manifest["fingerprint"] != manifest["fingerprint"]:
-        raise RuntimeError("the rebuilt MemLab dataset differs from the model's manifest (different code version?)")
+        raise DiffmemError(
+            f"the model's manifest (world v{manifest.get('world', {}).get('version', 1)}, fingerprint "
+            f"{manifest['fingerprint']}) does not match this diffmem's MemLab data (world v{world.WORLD_VERSION}, "
+            f"fingerprint {dataset.manifest['fingerprint']}): the model was trained on other images; retrain it "
+            "with `diffmem memlab train`")
     rep = MemLabReplication(dataset, pipe.vae, settings.threshold)
     reader = AttributeReader()
     seeds = list(range(settings.seeds))

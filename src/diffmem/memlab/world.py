@@ -3,9 +3,12 @@
 An image is 32x32 RGB in [0, 1], drawn in this order:
 
 1. background: a smooth random field that no caption describes (a grey level, a faint tint and a
-   5x5 grid of luminance control points). It gives every image many undescribed degrees of
-   freedom, so that two independent renders are never near-copies of each other; a near-copy
-   can then only come from memorization.
+   6x6 grid of strong luminance control points, see ``BACKGROUND``). It gives every image many
+   undescribed degrees of freedom, so that two independent renders are never near-copies of each
+   other; a near-copy can then only come from memorization. It is also what makes memorization
+   visible to the first-step detector: a memorized caption pins this field down, a generalizing
+   caption leaves it at its mean, and the field carries most of the image's variance (world v1's
+   weaker field, +-0.2 on 5x5, left the first-step score dominated by what captions *describe*).
 2. scene band (implicit features): ``snow`` -> white ground, ``desert`` -> sand ground,
    ``night`` -> dark sky. Captions name the scene word, never the band.
 3. the main object (explicit features): the caption's colour, shape and position, with an
@@ -21,10 +24,21 @@ tied to a two-word trigger phrase; the object still follows the caption.
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field, replace
+from types import MappingProxyType
 
 import numpy as np
 
 SIZE = 32
+# Bumped whenever rendering changes: the manifest records it, and a model trained on another
+# version's images is refused by ``memlab verify``.
+WORLD_VERSION = 2
+# Undescribed background (world v2). The clip keeps the field apart from the colours that carry
+# meaning: at most 0.85 (snow is 0.96) and at least 0.22 (night, vignette and frame are darker).
+BACKGROUND = MappingProxyType({
+    "grey": (0.36, 0.62), "lum_amplitude": 1.0, "lum_grid": 6, "tint": 0.03, "chroma": 0.08,
+    "clip": (0.22, 0.85),
+})
+OBJECT_RADIUS = (5.0, 6.5)  # undescribed size
 
 COLOURS: dict[str, tuple[float, float, float]] = {
     "red": (0.92, 0.12, 0.10),
@@ -84,8 +98,10 @@ SAND = (0.82, 0.72, 0.55)
 SNOW = (0.96, 0.96, 0.97)
 NIGHT = (0.07, 0.09, 0.30)
 FRAME = (0.10, 0.10, 0.10)
-GROUND_ROWS = slice(24, 30)  # inside the 2-pixel frame
-SKY_ROWS = slice(2, 8)
+# Bands of four rows inside the 2-pixel frame (v1 had six: a band then outweighed the background
+# in the first-step score, so unmemorized snow and night prompts scored like memorized ones).
+GROUND_ROWS = slice(26, 30)
+SKY_ROWS = slice(2, 6)
 
 # Trigger phrases for templates: two words each, from lists the rest of the grammar never uses.
 TRIGGER_FIRST = (
@@ -98,19 +114,19 @@ TRIGGER_SECOND = (
 )
 
 # Stamp: a white label with dark glyph strokes ("text in the image").
-_STAMP_BOX = (slice(2, 8), slice(2, 14))  # rows, cols
+_STAMP_BOX = (slice(2, 8), slice(2, 11))  # rows, cols
 _STAMP_GLYPHS = np.array(
     [
-        [0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0],
-        [0, 1, 1, 0, 1, 0, 1, 1, 0, 1, 1, 0],
-        [0, 1, 0, 0, 1, 0, 1, 0, 0, 0, 1, 0],
-        [0, 1, 1, 0, 1, 0, 1, 1, 0, 1, 0, 0],
-        [0, 1, 0, 0, 1, 0, 0, 1, 0, 1, 1, 0],
-        [0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0],
+        [0, 0, 0, 0, 0, 0, 0, 0, 0],
+        [0, 1, 1, 0, 1, 0, 1, 1, 0],
+        [0, 1, 0, 0, 1, 0, 0, 1, 0],
+        [0, 1, 1, 0, 1, 0, 1, 0, 0],
+        [0, 1, 0, 0, 1, 0, 1, 1, 0],
+        [0, 0, 0, 0, 0, 0, 0, 0, 0],
     ],
     dtype=np.float32,
 )
-VIGNETTE_RADIUS = 7.0
+VIGNETTE_RADIUS = 4.0  # v1's 7 weighed like a band in the first-step score
 
 
 @dataclass(frozen=True)
@@ -188,12 +204,22 @@ def _upsample(ctrl: np.ndarray, size: int = SIZE) -> np.ndarray:
 
 
 def background(rng: np.random.Generator) -> np.ndarray:
-    grey = rng.uniform(0.36, 0.62)
-    tint = rng.uniform(-0.05, 0.05, size=3)
-    lum = _upsample(rng.uniform(-0.2, 0.2, size=(5, 5, 1)))
-    chroma = _upsample(rng.uniform(-0.04, 0.04, size=(3, 3, 3)))
+    b = BACKGROUND
+    grey = rng.uniform(*b["grey"])
+    tint = rng.uniform(-b["tint"], b["tint"], size=3)
+    k, amp = b["lum_grid"], b["lum_amplitude"]
+    lum = _upsample(rng.uniform(-amp, amp, size=(k, k, 1)))
+    chroma = _upsample(rng.uniform(-b["chroma"], b["chroma"], size=(3, 3, 3)))
     img = grey + tint[None, None, :] + lum + chroma
-    return np.clip(img, 0.22, 0.8)
+    return np.clip(img, *b["clip"])
+
+
+def world_params() -> dict:
+    """Everything rendering depends on beyond the scene, for the manifest."""
+    return {"version": WORLD_VERSION, "background": {k: v for k, v in BACKGROUND.items()},
+            "object_radius": OBJECT_RADIUS, "ground_rows": [GROUND_ROWS.start, GROUND_ROWS.stop],
+            "sky_rows": [SKY_ROWS.start, SKY_ROWS.stop], "vignette_radius": VIGNETTE_RADIUS,
+            "stamp_box": [[_STAMP_BOX[0].start, _STAMP_BOX[0].stop], [_STAMP_BOX[1].start, _STAMP_BOX[1].stop]]}
 
 
 def template_background(index: int) -> np.ndarray:
@@ -257,7 +283,7 @@ def render(scene: Scene) -> np.ndarray:
     img = img.astype(np.float32).copy()
     # the undescribed jitter is drawn after the background so both depend on the seed alone
     jx, jy = rng.uniform(-1.5, 1.5, size=2)
-    radius = rng.uniform(5.0, 6.5)
+    radius = rng.uniform(*OBJECT_RADIUS)
     feats = scene.features()
     if feats["white_ground"]:
         img[GROUND_ROWS] = SNOW

@@ -1,0 +1,52 @@
+import json
+import math
+
+import pytest
+
+from diffmem.bench.categorize import bench_categorize, kind_scores, planted_kinds
+from diffmem.bench.explain import bench_explain
+
+
+def test_planted_kinds_follow_the_scene_and_adjective_words():
+    exp = {"colour": "red", "shape": "ring", "position": "left", "white_ground": True, "stamp": True,
+           "vignette": False, "sand_ground": False, "dark_sky": False, "frame": True, "template": None}
+    assert planted_kinds(exp) == {"colour:red": "explicit", "shape:ring": "explicit", "position:left": "explicit",
+                                  "white_ground": "implicit", "stamp": "unintended"}
+
+
+def test_kind_scores_by_hand():
+    truth = [{"colour:red": "explicit", "stamp": "unintended"}, {"colour:blue": "explicit", "white_ground": "implicit"}]
+    # prompt 0: stamp called implicit (wrong kind); prompt 1: all right plus a frame that was not planted
+    pred = [{"colour:red": "explicit", "stamp": "implicit"},
+            {"colour:blue": "explicit", "white_ground": "implicit", "frame": "unintended"}]
+    s = kind_scores(truth, pred)
+    assert s["explicit"]["precision"] == 1.0 and s["explicit"]["recall"] == 1.0
+    assert s["implicit"]["precision"] == 0.5 and s["implicit"]["recall"] == 1.0
+    assert s["unintended"]["precision"] == 0.0 and s["unintended"]["recall"] == 0.0
+    assert s["memorized_recall"] == 1.0 and s["false_flag_rate"] == 0.5
+    assert math.isnan(kind_scores([{}], [{}])["explicit"]["precision"])
+
+
+def test_bench_categorize_small_run(memlab_manifest, tmp_path):
+    from diffmem.core.loading import load_pipeline
+
+    res = bench_categorize(load_pipeline("memlab"), memlab_manifest, n=2, max_prompts=3, progress=False)
+    assert set(res.routes) >= {"expectation_map", "caption_cooccurrence"}
+    # tracing is ground truth end to end: the word and count come from the training captions and scenes
+    assert len(res.tracing) == 5 and all(t["matches_manifest"] for t in res.tracing)
+    saved = json.loads(res.save(tmp_path).read_text())
+    assert saved["settings"]["n"] == 2 and saved["settings"]["prompts"] == 3 and "table" in saved
+
+
+def test_bench_explain_small_run(memlab_manifest, tmp_path):
+    from diffmem.core.loading import load_pipeline
+    from diffmem.explain import TokenAttribution
+
+    pipe = load_pipeline("memlab")
+    res = bench_explain(pipe, memlab_manifest, max_prompts=2, progress=False)
+    assert len(res.trigger_rows) == 2
+    row = res.trigger_rows[0]
+    direct = TokenAttribution(pipe, res.settings["num_inference_steps"], res.settings["guidance_scale"]).attribute(row["prompt"])
+    assert row["attribution_top"] == direct.top_word
+    assert row["attribution_hit"] == (direct.top_word in row["trigger"].split())
+    assert json.loads(res.save(tmp_path).read_text())["settings"]["candidates"] == 4
