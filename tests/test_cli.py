@@ -111,3 +111,30 @@ def test_exit_codes_reach_the_shell(monkeypatch):
     with pytest.raises(SystemExit) as e:
         cli.main(["memlab", "exit-probe"])
     assert e.value.code == 3
+
+
+def test_categorize_end_to_end_on_memlab(tmp_path):
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("a lucky red circle on the left in the snow\n")
+    controls = tmp_path / "c.txt"
+    controls.write_text("a blue square at the top\na green ring on the right in a room\n")
+    out = tmp_path / "cat"
+    r = run("categorize", "--prompts", str(prompts), "--controls", str(controls), "--n", "2", "--out", str(out))
+    assert r.returncode == 0, r.stderr
+    import json
+
+    prof = json.loads((out / "profile.json").read_text())
+    assert prof["settings"]["n"] == 2 and prof["control_prompts"] == controls.read_text().split("\n")[:2]
+    assert (out / "prompt_0000.png").stat().st_size > 1000
+    # what the command printed per memorized feature is what the file holds
+    assert all(row["kind"] in ("explicit", "implicit", "unintended") for row in prof["rows"] if row["memorized"])
+
+
+def test_categorize_bad_inputs(tmp_path):
+    (tmp_path / "empty.txt").write_text("")
+    r = run("categorize", "--prompts", str(tmp_path / "empty.txt"), "--out", str(tmp_path / "o"))
+    assert r.returncode == 2 and "holds no prompts" in r.stderr and "Traceback" not in r.stderr
+    (tmp_path / "p.txt").write_text("a red circle\n")
+    r = run("categorize", "--prompts", str(tmp_path / "p.txt"), "--extractor", "clip:/nowhere", "--out", str(tmp_path / "o"))
+    assert r.returncode == 2 and "--vocabulary" in r.stderr and "Traceback" not in r.stderr
+    assert not (tmp_path / "o").exists()
