@@ -382,6 +382,45 @@ def train(
     out_console.print(f"trained pipeline saved to {model_dir}")
 
 
+@app.command()
+def scan(
+    dataset: str = typer.Argument(..., help="memlab, an image folder (metadata.jsonl/csv or .txt captions), a .parquet/.jsonl/.csv file, or a saved datasets folder"),
+    out: Path = typer.Option(..., help="output folder: results, report, and the resumable shard files"),
+    checks: str = typer.Option(",".join(("image_duplicates", "caption_duplicates", "triggers")),
+                               help="comma-separated: image_duplicates, caption_duplicates, triggers, memorization"),
+    caption_column: Optional[str] = typer.Option(None, help="caption column (default: caption, text or prompt)"),
+    image_column: Optional[str] = typer.Option(None, help="image column (default: image, file_name, image_path or path)"),
+    shard_size: int = typer.Option(1024, min=1, help="rows per checkpointed shard (bounds memory)"),
+    limit: Optional[int] = typer.Option(None, min=1, help="scan only the first LIMIT rows"),
+    min_support: int = typer.Option(5, min=2, help="a trigger ties at least this many distinct captions to one image cluster"),
+    min_purity: float = typer.Option(0.9, min=0.0, max=1.0, help="share of a trigger's captions inside its cluster"),
+    caption_jaccard: float = typer.Option(0.8, min=0.0, max=1.0, help="near-duplicate captions: estimated Jaccard of word 1-2 grams"),
+    model: Optional[str] = typer.Option(None, help="pipeline for the memorization check (memlab, a folder or a hub id)"),
+    timestep: Optional[int] = typer.Option(None, min=0, help="memorization check: fixed timestep (default: random per row, seeded)"),
+    memorization_threshold: Optional[float] = typer.Option(None, help="memorization check: flag rows above this noise norm (default: median + 3 MAD)"),
+    seed: int = typer.Option(0),
+):
+    """Scan a captioned training set for duplicated images and captions and word-level trigger phrases (resumes from OUT)."""
+    from .scan import DatasetScanner
+    from .scan.report import write_report
+
+    _check_writable(out)
+    names = tuple(c.strip() for c in checks.split(",") if c.strip())
+    scanner = DatasetScanner(dataset, out / "work", caption_column=caption_column, image_column=image_column,
+                             checks=names, shard_size=shard_size, limit=limit, min_support=min_support,
+                             min_purity=min_purity, caption_jaccard=caption_jaccard, model=model, timestep=timestep,
+                             memorization_threshold=memorization_threshold, seed=seed)
+    result = scanner.scan()
+    result.save(out)
+    report = write_report(result, out, getattr(result, "_thumbs", None))
+    for rec in result.summary.to_dict("records"):
+        out_console.print(f"{rec['check']:>20}: {rec['issues']} rows flagged  {rec['detail']}", highlight=False)
+    for t in result.info.get("triggers", [])[:10]:
+        out_console.print(f"  trigger {t['phrase']!r}: cluster {t['cluster']}, support {t['support']}, purity {t['purity']:.2f}",
+                          highlight=False, markup=False)
+    out_console.print(f"results in {out} (scan_rows.parquet, scan_summary.json); report {report}")
+
+
 @memlab_app.command("build")
 def memlab_build(
     out: Path = typer.Option(..., help="folder for the image folder (PNG + metadata.jsonl) and manifest.json"),

@@ -92,3 +92,24 @@ def to_epsilon(pipe, model_output_diff: torch.Tensor, t) -> torch.Tensor:
 def guided(uncond: torch.Tensor, cond: torch.Tensor, guidance_scale: float) -> torch.Tensor:
     """Classifier-free guidance exactly as StableDiffusionPipeline combines the two halves."""
     return uncond + guidance_scale * (cond - uncond)
+
+
+def conditional_noise_norm(pipe, noisy: torch.Tensor, t: torch.Tensor, cond_emb: torch.Tensor,
+                           uncond_emb: torch.Tensor, cond_pred: torch.Tensor | None = None) -> torch.Tensor:
+    """Per-sample || eps(x_t, c) - eps(x_t, empty) || in epsilon units, for per-sample timesteps
+    ``t`` (B,): the training-time statistic of Wen et al. that the fine-tuning filter thresholds
+    and the dataset scan reports. ``cond_pred`` reuses a conditional prediction already made."""
+    unet = pipe.unet
+    if cond_pred is None:
+        cond_pred = unet(noisy, t, cond_emb).sample
+    uncond = unet(noisy, t, uncond_emb.expand(len(noisy), -1, -1)).sample
+    diff = cond_pred.detach() - uncond
+    kind = pipe.scheduler.config.prediction_type
+    ab = pipe.scheduler.alphas_cumprod.to(diff.device)[t.long()].view(-1, 1, 1, 1).to(diff.dtype)
+    if kind == "v_prediction":
+        diff = diff * ab.sqrt()
+    elif kind == "sample":
+        diff = -diff * ab.sqrt() / (1 - ab).sqrt()
+    elif kind != "epsilon":
+        raise InputError(f"unsupported prediction_type {kind!r}")
+    return diff.flatten(1).norm(dim=1)

@@ -247,16 +247,11 @@ class Trainer:
 
     def _memorization_filter(self, pred, noisy, t, emb, ids, empty_ids, alphas):
         """Per-sample text-conditional noise norm, in epsilon units (Wen et al., training time)."""
-        unet, te = self.pipe.unet, self.pipe.text_encoder
+        from ..core.denoise import conditional_noise_norm
+
         with torch.no_grad():
-            uncond_emb = te(empty_ids[None])[0].expand(len(ids), -1, -1)
-            uncond = unet(noisy, t, uncond_emb).sample
-            diff = pred.detach() - uncond
-            if self.pipe.scheduler.config.prediction_type == "v_prediction":
-                # eps = sqrt(alpha_bar) * v + sqrt(1 - alpha_bar) * x_t, so a v difference scales
-                # by sqrt(alpha_bar) in epsilon units
-                diff = diff * alphas[t].sqrt().view(-1, 1, 1, 1)
-            return diff.flatten(1).norm(dim=1)
+            uncond_emb = self.pipe.text_encoder(empty_ids[None])[0]
+            return conditional_noise_norm(self.pipe, noisy, t, emb, uncond_emb, cond_pred=pred)
 
     def _resume(self, ckpt: Path, unet, te, optimizer, lr_sched, emas, gen) -> int:
         state = json.loads((ckpt / "state.json").read_text())

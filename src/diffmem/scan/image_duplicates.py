@@ -1,0 +1,132 @@
+"""Image near-duplicates: perceptual-hash copies and thumbnail neighbours, grouped into clusters.
+
+Two rows are linked when
+
+- their 64-bit perceptual hashes differ in at most ``max_hamming`` bits (exact and near-exact
+  copies: re-encodes, resizes, small crops), found by exact matching on hash blocks; or
+- one is among the other's ``neighbours`` nearest thumbnails (cosine) and their informative-pixel
+  agreement is at least ``min_agreement`` (looser copies: a shared layout under a changed object,
+  as in MemLab's templates or a product shot re-used with another caption); or
+- an optional embedding from a local model (SSCD, CLIP) puts them within ``min_cosine``.
+
+Clusters are the connected components of these links. The neighbour search is exact (sklearn,
+brute force), which is fine up to about 10^5 images on a CPU; beyond that, pass an embedding and
+an approximate index of your own.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+from scipy.sparse import coo_matrix
+from scipy.sparse.csgraph import connected_components
+
+from .features import flat_pixels, hamming, informative_agreement
+
+
+@dataclass
+class ImageClusters:
+    labels: np.ndarray  # (N,) cluster id (largest cluster first), -1 for rows in no cluster or without image
+    score: np.ndarray  # (N,) similarity to the most similar other row, in [0, 1]; NaN without image
+    sizes: dict[int, int]
+
+
+def _hash_pairs(hashes: np.ndarray, max_hamming: int) -> tuple[np.ndarray, np.ndarray]:
+    """Pairs of indices whose hashes differ in <= max_hamming bits, without comparing all pairs:
+    with max_hamming + 1 disjoint bit blocks, two such hashes agree exactly on at least one block."""
+    u = hashes.astype(np.int64).view(np.uint64)
+    edges = np.linspace(0, 64, max_hamming + 2).astype(int)
+    a_all, b_all = [], []
+    for lo, hi in zip(edges[:-1], edges[1:]):
+        key = (u >> np.uint64(lo)) & np.uint64((1 << (hi - lo)) - 1)
+        order = np.argsort(key, kind="stable")
+        ks = key[order]
+        starts = np.flatnonzero(np.r_[True, ks[1:] != ks[:-1]])
+        ends = np.r_[starts[1:], len(ks)]
+        for s, e in zip(starts, ends):
+            if e - s < 2:
+                continue
+            members = order[s:e]
+            if e - s <= 64:
+                i, j = np.triu_indices(e - s, 1)
+                i, j = members[i], members[j]
+            else:  # a huge bucket (a blank image repeated): links to its first member keep it one cluster
+                i, j = np.full(e - s - 1, members[0]), members[1:]
+            close = hamming(hashes[i], hashes[j]) <= max_hamming
+            a_all.append(i[close])
+            b_all.append(j[close])
+    if not a_all:
+        return np.zeros(0, int), np.zeros(0, int)
+    return np.concatenate(a_all), np.concatenate(b_all)
+
+
+def _neighbour_pairs(vectors: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    from sklearn.neighbors import NearestNeighbors
+
+    k = min(k, len(vectors) - 1)
+    nn = NearestNeighbors(n_neighbors=k + 1, metric="cosine", algorithm="brute").fit(vectors)
+    dist, nbrs = nn.kneighbors(vectors)
+    i = np.repeat(np.arange(len(vectors)), k + 1)
+    j = nbrs.ravel()
+    keep = i != j
+    return i[keep], j[keep], 1.0 - dist.ravel()[keep]
+
+
+def image_clusters(phash: np.ndarray, thumbs: np.ndarray, valid: np.ndarray, max_hamming: int = 4,
+                   neighbours: int = 10, min_agreement: float = 0.6, embedding: np.ndarray | None = None,
+                   min_cosine: float = 0.9) -> ImageClusters:
+    """Cluster rows ``valid`` (bool, N) from their hashes (int64, N) and uint8 thumbnails (N, S, S, 3)."""
+    n = len(valid)
+    idx = np.flatnonzero(valid)
+    score = np.full(n, np.nan, np.float32)
+    if len(idx) < 2:
+        if len(idx):
+            score[idx] = 0.0
+        return ImageClusters(np.full(n, -1), score, {})
+    flat = thumbs[idx].reshape(len(idx), -1)
+    best = np.zeros(len(idx), np.float32)
+
+    a, b = _hash_pairs(phash[idx], max_hamming)
+    best[a] = best[b] = 1.0
+    links_a, links_b = [a], [b]
+
+    # exact pixel copies collapse before the neighbour search, so k neighbours are k distinct images
+    uniq, first, inverse = np.unique(flat, axis=0, return_index=True, return_inverse=True)
+    inverse = inverse.ravel()
+    links_a.append(np.arange(len(idx)))
+    links_b.append(first[inverse])
+    best[np.bincount(inverse)[inverse] >= 2] = 1.0
+    if len(uniq) >= 2:
+        i, j, _ = _neighbour_pairs(uniq.astype(np.float32), neighbours)
+        flat_u = flat_pixels(uniq.reshape(-1, *thumbs.shape[1:]))
+        agree = informative_agreement(uniq[i], uniq[j], flat_u[i], flat_u[j]).astype(np.float32)
+        best_u = np.zeros(len(uniq), np.float32)
+        np.maximum.at(best_u, i, agree)
+        best = np.maximum(best, best_u[inverse])
+        keep = agree >= min_agreement
+        links_a.append(first[i[keep]])
+        links_b.append(first[j[keep]])
+    if embedding is not None:
+        emb = embedding[idx].astype(np.float32)
+        i, j, cos = _neighbour_pairs(emb, neighbours)
+        keep = cos >= min_cosine
+        links_a.append(i[keep])
+        links_b.append(j[keep])
+
+    ra, rb = np.concatenate(links_a), np.concatenate(links_b)
+    graph = coo_matrix((np.ones(len(ra)), (ra, rb)), shape=(len(idx), len(idx)))
+    _, comp = connected_components(graph, directed=False)
+    counts = np.bincount(comp)
+    in_cluster = counts[comp] >= 2
+    # number clusters by size, largest first, ties by first row: stable and readable ids
+    first_row = np.full(len(counts), len(idx))
+    np.minimum.at(first_row, comp, np.arange(len(idx)))
+    order = sorted(np.unique(comp[in_cluster]), key=lambda c: (-counts[c], first_row[c]))
+    remap = np.full(len(counts), -1)
+    remap[order] = np.arange(len(order))
+    labels = np.full(n, -1)
+    labels[idx] = remap[comp]
+    score[idx] = best
+    sizes = {int(k): int(v) for k, v in zip(*np.unique(labels[labels >= 0], return_counts=True))}
+    return ImageClusters(labels, score, sizes)

@@ -1,0 +1,52 @@
+"""The scan's short report: a Markdown page (summary, trigger phrases with their captions, caption
+groups) and a PNG of the largest image clusters."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from ..core.results import atomic_write_text
+
+
+def _cell(text) -> str:
+    # captions are user data: keep them from breaking the table
+    return str(text).replace("|", "\\|").replace("\n", " ")
+
+
+def write_report(result, folder: str | Path, thumbs=None, max_phrases: int = 30) -> Path:
+    folder = Path(folder)
+    lines = ["# diffmem scan", "", f"source: `{_cell(result.source)}`", "", "| check | rows flagged | detail |",
+             "|---|---|---|"]
+    for rec in result.summary.to_dict("records"):
+        lines.append(f"| {rec['check']} | {rec['issues']} | {_cell(rec['detail'])} |")
+    trig = result.info.get("triggers", [])
+    lines += ["", f"## Trigger phrases ({len(trig)})", ""]
+    if trig:
+        lines += ["| phrase | cluster | support | in cluster | purity | example captions |", "|---|---|---|---|---|---|"]
+        for t in trig[:max_phrases]:
+            ex = "<br>".join(_cell(c) for c in t["examples"][:3])
+            lines.append(f"| {_cell(t['phrase'])} | {t['cluster']} | {t['support']} | {t['in_cluster']} | "
+                         f"{t['purity']:.2f} | {ex} |")
+    shared = result.info.get("shared_phrases", [])
+    if shared:
+        lines += ["", f"## Shared phrases and their image host ({len(shared)}; no images compared)", "",
+                  "| phrase | captions | from one host | host | example captions |", "|---|---|---|---|---|"]
+        for t in shared[:max_phrases]:
+            ex = "<br>".join(_cell(c) for c in t["examples"][:3])
+            lines.append(f"| {_cell(t['phrase'])} | {t['support']} | {t['in_cluster']} | {_cell(t['host'])} | {ex} |")
+    for kind, groups in result.info.get("caption_groups", {}).items():
+        lines += ["", f"## Caption groups: {kind} (largest {len(groups)})", ""]
+        for g in groups[:10]:
+            lines.append(f"- {g['size']} rows: " + " / ".join(f"“{_cell(c)}”" for c in g["example_captions"]))
+    clusters = result.info.get("image_clusters", [])
+    if clusters:
+        png = result.plot_clusters(folder / "clusters.png", thumbs)
+        lines += ["", f"## Image clusters ({len(clusters)})", ""]
+        if png is not None:
+            lines += ["![largest image clusters](clusters.png)", ""]
+        for c in clusters[:10]:
+            lines.append(f"- cluster {c['cluster']}: {c['size']} rows, e.g. " +
+                         " / ".join(f"“{_cell(x)}”" for x in c["example_captions"]))
+    path = folder / "report.md"
+    atomic_write_text(path, "\n".join(lines) + "\n")
+    return path

@@ -1,0 +1,421 @@
+"""``DatasetScanner``: a resumable scan of a captioned training set for duplication and triggers.
+
+Two passes, in the shape of cleanlab's Datalab (one result shape for every check):
+
+1. **per shard** (checkpointed): read ``shard_size`` rows, reduce each to compact features
+   (normalized and truncated caption, MinHash signature, perceptual hash, thumbnail and, with a
+   model, the per-sample noise norm) and write them to ``shards/shard-NNNNN.parquet`` atomically,
+   then record the shard in ``scan_state.json``. A scan killed at any moment resumes after the
+   last recorded shard; a shard file without its record is simply recomputed, so no row is ever
+   lost or counted twice. Memory is bounded by the shard size.
+2. **global** (cheap, recomputed): clusters, caption groups and trigger phrases from the features.
+
+The result is a per-row table with ``is_<check>_issue`` and ``<check>_score``, a one-row summary
+per check, and an info dict (clusters, caption groups, phrases).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+import tempfile
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from ..core.errors import InputError
+from ..core.results import dump_json, read_parquet, write_parquet
+from .sources import Source, open_source, shards
+
+CHECKS = ("image_duplicates", "caption_duplicates", "triggers", "memorization")
+DEFAULT_CHECKS = ("image_duplicates", "caption_duplicates", "triggers")
+STATE = "scan_state.json"
+SCAN_VERSION = 1
+
+
+@dataclass
+class ScanSettings:
+    checks: tuple[str, ...] = DEFAULT_CHECKS
+    shard_size: int = 1024
+    limit: int | None = None  # scan only the first rows (a quick look at a big dataset)
+    # image near-duplicates
+    max_hamming: int = 4
+    neighbours: int = 10
+    min_agreement: float = 0.6
+    # caption near-duplicates
+    caption_jaccard: float = 0.8
+    # triggers
+    min_support: int = 5
+    min_purity: float = 0.9
+    max_n: int = 8
+    # per-sample memorization score (Wen et al.'s training-time statistic)
+    model: str | None = None
+    timestep: int | None = None  # None: a random timestep per row, seeded by the row number
+    seed: int = 0
+    memorization_threshold: float | None = None  # None: flag robust outliers (median + 3 MAD)
+
+    def __post_init__(self):
+        self.checks = tuple(self.checks)
+        unknown = [c for c in self.checks if c not in CHECKS]
+        if unknown:
+            raise InputError(f"unknown scan check(s) {unknown}; choose from {list(CHECKS)}")
+        if not self.checks:
+            raise InputError("no scan checks chosen")
+        if "memorization" in self.checks and not self.model:
+            raise InputError("the memorization check needs a model (--model memlab or a pipeline folder)")
+        if self.shard_size < 1:
+            raise InputError("shard_size must be at least 1")
+        if self.limit is not None and self.limit < 1:
+            raise InputError("limit must be at least 1")
+        if not 0 < self.min_purity <= 1 or self.min_support < 2:
+            raise InputError("triggers need min_support >= 2 and 0 < min_purity <= 1")
+
+    def pass1_key(self) -> dict:
+        """The settings that change per-shard features: a resume with other values is refused."""
+        keys = ["shard_size", "limit", "model", "timestep", "seed"]
+        d = {k: getattr(self, k) for k in keys}
+        d["memorization"] = "memorization" in self.checks
+        return d
+
+
+@dataclass
+class ScanResult:
+    settings: dict
+    source: dict
+    rows: "object"  # pandas frame, one row per dataset row
+    summary: "object"  # pandas frame, one row per check
+    info: dict = field(default_factory=dict)  # clusters, caption groups, phrases
+
+    def save(self, folder: str | Path) -> Path:
+        folder = Path(folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        write_parquet(self.rows.drop(columns=["thumb"], errors="ignore"), folder / "scan_rows.parquet",
+                      {"settings": self.settings, "source": self.source})
+        dump_json({"settings": self.settings, "source": self.source, "summary": self.summary.to_dict("records"),
+                   "info": self.info}, folder / "scan_summary.json")
+        return folder
+
+    @classmethod
+    def load(cls, folder: str | Path) -> "ScanResult":
+        import pandas as pd
+
+        folder = Path(folder)
+        if not (folder / "scan_summary.json").exists():
+            raise InputError(f"{folder} holds no scan results (scan_summary.json)")
+        meta = json.loads((folder / "scan_summary.json").read_text())
+        rows, _ = read_parquet(folder / "scan_rows.parquet")
+        return cls(meta["settings"], meta["source"], rows, pd.DataFrame(meta["summary"]), meta["info"])
+
+    @property
+    def triggers(self):
+        import pandas as pd
+
+        return pd.DataFrame(self.info.get("triggers", []))
+
+    def plot_clusters(self, path: str | Path, thumbs: np.ndarray | None = None, max_clusters: int = 12,
+                      per_cluster: int = 8) -> Path | None:
+        """A PNG grid: one line per largest image cluster, its first members' thumbnails."""
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        clusters = self.info.get("image_clusters", [])[:max_clusters]
+        if thumbs is None or not clusters:
+            return None
+        fig, axes = plt.subplots(len(clusters), per_cluster, figsize=(per_cluster * 1.1, len(clusters) * 1.25),
+                                 squeeze=False)
+        for line, cl in zip(axes, clusters):
+            for k, ax in enumerate(line):
+                ax.axis("off")
+                if k < len(cl["example_rows"]) and thumbs[cl["example_rows"][k]] is not None:
+                    ax.imshow(thumbs[cl["example_rows"][k]], interpolation="nearest")
+            line[0].set_title(f"cluster {cl['cluster']}: {cl['size']} rows", fontsize=7, loc="left")
+        fig.tight_layout()
+        path = Path(path)
+        fig.savefig(path, dpi=110)
+        plt.close(fig)
+        return path
+
+
+class DatasetScanner:
+    """Scan ``dataset`` (``memlab``, an image folder, a table file, a saved or in-memory datasets
+    Dataset, or a ``Source``) into ``work_dir``; an existing scan there is resumed."""
+
+    def __init__(self, dataset, work_dir: str | Path | None = None, caption_column: str | None = None,
+                 image_column: str | None = None, progress: bool = True, **settings):
+        self.source: Source = open_source(dataset, caption_column, image_column)
+        self.settings = ScanSettings(**settings)
+        self._tmp = None
+        if work_dir is None:
+            self._tmp = tempfile.mkdtemp(prefix="diffmem-scan-")
+            work_dir = self._tmp
+        self.work_dir = Path(work_dir)
+        self.progress = progress
+        self._pipe = None
+
+    # -- pass 1 ------------------------------------------------------------------------------
+
+    def _n_rows(self) -> int:
+        n = len(self.source)
+        return min(n, self.settings.limit) if self.settings.limit else n
+
+    def _state(self) -> dict:
+        return {"version": SCAN_VERSION, "source": self.source.describe(), "pass1": self.settings.pass1_key(),
+                "rows": self._n_rows(), "done": []}
+
+    def _load_state(self) -> dict:
+        path = self.work_dir / STATE
+        fresh = self._state()
+        if not path.exists():
+            return fresh
+        try:
+            state = json.loads(path.read_text())
+        except json.JSONDecodeError:
+            raise InputError(f"{path} is damaged; delete the folder to start the scan again") from None
+        for key in ("version", "source", "pass1", "rows"):
+            if json.dumps(state.get(key), sort_keys=True) != json.dumps(fresh[key], sort_keys=True):
+                raise InputError(f"{self.work_dir} holds a scan of another dataset or with other settings "
+                                 f"({key} differs); use a new output folder or delete this one")
+        return state
+
+    def _shard_path(self, k: int) -> Path:
+        return self.work_dir / "shards" / f"shard-{k:05d}.parquet"
+
+    def run_pass1(self) -> dict:
+        from tqdm.auto import tqdm
+
+        self.work_dir.mkdir(parents=True, exist_ok=True)
+        state = self._load_state()
+        done = set(state["done"])
+        n = self._n_rows()
+        todo = [(k, a, b) for k, a, b in shards(self.source, self.settings.shard_size) if a < n and k not in done]
+        total = math.ceil(n / self.settings.shard_size)
+        bar = tqdm(total=n, initial=min(n, len(done) * self.settings.shard_size), unit="row", desc="scanning",
+                   disable=not self.progress)
+        truncation = _truncation_keys()
+        for k, start, stop in todo:
+            stop = min(stop, n)
+            frame = self._shard_features(self.source.rows(start, stop), truncation)
+            write_parquet(frame, self._shard_path(k))
+            state["done"] = sorted(done | {k})
+            done.add(k)
+            dump_json(state, self.work_dir / STATE)  # the record follows the file: never the reverse
+            bar.update(stop - start)
+        bar.close()
+        if len(done) != total:
+            raise RuntimeError(f"scan incomplete: {len(done)} of {total} shards")
+        return state
+
+    def _shard_features(self, rows, truncation):
+        import pandas as pd
+
+        from .caption_duplicates import minhash_signatures
+        from .features import normalize_caption, phash64, thumbnail
+
+        norm = [normalize_caption(r.caption) if r.caption_issue is None else None for r in rows]
+        norm = [c if c else None for c in norm]
+        sig = minhash_signatures(norm)
+        phash = [phash64(r.image) if r.image is not None else None for r in rows]
+        thumbs = [thumbnail(r.image).tobytes() if r.image is not None else None for r in rows]
+        frame = pd.DataFrame({
+            "row": [r.row for r in rows],
+            "caption": [r.caption for r in rows],
+            "caption_issue": [r.caption_issue for r in rows],
+            "image_issue": [r.image_issue for r in rows],
+            "image_key": [r.image_key for r in rows],
+            "caption_norm": norm,
+            "caption_truncated": truncation(norm),
+            "minhash": [s.tobytes() for s in sig],
+            "phash": pd.array(phash, dtype="Int64"),
+            "thumb": thumbs,
+        })
+        if "memorization" in self.settings.checks:
+            frame["memorization_score"] = self._noise_norms(rows, norm)
+        return frame
+
+    def _noise_norms(self, rows, norm) -> np.ndarray:
+        from .memorization import sample_noise_norms
+
+        if self._pipe is None:
+            from ..core.loading import load_pipeline
+
+            self._pipe = load_pipeline(self.settings.model)
+        return sample_noise_norms(self._pipe, rows, timestep=self.settings.timestep, seed=self.settings.seed)
+
+    # -- pass 2 ------------------------------------------------------------------------------
+
+    def load_features(self):
+        import pandas as pd
+
+        state = self._load_state()
+        parts = [read_parquet(self._shard_path(k))[0] for k in sorted(state["done"])]
+        frame = pd.concat(parts, ignore_index=True)
+        if frame["row"].duplicated().any() or len(frame) != self._n_rows():
+            raise RuntimeError(f"scan features in {self.work_dir} are inconsistent; delete the folder and scan again")
+        return frame
+
+    def scan(self, checks=None) -> ScanResult:
+        if checks is not None:
+            self.settings = ScanSettings(**{**asdict(self.settings), "checks": tuple(checks)})
+        self.run_pass1()
+        result = analyse(self.load_features(), self.settings, self.source.describe())
+        if self._tmp is not None:
+            shutil.rmtree(self._tmp, ignore_errors=True)
+        return result
+
+
+def _truncation_keys():
+    from .features import TruncationKeys
+
+    return TruncationKeys()
+
+
+def analyse(features, settings: ScanSettings, source: dict) -> ScanResult:
+    """Pass 2: every global check from the per-row features."""
+    import pandas as pd
+
+    f = features
+    n = len(f)
+    rows = f[["row", "caption", "caption_issue", "image_issue", "image_key"]].copy()
+    rows["is_bad_caption_issue"] = f["caption_issue"].notna().to_numpy()
+    rows["is_bad_image_issue"] = f["image_issue"].notna().to_numpy()
+    summary = [
+        {"check": "bad_caption", "issues": int(rows["is_bad_caption_issue"].sum()),
+         "detail": dict(f["caption_issue"].value_counts())},
+        {"check": "bad_image", "issues": int(rows["is_bad_image_issue"].sum()),
+         "detail": {str(k).split(":")[0]: int(v) for k, v in f["image_issue"].value_counts().items()}},
+    ]
+    info: dict = {}
+    norm = [c if isinstance(c, str) and c else None for c in f["caption_norm"]]
+    has_image = f["thumb"].notna().to_numpy()
+    clusters = np.full(n, -1)
+
+    if "image_duplicates" in settings.checks:
+        if has_image.any():
+            from .image_duplicates import image_clusters
+
+            size = int(round(math.sqrt(len(f["thumb"][has_image].iloc[0]) / 3)))
+            thumbs = np.zeros((n, size, size, 3), np.uint8)
+            for i in np.flatnonzero(has_image):
+                thumbs[i] = np.frombuffer(f["thumb"].iloc[i], np.uint8).reshape(size, size, 3)
+            phash = f["phash"].fillna(0).to_numpy(np.int64)
+            cl = image_clusters(phash, thumbs, has_image, settings.max_hamming, settings.neighbours,
+                                settings.min_agreement)
+            clusters, score = cl.labels, cl.score
+            method = "perceptual hash + thumbnail neighbours"
+        elif f["image_key"].notna().any():
+            # text-only data with an image identity (URL, hash): rows sharing it share the image
+            from .caption_duplicates import _group_ids
+
+            clusters = _group_ids([k if isinstance(k, str) and k else None for k in f["image_key"]])
+            score = (clusters >= 0).astype(np.float32)
+            method = "equal image key"
+        else:
+            score = np.full(n, np.nan)
+            method = "none: no images and no image key"
+        rows["image_cluster"] = clusters
+        rows["is_image_duplicates_issue"] = clusters >= 0
+        rows["image_duplicates_score"] = score
+        sizes = pd.Series(clusters[clusters >= 0]).value_counts()
+        info["image_clusters"] = [
+            {"cluster": int(c), "size": int(s), "example_rows": [int(r) for r in np.flatnonzero(clusters == c)[:8]],
+             "example_captions": [f["caption"].iloc[r] for r in np.flatnonzero(clusters == c)[:3]]}
+            for c, s in sizes.sort_index().items()]
+        summary.append({"check": "image_duplicates", "issues": int((clusters >= 0).sum()),
+                        "detail": {"clusters": int(len(sizes)), "largest": int(sizes.max()) if len(sizes) else 0,
+                                   "method": method}})
+
+    if "caption_duplicates" in settings.checks:
+        from .caption_duplicates import caption_groups
+
+        sig = np.stack([np.frombuffer(b, np.uint32) for b in f["minhash"]]) if n else np.zeros((0, 64), np.uint32)
+        trunc = [t if isinstance(t, str) else None for t in f["caption_truncated"]]
+        g = caption_groups(norm, trunc, sig, settings.caption_jaccard)
+        rows["exact_caption_group"] = g.exact
+        rows["truncation_caption_group"] = g.truncation
+        rows["near_caption_group"] = g.near
+        issue = (g.exact >= 0) | (g.truncation >= 0) | (g.near >= 0)
+        rows["is_caption_duplicates_issue"] = issue
+        rows["caption_duplicates_score"] = g.near_score
+        info["caption_groups"] = _caption_group_info(f, g)
+        summary.append({"check": "caption_duplicates", "issues": int(issue.sum()), "detail": {
+            "exact_groups": int(g.exact.max() + 1), "truncation_groups": int(g.truncation.max() + 1),
+            "near_groups": int(g.near.max() + 1)}})
+
+    if "triggers" in settings.checks:
+        from .triggers import find_triggers
+
+        tp = find_triggers(norm, clusters, settings.min_support, settings.min_purity, settings.max_n)
+        rows["is_triggers_issue"] = tp.row_flag
+        rows["triggers_score"] = tp.row_score
+        info["triggers"] = tp.table.to_dict("records")
+        if not (clusters >= 0).any() and f["image_key"].notna().any():
+            info["shared_phrases"] = _shared_phrases(norm, f["image_key"], settings)
+        summary.append({"check": "triggers", "issues": int(tp.row_flag.sum()),
+                        "detail": {"phrases": int(len(tp.table)),
+                                   "note": "" if (clusters >= 0).any() else "no image clusters: no trigger can be found"}})
+
+    if "memorization" in settings.checks:
+        s = f["memorization_score"].to_numpy(float)
+        ok = np.isfinite(s)
+        thr = settings.memorization_threshold
+        if thr is None and ok.any():
+            med = float(np.median(s[ok]))
+            mad = float(np.median(np.abs(s[ok] - med))) * 1.4826
+            thr = med + 3 * mad
+        rows["memorization_score"] = s
+        rows["is_memorization_issue"] = ok & (s > thr) if thr is not None else np.zeros(n, bool)
+        qs = np.quantile(s[ok], [0, 0.25, 0.5, 0.75, 0.95, 0.99, 1]).tolist() if ok.any() else []
+        summary.append({"check": "memorization", "issues": int(rows["is_memorization_issue"].sum()),
+                        "detail": {"threshold": thr, "quantiles_0_25_50_75_95_99_100": qs}})
+
+    result = ScanResult(asdict(settings), source, rows, pd.DataFrame(summary), info)
+    result._thumbs = None
+    if has_image.any():
+        size = int(round(math.sqrt(len(f["thumb"][has_image].iloc[0]) / 3)))
+        result._thumbs = [np.frombuffer(t, np.uint8).reshape(size, size, 3) if t is not None else None
+                          for t in f["thumb"]]
+    return result
+
+
+def _shared_phrases(norm, image_keys, settings: ScanSettings) -> list[dict]:
+    """Text-only data: phrases shared by >= min_support distinct captions, with the image host
+    (URL domain) most of them come from. Not a trigger verdict, since no image was compared, but
+    LAION's template duplicates (one site's product shots or cover art) show up as phrases
+    concentrated on one host."""
+    from urllib.parse import urlparse
+
+    from .caption_duplicates import _group_ids
+    from .triggers import find_triggers
+
+    hosts = [(urlparse(k).netloc or k) if isinstance(k, str) and k else None for k in image_keys]
+    ids = _group_ids(hosts)
+    names = {int(g): h for g, h in zip(ids, hosts) if g >= 0}
+    tp = find_triggers(norm, ids, settings.min_support, 0.0, settings.max_n)
+    from sklearn.feature_extraction.text import ENGLISH_STOP_WORDS
+
+    out = []
+    for rec in tp.table.to_dict("records"):
+        # a phrase of stop words, numbers or markup remnants ("i" from <i>) says nothing of a template
+        if rec["purity"] < 0.5 or not any(len(w) >= 3 and w.isalpha() and w not in ENGLISH_STOP_WORDS
+                                          for w in rec["phrase"].split()):
+            continue
+        rec["host"] = names.get(rec.pop("cluster"), None)
+        rec["host_share"] = rec.pop("purity")
+        out.append(rec)
+    return out
+
+
+def _caption_group_info(f, g, top: int = 20) -> dict:
+    out = {}
+    for kind, ids in (("exact", g.exact), ("truncation", g.truncation), ("near", g.near)):
+        groups = []
+        for gid in range(min(top, int(ids.max()) + 1)):
+            members = np.flatnonzero(ids == gid)
+            groups.append({"group": gid, "size": int(len(members)), "example_rows": members[:5].tolist(),
+                           "example_captions": list(dict.fromkeys(f["caption"].iloc[members]))[:3]})
+        out[kind] = groups
+    return out

@@ -1,0 +1,384 @@
+"""Captioned datasets as a stream of rows, read in shards so memory is bounded by the shard size.
+
+Every source yields ``ScanRow`` objects in a fixed order, so that shard ``k`` is always the same
+rows: this is what lets an interrupted scan resume exactly where it stopped.
+
+Sources:
+
+- ``MemLabSource``: the MemLab training set (pixels only; its manifest is never read by the scan).
+- ``ImageFolderSource``: a folder of images with captions in ``metadata.jsonl`` / ``metadata.csv``
+  (the Hugging Face imagefolder layout: ``file_name`` plus a caption column) or in ``.txt`` files
+  beside the images.
+- ``TableSource``: ``.parquet`` / ``.jsonl`` / ``.csv`` rows with a caption column and, optionally,
+  an image column (a path, or encoded bytes) or an image key (a URL or hash that identifies the
+  image, for text-only scans).
+- ``HFDatasetSource``: a ``datasets.Dataset`` object or a folder saved with ``save_to_disk``.
+
+Problems inside a row (an unreadable image, a missing or non-UTF-8 caption) are recorded on the
+row and never stop the stream; problems with the dataset itself (no such file, zero rows, no
+caption column) raise ``InputError``.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import io
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+
+from ..core.errors import InputError
+
+CAPTION_COLUMNS = ("caption", "text", "prompt")
+IMAGE_COLUMNS = ("image", "file_name", "image_path", "path")
+KEY_COLUMNS = ("image_key", "url", "image_url", "sha256", "key")
+IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
+
+
+@dataclass
+class ScanRow:
+    row: int
+    caption: str | None
+    caption_issue: str | None = None  # "missing", "empty", "not UTF-8"
+    image: np.ndarray | None = None  # float32 (H, W, 3) in [0, 1]
+    image_issue: str | None = None  # why the image could not be read
+    image_key: str | None = None  # identity of the image when only a key is available
+
+
+def load_image(data) -> np.ndarray:
+    """A path, bytes, PIL image or array as float32 RGB in [0, 1]. Raises on unreadable input."""
+    from PIL import Image
+
+    if isinstance(data, np.ndarray):
+        arr = data.astype(np.float32)
+        return arr / 255.0 if arr.max() > 1.0 else arr
+    if isinstance(data, dict) and "bytes" in data:  # datasets' Image feature, undecoded
+        data = data["bytes"] if data["bytes"] is not None else data.get("path")
+    if isinstance(data, (bytes, bytearray)):
+        data = io.BytesIO(data)
+    im = data if isinstance(data, Image.Image) else Image.open(data)
+    im.load()
+    return np.asarray(im.convert("RGB"), dtype=np.float32) / 255.0
+
+
+def _caption(value) -> tuple[str | None, str | None]:
+    if value is None or (isinstance(value, float) and np.isnan(value)):
+        return None, "missing"
+    if isinstance(value, bytes):
+        try:
+            value = value.decode("utf-8")
+        except UnicodeDecodeError:
+            return value.decode("utf-8", errors="replace"), "not UTF-8"
+    value = str(value)
+    if not value.strip():
+        return value, "empty"
+    return value, None
+
+
+class Source:
+    """A dataset read in order; ``describe()`` identifies it for resume checks."""
+
+    def __len__(self) -> int:
+        raise NotImplementedError
+
+    def rows(self, start: int, stop: int) -> list[ScanRow]:
+        raise NotImplementedError
+
+    def describe(self) -> dict:
+        raise NotImplementedError
+
+    @property
+    def has_images(self) -> bool:
+        return True
+
+
+class MemLabSource(Source):
+    def __init__(self, config=None):
+        from ..memlab import dataset as ds
+
+        self.dataset = ds.build(config)
+
+    def __len__(self) -> int:
+        return len(self.dataset.rows)
+
+    def rows(self, start, stop):
+        out = []
+        for i in range(start, min(stop, len(self))):
+            r = self.dataset.rows[i]
+            out.append(ScanRow(i, r.caption, image=self.dataset.image(r.image_id)))
+        return out
+
+    def describe(self):
+        return {"kind": "memlab", "config": self.dataset.config.to_dict()}
+
+
+class ListSource(Source):
+    """In-memory rows (tests, the synthetic benchmark, Python callers)."""
+
+    def __init__(self, captions, images=None, image_keys=None, name: str = "list"):
+        self.captions = list(captions)
+        self.images = images
+        self.image_keys = image_keys
+        self.name = name
+        if not self.captions:
+            raise InputError("the dataset has zero rows: nothing to scan")
+
+    def __len__(self):
+        return len(self.captions)
+
+    @property
+    def has_images(self):
+        return self.images is not None
+
+    def rows(self, start, stop):
+        out = []
+        for i in range(start, min(stop, len(self))):
+            cap, issue = _caption(self.captions[i])
+            row = ScanRow(i, cap, issue, image_key=None if self.image_keys is None else str(self.image_keys[i]))
+            if self.images is not None:
+                _fill_image(row, lambda: self.images[i])
+            out.append(row)
+        return out
+
+    def describe(self):
+        h = hashlib.sha256("\n".join(map(str, self.captions)).encode("utf-8", "replace")).hexdigest()[:16]
+        return {"kind": "list", "name": self.name, "rows": len(self), "captions_sha256": h}
+
+
+def _fill_image(row: ScanRow, get) -> None:
+    try:
+        value = get()
+        if value is None:
+            row.image_issue = "missing image"
+            return
+        row.image = load_image(value)
+    except Exception as e:  # any decoder error is a property of this row, not of the scan
+        row.image_issue = f"unreadable image: {type(e).__name__}: {str(e)[:120]}"
+
+
+class ImageFolderSource(Source):
+    def __init__(self, folder: str | Path, caption_column: str | None = None):
+        self.folder = Path(folder)
+        if not self.folder.is_dir():
+            raise InputError(f"dataset folder not found: {self.folder}")
+        meta = next((self.folder / n for n in ("metadata.jsonl", "metadata.csv") if (self.folder / n).exists()), None)
+        if meta is not None:
+            table = TableSource(meta, caption_column=caption_column, image_column="file_name")
+            self._table = table
+        else:
+            self._table = None
+            files = sorted(p for p in self.folder.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
+            if not files:
+                raise InputError(f"{self.folder} holds no images ({', '.join(sorted(IMAGE_SUFFIXES))}) and no metadata.jsonl / metadata.csv")
+            self.files = files
+
+    def __len__(self):
+        return len(self._table) if self._table is not None else len(self.files)
+
+    def rows(self, start, stop):
+        if self._table is not None:
+            return self._table.rows(start, stop)
+        out = []
+        for i in range(start, min(stop, len(self))):
+            p = self.files[i]
+            txt = p.with_suffix(".txt")
+            cap, issue = _caption(txt.read_bytes() if txt.exists() else None)
+            row = ScanRow(i, cap.strip() if cap else cap, issue)
+            _fill_image(row, lambda: p)
+            out.append(row)
+        return out
+
+    def describe(self):
+        if self._table is not None:
+            return {"kind": "imagefolder", **self._table.describe()}
+        return {"kind": "imagefolder", "folder": str(self.folder.resolve()), "rows": len(self)}
+
+
+class TableSource(Source):
+    """Rows of a ``.parquet``, ``.jsonl`` or ``.csv`` file."""
+
+    def __init__(self, path: str | Path, caption_column: str | None = None, image_column: str | None = None,
+                 key_column: str | None = None):
+        import pandas as pd
+
+        self.path = Path(path)
+        if not self.path.exists():
+            raise InputError(f"dataset file not found: {self.path}")
+        suffix = self.path.suffix.lower()
+        if suffix == ".parquet":
+            frame = pd.read_parquet(self.path)
+        elif suffix == ".jsonl":
+            frame = self._read_jsonl()
+        elif suffix == ".csv":
+            frame = self._read_csv()
+        else:
+            raise InputError(f"unsupported dataset file {self.path.name}: use .parquet, .jsonl, .csv, an image folder or a saved datasets folder")
+        if len(frame) == 0:
+            raise InputError(f"{self.path} has zero rows: nothing to scan")
+        self.frame = frame
+        self.caption_column = _pick(frame.columns, caption_column, CAPTION_COLUMNS, "caption", self.path)
+        self.image_column = _pick(frame.columns, image_column, IMAGE_COLUMNS, "image", self.path, required=False)
+        self.key_column = _pick(frame.columns, key_column, KEY_COLUMNS, "image key", self.path, required=False)
+
+    def _read_jsonl(self):
+        import pandas as pd
+
+        records = []
+        with open(self.path, "rb") as f:
+            for i, raw in enumerate(f, 1):
+                if not raw.strip():
+                    continue
+                try:
+                    text = raw.decode("utf-8")
+                    bad = False
+                except UnicodeDecodeError:
+                    text, bad = raw.decode("utf-8", errors="replace"), True
+                try:
+                    rec = json.loads(text)
+                except json.JSONDecodeError as e:
+                    raise InputError(f"{self.path} line {i} is not valid JSON: {e.msg}") from None
+                if not isinstance(rec, dict):
+                    raise InputError(f"{self.path} line {i} is not a JSON object")
+                rec["__not_utf8__"] = bad
+                records.append(rec)
+        return pd.DataFrame.from_records(records)
+
+    def _read_csv(self):
+        import pandas as pd
+
+        raw = self.path.read_bytes()
+        lines = raw.split(b"\n")
+        bad = []
+        text_lines = []
+        for line in lines:
+            try:
+                text_lines.append(line.decode("utf-8-sig"))
+                bad.append(False)
+            except UnicodeDecodeError:
+                text_lines.append(line.decode("utf-8", errors="replace"))
+                bad.append(True)
+        rows = list(csv.DictReader(io.StringIO("\n".join(text_lines))))
+        frame = pd.DataFrame(rows)
+        if len(frame):  # data lines start after the header; flag rows whose line was not UTF-8
+            frame["__not_utf8__"] = bad[1 : 1 + len(frame)]
+        return frame
+
+    def __len__(self):
+        return len(self.frame)
+
+    @property
+    def has_images(self):
+        return self.image_column is not None
+
+    def rows(self, start, stop):
+        out = []
+        part = self.frame.iloc[start:stop]
+        for i, (_, rec) in enumerate(part.iterrows(), start):
+            cap, issue = _caption(rec[self.caption_column])
+            if issue is None and bool(rec.get("__not_utf8__", False)):
+                issue = "not UTF-8"
+            row = ScanRow(i, cap, issue, image_key=None if self.key_column is None else str(rec[self.key_column]))
+            if self.image_column is not None:
+                value = rec[self.image_column]
+                if isinstance(value, str) and not Path(value).is_absolute():
+                    value = self.path.parent / value
+                _fill_image(row, lambda: value)
+            out.append(row)
+        return out
+
+    def describe(self):
+        st = self.path.stat()
+        return {"kind": "table", "path": str(self.path.resolve()), "size": st.st_size, "mtime": int(st.st_mtime),
+                "caption_column": self.caption_column, "image_column": self.image_column}
+
+
+class HFDatasetSource(Source):
+    def __init__(self, dataset, caption_column: str | None = None, image_column: str | None = None):
+        import datasets
+
+        if isinstance(dataset, (str, Path)):
+            try:
+                dataset = datasets.load_from_disk(str(dataset))
+            except Exception as e:
+                raise InputError(f"could not open {dataset} as a saved datasets folder: {e}") from None
+        if isinstance(dataset, datasets.DatasetDict):
+            if len(dataset) != 1:
+                raise InputError(f"the saved dataset has splits {list(dataset)}; pick one and save it alone")
+            dataset = next(iter(dataset.values()))
+        if len(dataset) == 0:
+            raise InputError("the dataset has zero rows: nothing to scan")
+        self.ds = dataset
+        self.caption_column = _pick(dataset.column_names, caption_column, CAPTION_COLUMNS, "caption", "the dataset")
+        self.image_column = _pick(dataset.column_names, image_column, IMAGE_COLUMNS, "image", "the dataset", required=False)
+        self.key_column = _pick(dataset.column_names, None, KEY_COLUMNS, "image key", "the dataset", required=False)
+
+    def __len__(self):
+        return len(self.ds)
+
+    @property
+    def has_images(self):
+        return self.image_column is not None
+
+    def rows(self, start, stop):
+        import datasets
+
+        part = self.ds.select(range(start, min(stop, len(self))))
+        if self.image_column is not None and isinstance(part.features.get(self.image_column), datasets.Image):
+            part = part.cast_column(self.image_column, datasets.Image(decode=False))  # decode per row, errors per row
+        out = []
+        for i, rec in enumerate(part, start):
+            cap, issue = _caption(rec[self.caption_column])
+            row = ScanRow(i, cap, issue, image_key=None if self.key_column is None else str(rec[self.key_column]))
+            if self.image_column is not None:
+                _fill_image(row, lambda: rec[self.image_column])
+            out.append(row)
+        return out
+
+    def describe(self):
+        fp = getattr(self.ds, "_fingerprint", None)
+        return {"kind": "datasets", "fingerprint": fp, "rows": len(self), "caption_column": self.caption_column}
+
+
+def _pick(columns, wanted, defaults, what, where, required=True):
+    columns = list(columns)
+    if wanted is not None:
+        if wanted not in columns:
+            raise InputError(f"{where} has no {what} column {wanted!r} (columns: {columns})")
+        return wanted
+    found = next((c for c in defaults if c in columns), None)
+    if found is None and required:
+        raise InputError(f"{where} has no {what} column ({' / '.join(defaults)}); name one with --{what.replace(' ', '-')}-column (columns: {columns})")
+    return found
+
+
+def open_source(dataset, caption_column: str | None = None, image_column: str | None = None) -> Source:
+    """``memlab``, a folder (images or a saved ``datasets`` dataset), a table file, or a Dataset."""
+    if isinstance(dataset, Source):
+        return dataset
+    if not isinstance(dataset, (str, Path)):
+        return HFDatasetSource(dataset, caption_column, image_column)
+    if str(dataset) == "memlab":
+        return MemLabSource()
+    path = Path(dataset)
+    if not path.exists():
+        raise InputError(f"dataset not found: {path} (give 'memlab', an image folder, a .parquet / .jsonl / .csv file or a saved datasets folder)")
+    if path.is_dir():
+        if (path / "dataset_info.json").exists() or (path / "dataset_dict.json").exists():
+            return HFDatasetSource(path, caption_column, image_column)
+        return ImageFolderSource(path, caption_column)
+    return TableSource(path, caption_column, image_column)
+
+
+def shards(source: Source, shard_size: int) -> Iterator[tuple[int, int, int]]:
+    """(index, start, stop) of every shard."""
+    n = len(source)
+    for k, start in enumerate(range(0, n, shard_size)):
+        yield k, start, min(start + shard_size, n)
+
+
+__all__ = ["ScanRow", "Source", "MemLabSource", "ListSource", "ImageFolderSource", "TableSource",
+           "HFDatasetSource", "open_source", "shards", "load_image"]

@@ -1,0 +1,42 @@
+import io
+
+import numpy as np
+
+from diffmem.scan.features import phash64, thumbnail
+from diffmem.scan.image_duplicates import image_clusters
+
+
+def _smooth(rng, size=64):
+    from scipy.ndimage import zoom
+
+    return np.clip(zoom(rng.random((6, 6, 3)), (size / 6, size / 6, 1), order=3)[:size, :size], 0, 1).astype(np.float32)
+
+
+def _jpeg(img):
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.fromarray((img * 255).astype(np.uint8)).save(buf, format="JPEG", quality=70)
+    return np.asarray(Image.open(buf).convert("RGB"), np.float32) / 255
+
+
+def test_clusters_copies_reencodes_and_shared_layouts_but_not_unrelated_images():
+    rng = np.random.default_rng(0)
+    base, layout = _smooth(rng), _smooth(rng)
+    images = [base, base.copy(), _jpeg(base)]  # exact copy and a re-encode
+    for k in range(4):  # one layout, a different object each time (a template)
+        img = layout.copy()
+        y, x = rng.integers(8, 40, 2)
+        img[y:y + 16, x:x + 16] = rng.random(3)
+        images.append(img)
+    images += [_smooth(rng) for _ in range(40)]
+    thumbs = np.stack([thumbnail(i) for i in images])
+    hashes = np.array([phash64(i) for i in images], np.int64)
+    valid = np.ones(len(images), bool)
+    valid[-1] = False  # an unreadable image takes no part
+    cl = image_clusters(hashes, thumbs, valid)
+    assert cl.labels[0] == cl.labels[1] == cl.labels[2] >= 0
+    assert len(set(cl.labels[3:7])) == 1 and cl.labels[3] >= 0 and cl.labels[3] != cl.labels[0]
+    assert (cl.labels[7:] == -1).all()
+    assert np.isnan(cl.score[-1]) and cl.score[0] == 1.0
+    assert sorted(cl.sizes.values()) == [3, 4]

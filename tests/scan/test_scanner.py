@@ -1,0 +1,148 @@
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from diffmem.core.errors import InputError
+from diffmem.scan import DatasetScanner, ListSource, ScanResult
+from diffmem.scan.sources import TableSource
+
+DATA = os.path.join(os.path.dirname(__file__), "..", "..", "..", "shared", "data", "sdv1_500_memorized.jsonl")
+
+
+@pytest.fixture(scope="module")
+def memlab_scan(tmp_path_factory):
+    return DatasetScanner("memlab", tmp_path_factory.mktemp("scan") / "work", shard_size=2048, progress=False).scan()
+
+
+def test_memlab_scan_finds_every_verbatim_group_and_the_planted_triggers(memlab_scan, memlab_manifest):
+    rows = memlab_scan.rows
+    for g in memlab_manifest["groups"]["verbatim"]:
+        members = rows["image_cluster"].iloc[g["first_row"]:g["first_row"] + g["copies"]]
+        assert members.nunique() == 1 and members.iloc[0] >= 0
+        # the cluster is exactly the copies: nothing else was merged into it
+        assert (rows["image_cluster"] == members.iloc[0]).sum() == g["copies"]
+    truth = {g["trigger"] for g in memlab_manifest["groups"]["template"]}
+    found = set(memlab_scan.triggers["phrase"])
+    recall, precision = len(truth & found) / len(truth), len(truth & found) / max(len(found), 1)
+    assert recall >= 0.95 and precision >= 0.9, (recall, precision, found - truth)
+
+
+def test_scan_result_saves_and_loads(memlab_scan, tmp_path):
+    memlab_scan.save(tmp_path)
+    back = ScanResult.load(tmp_path)
+    assert back.rows["is_triggers_issue"].sum() == memlab_scan.rows["is_triggers_issue"].sum()
+    assert list(back.triggers["phrase"]) == list(memlab_scan.triggers["phrase"])
+    assert back.settings["min_purity"] == 0.9
+
+
+def test_bad_rows_are_reported_and_never_stop_the_scan(tmp_path):
+    from PIL import Image
+
+    folder = tmp_path / "ds"
+    folder.mkdir()
+    rng = np.random.default_rng(0)
+    records = []
+    for i in range(6):
+        Image.fromarray((rng.random((16, 16, 3)) * 255).astype(np.uint8)).save(folder / f"{i}.png")
+        records.append({"file_name": f"{i}.png", "text": f"caption {i}"})
+    (folder / "broken.png").write_bytes(b"not a png at all")
+    records.append({"file_name": "broken.png", "text": "a broken image"})
+    records.append({"file_name": "missing.png", "text": "no such file"})
+    records.append({"file_name": "0.png", "text": None})
+    records.append({"file_name": "1.png", "text": "   "})
+    lines = [json.dumps(r).encode() for r in records] + [b'{"file_name": "2.png", "text": "caf\xe9 latte"}']
+    (folder / "metadata.jsonl").write_bytes(b"\n".join(lines) + b"\n")
+    res = DatasetScanner(folder, tmp_path / "work", progress=False).scan()
+    rows = res.rows.set_index("row")
+    assert rows.loc[6, "image_issue"].startswith("unreadable image")
+    assert rows.loc[7, "image_issue"].startswith("unreadable image")
+    assert rows.loc[8, "caption_issue"] == "missing" and rows.loc[9, "caption_issue"] == "empty"
+    assert rows.loc[10, "caption_issue"] == "not UTF-8"
+    summary = res.summary.set_index("check")
+    assert summary.loc["bad_image", "issues"] == 2 and summary.loc["bad_caption", "issues"] == 3
+    # a row whose image is a copy of another's still clusters even when its caption is missing
+    assert rows.loc[8, "image_cluster"] == rows.loc[0, "image_cluster"] >= 0
+
+
+def test_empty_datasets_and_wrong_columns_give_clear_errors(tmp_path):
+    (tmp_path / "empty.jsonl").write_text("")
+    with pytest.raises(InputError, match="zero rows"):
+        DatasetScanner(tmp_path / "empty.jsonl", progress=False)
+    (tmp_path / "t.csv").write_text("title,url\na,b\n")
+    with pytest.raises(InputError, match="no caption column"):
+        DatasetScanner(tmp_path / "t.csv", progress=False)
+    with pytest.raises(InputError, match="not found"):
+        DatasetScanner(tmp_path / "nope", progress=False)
+    with pytest.raises(InputError, match="zero rows"):
+        ListSource([])
+    with pytest.raises(InputError, match="needs a model"):
+        DatasetScanner(tmp_path / "t.csv", progress=False, caption_column="title", checks=["memorization"])
+
+
+def test_resume_refuses_a_folder_from_another_scan(tmp_path):
+    DatasetScanner(ListSource(["a b c", "d e f"]), tmp_path / "w", progress=False).scan()
+    with pytest.raises(InputError, match="another dataset or with other settings"):
+        DatasetScanner(ListSource(["x y z", "d e f"]), tmp_path / "w", progress=False).scan()
+
+
+def test_real_sd_captions_text_scan():
+    res = DatasetScanner(DATA, None, progress=False).scan()
+    rows = res.rows
+    assert len(rows) == 500
+    groups = res.info["caption_groups"]["exact"]
+    assert any("Andover Mills" in c for g in groups for c in g["example_captions"])
+    shared = {p["phrase"]: p for p in res.info["shared_phrases"]}
+    # the Shaw Floors carpet shots, a known template memorization of SD v1, share one image host
+    assert shared["shaw floors"]["in_cluster"] >= 100 and shared["shaw floors"]["host_share"] > 0.95
+
+
+def test_memorization_check_scores_pairs_with_the_model(tmp_path, memlab_manifest):
+    # verbatim rows (0..) and template rows of the MemLab set, scored by the shipped model
+    rows = list(range(0, 64 * 3, 16)) + list(range(7000, 7012))
+    from diffmem.memlab import dataset as ds
+
+    d = ds.build()
+    src = ListSource([d.rows[i].caption for i in rows], images=[d.image(d.rows[i].image_id) for i in rows])
+    res = DatasetScanner(src, tmp_path / "w", progress=False, checks=["memorization"], model="memlab",
+                         timestep=500).scan()
+    s = res.rows["memorization_score"].to_numpy()
+    assert np.isfinite(s).all() and (s > 0).all()
+    again = DatasetScanner(src, tmp_path / "w2", progress=False, checks=["memorization"], model="memlab",
+                           timestep=500).scan()
+    np.testing.assert_allclose(again.rows["memorization_score"], s, rtol=1e-5)
+
+
+def _cli(*args):
+    return [sys.executable, "-c", "from diffmem.cli import main; main()", *args]
+
+
+def test_sigkill_then_resume_gives_the_rows_of_an_uninterrupted_scan(tmp_path):
+    args = ["scan", "memlab", "--limit", "1500", "--shard-size", "50"]
+    full = subprocess.run(_cli(*args, "--out", str(tmp_path / "full")), capture_output=True, text=True, timeout=600)
+    assert full.returncode == 0, full.stderr[-2000:]
+    out = tmp_path / "killed"
+    proc = subprocess.Popen(_cli(*args, "--out", str(out)), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    state = out / "work" / "scan_state.json"
+    deadline = time.time() + 300
+    while time.time() < deadline:
+        if state.exists() and len(json.loads(state.read_text() or '{"done": []}')["done"]) >= 5:
+            break
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    done = json.loads(state.read_text())["done"]
+    assert 5 <= len(done) < 30, "the scan was not interrupted mid-run"
+    assert not (out / "scan_rows.parquet").exists()
+    resumed = subprocess.run(_cli(*args, "--out", str(out)), capture_output=True, text=True, timeout=600)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    a = pd.read_parquet(tmp_path / "full" / "scan_rows.parquet")
+    b = pd.read_parquet(out / "scan_rows.parquet")
+    assert len(b) == 1500 and b["row"].is_unique and list(b["row"]) == list(range(1500))
+    pd.testing.assert_frame_equal(a, b)
