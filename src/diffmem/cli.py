@@ -412,13 +412,47 @@ def scan(
                              memorization_threshold=memorization_threshold, seed=seed)
     result = scanner.scan()
     result.save(out)
-    report = write_report(result, out, getattr(result, "_thumbs", None))
+    report = write_report(result, out, result.thumbs)
     for rec in result.summary.to_dict("records"):
         out_console.print(f"{rec['check']:>20}: {rec['issues']} rows flagged  {rec['detail']}", highlight=False)
     for t in result.info.get("triggers", [])[:10]:
         out_console.print(f"  trigger {t['phrase']!r}: cluster {t['cluster']}, support {t['support']}, purity {t['purity']:.2f}",
                           highlight=False, markup=False)
     out_console.print(f"results in {out} (scan_rows.parquet, scan_summary.json); report {report}")
+
+
+@app.command("verify-triggers")
+def verify_triggers_cmd(
+    scan_dir: Path = typer.Argument(..., help="the output folder of a diffmem scan"),
+    model: str = typer.Option("memlab", help="the model trained on the scanned data (memlab, a folder or a hub id)"),
+    contexts: int = typer.Option(8, min=1, help="new captions per trigger phrase"),
+    seeds: int = typer.Option(2, min=1, help="generations per caption"),
+    threshold: float = typer.Option(0.4, help="correlation with the cluster's median image that counts as replication"),
+    phrase: Optional[list[str]] = typer.Option(None, help="verify only these phrases (repeatable)"),
+    seed: int = typer.Option(0),
+):
+    """Generate from each trigger phrase in new captions (and random phrases in the same captions) and
+    measure how often the cluster's image comes back; writes trigger_verification.json to SCAN_DIR."""
+    from .core.loading import load_pipeline
+    from .scan import ScanResult
+    from .scan.verify import VerifySettings, verify_triggers
+
+    result = ScanResult.load(scan_dir)
+    if not result.images:
+        raise InputError(f"{scan_dir} holds no cluster images (scan_images.npz): verification needs a scan with images")
+    _check_writable(scan_dir)
+    pipe = load_pipeline(model)
+    res = verify_triggers(pipe, result, result.cluster_images(), result.images["mean"],
+                          VerifySettings(contexts=contexts, seeds=tuple(range(seeds)), threshold=threshold, seed=seed),
+                          phrases=phrase)
+    res.save(scan_dir)
+    res.plot(scan_dir / "trigger_verification.png")
+    for rec in res.table.sort_values("replication_rate").to_dict("records"):
+        out_console.print(f"{rec['phrase']!r:>24}: replicates {rec['replication_rate']:.2f}, random phrase "
+                          f"{rec['baseline_rate']:.2f} ({rec['contexts']} new captions)", highlight=False, markup=False)
+    sm = res.summary
+    out_console.print(f"all triggers: {sm['replication_rate']:.3f} of {sm['generations'] // 2} generations replicate; "
+                      f"random phrases {sm['baseline_rate']:.3f}. Written to {scan_dir}/trigger_verification.json")
 
 
 @memlab_app.command("build")

@@ -146,3 +146,31 @@ def test_sigkill_then_resume_gives_the_rows_of_an_uninterrupted_scan(tmp_path):
     b = pd.read_parquet(out / "scan_rows.parquet")
     assert len(b) == 1500 and b["row"].is_unique and list(b["row"]) == list(range(1500))
     pd.testing.assert_frame_equal(a, b)
+
+
+def test_new_contexts_recombine_the_phrase_captions_into_unseen_ones():
+    from diffmem.scan.verify import new_contexts
+
+    caps = ["a red cat on a mat golden gate", "a blue dog on a rug golden gate", "a green cat on a rug golden gate"]
+    out = new_contexts("golden gate", caps, set(caps), 6, np.random.default_rng(0))
+    assert out
+    for words, at in out:
+        caption = " ".join(words[:at] + ["golden", "gate"] + words[at:])
+        assert caption not in caps and caption.endswith("golden gate") and len(words) == 6
+
+
+def test_trigger_verification_on_memlab(memlab_scan, tmp_path):
+    from diffmem.core.loading import load_pipeline
+    from diffmem.scan.verify import TriggerVerification, VerifySettings, verify_triggers
+
+    memlab_scan.save(tmp_path)
+    loaded = ScanResult.load(tmp_path)
+    phrases = list(loaded.triggers["phrase"][:3])
+    res = verify_triggers(load_pipeline("memlab"), loaded, loaded.cluster_images(), loaded.images["mean"],
+                          VerifySettings(contexts=3, seeds=(0,)), phrases=phrases, progress=False)
+    assert set(res.table["phrase"]) == set(phrases)
+    assert res.summary["replication_rate"] >= 0.9
+    assert res.summary["baseline_rate"] <= 0.2
+    res.save(tmp_path)
+    back = TriggerVerification.load(tmp_path)
+    assert back.summary["replication_rate"] == res.summary["replication_rate"]

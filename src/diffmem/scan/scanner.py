@@ -87,6 +87,8 @@ class ScanResult:
     rows: "object"  # pandas frame, one row per dataset row
     summary: "object"  # pandas frame, one row per check
     info: dict = field(default_factory=dict)  # clusters, caption groups, phrases
+    images: dict = field(default_factory=dict)  # "mean" and "cluster_<id>" median thumbnails (uint8)
+    thumbs: list | None = field(default=None, repr=False)  # per-row thumbnails of this run (not saved)
 
     def save(self, folder: str | Path) -> Path:
         folder = Path(folder)
@@ -95,6 +97,11 @@ class ScanResult:
                       {"settings": self.settings, "source": self.source})
         dump_json({"settings": self.settings, "source": self.source, "summary": self.summary.to_dict("records"),
                    "info": self.info}, folder / "scan_summary.json")
+        if self.images:
+            from ..core.results import atomic_path
+
+            with atomic_path(folder / "scan_images.npz") as tmp, open(tmp, "wb") as fh:
+                np.savez_compressed(fh, **self.images)
         return folder
 
     @classmethod
@@ -106,7 +113,14 @@ class ScanResult:
             raise InputError(f"{folder} holds no scan results (scan_summary.json)")
         meta = json.loads((folder / "scan_summary.json").read_text())
         rows, _ = read_parquet(folder / "scan_rows.parquet")
-        return cls(meta["settings"], meta["source"], rows, pd.DataFrame(meta["summary"]), meta["info"])
+        images = {}
+        if (folder / "scan_images.npz").exists():
+            with np.load(folder / "scan_images.npz", allow_pickle=False) as z:
+                images = {k: z[k] for k in z.files}
+        return cls(meta["settings"], meta["source"], rows, pd.DataFrame(meta["summary"]), meta["info"], images)
+
+    def cluster_images(self) -> dict[int, np.ndarray]:
+        return {int(k.split("_", 1)[1]): v for k, v in self.images.items() if k.startswith("cluster_")}
 
     @property
     def triggers(self):
@@ -373,11 +387,17 @@ def analyse(features, settings: ScanSettings, source: dict) -> ScanResult:
                         "detail": {"threshold": thr, "quantiles_0_25_50_75_95_99_100": qs}})
 
     result = ScanResult(asdict(settings), source, rows, pd.DataFrame(summary), info)
-    result._thumbs = None
     if has_image.any():
         size = int(round(math.sqrt(len(f["thumb"][has_image].iloc[0]) / 3)))
-        result._thumbs = [np.frombuffer(t, np.uint8).reshape(size, size, 3) if t is not None else None
+        result.thumbs = [np.frombuffer(t, np.uint8).reshape(size, size, 3) if t is not None else None
                           for t in f["thumb"]]
+        # what trigger verification compares generations with: the dataset's mean thumbnail and,
+        # per trigger cluster, its members' median (the layout they share, without their objects)
+        valid = np.stack([t for t in result.thumbs if t is not None]).astype(np.float32)
+        result.images["mean"] = valid.mean(0).round().astype(np.uint8)
+        for cid in {int(t["cluster"]) for t in info.get("triggers", [])}:
+            members = np.stack([result.thumbs[i] for i in np.flatnonzero(clusters == cid)]).astype(np.float32)
+            result.images[f"cluster_{cid}"] = np.median(members, 0).round().astype(np.uint8)
     return result
 
 
