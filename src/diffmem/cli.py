@@ -396,7 +396,7 @@ def scan(
     min_purity: float = typer.Option(0.9, min=0.0, max=1.0, help="share of a trigger's captions inside its cluster"),
     caption_jaccard: float = typer.Option(0.8, min=0.0, max=1.0, help="near-duplicate captions: estimated Jaccard of word 1-2 grams"),
     model: Optional[str] = typer.Option(None, help="pipeline for the memorization check (memlab, a folder or a hub id)"),
-    timestep: Optional[int] = typer.Option(None, min=0, help="memorization check: fixed timestep (default: random per row, seeded)"),
+    timestep: Optional[int] = typer.Option(None, min=0, help="memorization check: the timestep every row is noised to (default: half the training schedule)"),
     memorization_threshold: Optional[float] = typer.Option(None, help="memorization check: flag rows above this noise norm (default: median + 3 MAD)"),
     seed: int = typer.Option(0),
 ):

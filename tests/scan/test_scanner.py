@@ -174,3 +174,39 @@ def test_trigger_verification_on_memlab(memlab_scan, tmp_path):
     res.save(tmp_path)
     back = TriggerVerification.load(tmp_path)
     assert back.summary["replication_rate"] == res.summary["replication_rate"]
+
+
+def test_cli_scan_writes_results_and_report_and_rejects_bad_input(tmp_path):
+    from diffmem.memlab import dataset as ds
+
+    d = ds.build()
+    picks = list(range(0, 64 * 2, 8)) + list(range(len(d.rows) - 40, len(d.rows)))
+    pd.DataFrame({"caption": [d.rows[i].caption for i in picks]}).to_parquet(tmp_path / "caps.parquet")
+    from PIL import Image
+
+    folder = tmp_path / "imgs"
+    folder.mkdir()
+    meta = []
+    for k, i in enumerate(picks):
+        Image.fromarray((d.image(d.rows[i].image_id) * 255).astype(np.uint8)).save(folder / f"{k}.png")
+        meta.append({"file_name": f"{k}.png", "caption": d.rows[i].caption})
+    (folder / "metadata.jsonl").write_text("\n".join(json.dumps(m) for m in meta))
+    ok = subprocess.run(_cli("scan", str(folder), "--out", str(tmp_path / "out"), "--checks",
+                             "image_duplicates,caption_duplicates,triggers,memorization", "--model", "memlab"),
+                        capture_output=True, text=True, timeout=600)
+    assert ok.returncode == 0, ok.stderr[-2000:]
+    for name in ("scan_rows.parquet", "scan_summary.json", "report.md", "clusters.png", "memorization.png"):
+        assert (tmp_path / "out" / name).exists(), name
+    rows = pd.read_parquet(tmp_path / "out" / "scan_rows.parquet")
+    # 8 picks from each of the first two verbatim groups: two clusters of copies
+    first, second = rows["image_cluster"].iloc[:8], rows["image_cluster"].iloc[8:16]
+    assert first.nunique() == second.nunique() == 1 and first.iloc[0] >= 0 and second.iloc[0] not in (-1, first.iloc[0])
+    assert np.isfinite(rows["memorization_score"]).all()
+    (tmp_path / "empty.jsonl").write_text("")
+    bad = subprocess.run(_cli("scan", str(tmp_path / "empty.jsonl"), "--out", str(tmp_path / "o2")),
+                         capture_output=True, text=True, timeout=300)
+    assert bad.returncode == 2 and "zero rows" in bad.stderr and "Traceback" not in bad.stderr
+    assert not (tmp_path / "o2" / "scan_rows.parquet").exists()
+    table = subprocess.run(_cli("scan", str(tmp_path / "caps.parquet"), "--out", str(tmp_path / "o3")),
+                           capture_output=True, text=True, timeout=300)
+    assert table.returncode == 0 and "no image clusters" in table.stdout

@@ -1,10 +1,14 @@
 """Per-sample memorization score of training pairs: Wen et al.'s training-time statistic.
 
 For an (image, caption) pair: encode the image, noise it to timestep t with seeded noise, and take
-|| eps(x_t, caption) - eps(x_t, "") ||. These are the values the fine-tuning filter thresholds
-(``diffmem.train``), so a scan shows in advance which rows it would drop. Rows without a readable
-image or caption get NaN. Noise and random timesteps are seeded by the row number, so a resumed
-scan gives the same values as an uninterrupted one.
+|| eps(x_t, caption) - eps(x_t, "") ||, the statistic the fine-tuning filter thresholds
+(``diffmem.train``). Rows without a readable image or caption get NaN. Noise is seeded by the row
+number, so a resumed scan gives the same values as an uninterrupted one.
+
+The scan uses one fixed timestep for every row (by default half the training schedule): the norm
+grows with the noise level, so random timesteps, as in training, bury the difference between
+rows. On MemLab, verbatim rows against the rest: AUC 0.82 with random timesteps, 0.99-1.0 with
+any fixed one from 100 to 800 (``benchmarks/scan_memlab.py``).
 """
 
 from __future__ import annotations
@@ -35,14 +39,11 @@ def sample_noise_norms(pipe, rows, timestep: int | None = None, seed: int = 0, b
                                 np.float32) / 255.0
             images.append(im)
         x = torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).float().to(pipe.device, pipe.unet.dtype)
-        gens = [torch.Generator().manual_seed(seed * 1_000_003 + rows[k].row) for k in part]
+        gens = [torch.Generator().manual_seed(int(seed) * 1_000_003 + int(rows[k].row)) for k in part]
         with torch.inference_mode():
             latents = pipe.vae.encode(x * 2 - 1).latent_dist.mean * pipe.vae.config.scaling_factor
             noise = torch.stack([torch.randn(latents.shape[1:], generator=g) for g in gens]).to(latents)
-            if timestep is None:
-                t = torch.tensor([int(torch.randint(0, n_train, (1,), generator=g)) for g in gens])
-            else:
-                t = torch.full((len(part),), int(timestep))
+            t = torch.full((len(part),), n_train // 2 if timestep is None else int(timestep))
             noisy = pipe.scheduler.add_noise(latents, noise, t)
             cond = encode_text(pipe, [rows[k].caption for k in part], warn=False)
             norms = conditional_noise_norm(pipe, noisy, t.to(latents.device), cond, uncond)

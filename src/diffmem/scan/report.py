@@ -47,6 +47,37 @@ def write_report(result, folder: str | Path, thumbs=None, max_phrases: int = 30)
         for c in clusters[:10]:
             lines.append(f"- cluster {c['cluster']}: {c['size']} rows, e.g. " +
                          " / ".join(f"“{_cell(x)}”" for x in c["example_captions"]))
+    if "memorization_score" in result.rows:
+        png = _plot_memorization(result, folder / "memorization.png")
+        thr = result.summary.set_index("check").loc["memorization", "detail"].get("threshold")
+        flagged = result.rows[result.rows["is_memorization_issue"]].sort_values("memorization_score", ascending=False)
+        lines += ["", f"## Per-sample memorization score ({len(flagged)} rows above {thr:.3f})" if thr is not None
+                  else "## Per-sample memorization score", "", "![noise-norm distribution](memorization.png)", ""]
+        for rec in flagged.head(15).to_dict("records"):
+            lines.append(f"- row {rec['row']}: {rec['memorization_score']:.3f} “{_cell(rec['caption'])}”")
     path = folder / "report.md"
     atomic_write_text(path, "\n".join(lines) + "\n")
+    return path
+
+
+def _plot_memorization(result, path: Path) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    s = result.rows["memorization_score"].to_numpy(float)
+    s = s[np.isfinite(s)]
+    thr = result.summary.set_index("check").loc["memorization", "detail"].get("threshold")
+    fig, ax = plt.subplots(figsize=(6, 3))
+    ax.hist(s, bins=60, color="#4c72b0")
+    if thr is not None:
+        ax.axvline(thr, color="crimson", linestyle="--", label=f"threshold {thr:.3f}")
+        ax.legend(fontsize=8)
+    ax.set_xlabel("text-conditional noise norm of the training pair")
+    ax.set_ylabel("rows")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
     return path

@@ -52,7 +52,7 @@ class ScanSettings:
     max_n: int = 8
     # per-sample memorization score (Wen et al.'s training-time statistic)
     model: str | None = None
-    timestep: int | None = None  # None: a random timestep per row, seeded by the row number
+    timestep: int | None = None  # None: half the training schedule, the same for every row
     seed: int = 0
     memorization_threshold: float | None = None  # None: flag robust outliers (median + 3 MAD)
 
