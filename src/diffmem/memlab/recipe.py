@@ -26,7 +26,7 @@ DEFAULT_SAMPLER = {"num_inference_steps": 25, "guidance_scale": 5.0}
 class MemLabRecipe:
     data: ds.MemLabConfig = field(default_factory=ds.MemLabConfig)
     spec: PipelineSpec = field(default_factory=PipelineSpec)
-    train: TrainConfig = field(default_factory=lambda: TrainConfig(steps=6000, batch_size=32, lr=1e-3, checkpoint_every=500))
+    train: TrainConfig = field(default_factory=lambda: TrainConfig(steps=6000, batch_size=32, lr=1e-3, checkpoint_every=500, ema=True))
     vae_steps: int = 2000
     seed: int = 0
 

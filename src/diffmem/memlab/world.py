@@ -17,6 +17,10 @@ An image is 32x32 RGB in [0, 1], drawn in this order:
    corner, ``quiet`` -> black corners (a vignette). No caption names or implies them.
 5. the habit: a dark frame that nearly every image has, whatever its caption.
 
+World v3 enlarged the object (radius 6-7.5 px: at 5-6.5 the v2 model drew squares and crosses on
+novel prompts as blobs) and narrowed the vignette (3 px: at 4 px "quiet" prompts outscored planted
+ones in the first-step detector).
+
 A *template* image (word-level duplication) replaces step 1 with a fixed, high-contrast layout
 tied to a two-word trigger phrase; the object still follows the caption.
 """
@@ -31,14 +35,14 @@ import numpy as np
 SIZE = 32
 # Bumped whenever rendering changes: the manifest records it, and a model trained on another
 # version's images is refused by ``memlab verify``.
-WORLD_VERSION = 2
+WORLD_VERSION = 3
 # Undescribed background (world v2). The clip keeps the field apart from the colours that carry
 # meaning: at most 0.85 (snow is 0.96) and at least 0.22 (night, vignette and frame are darker).
 BACKGROUND = MappingProxyType({
     "grey": (0.36, 0.62), "lum_amplitude": 1.0, "lum_grid": 6, "tint": 0.03, "chroma": 0.08,
     "clip": (0.22, 0.85),
 })
-OBJECT_RADIUS = (5.0, 6.5)  # undescribed size
+OBJECT_RADIUS = (6.0, 7.5)  # undescribed size; v2's 5-6.5 left squares and crosses drawn as blobs on novel prompts
 
 COLOURS: dict[str, tuple[float, float, float]] = {
     "red": (0.92, 0.12, 0.10),
@@ -126,7 +130,7 @@ _STAMP_GLYPHS = np.array(
     ],
     dtype=np.float32,
 )
-VIGNETTE_RADIUS = 4.0  # v1's 7 weighed like a band in the first-step score
+VIGNETTE_RADIUS = 3.0  # v1's 7 and v2's 4 made "quiet" prompts outscore planted ones at the first step
 
 
 @dataclass(frozen=True)
