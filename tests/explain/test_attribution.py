@@ -15,10 +15,11 @@ def test_words_merge_bpe_pieces(tiny_pipe):
 
 
 def test_gradient_matches_finite_differences(tiny_pipe):
-    """The attribution is the gradient of the first-step loss with respect to the embeddings."""
+    """With wrt="output", the attribution is the gradient of the first-step loss with respect to the
+    text-encoder output embeddings."""
     pipe = tiny_pipe
     prompt = "a red circle"
-    res = TokenAttribution(pipe, num_inference_steps=4, steps=[0]).attribute(prompt)
+    res = TokenAttribution(pipe, num_inference_steps=4, steps=[0], wrt="output").attribute(prompt)
     with torch.no_grad():
         emb = denoise.encode_text(pipe, [prompt]).double()
         uncond = denoise.encode_text(pipe, [""]).double()
@@ -43,6 +44,46 @@ def test_gradient_matches_finite_differences(tiny_pipe):
     finally:
         pipe.unet.float()
     assert res.token_scores[pos - 1] == pytest.approx(np.linalg.norm(g), rel=1e-3)
+
+
+def test_input_gradient_matches_a_directional_finite_difference(tiny_pipe):
+    """Default wrt="input": the gradient with respect to the token embeddings, through the text
+    encoder. A float64 central difference along a random direction at one token checks it."""
+    from diffmem.explain.attribution import encode_token_embeddings
+
+    pipe = tiny_pipe
+    prompt = "a red circle"
+    ta = TokenAttribution(pipe, num_inference_steps=4, steps=[0])
+    assert ta.settings["wrt"] == "input"
+    pos = 2
+    sched = denoise.fresh_scheduler(pipe, 4)
+    t = sched.timesteps[0]
+    ids = denoise.tokenize(pipe, [prompt])
+    x = denoise.initial_latents(pipe, 0, 1).double()  # drawn in float32, as the attribution draws it
+    pipe.unet.double()
+    pipe.text_encoder.double()
+    try:
+        with torch.no_grad():
+            uncond = pipe.unet(x, t, encoder_hidden_states=denoise.encode_text(pipe, [""])).sample
+            tok = pipe.text_encoder.get_input_embeddings()(ids)
+
+        def loss(e):
+            return (pipe.unet(x, t, encoder_hidden_states=encode_token_embeddings(pipe, ids, e)).sample - uncond).norm()
+
+        leaf = tok.clone().requires_grad_(True)
+        (g,) = torch.autograd.grad(loss(leaf), leaf)
+        v = torch.zeros_like(tok)
+        v[0, pos] = torch.randn(tok.shape[-1], generator=torch.Generator().manual_seed(0), dtype=tok.dtype)
+        h = 1e-6
+        with torch.no_grad():
+            fd = float((loss(tok + h * v) - loss(tok - h * v)) / (2 * h))
+        assert float((g * v).sum()) == pytest.approx(fd, rel=1e-5)
+        grad_norm = float(g[0, pos].norm())
+    finally:
+        pipe.unet.float()
+        pipe.text_encoder.float()
+    res = ta.attribute(prompt)
+    assert res.token_scores[pos - 1] == pytest.approx(grad_norm, rel=1e-3)
 
 
 def test_ablation_is_the_score_drop(tiny_pipe):

@@ -2,7 +2,13 @@
 
 ``TokenAttribution``: for each token, the L2 norm (over the hidden dimension) of the gradient
 of the detection loss || eps(x_t, c) - eps(x_t, c_empty) || with respect to that token's
-text-encoder output embedding, averaged over the chosen steps and seeded generations.
+embedding, averaged over the chosen steps and seeded generations. By default (``wrt="input"``)
+the embedding is the text encoder's *input* token embedding, so the gradient flows through the
+encoder: CLIP's text encoder is causal, and what a phrase contributes to the UNet's condition
+sits largely in the positions after it (the EOS and padding outputs), which a gradient on the
+output embeddings credits to no word. On MemLab's 40 trigger test prompts the trigger phrase
+holds the top word for 39 with input gradients and 1 with output gradients. ``wrt="output"``
+keeps the gradient on the text-encoder outputs.
 Classifier-free guidance advances x_t in the pipeline's order (unconditional + g * (conditional -
 unconditional)); the official code swaps the two halves here, which reverses guidance along the
 trajectory. Each step's gradient is taken at that step's x_t, held fixed (x_t is detached
@@ -155,6 +161,20 @@ def prompt_tokens(pipe, prompt: str) -> tuple[list[str], list[int], list[str]]:
     return tokens, word_of, words
 
 
+def encode_token_embeddings(pipe, ids: torch.Tensor, token_embeddings: torch.Tensor) -> torch.Tensor:
+    """The text encoder's output for ``ids`` with its input token embeddings replaced by
+    ``token_embeddings`` (positional embeddings still added), as ``denoise.encode_text`` computes it."""
+    layer = pipe.text_encoder.get_input_embeddings()
+    hook = layer.register_forward_hook(lambda module, inputs, output: token_embeddings)
+    try:
+        mask = None
+        if getattr(pipe.text_encoder.config, "use_attention_mask", False):
+            mask = (ids != pipe.tokenizer.pad_token_id).long()
+        return pipe.text_encoder(ids, attention_mask=mask)[0].to(dtype=pipe.unet.dtype)
+    finally:
+        hook.remove()
+
+
 def _check_prompt(prompt: str) -> str:
     if not isinstance(prompt, str) or not prompt.strip():
         raise InputError("the prompt to explain is empty")
@@ -165,13 +185,15 @@ class TokenAttribution:
     method = "token_attribution"
 
     def __init__(self, pipe, num_inference_steps: int = 50, guidance_scale: float = 7.5, steps: Sequence[int] = (0,),
-                 generations: int = 1, seed: int = 0):
+                 generations: int = 1, seed: int = 0, wrt: str = "input"):
         steps = tuple(sorted({int(s) for s in steps}))
         if not steps or steps[0] < 0 or steps[-1] >= num_inference_steps:
             raise InputError(f"steps must lie in [0, {num_inference_steps - 1}], got {list(steps)}")
+        if wrt not in ("input", "output"):
+            raise InputError(f"wrt must be 'input' (token embeddings) or 'output' (text-encoder outputs), got {wrt!r}")
         self.pipe = pipe
         self.settings = {"num_inference_steps": num_inference_steps, "guidance_scale": guidance_scale,
-                         "steps": list(steps), "generations": generations, "seed": seed}
+                         "steps": list(steps), "generations": generations, "seed": seed, "wrt": wrt}
 
     def seeds(self) -> list[int]:
         return [self.settings["seed"] + g for g in range(self.settings["generations"])]
@@ -181,23 +203,30 @@ class TokenAttribution:
         pipe, s = self.pipe, self.settings
         tokens, word_of, words = prompt_tokens(pipe, prompt)
         n = len(tokens)
+        ids = denoise.tokenize(pipe, [prompt]).to(pipe.text_encoder.device)
         with torch.no_grad():
             emb0 = denoise.encode_text(pipe, [prompt])
             uncond_emb = denoise.encode_text(pipe, [""], warn=False)
+            tok0 = pipe.text_encoder.get_input_embeddings()(ids)
         grads, losses = [], []
         for seed in self.seeds():
             sched = denoise.fresh_scheduler(pipe, s["num_inference_steps"])
             x = denoise.initial_latents(pipe, seed, 1)
             for i, t in enumerate(sched.timesteps[: s["steps"][-1] + 1]):
                 xin = sched.scale_model_input(x, t)
-                emb = emb0.clone().requires_grad_(i in s["steps"])
-                with torch.set_grad_enabled(i in s["steps"]):
+                scored = i in s["steps"]
+                with torch.set_grad_enabled(scored):
+                    if scored and s["wrt"] == "input":
+                        leaf = tok0.clone().requires_grad_(True)
+                        emb = encode_token_embeddings(pipe, ids, leaf)
+                    else:
+                        leaf = emb = emb0.clone().requires_grad_(scored)
                     cond = pipe.unet(xin, t, encoder_hidden_states=emb).sample
                 with torch.no_grad():
                     uncond = pipe.unet(xin, t, encoder_hidden_states=uncond_emb).sample
-                if i in s["steps"]:
+                if scored:
                     loss = denoise.to_epsilon(pipe, cond.float() - uncond.float(), t).flatten(1).norm(dim=1).sum()
-                    (g,) = torch.autograd.grad(loss, emb)
+                    (g,) = torch.autograd.grad(loss, leaf)
                     grads.append(g[0].float().norm(dim=-1))  # (L,)
                     losses.append(float(loss.detach()))
                 with torch.no_grad():
