@@ -533,6 +533,70 @@ def memlab_sample(
     out_console.print(res["summary"])
 
 
+@app.command()
+def audit(
+    model: str = typer.Option("memlab", help="a local pipeline folder, a hub id, or memlab"),
+    prompts: Optional[Path] = typer.Option(None, help="prompts to audit (.txt / .jsonl / .csv); default: MemLab's audit set"),
+    column: Optional[str] = typer.Option(None, help="prompt column of a .csv / .jsonl file"),
+    reference: Optional[Path] = typer.Option(None, help="non-memorized prompts to calibrate on; default: MemLab's reference set"),
+    train_data: Optional[str] = typer.Option(None, help="training data to scan (as for diffmem scan: memlab, a folder, a table file)"),
+    out: Path = typer.Option(Path("audit"), help="folder for each stage's results and report.html"),
+    fpr: float = typer.Option(0.01, help="calibrated false-positive rate"),
+    seed: int = typer.Option(0),
+    generations: int = typer.Option(1, min=1, help="detection: seeded generations averaged per prompt"),
+    skip: str = typer.Option("", help="stages to skip, comma-separated: explain, categorize, mitigate, scan"),
+    grid: bool = typer.Option(True, help="with labelled prompts: also the steps x generations grid"),
+    max_explain: Optional[int] = typer.Option(None, min=0, help="explain at most this many flagged prompts (highest scores first)"),
+    max_categorize: int = typer.Option(12, min=0, help="categorize at most this many flagged prompts"),
+    categorize_n: int = typer.Option(8, min=2, help="generations per categorized prompt"),
+    steps: str = typer.Option("0,1,2,3,4", help="detection: sampling steps scored, comma-separated (0 = first step)"),
+    categorize_controls: int = typer.Option(4, min=0, help="unflagged prompts categorized beside the flagged ones"),
+    max_mitigate: Optional[int] = typer.Option(16, min=0, help="mitigate at most this many flagged prompts (highest scores first)"),
+    mitigate_generations: int = typer.Option(4, min=1, help="mitigation: seeded generations per prompt"),
+    mitigate_iters: int = typer.Option(10, min=0, help="mitigation: embedding optimization iterations at most"),
+    batch_size: int = typer.Option(32, min=1),
+):
+    """Detect, explain, categorize, mitigate and (with --train-data) scan, then write OUT/report.html.
+
+    Re-running with the same settings reuses every finished stage."""
+    from .report.audit import Audit, AuditSettings
+
+    settings = AuditSettings(model=model, prompts=str(prompts) if prompts else None, column=column,
+                             reference=str(reference) if reference else None, train_data=train_data, fpr=fpr, seed=seed,
+                             generations=generations, batch_size=batch_size, grid=grid, max_explain=max_explain,
+                             categorize_n=categorize_n, max_categorize=max_categorize, categorize_controls=categorize_controls,
+                             max_mitigate=max_mitigate, mitigate_generations=mitigate_generations, mitigate_iters=mitigate_iters,
+                             steps=tuple(_steps(steps)), skip=tuple(x.strip() for x in skip.split(",") if x.strip()))
+    res = Audit(settings, out, console=console).run()
+    d = res.stages["detect"]["summary"]
+    line = f"{d['n_flagged']} of {d['n_prompts']} prompts flagged (threshold {d['threshold']:.4g} at FPR {d['fpr']})"
+    if "recall" in d:
+        line += f"; planted recall {d['recall']:.3f}, non-memorized flagged {d['false_positive_rate']:.3f}, AUC {d['auc']:.3f}"
+    m = res.stages.get("mitigate", {}).get("summary") or {}
+    if "replication_before" in m:
+        line += f"; mitigation: replication {m['replication_before']:.3f} -> {m['replication_after']:.3f}"
+    out_console.print(line, highlight=False, markup=False)
+    out_console.print(f"report: {out / 'report.html'}", highlight=False, markup=False)
+
+
+@app.command("app")
+def app_cmd(
+    model: str = typer.Option("memlab", help="a local pipeline folder, a hub id, or memlab"),
+    calibration: Optional[Path] = typer.Option(None, help="a calibration file (default on MemLab: fit on its reference set)"),
+    audit_dir: Optional[Path] = typer.Option(None, "--audit", help="use the calibration of this audit folder"),
+    host: str = typer.Option("127.0.0.1", help="address to bind (default: this machine only)"),
+    port: int = typer.Option(7860, min=1, max=65535),
+    seed: int = typer.Option(0),
+):
+    """A local page: edit a prompt, see its score against the threshold and its words coloured by attribution."""
+    from .report.app import AppState, serve
+
+    state = AppState(model, calibration=calibration, audit=audit_dir, seed=seed, progress=True)
+    out_console.print(f"diffmem app on http://{host}:{port}/  (threshold {state.calibration.threshold:.4g}; Ctrl-C stops)",
+                      highlight=False, markup=False)
+    serve(state, host, port)
+
+
 def main(argv: list[str] | None = None) -> None:
     _quiet_libraries()
     try:

@@ -158,7 +158,8 @@ def step_sets(num_inference_steps: int) -> dict[str, list[int]]:
 
 def bench_detect(pipe, data: LabelledPrompts, generations=(1, 4), num_inference_steps: int | None = None,
                  guidance_scale: float | None = None, seed: int = 0, batch_size: int = 64, black_box: bool = True,
-                 progress: bool = True) -> DetectBenchResult:
+                 progress: bool = True, rows: dict[str, list[int]] | None = None) -> DetectBenchResult:
+    """``rows``: the grid's rows, {label: step indices}; default the published table's rows."""
     from ..core.loading import sampler_defaults
     from ..detect.noise_norm import NoiseNormDetector
     from ..detect.seed_consistency import SeedConsistencyDetector
@@ -166,7 +167,7 @@ def bench_detect(pipe, data: LabelledPrompts, generations=(1, 4), num_inference_
     d = sampler_defaults(pipe)
     nsteps = num_inference_steps or d["num_inference_steps"]
     gscale = guidance_scale if guidance_scale is not None else d["guidance_scale"]
-    sets = step_sets(nsteps)
+    sets = rows if rows is not None else step_sets(nsteps)
     all_steps = sorted({s for v in sets.values() for s in v})
     det = NoiseNormDetector(pipe, nsteps, gscale, steps=all_steps, generations=max(generations), seed=seed, batch_size=batch_size)
     res = det.score(data.prompts, progress=progress)

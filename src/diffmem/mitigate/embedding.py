@@ -153,8 +153,10 @@ class EmbeddingOptimization:
     def seeds(self) -> list[int]:
         return [self.settings["seed"] + g for g in range(self.settings["generations"])]
 
-    def optimize(self, prompt: str) -> tuple[torch.Tensor, list[float], int, bool]:
-        """(embedding (1, L, D), loss trajectory, steps taken, target reached)."""
+    def optimize(self, prompt: str, callback=None) -> tuple[torch.Tensor, list[float], int, bool]:
+        """(embedding (1, L, D), loss trajectory, steps taken, target reached).
+
+        ``callback(iteration, loss)`` is called after each loss evaluation; it may raise to stop."""
         pipe, s = self.pipe, self.settings
         sched = denoise.fresh_scheduler(pipe, s["num_inference_steps"])
         t = sched.timesteps[0]
@@ -176,6 +178,8 @@ class EmbeddingOptimization:
                 raise NonFiniteLoss(f"the mitigation loss became {value} at iteration {it} for prompt {prompt!r}; "
                                     f"lower the learning rate (now {s['lr']})")
             traj.append(value)
+            if callback is not None:
+                callback(it, value)
             if value <= s["target"] or it == s["max_iters"]:
                 break
             opt.zero_grad(set_to_none=True)

@@ -80,6 +80,9 @@ class ScanSettings:
         return d
 
 
+MAX_CLUSTER_IMAGES = 1000  # median thumbnails kept for the largest clusters (a 32x32 RGB each)
+
+
 @dataclass
 class ScanResult:
     settings: dict
@@ -395,7 +398,10 @@ def analyse(features, settings: ScanSettings, source: dict) -> ScanResult:
         # per trigger cluster, its members' median (the layout they share, without their objects)
         valid = np.stack([t for t in result.thumbs if t is not None]).astype(np.float32)
         result.images["mean"] = valid.mean(0).round().astype(np.uint8)
-        for cid in {int(t["cluster"]) for t in info.get("triggers", [])}:
+        # the trigger clusters first, then the largest others (audit shows them beside flagged prompts)
+        wanted = {int(t["cluster"]) for t in info.get("triggers", [])}
+        wanted |= {int(c["cluster"]) for c in sorted(info.get("image_clusters", []), key=lambda c: -c["size"])[:MAX_CLUSTER_IMAGES]}
+        for cid in sorted(wanted):
             members = np.stack([result.thumbs[i] for i in np.flatnonzero(clusters == cid)]).astype(np.float32)
             result.images[f"cluster_{cid}"] = np.median(members, 0).round().astype(np.uint8)
     return result

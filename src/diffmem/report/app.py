@@ -1,0 +1,374 @@
+"""``diffmem app``: a local page to edit a prompt and watch its memorization score and attribution.
+
+A small Starlette (ASGI) app served by uvicorn on 127.0.0.1, with one plain HTML page and a JSON
+API. Chosen over Gradio: two small dependencies instead of a large framework, no assets fetched at
+run time, and a page whose elements a browser test can address directly.
+
+- ``POST /api/score {"prompt"}``: the noise norm (the audit's scored steps) against the calibrated
+  threshold, and the words' attribution (Wen et al.'s token gradients) from the same pass: about
+  half a second on MemLab on a CPU.
+- ``POST /api/mitigate {"prompt"}``: a background job (generate before, optimize the prompt
+  embedding, generate after), polled at ``GET /api/jobs/{id}`` and stopped by
+  ``POST /api/jobs/{id}/cancel`` between images or optimization iterations.
+Model calls are serialised by one lock: the model is not shared between concurrent requests.
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+import threading
+import time
+import uuid
+from pathlib import Path
+
+import numpy as np
+
+from ..core.errors import InputError
+
+MAX_PROMPT_CHARS = 2000
+
+
+class Cancelled(Exception):
+    pass
+
+
+def _png(img: np.ndarray, scale: int = 4) -> str:
+    from PIL import Image
+
+    im = Image.fromarray((np.clip(img, 0, 1) * 255).round().astype(np.uint8))
+    im = im.resize((im.width * scale, im.height * scale), Image.NEAREST)
+    buf = io.BytesIO()
+    im.save(buf, format="PNG")
+    return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
+
+
+class AppState:
+    """The model, its calibration and the running jobs."""
+
+    def __init__(self, model: str = "memlab", calibration: str | Path | None = None, audit: str | Path | None = None,
+                 seed: int = 0, generations: int = 4, progress: bool = False):
+        from ..core.loading import load_pipeline, sampler_defaults
+        from ..detect import Calibration, NoiseNormDetector
+
+        if calibration is not None and audit is not None:
+            raise InputError("give --calibration or --audit, not both")
+        if audit is not None:
+            calibration = Path(audit) / "detect" / "calibration.json"
+        self.pipe = load_pipeline(model)
+        self.sampler = sampler_defaults(self.pipe)
+        self.seed, self.generations = seed, generations
+        cal = Calibration.load(calibration) if calibration is not None else None
+        if cal is not None:  # score exactly as the calibration was made
+            cs = cal.settings
+            self.sampler = {"num_inference_steps": cs["num_inference_steps"], "guidance_scale": cs["guidance_scale"]}
+            steps, self.seed = cs["steps"], cs["seed"]
+        else:
+            from .audit import AuditSettings
+
+            steps = [x for x in AuditSettings.steps if x < self.sampler["num_inference_steps"]]
+        self.detector = NoiseNormDetector(self.pipe, self.sampler["num_inference_steps"], self.sampler["guidance_scale"],
+                                          steps=steps, generations=1, seed=self.seed)
+        if cal is not None:
+            self.calibration = cal
+        else:  # MemLab: calibrate on its reference set, as the audit does
+            from .audit import memlab_audit_prompts
+            from ..memlab.verify import load_manifest
+
+            try:
+                manifest = load_manifest(model)
+            except InputError:
+                raise InputError(f"{model} is not a MemLab model: give --calibration FILE or --audit DIR") from None
+            self.calibration = Calibration.fit(self.detector.score(memlab_audit_prompts(manifest).reference, progress=progress))
+        probe = self.detector.score(["a probe"])
+        self.calibration.check(probe)  # a calibration made with other settings or for another model is refused
+        self.lock = threading.Lock()
+        self.jobs: dict[str, dict] = {}
+
+    def _check(self, prompt) -> str:
+        if not isinstance(prompt, str) or not prompt.strip():
+            raise InputError("the prompt is empty")
+        if len(prompt) > MAX_PROMPT_CHARS:
+            raise InputError(f"the prompt is longer than {MAX_PROMPT_CHARS} characters")
+        return prompt
+
+    def score(self, prompt: str) -> dict:
+        import warnings
+
+        from ..core.denoise import PromptTruncationWarning
+        from ..explain import TokenAttribution
+
+        prompt = self._check(prompt)
+        t0 = time.time()
+        with self.lock, warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always", PromptTruncationWarning)
+            a = TokenAttribution(self.pipe, self.sampler["num_inference_steps"], self.sampler["guidance_scale"],
+                                 steps=self.detector.settings.steps, generations=1, seed=self.seed).attribute(prompt)
+        shares = a._shares()
+        thr = self.calibration.threshold
+        return {"prompt": prompt, "score": a.detection_score, "threshold": thr, "memorized": a.detection_score > thr,
+                "words": [{"before": b, "text": w, "score": float(sc), "share": float(sh)}
+                          for (b, w), sc, sh in zip(a.segments(), a.word_scores, shares)],
+                "top_word": a.top_word, "seconds": time.time() - t0,
+                "warnings": [str(w.message) for w in caught],
+                "settings": {**self.detector.settings.to_dict(), "fpr": self.calibration.fpr}}
+
+    # -- mitigation jobs -----------------------------------------------------------------------
+    def start_mitigation(self, prompt: str) -> str:
+        prompt = self._check(prompt)
+        job = {"id": uuid.uuid4().hex[:12], "prompt": prompt, "state": "queued", "progress": 0.0, "message": "queued",
+               "cancel": threading.Event(), "result": None, "error": None}
+        self.jobs[job["id"]] = job
+        threading.Thread(target=self._mitigate, args=(job,), daemon=True).start()
+        return job["id"]
+
+    def _mitigate(self, job: dict) -> None:
+        from ..core.generate import generate
+        from ..mitigate import EmbeddingOptimization
+
+        seeds = [self.seed + g for g in range(self.generations)]
+        kw = dict(num_inference_steps=self.sampler["num_inference_steps"], guidance_scale=self.sampler["guidance_scale"])
+        m = EmbeddingOptimization(self.pipe, self.calibration.threshold, generations=self.generations, seed=self.seed,
+                                  target_source="the app's calibration threshold", **kw)
+        iters = m.settings["max_iters"] + 1
+        total = 2 * len(seeds) + iters
+        done = 0
+
+        def tick(message: str):
+            nonlocal done
+            if job["cancel"].is_set():
+                raise Cancelled()
+            done += 1
+            job["progress"], job["message"] = done / total, message
+
+        try:
+            with self.lock:
+                job["state"] = "running"
+                before = []
+                for s in seeds:
+                    tick(f"generating before, seed {s}")
+                    before.append(generate(self.pipe, [job["prompt"]], [s], **kw)[0, 0])
+                emb, traj, steps, reached = m.optimize(job["prompt"], callback=lambda it, v: tick(f"optimizing: iteration {it}, loss {v:.4g}"))
+                after = []
+                for s in seeds:
+                    tick(f"generating after, seed {s}")
+                    after.append(before[len(after)] if steps == 0 else
+                                 generate(self.pipe, [job["prompt"]], [s], prompt_embeds=emb, **kw)[0, 0])
+            job["result"] = {"before": [_png(i) for i in before], "after": [_png(i) for i in after], "seeds": seeds,
+                             "initial_loss": traj[0], "final_loss": traj[-1], "iterations": steps, "reached_target": reached,
+                             "target": self.calibration.threshold}
+            job["state"], job["progress"], job["message"] = "done", 1.0, "done"
+        except Cancelled:
+            job["state"], job["message"] = "cancelled", "cancelled"
+        except Exception as e:  # reported to the page, not lost in a thread
+            job["state"], job["error"], job["message"] = "error", str(e), f"error: {e}"
+
+    def job_view(self, job_id: str) -> dict:
+        job = self.jobs.get(job_id)
+        if job is None:
+            raise KeyError(job_id)
+        return {k: job[k] for k in ("id", "state", "progress", "message", "result", "error")}
+
+
+def create_app(state: AppState):
+    from starlette.applications import Starlette
+    from starlette.requests import Request
+    from starlette.responses import HTMLResponse, JSONResponse
+    from starlette.routing import Route
+
+    def bad(msg: str, code: int = 400):
+        return JSONResponse({"error": msg}, status_code=code)
+
+    async def prompt_of(request: Request):
+        try:
+            body = await request.json()
+        except ValueError:
+            return None
+        return body.get("prompt") if isinstance(body, dict) else None
+
+    async def page(request: Request):
+        return HTMLResponse(PAGE)
+
+    async def score(request: Request):
+        from starlette.concurrency import run_in_threadpool
+
+        prompt = await prompt_of(request)
+        try:
+            return JSONResponse(await run_in_threadpool(state.score, prompt))
+        except InputError as e:
+            return bad(str(e))
+
+    async def mitigate(request: Request):
+        try:
+            return JSONResponse({"job": state.start_mitigation(await prompt_of(request))})
+        except InputError as e:
+            return bad(str(e))
+
+    async def job(request: Request):
+        try:
+            return JSONResponse(state.job_view(request.path_params["job_id"]))
+        except KeyError:
+            return bad("no such job", 404)
+
+    async def cancel(request: Request):
+        j = state.jobs.get(request.path_params["job_id"])
+        if j is None:
+            return bad("no such job", 404)
+        j["cancel"].set()
+        return JSONResponse({"job": j["id"], "cancelling": True})
+
+    async def info(request: Request):
+        return JSONResponse({"threshold": state.calibration.threshold, "fpr": state.calibration.fpr,
+                             "model": state.calibration.model, "settings": state.detector.settings.to_dict()})
+
+    return Starlette(routes=[Route("/", page), Route("/api/info", info), Route("/api/score", score, methods=["POST"]),
+                             Route("/api/mitigate", mitigate, methods=["POST"]), Route("/api/jobs/{job_id}", job),
+                             Route("/api/jobs/{job_id}/cancel", cancel, methods=["POST"])])
+
+
+def serve(state: AppState, host: str = "127.0.0.1", port: int = 7860) -> None:
+    import uvicorn
+
+    uvicorn.run(create_app(state), host=host, port=port, log_level="warning")
+
+
+# The page builds every user-derived node with textContent, never innerHTML: a prompt is shown as text.
+PAGE = r"""<!DOCTYPE html>
+<html lang="en"><head><meta charset="utf-8"><link rel="icon" href="data:,">
+<title>diffmem: prompt memorization</title>
+<style>
+ body { font: 15px/1.5 system-ui, sans-serif; max-width: 900px; margin: 1.5em auto; padding: 0 1em; color: #222; }
+ textarea { width: 100%; font: inherit; padding: .4em; box-sizing: border-box; }
+ button { font: inherit; padding: .25em .8em; margin-right: .4em; }
+ #tokens span.tok { cursor: pointer; border-radius: 3px; padding: 0 1px; }
+ #tokens span.tok:hover { outline: 1px solid #333; }
+ #verdict.mem { color: #c22; font-weight: 700; } #verdict.ok { color: #2a7; font-weight: 700; }
+ #bar { height: 14px; background: #eee; position: relative; margin: .4em 0; max-width: 600px; }
+ #bar div { position: absolute; top: 0; bottom: 0; } #fill { background: #d63; left: 0; } #thr { width: 2px; background: #000; }
+ #menu { display: none; border: 1px solid #aaa; background: #fff; padding: .4em; position: absolute; box-shadow: 0 2px 6px #0003; }
+ .imgs img { image-rendering: pixelated; margin: 2px; width: 96px; } .muted { color: #666; font-size: .85em; }
+ progress { width: 300px; }
+</style></head>
+<body>
+<h1>Does this prompt replicate training data?</h1>
+<p class="muted" id="info">loading…</p>
+<textarea id="prompt" rows="2" placeholder="type a prompt"></textarea>
+<p><button id="score-btn">Score</button><button id="mitigate-btn">Before / after mitigation</button></p>
+<div id="result" hidden>
+ <p>score <b id="score"></b> against threshold <b id="threshold"></b>: <span id="verdict"></span> <span class="muted" id="timing"></span></p>
+ <div id="bar"><div id="fill"></div><div id="thr"></div></div>
+ <p id="tokens"></p>
+ <p class="muted">click a word to drop or replace it; the prompt is re-scored</p>
+ <p class="muted" id="warnings"></p>
+</div>
+<div id="menu"><button id="drop-btn">drop</button> or replace with <input id="replace-input" size="12"><button id="replace-btn">replace</button></div>
+<div id="job" hidden><progress id="job-progress" max="1" value="0"></progress> <span id="job-message"></span> <button id="cancel-btn">Cancel</button></div>
+<div id="images" hidden><h3>before</h3><div class="imgs" id="before"></div><h3>after</h3><div class="imgs" id="after"></div><p class="muted" id="mit-info"></p></div>
+<p id="error" style="color:#c22"></p>
+<script>
+"use strict";
+const $ = (id) => document.getElementById(id);
+let current = null, chosen = null, job = null;
+async function api(path, body) {
+  const r = await fetch(path, body === undefined ? {} : {method: "POST", headers: {"Content-Type": "application/json"}, body: JSON.stringify(body)});
+  const data = await r.json();
+  if (!r.ok) throw new Error(data.error || r.statusText);
+  return data;
+}
+function showError(e) { $("error").textContent = e ? String(e.message || e) : ""; }
+async function score() {
+  const prompt = $("prompt").value;
+  showError(null);
+  $("score-btn").disabled = true;
+  try {
+    const d = await api("/api/score", {prompt});
+    current = d;
+    $("result").hidden = false;
+    $("score").textContent = d.score.toFixed(4);
+    $("threshold").textContent = d.threshold.toFixed(4);
+    $("verdict").textContent = d.memorized ? "memorized" : "not memorized";
+    $("verdict").className = d.memorized ? "mem" : "ok";
+    $("timing").textContent = "(" + d.seconds.toFixed(2) + " s)";
+    const top = Math.max(d.score, d.threshold) * 1.3;
+    $("fill").style.width = Math.min(100, 100 * d.score / top) + "%";
+    $("thr").style.left = (100 * d.threshold / top) + "%";
+    const box = $("tokens");
+    box.replaceChildren();
+    d.words.forEach((w, i) => {
+      box.appendChild(document.createTextNode(w.before));
+      const s = document.createElement("span");
+      s.className = "tok" + (w.text === d.top_word ? " top" : "");
+      s.dataset.index = i;
+      s.dataset.share = w.share.toFixed(3);
+      s.textContent = w.text;
+      s.title = w.score.toPrecision(3);
+      s.style.background = "rgba(220, 40, 40, " + (0.85 * w.share).toFixed(3) + ")";
+      s.addEventListener("click", (ev) => openMenu(ev, i));
+      box.appendChild(s);
+    });
+    $("warnings").textContent = d.warnings.join(" ");
+  } catch (e) { showError(e); } finally { $("score-btn").disabled = false; }
+}
+function openMenu(ev, i) {
+  chosen = i;
+  const m = $("menu");
+  m.style.display = "block";
+  m.style.left = ev.pageX + "px";
+  m.style.top = (ev.pageY + 12) + "px";
+  $("replace-input").value = "";
+}
+function edit(replacement) {
+  const parts = current.words.map((w) => [w.before, w.text]);
+  let text = "";
+  parts.forEach(([b, w], i) => {
+    if (i !== chosen) text += b + w;
+    else if (replacement) text += b + replacement;  // dropped: the word and the space before it go
+  });
+  const used = parts.reduce((n, [b, w]) => n + b.length + w.length, 0);
+  text = (text + current.prompt.slice(used)).replace(/\s+/g, " ").trim();
+  $("menu").style.display = "none";
+  $("prompt").value = text;
+  score();
+}
+async function mitigate() {
+  showError(null);
+  try {
+    const d = await api("/api/mitigate", {prompt: $("prompt").value});
+    job = d.job;
+    $("job").hidden = false;
+    $("images").hidden = true;
+    poll();
+  } catch (e) { showError(e); }
+}
+async function poll() {
+  if (!job) return;
+  const d = await api("/api/jobs/" + job);
+  $("job-progress").value = d.progress;
+  $("job-message").textContent = d.message;
+  if (d.state === "done") {
+    for (const [key, el] of [["before", $("before")], ["after", $("after")]]) {
+      el.replaceChildren();
+      d.result[key].forEach((src, k) => { const im = document.createElement("img"); im.src = src; im.alt = key + " seed " + d.result.seeds[k]; el.appendChild(im); });
+    }
+    $("mit-info").textContent = "first-step loss " + d.result.initial_loss.toFixed(4) + " → " + d.result.final_loss.toFixed(4) +
+      " (target " + d.result.target.toFixed(4) + ", " + d.result.iterations + " iterations); seeds " + d.result.seeds.join(", ");
+    $("images").hidden = false;
+    job = null;
+  } else if (d.state === "cancelled" || d.state === "error") {
+    if (d.error) showError(d.error);
+    job = null;
+  } else { setTimeout(poll, 300); }
+}
+$("score-btn").addEventListener("click", score);
+$("mitigate-btn").addEventListener("click", mitigate);
+$("drop-btn").addEventListener("click", () => edit(null));
+$("replace-btn").addEventListener("click", () => edit($("replace-input").value.trim()));
+$("cancel-btn").addEventListener("click", async () => { if (job) await api("/api/jobs/" + job + "/cancel", {}); });
+$("prompt").addEventListener("keydown", (ev) => { if (ev.key === "Enter" && !ev.shiftKey) { ev.preventDefault(); score(); } });
+api("/api/info").then((d) => {
+  $("info").textContent = "model " + (d.model.name_or_path || "?") + "; threshold " + d.threshold.toFixed(4) + " (calibrated FPR " + d.fpr +
+    "); scored steps " + d.settings.steps.join(",") + " of " + d.settings.num_inference_steps + " steps, guidance " + d.settings.guidance_scale + ", seed " + d.settings.seed;
+}).catch(showError);
+</script>
+</body></html>
+"""

@@ -1,0 +1,530 @@
+"""``diffmem audit``: detect, explain, categorize, mitigate and scan in one resumable run.
+
+Each stage writes its results under ``OUT/<stage>/`` and, last of all, ``OUT/<stage>/stage.json``
+holding a key: a hash of the stage's settings, the model's identity, its input prompts and the keys
+of the stages it reads. A re-run reuses every stage whose key matches and redoes the others, so a
+run killed during mitigation redoes only the mitigation (and, inside it, only the prompt chunks not
+yet saved). Every input is checked before any model work starts.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from ..core.errors import InputError
+from ..core.results import dump_json
+
+STAGES = ("detect", "explain", "categorize", "mitigate", "scan")
+MITIGATE_CHUNK = 8  # prompts per saved mitigation part: the unit a killed run redoes
+
+
+@dataclass
+class AuditSettings:
+    model: str = "memlab"
+    prompts: str | None = None  # None: MemLab's audit prompt set (needs a MemLab model)
+    column: str | None = None
+    reference: str | None = None  # non-memorized prompts for calibration; None: MemLab's reference set
+    train_data: str | None = None  # a training set to scan (diffmem scan's sources)
+    fpr: float = 0.01
+    seed: int = 0
+    generations: int = 1  # detection: seeded generations averaged per prompt
+    # detection: scored sampling steps. The first five, not only the first: on MemLab the first step
+    # alone reaches AUC 0.992 but TPR@1%FPR 0.89, the first five 1.000 / 1.000 (bench detect), for
+    # five UNet passes per prompt and still no decode
+    steps: tuple[int, ...] = (0, 1, 2, 3, 4)
+    batch_size: int = 32
+    grid: bool = True  # with labels: the steps x generations grid of bench detect
+    max_explain: int | None = None  # flagged prompts explained, highest scores first (None: all)
+    categorize_n: int = 8  # generations per categorized prompt
+    max_categorize: int = 12  # flagged prompts categorized, highest scores first
+    categorize_controls: int = 4  # unflagged prompts categorized beside them, as a control sample
+    mitigate_generations: int = 4
+    mitigate_iters: int = 10
+    mitigate_lr: float = 0.05
+    max_mitigate: int | None = 16  # flagged prompts mitigated, highest scores first (None: all); ~5 s each on MemLab
+    skip: tuple[str, ...] = ()
+
+    def __post_init__(self):
+        self.skip = tuple(self.skip)
+        self.steps = tuple(sorted({int(x) for x in self.steps}))
+        if not self.steps or self.steps[0] < 0:
+            raise InputError(f"--steps must be step indices >= 0, got {list(self.steps)}")
+        unknown = set(self.skip) - set(STAGES)
+        if unknown:
+            raise InputError(f"unknown stage(s) to skip: {sorted(unknown)}; stages are {', '.join(STAGES)}")
+        if "detect" in self.skip:
+            raise InputError("detect cannot be skipped: every other stage works on its flagged prompts")
+        if not 0 < self.fpr < 1:
+            raise InputError(f"--fpr must lie in (0, 1), got {self.fpr}")
+
+
+@dataclass
+class AuditPrompts:
+    prompts: list[str]
+    labels: np.ndarray | None  # 1 = planted memorized (MemLab's set only)
+    groups: list[str]
+    reference: list[str]
+    source: str
+    reference_source: str
+
+
+def memlab_audit_prompts(manifest: dict) -> AuditPrompts:
+    """MemLab's audit set: its 100 planted prompts (40 verbatim captions, 60 template prompts in new
+    contexts) against 200 non-memorized ones (100 training captions, 100 novel prompts); and a
+    disjoint reference set for calibration (400 training captions, 100 novel prompts)."""
+    from ..memlab import dataset as ds
+
+    control, novel = ds.prompts(manifest, "control"), ds.prompts(manifest, "novel")
+    order = np.random.default_rng(7).permutation(len(control))
+    ctl_audit = [control[i] for i in sorted(order[:100])]
+    ctl_ref = [control[i] for i in sorted(order[100:500])]
+    rows = ([("verbatim", p) for p in ds.prompts(manifest, "verbatim")] + [("template", p) for p in ds.prompts(manifest, "template")]
+            + [("control", p) for p in ctl_audit] + [("novel", p) for p in novel[100:200]])
+    labels = np.array([1.0 if g in ("verbatim", "template") else 0.0 for g, _ in rows])
+    return AuditPrompts([p for _, p in rows], labels, [g for g, _ in rows], ctl_ref + novel[:100],
+                        "MemLab audit set (100 planted, 200 non-memorized)", "MemLab reference set (500 non-memorized)")
+
+
+def resolve_prompts(settings: AuditSettings) -> AuditPrompts:
+    """Read and check every prompt input: called before the model loads."""
+    from ..core.prompts import read_prompts
+
+    manifest = None
+    if settings.prompts is None or settings.reference is None:
+        from ..memlab.verify import load_manifest
+
+        try:
+            manifest = load_manifest(settings.model)
+        except InputError:
+            missing = "--prompts and --reference" if settings.prompts is None and settings.reference is None else (
+                "--prompts" if settings.prompts is None else "--reference")
+            raise InputError(f"{settings.model} is not a MemLab model, so there is no built-in prompt set: give {missing}") from None
+    if settings.prompts is None:
+        ap = memlab_audit_prompts(manifest)
+    else:
+        prompts = read_prompts(settings.prompts, settings.column)
+        ap = AuditPrompts(prompts, None, ["given"] * len(prompts), [], str(settings.prompts), "")
+    if settings.reference is not None:
+        ap.reference = read_prompts(settings.reference)
+        ap.reference_source = str(settings.reference)
+    elif settings.prompts is not None:
+        ap.reference = memlab_audit_prompts(manifest).reference
+        ap.reference_source = "MemLab reference set (500 non-memorized)"
+    return ap
+
+
+def _digest(obj) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def _stage_done(folder: Path, key: str) -> dict | None:
+    f = folder / "stage.json"
+    if not f.exists():
+        return None
+    try:
+        d = json.loads(f.read_text())
+    except json.JSONDecodeError:
+        return None
+    return d if d.get("key") == key else None
+
+
+def _finish_stage(folder: Path, key: str, summary: dict, seconds: float) -> dict:
+    d = {"key": key, "seconds": seconds, "summary": summary, "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+    dump_json(d, folder / "stage.json")  # written last: its presence marks the stage complete
+    return d
+
+
+@dataclass
+class AuditResult:
+    out: Path
+    settings: dict
+    stages: dict = field(default_factory=dict)  # name -> {"status": done/reused/skipped, "summary", "seconds", ...}
+
+    def save(self) -> Path:
+        dump_json({"settings": self.settings, "stages": self.stages}, self.out / "audit.json")
+        return self.out / "audit.json"
+
+    @classmethod
+    def load(cls, out: str | Path) -> "AuditResult":
+        out = Path(out)
+        if not (out / "audit.json").exists():
+            raise InputError(f"{out} holds no audit (audit.json)")
+        d = json.loads((out / "audit.json").read_text())
+        return cls(out, d["settings"], d["stages"])
+
+
+class Audit:
+    """``Audit(settings, out).run() -> AuditResult``; the stages' own results load from ``out``."""
+
+    def __init__(self, settings: AuditSettings, out: str | Path, progress: bool = True, console=None):
+        from ..core.loading import _looks_like_path, check_pipeline_folder, resolve_model
+        from ..core.prompts import ensure_writable_dir
+
+        self.settings = settings
+        self.out = Path(out)
+        self.progress = progress
+        self.console = console
+        # every check before any work: output folder, model folder, prompt files, training data
+        ensure_writable_dir(self.out)
+        resolved = Path(resolve_model(settings.model))
+        if resolved.exists() or _looks_like_path(settings.model):  # hub ids are checked when they load
+            check_pipeline_folder(resolved)
+        self.prompts = resolve_prompts(settings)
+        if settings.train_data is not None and "scan" not in settings.skip:
+            from ..scan.sources import open_source
+
+            open_source(settings.train_data)
+        self.pipe = None
+        self.manifest = None
+
+    # -- helpers ----------------------------------------------------------------------------
+    def _log(self, text: str) -> None:
+        if self.console is not None:
+            self.console.print(text, highlight=False, markup=False)
+
+    def _load(self):
+        if self.pipe is None:
+            from ..core.loading import load_pipeline, model_identity, sampler_defaults
+
+            self.pipe = load_pipeline(self.settings.model)
+            self.identity = model_identity(self.pipe)
+            self.sampler = sampler_defaults(self.pipe)
+            from ..memlab.verify import load_manifest
+
+            try:
+                self.manifest = load_manifest(self.settings.model)
+            except InputError:
+                self.manifest = None
+        return self.pipe
+
+    def _key(self, stage: str, settings: dict, upstream: list[str]) -> str:
+        return _digest({"stage": stage, "settings": settings, "model": self.identity, "sampler": self.sampler,
+                        "upstream": upstream, "version": 1})
+
+    def run(self) -> AuditResult:
+        s = self.settings
+        self.out.mkdir(parents=True, exist_ok=True)
+        result = AuditResult(self.out, {**asdict(s), "skip": list(s.skip)})
+        self._load()
+        result.settings["model_identity"] = self.identity
+        result.settings["sampler"] = self.sampler
+        keys: dict[str, str] = {}
+        todo = [st for st in STAGES if st not in s.skip and not (st == "scan" and s.train_data is None)]
+        for i, stage in enumerate(STAGES, 1):
+            if stage not in todo:
+                why = "skipped (--skip)" if stage in s.skip else "no --train-data given"
+                result.stages[stage] = {"status": "skipped", "reason": why}
+                continue
+            t0 = time.time()
+            self._log(f"[{todo.index(stage) + 1}/{len(todo)}] {stage}")
+            keys[stage], summary, status = getattr(self, f"_{stage}")(keys)
+            result.stages[stage] = {"status": status, "summary": summary,
+                                    "seconds": json.loads((self.out / stage / "stage.json").read_text())["seconds"]
+                                    if (self.out / stage / "stage.json").exists() else time.time() - t0}
+            self._log(f"      {stage}: {status}" + (f" in {time.time() - t0:.1f}s" if status == "done" else " (same settings: reused)"))
+            result.save()
+        result.save()
+        from .html import write_report
+
+        write_report(self.out, result)
+        return result
+
+    def _stage(self, stage: str, settings: dict, upstream: list[str], work):
+        folder = self.out / stage
+        key = self._key(stage, settings, upstream)
+        done = _stage_done(folder, key)
+        if done is not None:
+            return key, done["summary"], "reused"
+        if (folder / "stage.json").exists():
+            (folder / "stage.json").unlink()  # other settings: the old results no longer apply
+        folder.mkdir(parents=True, exist_ok=True)
+        t0 = time.time()
+        summary = work(folder, key)
+        _finish_stage(folder, key, summary, time.time() - t0)
+        return key, summary, "done"
+
+    # -- stages -----------------------------------------------------------------------------
+    def _detector(self, generations: int | None = None):
+        from ..detect import NoiseNormDetector
+
+        s = self.settings
+        steps = [x for x in s.steps if x < self.sampler["num_inference_steps"]]
+        return NoiseNormDetector(self.pipe, self.sampler["num_inference_steps"], self.sampler["guidance_scale"], steps=steps,
+                                 generations=generations or s.generations, seed=s.seed, batch_size=s.batch_size)
+
+    def _detect(self, keys):
+        s, ap = self.settings, self.prompts
+        settings = {"generations": s.generations, "steps": list(s.steps), "seed": s.seed, "fpr": s.fpr, "grid": s.grid,
+                    "prompts": _digest(ap.prompts), "reference": _digest(ap.reference),
+                    "labels": None if ap.labels is None else _digest(ap.labels.tolist())}
+
+        def work(folder: Path, key: str) -> dict:
+            from ..detect import Calibration
+
+            det = self._detector()
+            ref = det.score(ap.reference, progress=self.progress)
+            cal = Calibration.fit(ref, fpr=s.fpr)
+            cal.save(folder / "calibration.json")
+            ref.save(folder / "reference.parquet")
+            res = cal.apply(det.score(ap.prompts, progress=self.progress))
+            res.save(folder / "detections.parquet")
+            dump_json({"groups": ap.groups, "labels": None if ap.labels is None else ap.labels.tolist(),
+                       "source": ap.source, "reference_source": ap.reference_source}, folder / "labels.json")
+            v = res.verdicts
+            summary = {"n_prompts": len(ap.prompts), "n_flagged": int(v.sum()), "threshold": cal.threshold, "fpr": s.fpr,
+                       "n_reference": cal.n_reference, "source": ap.source, "reference_source": ap.reference_source,
+                       "settings": res.settings, "seeds": res.seeds}
+            if ap.labels is not None:
+                from ..bench.detect import roc
+
+                pos, neg = ap.labels == 1, ap.labels == 0
+                r = roc(ap.labels, res.scores)
+                summary.update(recall=float(v[pos].mean()), false_positive_rate=float(v[neg].mean()),
+                               auc=r["auc"], tpr_at_1pct_fpr=r["tpr_at_1pct_fpr"], n_positive=int(pos.sum()),
+                               n_negative=int(neg.sum()))
+                dump_json({"fpr": r["fpr"], "tpr": r["tpr"]}, folder / "roc.json")
+                if s.grid:
+                    from ..bench.detect import LabelledPrompts, bench_detect
+
+                    few = min(5, self.sampler["num_inference_steps"])
+                    grid = bench_detect(self.pipe, LabelledPrompts(ap.prompts, ap.labels, ap.groups, ap.source),
+                                        generations=(1, 4), seed=s.seed, batch_size=s.batch_size, black_box=False,
+                                        progress=self.progress, rows={"first step": [0], f"first {few} steps": list(range(few))})
+                    grid.save(folder / "grid")
+                    summary["grid_table"] = grid.table()
+            return summary
+
+        return (*self._stage("detect", settings, [], work),)
+
+    def detections(self):
+        from ..detect.noise_norm import DetectionResult
+
+        return DetectionResult.load(self.out / "detect" / "detections.parquet")
+
+    def flagged(self, limit: int | None = None) -> list[str]:
+        """Flagged prompts, highest score first."""
+        res = self.detections()
+        idx = [int(i) for i in np.argsort(-res.scores, kind="stable") if res.verdicts[i]]
+        seen, out = set(), []
+        for i in idx:
+            if res.prompts[i] not in seen:
+                seen.add(res.prompts[i])
+                out.append(res.prompts[i])
+        return out if limit is None else out[:limit]
+
+    def _explain(self, keys):
+        s = self.settings
+        settings = {"seed": s.seed, "steps": list(s.steps), "max_explain": s.max_explain, "method": "token_attribution"}
+
+        def work(folder: Path, key: str) -> dict:
+            from tqdm.auto import tqdm
+
+            from ..explain import TokenAttribution
+
+            # the same steps as detection: the attribution explains the score that flagged the prompt
+            ta = TokenAttribution(self.pipe, self.sampler["num_inference_steps"], self.sampler["guidance_scale"],
+                                  steps=self._detector().settings.steps, generations=1, seed=s.seed)
+            items = [ta.attribute(p).to_dict() for p in tqdm(self.flagged(s.max_explain), desc="explaining", unit="prompt",
+                                                            disable=not self.progress)]
+            dump_json({"attributions": items}, folder / "attributions.json")
+            return {"n_explained": len(items), "settings": ta.settings, "seeds": ta.seeds(),
+                    "top_words": {it["prompt"]: it["words"][int(np.argmax(it["word_scores"]))] for it in items}}
+
+        return self._stage("explain", settings, [keys["detect"]], work)
+
+    def attributions(self) -> dict:
+        from ..explain.attribution import AttributionResult
+
+        f = self.out / "explain" / "attributions.json"
+        if not f.exists():
+            return {}
+        out = {}
+        for d in json.loads(f.read_text())["attributions"]:
+            d["token_scores"] = np.asarray(d["token_scores"], float)
+            d["word_scores"] = np.asarray(d["word_scores"], float)
+            out[d["prompt"]] = AttributionResult(**d)
+        return out
+
+    def _categorize(self, keys):
+        s = self.settings
+        settings = {"seed": s.seed, "n": s.categorize_n, "max": s.max_categorize, "controls": s.categorize_controls}
+        if self.manifest is None:
+            folder = self.out / "categorize"
+            folder.mkdir(parents=True, exist_ok=True)
+            summary = {"note": "not run: the audit categorizes with MemLab's attribute reader; for other models run "
+                               "`diffmem categorize --extractor clip:PATH --vocabulary FILE` on the flagged prompts"}
+            key = self._key("categorize", settings, [keys["detect"]])
+            _finish_stage(folder, key, summary, 0.0)
+            return key, summary, "done"
+
+        def work(folder: Path, key: str) -> dict:
+            from ..categorize import MemLabExtractor, MemorizationProfiler, TrainingTracer
+            from ..memlab import dataset as ds
+
+            flagged = self.flagged(s.max_categorize)
+            res = self.detections()
+            rng = np.random.default_rng(s.seed)
+            unflagged = [p for p, v in zip(res.prompts, res.verdicts) if not v]
+            controls = [unflagged[i] for i in sorted(rng.choice(len(unflagged), min(s.categorize_controls, len(unflagged)), replace=False))]
+            prompts = flagged + [p for p in controls if p not in flagged]
+            if not prompts:
+                return {"n_prompts": 0, "note": "nothing flagged and no control sample"}
+            tracer = TrainingTracer.from_memlab(ds.build(ds.MemLabConfig(**self.manifest["config"])))
+            prof = MemorizationProfiler(self.pipe, MemLabExtractor(), n=s.categorize_n, tracer=tracer, seed=s.seed)
+            pr = prof.profile(prompts, progress=self.progress)
+            pr.save(folder)
+            for i in range(len(pr.prompts)):
+                pr.plot(folder / f"prompt_{i:04d}.png", prompt_index=i)
+            kinds = {}
+            for r in pr.memorized():
+                kinds[r["kind"]] = kinds.get(r["kind"], 0) + 1
+            return {"n_prompts": len(prompts), "n_flagged": len(flagged), "n_controls": len(prompts) - len(flagged),
+                    "control_prompts": [p for p in prompts if p not in flagged], "memorized_by_kind": kinds,
+                    "settings": pr.settings, "seeds": pr.seeds, "extractor": pr.extractor}
+
+        return self._stage("categorize", settings, [keys["detect"]], work)
+
+    def profile(self):
+        from ..categorize.profiler import ProfileResult
+
+        f = self.out / "categorize" / "profile.json"
+        return ProfileResult.load(self.out / "categorize") if f.exists() else None
+
+    def _mitigate(self, keys):
+        s = self.settings
+        settings = {"seed": s.seed, "generations": s.mitigate_generations, "iters": s.mitigate_iters, "lr": s.mitigate_lr,
+                    "max": s.max_mitigate}
+
+        def work(folder: Path, key: str) -> dict:
+            from tqdm.auto import tqdm
+
+            from ..detect import Calibration
+            from ..mitigate import EmbeddingOptimization
+            from ..mitigate.embedding import MitigationResult
+            from ..mitigate.report import measure
+
+            cal = Calibration.load(self.out / "detect" / "calibration.json")
+            m = EmbeddingOptimization(self.pipe, cal.threshold, lr=s.mitigate_lr, max_iters=s.mitigate_iters,
+                                      generations=s.mitigate_generations, seed=s.seed,
+                                      num_inference_steps=self.sampler["num_inference_steps"],
+                                      guidance_scale=self.sampler["guidance_scale"],
+                                      target_source="the audit's calibration threshold")
+            prompts = self.flagged(s.max_mitigate)
+            if not prompts:
+                return {"n_prompts": 0, "note": "nothing flagged"}
+            parts = folder / "parts"
+            chunks = [prompts[i : i + MITIGATE_CHUNK] for i in range(0, len(prompts), MITIGATE_CHUNK)]
+            results = []
+            bar = tqdm(total=len(prompts), desc="mitigating", unit="prompt", disable=not self.progress)
+            for c, chunk in enumerate(chunks):
+                part = parts / f"part_{c:04d}"
+                marker = part / "done.json"
+                if marker.exists() and json.loads(marker.read_text()).get("key") == key:
+                    r = MitigationResult.load(part)  # finished before an interruption: kept as it is
+                else:
+                    r = m.mitigate(chunk, generate_images=True)
+                    r.measures.update(measure(self.pipe, r))
+                    r.save(part)
+                    dump_json({"key": key, "prompts": chunk}, marker)
+                results.append(r)
+                bar.update(len(chunk))
+            bar.close()
+            merged = _merge_mitigations(results)
+            merged.save(folder)
+            for i in range(len(merged.prompts)):
+                _before_after_png(merged, i, folder / f"prompt_{i:04d}.png")
+            ms = merged.measures
+            summary = {"n_prompts": len(prompts), "n_unreached": len(merged.unreached), "settings": merged.settings,
+                       "seeds": merged.seeds, "target": cal.threshold}
+            for k in ("replication_before", "replication_after", "alignment_before", "alignment_after"):
+                if k in ms:
+                    summary[k] = float(np.nanmean(ms[k]))
+            return summary
+
+        return self._stage("mitigate", settings, [keys["detect"]], work)
+
+    def mitigation(self):
+        from ..mitigate.embedding import MitigationResult
+
+        return MitigationResult.load(self.out / "mitigate") if (self.out / "mitigate" / "mitigation.json").exists() else None
+
+    def _scan(self, keys):
+        s = self.settings
+        settings = {"train_data": str(s.train_data), "seed": s.seed}
+
+        def work(folder: Path, key: str) -> dict:
+            from ..scan import DatasetScanner
+
+            scanner = DatasetScanner(s.train_data, folder / "work", seed=s.seed, progress=self.progress)
+            res = scanner.scan()
+            res.save(folder)
+            links = link_scan(res, self.flagged())
+            dump_json({"links": links}, folder / "links.json")
+            return {"summary": res.summary.to_dict("records"), "n_triggers": len(res.info.get("triggers", [])),
+                    "n_linked_prompts": sum(1 for v in links.values() if v["triggers"] or v["clusters"]),
+                    "settings": res.settings}
+
+        return self._stage("scan", settings, [keys["detect"]], work)
+
+
+def link_scan(res, prompts: list[str]) -> dict:
+    """For each prompt: the trigger phrases it contains, and the image clusters of training captions
+    it repeats exactly (after normalisation)."""
+    from ..categorize.expectations import contains_phrase
+    from ..scan.features import normalize_caption
+
+    rows = res.rows
+    norm_of_row = {}
+    if "caption" in rows and "image_cluster" in rows:
+        for cap, cl in zip(rows["caption"], rows["image_cluster"]):
+            if isinstance(cap, str) and cl >= 0:
+                n = normalize_caption(cap)
+                if n:
+                    norm_of_row.setdefault(n, {}).setdefault(int(cl), 0)
+                    norm_of_row[n][int(cl)] += 1
+    sizes = {c["cluster"]: c["size"] for c in res.info.get("image_clusters", [])}
+    out = {}
+    for p in prompts:
+        trig = [{"phrase": t["phrase"], "cluster": int(t["cluster"]), "support": int(t["support"]), "purity": float(t["purity"])}
+                for t in res.info.get("triggers", []) if contains_phrase(p, t["phrase"])]
+        exact = norm_of_row.get(normalize_caption(p) or "", {})
+        clusters = [{"cluster": c, "captions_matching": k, "cluster_size": sizes.get(c, 0)} for c, k in sorted(exact.items())]
+        out[p] = {"triggers": trig, "clusters": clusters}
+    return out
+
+
+def _merge_mitigations(parts):
+    from ..mitigate.embedding import MitigationResult
+
+    first = parts[0]
+    cat = lambda name: np.concatenate([getattr(r, name) for r in parts])  # noqa: E731
+    measures = {}
+    for k in first.measures:
+        measures[k] = [v for r in parts for v in r.measures.get(k, [])]
+    imgs_b = np.concatenate([r.images_before for r in parts]) if first.images_before is not None else None
+    imgs_a = np.concatenate([r.images_after for r in parts]) if first.images_after is not None else None
+    return MitigationResult(first.method, [p for r in parts for p in r.prompts], first.settings, first.seeds,
+                            cat("initial_loss"), cat("final_loss"), [t for r in parts for t in r.trajectories],
+                            cat("iterations"), cat("reached_target"), [p for r in parts for p in r.mitigated_prompts],
+                            imgs_b, imgs_a, measures)
+
+
+def _before_after_png(res, i: int, path: Path, scale: int = 3) -> None:
+    """Two rows (before, after) of the prompt's seeded generations, upscaled without smoothing."""
+    from PIL import Image
+
+    rows = [np.concatenate(list(imgs[i]), axis=1) for imgs in (res.images_before, res.images_after)]
+    pad = np.ones((4, rows[0].shape[1], 3), np.float32)
+    grid = np.concatenate([rows[0], pad, rows[1]], axis=0)
+    im = Image.fromarray((np.clip(grid, 0, 1) * 255).round().astype(np.uint8))
+    im = im.resize((im.width * scale, im.height * scale), Image.NEAREST)
+    from ..core.results import atomic_path
+
+    with atomic_path(path) as tmp:
+        im.save(tmp, format="PNG")

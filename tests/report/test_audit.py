@@ -1,0 +1,180 @@
+import json
+import os
+import signal
+import subprocess
+import time
+
+import numpy as np
+import pytest
+
+from diffmem.core.errors import InputError
+from diffmem.report.audit import Audit, AuditResult, AuditSettings, memlab_audit_prompts
+
+from .conftest import DIFFMEM, run_cli
+
+
+def test_memlab_audit_finds_the_planted_prompts(memlab_audit, memlab_manifest):
+    out, run = memlab_audit
+    from diffmem.detect.noise_norm import DetectionResult
+    from diffmem.memlab import dataset as ds
+
+    det = DetectionResult.load(out / "detect" / "detections.parquet")
+    planted = set(ds.prompts(memlab_manifest, "verbatim")) | set(ds.prompts(memlab_manifest, "template"))
+    flagged = {p for p, v in zip(det.prompts, det.verdicts) if v}
+    audited_planted = planted & set(det.prompts)
+    assert len(audited_planted) == 100
+    recall = len(flagged & audited_planted) / len(audited_planted)
+    negatives = [p for p in det.prompts if p not in planted]
+    fp_rate = len([p for p in negatives if p in flagged]) / len(negatives)
+    assert recall >= 0.95
+    assert fp_rate <= 0.05  # calibrated at 0.01 on a disjoint reference set of 500
+    summary = json.loads((out / "audit.json").read_text())["stages"]
+    assert summary["detect"]["summary"]["recall"] == pytest.approx(recall)
+    assert f"planted recall {recall:.3f}" in run.stdout
+    # every stage ran and left its results
+    for stage in ("detect", "explain", "categorize", "mitigate"):
+        assert summary[stage]["status"] == "done" and (out / stage / "stage.json").exists()
+    assert summary["scan"]["status"] == "skipped"
+    attributions = json.loads((out / "explain" / "attributions.json").read_text())["attributions"]
+    assert len(attributions) == 12 and all(a["prompt"] in flagged for a in attributions)
+    mit = json.loads((out / "mitigate" / "mitigation.json").read_text())
+    assert len(mit["prompts"]) == 2 and mit["measures"]["replication_before"]
+    prof = json.loads((out / "categorize" / "profile.json").read_text())
+    assert len(prof["prompts"]) == 2 + 4  # two flagged, four unflagged controls
+
+
+def test_memlab_audit_sets_are_disjoint(memlab_manifest):
+    ap = memlab_audit_prompts(memlab_manifest)
+    assert not set(ap.reference) & set(ap.prompts)
+    assert len(ap.prompts) == 300 and ap.labels.sum() == 100 and len(ap.reference) == 500
+
+
+def test_report_holds_every_section(memlab_audit):
+    out, _ = memlab_audit
+    html = (out / "report.html").read_text()
+    for section in ('id="summary"', 'id="scores"', 'id="roc"', 'id="flagged"', 'class="diffmem-attribution"',
+                    "before and after mitigation", "what is memorized"):
+        assert section in html, section
+    assert "src=\"http" not in html and "href=\"http" not in html  # self-contained: nothing fetched
+    assert html.count('<div class="prompt"') >= 95
+
+
+def test_rerun_reuses_finished_stages_and_settings_change_redoes_them(memlab_audit, tmp_path):
+    out, _ = memlab_audit
+    copy = tmp_path / "copy"
+    import shutil
+
+    shutil.copytree(out, copy)
+    stamps = {s: (copy / s / "stage.json").stat().st_mtime_ns for s in ("detect", "explain", "categorize", "mitigate")}
+    from .conftest import SMALL
+
+    r = run_cli("audit", "--out", copy, *SMALL, "--mitigate-generations", "1", "--max-explain", "3")
+    assert r.returncode == 0, r.stderr[-2000:]
+    stages = AuditResult.load(copy).stages
+    assert stages["detect"]["status"] == "reused" and stages["categorize"]["status"] == "reused"
+    assert stages["explain"]["status"] == "done"  # --max-explain changed
+    assert (copy / "detect" / "stage.json").stat().st_mtime_ns == stamps["detect"]
+    assert len(json.loads((copy / "explain" / "attributions.json").read_text())["attributions"]) == 3
+
+
+def test_killed_during_mitigation_resumes_only_that_stage(tmp_path, memlab_manifest):
+    from diffmem.memlab import dataset as ds
+
+    prompts = tmp_path / "prompts.txt"
+    planted = ds.prompts(memlab_manifest, "verbatim")[:12]
+    prompts.write_text("\n".join(planted + ds.prompts(memlab_manifest, "novel")[:8]) + "\n")
+    reference = tmp_path / "reference.txt"
+    reference.write_text("\n".join(ds.prompts(memlab_manifest, "control")[:100]) + "\n")
+    out = tmp_path / "out"
+    args = [*DIFFMEM, "audit", "--out", str(out), "--prompts", str(prompts), "--reference", str(reference), "--fpr", "0.05",
+            "--skip", "categorize", "--max-mitigate", "12", "--mitigate-generations", "1", "--mitigate-iters", "3"]
+    proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    first_part = out / "mitigate" / "parts" / "part_0000" / "done.json"
+    t0 = time.time()
+    while not first_part.exists():
+        assert proc.poll() is None, "the audit ended before the mitigation stage saved its first part"
+        assert time.time() - t0 < 600
+        time.sleep(0.2)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert not (out / "mitigate" / "stage.json").exists()
+    before = {s: (out / s / "stage.json").stat().st_mtime_ns for s in ("detect", "explain")}
+    part0 = first_part.stat().st_mtime_ns
+
+    r = subprocess.run(args, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-2000:]
+    stages = AuditResult.load(out).stages
+    assert [stages[s]["status"] for s in ("detect", "explain", "mitigate")] == ["reused", "reused", "done"]
+    assert {s: (out / s / "stage.json").stat().st_mtime_ns for s in before} == before
+    assert first_part.stat().st_mtime_ns == part0  # the saved part was kept, not redone
+    mit = json.loads((out / "mitigate" / "mitigation.json").read_text())
+    assert len(mit["prompts"]) == 12 and set(mit["prompts"]) <= set(planted)
+    assert (out / "report.html").exists()
+
+
+@pytest.mark.parametrize("case", ["missing_model", "empty_prompts", "unwritable_out"])
+def test_bad_input_fails_before_any_work(tmp_path, case):
+    out = tmp_path / "out"
+    args = ["audit", "--out", out]
+    if case == "missing_model":
+        args += ["--model", tmp_path / "no-such-model"]
+        expect = "not found"
+    elif case == "empty_prompts":
+        empty = tmp_path / "empty.txt"
+        empty.write_text("")
+        args += ["--prompts", empty]
+        expect = "holds no prompts"
+    else:
+        locked = tmp_path / "locked"
+        locked.mkdir()
+        locked.chmod(0o500)
+        out = locked / "out"
+        args = ["audit", "--out", out]
+        expect = "not writable"
+        if os.geteuid() == 0:  # root writes anywhere: make the output path a file's child instead
+            (tmp_path / "file").write_text("x")
+            out = tmp_path / "file" / "out"
+            args = ["audit", "--out", out]
+            expect = "is a file"
+    t0 = time.time()
+    r = run_cli(*args, timeout=120)
+    assert r.returncode == 2
+    assert expect in r.stderr and "Traceback" not in r.stderr
+    assert time.time() - t0 < 60
+    assert not out.exists()
+
+
+def test_settings_errors():
+    with pytest.raises(InputError, match="cannot be skipped"):
+        AuditSettings(skip=("detect",))
+    with pytest.raises(InputError, match="unknown stage"):
+        AuditSettings(skip=("nope",))
+
+
+def test_non_memlab_model_needs_prompts(tiny_pipe_dir, tmp_path):
+    with pytest.raises(InputError, match="give --prompts and --reference"):
+        Audit(AuditSettings(model=str(tiny_pipe_dir)), tmp_path / "o")
+
+
+def test_audit_scans_training_data_and_links_triggers(tmp_path, memlab_manifest):
+    """With --train-data, the scan's trigger phrases are linked to the flagged prompts that hold them."""
+    from diffmem.memlab import dataset as ds
+
+    triggers = [t["trigger"] for t in memlab_manifest["groups"]["template"]]
+    test_prompts = ds.prompts(memlab_manifest, "template")[:6]
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("\n".join(test_prompts + ds.prompts(memlab_manifest, "novel")[:6]) + "\n")
+    reference = tmp_path / "r.txt"
+    reference.write_text("\n".join(ds.prompts(memlab_manifest, "control")[:100]) + "\n")
+    out = tmp_path / "out"
+    r = run_cli("audit", "--out", out, "--prompts", prompts, "--reference", reference, "--fpr", "0.05",
+                "--skip", "explain,categorize,mitigate", "--train-data", "memlab")
+    assert r.returncode == 0, r.stderr[-2000:]
+    links = json.loads((out / "scan" / "links.json").read_text())["links"]
+    flagged_templates = [p for p in test_prompts if p in links]
+    assert len(flagged_templates) >= 5
+    for p in flagged_templates:
+        phrases = {t["phrase"] for t in links[p]["triggers"]}
+        assert phrases & {t for t in triggers if t in p}
+    html = (out / "report.html").read_text()
+    assert "trigger phrase <b>" in html and 'id="scan"' in html

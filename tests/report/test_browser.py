@@ -1,0 +1,157 @@
+"""The report and the interactive page in headless Chromium (Debian's package, driven by Selenium)."""
+
+import os
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from .conftest import DIFFMEM, browser, console_errors, free_port, run_cli, wait_for_url
+
+SHOTS = Path(os.environ.get("DIFFMEM_SCREENSHOTS", "test-screenshots"))
+
+
+def _wait(driver, condition, timeout=120):
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    return WebDriverWait(driver, timeout, poll_frequency=0.2).until(condition)
+
+
+def test_report_renders_without_console_errors(memlab_audit):
+    out, _ = memlab_audit
+    from selenium.webdriver.common.by import By
+
+    driver = browser()
+    try:
+        driver.get((out / "report.html").resolve().as_uri())
+        for sid in ("summary", "scores", "roc", "flagged"):
+            el = driver.find_element(By.ID, sid)
+            assert el.is_displayed() and el.size["height"] > 40, sid
+        images = driver.find_elements(By.TAG_NAME, "img")
+        assert len(images) > 5
+        # every inlined image decoded: a broken data URI has naturalWidth 0
+        assert all(driver.execute_script("return arguments[0].naturalWidth", im) > 0 for im in images)
+        assert len(driver.find_elements(By.CSS_SELECTOR, ".diffmem-attribution .tok")) > 50
+        assert console_errors(driver) == []
+        SHOTS.mkdir(parents=True, exist_ok=True)
+        driver.save_screenshot(str(SHOTS / "report.png"))
+        assert (SHOTS / "report.png").stat().st_size > 10_000
+    finally:
+        driver.quit()
+
+
+def test_markup_in_prompts_shows_as_text_and_never_runs(tmp_path, memlab_manifest):
+    from selenium.webdriver.common.by import By
+
+    from diffmem.memlab import dataset as ds
+
+    hostile = ['<script>window.__xss = 1</script> ' + ds.prompts(memlab_manifest, "verbatim")[0],
+               ds.prompts(memlab_manifest, "verbatim")[1] + ' <img src=x onerror="window.__xss = 2">']
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("\n".join(hostile + ds.prompts(memlab_manifest, "novel")[:4]) + "\n", encoding="utf-8")
+    reference = tmp_path / "r.txt"
+    reference.write_text("\n".join(ds.prompts(memlab_manifest, "control")[:60]) + "\n")
+    out = tmp_path / "out"
+    r = run_cli("audit", "--out", out, "--prompts", prompts, "--reference", reference, "--fpr", "0.5",
+                "--skip", "categorize", "--max-mitigate", "2", "--mitigate-generations", "1", "--mitigate-iters", "1")
+    assert r.returncode == 0, r.stderr[-2000:]
+    html = (out / "report.html").read_text()
+    assert "<script>window.__xss" not in html and "<img src=x" not in html
+    driver = browser()
+    try:
+        driver.get((out / "report.html").resolve().as_uri())
+        assert driver.execute_script("return window.__xss === undefined")
+        driver.execute_script("document.querySelectorAll('details').forEach(d => d.open = true)")
+        shown = [e.text for e in driver.find_elements(By.CSS_SELECTOR, ".prompt-text")]
+        assert hostile[0] in shown and hostile[1] in shown  # shown as the text the user wrote
+        flagged = driver.find_element(By.ID, "flagged").text
+        assert "<script>" in flagged or "onerror" in flagged  # at least one is flagged, its words shown as text
+        assert console_errors(driver) == []
+    finally:
+        driver.quit()
+
+
+@pytest.fixture
+def app_server():
+    port = free_port()
+    proc = subprocess.Popen([*DIFFMEM, "app", "--port", str(port)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        wait_for_url(f"http://127.0.0.1:{port}/", proc)
+        yield f"http://127.0.0.1:{port}/"
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+
+
+def test_app_scores_highlights_the_trigger_and_rescores_an_edit(app_server, memlab_manifest):
+    from selenium.webdriver.common.by import By
+
+    template = memlab_manifest["groups"]["template"][0]
+    prompt = template["test_prompts"][0]["prompt"]
+    trigger = template["trigger"].split()
+    driver = browser()
+    try:
+        driver.get(app_server)
+        _wait(driver, lambda d: "threshold" in d.find_element(By.ID, "info").text)
+        box = driver.find_element(By.ID, "prompt")
+        box.send_keys(prompt)
+        driver.find_element(By.ID, "score-btn").click()
+        _wait(driver, lambda d: d.find_element(By.ID, "verdict").text != "")
+        score = float(driver.find_element(By.ID, "score").text)
+        threshold = float(driver.find_element(By.ID, "threshold").text)
+        assert score > threshold and driver.find_element(By.ID, "verdict").text == "memorized"
+        toks = driver.find_elements(By.CSS_SELECTOR, "#tokens span.tok")
+        strongest = max(toks, key=lambda t: float(t.get_attribute("data-share")))
+        assert strongest.text in trigger  # the most strongly shaded word is the planted trigger
+
+        # drop the trigger's words one click at a time; the page re-scores each edit
+        for word in trigger:
+            tok = next(t for t in driver.find_elements(By.CSS_SELECTOR, "#tokens span.tok") if t.text == word)
+            old = driver.find_element(By.ID, "score").text
+            tok.click()
+            driver.find_element(By.ID, "drop-btn").click()
+            _wait(driver, lambda d: d.find_element(By.ID, "score").text != old)
+        assert driver.find_element(By.ID, "prompt").get_attribute("value") == " ".join(
+            w for w in prompt.split() if w not in trigger)
+        assert float(driver.find_element(By.ID, "score").text) < threshold
+        assert driver.find_element(By.ID, "verdict").text == "not memorized"
+        assert console_errors(driver) == []
+        SHOTS.mkdir(parents=True, exist_ok=True)
+        driver.save_screenshot(str(SHOTS / "app.png"))
+    finally:
+        driver.quit()
+
+
+def test_app_mitigation_job_reports_progress_and_cancels(app_server):
+    import json
+    import time
+    import urllib.request
+
+    def post(path, body):
+        req = urllib.request.Request(app_server + path, json.dumps(body).encode(), {"Content-Type": "application/json"})
+        return json.loads(urllib.request.urlopen(req, timeout=60).read())
+
+    def get(path):
+        return json.loads(urllib.request.urlopen(app_server + path, timeout=60).read())
+
+    job = post("api/mitigate", {"prompt": "a yellow cross in the center in a room"})["job"]
+    t0 = time.time()
+    while get(f"api/jobs/{job}")["progress"] == 0:
+        assert time.time() - t0 < 60
+        time.sleep(0.1)
+    post(f"api/jobs/{job}/cancel", {})
+    while (state := get(f"api/jobs/{job}"))["state"] not in ("cancelled", "done", "error"):
+        assert time.time() - t0 < 120
+        time.sleep(0.1)
+    assert state["state"] == "cancelled" and state["result"] is None
+    # a full run returns before / after images
+    job = post("api/mitigate", {"prompt": "a yellow cross in the center in a room"})["job"]
+    while (state := get(f"api/jobs/{job}"))["state"] not in ("done", "error", "cancelled"):
+        assert time.time() - t0 < 300
+        time.sleep(0.2)
+    assert state["state"] == "done", state
+    assert len(state["result"]["before"]) == len(state["result"]["after"]) == 4
+    assert state["result"]["before"][0].startswith("data:image/png;base64,")
+    with pytest.raises(urllib.error.HTTPError) as e:
+        post("api/score", {"prompt": "   "})
+    assert e.value.code == 400
