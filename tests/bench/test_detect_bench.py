@@ -1,3 +1,4 @@
+import json
 import numpy as np
 import pytest
 
@@ -30,6 +31,38 @@ def test_grid_on_a_tiny_pipeline(tiny_pipe, tmp_path):
     direct = NoiseNormDetector(tiny_pipe, 5, 7.5, steps=[0], generations=2).score(data.prompts)
     cell = next(r for r in res.grid if r["steps"] == "first step" and r["generations"] == 2)
     assert cell["auc"] == roc(data.labels, direct.scores)["auc"]
+
+
+def test_subsets_and_hardest_negatives(tiny_pipe, tmp_path):
+    prompts = ["a cat", "a dog", "a red circle", "a blue square", "a green ring", "a lucky star"]
+    data = LabelledPrompts(prompts, np.array([1, 1, 0, 0, 0, 0.0]), ["x"] * 6, "test", {"no star": np.arange(5)})
+    res = bench_detect(tiny_pipe, data, generations=(1,), num_inference_steps=5, guidance_scale=7.5, progress=False,
+                       black_box=False)
+    assert res.subset_sizes == {"no star": [2, 3]}
+    from diffmem.detect import NoiseNormDetector
+
+    direct = NoiseNormDetector(tiny_pipe, 5, 7.5, steps=[0], generations=1).score(prompts).scores
+    cell = next(r for r in res.subset_grids["no star"] if r["steps"] == "first step")
+    assert cell["auc"] == roc(data.labels[:5], direct[:5])["auc"]
+    hard = [h["prompt"] for h in res.hardest_negatives]
+    assert hard == [prompts[i] for i in 2 + np.argsort(-direct[2:])]
+    saved = json.loads(res.save(tmp_path)["json"].read_text())
+    assert saved["subsets"]["no star"]["n_neg"] == 3 and "no star" in saved["table"]
+
+
+def test_memlab_split_without_feature_words():
+    from diffmem.bench.detect import memlab_labelled
+    from diffmem.memlab.verify import load_manifest
+
+    m = load_manifest("memlab")
+    data = memlab_labelled(m)
+    (name, keep), = data.subsets.items()
+    words = {f["word"] for k in ("implicit", "unintended") for f in m["groups"][k]}
+    kept = set(keep.tolist())
+    for i, (p, y) in enumerate(zip(data.prompts, data.labels)):
+        # every positive stays; a negative stays exactly when it names no feature word
+        assert (i in kept) == (y == 1 or not words & set(p.split())), p
+    assert 100 < len(kept) - data.labels.sum() < (1 - data.labels).sum()
 
 
 def test_labelled_files(tmp_path):

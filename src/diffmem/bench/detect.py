@@ -25,6 +25,8 @@ class LabelledPrompts:
     labels: np.ndarray  # 1 = memorized
     groups: list[str]
     source: str
+    # other splits of the same prompts reported beside the full one, {name: row indices}
+    subsets: dict[str, np.ndarray] = field(default_factory=dict)
 
 
 def memlab_labelled(manifest: dict, max_control: int | None = 400) -> LabelledPrompts:
@@ -39,7 +41,13 @@ def memlab_labelled(manifest: dict, max_control: int | None = 400) -> LabelledPr
         control = [control[i] for i in sorted(rng.choice(len(control), max_control, replace=False))]
     neg = [("control", p) for p in control] + [("novel", p) for p in ds.prompts(manifest, "novel")]
     rows = pos + neg
-    return LabelledPrompts([p for _, p in rows], np.r_[np.ones(len(pos)), np.zeros(len(neg))], [g for g, _ in rows], "memlab")
+    # Negatives naming a planted implicit or unintended feature word ("lucky" -> stamp, "night" ->
+    # dark sky) do call up a memorized feature; the split without them isolates the detector's
+    # verbatim / template separation from that feature-level memorization.
+    words = {f["word"] for kind in ("implicit", "unintended") for f in manifest["groups"].get(kind, [])}
+    keep = np.array([i for i, (g, p) in enumerate(rows) if g in ("verbatim", "template") or not words & set(p.split())])
+    subsets = {"negatives naming no planted feature word": keep} if words else {}
+    return LabelledPrompts([p for _, p in rows], np.r_[np.ones(len(pos)), np.zeros(len(neg))], [g for g, _ in rows], "memlab", subsets)
 
 
 def labelled_from_files(data: str | None = None, positives: str | None = None, negatives: str | None = None,
@@ -96,6 +104,9 @@ class DetectBenchResult:
     seeds: list[int]
     model: dict
     extra_rows: list[dict] = field(default_factory=list)  # other detectors, same table
+    subset_grids: dict[str, list[dict]] = field(default_factory=dict)  # the grid on other splits
+    subset_sizes: dict[str, list[int]] = field(default_factory=dict)  # {name: [n_pos, n_neg]}
+    hardest_negatives: list[dict] = field(default_factory=list)  # top first-step scores among negatives
 
     def table(self) -> str:
         step_labels = list(dict.fromkeys(r["steps"] for r in self.grid))
@@ -110,6 +121,13 @@ class DetectBenchResult:
             lines.append(f"| noise norm, {sl} | " + " | ".join(cells) + " |")
         for r in self.extra_rows:
             lines.append(f"| {r['name']} | " + f"{r['auc']:.3f} / {r['tpr_at_1pct_fpr']:.3f} (n={r['generations']})" + " |")
+        for name, grid in self.subset_grids.items():
+            npos, nneg = self.subset_sizes[name]
+            lines.append(f"| *{name}: {npos} vs {nneg}* |" + " |" * len(gens))
+            for sl in step_labels:
+                cells = [next(f"{r['auc']:.3f} / {r['tpr_at_1pct_fpr']:.3f}" for r in grid if r["steps"] == sl and r["generations"] == g)
+                         for g in gens]
+                lines.append(f"| noise norm, {sl} | " + " | ".join(cells) + " |")
         return "\n".join(lines)
 
     def save(self, out: str | Path) -> dict:
@@ -118,6 +136,10 @@ class DetectBenchResult:
         slim = lambda rows: [{k: v for k, v in r.items() if k not in ("fpr", "tpr")} for r in rows]  # noqa: E731
         dump_json({"source": self.source, "grid": slim(self.grid), "other_detectors": slim(self.extra_rows),
                    "settings": self.settings, "seeds": self.seeds, "model": self.model, "table": self.table(),
+                   "n_pos": self.n_pos, "n_neg": self.n_neg,
+                   "subsets": {k: {"n_pos": self.subset_sizes[k][0], "n_neg": self.subset_sizes[k][1], "grid": slim(v)}
+                               for k, v in self.subset_grids.items()},
+                   "hardest_negatives": self.hardest_negatives,
                    "roc_curves": {f"{r['steps']} n={r['generations']}": {"fpr": r["fpr"], "tpr": r["tpr"]} for r in self.grid}},
                   out / "bench_detect.json")
         self.plot(out / "bench_detect_roc.png")
@@ -171,12 +193,16 @@ def bench_detect(pipe, data: LabelledPrompts, generations=(1, 4), num_inference_
     all_steps = sorted({s for v in sets.values() for s in v})
     det = NoiseNormDetector(pipe, nsteps, gscale, steps=all_steps, generations=max(generations), seed=seed, batch_size=batch_size)
     res = det.score(data.prompts, progress=progress)
-    grid = []
-    for label, steps in sets.items():
-        idx = [all_steps.index(s) for s in steps]
-        for g in generations:
-            scores = res.values[:, :g, :][:, :, idx].mean(axis=(1, 2))
-            grid.append({"steps": label, "generations": g, **roc(data.labels, scores)})
+    def grid_on(rows_idx):
+        grid = []
+        for label, steps in sets.items():
+            idx = [all_steps.index(s) for s in steps]
+            for g in generations:
+                scores = res.values[rows_idx][:, :g, :][:, :, idx].mean(axis=(1, 2))
+                grid.append({"steps": label, "generations": g, **roc(data.labels[rows_idx], scores)})
+        return grid
+
+    grid = grid_on(np.arange(len(data.prompts)))
     extra = []
     if black_box:
         bb = SeedConsistencyDetector(pipe, mode="x0", generations=4, num_inference_steps=nsteps, guidance_scale=gscale,
@@ -184,4 +210,11 @@ def bench_detect(pipe, data: LabelledPrompts, generations=(1, 4), num_inference_
         extra.append({"name": "seed consistency (black box, x0 after 1 step)", "generations": 4, **roc(data.labels, bb.scores)})
     out = DetectBenchResult(data.source, grid, det.settings.to_dict(), det.settings.seeds(), res.model, extra)
     out.n_pos, out.n_neg = int(data.labels.sum()), int((1 - data.labels).sum())
+    for name, idx in data.subsets.items():
+        out.subset_grids[name] = grid_on(np.asarray(idx))
+        out.subset_sizes[name] = [int(data.labels[idx].sum()), int((1 - data.labels[idx]).sum())]
+    first = res.values[:, :1, :][:, :, [all_steps.index(s) for s in next(iter(sets.values()))]].mean(axis=(1, 2))
+    neg = np.flatnonzero(data.labels == 0)
+    out.hardest_negatives = [{"prompt": data.prompts[i], "group": data.groups[i], "score": float(first[i])}
+                             for i in neg[np.argsort(-first[neg])][:20]]
     return out
