@@ -13,7 +13,9 @@ from diffmem.core.errors import InputError
 from diffmem.scan import DatasetScanner, ListSource, ScanResult
 from diffmem.scan.sources import TableSource
 
-DATA = os.path.join(os.path.dirname(__file__), "..", "..", "..", "shared", "data", "sdv1_500_memorized.jsonl")
+# the public list of 500 memorized SD v1 captions (Webster / Wen et al.), kept in the repo so a
+# fresh clone can run it
+DATA = os.path.join(os.path.dirname(__file__), "..", "data", "sdv1_500_memorized.jsonl")
 
 
 @pytest.fixture(scope="module")
