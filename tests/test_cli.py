@@ -69,6 +69,14 @@ def test_detect_end_to_end_with_calibration_and_long_prompt(tmp_path, tiny_pipe_
     assert len(res.prompts) == 3 and res.threshold is not None
     assert "verdict" in res.to_frame()
 
+    # mitigation takes its target only from a calibration of its own loss (first step, same seeds)
+    cal = out.with_name("r.calibration.json")
+    mit = tmp_path / "mit"
+    r = run("mitigate", "--prompts", str(prompts), "--model", str(tiny_pipe_dir), "--calibration", str(cal),
+            "--out", str(mit), "--generations", "2", "--max-iters", "1")
+    assert r.returncode == 2 and "generations=1 (needs 2)" in r.stderr and "Traceback" not in r.stderr
+    assert not mit.exists() or not any(mit.iterdir())
+
 
 def test_train_end_to_end_and_resume(tmp_path, tiny_pipe_dir):
     import json

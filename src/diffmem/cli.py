@@ -160,14 +160,16 @@ def mitigate(
         if (target is None) == (calibration is None):
             raise DiffmemError("give exactly one of --target and --calibration for the embedding method")
         source = "given"
-        if calibration is not None:
-            target, source = Calibration.load(calibration).threshold, f"calibration {calibration}"
     elif method not in BASELINES:
         raise DiffmemError(f"unknown method {method!r}: use embedding, {', '.join(sorted(BASELINES))}")
     pipe = load_pipeline(model)
     d = sampler_defaults(pipe)
     kw = dict(generations=generations, seed=seed, num_inference_steps=d["num_inference_steps"], guidance_scale=d["guidance_scale"])
-    if method == "embedding":
+    if method == "embedding" and calibration is not None:
+        # refused unless it calibrates the first-step loss with these seeds and sampler steps
+        m = EmbeddingOptimization.from_calibration(pipe, Calibration.load(calibration), source=f"calibration {calibration}",
+                                                   lr=lr, max_iters=max_iters, **kw)
+    elif method == "embedding":
         m = EmbeddingOptimization(pipe, target, lr=lr, max_iters=max_iters, target_source=source, **kw)
     else:
         extra = {"rta": {"n_tokens": n_tokens}, "gni": {"sigma": sigma}}.get(method, {})

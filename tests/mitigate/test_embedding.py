@@ -58,6 +58,33 @@ def test_bad_target(tiny_pipe):
         EmbeddingOptimization(tiny_pipe, target=float("nan"))
 
 
+def test_calibrated_target_is_on_the_scale_of_the_loss(tiny_pipe):
+    from diffmem.detect import NoiseNormDetector
+
+    reference = ["a blue square", "a green ring", "a tree", "a house", "a dog on grass"]
+    kw = dict(generations=2, seed=3, num_inference_steps=3, guidance_scale=7.5)
+    m, cal = EmbeddingOptimization.calibrated(tiny_pipe, reference, fpr=0.2, max_iters=1, **kw)
+    assert m.settings["target"] == cal.threshold
+    # the detector's first-step score of a prompt is exactly this method's initial loss
+    score = NoiseNormDetector(tiny_pipe, 3, 7.5, steps=[0], generations=2, seed=3).score(PROMPTS).scores
+    res = m.mitigate(PROMPTS, generate_images=False)
+    np.testing.assert_allclose(res.initial_loss, score, rtol=1e-4)
+
+
+def test_calibrations_of_another_score_are_refused(tiny_pipe):
+    from diffmem.detect import Calibration, NoiseNormDetector
+    from diffmem.detect.calibration import CalibrationMismatch
+
+    reference = ["a blue square", "a green ring", "a tree"]
+    kw = dict(generations=2, seed=0, num_inference_steps=3, guidance_scale=7.5)
+    for det_kw, what in (({"steps": [0, 1], "generations": 2}, "steps"), ({"steps": [0], "generations": 1}, "generations")):
+        cal = Calibration.fit(NoiseNormDetector(tiny_pipe, 3, 7.5, seed=0, **det_kw).score(reference), fpr=0.5)
+        with pytest.raises(CalibrationMismatch, match=what):
+            EmbeddingOptimization.from_calibration(tiny_pipe, cal, **kw)
+    good = Calibration.fit(NoiseNormDetector(tiny_pipe, 3, 7.5, steps=[0], generations=2, seed=0).score(reference), fpr=0.5)
+    assert EmbeddingOptimization.from_calibration(tiny_pipe, good, **kw).settings["target"] == good.threshold
+
+
 @pytest.mark.parametrize("name", sorted(BASELINES))
 def test_baselines_share_the_interface(tiny_pipe, name):
     res = BASELINES[name](tiny_pipe, generations=2, num_inference_steps=3).mitigate(PROMPTS)

@@ -152,6 +152,10 @@ def test_app_mitigation_job_reports_progress_and_cancels(app_server):
     assert state["state"] == "done", state
     assert len(state["result"]["before"]) == len(state["result"]["after"]) == 4
     assert state["result"]["before"][0].startswith("data:image/png;base64,")
+    # a planted prompt starts above the first-step target and the optimization runs
+    r = state["result"]
+    assert r["initial_loss"] > r["target"] and r["iterations"] > 0 and r["final_loss"] < r["initial_loss"]
+    assert "calibration" in r["target_source"]
     with pytest.raises(urllib.error.HTTPError) as e:
         post("api/score", {"prompt": "   "})
     assert e.value.code == 400

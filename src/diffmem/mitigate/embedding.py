@@ -153,6 +153,45 @@ class EmbeddingOptimization:
     def seeds(self) -> list[int]:
         return [self.settings["seed"] + g for g in range(self.settings["generations"])]
 
+    @classmethod
+    def from_calibration(cls, pipe, calibration, source: str = "calibration", **kw) -> "EmbeddingOptimization":
+        """Take the target from a calibration of the loss this method minimizes: the first-step
+        norm averaged over the same seeded generations and sampler steps. A calibration of another
+        score (later steps, other seeds) is on another scale and is refused: on MemLab the mean over
+        steps 0-4 is about twice the first-step norm, so its threshold would leave every prompt
+        "already below target" and untouched."""
+        from ..core.loading import model_identity
+        from ..detect.calibration import CalibrationMismatch
+
+        m = cls(pipe, calibration.threshold, target_source=source, **kw)
+        s, c = m.settings, calibration.settings
+        want = {"steps": [0], "generations": s["generations"], "seed": s["seed"],
+                "num_inference_steps": s["num_inference_steps"]}
+        problems = [f"{k}={list(c.get(k)) if k == 'steps' and c.get(k) is not None else c.get(k)!r} (needs {v!r})"
+                    for k, v in want.items() if (list(c.get(k) or []) if k == "steps" else c.get(k)) != v]
+        if problems:
+            raise CalibrationMismatch(
+                "this calibration is not of the mitigation loss (the first-step norm over the same seeded "
+                f"generations): {'; '.join(problems)}. Calibrate with `diffmem detect --steps 0 "
+                f"--generations {s['generations']} --seed {s['seed']} --num-inference-steps {s['num_inference_steps']} "
+                "--calibrate-with REFERENCE`, or give --target")
+        if calibration.model.get("unet_hash") and calibration.model.get("unet_hash") != model_identity(pipe)["unet_hash"]:
+            raise CalibrationMismatch("this calibration was made on another model (different UNet weights)")
+        return m
+
+    @classmethod
+    def calibrated(cls, pipe, reference: Sequence[str], fpr: float = 0.01, progress: bool = False, **kw):
+        """(method, calibration): the target is the (1 - fpr) quantile of the mitigation loss over
+        non-memorized reference prompts, scored with exactly the mitigation's settings."""
+        from ..detect import Calibration, NoiseNormDetector
+
+        probe = cls(pipe, 1.0, **kw).settings
+        det = NoiseNormDetector(pipe, probe["num_inference_steps"], probe["guidance_scale"], steps=[0],
+                                generations=probe["generations"], seed=probe["seed"])
+        cal = Calibration.fit(det.score(list(reference), progress=progress), fpr=fpr)
+        return cls.from_calibration(pipe, cal, source=f"first-step calibration at FPR {fpr} on {len(reference)} reference prompts",
+                                    **kw), cal
+
     def optimize(self, prompt: str, callback=None) -> tuple[torch.Tensor, list[float], int, bool]:
         """(embedding (1, L, D), loss trajectory, steps taken, target reached).
 

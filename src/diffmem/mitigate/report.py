@@ -10,21 +10,27 @@ from .embedding import MitigationResult
 
 
 def measure(pipe, res: MitigationResult) -> dict:
-    """Replication and alignment before and after, for MemLab models (MemLab's replication measure
-    and the attribute reader). Other models need their training images and, for real data, SSCD and
-    CLIP weights: use ``diffmem.mitigate.measures`` from Python; here only the loss figures are kept."""
+    """Replication and alignment before and after, for MemLab models. A generation replicates when
+    it reproduces planted content: a training image (MemLab's replication measure) or a planted
+    template layout (the attribute reader), since template prompts in new contexts bring back the
+    layout, never a whole training image. Other models need their training images and, for real
+    data, SSCD and CLIP weights: use ``diffmem.mitigate.measures`` from Python; here only the loss
+    figures are kept."""
+    from ..memlab.reader import AttributeReader
     from . import measures as M
 
     if not (Path(str(pipe.name_or_path)) / "memlab_manifest.json").exists():
         return {}
     rep = M.MemLabReplication(pipe)
     align = M.MemLabAlignment()
+    reader = AttributeReader()
     out = {}
     p, s = res.images_before.shape[:2]
     prompts_flat = [pr for pr in res.prompts for _ in range(s)]
     for when, imgs in (("before", res.images_before), ("after", res.images_after)):
         flat = imgs.reshape(p * s, *imgs.shape[2:])
-        r = rep(flat)["replicated"].reshape(p, s)
+        layout = np.array([reader.read(im)["template"] is not None for im in flat])
+        r = (np.asarray(rep(flat)["replicated"], bool) | layout).reshape(p, s)
         a = align(flat, prompts_flat).reshape(p, s)
         out[f"replication_{when}"] = r.mean(axis=1).tolist()
         out[f"alignment_{when}"] = np.nanmean(a, axis=1).tolist()

@@ -53,8 +53,11 @@ class AppState:
 
         if calibration is not None and audit is not None:
             raise InputError("give --calibration or --audit, not both")
+        self._target_calibration = None  # the mitigation target's own calibration (see _mitigator)
         if audit is not None:
             calibration = Path(audit) / "detect" / "calibration.json"
+            if (Path(audit) / "mitigate" / "target_calibration.json").exists():
+                self._target_calibration = Calibration.load(Path(audit) / "mitigate" / "target_calibration.json")
         self.pipe = load_pipeline(model)
         self.sampler = sampler_defaults(self.pipe)
         self.seed, self.generations = seed, generations
@@ -69,6 +72,7 @@ class AppState:
             steps = [x for x in AuditSettings.steps if x < self.sampler["num_inference_steps"]]
         self.detector = NoiseNormDetector(self.pipe, self.sampler["num_inference_steps"], self.sampler["guidance_scale"],
                                           steps=steps, generations=1, seed=self.seed)
+        self._reference = None
         if cal is not None:
             self.calibration = cal
         else:  # MemLab: calibrate on its reference set, as the audit does
@@ -79,7 +83,9 @@ class AppState:
                 manifest = load_manifest(model)
             except InputError:
                 raise InputError(f"{model} is not a MemLab model: give --calibration FILE or --audit DIR") from None
-            self.calibration = Calibration.fit(self.detector.score(memlab_audit_prompts(manifest).reference, progress=progress))
+            self._reference = memlab_audit_prompts(manifest).reference
+            self.calibration = Calibration.fit(self.detector.score(self._reference, progress=progress))
+        self._mitigator_cache = None
         probe = self.detector.score(["a probe"])
         self.calibration.check(probe)  # a calibration made with other settings or for another model is refused
         self.lock = threading.Lock()
@@ -128,9 +134,7 @@ class AppState:
 
         seeds = [self.seed + g for g in range(self.generations)]
         kw = dict(num_inference_steps=self.sampler["num_inference_steps"], guidance_scale=self.sampler["guidance_scale"])
-        m = EmbeddingOptimization(self.pipe, self.calibration.threshold, generations=self.generations, seed=self.seed,
-                                  target_source="the app's calibration threshold", **kw)
-        iters = m.settings["max_iters"] + 1
+        iters = EmbeddingOptimization(self.pipe, 1.0).settings["max_iters"] + 1
         total = 2 * len(seeds) + iters
         done = 0
 
@@ -144,6 +148,8 @@ class AppState:
         try:
             with self.lock:
                 job["state"] = "running"
+                job["message"] = "calibrating the mitigation target"
+                m = self._mitigator()
                 before = []
                 for s in seeds:
                     tick(f"generating before, seed {s}")
@@ -156,12 +162,31 @@ class AppState:
                                  generate(self.pipe, [job["prompt"]], [s], prompt_embeds=emb, **kw)[0, 0])
             job["result"] = {"before": [_png(i) for i in before], "after": [_png(i) for i in after], "seeds": seeds,
                              "initial_loss": traj[0], "final_loss": traj[-1], "iterations": steps, "reached_target": reached,
-                             "target": self.calibration.threshold}
+                             "target": m.settings["target"], "target_source": m.settings["target_source"]}
             job["state"], job["progress"], job["message"] = "done", 1.0, "done"
         except Cancelled:
             job["state"], job["message"] = "cancelled", "cancelled"
         except Exception as e:  # reported to the page, not lost in a thread
             job["state"], job["error"], job["message"] = "error", str(e), f"error: {e}"
+
+    def _mitigator(self):
+        """The embedding optimization, its target on the scale of its own loss (the first-step norm
+        over the job's seeds): the detection threshold is on the score of the scored steps, another
+        scale. From the audit's target calibration, else calibrated once on MemLab's reference set."""
+        from ..mitigate import EmbeddingOptimization
+
+        if self._mitigator_cache is None:
+            kw = dict(generations=self.generations, seed=self.seed, num_inference_steps=self.sampler["num_inference_steps"],
+                      guidance_scale=self.sampler["guidance_scale"])
+            if self._target_calibration is not None:
+                m = EmbeddingOptimization.from_calibration(self.pipe, self._target_calibration, source="the audit's target calibration", **kw)
+            elif self._reference is not None:
+                m, self._target_calibration = EmbeddingOptimization.calibrated(self.pipe, self._reference, fpr=self.calibration.fpr, **kw)
+            else:
+                raise InputError("mitigation needs a target on the scale of the first-step loss: start the app with "
+                                 "--audit DIR from an audit that ran its mitigation stage")
+            self._mitigator_cache = m
+        return self._mitigator_cache
 
     def job_view(self, job_id: str) -> dict:
         job = self.jobs.get(job_id)

@@ -404,20 +404,21 @@ class Audit:
         def work(folder: Path, key: str) -> dict:
             from tqdm.auto import tqdm
 
-            from ..detect import Calibration
             from ..mitigate import EmbeddingOptimization
             from ..mitigate.embedding import MitigationResult
             from ..mitigate.report import measure
 
-            cal = Calibration.load(self.out / "detect" / "calibration.json")
-            m = EmbeddingOptimization(self.pipe, cal.threshold, lr=s.mitigate_lr, max_iters=s.mitigate_iters,
-                                      generations=s.mitigate_generations, seed=s.seed,
-                                      num_inference_steps=self.sampler["num_inference_steps"],
-                                      guidance_scale=self.sampler["guidance_scale"],
-                                      target_source="the audit's calibration threshold")
             prompts = self.flagged(s.max_mitigate)
             if not prompts:
                 return {"n_prompts": 0, "note": "nothing flagged"}
+            # The detection threshold is on the detection score (steps 0-4 by default), another scale
+            # than the first-step loss minimized here: the target gets its own calibration, on the
+            # same reference prompts at the same false-positive rate.
+            m, cal = EmbeddingOptimization.calibrated(
+                self.pipe, self.prompts.reference, fpr=s.fpr, progress=self.progress, lr=s.mitigate_lr,
+                max_iters=s.mitigate_iters, generations=s.mitigate_generations, seed=s.seed,
+                num_inference_steps=self.sampler["num_inference_steps"], guidance_scale=self.sampler["guidance_scale"])
+            cal.save(folder / "target_calibration.json")
             parts = folder / "parts"
             chunks = [prompts[i : i + MITIGATE_CHUNK] for i in range(0, len(prompts), MITIGATE_CHUNK)]
             results = []
