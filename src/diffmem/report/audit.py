@@ -339,17 +339,9 @@ class Audit:
         return self._stage("explain", settings, [keys["detect"]], work)
 
     def attributions(self) -> dict:
-        from ..explain.attribution import AttributionResult
+        from .html import load_attributions
 
-        f = self.out / "explain" / "attributions.json"
-        if not f.exists():
-            return {}
-        out = {}
-        for d in json.loads(f.read_text())["attributions"]:
-            d["token_scores"] = np.asarray(d["token_scores"], float)
-            d["word_scores"] = np.asarray(d["word_scores"], float)
-            out[d["prompt"]] = AttributionResult(**d)
-        return out
+        return load_attributions(self.out)
 
     def _categorize(self, keys):
         s = self.settings

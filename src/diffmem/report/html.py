@@ -123,7 +123,7 @@ def build_context(out: Path, result) -> dict:
         ctx["groups"] = _group_table(det, groups)
 
     # per flagged prompt
-    attributions = _load_attributions(out)
+    attributions = load_attributions(out)
     profile = _load_profile(out)
     mitigation = _load_mitigation(out)
     links = json.loads((out / "scan" / "links.json").read_text())["links"] if (out / "scan" / "links.json").exists() else {}
@@ -191,7 +191,8 @@ def _group_table(det, groups) -> list[dict]:
     return out
 
 
-def _load_attributions(out: Path) -> dict:
+def load_attributions(out: Path) -> dict:
+    """{prompt: AttributionResult} from an audit folder's explain stage ({} if it did not run)."""
     from ..explain.attribution import AttributionResult
 
     f = out / "explain" / "attributions.json"
