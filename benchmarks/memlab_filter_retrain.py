@@ -10,7 +10,7 @@ shipped model's seed and budget, and compare the two models.
    prompts, as ``memlab verify`` measures them. Bars: replication <= 0.10, agreement within 3
    points of the shipped model's.
 
-    python benchmarks/memlab_filter_retrain.py --out RUN [--quantile 0.99] [--threshold T]
+    python benchmarks/memlab_filter_retrain.py --out RUN [--quantile 0.99] [--threshold T] [--vae-from MAIN/vae] [--threads N]
 (about 80 minutes on 2 cores; resumable: re-run with the same --out)
 """
 
@@ -58,6 +58,8 @@ def main() -> None:
     ap.add_argument("--out", required=True)
     ap.add_argument("--quantile", type=float, default=0.99)
     ap.add_argument("--threshold", type=float, default=None)
+    ap.add_argument("--vae-from", default=None, help="reuse a trained MemLab VAE folder (skips about 20 minutes)")
+    ap.add_argument("--threads", type=int, default=None)
     a = ap.parse_args()
     from diffmem.core.loading import load_pipeline
     from diffmem.memlab import dataset as ds
@@ -76,7 +78,9 @@ def main() -> None:
                "norm_median_by_group": {g: float(np.median(norms[groups == g])) for g in np.unique(groups)},
                "share_of_rows_at_or_above": {g: float((norms[groups == g] >= thr).mean()) for g in np.unique(groups)}}
     print(json.dumps(summary, indent=1), flush=True)
-    filtered = replace(rc, train=replace(rc.train, mem_filter_threshold=thr))
+    filtered = replace(rc, train=replace(rc.train, mem_filter_threshold=thr, threads=a.threads))
+    if a.vae_from:  # the VAE stage does not depend on the filter: reuse the shipped model's
+        recipe.reuse_vae(a.vae_from, out)
     model = recipe.run(filtered, out)
     summary["shipped"] = replication_and_agreement("memlab")
     summary["filtered"] = replication_and_agreement(str(model))

@@ -86,18 +86,26 @@ def bench_mitigate(pipe, manifest: dict, generations: int = 4, methods: dict | N
     entries = [{"prompt": e["prompt"], "group": "verbatim", "image_id": e["image_id"]} for e in manifest["groups"]["verbatim"]]
     entries += [{"prompt": t["prompt"], "group": "template", "template_id": e["template_id"]}
                 for e in manifest["groups"]["template"] for t in e["test_prompts"]]
-    entries = entries[:max_prompts]
+    if max_prompts is not None and max_prompts < len(entries):  # both groups, evenly spread
+        idx = np.linspace(0, len(entries) - 1, max_prompts).round().astype(int)
+        entries = [entries[i] for i in idx]
     prompts = [e["prompt"] for e in entries]
     labelled = memlab_labelled(manifest)
     reference = [p for p, y in zip(labelled.prompts, labelled.labels) if y == 0]
     det = NoiseNormDetector(pipe, d["num_inference_steps"], d["guidance_scale"], generations=generations)
-    cal = Calibration.fit(det.score(reference), fpr=0.01)
+    ref_scores = det.score(reference)
+    cal = Calibration.fit(ref_scores, fpr=0.01)
+    # Wen et al. set the target near the top of non-memorized prompts' loss; on MemLab that leaves
+    # template layouts in place, so a second target at the median non-memorized loss is measured too
+    cal_median = Calibration.fit(ref_scores, fpr=0.5)
     kernel = MemLabReplication(ds.build(ds.MemLabConfig(**manifest["config"])), pipe.vae)
     reader, align = AttributeReader(), MemLabAlignment()
     kw = dict(generations=generations, seed=0, num_inference_steps=d["num_inference_steps"], guidance_scale=d["guidance_scale"])
     methods = methods or {
-        ("embedding", "lr 0.05, 10 iters"): lambda: EmbeddingOptimization(pipe, cal.threshold, lr=0.05, max_iters=10,
-                                                                           target_source="calibration FPR 0.01", **kw),
+        ("embedding", "target FPR 0.01, lr 0.05, 10 iters"): lambda: EmbeddingOptimization(
+            pipe, cal.threshold, lr=0.05, max_iters=10, target_source="calibration FPR 0.01", **kw),
+        ("embedding", "target median, lr 0.05, 20 iters"): lambda: EmbeddingOptimization(
+            pipe, cal_median.threshold, lr=0.05, max_iters=20, target_source="calibration FPR 0.5", **kw),
         ("rta", "4 tokens"): lambda: BASELINES["rta"](pipe, n_tokens=4, **kw),
         ("rta", "10 tokens"): lambda: BASELINES["rta"](pipe, n_tokens=10, **kw),
         ("rna", "4 numbers"): lambda: BASELINES["rna"](pipe, n_numbers=4, **kw),
@@ -109,7 +117,8 @@ def bench_mitigate(pipe, manifest: dict, generations: int = 4, methods: dict | N
     before = None
     for (method, setting), make in methods.items():
         t0 = time.time()
-        res = make().mitigate(prompts, progress=progress)
+        mitigator = make()
+        res = mitigator.mitigate(prompts, progress=progress)
         dt = (time.time() - t0) / len(prompts)
         if before is None:
             before = {"replication": float(_replication(res.images_before, entries, kernel, reader).mean()),
@@ -123,7 +132,9 @@ def bench_mitigate(pipe, manifest: dict, generations: int = 4, methods: dict | N
                "seconds_per_prompt": dt}
         if method == "embedding":
             row.update(untouched=int((res.iterations == 0).sum()), unreached=len(res.unreached),
-                       target=cal.threshold)
+                       target=mitigator.settings["target"])
         rows.append(row)
     return MitigateBenchResult(rows, {"seeds": list(range(generations)), "prompts": len(prompts),
-                                      "calibration_threshold": cal.threshold, **d})
+                                      "calibration_threshold": cal.threshold, "median_threshold": cal_median.threshold,
+                                      "verbatim": sum(e["group"] == "verbatim" for e in entries),
+                                      "template": sum(e["group"] == "template" for e in entries), **d})
