@@ -102,7 +102,7 @@ class CLIPZeroShotExtractor:
             # (B, F) similarities for the feature prompts and their negations
             sp = np.stack([self.clip(chunk, [p] * len(chunk)) for p in pos], axis=1)
             sn = np.stack([self.clip(chunk, [n] * len(chunk)) for n in neg], axis=1)
-            scale = float(self.clip.model.logit_scale.exp()) if hasattr(self.clip.model, "logit_scale") else 100.0
+            scale = float(self.clip.model.logit_scale.detach().exp()) if hasattr(self.clip.model, "logit_scale") else 100.0
             prob = torch.softmax(torch.tensor(np.stack([sp, sn], -1) * scale), dim=-1)[..., 0].numpy()
             for row in prob:
                 out.append({f for f, p in zip(feats, row) if p - 0.5 > self.margin / 2})

@@ -1,0 +1,74 @@
+"""The CLIP paths (CLIPScore, CLIP zero-shot features) on a tiny random CLIP saved locally: wiring,
+shapes, batching and errors. Real CLIP weights cannot be downloaded here."""
+
+import numpy as np
+import pytest
+import torch
+
+from diffmem.core.errors import InputError
+
+
+@pytest.fixture(scope="module")
+def tiny_clip_dir(tmp_path_factory):
+    from transformers import CLIPConfig, CLIPModel
+
+    from diffmem.core.tokenizer import clip_tokenizer
+
+    torch.manual_seed(0)
+    cfg = CLIPConfig(text_config={"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2,
+                                  "num_attention_heads": 2, "max_position_embeddings": 77, "vocab_size": 49408},
+                     vision_config={"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2,
+                                    "num_attention_heads": 2, "image_size": 32, "patch_size": 8},
+                     projection_dim=16)
+    path = tmp_path_factory.mktemp("tiny-clip")
+    CLIPModel(cfg).eval().save_pretrained(path, safe_serialization=True)
+    clip_tokenizer(77).save_pretrained(path)
+    return path
+
+
+def _images(n, seed=0):
+    return np.random.default_rng(seed).integers(0, 256, (n, 24, 24, 3), dtype=np.uint8)
+
+
+def test_clip_score_equals_the_model_own_similarity(tiny_clip_dir):
+    from transformers import CLIPModel
+
+    from diffmem.mitigate.measures import CLIPScore
+
+    score = CLIPScore(tiny_clip_dir)
+    imgs, prompts = _images(3), ["a red circle", "a photo of a dog", "snow"]
+    ours = score(imgs, prompts)
+    assert ours.shape == (3,) and np.all(np.abs(ours) <= 1 + 1e-6)
+    # the same numbers from the model's own forward: logits_per_image / logit_scale, on the diagonal
+    x = torch.nn.functional.interpolate(torch.tensor(imgs).permute(0, 3, 1, 2).float() / 255, size=(32, 32),
+                                        mode="bicubic", antialias=True, align_corners=False)
+    mean = torch.tensor((0.48145466, 0.4578275, 0.40821073)).view(1, 3, 1, 1)
+    std = torch.tensor((0.26862954, 0.26130258, 0.27577711)).view(1, 3, 1, 1)
+    model = CLIPModel.from_pretrained(tiny_clip_dir).eval()
+    tok = score.tokenizer(prompts, padding=True, return_tensors="pt")
+    with torch.no_grad():
+        out = model(pixel_values=(x - mean) / std, **tok)
+    ref = (out.logits_per_image / model.logit_scale.exp()).diagonal().detach().numpy()
+    np.testing.assert_allclose(ours, ref, rtol=1e-4, atol=1e-5)
+
+
+def test_clip_zero_shot_features_batch_and_margin(tiny_clip_dir):
+    from diffmem.categorize.extractors import CLIPZeroShotExtractor
+
+    vocab = {"stamp": "a small square stamp in the corner", "frame": "a thin border", "snow": "white snow on the ground"}
+    imgs = _images(5, seed=1)
+    one = CLIPZeroShotExtractor(str(tiny_clip_dir), vocab, batch_size=1)(imgs)
+    many = CLIPZeroShotExtractor(str(tiny_clip_dir), vocab, batch_size=4)(imgs)
+    assert len(one) == 5 and one == many  # batching does not change what is read
+    assert all(f <= set(vocab) for f in one)
+    assert CLIPZeroShotExtractor(str(tiny_clip_dir), vocab, margin=2.0)(imgs) == [set()] * 5  # p - 0.5 <= 0.5 < 1
+
+
+def test_clip_bad_paths_and_vocabulary(tmp_path, tiny_clip_dir):
+    from diffmem.categorize.extractors import CLIPZeroShotExtractor
+    from diffmem.mitigate.measures import CLIPScore
+
+    with pytest.raises(InputError, match="not found or incomplete"):
+        CLIPScore(tmp_path / "nowhere")
+    with pytest.raises(InputError, match="non-empty"):
+        CLIPZeroShotExtractor(str(tiny_clip_dir), {})
