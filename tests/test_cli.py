@@ -145,4 +145,8 @@ def test_categorize_bad_inputs(tmp_path):
     (tmp_path / "p.txt").write_text("a red circle\n")
     r = run("categorize", "--prompts", str(tmp_path / "p.txt"), "--extractor", "clip:/nowhere", "--out", str(tmp_path / "o"))
     assert r.returncode == 2 and "--vocabulary" in r.stderr and "Traceback" not in r.stderr
+    (tmp_path / "v.yaml").write_text("stamp: a small stamp\n")
+    r = run("categorize", "--prompts", str(tmp_path / "p.txt"), "--extractor", "vlm:/nowhere", "--vocabulary",
+            str(tmp_path / "v.yaml"), "--out", str(tmp_path / "o"))
+    assert r.returncode == 2 and "vision-language model folder not found" in r.stderr and "Traceback" not in r.stderr
     assert not (tmp_path / "o").exists()

@@ -290,13 +290,13 @@ def categorize(
     n: int = typer.Option(16, min=2, help="generations per prompt"),
     tau: float = typer.Option(0.8, help="a feature is consistent when it appears in at least this share of generations"),
     controls: Optional[Path] = typer.Option(None, help="unrelated prompts for the lift test (MemLab: its novel prompts)"),
-    extractor: str = typer.Option("memlab", help="memlab (MemLab's attribute reader) or clip:PATH (a local CLIP) with --vocabulary"),
-    vocabulary: Optional[Path] = typer.Option(None, help="YAML {feature: description} for clip:PATH"),
+    extractor: str = typer.Option("memlab", help="memlab (MemLab's attribute reader), clip:PATH (a local CLIP) or vlm:PATH (a local vision-language model such as LLaVA) with --vocabulary"),
+    vocabulary: Optional[Path] = typer.Option(None, help="YAML {feature: description} for clip:PATH / vlm:PATH"),
     expectations: Optional[Path] = typer.Option(None, help="YAML {concept: [features]}: what a prompt word implies"),
     embedding: bool = typer.Option(False, help="also decide 'implied' with the bundled sentence-embedding model"),
 ):
     """Features that appear across seeds, each called explicit, implicit or unintended, with its evidence."""
-    from .categorize import (CLIPZeroShotExtractor, ExpectationMap, MemLabExtractor, MemorizationProfiler,
+    from .categorize import (CLIPZeroShotExtractor, ExpectationMap, MemLabExtractor, MemorizationProfiler, VLMExtractor,
                              SentenceEmbeddingExpectation)
     from .core.loading import load_pipeline
     from .core.prompts import read_prompts
@@ -305,12 +305,13 @@ def categorize(
     ctrl = read_prompts(controls, column) if controls else None
     if extractor == "memlab":
         ext = MemLabExtractor()
-    elif extractor.startswith("clip:"):
+    elif extractor.startswith(("clip:", "vlm:")):
         if vocabulary is None:
-            raise InputError("clip:PATH needs --vocabulary, a YAML file {feature: description}")
-        ext = CLIPZeroShotExtractor(extractor[5:], _read_yaml_mapping(vocabulary))
+            raise InputError(f"{extractor.partition(':')[0]}:PATH needs --vocabulary, a YAML file {{feature: description}}")
+        kind, _, path = extractor.partition(":")
+        ext = {"clip": CLIPZeroShotExtractor, "vlm": VLMExtractor}[kind](path, _read_yaml_mapping(vocabulary))
     else:
-        raise InputError(f"unknown extractor {extractor!r}: use memlab or clip:PATH")
+        raise InputError(f"unknown extractor {extractor!r}: use memlab, clip:PATH or vlm:PATH")
     sources = []
     if expectations is not None:
         sources.append(ExpectationMap.from_yaml(expectations))

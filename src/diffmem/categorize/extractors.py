@@ -17,6 +17,7 @@ import base64
 import io
 import json
 import os
+from pathlib import Path
 from typing import Protocol, Sequence
 
 import numpy as np
@@ -109,6 +110,74 @@ class CLIPZeroShotExtractor:
         return out
 
 
+# -- a local vision-language model through transformers -------------------------------------
+class VLMExtractor:
+    """Asks a local vision-language model (a transformers image-text-to-text folder such as LLaVA,
+    loaded with AutoProcessor / AutoModelForImageTextToText from safetensors) yes/no per candidate
+    feature, as the authors' follow-up work did with LLaVA. A feature is present when the model's
+    next-token logit for "yes" beats the one for "no" after the question; images are batched per
+    question. ``prompt_template`` is the model's own chat format around ``{question}`` and its
+    image token (LLaVA 1.5's by default)."""
+
+    name = "vlm"
+    QUESTION = "Does this image show {description}? Answer only yes or no."
+
+    def __init__(self, path: str | Path, vocabulary: dict[str, str], batch_size: int = 8,
+                 prompt_template: str = "USER: <image>\n{question} ASSISTANT:"):
+        if not vocabulary:
+            raise InputError("the VLM extractor needs a non-empty feature vocabulary")
+        path = Path(path)
+        if not (path / "config.json").exists():
+            raise InputError(f"vision-language model folder not found or incomplete: {path}")
+        from transformers import AutoModelForImageTextToText, AutoProcessor
+
+        try:
+            self.processor = AutoProcessor.from_pretrained(path)
+            self.model = AutoModelForImageTextToText.from_pretrained(path, use_safetensors=True).eval()
+        except (OSError, ValueError, KeyError) as e:
+            raise InputError(f"{path} is not a transformers image-text-to-text model with its processor: {e}") from None
+        tok = self.processor.tokenizer
+        # the first token of each spelling: "yes" / " Yes" tokenize differently across vocabularies
+        first = lambda words: sorted({tok.encode(w, add_special_tokens=False)[0] for w in words})  # noqa: E731
+        self.yes_ids, self.no_ids = first(["yes", "Yes", " yes", " Yes"]), first(["no", "No", " no", " No"])
+        if set(self.yes_ids) & set(self.no_ids):
+            raise InputError(f"{path}: the tokenizer does not tell 'yes' from 'no' by their first token")
+        self.vocabulary = dict(vocabulary)
+        self.batch_size = batch_size
+        self.prompt_template = prompt_template
+
+    def describe(self, feature: str) -> str:
+        return self.vocabulary.get(feature, feature)
+
+    def answers(self, images, question: str) -> np.ndarray:
+        """(B,) yes-minus-no logit margin for each image."""
+        import torch
+        from PIL import Image
+
+        text = self.prompt_template.format(question=question)
+        out = []
+        for i in range(0, len(images), self.batch_size):
+            chunk = [Image.fromarray(_uint8(im)) for im in images[i : i + self.batch_size]]
+            inputs = self.processor(images=chunk, text=[text] * len(chunk), return_tensors="pt", padding=True)
+            with torch.inference_mode():
+                logits = self.model(**inputs).logits
+            # every row holds the same text, so the last position is each row's next token
+            last = logits[:, -1].float()
+            out.append((last[:, self.yes_ids].max(dim=1).values - last[:, self.no_ids].max(dim=1).values).numpy())
+        return np.concatenate(out) if out else np.zeros(0)
+
+    def __call__(self, images) -> list[set[str]]:
+        images = list(images)
+        feats = list(self.vocabulary)
+        margins = np.stack([self.answers(images, self.QUESTION.format(description=self.vocabulary[f])) for f in feats], axis=1)
+        return [{f for f, m in zip(feats, row) if m > 0} for row in margins]
+
+
+def _uint8(image) -> np.ndarray:
+    arr = np.asarray(image)
+    return arr if arr.dtype == np.uint8 else (np.clip(arr, 0, 1) * 255).round().astype(np.uint8)
+
+
 # -- an OpenAI-compatible chat endpoint ------------------------------------------------------
 class ChatExtractor:
     """Asks an OpenAI-compatible ``/chat/completions`` endpoint yes/no per candidate feature.
@@ -142,11 +211,8 @@ class ChatExtractor:
     def _data_url(image) -> str:
         from PIL import Image
 
-        arr = np.asarray(image)
-        if arr.dtype != np.uint8:
-            arr = (np.clip(arr, 0, 1) * 255).round().astype(np.uint8)
         buf = io.BytesIO()
-        Image.fromarray(arr).save(buf, format="PNG")
+        Image.fromarray(_uint8(image)).save(buf, format="PNG")
         return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
 
     def _ask(self, image_url: str, question: str) -> bool:
