@@ -192,6 +192,7 @@ def bench_detect_cmd(
     seed: int = typer.Option(0),
     batch_size: int = typer.Option(64, min=1),
     black_box: bool = typer.Option(True, help="also run the seed-consistency (black-box) detector"),
+    black_box_modes: str = typer.Option("x0,images", help="x0 (one step, cheap) and / or images (full generations)"),
 ):
     """AUC and TPR@1%FPR over a grid of steps x generations, a ROC plot and a JSON file."""
     from .bench.detect import bench_detect, labelled_from_files, memlab_labelled
@@ -206,8 +207,11 @@ def bench_detect_cmd(
                                        label_column, column)
     _check_writable(out)
     pipe = load_pipeline(model)
+    modes = tuple(m.strip() for m in black_box_modes.split(",") if m.strip())
+    if not set(modes) <= {"x0", "images"}:
+        raise InputError(f"--black-box-modes takes x0 and / or images, got {black_box_modes!r}")
     res = bench_detect(pipe, labelled, generations=tuple(_steps(generations)), seed=seed, batch_size=batch_size,
-                       black_box=black_box)
+                       black_box=black_box, black_box_modes=modes)
     files = res.save(out)
     out_console.print(res.table())
     out_console.print(f"wrote {files['json']} and {files['png']}")

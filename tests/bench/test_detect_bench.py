@@ -25,6 +25,10 @@ def test_grid_on_a_tiny_pipeline(tiny_pipe, tmp_path):
         (s, g) for s in ("first step", "first 2 steps", "all 5 steps") for g in (1, 2)}
     files = res.save(tmp_path)
     assert files["png"].stat().st_size > 1000 and "AUC" in res.table()
+    # both black-box views in the same table
+    assert [r["name"] for r in res.extra_rows] == ["seed consistency (black box, x0 after 1 step)",
+                                                  "seed consistency (black box, full images)"]
+    assert all(r["name"] in res.table() for r in res.extra_rows)
     # a grid cell equals a detector run with exactly those settings
     from diffmem.detect import NoiseNormDetector
 
