@@ -310,9 +310,9 @@ def categorize(
     if extractor == "memlab":
         ext = MemLabExtractor()
     elif extractor.startswith(("clip:", "vlm:")):
-        if vocabulary is None:
-            raise InputError(f"{extractor.partition(':')[0]}:PATH needs --vocabulary, a YAML file {{feature: description}}")
         kind, _, path = extractor.partition(":")
+        if vocabulary is None:
+            raise InputError(f"{kind}:PATH needs --vocabulary, a YAML file {{feature: description}}")
         ext = {"clip": CLIPZeroShotExtractor, "vlm": VLMExtractor}[kind](path, _read_yaml_mapping(vocabulary))
     else:
         raise InputError(f"unknown extractor {extractor!r}: use memlab, clip:PATH or vlm:PATH")

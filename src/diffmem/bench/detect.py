@@ -194,14 +194,14 @@ def bench_detect(pipe, data: LabelledPrompts, generations=(1, 4), num_inference_
     all_steps = sorted({s for v in sets.values() for s in v})
     det = NoiseNormDetector(pipe, nsteps, gscale, steps=all_steps, generations=max(generations), seed=seed, batch_size=batch_size)
     res = det.score(data.prompts, progress=progress)
+    def scores(steps, g, rows_idx=slice(None)):
+        # mean over the first g generations and the given steps
+        idx = [all_steps.index(s) for s in steps]
+        return res.values[rows_idx][:, :g, :][:, :, idx].mean(axis=(1, 2))
+
     def grid_on(rows_idx):
-        grid = []
-        for label, steps in sets.items():
-            idx = [all_steps.index(s) for s in steps]
-            for g in generations:
-                scores = res.values[rows_idx][:, :g, :][:, :, idx].mean(axis=(1, 2))
-                grid.append({"steps": label, "generations": g, **roc(data.labels[rows_idx], scores)})
-        return grid
+        return [{"steps": label, "generations": g, **roc(data.labels[rows_idx], scores(steps, g, rows_idx))}
+                for label, steps in sets.items() for g in generations]
 
     grid = grid_on(np.arange(len(data.prompts)))
     extra = []
@@ -219,7 +219,7 @@ def bench_detect(pipe, data: LabelledPrompts, generations=(1, 4), num_inference_
     for name, idx in data.subsets.items():
         out.subset_grids[name] = grid_on(np.asarray(idx))
         out.subset_sizes[name] = [int(data.labels[idx].sum()), int((1 - data.labels[idx]).sum())]
-    first = res.values[:, :1, :][:, :, [all_steps.index(s) for s in next(iter(sets.values()))]].mean(axis=(1, 2))
+    first = scores(next(iter(sets.values())), 1)
     neg = np.flatnonzero(data.labels == 0)
     out.hardest_negatives = [{"prompt": data.prompts[i], "group": data.groups[i], "score": float(first[i])}
                              for i in neg[np.argsort(-first[neg])][:20]]

@@ -167,8 +167,9 @@ class EmbeddingOptimization:
         s, c = m.settings, calibration.settings
         want = {"steps": [0], "generations": s["generations"], "seed": s["seed"],
                 "num_inference_steps": s["num_inference_steps"]}
-        problems = [f"{k}={list(c.get(k)) if k == 'steps' and c.get(k) is not None else c.get(k)!r} (needs {v!r})"
-                    for k, v in want.items() if (list(c.get(k) or []) if k == "steps" else c.get(k)) != v]
+        got = {k: c.get(k) for k in want}
+        got["steps"] = list(got["steps"] or [])
+        problems = [f"{k}={got[k]!r} (needs {v!r})" for k, v in want.items() if got[k] != v]
         if problems:
             raise CalibrationMismatch(
                 "this calibration is not of the mitigation loss (the first-step norm over the same seeded "

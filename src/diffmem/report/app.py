@@ -130,12 +130,10 @@ class AppState:
 
     def _mitigate(self, job: dict) -> None:
         from ..core.generate import generate
-        from ..mitigate import EmbeddingOptimization
 
         seeds = [self.seed + g for g in range(self.generations)]
         kw = dict(num_inference_steps=self.sampler["num_inference_steps"], guidance_scale=self.sampler["guidance_scale"])
-        iters = EmbeddingOptimization(self.pipe, 1.0).settings["max_iters"] + 1
-        total = 2 * len(seeds) + iters
+        total = 2 * len(seeds) + 1  # set once the mitigator (and its iteration budget) is known
         done = 0
 
         def tick(message: str):
@@ -150,6 +148,7 @@ class AppState:
                 job["state"] = "running"
                 job["message"] = "calibrating the mitigation target"
                 m = self._mitigator()
+                total = 2 * len(seeds) + m.settings["max_iters"] + 1
                 before = []
                 for s in seeds:
                     tick(f"generating before, seed {s}")
