@@ -68,11 +68,17 @@ class Calibration:
         for k in sorted(set(a) | set(b)):
             if a.get(k) != b.get(k):
                 problems.append(f"setting {k}={a.get(k)!r} vs calibrated {b.get(k)!r}")
-        if self.model.get("unet_hash") and result.model.get("unet_hash") != self.model.get("unet_hash"):
-            problems.append(f"model {result.model.get('name_or_path')!r} is not the calibrated model "
-                            f"{self.model.get('name_or_path')!r} (different UNet weights)")
+        if (wrong := self.model_mismatch(result.model)) is not None:
+            problems.append(wrong)
         if problems:
             raise CalibrationMismatch("calibration does not apply to these scores: " + "; ".join(problems))
+
+    def model_mismatch(self, model: dict) -> str | None:
+        """Why scores from ``model`` (a model_identity dict) do not fit this calibration, or None."""
+        if self.model.get("unet_hash") and model.get("unet_hash") != self.model.get("unet_hash"):
+            return (f"model {model.get('name_or_path')!r} is not the calibrated model "
+                    f"{self.model.get('name_or_path')!r} (different UNet weights)")
+        return None
 
     def apply(self, result: DetectionResult) -> DetectionResult:
         self.check(result)

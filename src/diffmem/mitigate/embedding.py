@@ -176,8 +176,8 @@ class EmbeddingOptimization:
                 f"generations): {'; '.join(problems)}. Calibrate with `diffmem detect --steps 0 "
                 f"--generations {s['generations']} --seed {s['seed']} --num-inference-steps {s['num_inference_steps']} "
                 "--calibrate-with REFERENCE`, or give --target")
-        if calibration.model.get("unet_hash") and calibration.model.get("unet_hash") != model_identity(pipe)["unet_hash"]:
-            raise CalibrationMismatch("this calibration was made on another model (different UNet weights)")
+        if (wrong := calibration.model_mismatch(model_identity(pipe))) is not None:
+            raise CalibrationMismatch(f"this calibration does not apply: {wrong}")
         return m
 
     @classmethod
