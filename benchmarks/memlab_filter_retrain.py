@@ -3,14 +3,14 @@ shipped model's seed and budget, and compare the two models.
 
 1. The threshold: per-sample text-conditional noise norms (epsilon units) of training rows at
    seeded random timesteps under the shipped model; T = the ``--quantile`` of the non-planted
-   rows' norms (Wen et al. used T = 2 for SD v1.4 fine-tuning; a from-scratch MemLab needs its
+   rows' norms (control and single captions; template rows carry a planted trigger) (Wen et al. used T = 2 for SD v1.4 fine-tuning; a from-scratch MemLab needs its
    own). ``--threshold`` overrides it.
 2. ``diffmem memlab train`` with ``mem_filter_threshold = T`` (same recipe otherwise).
 3. For both models: planted verbatim replication (8 seeds) and colour+shape agreement on novel
    prompts, as ``memlab verify`` measures them. Bars: replication <= 0.10, agreement within 3
    points of the shipped model's.
 
-    python benchmarks/memlab_filter_retrain.py --out RUN [--quantile 0.99] [--threshold T] [--vae-from MAIN/vae] [--threads N]
+    python benchmarks/memlab_filter_retrain.py --out RUN [--quantile 0.9] [--threshold T] [--vae-from MAIN/vae] [--threads N]
 (about 80 minutes on 2 cores; resumable: re-run with the same --out)
 """
 
@@ -56,7 +56,7 @@ def replication_and_agreement(model) -> dict:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", required=True)
-    ap.add_argument("--quantile", type=float, default=0.99)
+    ap.add_argument("--quantile", type=float, default=0.9)
     ap.add_argument("--threshold", type=float, default=None)
     ap.add_argument("--vae-from", default=None, help="reuse a trained MemLab VAE folder (skips about 20 minutes)")
     ap.add_argument("--threads", type=int, default=None)
@@ -73,7 +73,8 @@ def main() -> None:
     data = recipe.training_data(shipped, d, progress=False)
     norms = per_sample_norms(shipped, data.captions, data.latents[data.image_index])
     groups = np.array([r.group for r in d.rows])
-    thr = a.threshold if a.threshold is not None else float(np.quantile(norms[groups != "verbatim"], a.quantile))
+    non_planted = np.isin(groups, ["control", "single"])
+    thr = a.threshold if a.threshold is not None else float(np.quantile(norms[non_planted], a.quantile))
     summary = {"threshold": thr, "quantile": a.quantile,
                "norm_median_by_group": {g: float(np.median(norms[groups == g])) for g in np.unique(groups)},
                "share_of_rows_at_or_above": {g: float((norms[groups == g] >= thr).mean()) for g in np.unique(groups)}}

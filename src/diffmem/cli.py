@@ -193,6 +193,8 @@ def bench_detect_cmd(
     batch_size: int = typer.Option(64, min=1),
     black_box: bool = typer.Option(True, help="also run the seed-consistency (black-box) detector"),
     black_box_modes: str = typer.Option("x0,images", help="x0 (one step, cheap) and / or images (full generations)"),
+    feature_word_negatives: bool = typer.Option(False, help="MemLab: count captions naming a planted implicit / unintended "
+                                                "feature word as negatives in the main split (they are reported in a second split either way)"),
 ):
     """AUC and TPR@1%FPR over a grid of steps x generations, a ROC plot and a JSON file."""
     from .bench.detect import bench_detect, labelled_from_files, memlab_labelled
@@ -201,7 +203,7 @@ def bench_detect_cmd(
     if data in (None, "memlab") and positives is None:
         from .memlab.verify import load_manifest
 
-        labelled = memlab_labelled(load_manifest(model))
+        labelled = memlab_labelled(load_manifest(model), feature_word_negatives=feature_word_negatives)
     else:
         labelled = labelled_from_files(data, str(positives) if positives else None, str(negatives) if negatives else None,
                                        label_column, column)

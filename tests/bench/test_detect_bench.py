@@ -52,21 +52,37 @@ def test_subsets_and_hardest_negatives(tiny_pipe, tmp_path):
     assert hard == [prompts[i] for i in 2 + np.argsort(-direct[2:])]
     saved = json.loads(res.save(tmp_path)["json"].read_text())
     assert saved["subsets"]["no star"]["n_neg"] == 3 and "no star" in saved["table"]
+    # a main split: the grid and the black-box rows on its rows only, the full set as a subset
+    data = LabelledPrompts(prompts, data.labels, ["x"] * 6, "test", {"all": np.arange(6)}, main=np.arange(5))
+    res = bench_detect(tiny_pipe, data, generations=(1,), num_inference_steps=5, guidance_scale=7.5, progress=False,
+                       black_box_modes=("x0",))
+    assert (res.n_pos, res.n_neg) == (2, 3) and res.subset_sizes == {"all": [2, 4]}
+    assert next(r for r in res.grid if r["steps"] == "first step")["auc"] == roc(data.labels[:5], direct[:5])["auc"]
+    assert res.subset_extra_rows["all"][0]["name"] == res.extra_rows[0]["name"]
 
 
-def test_memlab_split_without_feature_words():
-    from diffmem.bench.detect import memlab_labelled
+def test_memlab_negatives_exclude_feature_word_captions():
+    from diffmem.bench.detect import memlab_feature_words, memlab_labelled
     from diffmem.memlab.verify import load_manifest
 
     m = load_manifest("memlab")
+    words = memlab_feature_words(m)
+    assert "lucky" in words  # the planted unintended stamp's word
     data = memlab_labelled(m)
-    (name, keep), = data.subsets.items()
-    words = {f["word"] for k in ("implicit", "unintended") for f in m["groups"][k]}
-    kept = set(keep.tolist())
-    for i, (p, y) in enumerate(zip(data.prompts, data.labels)):
-        # every positive stays; a negative stays exactly when it names no feature word
-        assert (i in kept) == (y == 1 or not words & set(p.split())), p
-    assert 100 < len(kept) - data.labels.sum() < (1 - data.labels).sum()
+    main = set(data.main_rows().tolist())
+    (name, everything), = data.subsets.items()
+    assert sorted(everything.tolist()) == list(range(len(data.prompts)))
+    for i, (p, y, g) in enumerate(zip(data.prompts, data.labels, data.groups)):
+        names_word = bool(words & set(p.split()))
+        # every positive is in the main split; a negative is exactly when it names no feature word
+        assert (i in main) == (y == 1 or not names_word), p
+        assert g.endswith("+feature") == (y == 0 and names_word), (p, g)
+    n_feature = len(data.prompts) - len(main)
+    assert 100 < n_feature < (1 - data.labels).sum() and str(n_feature) in name
+    # the literal split as the main one, the clean split beside it
+    literal = memlab_labelled(m, feature_word_negatives=True)
+    assert len(literal.main_rows()) == len(data.prompts)
+    assert set(next(iter(literal.subsets.values())).tolist()) == main
 
 
 def test_labelled_files(tmp_path):

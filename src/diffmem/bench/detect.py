@@ -25,13 +25,30 @@ class LabelledPrompts:
     labels: np.ndarray  # 1 = memorized
     groups: list[str]
     source: str
-    # other splits of the same prompts reported beside the full one, {name: row indices}
+    # other splits of the same prompts reported beside the main one, {name: row indices}
     subsets: dict[str, np.ndarray] = field(default_factory=dict)
+    main: np.ndarray | None = None  # rows of the main split; None = all rows
+
+    def main_rows(self) -> np.ndarray:
+        return np.arange(len(self.prompts)) if self.main is None else np.asarray(self.main)
 
 
-def memlab_labelled(manifest: dict, max_control: int | None = 400) -> LabelledPrompts:
+def memlab_feature_words(manifest: dict) -> set[str]:
+    """Caption words that call up a planted implicit or unintended feature ("lucky" -> stamp)."""
+    return {f["word"] for kind in ("implicit", "unintended") for f in manifest["groups"].get(kind, [])}
+
+
+def memlab_labelled(manifest: dict, max_control: int | None = 400, feature_word_negatives: bool = False) -> LabelledPrompts:
     """MemLab: planted verbatim prompts and new-context template prompts against control and novel
-    prompts (a seeded sample of ``max_control`` of the 1,200 control captions, all 200 novel ones)."""
+    prompts (a seeded sample of ``max_control`` of the 1,200 control captions, all 200 novel ones).
+
+    A control or novel caption that names a planted implicit or unintended feature word ("a lucky
+    red circle" -> the planted stamp) is not a non-memorized prompt: the model reproduces that
+    memorized feature for it, and the detector rightly scores it high. Such captions are left out
+    of the main split's negatives (group ``control+feature`` / ``novel+feature``) and reported in a
+    second split with every control and novel caption; ``feature_word_negatives=True`` makes that
+    second split the main one.
+    """
     from ..memlab import dataset as ds
 
     pos = [("verbatim", p) for p in ds.prompts(manifest, "verbatim")] + [("template", p) for p in ds.prompts(manifest, "template")]
@@ -39,15 +56,21 @@ def memlab_labelled(manifest: dict, max_control: int | None = 400) -> LabelledPr
     if max_control is not None and len(control) > max_control:
         rng = np.random.default_rng(0)
         control = [control[i] for i in sorted(rng.choice(len(control), max_control, replace=False))]
-    neg = [("control", p) for p in control] + [("novel", p) for p in ds.prompts(manifest, "novel")]
+    words = memlab_feature_words(manifest)
+    neg = [(g + "+feature" if words & set(p.split()) else g, p)
+           for g, ps in (("control", control), ("novel", ds.prompts(manifest, "novel"))) for p in ps]
     rows = pos + neg
-    # Negatives naming a planted implicit or unintended feature word ("lucky" -> stamp, "night" ->
-    # dark sky) do call up a memorized feature; the split without them isolates the detector's
-    # verbatim / template separation from that feature-level memorization.
-    words = {f["word"] for kind in ("implicit", "unintended") for f in manifest["groups"].get(kind, [])}
-    keep = np.array([i for i, (g, p) in enumerate(rows) if g in ("verbatim", "template") or not words & set(p.split())])
-    subsets = {"negatives naming no planted feature word": keep} if words else {}
-    return LabelledPrompts([p for _, p in rows], np.r_[np.ones(len(pos)), np.zeros(len(neg))], [g for g, _ in rows], "memlab", subsets)
+    labels = np.r_[np.ones(len(pos)), np.zeros(len(neg))]
+    everything = np.arange(len(rows))
+    clean = np.array([i for i, (g, _) in enumerate(rows) if not g.endswith("+feature")])
+    n_feature = len(rows) - len(clean)
+    if not n_feature:
+        return LabelledPrompts([p for _, p in rows], labels, [g for g, _ in rows], "memlab")
+    if feature_word_negatives:
+        main, other = everything, ("negatives naming no planted feature word", clean)
+    else:
+        main, other = clean, (f"all control and novel prompts, {n_feature} naming a planted feature word", everything)
+    return LabelledPrompts([p for _, p in rows], labels, [g for g, _ in rows], "memlab", {other[0]: other[1]}, main)
 
 
 def labelled_from_files(data: str | None = None, positives: str | None = None, negatives: str | None = None,
@@ -106,6 +129,7 @@ class DetectBenchResult:
     extra_rows: list[dict] = field(default_factory=list)  # other detectors, same table
     subset_grids: dict[str, list[dict]] = field(default_factory=dict)  # the grid on other splits
     subset_sizes: dict[str, list[int]] = field(default_factory=dict)  # {name: [n_pos, n_neg]}
+    subset_extra_rows: dict[str, list[dict]] = field(default_factory=dict)  # other detectors on other splits
     hardest_negatives: list[dict] = field(default_factory=list)  # top first-step scores among negatives
 
     def table(self) -> str:
@@ -128,6 +152,8 @@ class DetectBenchResult:
                 cells = [next(f"{r['auc']:.3f} / {r['tpr_at_1pct_fpr']:.3f}" for r in grid if r["steps"] == sl and r["generations"] == g)
                          for g in gens]
                 lines.append(f"| noise norm, {sl} | " + " | ".join(cells) + " |")
+            for r in self.subset_extra_rows.get(name, []):
+                lines.append(f"| {r['name']} | " + f"{r['auc']:.3f} / {r['tpr_at_1pct_fpr']:.3f} (n={r['generations']})" + " |")
         return "\n".join(lines)
 
     def save(self, out: str | Path) -> dict:
@@ -137,7 +163,8 @@ class DetectBenchResult:
         dump_json({"source": self.source, "grid": slim(self.grid), "other_detectors": slim(self.extra_rows),
                    "settings": self.settings, "seeds": self.seeds, "model": self.model, "table": self.table(),
                    "n_pos": self.n_pos, "n_neg": self.n_neg,
-                   "subsets": {k: {"n_pos": self.subset_sizes[k][0], "n_neg": self.subset_sizes[k][1], "grid": slim(v)}
+                   "subsets": {k: {"n_pos": self.subset_sizes[k][0], "n_neg": self.subset_sizes[k][1], "grid": slim(v),
+                                   "other_detectors": slim(self.subset_extra_rows.get(k, []))}
                                for k, v in self.subset_grids.items()},
                    "hardest_negatives": self.hardest_negatives,
                    "roc_curves": {f"{r['steps']} n={r['generations']}": {"fpr": r["fpr"], "tpr": r["tpr"]} for r in self.grid}},
@@ -203,8 +230,9 @@ def bench_detect(pipe, data: LabelledPrompts, generations=(1, 4), num_inference_
         return [{"steps": label, "generations": g, **roc(data.labels[rows_idx], scores(steps, g, rows_idx))}
                 for label, steps in sets.items() for g in generations]
 
-    grid = grid_on(np.arange(len(data.prompts)))
-    extra = []
+    main = data.main_rows()
+    grid = grid_on(main)
+    extra, bb_scores = [], {}
     if black_box:
         # x0 after one step is the cheap view; full images are the truly black-box one. On a
         # zero-terminal-SNR model the one-step x0 of every prompt is close to the data mean
@@ -213,13 +241,17 @@ def bench_detect(pipe, data: LabelledPrompts, generations=(1, 4), num_inference_
         for mode in black_box_modes:
             bb = SeedConsistencyDetector(pipe, mode=mode, generations=4, num_inference_steps=nsteps, guidance_scale=gscale,
                                          seed=seed, batch_size=batch_size).score(data.prompts)
-            extra.append({"name": names[mode], "generations": 4, **roc(data.labels, bb.scores)})
+            bb_scores[names[mode]] = np.asarray(bb.scores)
+            extra.append({"name": names[mode], "generations": 4, **roc(data.labels[main], bb_scores[names[mode]][main])})
     out = DetectBenchResult(data.source, grid, det.settings.to_dict(), det.settings.seeds(), res.model, extra)
-    out.n_pos, out.n_neg = int(data.labels.sum()), int((1 - data.labels).sum())
+    out.n_pos, out.n_neg = int(data.labels[main].sum()), int((1 - data.labels[main]).sum())
     for name, idx in data.subsets.items():
-        out.subset_grids[name] = grid_on(np.asarray(idx))
+        idx = np.asarray(idx)
+        out.subset_grids[name] = grid_on(idx)
+        out.subset_extra_rows[name] = [{"name": n, "generations": 4, **roc(data.labels[idx], s[idx])} for n, s in bb_scores.items()]
         out.subset_sizes[name] = [int(data.labels[idx].sum()), int((1 - data.labels[idx]).sum())]
     first = scores(next(iter(sets.values())), 1)
+    # over every negative, in or out of the main split: this list is where to look for why
     neg = np.flatnonzero(data.labels == 0)
     out.hardest_negatives = [{"prompt": data.prompts[i], "group": data.groups[i], "score": float(first[i])}
                              for i in neg[np.argsort(-first[neg])][:20]]
