@@ -102,6 +102,7 @@ def explain(
     prompt: str = typer.Option(..., help="the prompt to explain"),
     model: str = typer.Option("memlab"),
     method: str = typer.Option("attribution", help="attribution (gradients, Wen et al.) or ablation (score drop per word)"),
+    ablation_mode: str = typer.Option("mask", help="ablation: mask (zero the word's token embeddings) or remove (leave it out)"),
     steps: str = typer.Option("0", help="sampling steps, comma-separated (0 = first step)"),
     generations: int = typer.Option(1, min=1),
     seed: int = typer.Option(0),
@@ -113,14 +114,18 @@ def explain(
 
     if method not in ("attribution", "ablation"):
         raise DiffmemError(f"--method must be attribution or ablation, got {method!r}")
+    if ablation_mode not in ("mask", "remove"):
+        raise DiffmemError(f"--ablation-mode must be mask or remove, got {ablation_mode!r}")
     if not prompt.strip():
         raise DiffmemError("the prompt to explain is empty")
     if out is not None:
         _check_writable(out)
     pipe = load_pipeline(model)
     d = sampler_defaults(pipe)
-    cls = TokenAttribution if method == "attribution" else TokenAblation
-    res = cls(pipe, d["num_inference_steps"], d["guidance_scale"], steps=_steps(steps), generations=generations, seed=seed).attribute(prompt)
+    kw = dict(steps=_steps(steps), generations=generations, seed=seed)
+    explainer = (TokenAttribution(pipe, d["num_inference_steps"], d["guidance_scale"], **kw) if method == "attribution"
+                 else TokenAblation(pipe, d["num_inference_steps"], d["guidance_scale"], mode=ablation_mode, **kw))
+    res = explainer.attribute(prompt)
     out_console.print(res.to_rich())
     out_console.print(" ".join(f"{w}={v:.3g}" for w, v in res.ranking()))
     if out is not None:

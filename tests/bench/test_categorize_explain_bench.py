@@ -49,4 +49,10 @@ def test_bench_explain_small_run(memlab_manifest, tmp_path):
     direct = TokenAttribution(pipe, res.settings["num_inference_steps"], res.settings["guidance_scale"]).attribute(row["prompt"])
     assert row["attribution_top"] == direct.top_word
     assert row["attribution_hit"] == (direct.top_word in row["trigger"].split())
-    assert json.loads(res.save(tmp_path).read_text())["settings"]["candidates"] == 4
+    saved = json.loads(res.save(tmp_path).read_text())
+    assert saved["settings"]["candidates"] == 4 and saved["settings"]["ablation_mode"] == "mask"
+    # per-group agreement adds up to the overall rate
+    by_group = res.agreement_by_group()
+    assert set(by_group) <= {"verbatim", "trigger"} and sum(n for _, n in by_group.values()) == len(res.agreement_rows)
+    if res.agreement_rows:
+        assert sum(r * n for r, n in by_group.values()) / len(res.agreement_rows) == pytest.approx(res.agreement_rate)

@@ -136,15 +136,28 @@ class NoiseNormDetector:
         first_uncond: dict[int, torch.Tensor] = {}
         for b0 in batches:
             chunk = prompts[b0 : b0 + s.batch_size]
-            cond_emb = denoise.encode_text(pipe, chunk)
-            for gi, seed in enumerate(s.seeds()):
-                values[b0 : b0 + len(chunk), gi] = self._trajectory(cond_emb, uncond_emb, seed, first_uncond)
-                bar.update(len(chunk))
+            values[b0 : b0 + len(chunk)] = self.score_embeddings(denoise.encode_text(pipe, chunk), uncond_emb, first_uncond,
+                                                                 on_generation=bar.update)
         bar.close()
         from ..core.loading import model_identity
 
         return DetectionResult(prompts, values.mean(axis=(1, 2)), values, s.to_dict(), s.seeds(), self.method,
                                model_identity(pipe))
+
+    @torch.inference_mode()
+    def score_embeddings(self, cond_emb: torch.Tensor, uncond_emb: torch.Tensor | None = None,
+                         first_uncond: dict | None = None, on_generation=None) -> np.ndarray:
+        """Per-step norms, (n, generations, steps), for text-encoder outputs given directly (one
+        batch): what ``score`` computes after encoding, for callers that edit the embeddings."""
+        if uncond_emb is None:
+            uncond_emb = denoise.encode_text(self.pipe, [""], warn=False)
+        first_uncond = {} if first_uncond is None else first_uncond
+        out = np.zeros((len(cond_emb), self.settings.generations, len(self.settings.steps)))
+        for gi, seed in enumerate(self.settings.seeds()):
+            out[:, gi] = self._trajectory(cond_emb, uncond_emb, seed, first_uncond)
+            if on_generation:
+                on_generation(len(cond_emb))
+        return out
 
     def _trajectory(self, cond_emb, uncond_emb, seed, first_uncond) -> np.ndarray:
         s, pipe = self.settings, self.pipe
