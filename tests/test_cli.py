@@ -76,6 +76,10 @@ def test_detect_end_to_end_with_calibration_and_long_prompt(tmp_path, tiny_pipe_
             "--out", str(mit), "--generations", "2", "--max-iters", "1")
     assert r.returncode == 2 and "generations=1 (needs 2)" in r.stderr and "Traceback" not in r.stderr
     assert not mit.exists() or not any(mit.iterdir())
+    r = run("mitigate", "--prompts", str(prompts), "--model", str(tiny_pipe_dir), "--calibration", str(cal),
+            "--out", str(mit), "--generations", "1", "--loss-steps", "2", "--max-iters", "1")
+    assert r.returncode == 2 and "steps=[0] (needs [0, 1])" in r.stderr and "Traceback" not in r.stderr
+    assert not mit.exists() or not any(mit.iterdir())
 
 
 def test_train_end_to_end_and_resume(tmp_path, tiny_pipe_dir):

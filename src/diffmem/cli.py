@@ -142,7 +142,8 @@ def mitigate(
     column: Optional[str] = typer.Option(None),
     model: str = typer.Option("memlab"),
     method: str = typer.Option("embedding", help="embedding (Wen et al.), rta, rna, gni or word_repetition"),
-    target: Optional[float] = typer.Option(None, help="target first-step loss (embedding)"),
+    target: Optional[float] = typer.Option(None, help="target loss (embedding): the norm at steps 0..loss-steps-1"),
+    loss_steps: int = typer.Option(1, min=1, help="embedding: sampling steps in the loss (1 = first step, Wen et al.)"),
     calibration: Optional[Path] = typer.Option(None, help="take the target from a calibration file's threshold"),
     lr: float = typer.Option(0.05),
     max_iters: int = typer.Option(10, min=0),
@@ -171,11 +172,11 @@ def mitigate(
     d = sampler_defaults(pipe)
     kw = dict(generations=generations, seed=seed, num_inference_steps=d["num_inference_steps"], guidance_scale=d["guidance_scale"])
     if method == "embedding" and calibration is not None:
-        # refused unless it calibrates the first-step loss with these seeds and sampler steps
+        # refused unless it calibrates this loss (same scored steps, seeds and sampler steps)
         m = EmbeddingOptimization.from_calibration(pipe, Calibration.load(calibration), source=f"calibration {calibration}",
-                                                   lr=lr, max_iters=max_iters, **kw)
+                                                   lr=lr, max_iters=max_iters, loss_steps=loss_steps, **kw)
     elif method == "embedding":
-        m = EmbeddingOptimization(pipe, target, lr=lr, max_iters=max_iters, target_source=source, **kw)
+        m = EmbeddingOptimization(pipe, target, lr=lr, max_iters=max_iters, target_source=source, loss_steps=loss_steps, **kw)
     else:
         extra = {"rta": {"n_tokens": n_tokens}, "gni": {"sigma": sigma}}.get(method, {})
         m = BASELINES[method](pipe, **extra, **kw)

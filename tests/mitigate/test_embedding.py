@@ -85,6 +85,28 @@ def test_calibrations_of_another_score_are_refused(tiny_pipe):
     assert EmbeddingOptimization.from_calibration(tiny_pipe, good, **kw).settings["target"] == good.threshold
 
 
+def test_multi_step_loss_is_the_detectors_score_at_those_steps(tiny_pipe):
+    from diffmem.detect import Calibration, NoiseNormDetector
+    from diffmem.detect.calibration import CalibrationMismatch
+
+    kw = dict(generations=2, seed=1, num_inference_steps=4, guidance_scale=7.5)
+    m = EmbeddingOptimization(tiny_pipe, target=1e-6, lr=0.05, max_iters=2, loss_steps=3, **kw)
+    res = m.mitigate(PROMPTS, generate_images=False)
+    # iteration 0 runs the unchanged embedding through 3 guided steps, as the detector does
+    score = NoiseNormDetector(tiny_pipe, 4, 7.5, steps=[0, 1, 2], generations=2, seed=1).score(PROMPTS).scores
+    np.testing.assert_allclose(res.initial_loss, score, rtol=1e-4)
+    assert all(tr[-1] < tr[0] for tr in res.trajectories) and res.settings["loss_steps"] == 3
+    # its calibration must be of the same steps; a first-step one is refused
+    reference = ["a blue square", "a green ring", "a tree"]
+    first = Calibration.fit(NoiseNormDetector(tiny_pipe, 4, 7.5, steps=[0], generations=2, seed=1).score(reference), fpr=0.5)
+    with pytest.raises(CalibrationMismatch, match="steps"):
+        EmbeddingOptimization.from_calibration(tiny_pipe, first, loss_steps=3, **kw)
+    m3, cal3 = EmbeddingOptimization.calibrated(tiny_pipe, reference, fpr=0.5, loss_steps=3, **kw)
+    assert cal3.settings["steps"] == [0, 1, 2] and m3.settings["target"] == cal3.threshold
+    with pytest.raises(InputError, match="loss_steps"):
+        EmbeddingOptimization(tiny_pipe, target=1.0, loss_steps=5, num_inference_steps=4)
+
+
 @pytest.mark.parametrize("name", sorted(BASELINES))
 def test_baselines_share_the_interface(tiny_pipe, name):
     res = BASELINES[name](tiny_pipe, generations=2, num_inference_steps=3).mitigate(PROMPTS)
