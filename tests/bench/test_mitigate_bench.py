@@ -17,6 +17,8 @@ def test_bench_mitigate_small_run(memlab_manifest, tmp_path):
     median = rows[("embedding", "target median, lr 0.05, 20 iters")]
     assert fpr1["target"] == s["calibration_threshold"] > median["target"] == s["median_threshold"]
     assert median["untouched"] == 0  # planted prompts start above the median non-memorized loss
+    five = rows[("embedding, 5-step loss", "target FPR 0.01, lr 0.05, 20 iters")]
+    assert five["target"] == s["calibration_threshold_5_steps"] > s["calibration_threshold"]  # a mean over later steps too
     for r in res.rows:
         assert 0.0 <= r["replication"] <= 1.0 and 0.0 <= r["alignment"] <= 1.0
     saved = json.loads(res.save(tmp_path)["json"].read_text())

@@ -5,7 +5,8 @@ Replication of a generation, by planted group: a verbatim prompt's generation re
 lands within MemLab's replication ratio of its own planted image; a template prompt's when the
 attribute reader finds its trigger's layout. Alignment: the share of the prompt's named colour,
 shape and position the reader finds. The embedding method's target is calibrated from the
-non-memorized (control + novel) prompts' first-step loss over the same seeds, at FPR 1%.
+non-memorized (control + novel) prompts' loss over the same seeds (first step, or the first five
+steps for the 5-step loss), at FPR 1% (and at the median for one first-step row).
 """
 
 from __future__ import annotations
@@ -98,6 +99,10 @@ def bench_mitigate(pipe, manifest: dict, generations: int = 4, methods: dict | N
     # Wen et al. set the target near the top of non-memorized prompts' loss; on MemLab that leaves
     # template layouts in place, so a second target at the median non-memorized loss is measured too
     cal_median = Calibration.fit(ref_scores, fpr=0.5)
+    # the loss over the first 5 steps (EmbeddingOptimization(loss_steps=5)): the first step misses
+    # template layouts, the first five see them (detection AUC 1.000), so its target does too
+    det5 = NoiseNormDetector(pipe, d["num_inference_steps"], d["guidance_scale"], steps=range(5), generations=generations)
+    cal5 = Calibration.fit(det5.score(reference), fpr=0.01)
     kernel = MemLabReplication(ds.build(ds.MemLabConfig(**manifest["config"])), pipe.vae)
     reader, align = AttributeReader(), MemLabAlignment()
     kw = dict(generations=generations, seed=0, num_inference_steps=d["num_inference_steps"], guidance_scale=d["guidance_scale"])
@@ -106,6 +111,8 @@ def bench_mitigate(pipe, manifest: dict, generations: int = 4, methods: dict | N
             pipe, cal.threshold, lr=0.05, max_iters=10, target_source="calibration FPR 0.01", **kw),
         ("embedding", "target median, lr 0.05, 20 iters"): lambda: EmbeddingOptimization(
             pipe, cal_median.threshold, lr=0.05, max_iters=20, target_source="calibration FPR 0.5", **kw),
+        ("embedding, 5-step loss", "target FPR 0.01, lr 0.05, 20 iters"): lambda: EmbeddingOptimization.from_calibration(
+            pipe, cal5, source="calibration of the 5-step loss at FPR 0.01", lr=0.05, max_iters=20, loss_steps=5, **kw),
         ("rta", "4 tokens"): lambda: BASELINES["rta"](pipe, n_tokens=4, **kw),
         ("rta", "10 tokens"): lambda: BASELINES["rta"](pipe, n_tokens=10, **kw),
         ("rna", "4 numbers"): lambda: BASELINES["rna"](pipe, n_numbers=4, **kw),
@@ -130,11 +137,12 @@ def bench_mitigate(pipe, manifest: dict, generations: int = 4, methods: dict | N
                "replication": float(_replication(res.images_after, entries, kernel, reader).mean()),
                "alignment": float(np.nanmean(align(flat, [p for p in prompts for _ in range(generations)]))),
                "seconds_per_prompt": dt}
-        if method == "embedding":
+        if method.startswith("embedding"):
             row.update(untouched=int((res.iterations == 0).sum()), unreached=len(res.unreached),
                        target=mitigator.settings["target"])
         rows.append(row)
     return MitigateBenchResult(rows, {"seeds": list(range(generations)), "prompts": len(prompts),
                                       "calibration_threshold": cal.threshold, "median_threshold": cal_median.threshold,
+                                      "calibration_threshold_5_steps": cal5.threshold,
                                       "verbatim": sum(e["group"] == "verbatim" for e in entries),
                                       "template": sum(e["group"] == "template" for e in entries), **d})
