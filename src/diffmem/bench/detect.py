@@ -137,6 +137,8 @@ class DetectBenchResult:
         gens = sorted({r["generations"] for r in self.grid})
         lines = ["| steps \\ generations | " + " | ".join(f"n={g}: AUC / TPR@1%FPR" for g in gens) + " |",
                  "|---|" + "---|" * len(gens)]
+        if self.subset_grids:  # say which split the first block is
+            lines.append(f"| *main split: {self.n_pos} vs {self.n_neg}* |" + " |" * len(gens))
         for sl in step_labels:
             cells = []
             for g in gens:
