@@ -125,7 +125,7 @@ def test_masked_ablation_zeroes_one_words_token_embeddings(tiny_pipe):
         table.data[spare] = saved_row
     np.testing.assert_allclose(res.word_scores, res.detection_score - np.array(expected), rtol=1e-5, atol=1e-7)
     # the unmasked prompt scores as the detector scores its text
-    assert res.detection_score == pytest.approx(float(det.score([prompt]).scores[0]), rel=1e-6)
+    assert res.detection_score == pytest.approx(float(det.score([prompt]).scores[0]), rel=1e-5)  # fp32: batch composition moves the last digits
 
 
 def test_result_shows_and_round_trips(tiny_pipe, tmp_path):
