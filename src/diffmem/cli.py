@@ -568,7 +568,8 @@ def audit(
     categorize_controls: int = typer.Option(4, min=0, help="unflagged prompts categorized beside the flagged ones"),
     max_mitigate: Optional[int] = typer.Option(16, min=0, help="mitigate at most this many flagged prompts (highest scores first)"),
     mitigate_generations: int = typer.Option(4, min=1, help="mitigation: seeded generations per prompt"),
-    mitigate_iters: int = typer.Option(10, min=0, help="mitigation: embedding optimization iterations at most"),
+    mitigate_iters: int = typer.Option(20, min=0, help="mitigation: embedding optimization iterations at most"),
+    mitigate_loss_steps: int = typer.Option(5, min=1, help="mitigation: the loss is the norm over the first k sampling steps (1 = Wen et al.)"),
     batch_size: int = typer.Option(32, min=1),
 ):
     """Detect, explain, categorize, mitigate and (with --train-data) scan, then write OUT/report.html.
@@ -581,7 +582,7 @@ def audit(
                              generations=generations, batch_size=batch_size, grid=grid, max_explain=max_explain,
                              categorize_n=categorize_n, max_categorize=max_categorize, categorize_controls=categorize_controls,
                              max_mitigate=max_mitigate, mitigate_generations=mitigate_generations, mitigate_iters=mitigate_iters,
-                             steps=tuple(_steps(steps)), skip=tuple(x.strip() for x in skip.split(",") if x.strip()))
+                             mitigate_loss_steps=mitigate_loss_steps, steps=tuple(_steps(steps)), skip=tuple(x.strip() for x in skip.split(",") if x.strip()))
     res = Audit(settings, out, console=console).run()
     d = res.stages["detect"]["summary"]
     line = f"{d['n_flagged']} of {d['n_prompts']} prompts flagged (threshold {d['threshold']:.4g} at FPR {d['fpr']})"

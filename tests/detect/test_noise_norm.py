@@ -69,3 +69,21 @@ def test_bad_input(tiny_pipe):
         NoiseNormDetector(tiny_pipe, num_inference_steps=4, steps=[4])
     with pytest.warns(denoise.PromptTruncationWarning, match="truncated to 77 tokens"):
         det.score(["word " * 100])
+
+
+def test_on_progress_counts_prompt_generations_and_can_stop_the_run(tiny_pipe):
+    from diffmem.detect import NoiseNormDetector
+
+    det = NoiseNormDetector(tiny_pipe, num_inference_steps=4, generations=2, batch_size=2)
+    seen = []
+    det.score(["a red circle", "a blue square", "a green star"], on_progress=lambda n, of: seen.append((n, of)))
+    assert seen == [(2, 6), (4, 6), (5, 6), (6, 6)]  # per batch (2 then 1 prompts) and generation
+
+    class Stop(Exception):
+        pass
+
+    def stop(n, of):
+        raise Stop
+
+    with pytest.raises(Stop):
+        det.score(["a red circle"], on_progress=stop)

@@ -39,15 +39,26 @@ def test_memlab_audit_finds_the_planted_prompts(memlab_audit, memlab_manifest):
     assert len(attributions) == 12 and all(a["prompt"] in flagged for a in attributions)
     mit = json.loads((out / "mitigate" / "mitigation.json").read_text())
     assert len(mit["prompts"]) == 2 and set(mit["prompts"]) <= flagged
-    # the target is a first-step calibration (the scale of the loss), not the detection threshold
+    # the target is a calibration of the loss (steps 0-4, the mitigation's seeds), not the detection threshold
     target = json.loads((out / "mitigate" / "target_calibration.json").read_text())
     assert mit["settings"]["target"] == target["threshold"] == summary["mitigate"]["summary"]["target"]
-    assert target["settings"]["steps"] == [0] and target["settings"]["generations"] == 1
+    assert mit["settings"]["loss_steps"] == 5
+    assert target["settings"]["steps"] == [0, 1, 2, 3, 4] and target["settings"]["generations"] == 1
     # the two strongest planted prompts start above it, so the optimization runs on them
     assert all(l0 > target["threshold"] and it > 0 for l0, it in zip(mit["initial_loss"], mit["iterations"]))
     assert np.mean(mit["measures"]["replication_before"]) > 0.5  # planted content (image or template layout)
     prof = json.loads((out / "categorize" / "profile.json").read_text())
     assert len(prof["prompts"]) == 2 + 4  # two flagged, four unflagged controls
+
+
+def test_app_from_an_audit_mitigates_with_the_audits_loss(memlab_audit):
+    from diffmem.report.app import AppState
+
+    out, _ = memlab_audit
+    target = json.loads((out / "mitigate" / "target_calibration.json").read_text())
+    m = AppState(audit=out)._mitigator()
+    assert m.settings["target"] == target["threshold"]
+    assert m.settings["loss_steps"] == 5 and m.settings["generations"] == 1 and m.settings["seed"] == target["settings"]["seed"]
 
 
 def test_memlab_audit_sets_are_disjoint(memlab_manifest):

@@ -124,7 +124,9 @@ class NoiseNormDetector:
         self.settings = NoiseNormSettings(num_inference_steps, guidance_scale, steps, generations, seed, batch_size)
 
     @torch.inference_mode()
-    def score(self, prompts: Sequence[str], progress: bool = False) -> DetectionResult:
+    def score(self, prompts: Sequence[str], progress: bool = False, on_progress=None) -> DetectionResult:
+        """``on_progress(done, total)``, in prompt-generations, after each batch's generation; it may
+        raise to stop (the app's cancel button)."""
         prompts = check_prompts(prompts)
         s, pipe = self.settings, self.pipe
         values = np.zeros((len(prompts), s.generations, len(s.steps)))
@@ -134,10 +136,20 @@ class NoiseNormDetector:
         batches = range(0, len(prompts), s.batch_size)
         bar = tqdm(total=len(prompts) * s.generations, desc="scoring", unit="prompt", disable=not progress)
         first_uncond: dict[int, torch.Tensor] = {}
+
+        done = 0
+
+        def advance(n: int) -> None:
+            nonlocal done  # not bar.n: a disabled tqdm does not count
+            done += n
+            bar.update(n)
+            if on_progress is not None:
+                on_progress(done, len(prompts) * s.generations)
+
         for b0 in batches:
             chunk = prompts[b0 : b0 + s.batch_size]
             values[b0 : b0 + len(chunk)] = self.score_embeddings(denoise.encode_text(pipe, chunk), uncond_emb, first_uncond,
-                                                                 on_generation=bar.update)
+                                                                 on_generation=advance)
         bar.close()
         from ..core.loading import model_identity
 

@@ -208,15 +208,16 @@ class EmbeddingOptimization:
         return m
 
     @classmethod
-    def calibrated(cls, pipe, reference: Sequence[str], fpr: float = 0.01, progress: bool = False, **kw):
+    def calibrated(cls, pipe, reference: Sequence[str], fpr: float = 0.01, progress: bool = False, on_progress=None, **kw):
         """(method, calibration): the target is the (1 - fpr) quantile of the mitigation loss over
-        non-memorized reference prompts, scored with exactly the mitigation's settings."""
+        non-memorized reference prompts, scored with exactly the mitigation's settings.
+        ``on_progress(done, total)`` as in ``NoiseNormDetector.score``."""
         from ..detect import Calibration, NoiseNormDetector
 
         probe = cls(pipe, 1.0, **kw).settings
         det = NoiseNormDetector(pipe, probe["num_inference_steps"], probe["guidance_scale"], steps=range(probe["loss_steps"]),
                                 generations=probe["generations"], seed=probe["seed"])
-        cal = Calibration.fit(det.score(list(reference), progress=progress), fpr=fpr)
+        cal = Calibration.fit(det.score(list(reference), progress=progress, on_progress=on_progress), fpr=fpr)
         return cls.from_calibration(pipe, cal, source=f"calibration of the loss at steps 0-{probe['loss_steps'] - 1} at FPR {fpr} "
                                     f"on {len(reference)} reference prompts",
                                     **kw), cal
@@ -277,7 +278,8 @@ class EmbeddingOptimization:
         res = MitigationResult(self.method, prompts, dict(s), self.seeds(), np.array([t[0] for t in trajs]),
                                np.array([t[-1] for t in trajs]), trajs, np.array(iters), np.array(reached), list(prompts))
         if generate_images:
-            kw = dict(num_inference_steps=s["num_inference_steps"], guidance_scale=s["guidance_scale"], batch_size=batch_size)
+            kw = dict(num_inference_steps=s["num_inference_steps"], guidance_scale=s["guidance_scale"], batch_size=batch_size,
+                      progress=progress)
             res.images_before = generate(self.pipe, prompts, self.seeds(), **kw)
             after = res.images_before.copy()
             touched = [i for i, n in enumerate(iters) if n > 0]  # untouched prompts keep their images, bit for bit
@@ -322,7 +324,7 @@ class _PromptRewrite:
                                [[] for _ in prompts], np.zeros(len(prompts), int), np.ones(len(prompts), bool), new)
         if generate_images:
             kw = dict(num_inference_steps=self.settings["num_inference_steps"],
-                      guidance_scale=self.settings["guidance_scale"], batch_size=batch_size)
+                      guidance_scale=self.settings["guidance_scale"], batch_size=batch_size, progress=progress)
             res.images_before = generate(self.pipe, prompts, self.seeds(), **kw)
             emb = self.embeddings(prompts)
             res.images_after = generate(self.pipe, new, self.seeds(), prompt_embeds=emb, **kw)

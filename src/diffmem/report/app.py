@@ -131,23 +131,31 @@ class AppState:
     def _mitigate(self, job: dict) -> None:
         from ..core.generate import generate
 
-        seeds = [self.seed + g for g in range(self.generations)]
+        seeds = [self.seed + g for g in range(self.generations)]  # until the mitigator's own are known
         kw = dict(num_inference_steps=self.sampler["num_inference_steps"], guidance_scale=self.sampler["guidance_scale"])
         total = 2 * len(seeds) + 1  # set once the mitigator (and its iteration budget) is known
         done = 0
+        # a first job calibrates the target on the reference set: the first half of its bar
+        calibrating = self._mitigator_cache is None and self._target_calibration is None
+        start = 0.5 if calibrating else 0.0
 
         def tick(message: str):
             nonlocal done
             if job["cancel"].is_set():
                 raise Cancelled()
             done += 1
-            job["progress"], job["message"] = done / total, message
+            job["progress"], job["message"] = start + (1 - start) * done / total, message
+
+        def calibration_tick(n: int, of: int):
+            if job["cancel"].is_set():
+                raise Cancelled()  # nothing is cached: the next job calibrates afresh
+            job["progress"], job["message"] = start * n / of, f"calibrating the mitigation target: {n}/{of} reference generations"
 
         try:
             with self.lock:
                 job["state"] = "running"
-                job["message"] = "calibrating the mitigation target"
-                m = self._mitigator()
+                m = self._mitigator(on_progress=calibration_tick)
+                seeds = list(m.seeds())  # after = the same seeds as the loss was optimized over
                 total = 2 * len(seeds) + m.settings["max_iters"] + 1
                 before = []
                 for s in seeds:
@@ -168,9 +176,9 @@ class AppState:
         except Exception as e:  # reported to the page, not lost in a thread
             job["state"], job["error"], job["message"] = "error", str(e), f"error: {e}"
 
-    def _mitigator(self):
-        """The embedding optimization, its target on the scale of its own loss (the first-step norm
-        over the job's seeds): the detection threshold is on the score of the scored steps, another
+    def _mitigator(self, on_progress=None):
+        """The embedding optimization, its target on the scale of its own loss (the norm over its
+        loss steps and the job's seeds): the detection threshold is on the score of the scored steps, another
         scale. From the audit's target calibration, else calibrated once on MemLab's reference set."""
         from ..mitigate import EmbeddingOptimization
 
@@ -178,11 +186,19 @@ class AppState:
             kw = dict(generations=self.generations, seed=self.seed, num_inference_steps=self.sampler["num_inference_steps"],
                       guidance_scale=self.sampler["guidance_scale"])
             if self._target_calibration is not None:
+                # the loss the audit's target was calibrated on: its steps (0..k-1) and seeds
+                tc = self._target_calibration.settings
+                kw.update(loss_steps=len(tc.get("steps") or [0]), generations=tc.get("generations", self.generations),
+                          seed=tc.get("seed", self.seed))
                 m = EmbeddingOptimization.from_calibration(self.pipe, self._target_calibration, source="the audit's target calibration", **kw)
             elif self._reference is not None:
-                m, self._target_calibration = EmbeddingOptimization.calibrated(self.pipe, self._reference, fpr=self.calibration.fpr, **kw)
+                from .audit import AuditSettings
+
+                kw["loss_steps"] = min(AuditSettings.mitigate_loss_steps, self.sampler["num_inference_steps"])  # as an audit would
+                m, self._target_calibration = EmbeddingOptimization.calibrated(self.pipe, self._reference, fpr=self.calibration.fpr,
+                                                                               on_progress=on_progress, **kw)
             else:
-                raise InputError("mitigation needs a target on the scale of the first-step loss: start the app with "
+                raise InputError("mitigation needs a target on the scale of its loss: start the app with "
                                  "--audit DIR from an audit that ran its mitigation stage")
             self._mitigator_cache = m
         return self._mitigator_cache

@@ -45,8 +45,12 @@ class AuditSettings:
     max_categorize: int = 12  # flagged prompts categorized, highest scores first
     categorize_controls: int = 4  # unflagged prompts categorized beside them, as a control sample
     mitigate_generations: int = 4
-    mitigate_iters: int = 10
+    mitigate_iters: int = 20
     mitigate_lr: float = 0.05
+    # mitigation: the loss is the norm over the first k sampling steps (1 = Wen et al.'s first-step
+    # loss). Five, as detection scores: on MemLab the first step misses template layouts, so
+    # minimizing it leaves them in place (bench mitigate)
+    mitigate_loss_steps: int = 5
     max_mitigate: int | None = 16  # flagged prompts mitigated, highest scores first (None: all); ~5 s each on MemLab
     skip: tuple[str, ...] = ()
 
@@ -62,6 +66,8 @@ class AuditSettings:
             raise InputError("detect cannot be skipped: every other stage works on its flagged prompts")
         if not 0 < self.fpr < 1:
             raise InputError(f"--fpr must lie in (0, 1), got {self.fpr}")
+        if self.mitigate_loss_steps < 1:
+            raise InputError(f"--mitigate-loss-steps must be at least 1, got {self.mitigate_loss_steps}")
 
 
 @dataclass
@@ -391,6 +397,7 @@ class Audit:
     def _mitigate(self, keys):
         s = self.settings
         settings = {"seed": s.seed, "generations": s.mitigate_generations, "iters": s.mitigate_iters, "lr": s.mitigate_lr,
+                    "loss_steps": s.mitigate_loss_steps,
                     "max": s.max_mitigate}
 
         def work(folder: Path, key: str) -> dict:
@@ -403,12 +410,13 @@ class Audit:
             prompts = self.flagged(s.max_mitigate)
             if not prompts:
                 return {"n_prompts": 0, "note": "nothing flagged"}
-            # The detection threshold is on the detection score (steps 0-4 by default), another scale
-            # than the first-step loss minimized here: the target gets its own calibration, on the
-            # same reference prompts at the same false-positive rate.
+            # The detection threshold is on the detection score (one generation), another scale than
+            # the loss minimized here (its own steps and seeds): the target gets its own calibration,
+            # on the same reference prompts at the same false-positive rate.
             m, cal = EmbeddingOptimization.calibrated(
                 self.pipe, self.prompts.reference, fpr=s.fpr, progress=self.progress, lr=s.mitigate_lr,
                 max_iters=s.mitigate_iters, generations=s.mitigate_generations, seed=s.seed,
+                loss_steps=min(s.mitigate_loss_steps, self.sampler["num_inference_steps"]),  # as detection drops steps past the sampler
                 num_inference_steps=self.sampler["num_inference_steps"], guidance_scale=self.sampler["guidance_scale"])
             cal.save(folder / "target_calibration.json")
             parts = folder / "parts"
