@@ -136,7 +136,6 @@ class NoiseNormDetector:
         batches = range(0, len(prompts), s.batch_size)
         bar = tqdm(total=len(prompts) * s.generations, desc="scoring", unit="prompt", disable=not progress)
         first_uncond: dict[int, torch.Tensor] = {}
-
         done = 0
 
         def advance(n: int) -> None:

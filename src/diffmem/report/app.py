@@ -131,13 +131,11 @@ class AppState:
     def _mitigate(self, job: dict) -> None:
         from ..core.generate import generate
 
-        seeds = [self.seed + g for g in range(self.generations)]  # until the mitigator's own are known
         kw = dict(num_inference_steps=self.sampler["num_inference_steps"], guidance_scale=self.sampler["guidance_scale"])
-        total = 2 * len(seeds) + 1  # set once the mitigator (and its iteration budget) is known
-        done = 0
-        # a first job calibrates the target on the reference set: the first half of its bar
-        calibrating = self._mitigator_cache is None and self._target_calibration is None
-        start = 0.5 if calibrating else 0.0
+        # set under the lock, before the first tick: where the bar starts (a first job calibrates the
+        # target on the reference set in the first half), and the total once the mitigator is known
+        done = total = 0
+        start = 0.0
 
         def tick(message: str):
             nonlocal done
@@ -154,6 +152,8 @@ class AppState:
         try:
             with self.lock:
                 job["state"] = "running"
+                if self._mitigator_cache is None and self._target_calibration is None:
+                    start, job["message"] = 0.5, "calibrating the mitigation target"
                 m = self._mitigator(on_progress=calibration_tick)
                 seeds = list(m.seeds())  # after = the same seeds as the loss was optimized over
                 total = 2 * len(seeds) + m.settings["max_iters"] + 1
@@ -194,7 +194,7 @@ class AppState:
             elif self._reference is not None:
                 from .audit import AuditSettings
 
-                kw["loss_steps"] = min(AuditSettings.mitigate_loss_steps, self.sampler["num_inference_steps"])  # as an audit would
+                kw["loss_steps"] = AuditSettings().mitigation_loss_steps(self.sampler["num_inference_steps"])  # as an audit would
                 m, self._target_calibration = EmbeddingOptimization.calibrated(self.pipe, self._reference, fpr=self.calibration.fpr,
                                                                                on_progress=on_progress, **kw)
             else:

@@ -51,7 +51,7 @@ class AuditSettings:
     # loss). Five, as detection scores: on MemLab the first step misses template layouts, so
     # minimizing it leaves them in place (bench mitigate)
     mitigate_loss_steps: int = 5
-    max_mitigate: int | None = 16  # flagged prompts mitigated, highest scores first (None: all); ~5 s each on MemLab
+    max_mitigate: int | None = 16  # flagged prompts mitigated, highest scores first (None: all); ~12 s each on MemLab
     skip: tuple[str, ...] = ()
 
     def __post_init__(self):
@@ -68,6 +68,11 @@ class AuditSettings:
             raise InputError(f"--fpr must lie in (0, 1), got {self.fpr}")
         if self.mitigate_loss_steps < 1:
             raise InputError(f"--mitigate-loss-steps must be at least 1, got {self.mitigate_loss_steps}")
+
+    def mitigation_loss_steps(self, num_inference_steps: int) -> int:
+        """The mitigation loss's steps on a sampler of this many steps: fewer on a shorter one, as
+        detection drops steps past the sampler."""
+        return min(self.mitigate_loss_steps, num_inference_steps)
 
 
 @dataclass
@@ -416,7 +421,7 @@ class Audit:
             m, cal = EmbeddingOptimization.calibrated(
                 self.pipe, self.prompts.reference, fpr=s.fpr, progress=self.progress, lr=s.mitigate_lr,
                 max_iters=s.mitigate_iters, generations=s.mitigate_generations, seed=s.seed,
-                loss_steps=min(s.mitigate_loss_steps, self.sampler["num_inference_steps"]),  # as detection drops steps past the sampler
+                loss_steps=s.mitigation_loss_steps(self.sampler["num_inference_steps"]),
                 num_inference_steps=self.sampler["num_inference_steps"], guidance_scale=self.sampler["guidance_scale"])
             cal.save(folder / "target_calibration.json")
             parts = folder / "parts"
