@@ -144,6 +144,8 @@ def mitigate(
     method: str = typer.Option("embedding", help="embedding (Wen et al.), rta, rna, gni or word_repetition"),
     target: Optional[float] = typer.Option(None, help="target loss (embedding): the norm at steps 0..loss-steps-1"),
     loss_steps: int = typer.Option(1, min=1, help="embedding: sampling steps in the loss (1 = first step, Wen et al.)"),
+    positions: str = typer.Option("all", help="embedding: positions optimized: all (after BOS, Wen et al.) or eos (EOS and padding: "
+                                  "every word's output kept)"),
     calibration: Optional[Path] = typer.Option(None, help="take the target from a calibration file's threshold"),
     lr: float = typer.Option(0.05),
     max_iters: int = typer.Option(10, min=0),
@@ -174,9 +176,10 @@ def mitigate(
     if method == "embedding" and calibration is not None:
         # refused unless it calibrates this loss (same scored steps, seeds and sampler steps)
         m = EmbeddingOptimization.from_calibration(pipe, Calibration.load(calibration), source=f"calibration {calibration}",
-                                                   lr=lr, max_iters=max_iters, loss_steps=loss_steps, **kw)
+                                                   lr=lr, max_iters=max_iters, loss_steps=loss_steps, positions=positions, **kw)
     elif method == "embedding":
-        m = EmbeddingOptimization(pipe, target, lr=lr, max_iters=max_iters, target_source=source, loss_steps=loss_steps, **kw)
+        m = EmbeddingOptimization(pipe, target, lr=lr, max_iters=max_iters, target_source=source, loss_steps=loss_steps,
+                                  positions=positions, **kw)
     else:
         extra = {"rta": {"n_tokens": n_tokens}, "gni": {"sigma": sigma}}.get(method, {})
         m = BASELINES[method](pipe, **extra, **kw)

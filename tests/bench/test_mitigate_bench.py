@@ -19,9 +19,15 @@ def test_bench_mitigate_small_run(memlab_manifest, tmp_path):
     assert median["untouched"] == 0  # planted prompts start above the median non-memorized loss
     five = rows[("embedding, 5-step loss", "target FPR 0.01, lr 0.05, 20 iters")]
     assert five["target"] == s["calibration_threshold_5_steps"] > s["calibration_threshold"]  # a mean over later steps too
+    eos = rows[("embedding, 5-step loss, EOS positions", "target FPR 0.01, lr 0.05, 20 iters")]
+    assert eos["target"] == five["target"]
     for r in res.rows:
         assert 0.0 <= r["replication"] <= 1.0 and 0.0 <= r["alignment"] <= 1.0
+        # one prompt per group: the per-group columns are that prompt's own figures, and average to the whole
+        assert r["replication"] == (r["replication_verbatim"] + r["replication_template"]) / 2
+        assert abs(r["alignment"] - (r["alignment_verbatim"] + r["alignment_template"]) / 2) < 1e-12
     saved = json.loads(res.save(tmp_path)["json"].read_text())
     assert len(saved["rows"]) == len(res.rows) and "target median" in saved["table"]
+    assert "verbatim repl. / align." in saved["table"] and "EOS positions" in saved["table"]
     assert (tmp_path / "bench_mitigate.png").stat().st_size > 1000
     assert np.isfinite([r["seconds_per_prompt"] for r in res.rows]).all()

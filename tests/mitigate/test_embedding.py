@@ -47,6 +47,25 @@ def test_bos_position_stays_fixed(tiny_pipe):
     assert torch.equal(emb[:, 0], orig[:, 0]) and not torch.equal(emb[:, 1:], orig[:, 1:])
 
 
+def test_eos_positions_keep_every_words_output(tiny_pipe):
+    from diffmem.core import denoise
+
+    prompt = "a red circle"
+    m = EmbeddingOptimization(tiny_pipe, target=1e-6, lr=0.05, max_iters=2, generations=1, num_inference_steps=3, positions="eos")
+    emb, traj, steps, _ = m.optimize(prompt)
+    with torch.no_grad():
+        orig = denoise.encode_text(tiny_pipe, [prompt])
+    ids = denoise.tokenize(tiny_pipe, [prompt])[0].tolist()
+    eos = ids.index(tiny_pipe.tokenizer.eos_token_id, 1)
+    assert m.first_optimized_position(prompt) == eos == 4  # BOS, a, red, circle, EOS
+    assert steps == 2 and traj[-1] < traj[0]
+    assert torch.equal(emb[:, :eos], orig[:, :eos])  # BOS and the words untouched
+    assert not torch.equal(emb[:, eos:], orig[:, eos:])
+    assert m.settings["positions"] == "eos"
+    with pytest.raises(InputError, match="positions must be one of all, eos"):
+        EmbeddingOptimization(tiny_pipe, target=1.0, positions="words")
+
+
 def test_non_finite_loss_stops_with_a_clear_error(tiny_pipe):
     m = EmbeddingOptimization(tiny_pipe, target=1e-6, lr=1e30, max_iters=5, generations=1, num_inference_steps=3)
     with pytest.raises(NonFiniteLoss, match="lower the learning rate"):

@@ -26,10 +26,13 @@ class MitigateBenchResult:
     settings: dict
 
     def table(self) -> str:
-        lines = ["| method | setting | replication | alignment | prompts untouched | target unreached | s/prompt |",
-                 "|---|---|---|---|---|---|---|"]
+        groups = [g for g in ("verbatim", "template") if all(f"replication_{g}" in r for r in self.rows)]
+        per_group = "".join(f" {g} repl. / align. |" for g in groups)
+        lines = [f"| method | setting | replication | alignment |{per_group} prompts untouched | target unreached | s/prompt |",
+                 "|---|---|---|---|" + "---|" * len(groups) + "---|---|---|"]
         for r in self.rows:
-            lines.append(f"| {r['method']} | {r['setting']} | {r['replication']:.3f} | {r['alignment']:.3f} | "
+            cells = "".join(f" {r[f'replication_{g}']:.3f} / {r[f'alignment_{g}']:.3f} |" for g in groups)
+            lines.append(f"| {r['method']} | {r['setting']} | {r['replication']:.3f} | {r['alignment']:.3f} |{cells} "
                          f"{r.get('untouched', '')} | {r.get('unreached', '')} | {r['seconds_per_prompt']:.2f} |")
         return "\n".join(lines)
 
@@ -113,6 +116,10 @@ def bench_mitigate(pipe, manifest: dict, generations: int = 4, methods: dict | N
             pipe, cal_median.threshold, lr=0.05, max_iters=20, target_source="calibration FPR 0.5", **kw),
         ("embedding, 5-step loss", "target FPR 0.01, lr 0.05, 20 iters"): lambda: EmbeddingOptimization.from_calibration(
             pipe, cal5, source="calibration of the 5-step loss at FPR 0.01", lr=0.05, max_iters=20, loss_steps=5, **kw),
+        # the same, optimizing only the EOS and padding outputs: every word's output kept
+        ("embedding, 5-step loss, EOS positions", "target FPR 0.01, lr 0.05, 20 iters"): lambda: EmbeddingOptimization.from_calibration(
+            pipe, cal5, source="calibration of the 5-step loss at FPR 0.01", lr=0.05, max_iters=20, loss_steps=5,
+            positions="eos", **kw),
         ("rta", "4 tokens"): lambda: BASELINES["rta"](pipe, n_tokens=4, **kw),
         ("rta", "10 tokens"): lambda: BASELINES["rta"](pipe, n_tokens=10, **kw),
         ("rna", "4 numbers"): lambda: BASELINES["rna"](pipe, n_numbers=4, **kw),
@@ -120,6 +127,19 @@ def bench_mitigate(pipe, manifest: dict, generations: int = 4, methods: dict | N
         ("gni", "sigma 0.5"): lambda: BASELINES["gni"](pipe, sigma=0.5, **kw),
         ("word_repetition", "2 repeats"): lambda: BASELINES["word_repetition"](pipe, n_repeats=2, **kw),
     }
+    groups = np.array([e["group"] for e in entries])
+
+    def measured(images) -> dict:
+        """Replication and alignment over all prompts and per planted group."""
+        rep = _replication(images, entries, kernel, reader)
+        flat = images.reshape(-1, *images.shape[2:])
+        al = np.nanmean(align(flat, [p for p in prompts for _ in range(generations)]).reshape(len(prompts), -1), axis=1)
+        out = {"replication": float(rep.mean()), "alignment": float(np.nanmean(al))}
+        for g in dict.fromkeys(groups):
+            out[f"replication_{g}"] = float(rep[groups == g].mean())
+            out[f"alignment_{g}"] = float(np.nanmean(al[groups == g]))
+        return out
+
     rows = []
     before = None
     for (method, setting), make in methods.items():
@@ -128,15 +148,9 @@ def bench_mitigate(pipe, manifest: dict, generations: int = 4, methods: dict | N
         res = mitigator.mitigate(prompts, progress=progress)
         dt = (time.time() - t0) / len(prompts)
         if before is None:
-            before = {"replication": float(_replication(res.images_before, entries, kernel, reader).mean()),
-                      "alignment": float(np.nanmean(align(res.images_before.reshape(-1, *res.images_before.shape[2:]),
-                                                          [p for p in prompts for _ in range(generations)])))}
+            before = measured(res.images_before)
             rows.append({"method": "none", "setting": "unmitigated", **before, "seconds_per_prompt": 0.0})
-        flat = res.images_after.reshape(-1, *res.images_after.shape[2:])
-        row = {"method": method, "setting": setting,
-               "replication": float(_replication(res.images_after, entries, kernel, reader).mean()),
-               "alignment": float(np.nanmean(align(flat, [p for p in prompts for _ in range(generations)]))),
-               "seconds_per_prompt": dt}
+        row = {"method": method, "setting": setting, **measured(res.images_after), "seconds_per_prompt": dt}
         if method.startswith("embedding"):
             row.update(untouched=int((res.iterations == 0).sum()), unreached=len(res.unreached),
                        target=mitigator.settings["target"])

@@ -12,6 +12,14 @@ are the unmitigated generation, bit for bit.
 sampling steps instead, the score the detector gives at steps 0..k-1. On MemLab the first-step
 norm misses template layouts that the first five steps see (detection AUC 0.992 against 1.000),
 and so does a mitigation that only lowers the first step.
+
+``positions="eos"`` (our extension; "all" = Wen et al.) optimizes only the EOS output and the
+padding after it, and keeps every word's output as the text encoder gave it. CLIP's text encoder
+is causal, so those end positions are the only ones that see the whole prompt; Adam moves every
+optimized coordinate by about the learning rate whatever its gradient, so optimizing the word
+positions rewrites what the prompt names as much as what it memorized. On 24 MemLab planted
+prompts (5-step loss, 20 iterations) "all" takes attribute agreement from 0.941 to 0.875 and
+"eos" to 0.924, at the same replication (0.104 and 0.115).
 """
 
 from __future__ import annotations
@@ -161,20 +169,25 @@ def _trajectory_loss(pipe, emb: torch.Tensor, x_T: torch.Tensor, uncond_emb: tor
     return total / loss_steps
 
 
+POSITIONS = ("all", "eos")
+
+
 class EmbeddingOptimization:
     method = "embedding_optimization"
 
     def __init__(self, pipe, target: float, lr: float = 0.05, max_iters: int = 10, generations: int = 4, seed: int = 0,
                  num_inference_steps: int = 50, guidance_scale: float = 7.5, target_source: str = "given",
-                 loss_steps: int = 1):
+                 loss_steps: int = 1, positions: str = "all"):
         if not math.isfinite(target) or target <= 0:
             raise InputError(f"the target loss must be a positive number, got {target}")
         if not 1 <= loss_steps <= num_inference_steps:
             raise InputError(f"loss_steps must lie in [1, {num_inference_steps}], got {loss_steps}")
+        if positions not in POSITIONS:
+            raise InputError(f"positions must be one of {', '.join(POSITIONS)}, got {positions!r}")
         self.pipe = pipe
         self.settings = {"target": float(target), "lr": lr, "max_iters": max_iters, "generations": generations,
                          "seed": seed, "num_inference_steps": num_inference_steps, "guidance_scale": guidance_scale,
-                         "target_source": target_source, "loss_steps": loss_steps}
+                         "target_source": target_source, "loss_steps": loss_steps, "positions": positions}
 
     def seeds(self) -> list[int]:
         return [self.settings["seed"] + g for g in range(self.settings["generations"])]
@@ -222,6 +235,14 @@ class EmbeddingOptimization:
                                     f"on {len(reference)} reference prompts",
                                     **kw), cal
 
+    def first_optimized_position(self, prompt: str) -> int:
+        """1 (after BOS) for positions="all"; the EOS position for positions="eos"."""
+        if self.settings.get("positions", "all") == "all":
+            return 1
+        ids = denoise.tokenize(self.pipe, [prompt], warn=False)[0].tolist()
+        eos = self.pipe.tokenizer.eos_token_id
+        return ids.index(eos, 1) if eos in ids[1:] else len(ids) - 1
+
     def optimize(self, prompt: str, callback=None) -> tuple[torch.Tensor, list[float], int, bool]:
         """(embedding (1, L, D), loss trajectory, steps taken, target reached).
 
@@ -234,13 +255,14 @@ class EmbeddingOptimization:
             emb0 = denoise.encode_text(pipe, [prompt]).float()
             uncond_emb = denoise.encode_text(pipe, [""], warn=False)
             first_uncond = pipe.unet(sched.scale_model_input(x, t), t, encoder_hidden_states=uncond_emb.expand(len(x), -1, -1)).sample
-        bos = emb0[:, :1]
-        rest = emb0[:, 1:].clone().requires_grad_(True)  # the BOS position stays fixed
+        start = self.first_optimized_position(prompt)
+        head = emb0[:, :start]  # the BOS position (and with positions="eos" every word's) stays fixed
+        rest = emb0[:, start:].clone().requires_grad_(True)
         opt = torch.optim.AdamW([rest], lr=s["lr"])
         traj: list[float] = []
         steps = 0
         for it in range(s["max_iters"] + 1):
-            emb = torch.cat([bos, rest], dim=1).to(pipe.unet.dtype)
+            emb = torch.cat([head, rest], dim=1).to(pipe.unet.dtype)
             loss = _trajectory_loss(pipe, emb, x, uncond_emb, first_uncond, s["num_inference_steps"], s["loss_steps"],
                                     s["guidance_scale"])
             value = float(loss.detach())
@@ -256,7 +278,7 @@ class EmbeddingOptimization:
             loss.backward()
             opt.step()
             steps += 1
-        final = torch.cat([bos, rest.detach()], dim=1).to(pipe.unet.dtype)
+        final = torch.cat([head, rest.detach()], dim=1).to(pipe.unet.dtype)
         return (emb0.to(pipe.unet.dtype) if steps == 0 else final), traj, steps, traj[-1] <= s["target"]
 
     def mitigate(self, prompts: Sequence[str], generate_images: bool = True, progress: bool = False,
