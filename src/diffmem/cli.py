@@ -234,6 +234,7 @@ def bench_mitigate_cmd(
     out: Path = typer.Option(Path("bench-mitigate"), help="folder for bench_mitigate.json and bench_mitigate.png"),
     generations: int = typer.Option(4, min=1),
     max_prompts: Optional[int] = typer.Option(None, help="limit the planted prompts (for a quick run)"),
+    only: Optional[str] = typer.Option(None, help='run only the rows whose "method, setting" contains this text'),
 ):
     """Replication against alignment for each mitigation method and setting, on MemLab's planted prompts."""
     from .bench.mitigate import bench_mitigate
@@ -242,7 +243,7 @@ def bench_mitigate_cmd(
 
     manifest = load_manifest(model)
     _check_writable(out)
-    res = bench_mitigate(load_pipeline(model), manifest, generations=generations, max_prompts=max_prompts)
+    res = bench_mitigate(load_pipeline(model), manifest, generations=generations, max_prompts=max_prompts, only=only)
     files = res.save(out)
     out_console.print(res.table())
     out_console.print(f"wrote {files['json']} and {files['png']}")
@@ -573,6 +574,8 @@ def audit(
     mitigate_generations: int = typer.Option(4, min=1, help="mitigation: seeded generations per prompt"),
     mitigate_iters: int = typer.Option(20, min=0, help="mitigation: embedding optimization iterations at most"),
     mitigate_loss_steps: int = typer.Option(5, min=1, help="mitigation: the loss is the norm over the first k sampling steps (1 = Wen et al.)"),
+    mitigate_positions: str = typer.Option("all", help="mitigation: positions optimized: all (after BOS, Wen et al.) or eos (EOS and "
+                                           "padding, every word's output kept: better alignment, more replication)"),
     batch_size: int = typer.Option(32, min=1),
 ):
     """Detect, explain, categorize, mitigate and (with --train-data) scan, then write OUT/report.html.
@@ -585,7 +588,7 @@ def audit(
                              generations=generations, batch_size=batch_size, grid=grid, max_explain=max_explain,
                              categorize_n=categorize_n, max_categorize=max_categorize, categorize_controls=categorize_controls,
                              max_mitigate=max_mitigate, mitigate_generations=mitigate_generations, mitigate_iters=mitigate_iters,
-                             mitigate_loss_steps=mitigate_loss_steps, steps=tuple(_steps(steps)), skip=tuple(x.strip() for x in skip.split(",") if x.strip()))
+                             mitigate_loss_steps=mitigate_loss_steps, mitigate_positions=mitigate_positions, steps=tuple(_steps(steps)), skip=tuple(x.strip() for x in skip.split(",") if x.strip()))
     res = Audit(settings, out, console=console).run()
     d = res.stages["detect"]["summary"]
     line = f"{d['n_flagged']} of {d['n_prompts']} prompts flagged (threshold {d['threshold']:.4g} at FPR {d['fpr']})"

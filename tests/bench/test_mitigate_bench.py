@@ -20,7 +20,8 @@ def test_bench_mitigate_small_run(memlab_manifest, tmp_path):
     five = rows[("embedding, 5-step loss", "target FPR 0.01, lr 0.05, 20 iters")]
     assert five["target"] == s["calibration_threshold_5_steps"] > s["calibration_threshold"]  # a mean over later steps too
     eos = rows[("embedding, 5-step loss, EOS positions", "target FPR 0.01, lr 0.05, 20 iters")]
-    assert eos["target"] == five["target"]
+    eos40 = rows[("embedding, 5-step loss, EOS positions", "target FPR 0.01, lr 0.05, 40 iters")]
+    assert eos["target"] == eos40["target"] == five["target"]
     for r in res.rows:
         assert 0.0 <= r["replication"] <= 1.0 and 0.0 <= r["alignment"] <= 1.0
         # one prompt per group: the per-group columns are that prompt's own figures, and average to the whole
@@ -31,3 +32,15 @@ def test_bench_mitigate_small_run(memlab_manifest, tmp_path):
     assert "verbatim repl. / align." in saved["table"] and "EOS positions" in saved["table"]
     assert (tmp_path / "bench_mitigate.png").stat().st_size > 1000
     assert np.isfinite([r["seconds_per_prompt"] for r in res.rows]).all()
+
+
+def test_bench_mitigate_only_refuses_a_text_matching_no_row_before_any_work(memlab_manifest):
+    import pytest
+
+    from diffmem.bench.mitigate import bench_mitigate
+    from diffmem.core.errors import InputError
+    from diffmem.core.loading import load_pipeline
+
+    pipe = load_pipeline("memlab")
+    with pytest.raises(InputError, match="no benchmark row matches 'nope'"):
+        bench_mitigate(pipe, memlab_manifest, generations=1, max_prompts=2, progress=False, only="nope")

@@ -42,7 +42,7 @@ def test_memlab_audit_finds_the_planted_prompts(memlab_audit, memlab_manifest):
     # the target is a calibration of the loss (steps 0-4, the mitigation's seeds), not the detection threshold
     target = json.loads((out / "mitigate" / "target_calibration.json").read_text())
     assert mit["settings"]["target"] == target["threshold"] == summary["mitigate"]["summary"]["target"]
-    assert mit["settings"]["loss_steps"] == 5
+    assert mit["settings"]["loss_steps"] == 5 and mit["settings"]["positions"] == AuditSettings.mitigate_positions
     assert target["settings"]["steps"] == [0, 1, 2, 3, 4] and target["settings"]["generations"] == 1
     # the two strongest planted prompts start above it, so the optimization runs on them
     assert all(l0 > target["threshold"] and it > 0 for l0, it in zip(mit["initial_loss"], mit["iterations"]))
@@ -59,6 +59,7 @@ def test_app_from_an_audit_mitigates_with_the_audits_loss(memlab_audit):
     m = AppState(audit=out)._mitigator()
     assert m.settings["target"] == target["threshold"]
     assert m.settings["loss_steps"] == 5 and m.settings["generations"] == 1 and m.settings["seed"] == target["settings"]["seed"]
+    assert m.settings["positions"] == json.loads((out / "mitigate" / "mitigation.json").read_text())["settings"]["positions"]
 
 
 def test_memlab_audit_sets_are_disjoint(memlab_manifest):
@@ -167,6 +168,8 @@ def test_settings_errors():
         AuditSettings(skip=("detect",))
     with pytest.raises(InputError, match="unknown stage"):
         AuditSettings(skip=("nope",))
+    with pytest.raises(InputError, match="--mitigate-positions must be one of all, eos"):
+        AuditSettings(mitigate_positions="words")
 
 
 def test_non_memlab_model_needs_prompts(tiny_pipe_dir, tmp_path):

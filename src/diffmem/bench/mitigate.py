@@ -17,6 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
+from ..core.errors import InputError
 from ..core.results import dump_json
 
 
@@ -76,7 +77,9 @@ def _replication(images, entries, kernel, reader) -> np.ndarray:
 
 
 def bench_mitigate(pipe, manifest: dict, generations: int = 4, methods: dict | None = None, progress: bool = True,
-                   max_prompts: int | None = None) -> MitigateBenchResult:
+                   max_prompts: int | None = None, only: str | None = None) -> MitigateBenchResult:
+    """``only``: run just the rows whose "method, setting" contains this text (the unmitigated row
+    always comes first), to add one setting without re-running every other."""
     from ..core.loading import sampler_defaults
     from ..detect import Calibration, NoiseNormDetector
     from ..memlab import dataset as ds
@@ -94,20 +97,6 @@ def bench_mitigate(pipe, manifest: dict, generations: int = 4, methods: dict | N
         idx = np.linspace(0, len(entries) - 1, max_prompts).round().astype(int)
         entries = [entries[i] for i in idx]
     prompts = [e["prompt"] for e in entries]
-    labelled = memlab_labelled(manifest)
-    reference = [p for p, y in zip(labelled.prompts, labelled.labels) if y == 0]
-    det = NoiseNormDetector(pipe, d["num_inference_steps"], d["guidance_scale"], generations=generations)
-    ref_scores = det.score(reference)
-    cal = Calibration.fit(ref_scores, fpr=0.01)
-    # Wen et al. set the target near the top of non-memorized prompts' loss; on MemLab that leaves
-    # template layouts in place, so a second target at the median non-memorized loss is measured too
-    cal_median = Calibration.fit(ref_scores, fpr=0.5)
-    # the loss over the first 5 steps (EmbeddingOptimization(loss_steps=5)): the first step misses
-    # template layouts, the first five see them (detection AUC 1.000), so its target does too
-    det5 = NoiseNormDetector(pipe, d["num_inference_steps"], d["guidance_scale"], steps=range(5), generations=generations)
-    cal5 = Calibration.fit(det5.score(reference), fpr=0.01)
-    kernel = MemLabReplication(ds.build(ds.MemLabConfig(**manifest["config"])), pipe.vae)
-    reader, align = AttributeReader(), MemLabAlignment()
     kw = dict(generations=generations, seed=0, num_inference_steps=d["num_inference_steps"], guidance_scale=d["guidance_scale"])
     methods = methods or {
         ("embedding", "target FPR 0.01, lr 0.05, 10 iters"): lambda: EmbeddingOptimization(
@@ -120,6 +109,9 @@ def bench_mitigate(pipe, manifest: dict, generations: int = 4, methods: dict | N
         ("embedding, 5-step loss, EOS positions", "target FPR 0.01, lr 0.05, 20 iters"): lambda: EmbeddingOptimization.from_calibration(
             pipe, cal5, source="calibration of the 5-step loss at FPR 0.01", lr=0.05, max_iters=20, loss_steps=5,
             positions="eos", **kw),
+        ("embedding, 5-step loss, EOS positions", "target FPR 0.01, lr 0.05, 40 iters"): lambda: EmbeddingOptimization.from_calibration(
+            pipe, cal5, source="calibration of the 5-step loss at FPR 0.01", lr=0.05, max_iters=40, loss_steps=5,
+            positions="eos", **kw),
         ("rta", "4 tokens"): lambda: BASELINES["rta"](pipe, n_tokens=4, **kw),
         ("rta", "10 tokens"): lambda: BASELINES["rta"](pipe, n_tokens=10, **kw),
         ("rna", "4 numbers"): lambda: BASELINES["rna"](pipe, n_numbers=4, **kw),
@@ -127,6 +119,25 @@ def bench_mitigate(pipe, manifest: dict, generations: int = 4, methods: dict | N
         ("gni", "sigma 0.5"): lambda: BASELINES["gni"](pipe, sigma=0.5, **kw),
         ("word_repetition", "2 repeats"): lambda: BASELINES["word_repetition"](pipe, n_repeats=2, **kw),
     }
+    if only is not None:
+        methods = {k: v for k, v in methods.items() if only in f"{k[0]}, {k[1]}"}
+        if not methods:
+            raise InputError(f"no benchmark row matches {only!r}")
+    kernel = MemLabReplication(ds.build(ds.MemLabConfig(**manifest["config"])), pipe.vae)
+    reader, align = AttributeReader(), MemLabAlignment()
+    # the rows' targets (their factories read these when they run)
+    labelled = memlab_labelled(manifest)
+    reference = [p for p, y in zip(labelled.prompts, labelled.labels) if y == 0]
+    det = NoiseNormDetector(pipe, d["num_inference_steps"], d["guidance_scale"], generations=generations)
+    ref_scores = det.score(reference)
+    cal = Calibration.fit(ref_scores, fpr=0.01)
+    # Wen et al. set the target near the top of non-memorized prompts' loss; on MemLab that leaves
+    # template layouts in place, so a second target at the median non-memorized loss is measured too
+    cal_median = Calibration.fit(ref_scores, fpr=0.5)
+    # the loss over the first 5 steps (EmbeddingOptimization(loss_steps=5)): the first step misses
+    # template layouts, the first five see them (detection AUC 1.000), so its target does too
+    det5 = NoiseNormDetector(pipe, d["num_inference_steps"], d["guidance_scale"], steps=range(5), generations=generations)
+    cal5 = Calibration.fit(det5.score(reference), fpr=0.01)
     groups = np.array([e["group"] for e in entries])
 
     def measured(images) -> dict:

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import base64
 import io
+import json
 import threading
 import time
 import uuid
@@ -54,7 +55,13 @@ class AppState:
         if calibration is not None and audit is not None:
             raise InputError("give --calibration or --audit, not both")
         self._target_calibration = None  # the mitigation target's own calibration (see _mitigator)
+        from .audit import AuditSettings
+
+        self._mitigate_positions = AuditSettings.mitigate_positions  # the positions the audit's mitigation optimized
         if audit is not None:
+            done = Path(audit) / "mitigate" / "mitigation.json"
+            if done.exists():
+                self._mitigate_positions = json.loads(done.read_text())["settings"].get("positions", "all")
             calibration = Path(audit) / "detect" / "calibration.json"
             if (Path(audit) / "mitigate" / "target_calibration.json").exists():
                 self._target_calibration = Calibration.load(Path(audit) / "mitigate" / "target_calibration.json")
@@ -67,8 +74,6 @@ class AppState:
             self.sampler = {"num_inference_steps": cs["num_inference_steps"], "guidance_scale": cs["guidance_scale"]}
             steps, self.seed = cs["steps"], cs["seed"]
         else:
-            from .audit import AuditSettings
-
             steps = [x for x in AuditSettings.steps if x < self.sampler["num_inference_steps"]]
         self.detector = NoiseNormDetector(self.pipe, self.sampler["num_inference_steps"], self.sampler["guidance_scale"],
                                           steps=steps, generations=1, seed=self.seed)
@@ -184,7 +189,7 @@ class AppState:
 
         if self._mitigator_cache is None:
             kw = dict(generations=self.generations, seed=self.seed, num_inference_steps=self.sampler["num_inference_steps"],
-                      guidance_scale=self.sampler["guidance_scale"])
+                      guidance_scale=self.sampler["guidance_scale"], positions=self._mitigate_positions)
             if self._target_calibration is not None:
                 # the loss the audit's target was calibrated on: its steps (0..k-1) and seeds
                 tc = self._target_calibration.settings
