@@ -98,20 +98,20 @@ def bench_mitigate(pipe, manifest: dict, generations: int = 4, methods: dict | N
         entries = [entries[i] for i in idx]
     prompts = [e["prompt"] for e in entries]
     kw = dict(generations=generations, seed=0, num_inference_steps=d["num_inference_steps"], guidance_scale=d["guidance_scale"])
+
+    def five_step(max_iters: int, positions: str = "all"):
+        return EmbeddingOptimization.from_calibration(pipe, cal5, source="calibration of the 5-step loss at FPR 0.01", lr=0.05,
+                                                      max_iters=max_iters, loss_steps=5, positions=positions, **kw)
+
     methods = methods or {
         ("embedding", "target FPR 0.01, lr 0.05, 10 iters"): lambda: EmbeddingOptimization(
             pipe, cal.threshold, lr=0.05, max_iters=10, target_source="calibration FPR 0.01", **kw),
         ("embedding", "target median, lr 0.05, 20 iters"): lambda: EmbeddingOptimization(
             pipe, cal_median.threshold, lr=0.05, max_iters=20, target_source="calibration FPR 0.5", **kw),
-        ("embedding, 5-step loss", "target FPR 0.01, lr 0.05, 20 iters"): lambda: EmbeddingOptimization.from_calibration(
-            pipe, cal5, source="calibration of the 5-step loss at FPR 0.01", lr=0.05, max_iters=20, loss_steps=5, **kw),
+        ("embedding, 5-step loss", "target FPR 0.01, lr 0.05, 20 iters"): lambda: five_step(20),
         # the same, optimizing only the EOS and padding outputs: every word's output kept
-        ("embedding, 5-step loss, EOS positions", "target FPR 0.01, lr 0.05, 20 iters"): lambda: EmbeddingOptimization.from_calibration(
-            pipe, cal5, source="calibration of the 5-step loss at FPR 0.01", lr=0.05, max_iters=20, loss_steps=5,
-            positions="eos", **kw),
-        ("embedding, 5-step loss, EOS positions", "target FPR 0.01, lr 0.05, 40 iters"): lambda: EmbeddingOptimization.from_calibration(
-            pipe, cal5, source="calibration of the 5-step loss at FPR 0.01", lr=0.05, max_iters=40, loss_steps=5,
-            positions="eos", **kw),
+        ("embedding, 5-step loss, EOS positions", "target FPR 0.01, lr 0.05, 20 iters"): lambda: five_step(20, "eos"),
+        ("embedding, 5-step loss, EOS positions", "target FPR 0.01, lr 0.05, 40 iters"): lambda: five_step(40, "eos"),
         ("rta", "4 tokens"): lambda: BASELINES["rta"](pipe, n_tokens=4, **kw),
         ("rta", "10 tokens"): lambda: BASELINES["rta"](pipe, n_tokens=10, **kw),
         ("rna", "4 numbers"): lambda: BASELINES["rna"](pipe, n_numbers=4, **kw),

@@ -238,7 +238,7 @@ class EmbeddingOptimization:
 
     def first_optimized_position(self, prompt: str) -> int:
         """1 (after BOS) for positions="all"; the EOS position for positions="eos"."""
-        if self.settings.get("positions", "all") == "all":
+        if self.settings["positions"] == "all":
             return 1
         ids = denoise.tokenize(self.pipe, [prompt], warn=False)[0].tolist()
         eos = self.pipe.tokenizer.eos_token_id
