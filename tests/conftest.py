@@ -11,6 +11,14 @@ if os.environ.get("DIFFMEM_TEST_THREADS"):
     torch.set_num_threads(int(os.environ["DIFFMEM_TEST_THREADS"]))
 
 
+@pytest.fixture(scope="session", autouse=True)
+def diffmem_cache(tmp_path_factory):
+    """One disk cache for the session (the CLI subprocesses inherit it): tests neither read a
+    developer's cache nor leave entries in it, and still share MemLab's rendered training set."""
+    path = os.environ.setdefault("DIFFMEM_CACHE", str(tmp_path_factory.mktemp("diffmem_cache")))
+    return path
+
+
 @pytest.fixture(scope="session")
 def tiny_pipe():
     from diffmem.core.components import tiny_pipeline

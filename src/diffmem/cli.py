@@ -235,6 +235,8 @@ def bench_mitigate_cmd(
     generations: int = typer.Option(4, min=1),
     max_prompts: Optional[int] = typer.Option(None, help="limit the planted prompts (for a quick run)"),
     only: Optional[str] = typer.Option(None, help='run only the rows whose "method, setting" contains this text'),
+    max_reference: Optional[int] = typer.Option(None, min=2, help="calibrate the targets on at most this many "
+                                                "non-memorized prompts (for a quick run)"),
 ):
     """Replication against alignment for each mitigation method and setting, on MemLab's planted prompts."""
     from .bench.mitigate import bench_mitigate
@@ -243,7 +245,8 @@ def bench_mitigate_cmd(
 
     manifest = load_manifest(model)
     _check_writable(out)
-    res = bench_mitigate(load_pipeline(model), manifest, generations=generations, max_prompts=max_prompts, only=only)
+    res = bench_mitigate(load_pipeline(model), manifest, generations=generations, max_prompts=max_prompts, only=only,
+                        max_reference=max_reference)
     files = res.save(out)
     out_console.print(res.table())
     out_console.print(f"wrote {files['json']} and {files['png']}")
@@ -609,11 +612,13 @@ def app_cmd(
     host: str = typer.Option("127.0.0.1", help="address to bind (default: this machine only)"),
     port: int = typer.Option(7860, min=1, max=65535),
     seed: int = typer.Option(0),
+    generations: int = typer.Option(4, min=1, help="seeds a mitigation optimizes over and shows before / after "
+                                    "(an audit's target calibration brings its own)"),
 ):
     """A local page: edit a prompt, see its score against the threshold and its words coloured by attribution."""
     from .report.app import AppState, serve
 
-    state = AppState(model, calibration=calibration, audit=audit_dir, seed=seed, progress=True)
+    state = AppState(model, calibration=calibration, audit=audit_dir, seed=seed, generations=generations, progress=True)
     out_console.print(f"diffmem app on http://{host}:{port}/  (threshold {state.calibration.threshold:.4g}; Ctrl-C stops)",
                       highlight=False, markup=False)
     serve(state, host, port)

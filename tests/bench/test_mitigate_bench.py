@@ -8,9 +8,10 @@ def test_bench_mitigate_small_run(memlab_manifest, tmp_path):
     from diffmem.core.loading import load_pipeline
 
     pipe = load_pipeline("memlab")
-    res = bench_mitigate(pipe, memlab_manifest, generations=1, max_prompts=2, progress=False)
+    res = bench_mitigate(pipe, memlab_manifest, generations=1, max_prompts=2, progress=False, max_reference=80)
     s = res.settings
     assert s["prompts"] == 2 and s["verbatim"] == 1 and s["template"] == 1  # both groups in a short run
+    assert s["reference_prompts"] == 80
     rows = {(r["method"], r["setting"]): r for r in res.rows}
     assert rows[("none", "unmitigated")]["replication"] == 1.0  # planted prompts replicate before mitigation
     fpr1 = rows[("embedding", "target FPR 0.01, lr 0.05, 10 iters")]
@@ -32,6 +33,16 @@ def test_bench_mitigate_small_run(memlab_manifest, tmp_path):
     assert "verbatim repl. / align." in saved["table"] and "EOS positions" in saved["table"]
     assert (tmp_path / "bench_mitigate.png").stat().st_size > 1000
     assert np.isfinite([r["seconds_per_prompt"] for r in res.rows]).all()
+
+
+def test_bench_mitigate_only_computes_just_the_targets_its_rows_need(memlab_manifest):
+    from diffmem.bench.mitigate import bench_mitigate
+    from diffmem.core.loading import load_pipeline
+
+    pipe = load_pipeline("memlab")
+    res = bench_mitigate(pipe, memlab_manifest, generations=1, max_prompts=2, progress=False, only="rta, 4 tokens")
+    assert [(r["method"], r["setting"]) for r in res.rows] == [("none", "unmitigated"), ("rta", "4 tokens")]
+    assert not any("threshold" in k for k in res.settings)  # no calibration ran
 
 
 def test_bench_mitigate_only_refuses_a_text_matching_no_row_before_any_work(memlab_manifest):

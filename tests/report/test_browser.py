@@ -1,5 +1,6 @@
 """The report and the interactive page in headless Chromium (Debian's package, driven by Selenium)."""
 
+import contextlib
 import os
 import subprocess
 from pathlib import Path
@@ -71,16 +72,23 @@ def test_markup_in_prompts_shows_as_text_and_never_runs(tmp_path, memlab_manifes
         driver.quit()
 
 
-@pytest.fixture
-def app_server():
+@contextlib.contextmanager
+def serving(*args):
     port = free_port()
-    proc = subprocess.Popen([*DIFFMEM, "app", "--port", str(port)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen([*DIFFMEM, "app", "--port", str(port), *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True)
     try:
         wait_for_url(f"http://127.0.0.1:{port}/", proc)
         yield f"http://127.0.0.1:{port}/"
     finally:
         proc.terminate()
         proc.wait(timeout=30)
+
+
+@pytest.fixture
+def app_server():
+    with serving() as url:
+        yield url
 
 
 def test_app_scores_highlights_the_trigger_and_rescores_an_edit(app_server, memlab_manifest):
@@ -122,7 +130,12 @@ def test_app_scores_highlights_the_trigger_and_rescores_an_edit(app_server, meml
         driver.quit()
 
 
-def test_app_mitigation_job_reports_progress_and_cancels(app_server):
+def test_app_mitigation_job_reports_progress_and_cancels():
+    with serving("--generations", "2") as url:  # two seeds: the calibration and the optimization cost half of four
+        _mitigation_job_reports_progress_and_cancels(url, generations=2)
+
+
+def _mitigation_job_reports_progress_and_cancels(app_server, generations):
     import json
     import time
     import urllib.request
@@ -150,7 +163,8 @@ def test_app_mitigation_job_reports_progress_and_cancels(app_server):
         assert time.time() - t0 < 300
         time.sleep(0.2)
     assert state["state"] == "done", state
-    assert len(state["result"]["before"]) == len(state["result"]["after"]) == 4
+    assert len(state["result"]["before"]) == len(state["result"]["after"]) == generations
+    assert state["result"]["seeds"] == list(range(generations))
     assert state["result"]["before"][0].startswith("data:image/png;base64,")
     # a planted prompt starts above the first-step target and the optimization runs
     r = state["result"]

@@ -11,6 +11,7 @@ steps for the 5-step loss), at FPR 1% (and at the median for one first-step row)
 
 from __future__ import annotations
 
+import functools
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -77,9 +78,11 @@ def _replication(images, entries, kernel, reader) -> np.ndarray:
 
 
 def bench_mitigate(pipe, manifest: dict, generations: int = 4, methods: dict | None = None, progress: bool = True,
-                   max_prompts: int | None = None, only: str | None = None) -> MitigateBenchResult:
+                   max_prompts: int | None = None, only: str | None = None,
+                   max_reference: int | None = None) -> MitigateBenchResult:
     """``only``: run just the rows whose "method, setting" contains this text (the unmitigated row
-    always comes first), to add one setting without re-running every other."""
+    always comes first), to add one setting without re-running every other. ``max_reference``:
+    calibrate the targets on at most this many non-memorized prompts, evenly spread (a quick run)."""
     from ..core.loading import sampler_defaults
     from ..detect import Calibration, NoiseNormDetector
     from ..memlab import dataset as ds
@@ -99,15 +102,43 @@ def bench_mitigate(pipe, manifest: dict, generations: int = 4, methods: dict | N
     prompts = [e["prompt"] for e in entries]
     kw = dict(generations=generations, seed=0, num_inference_steps=d["num_inference_steps"], guidance_scale=d["guidance_scale"])
 
+    # the rows' targets, each computed the first time a row asks for it (``only`` may need none)
+    labelled = memlab_labelled(manifest)
+    reference = [p for p, y in zip(labelled.prompts, labelled.labels) if y == 0]
+    if max_reference is not None and max_reference < len(reference):
+        reference = [reference[i] for i in np.linspace(0, len(reference) - 1, max_reference).round().astype(int)]
+    calibrations: dict = {}
+
+    @functools.cache
+    def first_step_scores():
+        return NoiseNormDetector(pipe, d["num_inference_steps"], d["guidance_scale"], generations=generations).score(reference)
+
+    def calibration(name: str):
+        if name not in calibrations:
+            if name == "calibration_threshold":
+                calibrations[name] = Calibration.fit(first_step_scores(), fpr=0.01)
+            elif name == "median_threshold":
+                # Wen et al. set the target near the top of non-memorized prompts' loss; on MemLab
+                # that leaves template layouts in place, so the median non-memorized loss is measured too
+                calibrations[name] = Calibration.fit(first_step_scores(), fpr=0.5)
+            else:
+                # the loss over the first 5 steps (EmbeddingOptimization(loss_steps=5)): the first step
+                # misses template layouts, the first five see them (detection AUC 1.000), so its target does too
+                det5 = NoiseNormDetector(pipe, d["num_inference_steps"], d["guidance_scale"], steps=range(5),
+                                         generations=generations)
+                calibrations[name] = Calibration.fit(det5.score(reference), fpr=0.01)
+        return calibrations[name]
+
     def five_step(max_iters: int, positions: str = "all"):
-        return EmbeddingOptimization.from_calibration(pipe, cal5, source="calibration of the 5-step loss at FPR 0.01", lr=0.05,
+        return EmbeddingOptimization.from_calibration(pipe, calibration("calibration_threshold_5_steps"), lr=0.05,
+                                                      source="calibration of the 5-step loss at FPR 0.01",
                                                       max_iters=max_iters, loss_steps=5, positions=positions, **kw)
 
     methods = methods or {
         ("embedding", "target FPR 0.01, lr 0.05, 10 iters"): lambda: EmbeddingOptimization(
-            pipe, cal.threshold, lr=0.05, max_iters=10, target_source="calibration FPR 0.01", **kw),
+            pipe, calibration("calibration_threshold").threshold, lr=0.05, max_iters=10, target_source="calibration FPR 0.01", **kw),
         ("embedding", "target median, lr 0.05, 20 iters"): lambda: EmbeddingOptimization(
-            pipe, cal_median.threshold, lr=0.05, max_iters=20, target_source="calibration FPR 0.5", **kw),
+            pipe, calibration("median_threshold").threshold, lr=0.05, max_iters=20, target_source="calibration FPR 0.5", **kw),
         ("embedding, 5-step loss", "target FPR 0.01, lr 0.05, 20 iters"): lambda: five_step(20),
         # the same, optimizing only the EOS and padding outputs: every word's output kept
         ("embedding, 5-step loss, EOS positions", "target FPR 0.01, lr 0.05, 20 iters"): lambda: five_step(20, "eos"),
@@ -125,19 +156,6 @@ def bench_mitigate(pipe, manifest: dict, generations: int = 4, methods: dict | N
             raise InputError(f"no benchmark row matches {only!r}")
     kernel = MemLabReplication(ds.build(ds.MemLabConfig(**manifest["config"])), pipe.vae)
     reader, align = AttributeReader(), MemLabAlignment()
-    # the rows' targets (their factories read these when they run)
-    labelled = memlab_labelled(manifest)
-    reference = [p for p, y in zip(labelled.prompts, labelled.labels) if y == 0]
-    det = NoiseNormDetector(pipe, d["num_inference_steps"], d["guidance_scale"], generations=generations)
-    ref_scores = det.score(reference)
-    cal = Calibration.fit(ref_scores, fpr=0.01)
-    # Wen et al. set the target near the top of non-memorized prompts' loss; on MemLab that leaves
-    # template layouts in place, so a second target at the median non-memorized loss is measured too
-    cal_median = Calibration.fit(ref_scores, fpr=0.5)
-    # the loss over the first 5 steps (EmbeddingOptimization(loss_steps=5)): the first step misses
-    # template layouts, the first five see them (detection AUC 1.000), so its target does too
-    det5 = NoiseNormDetector(pipe, d["num_inference_steps"], d["guidance_scale"], steps=range(5), generations=generations)
-    cal5 = Calibration.fit(det5.score(reference), fpr=0.01)
     groups = np.array([e["group"] for e in entries])
 
     def measured(images) -> dict:
@@ -167,7 +185,7 @@ def bench_mitigate(pipe, manifest: dict, generations: int = 4, methods: dict | N
                        target=mitigator.settings["target"])
         rows.append(row)
     return MitigateBenchResult(rows, {"seeds": list(range(generations)), "prompts": len(prompts),
-                                      "calibration_threshold": cal.threshold, "median_threshold": cal_median.threshold,
-                                      "calibration_threshold_5_steps": cal5.threshold,
+                                      "reference_prompts": len(reference),
+                                      **{name: c.threshold for name, c in calibrations.items()},
                                       "verbatim": sum(e["group"] == "verbatim" for e in entries),
                                       "template": sum(e["group"] == "template" for e in entries), **d})

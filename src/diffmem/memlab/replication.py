@@ -9,10 +9,15 @@ that image's round-trip error:
 and ``g`` replicates ``x`` when ratio <= ``threshold`` (default 2.0). The nearest training image
 is the one with the smallest ratio. On MemLab two independent renders of the same caption differ
 in their undescribed background, so their ratio is far above 2 (``chance_rate`` measures it).
+
+Rendering the ~5,700 training images and their VAE round trips takes about 20 s on two cores, and
+every audit, mitigation report and benchmark needs them, so they are kept in diffmem's disk cache
+(``diffmem.core.cache``) under a hash of the dataset config, the rendering code and the VAE weights.
 """
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 
 import numpy as np
@@ -33,6 +38,28 @@ def roundtrip_rmse(vae, images: np.ndarray, batch_size: int = 256) -> np.ndarray
     return np.concatenate(out)
 
 
+def training_set(dataset, vae) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(ids, images, VAE round-trip RMSE) of the dataset's distinct images, from the disk cache
+    when an entry for this dataset config, rendering code, torch and VAE exists."""
+    from pathlib import Path
+
+    from ..core import cache
+    from . import dataset as dataset_module
+    from . import world
+
+    weights = [part for name, t in sorted(vae.state_dict().items())
+               for part in (name, str(t.dtype), t.detach().cpu().float().contiguous().numpy())]
+    key = cache.content_key(json.dumps(dataset.config.to_dict(), sort_keys=True), torch.__version__, vae.device.type,
+                            *(Path(m.__file__).read_bytes() for m in (world, dataset_module)), *weights)
+    hit = cache.load_arrays("memlab_training_set", key)
+    if hit is not None and {"ids", "images", "vae_rmse"} <= hit.keys():
+        return hit["ids"], hit["images"], hit["vae_rmse"]
+    ids, images = dataset.unique_images()
+    rmse = roundtrip_rmse(vae, images)
+    cache.save_arrays("memlab_training_set", key, {"ids": ids, "images": images, "vae_rmse": rmse})
+    return ids, images, rmse
+
+
 @dataclass
 class ReplicationMatch:
     nearest_id: np.ndarray  # image id of the nearest training image (by ratio)
@@ -46,11 +73,10 @@ class MemLabReplication:
 
     def __init__(self, dataset, vae, threshold: float = DEFAULT_THRESHOLD):
         self.threshold = threshold
-        ids, images = dataset.unique_images()
+        ids, images, self.vae_rmse = training_set(dataset, vae)
         self.ids = ids
         self.index = {int(i): k for k, i in enumerate(ids)}
         self.train = torch.from_numpy(images.reshape(len(images), -1))
-        self.vae_rmse = roundtrip_rmse(vae, images)
         self._vae_rmse_t = torch.from_numpy(self.vae_rmse)
 
     def _rmse(self, gens: np.ndarray) -> torch.Tensor:
