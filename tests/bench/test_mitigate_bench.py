@@ -8,10 +8,10 @@ def test_bench_mitigate_small_run(memlab_manifest, tmp_path):
     from diffmem.core.loading import load_pipeline
 
     pipe = load_pipeline("memlab")
-    res = bench_mitigate(pipe, memlab_manifest, generations=1, max_prompts=2, progress=False, max_reference=80)
+    res = bench_mitigate(pipe, memlab_manifest, generations=1, max_prompts=2, progress=False, max_reference=100)
     s = res.settings
     assert s["prompts"] == 2 and s["verbatim"] == 1 and s["template"] == 1  # both groups in a short run
-    assert s["reference_prompts"] == 80
+    assert s["reference_prompts"] == 100
     rows = {(r["method"], r["setting"]): r for r in res.rows}
     assert rows[("none", "unmitigated")]["replication"] == 1.0  # planted prompts replicate before mitigation
     fpr1 = rows[("embedding", "target FPR 0.01, lr 0.05, 10 iters")]
