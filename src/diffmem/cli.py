@@ -146,6 +146,8 @@ def mitigate(
     loss_steps: int = typer.Option(1, min=1, help="embedding: sampling steps in the loss (1 = first step, Wen et al.)"),
     positions: str = typer.Option("all", help="embedding: positions optimized: all (after BOS, Wen et al.) or eos (EOS and padding: "
                                   "every word's output kept)"),
+    rewrite: Optional[str] = typer.Option(None, help="embedding: a prompt above the target starts from its rna or rta "
+                                          "rewrite (prompts below it stay untouched)"),
     calibration: Optional[Path] = typer.Option(None, help="take the target from a calibration file's threshold"),
     lr: float = typer.Option(0.05),
     max_iters: int = typer.Option(10, min=0),
@@ -176,10 +178,11 @@ def mitigate(
     if method == "embedding" and calibration is not None:
         # refused unless it calibrates this loss (same scored steps, seeds and sampler steps)
         m = EmbeddingOptimization.from_calibration(pipe, Calibration.load(calibration), source=f"calibration {calibration}",
-                                                   lr=lr, max_iters=max_iters, loss_steps=loss_steps, positions=positions, **kw)
+                                                   lr=lr, max_iters=max_iters, loss_steps=loss_steps, positions=positions,
+                                                   rewrite=rewrite, **kw)
     elif method == "embedding":
         m = EmbeddingOptimization(pipe, target, lr=lr, max_iters=max_iters, target_source=source, loss_steps=loss_steps,
-                                  positions=positions, **kw)
+                                  positions=positions, rewrite=rewrite, **kw)
     else:
         extra = {"rta": {"n_tokens": n_tokens}, "gni": {"sigma": sigma}}.get(method, {})
         m = BASELINES[method](pipe, **extra, **kw)

@@ -66,6 +66,41 @@ def test_eos_positions_keep_every_words_output(tiny_pipe):
         EmbeddingOptimization(tiny_pipe, target=1.0, positions="words")
 
 
+def test_rewrite_start_leaves_prompts_below_target_untouched(tiny_pipe):
+    m = EmbeddingOptimization(tiny_pipe, target=1e9, generations=2, num_inference_steps=3, rewrite="rna")
+    res = m.mitigate(PROMPTS)
+    assert (res.iterations == 0).all() and res.mitigated_prompts == PROMPTS
+    plain = generate(tiny_pipe, PROMPTS, [0, 1], num_inference_steps=3, guidance_scale=7.5)
+    assert np.array_equal(res.images_after, plain)
+
+
+def test_rewrite_start_optimizes_from_the_rewritten_prompt(tiny_pipe):
+    from diffmem.core import denoise
+
+    kw = dict(target=1e-6, lr=0.05, max_iters=2, generations=1, num_inference_steps=3, positions="eos")
+    plain = EmbeddingOptimization(tiny_pipe, **kw)
+    m = EmbeddingOptimization(tiny_pipe, rewrite="rna", **kw)
+    prompt = "a red circle"
+    text = m.rewritten(prompt)
+    assert text.startswith(prompt + " ") and len(text.split()) == 3 + 4 and all(w.isdigit() for w in text.split()[3:])
+    assert m.rewritten(prompt) == text != m.rewritten("a blue square")  # one draw per prompt, whatever the batch
+    emb, traj, steps, _ = m.optimize(prompt)
+    _, traj_plain, _, _ = plain.optimize(prompt)
+    assert traj[0] == pytest.approx(traj_plain[0], rel=1e-6)  # the trajectory starts at the prompt's own loss
+    assert len(traj) == 1 + steps + 1 and steps == 2
+    with torch.no_grad():
+        rewritten = denoise.encode_text(tiny_pipe, [text])
+    eos = m.first_optimized_position(text)
+    assert torch.equal(emb[:, :eos], rewritten[:, :eos])  # the rewrite's words, kept (EOS positions)
+    res = m.mitigate([prompt])
+    assert res.mitigated_prompts == [text]
+    # no step at all (max_iters=0): the rewrite alone, still generated from, and reported as changed
+    none = EmbeddingOptimization(tiny_pipe, **{**kw, "max_iters": 0}, rewrite="rna").mitigate([prompt])
+    assert none.iterations[0] == 0 and not np.array_equal(none.images_after, none.images_before)
+    with pytest.raises(InputError, match="rewrite must be one of rna, rta"):
+        EmbeddingOptimization(tiny_pipe, target=1.0, rewrite="gni")
+
+
 def test_non_finite_loss_stops_with_a_clear_error(tiny_pipe):
     m = EmbeddingOptimization(tiny_pipe, target=1e-6, lr=1e30, max_iters=5, generations=1, num_inference_steps=3)
     with pytest.raises(NonFiniteLoss, match="lower the learning rate"):

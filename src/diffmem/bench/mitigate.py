@@ -129,10 +129,11 @@ def bench_mitigate(pipe, manifest: dict, generations: int = 4, methods: dict | N
                 calibrations[name] = Calibration.fit(det5.score(reference), fpr=0.01)
         return calibrations[name]
 
-    def five_step(max_iters: int, positions: str = "all"):
+    def five_step(max_iters: int, positions: str = "all", rewrite: str | None = None):
         return EmbeddingOptimization.from_calibration(pipe, calibration("calibration_threshold_5_steps"), lr=0.05,
                                                       source="calibration of the 5-step loss at FPR 0.01",
-                                                      max_iters=max_iters, loss_steps=5, positions=positions, **kw)
+                                                      max_iters=max_iters, loss_steps=5, positions=positions,
+                                                      rewrite=rewrite, **kw)
 
     methods = methods or {
         ("embedding", "target FPR 0.01, lr 0.05, 10 iters"): lambda: EmbeddingOptimization(
@@ -143,6 +144,10 @@ def bench_mitigate(pipe, manifest: dict, generations: int = 4, methods: dict | N
         # the same, optimizing only the EOS and padding outputs: every word's output kept
         ("embedding, 5-step loss, EOS positions", "target FPR 0.01, lr 0.05, 20 iters"): lambda: five_step(20, "eos"),
         ("embedding, 5-step loss, EOS positions", "target FPR 0.01, lr 0.05, 40 iters"): lambda: five_step(40, "eos"),
+        # prompts above the target start from their RNA rewrite: the rewrite alone keeps the named
+        # features but leaves some replication, the optimization removes what is left
+        ("embedding, 5-step loss, EOS positions, from RNA", "target FPR 0.01, lr 0.05, 20 iters"):
+            lambda: five_step(20, "eos", "rna"),
         ("rta", "4 tokens"): lambda: BASELINES["rta"](pipe, n_tokens=4, **kw),
         ("rta", "10 tokens"): lambda: BASELINES["rta"](pipe, n_tokens=10, **kw),
         ("rna", "4 numbers"): lambda: BASELINES["rna"](pipe, n_numbers=4, **kw),
@@ -181,7 +186,8 @@ def bench_mitigate(pipe, manifest: dict, generations: int = 4, methods: dict | N
             rows.append({"method": "none", "setting": "unmitigated", **before, "seconds_per_prompt": 0.0})
         row = {"method": method, "setting": setting, **measured(res.images_after), "seconds_per_prompt": dt}
         if method.startswith("embedding"):
-            row.update(untouched=int((res.iterations == 0).sum()), unreached=len(res.unreached),
+            changed = [mitigator.changes(t, n, mitigator.settings) for t, n in zip(res.trajectories, res.iterations)]
+            row.update(untouched=len(changed) - sum(changed), unreached=len(res.unreached),
                        target=mitigator.settings["target"])
         rows.append(row)
     return MitigateBenchResult(rows, {"seeds": list(range(generations)), "prompts": len(prompts),

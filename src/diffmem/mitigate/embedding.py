@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import json
 import math
+import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
@@ -171,6 +172,7 @@ def _trajectory_loss(pipe, emb: torch.Tensor, x_T: torch.Tensor, uncond_emb: tor
 
 
 POSITIONS = ("all", "eos")
+REWRITES = ("rna", "rta")  # prompt-text baselines an optimization may start from
 
 
 class EmbeddingOptimization:
@@ -178,17 +180,21 @@ class EmbeddingOptimization:
 
     def __init__(self, pipe, target: float, lr: float = 0.05, max_iters: int = 10, generations: int = 4, seed: int = 0,
                  num_inference_steps: int = 50, guidance_scale: float = 7.5, target_source: str = "given",
-                 loss_steps: int = 1, positions: str = "all"):
+                 loss_steps: int = 1, positions: str = "all", rewrite: str | None = None):
         if not math.isfinite(target) or target <= 0:
             raise InputError(f"the target loss must be a positive number, got {target}")
         if not 1 <= loss_steps <= num_inference_steps:
             raise InputError(f"loss_steps must lie in [1, {num_inference_steps}], got {loss_steps}")
         if positions not in POSITIONS:
             raise InputError(f"positions must be one of {', '.join(POSITIONS)}, got {positions!r}")
+        if rewrite is not None and rewrite not in REWRITES:
+            raise InputError(f"rewrite must be one of {', '.join(REWRITES)} or None, got {rewrite!r}")
         self.pipe = pipe
         self.settings = {"target": float(target), "lr": lr, "max_iters": max_iters, "generations": generations,
                          "seed": seed, "num_inference_steps": num_inference_steps, "guidance_scale": guidance_scale,
-                         "target_source": target_source, "loss_steps": loss_steps, "positions": positions}
+                         "target_source": target_source, "loss_steps": loss_steps, "positions": positions,
+                         "rewrite": rewrite}
+        self._rewriter = None
 
     def seeds(self) -> list[int]:
         return [self.settings["seed"] + g for g in range(self.settings["generations"])]
@@ -244,10 +250,30 @@ class EmbeddingOptimization:
         eos = self.pipe.tokenizer.eos_token_id
         return ids.index(eos, 1) if eos in ids[1:] else len(ids) - 1
 
+    def rewritten(self, prompt: str) -> str:
+        """The text the optimization starts from: the prompt itself, or with ``rewrite`` set, the
+        prompt after that baseline (RNA: four random numbers appended). Its random draw depends
+        only on the seed and the prompt, so a prompt is rewritten the same way in any batch."""
+        if self.settings["rewrite"] is None:
+            return prompt
+        if self._rewriter is None:
+            self._rewriter = BASELINES[self.settings["rewrite"]](self.pipe, seed=self.settings["seed"])
+        rng = np.random.default_rng([self.settings["seed"], zlib.crc32(prompt.encode("utf-8"))])
+        return self._rewriter.rewrite(prompt, rng)
+
+    @staticmethod
+    def changes(trajectory: list[float], steps: int, settings: dict) -> bool:
+        """Whether the optimization changed the prompt's embedding: it took a step, or it started
+        from a rewrite because the prompt's own loss was above the target."""
+        return steps > 0 or (settings.get("rewrite") is not None and trajectory[0] > settings["target"])
+
     def optimize(self, prompt: str, callback=None) -> tuple[torch.Tensor, list[float], int, bool]:
         """(embedding (1, L, D), loss trajectory, steps taken, target reached).
 
-        ``callback(iteration, loss)`` is called after each loss evaluation; it may raise to stop."""
+        With ``rewrite`` set, a prompt whose own loss is above the target is rewritten first and the
+        optimization starts from the rewrite's embedding; the trajectory's first entry is still the
+        prompt's own loss. ``callback(iteration, loss)`` is called after each loss evaluation; it may
+        raise to stop."""
         pipe, s = self.pipe, self.settings
         sched = denoise.fresh_scheduler(pipe, s["num_inference_steps"])
         t = sched.timesteps[0]
@@ -256,20 +282,31 @@ class EmbeddingOptimization:
             emb0 = denoise.encode_text(pipe, [prompt]).float()
             uncond_emb = denoise.encode_text(pipe, [""], warn=False)
             first_uncond = pipe.unet(sched.scale_model_input(x, t), t, encoder_hidden_states=uncond_emb.expand(len(x), -1, -1)).sample
+        traj: list[float] = []
+        if s["rewrite"] is not None:
+            with torch.no_grad():
+                own = float(_trajectory_loss(pipe, emb0.to(pipe.unet.dtype), x, uncond_emb, first_uncond,
+                                             s["num_inference_steps"], s["loss_steps"], s["guidance_scale"]))
+            self._check_finite(own, 0, prompt)
+            traj.append(own)
+            if callback is not None:
+                callback(0, own)
+            if own <= s["target"]:  # below the target: untouched, bit for bit
+                return emb0.to(pipe.unet.dtype), traj, 0, True
+            prompt = self.rewritten(prompt)
+            with torch.no_grad():
+                emb0 = denoise.encode_text(pipe, [prompt], warn=False).float()
         start = self.first_optimized_position(prompt)
         head = emb0[:, :start]  # the BOS position (and with positions="eos" every word's) stays fixed
         rest = emb0[:, start:].clone().requires_grad_(True)
         opt = torch.optim.AdamW([rest], lr=s["lr"])
-        traj: list[float] = []
         steps = 0
         for it in range(s["max_iters"] + 1):
             emb = torch.cat([head, rest], dim=1).to(pipe.unet.dtype)
             loss = _trajectory_loss(pipe, emb, x, uncond_emb, first_uncond, s["num_inference_steps"], s["loss_steps"],
                                     s["guidance_scale"])
             value = float(loss.detach())
-            if not math.isfinite(value):
-                raise NonFiniteLoss(f"the mitigation loss became {value} at iteration {it} for prompt {prompt!r}; "
-                                    f"lower the learning rate (now {s['lr']})")
+            self._check_finite(value, it, prompt)
             traj.append(value)
             if callback is not None:
                 callback(it, value)
@@ -280,7 +317,14 @@ class EmbeddingOptimization:
             opt.step()
             steps += 1
         final = torch.cat([head, rest.detach()], dim=1).to(pipe.unet.dtype)
-        return (emb0.to(pipe.unet.dtype) if steps == 0 else final), traj, steps, traj[-1] <= s["target"]
+        if steps == 0:
+            final = emb0.to(pipe.unet.dtype)  # the prompt's (or its rewrite's) own embedding, bit for bit
+        return final, traj, steps, traj[-1] <= s["target"]
+
+    def _check_finite(self, value: float, it: int, prompt: str) -> None:
+        if not math.isfinite(value):
+            raise NonFiniteLoss(f"the mitigation loss became {value} at iteration {it} for prompt {prompt!r}; "
+                                f"lower the learning rate (now {self.settings['lr']})")
 
     def mitigate(self, prompts: Sequence[str], generate_images: bool = True, progress: bool = False,
                  batch_size: int = 64) -> MitigationResult:
@@ -299,13 +343,16 @@ class EmbeddingOptimization:
             iters.append(n)
             reached.append(ok)
         res = MitigationResult(self.method, prompts, dict(s), self.seeds(), np.array([t[0] for t in trajs]),
-                               np.array([t[-1] for t in trajs]), trajs, np.array(iters), np.array(reached), list(prompts))
+                               np.array([t[-1] for t in trajs]), trajs, np.array(iters), np.array(reached),
+                               [self.rewritten(p) if s["rewrite"] is not None and t[0] > s["target"] else p
+                                for p, t in zip(prompts, trajs)])
         if generate_images:
             kw = dict(num_inference_steps=s["num_inference_steps"], guidance_scale=s["guidance_scale"], batch_size=batch_size,
                       progress=progress)
             res.images_before = generate(self.pipe, prompts, self.seeds(), **kw)
             after = res.images_before.copy()
-            touched = [i for i, n in enumerate(iters) if n > 0]  # untouched prompts keep their images, bit for bit
+            # untouched prompts keep their images, bit for bit
+            touched = [i for i, (tr, n) in enumerate(zip(trajs, iters)) if self.changes(tr, n, s)]
             if touched:
                 emb = torch.cat([embs[i] for i in touched])
                 after[touched] = generate(self.pipe, [prompts[i] for i in touched], self.seeds(), prompt_embeds=emb, **kw)

@@ -170,7 +170,7 @@ class AppState:
                 after = []
                 for s in seeds:
                     tick(f"generating after, seed {s}")
-                    after.append(before[len(after)] if steps == 0 else
+                    after.append(before[len(after)] if not m.changes(traj, steps, m.settings) else
                                  generate(self.pipe, [job["prompt"]], [s], prompt_embeds=emb, **kw)[0, 0])
             job["result"] = {"before": [_png(i) for i in before], "after": [_png(i) for i in after], "seeds": seeds,
                              "initial_loss": traj[0], "final_loss": traj[-1], "iterations": steps, "reached_target": reached,
