@@ -580,8 +580,10 @@ def audit(
     mitigate_generations: int = typer.Option(4, min=1, help="mitigation: seeded generations per prompt"),
     mitigate_iters: int = typer.Option(20, min=0, help="mitigation: embedding optimization iterations at most"),
     mitigate_loss_steps: int = typer.Option(5, min=1, help="mitigation: the loss is the norm over the first k sampling steps (1 = Wen et al.)"),
-    mitigate_positions: str = typer.Option("all", help="mitigation: positions optimized: all (after BOS, Wen et al.) or eos (EOS and "
-                                           "padding, every word's output kept: better alignment, more replication)"),
+    mitigate_positions: str = typer.Option("eos", help="mitigation: positions optimized: eos (EOS and padding, every word's "
+                                           "output kept) or all (after BOS, Wen et al.)"),
+    mitigate_rewrite: str = typer.Option("rna", help="mitigation: a prompt above the target starts from its rna or rta "
+                                         "rewrite, or from the prompt itself (none)"),
     batch_size: int = typer.Option(32, min=1),
 ):
     """Detect, explain, categorize, mitigate and (with --train-data) scan, then write OUT/report.html.
@@ -594,7 +596,8 @@ def audit(
                              generations=generations, batch_size=batch_size, grid=grid, max_explain=max_explain,
                              categorize_n=categorize_n, max_categorize=max_categorize, categorize_controls=categorize_controls,
                              max_mitigate=max_mitigate, mitigate_generations=mitigate_generations, mitigate_iters=mitigate_iters,
-                             mitigate_loss_steps=mitigate_loss_steps, mitigate_positions=mitigate_positions, steps=tuple(_steps(steps)), skip=tuple(x.strip() for x in skip.split(",") if x.strip()))
+                             mitigate_loss_steps=mitigate_loss_steps, mitigate_positions=mitigate_positions,
+                             mitigate_rewrite=None if mitigate_rewrite == "none" else mitigate_rewrite, steps=tuple(_steps(steps)), skip=tuple(x.strip() for x in skip.split(",") if x.strip()))
     res = Audit(settings, out, console=console).run()
     d = res.stages["detect"]["summary"]
     line = f"{d['n_flagged']} of {d['n_prompts']} prompts flagged (threshold {d['threshold']:.4g} at FPR {d['fpr']})"

@@ -44,8 +44,12 @@ def test_memlab_audit_finds_the_planted_prompts(memlab_audit, memlab_manifest):
     assert mit["settings"]["target"] == target["threshold"] == summary["mitigate"]["summary"]["target"]
     assert mit["settings"]["loss_steps"] == 5 and mit["settings"]["positions"] == AuditSettings.mitigate_positions
     assert target["settings"]["steps"] == [0, 1, 2, 3, 4] and target["settings"]["generations"] == 1
-    # the two strongest planted prompts start above it, so the optimization runs on them
-    assert all(l0 > target["threshold"] and it > 0 for l0, it in zip(mit["initial_loss"], mit["iterations"]))
+    # the two strongest planted prompts start above it, so the mitigation changes them (from their RNA
+    # rewrite, optimized while still above the target) and brings them below it
+    assert mit["settings"]["rewrite"] == AuditSettings.mitigate_rewrite == "rna"
+    assert all(l0 > target["threshold"] for l0 in mit["initial_loss"])
+    assert all(p != q and q.startswith(p + " ") for p, q in zip(mit["prompts"], mit["mitigated_prompts"]))
+    assert all(f < l0 for f, l0 in zip(mit["final_loss"], mit["initial_loss"]))
     assert np.mean(mit["measures"]["replication_before"]) > 0.5  # planted content (image or template layout)
     prof = json.loads((out / "categorize" / "profile.json").read_text())
     assert len(prof["prompts"]) == 2 + 4  # two flagged, four unflagged controls
@@ -59,7 +63,8 @@ def test_app_from_an_audit_mitigates_with_the_audits_loss(memlab_audit):
     m = AppState(audit=out)._mitigator()
     assert m.settings["target"] == target["threshold"]
     assert m.settings["loss_steps"] == 5 and m.settings["generations"] == 1 and m.settings["seed"] == target["settings"]["seed"]
-    assert m.settings["positions"] == json.loads((out / "mitigate" / "mitigation.json").read_text())["settings"]["positions"]
+    done = json.loads((out / "mitigate" / "mitigation.json").read_text())["settings"]
+    assert m.settings["positions"] == done["positions"] and m.settings["rewrite"] == done["rewrite"]
 
 
 def test_memlab_audit_sets_are_disjoint(memlab_manifest):
@@ -170,6 +175,8 @@ def test_settings_errors():
         AuditSettings(skip=("nope",))
     with pytest.raises(InputError, match="--mitigate-positions must be one of all, eos"):
         AuditSettings(mitigate_positions="words")
+    with pytest.raises(InputError, match="--mitigate-rewrite must be one of rna, rta"):
+        AuditSettings(mitigate_rewrite="gni")
 
 
 def test_non_memlab_model_needs_prompts(tiny_pipe_dir, tmp_path):

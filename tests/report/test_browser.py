@@ -168,7 +168,8 @@ def _mitigation_job_reports_progress_and_cancels(app_server, generations):
     assert state["result"]["before"][0].startswith("data:image/png;base64,")
     # a planted prompt starts above the first-step target and the optimization runs
     r = state["result"]
-    assert r["initial_loss"] > r["target"] and r["iterations"] > 0 and r["final_loss"] < r["initial_loss"]
+    assert r["initial_loss"] > r["target"] and r["final_loss"] < r["initial_loss"]
+    assert r["after"] != r["before"]  # changed: from the RNA rewrite, optimized while above the target
     assert "calibration" in r["target_source"]
     with pytest.raises(urllib.error.HTTPError) as e:
         post("api/score", {"prompt": "   "})

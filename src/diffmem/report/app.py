@@ -57,11 +57,14 @@ class AppState:
         self._target_calibration = None  # the mitigation target's own calibration (see _mitigator)
         from .audit import AuditSettings
 
-        self._mitigate_positions = AuditSettings.mitigate_positions  # the positions the audit's mitigation optimized
+        # the positions the audit's mitigation optimized and the rewrite it started from
+        self._mitigate_positions, self._mitigate_rewrite = AuditSettings.mitigate_positions, AuditSettings.mitigate_rewrite
         if audit is not None:
             done = Path(audit) / "mitigate" / "mitigation.json"
             if done.exists():
-                self._mitigate_positions = json.loads(done.read_text())["settings"].get("positions", "all")
+                done_settings = json.loads(done.read_text())["settings"]
+                self._mitigate_positions = done_settings.get("positions", "all")
+                self._mitigate_rewrite = done_settings.get("rewrite")
             calibration = Path(audit) / "detect" / "calibration.json"
             if (Path(audit) / "mitigate" / "target_calibration.json").exists():
                 self._target_calibration = Calibration.load(Path(audit) / "mitigate" / "target_calibration.json")
@@ -161,7 +164,8 @@ class AppState:
                     start, job["message"] = 0.5, "calibrating the mitigation target"
                 m = self._mitigator(on_progress=calibration_tick)
                 seeds = list(m.seeds())  # after = the same seeds as the loss was optimized over
-                total = 2 * len(seeds) + m.settings["max_iters"] + 1
+                # loss evaluations: the optimization's, and the prompt's own first when it starts from a rewrite
+                total = 2 * len(seeds) + m.settings["max_iters"] + 1 + (m.settings["rewrite"] is not None)
                 before = []
                 for s in seeds:
                     tick(f"generating before, seed {s}")
@@ -189,7 +193,8 @@ class AppState:
 
         if self._mitigator_cache is None:
             kw = dict(generations=self.generations, seed=self.seed, num_inference_steps=self.sampler["num_inference_steps"],
-                      guidance_scale=self.sampler["guidance_scale"], positions=self._mitigate_positions)
+                      guidance_scale=self.sampler["guidance_scale"], positions=self._mitigate_positions,
+                      rewrite=self._mitigate_rewrite)
             if self._target_calibration is not None:
                 # the loss the audit's target was calibrated on: its steps (0..k-1) and seeds
                 tc = self._target_calibration.settings

@@ -52,10 +52,12 @@ class AuditSettings:
     # minimizing it leaves them in place (bench mitigate)
     mitigate_loss_steps: int = 5
     # mitigation: optimize every position after BOS ("all", Wen et al.) or only the EOS and padding
-    # outputs ("eos", every word's output kept). On MemLab's 100 planted prompts (bench mitigate)
-    # "all" replicates 0.045 at attribute agreement 0.926 -> 0.841, "eos" 0.072 at 0.929: neither
-    # meets both bars, and "all" is the one that stops replication
-    mitigate_positions: str = "all"
+    # outputs ("eos", every word's output kept), and start a prompt above the target from its prompt
+    # or from its RNA rewrite ("rna"). On MemLab's 100 planted prompts (bench mitigate), replication
+    # and attribute agreement from 0.978 / 0.926: "all" 0.045 / 0.841, "eos" 0.072 / 0.929, "eos"
+    # from RNA 0.000 / 0.986 (RNA alone 0.152 / 0.988): the last is the one that meets both bars
+    mitigate_positions: str = "eos"
+    mitigate_rewrite: str | None = "rna"
     max_mitigate: int | None = 16  # flagged prompts mitigated, highest scores first (None: all); ~12 s each on MemLab
     skip: tuple[str, ...] = ()
 
@@ -73,10 +75,12 @@ class AuditSettings:
             raise InputError(f"--fpr must lie in (0, 1), got {self.fpr}")
         if self.mitigate_loss_steps < 1:
             raise InputError(f"--mitigate-loss-steps must be at least 1, got {self.mitigate_loss_steps}")
-        from ..mitigate.embedding import POSITIONS
+        from ..mitigate.embedding import POSITIONS, REWRITES
 
         if self.mitigate_positions not in POSITIONS:
             raise InputError(f"--mitigate-positions must be one of {', '.join(POSITIONS)}, got {self.mitigate_positions!r}")
+        if self.mitigate_rewrite is not None and self.mitigate_rewrite not in REWRITES:
+            raise InputError(f"--mitigate-rewrite must be one of {', '.join(REWRITES)}, got {self.mitigate_rewrite!r}")
 
     def mitigation_loss_steps(self, num_inference_steps: int) -> int:
         """The mitigation loss's steps on a sampler of this many steps: fewer on a shorter one, as
@@ -411,7 +415,7 @@ class Audit:
     def _mitigate(self, keys):
         s = self.settings
         settings = {"seed": s.seed, "generations": s.mitigate_generations, "iters": s.mitigate_iters, "lr": s.mitigate_lr,
-                    "loss_steps": s.mitigate_loss_steps, "positions": s.mitigate_positions,
+                    "loss_steps": s.mitigate_loss_steps, "positions": s.mitigate_positions, "rewrite": s.mitigate_rewrite,
                     "max": s.max_mitigate}
 
         def work(folder: Path, key: str) -> dict:
@@ -431,6 +435,7 @@ class Audit:
                 self.pipe, self.prompts.reference, fpr=s.fpr, progress=self.progress, lr=s.mitigate_lr,
                 max_iters=s.mitigate_iters, generations=s.mitigate_generations, seed=s.seed,
                 loss_steps=s.mitigation_loss_steps(self.sampler["num_inference_steps"]), positions=s.mitigate_positions,
+                rewrite=s.mitigate_rewrite,
                 num_inference_steps=self.sampler["num_inference_steps"], guidance_scale=self.sampler["guidance_scale"])
             cal.save(folder / "target_calibration.json")
             parts = folder / "parts"
