@@ -21,6 +21,13 @@ positions rewrites what the prompt names as much as what it memorized. On MemLab
 prompts (5-step loss, its FPR-1% target, 20 iterations; bench mitigate) "all" takes replication
 from 0.978 to 0.045 and attribute agreement from 0.926 to 0.841; "eos" keeps agreement (0.929)
 but leaves replication at 0.072, template layouts mostly (0.108 of their generations).
+
+``rewrite="rna"`` (our extension; None = Wen et al.) starts a prompt that is above the target from
+its RNA rewrite (four random numbers appended, Somepalli et al.'s baseline) and optimizes from
+there while it stays above; a prompt below the target is still untouched. The rewrite alone keeps
+alignment but leaves some replication (0.152 on MemLab), and the optimization removes the rest
+with far less movement than from the prompt itself. With "eos": replication 0.978 -> 0.000 at
+agreement 0.926 -> 0.986 (bench mitigate), the setting ``diffmem audit`` uses.
 """
 
 from __future__ import annotations
