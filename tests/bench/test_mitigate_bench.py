@@ -1,8 +1,36 @@
 import json
 
 import numpy as np
+import pytest
 
 
+def test_bench_mitigate_one_row_end_to_end(memlab_manifest, tmp_path):
+    """The default suite's check (the every-row run below is behind the slow marker)."""
+    from diffmem.bench.mitigate import MitigateBenchResult, bench_mitigate
+    from diffmem.core.loading import load_pipeline
+
+    res = bench_mitigate(load_pipeline("memlab"), memlab_manifest, generations=1, max_prompts=2, progress=False,
+                         max_reference=100, only="EOS positions, from RNA")
+    s = res.settings
+    assert s["verbatim"] == 1 and s["template"] == 1 and s["reference_prompts"] == 100
+    assert [(r["method"], r["setting"]) for r in res.rows] == [
+        ("none", "unmitigated"), ("embedding, 5-step loss, EOS positions, from RNA", "target FPR 0.01, lr 0.05, 20 iters")]
+    before, row = res.rows
+    assert before["replication"] == 1.0  # planted prompts replicate before mitigation
+    assert row["target"] == s["calibration_threshold_5_steps"] and "calibration_threshold" not in s  # only its own target
+    assert row["untouched"] == 0  # both planted prompts start above it and are changed
+    for r in res.rows:
+        assert r["replication"] == (r["replication_verbatim"] + r["replication_template"]) / 2
+        assert abs(r["alignment"] - (r["alignment_verbatim"] + r["alignment_template"]) / 2) < 1e-12
+    res.save(tmp_path)
+    saved = json.loads((tmp_path / "bench_mitigate.json").read_text())
+    assert [(r["setting"], r["replication"]) for r in saved["rows"]] == [(r["setting"], r["replication"]) for r in res.rows]
+    assert "from RNA" in saved["table"]
+    assert (tmp_path / "bench_mitigate.png").stat().st_size > 1000
+    assert isinstance(res, MitigateBenchResult)
+
+
+@pytest.mark.slow
 def test_bench_mitigate_small_run(memlab_manifest, tmp_path):
     from diffmem.bench.mitigate import bench_mitigate
     from diffmem.core.loading import load_pipeline

@@ -111,7 +111,7 @@ def test_killed_during_mitigation_resumes_only_that_stage(tmp_path, memlab_manif
     reference.write_text("\n".join(ds.prompts(memlab_manifest, "control")[:100]) + "\n")
     out = tmp_path / "out"
     args = [*DIFFMEM, "audit", "--out", str(out), "--prompts", str(prompts), "--reference", str(reference), "--fpr", "0.05",
-            "--skip", "categorize", "--max-mitigate", "12", "--mitigate-generations", "1", "--mitigate-iters", "3"]
+            "--skip", "categorize", "--max-explain", "2", "--max-mitigate", "12", "--mitigate-generations", "1", "--mitigate-iters", "3"]
     proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     first_part = out / "mitigate" / "parts" / "part_0000" / "done.json"
     t0 = time.time()
