@@ -269,10 +269,16 @@ class EmbeddingOptimization:
         return self._rewriter.rewrite(prompt, rng)
 
     @staticmethod
-    def changes(trajectory: list[float], steps: int, settings: dict) -> bool:
+    def started_from_rewrite(trajectory: list[float], settings: dict) -> bool:
+        """Whether ``optimize`` started from the rewrite: one is set and the prompt's own loss (the
+        trajectory's first entry) was above the target."""
+        return settings.get("rewrite") is not None and trajectory[0] > settings["target"]
+
+    @classmethod
+    def changes(cls, trajectory: list[float], steps: int, settings: dict) -> bool:
         """Whether the optimization changed the prompt's embedding: it took a step, or it started
-        from a rewrite because the prompt's own loss was above the target."""
-        return steps > 0 or (settings.get("rewrite") is not None and trajectory[0] > settings["target"])
+        from a rewrite."""
+        return steps > 0 or cls.started_from_rewrite(trajectory, settings)
 
     def optimize(self, prompt: str, callback=None) -> tuple[torch.Tensor, list[float], int, bool]:
         """(embedding (1, L, D), loss trajectory, steps taken, target reached).
@@ -351,8 +357,7 @@ class EmbeddingOptimization:
             reached.append(ok)
         res = MitigationResult(self.method, prompts, dict(s), self.seeds(), np.array([t[0] for t in trajs]),
                                np.array([t[-1] for t in trajs]), trajs, np.array(iters), np.array(reached),
-                               [self.rewritten(p) if s["rewrite"] is not None and t[0] > s["target"] else p
-                                for p, t in zip(prompts, trajs)])
+                               [self.rewritten(p) if self.started_from_rewrite(t, s) else p for p, t in zip(prompts, trajs)])
         if generate_images:
             kw = dict(num_inference_steps=s["num_inference_steps"], guidance_scale=s["guidance_scale"], batch_size=batch_size,
                       progress=progress)
