@@ -84,9 +84,12 @@ def test_rewrite_start_optimizes_from_the_rewritten_prompt(tiny_pipe):
     text = m.rewritten(prompt)
     assert text.startswith(prompt + " ") and len(text.split()) == 3 + 4 and all(w.isdigit() for w in text.split()[3:])
     assert m.rewritten(prompt) == text != m.rewritten("a blue square")  # one draw per prompt, whatever the batch
-    emb, traj, steps, _ = m.optimize(prompt)
+    seen = []
+    emb, traj, steps, _ = m.optimize(prompt, callback=lambda *a: seen.append(a))
     _, traj_plain, _, _ = plain.optimize(prompt)
     assert traj[0] == pytest.approx(traj_plain[0], rel=1e-6)  # the trajectory starts at the prompt's own loss
+    # the callback names what it evaluated: the prompt once, then the rewrite from its iteration 0
+    assert seen == [(0, traj[0], prompt)] + [(i, v, text) for i, v in enumerate(traj[1:])]
     assert len(traj) == 1 + steps + 1 and steps == 2
     with torch.no_grad():
         rewritten = denoise.encode_text(tiny_pipe, [text])

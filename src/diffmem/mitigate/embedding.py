@@ -285,8 +285,9 @@ class EmbeddingOptimization:
 
         With ``rewrite`` set, a prompt whose own loss is above the target is rewritten first and the
         optimization starts from the rewrite's embedding; the trajectory's first entry is still the
-        prompt's own loss. ``callback(iteration, loss)`` is called after each loss evaluation; it may
-        raise to stop."""
+        prompt's own loss. ``callback(iteration, loss, text)`` is called after each loss evaluation,
+        ``text`` being the prompt whose embedding is evaluated (the prompt itself, or its rewrite once
+        optimization starts from it); it may raise to stop."""
         pipe, s = self.pipe, self.settings
         sched = denoise.fresh_scheduler(pipe, s["num_inference_steps"])
         t = sched.timesteps[0]
@@ -303,7 +304,7 @@ class EmbeddingOptimization:
             self._check_finite(own, 0, prompt)
             traj.append(own)
             if callback is not None:
-                callback(0, own)
+                callback(0, own, prompt)
             if own <= s["target"]:  # below the target: untouched, bit for bit
                 return emb0.to(pipe.unet.dtype), traj, 0, True
             prompt = self.rewritten(prompt)
@@ -322,7 +323,7 @@ class EmbeddingOptimization:
             self._check_finite(value, it, prompt)
             traj.append(value)
             if callback is not None:
-                callback(it, value)
+                callback(it, value, prompt)
             if value <= s["target"] or it == s["max_iters"]:
                 break
             opt.zero_grad(set_to_none=True)

@@ -170,7 +170,12 @@ class AppState:
                 for s in seeds:
                     tick(f"generating before, seed {s}")
                     before.append(generate(self.pipe, [job["prompt"]], [s], **kw)[0, 0])
-                emb, traj, steps, reached = m.optimize(job["prompt"], callback=lambda it, v: tick(f"optimizing: iteration {it}, loss {v:.4g}"))
+
+                def on_loss(it, value, text):  # with a rewrite, its own iteration 0 follows the prompt's
+                    source = "" if text == job["prompt"] else f" from the rewrite {text!r}"
+                    tick(f"optimizing{source}: iteration {it}, loss {value:.4g}")
+
+                emb, traj, steps, reached = m.optimize(job["prompt"], callback=on_loss)
                 after = []
                 for s in seeds:
                     tick(f"generating after, seed {s}")
