@@ -261,15 +261,19 @@ def bench_explain_cmd(
     out: Path = typer.Option(Path("bench-explain"), help="folder for bench_explain.json"),
     generations: int = typer.Option(1, min=1),
     max_prompts: Optional[int] = typer.Option(None, help="limit the trigger and verbatim prompts (for a quick run)"),
+    outcome_seeds: int = typer.Option(4, min=0, help="seeds per masked generation of each flagged verbatim prompt "
+                                      "(which word's masking breaks the replication); 0 skips it"),
 ):
-    """Do attributions point at the trigger phrase, and do gradient attribution and ablation agree?"""
+    """Do attributions point at the trigger phrase, do gradient attribution and ablation agree, and which
+    one names the word whose masking breaks a verbatim replication?"""
     from .bench.explain import bench_explain
     from .core.loading import load_pipeline
     from .memlab.verify import load_manifest
 
     manifest = load_manifest(model)
     _check_writable(out)
-    res = bench_explain(load_pipeline(model), manifest, generations=generations, max_prompts=max_prompts)
+    res = bench_explain(load_pipeline(model), manifest, generations=generations, max_prompts=max_prompts,
+                        outcome_seeds=outcome_seeds)
     path = res.save(out)
     out_console.print(res.table())
     for bar, ok in res.bars().items():

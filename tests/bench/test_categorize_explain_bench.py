@@ -1,6 +1,7 @@
 import json
 import math
 
+import numpy as np
 import pytest
 
 from diffmem.bench.categorize import bench_categorize, kind_scores, planted_kinds
@@ -43,7 +44,7 @@ def test_bench_explain_small_run(memlab_manifest, tmp_path):
     from diffmem.explain import TokenAttribution
 
     pipe = load_pipeline("memlab")
-    res = bench_explain(pipe, memlab_manifest, max_prompts=2, progress=False)
+    res = bench_explain(pipe, memlab_manifest, max_prompts=2, outcome_seeds=1, progress=False)
     assert len(res.trigger_rows) == 2
     row = res.trigger_rows[0]
     direct = TokenAttribution(pipe, res.settings["num_inference_steps"], res.settings["guidance_scale"]).attribute(row["prompt"])
@@ -56,3 +57,24 @@ def test_bench_explain_small_run(memlab_manifest, tmp_path):
     assert set(by_group) <= {"verbatim", "trigger"} and sum(n for _, n in by_group.values()) == len(res.agreement_rows)
     if res.agreement_rows:
         assert sum(r * n for r, n in by_group.values()) / len(res.agreement_rows) == pytest.approx(res.agreement_rate)
+    # the masked generations: one row per flagged verbatim prompt, measured against its planted image
+    flagged_verbatim = [r for r in res.agreement_rows if r["group"] == "verbatim"]
+    assert [r["prompt"] for r in res.outcome_rows] == [r["prompt"] for r in flagged_verbatim]
+    assert res.outcome_rows, "the planted verbatim prompts are flagged"
+    from diffmem.core.generate import generate
+    from diffmem.mitigate.measures import MemLabReplication
+
+    kernel = MemLabReplication(pipe, memlab_manifest).kernel
+    for row, agreed in zip(res.outcome_rows, flagged_verbatim):
+        planted = next(e for e in memlab_manifest["groups"]["verbatim"] if e["prompt"] == row["prompt"])
+        assert row["image_id"] == planted["image_id"]
+        plain = generate(pipe, [row["prompt"]], [0], res.settings["num_inference_steps"], res.settings["guidance_scale"])
+        # the first generation is the prompt's own: a plain generation's ratio to the planted image
+        assert row["ratio_unmasked"][0] == pytest.approx(float(kernel.ratio_to(plain[0], planted["image_id"])[0]), rel=1e-4)
+        effect = np.mean(row["ratio_masked"], axis=1) - np.mean(row["ratio_unmasked"])
+        assert row["outcome_top"] == row["words"][int(np.argmax(effect))]
+        assert len(row["ratio_masked"]) == len(row["words"]) and row["ablation_top"] == agreed["ablation_top"]
+    outcome = res.outcome()
+    assert set(outcome) == {"attribution", "ablation", "unmasked"}
+    assert outcome["unmasked"]["replication"] == np.mean([r["replicated_unmasked"] for r in res.outcome_rows])
+    assert "outcome" in saved and "whose masking most breaks the replication" in res.table()

@@ -103,7 +103,8 @@ def test_masked_ablation_zeroes_one_words_token_embeddings(tiny_pipe):
     from diffmem.detect import NoiseNormDetector
 
     prompt = "a red circle"
-    res = TokenAblation(tiny_pipe, num_inference_steps=4, steps=[0, 1], generations=2).attribute(prompt)
+    ablation = TokenAblation(tiny_pipe, num_inference_steps=4, steps=[0, 1], generations=2)
+    res = ablation.attribute(prompt)
     assert res.settings["mode"] == "mask" and res.detection_score > 0
     det = NoiseNormDetector(tiny_pipe, num_inference_steps=4, steps=[0, 1], generations=2)
     ids = denoise.tokenize(tiny_pipe, [prompt])
@@ -112,7 +113,7 @@ def test_masked_ablation_zeroes_one_words_token_embeddings(tiny_pipe):
     table = tiny_pipe.text_encoder.get_input_embeddings().weight
     spare = next(i for i in range(1000, table.shape[0]) if i not in ids[0].tolist())
     saved_row = table.data[spare].clone()
-    expected = []
+    expected, hiddens = [], []
     try:
         table.data[spare] = 0
         for w in range(len(res.words)):
@@ -121,8 +122,14 @@ def test_masked_ablation_zeroes_one_words_token_embeddings(tiny_pipe):
             with torch.no_grad():
                 hidden = tiny_pipe.text_encoder(masked_ids)[0]
             expected.append(det.score_embeddings(hidden).mean())
+            hiddens.append(hidden)
     finally:
         table.data[spare] = saved_row
+    # the embeddings it scores, handed out for generation: the prompt's own first, then one per word
+    masked = ablation.masked_embeddings(prompt)
+    assert masked.shape[0] == 1 + len(res.words)
+    torch.testing.assert_close(masked[:1], denoise.encode_text(tiny_pipe, [prompt]), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(masked[1:], torch.cat(hiddens), rtol=1e-5, atol=1e-6)
     np.testing.assert_allclose(res.word_scores, res.detection_score - np.array(expected), rtol=1e-5, atol=1e-7)
     # the unmasked prompt scores as the detector scores its text
     assert res.detection_score == pytest.approx(float(det.score([prompt]).scores[0]), rel=1e-5)  # fp32: batch composition moves the last digits

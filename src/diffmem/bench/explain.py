@@ -6,12 +6,18 @@ On MemLab's ground truth:
   the top-ranked word should be one of the trigger phrase's two words;
 - flagged prompts (planted verbatim and trigger prompts whose first-step score passes a
   threshold calibrated at FPR 1% on non-memorized prompts): gradient attribution and ablation
-  should rank the same word first.
+  should rank the same word first;
+- the outcome (flagged verbatim prompts): generate each prompt with each word masked, as the
+  ablation masks it, over ``outcome_seeds`` seeds, and find the word whose masking takes the
+  generations furthest from the planted training image (MemLab's replication ratio). Which method's
+  top word is that word, and how well do its word scores rank the words by that effect (Spearman)?
+  Verbatim captions have no planted culprit word, so this is their ground truth for "which word
+  should the user change".
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -24,6 +30,25 @@ class ExplainBenchResult:
     trigger_rows: list[dict]  # prompt, trigger, top words by method, hit
     agreement_rows: list[dict]  # flagged prompt, top word by each method, agree
     settings: dict
+    outcome_rows: list[dict] = field(default_factory=list)  # flagged verbatim prompt, masked-generation ratios
+
+    def outcome(self) -> dict[str, dict]:
+        """Per method: how often its top word is the word whose masking most breaks the replication,
+        the mean Spearman correlation of its word scores with that effect, and the replication rate of
+        generations with its top word masked (against the unmasked prompt's)."""
+        if not self.outcome_rows:
+            return {}
+        out = {}
+        for m in self.settings["methods"]:
+            out[m] = {"top_word_is_outcome_top": float(np.mean([r[f"{m}_top"] == r["outcome_top"] for r in self.outcome_rows])),
+                      "spearman": float(np.nanmean([r[f"{m}_spearman"] for r in self.outcome_rows])),
+                      "replication_with_top_word_masked": float(np.mean([r["replicated_masked"][r["words"].index(r[f"{m}_top"])]
+                                                                         for r in self.outcome_rows]))}
+        # baselines: a word picked at random (every word's masking, averaged) and the best word in hindsight
+        out["unmasked"] = {"replication": float(np.mean([r["replicated_unmasked"] for r in self.outcome_rows])),
+                           "any_word_masked": float(np.mean([np.mean(r["replicated_masked"]) for r in self.outcome_rows])),
+                           "best_word_masked": float(np.mean([min(r["replicated_masked"]) for r in self.outcome_rows]))}
+        return out
 
     @property
     def trigger_top_word_rate(self) -> dict[str, float]:
@@ -56,6 +81,18 @@ class ExplainBenchResult:
                      f"{self.agreement_rate:.3f} ({len(self.agreement_rows)} flagged of {self.settings['candidates']}) |")
         for g, (rate, n) in self.agreement_by_group().items():
             lines.append(f"| ... of which {g} prompts | {rate:.3f} ({n}) |")
+        outcome = self.outcome()
+        if outcome:
+            n, seeds = len(self.outcome_rows), self.settings["outcome_seeds"]
+            lines.append(f"| flagged verbatim prompts generated with each word masked | {n} prompts x {seeds} seeds |")
+            for m in self.settings["methods"]:
+                o = outcome[m]
+                lines.append(f"| {m}: top word is the word whose masking most breaks the replication | "
+                             f"{o['top_word_is_outcome_top']:.3f} (Spearman with the effect {o['spearman']:.3f}) |")
+                lines.append(f"| {m}: replication with its top word masked | {o['replication_with_top_word_masked']:.3f} |")
+            u = outcome["unmasked"]
+            lines.append(f"| replication unmasked / a word at random masked / the best word masked | "
+                         f"{u['replication']:.3f} / {u['any_word_masked']:.3f} / {u['best_word_masked']:.3f} |")
         return "\n".join(lines)
 
     def save(self, out: str | Path) -> Path:
@@ -64,12 +101,13 @@ class ExplainBenchResult:
         dump_json({"trigger_top_word_rate": self.trigger_top_word_rate, "agreement_rate": self.agreement_rate,
                    "agreement_by_group": {g: {"rate": r, "n": n} for g, (r, n) in self.agreement_by_group().items()},
                    "bars": self.bars(), "settings": self.settings, "trigger_rows": self.trigger_rows,
-                   "agreement_rows": self.agreement_rows, "table": self.table()}, out / "bench_explain.json")
+                   "agreement_rows": self.agreement_rows, "outcome": self.outcome(), "outcome_rows": self.outcome_rows,
+                   "table": self.table()}, out / "bench_explain.json")
         return out / "bench_explain.json"
 
 
 def bench_explain(pipe, manifest: dict, generations: int = 1, max_prompts: int | None = None,
-                  progress: bool = True) -> ExplainBenchResult:
+                  outcome_seeds: int = 4, progress: bool = True) -> ExplainBenchResult:
     from tqdm.auto import tqdm
 
     from ..core.loading import sampler_defaults
@@ -103,12 +141,58 @@ def bench_explain(pipe, manifest: dict, generations: int = 1, max_prompts: int |
     candidates += [("trigger", p) for p, _ in triggers]
     verdicts = cal.apply(det.score([p for _, p in candidates]))
     flagged = [c for c, v in zip(candidates, verdicts.verdicts) if v]
-    agreement_rows = []
+    agreement_rows, verbatim_results = [], {}
     for group, prompt in tqdm(flagged, desc="flagged prompts", disable=not progress):
-        tops = {name: top.get((name, prompt)) or m.attribute(prompt).top_word for name, m in methods.items()}
+        tops = {}
+        for name, m in methods.items():
+            if (name, prompt) in top:
+                tops[name] = top[(name, prompt)]
+            else:
+                res = m.attribute(prompt)
+                tops[name] = res.top_word
+                verbatim_results[(name, prompt)] = res
         agreement_rows.append({"prompt": prompt, "group": group, **{f"{k}_top": v for k, v in tops.items()},
                                "agree": tops["attribution"] == tops["ablation"]})
+    image_of = {e["prompt"]: e["image_id"] for e in manifest["groups"]["verbatim"]}
+    outcome_rows = []
+    if outcome_seeds:
+        flagged_verbatim = [p for g, p in flagged if g == "verbatim"]
+        outcome_rows = masked_outcomes(pipe, manifest, abl, flagged_verbatim, [image_of[p] for p in flagged_verbatim],
+                                       {p: {n: verbatim_results[(n, p)] for n in methods} for p in flagged_verbatim},
+                                       list(range(outcome_seeds)), steps, scale, progress)
     settings = {"num_inference_steps": steps, "guidance_scale": scale, "steps": [0], "generations": generations,
                 "methods": list(methods), "ablation_mode": abl.mode, "threshold": cal.threshold, "candidates": len(candidates),
-                "negatives": len(negatives)}
-    return ExplainBenchResult(trigger_rows, agreement_rows, settings)
+                "negatives": len(negatives), "outcome_seeds": outcome_seeds}
+    return ExplainBenchResult(trigger_rows, agreement_rows, settings, outcome_rows)
+
+
+def masked_outcomes(pipe, manifest: dict, ablation, prompts: list[str], image_ids: list[int], results: dict, seeds: list[int],
+                    num_inference_steps: int, guidance_scale: float, progress: bool = True) -> list[dict]:
+    """For each planted verbatim prompt: generate it as is and with each word masked (``ablation``'s
+    masked embeddings), measure each generation's ratio to the prompt's planted training image, and
+    compare each method's word scores (``results[prompt][method]``) with the rise in that ratio."""
+    from scipy.stats import spearmanr
+    from tqdm.auto import tqdm
+
+    from ..core.generate import generate
+    from ..mitigate.measures import MemLabReplication
+
+    if not prompts:
+        return []
+    kernel = MemLabReplication(pipe, manifest).kernel
+    rows = []
+    for prompt, image_id in tqdm(list(zip(prompts, image_ids)), desc="masked generations", disable=not progress):
+        emb = ablation.masked_embeddings(prompt)
+        images = generate(pipe, [prompt] * len(emb), seeds, num_inference_steps, guidance_scale, prompt_embeds=emb)
+        ratio = kernel.ratio_to(images.reshape(-1, *images.shape[2:]), image_id).reshape(len(emb), len(seeds))
+        replicated = (ratio <= kernel.threshold).mean(axis=1)
+        effect = ratio[1:].mean(axis=1) - ratio[0].mean()
+        words = results[prompt][next(iter(results[prompt]))].words
+        row = {"prompt": prompt, "image_id": int(image_id), "words": words, "ratio_unmasked": ratio[0].tolist(),
+               "ratio_masked": ratio[1:].tolist(), "replicated_unmasked": float(replicated[0]),
+               "replicated_masked": replicated[1:].tolist(), "outcome_top": words[int(np.argmax(effect))]}
+        for name, res in results[prompt].items():
+            row[f"{name}_top"] = res.top_word
+            row[f"{name}_spearman"] = float(spearmanr(res.word_scores, effect).correlation) if len(words) > 1 else float("nan")
+        rows.append(row)
+    return rows

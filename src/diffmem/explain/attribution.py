@@ -275,7 +275,14 @@ class TokenAblation:
         return AttributionResult(prompt, tokens, token_scores, words, word_scores, word_of, self.method,
                                  self.settings, self.detector.settings.seeds(), base)
 
-    def _masked(self, prompt: str, word_of: list[int], n_words: int) -> tuple[float, np.ndarray]:
+    def masked_embeddings(self, prompt: str) -> torch.Tensor:
+        """Text-encoder outputs (1 + words, L, D): the prompt's own, then one per word with that word's
+        input token embeddings set to zero, as ``mode="mask"`` scores them (generate from these to see
+        what masking a word does to the image)."""
+        _, word_of, words = prompt_tokens(self.pipe, _check_prompt(prompt))
+        return self._masked_variants(prompt, word_of, len(words))
+
+    def _masked_variants(self, prompt: str, word_of: list[int], n_words: int) -> torch.Tensor:
         pipe = self.pipe
         ids = denoise.tokenize(pipe, [prompt]).to(pipe.text_encoder.device)
         word_of_arr = np.asarray(word_of)
@@ -286,12 +293,14 @@ class TokenAblation:
                 masked = tok0.clone()
                 masked[0, 1 + np.flatnonzero(word_of_arr == w)] = 0  # +1: after BOS
                 variants.append(masked)
-            values = []
-            bs = self.detector.settings.batch_size
-            for b0 in range(0, len(variants), bs):
-                emb = torch.cat([encode_token_embeddings(pipe, ids, v) for v in variants[b0 : b0 + bs]])
-                values.append(self.detector.score_embeddings(emb).mean(axis=(1, 2)))
-        values = np.concatenate(values)
+            return torch.cat([encode_token_embeddings(pipe, ids, v) for v in variants])
+
+    def _masked(self, prompt: str, word_of: list[int], n_words: int) -> tuple[float, np.ndarray]:
+        emb = self._masked_variants(prompt, word_of, n_words)
+        bs = self.detector.settings.batch_size
+        with torch.inference_mode():
+            values = np.concatenate([self.detector.score_embeddings(emb[b0 : b0 + bs]).mean(axis=(1, 2))
+                                     for b0 in range(0, len(emb), bs)])
         return float(values[0]), values[1:]
 
     def _removed(self, words: list[str], prompt: str) -> tuple[float, np.ndarray]:
