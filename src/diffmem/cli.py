@@ -576,6 +576,8 @@ def audit(
     skip: str = typer.Option("", help="stages to skip, comma-separated: explain, categorize, mitigate, scan"),
     grid: bool = typer.Option(True, help="with labelled prompts: also the steps x generations grid"),
     max_explain: Optional[int] = typer.Option(None, min=0, help="explain at most this many flagged prompts (highest scores first)"),
+    explain_method: str = typer.Option("attribution", help="explain: attribution (gradients, Wen et al.) or ablation (score drop "
+                                       "with each word masked)"),
     max_categorize: int = typer.Option(12, min=0, help="categorize at most this many flagged prompts"),
     categorize_n: int = typer.Option(8, min=2, help="generations per categorized prompt"),
     steps: str = typer.Option("0,1,2,3,4", help="detection: sampling steps scored, comma-separated (0 = first step)"),
@@ -598,6 +600,7 @@ def audit(
     settings = AuditSettings(model=model, prompts=str(prompts) if prompts else None, column=column,
                              reference=str(reference) if reference else None, train_data=train_data, fpr=fpr, seed=seed,
                              generations=generations, batch_size=batch_size, grid=grid, max_explain=max_explain,
+                             explain_method=explain_method,
                              categorize_n=categorize_n, max_categorize=max_categorize, categorize_controls=categorize_controls,
                              max_mitigate=max_mitigate, mitigate_generations=mitigate_generations, mitigate_iters=mitigate_iters,
                              mitigate_loss_steps=mitigate_loss_steps, mitigate_positions=mitigate_positions,

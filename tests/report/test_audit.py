@@ -99,6 +99,25 @@ def test_rerun_reuses_finished_stages_and_settings_change_redoes_them(memlab_aud
     assert stages["explain"]["status"] == "done"  # --max-explain changed
     assert (copy / "detect" / "stage.json").stat().st_mtime_ns == stamps["detect"]
     assert len(json.loads((copy / "explain" / "attributions.json").read_text())["attributions"]) == 3
+    # another explainer is another explain stage: the word ablation of the same steps, in the report
+    r = run_cli("audit", "--out", copy, *SMALL, "--mitigate-generations", "1", "--max-explain", "2",
+                "--explain-method", "ablation")
+    assert r.returncode == 0, r.stderr[-2000:]
+    stages = AuditResult.load(copy).stages
+    assert stages["explain"]["status"] == "done" and stages["mitigate"]["status"] == "reused"
+    from diffmem.core.loading import load_pipeline, sampler_defaults
+    from diffmem.explain import TokenAblation
+
+    items = json.loads((copy / "explain" / "attributions.json").read_text())["attributions"]
+    assert len(items) == 2 and {it["method"] for it in items} == {"token_ablation"}
+    pipe = load_pipeline("memlab")
+    d = sampler_defaults(pipe)
+    direct = TokenAblation(pipe, d["num_inference_steps"], d["guidance_scale"], steps=items[0]["settings"]["steps"]).attribute(items[0]["prompt"])
+    assert items[0]["settings"]["steps"] == [0, 1, 2, 3, 4]
+    np.testing.assert_allclose(items[0]["word_scores"], direct.word_scores, rtol=1e-4, atol=1e-6)
+    assert "word ablation (score drop with the word masked)" in (copy / "report.html").read_text()
+    with pytest.raises(InputError, match="--explain-method must be one of attribution, ablation"):
+        AuditSettings(explain_method="gradcam")
 
 
 def test_killed_during_mitigation_resumes_only_that_stage(tmp_path, memlab_manifest):

@@ -265,6 +265,9 @@ class TokenAblation:
     def settings(self) -> dict:
         return {**self.detector.settings.to_dict(), "mode": self.mode}
 
+    def seeds(self) -> list[int]:
+        return self.detector.settings.seeds()
+
     def attribute(self, prompt: str) -> AttributionResult:
         prompt = _check_prompt(prompt)
         tokens, word_of, words = prompt_tokens(self.pipe, prompt)
@@ -273,7 +276,7 @@ class TokenAblation:
         counts = np.bincount(word_of, minlength=len(words))
         token_scores = np.array([word_scores[w] / counts[w] for w in word_of])
         return AttributionResult(prompt, tokens, token_scores, words, word_scores, word_of, self.method,
-                                 self.settings, self.detector.settings.seeds(), base)
+                                 self.settings, self.seeds(), base)
 
     def masked_embeddings(self, prompt: str) -> torch.Tensor:
         """Text-encoder outputs (1 + words, L, D): the prompt's own, then one per word with that word's

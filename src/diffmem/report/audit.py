@@ -21,6 +21,7 @@ from ..core.errors import InputError
 from ..core.results import dump_json
 
 STAGES = ("detect", "explain", "categorize", "mitigate", "scan")
+EXPLAIN_METHODS = ("attribution", "ablation")
 MITIGATE_CHUNK = 8  # prompts per saved mitigation part: the unit a killed run redoes
 
 
@@ -41,6 +42,10 @@ class AuditSettings:
     batch_size: int = 32
     grid: bool = True  # with labels: the steps x generations grid of bench detect
     max_explain: int | None = None  # flagged prompts explained, highest scores first (None: all)
+    # "attribution" (gradient norms, Wen et al.) or "ablation" (score drop with each word masked). On
+    # MemLab's verbatim captions the ablation ranks words by what masking them does to the image more
+    # faithfully (Spearman 0.909 against 0.694, bench explain); on trigger prompts both find the trigger
+    explain_method: str = "attribution"
     categorize_n: int = 8  # generations per categorized prompt
     max_categorize: int = 12  # flagged prompts categorized, highest scores first
     categorize_controls: int = 4  # unflagged prompts categorized beside them, as a control sample
@@ -73,6 +78,8 @@ class AuditSettings:
             raise InputError("detect cannot be skipped: every other stage works on its flagged prompts")
         if not 0 < self.fpr < 1:
             raise InputError(f"--fpr must lie in (0, 1), got {self.fpr}")
+        if self.explain_method not in EXPLAIN_METHODS:
+            raise InputError(f"--explain-method must be one of {', '.join(EXPLAIN_METHODS)}, got {self.explain_method!r}")
         if self.mitigate_loss_steps < 1:
             raise InputError(f"--mitigate-loss-steps must be at least 1, got {self.mitigate_loss_steps}")
         from ..mitigate.embedding import POSITIONS, REWRITES
@@ -344,20 +351,21 @@ class Audit:
 
     def _explain(self, keys):
         s = self.settings
-        settings = {"seed": s.seed, "steps": list(s.steps), "max_explain": s.max_explain, "method": "token_attribution"}
+        settings = {"seed": s.seed, "steps": list(s.steps), "max_explain": s.max_explain, "method": f"token_{s.explain_method}"}
 
         def work(folder: Path, key: str) -> dict:
             from tqdm.auto import tqdm
 
-            from ..explain import TokenAttribution
+            from ..explain import TokenAblation, TokenAttribution
 
-            # the same steps as detection: the attribution explains the score that flagged the prompt
-            ta = TokenAttribution(self.pipe, self.sampler["num_inference_steps"], self.sampler["guidance_scale"],
-                                  steps=self._detector().settings.steps, generations=1, seed=s.seed)
-            items = [ta.attribute(p).to_dict() for p in tqdm(self.flagged(s.max_explain), desc="explaining", unit="prompt",
-                                                            disable=not self.progress)]
+            # the same steps as detection: the explanation is of the score that flagged the prompt
+            kind = TokenAttribution if s.explain_method == "attribution" else TokenAblation
+            explainer = kind(self.pipe, self.sampler["num_inference_steps"], self.sampler["guidance_scale"],
+                             steps=self._detector().settings.steps, generations=1, seed=s.seed)
+            items = [explainer.attribute(p).to_dict() for p in tqdm(self.flagged(s.max_explain), desc="explaining",
+                                                                   unit="prompt", disable=not self.progress)]
             dump_json({"attributions": items}, folder / "attributions.json")
-            return {"n_explained": len(items), "settings": ta.settings, "seeds": ta.seeds(),
+            return {"n_explained": len(items), "settings": explainer.settings, "seeds": explainer.seeds(),
                     "top_words": {it["prompt"]: it["words"][int(np.argmax(it["word_scores"]))] for it in items}}
 
         return self._stage("explain", settings, [keys["detect"]], work)

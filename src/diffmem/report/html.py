@@ -18,6 +18,8 @@ from markupsafe import Markup
 from ..core.results import atomic_write_text
 
 MAX_TABLE_ROWS = 2000  # prompts listed in the report's table; all of them are in detect/detections.parquet
+METHOD_NAMES = {"token_attribution": "token attribution (gradient norms)",
+                "token_ablation": "word ablation (score drop with the word masked)"}
 
 
 def _png_data(path: Path) -> str | None:
@@ -141,7 +143,7 @@ def build_context(out: Path, result) -> dict:
         if p in attributions:
             a = attributions[p]
             item["attribution"] = {"html": Markup(a.to_html()), "top": a.top_word,
-                                   "caption": f"token attribution: {_settings_text(a.settings)}; seeds {a.seeds}"}
+                                   "caption": f"{METHOD_NAMES.get(a.method, a.method)}: {_settings_text(a.settings)}; seeds {a.seeds}"}
         if profile is not None and p in profile.prompts:
             k = profile.prompts.index(p)
             item["profile"] = {"img": _png_data(out / "categorize" / f"prompt_{k:04d}.png"),
