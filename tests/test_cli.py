@@ -52,6 +52,20 @@ def test_detect_bad_inputs_never_write_results(tmp_path):
     assert r.returncode == 2 and "model folder not found" in r.stderr and not out.exists()
 
 
+def test_bad_prompt_files_fail_before_torch_loads(tmp_path):
+    """A bad prompt file is reported at once: nothing heavy (torch, diffusers) is imported before the check."""
+    empty = tmp_path / "empty.txt"
+    empty.write_text("")
+    probe = ("import sys\nfrom diffmem.cli import main\ntry:\n    main(sys.argv[1:])\nexcept SystemExit as e:\n"
+             "    print('exit', e.code, 'torch' in sys.modules, 'diffusers' in sys.modules)")
+    for command in (["detect", "--out", str(tmp_path / "r.parquet")], ["mitigate", "--target", "1", "--out", str(tmp_path / "m")],
+                    ["categorize", "--out", str(tmp_path / "c")]):
+        r = subprocess.run([sys.executable, "-c", probe, *command, "--prompts", str(empty)], capture_output=True, text=True,
+                           timeout=120)
+        assert "holds no prompts" in r.stderr, (command, r.stderr)
+        assert r.stdout.split()[-4:] == ["exit", "2", "False", "False"], (command, r.stdout)
+
+
 def test_detect_end_to_end_with_calibration_and_long_prompt(tmp_path, tiny_pipe_dir):
     prompts = tmp_path / "p.txt"
     prompts.write_text("a cat\na dog\n" + "word " * 100 + "\n")

@@ -33,14 +33,11 @@ out_console = Console(soft_wrap=True)
 def _quiet_libraries() -> None:
     # transformers warns once per process that torchvision is absent: by design here
     warnings.filterwarnings("ignore", message=".*requires torchvision.*")
-    os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
-    from diffusers.utils import logging as dlog
-    from transformers.utils import logging as tlog
-
-    dlog.set_verbosity_error()
-    tlog.set_verbosity_error()
-    dlog.disable_progress_bar()  # "Loading pipeline components": diffmem shows its own progress
-    tlog.disable_progress_bar()
+    # through the environment, read when diffusers / transformers are first imported: importing them
+    # here would cost every command, and every bad-input error, about 6 s before anything is checked
+    for var, value in (("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1"), ("TRANSFORMERS_VERBOSITY", "error"),
+                       ("DIFFUSERS_VERBOSITY", "error"), ("HF_HUB_DISABLE_PROGRESS_BARS", "1")):
+        os.environ.setdefault(var, value)  # diffmem shows its own progress; load_pipeline hides diffusers' bar
 
     def show(message, category, filename, lineno, file=None, line=None):
         console.print(f"warning: {message}", highlight=False, markup=False, style="yellow")
@@ -73,16 +70,18 @@ def detect(
     dtype: str = typer.Option("float32"),
 ):
     """Score prompts with Wen et al.'s text-conditional noise norm (first step, one generation by default)."""
-    from .core.loading import load_pipeline, sampler_defaults
     from .core.prompts import read_prompts
-    from .detect import Calibration, NoiseNormDetector
-    from .detect.run import detect_file
 
-    read_prompts(prompts, column)  # bad input fails before the model loads
+    read_prompts(prompts, column)  # bad input fails before torch and the model load (seconds)
     if calibrate_with is not None:
         read_prompts(calibrate_with)
     _check_writable(out.parent)
+    from .core.loading import load_pipeline, sampler_defaults
+
     pipe = load_pipeline(model, device=device, dtype=dtype)
+    from .detect import Calibration, NoiseNormDetector
+    from .detect.run import detect_file
+
     d = sampler_defaults(pipe)
     det = NoiseNormDetector(pipe, num_inference_steps or d["num_inference_steps"],
                             guidance_scale if guidance_scale is not None else d["guidance_scale"],
@@ -109,9 +108,6 @@ def explain(
     out: Optional[Path] = typer.Option(None, help="folder for attribution.json, .png and .html"),
 ):
     """Which words of a prompt carry its memorization: coloured in the terminal, as a bar chart and as HTML."""
-    from .core.loading import load_pipeline, sampler_defaults
-    from .explain import TokenAblation, TokenAttribution
-
     if method not in ("attribution", "ablation"):
         raise DiffmemError(f"--method must be attribution or ablation, got {method!r}")
     if ablation_mode not in ("mask", "remove"):
@@ -120,6 +116,9 @@ def explain(
         raise DiffmemError("the prompt to explain is empty")
     if out is not None:
         _check_writable(out)
+    from .core.loading import load_pipeline, sampler_defaults  # after the checks: torch takes seconds to import
+    from .explain import TokenAblation, TokenAttribution
+
     pipe = load_pipeline(model)
     d = sampler_defaults(pipe)
     kw = dict(steps=_steps(steps), generations=generations, seed=seed)
@@ -158,14 +157,15 @@ def mitigate(
     out: Path = typer.Option(Path("mitigate-out"), help="folder for results, image grid and loss trajectories"),
 ):
     """Mitigate memorized prompts at inference; writes before/after images, loss trajectories and measures."""
-    from .core.loading import load_pipeline, sampler_defaults
     from .core.prompts import read_prompts
+
+    texts = read_prompts(prompts, column)  # bad input fails before torch and the model load
+    _check_writable(out)
+    from .core.loading import load_pipeline, sampler_defaults
     from .detect import Calibration
     from .mitigate import BASELINES, EmbeddingOptimization
     from .mitigate.report import measure_and_save
 
-    texts = read_prompts(prompts, column)
-    _check_writable(out)
     if method == "embedding":
         if (target is None) == (calibration is None):
             raise DiffmemError("give exactly one of --target and --calibration for the embedding method")
@@ -322,13 +322,13 @@ def categorize(
     embedding: bool = typer.Option(False, help="also decide 'implied' with the bundled sentence-embedding model"),
 ):
     """Features that appear across seeds, each called explicit, implicit or unintended, with its evidence."""
+    from .core.prompts import read_prompts
+
+    items = read_prompts(prompts, column)  # bad input fails before torch and the model load
+    ctrl = read_prompts(controls, column) if controls else None
     from .categorize import (CLIPZeroShotExtractor, ExpectationMap, MemLabExtractor, MemorizationProfiler, VLMExtractor,
                              SentenceEmbeddingExpectation)
     from .core.loading import load_pipeline
-    from .core.prompts import read_prompts
-
-    items = read_prompts(prompts, column)
-    ctrl = read_prompts(controls, column) if controls else None
     if extractor == "memlab":
         ext = MemLabExtractor()
     elif extractor.startswith(("clip:", "vlm:")):

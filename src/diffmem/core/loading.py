@@ -7,6 +7,7 @@ pipeline folder or a hub id. Weights load from safetensors only unless the calle
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -121,8 +122,6 @@ def load_pipeline(
     ``local_files_only`` defaults to True for folders and to the HF_HUB_OFFLINE setting for hub
     ids. The safety checker is not loaded: diffmem audits the denoiser, not its output filter.
     """
-    from diffusers import StableDiffusionPipeline
-
     dev = resolve_device(device)
     if isinstance(dtype, str):
         try:
@@ -139,22 +138,25 @@ def load_pipeline(
     else:
         src = name
         local = local_files_only if local_files_only is not None else os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "")
+    from diffusers import StableDiffusionPipeline  # after the folder checks: a missing folder fails in no time
+
     try:
         parts = {}
         if allow_pickle and is_local:
             # diffusers switches every remaining component to pickle once one falls back to it,
             # and its component order varies: load each weighted component in its own format
             parts = _load_components_one_by_one(path, dtype)
-        pipe = StableDiffusionPipeline.from_pretrained(
-            src,
-            dtype=dtype,
-            local_files_only=local,
-            safety_checker=None,
-            feature_extractor=None,
-            requires_safety_checker=False,
-            **({} if allow_pickle else {"use_safetensors": True}),
-            **parts,
-        )
+        with _loading_bars(progress):
+            pipe = StableDiffusionPipeline.from_pretrained(
+                src,
+                dtype=dtype,
+                local_files_only=local,
+                safety_checker=None,
+                feature_extractor=None,
+                requires_safety_checker=False,
+                **({} if allow_pickle else {"use_safetensors": True}),
+                **parts,
+            )
     except (OSError, ValueError, EnvironmentError) as e:
         if is_local:
             raise ModelLoadError(f"could not load the pipeline at {src}: {e}") from None
@@ -164,6 +166,20 @@ def load_pipeline(
         ) from None
     pipe.set_progress_bar_config(disable=not progress)
     return pipe.to(dev)
+
+
+@contextlib.contextmanager
+def _loading_bars(show: bool):
+    """diffusers' "Loading pipeline components" bar, shown only with ``progress=True`` and put back as
+    it was afterwards."""
+    from diffusers.utils import logging as dlog
+
+    was = dlog.is_progress_bar_enabled()
+    (dlog.enable_progress_bar if show else dlog.disable_progress_bar)()
+    try:
+        yield
+    finally:
+        (dlog.enable_progress_bar if was else dlog.disable_progress_bar)()
 
 
 def _load_components_one_by_one(folder: Path, dtype) -> dict:
