@@ -123,12 +123,18 @@ def bench_explain(pipe, manifest: dict, generations: int = 1, max_prompts: int |
 
     triggers = [(t["prompt"], e["trigger"]) for e in manifest["groups"]["template"] for t in e["test_prompts"]]
     triggers = triggers[: max_prompts or None]
-    trigger_rows, top = [], {}
+    results = {}  # (method, prompt) -> AttributionResult: each prompt explained once per method
+
+    def explained(name: str, prompt: str):
+        if (name, prompt) not in results:
+            results[(name, prompt)] = methods[name].attribute(prompt)
+        return results[(name, prompt)]
+
+    trigger_rows = []
     for prompt, phrase in tqdm(triggers, desc="trigger prompts", disable=not progress):
         row = {"prompt": prompt, "trigger": phrase}
-        for name, m in methods.items():
-            res = m.attribute(prompt)
-            top[(name, prompt)] = res.top_word
+        for name in methods:
+            res = explained(name, prompt)
             row[f"{name}_top"] = res.top_word
             row[f"{name}_hit"] = res.top_word.lower() in phrase.split()
         trigger_rows.append(row)
@@ -141,16 +147,9 @@ def bench_explain(pipe, manifest: dict, generations: int = 1, max_prompts: int |
     candidates += [("trigger", p) for p, _ in triggers]
     verdicts = cal.apply(det.score([p for _, p in candidates]))
     flagged = [c for c, v in zip(candidates, verdicts.verdicts) if v]
-    agreement_rows, verbatim_results = [], {}
+    agreement_rows = []
     for group, prompt in tqdm(flagged, desc="flagged prompts", disable=not progress):
-        tops = {}
-        for name, m in methods.items():
-            if (name, prompt) in top:
-                tops[name] = top[(name, prompt)]
-            else:
-                res = m.attribute(prompt)
-                tops[name] = res.top_word
-                verbatim_results[(name, prompt)] = res
+        tops = {name: explained(name, prompt).top_word for name in methods}
         agreement_rows.append({"prompt": prompt, "group": group, **{f"{k}_top": v for k, v in tops.items()},
                                "agree": tops["attribution"] == tops["ablation"]})
     image_of = {e["prompt"]: e["image_id"] for e in manifest["groups"]["verbatim"]}
@@ -158,7 +157,7 @@ def bench_explain(pipe, manifest: dict, generations: int = 1, max_prompts: int |
     if outcome_seeds:
         flagged_verbatim = [p for g, p in flagged if g == "verbatim"]
         outcome_rows = masked_outcomes(pipe, manifest, abl, flagged_verbatim, [image_of[p] for p in flagged_verbatim],
-                                       {p: {n: verbatim_results[(n, p)] for n in methods} for p in flagged_verbatim},
+                                       {p: {n: results[(n, p)] for n in methods} for p in flagged_verbatim},
                                        list(range(outcome_seeds)), steps, scale, progress)
     settings = {"num_inference_steps": steps, "guidance_scale": scale, "steps": [0], "generations": generations,
                 "methods": list(methods), "ablation_mode": abl.mode, "threshold": cal.threshold, "candidates": len(candidates),

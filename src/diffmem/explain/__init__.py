@@ -1,5 +1,5 @@
 """Explanation: which prompt tokens carry the memorization."""
 
-from .attribution import AttributionResult, TokenAblation, TokenAttribution
+from .attribution import EXPLAINERS, AttributionResult, TokenAblation, TokenAttribution
 
-__all__ = ["AttributionResult", "TokenAblation", "TokenAttribution"]
+__all__ = ["EXPLAINERS", "AttributionResult", "TokenAblation", "TokenAttribution"]

@@ -313,3 +313,6 @@ class TokenAblation:
         scored = iter(self.detector.score([prompt, *kept]).scores)
         base = float(next(scored))
         return base, np.array([float(next(scored)) if v.strip() else 0.0 for v in variants])
+
+
+EXPLAINERS = {"attribution": TokenAttribution, "ablation": TokenAblation}  # by the name the CLI and audit take

@@ -21,7 +21,6 @@ from ..core.errors import InputError
 from ..core.results import dump_json
 
 STAGES = ("detect", "explain", "categorize", "mitigate", "scan")
-EXPLAIN_METHODS = ("attribution", "ablation")
 MITIGATE_CHUNK = 8  # prompts per saved mitigation part: the unit a killed run redoes
 
 
@@ -78,11 +77,13 @@ class AuditSettings:
             raise InputError("detect cannot be skipped: every other stage works on its flagged prompts")
         if not 0 < self.fpr < 1:
             raise InputError(f"--fpr must lie in (0, 1), got {self.fpr}")
-        if self.explain_method not in EXPLAIN_METHODS:
-            raise InputError(f"--explain-method must be one of {', '.join(EXPLAIN_METHODS)}, got {self.explain_method!r}")
         if self.mitigate_loss_steps < 1:
             raise InputError(f"--mitigate-loss-steps must be at least 1, got {self.mitigate_loss_steps}")
+        from ..explain import EXPLAINERS
         from ..mitigate.embedding import POSITIONS, REWRITES
+
+        if self.explain_method not in EXPLAINERS:
+            raise InputError(f"--explain-method must be one of {', '.join(EXPLAINERS)}, got {self.explain_method!r}")
 
         if self.mitigate_positions not in POSITIONS:
             raise InputError(f"--mitigate-positions must be one of {', '.join(POSITIONS)}, got {self.mitigate_positions!r}")
@@ -356,12 +357,12 @@ class Audit:
         def work(folder: Path, key: str) -> dict:
             from tqdm.auto import tqdm
 
-            from ..explain import TokenAblation, TokenAttribution
+            from ..explain import EXPLAINERS
 
             # the same steps as detection: the explanation is of the score that flagged the prompt
-            kind = TokenAttribution if s.explain_method == "attribution" else TokenAblation
-            explainer = kind(self.pipe, self.sampler["num_inference_steps"], self.sampler["guidance_scale"],
-                             steps=self._detector().settings.steps, generations=1, seed=s.seed)
+            explainer = EXPLAINERS[s.explain_method](self.pipe, self.sampler["num_inference_steps"],
+                                                     self.sampler["guidance_scale"], steps=self._detector().settings.steps,
+                                                     generations=1, seed=s.seed)
             items = [explainer.attribute(p).to_dict() for p in tqdm(self.flagged(s.max_explain), desc="explaining",
                                                                    unit="prompt", disable=not self.progress)]
             dump_json({"attributions": items}, folder / "attributions.json")
