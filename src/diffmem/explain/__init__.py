@@ -1,5 +1,9 @@
 """Explanation: which prompt tokens carry the memorization."""
 
-from .attribution import EXPLAINERS, AttributionResult, TokenAblation, TokenAttribution
+from .ablation import TokenAblation
+from .attribution import TokenAttribution
+from .result import AttributionResult
+
+EXPLAINERS = {"attribution": TokenAttribution, "ablation": TokenAblation}  # by the name the CLI and audit take
 
 __all__ = ["EXPLAINERS", "AttributionResult", "TokenAblation", "TokenAttribution"]

@@ -1,5 +1,6 @@
-"""Inference-time mitigation (Wen et al., ICLR 2024, section 5) and the baselines of Somepalli
-et al. 2023, under one interface: ``Method(pipe, ...).mitigate(prompts) -> MitigationResult``.
+"""Inference-time mitigation (Wen et al., ICLR 2024, section 5):
+``EmbeddingOptimization(pipe, target, ...).mitigate(prompts) -> MitigationResult``, the interface the
+baselines of Somepalli et al. 2023 (``baselines.py``) share.
 
 ``EmbeddingOptimization`` optimizes the conditional prompt embedding (the text-encoder output;
 the BOS position kept fixed) with AdamW to bring the first-step loss, averaged over n seeded x_T,
@@ -32,11 +33,8 @@ agreement 0.926 -> 0.986 (bench mitigate), the setting ``diffmem audit`` uses.
 
 from __future__ import annotations
 
-import json
 import math
 import zlib
-from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Sequence
 
 import numpy as np
@@ -44,114 +42,14 @@ import torch
 
 from ..core import denoise
 from ..core.errors import DiffmemError, InputError
-from ..core.results import dump_json
+from .baselines import BASELINES
+from .result import MitigationResult
 
 
 class NonFiniteLoss(DiffmemError):
     pass
 
 
-@dataclass
-class MitigationResult:
-    method: str
-    prompts: list[str]
-    settings: dict
-    seeds: list[int]
-    initial_loss: np.ndarray  # (P,) first-step loss before mitigation (nan for prompt-rewriting baselines)
-    final_loss: np.ndarray
-    trajectories: list[list[float]]
-    iterations: np.ndarray  # optimization steps taken per prompt
-    reached_target: np.ndarray  # bool per prompt (True for baselines: no target)
-    mitigated_prompts: list[str]  # the rewritten prompt (baselines) or the original
-    images_before: np.ndarray | None = None  # (P, S, H, W, 3)
-    images_after: np.ndarray | None = None
-    measures: dict = field(default_factory=dict)
-
-    @property
-    def unreached(self) -> list[str]:
-        return [p for p, r in zip(self.prompts, self.reached_target) if not r]
-
-    def to_frame(self):
-        import pandas as pd
-
-        df = pd.DataFrame({"prompt": self.prompts, "mitigated_prompt": self.mitigated_prompts,
-                           "initial_loss": self.initial_loss, "final_loss": self.final_loss,
-                           "iterations": self.iterations, "reached_target": self.reached_target})
-        for k, v in self.measures.items():
-            if isinstance(v, (list, np.ndarray)) and len(v) == len(self.prompts):
-                df[k] = v
-        return df
-
-    def save(self, folder: str | Path) -> Path:
-        folder = Path(folder)
-        folder.mkdir(parents=True, exist_ok=True)
-        meta = {k: getattr(self, k) for k in ("method", "prompts", "settings", "seeds", "trajectories", "mitigated_prompts")}
-        meta.update(initial_loss=self.initial_loss, final_loss=self.final_loss, iterations=self.iterations,
-                    reached_target=self.reached_target, measures=self.measures)
-        dump_json(meta, folder / "mitigation.json")
-        if self.images_before is not None:
-            np.savez_compressed(folder / "images.npz", before=self.images_before, after=self.images_after)
-        return folder
-
-    @classmethod
-    def load(cls, folder: str | Path) -> "MitigationResult":
-        folder = Path(folder)
-        d = json.loads((folder / "mitigation.json").read_text())
-        imgs = {}
-        if (folder / "images.npz").exists():
-            with np.load(folder / "images.npz", allow_pickle=False) as z:
-                imgs = {"images_before": z["before"], "images_after": z["after"]}
-        return cls(d["method"], d["prompts"], d["settings"], d["seeds"], np.asarray(d["initial_loss"], float),
-                   np.asarray(d["final_loss"], float), d["trajectories"], np.asarray(d["iterations"]),
-                   np.asarray(d["reached_target"], bool), d["mitigated_prompts"], measures=d["measures"], **imgs)
-
-    def plot_grid(self, path: str | Path, max_prompts: int = 8) -> Path:
-        """Before / after images side by side, one row per prompt."""
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-
-        if self.images_before is None:
-            raise InputError("this result holds no images")
-        p = min(max_prompts, len(self.prompts))
-        s = self.images_before.shape[1]
-        fig, axes = plt.subplots(p, 2 * s, figsize=(1.1 * 2 * s + 0.5, 1.25 * p + 0.6), squeeze=False)
-        for i in range(p):
-            for j in range(s):
-                for k, (imgs, label) in enumerate(((self.images_before, "before"), (self.images_after, "after"))):
-                    ax = axes[i, k * s + j]
-                    ax.imshow(imgs[i, j], interpolation="nearest")
-                    ax.set_xticks([])
-                    ax.set_yticks([])
-                    if i == 0:
-                        ax.set_title(f"{label} s{self.seeds[j]}", fontsize=6)
-            axes[i, 0].set_ylabel(self.prompts[i][:28], fontsize=5)
-        fig.suptitle(f"{self.method}: {json.dumps({k: v for k, v in self.settings.items() if k != 'target_source'})}", fontsize=5)
-        fig.tight_layout()
-        fig.savefig(path, dpi=120)
-        plt.close(fig)
-        return Path(path)
-
-    def plot_trajectories(self, path: str | Path) -> Path:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-
-        fig, ax = plt.subplots(figsize=(4.5, 3.2))
-        for tr in self.trajectories:
-            ax.plot(range(len(tr)), tr, lw=1, alpha=0.7)
-        if "target" in self.settings:
-            ax.axhline(self.settings["target"], color="k", ls="--", lw=1, label="target")
-            ax.legend(fontsize=7)
-        ax.set_xlabel("iteration")
-        ax.set_ylabel("first-step loss")
-        ax.set_title(f"{self.method}, seeds {self.seeds}", fontsize=8)
-        fig.tight_layout()
-        fig.savefig(path, dpi=120)
-        plt.close(fig)
-        return Path(path)
 
 
 def _trajectory_loss(pipe, emb: torch.Tensor, x_T: torch.Tensor, uncond_emb: torch.Tensor, first_uncond: torch.Tensor,
@@ -371,108 +269,3 @@ class EmbeddingOptimization:
                 after[touched] = generate(self.pipe, [prompts[i] for i in touched], self.seeds(), prompt_embeds=emb, **kw)
             res.images_after = after
         return res
-
-
-class _PromptRewrite:
-    """Baselines that change the prompt text (or its embedding) without looking at the loss."""
-
-    method = "baseline"
-
-    def __init__(self, pipe, generations: int = 4, seed: int = 0, num_inference_steps: int = 50,
-                 guidance_scale: float = 7.5, **params):
-        self.pipe = pipe
-        self.params = params
-        self.settings = {"generations": generations, "seed": seed, "num_inference_steps": num_inference_steps,
-                         "guidance_scale": guidance_scale, **params}
-
-    def seeds(self) -> list[int]:
-        return [self.settings["seed"] + g for g in range(self.settings["generations"])]
-
-    def rewrite(self, prompt: str, rng: np.random.Generator) -> str:
-        return prompt
-
-    def embeddings(self, prompts: list[str]) -> torch.Tensor | None:
-        return None
-
-    def mitigate(self, prompts: Sequence[str], generate_images: bool = True, progress: bool = False,
-                 batch_size: int = 64) -> MitigationResult:
-        from ..core.generate import generate
-        from ..detect.noise_norm import check_prompts
-
-        prompts = check_prompts(prompts)
-        rng = np.random.default_rng(self.settings["seed"])
-        new = [self.rewrite(p, rng) for p in prompts]
-        nan = np.full(len(prompts), np.nan)
-        res = MitigationResult(self.method, prompts, dict(self.settings), self.seeds(), nan, nan.copy(),
-                               [[] for _ in prompts], np.zeros(len(prompts), int), np.ones(len(prompts), bool), new)
-        if generate_images:
-            kw = dict(num_inference_steps=self.settings["num_inference_steps"],
-                      guidance_scale=self.settings["guidance_scale"], batch_size=batch_size, progress=progress)
-            res.images_before = generate(self.pipe, prompts, self.seeds(), **kw)
-            emb = self.embeddings(prompts)
-            res.images_after = generate(self.pipe, new, self.seeds(), prompt_embeds=emb, **kw)
-        return res
-
-
-class RandomTokenAddition(_PromptRewrite):
-    """RTA: append ``n_tokens`` random vocabulary words."""
-
-    method = "rta"
-
-    def __init__(self, pipe, n_tokens: int = 4, **kw):
-        super().__init__(pipe, n_tokens=n_tokens, **kw)
-        vocab = pipe.tokenizer.get_vocab()
-        # whole-word tokens made of letters: what a person could type
-        self._words = sorted(w[:-4] for w in vocab if w.endswith("</w>") and w[:-4].isalpha() and len(w) > 6)
-
-    def rewrite(self, prompt, rng):
-        return prompt + " " + " ".join(rng.choice(self._words, self.params["n_tokens"]))
-
-
-class RandomNumberAddition(_PromptRewrite):
-    """RNA: append ``n_numbers`` random integers."""
-
-    method = "rna"
-
-    def __init__(self, pipe, n_numbers: int = 4, **kw):
-        super().__init__(pipe, n_numbers=n_numbers, **kw)
-
-    def rewrite(self, prompt, rng):
-        return prompt + " " + " ".join(str(int(x)) for x in rng.integers(0, 10_000, self.params["n_numbers"]))
-
-
-class WordRepetition(_PromptRewrite):
-    """Repeat ``n_repeats`` randomly chosen words of the prompt in place."""
-
-    method = "word_repetition"
-
-    def __init__(self, pipe, n_repeats: int = 2, **kw):
-        super().__init__(pipe, n_repeats=n_repeats, **kw)
-
-    def rewrite(self, prompt, rng):
-        words = prompt.split()
-        for _ in range(self.params["n_repeats"]):
-            i = int(rng.integers(len(words)))
-            words.insert(i, words[i])
-        return " ".join(words)
-
-
-class GaussianNoiseInjection(_PromptRewrite):
-    """GNI: add N(0, sigma^2) noise to the text embedding (the BOS position untouched)."""
-
-    method = "gni"
-
-    def __init__(self, pipe, sigma: float = 0.1, **kw):
-        super().__init__(pipe, sigma=sigma, **kw)
-
-    def embeddings(self, prompts):
-        with torch.no_grad():
-            emb = denoise.encode_text(self.pipe, prompts)
-        gen = torch.Generator().manual_seed(self.settings["seed"])
-        noise = torch.randn(emb.shape, generator=gen) * self.params["sigma"]
-        noise[:, 0] = 0
-        return emb + noise.to(emb.dtype)
-
-
-BASELINES = {"rta": RandomTokenAddition, "rna": RandomNumberAddition, "gni": GaussianNoiseInjection,
-             "word_repetition": WordRepetition}

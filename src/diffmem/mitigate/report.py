@@ -6,7 +6,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .embedding import MitigationResult
+from .result import MitigationResult
 
 
 def measure(pipe, res: MitigationResult) -> dict:

@@ -431,7 +431,7 @@ class Audit:
             from tqdm.auto import tqdm
 
             from ..mitigate import EmbeddingOptimization
-            from ..mitigate.embedding import MitigationResult
+            from ..mitigate.result import MitigationResult
             from ..mitigate.report import measure
 
             prompts = self.flagged(s.max_mitigate)
@@ -479,7 +479,7 @@ class Audit:
         return self._stage("mitigate", settings, [keys["detect"]], work)
 
     def mitigation(self):
-        from ..mitigate.embedding import MitigationResult
+        from ..mitigate.result import MitigationResult
 
         return MitigationResult.load(self.out / "mitigate") if (self.out / "mitigate" / "mitigation.json").exists() else None
 
@@ -529,7 +529,7 @@ def link_scan(res, prompts: list[str]) -> dict:
 
 
 def _merge_mitigations(parts):
-    from ..mitigate.embedding import MitigationResult
+    from ..mitigate.result import MitigationResult
 
     first = parts[0]
     cat = lambda name: np.concatenate([getattr(r, name) for r in parts])  # noqa: E731

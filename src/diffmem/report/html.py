@@ -195,7 +195,7 @@ def _group_table(det, groups) -> list[dict]:
 
 def load_attributions(out: Path) -> dict:
     """{prompt: AttributionResult} from an audit folder's explain stage ({} if it did not run)."""
-    from ..explain.attribution import AttributionResult
+    from ..explain.result import AttributionResult
 
     f = out / "explain" / "attributions.json"
     if not f.exists():
@@ -220,7 +220,7 @@ def _load_profile(out: Path):
 
 
 def _load_mitigation(out: Path):
-    from ..mitigate.embedding import MitigationResult
+    from ..mitigate.result import MitigationResult
 
     return MitigationResult.load(out / "mitigate") if (out / "mitigate" / "mitigation.json").exists() else None
 

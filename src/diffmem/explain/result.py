@@ -1,0 +1,120 @@
+"""What an explainer returns: per-token and per-word scores, which save, load and draw themselves."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from ..core.results import dump_json
+from .tokens import END_OF_WORD
+
+
+@dataclass
+class AttributionResult:
+    prompt: str
+    tokens: list[str]  # the prompt's BPE tokens, BOS / EOS / padding left out
+    token_scores: np.ndarray
+    words: list[str]
+    word_scores: np.ndarray
+    word_of_token: list[int]
+    method: str
+    settings: dict
+    seeds: list[int]
+    detection_score: float | None = None
+    extra: dict = field(default_factory=dict)  # e.g. the EOS / padding positions' share
+
+    @property
+    def top_word(self) -> str:
+        return self.words[int(np.argmax(self.word_scores))]
+
+    def ranking(self) -> list[tuple[str, float]]:
+        order = np.argsort(-self.word_scores, kind="stable")
+        return [(self.words[i], float(self.word_scores[i])) for i in order]
+
+    def to_frame(self):
+        import pandas as pd
+
+        return pd.DataFrame({"token": self.tokens, "score": self.token_scores,
+                             "word": [self.words[w] for w in self.word_of_token]})
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["token_scores"] = self.token_scores.tolist()
+        d["word_scores"] = self.word_scores.tolist()
+        return d
+
+    def save(self, path: str | Path) -> Path:
+        dump_json(self.to_dict(), path)
+        return Path(path)
+
+    @classmethod
+    def load(cls, path: str | Path) -> "AttributionResult":
+        d = json.loads(Path(path).read_text())
+        d["token_scores"] = np.asarray(d["token_scores"], float)
+        d["word_scores"] = np.asarray(d["word_scores"], float)
+        return cls(**d)
+
+    # -- showing itself -----------------------------------------------------------------------
+    def segments(self) -> list[tuple[str, str]]:
+        """(text before the word, the word as written in the prompt) for each word, so displays show
+        the user's own spelling; CLIP lower-cases and splits punctuation off."""
+        low = self.prompt.lower()
+        out, cursor = [], 0
+        for w in self.words:
+            at = low.find(w, cursor)
+            if at < 0:  # text the tokenizer normalised (unicode, html entities): fall back to spaces
+                return [("" if i == 0 else " ", w) for i, w in enumerate(self.words)]
+            out.append((self.prompt[cursor:at], self.prompt[at : at + len(w)]))
+            cursor = at + len(w)
+        return out
+
+    def _shares(self) -> np.ndarray:
+        s = np.clip(self.word_scores, 0, None)
+        return s / s.max() if s.max() > 0 else s
+
+    def to_rich(self):
+        """The prompt as rich Text, each word on a background as strong as its score."""
+        from rich.text import Text
+
+        t = Text()
+        for (before, w), a in zip(self.segments(), self._shares()):
+            level = int(255 - 200 * a)
+            t.append(before)
+            t.append(w, style=f"black on rgb(255,{level},{level})")
+        return t
+
+    def to_html(self) -> str:
+        """An HTML fragment (escaped): words shaded by score, the score in a tooltip."""
+        from jinja2 import Environment
+
+        env = Environment(autoescape=True)
+        tmpl = env.from_string(
+            '<span class="diffmem-attribution" data-method="{{ method }}">'
+            "{% for before, w, a, s in items %}{{ before }}"
+            '<span class="tok" data-word-index="{{ loop.index0 }}" title="{{ \'%.4g\'|format(s) }}"'
+            ' style="background: rgba(220, 40, 40, {{ \'%.3f\'|format(a) }}); border-radius: 3px">{{ w }}</span>'
+            "{% endfor %}</span>"
+        )
+        items = [(b, w, a, sc) for (b, w), a, sc in zip(self.segments(), self._shares() * 0.85, self.word_scores)]
+        return tmpl.render(method=self.method, items=items)
+
+    def plot(self, path: str | Path, title: str | None = None) -> Path:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        fig, ax = plt.subplots(figsize=(max(3.0, 0.55 * len(self.tokens) + 1), 2.6))
+        x = np.arange(len(self.tokens))
+        ax.bar(x, self.token_scores, color="#c33")
+        ax.set_xticks(x, [t.replace(END_OF_WORD, "") for t in self.tokens], rotation=45, ha="right", fontsize=8)
+        ax.set_ylabel("gradient norm" if self.method == "token_attribution" else "score drop")
+        s = self.settings
+        ax.set_title(title or f"{self.prompt}\n{self.method}, steps {s.get('steps')}, seeds {self.seeds}", fontsize=8)
+        fig.tight_layout()
+        fig.savefig(path, dpi=120)
+        plt.close(fig)
+        return Path(path)

@@ -1,0 +1,48 @@
+"""The prompt's words as the model sees them, shared by both explainers."""
+
+from __future__ import annotations
+
+import torch
+
+from ..core import denoise
+from ..core.errors import InputError
+
+END_OF_WORD = "</w>"
+
+
+def prompt_tokens(pipe, prompt: str) -> tuple[list[str], list[int], list[str]]:
+    """BPE tokens of the prompt as the model sees them (truncated), the word each belongs to, the words."""
+    ids = denoise.tokenize(pipe, [prompt])[0].tolist()
+    eos = pipe.tokenizer.eos_token_id
+    body = ids[1 : ids.index(eos)] if eos in ids[1:] else ids[1:]
+    tokens = pipe.tokenizer.convert_ids_to_tokens(body)
+    words, word_of, cur = [], [], ""
+    for tok in tokens:
+        word_of.append(len(words))
+        cur += tok.replace(END_OF_WORD, "")
+        if tok.endswith(END_OF_WORD):
+            words.append(cur)
+            cur = ""
+    if cur:
+        words.append(cur)
+    return tokens, word_of, words
+
+
+def encode_token_embeddings(pipe, ids: torch.Tensor, token_embeddings: torch.Tensor) -> torch.Tensor:
+    """The text encoder's output for ``ids`` with its input token embeddings replaced by
+    ``token_embeddings`` (positional embeddings still added), as ``denoise.encode_text`` computes it."""
+    layer = pipe.text_encoder.get_input_embeddings()
+    hook = layer.register_forward_hook(lambda module, inputs, output: token_embeddings)
+    try:
+        mask = None
+        if getattr(pipe.text_encoder.config, "use_attention_mask", False):
+            mask = (ids != pipe.tokenizer.pad_token_id).long()
+        return pipe.text_encoder(ids, attention_mask=mask)[0].to(dtype=pipe.unet.dtype)
+    finally:
+        hook.remove()
+
+
+def check_prompt(prompt: str) -> str:
+    if not isinstance(prompt, str) or not prompt.strip():
+        raise InputError("the prompt to explain is empty")
+    return prompt

@@ -1,0 +1,117 @@
+"""What a mitigation returns, whichever method made it: losses, rewrites, images before and after,
+the measures; it saves, loads and draws itself."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from ..core.errors import InputError
+from ..core.results import dump_json
+
+
+@dataclass
+class MitigationResult:
+    method: str
+    prompts: list[str]
+    settings: dict
+    seeds: list[int]
+    initial_loss: np.ndarray  # (P,) first-step loss before mitigation (nan for prompt-rewriting baselines)
+    final_loss: np.ndarray
+    trajectories: list[list[float]]
+    iterations: np.ndarray  # optimization steps taken per prompt
+    reached_target: np.ndarray  # bool per prompt (True for baselines: no target)
+    mitigated_prompts: list[str]  # the rewritten prompt (baselines) or the original
+    images_before: np.ndarray | None = None  # (P, S, H, W, 3)
+    images_after: np.ndarray | None = None
+    measures: dict = field(default_factory=dict)
+
+    @property
+    def unreached(self) -> list[str]:
+        return [p for p, r in zip(self.prompts, self.reached_target) if not r]
+
+    def to_frame(self):
+        import pandas as pd
+
+        df = pd.DataFrame({"prompt": self.prompts, "mitigated_prompt": self.mitigated_prompts,
+                           "initial_loss": self.initial_loss, "final_loss": self.final_loss,
+                           "iterations": self.iterations, "reached_target": self.reached_target})
+        for k, v in self.measures.items():
+            if isinstance(v, (list, np.ndarray)) and len(v) == len(self.prompts):
+                df[k] = v
+        return df
+
+    def save(self, folder: str | Path) -> Path:
+        folder = Path(folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        meta = {k: getattr(self, k) for k in ("method", "prompts", "settings", "seeds", "trajectories", "mitigated_prompts")}
+        meta.update(initial_loss=self.initial_loss, final_loss=self.final_loss, iterations=self.iterations,
+                    reached_target=self.reached_target, measures=self.measures)
+        dump_json(meta, folder / "mitigation.json")
+        if self.images_before is not None:
+            np.savez_compressed(folder / "images.npz", before=self.images_before, after=self.images_after)
+        return folder
+
+    @classmethod
+    def load(cls, folder: str | Path) -> "MitigationResult":
+        folder = Path(folder)
+        d = json.loads((folder / "mitigation.json").read_text())
+        imgs = {}
+        if (folder / "images.npz").exists():
+            with np.load(folder / "images.npz", allow_pickle=False) as z:
+                imgs = {"images_before": z["before"], "images_after": z["after"]}
+        return cls(d["method"], d["prompts"], d["settings"], d["seeds"], np.asarray(d["initial_loss"], float),
+                   np.asarray(d["final_loss"], float), d["trajectories"], np.asarray(d["iterations"]),
+                   np.asarray(d["reached_target"], bool), d["mitigated_prompts"], measures=d["measures"], **imgs)
+
+    def plot_grid(self, path: str | Path, max_prompts: int = 8) -> Path:
+        """Before / after images side by side, one row per prompt."""
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        if self.images_before is None:
+            raise InputError("this result holds no images")
+        p = min(max_prompts, len(self.prompts))
+        s = self.images_before.shape[1]
+        fig, axes = plt.subplots(p, 2 * s, figsize=(1.1 * 2 * s + 0.5, 1.25 * p + 0.6), squeeze=False)
+        for i in range(p):
+            for j in range(s):
+                for k, (imgs, label) in enumerate(((self.images_before, "before"), (self.images_after, "after"))):
+                    ax = axes[i, k * s + j]
+                    ax.imshow(imgs[i, j], interpolation="nearest")
+                    ax.set_xticks([])
+                    ax.set_yticks([])
+                    if i == 0:
+                        ax.set_title(f"{label} s{self.seeds[j]}", fontsize=6)
+            axes[i, 0].set_ylabel(self.prompts[i][:28], fontsize=5)
+        fig.suptitle(f"{self.method}: {json.dumps({k: v for k, v in self.settings.items() if k != 'target_source'})}", fontsize=5)
+        fig.tight_layout()
+        fig.savefig(path, dpi=120)
+        plt.close(fig)
+        return Path(path)
+
+    def plot_trajectories(self, path: str | Path) -> Path:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        fig, ax = plt.subplots(figsize=(4.5, 3.2))
+        for tr in self.trajectories:
+            ax.plot(range(len(tr)), tr, lw=1, alpha=0.7)
+        if "target" in self.settings:
+            ax.axhline(self.settings["target"], color="k", ls="--", lw=1, label="target")
+            ax.legend(fontsize=7)
+        ax.set_xlabel("iteration")
+        k = self.settings.get("loss_steps", 1)
+        ax.set_ylabel("first-step loss" if k == 1 else f"loss (mean over steps 0-{k - 1})")
+        ax.set_title(f"{self.method}, seeds {self.seeds}", fontsize=8)
+        fig.tight_layout()
+        fig.savefig(path, dpi=120)
+        plt.close(fig)
+        return Path(path)

@@ -1,0 +1,43 @@
+import pytest
+
+from diffmem.mitigate import BASELINES
+
+PROMPTS = ["a red circle", "a photo of a cat"]
+
+
+@pytest.mark.parametrize("name", sorted(BASELINES))
+def test_baselines_share_the_interface(tiny_pipe, name):
+    res = BASELINES[name](tiny_pipe, generations=2, num_inference_steps=3).mitigate(PROMPTS)
+    assert res.images_after.shape == res.images_before.shape == (2, 2, 16, 16, 3)
+    if name in ("rta", "rna", "word_repetition"):
+        assert all(new != old for new, old in zip(res.mitigated_prompts, PROMPTS))
+    if name == "rta":
+        assert all(len(new.split()) == len(old.split()) + 4 for new, old in zip(res.mitigated_prompts, PROMPTS))
+
+
+def test_rewrites_are_seeded_and_generated_as_written(tiny_pipe):
+    from diffmem.core.generate import generate
+
+    rna = BASELINES["rna"](tiny_pipe, generations=2, num_inference_steps=3, seed=5)
+    res = rna.mitigate(PROMPTS)
+    for new, old in zip(res.mitigated_prompts, PROMPTS):
+        added = new[len(old):].split()
+        assert new.startswith(old + " ") and len(added) == 4 and all(a.isdigit() for a in added)
+    again = BASELINES["rna"](tiny_pipe, generations=2, num_inference_steps=3, seed=5).mitigate(PROMPTS, generate_images=False)
+    assert again.mitigated_prompts == res.mitigated_prompts and res.seeds == [5, 6]
+    # the after images are a plain generation of the rewritten text with the same seeds
+    plain = generate(tiny_pipe, res.mitigated_prompts, res.seeds, num_inference_steps=3)
+    assert (plain == res.images_after).all()
+
+
+def test_gaussian_noise_spares_bos_and_has_the_given_scale(tiny_pipe):
+    import torch
+
+    from diffmem.core import denoise
+
+    gni = BASELINES["gni"](tiny_pipe, sigma=0.5, seed=0)
+    with torch.no_grad():
+        clean = denoise.encode_text(tiny_pipe, PROMPTS)
+    noisy = gni.embeddings(PROMPTS)
+    assert torch.equal(noisy[:, 0], clean[:, 0])
+    assert float((noisy - clean)[:, 1:].std()) == pytest.approx(0.5, rel=0.05)
