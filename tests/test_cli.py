@@ -124,6 +124,18 @@ def test_train_end_to_end_and_resume(tmp_path, tiny_pipe_dir):
     assert log["rows"] == 3 and log["config"]["ema"] is True
 
 
+def test_usage_errors_are_one_clear_message(tmp_path):
+    """Unknown options and out-of-range values: click's message and exit code 2, whichever click
+    (typer vendors its own from 0.2x) raised them."""
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("a cat\n")
+    for args, msg in ((["detect", "--prompts", str(prompts), "--generations", "0"], "--generations"),
+                      (["detect", "--bogus"], "No such option: --bogus"),
+                      (["explain", "--prompt", "a cat", "--generations", "0"], "--generations")):
+        r = run(*args)
+        assert r.returncode == 2 and msg in r.stderr and "Traceback" not in r.stderr, (args, r.stderr)
+
+
 def test_exit_codes_reach_the_shell(monkeypatch):
     import pytest
     import typer

@@ -652,13 +652,14 @@ def main(argv: list[str] | None = None) -> None:
     except KeyboardInterrupt:
         console.print("interrupted")
         sys.exit(130)
-    except Exception as e:  # click usage errors
-        import click
-
-        if isinstance(e, click.exceptions.ClickException):
+    except Exception as e:
+        # usage errors (unknown option, value out of range), from click or from the copy of click that
+        # typer >= 0.2x vendors as typer._click: matched by class name, which both share
+        kinds = {c.__name__ for c in type(e).__mro__}
+        if "ClickException" in kinds:
             e.show()
             sys.exit(e.exit_code)
-        if isinstance(e, click.exceptions.Abort):
+        if "Abort" in kinds:
             sys.exit(1)
         raise
 
