@@ -1,5 +1,6 @@
 """The command line: bad input gives one clear line and exit code 2, never a traceback."""
 
+import json
 import subprocess
 import sys
 
@@ -94,6 +95,13 @@ def test_detect_end_to_end_with_calibration_and_long_prompt(tmp_path, tiny_pipe_
             "--out", str(mit), "--generations", "1", "--loss-steps", "2", "--max-iters", "1")
     assert r.returncode == 2 and "steps=[0] (needs [0, 1])" in r.stderr and "Traceback" not in r.stderr
     assert not mit.exists() or not any(mit.iterdir())
+    # with the sampler the calibration was made on, it is taken
+    r = run("mitigate", "--prompts", str(prompts), "--model", str(tiny_pipe_dir), "--calibration", str(cal),
+            "--out", str(mit), "--generations", "1", "--max-iters", "1", "--num-inference-steps", "4")
+    assert r.returncode == 0, r.stderr
+    done = json.loads((mit / "mitigation.json").read_text())
+    assert done["settings"]["num_inference_steps"] == 4
+    assert done["settings"]["target"] == json.loads(cal.read_text())["threshold"]
 
 
 def test_train_end_to_end_and_resume(tmp_path, tiny_pipe_dir):
@@ -131,7 +139,7 @@ def test_usage_errors_are_one_clear_message(tmp_path):
     prompts.write_text("a cat\n")
     for args, msg in ((["detect", "--prompts", str(prompts), "--generations", "0"], "--generations"),
                       (["detect", "--bogus"], "No such option: --bogus"),
-                      (["explain", "--prompt", "a cat", "--generations", "0"], "--generations")):
+                      (["explain", "--prompt", "a cat", "--num-inference-steps", "0"], "--num-inference-steps")):
         r = run(*args)
         assert r.returncode == 2 and msg in r.stderr and "Traceback" not in r.stderr, (args, r.stderr)
 
@@ -180,3 +188,43 @@ def test_categorize_bad_inputs(tmp_path):
             str(tmp_path / "v.yaml"), "--out", str(tmp_path / "o"))
     assert r.returncode == 2 and "vision-language model folder not found" in r.stderr and "Traceback" not in r.stderr
     assert not (tmp_path / "o").exists()
+
+
+def test_explain_end_to_end_equals_the_api(tmp_path, tiny_pipe_dir, tiny_pipe):
+    import numpy as np
+
+    from diffmem.explain import AttributionResult, TokenAblation, TokenAttribution
+
+    out = tmp_path / "ablation"
+    r = run("explain", "--prompt", "a red circle", "--model", str(tiny_pipe_dir), "--method", "ablation",
+            "--num-inference-steps", "4", "--steps", "0,1", "--out", str(out))
+    assert r.returncode == 0, r.stderr
+    assert "wrote" in r.stdout and (out / "attribution.png").stat().st_size > 1000
+    assert 'data-word-index="2"' in (out / "attribution.html").read_text()
+    got = AttributionResult.load(out / "attribution.json")
+    want = TokenAblation(tiny_pipe, num_inference_steps=4, steps=[0, 1]).attribute("a red circle")
+    np.testing.assert_allclose(got.word_scores, want.word_scores, rtol=1e-4, atol=1e-6)
+    assert got.settings["num_inference_steps"] == 4 and got.method == "token_ablation"
+    # the model runs in the dtype asked for: bfloat16 gradients are close to float32 ones, not equal
+    out16 = tmp_path / "bf16"
+    r = run("explain", "--prompt", "a red circle", "--model", str(tiny_pipe_dir), "--num-inference-steps", "4",
+            "--dtype", "bfloat16", "--out", str(out16))
+    assert r.returncode == 0, r.stderr
+    full = TokenAttribution(tiny_pipe, num_inference_steps=4).attribute("a red circle").word_scores
+    half = AttributionResult.load(out16 / "attribution.json").word_scores
+    assert not np.array_equal(half, full)
+    np.testing.assert_allclose(half, full, rtol=0.1)
+
+
+def test_explain_bad_inputs(tmp_path, tiny_pipe_dir):
+    out = tmp_path / "o"
+    cases = [
+        (["--prompt", "  "], "the prompt to explain is empty"),
+        (["--prompt", "a cat", "--method", "saliency"], "--method must be attribution or ablation"),
+        (["--prompt", "a cat", "--model", str(tmp_path / "nope")], "model folder not found"),
+        (["--prompt", "a cat", "--model", str(tiny_pipe_dir), "--dtype", "float8"], "unknown dtype"),
+    ]
+    for args, msg in cases:
+        r = run("explain", *args, "--out", str(out))
+        assert r.returncode == 2 and msg in r.stderr and "Traceback" not in r.stderr, (args, r.stderr)
+        assert not out.exists() or not any(out.iterdir()), args

@@ -51,6 +51,25 @@ def _check_writable(folder: Path) -> None:
     ensure_writable_dir(folder)
 
 
+# the options of every command that loads a pipeline (one OptionInfo each, shared)
+DEVICE = typer.Option("cpu", help="torch device: cpu, cuda, cuda:1, mps")
+DTYPE = typer.Option("float32", help="weights' dtype: float32, float16 (wants a GPU) or bfloat16")
+NUM_INFERENCE_STEPS = typer.Option(None, min=1, help="sampler steps (default: the model's; SD: 50)")
+GUIDANCE_SCALE = typer.Option(None, help="guidance scale (default: the model's; SD: 7.5)")
+
+
+def _sampler(pipe, num_inference_steps: int | None, guidance_scale: float | None) -> dict:
+    """The model's sampler settings, with what the user gave in their place."""
+    from .core.loading import sampler_defaults
+
+    d = sampler_defaults(pipe)
+    if num_inference_steps is not None:
+        d["num_inference_steps"] = num_inference_steps
+    if guidance_scale is not None:
+        d["guidance_scale"] = guidance_scale
+    return d
+
+
 @app.command()
 def detect(
     prompts: Path = typer.Option(..., help="prompts: .txt (one per line), .jsonl or .csv"),
@@ -58,16 +77,16 @@ def detect(
     model: str = typer.Option("memlab", help="a local pipeline folder, a hub id, or memlab"),
     out: Path = typer.Option(Path("detect-results.parquet"), help="results file (.parquet or .json)"),
     steps: str = typer.Option("0", help="sampling steps to score, comma-separated (0 = the first step)"),
-    num_inference_steps: Optional[int] = typer.Option(None, help="sampler steps (default: the model's; SD: 50)"),
-    guidance_scale: Optional[float] = typer.Option(None, help="guidance scale (default: the model's; SD: 7.5)"),
+    num_inference_steps: Optional[int] = NUM_INFERENCE_STEPS,
+    guidance_scale: Optional[float] = GUIDANCE_SCALE,
     generations: int = typer.Option(1, min=1, help="seeded generations averaged per prompt"),
     seed: int = typer.Option(0, help="generation g uses seed + g"),
     batch_size: int = typer.Option(32, min=1),
     calibration: Optional[Path] = typer.Option(None, help="a calibration file to apply (verdict column)"),
     calibrate_with: Optional[Path] = typer.Option(None, help="non-memorized reference prompts: fit a calibration first"),
     fpr: float = typer.Option(0.01, help="false-positive rate for --calibrate-with"),
-    device: str = typer.Option("cpu"),
-    dtype: str = typer.Option("float32"),
+    device: str = DEVICE,
+    dtype: str = DTYPE,
 ):
     """Score prompts with Wen et al.'s text-conditional noise norm (first step, one generation by default)."""
     from .core.prompts import read_prompts
@@ -76,16 +95,15 @@ def detect(
     if calibrate_with is not None:
         read_prompts(calibrate_with)
     _check_writable(out.parent)
-    from .core.loading import load_pipeline, sampler_defaults
+    from .core.loading import load_pipeline
 
     pipe = load_pipeline(model, device=device, dtype=dtype)
     from .detect import Calibration, NoiseNormDetector
     from .detect.run import detect_file
 
-    d = sampler_defaults(pipe)
-    det = NoiseNormDetector(pipe, num_inference_steps or d["num_inference_steps"],
-                            guidance_scale if guidance_scale is not None else d["guidance_scale"],
-                            steps=_steps(steps), generations=generations, seed=seed, batch_size=batch_size)
+    d = _sampler(pipe, num_inference_steps, guidance_scale)
+    det = NoiseNormDetector(pipe, d["num_inference_steps"], d["guidance_scale"], steps=_steps(steps), generations=generations,
+                            seed=seed, batch_size=batch_size)
     cal = Calibration.load(calibration) if calibration else None
     if calibrate_with is not None:
         cal = Calibration.fit(det.score(read_prompts(calibrate_with), progress=True), fpr=fpr)
@@ -105,6 +123,10 @@ def explain(
     steps: str = typer.Option("0", help="sampling steps, comma-separated (0 = first step)"),
     generations: int = typer.Option(1, min=1),
     seed: int = typer.Option(0),
+    num_inference_steps: Optional[int] = NUM_INFERENCE_STEPS,
+    guidance_scale: Optional[float] = GUIDANCE_SCALE,
+    device: str = DEVICE,
+    dtype: str = DTYPE,
     out: Optional[Path] = typer.Option(None, help="folder for attribution.json, .png and .html"),
 ):
     """Which words of a prompt carry its memorization: coloured in the terminal, as a bar chart and as HTML."""
@@ -116,11 +138,11 @@ def explain(
         raise DiffmemError("the prompt to explain is empty")
     if out is not None:
         _check_writable(out)
-    from .core.loading import load_pipeline, sampler_defaults  # after the checks: torch takes seconds to import
+    from .core.loading import load_pipeline  # after the checks: torch takes seconds to import
     from .explain import TokenAblation, TokenAttribution
 
-    pipe = load_pipeline(model)
-    d = sampler_defaults(pipe)
+    pipe = load_pipeline(model, device=device, dtype=dtype)
+    d = _sampler(pipe, num_inference_steps, guidance_scale)
     kw = dict(steps=_steps(steps), generations=generations, seed=seed)
     explainer = (TokenAttribution(pipe, d["num_inference_steps"], d["guidance_scale"], **kw) if method == "attribution"
                  else TokenAblation(pipe, d["num_inference_steps"], d["guidance_scale"], mode=ablation_mode, **kw))
@@ -154,6 +176,10 @@ def mitigate(
     seed: int = typer.Option(0),
     n_tokens: int = typer.Option(4, help="rta: random words added"),
     sigma: float = typer.Option(0.1, help="gni: noise standard deviation"),
+    num_inference_steps: Optional[int] = NUM_INFERENCE_STEPS,
+    guidance_scale: Optional[float] = GUIDANCE_SCALE,
+    device: str = DEVICE,
+    dtype: str = DTYPE,
     out: Path = typer.Option(Path("mitigate-out"), help="folder for results, image grid and loss trajectories"),
 ):
     """Mitigate memorized prompts at inference; writes before/after images, loss trajectories and measures."""
@@ -161,7 +187,7 @@ def mitigate(
 
     texts = read_prompts(prompts, column)  # bad input fails before torch and the model load
     _check_writable(out)
-    from .core.loading import load_pipeline, sampler_defaults
+    from .core.loading import load_pipeline
     from .detect import Calibration
     from .mitigate import BASELINES, EmbeddingOptimization
     from .mitigate.report import measure_and_save
@@ -172,8 +198,8 @@ def mitigate(
         source = "given"
     elif method not in BASELINES:
         raise DiffmemError(f"unknown method {method!r}: use embedding, {', '.join(sorted(BASELINES))}")
-    pipe = load_pipeline(model)
-    d = sampler_defaults(pipe)
+    pipe = load_pipeline(model, device=device, dtype=dtype)
+    d = _sampler(pipe, num_inference_steps, guidance_scale)
     kw = dict(generations=generations, seed=seed, num_inference_steps=d["num_inference_steps"], guidance_scale=d["guidance_scale"])
     if method == "embedding" and calibration is not None:
         # refused unless it calibrates this loss (same scored steps, seeds and sampler steps)
@@ -320,6 +346,8 @@ def categorize(
     vocabulary: Optional[Path] = typer.Option(None, help="YAML {feature: description} for clip:PATH / vlm:PATH"),
     expectations: Optional[Path] = typer.Option(None, help="YAML {concept: [features]}: what a prompt word implies"),
     embedding: bool = typer.Option(False, help="also decide 'implied' with the bundled sentence-embedding model"),
+    device: str = DEVICE,
+    dtype: str = DTYPE,
 ):
     """Features that appear across seeds, each called explicit, implicit or unintended, with its evidence."""
     from .core.prompts import read_prompts
@@ -344,7 +372,7 @@ def categorize(
     if embedding:
         sources.append(SentenceEmbeddingExpectation.minilm())
     tracer = None
-    pipe = load_pipeline(model)
+    pipe = load_pipeline(model, device=device, dtype=dtype)
     if extractor == "memlab":
         from .categorize import TrainingTracer
         from .memlab import dataset as ds
@@ -591,6 +619,8 @@ def audit(
     mitigate_rewrite: str = typer.Option("rna", help="mitigation: a prompt above the target starts from its rna or rta "
                                          "rewrite, or from the prompt itself (none)"),
     batch_size: int = typer.Option(32, min=1),
+    device: str = DEVICE,
+    dtype: str = DTYPE,
 ):
     """Detect, explain, categorize, mitigate and (with --train-data) scan, then write OUT/report.html.
 
@@ -605,7 +635,7 @@ def audit(
                              max_mitigate=max_mitigate, mitigate_generations=mitigate_generations, mitigate_iters=mitigate_iters,
                              mitigate_loss_steps=mitigate_loss_steps, mitigate_positions=mitigate_positions,
                              mitigate_rewrite=None if mitigate_rewrite == "none" else mitigate_rewrite, steps=tuple(_steps(steps)), skip=tuple(x.strip() for x in skip.split(",") if x.strip()))
-    res = Audit(settings, out, console=console).run()
+    res = Audit(settings, out, console=console, device=device, dtype=dtype).run()
     d = res.stages["detect"]["summary"]
     line = f"{d['n_flagged']} of {d['n_prompts']} prompts flagged (threshold {d['threshold']:.4g} at FPR {d['fpr']})"
     if "recall" in d:
@@ -627,11 +657,14 @@ def app_cmd(
     seed: int = typer.Option(0),
     generations: int = typer.Option(4, min=1, help="seeds a mitigation optimizes over and shows before / after "
                                     "(an audit's target calibration brings its own)"),
+    device: str = DEVICE,
+    dtype: str = DTYPE,
 ):
     """A local page: edit a prompt, see its score against the threshold and its words coloured by attribution."""
     from .report.app import AppState, serve
 
-    state = AppState(model, calibration=calibration, audit=audit_dir, seed=seed, generations=generations, progress=True)
+    state = AppState(model, calibration=calibration, audit=audit_dir, seed=seed, generations=generations, progress=True,
+                     device=device, dtype=dtype)
     out_console.print(f"diffmem app on http://{host}:{port}/  (threshold {state.calibration.threshold:.4g}; Ctrl-C stops)",
                       highlight=False, markup=False)
     serve(state, host, port)

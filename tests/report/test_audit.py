@@ -225,3 +225,21 @@ def test_audit_scans_training_data_and_links_triggers(tmp_path, memlab_manifest)
         assert phrases & {t for t in triggers if t in p}
     html = (out / "report.html").read_text()
     assert "trigger phrase <b>" in html and 'id="scan"' in html
+
+
+def test_a_stage_in_another_dtype_is_redone(tiny_pipe_dir, tmp_path):
+    prompts, reference = tmp_path / "p.txt", tmp_path / "r.txt"
+    prompts.write_text("a red circle\na photo of a cat\n")
+    reference.write_text("\n".join(f"reference prompt {i}" for i in range(12)) + "\n")
+    settings = AuditSettings(model=str(tiny_pipe_dir), prompts=str(prompts), reference=str(reference), steps=(0,),
+                             grid=False, skip=("explain", "categorize", "mitigate"))
+    out = tmp_path / "audit"
+
+    def detect_status(dtype):
+        return Audit(settings, out, progress=False, device="cpu", dtype=dtype).run().stages["detect"]["status"]
+
+    assert detect_status("float32") == "done"
+    assert detect_status("float32") == "reused"
+    assert detect_status("bfloat16") == "done"  # half precision scores differently: redone
+    assert AuditResult.load(out).settings["runs_on"] == {"device": "cpu", "dtype": "torch.bfloat16"}
+    assert detect_status("bfloat16") == "reused"

@@ -194,7 +194,8 @@ class AuditResult:
 class Audit:
     """``Audit(settings, out).run() -> AuditResult``; the stages' own results load from ``out``."""
 
-    def __init__(self, settings: AuditSettings, out: str | Path, progress: bool = True, console=None):
+    def __init__(self, settings: AuditSettings, out: str | Path, progress: bool = True, console=None,
+                 device: str = "cpu", dtype: str = "float32"):
         from ..core.loading import _looks_like_path, check_pipeline_folder, resolve_model
         from ..core.prompts import ensure_writable_dir
 
@@ -212,6 +213,9 @@ class Audit:
             from ..scan.sources import open_source
 
             open_source(settings.train_data)
+        # where and in what precision the model runs: not audit settings (a GPU rerun of a CPU audit
+        # reuses its stages), but a half-precision model scores differently, so its dtype enters the stage keys
+        self.device, self.dtype = device, dtype
         self.pipe = None
         self.manifest = None
 
@@ -224,7 +228,7 @@ class Audit:
         if self.pipe is None:
             from ..core.loading import load_pipeline, model_identity, sampler_defaults
 
-            self.pipe = load_pipeline(self.settings.model)
+            self.pipe = load_pipeline(self.settings.model, device=self.device, dtype=self.dtype)
             self.identity = model_identity(self.pipe)
             self.sampler = sampler_defaults(self.pipe)
             from ..memlab.verify import load_manifest
@@ -236,8 +240,10 @@ class Audit:
         return self.pipe
 
     def _key(self, stage: str, settings: dict, upstream: list[str]) -> str:
+        dtype = str(self.pipe.dtype)
+        precision = {} if dtype == "torch.float32" else {"dtype": dtype}  # float32 audits keep their keys
         return _digest({"stage": stage, "settings": settings, "model": self.identity, "sampler": self.sampler,
-                        "upstream": upstream, "version": 1})
+                        "upstream": upstream, "version": 1, **precision})
 
     def run(self) -> AuditResult:
         s = self.settings
@@ -246,6 +252,7 @@ class Audit:
         self._load()
         result.settings["model_identity"] = self.identity
         result.settings["sampler"] = self.sampler
+        result.settings["runs_on"] = {"device": str(self.pipe.device), "dtype": str(self.pipe.dtype)}
         keys: dict[str, str] = {}
         todo = [st for st in STAGES if st not in s.skip and not (st == "scan" and s.train_data is None)]
         for i, stage in enumerate(STAGES, 1):
