@@ -144,7 +144,7 @@ def test_usage_errors_are_one_clear_message(tmp_path):
         assert r.returncode == 2 and msg in r.stderr and "Traceback" not in r.stderr, (args, r.stderr)
 
 
-def test_exit_codes_reach_the_shell(monkeypatch):
+def test_exit_codes_reach_the_shell(monkeypatch, capsys):
     import pytest
     import typer
 
@@ -157,6 +157,14 @@ def test_exit_codes_reach_the_shell(monkeypatch):
     with pytest.raises(SystemExit) as e:
         cli.main(["memlab", "exit-probe"])
     assert e.value.code == 3
+
+    @cli.memlab_app.command("interrupt-probe", hidden=True)
+    def interrupted():
+        raise KeyboardInterrupt
+
+    with pytest.raises(SystemExit) as e:  # Ctrl-C: the shell's 130 and a word, whichever click handled it
+        cli.main(["memlab", "interrupt-probe"])
+    assert e.value.code == 130 and "interrupted" in capsys.readouterr().err
 
 
 def test_categorize_end_to_end_on_memlab(tmp_path):

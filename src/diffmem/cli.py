@@ -676,6 +676,8 @@ def main(argv: list[str] | None = None) -> None:
         # without standalone mode, click returns (not raises) the code of a typer.Exit
         rc = app(args=argv, standalone_mode=False)
         if isinstance(rc, int) and rc:
+            if rc == 130:  # typer >= 0.2x hands Ctrl-C back as exit code 130
+                console.print("interrupted")
             sys.exit(rc)
     except DiffmemError as e:
         console.print(f"[red]error:[/] {e}", highlight=False)
@@ -692,8 +694,9 @@ def main(argv: list[str] | None = None) -> None:
         if "ClickException" in kinds:
             e.show()
             sys.exit(e.exit_code)
-        if "Abort" in kinds:
-            sys.exit(1)
+        if "Abort" in kinds:  # click (typer < 0.2x) turns Ctrl-C into Abort: report it as the interrupt it was
+            console.print("interrupted")
+            sys.exit(130)
         raise
 
 
