@@ -670,23 +670,27 @@ def app_cmd(
     serve(state, host, port)
 
 
+def _exit(code: int):
+    if code == 130:  # Ctrl-C, however it reached us: say so
+        console.print("interrupted")
+    sys.exit(code)
+
+
 def main(argv: list[str] | None = None) -> None:
     _quiet_libraries()
     try:
-        # without standalone mode, click returns (not raises) the code of a typer.Exit
+        # without standalone mode, click returns (not raises) the code of a typer.Exit; typer >= 0.2x
+        # hands Ctrl-C back this way, as 130
         rc = app(args=argv, standalone_mode=False)
         if isinstance(rc, int) and rc:
-            if rc == 130:  # typer >= 0.2x hands Ctrl-C back as exit code 130
-                console.print("interrupted")
-            sys.exit(rc)
+            _exit(rc)
     except DiffmemError as e:
         console.print(f"[red]error:[/] {e}", highlight=False)
         sys.exit(2)
     except typer.Exit as e:
-        sys.exit(e.exit_code)
+        _exit(e.exit_code)
     except KeyboardInterrupt:
-        console.print("interrupted")
-        sys.exit(130)
+        _exit(130)
     except Exception as e:
         # usage errors (unknown option, value out of range), from click or from the copy of click that
         # typer >= 0.2x vendors as typer._click: matched by class name, which both share
@@ -695,8 +699,7 @@ def main(argv: list[str] | None = None) -> None:
             e.show()
             sys.exit(e.exit_code)
         if "Abort" in kinds:  # click (typer < 0.2x) turns Ctrl-C into Abort: report it as the interrupt it was
-            console.print("interrupted")
-            sys.exit(130)
+            _exit(130)
         raise
 
 

@@ -370,11 +370,11 @@ class Audit:
             explainer = EXPLAINERS[s.explain_method](self.pipe, self.sampler["num_inference_steps"],
                                                      self.sampler["guidance_scale"], steps=self._detector().settings.steps,
                                                      generations=1, seed=s.seed)
-            items = [explainer.attribute(p).to_dict() for p in tqdm(self.flagged(s.max_explain), desc="explaining",
-                                                                   unit="prompt", disable=not self.progress)]
-            dump_json({"attributions": items}, folder / "attributions.json")
-            return {"n_explained": len(items), "settings": explainer.settings, "seeds": explainer.seeds(),
-                    "top_words": {it["prompt"]: it["words"][int(np.argmax(it["word_scores"]))] for it in items}}
+            explained = [explainer.attribute(p) for p in tqdm(self.flagged(s.max_explain), desc="explaining",
+                                                              unit="prompt", disable=not self.progress)]
+            dump_json({"attributions": [r.to_dict() for r in explained]}, folder / "attributions.json")
+            return {"n_explained": len(explained), "settings": explainer.settings, "seeds": explainer.seeds(),
+                    "top_words": {r.prompt: r.top_word for r in explained}}
 
         return self._stage("explain", settings, [keys["detect"]], work)
 
