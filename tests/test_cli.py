@@ -122,7 +122,7 @@ def test_train_end_to_end_and_resume(tmp_path, tiny_pipe_dir):
     r = run(*args, "--steps", "3")
     assert r.returncode == 0, r.stderr
     assert (out / "checkpoint" / "state.json").exists()
-    r = run(*args, "--steps", "5")  # resumes from the checkpoint at step 2
+    r = run(*args, "--steps", "5", "--mixed-precision", "bf16")  # resumes from the checkpoint at step 2
     assert r.returncode == 0, r.stderr
     from diffusers import StableDiffusionPipeline
 
@@ -130,6 +130,19 @@ def test_train_end_to_end_and_resume(tmp_path, tiny_pipe_dir):
     assert pipe.scheduler.config.prediction_type == "v_prediction"
     log = json.loads((out / "model" / "diffmem_train.json").read_text())
     assert log["rows"] == 3 and log["config"]["ema"] is True
+    assert log["config"]["mixed_precision"] == "bf16" and log["device"] == "cpu"
+
+
+def test_train_refuses_a_device_or_precision_it_cannot_use(tmp_path, tiny_pipe_dir):
+    import torch
+
+    base = ["train", "--model", str(tiny_pipe_dir), "--data", "memlab", "--steps", "1"]
+    r = run(*base, "--out", str(tmp_path / "a"), "--mixed-precision", "fp8")
+    assert r.returncode == 2 and "mixed_precision must be one of no, bf16, fp16" in r.stderr and "Traceback" not in r.stderr
+    assert not (tmp_path / "a" / "model").exists() and not (tmp_path / "a" / "checkpoint").exists()
+    if not torch.cuda.is_available():
+        r = run(*base, "--out", str(tmp_path / "b"), "--device", "cuda")
+        assert r.returncode == 2 and "CUDA is not available" in r.stderr and "Traceback" not in r.stderr
 
 
 def test_usage_errors_are_one_clear_message(tmp_path):

@@ -427,6 +427,8 @@ def train(
     mem_filter_threshold: Optional[float] = typer.Option(None, help="drop samples whose text-conditional noise norm is >= this (Wen et al.)"),
     seed: int = typer.Option(0),
     allow_pickle: bool = typer.Option(False, help="allow loading pickle (.bin) weights: only for sources you trust"),
+    device: str = DEVICE,
+    mixed_precision: str = typer.Option("no", help="no, bf16 or fp16: autocast the forward passes (weights stay float32)"),
 ):
     """Train or fine-tune a Stable Diffusion pipeline on image-caption pairs (resumes from OUT/checkpoint)."""
     from .train.api import train_pipeline
@@ -435,7 +437,7 @@ def train(
     model_dir = train_pipeline(model, data, out, steps=steps, batch_size=batch_size, lr=lr, prediction_type=prediction_type,
                                train_text_encoder=train_text_encoder, ema=ema, caption_column=caption_column,
                                checkpoint_every=checkpoint_every, mem_filter_threshold=mem_filter_threshold, seed=seed,
-                               allow_pickle=allow_pickle)
+                               allow_pickle=allow_pickle, device=device, mixed_precision=mixed_precision)
     out_console.print(f"trained pipeline saved to {model_dir}")
 
 

@@ -38,6 +38,47 @@ def test_resume_after_interruption_gives_identical_weights(tmp_path):
         assert torch.equal(a[k], b[k]), k
 
 
+@pytest.mark.parametrize("precision", ["bf16", "fp16"])
+def test_mixed_precision_keeps_float32_weights_and_resumes_exactly(tmp_path, precision):
+    """Autocast changes the arithmetic (the weights differ from a float32 run) but not the weights'
+    dtype; fp16's gradient scaler is checkpointed, so an interrupted run resumes to the same weights."""
+    cfg = TrainConfig(steps=12, batch_size=4, lr=1e-3, warmup_steps=2, checkpoint_every=4, mixed_precision=precision,
+                      mem_filter_threshold=10.0)
+    full = tiny_pipeline(seed=3)
+    trainer = Trainer(full, _data(full), cfg, tmp_path / "a")
+    trainer.run(progress=False)
+    assert all(np.isfinite(r["loss"]) for r in trainer.log)
+    assert all(v.dtype == torch.float32 for v in full.unet.state_dict().values())
+    fp32 = tiny_pipeline(seed=3)
+    Trainer(fp32, _data(fp32), TrainConfig(**{**cfg.to_dict(), "mixed_precision": "no"}), tmp_path / "c").run(progress=False)
+    assert not all(torch.equal(v, fp32.unet.state_dict()[k]) for k, v in full.unet.state_dict().items())
+
+    def stop(step):
+        if step == 6:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        Trainer(tiny_pipeline(seed=3), _data(tiny_pipeline(seed=3)), cfg, tmp_path / "b").run(progress=False, on_step=stop)
+    if precision == "fp16":
+        import json
+
+        state = json.loads((tmp_path / "b" / "checkpoint" / "state.json").read_text())
+        assert state["grad_scaler"]["scale"] > 0
+    resumed = tiny_pipeline(seed=3)
+    Trainer(resumed, _data(resumed), cfg, tmp_path / "b").run(progress=False)
+    a, b = _weights(full), _weights(resumed)
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+
+
+def test_unknown_mixed_precision_is_an_input_error(tmp_path):
+    from diffmem.core.errors import InputError
+
+    pipe = tiny_pipeline()
+    with pytest.raises(InputError, match="mixed_precision must be one of no, bf16, fp16"):
+        Trainer(pipe, _data(pipe), TrainConfig(mixed_precision="fp8"), tmp_path)
+
+
 def test_training_lowers_the_loss_v_prediction_frozen_text_encoder(tmp_path):
     pipe = tiny_pipeline(seed=0, prediction_type="v_prediction")
     te_before = {k: v.clone() for k, v in pipe.text_encoder.state_dict().items()}

@@ -7,25 +7,28 @@ from pathlib import Path
 from ..core.errors import InputError
 from ..core.results import dump_json
 from .data import load_pairs
-from .trainer import TrainConfig, TrainData, Trainer, encode_images
+from .trainer import MIXED_PRECISION, TrainConfig, TrainData, Trainer, encode_images
 
 
 def train_pipeline(model: str, data: str, out: str | Path, steps: int = 1000, batch_size: int = 32, lr: float = 1e-4,
                    prediction_type: str | None = None, train_text_encoder: bool = False, ema: bool = False,
                    caption_column: str | None = None, checkpoint_every: int = 500,
                    mem_filter_threshold: float | None = None, seed: int = 0, allow_pickle: bool = False,
-                   progress: bool = True) -> Path:
+                   device: str = "cpu", mixed_precision: str = "no", progress: bool = True) -> Path:
     """Fine-tune ``model`` on ``data``; returns the folder of the saved pipeline (``out/model``).
 
     Images are centre-cropped and resized to the model's resolution and encoded once with its VAE
     (so the data set must fit in memory as latents). Re-running with the same ``out`` resumes
-    from the last checkpoint.
+    from the last checkpoint. ``device`` is where the model trains (cpu, cuda, cuda:1, mps);
+    ``mixed_precision`` (no, bf16, fp16) autocasts its forward passes while the weights stay float32.
     """
     import numpy as np
 
     from ..core.loading import load_pipeline
 
-    pipe = load_pipeline(model, allow_pickle=allow_pickle)
+    if mixed_precision not in MIXED_PRECISION:  # before the model loads and the data is encoded
+        raise InputError(f"mixed_precision must be one of {', '.join(MIXED_PRECISION)}, got {mixed_precision!r}")
+    pipe = load_pipeline(model, device=device, allow_pickle=allow_pickle)
     if prediction_type is not None:
         if prediction_type not in ("epsilon", "v_prediction"):
             raise InputError(f"prediction_type must be epsilon or v_prediction, got {prediction_type!r}")
@@ -39,11 +42,11 @@ def train_pipeline(model: str, data: str, out: str | Path, steps: int = 1000, ba
     latents = encode_images(pipe, images)
     cfg = TrainConfig(steps=steps, batch_size=batch_size, lr=lr, train_text_encoder=train_text_encoder, ema=ema,
                       checkpoint_every=checkpoint_every, mem_filter_threshold=mem_filter_threshold, seed=seed,
-                      warmup_steps=min(200, steps // 10))
+                      warmup_steps=min(200, steps // 10), mixed_precision=mixed_precision)
     trainer = Trainer(pipe, TrainData(latents, np.arange(len(captions)), captions), cfg, out)
     trainer.run(progress=progress)
     model_dir = out / "model"
     pipe.save_pretrained(model_dir, safe_serialization=True)
-    dump_json({"config": cfg.to_dict(), "source_model": model, "data": data, "rows": len(captions),
+    dump_json({"config": cfg.to_dict(), "device": str(pipe.device), "source_model": model, "data": data, "rows": len(captions),
                "skipped_rows": len(problems), "log": trainer.log}, model_dir / "diffmem_train.json")
     return model_dir

@@ -11,6 +11,7 @@ resuming never unpickles anything.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import time
@@ -26,6 +27,8 @@ from diffusers import StableDiffusionPipeline
 from diffusers.optimization import get_scheduler
 from diffusers.training_utils import EMAModel
 from safetensors.torch import load_file, save_file
+
+from ..core.errors import InputError
 
 
 @dataclass
@@ -47,6 +50,9 @@ class TrainConfig:
     # at or above this value from the loss; None disables it
     mem_filter_threshold: float | None = None
     threads: int | None = None
+    # "no", "bf16" or "fp16": autocast the forward passes (weights, optimizer and loss stay float32);
+    # fp16 adds a gradient scaler. Training runs on the device the pipeline is on.
+    mixed_precision: str = "no"
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -62,14 +68,20 @@ class TrainData:
 
 
 def encode_images(pipe: StableDiffusionPipeline, images: np.ndarray, batch_size: int = 256) -> torch.Tensor:
-    """Encode float images (N, H, W, 3) in [0, 1] to scaled latents with the pipeline's VAE."""
+    """Encode float images (N, H, W, 3) in [0, 1] to scaled latents with the pipeline's VAE, on
+    the VAE's device; the latents come back on the CPU (in float32) so the data set does not
+    have to fit in the accelerator's memory."""
     vae = pipe.vae
     out = []
     with torch.inference_mode():
         for i in range(0, len(images), batch_size):
-            x = torch.from_numpy(np.ascontiguousarray(images[i : i + batch_size])).permute(0, 3, 1, 2).float()
-            out.append(vae.encode(x * 2 - 1).latent_dist.mean * vae.config.scaling_factor)
+            x = torch.from_numpy(np.ascontiguousarray(images[i : i + batch_size])).permute(0, 3, 1, 2)
+            x = x.to(vae.device, vae.dtype)
+            out.append((vae.encode(x * 2 - 1).latent_dist.mean * vae.config.scaling_factor).float().cpu())
     return torch.cat(out)
+
+
+MIXED_PRECISION = {"no": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 def _tokenize(pipe, captions: list[str]) -> torch.Tensor:
@@ -77,16 +89,20 @@ def _tokenize(pipe, captions: list[str]) -> torch.Tensor:
     return tok(captions, padding="max_length", max_length=tok.model_max_length, truncation=True, return_tensors="pt").input_ids
 
 
+def _cpu(t: torch.Tensor) -> torch.Tensor:
+    return t.detach().cpu().contiguous()
+
+
 def _save_checkpoint(path: Path, step: int, unet, text_encoder, optimizer, lr_sched, emas, gen, extra: dict):
     path.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
     tmp.mkdir(parents=True, exist_ok=True)
-    save_file({k: v.contiguous() for k, v in unet.state_dict().items()}, tmp / "unet.safetensors")
-    save_file({k: v.contiguous() for k, v in text_encoder.state_dict().items()}, tmp / "text_encoder.safetensors")
+    save_file({k: _cpu(v) for k, v in unet.state_dict().items()}, tmp / "unet.safetensors")
+    save_file({k: _cpu(v) for k, v in text_encoder.state_dict().items()}, tmp / "text_encoder.safetensors")
     opt_tensors, opt_meta = _flatten_optimizer(optimizer)
     save_file(opt_tensors, tmp / "optimizer.safetensors")
     for name, ema in emas.items():
-        save_file({str(i): p.contiguous() for i, p in enumerate(ema.shadow_params)}, tmp / f"ema_{name}.safetensors")
+        save_file({str(i): _cpu(p) for i, p in enumerate(ema.shadow_params)}, tmp / f"ema_{name}.safetensors")
     save_file({"generator": gen.get_state()}, tmp / "rng.safetensors")
     state = {"step": step, "optimizer": opt_meta, "lr_scheduler": lr_sched.state_dict(),
              "ema_steps": {n: e.optimization_step for n, e in emas.items()}, **extra}
@@ -112,7 +128,7 @@ def _flatten_optimizer(optimizer: torch.optim.Optimizer):
     for pid, st in sd["state"].items():
         for k, v in st.items():
             if torch.is_tensor(v):
-                tensors[f"{pid}.{k}"] = v.contiguous()
+                tensors[f"{pid}.{k}"] = _cpu(v)
             else:
                 meta["scalars"][f"{pid}.{k}"] = v
     if not tensors:
@@ -151,6 +167,8 @@ class Trainer:
     def __init__(self, pipe: StableDiffusionPipeline, data: TrainData, config: TrainConfig, out_dir: str | Path):
         if len(data.image_index) == 0:
             raise ValueError("training data is empty")
+        if config.mixed_precision not in MIXED_PRECISION:
+            raise InputError(f"mixed_precision must be one of {', '.join(MIXED_PRECISION)}, got {config.mixed_precision!r}")
         self.pipe, self.data, self.cfg, self.out = pipe, data, config, Path(out_dir)
         self.log: list[dict] = []
 
@@ -172,18 +190,27 @@ class Trainer:
             emas["unet"] = EMAModel(unet.parameters(), decay=cfg.ema_decay)
             if cfg.train_text_encoder:
                 emas["text_encoder"] = EMAModel(te.parameters(), decay=cfg.ema_decay)
+        # batches are drawn on the CPU from one seeded generator and then moved, so a run is the
+        # same draw on every device and resumes exactly
         gen = torch.Generator().manual_seed(cfg.seed)
+        dev = unet.device
+        amp_dtype = MIXED_PRECISION[cfg.mixed_precision]
+
+        def autocast():
+            return torch.autocast(dev.type, dtype=amp_dtype) if amp_dtype is not None else contextlib.nullcontext()
+
+        # fp16 gradients underflow without loss scaling; disabled, the scaler passes everything through
+        scaler = torch.amp.GradScaler(dev.type, enabled=cfg.mixed_precision == "fp16")
         start = 0
         ckpt = self.out / "checkpoint"
         if (ckpt / "state.json").exists():
-            start = self._resume(ckpt, unet, te, optimizer, lr_sched, emas, gen)
+            start = self._resume(ckpt, unet, te, optimizer, lr_sched, emas, gen, scaler)
 
         ids_all = _tokenize(pipe, self.data.captions)
         empty_ids = _tokenize(pipe, [""])[0]
         latents_all = self.data.latents
         img_index = torch.from_numpy(np.asarray(self.data.image_index, dtype=np.int64))
         n_rows = len(img_index)
-        alphas = sched.alphas_cumprod
         from tqdm.auto import tqdm
 
         bar = tqdm(total=cfg.steps, initial=start, desc="training", unit="step", disable=not progress)
@@ -196,24 +223,30 @@ class Trainer:
             ids[drop] = empty_ids
             noise = torch.randn(x0.shape, generator=gen)
             t = torch.randint(0, sched.config.num_train_timesteps, (cfg.batch_size,), generator=gen)
+            x0, noise, t, ids, drop = x0.to(dev), noise.to(dev), t.to(dev), ids.to(dev), drop.to(dev)
             noisy = sched.add_noise(x0, noise, t)
             target = noise if sched.config.prediction_type == "epsilon" else sched.get_velocity(x0, noise, t)
-            with torch.set_grad_enabled(cfg.train_text_encoder):
-                emb = te(ids)[0]
-            pred = unet(noisy, t, emb).sample
+            with autocast():
+                with torch.set_grad_enabled(cfg.train_text_encoder):
+                    emb = te(ids)[0]
+                pred = unet(noisy, t, emb).sample
             per_sample = F.mse_loss(pred.float(), target.float(), reduction="none").mean(dim=(1, 2, 3))
-            keep = torch.ones(cfg.batch_size, dtype=torch.bool)
+            keep = torch.ones(cfg.batch_size, dtype=torch.bool, device=dev)
             if cfg.mem_filter_threshold is not None:
-                keep = self._memorization_filter(pred, noisy, t, emb, ids, empty_ids, alphas) < cfg.mem_filter_threshold
+                with autocast():
+                    norms = self._memorization_filter(pred, noisy, t, emb, empty_ids.to(dev))
+                keep = norms.float() < cfg.mem_filter_threshold
                 keep |= drop  # unconditional samples have no text-conditional part to filter
                 dropped_total += int((~keep).sum())
             if keep.any():
                 loss = per_sample[keep].mean()
                 optimizer.zero_grad(set_to_none=True)
-                loss.backward()
+                scaler.scale(loss).backward()
                 if cfg.grad_clip:
+                    scaler.unscale_(optimizer)  # clip the true gradients, not the scaled ones
                     torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
-                optimizer.step()
+                scaler.step(optimizer)
+                scaler.update()
                 for name, ema in emas.items():
                     ema.step((unet if name == "unet" else te).parameters())
                 loss_value = float(loss.detach())
@@ -235,7 +268,8 @@ class Trainer:
                 if on_log:
                     on_log(rec)
             if cfg.checkpoint_every and (step + 1) % cfg.checkpoint_every == 0 and step + 1 < cfg.steps:
-                _save_checkpoint(ckpt, step + 1, unet, te, optimizer, lr_sched, emas, gen, {"log": self.log})
+                _save_checkpoint(ckpt, step + 1, unet, te, optimizer, lr_sched, emas, gen,
+                                 {"log": self.log, "grad_scaler": scaler.state_dict()})
             if on_step:
                 on_step(step)
         bar.close()
@@ -245,7 +279,7 @@ class Trainer:
         te.eval()
         return pipe
 
-    def _memorization_filter(self, pred, noisy, t, emb, ids, empty_ids, alphas):
+    def _memorization_filter(self, pred, noisy, t, emb, empty_ids):
         """Per-sample text-conditional noise norm, in epsilon units (Wen et al., training time)."""
         from ..core.denoise import conditional_noise_norm
 
@@ -253,14 +287,16 @@ class Trainer:
             uncond_emb = self.pipe.text_encoder(empty_ids[None])[0]
             return conditional_noise_norm(self.pipe, noisy, t, emb, uncond_emb, cond_pred=pred)
 
-    def _resume(self, ckpt: Path, unet, te, optimizer, lr_sched, emas, gen) -> int:
+    def _resume(self, ckpt: Path, unet, te, optimizer, lr_sched, emas, gen, scaler) -> int:
         state = json.loads((ckpt / "state.json").read_text())
         unet.load_state_dict(load_file(ckpt / "unet.safetensors"))
         te.load_state_dict(load_file(ckpt / "text_encoder.safetensors"))
         optimizer.load_state_dict(_unflatten_optimizer(load_file(ckpt / "optimizer.safetensors"), state["optimizer"]))
         lr_sched.load_state_dict(state["lr_scheduler"])
+        if state.get("grad_scaler"):
+            scaler.load_state_dict(state["grad_scaler"])
         for name, ema in emas.items():
-            shadow = load_file(ckpt / f"ema_{name}.safetensors")
+            shadow = load_file(ckpt / f"ema_{name}.safetensors", device=str(unet.device))
             ema.shadow_params = [shadow[str(i)] for i in range(len(shadow))]
             ema.optimization_step = state["ema_steps"][name]
         gen.set_state(load_file(ckpt / "rng.safetensors")["generator"])
