@@ -249,3 +249,15 @@ def test_explain_bad_inputs(tmp_path, tiny_pipe_dir):
         r = run("explain", *args, "--out", str(out))
         assert r.returncode == 2 and msg in r.stderr and "Traceback" not in r.stderr, (args, r.stderr)
         assert not out.exists() or not any(out.iterdir()), args
+
+
+def test_bench_detect_runs_in_the_dtype_asked_for_and_says_so(tmp_path, tiny_pipe_dir):
+    data = tmp_path / "l.csv"
+    data.write_text("prompt,label\na cat,1\na dog,1\na red circle,0\na blue square,0\n")
+    base = ["bench", "detect", "--data", str(data), "--model", str(tiny_pipe_dir), "--generations", "1", "--no-black-box"]
+    r = run(*base, "--out", str(tmp_path / "o"), "--dtype", "bfloat16")
+    assert r.returncode == 0, r.stderr
+    saved = json.loads((tmp_path / "o" / "bench_detect.json").read_text())
+    assert saved["settings"]["runs_on"] == {"device": "cpu", "dtype": "torch.bfloat16"}
+    r = run(*base, "--out", str(tmp_path / "b"), "--dtype", "fp8")
+    assert r.returncode == 2 and "unknown dtype 'fp8'" in r.stderr and not (tmp_path / "b" / "bench_detect.json").exists()

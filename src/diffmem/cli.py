@@ -217,6 +217,11 @@ def mitigate(
     out_console.print(summary)
 
 
+def _record_runs_on(result, pipe) -> None:
+    """A benchmark's figures depend on the dtype (and, in the last digits, the device): say which."""
+    result.settings["runs_on"] = {"device": str(pipe.device), "dtype": str(pipe.dtype)}
+
+
 @bench_app.command("detect")
 def bench_detect_cmd(
     data: Optional[str] = typer.Option(None, help="memlab (default), or a .csv with a label column"),
@@ -233,6 +238,8 @@ def bench_detect_cmd(
     black_box_modes: str = typer.Option("x0,images", help="x0 (one step, cheap) and / or images (full generations)"),
     feature_word_negatives: bool = typer.Option(False, help="MemLab: count captions naming a planted implicit / unintended "
                                                 "feature word as negatives in the main split (they are reported in a second split either way)"),
+    device: str = DEVICE,
+    dtype: str = DTYPE,
 ):
     """AUC and TPR@1%FPR over a grid of steps x generations, a ROC plot and a JSON file."""
     from .bench.detect import bench_detect, labelled_from_files, memlab_labelled
@@ -246,12 +253,13 @@ def bench_detect_cmd(
         labelled = labelled_from_files(data, str(positives) if positives else None, str(negatives) if negatives else None,
                                        label_column, column)
     _check_writable(out)
-    pipe = load_pipeline(model)
+    pipe = load_pipeline(model, device=device, dtype=dtype)
     modes = tuple(m.strip() for m in black_box_modes.split(",") if m.strip())
     if not set(modes) <= {"x0", "images"}:
         raise InputError(f"--black-box-modes takes x0 and / or images, got {black_box_modes!r}")
     res = bench_detect(pipe, labelled, generations=tuple(_steps(generations)), seed=seed, batch_size=batch_size,
                        black_box=black_box, black_box_modes=modes)
+    _record_runs_on(res, pipe)
     files = res.save(out)
     out_console.print(res.table())
     out_console.print(f"wrote {files['json']} and {files['png']}")
@@ -266,6 +274,8 @@ def bench_mitigate_cmd(
     only: Optional[str] = typer.Option(None, help='run only the rows whose "method, setting" contains this text'),
     max_reference: Optional[int] = typer.Option(None, min=2, help="calibrate the targets on at most this many "
                                                 "non-memorized prompts (for a quick run)"),
+    device: str = DEVICE,
+    dtype: str = DTYPE,
 ):
     """Replication against alignment for each mitigation method and setting, on MemLab's planted prompts."""
     from .bench.mitigate import bench_mitigate
@@ -274,8 +284,10 @@ def bench_mitigate_cmd(
 
     manifest = load_manifest(model)
     _check_writable(out)
-    res = bench_mitigate(load_pipeline(model), manifest, generations=generations, max_prompts=max_prompts, only=only,
-                        max_reference=max_reference)
+    pipe = load_pipeline(model, device=device, dtype=dtype)
+    res = bench_mitigate(pipe, manifest, generations=generations, max_prompts=max_prompts, only=only,
+                         max_reference=max_reference)
+    _record_runs_on(res, pipe)
     files = res.save(out)
     out_console.print(res.table())
     out_console.print(f"wrote {files['json']} and {files['png']}")
@@ -289,6 +301,8 @@ def bench_explain_cmd(
     max_prompts: Optional[int] = typer.Option(None, help="limit the trigger and verbatim prompts (for a quick run)"),
     outcome_seeds: int = typer.Option(4, min=0, help="seeds per masked generation of each flagged verbatim prompt "
                                       "(which word's masking breaks the replication); 0 skips it"),
+    device: str = DEVICE,
+    dtype: str = DTYPE,
 ):
     """Do attributions point at the trigger phrase, do gradient attribution and ablation agree, and which
     one names the word whose masking breaks a verbatim replication?"""
@@ -298,8 +312,9 @@ def bench_explain_cmd(
 
     manifest = load_manifest(model)
     _check_writable(out)
-    res = bench_explain(load_pipeline(model), manifest, generations=generations, max_prompts=max_prompts,
-                        outcome_seeds=outcome_seeds)
+    pipe = load_pipeline(model, device=device, dtype=dtype)
+    res = bench_explain(pipe, manifest, generations=generations, max_prompts=max_prompts, outcome_seeds=outcome_seeds)
+    _record_runs_on(res, pipe)
     path = res.save(out)
     out_console.print(res.table())
     for bar, ok in res.bars().items():
@@ -315,6 +330,8 @@ def bench_categorize_cmd(
     n: int = typer.Option(16, min=2, help="generations per prompt"),
     max_prompts: Optional[int] = typer.Option(None, help="limit the novel prompts (for a quick run)"),
     keep_profile: bool = typer.Option(False, help="also save the profile with its images under OUT/profile"),
+    device: str = DEVICE,
+    dtype: str = DTYPE,
 ):
     """The three kinds of memorization against MemLab's manifest, per expectation route."""
     from .bench.categorize import bench_categorize
@@ -323,8 +340,10 @@ def bench_categorize_cmd(
 
     manifest = load_manifest(model)
     _check_writable(out)
-    res = bench_categorize(load_pipeline(model), manifest, n=n, max_prompts=max_prompts,
+    pipe = load_pipeline(model, device=device, dtype=dtype)
+    res = bench_categorize(pipe, manifest, n=n, max_prompts=max_prompts,
                            profile_out=out / "profile" if keep_profile else None)
+    _record_runs_on(res, pipe)
     path = res.save(out)
     out_console.print(res.table())
     for bar, ok in res.bars().items():
@@ -458,6 +477,8 @@ def scan(
     timestep: Optional[int] = typer.Option(None, min=0, help="memorization check: the timestep every row is noised to (default: half the training schedule)"),
     memorization_threshold: Optional[float] = typer.Option(None, help="memorization check: flag rows above this noise norm (default: median + 3 MAD)"),
     seed: int = typer.Option(0),
+    device: str = typer.Option("cpu", help="memorization check: torch device (cpu, cuda, cuda:1, mps)"),
+    dtype: str = typer.Option("float32", help="memorization check: the model's dtype (float32, float16, bfloat16)"),
 ):
     """Scan a captioned training set for duplicated images and captions and word-level trigger phrases (resumes from OUT)."""
     from .scan import DatasetScanner
@@ -468,7 +489,7 @@ def scan(
     scanner = DatasetScanner(dataset, out / "work", caption_column=caption_column, image_column=image_column,
                              checks=names, shard_size=shard_size, limit=limit, min_support=min_support,
                              min_purity=min_purity, caption_jaccard=caption_jaccard, model=model, timestep=timestep,
-                             memorization_threshold=memorization_threshold, seed=seed)
+                             memorization_threshold=memorization_threshold, seed=seed, device=device, dtype=dtype)
     result = scanner.scan()
     result.save(out)
     report = write_report(result, out, result.thumbs)
@@ -489,6 +510,8 @@ def verify_triggers_cmd(
     threshold: float = typer.Option(0.4, help="correlation with the cluster's median image that counts as replication"),
     phrase: Optional[list[str]] = typer.Option(None, help="verify only these phrases (repeatable)"),
     seed: int = typer.Option(0),
+    device: str = DEVICE,
+    dtype: str = DTYPE,
 ):
     """Generate from each trigger phrase in new captions (and random phrases in the same captions) and
     measure how often the cluster's image comes back; writes trigger_verification.json to SCAN_DIR."""
@@ -500,7 +523,7 @@ def verify_triggers_cmd(
     if not result.images:
         raise InputError(f"{scan_dir} holds no cluster images (scan_images.npz): verification needs a scan with images")
     _check_writable(scan_dir)
-    pipe = load_pipeline(model)
+    pipe = load_pipeline(model, device=device, dtype=dtype)
     res = verify_triggers(pipe, result, result.cluster_images(), result.images["mean"],
                           VerifySettings(contexts=contexts, seeds=tuple(range(seeds)), threshold=threshold, seed=seed),
                           phrases=phrase)

@@ -8,6 +8,7 @@ import time
 import numpy as np
 import pandas as pd
 import pytest
+import torch
 
 from diffmem.core.errors import InputError
 from diffmem.scan import DatasetScanner, ListSource, ScanResult
@@ -119,6 +120,27 @@ def test_memorization_check_scores_pairs_with_the_model(tmp_path, memlab_manifes
     again = DatasetScanner(src, tmp_path / "w2", progress=False, checks=["memorization"], model="memlab",
                            timestep=500).scan()
     np.testing.assert_allclose(again.rows["memorization_score"], s, rtol=1e-5)
+    # the model in bfloat16 scores differently, so its scan does not resume a float32 one
+    with pytest.raises(InputError, match="another dataset or with other settings"):
+        DatasetScanner(src, tmp_path / "w", progress=False, checks=["memorization"], model="memlab", timestep=500,
+                       dtype="bf16").scan()
+    half = DatasetScanner(src, tmp_path / "w3", progress=False, checks=["memorization"], model="memlab", timestep=500,
+                          dtype="bf16").scan()
+    assert half.settings["dtype"] == "bfloat16"
+    h = half.rows["memorization_score"].to_numpy()
+    assert not np.array_equal(h, s)
+    assert np.corrcoef(h, s)[0, 1] > 0.95 and np.allclose(h, s, rtol=0.15)
+
+
+def test_memorization_check_refuses_a_dtype_or_device_it_cannot_use():
+    from diffmem.core.errors import ModelLoadError
+
+    with pytest.raises(ModelLoadError, match="unknown dtype 'fp8'"):
+        DatasetScanner(ListSource(["a b"]), None, progress=False, checks=["memorization"], model="memlab", dtype="fp8")
+    if not torch.cuda.is_available():
+        with pytest.raises(ModelLoadError, match="CUDA is not available"):
+            DatasetScanner(ListSource(["a b"]), None, progress=False, checks=["memorization"], model="memlab",
+                           device="cuda")
 
 
 def _cli(*args):

@@ -62,6 +62,20 @@ def resolve_device(device: str | torch.device | None) -> torch.device:
     return dev
 
 
+DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16, "fp16": torch.float16,
+          "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
+
+
+def resolve_dtype(dtype: torch.dtype | str) -> torch.dtype:
+    """A torch dtype from its name (float32 / fp32, float16 / fp16, bfloat16 / bf16) or itself."""
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    try:
+        return DTYPES[str(dtype).removeprefix("torch.")]
+    except KeyError:
+        raise ModelLoadError(f"unknown dtype {dtype!r}; use float32, float16 or bfloat16") from None
+
+
 def check_pipeline_folder(folder: Path, allow_pickle: bool = False) -> dict:
     """Check a local folder before diffusers sees it, so errors say exactly what is wrong."""
     if not folder.exists():
@@ -123,12 +137,7 @@ def load_pipeline(
     ids. The safety checker is not loaded: diffmem audits the denoiser, not its output filter.
     """
     dev = resolve_device(device)
-    if isinstance(dtype, str):
-        try:
-            dtype = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16, "fp16": torch.float16,
-                     "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}[dtype]
-        except KeyError:
-            raise ModelLoadError(f"unknown dtype {dtype!r}; use float32, float16 or bfloat16") from None
+    dtype = resolve_dtype(dtype)
     name = resolve_model(model)
     path = Path(name).expanduser()
     is_local = path.exists() or _looks_like_path(name)

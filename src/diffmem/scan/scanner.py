@@ -55,9 +55,14 @@ class ScanSettings:
     timestep: int | None = None  # None: half the training schedule, the same for every row
     seed: int = 0
     memorization_threshold: float | None = None  # None: flag robust outliers (median + 3 MAD)
+    device: str = "cpu"
+    dtype: str = "float32"
 
     def __post_init__(self):
+        from ..core.loading import resolve_dtype
+
         self.checks = tuple(self.checks)
+        self.dtype = str(resolve_dtype(self.dtype)).removeprefix("torch.")  # one name per dtype, checked now
         unknown = [c for c in self.checks if c not in CHECKS]
         if unknown:
             raise InputError(f"unknown scan check(s) {unknown}; choose from {list(CHECKS)}")
@@ -65,6 +70,10 @@ class ScanSettings:
             raise InputError("no scan checks chosen")
         if "memorization" in self.checks and not self.model:
             raise InputError("the memorization check needs a model (--model memlab or a pipeline folder)")
+        if "memorization" in self.checks:
+            from ..core.loading import resolve_device
+
+            resolve_device(self.device)  # before any shard is written
         if self.shard_size < 1:
             raise InputError("shard_size must be at least 1")
         if self.limit is not None and self.limit < 1:
@@ -77,6 +86,10 @@ class ScanSettings:
         keys = ["shard_size", "limit", "model", "timestep", "seed"]
         d = {k: getattr(self, k) for k in keys}
         d["memorization"] = "memorization" in self.checks
+        if d["memorization"] and self.dtype != "float32":
+            # a half-precision model scores differently; the device does not enter (same numbers),
+            # and float32 scans keep the key they always had
+            d["dtype"] = self.dtype
         return d
 
 
@@ -259,7 +272,7 @@ class DatasetScanner:
         if self._pipe is None:
             from ..core.loading import load_pipeline
 
-            self._pipe = load_pipeline(self.settings.model)
+            self._pipe = load_pipeline(self.settings.model, device=self.settings.device, dtype=self.settings.dtype)
         return sample_noise_norms(self._pipe, rows, timestep=self.settings.timestep, seed=self.settings.seed)
 
     # -- pass 2 ------------------------------------------------------------------------------
