@@ -257,7 +257,7 @@ class Trainer:
             with warnings.catch_warnings():
                 # a step whose samples were all filtered out skips the optimizer on purpose; the
                 # schedule still counts it, so the budget means the same with and without the filter
-                warnings.filterwarnings("ignore", message="Detected call of `lr_scheduler.step()`")
+                warnings.filterwarnings("ignore", message=r"Detected call of `lr_scheduler\.step\(\)` before")
                 lr_sched.step()
             bar.update(1)
             if step % 50 == 0 or step == cfg.steps - 1:
