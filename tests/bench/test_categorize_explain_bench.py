@@ -39,6 +39,14 @@ def test_bench_categorize_small_run(memlab_manifest, tmp_path):
     assert saved["settings"]["n"] == 2 and saved["settings"]["prompts"] == 3 and "table" in saved
 
 
+def test_lead_margin_by_hand():
+    from diffmem.bench.explain import lead_margin
+
+    assert lead_margin([1.0, 3.0, 2.0]) == pytest.approx(1 / 3)
+    assert lead_margin([2.0, 2.0]) == 0.0
+    assert np.isnan(lead_margin([5.0])) and np.isnan(lead_margin([0.0, 0.0]))
+
+
 def test_bench_explain_small_run(memlab_manifest, tmp_path):
     from diffmem.core.loading import load_pipeline
     from diffmem.explain import TokenAttribution
@@ -57,6 +65,14 @@ def test_bench_explain_small_run(memlab_manifest, tmp_path):
     assert set(by_group) <= {"verbatim", "trigger"} and sum(n for _, n in by_group.values()) == len(res.agreement_rows)
     if res.agreement_rows:
         assert sum(r * n for r, n in by_group.values()) / len(res.agreement_rows) == pytest.approx(res.agreement_rate)
+    # the attribution's top word is the ablation's first exactly when they agree; with no margin asked
+    # for, the decisive split is the whole split
+    for r in res.agreement_rows:
+        assert (r["attribution_top_rank_by_ablation"] == 1) == r["agree"]
+        assert r["attribution_margin"] >= 0 and r["ablation_margin"] >= 0
+    assert res.agreement_where_decisive(0.0) == by_group
+    assert all(n <= by_group[g][1] for g, (_, n) in res.agreement_where_decisive(0.5).items())
+    assert "agreement_where_decisive" in saved and "lead their second" in res.table()
     # the masked generations: one row per flagged verbatim prompt, measured against its planted image
     flagged_verbatim = [r for r in res.agreement_rows if r["group"] == "verbatim"]
     assert [r["prompt"] for r in res.outcome_rows] == [r["prompt"] for r in flagged_verbatim]

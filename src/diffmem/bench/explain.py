@@ -25,6 +25,9 @@ import numpy as np
 from ..core.results import dump_json
 
 
+DECISIVE_MARGIN = 0.2  # a top word that leads its second by this share of its score is not a near-tie
+
+
 @dataclass
 class ExplainBenchResult:
     trigger_rows: list[dict]  # prompt, trigger, top words by method, hit
@@ -68,6 +71,16 @@ class ExplainBenchResult:
             out[g] = (float(np.mean(rows)), len(rows))
         return out
 
+    def agreement_where_decisive(self, margin: float = DECISIVE_MARGIN) -> dict[str, tuple[float, int]]:
+        """{group: (rate, count)} over the flagged prompts whose top word leads its second by at least
+        ``margin`` of its score under both methods: is the disagreement only a matter of near-ties?"""
+        out = {}
+        for g in sorted({r.get("group", "") for r in self.agreement_rows}):
+            rows = [r["agree"] for r in self.agreement_rows if r.get("group", "") == g
+                    and min(r.get("attribution_margin", np.nan), r.get("ablation_margin", np.nan)) >= margin]
+            out[g] = (float(np.mean(rows)) if rows else float("nan"), len(rows))
+        return out
+
     def bars(self) -> dict[str, bool]:
         return {"trigger phrase holds the top word (attribution) >= 0.9": self.trigger_top_word_rate["attribution"] >= 0.9,
                 "attribution and ablation agree on flagged prompts >= 0.8": self.agreement_rate >= 0.8}
@@ -81,6 +94,11 @@ class ExplainBenchResult:
                      f"{self.agreement_rate:.3f} ({len(self.agreement_rows)} flagged of {self.settings['candidates']}) |")
         for g, (rate, n) in self.agreement_by_group().items():
             lines.append(f"| ... of which {g} prompts | {rate:.3f} ({n}) |")
+        if self.agreement_rows and "attribution_margin" in self.agreement_rows[0]:
+            for g, (rate, n) in self.agreement_where_decisive().items():
+                ranks = [r["attribution_top_rank_by_ablation"] for r in self.agreement_rows if r.get("group", "") == g]
+                lines.append(f"| {g}: agreement where both top words lead their second by >= {DECISIVE_MARGIN:.0%} / "
+                             f"the attribution's top word's mean rank by the ablation | {rate:.3f} ({n}) / {np.mean(ranks):.2f} |")
         outcome = self.outcome()
         if outcome:
             n, seeds = len(self.outcome_rows), self.settings["outcome_seeds"]
@@ -100,6 +118,8 @@ class ExplainBenchResult:
         out.mkdir(parents=True, exist_ok=True)
         dump_json({"trigger_top_word_rate": self.trigger_top_word_rate, "agreement_rate": self.agreement_rate,
                    "agreement_by_group": {g: {"rate": r, "n": n} for g, (r, n) in self.agreement_by_group().items()},
+                   "agreement_where_decisive": {"margin": DECISIVE_MARGIN, **{
+                       g: {"rate": r, "n": n} for g, (r, n) in self.agreement_where_decisive().items()}},
                    "bars": self.bars(), "settings": self.settings, "trigger_rows": self.trigger_rows,
                    "agreement_rows": self.agreement_rows, "outcome": self.outcome(), "outcome_rows": self.outcome_rows,
                    "table": self.table()}, out / "bench_explain.json")
@@ -149,8 +169,12 @@ def bench_explain(pipe, manifest: dict, generations: int = 1, max_prompts: int |
     flagged = [c for c, v in zip(candidates, verdicts.verdicts) if v]
     agreement_rows = []
     for group, prompt in tqdm(flagged, desc="flagged prompts", disable=not progress):
-        tops = {name: explained(name, prompt).top_word for name in methods}
+        res = {name: explained(name, prompt) for name in methods}
+        tops = {name: r.top_word for name, r in res.items()}
+        ablation_order = [w for w, _ in res["ablation"].ranking()]
         agreement_rows.append({"prompt": prompt, "group": group, **{f"{k}_top": v for k, v in tops.items()},
+                               **{f"{k}_margin": lead_margin(r.word_scores) for k, r in res.items()},
+                               "attribution_top_rank_by_ablation": ablation_order.index(tops["attribution"]) + 1,
                                "agree": tops["attribution"] == tops["ablation"]})
     image_of = {e["prompt"]: e["image_id"] for e in manifest["groups"]["verbatim"]}
     outcome_rows = []
@@ -163,6 +187,13 @@ def bench_explain(pipe, manifest: dict, generations: int = 1, max_prompts: int |
                 "methods": list(methods), "ablation_mode": abl.mode, "threshold": cal.threshold, "candidates": len(candidates),
                 "negatives": len(negatives), "outcome_seeds": outcome_seeds}
     return ExplainBenchResult(trigger_rows, agreement_rows, settings, outcome_rows)
+
+
+def lead_margin(scores) -> float:
+    """How far the top word leads the second, as a share of the top score (NaN for one word): a small
+    margin means the top word is a near-tie and its rank says little."""
+    top2 = np.sort(np.asarray(scores, float))[::-1][:2]
+    return float((top2[0] - top2[1]) / abs(top2[0])) if len(top2) == 2 and top2[0] != 0 else float("nan")
 
 
 def masked_outcomes(pipe, manifest: dict, ablation, prompts: list[str], image_ids: list[int], results: dict, seeds: list[int],
