@@ -296,7 +296,7 @@ def bench_mitigate_cmd(
 @bench_app.command("explain")
 def bench_explain_cmd(
     model: str = typer.Option("memlab", help="a MemLab model (the benchmark needs its manifest)"),
-    out: Path = typer.Option(Path("bench-explain"), help="folder for bench_explain.json"),
+    out: Path = typer.Option(Path("bench-explain"), help="folder for bench_explain.json and bench_explain.png"),
     generations: int = typer.Option(1, min=1),
     max_prompts: Optional[int] = typer.Option(None, help="limit the trigger and verbatim prompts (for a quick run)"),
     outcome_seeds: int = typer.Option(4, min=0, help="seeds per masked generation of each flagged verbatim prompt "
@@ -316,10 +316,11 @@ def bench_explain_cmd(
     res = bench_explain(pipe, manifest, generations=generations, max_prompts=max_prompts, outcome_seeds=outcome_seeds)
     _record_runs_on(res, pipe)
     path = res.save(out)
+    png = res.plot(out / "bench_explain.png")
     out_console.print(res.table())
     for bar, ok in res.bars().items():
         out_console.print(f"{'PASS' if ok else 'FAIL'}  {bar}")
-    out_console.print(f"wrote {path}")
+    out_console.print(f"wrote {path} and {png}")
     raise typer.Exit(0 if all(res.bars().values()) else 1)
 
 

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 from diffmem.bench.categorize import bench_categorize, kind_scores, planted_kinds
-from diffmem.bench.explain import bench_explain
+from diffmem.bench.explain import ExplainBenchResult, bench_explain
 
 
 def test_planted_kinds_follow_the_scene_and_adjective_words():
@@ -73,6 +73,9 @@ def test_bench_explain_small_run(memlab_manifest, tmp_path):
     assert res.agreement_where_decisive(0.0) == by_group
     assert all(n <= by_group[g][1] for g, (_, n) in res.agreement_where_decisive(0.5).items())
     assert "agreement_where_decisive" in saved and "lead their second" in res.table()
+    assert res.plot(tmp_path / "bench_explain.png").stat().st_size > 5000
+    back = ExplainBenchResult.load(tmp_path)
+    assert back.table() == res.table() and back.outcome() == res.outcome()
     # the masked generations: one row per flagged verbatim prompt, measured against its planted image
     flagged_verbatim = [r for r in res.agreement_rows if r["group"] == "verbatim"]
     assert [r["prompt"] for r in res.outcome_rows] == [r["prompt"] for r in flagged_verbatim]

@@ -113,6 +113,54 @@ class ExplainBenchResult:
                          f"{u['replication']:.3f} / {u['any_word_masked']:.3f} / {u['best_word_masked']:.3f} |")
         return "\n".join(lines)
 
+    def plot(self, path: str | Path) -> Path:
+        """Left: agreement on the top word per group, over all flagged prompts and over those where
+        both top words lead clearly, against the 0.8 bar. Right (with the masked generations): the
+        replication of flagged verbatim captions with no word, a random word, each method's top word
+        and the best word masked."""
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        outcome = self.outcome()
+        fig, axes = plt.subplots(1, 2 if outcome else 1, figsize=(9 if outcome else 4.5, 3.6), squeeze=False)
+        ax = axes[0, 0]
+        groups = self.agreement_by_group()
+        decisive = self.agreement_where_decisive()
+        x = np.arange(len(groups))
+        for k, (label, data) in enumerate([("all flagged", groups),
+                                           (f"both top words lead by >= {DECISIVE_MARGIN:.0%}", decisive)]):
+            rates = [data[g][0] for g in groups]
+            bars = ax.bar(x + (k - 0.5) * 0.38, np.nan_to_num(rates), 0.38, label=label, color=("C4", "C9")[k])
+            for b, g in zip(bars, groups):
+                ax.annotate(f"n={data[g][1]}", (b.get_x() + b.get_width() / 2, b.get_height()), ha="center",
+                            va="bottom", fontsize=7)
+        ax.axhline(0.8, color="k", ls="--", lw=0.8, label="bar 0.8")
+        ax.set_xticks(x, [f"{g} prompts" for g in groups])
+        ax.set_ylim(0, 1.12)
+        ax.set_ylabel("same top word: attribution and ablation")
+        ax.legend(fontsize=7, loc="lower center", bbox_to_anchor=(0.5, 1.0), ncol=2, frameon=False)
+        if outcome:
+            ax = axes[0, 1]
+            u = outcome["unmasked"]
+            names = ["nothing", "a random word", "attribution's top word", "ablation's top word", "the best word"]
+            values = [u["replication"], u["any_word_masked"], outcome["attribution"]["replication_with_top_word_masked"],
+                      outcome["ablation"]["replication_with_top_word_masked"], u["best_word_masked"]]
+            bars = ax.barh(np.arange(len(names))[::-1], values, color=["0.5", "0.7", "C0", "C1", "C2"])
+            for b, v in zip(bars, values):
+                ax.annotate(f"{v:.3f}", (v, b.get_y() + b.get_height() / 2), xytext=(3, 0), textcoords="offset points",
+                            va="center", fontsize=7)
+            ax.set_yticks(np.arange(len(names))[::-1], [f"masked: {n}" for n in names], fontsize=8)
+            ax.set_xlim(0, 1.15)
+            ax.set_xlabel("generations that replicate the training image")
+            ax.set_title(f"{len(self.outcome_rows)} flagged verbatim captions x {self.settings['outcome_seeds']} seeds",
+                         fontsize=8)
+        fig.tight_layout()
+        fig.savefig(path, dpi=130, bbox_inches="tight")
+        plt.close(fig)
+        return Path(path)
+
     def save(self, out: str | Path) -> Path:
         out = Path(out)
         out.mkdir(parents=True, exist_ok=True)
@@ -124,6 +172,15 @@ class ExplainBenchResult:
                    "agreement_rows": self.agreement_rows, "outcome": self.outcome(), "outcome_rows": self.outcome_rows,
                    "table": self.table()}, out / "bench_explain.json")
         return out / "bench_explain.json"
+
+    @classmethod
+    def load(cls, path: str | Path) -> "ExplainBenchResult":
+        """From ``bench_explain.json`` (or the folder holding it); the figures are recomputed from the rows."""
+        import json
+
+        path = Path(path)
+        d = json.loads((path / "bench_explain.json" if path.is_dir() else path).read_text())
+        return cls(d["trigger_rows"], d["agreement_rows"], d["settings"], d.get("outcome_rows", []))
 
 
 def bench_explain(pipe, manifest: dict, generations: int = 1, max_prompts: int | None = None,
