@@ -217,11 +217,6 @@ def mitigate(
     out_console.print(summary)
 
 
-def _record_runs_on(result, pipe) -> None:
-    """A benchmark's figures depend on the dtype (and, in the last digits, the device): say which."""
-    result.settings["runs_on"] = {"device": str(pipe.device), "dtype": str(pipe.dtype)}
-
-
 @bench_app.command("detect")
 def bench_detect_cmd(
     data: Optional[str] = typer.Option(None, help="memlab (default), or a .csv with a label column"),
@@ -243,7 +238,7 @@ def bench_detect_cmd(
 ):
     """AUC and TPR@1%FPR over a grid of steps x generations, a ROC plot and a JSON file."""
     from .bench.detect import bench_detect, labelled_from_files, memlab_labelled
-    from .core.loading import load_pipeline
+    from .core.loading import load_pipeline, runs_on
 
     if data in (None, "memlab") and positives is None:
         from .memlab.verify import load_manifest
@@ -259,7 +254,7 @@ def bench_detect_cmd(
         raise InputError(f"--black-box-modes takes x0 and / or images, got {black_box_modes!r}")
     res = bench_detect(pipe, labelled, generations=tuple(_steps(generations)), seed=seed, batch_size=batch_size,
                        black_box=black_box, black_box_modes=modes)
-    _record_runs_on(res, pipe)
+    res.settings["runs_on"] = runs_on(pipe)
     files = res.save(out)
     out_console.print(res.table())
     out_console.print(f"wrote {files['json']} and {files['png']}")
@@ -279,7 +274,7 @@ def bench_mitigate_cmd(
 ):
     """Replication against alignment for each mitigation method and setting, on MemLab's planted prompts."""
     from .bench.mitigate import bench_mitigate
-    from .core.loading import load_pipeline
+    from .core.loading import load_pipeline, runs_on
     from .memlab.verify import load_manifest
 
     manifest = load_manifest(model)
@@ -287,7 +282,7 @@ def bench_mitigate_cmd(
     pipe = load_pipeline(model, device=device, dtype=dtype)
     res = bench_mitigate(pipe, manifest, generations=generations, max_prompts=max_prompts, only=only,
                          max_reference=max_reference)
-    _record_runs_on(res, pipe)
+    res.settings["runs_on"] = runs_on(pipe)
     files = res.save(out)
     out_console.print(res.table())
     out_console.print(f"wrote {files['json']} and {files['png']}")
@@ -307,14 +302,14 @@ def bench_explain_cmd(
     """Do attributions point at the trigger phrase, do gradient attribution and ablation agree, and which
     one names the word whose masking breaks a verbatim replication?"""
     from .bench.explain import bench_explain
-    from .core.loading import load_pipeline
+    from .core.loading import load_pipeline, runs_on
     from .memlab.verify import load_manifest
 
     manifest = load_manifest(model)
     _check_writable(out)
     pipe = load_pipeline(model, device=device, dtype=dtype)
     res = bench_explain(pipe, manifest, generations=generations, max_prompts=max_prompts, outcome_seeds=outcome_seeds)
-    _record_runs_on(res, pipe)
+    res.settings["runs_on"] = runs_on(pipe)
     path = res.save(out)
     png = res.plot(out / "bench_explain.png")
     out_console.print(res.table())
@@ -336,7 +331,7 @@ def bench_categorize_cmd(
 ):
     """The three kinds of memorization against MemLab's manifest, per expectation route."""
     from .bench.categorize import bench_categorize
-    from .core.loading import load_pipeline
+    from .core.loading import load_pipeline, runs_on
     from .memlab.verify import load_manifest
 
     manifest = load_manifest(model)
@@ -344,7 +339,7 @@ def bench_categorize_cmd(
     pipe = load_pipeline(model, device=device, dtype=dtype)
     res = bench_categorize(pipe, manifest, n=n, max_prompts=max_prompts,
                            profile_out=out / "profile" if keep_profile else None)
-    _record_runs_on(res, pipe)
+    res.settings["runs_on"] = runs_on(pipe)
     path = res.save(out)
     out_console.print(res.table())
     for bar, ok in res.bars().items():

@@ -76,6 +76,11 @@ def resolve_dtype(dtype: torch.dtype | str) -> torch.dtype:
         raise ModelLoadError(f"unknown dtype {dtype!r}; use float32, float16 or bfloat16") from None
 
 
+def runs_on(pipe) -> dict:
+    """Where a result was computed: its figures depend on the dtype (and, in the last digits, the device)."""
+    return {"device": str(pipe.device), "dtype": str(pipe.dtype)}
+
+
 def check_pipeline_folder(folder: Path, allow_pickle: bool = False) -> dict:
     """Check a local folder before diffusers sees it, so errors say exactly what is wrong."""
     if not folder.exists():

@@ -246,13 +246,15 @@ class Audit:
                         "upstream": upstream, "version": 1, **precision})
 
     def run(self) -> AuditResult:
+        from ..core.loading import runs_on
+
         s = self.settings
         self.out.mkdir(parents=True, exist_ok=True)
         result = AuditResult(self.out, {**asdict(s), "skip": list(s.skip)})
         self._load()
         result.settings["model_identity"] = self.identity
         result.settings["sampler"] = self.sampler
-        result.settings["runs_on"] = {"device": str(self.pipe.device), "dtype": str(self.pipe.dtype)}
+        result.settings["runs_on"] = runs_on(self.pipe)
         keys: dict[str, str] = {}
         todo = [st for st in STAGES if st not in s.skip and not (st == "scan" and s.train_data is None)]
         for i, stage in enumerate(STAGES, 1):

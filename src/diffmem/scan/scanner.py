@@ -68,11 +68,11 @@ class ScanSettings:
             raise InputError(f"unknown scan check(s) {unknown}; choose from {list(CHECKS)}")
         if not self.checks:
             raise InputError("no scan checks chosen")
-        if "memorization" in self.checks and not self.model:
-            raise InputError("the memorization check needs a model (--model memlab or a pipeline folder)")
         if "memorization" in self.checks:
             from ..core.loading import resolve_device
 
+            if not self.model:
+                raise InputError("the memorization check needs a model (--model memlab or a pipeline folder)")
             resolve_device(self.device)  # before any shard is written
         if self.shard_size < 1:
             raise InputError("shard_size must be at least 1")

@@ -7,7 +7,7 @@ from pathlib import Path
 from ..core.errors import InputError
 from ..core.results import dump_json
 from .data import load_pairs
-from .trainer import MIXED_PRECISION, TrainConfig, TrainData, Trainer, encode_images
+from .trainer import TrainConfig, TrainData, Trainer, encode_images
 
 
 def train_pipeline(model: str, data: str, out: str | Path, steps: int = 1000, batch_size: int = 32, lr: float = 1e-4,
@@ -26,8 +26,10 @@ def train_pipeline(model: str, data: str, out: str | Path, steps: int = 1000, ba
 
     from ..core.loading import load_pipeline
 
-    if mixed_precision not in MIXED_PRECISION:  # before the model loads and the data is encoded
-        raise InputError(f"mixed_precision must be one of {', '.join(MIXED_PRECISION)}, got {mixed_precision!r}")
+    # the config checks its values before the model loads and the data is encoded
+    cfg = TrainConfig(steps=steps, batch_size=batch_size, lr=lr, train_text_encoder=train_text_encoder, ema=ema,
+                      checkpoint_every=checkpoint_every, mem_filter_threshold=mem_filter_threshold, seed=seed,
+                      warmup_steps=min(200, steps // 10), mixed_precision=mixed_precision)
     pipe = load_pipeline(model, device=device, allow_pickle=allow_pickle)
     if prediction_type is not None:
         if prediction_type not in ("epsilon", "v_prediction"):
@@ -40,9 +42,6 @@ def train_pipeline(model: str, data: str, out: str | Path, steps: int = 1000, ba
     if problems:
         dump_json(problems, out / "data_problems.json")
     latents = encode_images(pipe, images)
-    cfg = TrainConfig(steps=steps, batch_size=batch_size, lr=lr, train_text_encoder=train_text_encoder, ema=ema,
-                      checkpoint_every=checkpoint_every, mem_filter_threshold=mem_filter_threshold, seed=seed,
-                      warmup_steps=min(200, steps // 10), mixed_precision=mixed_precision)
     trainer = Trainer(pipe, TrainData(latents, np.arange(len(captions)), captions), cfg, out)
     trainer.run(progress=progress)
     model_dir = out / "model"

@@ -30,6 +30,8 @@ from safetensors.torch import load_file, save_file
 
 from ..core.errors import InputError
 
+MIXED_PRECISION = {"no": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+
 
 @dataclass
 class TrainConfig:
@@ -53,6 +55,10 @@ class TrainConfig:
     # "no", "bf16" or "fp16": autocast the forward passes (weights, optimizer and loss stay float32);
     # fp16 adds a gradient scaler. Training runs on the device the pipeline is on.
     mixed_precision: str = "no"
+
+    def __post_init__(self):
+        if self.mixed_precision not in MIXED_PRECISION:
+            raise InputError(f"mixed_precision must be one of {', '.join(MIXED_PRECISION)}, got {self.mixed_precision!r}")
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -79,9 +85,6 @@ def encode_images(pipe: StableDiffusionPipeline, images: np.ndarray, batch_size:
             x = x.to(vae.device, vae.dtype)
             out.append((vae.encode(x * 2 - 1).latent_dist.mean * vae.config.scaling_factor).float().cpu())
     return torch.cat(out)
-
-
-MIXED_PRECISION = {"no": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 def _tokenize(pipe, captions: list[str]) -> torch.Tensor:
@@ -167,8 +170,6 @@ class Trainer:
     def __init__(self, pipe: StableDiffusionPipeline, data: TrainData, config: TrainConfig, out_dir: str | Path):
         if len(data.image_index) == 0:
             raise ValueError("training data is empty")
-        if config.mixed_precision not in MIXED_PRECISION:
-            raise InputError(f"mixed_precision must be one of {', '.join(MIXED_PRECISION)}, got {config.mixed_precision!r}")
         self.pipe, self.data, self.cfg, self.out = pipe, data, config, Path(out_dir)
         self.log: list[dict] = []
 
@@ -208,6 +209,7 @@ class Trainer:
 
         ids_all = _tokenize(pipe, self.data.captions)
         empty_ids = _tokenize(pipe, [""])[0]
+        empty_ids_on_dev = empty_ids.to(dev)  # the filter's unconditional caption, moved once
         latents_all = self.data.latents
         img_index = torch.from_numpy(np.asarray(self.data.image_index, dtype=np.int64))
         n_rows = len(img_index)
@@ -234,7 +236,7 @@ class Trainer:
             keep = torch.ones(cfg.batch_size, dtype=torch.bool, device=dev)
             if cfg.mem_filter_threshold is not None:
                 with autocast():
-                    norms = self._memorization_filter(pred, noisy, t, emb, empty_ids.to(dev))
+                    norms = self._memorization_filter(pred, noisy, t, emb, empty_ids_on_dev)
                 keep = norms.float() < cfg.mem_filter_threshold
                 keep |= drop  # unconditional samples have no text-conditional part to filter
                 dropped_total += int((~keep).sum())
