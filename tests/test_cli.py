@@ -251,6 +251,51 @@ def test_explain_bad_inputs(tmp_path, tiny_pipe_dir):
         assert not out.exists() or not any(out.iterdir()), args
 
 
+def test_explain_a_prompt_file_equals_the_api_and_resumes(tmp_path, tiny_pipe_dir, tiny_pipe):
+    import numpy as np
+    import pandas as pd
+
+    from diffmem.explain import AttributionSet, TokenAttribution, explain_prompts
+
+    (tmp_path / "p.csv").write_text("id,caption\n1,a red circle\n2,a blue square\n")
+    out = tmp_path / "o"
+    args = ["explain", "--prompts", str(tmp_path / "p.csv"), "--column", "caption", "--model", str(tiny_pipe_dir),
+            "--num-inference-steps", "4", "--out", str(out)]
+    r = run(*args)
+    assert r.returncode == 0, r.stderr
+    assert "explained 2 prompts" in r.stdout and "a red circle" in r.stdout
+    got = AttributionSet.load(out / "attributions.json")
+    want = explain_prompts(TokenAttribution(tiny_pipe, num_inference_steps=4), ["a red circle", "a blue square"])
+    for a, b in zip(got.results, want.results, strict=True):
+        np.testing.assert_allclose(a.word_scores, b.word_scores, rtol=1e-4, atol=1e-6)
+    assert len(pd.read_parquet(out / "words.parquet")) == 6
+    assert (out / "attributions.html").read_text().count('class="diffmem-attribution"') == 2
+    # a second run finds every prompt done and only rewrites the outputs; other settings are refused
+    before = (out / "attributions.json").read_bytes()
+    assert run(*args).returncode == 0 and (out / "attributions.json").read_bytes() == before
+    r = run(*args, "--seed", "5")
+    assert r.returncode == 2 and "other settings" in r.stderr and "Traceback" not in r.stderr
+    assert (out / "attributions.json").read_bytes() == before
+
+
+def test_explain_prompt_file_bad_inputs(tmp_path, tiny_pipe_dir):
+    (tmp_path / "p.txt").write_text("a cat\n\na dog\n")
+    (tmp_path / "ok.txt").write_text("a cat\n")
+    out = tmp_path / "o"
+    cases = [
+        (["--prompt", "a cat", "--prompts", str(tmp_path / "ok.txt"), "--out", str(out)], "exactly one of --prompt and --prompts"),
+        ([], "exactly one of --prompt and --prompts"),
+        (["--prompts", str(tmp_path / "ok.txt")], "--prompts needs --out"),
+        (["--prompt", "a cat", "--column", "caption"], "--column applies to --prompts"),
+        (["--prompts", str(tmp_path / "p.txt"), "--out", str(out)], "line 2: empty prompt"),
+        (["--prompts", str(tmp_path / "nope.txt"), "--out", str(out)], "prompt file not found"),
+    ]
+    for args, msg in cases:
+        r = run("explain", *args, "--model", str(tiny_pipe_dir))
+        assert r.returncode == 2 and msg in r.stderr and "Traceback" not in r.stderr, (args, r.stderr)
+        assert not out.exists(), args
+
+
 def test_bench_detect_runs_in_the_dtype_asked_for_and_says_so(tmp_path, tiny_pipe_dir):
     data = tmp_path / "l.csv"
     data.write_text("prompt,label\na cat,1\na dog,1\na red circle,0\na blue square,0\n")

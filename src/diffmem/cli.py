@@ -116,7 +116,10 @@ def detect(
 
 @app.command()
 def explain(
-    prompt: str = typer.Option(..., help="the prompt to explain"),
+    prompt: Optional[str] = typer.Option(None, help="the prompt to explain"),
+    prompts: Optional[Path] = typer.Option(None, help="or a file of prompts (.txt / .jsonl / .csv), e.g. the flagged ones "
+                                           "from detect; needs --out, where it checkpoints and resumes"),
+    column: Optional[str] = typer.Option(None, help="prompt column of a .csv / .jsonl file"),
     model: str = typer.Option("memlab"),
     method: str = typer.Option("attribution", help="attribution (gradients, Wen et al.) or ablation (score drop per word)"),
     ablation_mode: str = typer.Option("mask", help="ablation: mask (zero the word's token embeddings) or remove (leave it out)"),
@@ -127,25 +130,44 @@ def explain(
     guidance_scale: Optional[float] = GUIDANCE_SCALE,
     device: str = DEVICE,
     dtype: str = DTYPE,
-    out: Optional[Path] = typer.Option(None, help="folder for attribution.json, .png and .html"),
+    out: Optional[Path] = typer.Option(None, help="folder for attribution.json, .png and .html (one prompt) or "
+                                       "attributions.json, words.parquet and attributions.html (a file)"),
 ):
     """Which words of a prompt carry its memorization: coloured in the terminal, as a bar chart and as HTML."""
     if method not in ("attribution", "ablation"):
         raise DiffmemError(f"--method must be attribution or ablation, got {method!r}")
     if ablation_mode not in ("mask", "remove"):
         raise DiffmemError(f"--ablation-mode must be mask or remove, got {ablation_mode!r}")
-    if not prompt.strip():
+    if (prompt is None) == (prompts is None):
+        raise DiffmemError("give exactly one of --prompt and --prompts")
+    if prompt is not None and not prompt.strip():
         raise DiffmemError("the prompt to explain is empty")
+    if prompts is not None and out is None:
+        raise DiffmemError("--prompts needs --out DIR: a file of prompts is checkpointed there and resumes")
+    if prompts is not None:
+        from .core.prompts import read_prompts
+
+        texts = read_prompts(prompts, column)  # bad input fails before torch and the model load
+    elif column is not None:
+        raise DiffmemError("--column applies to --prompts")
     if out is not None:
         _check_writable(out)
     from .core.loading import load_pipeline  # after the checks: torch takes seconds to import
-    from .explain import TokenAblation, TokenAttribution
+    from .explain import TokenAblation, TokenAttribution, explain_prompts
+    from .explain.batch import write_outputs
 
     pipe = load_pipeline(model, device=device, dtype=dtype)
     d = _sampler(pipe, num_inference_steps, guidance_scale)
     kw = dict(steps=_steps(steps), generations=generations, seed=seed)
     explainer = (TokenAttribution(pipe, d["num_inference_steps"], d["guidance_scale"], **kw) if method == "attribution"
                  else TokenAblation(pipe, d["num_inference_steps"], d["guidance_scale"], mode=ablation_mode, **kw))
+    if prompts is not None:
+        res = explain_prompts(explainer, texts, checkpoint=out / "attributions.json", progress=True)
+        for r in res.results:
+            out_console.print(r.to_rich(), f" -> {r.top_word}")
+        write_outputs(res, out)
+        out_console.print(f"explained {len(res)} prompts; wrote {out}/attributions.json, words.parquet and attributions.html")
+        return
     res = explainer.attribute(prompt)
     out_console.print(res.to_rich())
     out_console.print(" ".join(f"{w}={v:.3g}" for w, v in res.ranking()))

@@ -51,11 +51,15 @@ class AttributionResult:
         return Path(path)
 
     @classmethod
-    def load(cls, path: str | Path) -> "AttributionResult":
-        d = json.loads(Path(path).read_text())
+    def from_dict(cls, d: dict) -> "AttributionResult":
+        d = dict(d)
         d["token_scores"] = np.asarray(d["token_scores"], float)
         d["word_scores"] = np.asarray(d["word_scores"], float)
         return cls(**d)
+
+    @classmethod
+    def load(cls, path: str | Path) -> "AttributionResult":
+        return cls.from_dict(json.loads(Path(path).read_text(encoding="utf-8")))
 
     # -- showing itself -----------------------------------------------------------------------
     def segments(self) -> list[tuple[str, str]]:

@@ -364,19 +364,16 @@ class Audit:
         settings = {"seed": s.seed, "steps": list(s.steps), "max_explain": s.max_explain, "method": f"token_{s.explain_method}"}
 
         def work(folder: Path, key: str) -> dict:
-            from tqdm.auto import tqdm
-
-            from ..explain import EXPLAINERS
+            from ..explain import EXPLAINERS, explain_prompts
 
             # the same steps as detection: the explanation is of the score that flagged the prompt
             explainer = EXPLAINERS[s.explain_method](self.pipe, self.sampler["num_inference_steps"],
                                                      self.sampler["guidance_scale"], steps=self._detector().settings.steps,
                                                      generations=1, seed=s.seed)
-            explained = [explainer.attribute(p) for p in tqdm(self.flagged(s.max_explain), desc="explaining",
-                                                              unit="prompt", disable=not self.progress)]
-            dump_json({"attributions": [r.to_dict() for r in explained]}, folder / "attributions.json")
+            explained = explain_prompts(explainer, self.flagged(s.max_explain), checkpoint=folder / "attributions.json", progress=self.progress,
+                                        stale="restart")
             return {"n_explained": len(explained), "settings": explainer.settings, "seeds": explainer.seeds(),
-                    "top_words": {r.prompt: r.top_word for r in explained}}
+                    "top_words": explained.top_words()}
 
         return self._stage("explain", settings, [keys["detect"]], work)
 

@@ -195,17 +195,10 @@ def _group_table(det, groups) -> list[dict]:
 
 def load_attributions(out: Path) -> dict:
     """{prompt: AttributionResult} from an audit folder's explain stage ({} if it did not run)."""
-    from ..explain.result import AttributionResult
+    from ..explain.batch import AttributionSet
 
     f = out / "explain" / "attributions.json"
-    if not f.exists():
-        return {}
-    res = {}
-    for d in json.loads(f.read_text())["attributions"]:
-        d["token_scores"] = np.asarray(d["token_scores"], float)
-        d["word_scores"] = np.asarray(d["word_scores"], float)
-        res[d["prompt"]] = AttributionResult(**d)
-    return res
+    return AttributionSet.load(f).by_prompt() if f.exists() else {}
 
 
 def _load_profile(out: Path):

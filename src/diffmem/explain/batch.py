@@ -1,0 +1,153 @@
+"""Explaining many prompts: ``explain_prompts`` runs one explainer over a list, checkpointing after
+every prompt so an interrupted run resumes where it stopped, and returns an ``AttributionSet``
+that saves and loads (JSON), tabulates itself (one row per word) and draws an HTML page.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+
+from ..core.errors import InputError
+from ..core.results import atomic_write_text, dump_json, to_jsonable
+from .result import AttributionResult
+from .tokens import check_prompt
+
+
+@dataclass
+class AttributionSet:
+    method: str
+    settings: dict
+    seeds: list[int]
+    results: list[AttributionResult] = field(default_factory=list)
+    model: dict = field(default_factory=dict)  # model_identity and dtype: what a resumed run must match
+
+    def __len__(self) -> int:
+        return len(self.results)
+
+    def by_prompt(self) -> dict[str, AttributionResult]:
+        return {r.prompt: r for r in self.results}
+
+    def top_words(self) -> dict[str, str]:
+        return {r.prompt: r.top_word for r in self.results}
+
+    def to_dict(self) -> dict:
+        return {"method": self.method, "settings": self.settings, "seeds": self.seeds, "model": self.model,
+                "attributions": [r.to_dict() for r in self.results]}
+
+    def save(self, path: str | Path) -> Path:
+        dump_json(self.to_dict(), path)
+        return Path(path)
+
+    @classmethod
+    def load(cls, path: str | Path) -> "AttributionSet":
+        path = Path(path)
+        try:
+            d = json.loads(path.read_text(encoding="utf-8"))
+            results = [AttributionResult.from_dict(a) for a in d["attributions"]]
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            raise InputError(f"{path} is not a diffmem attributions file ({type(e).__name__}: {e})") from None
+        first = results[0] if results else None
+        # files written by the audit before the set carried its own settings: take the first result's
+        return cls(d.get("method", first.method if first else ""), d.get("settings", first.settings if first else {}),
+                   d.get("seeds", first.seeds if first else []), results, d.get("model", {}))
+
+    def to_frame(self):
+        """One row per word: prompt index and text, word index and text, score, rank (1 = top)."""
+        import pandas as pd
+
+        rows = []
+        for i, r in enumerate(self.results):
+            rank = np.empty(len(r.words), int)
+            rank[np.argsort(-r.word_scores, kind="stable")] = np.arange(1, len(r.words) + 1)
+            for j, (w, s) in enumerate(zip(r.words, r.word_scores)):
+                rows.append({"prompt_index": i, "prompt": r.prompt, "word_index": j, "word": w,
+                             "score": float(s), "rank": int(rank[j]), "detection_score": r.detection_score})
+        return pd.DataFrame(rows, columns=["prompt_index", "prompt", "word_index", "word", "score", "rank",
+                                           "detection_score"])
+
+    def to_html(self, title: str = "diffmem explain") -> str:
+        """A self-contained page: each prompt with its words shaded by score, its top word and its
+        detection score. Everything from the prompts is escaped."""
+        from jinja2 import Environment
+        from markupsafe import Markup
+
+        env = Environment(autoescape=True)
+        tmpl = env.from_string(
+            "<!doctype html><html><head><meta charset='utf-8'><title>{{ title }}</title><style>"
+            "body{font:15px/1.5 system-ui,sans-serif;margin:2em;max-width:70em}"
+            "table{border-collapse:collapse}td,th{padding:.3em .8em;border-bottom:1px solid #ddd;text-align:left}"
+            "td.num{text-align:right;font-variant-numeric:tabular-nums}.settings{color:#555;font-size:13px}"
+            "</style></head><body><h1>{{ title }}</h1>"
+            "<p class='settings'>{{ method }} &middot; {{ settings }} &middot; seeds {{ seeds }}</p>"
+            "<table><tr><th>#</th><th>prompt, words shaded by score</th><th>top word</th><th>score</th></tr>"
+            "{% for r, frag in rows %}<tr><td class='num'>{{ loop.index }}</td><td>{{ frag }}</td>"
+            "<td>{{ r.top_word }}</td><td class='num'>"
+            "{{ '%.4g'|format(r.detection_score) if r.detection_score is not none else '' }}</td></tr>{% endfor %}"
+            "</table></body></html>")
+        return tmpl.render(title=title, method=self.method, seeds=self.seeds,
+                           settings=json.dumps(to_jsonable(self.settings), sort_keys=True),
+                           rows=[(r, Markup(r.to_html())) for r in self.results])
+
+
+def explain_prompts(explainer, prompts: Sequence[str], checkpoint: str | Path | None = None,
+                    progress: bool = False, stale: str = "refuse") -> AttributionSet:
+    """Explain each distinct prompt (in first-seen order) with ``explainer`` (``TokenAttribution`` or
+    ``TokenAblation``).
+
+    With ``checkpoint`` (a JSON path) the set is saved after every prompt, and a run that finds the
+    file resumes it: prompts already explained by the same model, explainer and settings are kept,
+    not recomputed. A checkpoint from another model or other settings is never mixed in:
+    ``stale="refuse"`` stops with an error (the user's files are theirs), ``"restart"`` starts over
+    (for callers that own the folder, as the audit does).
+    """
+    from tqdm.auto import tqdm
+
+    from ..core.loading import model_identity
+
+    if stale not in ("refuse", "restart"):
+        raise InputError(f"stale must be 'refuse' or 'restart', got {stale!r}")
+    wanted = [check_prompt(p) for p in dict.fromkeys(prompts)]  # an empty prompt fails before any work
+    settings = to_jsonable(explainer.settings)
+    model = {**model_identity(explainer.pipe), "dtype": str(explainer.pipe.dtype)}
+    done: dict[str, AttributionResult] = {}
+    if checkpoint is not None and Path(checkpoint).exists():
+        old = AttributionSet.load(checkpoint)
+        if (old.method, to_jsonable(old.settings), old.model) == (explainer.method, settings, model):
+            done = old.by_prompt()
+        elif stale == "refuse":
+            what = ("another model" if old.model != model else
+                    f"other settings ({old.method} {json.dumps(to_jsonable(old.settings), sort_keys=True)})")
+            raise InputError(f"{checkpoint} holds attributions made with {what}; use another output folder or delete it")
+
+    def current(results):
+        return AttributionSet(explainer.method, settings, list(explainer.seeds()), results, model)
+
+    todo = [p for p in wanted if p not in done]
+    with tqdm(total=len(wanted), initial=len(wanted) - len(todo), desc="explaining", unit="prompt",
+              disable=not progress) as bar:
+        for p in todo:
+            done[p] = explainer.attribute(p)
+            bar.update(1)
+            if checkpoint is not None:
+                current(list(done.values())).save(checkpoint)
+    result = current([done[p] for p in wanted])
+    if checkpoint is not None:
+        result.save(checkpoint)  # in input order, and without prompts an earlier run had that this one does not
+    return result
+
+
+def write_outputs(result: AttributionSet, folder: str | Path) -> list[Path]:
+    """``attributions.json``, ``words.parquet`` (one row per word) and ``attributions.html``."""
+    from ..core.results import write_parquet
+
+    folder = Path(folder)
+    paths = [result.save(folder / "attributions.json"), folder / "words.parquet", folder / "attributions.html"]
+    write_parquet(result.to_frame(), paths[1], metadata={"method": result.method, "settings": result.settings,
+                                                         "seeds": result.seeds})
+    atomic_write_text(paths[2], result.to_html())
+    return paths

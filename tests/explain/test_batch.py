@@ -1,0 +1,104 @@
+import json
+
+import numpy as np
+import pytest
+
+from diffmem.core.errors import InputError
+from diffmem.explain import AttributionSet, TokenAblation, TokenAttribution, explain_prompts
+from diffmem.explain.batch import write_outputs
+
+PROMPTS = ["a red circle", "a blue square at night", "a red circle", "a green ring"]
+
+
+class Counting:
+    """An explainer that counts its calls and can fail on a chosen prompt (an interrupted run)."""
+
+    def __init__(self, inner, fail_on=None):
+        self.inner, self.fail_on, self.calls = inner, fail_on, []
+        self.pipe, self.method, self.settings = inner.pipe, inner.method, inner.settings
+
+    def seeds(self):
+        return self.inner.seeds()
+
+    def attribute(self, prompt):
+        if prompt == self.fail_on:
+            raise KeyboardInterrupt
+        self.calls.append(prompt)
+        return self.inner.attribute(prompt)
+
+
+def test_batch_equals_one_by_one_once_per_distinct_prompt(tiny_pipe):
+    explainer = Counting(TokenAttribution(tiny_pipe, num_inference_steps=4))
+    got = explain_prompts(explainer, PROMPTS)
+    assert [r.prompt for r in got.results] == ["a red circle", "a blue square at night", "a green ring"]
+    assert explainer.calls == [r.prompt for r in got.results]
+    for r in got.results:
+        want = TokenAttribution(tiny_pipe, num_inference_steps=4).attribute(r.prompt)
+        np.testing.assert_array_equal(r.word_scores, want.word_scores)
+    assert got.top_words()["a green ring"] == got.by_prompt()["a green ring"].top_word
+    assert got.method == "token_attribution" and got.seeds == [0] and got.model["unet_hash"]
+
+
+def test_interrupted_run_resumes_without_recomputing(tiny_pipe, tmp_path):
+    ckpt = tmp_path / "attributions.json"
+    first = Counting(TokenAblation(tiny_pipe, num_inference_steps=4), fail_on="a green ring")
+    with pytest.raises(KeyboardInterrupt):
+        explain_prompts(first, PROMPTS, checkpoint=ckpt)
+    saved = AttributionSet.load(ckpt)
+    assert [r.prompt for r in saved.results] == ["a red circle", "a blue square at night"]
+
+    second = Counting(TokenAblation(tiny_pipe, num_inference_steps=4))
+    resumed = explain_prompts(second, PROMPTS, checkpoint=ckpt)
+    assert second.calls == ["a green ring"]
+    fresh = explain_prompts(TokenAblation(tiny_pipe, num_inference_steps=4), PROMPTS)
+    for a, b in zip(resumed.results, fresh.results):
+        assert a.prompt == b.prompt
+        np.testing.assert_array_equal(a.word_scores, b.word_scores)
+    # the checkpoint now holds the finished set, in input order
+    assert [r.prompt for r in AttributionSet.load(ckpt).results] == [r.prompt for r in fresh.results]
+
+
+def test_a_checkpoint_from_other_settings_or_another_model_is_never_mixed_in(tiny_pipe, tiny_pipe_v, tmp_path):
+    ckpt = tmp_path / "attributions.json"
+    explain_prompts(TokenAttribution(tiny_pipe, num_inference_steps=4), PROMPTS[:2], checkpoint=ckpt)
+    before = ckpt.read_bytes()
+    with pytest.raises(InputError, match="other settings"):
+        explain_prompts(TokenAttribution(tiny_pipe, num_inference_steps=4, seed=3), PROMPTS, checkpoint=ckpt)
+    with pytest.raises(InputError, match="another model"):
+        explain_prompts(TokenAttribution(tiny_pipe_v, num_inference_steps=4), PROMPTS, checkpoint=ckpt)
+    assert ckpt.read_bytes() == before  # refused: the user's file is untouched
+    restarted = Counting(TokenAttribution(tiny_pipe, num_inference_steps=4, seed=3))
+    explain_prompts(restarted, PROMPTS[:2], checkpoint=ckpt, stale="restart")
+    assert restarted.calls == PROMPTS[:2] and AttributionSet.load(ckpt).seeds == [3]
+
+
+def test_bad_prompts_fail_before_any_work(tiny_pipe, tmp_path):
+    explainer = Counting(TokenAttribution(tiny_pipe, num_inference_steps=4))
+    with pytest.raises(InputError, match="empty"):
+        explain_prompts(explainer, ["a cat", "   "], checkpoint=tmp_path / "a.json")
+    assert explainer.calls == [] and not (tmp_path / "a.json").exists()
+    (tmp_path / "junk.json").write_text("{not json")
+    with pytest.raises(InputError, match="not a diffmem attributions file"):
+        explain_prompts(explainer, ["a cat"], checkpoint=tmp_path / "junk.json")
+    assert explain_prompts(explainer, []).results == []
+
+
+def test_set_saves_tabulates_and_draws_escaped_html(tiny_pipe, tmp_path):
+    hostile = "a <script>alert(1)</script> circle"
+    res = explain_prompts(TokenAttribution(tiny_pipe, num_inference_steps=4), ["a red circle", hostile])
+    paths = write_outputs(res, tmp_path)
+    back = AttributionSet.load(paths[0])
+    assert back.to_dict() == json.loads(json.dumps(res.to_dict()))
+    frame = back.to_frame()
+    assert len(frame) == sum(len(r.words) for r in res.results)
+    for r in res.results:
+        rows = frame[frame.prompt == r.prompt]
+        assert rows.loc[rows["rank"] == 1, "word"].item() == r.top_word
+        assert sorted(rows["rank"]) == list(range(1, len(r.words) + 1))
+    import pandas as pd
+
+    pd.testing.assert_frame_equal(pd.read_parquet(paths[1]), frame)
+    page = paths[2].read_text()
+    # the tokenizer splits "<script>" into three words, each escaped in its own span
+    assert "<script" not in page and "</script" not in page and "&lt;/" in page
+    assert page.count('class="diffmem-attribution"') == 2
