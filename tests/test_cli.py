@@ -102,6 +102,14 @@ def test_detect_end_to_end_with_calibration_and_long_prompt(tmp_path, tiny_pipe_
     done = json.loads((mit / "mitigation.json").read_text())
     assert done["settings"]["num_inference_steps"] == 4
     assert done["settings"]["target"] == json.loads(cal.read_text())["threshold"]
+    assert not (mit / "parts").exists()  # the resume parts go once the joined result is saved
+    # a part left by a run with other settings is refused, not mixed in
+    (mit / "parts" / "part_0000").mkdir(parents=True)
+    (mit / "parts" / "part_0000" / "done.json").write_text('{"key": "from another run"}')
+    r = run("mitigate", "--prompts", str(prompts), "--model", str(tiny_pipe_dir), "--method", "rna",
+            "--out", str(mit), "--generations", "1", "--num-inference-steps", "4")
+    assert r.returncode == 2 and "holds mitigation parts of other prompts" in r.stderr and "Traceback" not in r.stderr
+    assert json.loads((mit / "mitigation.json").read_text()) == done
 
 
 def test_train_end_to_end_and_resume(tmp_path, tiny_pipe_dir):

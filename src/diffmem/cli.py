@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import sys
 import warnings
 from pathlib import Path
@@ -204,7 +205,8 @@ def mitigate(
     dtype: str = DTYPE,
     out: Path = typer.Option(Path("mitigate-out"), help="folder for results, image grid and loss trajectories"),
 ):
-    """Mitigate memorized prompts at inference; writes before/after images, loss trajectories and measures."""
+    """Mitigate memorized prompts at inference; writes before/after images, loss trajectories and measures
+    (resumes a killed run from OUT/parts)."""
     from .core.prompts import read_prompts
 
     texts = read_prompts(prompts, column)  # bad input fails before torch and the model load
@@ -212,7 +214,8 @@ def mitigate(
     from .core.loading import load_pipeline
     from .detect import Calibration
     from .mitigate import BASELINES, EmbeddingOptimization
-    from .mitigate.report import measure_and_save
+    from .mitigate.parts import mitigate_in_parts
+    from .mitigate.report import measure, save_outputs
 
     if method == "embedding":
         if (target is None) == (calibration is None):
@@ -234,8 +237,10 @@ def mitigate(
     else:
         extra = {"rta": {"n_tokens": n_tokens}, "gni": {"sigma": sigma}}.get(method, {})
         m = BASELINES[method](pipe, **extra, **kw)
-    res = m.mitigate(texts, progress=True)
-    summary = measure_and_save(pipe, res, out)
+    # saved in parts of 8 prompts under OUT/parts: a killed run redoes at most one part
+    res = mitigate_in_parts(m, texts, out / "parts", measure=lambda r: measure(pipe, r), progress=True)
+    summary = save_outputs(res, out)
+    shutil.rmtree(out / "parts")  # the joined result holds everything they did
     out_console.print(summary)
 
 

@@ -41,3 +41,19 @@ def test_gaussian_noise_spares_bos_and_has_the_given_scale(tiny_pipe):
     noisy = gni.embeddings(PROMPTS)
     assert torch.equal(noisy[:, 0], clean[:, 0])
     assert float((noisy - clean)[:, 1:].std()) == pytest.approx(0.5, rel=0.05)
+
+
+@pytest.mark.parametrize("name", sorted(BASELINES))
+def test_a_prompts_mitigation_does_not_depend_on_the_other_prompts(tiny_pipe, name):
+    """Draws are per prompt (seed and text): the same prompt alone, or after others, or twice in a
+    list, is rewritten (RTA / RNA / repetition) or noised (GNI) the same way."""
+    import torch
+
+    m = BASELINES[name](tiny_pipe, generations=1, num_inference_steps=3, seed=2)
+    together = m.mitigate(PROMPTS + [PROMPTS[0]], generate_images=False).mitigated_prompts
+    alone = [m.mitigate([p], generate_images=False).mitigated_prompts[0] for p in PROMPTS]
+    assert together == alone + [alone[0]]
+    if name == "gni":
+        both = m.embeddings(PROMPTS)
+        assert torch.equal(both[1], m.embeddings(PROMPTS[1:])[0])
+        assert not torch.equal(both[0, 1:], both[1, 1:])

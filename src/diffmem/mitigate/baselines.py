@@ -4,6 +4,7 @@ the prompt's text (RTA, RNA, word repetition) or its embedding (GNI) without loo
 
 from __future__ import annotations
 
+import zlib
 from typing import Sequence
 
 import numpy as np
@@ -28,6 +29,11 @@ class _PromptRewrite:
     def seeds(self) -> list[int]:
         return [self.settings["seed"] + g for g in range(self.settings["generations"])]
 
+    def rng_for(self, prompt: str) -> np.random.Generator:
+        """The random draws for one prompt depend only on the seed and the prompt's text, so a prompt
+        is mitigated the same way whatever else is in the list (and in resumed parts)."""
+        return np.random.default_rng([self.settings["seed"], zlib.crc32(prompt.encode("utf-8"))])
+
     def rewrite(self, prompt: str, rng: np.random.Generator) -> str:
         return prompt
 
@@ -40,8 +46,7 @@ class _PromptRewrite:
         from ..detect.noise_norm import check_prompts
 
         prompts = check_prompts(prompts)
-        rng = np.random.default_rng(self.settings["seed"])
-        new = [self.rewrite(p, rng) for p in prompts]
+        new = [self.rewrite(p, self.rng_for(p)) for p in prompts]
         nan = np.full(len(prompts), np.nan)
         res = MitigationResult(self.method, prompts, dict(self.settings), self.seeds(), nan, nan.copy(),
                                [[] for _ in prompts], np.zeros(len(prompts), int), np.ones(len(prompts), bool), new)
@@ -108,8 +113,8 @@ class GaussianNoiseInjection(_PromptRewrite):
     def embeddings(self, prompts):
         with torch.no_grad():
             emb = denoise.encode_text(self.pipe, prompts)
-        gen = torch.Generator().manual_seed(self.settings["seed"])
-        noise = torch.randn(emb.shape, generator=gen) * self.params["sigma"]
+        noise = torch.from_numpy(np.stack([self.rng_for(p).standard_normal(emb.shape[1:], dtype=np.float32)
+                                           for p in prompts])) * self.params["sigma"]
         noise[:, 0] = 0
         return emb + noise.to(emb.dtype)
 

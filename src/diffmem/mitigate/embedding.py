@@ -34,7 +34,6 @@ agreement 0.926 -> 0.986 (bench mitigate), the setting ``diffmem audit`` uses.
 from __future__ import annotations
 
 import math
-import zlib
 from typing import Sequence
 
 import numpy as np
@@ -163,8 +162,7 @@ class EmbeddingOptimization:
             return prompt
         if self._rewriter is None:
             self._rewriter = BASELINES[self.settings["rewrite"]](self.pipe, seed=self.settings["seed"])
-        rng = np.random.default_rng([self.settings["seed"], zlib.crc32(prompt.encode("utf-8"))])
-        return self._rewriter.rewrite(prompt, rng)
+        return self._rewriter.rewrite(prompt, self._rewriter.rng_for(prompt))
 
     @staticmethod
     def started_from_rewrite(trajectory: list[float], settings: dict) -> bool:

@@ -37,9 +37,9 @@ def measure(pipe, res: MitigationResult) -> dict:
     return out
 
 
-def measure_and_save(pipe, res: MitigationResult, out: str | Path) -> str:
+def save_outputs(res: MitigationResult, out: str | Path) -> str:
+    """The result, the before / after grid, the loss trajectories and a CSV in ``out``; a summary."""
     out = Path(out)
-    res.measures.update(measure(pipe, res))
     res.save(out)
     res.plot_grid(out / "before_after.png")
     if any(len(t) for t in res.trajectories):

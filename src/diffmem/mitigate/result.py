@@ -67,6 +67,24 @@ class MitigationResult:
                    np.asarray(d["final_loss"], float), d["trajectories"], np.asarray(d["iterations"]),
                    np.asarray(d["reached_target"], bool), d["mitigated_prompts"], measures=d["measures"], **imgs)
 
+    @classmethod
+    def concat(cls, parts: "list[MitigationResult]") -> "MitigationResult":
+        """One result from results of the same method and settings on successive prompt lists."""
+        if not parts:
+            raise InputError("no mitigation results to join")
+        first = parts[0]
+        for r in parts[1:]:
+            if (r.method, r.settings, r.seeds) != (first.method, first.settings, first.seeds):
+                raise InputError(f"cannot join mitigation results of other methods or settings ({r.method} vs {first.method})")
+        cat = lambda name: np.concatenate([getattr(r, name) for r in parts])  # noqa: E731
+        images = {}
+        if all(r.images_before is not None for r in parts):
+            images = {"images_before": cat("images_before"), "images_after": cat("images_after")}
+        measures = {k: [v for r in parts for v in r.measures.get(k, [])] for k in first.measures}
+        return cls(first.method, [p for r in parts for p in r.prompts], first.settings, first.seeds, cat("initial_loss"),
+                   cat("final_loss"), [t for r in parts for t in r.trajectories], cat("iterations"), cat("reached_target"),
+                   [p for r in parts for p in r.mitigated_prompts], measures=measures, **images)
+
     def plot_grid(self, path: str | Path, max_prompts: int = 8) -> Path:
         """Before / after images side by side, one row per prompt."""
         import matplotlib

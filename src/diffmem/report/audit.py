@@ -21,7 +21,6 @@ from ..core.errors import InputError
 from ..core.results import dump_json
 
 STAGES = ("detect", "explain", "categorize", "mitigate", "scan")
-MITIGATE_CHUNK = 8  # prompts per saved mitigation part: the unit a killed run redoes
 
 
 @dataclass
@@ -434,10 +433,8 @@ class Audit:
                     "max": s.max_mitigate}
 
         def work(folder: Path, key: str) -> dict:
-            from tqdm.auto import tqdm
-
             from ..mitigate import EmbeddingOptimization
-            from ..mitigate.result import MitigationResult
+            from ..mitigate.parts import mitigate_in_parts
             from ..mitigate.report import measure
 
             prompts = self.flagged(s.max_mitigate)
@@ -453,24 +450,8 @@ class Audit:
                 rewrite=s.mitigate_rewrite,
                 num_inference_steps=self.sampler["num_inference_steps"], guidance_scale=self.sampler["guidance_scale"])
             cal.save(folder / "target_calibration.json")
-            parts = folder / "parts"
-            chunks = [prompts[i : i + MITIGATE_CHUNK] for i in range(0, len(prompts), MITIGATE_CHUNK)]
-            results = []
-            bar = tqdm(total=len(prompts), desc="mitigating", unit="prompt", disable=not self.progress)
-            for c, chunk in enumerate(chunks):
-                part = parts / f"part_{c:04d}"
-                marker = part / "done.json"
-                if marker.exists() and json.loads(marker.read_text()).get("key") == key:
-                    r = MitigationResult.load(part)  # finished before an interruption: kept as it is
-                else:
-                    r = m.mitigate(chunk, generate_images=True)
-                    r.measures.update(measure(self.pipe, r))
-                    r.save(part)
-                    dump_json({"key": key, "prompts": chunk}, marker)
-                results.append(r)
-                bar.update(len(chunk))
-            bar.close()
-            merged = _merge_mitigations(results)
+            merged = mitigate_in_parts(m, prompts, folder / "parts", measure=lambda r: measure(self.pipe, r),
+                                       progress=self.progress, stale="restart")
             merged.save(folder)
             for i in range(len(merged.prompts)):
                 _before_after_png(merged, i, folder / f"prompt_{i:04d}.png")
@@ -532,22 +513,6 @@ def link_scan(res, prompts: list[str]) -> dict:
         clusters = [{"cluster": c, "captions_matching": k, "cluster_size": sizes.get(c, 0)} for c, k in sorted(exact.items())]
         out[p] = {"triggers": trig, "clusters": clusters}
     return out
-
-
-def _merge_mitigations(parts):
-    from ..mitigate.result import MitigationResult
-
-    first = parts[0]
-    cat = lambda name: np.concatenate([getattr(r, name) for r in parts])  # noqa: E731
-    measures = {}
-    for k in first.measures:
-        measures[k] = [v for r in parts for v in r.measures.get(k, [])]
-    imgs_b = np.concatenate([r.images_before for r in parts]) if first.images_before is not None else None
-    imgs_a = np.concatenate([r.images_after for r in parts]) if first.images_after is not None else None
-    return MitigationResult(first.method, [p for r in parts for p in r.prompts], first.settings, first.seeds,
-                            cat("initial_loss"), cat("final_loss"), [t for r in parts for t in r.trajectories],
-                            cat("iterations"), cat("reached_target"), [p for r in parts for p in r.mitigated_prompts],
-                            imgs_b, imgs_a, measures)
 
 
 def _before_after_png(res, i: int, path: Path, scale: int = 3) -> None:

@@ -1,0 +1,90 @@
+"""Mitigating many prompts in saved parts, so that a killed run redoes at most one part.
+
+Each part (``part_size`` prompts) is mitigated, measured and saved under ``folder/part_NNNN`` with a
+``done.json`` written last; a re-run keeps every part whose ``done.json`` names the same method,
+settings, seeds, model and prompts. Every method draws its randomness per prompt (from the seed and
+the prompt's text), so a prompt's mitigation does not depend on the part it falls in; only the
+generation batches differ from an unsplit run, which can move the images in the last bits.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+from pathlib import Path
+from typing import Callable, Sequence
+
+from ..core.errors import InputError
+from ..core.results import dump_json, to_jsonable
+from .result import MitigationResult
+
+PART_SIZE = 8  # prompts per saved part: the unit a killed run redoes
+
+
+def part_key(method, prompts: Sequence[str]) -> str:
+    """What a saved part must match to be reused: the method, its settings and seeds, the model
+    (identity and dtype) and the part's prompts."""
+    from ..core.loading import model_identity
+
+    what = {"method": method.method, "settings": method.settings, "seeds": method.seeds(),
+            "model": {**model_identity(method.pipe), "dtype": str(method.pipe.dtype)}, "prompts": list(prompts)}
+    return hashlib.sha256(json.dumps(to_jsonable(what), sort_keys=True).encode()).hexdigest()[:20]
+
+
+def _saved_key(part: Path) -> str | None:
+    try:
+        return json.loads((part / "done.json").read_text()).get("key")
+    except (OSError, ValueError, AttributeError):
+        return None  # no marker (killed while saving) or an unreadable one: the part is redone
+
+
+def mitigate_in_parts(method, prompts: Sequence[str], folder: str | Path, part_size: int = PART_SIZE,
+                      measure: Callable[[MitigationResult], dict] | None = None, progress: bool = False,
+                      stale: str = "refuse", batch_size: int = 64) -> MitigationResult:
+    """``method.mitigate(prompts)`` (images included), ``part_size`` prompts at a time, each part
+    measured with ``measure`` (its dict is merged into the part's measures) and saved in ``folder``.
+
+    A part saved by another method, settings, model or prompt list is never mixed in:
+    ``stale="refuse"`` stops with an error before any work (the folder is the user's),
+    ``"restart"`` redoes it (for callers that own the folder, as the audit does).
+    """
+    from tqdm.auto import tqdm
+
+    from ..detect.noise_norm import check_prompts
+
+    if stale not in ("refuse", "restart"):
+        raise InputError(f"stale must be 'refuse' or 'restart', got {stale!r}")
+    if part_size < 1:
+        raise InputError(f"part_size must be at least 1, got {part_size}")
+    prompts = check_prompts(prompts)
+    folder = Path(folder)
+    chunks = [prompts[i : i + part_size] for i in range(0, len(prompts), part_size)]
+    keys = [part_key(method, c) for c in chunks]
+    parts = [folder / f"part_{c:04d}" for c in range(len(chunks))]
+    saved = [_saved_key(p) for p in parts]
+    extra = sorted(p for p in folder.glob("part_*") if p not in parts) if folder.is_dir() else []
+    if stale == "refuse":
+        wrong = [p.name for p, s, k in zip(parts, saved, keys) if s is not None and s != k]
+        wrong += [p.name for p in extra if _saved_key(p) is not None]
+        if wrong:
+            raise InputError(f"{folder} holds mitigation parts of other prompts, settings or another model "
+                             f"({', '.join(wrong[:3])}{', ...' if len(wrong) > 3 else ''}); "
+                             "use another output folder or delete it")
+    for p in extra:  # left by a longer prompt list: they would confuse the next resume
+        shutil.rmtree(p)
+    results = []
+    with tqdm(total=len(prompts), desc="mitigating", unit="prompt", disable=not progress) as bar:
+        for chunk, part, key, old in zip(chunks, parts, keys, saved):
+            if old == key:
+                r = MitigationResult.load(part)  # finished before an interruption: kept as it is
+            else:
+                r = method.mitigate(chunk, generate_images=True, batch_size=batch_size)
+                if measure is not None:
+                    r.measures.update(measure(r))
+                (part / "done.json").unlink(missing_ok=True)
+                r.save(part)
+                dump_json({"key": key, "prompts": chunk}, part / "done.json")  # last: marks the part complete
+            results.append(r)
+            bar.update(len(chunk))
+    return MitigationResult.concat(results)
