@@ -1,6 +1,5 @@
 """The shipped MemLab model: loads offline both ways, is small, and behaves as its manifest says."""
 
-import numpy as np
 import pytest
 
 from diffmem.core.loading import load_pipeline, memlab_path

@@ -12,7 +12,6 @@ import torch
 
 from diffmem.core.errors import InputError
 from diffmem.scan import DatasetScanner, ListSource, ScanResult
-from diffmem.scan.sources import TableSource
 
 # the public list of 500 memorized SD v1 captions (Webster / Wen et al.), kept in the repo so a
 # fresh clone can run it

@@ -8,7 +8,6 @@ its subset, so the grid costs no more than its largest cell.
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 

@@ -86,7 +86,6 @@ class AttributeReader:
 
     def read(self, image) -> dict[str, object]:
         img = _as_float(image)
-        t = self.t
         inner = np.zeros(img.shape[:2], bool)
         inner[2:-2, 2:-2] = True
         sat = img.max(-1) - img.min(-1)

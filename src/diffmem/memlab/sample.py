@@ -6,7 +6,6 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-import numpy as np
 
 from ..core.results import dump_json
 from . import dataset as ds
