@@ -89,7 +89,8 @@ def detect(
     device: str = DEVICE,
     dtype: str = DTYPE,
 ):
-    """Score prompts with Wen et al.'s text-conditional noise norm (first step, one generation by default)."""
+    """Score prompts with Wen et al.'s text-conditional noise norm (first step, one generation by default;
+    saved every 256 prompts in OUT.parts, so a killed run resumes)."""
     from .core.prompts import read_prompts
 
     read_prompts(prompts, column)  # bad input fails before torch and the model load (seconds)

@@ -221,6 +221,12 @@ def model_identity(pipe) -> dict:
             "prediction_type": pipe.scheduler.config.prediction_type}
 
 
+def weights_identity(pipe) -> dict:
+    """``model_identity`` and the dtype the weights run in: what resumed work must match (scores in
+    bfloat16 are close to float32 ones, not equal)."""
+    return {**model_identity(pipe), "dtype": str(pipe.dtype)}
+
+
 OFFICIAL_SAMPLER = {"num_inference_steps": 50, "guidance_scale": 7.5}  # Wen et al.'s SD v1.4 settings
 
 

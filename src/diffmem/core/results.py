@@ -67,6 +67,13 @@ def to_jsonable(o):
     return o
 
 
+def digest(obj) -> str:
+    """A short stable hash of JSON-able settings: what resumable work is keyed by."""
+    import hashlib
+
+    return hashlib.sha256(json.dumps(to_jsonable(obj), sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
 def dump_json(obj, path: str | Path) -> None:
     atomic_write_text(path, json.dumps(to_jsonable(obj), indent=1, allow_nan=True))
 

@@ -3,10 +3,17 @@
 The file is checked whole before any scoring (so a bad line 9,000 fails in a second, not after an
 hour); prompts are then streamed in chunks and written incrementally to a temporary file that is
 renamed into place only when every prompt is scored. Memory does not grow with the prompt count.
+
+Each scored chunk is also saved beside the output (``OUT.parts/``, a ``.done`` marker written
+last), so a killed run resumes at the first unsaved chunk; the parts go once the output is in
+place. Parts from another model, other settings, another calibration or other prompts are refused,
+never mixed in.
 """
 
 from __future__ import annotations
 
+import json
+import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -15,7 +22,7 @@ import numpy as np
 
 from ..core.errors import InputError
 from ..core.prompts import iter_prompts
-from ..core.results import atomic_path
+from ..core.results import atomic_path, atomic_write_text, digest, to_jsonable
 from .calibration import Calibration
 from .noise_norm import DetectionResult
 
@@ -40,11 +47,20 @@ class DetectSummary:
 
 
 def detect_file(detector, prompts_path: str | Path, out: str | Path, column: str | None = None,
-                calibration: Calibration | None = None, chunk: int = 1024, progress: bool = True) -> DetectSummary:
+                calibration: Calibration | None = None, chunk: int = 256, progress: bool = True) -> DetectSummary:
     out = Path(out)
     if out.suffix not in (".parquet", ".json"):
         raise InputError(f"results file must end in .parquet or .json, got {out.name}")
     n = sum(1 for _ in iter_prompts(prompts_path, column))  # validates every line first
+
+    parts = out.with_name(out.name + ".parts")
+    base = _run_identity(detector, calibration)
+    keys = [digest({**base, "prompts": buf}) for buf in _chunks(iter_prompts(prompts_path, column), chunk)]
+    for marker in sorted(parts.glob("chunk_*.done")):
+        i = int(marker.stem.removeprefix("chunk_"))
+        if i >= len(keys) or marker.read_text() != keys[i]:
+            raise InputError(f"{parts} holds scores of another model, other settings or other prompts ({marker.name}); "
+                             "delete it or write to another output file")
     from tqdm.auto import tqdm
 
     t0 = time.time()
@@ -54,10 +70,17 @@ def detect_file(detector, prompts_path: str | Path, out: str | Path, column: str
 
     def scored():
         nonlocal flagged
-        for buf in _chunks(iter_prompts(prompts_path, column), chunk):
-            res = detector.score(buf)
-            if calibration is not None:
-                res = calibration.apply(res)
+        for i, (buf, key) in enumerate(zip(_chunks(iter_prompts(prompts_path, column), chunk), keys)):
+            part, marker = parts / f"chunk_{i:06d}.parquet", parts / f"chunk_{i:06d}.done"
+            if marker.exists():  # scored before an interruption (its key was checked above)
+                res = DetectionResult.load(part)
+            else:
+                res = detector.score(buf)
+                if calibration is not None:
+                    res = calibration.apply(res)
+                res.save(part)
+                atomic_write_text(marker, key)  # last: marks the chunk complete
+            if res.threshold is not None:
                 flagged += int(res.verdicts.sum())
             scores_seen.append(np.asarray(res.scores, np.float32))
             bar.update(len(buf))
@@ -74,15 +97,27 @@ def detect_file(detector, prompts_path: str | Path, out: str | Path, column: str
                     if writer is not None:
                         writer.close()
         else:
-            parts = list(scored())
-            DetectionResult([p for r in parts for p in r.prompts], np.concatenate([r.scores for r in parts]),
-                            np.concatenate([r.values for r in parts]), parts[0].settings, parts[0].seeds,
-                            parts[0].method, parts[0].model, parts[0].threshold, parts[0].calibration).save(out)
+            done = list(scored())
+            DetectionResult([p for r in done for p in r.prompts], np.concatenate([r.scores for r in done]),
+                            np.concatenate([r.values for r in done]), done[0].settings, done[0].seeds,
+                            done[0].method, done[0].model, done[0].threshold, done[0].calibration).save(out)
     finally:
         bar.close()
+    shutil.rmtree(parts)  # the output holds everything they did
     allscores = np.concatenate(scores_seen)
     return DetectSummary(n, flagged if calibration else None, calibration.threshold if calibration else None,
                          time.time() - t0, out, float(allscores.min()), float(np.median(allscores)), float(allscores.max()))
+
+
+def _run_identity(detector, calibration: Calibration | None) -> dict:
+    """What a saved chunk must have been scored with, besides its prompts."""
+    from ..core.loading import weights_identity
+
+    s = detector.settings
+    return {"method": detector.method, "settings": to_jsonable(s.to_dict() if hasattr(s, "to_dict") else s),
+            "seeds": s.seeds() if hasattr(s, "seeds") else detector.seeds(),
+            "model": weights_identity(detector.pipe),
+            "threshold": calibration.threshold if calibration is not None else None}
 
 
 def _chunks(it, size):
@@ -97,8 +132,6 @@ def _chunks(it, size):
 
 
 def _append_parquet(writer, path: Path, res: DetectionResult):
-    import json
-
     import pyarrow as pa
     import pyarrow.parquet as pq
 

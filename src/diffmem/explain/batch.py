@@ -107,13 +107,13 @@ def explain_prompts(explainer, prompts: Sequence[str], checkpoint: str | Path | 
     """
     from tqdm.auto import tqdm
 
-    from ..core.loading import model_identity
+    from ..core.loading import weights_identity
 
     if stale not in ("refuse", "restart"):
         raise InputError(f"stale must be 'refuse' or 'restart', got {stale!r}")
     wanted = [check_prompt(p) for p in dict.fromkeys(prompts)]  # an empty prompt fails before any work
     settings = to_jsonable(explainer.settings)
-    model = {**model_identity(explainer.pipe), "dtype": str(explainer.pipe.dtype)}
+    model = weights_identity(explainer.pipe)
     done: dict[str, AttributionResult] = {}
     if checkpoint is not None and Path(checkpoint).exists():
         old = AttributionSet.load(checkpoint)

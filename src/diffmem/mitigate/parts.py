@@ -9,14 +9,13 @@ generation batches differ from an unsplit run, which can move the images in the 
 
 from __future__ import annotations
 
-import hashlib
 import json
 import shutil
 from pathlib import Path
 from typing import Callable, Sequence
 
 from ..core.errors import InputError
-from ..core.results import dump_json, to_jsonable
+from ..core.results import digest, dump_json
 from .result import MitigationResult
 
 PART_SIZE = 8  # prompts per saved part: the unit a killed run redoes
@@ -25,11 +24,10 @@ PART_SIZE = 8  # prompts per saved part: the unit a killed run redoes
 def part_key(method, prompts: Sequence[str]) -> str:
     """What a saved part must match to be reused: the method, its settings and seeds, the model
     (identity and dtype) and the part's prompts."""
-    from ..core.loading import model_identity
+    from ..core.loading import weights_identity
 
-    what = {"method": method.method, "settings": method.settings, "seeds": method.seeds(),
-            "model": {**model_identity(method.pipe), "dtype": str(method.pipe.dtype)}, "prompts": list(prompts)}
-    return hashlib.sha256(json.dumps(to_jsonable(what), sort_keys=True).encode()).hexdigest()[:20]
+    return digest({"method": method.method, "settings": method.settings, "seeds": method.seeds(),
+                   "model": weights_identity(method.pipe), "prompts": list(prompts)})
 
 
 def _saved_key(part: Path) -> str | None:

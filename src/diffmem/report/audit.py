@@ -9,7 +9,6 @@ yet saved). Every input is checked before any model work starts.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import time
 from dataclasses import asdict, dataclass, field
@@ -18,7 +17,7 @@ from pathlib import Path
 import numpy as np
 
 from ..core.errors import InputError
-from ..core.results import dump_json
+from ..core.results import digest, dump_json
 
 STAGES = ("detect", "explain", "categorize", "mitigate", "scan")
 
@@ -150,10 +149,6 @@ def resolve_prompts(settings: AuditSettings) -> AuditPrompts:
     return ap
 
 
-def _digest(obj) -> str:
-    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
-
-
 def _stage_done(folder: Path, key: str) -> dict | None:
     f = folder / "stage.json"
     if not f.exists():
@@ -241,7 +236,7 @@ class Audit:
     def _key(self, stage: str, settings: dict, upstream: list[str]) -> str:
         dtype = str(self.pipe.dtype)
         precision = {} if dtype == "torch.float32" else {"dtype": dtype}  # float32 audits keep their keys
-        return _digest({"stage": stage, "settings": settings, "model": self.identity, "sampler": self.sampler,
+        return digest({"stage": stage, "settings": settings, "model": self.identity, "sampler": self.sampler,
                         "upstream": upstream, "version": 1, **precision})
 
     def run(self) -> AuditResult:
@@ -301,8 +296,8 @@ class Audit:
     def _detect(self, keys):
         s, ap = self.settings, self.prompts
         settings = {"generations": s.generations, "steps": list(s.steps), "seed": s.seed, "fpr": s.fpr, "grid": s.grid,
-                    "prompts": _digest(ap.prompts), "reference": _digest(ap.reference),
-                    "labels": None if ap.labels is None else _digest(ap.labels.tolist())}
+                    "prompts": digest(ap.prompts), "reference": digest(ap.reference),
+                    "labels": None if ap.labels is None else digest(ap.labels.tolist())}
 
         def work(folder: Path, key: str) -> dict:
             from ..detect import Calibration

@@ -1,0 +1,77 @@
+import numpy as np
+import pandas as pd
+import pytest
+
+from diffmem.core.errors import InputError
+from diffmem.detect import Calibration, DetectionResult, NoiseNormDetector
+from diffmem.detect.run import detect_file
+
+PROMPTS = ["a red circle", "a photo of a cat", "a blue square at night", "a green ring", "an old map"]
+
+
+class Counting:
+    """A detector that records the prompt lists it scores and can fail on one prompt (a killed run)."""
+
+    def __init__(self, inner, fail_on=None):
+        self.inner, self.fail_on, self.calls = inner, fail_on, []
+        self.method, self.settings, self.pipe = inner.method, inner.settings, inner.pipe
+
+    def score(self, prompts, **kw):
+        if self.fail_on in prompts:
+            raise KeyboardInterrupt
+        self.calls.append(list(prompts))
+        return self.inner.score(prompts, **kw)
+
+
+@pytest.fixture
+def prompt_file(tmp_path):
+    f = tmp_path / "p.txt"
+    f.write_text("\n".join(PROMPTS) + "\n")
+    return f
+
+
+def detector(pipe, **kw):
+    return NoiseNormDetector(pipe, num_inference_steps=4, **kw)
+
+
+@pytest.mark.parametrize("suffix", [".parquet", ".json"])
+def test_a_killed_run_resumes_at_the_first_unsaved_chunk(tiny_pipe, tmp_path, prompt_file, suffix):
+    out = tmp_path / f"r{suffix}"
+    cal = Calibration.fit(detector(tiny_pipe).score(["a dog", "a tree", "a house", "a car"]), fpr=0.25)
+    with pytest.raises(KeyboardInterrupt):
+        detect_file(Counting(detector(tiny_pipe), fail_on=PROMPTS[4]), prompt_file, out, calibration=cal, chunk=2,
+                    progress=False)
+    assert not out.exists()  # the output appears only when every prompt is scored
+    parts = out.with_name(out.name + ".parts")
+    assert sorted(p.name for p in parts.glob("*.done")) == ["chunk_000000.done", "chunk_000001.done"]
+
+    again = Counting(detector(tiny_pipe))
+    summary = detect_file(again, prompt_file, out, calibration=cal, chunk=2, progress=False)
+    assert again.calls == [PROMPTS[4:]] and not parts.exists()
+    assert summary.n_prompts == 5 and summary.n_flagged == int(DetectionResult.load(out).verdicts.sum())
+    got = DetectionResult.load(out)
+    assert got.prompts == PROMPTS and got.threshold == cal.threshold
+    # the same as a run never interrupted, bit for bit (same chunks, so the same batches) ...
+    straight = tmp_path / f"straight{suffix}"
+    detect_file(detector(tiny_pipe), prompt_file, straight, calibration=cal, chunk=2, progress=False)
+    pd.testing.assert_frame_equal(got.to_frame(), DetectionResult.load(straight).to_frame(), check_exact=True)
+    # ... and as scoring the list in one batch, up to float32 batch effects
+    whole = cal.apply(detector(tiny_pipe).score(PROMPTS))
+    np.testing.assert_allclose(got.values, whole.values, rtol=1e-4)
+
+
+def test_parts_of_another_run_are_refused_not_mixed_in(tiny_pipe, tiny_pipe_v, tmp_path, prompt_file):
+    out = tmp_path / "r.parquet"
+    with pytest.raises(KeyboardInterrupt):
+        detect_file(Counting(detector(tiny_pipe), fail_on=PROMPTS[2]), prompt_file, out, chunk=2, progress=False)
+    marker = out.with_name("r.parquet.parts") / "chunk_000000.done"
+    saved = marker.read_text()
+    for other in (detector(tiny_pipe, seed=7), detector(tiny_pipe_v)):
+        probe = Counting(other)
+        with pytest.raises(InputError, match="another model, other settings or other prompts"):
+            detect_file(probe, prompt_file, out, chunk=2, progress=False)
+        assert probe.calls == [] and marker.read_text() == saved
+    changed = tmp_path / "q.txt"
+    changed.write_text("a new first prompt\n" + "\n".join(PROMPTS) + "\n")
+    with pytest.raises(InputError, match="other prompts"):
+        detect_file(detector(tiny_pipe), changed, out, chunk=2, progress=False)
