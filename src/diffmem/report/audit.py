@@ -57,7 +57,7 @@ class AuditSettings:
     # outputs ("eos", every word's output kept), and start a prompt above the target from its prompt
     # or from its RNA rewrite ("rna"). On MemLab's 100 planted prompts (bench mitigate), replication
     # and attribute agreement from 0.978 / 0.926: "all" 0.045 / 0.841, "eos" 0.072 / 0.929, "eos"
-    # from RNA 0.000 / 0.986 (RNA alone 0.152 / 0.988): the last is the one that meets both bars
+    # from RNA 0.000 / 0.986 (RNA alone 0.158 / 0.992): the last is the one that meets both bars
     mitigate_positions: str = "eos"
     mitigate_rewrite: str | None = "rna"
     max_mitigate: int | None = 16  # flagged prompts mitigated, highest scores first (None: all); ~12 s each on MemLab
