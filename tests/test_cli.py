@@ -294,7 +294,9 @@ def test_explain_prompt_file_bad_inputs(tmp_path, tiny_pipe_dir):
         (["--prompt", "a cat", "--prompts", str(tmp_path / "ok.txt"), "--out", str(out)], "exactly one of --prompt and --prompts"),
         ([], "exactly one of --prompt and --prompts"),
         (["--prompts", str(tmp_path / "ok.txt")], "--prompts needs --out"),
-        (["--prompt", "a cat", "--column", "caption"], "--column applies to --prompts"),
+        (["--prompt", "a cat", "--column", "caption"], "--column and --flagged apply to --prompts"),
+        (["--prompt", "a cat", "--flagged"], "--column and --flagged apply to --prompts"),
+        (["--prompts", str(tmp_path / "ok.txt"), "--flagged", "--out", str(out)], "--flagged needs a table"),
         (["--prompts", str(tmp_path / "p.txt"), "--out", str(out)], "line 2: empty prompt"),
         (["--prompts", str(tmp_path / "nope.txt"), "--out", str(out)], "prompt file not found"),
     ]

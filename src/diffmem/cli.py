@@ -73,7 +73,7 @@ def _sampler(pipe, num_inference_steps: int | None, guidance_scale: float | None
 
 @app.command()
 def detect(
-    prompts: Path = typer.Option(..., help="prompts: .txt (one per line), .jsonl or .csv"),
+    prompts: Path = typer.Option(..., help="prompts: .txt (one per line), .jsonl, .csv or .parquet"),
     column: Optional[str] = typer.Option(None, help="the prompt column of a .csv / .jsonl (default: prompt, caption or text)"),
     model: str = typer.Option("memlab", help="a local pipeline folder, a hub id, or memlab"),
     out: Path = typer.Option(Path("detect-results.parquet"), help="results file (.parquet or .json)"),
@@ -119,9 +119,10 @@ def detect(
 @app.command()
 def explain(
     prompt: Optional[str] = typer.Option(None, help="the prompt to explain"),
-    prompts: Optional[Path] = typer.Option(None, help="or a file of prompts (.txt / .jsonl / .csv), e.g. the flagged ones "
-                                           "from detect; needs --out, where it checkpoints and resumes"),
-    column: Optional[str] = typer.Option(None, help="prompt column of a .csv / .jsonl file"),
+    prompts: Optional[Path] = typer.Option(None, help="or a file of prompts (.txt / .jsonl / .csv / .parquet, e.g. detect's "
+                                           "results with --flagged); needs --out, where it checkpoints and resumes"),
+    column: Optional[str] = typer.Option(None, help="prompt column of a .csv / .jsonl / .parquet file"),
+    flagged: bool = typer.Option(False, "--flagged", help="only the prompts detect flagged (its results file, with a calibration)"),
     model: str = typer.Option("memlab"),
     method: str = typer.Option("attribution", help="attribution (gradients, Wen et al.) or ablation (score drop per word)"),
     ablation_mode: str = typer.Option("mask", help="ablation: mask (zero the word's token embeddings) or remove (leave it out)"),
@@ -149,9 +150,9 @@ def explain(
     if prompts is not None:
         from .core.prompts import read_prompts
 
-        texts = read_prompts(prompts, column)  # bad input fails before torch and the model load
-    elif column is not None:
-        raise DiffmemError("--column applies to --prompts")
+        texts = read_prompts(prompts, column, flagged)  # bad input fails before torch and the model load
+    elif column is not None or flagged:
+        raise DiffmemError("--column and --flagged apply to --prompts")
     if out is not None:
         _check_writable(out)
     from .core.loading import load_pipeline  # after the checks: torch takes seconds to import
@@ -183,8 +184,9 @@ def explain(
 
 @app.command()
 def mitigate(
-    prompts: Path = typer.Option(..., help="prompts to mitigate (.txt / .jsonl / .csv)"),
+    prompts: Path = typer.Option(..., help="prompts to mitigate (.txt / .jsonl / .csv / .parquet)"),
     column: Optional[str] = typer.Option(None),
+    flagged: bool = typer.Option(False, "--flagged", help="only the prompts detect flagged (its results file, with a calibration)"),
     model: str = typer.Option("memlab"),
     method: str = typer.Option("embedding", help="embedding (Wen et al.), rta, rna, gni or word_repetition"),
     target: Optional[float] = typer.Option(None, help="target loss (embedding): the norm at steps 0..loss-steps-1"),
@@ -210,7 +212,7 @@ def mitigate(
     (resumes a killed run from OUT/parts)."""
     from .core.prompts import read_prompts
 
-    texts = read_prompts(prompts, column)  # bad input fails before torch and the model load
+    texts = read_prompts(prompts, column, flagged)  # bad input fails before torch and the model load
     _check_writable(out)
     from .core.loading import load_pipeline
     from .detect import Calibration
@@ -378,10 +380,11 @@ def bench_categorize_cmd(
 
 @app.command()
 def categorize(
-    prompts: Path = typer.Option(..., help="prompts: .txt (one per line), .jsonl or .csv"),
+    prompts: Path = typer.Option(..., help="prompts: .txt (one per line), .jsonl, .csv or .parquet"),
     model: str = typer.Option("memlab", help="a local pipeline folder, a hub id, or memlab"),
     out: Path = typer.Option(Path("categorize-out"), help="folder for profile.json / profile.parquet and one PNG per prompt"),
-    column: Optional[str] = typer.Option(None, help="prompt column of a .jsonl / .csv file"),
+    column: Optional[str] = typer.Option(None, help="prompt column of a .jsonl / .csv / .parquet file"),
+    flagged: bool = typer.Option(False, "--flagged", help="only the prompts detect flagged (its results file, with a calibration)"),
     n: int = typer.Option(16, min=2, help="generations per prompt"),
     tau: float = typer.Option(0.8, help="a feature is consistent when it appears in at least this share of generations"),
     controls: Optional[Path] = typer.Option(None, help="unrelated prompts for the lift test (MemLab: its novel prompts)"),
@@ -395,7 +398,7 @@ def categorize(
     """Features that appear across seeds, each called explicit, implicit or unintended, with its evidence."""
     from .core.prompts import read_prompts
 
-    items = read_prompts(prompts, column)  # bad input fails before torch and the model load
+    items = read_prompts(prompts, column, flagged)  # bad input fails before torch and the model load
     ctrl = read_prompts(controls, column) if controls else None
     from .categorize import (CLIPZeroShotExtractor, ExpectationMap, MemLabExtractor, MemorizationProfiler, VLMExtractor,
                              SentenceEmbeddingExpectation)
@@ -642,7 +645,7 @@ def memlab_sample(
 @app.command()
 def audit(
     model: str = typer.Option("memlab", help="a local pipeline folder, a hub id, or memlab"),
-    prompts: Optional[Path] = typer.Option(None, help="prompts to audit (.txt / .jsonl / .csv); default: MemLab's audit set"),
+    prompts: Optional[Path] = typer.Option(None, help="prompts to audit (.txt / .jsonl / .csv / .parquet); default: MemLab's audit set"),
     column: Optional[str] = typer.Option(None, help="prompt column of a .csv / .jsonl file"),
     reference: Optional[Path] = typer.Option(None, help="non-memorized prompts to calibrate on; default: MemLab's reference set"),
     train_data: Optional[str] = typer.Option(None, help="training data to scan (as for diffmem scan: memlab, a folder, a table file)"),

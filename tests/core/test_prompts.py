@@ -38,6 +38,40 @@ def test_bad_files_name_the_problem(tmp_path, name, content, message):
         read_prompts(f, "prompt" if name.endswith(".csv") else None)
 
 
+def test_detect_results_feed_the_next_stage_flagged_only(tmp_path):
+    """A detection result (its .parquet, or the same columns as .csv / .jsonl) reads as prompts; with
+    flagged=True only the rows whose verdict is "memorized"."""
+    import numpy as np
+
+    from diffmem.detect import DetectionResult
+
+    prompts = ["a cat", "a quiet orange cross", "a dog", "a velvet harbor"]
+    scores = np.array([0.1, 0.9, 0.2, 0.8])
+    res = DetectionResult(prompts, scores, scores.reshape(4, 1, 1), {"steps": [0]}, [0], "noise_norm", {}, threshold=0.5)
+    res.save(tmp_path / "r.parquet")
+    assert read_prompts(tmp_path / "r.parquet") == prompts
+    assert read_prompts(tmp_path / "r.parquet", flagged=True) == ["a quiet orange cross", "a velvet harbor"]
+    res.to_frame().to_csv(tmp_path / "r.csv", index=False)
+    assert read_prompts(tmp_path / "r.csv", flagged=True) == ["a quiet orange cross", "a velvet harbor"]
+    res.to_frame().to_json(tmp_path / "r.jsonl", orient="records", lines=True)
+    assert read_prompts(tmp_path / "r.jsonl", flagged=True) == ["a quiet orange cross", "a velvet harbor"]
+    # no calibration: no verdicts to filter on
+    DetectionResult(prompts, scores, scores.reshape(4, 1, 1), {"steps": [0]}, [0], "noise_norm", {}).save(tmp_path / "u.parquet")
+    with pytest.raises(InputError, match="no verdict column"):
+        read_prompts(tmp_path / "u.parquet", flagged=True)
+    with pytest.raises(InputError, match="--flagged needs a table"):
+        read_prompts(tmp_path / "p.txt", flagged=True)
+    none = DetectionResult(prompts, scores, scores.reshape(4, 1, 1), {"steps": [0]}, [0], "noise_norm", {}, threshold=5.0)
+    none.save(tmp_path / "n.parquet")
+    with pytest.raises(InputError, match="no prompt in .* is flagged"):
+        read_prompts(tmp_path / "n.parquet", flagged=True)
+    (tmp_path / "x.parquet").write_text("not parquet")
+    with pytest.raises(InputError, match="not a readable Parquet file"):
+        read_prompts(tmp_path / "x.parquet")
+    with pytest.raises(InputError, match="no column 'caption'"):
+        read_prompts(tmp_path / "r.parquet", "caption")
+
+
 def test_missing_file(tmp_path):
     with pytest.raises(InputError, match="not found"):
         read_prompts(tmp_path / "nope.txt")

@@ -1,4 +1,4 @@
-"""Reading prompt files: ``.txt`` (one per line), ``.jsonl`` and ``.csv`` (a chosen column).
+"""Reading prompt files: ``.txt`` (one per line), ``.jsonl``, ``.csv`` and ``.parquet`` (a chosen column).
 
 Every problem is an ``InputError`` that names the file and the line: an empty file, an empty
 prompt line, bytes that are not UTF-8, a missing column, a malformed JSON line.
@@ -30,12 +30,27 @@ def _read_text(path: Path) -> str:
         raise InputError(f"{path} is not UTF-8 text (byte {e.start}, line {line}); re-save it as UTF-8") from None
 
 
-def iter_prompts(path: str | Path, column: str | None = None) -> Iterator[str]:
-    """Yield prompts one by one (the whole file is checked for encoding first)."""
+def iter_prompts(path: str | Path, column: str | None = None, flagged: bool = False) -> Iterator[str]:
+    """Yield prompts one by one (the whole file is checked for encoding first).
+
+    ``flagged``: only the rows whose ``verdict`` is "memorized", from a table that has one (what
+    ``diffmem detect`` writes with a calibration: its .parquet, or the same columns as .csv / .jsonl),
+    so detection's output feeds explain and mitigate directly."""
     path = Path(path)
-    text = _read_text(path)
     suffix = path.suffix.lower()
+    if flagged and suffix not in (".parquet", ".csv", ".jsonl"):
+        raise InputError(f"--flagged needs a table with a verdict column (detect's .parquet, or .csv / .jsonl), not {path.name}")
     n = 0
+    if suffix == ".parquet":
+        rows = _parquet_rows(path)
+        col = _pick_column(path, column, list(rows[0]) if rows else [])
+        for i, row in enumerate(rows, 1):
+            if _kept(row, flagged, path, i):
+                yield _check(row[col], path, i, "row")
+                n += 1
+        _check_count(path, n, flagged)
+        return
+    text = _read_text(path)
     if suffix == ".jsonl":
         for i, line in enumerate(text.splitlines(), 1):
             if not line.strip():
@@ -49,40 +64,72 @@ def iter_prompts(path: str | Path, column: str | None = None) -> Iterator[str]:
             col = column or next((c for c in DEFAULT_COLUMNS if c in row), None)
             if col is None or col not in row:
                 raise InputError(f"{path} line {i} has no column {column or ' / '.join(DEFAULT_COLUMNS)!r} (keys: {sorted(row)})")
-            yield _check(row[col], path, i)
-            n += 1
+            if _kept(row, flagged, path, i):
+                yield _check(row[col], path, i)
+                n += 1
     elif suffix == ".csv":
         reader = csv.DictReader(io.StringIO(text))
-        fields = reader.fieldnames or []
-        col = column or next((c for c in DEFAULT_COLUMNS if c in fields), None)
-        if col is None or col not in fields:
-            raise InputError(f"{path} has no column {column or ' / '.join(DEFAULT_COLUMNS)!r} (columns: {fields})")
+        col = _pick_column(path, column, reader.fieldnames or [])
         for i, row in enumerate(reader, 2):
-            yield _check(row[col], path, i)
-            n += 1
+            if _kept(row, flagged, path, i):
+                yield _check(row[col], path, i)
+                n += 1
     else:
         if column:
-            raise InputError(f"--column applies to .csv and .jsonl files, not {path.name}")
+            raise InputError(f"--column applies to .csv, .jsonl and .parquet files, not {path.name}")
         lines = text.splitlines()
         while lines and not lines[-1].strip():  # a trailing newline is not an empty prompt
             lines.pop()
         for i, line in enumerate(lines, 1):
             yield _check(line, path, i)
             n += 1
+    _check_count(path, n, flagged)
+
+
+def _parquet_rows(path: Path) -> list[dict]:
+    if not path.exists():
+        raise InputError(f"prompt file not found: {path}")
+    if path.is_dir():
+        raise InputError(f"prompt path is a folder, not a file: {path}")
+    import pyarrow.parquet as pq
+
+    try:
+        return pq.read_table(path).to_pylist()
+    except Exception as e:  # pyarrow raises several types for a file that is not Parquet
+        raise InputError(f"{path} is not a readable Parquet file ({type(e).__name__}: {e})") from None
+
+
+def _pick_column(path: Path, column: str | None, fields: list[str]) -> str:
+    col = column or next((c for c in DEFAULT_COLUMNS if c in fields), None)
+    if col is None or col not in fields:
+        raise InputError(f"{path} has no column {column or ' / '.join(DEFAULT_COLUMNS)!r} (columns: {fields})")
+    return col
+
+
+def _kept(row: dict, flagged: bool, path: Path, line: int) -> bool:
+    if not flagged:
+        return True
+    if "verdict" not in row:
+        raise InputError(f"{path} has no verdict column: --flagged needs detect's output with a calibration "
+                         "(diffmem detect --calibration / --calibrate-with)")
+    return row["verdict"] == "memorized"
+
+
+def _check_count(path: Path, n: int, flagged: bool) -> None:
     if n == 0:
-        raise InputError(f"{path} holds no prompts")
+        raise InputError(f"no prompt in {path} is flagged as memorized" if flagged else f"{path} holds no prompts")
 
 
-def _check(value, path: Path, line: int) -> str:
+def _check(value, path: Path, line: int, unit: str = "line") -> str:
     if not isinstance(value, str):
-        raise InputError(f"{path} line {line}: the prompt is not text ({value!r})")
+        raise InputError(f"{path} {unit} {line}: the prompt is not text ({value!r})")
     if not value.strip():
-        raise InputError(f"{path} line {line}: empty prompt")
+        raise InputError(f"{path} {unit} {line}: empty prompt")
     return value
 
 
-def read_prompts(path: str | Path, column: str | None = None) -> list[str]:
-    return list(iter_prompts(path, column))
+def read_prompts(path: str | Path, column: str | None = None, flagged: bool = False) -> list[str]:
+    return list(iter_prompts(path, column, flagged))
 
 
 def ensure_writable_dir(folder: str | Path) -> Path:

@@ -84,7 +84,7 @@ class AttributionSet:
             "td.num{text-align:right;font-variant-numeric:tabular-nums}.settings{color:#555;font-size:13px}"
             "</style></head><body><h1>{{ title }}</h1>"
             "<p class='settings'>{{ method }} &middot; {{ settings }} &middot; seeds {{ seeds }}</p>"
-            "<table><tr><th>#</th><th>prompt, words shaded by score</th><th>top word</th><th>score</th></tr>"
+            "<table><tr><th>#</th><th>prompt, words shaded by score</th><th>top word</th><th>detection score</th></tr>"
             "{% for r, frag in rows %}<tr><td class='num'>{{ loop.index }}</td><td>{{ frag }}</td>"
             "<td>{{ r.top_word }}</td><td class='num'>"
             "{{ '%.4g'|format(r.detection_score) if r.detection_score is not none else '' }}</td></tr>{% endfor %}"
