@@ -395,7 +395,8 @@ def categorize(
     device: str = DEVICE,
     dtype: str = DTYPE,
 ):
-    """Features that appear across seeds, each called explicit, implicit or unintended, with its evidence."""
+    """Features that appear across seeds, each called explicit, implicit or unintended, with its evidence
+    (resumes a killed run from OUT/parts)."""
     from .core.prompts import read_prompts
 
     items = read_prompts(prompts, column, flagged)  # bad input fails before torch and the model load
@@ -431,10 +432,12 @@ def categorize(
             tracer = None
     _check_writable(out)
     prof = MemorizationProfiler(pipe, ext, n=n, tau=tau, control_prompts=ctrl, expectations=sources, tracer=tracer)
-    res = prof.profile(items, progress=True)
+    # generations saved in parts of 8 prompts under OUT/parts: a killed run resumes
+    res = prof.profile(items, progress=True, checkpoint=out / "parts")
     res.save(out)
     for i in range(len(res.prompts)):
         res.plot(out / f"prompt_{i:04d}.png", prompt_index=i)
+    shutil.rmtree(out / "parts")  # the saved profile holds everything they did
     from rich.table import Table
 
     table = Table("prompt", "feature", "kind", "frequency", "lift", "evidence")

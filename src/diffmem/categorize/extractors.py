@@ -82,6 +82,7 @@ class CLIPZeroShotExtractor:
             raise InputError("CLIP zero-shot needs a non-empty feature vocabulary")
         from ..mitigate.measures import CLIPScore
 
+        self.path = str(path)  # identifies the extractor in saved work
         self.clip = CLIPScore(path)
         self.vocabulary = dict(vocabulary)
         self.margin = margin
@@ -131,6 +132,7 @@ class VLMExtractor:
             raise InputError(f"vision-language model folder not found or incomplete: {path}")
         from transformers import AutoModelForImageTextToText, AutoProcessor
 
+        self.path = str(path)  # identifies the extractor in saved work
         try:
             self.processor = AutoProcessor.from_pretrained(path)
             self.model = AutoModelForImageTextToText.from_pretrained(path, use_safetensors=True).eval()

@@ -31,6 +31,7 @@ from ..core.results import dump_json, write_parquet
 from .expectations import contains_phrase
 
 KINDS = ("explicit", "implicit", "unintended")
+PART_SIZE = 8  # prompts per saved part of a checkpointed profile: the unit a killed run redoes
 
 
 @dataclass
@@ -146,9 +147,55 @@ class MemorizationProfiler:
         n = len(self.seeds())
         return imgs, [flat[i * n : (i + 1) * n] for i in range(len(prompts))]
 
-    def control_frequencies(self, progress: bool = False) -> dict[str, float]:
+    def _identity(self) -> dict:
+        """What saved features must have been made with: the generation settings, the model and the
+        extractor (not tau or the lift bound, which only read the features)."""
+        from ..core.loading import weights_identity
+
+        s = self.settings
+        return {"generation": {k: s[k] for k in ("n", "seed", "num_inference_steps", "guidance_scale", "batch_size")},
+                "model": weights_identity(self.pipe), "extractor": extractor_identity(self.extractor)}
+
+    def _features_in_parts(self, prompts: list[str], folder: Path, prefix: str, part_size: int, stale: str,
+                           progress: bool) -> tuple[np.ndarray, list[list[set[str]]]]:
+        """``_features``, ``part_size`` prompts at a time, each part's images and features saved in
+        ``folder/{prefix}_NNNN`` so that a killed run redoes at most one part."""
+        from ..core.parts import mark_done, saved_key, unmark
+        from ..core.results import digest
+
+        base = self._identity()
+        chunks = [prompts[i : i + part_size] for i in range(0, len(prompts), part_size)]
+        keys = [digest({**base, "prompts": c}) for c in chunks]
+        parts = [folder / f"{prefix}_{i:04d}" for i in range(len(chunks))]
+        saved = [saved_key(p) for p in parts]
+        if stale == "refuse" and any(old is not None and old != key for old, key in zip(saved, keys)):
+            raise InputError(f"{folder} holds generations of other prompts, settings, extractor or another model; "
+                             "use another output folder or delete it")
+        images, feats = [], []
+        for chunk, part, key, old in zip(chunks, parts, keys, saved):
+            if old == key:
+                with np.load(part / "images.npz", allow_pickle=False) as z:
+                    imgs = z["images"]
+                f = [[set(img) for img in per_prompt] for per_prompt in json.loads((part / "features.json").read_text())]
+            else:
+                imgs, f = self._features(chunk, progress)
+                unmark(part)
+                part.mkdir(parents=True, exist_ok=True)
+                np.savez_compressed(part / "images.npz", images=imgs)
+                dump_json([[sorted(img) for img in per_prompt] for per_prompt in f], part / "features.json")
+                mark_done(part, key, prompts=chunk)  # last: marks the part complete
+            images.append(imgs)
+            feats.extend(f)
+        return np.concatenate(images), feats
+
+    def control_frequencies(self, progress: bool = False, checkpoint: str | Path | None = None,
+                            stale: str = "refuse") -> dict[str, float]:
         if not hasattr(self, "_control"):
-            _, feats = self._features(self.control_prompts, progress)
+            if checkpoint is None:
+                _, feats = self._features(self.control_prompts, progress)
+            else:
+                _, feats = self._features_in_parts(self.control_prompts, Path(checkpoint), "control", PART_SIZE, stale,
+                                                   progress)
             total = sum(len(f) for f in feats)
             counts: dict[str, int] = {}
             for per_prompt in feats:
@@ -170,16 +217,29 @@ class MemorizationProfiler:
         return "unintended", "neither named nor implied by any expectation source" + (
             "" if self.expectations else " (no expectation source given)")
 
-    def profile(self, prompts: Sequence[str], progress: bool = False, keep_images: bool = True) -> ProfileResult:
+    def profile(self, prompts: Sequence[str], progress: bool = False, keep_images: bool = True,
+                checkpoint: str | Path | None = None, part_size: int = PART_SIZE, stale: str = "refuse") -> ProfileResult:
+        """With ``checkpoint`` (a folder), the generations and their features are saved there in parts
+        of ``part_size`` prompts (the controls too), and a killed run resumes. Parts made with other
+        generation settings, another model or extractor are refused (``stale="refuse"``) or redone
+        (``"restart"``, for callers that own the folder, as the audit does); changing only tau or the
+        lift bound reuses them."""
         from ..detect.noise_norm import check_prompts
 
         prompts = check_prompts(prompts)
+        if stale not in ("refuse", "restart"):
+            raise InputError(f"stale must be 'refuse' or 'restart', got {stale!r}")
+        if part_size < 1:
+            raise InputError(f"part_size must be at least 1, got {part_size}")
         s = self.settings
-        control = self.control_frequencies(progress)
+        control = self.control_frequencies(progress, checkpoint, stale)
         floor = 1.0 / self._control[1]
         t0 = time.time()
-        images, feats = self._features(prompts, progress)
-        seconds = (time.time() - t0) / len(prompts)
+        if checkpoint is None:
+            images, feats = self._features(prompts, progress)
+        else:
+            images, feats = self._features_in_parts(prompts, Path(checkpoint), "part", part_size, stale, progress)
+        seconds = (time.time() - t0) / len(prompts)  # resumed parts count as instant
         rows = []
         for p, per_image in zip(prompts, feats):
             counts: dict[str, int] = {}
@@ -203,6 +263,14 @@ class MemorizationProfiler:
                 rows.append(row)
         return ProfileResult(prompts, self.seeds(), rows, dict(s), self.extractor.name, self.control_prompts, seconds,
                              images if keep_images else None, [[sorted(img) for img in pi] for pi in feats])
+
+
+def extractor_identity(extractor) -> dict:
+    """The extractor's kind and plain settings (model path, vocabulary, margin, ...): not its loaded
+    weights, and never an API key."""
+    plain = (str, int, float, bool, type(None), dict, list, tuple)
+    return {"name": extractor.name,
+            **{k: v for k, v in sorted(vars(extractor).items()) if isinstance(v, plain) and "key" not in k.lower()}}
 
 
 def _default_controls(pipe, k: int = 24) -> list[str]:

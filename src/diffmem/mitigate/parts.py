@@ -9,13 +9,13 @@ generation batches differ from an unsplit run, which can move the images in the 
 
 from __future__ import annotations
 
-import json
 import shutil
 from pathlib import Path
 from typing import Callable, Sequence
 
 from ..core.errors import InputError
-from ..core.results import digest, dump_json
+from ..core.parts import mark_done, saved_key, unmark
+from ..core.results import digest
 from .result import MitigationResult
 
 PART_SIZE = 8  # prompts per saved part: the unit a killed run redoes
@@ -28,13 +28,6 @@ def part_key(method, prompts: Sequence[str]) -> str:
 
     return digest({"method": method.method, "settings": method.settings, "seeds": method.seeds(),
                    "model": weights_identity(method.pipe), "prompts": list(prompts)})
-
-
-def _saved_key(part: Path) -> str | None:
-    try:
-        return json.loads((part / "done.json").read_text()).get("key")
-    except (OSError, ValueError, AttributeError):
-        return None  # no marker (killed while saving) or an unreadable one: the part is redone
 
 
 def mitigate_in_parts(method, prompts: Sequence[str], folder: str | Path, part_size: int = PART_SIZE,
@@ -60,11 +53,11 @@ def mitigate_in_parts(method, prompts: Sequence[str], folder: str | Path, part_s
     chunks = [prompts[i : i + part_size] for i in range(0, len(prompts), part_size)]
     keys = [part_key(method, c) for c in chunks]
     parts = [folder / f"part_{c:04d}" for c in range(len(chunks))]
-    saved = [_saved_key(p) for p in parts]
+    saved = [saved_key(p) for p in parts]
     extra = sorted(p for p in folder.glob("part_*") if p not in parts) if folder.is_dir() else []
     if stale == "refuse":
         wrong = [p.name for p, s, k in zip(parts, saved, keys) if s is not None and s != k]
-        wrong += [p.name for p in extra if _saved_key(p) is not None]
+        wrong += [p.name for p in extra if saved_key(p) is not None]
         if wrong:
             raise InputError(f"{folder} holds mitigation parts of other prompts, settings or another model "
                              f"({', '.join(wrong[:3])}{', ...' if len(wrong) > 3 else ''}); "
@@ -80,9 +73,9 @@ def mitigate_in_parts(method, prompts: Sequence[str], folder: str | Path, part_s
                 r = method.mitigate(chunk, generate_images=True, batch_size=batch_size)
                 if measure is not None:
                     r.measures.update(measure(r))
-                (part / "done.json").unlink(missing_ok=True)
+                unmark(part)
                 r.save(part)
-                dump_json({"key": key, "prompts": chunk}, part / "done.json")  # last: marks the part complete
+                mark_done(part, key, prompts=chunk)  # last: marks the part complete
             results.append(r)
             bar.update(len(chunk))
     return MitigationResult.concat(results)

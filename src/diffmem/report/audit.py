@@ -402,7 +402,7 @@ class Audit:
                 return {"n_prompts": 0, "note": "nothing flagged and no control sample"}
             tracer = TrainingTracer.from_memlab(ds.build(ds.MemLabConfig(**self.manifest["config"])))
             prof = MemorizationProfiler(self.pipe, MemLabExtractor(), n=s.categorize_n, tracer=tracer, seed=s.seed)
-            pr = prof.profile(prompts, progress=self.progress)
+            pr = prof.profile(prompts, progress=self.progress, checkpoint=folder / "parts", stale="restart")
             pr.save(folder)
             for i in range(len(pr.prompts)):
                 pr.plot(folder / f"prompt_{i:04d}.png", prompt_index=i)
