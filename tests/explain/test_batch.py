@@ -43,7 +43,7 @@ def test_interrupted_run_resumes_without_recomputing(tiny_pipe, tmp_path):
     ckpt = tmp_path / "attributions.json"
     first = Counting(TokenAblation(tiny_pipe, num_inference_steps=4), fail_on="a green ring")
     with pytest.raises(KeyboardInterrupt):
-        explain_prompts(first, PROMPTS, checkpoint=ckpt)
+        explain_prompts(first, PROMPTS, checkpoint=ckpt, save_every=0)
     saved = AttributionSet.load(ckpt)
     assert [r.prompt for r in saved.results] == ["a red circle", "a blue square at night"]
 
@@ -56,6 +56,16 @@ def test_interrupted_run_resumes_without_recomputing(tiny_pipe, tmp_path):
         np.testing.assert_array_equal(a.word_scores, b.word_scores)
     # the checkpoint now holds the finished set, in input order
     assert [r.prompt for r in AttributionSet.load(ckpt).results] == [r.prompt for r in fresh.results]
+
+
+def test_saves_are_spaced_in_time_but_the_finished_set_is_always_saved(tiny_pipe, tmp_path):
+    ckpt = tmp_path / "attributions.json"
+    with pytest.raises(KeyboardInterrupt):
+        explain_prompts(Counting(TokenAttribution(tiny_pipe, num_inference_steps=4), fail_on="a green ring"), PROMPTS,
+                        checkpoint=ckpt, save_every=3600)
+    assert not ckpt.exists()  # within the hour nothing was due
+    explain_prompts(TokenAttribution(tiny_pipe, num_inference_steps=4), PROMPTS, checkpoint=ckpt, save_every=3600)
+    assert len(AttributionSet.load(ckpt)) == 3
 
 
 def test_a_checkpoint_from_other_settings_or_another_model_is_never_mixed_in(tiny_pipe, tiny_pipe_v, tmp_path):

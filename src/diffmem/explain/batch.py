@@ -6,6 +6,7 @@ that saves and loads (JSON), tabulates itself (one row per word) and draws an HT
 from __future__ import annotations
 
 import json
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
@@ -95,12 +96,14 @@ class AttributionSet:
 
 
 def explain_prompts(explainer, prompts: Sequence[str], checkpoint: str | Path | None = None,
-                    progress: bool = False, stale: str = "refuse") -> AttributionSet:
+                    progress: bool = False, stale: str = "refuse", save_every: float = 5.0) -> AttributionSet:
     """Explain each distinct prompt (in first-seen order) with ``explainer`` (``TokenAttribution`` or
     ``TokenAblation``).
 
-    With ``checkpoint`` (a JSON path) the set is saved after every prompt, and a run that finds the
-    file resumes it: prompts already explained by the same model, explainer and settings are kept,
+    With ``checkpoint`` (a JSON path) the set is saved after a prompt once ``save_every`` seconds
+    have passed since the last save (the file grows with every prompt: rewriting it after each of
+    thousands of fast prompts would cost more than explaining them), and a run that finds the file
+    resumes it: prompts already explained by the same model, explainer and settings are kept,
     not recomputed. A checkpoint from another model or other settings is never mixed in:
     ``stale="refuse"`` stops with an error (the user's files are theirs), ``"restart"`` starts over
     (for callers that own the folder, as the audit does).
@@ -128,13 +131,15 @@ def explain_prompts(explainer, prompts: Sequence[str], checkpoint: str | Path | 
         return AttributionSet(explainer.method, settings, list(explainer.seeds()), results, model)
 
     todo = [p for p in wanted if p not in done]
+    last_save = time.monotonic()
     with tqdm(total=len(wanted), initial=len(wanted) - len(todo), desc="explaining", unit="prompt",
               disable=not progress) as bar:
         for p in todo:
             done[p] = explainer.attribute(p)
             bar.update(1)
-            if checkpoint is not None:
+            if checkpoint is not None and time.monotonic() - last_save >= save_every:
                 current(list(done.values())).save(checkpoint)
+                last_save = time.monotonic()
     result = current([done[p] for p in wanted])
     if checkpoint is not None:
         result.save(checkpoint)  # in input order, and without prompts an earlier run had that this one does not
