@@ -160,33 +160,26 @@ class MemorizationProfiler:
                            progress: bool) -> tuple[np.ndarray, list[list[set[str]]]]:
         """``_features``, ``part_size`` prompts at a time, each part's images and features saved in
         ``folder/{prefix}_NNNN`` so that a killed run redoes at most one part."""
-        from ..core.parts import mark_done, saved_key, unmark
+        from ..core.parts import in_parts
         from ..core.results import digest
 
         base = self._identity()
         chunks = [prompts[i : i + part_size] for i in range(0, len(prompts), part_size)]
-        keys = [digest({**base, "prompts": c}) for c in chunks]
-        parts = [folder / f"{prefix}_{i:04d}" for i in range(len(chunks))]
-        saved = [saved_key(p) for p in parts]
-        if stale == "refuse" and any(old is not None and old != key for old, key in zip(saved, keys)):
-            raise InputError(f"{folder} holds generations of other prompts, settings, extractor or another model; "
-                             "use another output folder or delete it")
-        images, feats = [], []
-        for chunk, part, key, old in zip(chunks, parts, keys, saved):
-            if old == key:
-                with np.load(part / "images.npz", allow_pickle=False) as z:
-                    imgs = z["images"]
-                f = [[set(img) for img in per_prompt] for per_prompt in json.loads((part / "features.json").read_text())]
-            else:
-                imgs, f = self._features(chunk, progress)
-                unmark(part)
-                part.mkdir(parents=True, exist_ok=True)
-                np.savez_compressed(part / "images.npz", images=imgs)
-                dump_json([[sorted(img) for img in per_prompt] for per_prompt in f], part / "features.json")
-                mark_done(part, key, prompts=chunk)  # last: marks the part complete
-            images.append(imgs)
-            feats.extend(f)
-        return np.concatenate(images), feats
+
+        def save(part: Path, result) -> None:
+            imgs, feats = result
+            np.savez_compressed(part / "images.npz", images=imgs)
+            dump_json([[sorted(img) for img in per_prompt] for per_prompt in feats], part / "features.json")
+
+        def load(part: Path):
+            with np.load(part / "images.npz", allow_pickle=False) as z:
+                imgs = z["images"]
+            return imgs, [[set(img) for img in per_prompt] for per_prompt in json.loads((part / "features.json").read_text())]
+
+        done = list(in_parts(chunks, [digest({**base, "prompts": c}) for c in chunks], folder,
+                             lambda chunk: self._features(chunk, progress), save, load, prefix=prefix, stale=stale,
+                             what="generations of other prompts, settings, extractor or another model"))
+        return np.concatenate([imgs for imgs, _ in done]), [f for _, feats in done for f in feats]
 
     def control_frequencies(self, progress: bool = False, checkpoint: str | Path | None = None,
                             stale: str = "refuse") -> dict[str, float]:

@@ -4,8 +4,11 @@ names the key of the work it holds, so a killed run redoes only parts without a 
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
+from typing import Callable, Iterator, Sequence
 
+from .errors import InputError
 from .results import dump_json
 
 
@@ -17,10 +20,41 @@ def saved_key(part: Path) -> str | None:
         return None
 
 
-def mark_done(part: Path, key: str, **info) -> None:
-    dump_json({"key": key, **info}, Path(part) / "done.json")
+def in_parts(chunks: Sequence[list], keys: Sequence[str], folder: str | Path, compute: Callable, save: Callable,
+             load: Callable, prefix: str = "part", stale: str = "refuse", what: str = "saved work") -> Iterator:
+    """An iterator over ``compute(chunk)`` for each chunk, in order: read back with ``load(part)`` from
+    ``folder/{prefix}_NNNN`` when that part's marker names the chunk's key, else computed, written
+    with ``save(part, result)`` and marked (the marker last, so a kill mid-write redoes the part).
 
+    Checked now, before any work: a part completed under another key, or left beyond the chunks by a
+    longer list, is refused with ``what`` in the message (``stale="refuse"``: the folder is the
+    user's) or redone (``"restart"``: callers that own the folder). Unmarked leftovers are removed.
+    """
+    if stale not in ("refuse", "restart"):
+        raise InputError(f"stale must be 'refuse' or 'restart', got {stale!r}")
+    folder = Path(folder)
+    parts = [folder / f"{prefix}_{i:04d}" for i in range(len(chunks))]
+    saved = [saved_key(p) for p in parts]
+    extra = sorted(p for p in folder.glob(f"{prefix}_*") if p not in parts) if folder.is_dir() else []
+    if stale == "refuse":
+        wrong = [p.name for p, old, key in zip(parts, saved, keys) if old is not None and old != key]
+        wrong += [p.name for p in extra if saved_key(p) is not None]
+        if wrong:
+            raise InputError(f"{folder} holds {what} ({', '.join(wrong[:3])}{', ...' if len(wrong) > 3 else ''}); "
+                             "use another output folder or delete it")
+    for p in extra:  # left by a longer list: they would confuse the next resume
+        shutil.rmtree(p)
 
-def unmark(part: Path) -> None:
-    """Before rewriting a part: a crash mid-write must not leave the old marker on new files."""
-    (Path(part) / "done.json").unlink(missing_ok=True)
+    def run():
+        for chunk, part, key, old in zip(chunks, parts, keys, saved):
+            if old == key:
+                yield load(part)  # finished before an interruption: kept as it is
+                continue
+            result = compute(chunk)
+            (part / "done.json").unlink(missing_ok=True)  # a crash mid-write must not leave the old marker
+            part.mkdir(parents=True, exist_ok=True)
+            save(part, result)
+            dump_json({"key": key, "prompts": list(chunk)}, part / "done.json")
+            yield result
+
+    return run()

@@ -9,12 +9,11 @@ generation batches differ from an unsplit run, which can move the images in the 
 
 from __future__ import annotations
 
-import shutil
 from pathlib import Path
 from typing import Callable, Sequence
 
 from ..core.errors import InputError
-from ..core.parts import mark_done, saved_key, unmark
+from ..core.parts import in_parts
 from ..core.results import digest
 from .result import MitigationResult
 
@@ -44,38 +43,22 @@ def mitigate_in_parts(method, prompts: Sequence[str], folder: str | Path, part_s
 
     from ..detect.noise_norm import check_prompts
 
-    if stale not in ("refuse", "restart"):
-        raise InputError(f"stale must be 'refuse' or 'restart', got {stale!r}")
     if part_size < 1:
         raise InputError(f"part_size must be at least 1, got {part_size}")
     prompts = check_prompts(prompts)
-    folder = Path(folder)
     chunks = [prompts[i : i + part_size] for i in range(0, len(prompts), part_size)]
-    keys = [part_key(method, c) for c in chunks]
-    parts = [folder / f"part_{c:04d}" for c in range(len(chunks))]
-    saved = [saved_key(p) for p in parts]
-    extra = sorted(p for p in folder.glob("part_*") if p not in parts) if folder.is_dir() else []
-    if stale == "refuse":
-        wrong = [p.name for p, s, k in zip(parts, saved, keys) if s is not None and s != k]
-        wrong += [p.name for p in extra if saved_key(p) is not None]
-        if wrong:
-            raise InputError(f"{folder} holds mitigation parts of other prompts, settings or another model "
-                             f"({', '.join(wrong[:3])}{', ...' if len(wrong) > 3 else ''}); "
-                             "use another output folder or delete it")
-    for p in extra:  # left by a longer prompt list: they would confuse the next resume
-        shutil.rmtree(p)
+
+    def compute(chunk):
+        r = method.mitigate(chunk, generate_images=True, batch_size=batch_size)
+        if measure is not None:
+            r.measures.update(measure(r))
+        return r
+
+    parts = in_parts(chunks, [part_key(method, c) for c in chunks], folder, compute, save=lambda part, r: r.save(part),
+                     load=MitigationResult.load, stale=stale, what="mitigation parts of other prompts, settings or another model")
     results = []
     with tqdm(total=len(prompts), desc="mitigating", unit="prompt", disable=not progress) as bar:
-        for chunk, part, key, old in zip(chunks, parts, keys, saved):
-            if old == key:
-                r = MitigationResult.load(part)  # finished before an interruption: kept as it is
-            else:
-                r = method.mitigate(chunk, generate_images=True, batch_size=batch_size)
-                if measure is not None:
-                    r.measures.update(measure(r))
-                unmark(part)
-                r.save(part)
-                mark_done(part, key, prompts=chunk)  # last: marks the part complete
+        for chunk, r in zip(chunks, parts):
             results.append(r)
             bar.update(len(chunk))
     return MitigationResult.concat(results)
