@@ -51,11 +51,13 @@ def detect_file(detector, prompts_path: str | Path, out: str | Path, column: str
     out = Path(out)
     if out.suffix not in (".parquet", ".json"):
         raise InputError(f"results file must end in .parquet or .json, got {out.name}")
-    n = sum(1 for _ in iter_prompts(prompts_path, column))  # validates every line first
-
-    parts = out.with_name(out.name + ".parts")
+    # one pass before any scoring: validates every line, counts them and keys each chunk's saved scores
     base = _run_identity(detector, calibration)
-    keys = [digest({**base, "prompts": buf}) for buf in _chunks(iter_prompts(prompts_path, column), chunk)]
+    n, keys = 0, []
+    for buf in _chunks(iter_prompts(prompts_path, column), chunk):
+        n += len(buf)
+        keys.append(digest({**base, "prompts": buf}))
+    parts = out.with_name(out.name + ".parts")
     for marker in sorted(parts.glob("chunk_*.done")):
         i = int(marker.stem.removeprefix("chunk_"))
         if i >= len(keys) or marker.read_text() != keys[i]:
