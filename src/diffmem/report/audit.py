@@ -364,8 +364,8 @@ class Audit:
             explainer = EXPLAINERS[s.explain_method](self.pipe, self.sampler["num_inference_steps"],
                                                      self.sampler["guidance_scale"], steps=self._detector().settings.steps,
                                                      generations=1, seed=s.seed)
-            explained = explain_prompts(explainer, self.flagged(s.max_explain), checkpoint=folder / "attributions.json", progress=self.progress,
-                                        stale="restart")
+            explained = explain_prompts(explainer, self.flagged(s.max_explain), checkpoint=folder / "attributions.json",
+                                        progress=self.progress, stale="restart")
             return {"n_explained": len(explained), "settings": explainer.settings, "seeds": explainer.seeds(),
                     "top_words": explained.top_words()}
 
