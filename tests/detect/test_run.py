@@ -1,3 +1,5 @@
+from functools import partial
+
 import numpy as np
 import pandas as pd
 import pytest
@@ -5,22 +7,11 @@ import pytest
 from diffmem.core.errors import InputError
 from diffmem.detect import Calibration, DetectionResult, NoiseNormDetector
 from diffmem.detect.run import detect_file
+from doubles import Recording
 
 PROMPTS = ["a red circle", "a photo of a cat", "a blue square at night", "a green ring", "an old map"]
 
-
-class Counting:
-    """A detector that records the prompt lists it scores and can fail on one prompt (a killed run)."""
-
-    def __init__(self, inner, fail_on=None):
-        self.inner, self.fail_on, self.calls = inner, fail_on, []
-        self.method, self.settings, self.pipe = inner.method, inner.settings, inner.pipe
-
-    def score(self, prompts, **kw):
-        if self.fail_on in prompts:
-            raise KeyboardInterrupt
-        self.calls.append(list(prompts))
-        return self.inner.score(prompts, **kw)
+Counting = partial(Recording, call="score")
 
 
 @pytest.fixture

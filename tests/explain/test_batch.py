@@ -1,4 +1,5 @@
 import json
+from functools import partial
 
 import numpy as np
 import pytest
@@ -6,25 +7,11 @@ import pytest
 from diffmem.core.errors import InputError
 from diffmem.explain import AttributionSet, TokenAblation, TokenAttribution, explain_prompts
 from diffmem.explain.batch import write_outputs
+from doubles import Recording
 
 PROMPTS = ["a red circle", "a blue square at night", "a red circle", "a green ring"]
 
-
-class Counting:
-    """An explainer that counts its calls and can fail on a chosen prompt (an interrupted run)."""
-
-    def __init__(self, inner, fail_on=None):
-        self.inner, self.fail_on, self.calls = inner, fail_on, []
-        self.pipe, self.method, self.settings = inner.pipe, inner.method, inner.settings
-
-    def seeds(self):
-        return self.inner.seeds()
-
-    def attribute(self, prompt):
-        if prompt == self.fail_on:
-            raise KeyboardInterrupt
-        self.calls.append(prompt)
-        return self.inner.attribute(prompt)
+Counting = partial(Recording, call="attribute")
 
 
 def test_batch_equals_one_by_one_once_per_distinct_prompt(tiny_pipe):

@@ -1,28 +1,16 @@
+from functools import partial
+
 import numpy as np
 import pytest
 
 from diffmem.core.errors import InputError
 from diffmem.mitigate import EmbeddingOptimization, MitigationResult, RandomNumberAddition
 from diffmem.mitigate.parts import mitigate_in_parts
+from doubles import Recording
 
 PROMPTS = ["a red circle", "a photo of a cat", "a blue square at night", "a green ring"]
 
-
-class Counting:
-    """A mitigation method that records the prompt lists it is given and can fail on one prompt."""
-
-    def __init__(self, inner, fail_on=None):
-        self.inner, self.fail_on, self.calls = inner, fail_on, []
-        self.method, self.settings, self.pipe = inner.method, inner.settings, inner.pipe
-
-    def seeds(self):
-        return self.inner.seeds()
-
-    def mitigate(self, prompts, **kw):
-        if self.fail_on in prompts:
-            raise KeyboardInterrupt
-        self.calls.append(list(prompts))
-        return self.inner.mitigate(prompts, **kw)
+Counting = partial(Recording, call="mitigate")
 
 
 def embedding(pipe, **kw):

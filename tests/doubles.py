@@ -1,0 +1,23 @@
+"""Test doubles shared by the resume tests (importable: pytest's ``pythonpath`` holds tests/)."""
+
+
+class Recording:
+    """Stands in for an explainer, a mitigation method or a detector: its ``call`` method (attribute,
+    mitigate, score) passes through to the real one and records its first argument (a prompt or a
+    list of prompts), and raises KeyboardInterrupt, as a killed run would, when that argument is or
+    holds ``fail_on``. Everything else (pipe, method, settings, seeds) is the real one's."""
+
+    def __init__(self, inner, call: str, fail_on=None):
+        self.inner, self.fail_on, self.calls = inner, fail_on, []
+        real = getattr(inner, call)
+
+        def recorded(arg, *args, **kw):
+            if arg == fail_on or (isinstance(arg, list) and fail_on in arg):
+                raise KeyboardInterrupt
+            self.calls.append(arg)
+            return real(arg, *args, **kw)
+
+        setattr(self, call, recorded)
+
+    def __getattr__(self, name):
+        return getattr(self.inner, name)
