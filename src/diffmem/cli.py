@@ -299,10 +299,14 @@ def bench_mitigate_cmd(
     only: Optional[str] = typer.Option(None, help='run only the rows whose "method, setting" contains this text'),
     max_reference: Optional[int] = typer.Option(None, min=2, help="calibrate the targets on at most this many "
                                                 "non-memorized prompts (for a quick run)"),
+    redo: bool = typer.Option(False, "--redo", help="recompute the selected rows even where OUT/rows holds them"),
     device: str = DEVICE,
     dtype: str = DTYPE,
 ):
-    """Replication against alignment for each mitigation method and setting, on MemLab's planted prompts."""
+    """Replication against alignment for each mitigation method and setting, on MemLab's planted prompts.
+
+    Each finished row is saved in OUT/rows: a killed run resumes at the first unfinished row, and a
+    run with --only also lists the rows saved there before under the same settings."""
     from .bench.mitigate import bench_mitigate
     from .core.loading import load_pipeline, runs_on
     from .memlab.verify import load_manifest
@@ -311,7 +315,7 @@ def bench_mitigate_cmd(
     _check_writable(out)
     pipe = load_pipeline(model, device=device, dtype=dtype)
     res = bench_mitigate(pipe, manifest, generations=generations, max_prompts=max_prompts, only=only,
-                         max_reference=max_reference)
+                         max_reference=max_reference, rows_dir=out / "rows", redo=redo)
     res.settings["runs_on"] = runs_on(pipe)
     files = res.save(out)
     out_console.print(res.table())

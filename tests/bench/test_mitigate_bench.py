@@ -83,3 +83,68 @@ def test_bench_mitigate_only_refuses_a_text_matching_no_row_before_any_work(meml
     pipe = load_pipeline("memlab")
     with pytest.raises(InputError, match="no benchmark row matches 'nope'"):
         bench_mitigate(pipe, memlab_manifest, generations=1, max_prompts=2, progress=False, only="nope")
+
+
+def _interrupted():
+    raise KeyboardInterrupt  # a kill while this row runs
+
+
+def test_bench_mitigate_resumes_from_its_saved_rows(memlab_manifest, tmp_path):
+    """A killed benchmark keeps its finished rows; a re-run computes only the rest and equals an
+    uninterrupted run; ``only`` lists the rows saved before; ``redo`` and other settings recompute."""
+    from diffmem.bench.mitigate import bench_mitigate
+    from diffmem.core.loading import load_pipeline
+    from diffmem.mitigate import BASELINES
+
+    pipe = load_pipeline("memlab")
+    kw = dict(generations=1, seed=0, num_inference_steps=25, guidance_scale=5.0)
+    made = []
+
+    def real(name, **settings):
+        def make():
+            made.append(name)
+            return BASELINES[name](pipe, **settings, **kw)
+        return make
+
+    rta, rna = ("rta", "4 tokens"), ("rna", "4 numbers")
+    run = dict(generations=1, max_prompts=2, progress=False, rows_dir=tmp_path / "rows")
+    with pytest.raises(KeyboardInterrupt):
+        bench_mitigate(pipe, memlab_manifest, methods={rta: real("rta", n_tokens=4), rna: _interrupted}, **run)
+    assert made == ["rta"] and len(list((tmp_path / "rows").glob("*.json"))) == 2  # unmitigated + RTA
+
+    made.clear()
+    resumed = bench_mitigate(pipe, memlab_manifest, methods={rta: _interrupted, rna: real("rna", n_numbers=4)}, **run)
+    assert made == ["rna"] and resumed.settings["reused_rows"] == ["rta, 4 tokens"]
+    whole = bench_mitigate(pipe, memlab_manifest, generations=1, max_prompts=2, progress=False,
+                           methods={rta: real("rta", n_tokens=4), rna: real("rna", n_numbers=4)})
+    timeless = [[{k: v for k, v in r.items() if k != "seconds_per_prompt"} for r in res.rows] for res in (resumed, whole)]
+    assert timeless[0] == timeless[1] and [r["method"] for r in resumed.rows] == ["none", "rta", "rna"]
+
+    made.clear()  # only: runs nothing saved, and lists every row saved under the same settings
+    listed = bench_mitigate(pipe, memlab_manifest, methods={rta: _interrupted, rna: _interrupted}, only="rna", **run)
+    assert made == [] and listed.rows == resumed.rows
+    redone = bench_mitigate(pipe, memlab_manifest, methods={rta: _interrupted, rna: real("rna", n_numbers=4)},
+                            only="rna", redo=True, **run)
+    assert made == ["rna"] and redone.settings["reused_rows"] == ["rta, 4 tokens"]
+    assert [r["replication"] for r in redone.rows] == [r["replication"] for r in resumed.rows]
+
+    made.clear()  # another seed count: the saved rows are another benchmark's, recomputed
+    other = bench_mitigate(pipe, memlab_manifest, methods={rta: real("rta", n_tokens=4)},
+                           **{**run, "generations": 2})
+    assert made == ["rta"] and "reused_rows" not in other.settings and len(other.rows) == 2
+
+
+def test_bench_mitigate_command_adds_a_row_to_the_saved_ones(tmp_path):
+    import subprocess
+    import sys
+
+    out = tmp_path / "bench"
+    common = [sys.executable, "-m", "diffmem.cli", "bench", "mitigate", "--generations", "1", "--max-prompts", "2",
+              "--out", str(out)]
+    for only in ("rta, 4 tokens", "rna, 4 numbers"):
+        done = subprocess.run([*common, "--only", only], capture_output=True, text=True, timeout=300)
+        assert done.returncode == 0, done.stderr
+    saved = json.loads((out / "bench_mitigate.json").read_text())
+    assert [(r["method"], r["setting"]) for r in saved["rows"]] == [
+        ("none", "unmitigated"), ("rta", "4 tokens"), ("rna", "4 numbers")]
+    assert saved["settings"]["reused_rows"] == ["rta, 4 tokens"] and "rna" in saved["table"]

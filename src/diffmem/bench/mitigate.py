@@ -12,6 +12,8 @@ steps for the 5-step loss), at FPR 1% (and at the median for one first-step row)
 from __future__ import annotations
 
 import functools
+import json
+import re
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,7 +21,7 @@ from pathlib import Path
 import numpy as np
 
 from ..core.errors import InputError
-from ..core.results import dump_json
+from ..core.results import digest, dump_json
 
 
 @dataclass
@@ -66,6 +68,41 @@ class MitigateBenchResult:
         plt.close(fig)
 
 
+UNMITIGATED = ("none", "unmitigated")
+
+
+class SavedRows:
+    """Finished benchmark rows, one JSON file each under ``folder`` (None: nothing saved), read back
+    only when saved under the same key (the bench's settings and the row's name)."""
+
+    def __init__(self, folder: str | Path | None, settings: dict):
+        self.folder = None if folder is None else Path(folder)
+        self.key = digest(settings)
+
+    def path(self, name: tuple[str, str]) -> Path:
+        slug = re.sub(r"[^a-z0-9]+", "-", f"{name[0]} {name[1]}".lower()).strip("-")
+        return self.folder / f"{slug}-{digest(list(name))[:6]}.json"  # the hash: two names never share a file
+
+    def load(self, name: tuple[str, str], targets: dict) -> dict | None:
+        """The saved row (the targets it used added to ``targets``), or None."""
+        if self.folder is None:
+            return None
+        try:
+            saved = json.loads(self.path(name).read_text())
+        except (OSError, ValueError):
+            return None  # never saved, or cut short by a kill: recomputed
+        if not isinstance(saved, dict) or saved.get("key") != self.key or saved.get("name") != list(name):
+            return None
+        targets.update(saved.get("calibrations", {}))
+        return saved["row"]
+
+    def save(self, name: tuple[str, str], row: dict, targets: dict | None = None) -> None:
+        if self.folder is not None:
+            self.folder.mkdir(parents=True, exist_ok=True)
+            dump_json({"key": self.key, "name": list(name), "row": row,
+                       "calibrations": targets or {}}, self.path(name))
+
+
 def _replication(images, entries, kernel, reader) -> np.ndarray:
     """(P,) share of each prompt's generations that replicate its planted content."""
     out = []
@@ -79,11 +116,20 @@ def _replication(images, entries, kernel, reader) -> np.ndarray:
 
 def bench_mitigate(pipe, manifest: dict, generations: int = 4, methods: dict | None = None, progress: bool = True,
                    max_prompts: int | None = None, only: str | None = None,
-                   max_reference: int | None = None) -> MitigateBenchResult:
+                   max_reference: int | None = None, rows_dir: str | Path | None = None,
+                   redo: bool = False) -> MitigateBenchResult:
     """``only``: run just the rows whose "method, setting" contains this text (the unmitigated row
     always comes first), to add one setting without re-running every other. ``max_reference``:
-    calibrate the targets on at most this many non-memorized prompts, evenly spread (a quick run)."""
-    from ..core.loading import sampler_defaults
+    calibrate the targets on at most this many non-memorized prompts, evenly spread (a quick run).
+
+    ``rows_dir``: each finished row is saved there (one JSON file a row, keyed by the model, the
+    prompts, the seeds, the reference prompts and the sampler), so a killed run redoes only the rows
+    it had not finished, and a run with ``only`` lists, beside the rows it ran, every other row
+    already saved there under the same key (in the usual order). Rows saved under another key are
+    recomputed and overwritten (the benchmark owns the folder); ``redo`` recomputes the selected
+    rows even when saved (after a change to a method's code, which the key cannot see)."""
+    from ..core.generate import generate
+    from ..core.loading import sampler_defaults, weights_identity
     from ..detect import Calibration, NoiseNormDetector
     from ..memlab import dataset as ds
     from ..memlab.reader import AttributeReader
@@ -108,12 +154,14 @@ def bench_mitigate(pipe, manifest: dict, generations: int = 4, methods: dict | N
     if max_reference is not None and max_reference < len(reference):
         reference = [reference[i] for i in np.linspace(0, len(reference) - 1, max_reference).round().astype(int)]
     calibrations: dict = {}
+    used_targets: set = set()  # the calibrations the current row asked for
 
     @functools.cache
     def first_step_scores():
         return NoiseNormDetector(pipe, d["num_inference_steps"], d["guidance_scale"], generations=generations).score(reference)
 
     def calibration(name: str):
+        used_targets.add(name)
         if name not in calibrations:
             if name == "calibration_threshold":
                 calibrations[name] = Calibration.fit(first_step_scores(), fpr=0.01)
@@ -155,10 +203,13 @@ def bench_mitigate(pipe, manifest: dict, generations: int = 4, methods: dict | N
         ("gni", "sigma 0.5"): lambda: BASELINES["gni"](pipe, sigma=0.5, **kw),
         ("word_repetition", "2 repeats"): lambda: BASELINES["word_repetition"](pipe, n_repeats=2, **kw),
     }
+    every_row = list(methods)
     if only is not None:
         methods = {k: v for k, v in methods.items() if only in f"{k[0]}, {k[1]}"}
         if not methods:
             raise InputError(f"no benchmark row matches {only!r}")
+    saved_rows = SavedRows(rows_dir, {"model": weights_identity(pipe), "prompts": prompts, "reference": reference,
+                                      "generations": generations, **d})
     kernel = MemLabReplication(ds.build(ds.MemLabConfig(**manifest["config"])), pipe.vae)
     reader, align = AttributeReader(), MemLabAlignment()
     groups = np.array([e["group"] for e in entries])
@@ -174,24 +225,45 @@ def bench_mitigate(pipe, manifest: dict, generations: int = 4, methods: dict | N
             out[f"alignment_{g}"] = float(np.nanmean(al[groups == g]))
         return out
 
-    rows = []
-    before = None
-    for (method, setting), make in methods.items():
+    found: dict = {}  # (method, setting) -> row
+    read_targets: dict = {}  # the targets of the rows read back (their calibrations are not recomputed)
+    reused = []
+    for key in every_row:  # saved rows: the selected ones are not re-run, the others are listed with ``only``
+        if key in methods and redo:
+            continue
+        row = saved_rows.load(key, read_targets)
+        if row is not None:
+            found[key] = row
+            reused.append(f"{key[0]}, {key[1]}")
+    before = None if redo else saved_rows.load(UNMITIGATED, read_targets)
+    for key, make in methods.items():
+        if key in found:
+            continue
+        used_targets.clear()
         t0 = time.time()
         mitigator = make()
         res = mitigator.mitigate(prompts, progress=progress)
         dt = (time.time() - t0) / len(prompts)
         if before is None:
-            before = measured(res.images_before)
-            rows.append({"method": "none", "setting": "unmitigated", **before, "seconds_per_prompt": 0.0})
-        row = {"method": method, "setting": setting, **measured(res.images_after), "seconds_per_prompt": dt}
-        if method.startswith("embedding"):
+            before = {"method": "none", "setting": "unmitigated", **measured(res.images_before), "seconds_per_prompt": 0.0}
+            saved_rows.save(UNMITIGATED, before)
+        row = {"method": key[0], "setting": key[1], **measured(res.images_after), "seconds_per_prompt": dt}
+        if key[0].startswith("embedding"):
             changed = [mitigator.changes(t, n, mitigator.settings) for t, n in zip(res.trajectories, res.iterations)]
             row.update(untouched=len(changed) - sum(changed), unreached=len(res.unreached),
                        target=mitigator.settings["target"])
-        rows.append(row)
+        # with the targets it used: a later run that reads it back does not compute them
+        saved_rows.save(key, row, {name: calibrations[name].threshold for name in used_targets})
+        found[key] = row
+    if before is None:  # every row was read back but the unmitigated one was deleted
+        before = {"method": "none", "setting": "unmitigated", "seconds_per_prompt": 0.0,
+                  **measured(generate(pipe, prompts, list(range(generations)), d["num_inference_steps"],
+                                      d["guidance_scale"], progress=progress))}
+        saved_rows.save(UNMITIGATED, before)
+    rows = [before] + [found[k] for k in every_row if k in found]
     return MitigateBenchResult(rows, {"seeds": list(range(generations)), "prompts": len(prompts),
+                                      **({"reused_rows": reused} if reused else {}),
                                       "reference_prompts": len(reference),
-                                      **{name: c.threshold for name, c in calibrations.items()},
+                                      **read_targets, **{name: c.threshold for name, c in calibrations.items()},
                                       "verbatim": sum(e["group"] == "verbatim" for e in entries),
                                       "template": sum(e["group"] == "template" for e in entries), **d})
