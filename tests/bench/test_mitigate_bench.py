@@ -27,7 +27,8 @@ def test_bench_mitigate_one_row_end_to_end(memlab_manifest, tmp_path):
     assert [(r["setting"], r["replication"]) for r in saved["rows"]] == [(r["setting"], r["replication"]) for r in res.rows]
     assert "from RNA" in saved["table"]
     assert (tmp_path / "bench_mitigate.png").stat().st_size > 1000
-    assert isinstance(res, MitigateBenchResult)
+    again = MitigateBenchResult.load(tmp_path)
+    assert again.rows == res.rows and again.settings == res.settings and again.table() == res.table()
 
 
 @pytest.mark.slow

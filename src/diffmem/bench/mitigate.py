@@ -47,6 +47,13 @@ class MitigateBenchResult:
         self.plot(out / "bench_mitigate.png")
         return {"json": out / "bench_mitigate.json", "png": out / "bench_mitigate.png"}
 
+    @classmethod
+    def load(cls, path: str | Path) -> "MitigateBenchResult":
+        """From ``bench_mitigate.json`` (or the folder holding it): to re-draw or re-tabulate a saved run."""
+        path = Path(path)
+        d = json.loads((path / "bench_mitigate.json" if path.is_dir() else path).read_text())
+        return cls(d["rows"], d["settings"])
+
     def plot(self, path) -> None:
         import matplotlib
 
