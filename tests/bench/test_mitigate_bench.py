@@ -124,6 +124,10 @@ def test_bench_mitigate_resumes_from_its_saved_rows(memlab_manifest, tmp_path):
     made.clear()  # only: runs nothing saved, and lists every row saved under the same settings
     listed = bench_mitigate(pipe, memlab_manifest, methods={rta: _interrupted, rna: _interrupted}, only="rna", **run)
     assert made == [] and listed.rows == resumed.rows
+    (unmitigated,) = (tmp_path / "rows").glob("none-unmitigated-*.json")
+    unmitigated.unlink()  # every row saved but this one: regenerated without re-running any method
+    assert bench_mitigate(pipe, memlab_manifest, methods={rta: _interrupted, rna: _interrupted}, **run).rows == resumed.rows
+    assert made == [] and unmitigated.is_file()
     redone = bench_mitigate(pipe, memlab_manifest, methods={rta: _interrupted, rna: real("rna", n_numbers=4)},
                             only="rna", redo=True, **run)
     assert made == ["rna"] and redone.settings["reused_rows"] == ["rta, 4 tokens"]

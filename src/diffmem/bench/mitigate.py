@@ -232,6 +232,11 @@ def bench_mitigate(pipe, manifest: dict, generations: int = 4, methods: dict | N
             out[f"alignment_{g}"] = float(np.nanmean(al[groups == g]))
         return out
 
+    def unmitigated(images) -> dict:
+        row = {"method": "none", "setting": "unmitigated", **measured(images), "seconds_per_prompt": 0.0}
+        saved_rows.save(UNMITIGATED, row)
+        return row
+
     found: dict = {}  # (method, setting) -> row
     read_targets: dict = {}  # the targets of the rows read back (their calibrations are not recomputed)
     reused = []
@@ -252,8 +257,7 @@ def bench_mitigate(pipe, manifest: dict, generations: int = 4, methods: dict | N
         res = mitigator.mitigate(prompts, progress=progress)
         dt = (time.time() - t0) / len(prompts)
         if before is None:
-            before = {"method": "none", "setting": "unmitigated", **measured(res.images_before), "seconds_per_prompt": 0.0}
-            saved_rows.save(UNMITIGATED, before)
+            before = unmitigated(res.images_before)
         row = {"method": key[0], "setting": key[1], **measured(res.images_after), "seconds_per_prompt": dt}
         if key[0].startswith("embedding"):
             changed = [mitigator.changes(t, n, mitigator.settings) for t, n in zip(res.trajectories, res.iterations)]
@@ -263,10 +267,8 @@ def bench_mitigate(pipe, manifest: dict, generations: int = 4, methods: dict | N
         saved_rows.save(key, row, {name: calibrations[name].threshold for name in used_targets})
         found[key] = row
     if before is None:  # every row was read back but the unmitigated one was deleted
-        before = {"method": "none", "setting": "unmitigated", "seconds_per_prompt": 0.0,
-                  **measured(generate(pipe, prompts, list(range(generations)), d["num_inference_steps"],
-                                      d["guidance_scale"], progress=progress))}
-        saved_rows.save(UNMITIGATED, before)
+        before = unmitigated(generate(pipe, prompts, list(range(generations)), d["num_inference_steps"],
+                                      d["guidance_scale"], progress=progress))
     rows = [before] + [found[k] for k in every_row if k in found]
     return MitigateBenchResult(rows, {"seeds": list(range(generations)), "prompts": len(prompts),
                                       **({"reused_rows": reused} if reused else {}),
