@@ -594,6 +594,7 @@ def memlab_train(
     vae_from: Optional[Path] = typer.Option(
         None, help="reuse the VAE stage of another run of this recipe (OUT/vae of the main run): the main "
                    "and control runs train the same VAE on the same distinct images with the same seed"),
+    device: str = DEVICE,
 ):
     """Reproduce the shipped MemLab model with the recorded seed and settings (about 75 minutes on 2 cores)."""
     from dataclasses import replace
@@ -610,7 +611,7 @@ def memlab_train(
         rc = replace(rc, train=replace(rc.train, threads=threads))
     if vae_from is not None:
         recipe.reuse_vae(vae_from, out)
-    model_dir = recipe.run(rc, out)
+    model_dir = recipe.run(rc, out, device=device)
     out_console.print(f"MemLab model saved to {model_dir}")
 
 
@@ -621,6 +622,7 @@ def memlab_verify(
     seeds: int = typer.Option(8, min=1),
     out: Optional[Path] = typer.Option(None, help="write memlab_verify.json and per-prompt details here"),
     json_output: bool = typer.Option(False, "--json", help="print the figures as JSON"),
+    device: str = DEVICE,
 ):
     """Measure the MemLab bars (replication, separability, templates, features, generalization)."""
     import json
@@ -628,7 +630,7 @@ def memlab_verify(
     from .core.results import to_jsonable
     from .memlab.verify import VerifySettings, print_table, verify
 
-    res = verify(model, VerifySettings(seeds=seeds), control_model=control_model, out=out)
+    res = verify(model, VerifySettings(seeds=seeds), control_model=control_model, out=out, device=device)
     print_table(res, out_console)
     if json_output:
         out_console.print_json(json.dumps(to_jsonable({k: v for k, v in res.items() if k != "label_disagreements"})))
@@ -640,12 +642,13 @@ def memlab_sample(
     out: Path = typer.Option(Path("memlab-sample"), help="folder for the grid PNG and the check JSON"),
     model: str = typer.Option("memlab"),
     seeds: int = typer.Option(4, min=1),
+    device: str = DEVICE,
 ):
     """A sample grid of planted and novel prompts, each image checked against the manifest."""
     from .memlab.sample import sample_grid
 
     _check_writable(out)
-    res = sample_grid(model, out, seeds=seeds)
+    res = sample_grid(model, out, seeds=seeds, device=device)
     out_console.print(res["summary"])
 
 

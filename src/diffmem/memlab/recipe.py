@@ -50,20 +50,27 @@ def training_data(pipe, dataset: ds.MemLabDataset, progress: bool = True) -> Tra
     return TrainData(latents=latents, image_index=index, captions=dataset.captions)
 
 
-def run(recipe: MemLabRecipe, out_dir: str | Path, progress: bool = True) -> Path:
-    """Train a MemLab model into ``out_dir/model`` (checkpoints in ``out_dir``, resumable)."""
+def run(recipe: MemLabRecipe, out_dir: str | Path, progress: bool = True, device="cpu") -> Path:
+    """Train a MemLab model into ``out_dir/model`` (checkpoints in ``out_dir``, resumable).
+
+    ``device`` is where both stages train; the weights are initialised on the CPU from the seed
+    first, so every device starts from the same model (the shipped one was trained on the CPU).
+    """
+    from ..core.loading import resolve_device
+
+    dev = resolve_device(device)  # before any folder is made: a missing GPU writes nothing
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     if recipe.train.threads:
         torch.set_num_threads(recipe.train.threads)
     t0 = time.time()
     dataset = ds.build(recipe.data)
-    pipe = build_pipeline(recipe.spec, seed=recipe.seed)
+    pipe = build_pipeline(recipe.spec, seed=recipe.seed).to(dev)
     vae_file = out / "vae"
     if (vae_file / "config.json").exists():  # resuming: the VAE stage is done
         from diffusers import AutoencoderKL
 
-        pipe.vae = AutoencoderKL.from_pretrained(vae_file)
+        pipe.vae = AutoencoderKL.from_pretrained(vae_file).to(dev)
         vae_stats = json.loads((out / "vae_stats.json").read_text())
     else:
         _, images = dataset.unique_images(progress=progress)
@@ -76,7 +83,7 @@ def run(recipe: MemLabRecipe, out_dir: str | Path, progress: bool = True) -> Pat
     model_dir = out / "model"
     pipe.save_pretrained(model_dir, safe_serialization=True)
     ds.save_manifest(dataset.manifest, model_dir / "memlab_manifest.json")
-    info = {"recipe": recipe.to_dict(), "vae": vae_stats, "train_log": trainer.log,
+    info = {"recipe": recipe.to_dict(), "device": str(dev), "vae": vae_stats, "train_log": trainer.log,
             "wall_time_s": time.time() - t0, "torch": torch.__version__}
     (model_dir / "memlab_recipe.json").write_text(json.dumps(info, indent=1))
     return model_dir

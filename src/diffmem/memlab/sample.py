@@ -14,16 +14,17 @@ from .recipe import DEFAULT_SAMPLER
 from .replication import MemLabReplication
 
 
-def sample_grid(model="memlab", out: str | Path = "memlab-sample", seeds: int = 4, per_group: int = 3) -> dict:
+def sample_grid(model="memlab", out: str | Path = "memlab-sample", seeds: int = 4, per_group: int = 3,
+                device="cpu") -> dict:
     from ..core.generate import generate
-    from ..core.loading import load_pipeline
+    from ..core.loading import load_pipeline, runs_on
     from .verify import load_manifest
 
     t0 = time.time()
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    pipe = load_pipeline(model)
+    pipe = load_pipeline(model, device=device)
     manifest = load_manifest(model)
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)  # once the model loads: a bad model or device writes nothing
     g = manifest["groups"]
     rows = [("verbatim", e["prompt"], e["expected_features"], e["image_id"]) for e in g["verbatim"][:per_group]]
     rows += [("template", t["prompt"], t["expected_features"], None) for e in g["template"][:per_group] for t in e["test_prompts"][:1]]
@@ -54,7 +55,7 @@ def sample_grid(model="memlab", out: str | Path = "memlab-sample", seeds: int = 
     for group in ("verbatim", "template", "novel"):
         c = [x["ok"] for x in checks if x["group"] == group]
         summary_rows.append(f"{group:9s} {sum(c)}/{len(c)} images as expected")
-    res = {"checks": checks, "sampler": DEFAULT_SAMPLER, "seeds": seed_list, "wall_time_s": time.time() - t0,
+    res = {"checks": checks, "sampler": DEFAULT_SAMPLER, "seeds": seed_list, "runs_on": runs_on(pipe), "wall_time_s": time.time() - t0,
            "summary": "MemLab sample (grid: " + str(out / "memlab_sample.png") + ")\n" + "\n".join(summary_rows)}
     dump_json(res, out / "memlab_sample.json")
     return res

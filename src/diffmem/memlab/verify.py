@@ -80,12 +80,12 @@ def detection_split(manifest: dict, settings: VerifySettings) -> tuple[list[str]
     return ds.prompts(manifest, "verbatim"), control + novel
 
 
-def control_model_auc(model, settings: VerifySettings | None = None) -> dict:
+def control_model_auc(model, settings: VerifySettings | None = None, device="cpu") -> dict:
     """The separability figure on another model (the duplication-free control)."""
     from ..core.loading import load_pipeline
 
     settings = settings or VerifySettings()
-    pipe = load_pipeline(model)
+    pipe = load_pipeline(model, device=device)
     manifest = load_manifest(model)
     pos, neg = detection_split(manifest, settings)
     scores = _first_step_scores(pipe, pos + neg, settings.score_batch_size)
@@ -110,13 +110,13 @@ def folder_size_mb(folder: Path) -> float:
 
 
 def verify(model="memlab", settings: VerifySettings | None = None, control_model=None, progress: bool = True,
-           out: str | Path | None = None) -> dict:
+           out: str | Path | None = None, device="cpu") -> dict:
     from ..core.generate import generate
-    from ..core.loading import load_pipeline, resolve_model
+    from ..core.loading import load_pipeline, resolve_model, runs_on
 
     settings = settings or VerifySettings()
     t0 = time.time()
-    pipe = load_pipeline(model)
+    pipe = load_pipeline(model, device=device)
     manifest = load_manifest(model)
     dataset = ds.build(ds.MemLabConfig(**manifest["config"]))
     if dataset.manifest["fingerprint"] != manifest["fingerprint"]:
@@ -169,7 +169,8 @@ def verify(model="memlab", settings: VerifySettings | None = None, control_model
         return [v for r in per_prompt if r["group"] in groups_ for v in r[key]]
 
     thr = settings.threshold
-    res: dict = {"settings": settings.__dict__, "sampler": DEFAULT_SAMPLER, "seeds": seeds, "model": str(resolve_model(model))}
+    res: dict = {"settings": settings.__dict__, "sampler": DEFAULT_SAMPLER, "seeds": seeds, "model": str(resolve_model(model)),
+                 "runs_on": runs_on(pipe)}
     verb_own = np.array(gens(["verbatim"], "own_ratio"))
     res["verbatim_replication"] = float((verb_own <= thr).mean())
     neg_any = np.array(gens(["control", "novel"], "replicated_any"))
@@ -229,7 +230,7 @@ def verify(model="memlab", settings: VerifySettings | None = None, control_model
 
     res["model_size_mb"] = folder_size_mb(Path(resolve_model(model)))
     if control_model is not None:
-        res["control_model"] = control_model_auc(control_model, settings)
+        res["control_model"] = control_model_auc(control_model, settings, device=device)
         res["control_model"]["in_range"] = CONTROL_AUC_RANGE[0] <= res["control_model"]["auc"] <= CONTROL_AUC_RANGE[1]
     res["bars"] = {k: _passes(res[k], *BARS[k]) for k in BARS}
     res["all_bars_pass"] = all(res["bars"].values()) and (control_model is None or res["control_model"]["in_range"])

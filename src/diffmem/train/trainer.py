@@ -319,7 +319,8 @@ def train_vae(pipe: StableDiffusionPipeline, images: np.ndarray, steps: int = 15
     sched = get_scheduler("cosine", opt, num_warmup_steps=100, num_training_steps=steps)
     data = torch.from_numpy(np.ascontiguousarray(images)).permute(0, 3, 1, 2).float() * 2 - 1
     for _ in tqdm(range(steps), desc="training VAE", unit="step", disable=not progress):
-        x = data[torch.randint(0, len(data), (batch_size,), generator=gen)]
+        # batches drawn on the CPU with a CPU generator: the same images on every device
+        x = data[torch.randint(0, len(data), (batch_size,), generator=gen)].to(vae.device)
         post = vae.encode(x).latent_dist
         z = post.sample(generator=gen)
         rec = vae.decode(z).sample
@@ -330,7 +331,7 @@ def train_vae(pipe: StableDiffusionPipeline, images: np.ndarray, steps: int = 15
         sched.step()
     vae.eval()
     with torch.inference_mode():
-        sample = data[:1024]
+        sample = data[:1024].to(vae.device)
         z = vae.encode(sample).latent_dist.mean
         rec = vae.decode(z).sample
         rmse = float(((rec - sample) / 2).pow(2).mean().sqrt())
