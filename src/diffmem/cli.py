@@ -363,7 +363,8 @@ def bench_categorize_cmd(
     device: str = DEVICE,
     dtype: str = DTYPE,
 ):
-    """The three kinds of memorization against MemLab's manifest, per expectation route."""
+    """The three kinds of memorization against MemLab's manifest, per expectation route
+    (a killed run resumes from OUT/parts)."""
     from .bench.categorize import bench_categorize
     from .core.loading import load_pipeline, runs_on
     from .memlab.verify import load_manifest
@@ -372,9 +373,10 @@ def bench_categorize_cmd(
     _check_writable(out)
     pipe = load_pipeline(model, device=device, dtype=dtype)
     res = bench_categorize(pipe, manifest, n=n, max_prompts=max_prompts,
-                           profile_out=out / "profile" if keep_profile else None)
+                           profile_out=out / "profile" if keep_profile else None, checkpoint=out / "parts")
     res.settings["runs_on"] = runs_on(pipe)
     path = res.save(out)
+    shutil.rmtree(out / "parts")  # the saved figures are what the parts were for (--keep-profile keeps images)
     out_console.print(res.table())
     for bar, ok in res.bars().items():
         out_console.print(f"{'PASS' if ok else 'FAIL'}  {bar}")
@@ -407,6 +409,7 @@ def categorize(
     ctrl = read_prompts(controls, column) if controls else None
     from .categorize import (CLIPZeroShotExtractor, ExpectationMap, MemLabExtractor, MemorizationProfiler, VLMExtractor,
                              SentenceEmbeddingExpectation)
+    from .categorize.profiler import speed_text
     from .core.loading import load_pipeline
     if extractor == "memlab":
         ext = MemLabExtractor()
@@ -449,7 +452,7 @@ def categorize(
         table.add_row(r["prompt"], r["description"], r["kind"], f"{r['frequency']:.2f}", f"{r['lift']:.1f}", r["evidence"])
     out_console.print(table)
     out_console.print(f"{len(res.memorized())} memorized features over {len(res.prompts)} prompts; "
-                      f"{res.seconds_per_prompt:.2f} s per prompt; results in {out}")
+                      f"{speed_text(res.seconds_per_prompt)}; results in {out}")
 
 
 def _read_yaml_mapping(path: Path) -> dict:

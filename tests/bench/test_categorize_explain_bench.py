@@ -28,15 +28,33 @@ def test_kind_scores_by_hand():
     assert math.isnan(kind_scores([{}], [{}])["explicit"]["precision"])
 
 
-def test_bench_categorize_small_run(memlab_manifest, tmp_path):
+def test_bench_categorize_small_run_and_resume(memlab_manifest, tmp_path, monkeypatch):
+    from diffmem.categorize.profiler import MemorizationProfiler
     from diffmem.core.loading import load_pipeline
 
-    res = bench_categorize(load_pipeline("memlab"), memlab_manifest, n=2, max_prompts=3, progress=False)
+    pipe = load_pipeline("memlab")
+    parts = tmp_path / "parts"
+    res = bench_categorize(pipe, memlab_manifest, n=2, max_prompts=3, progress=False, checkpoint=parts)
     assert set(res.routes) >= {"expectation_map", "caption_cooccurrence"}
     # tracing is ground truth end to end: the word and count come from the training captions and scenes
     assert len(res.tracing) == 5 and all(t["matches_manifest"] for t in res.tracing)
     saved = json.loads(res.save(tmp_path).read_text())
     assert saved["settings"]["n"] == 2 and saved["settings"]["prompts"] == 3 and "table" in saved
+
+    # a re-run generates nothing (prompts and controls come from the saved parts) and scores the same
+    assert (parts / "part_0000" / "done.json").exists() and (parts / "control_0000" / "done.json").exists()
+
+    def no_generation(*a, **k):
+        raise AssertionError("a resumed bench generated again")
+
+    monkeypatch.setattr(MemorizationProfiler, "_features", no_generation)
+    again = bench_categorize(pipe, memlab_manifest, n=2, max_prompts=3, progress=False, checkpoint=parts)
+    same = lambda a, b: json.dumps(a, sort_keys=True) == json.dumps(b, sort_keys=True)  # noqa: E731 - NaN == NaN here
+    assert same(again.routes, res.routes) and same(again.tracing, res.tracing)
+    assert again.habit_flagged_rate == res.habit_flagged_rate
+    # no prompt was generated, so no speed is claimed (it used to report the read-back as generation time)
+    assert res.seconds_per_prompt > 0 and math.isnan(again.seconds_per_prompt)
+    assert "time not measured" in again.table()
 
 
 def test_lead_margin_by_hand():

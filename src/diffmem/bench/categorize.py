@@ -84,6 +84,8 @@ class CategorizeBenchResult:
         return out
 
     def table(self) -> str:
+        from ..categorize.profiler import speed_text
+
         lines = ["| route | explicit P/R | implicit P/R | unintended P/R | memorized recall | false-flag rate |",
                  "|---|---|---|---|---|---|"]
         for r, s in self.routes.items():
@@ -91,7 +93,7 @@ class CategorizeBenchResult:
             lines.append(f"| {r} | {pr} | {s['memorized_recall']:.3f} | {s['false_flag_rate']:.3f} |")
         lines.append("")
         lines.append(f"habit (frame) called memorized for {self.habit_flagged_rate:.1%} of prompts; "
-                     f"{self.seconds_per_prompt:.2f} s per prompt at N = {self.settings['n']}")
+                     f"{speed_text(self.seconds_per_prompt)} at N = {self.settings['n']}")
         if self.tracing:
             t0 = self.tracing[0]
             lines.append(f"traces attached to memorized planted implicit / unintended features: "
@@ -110,8 +112,12 @@ class CategorizeBenchResult:
 
 
 def bench_categorize(pipe, manifest: dict, n: int = 16, max_prompts: int | None = None, embedding=None,
-                     progress: bool = True, profile_out: str | Path | None = None) -> CategorizeBenchResult:
-    """``embedding``: a SentenceEmbeddingExpectation (default: the bundled MiniLM when installed)."""
+                     progress: bool = True, profile_out: str | Path | None = None,
+                     checkpoint: str | Path | None = None) -> CategorizeBenchResult:
+    """``embedding``: a SentenceEmbeddingExpectation (default: the bundled MiniLM when installed).
+    ``checkpoint``: a folder the benchmark owns, where the generations and their features are saved
+    8 prompts at a time (as ``diffmem categorize`` saves them), so a killed run resumes; parts made
+    with other settings are redone."""
     from ..categorize import CaptionCooccurrence, MemLabExtractor, MemorizationProfiler, TrainingTracer
     from ..memlab import dataset as ds
 
@@ -121,7 +127,8 @@ def bench_categorize(pipe, manifest: dict, n: int = 16, max_prompts: int | None 
     data = ds.build(ds.MemLabConfig(**manifest["config"]))
     tracer = TrainingTracer.from_memlab(data)
     prof = MemorizationProfiler(pipe, MemLabExtractor(), n=n, tracer=tracer)
-    result = prof.profile(prompts, progress=progress, keep_images=profile_out is not None)
+    result = prof.profile(prompts, progress=progress, keep_images=profile_out is not None, checkpoint=checkpoint,
+                          stale="restart")
     if profile_out is not None:
         result.save(profile_out)
 

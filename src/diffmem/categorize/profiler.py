@@ -34,6 +34,13 @@ KINDS = ("explicit", "implicit", "unintended")
 PART_SIZE = 8  # prompts per saved part of a checkpointed profile: the unit a killed run redoes
 
 
+def speed_text(seconds_per_prompt: float) -> str:
+    """How fast a profile ran, in words: NaN when every prompt was read back from saved parts."""
+    if seconds_per_prompt != seconds_per_prompt:
+        return "time not measured (every prompt was read back from saved parts)"
+    return f"{seconds_per_prompt:.2f} s per prompt generated"
+
+
 @dataclass
 class ProfileResult:
     prompts: list[str]
@@ -42,7 +49,7 @@ class ProfileResult:
     settings: dict
     extractor: str
     control_prompts: list[str]
-    seconds_per_prompt: float
+    seconds_per_prompt: float  # per prompt generated in the run (not read back from saved parts); NaN if none
     images: np.ndarray | None = None  # (P, N, H, W, 3)
     image_features: list[list[list[str]]] = field(default_factory=list)
 
@@ -157,14 +164,20 @@ class MemorizationProfiler:
                 "model": weights_identity(self.pipe), "extractor": extractor_identity(self.extractor)}
 
     def _features_in_parts(self, prompts: list[str], folder: Path, prefix: str, part_size: int, stale: str,
-                           progress: bool) -> tuple[np.ndarray, list[list[set[str]]]]:
+                           progress: bool) -> tuple[np.ndarray, list[list[set[str]]], int]:
         """``_features``, ``part_size`` prompts at a time, each part's images and features saved in
-        ``folder/{prefix}_NNNN`` so that a killed run redoes at most one part."""
+        ``folder/{prefix}_NNNN`` so that a killed run redoes at most one part. Also returns how many
+        prompts were generated now (not read back)."""
         from ..core.parts import in_parts
         from ..core.results import digest
 
         base = self._identity()
         chunks = [prompts[i : i + part_size] for i in range(0, len(prompts), part_size)]
+        generated = [0]
+
+        def compute(chunk):
+            generated[0] += len(chunk)
+            return self._features(chunk, progress)
 
         def save(part: Path, result) -> None:
             imgs, feats = result
@@ -177,9 +190,9 @@ class MemorizationProfiler:
             return imgs, [[set(img) for img in per_prompt] for per_prompt in json.loads((part / "features.json").read_text())]
 
         done = list(in_parts(chunks, [digest({**base, "prompts": c}) for c in chunks], folder,
-                             lambda chunk: self._features(chunk, progress), save, load, prefix=prefix, stale=stale,
+                             compute, save, load, prefix=prefix, stale=stale,
                              what="generations of other prompts, settings, extractor or another model"))
-        return np.concatenate([imgs for imgs, _ in done]), [f for _, feats in done for f in feats]
+        return np.concatenate([imgs for imgs, _ in done]), [f for _, feats in done for f in feats], generated[0]
 
     def control_frequencies(self, progress: bool = False, checkpoint: str | Path | None = None,
                             stale: str = "refuse") -> dict[str, float]:
@@ -187,8 +200,8 @@ class MemorizationProfiler:
             if checkpoint is None:
                 _, feats = self._features(self.control_prompts, progress)
             else:
-                _, feats = self._features_in_parts(self.control_prompts, Path(checkpoint), "control", PART_SIZE, stale,
-                                                   progress)
+                _, feats, _ = self._features_in_parts(self.control_prompts, Path(checkpoint), "control", PART_SIZE,
+                                                      stale, progress)
             total = sum(len(f) for f in feats)
             counts: dict[str, int] = {}
             for per_prompt in feats:
@@ -230,9 +243,12 @@ class MemorizationProfiler:
         t0 = time.time()
         if checkpoint is None:
             images, feats = self._features(prompts, progress)
+            generated = len(prompts)
         else:
-            images, feats = self._features_in_parts(prompts, Path(checkpoint), "part", part_size, stale, progress)
-        seconds = (time.time() - t0) / len(prompts)  # resumed parts count as instant
+            images, feats, generated = self._features_in_parts(prompts, Path(checkpoint), "part", part_size, stale,
+                                                               progress)
+        # per prompt generated in this run: parts read back would make it look faster; NaN if none was
+        seconds = (time.time() - t0) / generated if generated else float("nan")
         rows = []
         for p, per_image in zip(prompts, feats):
             counts: dict[str, int] = {}
