@@ -623,7 +623,8 @@ def memlab_verify(
     model: str = typer.Option("memlab", help="MemLab model folder (default: the shipped one)"),
     control_model: Optional[str] = typer.Option(None, help="the duplication-free control model, to report its AUC too"),
     seeds: int = typer.Option(8, min=1),
-    out: Optional[Path] = typer.Option(None, help="write memlab_verify.json and per-prompt details here"),
+    out: Optional[Path] = typer.Option(None, help="write memlab_verify.json and per-prompt details here (a killed run "
+                                       "resumes from the prompt groups it finished)"),
     json_output: bool = typer.Option(False, "--json", help="print the figures as JSON"),
     device: str = DEVICE,
 ):
@@ -633,6 +634,8 @@ def memlab_verify(
     from .core.results import to_jsonable
     from .memlab.verify import VerifySettings, print_table, verify
 
+    if out is not None:
+        _check_writable(out)  # before 15 minutes of generation, not after
     res = verify(model, VerifySettings(seeds=seeds), control_model=control_model, out=out, device=device)
     print_table(res, out_console)
     if json_output:

@@ -12,6 +12,8 @@ and are checked against measured replication (``label_check``):
 
 from __future__ import annotations
 
+import json
+import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -93,8 +95,6 @@ def control_model_auc(model, settings: VerifySettings | None = None, device="cpu
 
 
 def load_manifest(model) -> dict:
-    import json
-
     from ..core.loading import resolve_model
 
     path = Path(resolve_model(model)) / "memlab_manifest.json"
@@ -147,13 +147,14 @@ def verify(model="memlab", settings: VerifySettings | None = None, control_model
     groups["neighbour"] = [{"prompt": e["prompt"], "expected": e["expected_features"], "planted_prompt": e["planted_prompt"]} for e in g["neighbour"]]
     planted_id = {e["prompt"]: e["image_id"] for e in g["verbatim"]}
 
-    per_prompt = []
-    for name, entries in groups.items():
+    def measure(name: str) -> list[dict]:
+        entries = groups[name]
         prompts = [e["prompt"] for e in entries]
         images = generate(pipe, prompts, seeds, batch_size=settings.batch_size, progress=progress, **DEFAULT_SAMPLER)
         flat = images.reshape(-1, *images.shape[2:])
         match = rep.nearest(flat)
         reads = reader.read_many(flat)
+        records = []
         for pi, e in enumerate(entries):
             sl = slice(pi * len(seeds), (pi + 1) * len(seeds))
             rec = {"group": name, "prompt": e["prompt"], "expected": e["expected"],
@@ -163,7 +164,27 @@ def verify(model="memlab", settings: VerifySettings | None = None, control_model
             if own is not None:
                 rec["own_ratio"] = rep.ratio_to(flat[sl], own).tolist()
                 rec["own_image_id"] = own
-            per_prompt.append(rec)
+            records.append(rec)
+        return records
+
+    parts = Path(out) / "parts" if out is not None else None
+    if parts is None:
+        per_prompt = [rec for name in groups for rec in measure(name)]
+    else:
+        # with an output folder, each group's records are saved as it finishes, so a killed
+        # verification (15 minutes) resumes at the group it was in
+        from ..core.loading import weights_identity
+        from ..core.parts import in_parts
+        from ..core.results import digest
+
+        base = {"model": weights_identity(pipe), "fingerprint": manifest["fingerprint"], "settings": settings.__dict__,
+                "seeds": seeds, "sampler": DEFAULT_SAMPLER}
+        names = list(groups)
+        per_prompt = [rec for records in in_parts(
+            [[name] for name in names], [digest({**base, "group": name, "entries": groups[name]}) for name in names],
+            parts, lambda chunk: measure(chunk[0]), lambda part, records: dump_json(records, part / "records.json"),
+            lambda part: json.loads((part / "records.json").read_text()), prefix="group", stale="restart")
+            for rec in records]
 
     def gens(groups_, key):
         return [v for r in per_prompt if r["group"] in groups_ for v in r[key]]
@@ -240,6 +261,7 @@ def verify(model="memlab", settings: VerifySettings | None = None, control_model
         out.mkdir(parents=True, exist_ok=True)
         dump_json(res, out / "memlab_verify.json")
         dump_json(per_prompt, out / "memlab_verify_prompts.json")
+        shutil.rmtree(out / "parts")  # the records are all in memlab_verify_prompts.json now
     return res
 
 
