@@ -635,7 +635,7 @@ def memlab_verify(
     from .memlab.verify import VerifySettings, print_table, verify
 
     if out is not None:
-        _check_writable(out)  # before 15 minutes of generation, not after
+        _check_writable(out)  # before minutes of generation, not after
     res = verify(model, VerifySettings(seeds=seeds), control_model=control_model, out=out, device=device)
     print_table(res, out_console)
     if json_output:

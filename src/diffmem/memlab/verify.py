@@ -172,7 +172,7 @@ def verify(model="memlab", settings: VerifySettings | None = None, control_model
         per_prompt = [rec for name in groups for rec in measure(name)]
     else:
         # with an output folder, each group's records are saved as it finishes, so a killed
-        # verification (15 minutes) resumes at the group it was in
+        # verification (5 to 15 minutes) resumes at the group it was in
         from ..core.loading import weights_identity
         from ..core.parts import in_parts
         from ..core.results import digest
