@@ -86,5 +86,5 @@ def _draw(images, rows, checks, path):
         axes[0, j].set_title(f"seed {j}", fontsize=7)
     fig.suptitle("MemLab generations (green: as the manifest expects, red: not)", fontsize=8)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    fig.savefig(path, dpi=110, bbox_inches="tight")  # "tight": the captions right of the grid are not clipped
     plt.close(fig)
