@@ -153,3 +153,31 @@ def test_bench_mitigate_command_adds_a_row_to_the_saved_ones(tmp_path):
     assert [(r["method"], r["setting"]) for r in saved["rows"]] == [
         ("none", "unmitigated"), ("rta", "4 tokens"), ("rna", "4 numbers")]
     assert saved["settings"]["reused_rows"] == ["rta, 4 tokens"] and "rna" in saved["table"]
+
+
+def test_trade_off_labels_keep_off_each_other_and_the_points():
+    """Crowded rows (as RTA-4 / RTA-10 / RNA are on MemLab) get labels that neither overlap one
+    another nor cover a point; the plain offset the plot used before overlapped here."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.transforms import Bbox
+
+    from diffmem.bench.mitigate import _label_points
+
+    points = [(0.23, 0.981), (0.25, 0.982), (0.16, 0.992), (0.0, 0.986), (0.07, 0.929), (0.07, 0.921)]
+    fig, ax = plt.subplots(figsize=(6.5, 4.5))
+    ax.plot(*zip(*points), "o")
+    ax.set_xlim(-0.05, 1.05)
+    ax.set_ylim(0.70, 1.0)
+    _label_points(ax, [(xy, f"setting number {i}", "k") for i, xy in enumerate(points)])
+    renderer = fig.canvas.get_renderer()
+    boxes = [t.get_window_extent(renderer) for t in ax.texts]
+    assert len(boxes) == len(points)
+    assert not any(a.overlaps(b) for i, a in enumerate(boxes) for b in boxes[i + 1:])
+    frame = ax.get_window_extent(renderer)
+    assert all(frame.x0 <= b.x0 and b.x1 <= frame.x1 and frame.y0 <= b.y0 and b.y1 <= frame.y1 for b in boxes)
+    for x, y in (ax.transData.transform(xy) for xy in points):
+        assert not any(b.overlaps(Bbox.from_extents(x - 2, y - 2, x + 2, y + 2)) for b in boxes)
+    plt.close(fig)

@@ -60,19 +60,54 @@ class MitigateBenchResult:
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
 
-        fig, ax = plt.subplots(figsize=(5, 4))
+        fig, ax = plt.subplots(figsize=(6.5, 4.5))
+        labelled = []
         for method in dict.fromkeys(r["method"] for r in self.rows):
             rs = [r for r in self.rows if r["method"] == method]
-            ax.plot([r["replication"] for r in rs], [r["alignment"] for r in rs], "o-", label=method, ms=4)
-            for r in rs:
-                ax.annotate(r["setting"], (r["replication"], r["alignment"]), fontsize=5, xytext=(2, 2), textcoords="offset points")
+            (line,) = ax.plot([r["replication"] for r in rs], [r["alignment"] for r in rs], "o-", label=method, ms=4)
+            labelled += [((r["replication"], r["alignment"]), r["setting"], line.get_color()) for r in rs]
+        ax.set_xlim(-0.05, 1.05)
         ax.set_xlabel("replication rate (lower is better)")
         ax.set_ylabel("alignment with the prompt (higher is better)")
         ax.set_title(f"MemLab planted prompts, seeds {self.settings['seeds']}", fontsize=8)
-        ax.legend(fontsize=6)
+        ax.legend(fontsize=6, loc="upper left", bbox_to_anchor=(1.02, 1.0), frameon=False)
         fig.tight_layout()
-        fig.savefig(path, dpi=130)
+        _label_points(ax, labelled)
+        fig.savefig(path, dpi=130, bbox_inches="tight")
         plt.close(fig)
+
+
+# offsets (points) tried in turn for a point's label: right, then left, then further above or below
+_LABEL_OFFSETS = [(4, 2, "left"), (4, -8, "left"), (-4, 2, "right"), (-4, -8, "right"),
+                  (4, 9, "left"), (4, -15, "left"), (-4, 9, "right"), (-4, -15, "right")]
+
+
+def _label_points(ax, labelled) -> None:
+    """Each point's label at the first offset where it overlaps no label placed before it and stays
+    inside the axes (the methods' settings crowd a few corners of the trade-off plot); if none is
+    free, the first offset."""
+    from matplotlib.transforms import Bbox
+
+    renderer = ax.figure.canvas.get_renderer()
+    frame = ax.get_window_extent(renderer)
+    marker = 3 * ax.figure.dpi / 72  # a marker's half-width in pixels: labels keep off every point too
+    placed = [Bbox.from_extents(x - marker, y - marker, x + marker, y + marker)
+              for x, y in (ax.transData.transform(xy) for xy, _, _ in labelled)]
+    for xy, text, colour in labelled:
+        for k, (dx, dy, ha) in enumerate(_LABEL_OFFSETS):
+            label = ax.annotate(text, xy, fontsize=5, xytext=(dx, dy), textcoords="offset points", ha=ha, color=colour)
+            box = label.get_window_extent(renderer)
+            inside = frame.x0 <= box.x0 and box.x1 <= frame.x1 and frame.y0 <= box.y0 and box.y1 <= frame.y1
+            if inside and not any(box.overlaps(b) for b in placed):
+                break
+            if k < len(_LABEL_OFFSETS) - 1:
+                label.remove()
+            else:  # nowhere free: the first offset, overlapping
+                label.remove()
+                label = ax.annotate(text, xy, fontsize=5, xytext=_LABEL_OFFSETS[0][:2], textcoords="offset points",
+                                    color=colour)
+                box = label.get_window_extent(renderer)
+        placed.append(box)
 
 
 UNMITIGATED = ("none", "unmitigated")
