@@ -314,5 +314,6 @@ def test_bench_detect_runs_in_the_dtype_asked_for_and_says_so(tmp_path, tiny_pip
     assert r.returncode == 0, r.stderr
     saved = json.loads((tmp_path / "o" / "bench_detect.json").read_text())
     assert saved["settings"]["runs_on"] == {"device": "cpu", "dtype": "torch.bfloat16"}
+    assert not (tmp_path / "o" / "parts").exists()  # the saved scores go once the figures are written
     r = run(*base, "--out", str(tmp_path / "b"), "--dtype", "fp8")
     assert r.returncode == 2 and "unknown dtype 'fp8'" in r.stderr and not (tmp_path / "b" / "bench_detect.json").exists()

@@ -283,9 +283,10 @@ def bench_detect_cmd(
     if not set(modes) <= {"x0", "images"}:
         raise InputError(f"--black-box-modes takes x0 and / or images, got {black_box_modes!r}")
     res = bench_detect(pipe, labelled, generations=tuple(_steps(generations)), seed=seed, batch_size=batch_size,
-                       black_box=black_box, black_box_modes=modes)
+                       black_box=black_box, black_box_modes=modes, checkpoint=out / "parts")
     res.settings["runs_on"] = runs_on(pipe)
     files = res.save(out)
+    shutil.rmtree(out / "parts")  # the saved figures are what the scores were for
     out_console.print(res.table())
     out_console.print(f"wrote {files['json']} and {files['png']}")
 

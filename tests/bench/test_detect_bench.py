@@ -94,3 +94,40 @@ def test_labelled_files(tmp_path):
         labelled_from_files(str(tmp_path / "bad.csv"))
     with pytest.raises(InputError, match="both --positives and --negatives"):
         labelled_from_files(positives=str(tmp_path / "l.csv"))
+
+
+def test_a_killed_bench_resumes_from_its_saved_parts(tiny_pipe, tmp_path, monkeypatch):
+    import diffmem.bench.detect as bench_module
+    from diffmem.detect import NoiseNormDetector
+
+    monkeypatch.setattr(bench_module, "PART_SIZE", 2)  # two parts of the four prompts
+    data = LabelledPrompts(["a cat", "a dog", "a red circle", "a blue square"], np.array([1, 1, 0, 0.0]), ["x"] * 4, "test")
+    kw = dict(generations=(1,), num_inference_steps=5, guidance_scale=7.5, progress=False, black_box_modes=("x0",))
+    whole = bench_detect(tiny_pipe, data, checkpoint=tmp_path / "whole", **kw)
+
+    real, scored = NoiseNormDetector.score, []
+
+    def killed_in_second_part(self, prompts, *a, **k):
+        if "a red circle" in prompts:
+            raise KeyboardInterrupt
+        scored.append(list(prompts))
+        return real(self, prompts, *a, **k)
+
+    monkeypatch.setattr(NoiseNormDetector, "score", killed_in_second_part)
+    with pytest.raises(KeyboardInterrupt):
+        bench_detect(tiny_pipe, data, checkpoint=tmp_path / "run", **kw)
+    assert scored == [["a cat", "a dog"]]
+
+    def recorded(self, prompts, *a, **k):
+        scored.append(list(prompts))
+        return real(self, prompts, *a, **k)
+
+    scored.clear()
+    monkeypatch.setattr(NoiseNormDetector, "score", recorded)
+    resumed = bench_detect(tiny_pipe, data, checkpoint=tmp_path / "run", **kw)
+    assert scored == [["a red circle", "a blue square"]]  # the first part was read back, not scored again
+    assert json.dumps([resumed.grid, resumed.extra_rows, resumed.hardest_negatives], sort_keys=True) == \
+        json.dumps([whole.grid, whole.extra_rows, whole.hardest_negatives], sort_keys=True)
+    # and the parts make no difference to the figures: the same as scoring the list in one go
+    plain = bench_detect(tiny_pipe, data, **kw)
+    assert [r["auc"] for r in plain.grid] == [r["auc"] for r in whole.grid]

@@ -206,12 +206,38 @@ def step_sets(num_inference_steps: int) -> dict[str, list[int]]:
     return {"first step": [0], f"first {few} steps": list(range(few)), f"all {num_inference_steps} steps": list(range(num_inference_steps))}
 
 
+PART_SIZE = 256  # prompts per saved part of a checkpointed benchmark: the unit a killed run redoes
+
+
+def _values(detector, prompts: list[str], checkpoint: Path | None, name: str, progress: bool) -> np.ndarray:
+    """``detector.score(prompts).values``; with ``checkpoint``, PART_SIZE prompts at a time, each part
+    saved under ``checkpoint/{name}_NNNN`` (keyed like ``diffmem detect``'s chunks), so that a killed
+    benchmark redoes at most one part of each detector. The benchmark owns the folder: parts of
+    other settings are redone."""
+    if checkpoint is None:
+        return detector.score(prompts, progress=progress).values
+    from ..core.parts import in_parts
+    from ..core.results import digest
+    from ..detect.run import run_identity
+
+    base = run_identity(detector, None)
+    chunks = [prompts[i : i + PART_SIZE] for i in range(0, len(prompts), PART_SIZE)]
+    done = in_parts(chunks, [digest({**base, "prompts": c}) for c in chunks], checkpoint,
+                    lambda chunk: detector.score(chunk, progress=progress).values,
+                    lambda part, values: np.save(part / "values.npy", values),
+                    lambda part: np.load(part / "values.npy", allow_pickle=False), prefix=name, stale="restart")
+    return np.concatenate(list(done))
+
+
 def bench_detect(pipe, data: LabelledPrompts, generations=(1, 4), num_inference_steps: int | None = None,
                  guidance_scale: float | None = None, seed: int = 0, batch_size: int = 64, black_box: bool = True,
                  black_box_modes: tuple[str, ...] = ("x0", "images"),
-                 progress: bool = True, rows: dict[str, list[int]] | None = None) -> DetectBenchResult:
-    """``rows``: the grid's rows, {label: step indices}; default the published table's rows."""
-    from ..core.loading import sampler_defaults
+                 progress: bool = True, rows: dict[str, list[int]] | None = None,
+                 checkpoint: str | Path | None = None) -> DetectBenchResult:
+    """``rows``: the grid's rows, {label: step indices}; default the published table's rows.
+    ``checkpoint``: a folder where the scores are saved in parts as they are computed, so a killed
+    run resumes (see ``_values``)."""
+    from ..core.loading import model_identity, sampler_defaults
     from ..detect.noise_norm import NoiseNormDetector
     from ..detect.seed_consistency import SeedConsistencyDetector
 
@@ -220,12 +246,14 @@ def bench_detect(pipe, data: LabelledPrompts, generations=(1, 4), num_inference_
     gscale = guidance_scale if guidance_scale is not None else d["guidance_scale"]
     sets = rows if rows is not None else step_sets(nsteps)
     all_steps = sorted({s for v in sets.values() for s in v})
+    checkpoint = Path(checkpoint) if checkpoint is not None else None
     det = NoiseNormDetector(pipe, nsteps, gscale, steps=all_steps, generations=max(generations), seed=seed, batch_size=batch_size)
-    res = det.score(data.prompts, progress=progress)
+    values = _values(det, data.prompts, checkpoint, "noise_norm", progress)
+
     def scores(steps, g, rows_idx=slice(None)):
         # mean over the first g generations and the given steps
         idx = [all_steps.index(s) for s in steps]
-        return res.values[rows_idx][:, :g, :][:, :, idx].mean(axis=(1, 2))
+        return values[rows_idx][:, :g, :][:, :, idx].mean(axis=(1, 2))
 
     def grid_on(rows_idx):
         return [{"steps": label, "generations": g, **roc(data.labels[rows_idx], scores(steps, g, rows_idx))}
@@ -241,10 +269,11 @@ def bench_detect(pipe, data: LabelledPrompts, generations=(1, 4), num_inference_
         names = {"x0": "seed consistency (black box, x0 after 1 step)", "images": "seed consistency (black box, full images)"}
         for mode in black_box_modes:
             bb = SeedConsistencyDetector(pipe, mode=mode, generations=4, num_inference_steps=nsteps, guidance_scale=gscale,
-                                         seed=seed, batch_size=batch_size).score(data.prompts)
-            bb_scores[names[mode]] = np.asarray(bb.scores)
+                                         seed=seed, batch_size=batch_size)
+            # a prompt's score is the mean of its values, as SeedConsistencyDetector.score takes it
+            bb_scores[names[mode]] = _values(bb, data.prompts, checkpoint, f"seed_consistency_{mode}", False).mean(axis=(1, 2))
             extra.append({"name": names[mode], "generations": 4, **roc(data.labels[main], bb_scores[names[mode]][main])})
-    out = DetectBenchResult(data.source, grid, det.settings.to_dict(), det.settings.seeds(), res.model, extra)
+    out = DetectBenchResult(data.source, grid, det.settings.to_dict(), det.settings.seeds(), model_identity(pipe), extra)
     out.n_pos, out.n_neg = int(data.labels[main].sum()), int((1 - data.labels[main]).sum())
     for name, idx in data.subsets.items():
         idx = np.asarray(idx)

@@ -52,7 +52,7 @@ def detect_file(detector, prompts_path: str | Path, out: str | Path, column: str
     if out.suffix not in (".parquet", ".json"):
         raise InputError(f"results file must end in .parquet or .json, got {out.name}")
     # one pass before any scoring: validates every line, counts them and keys each chunk's saved scores
-    base = _run_identity(detector, calibration)
+    base = run_identity(detector, calibration)
     n, keys = 0, []
     for buf in _chunks(iter_prompts(prompts_path, column), chunk):
         n += len(buf)
@@ -111,7 +111,7 @@ def detect_file(detector, prompts_path: str | Path, out: str | Path, column: str
                          time.time() - t0, out, float(allscores.min()), float(np.median(allscores)), float(allscores.max()))
 
 
-def _run_identity(detector, calibration: Calibration | None) -> dict:
+def run_identity(detector, calibration: Calibration | None) -> dict:
     """What a saved chunk must have been scored with, besides its prompts."""
     from ..core.loading import weights_identity
 
