@@ -343,10 +343,12 @@ def bench_explain_cmd(
     manifest = load_manifest(model)
     _check_writable(out)
     pipe = load_pipeline(model, device=device, dtype=dtype)
-    res = bench_explain(pipe, manifest, generations=generations, max_prompts=max_prompts, outcome_seeds=outcome_seeds)
+    res = bench_explain(pipe, manifest, generations=generations, max_prompts=max_prompts, outcome_seeds=outcome_seeds,
+                        checkpoint=out / "parts")
     res.settings["runs_on"] = runs_on(pipe)
     path = res.save(out)
     png = res.plot(out / "bench_explain.png")
+    shutil.rmtree(out / "parts", ignore_errors=True)  # none when nothing was flagged or --outcome-seeds 0
     out_console.print(res.table())
     for bar, ok in res.bars().items():
         out_console.print(f"{'PASS' if ok else 'FAIL'}  {bar}")

@@ -115,3 +115,48 @@ def test_bench_explain_small_run(memlab_manifest, tmp_path):
     assert set(outcome) == {"attribution", "ablation", "unmasked"}
     assert outcome["unmasked"]["replication"] == np.mean([r["replicated_unmasked"] for r in res.outcome_rows])
     assert "outcome" in saved and "whose masking most breaks the replication" in res.table()
+
+
+def test_masked_outcomes_resume_from_saved_parts(memlab_manifest, tmp_path, monkeypatch):
+    import diffmem.bench.explain as bench_module
+    from diffmem.core.loading import load_pipeline, sampler_defaults
+    from diffmem.explain import TokenAblation, TokenAttribution
+
+    pipe = load_pipeline("memlab")
+    d = sampler_defaults(pipe)
+    steps, scale = d["num_inference_steps"], d["guidance_scale"]
+    ablation = TokenAblation(pipe, steps, scale, steps=(0,))
+    entries = memlab_manifest["groups"]["verbatim"][:2]
+    prompts, ids = [e["prompt"] for e in entries], [e["image_id"] for e in entries]
+    explained = {p: {"attribution": TokenAttribution(pipe, steps, scale).attribute(p), "ablation": ablation.attribute(p)}
+                 for p in prompts}
+    monkeypatch.setattr(bench_module, "OUTCOME_PART_SIZE", 1)
+    args = (pipe, memlab_manifest, ablation, prompts, ids, explained, [0], steps, scale, False)
+    whole = bench_module.masked_outcomes(*args, checkpoint=tmp_path / "whole")
+
+    real, done = bench_module._masked_outcome, []
+
+    def killed_at_second(pipe, kernel, ablation, prompt, *a, **k):
+        if prompt == prompts[1]:
+            raise KeyboardInterrupt
+        done.append(prompt)
+        return real(pipe, kernel, ablation, prompt, *a, **k)
+
+    monkeypatch.setattr(bench_module, "_masked_outcome", killed_at_second)
+    with pytest.raises(KeyboardInterrupt):
+        bench_module.masked_outcomes(*args, checkpoint=tmp_path / "run")
+    done.clear()
+
+    def recorded(pipe, kernel, ablation, prompt, *a, **k):
+        done.append(prompt)
+        return real(pipe, kernel, ablation, prompt, *a, **k)
+
+    monkeypatch.setattr(bench_module, "_masked_outcome", recorded)
+    resumed = bench_module.masked_outcomes(*args, checkpoint=tmp_path / "run")
+    assert done == [prompts[1]]  # the first prompt's rows were read back
+    assert json.dumps(resumed, sort_keys=True) == json.dumps(whole, sort_keys=True)
+    # an explanation that changed (here: the methods swapped) makes its saved rows stale: redone
+    done.clear()
+    swapped = {p: {"attribution": r["ablation"], "ablation": r["attribution"]} for p, r in explained.items()}
+    bench_module.masked_outcomes(*args[:5], swapped, *args[6:], checkpoint=tmp_path / "run")
+    assert done == prompts

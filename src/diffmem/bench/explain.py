@@ -17,6 +17,7 @@ On MemLab's ground truth:
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -176,15 +177,15 @@ class ExplainBenchResult:
     @classmethod
     def load(cls, path: str | Path) -> "ExplainBenchResult":
         """From ``bench_explain.json`` (or the folder holding it); the figures are recomputed from the rows."""
-        import json
-
         path = Path(path)
         d = json.loads((path / "bench_explain.json" if path.is_dir() else path).read_text())
         return cls(d["trigger_rows"], d["agreement_rows"], d["settings"], d.get("outcome_rows", []))
 
 
 def bench_explain(pipe, manifest: dict, generations: int = 1, max_prompts: int | None = None,
-                  outcome_seeds: int = 4, progress: bool = True) -> ExplainBenchResult:
+                  outcome_seeds: int = 4, progress: bool = True, checkpoint: str | Path | None = None) -> ExplainBenchResult:
+    """``checkpoint``: a folder where the masked generations' rows (nine tenths of the run) are saved
+    a few prompts at a time, so a killed run resumes after explaining the prompts again."""
     from tqdm.auto import tqdm
 
     from ..core.loading import sampler_defaults
@@ -239,7 +240,7 @@ def bench_explain(pipe, manifest: dict, generations: int = 1, max_prompts: int |
         flagged_verbatim = [p for g, p in flagged if g == "verbatim"]
         outcome_rows = masked_outcomes(pipe, manifest, abl, flagged_verbatim, [image_of[p] for p in flagged_verbatim],
                                        {p: {n: results[(n, p)] for n in methods} for p in flagged_verbatim},
-                                       list(range(outcome_seeds)), steps, scale, progress)
+                                       list(range(outcome_seeds)), steps, scale, progress, checkpoint)
     settings = {"num_inference_steps": steps, "guidance_scale": scale, "steps": [0], "generations": generations,
                 "methods": list(methods), "ablation_mode": abl.mode, "threshold": cal.threshold, "candidates": len(candidates),
                 "negatives": len(negatives), "outcome_seeds": outcome_seeds}
@@ -253,33 +254,75 @@ def lead_margin(scores) -> float:
     return float((top2[0] - top2[1]) / abs(top2[0])) if len(top2) == 2 and top2[0] != 0 else float("nan")
 
 
+OUTCOME_PART_SIZE = 4  # prompts per saved part of the masked generations (about 25 s of work)
+
+
 def masked_outcomes(pipe, manifest: dict, ablation, prompts: list[str], image_ids: list[int], results: dict, seeds: list[int],
-                    num_inference_steps: int, guidance_scale: float, progress: bool = True) -> list[dict]:
+                    num_inference_steps: int, guidance_scale: float, progress: bool = True,
+                    checkpoint: str | Path | None = None) -> list[dict]:
     """For each planted verbatim prompt: generate it as is and with each word masked (``ablation``'s
     masked embeddings), measure each generation's ratio to the prompt's planted training image, and
-    compare each method's word scores (``results[prompt][method]``) with the rise in that ratio."""
-    from scipy.stats import spearmanr
+    compare each method's word scores (``results[prompt][method]``) with the rise in that ratio.
+
+    With ``checkpoint``, the rows are saved OUTCOME_PART_SIZE prompts at a time under
+    ``checkpoint/outcome_NNNN``, keyed by the model, the sampler, the seeds, the ablation's settings
+    and each prompt's word scores from every method (so rows of other explanations are redone)."""
     from tqdm.auto import tqdm
 
-    from ..core.generate import generate
     from ..mitigate.measures import MemLabReplication
 
     if not prompts:
         return []
     kernel = MemLabReplication(pipe, manifest).kernel
-    rows = []
-    for prompt, image_id in tqdm(list(zip(prompts, image_ids)), desc="masked generations", disable=not progress):
-        emb = ablation.masked_embeddings(prompt)
-        images = generate(pipe, [prompt] * len(emb), seeds, num_inference_steps, guidance_scale, prompt_embeds=emb)
-        ratio = kernel.ratio_to(images.reshape(-1, *images.shape[2:]), image_id).reshape(len(emb), len(seeds))
-        replicated = (ratio <= kernel.threshold).mean(axis=1)
-        effect = ratio[1:].mean(axis=1) - ratio[0].mean()
-        words = results[prompt][next(iter(results[prompt]))].words
-        row = {"prompt": prompt, "image_id": int(image_id), "words": words, "ratio_unmasked": ratio[0].tolist(),
-               "ratio_masked": ratio[1:].tolist(), "replicated_unmasked": float(replicated[0]),
-               "replicated_masked": replicated[1:].tolist(), "outcome_top": words[int(np.argmax(effect))]}
-        for name, res in results[prompt].items():
-            row[f"{name}_top"] = res.top_word
-            row[f"{name}_spearman"] = float(spearmanr(res.word_scores, effect).correlation) if len(words) > 1 else float("nan")
-        rows.append(row)
-    return rows
+    jobs = list(zip(prompts, image_ids))
+    bar = tqdm(total=len(jobs), desc="masked generations", disable=not progress)
+
+    def compute(chunk):
+        rows = [_masked_outcome(pipe, kernel, ablation, p, i, results[p], seeds, num_inference_steps, guidance_scale)
+                for p, i in chunk]
+        bar.update(len(chunk))
+        return rows
+
+    try:
+        if checkpoint is None:
+            return compute(jobs)
+        from ..core.loading import weights_identity
+        from ..core.parts import in_parts
+        from ..core.results import digest
+
+        base = {"model": weights_identity(pipe), "seeds": list(seeds), "sampler": [num_inference_steps, guidance_scale],
+                "ablation": ablation.settings, "threshold": kernel.threshold}
+        chunks = [jobs[k : k + OUTCOME_PART_SIZE] for k in range(0, len(jobs), OUTCOME_PART_SIZE)]
+        keys = [digest({**base, "jobs": c, "scores": {p: {n: r.word_scores for n, r in results[p].items()} for p, _ in c}})
+                for c in chunks]
+
+        def load(part):
+            bar.update(len(chunks[int(part.name.rsplit("_", 1)[1])]))
+            return json.loads((part / "rows.json").read_text())
+
+        done = in_parts(chunks, keys, checkpoint, compute, lambda part, rows: dump_json(rows, part / "rows.json"), load,
+                        prefix="outcome", stale="restart")
+        return [row for rows in done for row in rows]
+    finally:
+        bar.close()
+
+
+def _masked_outcome(pipe, kernel, ablation, prompt: str, image_id: int, explained: dict, seeds: list[int],
+                    num_inference_steps: int, guidance_scale: float) -> dict:
+    from scipy.stats import spearmanr
+
+    from ..core.generate import generate
+
+    emb = ablation.masked_embeddings(prompt)
+    images = generate(pipe, [prompt] * len(emb), seeds, num_inference_steps, guidance_scale, prompt_embeds=emb)
+    ratio = kernel.ratio_to(images.reshape(-1, *images.shape[2:]), image_id).reshape(len(emb), len(seeds))
+    replicated = (ratio <= kernel.threshold).mean(axis=1)
+    effect = ratio[1:].mean(axis=1) - ratio[0].mean()
+    words = explained[next(iter(explained))].words
+    row = {"prompt": prompt, "image_id": int(image_id), "words": words, "ratio_unmasked": ratio[0].tolist(),
+           "ratio_masked": ratio[1:].tolist(), "replicated_unmasked": float(replicated[0]),
+           "replicated_masked": replicated[1:].tolist(), "outcome_top": words[int(np.argmax(effect))]}
+    for name, res in explained.items():
+        row[f"{name}_top"] = res.top_word
+        row[f"{name}_spearman"] = float(spearmanr(res.word_scores, effect).correlation) if len(words) > 1 else float("nan")
+    return row
