@@ -209,7 +209,7 @@ def step_sets(num_inference_steps: int) -> dict[str, list[int]]:
 PART_SIZE = 256  # prompts per saved part of a checkpointed benchmark: the unit a killed run redoes
 
 
-def _values(detector, prompts: list[str], checkpoint: Path | None, name: str, progress: bool) -> np.ndarray:
+def _values(detector, prompts: list[str], checkpoint: str | Path | None, name: str, progress: bool) -> np.ndarray:
     """``detector.score(prompts).values``; with ``checkpoint``, PART_SIZE prompts at a time, each part
     saved under ``checkpoint/{name}_NNNN`` (keyed like ``diffmem detect``'s chunks), so that a killed
     benchmark redoes at most one part of each detector. The benchmark owns the folder: parts of
@@ -246,7 +246,6 @@ def bench_detect(pipe, data: LabelledPrompts, generations=(1, 4), num_inference_
     gscale = guidance_scale if guidance_scale is not None else d["guidance_scale"]
     sets = rows if rows is not None else step_sets(nsteps)
     all_steps = sorted({s for v in sets.values() for s in v})
-    checkpoint = Path(checkpoint) if checkpoint is not None else None
     det = NoiseNormDetector(pipe, nsteps, gscale, steps=all_steps, generations=max(generations), seed=seed, batch_size=batch_size)
     values = _values(det, data.prompts, checkpoint, "noise_norm", progress)
 

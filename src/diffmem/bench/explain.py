@@ -278,9 +278,10 @@ def masked_outcomes(pipe, manifest: dict, ablation, prompts: list[str], image_id
     bar = tqdm(total=len(jobs), desc="masked generations", disable=not progress)
 
     def compute(chunk):
-        rows = [_masked_outcome(pipe, kernel, ablation, p, i, results[p], seeds, num_inference_steps, guidance_scale)
-                for p, i in chunk]
-        bar.update(len(chunk))
+        rows = []
+        for p, i in chunk:
+            rows.append(_masked_outcome(pipe, kernel, ablation, p, i, results[p], seeds, num_inference_steps, guidance_scale))
+            bar.update(1)
         return rows
 
     try:
@@ -297,8 +298,9 @@ def masked_outcomes(pipe, manifest: dict, ablation, prompts: list[str], image_id
                 for c in chunks]
 
         def load(part):
-            bar.update(len(chunks[int(part.name.rsplit("_", 1)[1])]))
-            return json.loads((part / "rows.json").read_text())
+            rows = json.loads((part / "rows.json").read_text())
+            bar.update(len(rows))
+            return rows
 
         done = in_parts(chunks, keys, checkpoint, compute, lambda part, rows: dump_json(rows, part / "rows.json"), load,
                         prefix="outcome", stale="restart")

@@ -93,20 +93,20 @@ def _label_points(ax, labelled) -> None:
     marker = 3 * ax.figure.dpi / 72  # a marker's half-width in pixels: labels keep off every point too
     placed = [Bbox.from_extents(x - marker, y - marker, x + marker, y + marker)
               for x, y in (ax.transData.transform(xy) for xy, _, _ in labelled)]
+
+    def annotate(xy, text, colour, dx, dy, ha):
+        label = ax.annotate(text, xy, fontsize=5, xytext=(dx, dy), textcoords="offset points", ha=ha, color=colour)
+        return label, label.get_window_extent(renderer)
+
     for xy, text, colour in labelled:
-        for k, (dx, dy, ha) in enumerate(_LABEL_OFFSETS):
-            label = ax.annotate(text, xy, fontsize=5, xytext=(dx, dy), textcoords="offset points", ha=ha, color=colour)
-            box = label.get_window_extent(renderer)
+        for offset in _LABEL_OFFSETS:
+            label, box = annotate(xy, text, colour, *offset)
             inside = frame.x0 <= box.x0 and box.x1 <= frame.x1 and frame.y0 <= box.y0 and box.y1 <= frame.y1
             if inside and not any(box.overlaps(b) for b in placed):
                 break
-            if k < len(_LABEL_OFFSETS) - 1:
-                label.remove()
-            else:  # nowhere free: the first offset, overlapping
-                label.remove()
-                label = ax.annotate(text, xy, fontsize=5, xytext=_LABEL_OFFSETS[0][:2], textcoords="offset points",
-                                    color=colour)
-                box = label.get_window_extent(renderer)
+            label.remove()
+        else:  # nowhere free: the first offset, overlapping
+            label, box = annotate(xy, text, colour, *_LABEL_OFFSETS[0])
         placed.append(box)
 
 
