@@ -65,6 +65,23 @@ def test_lead_margin_by_hand():
     assert np.isnan(lead_margin([5.0])) and np.isnan(lead_margin([0.0, 0.0]))
 
 
+def test_outcome_takes_a_repeated_word_by_its_position():
+    # "at" stands twice; the methods' top word is the second "at", whose masking breaks the replication
+    # and the first's does not: looking the word up by text would take the first
+    row = {"prompt": "a blue triangle at the top at night", "words": "a blue triangle at the top at night".split(),
+           "replicated_unmasked": 1.0, "replicated_masked": [1.0, 1.0, 1.0, 1.0, 1.0, 1.0, 0.0, 1.0],
+           "outcome_top": "at", "outcome_top_index": 6}
+    for m in ("attribution", "ablation"):
+        row |= {f"{m}_top": "at", f"{m}_top_index": 6, f"{m}_spearman": 1.0}
+    res = ExplainBenchResult([], [], {"methods": ["attribution", "ablation"], "outcome_seeds": 1}, [row])
+    for m in ("attribution", "ablation"):
+        assert res.outcome()[m]["replication_with_top_word_masked"] == 0.0
+        assert res.outcome()[m]["top_word_is_outcome_top"] == 1.0
+    # rows saved before positions were recorded still load, taking the word's first position
+    old = {k: v for k, v in row.items() if not k.endswith("_top_index")}
+    assert ExplainBenchResult([], [], res.settings, [old]).outcome()["ablation"]["replication_with_top_word_masked"] == 1.0
+
+
 def test_bench_explain_small_run(memlab_manifest, tmp_path):
     from diffmem.core.loading import load_pipeline
     from diffmem.explain import TokenAttribution
@@ -86,7 +103,7 @@ def test_bench_explain_small_run(memlab_manifest, tmp_path):
     # the attribution's top word is the ablation's first exactly when they agree; with no margin asked
     # for, the decisive split is the whole split
     for r in res.agreement_rows:
-        assert (r["attribution_top_rank_by_ablation"] == 1) == r["agree"]
+        assert (r["attribution_top_rank_by_ablation"] == 1) == r["agree"] == (r["attribution_top_index"] == r["ablation_top_index"])
         assert r["attribution_margin"] >= 0 and r["ablation_margin"] >= 0
     assert res.agreement_where_decisive(0.0) == by_group
     assert all(n <= by_group[g][1] for g, (_, n) in res.agreement_where_decisive(0.5).items())
@@ -109,7 +126,7 @@ def test_bench_explain_small_run(memlab_manifest, tmp_path):
         # the first generation is the prompt's own: a plain generation's ratio to the planted image
         assert row["ratio_unmasked"][0] == pytest.approx(float(kernel.ratio_to(plain[0], planted["image_id"])[0]), rel=1e-4)
         effect = np.mean(row["ratio_masked"], axis=1) - np.mean(row["ratio_unmasked"])
-        assert row["outcome_top"] == row["words"][int(np.argmax(effect))]
+        assert row["outcome_top_index"] == int(np.argmax(effect)) and row["outcome_top"] == row["words"][row["outcome_top_index"]]
         assert len(row["ratio_masked"]) == len(row["words"]) and row["ablation_top"] == agreed["ablation_top"]
     outcome = res.outcome()
     assert set(outcome) == {"attribution", "ablation", "unmasked"}

@@ -111,6 +111,8 @@ def test_app_scores_highlights_the_trigger_and_rescores_an_edit(app_server, meml
         toks = driver.find_elements(By.CSS_SELECTOR, "#tokens span.tok")
         strongest = max(toks, key=lambda t: float(t.get_attribute("data-share")))
         assert strongest.text in trigger  # the most strongly shaded word is the planted trigger
+        top = driver.find_elements(By.CSS_SELECTOR, "#tokens span.tok.top")  # marked by position, once
+        assert [t.get_attribute("data-index") for t in top] == [strongest.get_attribute("data-index")]
 
         # drop the trigger's words one click at a time; the page re-scores each edit
         for word in trigger:
@@ -123,6 +125,18 @@ def test_app_scores_highlights_the_trigger_and_rescores_an_edit(app_server, meml
             w for w in prompt.split() if w not in trigger)
         assert float(driver.find_element(By.ID, "score").text) < threshold
         assert driver.find_element(By.ID, "verdict").text == "not memorized"
+
+        # the trigger's words twice over: the top word stands twice, and only the one ranked top is marked
+        old = driver.find_element(By.ID, "score").text
+        box.clear()
+        box.send_keys(f"{prompt} {template['trigger']}")
+        driver.find_element(By.ID, "score-btn").click()
+        _wait(driver, lambda d: d.find_element(By.ID, "score").text != old)
+        toks = driver.find_elements(By.CSS_SELECTOR, "#tokens span.tok")
+        strongest = max(toks, key=lambda t: float(t.get_attribute("data-share")))
+        top = driver.find_elements(By.CSS_SELECTOR, "#tokens span.tok.top")
+        assert [t.text for t in toks].count(strongest.text) == 2
+        assert [t.get_attribute("data-index") for t in top] == [strongest.get_attribute("data-index")]
         assert console_errors(driver) == []
         SHOTS.mkdir(parents=True, exist_ok=True)
         driver.save_screenshot(str(SHOTS / "app.png"))

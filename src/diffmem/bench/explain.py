@@ -44,9 +44,9 @@ class ExplainBenchResult:
             return {}
         out = {}
         for m in self.settings["methods"]:
-            out[m] = {"top_word_is_outcome_top": float(np.mean([r[f"{m}_top"] == r["outcome_top"] for r in self.outcome_rows])),
+            out[m] = {"top_word_is_outcome_top": float(np.mean([top_index(r, m) == top_index(r, "outcome") for r in self.outcome_rows])),
                       "spearman": float(np.nanmean([r[f"{m}_spearman"] for r in self.outcome_rows])),
-                      "replication_with_top_word_masked": float(np.mean([r["replicated_masked"][r["words"].index(r[f"{m}_top"])]
+                      "replication_with_top_word_masked": float(np.mean([r["replicated_masked"][top_index(r, m)]
                                                                          for r in self.outcome_rows]))}
         # baselines: a word picked at random (every word's masking, averaged) and the best word in hindsight
         out["unmasked"] = {"replication": float(np.mean([r["replicated_unmasked"] for r in self.outcome_rows])),
@@ -228,12 +228,13 @@ def bench_explain(pipe, manifest: dict, generations: int = 1, max_prompts: int |
     agreement_rows = []
     for group, prompt in tqdm(flagged, desc="flagged prompts", disable=not progress):
         res = {name: explained(name, prompt) for name in methods}
-        tops = {name: r.top_word for name, r in res.items()}
-        ablation_order = [w for w, _ in res["ablation"].ranking()]
-        agreement_rows.append({"prompt": prompt, "group": group, **{f"{k}_top": v for k, v in tops.items()},
+        # by position: "at" twice in a caption is two words
+        ablation_order = list(np.argsort(-res["ablation"].word_scores, kind="stable"))
+        agreement_rows.append({"prompt": prompt, "group": group, **{f"{k}_top": r.top_word for k, r in res.items()},
+                               **{f"{k}_top_index": r.top_index for k, r in res.items()},
                                **{f"{k}_margin": lead_margin(r.word_scores) for k, r in res.items()},
-                               "attribution_top_rank_by_ablation": ablation_order.index(tops["attribution"]) + 1,
-                               "agree": tops["attribution"] == tops["ablation"]})
+                               "attribution_top_rank_by_ablation": ablation_order.index(res["attribution"].top_index) + 1,
+                               "agree": res["attribution"].top_index == res["ablation"].top_index})
     image_of = {e["prompt"]: e["image_id"] for e in manifest["groups"]["verbatim"]}
     outcome_rows = []
     if outcome_seeds:
@@ -245,6 +246,12 @@ def bench_explain(pipe, manifest: dict, generations: int = 1, max_prompts: int |
                 "methods": list(methods), "ablation_mode": abl.mode, "threshold": cal.threshold, "candidates": len(candidates),
                 "negatives": len(negatives), "outcome_seeds": outcome_seeds}
     return ExplainBenchResult(trigger_rows, agreement_rows, settings, outcome_rows)
+
+
+def top_index(row: dict, name: str) -> int:
+    """The position of ``name``'s top word in an outcome row (``name`` a method or "outcome"); rows saved
+    before positions were recorded give the word's first position."""
+    return row[f"{name}_top_index"] if f"{name}_top_index" in row else row["words"].index(row[f"{name}_top"])
 
 
 def lead_margin(scores) -> float:
@@ -323,8 +330,10 @@ def _masked_outcome(pipe, kernel, ablation, prompt: str, image_id: int, explaine
     words = explained[next(iter(explained))].words
     row = {"prompt": prompt, "image_id": int(image_id), "words": words, "ratio_unmasked": ratio[0].tolist(),
            "ratio_masked": ratio[1:].tolist(), "replicated_unmasked": float(replicated[0]),
-           "replicated_masked": replicated[1:].tolist(), "outcome_top": words[int(np.argmax(effect))]}
+           "replicated_masked": replicated[1:].tolist(), "outcome_top": words[int(np.argmax(effect))],
+           "outcome_top_index": int(np.argmax(effect))}
     for name, res in explained.items():
         row[f"{name}_top"] = res.top_word
+        row[f"{name}_top_index"] = res.top_index
         row[f"{name}_spearman"] = float(spearmanr(res.word_scores, effect).correlation) if len(words) > 1 else float("nan")
     return row

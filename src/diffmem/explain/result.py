@@ -28,7 +28,12 @@ class AttributionResult:
 
     @property
     def top_word(self) -> str:
-        return self.words[int(np.argmax(self.word_scores))]
+        return self.words[self.top_index]
+
+    @property
+    def top_index(self) -> int:
+        """The top word's position among ``words``: a word can stand twice in a prompt ("in the ... in a room")."""
+        return int(np.argmax(self.word_scores))
 
     def ranking(self) -> list[tuple[str, float]]:
         order = np.argsort(-self.word_scores, kind="stable")

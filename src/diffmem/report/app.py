@@ -123,7 +123,7 @@ class AppState:
         return {"prompt": prompt, "score": a.detection_score, "threshold": thr, "memorized": a.detection_score > thr,
                 "words": [{"before": b, "text": w, "score": float(sc), "share": float(sh)}
                           for (b, w), sc, sh in zip(a.segments(), a.word_scores, shares)],
-                "top_word": a.top_word, "seconds": time.time() - t0,
+                "top_word": a.top_word, "top_index": a.top_index, "seconds": time.time() - t0,
                 "warnings": [str(w.message) for w in caught],
                 "settings": {**self.detector.settings.to_dict(), "fpr": self.calibration.fpr}}
 
@@ -352,7 +352,7 @@ async function score() {
     d.words.forEach((w, i) => {
       box.appendChild(document.createTextNode(w.before));
       const s = document.createElement("span");
-      s.className = "tok" + (w.text === d.top_word ? " top" : "");
+      s.className = "tok" + (i === d.top_index ? " top" : "");  // by position: a word can stand twice
       s.dataset.index = i;
       s.dataset.share = w.share.toFixed(3);
       s.textContent = w.text;
