@@ -123,7 +123,7 @@ def main() -> None:
     det = NoiseNormDetector(pipe, d["num_inference_steps"], d["guidance_scale"], batch_size=a.batch)
     det.score(prompts[: a.batch])  # warm-up
     t0 = time.perf_counter()
-    res = det.score(prompts)
+    det.score(prompts)
     dt = time.perf_counter() - t0
     t_first = denoise.fresh_scheduler(pipe, d["num_inference_steps"]).timesteps[0]
     limit = bare_unet_rate(pipe, a.batch, t_first, reps=max(3, a.prompts // a.batch))
