@@ -40,8 +40,13 @@ def _quiet_libraries() -> None:
                        ("DIFFUSERS_VERBOSITY", "error"), ("HF_HUB_DISABLE_PROGRESS_BARS", "1")):
         os.environ.setdefault(var, value)  # diffmem shows its own progress; load_pipeline hides diffusers' bar
 
+    shown = set()
+
     def show(message, category, filename, lineno, file=None, line=None):
-        console.print(f"warning: {message}", highlight=False, markup=False, style="yellow")
+        # the same warning from several call sites (a prompt tokenized by each stage) is said once
+        if str(message) not in shown:
+            shown.add(str(message))
+            console.print(f"warning: {message}", highlight=False, markup=False, style="yellow")
 
     warnings.showwarning = show
 

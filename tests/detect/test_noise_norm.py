@@ -71,6 +71,19 @@ def test_bad_input(tiny_pipe):
         det.score(["word " * 100])
 
 
+def test_truncation_warning_names_where_the_cut_falls(tiny_pipe):
+    import re
+
+    prompt = " ".join(f"w{i}" for i in range(100))
+    with pytest.warns(denoise.PromptTruncationWarning) as caught:
+        ids = denoise.tokenize(tiny_pipe, ["short", prompt])
+    assert len(caught) == 1  # only the long prompt
+    kept = tiny_pipe.tokenizer.decode(ids[1][1:-1], skip_special_tokens=True)
+    end = re.search(r"reads it only up to '\.\.\.(.*)'$", str(caught[0].message)).group(1)
+    # the end of what the model reads, from the start of a word (not a word cut in half)
+    assert kept.endswith(end) and kept[: -len(end)].endswith(" ") and 40 <= len(end) <= 60
+
+
 def test_on_progress_counts_prompt_generations_and_can_stop_the_run(tiny_pipe):
     from diffmem.detect import NoiseNormDetector
 

@@ -56,3 +56,21 @@ def test_empty_prompt_and_bad_mode(tiny_pipe):
         TokenAblation(tiny_pipe, num_inference_steps=4).attribute("  ")
     with pytest.raises(InputError, match="mode must be"):
         TokenAblation(tiny_pipe, num_inference_steps=4, mode="drop")
+
+
+@pytest.mark.parametrize("explainer", ["attribution", "ablation_mask", "ablation_remove"])
+def test_an_overlong_prompt_is_warned_of_once(tiny_pipe, explainer):
+    import warnings
+
+    from diffmem.explain import TokenAttribution
+
+    made = {"attribution": lambda: TokenAttribution(tiny_pipe, num_inference_steps=4),
+            "ablation_mask": lambda: TokenAblation(tiny_pipe, num_inference_steps=4),
+            "ablation_remove": lambda: TokenAblation(tiny_pipe, num_inference_steps=4, mode="remove")}[explainer]()
+    prompt = " ".join(f"w{i}" for i in range(60))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        res = made.attribute(prompt)
+    said = [w for w in caught if issubclass(w.category, denoise.PromptTruncationWarning)]
+    assert len(said) == 1 and repr(prompt[:80]) in str(said[0].message)
+    assert len(res.tokens) == 75  # the explanation covers what the model reads: 77 less BOS and EOS

@@ -29,12 +29,14 @@ def tokenize(pipe, prompts: list[str], warn: bool = True) -> torch.Tensor:
     ids = tok(prompts, padding="max_length", max_length=n, truncation=True, return_tensors="pt").input_ids
     if warn:
         full = tok(prompts, padding=False, truncation=False, verbose=False).input_ids
-        for p, f in zip(prompts, full):
+        for i, (p, f) in enumerate(zip(prompts, full)):
             if len(f) > n:
-                kept = tok.decode(ids[prompts.index(p)][1:-1], skip_special_tokens=True)
+                kept = tok.decode(ids[i][1:-1], skip_special_tokens=True)
+                # where the cut falls, from a word's start: the end of what the model reads
+                end = kept if len(kept) <= 60 else "..." + kept[-60:].split(" ", 1)[-1]
                 warnings.warn(
                     f"prompt truncated to {n} tokens ({len(f)} given): {p[:80]!r}{'...' if len(p) > 80 else ''}; "
-                    f"the model sees only: {kept[-60:]!r}",
+                    f"the model reads it only up to {end!r}",
                     PromptTruncationWarning,
                     stacklevel=3,
                 )

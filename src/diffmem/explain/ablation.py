@@ -4,6 +4,7 @@ model-agnostic cross-check of the gradient attribution (``attribution.py``) that
 
 from __future__ import annotations
 
+import warnings
 from typing import Sequence
 
 import numpy as np
@@ -62,7 +63,7 @@ class TokenAblation:
 
     def _masked_variants(self, prompt: str, word_of: list[int], n_words: int) -> torch.Tensor:
         pipe = self.pipe
-        ids = denoise.tokenize(pipe, [prompt]).to(pipe.text_encoder.device)
+        ids = denoise.tokenize(pipe, [prompt], warn=False).to(pipe.text_encoder.device)
         word_of_arr = np.asarray(word_of)
         with torch.inference_mode():
             tok0 = pipe.text_encoder.get_input_embeddings()(ids)
@@ -85,7 +86,9 @@ class TokenAblation:
         # a one-word prompt ablates to the empty prompt, whose score is 0 by definition
         variants = [" ".join(w for j, w in enumerate(words) if j != i) for i in range(len(words))]
         kept = [v for v in variants if v.strip()]
-        scored = iter(self.detector.score([prompt, *kept]).scores)
+        with warnings.catch_warnings():  # prompt_tokens warned of a truncated prompt once; its variants would again
+            warnings.simplefilter("ignore", denoise.PromptTruncationWarning)
+            scored = iter(self.detector.score([prompt, *kept]).scores)
         base = float(next(scored))
         return base, np.array([float(next(scored)) if v.strip() else 0.0 for v in variants])
 

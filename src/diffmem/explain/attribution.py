@@ -50,11 +50,11 @@ class TokenAttribution:
     def attribute(self, prompt: str) -> AttributionResult:
         prompt = check_prompt(prompt)
         pipe, s = self.pipe, self.settings
-        tokens, word_of, words = prompt_tokens(pipe, prompt)
+        tokens, word_of, words = prompt_tokens(pipe, prompt)  # warns if the prompt is truncated: the rest need not
         n = len(tokens)
-        ids = denoise.tokenize(pipe, [prompt]).to(pipe.text_encoder.device)
+        ids = denoise.tokenize(pipe, [prompt], warn=False).to(pipe.text_encoder.device)
         with torch.no_grad():
-            emb0 = denoise.encode_text(pipe, [prompt])
+            emb0 = denoise.encode_text(pipe, [prompt], warn=False)
             uncond_emb = denoise.encode_text(pipe, [""], warn=False)
             tok0 = pipe.text_encoder.get_input_embeddings()(ids)
         grads, losses = [], []
