@@ -67,6 +67,20 @@ def test_bad_prompt_files_fail_before_torch_loads(tmp_path):
         assert r.stdout.split()[-4:] == ["exit", "2", "False", "False"], (command, r.stdout)
 
 
+def test_many_long_prompts_show_a_few_warnings_and_count_the_rest(tmp_path, tiny_pipe_dir):
+    from diffmem.cli import WARNINGS_SHOWN
+
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("".join(f"prompt {i} " + "word " * 100 + "\n" for i in range(WARNINGS_SHOWN + 3)) + "a cat\n")
+    r = run("detect", "--prompts", str(prompts), "--model", str(tiny_pipe_dir), "--num-inference-steps", "4",
+            "--out", str(tmp_path / "r.parquet"))
+    assert r.returncode == 0, r.stderr
+    assert r.stderr.count("truncated to 77 tokens") == WARNINGS_SHOWN
+    assert "prompt 4 word" in r.stderr and "prompt 5 word" not in r.stderr  # the first ones, in order
+    assert r.stderr.rstrip().endswith("3 more warnings of this kind (PromptTruncationWarning) not shown")
+    assert "scored 9 prompts" in r.stdout
+
+
 def test_detect_end_to_end_with_calibration_and_long_prompt(tmp_path, tiny_pipe_dir):
     prompts = tmp_path / "p.txt"
     prompts.write_text("a cat\na dog\n" + "word " * 100 + "\n")

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import atexit
 import os
 import shutil
 import sys
 import warnings
+from collections import Counter, deque
 from pathlib import Path
 from typing import Optional
 
@@ -31,6 +33,9 @@ console = Console(stderr=True, soft_wrap=True)
 out_console = Console(soft_wrap=True)
 
 
+WARNINGS_SHOWN = 5  # of one kind, then counted
+
+
 def _quiet_libraries() -> None:
     # transformers warns once per process that torchvision is absent: by design here
     warnings.filterwarnings("ignore", message=".*requires torchvision.*")
@@ -40,13 +45,27 @@ def _quiet_libraries() -> None:
                        ("DIFFUSERS_VERBOSITY", "error"), ("HF_HUB_DISABLE_PROGRESS_BARS", "1")):
         os.environ.setdefault(var, value)  # diffmem shows its own progress; load_pipeline hides diffusers' bar
 
-    shown = set()
+    recent, shown, held = deque(maxlen=256), Counter(), Counter()
 
     def show(message, category, filename, lineno, file=None, line=None):
-        # the same warning from several call sites (a prompt tokenized by each stage) is said once
-        if str(message) not in shown:
-            shown.add(str(message))
-            console.print(f"warning: {message}", highlight=False, markup=False, style="yellow")
+        # the same warning from several call sites (a prompt tokenized by each stage, moments apart) is
+        # said once, and a kind said WARNINGS_SHOWN times (thousands of long captions) is then only counted
+        if str(message) in recent:
+            return
+        recent.append(str(message))
+        kind = category.__name__
+        if shown[kind] >= WARNINGS_SHOWN:
+            held[kind] += 1
+            return
+        shown[kind] += 1
+        console.print(f"warning: {message}", highlight=False, markup=False, style="yellow")
+
+    def count_held():
+        for kind, n in held.items():
+            console.print(f"warning: {n} more warnings of this kind ({kind}) not shown", highlight=False,
+                          markup=False, style="yellow")
+
+    atexit.register(count_held)
 
     warnings.showwarning = show
 
