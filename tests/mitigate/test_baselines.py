@@ -57,3 +57,13 @@ def test_a_prompts_mitigation_does_not_depend_on_the_other_prompts(tiny_pipe, na
         both = m.embeddings(PROMPTS)
         assert torch.equal(both[1], m.embeddings(PROMPTS[1:])[0])
         assert not torch.equal(both[0, 1:], both[1, 1:])
+
+
+@pytest.mark.parametrize("name, bad", [("gni", {"sigma": -0.1}), ("gni", {"sigma": float("nan")}),
+                                       ("rta", {"n_tokens": -1}), ("rna", {"n_numbers": 2.5}),
+                                       ("word_repetition", {"n_repeats": -2}), ("rna", {"generations": 0})])
+def test_bad_settings_are_clear_errors(tiny_pipe, name, bad):
+    from diffmem.core.errors import InputError
+
+    with pytest.raises(InputError, match=next(iter(bad))):
+        BASELINES[name](tiny_pipe, **bad)

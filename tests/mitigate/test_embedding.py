@@ -115,6 +115,14 @@ def test_bad_target(tiny_pipe):
         EmbeddingOptimization(tiny_pipe, target=float("nan"))
 
 
+@pytest.mark.parametrize("bad, message", [({"lr": float("nan")}, "learning rate"), ({"lr": 0.0}, "learning rate"),
+                                          ({"max_iters": -1}, "max_iters"), ({"generations": 0}, "generations")])
+def test_bad_hyperparameters_are_clear_errors(tiny_pipe, bad, message):
+    # torch's AdamW would say "Invalid learning rate: nan" from inside the run, after the first generations
+    with pytest.raises(InputError, match=message):
+        EmbeddingOptimization(tiny_pipe, target=1.0, **bad)
+
+
 def test_calibrated_target_is_on_the_scale_of_the_loss(tiny_pipe):
     from diffmem.detect import NoiseNormDetector
 

@@ -39,6 +39,11 @@ def test_sscd_with_a_torchscript_stand_in(tmp_path):
 
     path = tmp_path / "fake_sscd.pt"
     torch.jit.script(Embed()).save(str(path))
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # torch's jit.load deprecation is not the user's to act on: SSCD is TorchScript
+        M.load_torchscript(path)
     rng = np.random.default_rng(1)
     train = rng.uniform(size=(4, 64, 64, 3)).astype(np.float32)
     out = M.SSCDReplication(path, train)(train[:2])
@@ -61,3 +66,18 @@ def test_memlab_alignment_reads_named_features():
     img = world.render(world.Scene("red", "circle", "left", background_seed=3))
     assert M.memlab_alignment(img[None], ["a red circle on the left"])[0] == 1.0
     assert M.memlab_alignment(img[None], ["a blue circle on the left"])[0] == pytest.approx(2 / 3)
+
+
+def test_alignment_summary_counts_only_prompts_that_name_attributes():
+    import warnings
+
+    from diffmem.mitigate.report import _mean_of_named, alignment_text
+
+    per_generation = np.array([[1.0, 0.5], [np.nan, np.nan], [0.0, np.nan]])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # numpy's "Mean of empty slice" reached the terminal as a warning
+        means = _mean_of_named(per_generation)
+    np.testing.assert_array_equal(means, [0.75, np.nan, 0.0])
+    assert alignment_text(means, [1.0, np.nan, 0.5]) == "alignment 0.375 -> 0.750 (over the 2 of 3 prompts that name MemLab attributes)"
+    assert alignment_text([0.5], [1.0]) == "alignment 0.500 -> 1.000"
+    assert alignment_text([np.nan], [np.nan]) == "alignment not measured (no prompt names a MemLab attribute)"

@@ -4,6 +4,7 @@ the prompt's text (RTA, RNA, word repetition) or its embedding (GNI) without loo
 
 from __future__ import annotations
 
+import math
 import zlib
 from typing import Sequence
 
@@ -11,6 +12,7 @@ import numpy as np
 import torch
 
 from ..core import denoise
+from ..core.errors import InputError
 from .result import MitigationResult
 
 
@@ -21,6 +23,12 @@ class _PromptRewrite:
 
     def __init__(self, pipe, generations: int = 4, seed: int = 0, num_inference_steps: int = 50,
                  guidance_scale: float = 7.5, **params):
+        if generations < 1:
+            raise InputError(f"generations must be >= 1, got {generations}")
+        for name, value in params.items():  # counts of words / numbers / repeats, or GNI's sigma
+            if not (math.isfinite(value) and value >= 0) or (name != "sigma" and int(value) != value):
+                raise InputError(f"{name} must be a {'non-negative number' if name == 'sigma' else 'whole number >= 0'}, "
+                                 f"got {value}")
         self.pipe = pipe
         self.params = params
         self.settings = {"generations": generations, "seed": seed, "num_inference_steps": num_inference_steps,

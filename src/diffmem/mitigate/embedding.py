@@ -87,6 +87,10 @@ class EmbeddingOptimization:
                  loss_steps: int = 1, positions: str = "all", rewrite: str | None = None):
         if not math.isfinite(target) or target <= 0:
             raise InputError(f"the target loss must be a positive number, got {target}")
+        if not (math.isfinite(lr) and lr > 0):
+            raise InputError(f"the learning rate must be a positive number, got {lr}")
+        if max_iters < 0 or generations < 1:
+            raise InputError(f"max_iters must be >= 0 and generations >= 1, got {max_iters} and {generations}")
         if not 1 <= loss_steps <= num_inference_steps:
             raise InputError(f"loss_steps must lie in [1, {num_inference_steps}], got {loss_steps}")
         if positions not in POSITIONS:

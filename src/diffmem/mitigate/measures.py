@@ -19,6 +19,7 @@ Alignment: how well a generation shows what the prompt asked for.
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -68,7 +69,9 @@ def load_torchscript(path: str | Path):
     if not path.exists():
         raise InputError(f"SSCD model file not found: {path}")
     try:
-        return torch.jit.load(str(path), map_location="cpu").eval()
+        with warnings.catch_warnings():  # torch 2.13 deprecates jit.load, but SSCD's weights ship only as TorchScript
+            warnings.filterwarnings("ignore", message=".*torch.jit.load.* is deprecated", category=DeprecationWarning)
+            return torch.jit.load(str(path), map_location="cpu").eval()
     except (RuntimeError, ValueError) as e:
         raise InputError(f"{path} is not a TorchScript model (SSCD is distributed as TorchScript, e.g. "
                          f"sscd_disc_mixup.torchscript.pt): {str(e).splitlines()[0]}") from None

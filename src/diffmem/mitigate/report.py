@@ -33,8 +33,27 @@ def measure(pipe, res: MitigationResult) -> dict:
         r = (np.asarray(rep(flat)["replicated"], bool) | layout).reshape(p, s)
         a = align(flat, prompts_flat).reshape(p, s)
         out[f"replication_{when}"] = r.mean(axis=1).tolist()
-        out[f"alignment_{when}"] = np.nanmean(a, axis=1).tolist()
+        out[f"alignment_{when}"] = _mean_of_named(a).tolist()
     return out
+
+
+def _mean_of_named(alignment: np.ndarray) -> np.ndarray:
+    """Per prompt, the mean over generations; NaN (without numpy's empty-slice warning) for a prompt
+    that names no MemLab attribute, whose alignment has nothing to measure."""
+    named = ~np.isnan(alignment)
+    total = np.where(named, alignment, 0.0).sum(axis=1)
+    count = named.sum(axis=1)
+    return np.divide(total, count, out=np.full(len(alignment), np.nan), where=count > 0)
+
+
+def alignment_text(before, after) -> str:
+    """Alignment before -> after over the prompts that name MemLab attributes, saying how many do."""
+    before, after = np.asarray(before, float), np.asarray(after, float)
+    named = ~np.isnan(before)
+    if not named.any():
+        return "alignment not measured (no prompt names a MemLab attribute)"
+    text = f"alignment {before[named].mean():.3f} -> {after[named].mean():.3f}"
+    return text if named.all() else f"{text} (over the {named.sum()} of {len(before)} prompts that name MemLab attributes)"
 
 
 def save_outputs(res: MitigationResult, out: str | Path) -> str:
@@ -52,5 +71,5 @@ def save_outputs(res: MitigationResult, out: str | Path) -> str:
     m = res.measures
     if "replication_before" in m:
         lines.append(f"replication {np.mean(m['replication_before']):.3f} -> {np.mean(m['replication_after']):.3f}; "
-                     f"alignment {np.mean(m['alignment_before']):.3f} -> {np.mean(m['alignment_after']):.3f}")
+                     + alignment_text(m["alignment_before"], m["alignment_after"]))
     return "\n".join(lines)

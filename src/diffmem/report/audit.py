@@ -454,8 +454,9 @@ class Audit:
             summary = {"n_prompts": len(prompts), "n_unreached": len(merged.unreached), "settings": merged.settings,
                        "seeds": merged.seeds, "target": cal.threshold}
             for k in ("replication_before", "replication_after", "alignment_before", "alignment_after"):
-                if k in ms:
-                    summary[k] = float(np.nanmean(ms[k]))
+                if k in ms:  # alignment is NaN for a prompt that names no MemLab attribute
+                    named = np.asarray(ms[k], float)[~np.isnan(np.asarray(ms[k], float))]
+                    summary[k] = float(named.mean()) if len(named) else float("nan")
             return summary
 
         return self._stage("mitigate", settings, [keys["detect"]], work)
