@@ -174,7 +174,11 @@ def test_usage_errors_are_one_clear_message(tmp_path):
     prompts.write_text("a cat\n")
     for args, msg in ((["detect", "--prompts", str(prompts), "--generations", "0"], "--generations"),
                       (["detect", "--bogus"], "No such option: --bogus"),
-                      (["explain", "--prompt", "a cat", "--num-inference-steps", "0"], "--num-inference-steps")):
+                      (["explain", "--prompt", "a cat", "--num-inference-steps", "0"], "--num-inference-steps"),
+                      (["detect", "--prompts", str(prompts), "--guidance-scale", "nan"], "--guidance-scale"),
+                      (["mitigate", "--prompts", str(prompts), "--target", "1", "--guidance-scale", "inf"], "--guidance-scale"),
+                      (["detect", "--prompts", str(prompts), "--calibrate-with", str(prompts), "--fpr", "2"], "--fpr"),
+                      (["audit", "--fpr", "0", "--out", str(tmp_path / "audit")], "--fpr")):
         r = run(*args)
         assert r.returncode == 2 and msg in r.stderr and "Traceback" not in r.stderr, (args, r.stderr)
 

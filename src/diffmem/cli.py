@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import atexit
+import math
 import os
 import shutil
 import sys
@@ -80,7 +81,19 @@ def _check_writable(folder: Path) -> None:
 DEVICE = typer.Option("cpu", help="torch device: cpu, cuda, cuda:1, mps")
 DTYPE = typer.Option("float32", help="weights' dtype: float32, float16 (wants a GPU) or bfloat16")
 NUM_INFERENCE_STEPS = typer.Option(None, min=1, help="sampler steps (default: the model's; SD: 50)")
-GUIDANCE_SCALE = typer.Option(None, help="guidance scale (default: the model's; SD: 7.5)")
+def _finite(value: float | None) -> float | None:
+    if value is not None and not math.isfinite(value):
+        raise typer.BadParameter(f"must be a finite number, got {value}")
+    return value
+
+
+def _rate(value: float) -> float:
+    if not 0 < value < 1:
+        raise typer.BadParameter(f"must lie in (0, 1), got {value}")
+    return value
+
+
+GUIDANCE_SCALE = typer.Option(None, callback=_finite, help="guidance scale (default: the model's; SD: 7.5)")
 
 
 def _sampler(pipe, num_inference_steps: int | None, guidance_scale: float | None) -> dict:
@@ -109,7 +122,7 @@ def detect(
     batch_size: int = typer.Option(32, min=1),
     calibration: Optional[Path] = typer.Option(None, help="a calibration file to apply (verdict column)"),
     calibrate_with: Optional[Path] = typer.Option(None, help="non-memorized reference prompts: fit a calibration first"),
-    fpr: float = typer.Option(0.01, help="false-positive rate for --calibrate-with"),
+    fpr: float = typer.Option(0.01, callback=_rate, help="false-positive rate for --calibrate-with"),
     device: str = DEVICE,
     dtype: str = DTYPE,
 ):
@@ -583,14 +596,13 @@ def verify_triggers_cmd(
     from .scan import ScanResult
     from .scan.verify import VerifySettings, verify_triggers
 
+    settings = VerifySettings(contexts=contexts, seeds=tuple(range(seeds)), threshold=threshold, seed=seed)
     result = ScanResult.load(scan_dir)
     if not result.images:
         raise InputError(f"{scan_dir} holds no cluster images (scan_images.npz): verification needs a scan with images")
     _check_writable(scan_dir)
     pipe = load_pipeline(model, device=device, dtype=dtype)
-    res = verify_triggers(pipe, result, result.cluster_images(), result.images["mean"],
-                          VerifySettings(contexts=contexts, seeds=tuple(range(seeds)), threshold=threshold, seed=seed),
-                          phrases=phrase)
+    res = verify_triggers(pipe, result, result.cluster_images(), result.images["mean"], settings, phrases=phrase)
     res.save(scan_dir)
     res.plot(scan_dir / "trigger_verification.png")
     for rec in res.table.sort_values("replication_rate").to_dict("records"):
@@ -693,7 +705,7 @@ def audit(
     reference: Optional[Path] = typer.Option(None, help="non-memorized prompts to calibrate on; default: MemLab's reference set"),
     train_data: Optional[str] = typer.Option(None, help="training data to scan (as for diffmem scan: memlab, a folder, a table file)"),
     out: Path = typer.Option(Path("audit"), help="folder for each stage's results and report.html"),
-    fpr: float = typer.Option(0.01, help="calibrated false-positive rate"),
+    fpr: float = typer.Option(0.01, callback=_rate, help="calibrated false-positive rate"),
     seed: int = typer.Option(0),
     generations: int = typer.Option(1, min=1, help="detection: seeded generations averaged per prompt"),
     skip: str = typer.Option("", help="stages to skip, comma-separated: explain, categorize, mitigate, scan"),

@@ -142,6 +142,21 @@ def test_memorization_check_refuses_a_dtype_or_device_it_cannot_use():
                            device="cuda")
 
 
+
+def test_a_threshold_that_is_not_a_number_is_refused():
+    from diffmem.core.errors import InputError
+    from diffmem.scan.verify import VerifySettings
+
+    with pytest.raises(InputError, match="memorization_threshold must be a finite number"):
+        DatasetScanner(ListSource(["a b"]), None, progress=False, checks=["memorization"], model="memlab",
+                       memorization_threshold=float("nan"))
+    for bad in (float("nan"), 1.5):  # a correlation
+        with pytest.raises(InputError, match="threshold is a correlation"):
+            VerifySettings(threshold=bad)
+    with pytest.raises(InputError, match="guidance scale must be a finite number"):
+        VerifySettings(guidance_scale=float("inf"))
+
+
 def _cli(*args):
     return [sys.executable, "-c", "from diffmem.cli import main; main()", *args]
 

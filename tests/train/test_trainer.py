@@ -71,6 +71,17 @@ def test_mixed_precision_keeps_float32_weights_and_resumes_exactly(tmp_path, pre
         assert torch.equal(a[k], b[k]), k
 
 
+@pytest.mark.parametrize("bad", [{"lr": float("nan")}, {"lr": 0.0}, {"mem_filter_threshold": float("nan")},
+                                 {"mem_filter_threshold": -1.0}, {"caption_dropout": 1.5}, {"ema_decay": float("inf")},
+                                 {"grad_clip": -1.0}, {"steps": 0}, {"batch_size": 0}, {"checkpoint_every": -1}])
+def test_bad_settings_are_input_errors_before_any_work(bad):
+    # torch says only "Invalid learning rate: nan" once training starts; a NaN filter threshold drops nothing
+    from diffmem.core.errors import InputError
+
+    with pytest.raises(InputError, match=next(iter(bad))):
+        TrainConfig(**bad)
+
+
 def test_unknown_mixed_precision_is_an_input_error(tmp_path):
     from diffmem.core.errors import InputError
 

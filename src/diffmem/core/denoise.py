@@ -7,6 +7,7 @@ seeded noise, ``scheduler.set_timesteps/scale_model_input/step`` and ``unet``.
 
 from __future__ import annotations
 
+import math
 import warnings
 
 import torch
@@ -91,9 +92,16 @@ def to_epsilon(pipe, model_output_diff: torch.Tensor, t) -> torch.Tensor:
     raise InputError(f"unsupported prediction_type {kind!r}")
 
 
+def check_guidance_scale(guidance_scale: float) -> float:
+    """A NaN or infinite scale would turn every later latent into NaN: images of noise, scores of nan."""
+    if not math.isfinite(guidance_scale):
+        raise InputError(f"the guidance scale must be a finite number, got {guidance_scale}")
+    return guidance_scale
+
+
 def guided(uncond: torch.Tensor, cond: torch.Tensor, guidance_scale: float) -> torch.Tensor:
     """Classifier-free guidance exactly as StableDiffusionPipeline combines the two halves."""
-    return uncond + guidance_scale * (cond - uncond)
+    return uncond + check_guidance_scale(guidance_scale) * (cond - uncond)
 
 
 def conditional_noise_norm(pipe, noisy: torch.Tensor, t: torch.Tensor, cond_emb: torch.Tensor,

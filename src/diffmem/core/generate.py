@@ -18,6 +18,9 @@ def generate(pipe, prompts: Sequence[str], seeds: Sequence[int], num_inference_s
     """
     from tqdm.auto import tqdm
 
+    from .denoise import check_guidance_scale
+
+    check_guidance_scale(guidance_scale)
     jobs = [(pi, si) for pi in range(len(prompts)) for si in range(len(seeds))]
     out = None
     uncond = None

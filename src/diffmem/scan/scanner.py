@@ -74,6 +74,8 @@ class ScanSettings:
             if not self.model:
                 raise InputError("the memorization check needs a model (--model memlab or a pipeline folder)")
             resolve_device(self.device)  # before any shard is written
+        if self.memorization_threshold is not None and not math.isfinite(self.memorization_threshold):
+            raise InputError(f"memorization_threshold must be a finite number, got {self.memorization_threshold}")
         if self.shard_size < 1:
             raise InputError("shard_size must be at least 1")
         if self.limit is not None and self.limit < 1:

@@ -26,6 +26,7 @@ from pathlib import Path
 
 import numpy as np
 
+from ..core.denoise import check_guidance_scale
 from ..core.errors import InputError
 from ..core.results import dump_json, read_parquet, write_parquet
 
@@ -38,6 +39,14 @@ class VerifySettings:
     seed: int = 0
     num_inference_steps: int | None = None  # None: the model's own defaults
     guidance_scale: float | None = None
+
+    def __post_init__(self):
+        if not -1 <= self.threshold <= 1:  # a correlation; NaN fails this too
+            raise InputError(f"threshold is a correlation and must lie in [-1, 1], got {self.threshold}")
+        if self.contexts < 1 or not self.seeds:
+            raise InputError(f"give at least one context and one seed, got {self.contexts} and {list(self.seeds)}")
+        if self.guidance_scale is not None:
+            check_guidance_scale(self.guidance_scale)
 
 
 @dataclass

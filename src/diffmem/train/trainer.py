@@ -59,6 +59,28 @@ class TrainConfig:
     def __post_init__(self):
         if self.mixed_precision not in MIXED_PRECISION:
             raise InputError(f"mixed_precision must be one of {', '.join(MIXED_PRECISION)}, got {self.mixed_precision!r}")
+        # each checked here, before the model loads and the data is encoded: torch would say only
+        # "Invalid learning rate: nan", and a NaN filter threshold would drop nothing, silently
+        def check(name: str, low: float, high: float = math.inf, low_open: bool = False) -> None:
+            value = getattr(self, name)
+            if not (math.isfinite(value) and (value > low if low_open else value >= low) and value <= high):
+                span = f"{'(' if low_open else '['}{low}, {high}{']' if high < math.inf else ')'}"
+                raise InputError(f"{name} must lie in {span}, got {value}")
+
+        check("lr", 0, low_open=True)
+        check("weight_decay", 0)
+        check("grad_clip", 0)  # 0: no clipping
+        check("lr_end_fraction", 0, 1)
+        check("caption_dropout", 0, 1)
+        check("ema_decay", 0, 1)
+        if self.mem_filter_threshold is not None:
+            check("mem_filter_threshold", 0)  # 0 drops every sample: each step skipped
+        for name in ("steps", "batch_size"):
+            if getattr(self, name) < 1:
+                raise InputError(f"{name} must be at least 1, got {getattr(self, name)}")
+        for name in ("warmup_steps", "checkpoint_every"):
+            if getattr(self, name) < 0:
+                raise InputError(f"{name} must be >= 0, got {getattr(self, name)}")
 
     def to_dict(self) -> dict:
         return asdict(self)
