@@ -59,6 +59,21 @@ def test_result_round_trips(tmp_path, tiny_pipe):
     assert list(res.to_frame().columns[:2]) == ["prompt", "score"]
 
 
+def test_prompts_longer_than_the_model_reads_are_marked(tmp_path, tiny_pipe):
+    import warnings
+
+    long = "a red circle " + "word " * 100
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", denoise.PromptTruncationWarning)
+        res = NoiseNormDetector(tiny_pipe, num_inference_steps=4).score(["a cat", long])
+    assert res.truncated.tolist() == [False, True]
+    assert res.to_frame()["truncated"].tolist() == [False, True]
+    for name in ("r.json", "r.parquet"):
+        assert DetectionResult.load(res.save(tmp_path / name)).truncated.tolist() == [False, True]
+    # 77 tokens with BOS and EOS is the most the model reads: 75 one-token words fit, 76 do not
+    assert denoise.truncated(tiny_pipe, ["a " * 75, "a " * 76]).tolist() == [False, True]
+
+
 def test_bad_input(tiny_pipe):
     det = NoiseNormDetector(tiny_pipe, num_inference_steps=4)
     with pytest.raises(InputError, match="no prompts"):

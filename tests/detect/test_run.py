@@ -51,6 +51,23 @@ def test_a_killed_run_resumes_at_the_first_unsaved_chunk(tiny_pipe, tmp_path, pr
     np.testing.assert_allclose(got.values, whole.values, rtol=1e-4)
 
 
+@pytest.mark.filterwarnings("ignore::diffmem.core.denoise.PromptTruncationWarning")
+def test_parts_saved_before_the_truncated_column_resume_into_one_table(tiny_pipe, tmp_path):
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("\n".join(PROMPTS[:2] + ["a long one " + "word " * 100] + PROMPTS[2:]) + "\n")
+    out = tmp_path / "r.parquet"
+    with pytest.raises(KeyboardInterrupt):
+        detect_file(Counting(detector(tiny_pipe), fail_on=PROMPTS[3]), prompts, out, chunk=2, progress=False)
+    part = out.with_name("r.parquet.parts") / "chunk_000000.parquet"
+    old = DetectionResult.load(part)
+    old.truncated = None  # as an earlier diffmem saved it
+    old.save(part)
+    summary = detect_file(detector(tiny_pipe), prompts, out, chunk=2, progress=False)
+    got = DetectionResult.load(out)
+    assert got.truncated.tolist() == [False, False, True, False, False, False]
+    assert summary.n_truncated == 1 and "1 longer than the model reads" in summary.line()
+
+
 def test_parts_of_another_run_are_refused_not_mixed_in(tiny_pipe, tiny_pipe_v, tmp_path, prompt_file):
     out = tmp_path / "r.parquet"
     with pytest.raises(KeyboardInterrupt):

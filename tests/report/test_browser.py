@@ -49,7 +49,8 @@ def test_markup_in_prompts_shows_as_text_and_never_runs(tmp_path, memlab_manifes
     hostile = ['<script>window.__xss = 1</script> ' + ds.prompts(memlab_manifest, "verbatim")[0],
                ds.prompts(memlab_manifest, "verbatim")[1] + ' <img src=x onerror="window.__xss = 2">']
     prompts = tmp_path / "p.txt"
-    prompts.write_text("\n".join(hostile + ds.prompts(memlab_manifest, "novel")[:4]) + "\n", encoding="utf-8")
+    long = ds.prompts(memlab_manifest, "novel")[4] + " and" * 100  # longer than the model reads
+    prompts.write_text("\n".join(hostile + ds.prompts(memlab_manifest, "novel")[:4] + [long]) + "\n", encoding="utf-8")
     reference = tmp_path / "r.txt"
     reference.write_text("\n".join(ds.prompts(memlab_manifest, "control")[:60]) + "\n")
     out = tmp_path / "out"
@@ -58,6 +59,7 @@ def test_markup_in_prompts_shows_as_text_and_never_runs(tmp_path, memlab_manifes
     assert r.returncode == 0, r.stderr[-2000:]
     html = (out / "report.html").read_text()
     assert "<script>window.__xss" not in html and "<img src=x" not in html
+    assert html.count("(truncated)") == 1 and r.stderr.count("truncated to 77 tokens") == 1
     driver = browser()
     try:
         driver.get((out / "report.html").resolve().as_uri())

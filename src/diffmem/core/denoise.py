@@ -10,6 +10,7 @@ from __future__ import annotations
 import math
 import warnings
 
+import numpy as np
 import torch
 from diffusers.utils.torch_utils import randn_tensor
 
@@ -18,6 +19,12 @@ from .errors import InputError
 
 class PromptTruncationWarning(UserWarning):
     pass
+
+
+def truncated(pipe, prompts: list[str]) -> np.ndarray:
+    """Per prompt: is it longer than the model reads (CLIP: 77 tokens with BOS and EOS)?"""
+    full = pipe.tokenizer(list(prompts), padding=False, truncation=False, verbose=False).input_ids
+    return np.array([len(f) > pipe.tokenizer.model_max_length for f in full], bool)
 
 
 def tokenize(pipe, prompts: list[str], warn: bool = True) -> torch.Tensor:

@@ -51,6 +51,7 @@ class DetectionResult:
     model: dict = field(default_factory=dict)
     threshold: float | None = None  # set by a Calibration; verdict = score > threshold
     calibration: dict = field(default_factory=dict)
+    truncated: np.ndarray | None = None  # (P,) bool: longer than the model reads, so scored on its first tokens
 
     @property
     def verdicts(self) -> np.ndarray | None:
@@ -62,6 +63,8 @@ class DetectionResult:
         df = pd.DataFrame({"prompt": self.prompts, "score": self.scores})
         if self.threshold is not None:
             df["verdict"] = np.where(self.verdicts, "memorized", "not memorized")
+        if self.truncated is not None:
+            df["truncated"] = np.asarray(self.truncated, bool)
         g, s = self.values.shape[1:]
         for gi in range(g):
             for si in range(s):
@@ -77,7 +80,8 @@ class DetectionResult:
         if path.suffix == ".parquet":
             write_parquet(self.to_frame(), path, self._meta())
         elif path.suffix == ".json":
-            dump_json({**self._meta(), "prompts": self.prompts, "scores": self.scores, "values": self.values}, path)
+            extra = {} if self.truncated is None else {"truncated": np.asarray(self.truncated, bool).tolist()}
+            dump_json({**self._meta(), "prompts": self.prompts, "scores": self.scores, "values": self.values, **extra}, path)
         else:
             raise InputError(f"results file must end in .json or .parquet, got {path.name}")
         return path
@@ -89,11 +93,14 @@ class DetectionResult:
             df, meta = read_parquet(path)
             cols = [c for c in df.columns if c.startswith("gen")]
             values = df[cols].to_numpy(dtype=np.float64).reshape(meta["values_shape"])
+            truncated = df["truncated"].to_numpy(bool) if "truncated" in df.columns else None  # files before the column
             return cls(df["prompt"].tolist(), df["score"].to_numpy(), values, meta["settings"], meta["seeds"],
-                       meta["method"], meta.get("model", {}), meta.get("threshold"), meta.get("calibration", {}))
+                       meta["method"], meta.get("model", {}), meta.get("threshold"), meta.get("calibration", {}), truncated)
         d = json.loads(path.read_text())
+        truncated = np.asarray(d["truncated"], bool) if "truncated" in d else None
         return cls(d["prompts"], np.asarray(d["scores"], float), np.asarray(d["values"], float).reshape(d["values_shape"]),
-                   d["settings"], d["seeds"], d["method"], d.get("model", {}), d.get("threshold"), d.get("calibration", {}))
+                   d["settings"], d["seeds"], d["method"], d.get("model", {}), d.get("threshold"), d.get("calibration", {}),
+                   truncated)
 
 
 def check_prompts(prompts: Sequence[str]) -> list[str]:
@@ -153,7 +160,7 @@ class NoiseNormDetector:
         from ..core.loading import model_identity
 
         return DetectionResult(prompts, values.mean(axis=(1, 2)), values, s.to_dict(), s.seeds(), self.method,
-                               model_identity(pipe))
+                               model_identity(pipe), truncated=denoise.truncated(pipe, prompts))
 
     @torch.inference_mode()
     def score_embeddings(self, cond_emb: torch.Tensor, uncond_emb: torch.Tensor | None = None,

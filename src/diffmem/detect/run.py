@@ -20,6 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
+from ..core import denoise
 from ..core.errors import InputError
 from ..core.prompts import iter_prompts
 from ..core.results import atomic_path, atomic_write_text, digest, to_jsonable
@@ -37,9 +38,12 @@ class DetectSummary:
     score_min: float
     score_median: float
     score_max: float
+    n_truncated: int = 0
 
     def line(self) -> str:
         base = f"scored {self.n_prompts} prompts in {self.seconds:.1f}s -> {self.out}"
+        if self.n_truncated:
+            base += f" ({self.n_truncated} longer than the model reads, scored on their first tokens: column truncated)"
         if self.threshold is None:
             return (f"{base}; scores median {self.score_median:.4g}, max {self.score_max:.4g} "
                     "(no calibration: pass --calibration or --calibrate-with for verdicts)")
@@ -68,14 +72,16 @@ def detect_file(detector, prompts_path: str | Path, out: str | Path, column: str
     t0 = time.time()
     bar = tqdm(total=n, desc="scoring", unit="prompt", disable=not progress)
     scores_seen: list[np.ndarray] = []
-    flagged = 0
+    flagged = n_truncated = 0
 
     def scored():
-        nonlocal flagged
+        nonlocal flagged, n_truncated
         for i, (buf, key) in enumerate(zip(_chunks(iter_prompts(prompts_path, column), chunk), keys)):
             part, marker = parts / f"chunk_{i:06d}.parquet", parts / f"chunk_{i:06d}.done"
             if marker.exists():  # scored before an interruption (its key was checked above)
                 res = DetectionResult.load(part)
+                if res.truncated is None:  # saved before results had the column: every part's table must match
+                    res.truncated = denoise.truncated(detector.pipe, res.prompts)
             else:
                 res = detector.score(buf)
                 if calibration is not None:
@@ -84,6 +90,8 @@ def detect_file(detector, prompts_path: str | Path, out: str | Path, column: str
                 atomic_write_text(marker, key)  # last: marks the chunk complete
             if res.threshold is not None:
                 flagged += int(res.verdicts.sum())
+            if res.truncated is not None:
+                n_truncated += int(np.sum(res.truncated))
             scores_seen.append(np.asarray(res.scores, np.float32))
             bar.update(len(buf))
             yield res
@@ -102,13 +110,16 @@ def detect_file(detector, prompts_path: str | Path, out: str | Path, column: str
             done = list(scored())
             DetectionResult([p for r in done for p in r.prompts], np.concatenate([r.scores for r in done]),
                             np.concatenate([r.values for r in done]), done[0].settings, done[0].seeds,
-                            done[0].method, done[0].model, done[0].threshold, done[0].calibration).save(out)
+                            done[0].method, done[0].model, done[0].threshold, done[0].calibration,
+                            None if any(r.truncated is None for r in done) else np.concatenate([r.truncated for r in done])
+                            ).save(out)
     finally:
         bar.close()
     shutil.rmtree(parts)  # the output holds everything they did
     allscores = np.concatenate(scores_seen)
     return DetectSummary(n, flagged if calibration else None, calibration.threshold if calibration else None,
-                         time.time() - t0, out, float(allscores.min()), float(np.median(allscores)), float(allscores.max()))
+                         time.time() - t0, out, float(allscores.min()), float(np.median(allscores)), float(allscores.max()),
+                         n_truncated)
 
 
 def run_identity(detector, calibration: Calibration | None) -> dict:

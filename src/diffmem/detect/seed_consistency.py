@@ -62,7 +62,8 @@ class SeedConsistencyDetector:
         values = torch.stack([pairwise_agreement(o) for o in outputs]).numpy()[..., None]
         from ..core.loading import model_identity
 
-        return DetectionResult(prompts, values.mean(axis=(1, 2)), values, dict(s), seeds, self.method, model_identity(self.pipe))
+        return DetectionResult(prompts, values.mean(axis=(1, 2)), values, dict(s), seeds, self.method, model_identity(self.pipe),
+                               truncated=denoise.truncated(self.pipe, prompts))
 
     def _first_step_x0(self, prompts, seeds) -> torch.Tensor:
         pipe, s = self.pipe, self.settings

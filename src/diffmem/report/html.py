@@ -139,6 +139,7 @@ def build_context(out: Path, result) -> dict:
         p = det.prompts[i]
         seen.add(p)
         item = {"prompt": p, "score": float(det.scores[i]), "group": labels["groups"][i] if labels.get("groups") else None,
+                "truncated": det.truncated is not None and bool(det.truncated[i]),
                 "attribution": None, "profile": None, "mitigation": None, "scan": None}
         if p in attributions:
             a = attributions[p]
@@ -170,7 +171,8 @@ def build_context(out: Path, result) -> dict:
             item["scan"] = {"triggers": lk["triggers"], "clusters": lk["clusters"], "images": imgs}
         flagged.append(item)
     ctx["flagged"] = flagged
-    ctx["all_prompts"] = [{"prompt": det.prompts[i], "score": float(det.scores[i]), "flagged": bool(det.verdicts[i])}
+    ctx["all_prompts"] = [{"prompt": det.prompts[i], "score": float(det.scores[i]), "flagged": bool(det.verdicts[i]),
+                           "truncated": det.truncated is not None and bool(det.truncated[i])}
                           for i in order[:MAX_TABLE_ROWS]]
     ctx["all_prompts_cut"] = len(det.prompts) > MAX_TABLE_ROWS
     ctx["profile_controls"] = []
