@@ -77,10 +77,7 @@ def _check_writable(folder: Path) -> None:
     ensure_writable_dir(folder)
 
 
-# the options of every command that loads a pipeline (one OptionInfo each, shared)
-DEVICE = typer.Option("cpu", help="torch device: cpu, cuda, cuda:1, mps")
-DTYPE = typer.Option("float32", help="weights' dtype: float32, float16 (wants a GPU) or bfloat16")
-NUM_INFERENCE_STEPS = typer.Option(None, min=1, help="sampler steps (default: the model's; SD: 50)")
+# checked as the command line is parsed, before anything loads
 def _finite(value: float | None) -> float | None:
     if value is not None and not math.isfinite(value):
         raise typer.BadParameter(f"must be a finite number, got {value}")
@@ -93,6 +90,10 @@ def _rate(value: float) -> float:
     return value
 
 
+# the options of every command that loads a pipeline (one OptionInfo each, shared)
+DEVICE = typer.Option("cpu", help="torch device: cpu, cuda, cuda:1, mps")
+DTYPE = typer.Option("float32", help="weights' dtype: float32, float16 (wants a GPU) or bfloat16")
+NUM_INFERENCE_STEPS = typer.Option(None, min=1, help="sampler steps (default: the model's; SD: 50)")
 GUIDANCE_SCALE = typer.Option(None, callback=_finite, help="guidance scale (default: the model's; SD: 7.5)")
 
 
