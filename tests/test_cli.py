@@ -265,6 +265,8 @@ def test_explain_end_to_end_equals_the_api(tmp_path, tiny_pipe_dir, tiny_pipe):
     r = run("explain", "--prompt", "word " * 100, "--model", str(tiny_pipe_dir), "--num-inference-steps", "4")
     assert r.returncode == 0, r.stderr
     assert r.stderr.count("truncated to 77 tokens") == 1, r.stderr
+    ranking = r.stdout.strip().splitlines()[-1]  # the 75 words the model reads: the first 12 listed
+    assert ranking.count("word=") == 12 and ranking.endswith("... and 63 more words"), r.stdout
 
 
 def test_explain_bad_inputs(tmp_path, tiny_pipe_dir):

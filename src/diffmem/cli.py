@@ -35,6 +35,7 @@ out_console = Console(soft_wrap=True)
 
 
 WARNINGS_SHOWN = 5  # of one kind, then counted
+RANKED_SHOWN = 12  # words of an explanation listed in the terminal (the files hold every word)
 
 
 def _quiet_libraries() -> None:
@@ -211,7 +212,9 @@ def explain(
         return
     res = explainer.attribute(prompt)
     out_console.print(res.to_rich())
-    out_console.print(" ".join(f"{w}={v:.3g}" for w, v in res.ranking()))
+    ranked = res.ranking()
+    more = f" ... and {len(ranked) - RANKED_SHOWN} more words" if len(ranked) > RANKED_SHOWN else ""
+    out_console.print(" ".join(f"{w}={v:.3g}" for w, v in ranked[:RANKED_SHOWN]) + more)
     if out is not None:
         out.mkdir(parents=True, exist_ok=True)
         res.save(out / "attribution.json")
