@@ -26,7 +26,6 @@ from pathlib import Path
 
 import numpy as np
 
-from ..core.denoise import check_guidance_scale
 from ..core.errors import InputError
 from ..core.results import dump_json, read_parquet, write_parquet
 
@@ -46,6 +45,8 @@ class VerifySettings:
         if self.contexts < 1 or not self.seeds:
             raise InputError(f"give at least one context and one seed, got {self.contexts} and {list(self.seeds)}")
         if self.guidance_scale is not None:
+            from ..core.denoise import check_guidance_scale  # here: denoise imports torch and diffusers (seconds)
+
             check_guidance_scale(self.guidance_scale)
 
 
