@@ -21,10 +21,15 @@ class PromptTruncationWarning(UserWarning):
     pass
 
 
+def token_counts(pipe, prompts: list[str]) -> np.ndarray:
+    """Per prompt, its length in tokens with BOS and EOS, before any truncation."""
+    full = pipe.tokenizer(list(prompts), padding=False, truncation=False, verbose=False).input_ids
+    return np.array([len(f) for f in full], int)
+
+
 def truncated(pipe, prompts: list[str]) -> np.ndarray:
     """Per prompt: is it longer than the model reads (CLIP: 77 tokens with BOS and EOS)?"""
-    full = pipe.tokenizer(list(prompts), padding=False, truncation=False, verbose=False).input_ids
-    return np.array([len(f) > pipe.tokenizer.model_max_length for f in full], bool)
+    return token_counts(pipe, prompts) > pipe.tokenizer.model_max_length
 
 
 def tokenize(pipe, prompts: list[str], warn: bool = True) -> torch.Tensor:
@@ -36,14 +41,13 @@ def tokenize(pipe, prompts: list[str], warn: bool = True) -> torch.Tensor:
             raise InputError(f"prompts must be strings, got {type(p).__name__}: {p!r}")
     ids = tok(prompts, padding="max_length", max_length=n, truncation=True, return_tensors="pt").input_ids
     if warn:
-        full = tok(prompts, padding=False, truncation=False, verbose=False).input_ids
-        for i, (p, f) in enumerate(zip(prompts, full)):
-            if len(f) > n:
+        for i, (p, count) in enumerate(zip(prompts, token_counts(pipe, prompts))):
+            if count > n:
                 kept = tok.decode(ids[i][1:-1], skip_special_tokens=True)
                 # where the cut falls, from a word's start: the end of what the model reads
                 end = kept if len(kept) <= 60 else "..." + kept[-60:].split(" ", 1)[-1]
                 warnings.warn(
-                    f"prompt truncated to {n} tokens ({len(f)} given): {p[:80]!r}{'...' if len(p) > 80 else ''}; "
+                    f"prompt truncated to {n} tokens ({count} given): {p[:80]!r}{'...' if len(p) > 80 else ''}; "
                     f"the model reads it only up to {end!r}",
                     PromptTruncationWarning,
                     stacklevel=3,

@@ -455,7 +455,8 @@ class Audit:
                        "seeds": merged.seeds, "target": cal.threshold}
             for k in ("replication_before", "replication_after", "alignment_before", "alignment_after"):
                 if k in ms:  # alignment is NaN for a prompt that names no MemLab attribute
-                    named = np.asarray(ms[k], float)[~np.isnan(np.asarray(ms[k], float))]
+                    values = np.asarray(ms[k], float)
+                    named = values[~np.isnan(values)]
                     summary[k] = float(named.mean()) if len(named) else float("nan")
             return summary
 

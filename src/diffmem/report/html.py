@@ -99,6 +99,8 @@ def build_context(out: Path, result) -> dict:
     out = Path(out)
     st = result.stages
     det = DetectionResult.load(out / "detect" / "detections.parquet")
+    # audits scored before results marked long prompts have no column: none is marked
+    truncated = det.truncated if det.truncated is not None else np.zeros(len(det.prompts), bool)
     ref = DetectionResult.load(out / "detect" / "reference.parquet")
     cal = Calibration.load(out / "detect" / "calibration.json")
     labels = json.loads((out / "detect" / "labels.json").read_text())
@@ -139,7 +141,7 @@ def build_context(out: Path, result) -> dict:
         p = det.prompts[i]
         seen.add(p)
         item = {"prompt": p, "score": float(det.scores[i]), "group": labels["groups"][i] if labels.get("groups") else None,
-                "truncated": det.truncated is not None and bool(det.truncated[i]),
+                "truncated": bool(truncated[i]),
                 "attribution": None, "profile": None, "mitigation": None, "scan": None}
         if p in attributions:
             a = attributions[p]
@@ -172,7 +174,7 @@ def build_context(out: Path, result) -> dict:
         flagged.append(item)
     ctx["flagged"] = flagged
     ctx["all_prompts"] = [{"prompt": det.prompts[i], "score": float(det.scores[i]), "flagged": bool(det.verdicts[i]),
-                           "truncated": det.truncated is not None and bool(det.truncated[i])}
+                           "truncated": bool(truncated[i])}
                           for i in order[:MAX_TABLE_ROWS]]
     ctx["all_prompts_cut"] = len(det.prompts) > MAX_TABLE_ROWS
     ctx["profile_controls"] = []
