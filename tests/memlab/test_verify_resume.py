@@ -65,3 +65,22 @@ def test_an_unwritable_out_fails_before_any_generation(tmp_path, monkeypatch, ca
     with pytest.raises(SystemExit) as e:
         cli.main(["memlab", "verify", "--out", str(blocker / "sub")])
     assert e.value.code == 2 and "cannot be created" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("make, says", [
+    (lambda tmp: tmp / "nope", "control model: model folder not found"),
+    (lambda tmp: tmp, "control model:"),  # a folder, but not a pipeline: no model_index.json
+])
+def test_a_bad_control_model_fails_before_any_generation(tmp_path, monkeypatch, capsys, make, says):
+    # its AUC is measured last: before this check a wrong path failed after the whole verification
+    from diffmem import cli
+    import diffmem.core.loading as loading
+
+    def no_loading(*a, **k):
+        raise AssertionError("loaded the model before checking the control model")
+
+    monkeypatch.setattr(loading, "load_pipeline", no_loading)
+    monkeypatch.setattr(generate_module, "generate", no_loading)
+    with pytest.raises(SystemExit) as e:
+        cli.main(["memlab", "verify", "--control-model", str(make(tmp_path))])
+    assert e.value.code == 2 and says in capsys.readouterr().err

@@ -105,6 +105,17 @@ def load_manifest(model) -> dict:
     return json.loads(path.read_text())
 
 
+def check_control_model(model) -> None:
+    """A control model must be a local pipeline folder with a MemLab manifest."""
+    from ..core.loading import check_pipeline_folder, resolve_model
+
+    try:
+        check_pipeline_folder(Path(resolve_model(model)).expanduser())
+        load_manifest(model)
+    except DiffmemError as e:
+        raise type(e)(f"control model: {e}") from None
+
+
 def folder_size_mb(folder: Path) -> float:
     return sum(p.stat().st_size for p in folder.rglob("*") if p.is_file()) / 2**20
 
@@ -116,6 +127,9 @@ def verify(model="memlab", settings: VerifySettings | None = None, control_model
 
     settings = settings or VerifySettings()
     t0 = time.time()
+    if control_model is not None:
+        # its AUC comes last: a wrong path must fail now, not after minutes of generation
+        check_control_model(control_model)
     pipe = load_pipeline(model, device=device)
     manifest = load_manifest(model)
     dataset = ds.build(ds.MemLabConfig(**manifest["config"]))
