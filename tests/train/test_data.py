@@ -73,3 +73,32 @@ def test_missing_caption_column_and_missing_metadata(tmp_path, image_folder):
     empty.mkdir()
     with pytest.raises(InputError, match="no metadata.jsonl"):
         load_pairs(str(empty), 8)
+
+
+@pytest.mark.parametrize("source", ["nope", "data/sub/folder", "./captions", "../captions"])
+def test_a_missing_local_source_fails_without_asking_the_hub(tmp_path, monkeypatch, source):
+    # not an owner/name id: before this check, datasets tried the hub for half a minute first
+    import datasets
+
+    def no_hub(*a, **k):
+        raise AssertionError("asked the hub")
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(datasets, "load_dataset", no_hub)
+    with pytest.raises(InputError, match=f"training data not found: {source}"):
+        load_pairs(source, 8)
+
+
+def test_a_hub_shaped_id_still_goes_to_datasets(monkeypatch):
+    import datasets
+
+    asked = []
+
+    def offline_hub(name, split):
+        asked.append(name)
+        raise ConnectionError("no network")
+
+    monkeypatch.setattr(datasets, "load_dataset", offline_hub)
+    with pytest.raises(InputError, match="could not read training data 'owner/captions'.*ConnectionError"):
+        load_pairs("owner/captions", 8)
+    assert asked == ["owner/captions"]
