@@ -13,8 +13,15 @@ how replication behaves with its top word masked (from the run's masked generati
 
     python benchmarks/explain_integrated_gradients.py --bench-explain benchmarks/results/memlab-v3 [--points 8 32]
 
+With ``--smoothgrad-sigmas`` it scores SmoothGrad instead (Smilkov et al., 2017): Wen et al.'s
+gradient norm averaged over ``--samples`` copies of the prompt's input token embeddings with
+Gaussian noise added, sigma given as a multiple of the prompt words' embedding standard deviation:
+
+    python benchmarks/explain_integrated_gradients.py --bench-explain benchmarks/results/memlab-v3 \
+        --smoothgrad-sigmas 0.3 1 2 --samples 16
+
 It is a one-off check, not a diffmem explainer: the first-step score at seed 0 and the path's
-points in one batch, as the bench's attribution scores it.
+points (or the noisy copies) in one batch, as the bench's attribution scores it.
 """
 
 from __future__ import annotations
@@ -69,11 +76,41 @@ def integrated_gradients(pipe, prompt: str, points: int, num_inference_steps: in
     return words, word_scores, abs(word_scores.sum() - change) / abs(change)
 
 
+def smoothgrad(pipe, prompt: str, sigma: float, samples: int, num_inference_steps: int, seed: int = 0):
+    """(words, word scores, nan): per word, the sum over its tokens of the gradient norm of the first-step
+    score, averaged over ``samples`` noisy copies of the input token embeddings (BOS, EOS and padding
+    get noise too: they are inputs like the others); ``sigma`` in units of the words' embedding std."""
+    tokens, word_of, words = prompt_tokens(pipe, prompt)
+    n = len(tokens)
+    ids = denoise.tokenize(pipe, [prompt]).to(pipe.text_encoder.device)
+    with torch.no_grad():
+        uncond_emb = denoise.encode_text(pipe, [""], warn=False)
+        tok0 = pipe.text_encoder.get_input_embeddings()(ids)
+    sched = denoise.fresh_scheduler(pipe, num_inference_steps)
+    t = sched.timesteps[0]
+    xin = sched.scale_model_input(denoise.initial_latents(pipe, seed, 1), t)
+    noise = torch.randn((samples, *tok0.shape[1:]), generator=torch.Generator().manual_seed(seed + 1), dtype=tok0.dtype)
+    noisy = (tok0 + sigma * float(tok0[0, 1 : 1 + n].std()) * noise).detach().requires_grad_(True)
+    cond = pipe.unet(xin.repeat(samples, 1, 1, 1), t,
+                     encoder_hidden_states=encode_token_embeddings(pipe, ids.repeat(samples, 1), noisy)).sample
+    with torch.no_grad():
+        uncond = pipe.unet(xin, t, encoder_hidden_states=uncond_emb).sample
+    score = denoise.to_epsilon(pipe, cond.float() - uncond.float(), t).flatten(1).norm(dim=1).sum()
+    (grad,) = torch.autograd.grad(score, noisy)  # each copy's score depends on its own embeddings only
+    token_scores = grad.float().norm(dim=-1).mean(0)[1 : 1 + n].numpy()
+    word_scores = np.zeros(len(words))
+    np.add.at(word_scores, word_of, token_scores)
+    return words, word_scores, float("nan")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--bench-explain", required=True, help="a folder with a saved `diffmem bench explain` run")
     ap.add_argument("--model", default="memlab")
     ap.add_argument("--points", type=int, nargs="+", default=[8, 32])
+    ap.add_argument("--smoothgrad-sigmas", type=float, nargs="+",
+                    help="score SmoothGrad at these noise levels instead of integrated gradients")
+    ap.add_argument("--samples", type=int, default=16, help="SmoothGrad's noisy copies per prompt")
     ap.add_argument("--threads", type=int, default=2)
     a = ap.parse_args()
     torch.set_num_threads(a.threads)
@@ -83,16 +120,21 @@ def main() -> None:
                          "`diffmem bench explain` again")
     pipe = load_pipeline(a.model)
     steps = bench.settings["num_inference_steps"]
-    print("| path points | agree (all) | trigger | verbatim | trigger hit | verbatim: top word masked -> "
+    if a.smoothgrad_sigmas:
+        variants = [(f"SmoothGrad sigma {sg} x {a.samples}", lambda p, sg=sg: smoothgrad(pipe, p, sg, a.samples, steps))
+                    for sg in a.smoothgrad_sigmas]
+    else:
+        variants = [(f"IG {pt} points", lambda p, pt=pt: integrated_gradients(pipe, p, pt, steps)) for pt in a.points]
+    print("| method | agree (all) | trigger | verbatim | trigger hit | verbatim: top word masked -> "
           "replication | top word = largest effect | Spearman | completeness gap (median) | seconds |")
     print("|---|---|---|---|---|---|---|---|---|---|")
-    for points in a.points:
+    for label, score in variants:
         start = time.monotonic()
         top, gaps = {}, []
 
         def explained(prompt):  # (words, scores, top word's position), once per prompt
             if prompt not in top:
-                words, scores, gap = integrated_gradients(pipe, prompt, points, steps)
+                words, scores, gap = score(prompt)
                 top[prompt] = (words, scores, int(np.argmax(scores)))
                 gaps.append(gap)
             return top[prompt]
@@ -112,9 +154,9 @@ def main() -> None:
             is_largest.append(best == top_index(r, "outcome"))
             rho.append(spearmanr(scores, effect).correlation)
         everything = agree["trigger"] + agree["verbatim"]
-        print(f"| {points} | {np.mean(everything):.3f} ({len(everything)}) | {np.mean(agree['trigger']):.3f} | "
+        print(f"| {label} | {np.mean(everything):.3f} ({len(everything)}) | {np.mean(agree['trigger']):.3f} | "
               f"{np.mean(agree['verbatim']):.3f} | {np.mean(hit):.3f} | {np.mean(masked):.3f} | {np.mean(is_largest):.3f} | "
-              f"{np.nanmean(rho):.3f} | {np.median(gaps):.3f} | {time.monotonic() - start:.0f} |")
+              f"{np.nanmean(rho):.3f} | {'-' if np.isnan(gaps).all() else f'{np.median(gaps):.3f}'} | {time.monotonic() - start:.0f} |")
 
 
 if __name__ == "__main__":
