@@ -39,11 +39,9 @@ from diffmem.core.loading import load_pipeline
 from diffmem.explain.tokens import encode_token_embeddings, prompt_tokens
 
 
-def integrated_gradients(pipe, prompt: str, points: int, num_inference_steps: int, seed: int = 0):
-    """(words, word scores, completeness gap): per word, the sum over its tokens of input x (the gradient
-    of the first-step score averaged over ``points`` midpoints of the path from the zeroed words to the
-    prompt). The gap is |sum of the scores - (score of the prompt - score of the baseline)| over the
-    latter: how far the midpoint rule is from the exact path integral."""
+def first_step_inputs(pipe, prompt: str, num_inference_steps: int, seed: int):
+    """What both scorers differentiate at: the prompt's words and input token embeddings, the
+    unconditional embedding, the first timestep and its scaled initial latents."""
     tokens, word_of, words = prompt_tokens(pipe, prompt)
     n = len(tokens)
     ids = denoise.tokenize(pipe, [prompt]).to(pipe.text_encoder.device)
@@ -53,6 +51,15 @@ def integrated_gradients(pipe, prompt: str, points: int, num_inference_steps: in
     sched = denoise.fresh_scheduler(pipe, num_inference_steps)
     t = sched.timesteps[0]
     xin = sched.scale_model_input(denoise.initial_latents(pipe, seed, 1), t)
+    return word_of, words, n, ids, tok0, uncond_emb, t, xin
+
+
+def integrated_gradients(pipe, prompt: str, points: int, num_inference_steps: int, seed: int = 0):
+    """(words, word scores, completeness gap): per word, the sum over its tokens of input x (the gradient
+    of the first-step score averaged over ``points`` midpoints of the path from the zeroed words to the
+    prompt). The gap is |sum of the scores - (score of the prompt - score of the baseline)| over the
+    latter: how far the midpoint rule is from the exact path integral."""
+    word_of, words, n, ids, tok0, uncond_emb, t, xin = first_step_inputs(pipe, prompt, num_inference_steps, seed)
     alphas = (torch.arange(points, dtype=tok0.dtype) + 0.5) / points
     scale = torch.ones(points, tok0.shape[1], 1, dtype=tok0.dtype)
     scale[:, 1 : 1 + n, 0] = alphas[:, None]  # +1: after BOS; EOS and padding stay as they are
@@ -80,15 +87,7 @@ def smoothgrad(pipe, prompt: str, sigma: float, samples: int, num_inference_step
     """(words, word scores, nan): per word, the sum over its tokens of the gradient norm of the first-step
     score, averaged over ``samples`` noisy copies of the input token embeddings (BOS, EOS and padding
     get noise too: they are inputs like the others); ``sigma`` in units of the words' embedding std."""
-    tokens, word_of, words = prompt_tokens(pipe, prompt)
-    n = len(tokens)
-    ids = denoise.tokenize(pipe, [prompt]).to(pipe.text_encoder.device)
-    with torch.no_grad():
-        uncond_emb = denoise.encode_text(pipe, [""], warn=False)
-        tok0 = pipe.text_encoder.get_input_embeddings()(ids)
-    sched = denoise.fresh_scheduler(pipe, num_inference_steps)
-    t = sched.timesteps[0]
-    xin = sched.scale_model_input(denoise.initial_latents(pipe, seed, 1), t)
+    word_of, words, n, ids, tok0, uncond_emb, t, xin = first_step_inputs(pipe, prompt, num_inference_steps, seed)
     noise = torch.randn((samples, *tok0.shape[1:]), generator=torch.Generator().manual_seed(seed + 1), dtype=tok0.dtype)
     noisy = (tok0 + sigma * float(tok0[0, 1 : 1 + n].std()) * noise).detach().requires_grad_(True)
     cond = pipe.unet(xin.repeat(samples, 1, 1, 1), t,
