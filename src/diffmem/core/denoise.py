@@ -32,8 +32,9 @@ def truncated(pipe, prompts: list[str]) -> np.ndarray:
     return token_counts(pipe, prompts) > pipe.tokenizer.model_max_length
 
 
-def tokenize(pipe, prompts: list[str], warn: bool = True) -> torch.Tensor:
-    """Token ids padded/truncated to the model's length; warns, naming each truncated prompt."""
+def tokenize(pipe, prompts: list[str], warn: bool = True, counts: np.ndarray | None = None) -> torch.Tensor:
+    """Token ids padded/truncated to the model's length; warns, naming each truncated prompt.
+    ``counts``: the prompts' ``token_counts`` when the caller has them already."""
     tok = pipe.tokenizer
     n = tok.model_max_length
     for p in prompts:
@@ -41,7 +42,7 @@ def tokenize(pipe, prompts: list[str], warn: bool = True) -> torch.Tensor:
             raise InputError(f"prompts must be strings, got {type(p).__name__}: {p!r}")
     ids = tok(prompts, padding="max_length", max_length=n, truncation=True, return_tensors="pt").input_ids
     if warn:
-        for i, (p, count) in enumerate(zip(prompts, token_counts(pipe, prompts))):
+        for i, (p, count) in enumerate(zip(prompts, token_counts(pipe, prompts) if counts is None else counts)):
             if count > n:
                 kept = tok.decode(ids[i][1:-1], skip_special_tokens=True)
                 # where the cut falls, from a word's start: the end of what the model reads
@@ -55,9 +56,9 @@ def tokenize(pipe, prompts: list[str], warn: bool = True) -> torch.Tensor:
     return ids
 
 
-def encode_text(pipe, prompts: list[str], warn: bool = True) -> torch.Tensor:
+def encode_text(pipe, prompts: list[str], warn: bool = True, counts: np.ndarray | None = None) -> torch.Tensor:
     """Text-encoder output embeddings (B, L, D), as ``pipe.encode_prompt`` computes them for SD 1.x/2.x."""
-    ids = tokenize(pipe, prompts, warn=warn).to(pipe.text_encoder.device)
+    ids = tokenize(pipe, prompts, warn=warn, counts=counts).to(pipe.text_encoder.device)
     mask = None
     if getattr(pipe.text_encoder.config, "use_attention_mask", False):
         mask = (ids != pipe.tokenizer.pad_token_id).long()

@@ -152,15 +152,16 @@ class NoiseNormDetector:
             if on_progress is not None:
                 on_progress(done, len(prompts) * s.generations)
 
+        counts = denoise.token_counts(pipe, prompts)  # once: for the truncation warnings and the truncated column
         for b0 in batches:
             chunk = prompts[b0 : b0 + s.batch_size]
-            values[b0 : b0 + len(chunk)] = self.score_embeddings(denoise.encode_text(pipe, chunk), uncond_emb, first_uncond,
-                                                                 on_generation=advance)
+            emb = denoise.encode_text(pipe, chunk, counts=counts[b0 : b0 + s.batch_size])
+            values[b0 : b0 + len(chunk)] = self.score_embeddings(emb, uncond_emb, first_uncond, on_generation=advance)
         bar.close()
         from ..core.loading import model_identity
 
         return DetectionResult(prompts, values.mean(axis=(1, 2)), values, s.to_dict(), s.seeds(), self.method,
-                               model_identity(pipe), truncated=denoise.truncated(pipe, prompts))
+                               model_identity(pipe), truncated=counts > pipe.tokenizer.model_max_length)
 
     @torch.inference_mode()
     def score_embeddings(self, cond_emb: torch.Tensor, uncond_emb: torch.Tensor | None = None,
