@@ -43,3 +43,28 @@ def test_bad_reference():
         Calibration.fit(np.array([1.0, np.nan]))
     with pytest.raises(ValueError, match="no reference"):
         Calibration.fit(np.array([]))
+
+
+def test_a_bad_calibration_file_says_what_is_wrong(tmp_path):
+    import json
+
+    from diffmem.core.errors import InputError
+
+    good = Calibration.fit(np.linspace(0, 1, 200), fpr=0.01).save(tmp_path / "good.json")
+    d = json.loads(good.read_text())
+    cases = {
+        "garbage": ("not JSON", "garbage"),
+        "list": ("a JSON list, not an object", json.dumps([1, 2])),
+        "missing": ("it lacks fpr, n_reference", json.dumps({"threshold": 0.5})),
+        "nan": ("the threshold must be a finite number, got nan", json.dumps({**d, "threshold": float("nan")})),
+        "text": ("the threshold must be a finite number, got 'high'", json.dumps({**d, "threshold": "high"})),
+        "fpr": ("fpr must lie in", json.dumps({**d, "fpr": 5})),
+    }
+    for name, (says, text) in cases.items():
+        f = tmp_path / f"{name}.json"
+        f.write_text(text)
+        with pytest.raises(InputError, match=says):
+            Calibration.load(f)
+    # a newer file with a field this version does not know still loads
+    (tmp_path / "newer.json").write_text(json.dumps({**d, "added_later": 1}))
+    assert Calibration.load(tmp_path / "newer.json") == Calibration.load(good)

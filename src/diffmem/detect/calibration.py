@@ -9,7 +9,7 @@ settings is an error, never a silent mismatch.
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 
 import numpy as np
@@ -94,7 +94,20 @@ class Calibration:
         path = Path(path)
         if not path.exists():
             raise InputError(f"calibration file not found: {path}")
+        not_one = f"{path} is not a diffmem calibration file"
+        how = "(`diffmem detect --calibrate-with REFERENCE --out r.parquet` writes r.calibration.json)"
         try:
-            return cls(**json.loads(path.read_text()))
-        except (json.JSONDecodeError, TypeError) as e:
-            raise InputError(f"{path} is not a diffmem calibration file: {e}") from None
+            d = json.loads(path.read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise InputError(f"{not_one}: not JSON ({e}) {how}") from None
+        if not isinstance(d, dict):
+            raise InputError(f"{not_one}: it holds a JSON {type(d).__name__}, not an object {how}")
+        names = [f.name for f in fields(cls)]
+        if missing := [n for n in names if n not in d]:
+            raise InputError(f"{not_one}: it lacks {', '.join(missing)} {how}")
+        # a hand-edited or corrupted threshold would flag everything or nothing without a word
+        if not isinstance(d["threshold"], (int, float)) or not np.isfinite(d["threshold"]):
+            raise InputError(f"{path}: the threshold must be a finite number, got {d['threshold']!r}")
+        if not isinstance(d["fpr"], (int, float)) or not 0 < d["fpr"] < 1:
+            raise InputError(f"{path}: fpr must lie in (0, 1), got {d['fpr']!r}")
+        return cls(**{n: d[n] for n in names})
