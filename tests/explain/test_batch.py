@@ -75,7 +75,7 @@ def test_bad_prompts_fail_before_any_work(tiny_pipe, tmp_path):
         explain_prompts(explainer, ["a cat", "   "], checkpoint=tmp_path / "a.json")
     assert explainer.calls == [] and not (tmp_path / "a.json").exists()
     (tmp_path / "junk.json").write_text("{not json")
-    with pytest.raises(InputError, match="not a diffmem attributions file"):
+    with pytest.raises(InputError, match="is not a saved attributions file"):
         explain_prompts(explainer, ["a cat"], checkpoint=tmp_path / "junk.json")
     assert explain_prompts(explainer, []).results == []
 

@@ -23,7 +23,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..core.results import dump_json
+from ..core.results import dump_json, reading_saved
 
 
 DECISIVE_MARGIN = 0.2  # a top word that leads its second by this share of its score is not a near-tie
@@ -178,8 +178,9 @@ class ExplainBenchResult:
     def load(cls, path: str | Path) -> "ExplainBenchResult":
         """From ``bench_explain.json`` (or the folder holding it); the figures are recomputed from the rows."""
         path = Path(path)
-        d = json.loads((path / "bench_explain.json" if path.is_dir() else path).read_text())
-        return cls(d["trigger_rows"], d["agreement_rows"], d["settings"], d.get("outcome_rows", []))
+        with reading_saved(path, "explain benchmark (bench_explain.json)"):
+            d = json.loads((path / "bench_explain.json" if path.is_dir() else path).read_text())
+            return cls(d["trigger_rows"], d["agreement_rows"], d["settings"], d.get("outcome_rows", []))
 
 
 def bench_explain(pipe, manifest: dict, generations: int = 1, max_prompts: int | None = None,

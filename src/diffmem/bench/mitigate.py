@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 
 from ..core.errors import InputError
-from ..core.results import digest, dump_json
+from ..core.results import digest, dump_json, reading_saved
 
 
 @dataclass
@@ -51,8 +51,9 @@ class MitigateBenchResult:
     def load(cls, path: str | Path) -> "MitigateBenchResult":
         """From ``bench_mitigate.json`` (or the folder holding it): to re-draw or re-tabulate a saved run."""
         path = Path(path)
-        d = json.loads((path / "bench_mitigate.json" if path.is_dir() else path).read_text())
-        return cls(d["rows"], d["settings"])
+        with reading_saved(path, "mitigate benchmark (bench_mitigate.json)"):
+            d = json.loads((path / "bench_mitigate.json" if path.is_dir() else path).read_text())
+            return cls(d["rows"], d["settings"])
 
     def plot(self, path) -> None:
         import matplotlib

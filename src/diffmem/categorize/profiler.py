@@ -27,7 +27,7 @@ from typing import Sequence
 import numpy as np
 
 from ..core.errors import InputError
-from ..core.results import dump_json, write_parquet
+from ..core.results import dump_json, reading_saved, write_parquet
 from .expectations import contains_phrase
 
 KINDS = ("explicit", "implicit", "unintended")
@@ -79,13 +79,14 @@ class ProfileResult:
     @classmethod
     def load(cls, folder: str | Path) -> "ProfileResult":
         folder = Path(folder)
-        d = json.loads((folder / "profile.json").read_text())
-        images = None
-        if (folder / "profile_images.npz").exists():
-            with np.load(folder / "profile_images.npz", allow_pickle=False) as z:
-                images = z["images"]
-        return cls(d["prompts"], d["seeds"], d["rows"], d["settings"], d["extractor"], d["control_prompts"],
-                   d["seconds_per_prompt"], images, d["image_features"])
+        with reading_saved(folder, "categorization (a folder with profile.json)"):
+            d = json.loads((folder / "profile.json").read_text())
+            images = None
+            if (folder / "profile_images.npz").exists():
+                with np.load(folder / "profile_images.npz", allow_pickle=False) as z:
+                    images = z["images"]
+            return cls(d["prompts"], d["seeds"], d["rows"], d["settings"], d["extractor"], d["control_prompts"],
+                       d["seconds_per_prompt"], images, d["image_features"])
 
     def plot(self, path: str | Path, prompt_index: int = 0, max_images: int = 16) -> Path:
         """The N images of one prompt, each captioned with the memorized features it shows."""

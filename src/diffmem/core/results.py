@@ -99,3 +99,23 @@ def read_parquet(path: str | Path):
     table = pq.read_table(path)
     raw = (table.schema.metadata or {}).get(b"diffmem")
     return table.to_pandas(), (json.loads(raw) if raw else {})
+
+
+@contextmanager
+def reading_saved(path: str | Path, what: str):
+    """Around a result's ``load``: a missing, foreign or damaged file becomes one clear InputError
+    naming the path and what was expected, not a KeyError or a JSON parser's message."""
+    from .errors import InputError
+
+    try:
+        yield
+    except InputError:
+        raise
+    except FileNotFoundError as e:
+        raise InputError(f"no saved {what} at {path}: {e.filename or path} does not exist") from None
+    except NotADirectoryError:
+        raise InputError(f"{path} is a file; a saved {what} is a folder") from None
+    except KeyError as e:
+        raise InputError(f"{path} is not a saved {what}: it has no {e.args[0]!r}") from None
+    except (OSError, ValueError, TypeError, AttributeError, IndexError) as e:  # JSON, Parquet, npz, shapes
+        raise InputError(f"{path} is not a saved {what} ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})") from None

@@ -19,7 +19,7 @@ import torch
 
 from ..core import denoise
 from ..core.errors import InputError
-from ..core.results import dump_json, read_parquet, write_parquet
+from ..core.results import dump_json, read_parquet, reading_saved, write_parquet
 
 
 @dataclass
@@ -89,18 +89,19 @@ class DetectionResult:
     @classmethod
     def load(cls, path: str | Path) -> "DetectionResult":
         path = Path(path)
-        if path.suffix == ".parquet":
-            df, meta = read_parquet(path)
-            cols = [c for c in df.columns if c.startswith("gen")]
-            values = df[cols].to_numpy(dtype=np.float64).reshape(meta["values_shape"])
-            truncated = df["truncated"].to_numpy(bool) if "truncated" in df.columns else None  # files before the column
-            return cls(df["prompt"].tolist(), df["score"].to_numpy(), values, meta["settings"], meta["seeds"],
-                       meta["method"], meta.get("model", {}), meta.get("threshold"), meta.get("calibration", {}), truncated)
-        d = json.loads(path.read_text())
-        truncated = np.asarray(d["truncated"], bool) if "truncated" in d else None
-        return cls(d["prompts"], np.asarray(d["scores"], float), np.asarray(d["values"], float).reshape(d["values_shape"]),
-                   d["settings"], d["seeds"], d["method"], d.get("model", {}), d.get("threshold"), d.get("calibration", {}),
-                   truncated)
+        with reading_saved(path, "detection result (.parquet or .json)"):
+            if path.suffix == ".parquet":
+                df, meta = read_parquet(path)
+                cols = [c for c in df.columns if c.startswith("gen")]
+                values = df[cols].to_numpy(dtype=np.float64).reshape(meta["values_shape"])
+                truncated = df["truncated"].to_numpy(bool) if "truncated" in df.columns else None  # files before the column
+                return cls(df["prompt"].tolist(), df["score"].to_numpy(), values, meta["settings"], meta["seeds"],
+                           meta["method"], meta.get("model", {}), meta.get("threshold"), meta.get("calibration", {}), truncated)
+            d = json.loads(path.read_text())
+            truncated = np.asarray(d["truncated"], bool) if "truncated" in d else None
+            return cls(d["prompts"], np.asarray(d["scores"], float), np.asarray(d["values"], float).reshape(d["values_shape"]),
+                       d["settings"], d["seeds"], d["method"], d.get("model", {}), d.get("threshold"), d.get("calibration", {}),
+                       truncated)
 
 
 def check_prompts(prompts: Sequence[str]) -> list[str]:

@@ -14,7 +14,7 @@ from typing import Sequence
 import numpy as np
 
 from ..core.errors import InputError
-from ..core.results import atomic_write_text, dump_json, to_jsonable
+from ..core.results import atomic_write_text, dump_json, reading_saved, to_jsonable
 from .result import AttributionResult
 from .tokens import check_prompt
 
@@ -47,11 +47,9 @@ class AttributionSet:
     @classmethod
     def load(cls, path: str | Path) -> "AttributionSet":
         path = Path(path)
-        try:
+        with reading_saved(path, "attributions file (attributions.json)"):
             d = json.loads(path.read_text(encoding="utf-8"))
             results = [AttributionResult.from_dict(a) for a in d["attributions"]]
-        except (OSError, ValueError, KeyError, TypeError) as e:
-            raise InputError(f"{path} is not a diffmem attributions file ({type(e).__name__}: {e})") from None
         first = results[0] if results else None
         # files written by the audit before the set carried its own settings: take the first result's
         return cls(d.get("method", first.method if first else ""), d.get("settings", first.settings if first else {}),

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..core.results import dump_json
+from ..core.results import dump_json, reading_saved
 from .tokens import END_OF_WORD
 
 
@@ -64,7 +64,8 @@ class AttributionResult:
 
     @classmethod
     def load(cls, path: str | Path) -> "AttributionResult":
-        return cls.from_dict(json.loads(Path(path).read_text(encoding="utf-8")))
+        with reading_saved(path, "attribution (.json)"):
+            return cls.from_dict(json.loads(Path(path).read_text(encoding="utf-8")))
 
     # -- showing itself -----------------------------------------------------------------------
     def segments(self) -> list[tuple[str, str]]:

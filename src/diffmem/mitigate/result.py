@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 
 from ..core.errors import InputError
-from ..core.results import dump_json
+from ..core.results import dump_json, reading_saved
 
 
 @dataclass
@@ -58,14 +58,15 @@ class MitigationResult:
     @classmethod
     def load(cls, folder: str | Path) -> "MitigationResult":
         folder = Path(folder)
-        d = json.loads((folder / "mitigation.json").read_text())
-        imgs = {}
-        if (folder / "images.npz").exists():
-            with np.load(folder / "images.npz", allow_pickle=False) as z:
-                imgs = {"images_before": z["before"], "images_after": z["after"]}
-        return cls(d["method"], d["prompts"], d["settings"], d["seeds"], np.asarray(d["initial_loss"], float),
-                   np.asarray(d["final_loss"], float), d["trajectories"], np.asarray(d["iterations"]),
-                   np.asarray(d["reached_target"], bool), d["mitigated_prompts"], measures=d["measures"], **imgs)
+        with reading_saved(folder, "mitigation result (a folder with mitigation.json)"):
+            d = json.loads((folder / "mitigation.json").read_text())
+            imgs = {}
+            if (folder / "images.npz").exists():
+                with np.load(folder / "images.npz", allow_pickle=False) as z:
+                    imgs = {"images_before": z["before"], "images_after": z["after"]}
+            return cls(d["method"], d["prompts"], d["settings"], d["seeds"], np.asarray(d["initial_loss"], float),
+                       np.asarray(d["final_loss"], float), d["trajectories"], np.asarray(d["iterations"]),
+                       np.asarray(d["reached_target"], bool), d["mitigated_prompts"], measures=d["measures"], **imgs)
 
     @classmethod
     def concat(cls, parts: "list[MitigationResult]") -> "MitigationResult":

@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 
 from ..core.errors import InputError
-from ..core.results import digest, dump_json
+from ..core.results import digest, dump_json, reading_saved
 
 STAGES = ("detect", "explain", "categorize", "mitigate", "scan")
 
@@ -181,8 +181,9 @@ class AuditResult:
         out = Path(out)
         if not (out / "audit.json").exists():
             raise InputError(f"{out} holds no audit (audit.json)")
-        d = json.loads((out / "audit.json").read_text())
-        return cls(out, d["settings"], d["stages"])
+        with reading_saved(out, "audit (a folder with audit.json)"):
+            d = json.loads((out / "audit.json").read_text())
+            return cls(out, d["settings"], d["stages"])
 
 
 class Audit:

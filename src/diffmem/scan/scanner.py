@@ -26,7 +26,7 @@ from pathlib import Path
 import numpy as np
 
 from ..core.errors import InputError
-from ..core.results import dump_json, read_parquet, write_parquet
+from ..core.results import dump_json, read_parquet, reading_saved, write_parquet
 from .sources import Source, open_source, shards
 
 CHECKS = ("image_duplicates", "caption_duplicates", "triggers", "memorization")
@@ -129,13 +129,14 @@ class ScanResult:
         folder = Path(folder)
         if not (folder / "scan_summary.json").exists():
             raise InputError(f"{folder} holds no scan results (scan_summary.json)")
-        meta = json.loads((folder / "scan_summary.json").read_text())
-        rows, _ = read_parquet(folder / "scan_rows.parquet")
-        images = {}
-        if (folder / "scan_images.npz").exists():
-            with np.load(folder / "scan_images.npz", allow_pickle=False) as z:
-                images = {k: z[k] for k in z.files}
-        return cls(meta["settings"], meta["source"], rows, pd.DataFrame(meta["summary"]), meta["info"], images)
+        with reading_saved(folder, "scan"):
+            meta = json.loads((folder / "scan_summary.json").read_text())
+            rows, _ = read_parquet(folder / "scan_rows.parquet")
+            images = {}
+            if (folder / "scan_images.npz").exists():
+                with np.load(folder / "scan_images.npz", allow_pickle=False) as z:
+                    images = {k: z[k] for k in z.files}
+            return cls(meta["settings"], meta["source"], rows, pd.DataFrame(meta["summary"]), meta["info"], images)
 
     def cluster_images(self) -> dict[int, np.ndarray]:
         return {int(k.split("_", 1)[1]): v for k, v in self.images.items() if k.startswith("cluster_")}

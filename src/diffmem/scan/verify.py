@@ -27,7 +27,7 @@ from pathlib import Path
 import numpy as np
 
 from ..core.errors import InputError
-from ..core.results import dump_json, read_parquet, write_parquet
+from ..core.results import dump_json, read_parquet, reading_saved, write_parquet
 
 
 @dataclass
@@ -69,9 +69,10 @@ class TriggerVerification:
         import pandas as pd
 
         folder = Path(folder)
-        meta = json.loads((folder / "trigger_verification.json").read_text())
-        gens, _ = read_parquet(folder / "trigger_generations.parquet")
-        return cls(meta["settings"], pd.DataFrame(meta["triggers"]), gens, meta["summary"])
+        with reading_saved(folder, "trigger verification (a scan folder with trigger_verification.json)"):
+            meta = json.loads((folder / "trigger_verification.json").read_text())
+            gens, _ = read_parquet(folder / "trigger_generations.parquet")
+            return cls(meta["settings"], pd.DataFrame(meta["triggers"]), gens, meta["summary"])
 
     def plot(self, path: str | Path, images: np.ndarray | None = None) -> Path:
         import matplotlib
