@@ -27,9 +27,10 @@ def token_counts(pipe, prompts: list[str]) -> np.ndarray:
     return np.array([len(f) for f in full], int)
 
 
-def truncated(pipe, prompts: list[str]) -> np.ndarray:
-    """Per prompt: is it longer than the model reads (CLIP: 77 tokens with BOS and EOS)?"""
-    return token_counts(pipe, prompts) > pipe.tokenizer.model_max_length
+def truncated(pipe, prompts: list[str], counts: np.ndarray | None = None) -> np.ndarray:
+    """Per prompt: is it longer than the model reads (CLIP: 77 tokens with BOS and EOS)?
+    ``counts``: the prompts' ``token_counts`` when the caller has them already."""
+    return (token_counts(pipe, prompts) if counts is None else np.asarray(counts)) > pipe.tokenizer.model_max_length
 
 
 def tokenize(pipe, prompts: list[str], warn: bool = True, counts: np.ndarray | None = None) -> torch.Tensor:

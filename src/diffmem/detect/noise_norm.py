@@ -162,7 +162,7 @@ class NoiseNormDetector:
         from ..core.loading import model_identity
 
         return DetectionResult(prompts, values.mean(axis=(1, 2)), values, s.to_dict(), s.seeds(), self.method,
-                               model_identity(pipe), truncated=counts > pipe.tokenizer.model_max_length)
+                               model_identity(pipe), truncated=denoise.truncated(pipe, prompts, counts))
 
     @torch.inference_mode()
     def score_embeddings(self, cond_emb: torch.Tensor, uncond_emb: torch.Tensor | None = None,
