@@ -45,7 +45,7 @@ def resolve_model(model: str | os.PathLike) -> str:
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
 
-def _looks_like_path(s: str) -> bool:
+def looks_like_path(s: str) -> bool:
     """Anything that is not shaped like a hub id (``owner/name``) is taken as a local path."""
     return not _HUB_ID.match(s)
 
@@ -145,7 +145,7 @@ def load_pipeline(
     dtype = resolve_dtype(dtype)
     name = resolve_model(model)
     path = Path(name).expanduser()
-    is_local = path.exists() or _looks_like_path(name)
+    is_local = path.exists() or looks_like_path(name)
     if is_local:
         check_pipeline_folder(path, allow_pickle)
         src, local = str(path), True

@@ -191,7 +191,7 @@ class Audit:
 
     def __init__(self, settings: AuditSettings, out: str | Path, progress: bool = True, console=None,
                  device: str = "cpu", dtype: str = "float32"):
-        from ..core.loading import _looks_like_path, check_pipeline_folder, resolve_model
+        from ..core.loading import check_pipeline_folder, looks_like_path, resolve_model
         from ..core.prompts import ensure_writable_dir
 
         self.settings = settings
@@ -201,7 +201,7 @@ class Audit:
         # every check before any work: output folder, model folder, prompt files, training data
         ensure_writable_dir(self.out)
         resolved = Path(resolve_model(settings.model))
-        if resolved.exists() or _looks_like_path(settings.model):  # hub ids are checked when they load
+        if resolved.exists() or looks_like_path(settings.model):  # hub ids are checked when they load
             check_pipeline_folder(resolved)
         self.prompts = resolve_prompts(settings)
         if settings.train_data is not None and "scan" not in settings.skip:

@@ -40,7 +40,7 @@ def _to_array(img, size: int) -> np.ndarray:
 def _open_hf(source: str):
     import datasets
 
-    from ..core.loading import _looks_like_path
+    from ..core.loading import looks_like_path
 
     p = Path(source)
     try:
@@ -57,7 +57,7 @@ def _open_hf(source: str):
             return datasets.load_dataset("json", data_files=str(p), split="train")
         if p.exists():
             raise InputError(f"unsupported data file {p.name}: use a folder, .parquet or .jsonl")
-        if _looks_like_path(source):
+        if looks_like_path(source):
             # not an owner/name hub id: asking the hub would only retry for half a minute and fail
             raise InputError(f"training data not found: {source} (give 'memlab', an image folder with metadata, "
                              "a .parquet / .jsonl file, a saved datasets folder or a hub dataset id owner/name)")
