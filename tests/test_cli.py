@@ -5,8 +5,7 @@ import subprocess
 import sys
 
 
-def run(*args, **kw):
-    return subprocess.run([sys.executable, "-m", "diffmem.cli", *args], capture_output=True, text=True, timeout=300, **kw)
+from forked_cli import run_cli as run
 
 
 def test_missing_model_folder(tmp_path):

@@ -38,14 +38,20 @@ WARNINGS_SHOWN = 5  # of one kind, then counted
 RANKED_SHOWN = 12  # words of an explanation listed in the terminal (the files hold every word)
 
 
-def _quiet_libraries() -> None:
-    # transformers warns once per process that torchvision is absent: by design here
-    warnings.filterwarnings("ignore", message=".*requires torchvision.*")
-    # through the environment, read when diffusers / transformers are first imported: importing them
-    # here would cost every command, and every bad-input error, about 6 s before anything is checked
+def quiet_library_environment() -> None:
+    """Sets what diffusers / transformers read from the environment when first imported (anyone who
+    imports them before ``main`` runs, as the tests' forked command line does, calls this first)."""
+    # through the environment: importing them here would cost every command, and every bad-input
+    # error, about 6 s before anything is checked
     for var, value in (("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1"), ("TRANSFORMERS_VERBOSITY", "error"),
                        ("DIFFUSERS_VERBOSITY", "error"), ("HF_HUB_DISABLE_PROGRESS_BARS", "1")):
         os.environ.setdefault(var, value)  # diffmem shows its own progress; load_pipeline hides diffusers' bar
+
+
+def _quiet_libraries() -> None:
+    # transformers warns once per process that torchvision is absent: by design here
+    warnings.filterwarnings("ignore", message=".*requires torchvision.*")
+    quiet_library_environment()
 
     recent, shown, held = deque(maxlen=256), Counter(), Counter()
 

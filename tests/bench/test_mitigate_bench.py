@@ -140,14 +140,12 @@ def test_bench_mitigate_resumes_from_its_saved_rows(memlab_manifest, tmp_path):
 
 
 def test_bench_mitigate_command_adds_a_row_to_the_saved_ones(tmp_path):
-    import subprocess
-    import sys
+    from forked_cli import run_cli
 
     out = tmp_path / "bench"
-    common = [sys.executable, "-m", "diffmem.cli", "bench", "mitigate", "--generations", "1", "--max-prompts", "2",
-              "--out", str(out)]
+    common = ["bench", "mitigate", "--generations", "1", "--max-prompts", "2", "--out", out]
     for only in ("rta, 4 tokens", "rna, 4 numbers"):
-        done = subprocess.run([*common, "--only", only], capture_output=True, text=True, timeout=300)
+        done = run_cli(*common, "--only", only)
         assert done.returncode == 0, done.stderr
     saved = json.loads((out / "bench_mitigate.json").read_text())
     assert [(r["method"], r["setting"]) for r in saved["rows"]] == [

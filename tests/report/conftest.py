@@ -1,11 +1,11 @@
 import os
 import shutil
 import socket
-import subprocess
 import sys
 import time
 from pathlib import Path
 
+import forked_cli
 import pytest
 
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
@@ -44,8 +44,7 @@ def free_port() -> int:
 
 
 def run_cli(*args, timeout=900, env=None):
-    return subprocess.run([*DIFFMEM, *map(str, args)], capture_output=True, text=True, timeout=timeout,
-                          env={**os.environ, **(env or {})})
+    return forked_cli.run_cli(*args, timeout=timeout, env=env)
 
 
 def wait_for_url(url: str, proc, timeout: float = 180) -> None:

@@ -144,7 +144,7 @@ def test_killed_during_mitigation_resumes_only_that_stage(tmp_path, memlab_manif
     before = {s: (out / s / "stage.json").stat().st_mtime_ns for s in ("detect", "explain")}
     part0 = first_part.stat().st_mtime_ns
 
-    r = subprocess.run(args, capture_output=True, text=True, timeout=600)
+    r = run_cli(*args[len(DIFFMEM):], timeout=600)
     assert r.returncode == 0, r.stderr[-2000:]
     stages = AuditResult.load(out).stages
     assert [stages[s]["status"] for s in ("detect", "explain", "mitigate")] == ["reused", "reused", "done"]

@@ -12,6 +12,7 @@ import torch
 
 from diffmem.core.errors import InputError
 from diffmem.scan import DatasetScanner, ListSource, ScanResult
+from forked_cli import run_cli
 
 # the public list of 500 memorized SD v1 captions (Webster / Wen et al.), kept in the repo so a
 # fresh clone can run it
@@ -163,7 +164,7 @@ def _cli(*args):
 
 def test_sigkill_then_resume_gives_the_rows_of_an_uninterrupted_scan(tmp_path):
     args = ["scan", "memlab", "--limit", "1500", "--shard-size", "50"]
-    full = subprocess.run(_cli(*args, "--out", str(tmp_path / "full")), capture_output=True, text=True, timeout=600)
+    full = run_cli(*args, "--out", tmp_path / "full", timeout=600)
     assert full.returncode == 0, full.stderr[-2000:]
     out = tmp_path / "killed"
     proc = subprocess.Popen(_cli(*args, "--out", str(out)), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -178,7 +179,7 @@ def test_sigkill_then_resume_gives_the_rows_of_an_uninterrupted_scan(tmp_path):
     done = json.loads(state.read_text())["done"]
     assert 5 <= len(done) < 30, "the scan was not interrupted mid-run"
     assert not (out / "scan_rows.parquet").exists()
-    resumed = subprocess.run(_cli(*args, "--out", str(out)), capture_output=True, text=True, timeout=600)
+    resumed = run_cli(*args, "--out", out, timeout=600)
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     a = pd.read_parquet(tmp_path / "full" / "scan_rows.parquet")
     b = pd.read_parquet(out / "scan_rows.parquet")
@@ -229,9 +230,8 @@ def test_cli_scan_writes_results_and_report_and_rejects_bad_input(tmp_path):
         Image.fromarray((d.image(d.rows[i].image_id) * 255).astype(np.uint8)).save(folder / f"{k}.png")
         meta.append({"file_name": f"{k}.png", "caption": d.rows[i].caption})
     (folder / "metadata.jsonl").write_text("\n".join(json.dumps(m) for m in meta))
-    ok = subprocess.run(_cli("scan", str(folder), "--out", str(tmp_path / "out"), "--checks",
-                             "image_duplicates,caption_duplicates,triggers,memorization", "--model", "memlab"),
-                        capture_output=True, text=True, timeout=600)
+    ok = run_cli("scan", folder, "--out", tmp_path / "out", "--checks",
+                 "image_duplicates,caption_duplicates,triggers,memorization", "--model", "memlab", timeout=600)
     assert ok.returncode == 0, ok.stderr[-2000:]
     for name in ("scan_rows.parquet", "scan_summary.json", "report.md", "clusters.png", "memorization.png"):
         assert (tmp_path / "out" / name).exists(), name
@@ -241,10 +241,8 @@ def test_cli_scan_writes_results_and_report_and_rejects_bad_input(tmp_path):
     assert first.nunique() == second.nunique() == 1 and first.iloc[0] >= 0 and second.iloc[0] not in (-1, first.iloc[0])
     assert np.isfinite(rows["memorization_score"]).all()
     (tmp_path / "empty.jsonl").write_text("")
-    bad = subprocess.run(_cli("scan", str(tmp_path / "empty.jsonl"), "--out", str(tmp_path / "o2")),
-                         capture_output=True, text=True, timeout=300)
+    bad = run_cli("scan", tmp_path / "empty.jsonl", "--out", tmp_path / "o2")
     assert bad.returncode == 2 and "zero rows" in bad.stderr and "Traceback" not in bad.stderr
     assert not (tmp_path / "o2" / "scan_rows.parquet").exists()
-    table = subprocess.run(_cli("scan", str(tmp_path / "caps.parquet"), "--out", str(tmp_path / "o3")),
-                           capture_output=True, text=True, timeout=300)
+    table = run_cli("scan", tmp_path / "caps.parquet", "--out", tmp_path / "o3")
     assert table.returncode == 0 and "no image clusters" in table.stdout
