@@ -30,9 +30,7 @@ _SERVER = r"""
 import atexit, json, os, runpy, sys, traceback
 from diffmem import cli
 cli.quiet_library_environment()
-import torch, transformers, diffusers  # noqa: E401
-from diffusers import StableDiffusionPipeline  # noqa: F401 (the import that costs)
-from transformers import CLIPTextModel, CLIPTokenizer  # noqa: F401
+from diffusers import StableDiffusionPipeline  # noqa: F401 (the import that costs: torch, diffusers, transformers' CLIP)
 print("ready", flush=True)
 for line in sys.stdin:
     request = json.loads(line)
@@ -41,8 +39,8 @@ for line in sys.stdin:
         code = 1
         try:
             os.dup2(os.open(os.devnull, os.O_RDONLY), 0)
-            os.dup2(os.open(request["stdout"], os.O_WRONLY | os.O_TRUNC), 1)
-            os.dup2(os.open(request["stderr"], os.O_WRONLY | os.O_TRUNC), 2)
+            os.dup2(os.open(request["stdout"], os.O_WRONLY | os.O_CREAT | os.O_TRUNC), 1)
+            os.dup2(os.open(request["stderr"], os.O_WRONLY | os.O_CREAT | os.O_TRUNC), 2)
             os.chdir(request["cwd"])
             os.environ.clear()
             os.environ.update(request["env"])
@@ -92,8 +90,6 @@ class _Server:
     def run(self, args: list[str], timeout: float) -> subprocess.CompletedProcess:
         with tempfile.TemporaryDirectory() as tmp:
             out, err = os.path.join(tmp, "stdout"), os.path.join(tmp, "stderr")
-            for path in (out, err):
-                open(path, "w").close()
             request = {"args": args, "stdout": out, "stderr": err, "cwd": os.getcwd(), "env": dict(os.environ)}
             self.proc.stdin.write((json.dumps(request) + "\n").encode())
             pid = int(self._line(timeout=60))

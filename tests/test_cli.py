@@ -4,7 +4,6 @@ import json
 import subprocess
 import sys
 
-
 from forked_cli import run_cli as run
 
 

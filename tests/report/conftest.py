@@ -1,7 +1,6 @@
 import os
 import shutil
 import socket
-import sys
 import time
 from pathlib import Path
 
@@ -10,7 +9,7 @@ import pytest
 
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 CHROMEDRIVER = shutil.which("chromedriver") or "/usr/bin/chromedriver"
-DIFFMEM = [sys.executable, "-m", "diffmem.cli"]
+DIFFMEM = forked_cli.PLAIN
 
 
 def browser():

@@ -129,9 +129,9 @@ def test_killed_during_mitigation_resumes_only_that_stage(tmp_path, memlab_manif
     reference = tmp_path / "reference.txt"
     reference.write_text("\n".join(ds.prompts(memlab_manifest, "control")[:100]) + "\n")
     out = tmp_path / "out"
-    args = [*DIFFMEM, "audit", "--out", str(out), "--prompts", str(prompts), "--reference", str(reference), "--fpr", "0.05",
+    args = ["audit", "--out", str(out), "--prompts", str(prompts), "--reference", str(reference), "--fpr", "0.05",
             "--skip", "categorize", "--max-explain", "2", "--max-mitigate", "12", "--mitigate-generations", "1", "--mitigate-iters", "3"]
-    proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    proc = subprocess.Popen([*DIFFMEM, *args], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     first_part = out / "mitigate" / "parts" / "part_0000" / "done.json"
     t0 = time.time()
     while not first_part.exists():
@@ -144,7 +144,7 @@ def test_killed_during_mitigation_resumes_only_that_stage(tmp_path, memlab_manif
     before = {s: (out / s / "stage.json").stat().st_mtime_ns for s in ("detect", "explain")}
     part0 = first_part.stat().st_mtime_ns
 
-    r = run_cli(*args[len(DIFFMEM):], timeout=600)
+    r = run_cli(*args, timeout=600)
     assert r.returncode == 0, r.stderr[-2000:]
     stages = AuditResult.load(out).stages
     assert [stages[s]["status"] for s in ("detect", "explain", "mitigate")] == ["reused", "reused", "done"]

@@ -2,7 +2,6 @@ import json
 import os
 import signal
 import subprocess
-import sys
 import time
 
 import numpy as np
@@ -12,7 +11,7 @@ import torch
 
 from diffmem.core.errors import InputError
 from diffmem.scan import DatasetScanner, ListSource, ScanResult
-from forked_cli import run_cli
+from forked_cli import PLAIN, run_cli
 
 # the public list of 500 memorized SD v1 captions (Webster / Wen et al.), kept in the repo so a
 # fresh clone can run it
@@ -158,16 +157,12 @@ def test_a_threshold_that_is_not_a_number_is_refused():
         VerifySettings(guidance_scale=float("inf"))
 
 
-def _cli(*args):
-    return [sys.executable, "-c", "from diffmem.cli import main; main()", *args]
-
-
 def test_sigkill_then_resume_gives_the_rows_of_an_uninterrupted_scan(tmp_path):
     args = ["scan", "memlab", "--limit", "1500", "--shard-size", "50"]
     full = run_cli(*args, "--out", tmp_path / "full", timeout=600)
     assert full.returncode == 0, full.stderr[-2000:]
     out = tmp_path / "killed"
-    proc = subprocess.Popen(_cli(*args, "--out", str(out)), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen([*PLAIN, *args, "--out", str(out)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     state = out / "work" / "scan_state.json"
     deadline = time.time() + 300
     while time.time() < deadline:
