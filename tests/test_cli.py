@@ -4,6 +4,8 @@ import json
 import subprocess
 import sys
 
+import pytest
+
 from forked_cli import run_cli as run
 
 
@@ -285,21 +287,25 @@ def test_explain_a_prompt_file_equals_the_api_and_resumes(tmp_path, tiny_pipe_di
     import numpy as np
     import pandas as pd
 
+    from diffmem.core.denoise import PromptTruncationWarning
     from diffmem.explain import AttributionSet, TokenAttribution, explain_prompts
 
-    (tmp_path / "p.csv").write_text("id,caption\n1,a red circle\n2,a blue square\n")
+    long = " ".join(f"w{i}" for i in range(80))
+    (tmp_path / "p.csv").write_text(f"id,caption\n1,a red circle\n2,a blue square\n3,{long}\n")
     out = tmp_path / "o"
     args = ["explain", "--prompts", str(tmp_path / "p.csv"), "--column", "caption", "--model", str(tiny_pipe_dir),
             "--num-inference-steps", "4", "--out", str(out)]
     r = run(*args)
     assert r.returncode == 0, r.stderr
-    assert "explained 2 prompts" in r.stdout and "a red circle" in r.stdout
+    assert "explained 3 prompts (1 longer than the model reads" in r.stdout and "a red circle" in r.stdout
     got = AttributionSet.load(out / "attributions.json")
-    want = explain_prompts(TokenAttribution(tiny_pipe, num_inference_steps=4), ["a red circle", "a blue square"])
+    with pytest.warns(PromptTruncationWarning, match="truncated to 77 tokens"):
+        want = explain_prompts(TokenAttribution(tiny_pipe, num_inference_steps=4), ["a red circle", "a blue square", long])
     for a, b in zip(got.results, want.results, strict=True):
         np.testing.assert_allclose(a.word_scores, b.word_scores, rtol=1e-4, atol=1e-6)
-    assert len(pd.read_parquet(out / "words.parquet")) == 6
-    assert (out / "attributions.html").read_text().count('class="diffmem-attribution"') == 2
+    words = pd.read_parquet(out / "words.parquet")
+    assert len(words) == 6 + 75 and words.groupby("prompt_index")["truncated"].first().tolist() == [False, False, True]
+    assert (out / "attributions.html").read_text().count('class="diffmem-attribution"') == 3
     # a second run finds every prompt done and only rewrites the outputs; other settings are refused
     before = (out / "attributions.json").read_bytes()
     assert run(*args).returncode == 0 and (out / "attributions.json").read_bytes() == before

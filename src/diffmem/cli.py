@@ -214,7 +214,9 @@ def explain(
         for r in res.results:
             out_console.print(r.to_rich(), f" -> {r.top_word}")
         write_outputs(res, out)
-        out_console.print(f"explained {len(res)} prompts; wrote {out}/attributions.json, words.parquet and attributions.html")
+        cut = (f" ({res.n_truncated} longer than the model reads, explained on their first tokens: column truncated)"
+               if res.n_truncated else "")
+        out_console.print(f"explained {len(res)} prompts{cut}; wrote {out}/attributions.json, words.parquet and attributions.html")
         return
     res = explainer.attribute(prompt)
     out_console.print(res.to_rich())

@@ -63,6 +63,7 @@ def test_an_overlong_prompt_is_warned_of_once(tiny_pipe, explainer):
     import warnings
 
     from diffmem.explain import TokenAttribution
+    from diffmem.explain.result import TRUNCATED_MARK
 
     made = {"attribution": lambda: TokenAttribution(tiny_pipe, num_inference_steps=4),
             "ablation_mask": lambda: TokenAblation(tiny_pipe, num_inference_steps=4),
@@ -74,3 +75,6 @@ def test_an_overlong_prompt_is_warned_of_once(tiny_pipe, explainer):
     said = [w for w in caught if issubclass(w.category, denoise.PromptTruncationWarning)]
     assert len(said) == 1 and repr(prompt[:80]) in str(said[0].message)
     assert len(res.tokens) == 75  # the explanation covers what the model reads: 77 less BOS and EOS
+    assert res.truncated is True and made.attribute("w1 w2").truncated is False
+    # every display says the prompt was cut where the explanation stops
+    assert str(res.to_rich()).endswith(TRUNCATED_MARK) and res.to_html().count(TRUNCATED_MARK) == 1

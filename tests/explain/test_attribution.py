@@ -99,7 +99,11 @@ def test_result_shows_and_round_trips(tiny_pipe, tmp_path):
     assert str(res.to_rich()) == res.prompt
     back = AttributionResult.load(res.save(tmp_path / "a.json"))
     np.testing.assert_allclose(back.word_scores, res.word_scores)
-    assert back.seeds == [0, 1] and back.settings["steps"] == [0, 1]
+    assert back.seeds == [0, 1] and back.settings["steps"] == [0, 1] and back.truncated is False
+    # a file saved before diffmem recorded truncation loads, the flag unknown
+    old = res.to_dict()
+    del old["truncated"]
+    assert AttributionResult.from_dict(old).truncated is None
 
 
 def test_empty_prompt(tiny_pipe):

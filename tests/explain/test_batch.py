@@ -4,6 +4,7 @@ from functools import partial
 import numpy as np
 import pytest
 
+from diffmem.core import denoise
 from diffmem.core.errors import InputError
 from diffmem.explain import AttributionSet, TokenAblation, TokenAttribution, explain_prompts
 from diffmem.explain.batch import write_outputs
@@ -82,12 +83,15 @@ def test_bad_prompts_fail_before_any_work(tiny_pipe, tmp_path):
 
 def test_set_saves_tabulates_and_draws_escaped_html(tiny_pipe, tmp_path):
     hostile = "a <script>alert(1)</script> circle"
-    res = explain_prompts(TokenAttribution(tiny_pipe, num_inference_steps=4), ["a red circle", hostile])
+    long = " ".join(f"w{i}" for i in range(80))
+    with pytest.warns(denoise.PromptTruncationWarning):
+        res = explain_prompts(TokenAttribution(tiny_pipe, num_inference_steps=4), ["a red circle", hostile, long])
     paths = write_outputs(res, tmp_path)
     back = AttributionSet.load(paths[0])
     assert back.to_dict() == json.loads(json.dumps(res.to_dict()))
     frame = back.to_frame()
     assert len(frame) == sum(len(r.words) for r in res.results)
+    assert frame.groupby("prompt_index")["truncated"].first().tolist() == [False, False, True] and back.n_truncated == 1
     for r in res.results:
         rows = frame[frame.prompt == r.prompt]
         assert rows.loc[rows["rank"] == 1, "word"].item() == r.top_word
@@ -98,4 +102,4 @@ def test_set_saves_tabulates_and_draws_escaped_html(tiny_pipe, tmp_path):
     page = paths[2].read_text()
     # the tokenizer splits "<script>" into three words, each escaped in its own span
     assert "<script" not in page and "</script" not in page and "&lt;/" in page
-    assert page.count('class="diffmem-attribution"') == 2
+    assert page.count('class="diffmem-attribution"') == 3 and page.count('class="truncated"') == 1

@@ -67,3 +67,33 @@ def test_bad_settings_are_clear_errors(tiny_pipe, name, bad):
 
     with pytest.raises(InputError, match=next(iter(bad))):
         BASELINES[name](tiny_pipe, **bad)
+
+
+def test_truncation_is_recorded_for_each_prompt_and_its_rewrite(tiny_pipe, tmp_path):
+    import json
+
+    import numpy as np
+
+    from diffmem.mitigate import MitigationResult
+    from diffmem.mitigate.report import save_outputs
+
+    fits, cut = ("a " * 75).strip(), ("a " * 76).strip()  # 75 + BOS + EOS is all CLIP reads
+    res = BASELINES["rna"](tiny_pipe, generations=1, num_inference_steps=2).mitigate(["a red circle", fits, cut])
+    assert res.truncated.tolist() == [False, False, True]
+    assert res.mitigated_truncated.tolist() == [False, True, True]  # rna's numbers fall past the cut
+    frame = res.to_frame()
+    assert frame["truncated"].tolist() == [False, False, True] and frame["mitigated_truncated"].tolist() == [False, True, True]
+    summary = save_outputs(res, tmp_path / "m")
+    assert "1 prompt(s) longer than the model reads" in summary and "2 rewrite(s) longer than the model reads" in summary
+    back = MitigationResult.load(tmp_path / "m")
+    np.testing.assert_array_equal(back.truncated, res.truncated)
+    np.testing.assert_array_equal(back.mitigated_truncated, res.mitigated_truncated)
+    joined = MitigationResult.concat([back, back])
+    assert joined.truncated.tolist() == [False, False, True] * 2
+    # a result saved before diffmem recorded truncation loads with it unknown, and joins so
+    meta = json.loads((tmp_path / "m" / "mitigation.json").read_text())
+    del meta["truncated"], meta["mitigated_truncated"]
+    (tmp_path / "m" / "mitigation.json").write_text(json.dumps(meta))
+    old = MitigationResult.load(tmp_path / "m")
+    assert old.truncated is None and "truncated" not in old.to_frame()
+    assert MitigationResult.concat([old, back]).truncated is None

@@ -21,7 +21,7 @@ def embedding(pipe, **kw):
 def assert_same(a: MitigationResult, b: MitigationResult, exact_images: bool = True):
     assert a.prompts == b.prompts and a.mitigated_prompts == b.mitigated_prompts and a.seeds == b.seeds
     assert a.trajectories == b.trajectories
-    for name in ("initial_loss", "final_loss", "iterations", "reached_target"):
+    for name in ("initial_loss", "final_loss", "iterations", "reached_target", "truncated", "mitigated_truncated"):
         np.testing.assert_array_equal(getattr(a, name), getattr(b, name))
     if exact_images:
         np.testing.assert_array_equal(a.images_after, b.images_after)

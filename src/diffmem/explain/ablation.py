@@ -52,7 +52,8 @@ class TokenAblation:
         counts = np.bincount(word_of, minlength=len(words))
         token_scores = np.array([word_scores[w] / counts[w] for w in word_of])
         return AttributionResult(prompt, tokens, token_scores, words, word_scores, word_of, self.method,
-                                 self.settings, self.seeds(), base)
+                                 self.settings, self.seeds(), base,
+                                 truncated=bool(denoise.truncated(self.pipe, [prompt])[0]))
 
     def masked_embeddings(self, prompt: str) -> torch.Tensor:
         """Text-encoder outputs (1 + words, L, D): the prompt's own, then one per word with that word's

@@ -86,4 +86,5 @@ class TokenAttribution:
         np.add.at(word_scores, word_of, token_scores)
         return AttributionResult(prompt, tokens, token_scores, words, word_scores, word_of, self.method, dict(s),
                                  self.seeds(), float(np.mean(losses)),
-                                 {"eos_and_padding_share": float(sig[1 + n :].sum() / max(sig[1:].sum(), 1e-12))})
+                                 {"eos_and_padding_share": float(sig[1 + n :].sum() / max(sig[1:].sum(), 1e-12))},
+                                 bool(denoise.truncated(pipe, [prompt])[0]))

@@ -56,7 +56,9 @@ class AttributionSet:
                    d.get("seeds", first.seeds if first else []), results, d.get("model", {}))
 
     def to_frame(self):
-        """One row per word: prompt index and text, word index and text, score, rank (1 = top)."""
+        """One row per word: prompt index and text, word index and text, score, rank (1 = top), the
+        prompt's detection score and whether it is longer than the model reads (its words past the cut
+        have no rows)."""
         import pandas as pd
 
         rows = []
@@ -65,9 +67,14 @@ class AttributionSet:
             rank[np.argsort(-r.word_scores, kind="stable")] = np.arange(1, len(r.words) + 1)
             for j, (w, s) in enumerate(zip(r.words, r.word_scores)):
                 rows.append({"prompt_index": i, "prompt": r.prompt, "word_index": j, "word": w,
-                             "score": float(s), "rank": int(rank[j]), "detection_score": r.detection_score})
+                             "score": float(s), "rank": int(rank[j]), "detection_score": r.detection_score,
+                             "truncated": r.truncated})
         return pd.DataFrame(rows, columns=["prompt_index", "prompt", "word_index", "word", "score", "rank",
-                                           "detection_score"])
+                                           "detection_score", "truncated"])
+
+    @property
+    def n_truncated(self) -> int:
+        return sum(bool(r.truncated) for r in self.results)
 
     def to_html(self, title: str = "diffmem explain") -> str:
         """A self-contained page: each prompt with its words shaded by score, its top word and its

@@ -11,6 +11,8 @@ import numpy as np
 from ..core.results import dump_json, reading_saved
 from .tokens import END_OF_WORD
 
+TRUNCATED_MARK = "[truncated: the model reads no further]"
+
 
 @dataclass
 class AttributionResult:
@@ -25,6 +27,9 @@ class AttributionResult:
     seeds: list[int]
     detection_score: float | None = None
     extra: dict = field(default_factory=dict)  # e.g. the EOS / padding positions' share
+    # longer than the model reads: the tokens and words are the ones it reads, the rest is not explained
+    # (None: saved before diffmem recorded it)
+    truncated: bool | None = None
 
     @property
     def top_word(self) -> str:
@@ -94,6 +99,8 @@ class AttributionResult:
             level = int(255 - 200 * a)
             t.append(before)
             t.append(w, style=f"black on rgb(255,{level},{level})")
+        if self.truncated:
+            t.append(f" {TRUNCATED_MARK}", style="dim")
         return t
 
     def to_html(self) -> str:
@@ -106,10 +113,11 @@ class AttributionResult:
             "{% for before, w, a, s in items %}{{ before }}"
             '<span class="tok" data-word-index="{{ loop.index0 }}" title="{{ \'%.4g\'|format(s) }}"'
             ' style="background: rgba(220, 40, 40, {{ \'%.3f\'|format(a) }}); border-radius: 3px">{{ w }}</span>'
-            "{% endfor %}</span>"
+            "{% endfor %}{% if truncated %} <span class=\"truncated\" title=\"longer than the model reads: it sees no further\">"
+            "{{ mark }}</span>{% endif %}</span>"
         )
         items = [(b, w, a, sc) for (b, w), a, sc in zip(self.segments(), self._shares() * 0.85, self.word_scores)]
-        return tmpl.render(method=self.method, items=items)
+        return tmpl.render(method=self.method, items=items, truncated=self.truncated, mark=TRUNCATED_MARK)
 
     def plot(self, path: str | Path, title: str | None = None) -> Path:
         import matplotlib
@@ -123,7 +131,8 @@ class AttributionResult:
         ax.set_xticks(x, [t.replace(END_OF_WORD, "") for t in self.tokens], rotation=45, ha="right", fontsize=8)
         ax.set_ylabel("gradient norm" if self.method == "token_attribution" else "score drop")
         s = self.settings
-        ax.set_title(title or f"{self.prompt}\n{self.method}, steps {s.get('steps')}, seeds {self.seeds}", fontsize=8)
+        cut = f" {TRUNCATED_MARK}" if self.truncated else ""
+        ax.set_title(title or f"{self.prompt}{cut}\n{self.method}, steps {s.get('steps')}, seeds {self.seeds}", fontsize=8)
         fig.tight_layout()
         fig.savefig(path, dpi=120)
         plt.close(fig)

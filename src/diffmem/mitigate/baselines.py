@@ -57,7 +57,9 @@ class _PromptRewrite:
         new = [self.rewrite(p, self.rng_for(p)) for p in prompts]
         nan = np.full(len(prompts), np.nan)
         res = MitigationResult(self.method, prompts, dict(self.settings), self.seeds(), nan, nan.copy(),
-                               [[] for _ in prompts], np.zeros(len(prompts), int), np.ones(len(prompts), bool), new)
+                               [[] for _ in prompts], np.zeros(len(prompts), int), np.ones(len(prompts), bool), new,
+                               truncated=denoise.truncated(self.pipe, prompts),
+                               mitigated_truncated=denoise.truncated(self.pipe, new))
         if generate_images:
             kw = dict(num_inference_steps=self.settings["num_inference_steps"],
                       guidance_scale=self.settings["guidance_scale"], batch_size=batch_size, progress=progress)

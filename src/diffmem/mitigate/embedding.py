@@ -256,9 +256,11 @@ class EmbeddingOptimization:
             trajs.append(tr)
             iters.append(n)
             reached.append(ok)
+        texts = [self.rewritten(p) if self.started_from_rewrite(t, s) else p for p, t in zip(prompts, trajs)]
         res = MitigationResult(self.method, prompts, dict(s), self.seeds(), np.array([t[0] for t in trajs]),
-                               np.array([t[-1] for t in trajs]), trajs, np.array(iters), np.array(reached),
-                               [self.rewritten(p) if self.started_from_rewrite(t, s) else p for p, t in zip(prompts, trajs)])
+                               np.array([t[-1] for t in trajs]), trajs, np.array(iters), np.array(reached), texts,
+                               truncated=denoise.truncated(self.pipe, prompts),
+                               mitigated_truncated=denoise.truncated(self.pipe, texts))
         if generate_images:
             kw = dict(num_inference_steps=s["num_inference_steps"], guidance_scale=s["guidance_scale"], batch_size=batch_size,
                       progress=progress)

@@ -68,6 +68,15 @@ def save_outputs(res: MitigationResult, out: str | Path) -> str:
     if res.unreached:
         lines.append(f"target not reached within {res.settings.get('max_iters')} iterations for {len(res.unreached)} prompt(s): "
                      + "; ".join(repr(p) for p in res.unreached[:5]))
+    if res.truncated is not None and res.truncated.any():
+        lines.append(f"{int(res.truncated.sum())} prompt(s) longer than the model reads, mitigated on their first tokens: "
+                     "column truncated")
+    if res.mitigated_truncated is not None:
+        # a rewrite's added words past the cut change nothing the model reads
+        cut = [q for p, q, t in zip(res.prompts, res.mitigated_prompts, res.mitigated_truncated) if t and q != p]
+        if cut:
+            lines.append(f"{len(cut)} rewrite(s) longer than the model reads: words added past the cut are not read "
+                         "(column mitigated_truncated)")
     m = res.measures
     if "replication_before" in m:
         lines.append(f"replication {np.mean(m['replication_before']):.3f} -> {np.mean(m['replication_after']):.3f}; "

@@ -28,6 +28,12 @@ class MitigationResult:
     images_before: np.ndarray | None = None  # (P, S, H, W, 3)
     images_after: np.ndarray | None = None
     measures: dict = field(default_factory=dict)
+    # per prompt: longer than the model reads (CLIP: 77 tokens), the prompt and the text mitigated from it;
+    # a rewrite's added words past the cut are not read. None: saved before diffmem recorded it
+    truncated: np.ndarray | None = None
+    mitigated_truncated: np.ndarray | None = None
+
+    TRUNCATION_FIELDS = ("truncated", "mitigated_truncated")
 
     @property
     def unreached(self) -> list[str]:
@@ -42,6 +48,9 @@ class MitigationResult:
         for k, v in self.measures.items():
             if isinstance(v, (list, np.ndarray)) and len(v) == len(self.prompts):
                 df[k] = v
+        for name in self.TRUNCATION_FIELDS:
+            if getattr(self, name) is not None:
+                df[name] = np.asarray(getattr(self, name), bool)
         return df
 
     def save(self, folder: str | Path) -> Path:
@@ -50,6 +59,8 @@ class MitigationResult:
         meta = {k: getattr(self, k) for k in ("method", "prompts", "settings", "seeds", "trajectories", "mitigated_prompts")}
         meta.update(initial_loss=self.initial_loss, final_loss=self.final_loss, iterations=self.iterations,
                     reached_target=self.reached_target, measures=self.measures)
+        meta.update({name: np.asarray(getattr(self, name), bool) for name in self.TRUNCATION_FIELDS
+                     if getattr(self, name) is not None})
         dump_json(meta, folder / "mitigation.json")
         if self.images_before is not None:
             np.savez_compressed(folder / "images.npz", before=self.images_before, after=self.images_after)
@@ -66,7 +77,8 @@ class MitigationResult:
                     imgs = {"images_before": z["before"], "images_after": z["after"]}
             return cls(d["method"], d["prompts"], d["settings"], d["seeds"], np.asarray(d["initial_loss"], float),
                        np.asarray(d["final_loss"], float), d["trajectories"], np.asarray(d["iterations"]),
-                       np.asarray(d["reached_target"], bool), d["mitigated_prompts"], measures=d["measures"], **imgs)
+                       np.asarray(d["reached_target"], bool), d["mitigated_prompts"], measures=d["measures"], **imgs,
+                       **{name: np.asarray(d[name], bool) for name in cls.TRUNCATION_FIELDS if name in d})
 
     @classmethod
     def concat(cls, parts: "list[MitigationResult]") -> "MitigationResult":
@@ -78,13 +90,16 @@ class MitigationResult:
             if (r.method, r.settings, r.seeds) != (first.method, first.settings, first.seeds):
                 raise InputError(f"cannot join mitigation results of other methods or settings ({r.method} vs {first.method})")
         cat = lambda name: np.concatenate([getattr(r, name) for r in parts])  # noqa: E731
-        images = {}
+        optional = {}
         if all(r.images_before is not None for r in parts):
-            images = {"images_before": cat("images_before"), "images_after": cat("images_after")}
+            optional = {"images_before": cat("images_before"), "images_after": cat("images_after")}
         measures = {k: [v for r in parts for v in r.measures.get(k, [])] for k in first.measures}
+        for name in cls.TRUNCATION_FIELDS:  # parts saved before diffmem recorded it leave it unknown
+            if all(getattr(r, name) is not None for r in parts):
+                optional[name] = cat(name)
         return cls(first.method, [p for r in parts for p in r.prompts], first.settings, first.seeds, cat("initial_loss"),
                    cat("final_loss"), [t for r in parts for t in r.trajectories], cat("iterations"), cat("reached_target"),
-                   [p for r in parts for p in r.mitigated_prompts], measures=measures, **images)
+                   [p for r in parts for p in r.mitigated_prompts], measures=measures, **optional)
 
     def plot_grid(self, path: str | Path, max_prompts: int = 8) -> Path:
         """Before / after images side by side, one row per prompt."""
