@@ -380,6 +380,8 @@ def bench_explain_cmd(
     max_prompts: Optional[int] = typer.Option(None, help="limit the trigger and verbatim prompts (for a quick run)"),
     outcome_seeds: int = typer.Option(4, min=0, help="seeds per masked generation of each flagged verbatim prompt "
                                       "(which word's masking breaks the replication); 0 skips it"),
+    steps: str = typer.Option("0", help="sampling steps the explainers and the flagging detector score, comma-separated "
+                              "(0 = first step, Wen et al.)"),
     device: str = DEVICE,
     dtype: str = DTYPE,
 ):
@@ -389,11 +391,12 @@ def bench_explain_cmd(
     from .core.loading import load_pipeline, runs_on
     from .memlab.verify import load_manifest
 
+    scored_steps = _steps(steps)  # a malformed list fails before the model loads
     manifest = load_manifest(model)
     _check_writable(out)
     pipe = load_pipeline(model, device=device, dtype=dtype)
     res = bench_explain(pipe, manifest, generations=generations, max_prompts=max_prompts, outcome_seeds=outcome_seeds,
-                        checkpoint=out / "parts")
+                        checkpoint=out / "parts", scored_steps=scored_steps)
     res.settings["runs_on"] = runs_on(pipe)
     path = res.save(out)
     png = res.plot(out / "bench_explain.png")

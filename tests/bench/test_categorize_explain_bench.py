@@ -134,6 +134,32 @@ def test_bench_explain_small_run(memlab_manifest, tmp_path):
     assert "outcome" in saved and "whose masking most breaks the replication" in res.table()
 
 
+def test_bench_explain_scores_the_steps_it_is_given(memlab_manifest, monkeypatch):
+    from diffmem.core.loading import load_pipeline
+    from diffmem.detect import NoiseNormDetector
+    from diffmem.explain import TokenAblation, TokenAttribution
+
+    scored = set()  # the steps of every explainer and detector the bench runs
+    for cls in (TokenAttribution, TokenAblation, NoiseNormDetector):
+        init = cls.__init__
+
+        def recording(self, *args, _init=init, **kw):
+            _init(self, *args, **kw)
+            settings = self.settings if isinstance(self.settings, dict) else self.settings.to_dict()
+            scored.add((type(self).__name__, tuple(settings["steps"])))
+
+        monkeypatch.setattr(cls, "__init__", recording)
+    pipe = load_pipeline("memlab")
+    res = bench_explain(pipe, memlab_manifest, max_prompts=1, outcome_seeds=0, progress=False, scored_steps=(2, 0))
+    monkeypatch.undo()
+    assert scored == {(name, (0, 2)) for name in ("TokenAttribution", "TokenAblation", "NoiseNormDetector")}
+    assert res.settings["steps"] == [0, 2] and "| sampling steps scored (explainers and flagging detector) | [0, 2] |" in res.table()
+    row, s = res.trigger_rows[0], res.settings
+    for name, explainer in (("attribution", TokenAttribution), ("ablation", TokenAblation)):
+        direct = explainer(pipe, s["num_inference_steps"], s["guidance_scale"], steps=[0, 2]).attribute(row["prompt"])
+        assert row[f"{name}_top"] == direct.top_word, name
+
+
 def test_masked_outcomes_resume_from_saved_parts(memlab_manifest, tmp_path, monkeypatch):
     import diffmem.bench.explain as bench_module
     from diffmem.core.loading import load_pipeline, sampler_defaults

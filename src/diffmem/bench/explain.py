@@ -20,6 +20,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Sequence
 
 import numpy as np
 
@@ -88,7 +89,8 @@ class ExplainBenchResult:
 
     def table(self) -> str:
         rates = self.trigger_top_word_rate
-        lines = ["| measure | value |", "|---|---|"]
+        lines = ["| measure | value |", "|---|---|",
+                 f"| sampling steps scored (explainers and flagging detector) | {self.settings.get('steps', [0])} |"]
         for m, v in rates.items():
             lines.append(f"| trigger prompts whose top word is in the trigger phrase ({m}) | {v:.3f} ({len(self.trigger_rows)} prompts) |")
         lines.append(f"| flagged prompts where attribution and ablation rank the same top word | "
@@ -184,9 +186,12 @@ class ExplainBenchResult:
 
 
 def bench_explain(pipe, manifest: dict, generations: int = 1, max_prompts: int | None = None,
-                  outcome_seeds: int = 4, progress: bool = True, checkpoint: str | Path | None = None) -> ExplainBenchResult:
+                  outcome_seeds: int = 4, progress: bool = True, checkpoint: str | Path | None = None,
+                  scored_steps: Sequence[int] = (0,)) -> ExplainBenchResult:
     """``checkpoint``: a folder where the masked generations' rows (nine tenths of the run) are saved
-    a few prompts at a time, so a killed run resumes after explaining the prompts again."""
+    a few prompts at a time, so a killed run resumes after explaining the prompts again.
+    ``scored_steps``: the sampling steps both explainers and the detector that flags prompts score
+    (Wen et al.: the first step)."""
     from tqdm.auto import tqdm
 
     from ..core.loading import sampler_defaults
@@ -196,8 +201,9 @@ def bench_explain(pipe, manifest: dict, generations: int = 1, max_prompts: int |
 
     d = sampler_defaults(pipe)
     steps, scale = d["num_inference_steps"], d["guidance_scale"]
-    attr = TokenAttribution(pipe, steps, scale, steps=(0,), generations=generations)
-    abl = TokenAblation(pipe, steps, scale, steps=(0,), generations=generations)
+    scored_steps = sorted({int(k) for k in scored_steps})
+    attr = TokenAttribution(pipe, steps, scale, steps=scored_steps, generations=generations)
+    abl = TokenAblation(pipe, steps, scale, steps=scored_steps, generations=generations)
     methods = {"attribution": attr, "ablation": abl}
 
     triggers = [(t["prompt"], e["trigger"]) for e in manifest["groups"]["template"] for t in e["test_prompts"]]
@@ -219,7 +225,7 @@ def bench_explain(pipe, manifest: dict, generations: int = 1, max_prompts: int |
         trigger_rows.append(row)
 
     # flagged: planted prompts above the FPR-1% threshold of non-memorized prompts, same settings
-    det = NoiseNormDetector(pipe, steps, scale, steps=[0], generations=generations)
+    det = NoiseNormDetector(pipe, steps, scale, steps=scored_steps, generations=generations)
     negatives = ds.prompts(manifest, "novel") + ds.prompts(manifest, "control")[:400]
     cal = Calibration.fit(det.score(negatives), fpr=0.01)
     candidates = [("verbatim", p) for p in ds.prompts(manifest, "verbatim")[: max_prompts or None]]
@@ -243,7 +249,7 @@ def bench_explain(pipe, manifest: dict, generations: int = 1, max_prompts: int |
         outcome_rows = masked_outcomes(pipe, manifest, abl, flagged_verbatim, [image_of[p] for p in flagged_verbatim],
                                        {p: {n: results[(n, p)] for n in methods} for p in flagged_verbatim},
                                        list(range(outcome_seeds)), steps, scale, progress, checkpoint)
-    settings = {"num_inference_steps": steps, "guidance_scale": scale, "steps": [0], "generations": generations,
+    settings = {"num_inference_steps": steps, "guidance_scale": scale, "steps": scored_steps, "generations": generations,
                 "methods": list(methods), "ablation_mode": abl.mode, "threshold": cal.threshold, "candidates": len(candidates),
                 "negatives": len(negatives), "outcome_seeds": outcome_seeds}
     return ExplainBenchResult(trigger_rows, agreement_rows, settings, outcome_rows)
