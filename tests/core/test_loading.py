@@ -27,6 +27,17 @@ def test_folder_that_is_not_a_pipeline(tmp_path, tiny_pipe_dir):
         load_pipeline(str(tiny_pipe_dir / "unet"))
 
 
+@pytest.mark.parametrize("name, pickle_warning", [("model.safetensors", False), ("v1-5.ckpt", True)])
+def test_a_single_file_checkpoint_is_told_how_to_convert(tmp_path, name, pickle_warning):
+    (tmp_path / name).write_bytes(b"weights")
+    with pytest.raises(ModelLoadError, match="single-file checkpoint") as e:
+        load_pipeline(str(tmp_path / name))
+    assert "from_single_file" in str(e.value) and ("is a pickle" in str(e.value)) == pickle_warning
+    with pytest.raises(ModelLoadError, match="is a file, not a pipeline folder"):
+        (tmp_path / "notes.txt").write_text("x")
+        load_pipeline(str(tmp_path / "notes.txt"))
+
+
 def test_missing_component(tmp_path, tiny_pipe_dir):
     d = tmp_path / "p"
     shutil.copytree(tiny_pipe_dir, d)

@@ -81,11 +81,22 @@ def runs_on(pipe) -> dict:
     return {"device": str(pipe.device), "dtype": str(pipe.dtype)}
 
 
+SINGLE_FILE_SUFFIXES = (".safetensors", ".ckpt", ".pt", ".pth", ".bin")
+
+
 def check_pipeline_folder(folder: Path, allow_pickle: bool = False) -> dict:
     """Check a local folder before diffusers sees it, so errors say exactly what is wrong."""
     if not folder.exists():
         raise ModelLoadError(f"model folder not found: {folder}")
     if not folder.is_dir():
+        if folder.suffix.lower() in SINGLE_FILE_SUFFIXES:
+            # civitai-style checkpoints: diffusers can convert them, but offline only given a config folder
+            raise ModelLoadError(
+                f"{folder} is a single-file checkpoint; diffmem loads diffusers pipeline folders. Convert it once "
+                "with diffusers: StableDiffusionPipeline.from_single_file(FILE, config=DIR_OF_THE_SAME_ARCHITECTURE, "
+                "local_files_only=True).save_pretrained(OUT), then pass OUT"
+                + (" (a .ckpt / .pt / .bin file is a pickle: convert it only if you trust its source)"
+                   if folder.suffix.lower() != ".safetensors" else ""))
         raise ModelLoadError(f"model path is a file, not a pipeline folder: {folder}")
     index_file = folder / "model_index.json"
     if not index_file.exists():
