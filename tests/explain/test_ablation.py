@@ -59,7 +59,7 @@ def test_empty_prompt_and_bad_mode(tiny_pipe):
 
 
 @pytest.mark.parametrize("explainer", ["attribution", "ablation_mask", "ablation_remove"])
-def test_an_overlong_prompt_is_warned_of_once(tiny_pipe, explainer):
+def test_an_overlong_prompt_is_warned_of_once(tiny_pipe, explainer, tmp_path):
     import warnings
 
     from diffmem.explain import TokenAttribution
@@ -78,3 +78,10 @@ def test_an_overlong_prompt_is_warned_of_once(tiny_pipe, explainer):
     assert res.truncated is True and made.attribute("w1 w2").truncated is False
     # every display says the prompt was cut where the explanation stops
     assert str(res.to_rich()).endswith(TRUNCATED_MARK) and res.to_html().count(TRUNCATED_MARK) == 1
+
+    from PIL import Image
+
+    from diffmem.explain.result import PLOT_MAX_WIDTH
+
+    with Image.open(res.plot(tmp_path / "long.png")) as im:  # 75 bars, not a page-wide strip
+        assert 1000 < im.width <= PLOT_MAX_WIDTH * 120

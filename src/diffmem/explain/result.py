@@ -12,6 +12,9 @@ from ..core.results import dump_json, reading_saved
 from .tokens import END_OF_WORD
 
 TRUNCATED_MARK = "[truncated: the model reads no further]"
+PLOT_ROOMY_TOKENS = 20  # up to this many tokens, the bar chart gives each label room at 45 degrees
+PLOT_MAX_WIDTH = 18.0  # inches
+PLOT_TITLE_CHARS = 120  # the prompt in the title: the bars below show every word the model reads
 
 
 @dataclass
@@ -125,14 +128,19 @@ class AttributionResult:
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
 
-        fig, ax = plt.subplots(figsize=(max(3.0, 0.55 * len(self.tokens) + 1), 2.6))
-        x = np.arange(len(self.tokens))
+        n = len(self.tokens)
+        crowded = n > PLOT_ROOMY_TOKENS  # a long prompt: narrower bars and upright labels, not a page-wide image
+        fig, ax = plt.subplots(figsize=(min(PLOT_MAX_WIDTH, max(3.0, (0.22 if crowded else 0.55) * n + 1)), 2.6))
+        x = np.arange(n)
         ax.bar(x, self.token_scores, color="#c33")
-        ax.set_xticks(x, [t.replace(END_OF_WORD, "") for t in self.tokens], rotation=45, ha="right", fontsize=8)
+        ax.set_xticks(x, [t.replace(END_OF_WORD, "") for t in self.tokens], rotation=90 if crowded else 45,
+                      ha="center" if crowded else "right", fontsize=6 if crowded else 8)
+        ax.set_xlim(-0.6, n - 0.4)
         ax.set_ylabel("gradient norm" if self.method == "token_attribution" else "score drop")
         s = self.settings
         cut = f" {TRUNCATED_MARK}" if self.truncated else ""
-        ax.set_title(title or f"{self.prompt}{cut}\n{self.method}, steps {s.get('steps')}, seeds {self.seeds}", fontsize=8)
+        shown = self.prompt if len(self.prompt) <= PLOT_TITLE_CHARS else self.prompt[: PLOT_TITLE_CHARS - 3] + "..."
+        ax.set_title(title or f"{shown}{cut}\n{self.method}, steps {s.get('steps')}, seeds {self.seeds}", fontsize=8)
         fig.tight_layout()
         fig.savefig(path, dpi=120)
         plt.close(fig)
