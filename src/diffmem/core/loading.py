@@ -95,7 +95,7 @@ def check_pipeline_folder(folder: Path, allow_pickle: bool = False) -> dict:
                 f"{folder} is a single-file checkpoint; diffmem loads diffusers pipeline folders. Convert it once "
                 "with diffusers: StableDiffusionPipeline.from_single_file(FILE, config=DIR_OF_THE_SAME_ARCHITECTURE, "
                 "local_files_only=True).save_pretrained(OUT), then pass OUT"
-                + (" (a .ckpt / .pt / .bin file is a pickle: convert it only if you trust its source)"
+                + (f" (a {folder.suffix} file is a pickle: convert it only if you trust its source)"
                    if folder.suffix.lower() != ".safetensors" else ""))
         raise ModelLoadError(f"model path is a file, not a pipeline folder: {folder}")
     index_file = folder / "model_index.json"
