@@ -265,7 +265,8 @@ def test_explain_end_to_end_equals_the_api(tmp_path, tiny_pipe_dir, tiny_pipe):
     r = run("explain", "--prompt", "word " * 100, "--model", str(tiny_pipe_dir), "--num-inference-steps", "4")
     assert r.returncode == 0, r.stderr
     assert r.stderr.count("truncated to 77 tokens") == 1, r.stderr
-    ranking = r.stdout.strip().splitlines()[-1]  # the 75 words the model reads: the first 12 listed
+    *_, ranking, lead = r.stdout.strip().splitlines()  # the 75 words the model reads: the first 12 listed
+    assert lead.startswith('top word "word": ') and 'the other "word"' in lead  # the same word, standing again
     assert ranking.count("word=") == 12 and ranking.endswith("... and 63 more words"), r.stdout
 
 
@@ -303,6 +304,11 @@ def test_explain_a_prompt_file_equals_the_api_and_resumes(tmp_path, tiny_pipe_di
         want = explain_prompts(TokenAttribution(tiny_pipe, num_inference_steps=4), ["a red circle", "a blue square", long])
     for a, b in zip(got.results, want.results, strict=True):
         np.testing.assert_allclose(a.word_scores, b.word_scores, rtol=1e-4, atol=1e-6)
+    # near ties (top word under 20% ahead of the second) are named per prompt and counted
+    ties = [a for a in got.results if a.near_tie]
+    assert (f"{len(ties)} whose top word leads the second by under 20%" in r.stdout) == bool(ties)
+    for t in ties:
+        assert f"-> {t.top_word} (near tie with {t.runner_up_text()})" in r.stdout
     words = pd.read_parquet(out / "words.parquet")
     assert len(words) == 6 + 75 and words.groupby("prompt_index")["truncated"].first().tolist() == [False, False, True]
     assert (out / "attributions.html").read_text().count('class="diffmem-attribution"') == 3

@@ -203,6 +203,7 @@ def explain(
     from .core.loading import load_pipeline  # after the checks: torch takes seconds to import
     from .explain import TokenAblation, TokenAttribution, explain_prompts
     from .explain.batch import write_outputs
+    from .explain.result import DECISIVE_LEAD
 
     pipe = load_pipeline(model, device=device, dtype=dtype)
     d = _sampler(pipe, num_inference_steps, guidance_scale)
@@ -212,10 +213,13 @@ def explain(
     if prompts is not None:
         res = explain_prompts(explainer, texts, checkpoint=out / "attributions.json", progress=True)
         for r in res.results:
-            out_console.print(r.to_rich(), f" -> {r.top_word}")
+            out_console.print(r.to_rich(), f" -> {r.top_word}" + (f" (near tie with {r.runner_up_text()})" if r.near_tie else ""))
         write_outputs(res, out)
-        cut = (f" ({res.n_truncated} longer than the model reads, explained on their first tokens: column truncated)"
-               if res.n_truncated else "")
+        notes = [f"{res.n_truncated} longer than the model reads, explained on their first tokens: column truncated"
+                 ] if res.n_truncated else []
+        if res.n_near_ties:
+            notes.append(f"{res.n_near_ties} whose top word leads the second by under {DECISIVE_LEAD:.0%}, a near tie: column top_lead")
+        cut = f" ({'; '.join(notes)})" if notes else ""
         out_console.print(f"explained {len(res)} prompts{cut}; wrote {out}/attributions.json, words.parquet and attributions.html")
         return
     res = explainer.attribute(prompt)
@@ -223,6 +227,8 @@ def explain(
     ranked = res.ranking()
     more = f" ... and {len(ranked) - RANKED_SHOWN} more words" if len(ranked) > RANKED_SHOWN else ""
     out_console.print(" ".join(f"{w}={v:.3g}" for w, v in ranked[:RANKED_SHOWN]) + more)
+    if res.lead_text():
+        out_console.print(f'top word "{res.top_word}": {res.lead_text()}', markup=False, highlight=False)
     if out is not None:
         out.mkdir(parents=True, exist_ok=True)
         res.save(out / "attribution.json")

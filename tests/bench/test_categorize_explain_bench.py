@@ -58,7 +58,7 @@ def test_bench_categorize_small_run_and_resume(memlab_manifest, tmp_path, monkey
 
 
 def test_lead_margin_by_hand():
-    from diffmem.bench.explain import lead_margin
+    from diffmem.explain.result import lead_margin
 
     assert lead_margin([1.0, 3.0, 2.0]) == pytest.approx(1 / 3)
     assert lead_margin([2.0, 2.0]) == 0.0

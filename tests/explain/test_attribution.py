@@ -109,3 +109,29 @@ def test_result_shows_and_round_trips(tiny_pipe, tmp_path):
 def test_empty_prompt(tiny_pipe):
     with pytest.raises(InputError, match="empty"):
         TokenAttribution(tiny_pipe, num_inference_steps=4).attribute("  ")
+
+
+def _result(words, scores):
+    return AttributionResult(" ".join(words), [w + "</w>" for w in words], np.asarray(scores, float), list(words),
+                             np.asarray(scores, float), list(range(len(words))), "token_attribution", {}, [0])
+
+
+def test_top_word_lead_and_near_tie_by_hand():
+    from diffmem.explain.result import DECISIVE_LEAD
+
+    clear = _result(["a", "velvet", "harbor"], [1.0, 4.0, 2.0])
+    assert clear.top_word == "velvet" and clear.runner_up == "harbor"
+    assert clear.top_lead == pytest.approx(0.5) and not clear.near_tie
+    assert clear.lead_text() == 'ahead of "harbor" by 50%'
+    tie = _result(["in", "the", "desert"], [3.8, 1.0, 4.0])
+    assert tie.top_lead == pytest.approx(0.05) and tie.top_lead < DECISIVE_LEAD and tie.near_tie
+    assert tie.lead_text() == 'a near tie with "in" (ahead by 5%): their order says little'
+    # one word has no second to lead: no verdict, not a tie
+    one = _result(["cat"], [2.0])
+    assert one.runner_up is None and np.isnan(one.top_lead) and not one.near_tie and one.lead_text() == ""
+    # ablation drops can be negative: the lead is still a share of the top score's size
+    assert _result(["x", "y"], [-1.0, -2.0]).top_lead == pytest.approx(1.0)
+    assert _result(["x", "y"], [0.0, 0.0]).lead_text() == ""
+    # a word standing twice: its other occurrence is named as such, not as if it were another word
+    twice = _result(["velvet", "harbor", "velvet"], [3.0, 1.0, 2.0])
+    assert twice.runner_up == "velvet" and twice.lead_text() == 'ahead of the other "velvet" by 33%'

@@ -3,6 +3,7 @@ from functools import partial
 
 import numpy as np
 import pytest
+from markupsafe import escape
 
 from diffmem.core import denoise
 from diffmem.core.errors import InputError
@@ -92,6 +93,9 @@ def test_set_saves_tabulates_and_draws_escaped_html(tiny_pipe, tmp_path):
     frame = back.to_frame()
     assert len(frame) == sum(len(r.words) for r in res.results)
     assert frame.groupby("prompt_index")["truncated"].first().tolist() == [False, False, True] and back.n_truncated == 1
+    leads = frame.groupby("prompt_index")["top_lead"].first().tolist()
+    assert leads == pytest.approx([r.top_lead for r in res.results])
+    assert back.n_near_ties == sum(lead < 0.2 for lead in leads)
     for r in res.results:
         rows = frame[frame.prompt == r.prompt]
         assert rows.loc[rows["rank"] == 1, "word"].item() == r.top_word
@@ -103,3 +107,5 @@ def test_set_saves_tabulates_and_draws_escaped_html(tiny_pipe, tmp_path):
     # the tokenizer splits "<script>" into three words, each escaped in its own span
     assert "<script" not in page and "</script" not in page and "&lt;/" in page
     assert page.count('class="diffmem-attribution"') == 3 and page.count('class="truncated"') == 1
+    for r in res.results:  # each prompt's top word's lead, its runner-up escaped like every word
+        assert str(escape(r.lead_text())) in page

@@ -81,6 +81,13 @@ def test_report_holds_every_section(memlab_audit):
         assert section in html, section
     assert "src=\"http" not in html and "href=\"http" not in html  # self-contained: nothing fetched
     assert html.count('<div class="prompt"') >= 95
+    # each explained prompt's top word says how far it leads the second (or that it is a near tie)
+    attributions = json.loads((out / "explain" / "attributions.json").read_text())["attributions"]
+    from diffmem.explain import AttributionResult
+    from markupsafe import escape
+
+    for a in map(AttributionResult.from_dict, attributions):
+        assert a.lead_text() and f"strongest: <b>{escape(a.top_word)}</b>, {escape(a.lead_text())}." in html
 
 
 def test_rerun_reuses_finished_stages_and_settings_change_redoes_them(memlab_audit, tmp_path):

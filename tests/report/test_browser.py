@@ -115,6 +115,9 @@ def test_app_scores_highlights_the_trigger_and_rescores_an_edit(app_server, meml
         assert strongest.text in trigger  # the most strongly shaded word is the planted trigger
         top = driver.find_elements(By.CSS_SELECTOR, "#tokens span.tok.top")  # marked by position, once
         assert [t.get_attribute("data-index") for t in top] == [strongest.get_attribute("data-index")]
+        # and how far it leads the runner-up, in words
+        lead = driver.find_element(By.ID, "lead").text
+        assert lead.startswith(f"strongest: {strongest.text}, ") and "ahead" in lead, lead
 
         # drop the trigger's words one click at a time; the page re-scores each edit
         for word in trigger:
@@ -139,6 +142,10 @@ def test_app_scores_highlights_the_trigger_and_rescores_an_edit(app_server, meml
         top = driver.find_elements(By.CSS_SELECTOR, "#tokens span.tok.top")
         assert [t.text for t in toks].count(strongest.text) == 2
         assert [t.get_attribute("data-index") for t in top] == [strongest.get_attribute("data-index")]
+        # its other occurrence ranks second, and the lead names it as the same word again
+        ranked = sorted(toks, key=lambda t: float(t.get_attribute("data-share")), reverse=True)
+        assert ranked[1].text == strongest.text
+        assert f'ahead of the other "{strongest.text}"' in driver.find_element(By.ID, "lead").text
         assert console_errors(driver) == []
         SHOTS.mkdir(parents=True, exist_ok=True)
         driver.save_screenshot(str(SHOTS / "app.png"))

@@ -25,9 +25,10 @@ from typing import Sequence
 import numpy as np
 
 from ..core.results import dump_json, reading_saved
+from ..explain.result import DECISIVE_LEAD
 
 
-DECISIVE_MARGIN = 0.2  # a top word that leads its second by this share of its score is not a near-tie
+DECISIVE_MARGIN = DECISIVE_LEAD  # a top word that leads its second by this share of its score is not a near tie
 
 
 @dataclass
@@ -239,7 +240,7 @@ def bench_explain(pipe, manifest: dict, generations: int = 1, max_prompts: int |
         ablation_order = list(np.argsort(-res["ablation"].word_scores, kind="stable"))
         agreement_rows.append({"prompt": prompt, "group": group, **{f"{k}_top": r.top_word for k, r in res.items()},
                                **{f"{k}_top_index": r.top_index for k, r in res.items()},
-                               **{f"{k}_margin": lead_margin(r.word_scores) for k, r in res.items()},
+                               **{f"{k}_margin": r.top_lead for k, r in res.items()},
                                "attribution_top_rank_by_ablation": ablation_order.index(res["attribution"].top_index) + 1,
                                "agree": res["attribution"].top_index == res["ablation"].top_index})
     image_of = {e["prompt"]: e["image_id"] for e in manifest["groups"]["verbatim"]}
@@ -259,13 +260,6 @@ def top_index(row: dict, name: str) -> int:
     """The position of ``name``'s top word in an outcome row (``name`` a method or "outcome"); rows saved
     before positions were recorded give the word's first position."""
     return row[f"{name}_top_index"] if f"{name}_top_index" in row else row["words"].index(row[f"{name}_top"])
-
-
-def lead_margin(scores) -> float:
-    """How far the top word leads the second, as a share of the top score (NaN for one word): a small
-    margin means the top word is a near-tie and its rank says little."""
-    top2 = np.sort(np.asarray(scores, float))[::-1][:2]
-    return float((top2[0] - top2[1]) / abs(top2[0])) if len(top2) == 2 and top2[0] != 0 else float("nan")
 
 
 OUTCOME_PART_SIZE = 4  # prompts per saved part of the masked generations (about 25 s of work)

@@ -57,8 +57,9 @@ class AttributionSet:
 
     def to_frame(self):
         """One row per word: prompt index and text, word index and text, score, rank (1 = top), the
-        prompt's detection score and whether it is longer than the model reads (its words past the cut
-        have no rows)."""
+        prompt's detection score, how far its top word leads the second (``top_lead``, a share of the
+        top score; below ``DECISIVE_LEAD`` a near tie) and whether it is longer than the model reads
+        (its words past the cut have no rows)."""
         import pandas as pd
 
         rows = []
@@ -68,17 +69,21 @@ class AttributionSet:
             for j, (w, s) in enumerate(zip(r.words, r.word_scores)):
                 rows.append({"prompt_index": i, "prompt": r.prompt, "word_index": j, "word": w,
                              "score": float(s), "rank": int(rank[j]), "detection_score": r.detection_score,
-                             "truncated": r.truncated})
+                             "top_lead": r.top_lead, "truncated": r.truncated})
         return pd.DataFrame(rows, columns=["prompt_index", "prompt", "word_index", "word", "score", "rank",
-                                           "detection_score", "truncated"])
+                                           "detection_score", "top_lead", "truncated"])
+
+    @property
+    def n_near_ties(self) -> int:
+        return sum(r.near_tie for r in self.results)
 
     @property
     def n_truncated(self) -> int:
         return sum(bool(r.truncated) for r in self.results)
 
     def to_html(self, title: str = "diffmem explain") -> str:
-        """A self-contained page: each prompt with its words shaded by score, its top word and its
-        detection score. Everything from the prompts is escaped."""
+        """A self-contained page: each prompt with its words shaded by score, its top word (and how far
+        it leads the second) and its detection score. Everything from the prompts is escaped."""
         from jinja2 import Environment
         from markupsafe import Markup
 
@@ -87,12 +92,14 @@ class AttributionSet:
             "<!doctype html><html><head><meta charset='utf-8'><title>{{ title }}</title><style>"
             "body{font:15px/1.5 system-ui,sans-serif;margin:2em;max-width:70em}"
             "table{border-collapse:collapse}td,th{padding:.3em .8em;border-bottom:1px solid #ddd;text-align:left}"
-            "td.num{text-align:right;font-variant-numeric:tabular-nums}.settings{color:#555;font-size:13px}"
+            "td.num{text-align:right;font-variant-numeric:tabular-nums}.settings,.lead{color:#555;font-size:13px}"
+            ".near-tie{color:#a15c00}"
             "</style></head><body><h1>{{ title }}</h1>"
             "<p class='settings'>{{ method }} &middot; {{ settings }} &middot; seeds {{ seeds }}</p>"
             "<table><tr><th>#</th><th>prompt, words shaded by score</th><th>top word</th><th>detection score</th></tr>"
             "{% for r, frag in rows %}<tr><td class='num'>{{ loop.index }}</td><td>{{ frag }}</td>"
-            "<td>{{ r.top_word }}</td><td class='num'>"
+            "<td>{{ r.top_word }}{% if r.lead_text() %}<br><span class='lead{{ ' near-tie' if r.near_tie else '' }}'>"
+            "{{ r.lead_text() }}</span>{% endif %}</td><td class='num'>"
             "{{ '%.4g'|format(r.detection_score) if r.detection_score is not none else '' }}</td></tr>{% endfor %}"
             "</table></body></html>")
         return tmpl.render(title=title, method=self.method, seeds=self.seeds,

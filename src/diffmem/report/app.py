@@ -123,7 +123,7 @@ class AppState:
         return {"prompt": prompt, "score": a.detection_score, "threshold": thr, "memorized": a.detection_score > thr,
                 "words": [{"before": b, "text": w, "score": float(sc), "share": float(sh)}
                           for (b, w), sc, sh in zip(a.segments(), a.word_scores, shares)],
-                "top_word": a.top_word, "top_index": a.top_index, "seconds": time.time() - t0,
+                "top_word": a.top_word, "top_index": a.top_index, "lead": a.lead_text(), "seconds": time.time() - t0,
                 "warnings": [str(w.message) for w in caught],
                 "settings": {**self.detector.settings.to_dict(), "fpr": self.calibration.fpr}}
 
@@ -313,6 +313,7 @@ PAGE = r"""<!DOCTYPE html>
  <p>score <b id="score"></b> against threshold <b id="threshold"></b>: <span id="verdict"></span> <span class="muted" id="timing"></span></p>
  <div id="bar"><div id="fill"></div><div id="thr"></div></div>
  <p id="tokens"></p>
+ <p class="muted" id="lead"></p>
  <p class="muted">click a word to drop or replace it; the prompt is re-scored</p>
  <p class="muted" id="warnings"></p>
 </div>
@@ -361,6 +362,7 @@ async function score() {
       s.addEventListener("click", (ev) => openMenu(ev, i));
       box.appendChild(s);
     });
+    $("lead").textContent = d.lead ? "strongest: " + d.words[d.top_index].text + ", " + d.lead : "";
     $("warnings").textContent = d.warnings.join(" ");
   } catch (e) { showError(e); } finally { $("score-btn").disabled = false; }
 }

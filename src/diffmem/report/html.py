@@ -145,7 +145,7 @@ def build_context(out: Path, result) -> dict:
                 "attribution": None, "profile": None, "mitigation": None, "scan": None}
         if p in attributions:
             a = attributions[p]
-            item["attribution"] = {"html": Markup(a.to_html()), "top": a.top_word,
+            item["attribution"] = {"html": Markup(a.to_html()), "top": a.top_word, "lead": a.lead_text(),
                                    "caption": f"{METHOD_NAMES.get(a.method, a.method)}: {_settings_text(a.settings)}; seeds {a.seeds}"}
         if profile is not None and p in profile.prompts:
             k = profile.prompts.index(p)
