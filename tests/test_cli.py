@@ -27,6 +27,19 @@ def test_unwritable_output(tmp_path):
     assert r.returncode == 2 and "cannot be created" in r.stderr and "Traceback" not in r.stderr
 
 
+def test_brackets_in_user_text_are_printed_as_written(tmp_path, tiny_pipe_dir):
+    # rich markup would read "[bold]" as a style and fail on "[/x]": paths, prompts and words are printed literally
+    missing = tmp_path / "[/x] [bold]p.txt"
+    r = run("detect", "--prompts", str(missing), "--out", str(tmp_path / "r.parquet"))
+    assert r.returncode == 2 and "Traceback" not in r.stderr and f"prompt file not found: {missing}" in r.stderr
+    out = tmp_path / "[/x] [bold]out"
+    r = run("explain", "--prompt", "a [/ circle ] [bold] red", "--model", str(tiny_pipe_dir), "--num-inference-steps", "4",
+            "--out", str(out))
+    assert r.returncode == 0 and "Traceback" not in r.stderr, r.stderr
+    assert "a [/ circle ] [bold] red" in r.stdout and f"wrote {out}/attribution.json" in r.stdout
+    assert "[/=" in r.stdout  # the ranking lists the word "[/" as it is
+
+
 def test_help_lists_commands():
     r = run("--help")
     assert r.returncode == 0 and "train" in r.stdout and "memlab" in r.stdout

@@ -14,6 +14,7 @@ from typing import Optional
 
 import typer
 from rich.console import Console
+from rich.text import Text
 
 from .core.errors import DiffmemError, InputError
 
@@ -30,8 +31,10 @@ def _steps(text: str) -> list[int]:
         return [int(x) for x in text.split(",") if x.strip()]
     except ValueError:
         raise DiffmemError(f"--steps takes step indices separated by commas (0 = first step), got {text!r}") from None
-console = Console(stderr=True, soft_wrap=True)
-out_console = Console(soft_wrap=True)
+# no markup: what is printed holds the user's prompts, words and paths, and rich would read "[bold]"
+# in them as a style (and "[/x]" as a tag error)
+console = Console(stderr=True, soft_wrap=True, markup=False)
+out_console = Console(soft_wrap=True, markup=False)
 
 
 WARNINGS_SHOWN = 5  # of one kind, then counted
@@ -228,7 +231,7 @@ def explain(
     more = f" ... and {len(ranked) - RANKED_SHOWN} more words" if len(ranked) > RANKED_SHOWN else ""
     out_console.print(" ".join(f"{w}={v:.3g}" for w, v in ranked[:RANKED_SHOWN]) + more)
     if res.lead_text():
-        out_console.print(f'top word "{res.top_word}": {res.lead_text()}', markup=False, highlight=False)
+        out_console.print(f'top word "{res.top_word}": {res.lead_text()}', highlight=False)
     if out is not None:
         out.mkdir(parents=True, exist_ok=True)
         res.save(out / "attribution.json")
@@ -813,7 +816,7 @@ def main(argv: list[str] | None = None) -> None:
         if isinstance(rc, int) and rc:
             _exit(rc)
     except DiffmemError as e:
-        console.print(f"[red]error:[/] {e}", highlight=False)
+        console.print(Text.assemble(("error:", "red"), f" {e}"), highlight=False)
         sys.exit(2)
     except typer.Exit as e:
         _exit(e.exit_code)
