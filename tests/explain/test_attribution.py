@@ -14,6 +14,22 @@ def test_words_merge_bpe_pieces(tiny_pipe):
     assert len(tokens) == len(word_of) and max(word_of) == len(words) - 1
 
 
+def test_words_read_as_text_beyond_ascii(tiny_pipe):
+    # CLIP's byte-level vocabulary writes "é" as "Ã©": the words are decoded, not shown (or re-tokenized) that way
+    from diffmem.explain.tokens import readable
+
+    prompt = "a red Café circle 🐱 日本"
+    tokens, word_of, words = prompt_tokens(tiny_pipe, prompt)
+    assert words == ["a", "red", "café", "circle", "🐱", "日本"]
+    assert "日本" == readable([t for t, w in zip(tokens, word_of) if w == 5]) and len(set(word_of)) == 6
+    # ablation by removal rebuilds prompts from the words: they must tokenize as the prompt does
+    assert denoise.tokenize(tiny_pipe, [" ".join(words)]).tolist() == denoise.tokenize(tiny_pipe, [prompt]).tolist()
+    res = AttributionResult(prompt, tokens, np.ones(len(tokens)), words, np.arange(len(words), dtype=float), word_of,
+                            "token_attribution", {}, [0])
+    assert [w for _, w in res.segments()] == ["a", "red", "Café", "circle", "🐱", "日本"]  # the user's own spelling
+    assert str(res.to_rich()) == prompt
+
+
 def test_gradient_matches_finite_differences(tiny_pipe):
     """With wrt="output", the attribution is the gradient of the first-step loss with respect to the
     text-encoder output embeddings."""

@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 
 from ..core.results import dump_json, reading_saved
-from .tokens import END_OF_WORD
+from .tokens import readable
 
 TRUNCATED_MARK = "[truncated: the model reads no further]"
 PLOT_ROOMY_TOKENS = 20  # up to this many tokens, the bar chart gives each label room at 45 degrees
@@ -174,7 +174,7 @@ class AttributionResult:
         fig, ax = plt.subplots(figsize=(min(PLOT_MAX_WIDTH, max(3.0, (0.22 if crowded else 0.55) * n + 1)), 2.6))
         x = np.arange(n)
         ax.bar(x, self.token_scores, color="#c33")
-        ax.set_xticks(x, [t.replace(END_OF_WORD, "") for t in self.tokens], rotation=90 if crowded else 45,
+        ax.set_xticks(x, [readable([t]) for t in self.tokens], rotation=90 if crowded else 45,
                       ha="center" if crowded else "right", fontsize=6 if crowded else 8)
         ax.set_xlim(-0.6, n - 0.4)
         ax.set_ylabel("gradient norm" if self.method == "token_attribution" else "score drop")

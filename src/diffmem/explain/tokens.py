@@ -3,28 +3,37 @@
 from __future__ import annotations
 
 import torch
+from tokenizers import decoders
 
 from ..core import denoise
 from ..core.errors import InputError
 
 END_OF_WORD = "</w>"
+_BYTE_LEVEL = decoders.ByteLevel()
+
+
+def readable(pieces: list[str]) -> str:
+    """The text of byte-level BPE pieces, end-of-word marks dropped: CLIP's vocabulary writes "é" as
+    "Ã©" and an emoji as "ðŁĲ±". A piece holding only part of a character reads as U+FFFD."""
+    return _BYTE_LEVEL.decode([p.replace(END_OF_WORD, "") for p in pieces])
 
 
 def prompt_tokens(pipe, prompt: str) -> tuple[list[str], list[int], list[str]]:
-    """BPE tokens of the prompt as the model sees them (truncated), the word each belongs to, the words."""
+    """BPE tokens of the prompt as the model sees them (truncated), the word each belongs to, the words
+    (as text: decoded from the byte-level pieces, so that "café" is not shown, or re-tokenized, as "cafÃ©")."""
     ids = denoise.tokenize(pipe, [prompt])[0].tolist()
     eos = pipe.tokenizer.eos_token_id
     body = ids[1 : ids.index(eos)] if eos in ids[1:] else ids[1:]
     tokens = pipe.tokenizer.convert_ids_to_tokens(body)
-    words, word_of, cur = [], [], ""
+    words, word_of, pieces = [], [], []
     for tok in tokens:
         word_of.append(len(words))
-        cur += tok.replace(END_OF_WORD, "")
+        pieces.append(tok)
         if tok.endswith(END_OF_WORD):
-            words.append(cur)
-            cur = ""
-    if cur:
-        words.append(cur)
+            words.append(readable(pieces))
+            pieces = []
+    if pieces:
+        words.append(readable(pieces))
     return tokens, word_of, words
 
 
