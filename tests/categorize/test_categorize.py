@@ -85,6 +85,15 @@ def test_caption_cooccurrence_source():
     assert src.implies("a cat", "white_ground", "white ground") is None
 
 
+def test_expectation_words_in_any_script():
+    from diffmem.categorize.expectations import words
+
+    assert words("Crème brûlée at the CAFÉ, 東京 no_1") == ["crème", "brûlée", "at", "the", "café", "東京", "no", "1"]
+    m = ExpectationMap({"東京": ["tower"], "café": ["cup"]})
+    assert m.implies("東京 at night", "tower", "tower")
+    assert m.implies("a café in paris", "cup", "cup") and m.implies("a caf sign", "cup", "cup") is None
+
+
 def test_expectation_map_from_yaml(tmp_path):
     (tmp_path / "m.yaml").write_text("istanbul: [minaret, mosque]\nsnow: [white_ground]\n")
     m = ExpectationMap.from_yaml(tmp_path / "m.yaml")

@@ -17,6 +17,7 @@ Each source answers ``implies(prompt, feature, description) -> evidence or None`
 from __future__ import annotations
 
 import re
+import unicodedata
 from pathlib import Path
 
 import numpy as np
@@ -27,7 +28,8 @@ STOPWORDS = {"a", "an", "the", "of", "on", "in", "at", "to", "with", "and", "for
 
 
 def words(text: str) -> list[str]:
-    return re.findall(r"[a-z0-9]+", text.lower())
+    """Lower-cased runs of letters and digits in any script: "café" stays one word, "東京" is a word."""
+    return re.findall(r"[^\W_]+", unicodedata.normalize("NFKC", text).lower())
 
 
 def lemma(w: str) -> str:
