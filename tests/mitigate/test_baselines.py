@@ -97,3 +97,13 @@ def test_truncation_is_recorded_for_each_prompt_and_its_rewrite(tiny_pipe, tmp_p
     old = MitigationResult.load(tmp_path / "m")
     assert old.truncated is None and "truncated" not in old.to_frame()
     assert MitigationResult.concat([old, back]).truncated is None
+
+
+def test_rta_adds_words_that_typed_are_the_tokens_drawn(tiny_pipe):
+    # each candidate, written into a prompt, must come back as its own single token: CLIP's byte-level
+    # vocabulary also holds pieces like "âĢĶ" (an em dash's bytes), which typed would be other tokens
+    rta = BASELINES["rta"](tiny_pipe)
+    tok = tiny_pipe.tokenizer
+    ids = tok(rta._words, add_special_tokens=False).input_ids
+    assert len(rta._words) > 30_000
+    assert all(len(i) == 1 and tok.convert_ids_to_tokens(i)[0] == w + "</w>" for i, w in zip(ids, rta._words))

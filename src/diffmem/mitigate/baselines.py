@@ -77,8 +77,10 @@ class RandomTokenAddition(_PromptRewrite):
     def __init__(self, pipe, n_tokens: int = 4, **kw):
         super().__init__(pipe, n_tokens=n_tokens, **kw)
         vocab = pipe.tokenizer.get_vocab()
-        # whole-word tokens made of letters: what a person could type
-        self._words = sorted(w[:-4] for w in vocab if w.endswith("</w>") and w[:-4].isalpha() and len(w) > 6)
+        # whole-word tokens made of letters: what a person could type. ASCII only: CLIP's byte-level
+        # vocabulary spells other text as bytes ("âĢĶ" is an em dash), which typed would be other tokens
+        self._words = sorted(w[:-4] for w in vocab if w.endswith("</w>") and w[:-4].isascii() and w[:-4].isalpha()
+                             and len(w) > 6)
 
     def rewrite(self, prompt, rng):
         return prompt + " " + " ".join(rng.choice(self._words, self.params["n_tokens"]))
