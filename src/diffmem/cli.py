@@ -230,8 +230,9 @@ def explain(
     ranked = res.ranking()
     more = f" ... and {len(ranked) - RANKED_SHOWN} more words" if len(ranked) > RANKED_SHOWN else ""
     out_console.print(" ".join(f"{w}={v:.3g}" for w, v in ranked[:RANKED_SHOWN]) + more)
-    if res.lead_text():
-        out_console.print(f'top word "{res.top_word}": {res.lead_text()}', highlight=False)
+    lead = res.lead_text()
+    if lead:
+        out_console.print(f'top word "{res.top_word}": {lead}', highlight=False)
     if out is not None:
         out.mkdir(parents=True, exist_ok=True)
         res.save(out / "attribution.json")

@@ -28,9 +28,6 @@ from ..core.results import dump_json, reading_saved
 from ..explain.result import DECISIVE_LEAD
 
 
-DECISIVE_MARGIN = DECISIVE_LEAD  # a top word that leads its second by this share of its score is not a near tie
-
-
 @dataclass
 class ExplainBenchResult:
     trigger_rows: list[dict]  # prompt, trigger, top words by method, hit
@@ -74,7 +71,7 @@ class ExplainBenchResult:
             out[g] = (float(np.mean(rows)), len(rows))
         return out
 
-    def agreement_where_decisive(self, margin: float = DECISIVE_MARGIN) -> dict[str, tuple[float, int]]:
+    def agreement_where_decisive(self, margin: float = DECISIVE_LEAD) -> dict[str, tuple[float, int]]:
         """{group: (rate, count)} over the flagged prompts whose top word leads its second by at least
         ``margin`` of its score under both methods: is the disagreement only a matter of near-ties?"""
         out = {}
@@ -101,7 +98,7 @@ class ExplainBenchResult:
         if self.agreement_rows and "attribution_margin" in self.agreement_rows[0]:
             for g, (rate, n) in self.agreement_where_decisive().items():
                 ranks = [r["attribution_top_rank_by_ablation"] for r in self.agreement_rows if r.get("group", "") == g]
-                lines.append(f"| {g}: agreement where both top words lead their second by >= {DECISIVE_MARGIN:.0%} / "
+                lines.append(f"| {g}: agreement where both top words lead their second by >= {DECISIVE_LEAD:.0%} / "
                              f"the attribution's top word's mean rank by the ablation | {rate:.3f} ({n}) / {np.mean(ranks):.2f} |")
         outcome = self.outcome()
         if outcome:
@@ -134,7 +131,7 @@ class ExplainBenchResult:
         decisive = self.agreement_where_decisive()
         x = np.arange(len(groups))
         for k, (label, data) in enumerate([("all flagged", groups),
-                                           (f"both top words lead by >= {DECISIVE_MARGIN:.0%}", decisive)]):
+                                           (f"both top words lead by >= {DECISIVE_LEAD:.0%}", decisive)]):
             rates = [data[g][0] for g in groups]
             bars = ax.bar(x + (k - 0.5) * 0.38, np.nan_to_num(rates), 0.38, label=label, color=("C4", "C9")[k])
             for b, g in zip(bars, groups):
@@ -170,7 +167,7 @@ class ExplainBenchResult:
         out.mkdir(parents=True, exist_ok=True)
         dump_json({"trigger_top_word_rate": self.trigger_top_word_rate, "agreement_rate": self.agreement_rate,
                    "agreement_by_group": {g: {"rate": r, "n": n} for g, (r, n) in self.agreement_by_group().items()},
-                   "agreement_where_decisive": {"margin": DECISIVE_MARGIN, **{
+                   "agreement_where_decisive": {"margin": DECISIVE_LEAD, **{
                        g: {"rate": r, "n": n} for g, (r, n) in self.agreement_where_decisive().items()}},
                    "bars": self.bars(), "settings": self.settings, "trigger_rows": self.trigger_rows,
                    "agreement_rows": self.agreement_rows, "outcome": self.outcome(), "outcome_rows": self.outcome_rows,

@@ -98,8 +98,8 @@ class AttributionSet:
             "<p class='settings'>{{ method }} &middot; {{ settings }} &middot; seeds {{ seeds }}</p>"
             "<table><tr><th>#</th><th>prompt, words shaded by score</th><th>top word</th><th>detection score</th></tr>"
             "{% for r, frag in rows %}<tr><td class='num'>{{ loop.index }}</td><td>{{ frag }}</td>"
-            "<td>{{ r.top_word }}{% if r.lead_text() %}<br><span class='lead{{ ' near-tie' if r.near_tie else '' }}'>"
-            "{{ r.lead_text() }}</span>{% endif %}</td><td class='num'>"
+            "{% set lead = r.lead_text() %}<td>{{ r.top_word }}{% if lead %}<br>"
+            "<span class='lead{{ ' near-tie' if r.near_tie else '' }}'>{{ lead }}</span>{% endif %}</td><td class='num'>"
             "{{ '%.4g'|format(r.detection_score) if r.detection_score is not none else '' }}</td></tr>{% endfor %}"
             "</table></body></html>")
         return tmpl.render(title=title, method=self.method, seeds=self.seeds,
