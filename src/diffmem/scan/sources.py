@@ -32,6 +32,7 @@ from typing import Iterator
 import numpy as np
 
 from ..core.errors import InputError
+from ..core.images import image_array
 
 CAPTION_COLUMNS = ("caption", "text", "prompt")
 IMAGE_COLUMNS = ("image", "file_name", "image_path", "path")
@@ -50,19 +51,9 @@ class ScanRow:
 
 
 def load_image(data) -> np.ndarray:
-    """A path, bytes, PIL image or array as float32 RGB in [0, 1]. Raises on unreadable input."""
-    from PIL import Image
-
-    if isinstance(data, np.ndarray):
-        arr = data.astype(np.float32)
-        return arr / 255.0 if arr.max() > 1.0 else arr
-    if isinstance(data, dict) and "bytes" in data:  # datasets' Image feature, undecoded
-        data = data["bytes"] if data["bytes"] is not None else data.get("path")
-    if isinstance(data, (bytes, bytearray)):
-        data = io.BytesIO(data)
-    im = data if isinstance(data, Image.Image) else Image.open(data)
-    im.load()
-    return np.asarray(im.convert("RGB"), dtype=np.float32) / 255.0
+    """A path, bytes, PIL image or array as float32 RGB in [0, 1], upright by its EXIF orientation.
+    Raises on unreadable input."""
+    return image_array(data)
 
 
 def _caption(value) -> tuple[str | None, str | None]:

@@ -9,26 +9,20 @@
 
 from __future__ import annotations
 
-import io
 from pathlib import Path
 
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
 from ..core.errors import InputError
+from ..core.images import open_image
 
 CAPTION_COLUMNS = ("text", "caption", "prompt")
 
 
 def _to_array(img, size: int) -> np.ndarray:
-    """Centre-crop to a square and resize to ``size``: float32 (size, size, 3) in [0, 1]."""
-    if isinstance(img, dict):  # datasets' undecoded image: {"bytes": ..., "path": ...}
-        img = Image.open(io.BytesIO(img["bytes"])) if img.get("bytes") else Image.open(img["path"])
-    elif isinstance(img, (bytes, bytearray)):
-        img = Image.open(io.BytesIO(img))
-    elif isinstance(img, (str, Path)):
-        img = Image.open(img)
-    img = img.convert("RGB")
+    """Upright (EXIF), centre-cropped to a square and resized to ``size``: float32 (size, size, 3) in [0, 1]."""
+    img = open_image(img)
     w, h = img.size
     s = min(w, h)
     img = img.crop(((w - s) // 2, (h - s) // 2, (w - s) // 2 + s, (h - s) // 2 + s))

@@ -1,0 +1,70 @@
+"""Reading a user's training images the way the field's loaders show them.
+
+``datasets``' Image feature and diffusers' ``load_image`` both turn a photo upright from its EXIF
+orientation before use; the scan and ``diffmem train`` read image bytes themselves, so they do the
+same here. Pillow's plain ``convert("RGB")`` also clips 16-bit greyscale (mode ``I;16``) at 255,
+turning every such image nearly white (and so into near-duplicates of each other); these are scaled
+from their full range instead.
+"""
+
+from __future__ import annotations
+
+import io
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageOps
+
+# integer modes whose values span 0..65535 (16-bit PNG / TIFF greyscale) rather than 0..255
+_WIDE_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I")
+_ORIENTATION = 0x0112  # the EXIF tag; 1 is upright
+
+
+def open_image(data) -> Image.Image:
+    """A path, bytes, ``datasets`` image dict or PIL image, upright and in RGB. Raises on unreadable input."""
+    if isinstance(data, dict) and "bytes" in data:  # datasets' Image feature, undecoded
+        data = data["bytes"] if data["bytes"] is not None else data.get("path")
+    if isinstance(data, (bytes, bytearray)):
+        data = io.BytesIO(data)
+    if isinstance(data, Path):
+        data = str(data)
+    im = data if isinstance(data, Image.Image) else Image.open(data)
+    im.load()
+    if im.getexif().get(_ORIENTATION, 1) != 1:
+        im = ImageOps.exif_transpose(im)
+    if im.mode in _WIDE_MODES or im.mode == "F":
+        wide = np.asarray(im, dtype=np.float64)
+        grey = wide / 65535.0 if im.mode != "F" else _unit_float(wide)
+        return Image.fromarray(np.clip(np.rint(grey * 255.0), 0, 255).astype(np.uint8)).convert("RGB")
+    return im.convert("RGB")
+
+
+def _unit_float(arr: np.ndarray) -> np.ndarray:
+    """A float image in [0, 1], or in 0..255 when its values run past 1."""
+    if not np.isfinite(arr).all():
+        raise ValueError("the image holds NaN or inf values")
+    return arr / 255.0 if arr.max(initial=0) > 1.0 else arr
+
+
+def image_array(data) -> np.ndarray:
+    """As :func:`open_image`, or an array, as float32 (H, W, 3) in [0, 1].
+
+    Integer arrays are read by their dtype (uint8 over 255, uint16 over 65535; wider integers over 255
+    unless their values run past it), so a dark uint8 image stays dark; float arrays are taken as
+    [0, 1] unless their values run past 1 (then 0..255).
+    Greyscale (H, W) or (H, W, 1) arrays are repeated to three channels; an alpha channel is dropped.
+    """
+    if not isinstance(data, np.ndarray):
+        return np.asarray(open_image(data), dtype=np.float32) / 255.0
+    arr = data
+    if arr.ndim == 2:
+        arr = arr[..., None]
+    if arr.ndim != 3 or arr.shape[-1] not in (1, 3, 4):
+        raise ValueError(f"an image array must be (H, W), (H, W, 1), (H, W, 3) or (H, W, 4), got shape {data.shape}")
+    arr = arr[..., :3] if arr.shape[-1] == 4 else np.repeat(arr, 3, axis=-1) if arr.shape[-1] == 1 else arr
+    if arr.dtype == np.bool_:
+        return arr.astype(np.float32)
+    if np.issubdtype(arr.dtype, np.integer):
+        wide = arr.dtype == np.uint16 or (arr.dtype.itemsize > 2 and arr.max(initial=0) > 255)
+        return arr.astype(np.float32) / (65535.0 if wide else 255.0)
+    return _unit_float(arr.astype(np.float32))
