@@ -38,6 +38,18 @@ def test_image_folder_with_bad_rows_recorded_not_fatal(image_folder):
     assert kinds == ["empty caption", "unreadable image"]
 
 
+def test_a_decompression_bomb_is_a_problem_row_not_a_crash(tmp_path):
+    d = tmp_path / "folder"
+    d.mkdir()
+    Image.new("1", (20000, 9100)).save(d / "bomb.png")  # 22 kB on disk, 182 M pixels: past Pillow's limit
+    (d / "ok.png").write_bytes(_png((255, 0, 0)))
+    rows = [{"file_name": "bomb.png", "text": "a bomb"}, {"file_name": "ok.png", "text": "a red square"}]
+    (d / "metadata.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
+    images, captions, problems = load_pairs(str(d), 8)
+    assert captions == ["a red square"] and images.shape == (1, 8, 8, 3)
+    assert problems == [{"row": 0, "problem": "unreadable image: DecompressionBombError"}]
+
+
 def test_parquet_with_image_bytes(tmp_path):
     import pandas as pd
 

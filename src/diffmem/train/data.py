@@ -99,7 +99,7 @@ def load_pairs(source: str, size: int, caption_column: str | None = None, image_
             img = base / img
         try:
             images.append(_to_array(img, size))
-        except (UnidentifiedImageError, OSError, ValueError) as e:
+        except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError) as e:
             problems.append({"row": i, "problem": f"unreadable image: {type(e).__name__}"})
             continue
         captions.append(caption)
