@@ -86,6 +86,16 @@ def test_bad_input(tiny_pipe):
         det.score(["word " * 100])
 
 
+def test_a_string_is_one_prompt_not_a_list_of_letters(tiny_pipe):
+    det = NoiseNormDetector(tiny_pipe, num_inference_steps=4)
+    one = det.score("a red circle")
+    assert one.prompts == ["a red circle"]
+    np.testing.assert_array_equal(one.scores, det.score(["a red circle"]).scores)
+    for bad in (None, 3):
+        with pytest.raises(InputError, match="a string or a list of strings"):
+            det.score(bad)
+
+
 def test_truncation_warning_names_where_the_cut_falls(tiny_pipe):
     import re
 

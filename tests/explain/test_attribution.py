@@ -125,6 +125,10 @@ def test_result_shows_and_round_trips(tiny_pipe, tmp_path):
 def test_empty_prompt(tiny_pipe):
     with pytest.raises(InputError, match="empty"):
         TokenAttribution(tiny_pipe, num_inference_steps=4).attribute("  ")
+    with pytest.raises(InputError, match="empty"):
+        TokenAttribution(tiny_pipe, num_inference_steps=4).attribute(None)
+    with pytest.raises(InputError, match="one prompt, a string; got list"):
+        TokenAttribution(tiny_pipe, num_inference_steps=4).attribute(["a red circle"])
 
 
 def _result(words, scores):

@@ -71,6 +71,12 @@ def test_a_checkpoint_from_other_settings_or_another_model_is_never_mixed_in(tin
     assert restarted.calls == PROMPTS[:2] and AttributionSet.load(ckpt).seeds == [3]
 
 
+def test_a_string_is_one_prompt(tiny_pipe):
+    explainer = Counting(TokenAttribution(tiny_pipe, num_inference_steps=4))
+    got = explain_prompts(explainer, "a red circle")
+    assert explainer.calls == ["a red circle"] and [r.prompt for r in got.results] == ["a red circle"]
+
+
 def test_bad_prompts_fail_before_any_work(tiny_pipe, tmp_path):
     explainer = Counting(TokenAttribution(tiny_pipe, num_inference_steps=4))
     with pytest.raises(InputError, match="empty"):

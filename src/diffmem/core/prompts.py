@@ -10,7 +10,7 @@ import csv
 import io
 import json
 from pathlib import Path
-from typing import Iterator
+from typing import Iterable, Iterator, Sequence
 
 from .errors import InputError
 
@@ -126,6 +126,15 @@ def _check(value, path: Path, line: int, unit: str = "line") -> str:
     if not value.strip():
         raise InputError(f"{path} {unit} {line}: empty prompt")
     return value
+
+
+def prompt_list(prompts: str | Sequence[str]) -> list[str]:
+    """A string is one prompt (as diffusers' pipelines take it), not a sequence of one-letter prompts."""
+    if isinstance(prompts, str):
+        return [prompts]
+    if prompts is None or not isinstance(prompts, Iterable):
+        raise InputError(f"prompts must be a string or a list of strings, got {type(prompts).__name__}")
+    return list(prompts)
 
 
 def read_prompts(path: str | Path, column: str | None = None, flagged: bool = False) -> list[str]:

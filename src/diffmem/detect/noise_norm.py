@@ -19,6 +19,7 @@ import torch
 
 from ..core import denoise
 from ..core.errors import InputError
+from ..core.prompts import prompt_list
 from ..core.results import dump_json, read_parquet, reading_saved, write_parquet
 
 
@@ -104,8 +105,8 @@ class DetectionResult:
                        truncated)
 
 
-def check_prompts(prompts: Sequence[str]) -> list[str]:
-    prompts = list(prompts)
+def check_prompts(prompts: str | Sequence[str]) -> list[str]:
+    prompts = prompt_list(prompts)
     if not prompts:
         raise InputError("no prompts given")
     for i, p in enumerate(prompts):

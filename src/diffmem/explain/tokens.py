@@ -52,6 +52,9 @@ def encode_token_embeddings(pipe, ids: torch.Tensor, token_embeddings: torch.Ten
 
 
 def check_prompt(prompt: str) -> str:
-    if not isinstance(prompt, str) or not prompt.strip():
+    if prompt is not None and not isinstance(prompt, str):
+        raise InputError(f"attribute() explains one prompt, a string; got {type(prompt).__name__} "
+                         "(explain_prompts explains many)")
+    if prompt is None or not prompt.strip():
         raise InputError("the prompt to explain is empty")
     return prompt
