@@ -110,9 +110,16 @@ def test_non_finite_loss_stops_with_a_clear_error(tiny_pipe):
         m.mitigate(["a red circle"], generate_images=False)
 
 
-def test_bad_target(tiny_pipe):
-    with pytest.raises(InputError, match="positive"):
-        EmbeddingOptimization(tiny_pipe, target=float("nan"))
+@pytest.mark.parametrize("target", [float("nan"), -1.0, 0, None, "1.0x", float("inf")])
+def test_bad_target(tiny_pipe, target):
+    with pytest.raises(InputError, match="target loss must be a positive number"):
+        EmbeddingOptimization(tiny_pipe, target=target)
+
+
+def test_a_numeric_target_of_any_type_is_taken_as_a_float(tiny_pipe):
+    for target in (np.float32(0.5), torch.tensor(0.5), "0.5"):
+        m = EmbeddingOptimization(tiny_pipe, target=target)
+        assert m.settings["target"] == 0.5 and type(m.settings["target"]) is float
 
 
 @pytest.mark.parametrize("bad, message", [({"lr": float("nan")}, "learning rate"), ({"lr": 0.0}, "learning rate"),

@@ -79,16 +79,24 @@ POSITIONS = ("all", "eos")
 REWRITES = ("rna", "rta")  # prompt-text baselines an optimization may start from
 
 
+def _positive(name: str, value) -> float:
+    """``value`` as a finite positive float, or an error naming it (None and strings included)."""
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        number = math.nan
+    if not (math.isfinite(number) and number > 0):
+        raise InputError(f"{name} must be a positive number, got {value!r}")
+    return number
+
+
 class EmbeddingOptimization:
     method = "embedding_optimization"
 
     def __init__(self, pipe, target: float, lr: float = 0.05, max_iters: int = 10, generations: int = 4, seed: int = 0,
                  num_inference_steps: int = 50, guidance_scale: float = 7.5, target_source: str = "given",
                  loss_steps: int = 1, positions: str = "all", rewrite: str | None = None):
-        if not math.isfinite(target) or target <= 0:
-            raise InputError(f"the target loss must be a positive number, got {target}")
-        if not (math.isfinite(lr) and lr > 0):
-            raise InputError(f"the learning rate must be a positive number, got {lr}")
+        target, lr = _positive("the target loss", target), _positive("the learning rate", lr)
         if max_iters < 0 or generations < 1:
             raise InputError(f"max_iters must be >= 0 and generations >= 1, got {max_iters} and {generations}")
         if not 1 <= loss_steps <= num_inference_steps:
