@@ -73,6 +73,22 @@ def test_bad_rows_are_reported_and_never_stop_the_scan(tmp_path):
     assert rows.loc[8, "image_cluster"] == rows.loc[0, "image_cluster"] >= 0
 
 
+def test_numbers_in_the_caption_column_and_empty_image_cells_are_named_as_such(tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    pq.write_table(pa.table({"caption": pa.array([1, None, 3]), "image": pa.array([None, None, b"not an image"])}),
+                   tmp_path / "ints.parquet")
+    pq.write_table(pa.table({"caption": pa.array([["a", "b"], ["c"]])}), tmp_path / "lists.parquet")
+    rows = DatasetScanner(tmp_path / "ints.parquet", tmp_path / "w1", progress=False).scan().rows.set_index("row")
+    assert rows["caption_issue"].tolist() == ["not text (float)", "missing", "not text (float)"]  # pandas: NaN makes floats
+    assert rows["image_issue"].tolist()[:2] == ["missing image", "missing image"]
+    assert rows.loc[2, "image_issue"].startswith("unreadable image: UnidentifiedImageError")
+    lists = DatasetScanner(tmp_path / "lists.parquet", tmp_path / "w2", progress=False).scan()
+    assert lists.rows["caption_issue"].tolist() == ["not text (ndarray)"] * 2
+    assert lists.summary.set_index("check").loc["bad_caption", "issues"] == 2
+
+
 def test_empty_datasets_and_wrong_columns_give_clear_errors(tmp_path):
     (tmp_path / "empty.jsonl").write_text("")
     with pytest.raises(InputError, match="zero rows"):

@@ -50,6 +50,19 @@ def test_a_decompression_bomb_is_a_problem_row_not_a_crash(tmp_path):
     assert problems == [{"row": 0, "problem": "unreadable image: DecompressionBombError"}]
 
 
+def test_a_caption_that_is_not_text_is_named_so(tmp_path):
+    import pandas as pd
+
+    df = pd.DataFrame({"image": [{"bytes": _png((255, 255, 0)), "path": None}] * 2, "caption": ["yellow", "x"]})
+    df.to_parquet(tmp_path / "d.parquet")
+    df.assign(caption=[7, 8]).to_parquet(tmp_path / "n.parquet")
+    with pytest.raises(InputError, match=r"2 problem rows, the first: row 0, caption not text \(int\)"):
+        load_pairs(str(tmp_path / "n.parquet"), 8)
+    df.assign(caption=["yellow", None]).to_parquet(tmp_path / "m.parquet")
+    _, captions, problems = load_pairs(str(tmp_path / "m.parquet"), 8)
+    assert captions == ["yellow"] and problems == [{"row": 1, "problem": "empty caption"}]
+
+
 def test_parquet_with_image_bytes(tmp_path):
     import pandas as pd
 

@@ -44,7 +44,7 @@ IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".ti
 class ScanRow:
     row: int
     caption: str | None
-    caption_issue: str | None = None  # "missing", "empty", "not UTF-8"
+    caption_issue: str | None = None  # "missing", "empty", "not UTF-8", "not text (int)"
     image: np.ndarray | None = None  # float32 (H, W, 3) in [0, 1]
     image_issue: str | None = None  # why the image could not be read
     image_key: str | None = None  # identity of the image when only a key is available
@@ -64,7 +64,8 @@ def _caption(value) -> tuple[str | None, str | None]:
             value = value.decode("utf-8")
         except UnicodeDecodeError:
             return value.decode("utf-8", errors="replace"), "not UTF-8"
-    value = str(value)
+    if not isinstance(value, str):  # a number or a list: most likely the wrong column, never a caption
+        return str(value), f"not text ({type(value).__name__})"
     if not value.strip():
         return value, "empty"
     return value, None
@@ -143,7 +144,7 @@ class ListSource(Source):
 def _fill_image(row: ScanRow, get) -> None:
     try:
         value = get()
-        if value is None:
+        if value is None or (isinstance(value, float) and np.isnan(value)):  # pandas holds a missing cell as NaN
             row.image_issue = "missing image"
             return
         row.image = load_image(value)

@@ -91,7 +91,10 @@ def load_pairs(source: str, size: int, caption_column: str | None = None, image_
         if limit is not None and len(images) >= limit:
             break
         caption = row[cap]
-        if not isinstance(caption, str) or not caption.strip():
+        if caption is not None and not isinstance(caption, str):  # a number or a list: the wrong column
+            problems.append({"row": i, "problem": f"caption not text ({type(caption).__name__})"})
+            continue
+        if caption is None or not caption.strip():
             problems.append({"row": i, "problem": "empty caption"})
             continue
         img = row[image_column]
@@ -104,5 +107,6 @@ def load_pairs(source: str, size: int, caption_column: str | None = None, image_
             continue
         captions.append(caption)
     if not images:
-        raise InputError(f"no usable image-caption pairs in {source} ({len(problems)} problem rows)")
+        first = f", the first: row {problems[0]['row']}, {problems[0]['problem']}" if problems else ""
+        raise InputError(f"no usable image-caption pairs in {source} ({len(problems)} problem rows{first})")
     return np.stack(images), captions, problems
