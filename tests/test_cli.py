@@ -45,6 +45,32 @@ def test_help_lists_commands():
     assert r.returncode == 0 and "train" in r.stdout and "memlab" in r.stdout
 
 
+def _commands(command, path=()):
+    yield path, command
+    for name, sub in getattr(command, "commands", {}).items():
+        yield from _commands(sub, path + (name,))
+
+
+def test_help_texts_survive_rich_markup():
+    # typer reads every help text as rich markup: "[features]" would vanish from the printed help
+    import inspect
+
+    import typer
+    from rich.text import Text
+
+    from diffmem.cli import app
+
+    checked = 0
+    for path, command in _commands(typer.main.get_command(app)):
+        for text in [command.help or ""] + [getattr(p, "help", None) or "" for p in command.params]:
+            text = inspect.cleandoc(text)
+            assert Text.from_markup(text).plain == text.replace("\\[", "["), (path, text)
+            checked += bool(text)
+    assert checked > 100
+    r = run("categorize", "--help", env={"COLUMNS": "250"})
+    assert "YAML {concept: [features]}" in r.stdout
+
+
 def test_detect_bad_inputs_never_write_results(tmp_path):
     out = tmp_path / "r.parquet"
     cases = {
