@@ -38,6 +38,27 @@ def test_image_folder_with_bad_rows_recorded_not_fatal(image_folder):
     assert kinds == ["empty caption", "unreadable image"]
 
 
+def test_pairs_come_in_chunks_that_add_up_to_the_whole(image_folder):
+    from diffmem.train.data import iter_pairs
+
+    for colour in ("white", "black", "yellow"):
+        (image_folder / f"{colour}.png").write_bytes(_png(colour))
+    rows = [json.loads(line) for line in (image_folder / "metadata.jsonl").read_text().splitlines()]
+    rows += [{"file_name": f"{c}.png", "text": f"a {c} square"} for c in ("white", "black", "yellow")]
+    (image_folder / "metadata.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
+    problems = []
+    chunks = iter_pairs(str(image_folder), 16, chunk=2, problems=problems)
+    first_images, first_captions = next(chunks)
+    assert first_captions == ["a red square", "a blue square"] and first_images.shape == (2, 16, 16, 3)
+    assert problems == []  # nothing past the first chunk has been read yet
+    rest = list(chunks)
+    assert [len(c) for _, c in rest] == [2, 1]
+    whole, captions, whole_problems = load_pairs(str(image_folder), 16)
+    assert captions == first_captions + [c for _, cs in rest for c in cs]
+    np.testing.assert_array_equal(whole, np.concatenate([first_images] + [i for i, _ in rest]))
+    assert problems == whole_problems and len(problems) == 2
+
+
 def test_a_decompression_bomb_is_a_problem_row_not_a_crash(tmp_path):
     d = tmp_path / "folder"
     d.mkdir()

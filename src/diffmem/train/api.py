@@ -6,7 +6,7 @@ from pathlib import Path
 
 from ..core.errors import InputError
 from ..core.results import dump_json
-from .data import load_pairs
+from .data import iter_pairs
 from .trainer import TrainConfig, TrainData, Trainer, encode_images
 
 
@@ -17,12 +17,13 @@ def train_pipeline(model: str, data: str, out: str | Path, steps: int = 1000, ba
                    device: str = "cpu", mixed_precision: str = "no", progress: bool = True) -> Path:
     """Fine-tune ``model`` on ``data``; returns the folder of the saved pipeline (``out/model``).
 
-    Images are centre-cropped and resized to the model's resolution and encoded once with its VAE
-    (so the data set must fit in memory as latents). Re-running with the same ``out`` resumes
-    from the last checkpoint. ``device`` is where the model trains (cpu, cuda, cuda:1, mps);
+    Images are centre-cropped and resized to the model's resolution and encoded once with its VAE,
+    a chunk at a time (so the data set must fit in memory as latents, not as pixels). Re-running
+    with the same ``out`` resumes from the last checkpoint. ``device`` is where the model trains (cpu, cuda, cuda:1, mps);
     ``mixed_precision`` (no, bf16, fp16) autocasts its forward passes while the weights stay float32.
     """
     import numpy as np
+    import torch
 
     from ..core.loading import load_pipeline
 
@@ -36,12 +37,17 @@ def train_pipeline(model: str, data: str, out: str | Path, steps: int = 1000, ba
             raise InputError(f"prediction_type must be epsilon or v_prediction, got {prediction_type!r}")
         pipe.scheduler = pipe.scheduler.__class__.from_config(pipe.scheduler.config, prediction_type=prediction_type)
     size = pipe.unet.config.sample_size * pipe.vae_scale_factor
-    images, captions, problems = load_pairs(data, size, caption_column)
+    # encoded a chunk at a time: the data set is held as latents, never all at once as pixels
+    problems: list[dict] = []
+    latents, captions = [], []
+    for images, chunk_captions in iter_pairs(data, size, caption_column, problems=problems, progress=progress):
+        latents.append(encode_images(pipe, images))
+        captions += chunk_captions
+    latents = torch.cat(latents)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     if problems:
         dump_json(problems, out / "data_problems.json")
-    latents = encode_images(pipe, images)
     trainer = Trainer(pipe, TrainData(latents, np.arange(len(captions)), captions), cfg, out)
     trainer.run(progress=progress)
     model_dir = out / "model"

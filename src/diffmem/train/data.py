@@ -10,6 +10,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Iterator
 
 import numpy as np
 from PIL import Image, UnidentifiedImageError
@@ -62,18 +63,30 @@ def _open_hf(source: str):
         raise InputError(f"could not read training data {source!r}: {type(e).__name__}: {str(e).splitlines()[0]}") from None
 
 
-def load_pairs(source: str, size: int, caption_column: str | None = None, image_column: str = "image",
-               limit: int | None = None) -> tuple[np.ndarray, list[str], list[dict]]:
-    """(images (N, size, size, 3), captions, problems). Unreadable images and empty captions are
-    skipped and listed in ``problems``, never fatal; no usable row at all is an error."""
+def iter_pairs(source: str, size: int, caption_column: str | None = None, image_column: str = "image",
+               limit: int | None = None, chunk: int = 64, problems: list | None = None,
+               progress: bool = False) -> Iterator[tuple[np.ndarray, list[str]]]:
+    """Usable (images (k, size, size, 3), captions) in chunks of at most ``chunk`` rows, read in order.
+
+    Only a chunk of decoded images is held at a time, so a caller that encodes each chunk to
+    latents never holds the whole data set as pixels (at 512 x 512 a float32 image is 3 MB, its SD
+    latent 64 kB). Unreadable images and empty captions are skipped and appended to ``problems``;
+    no usable row at all is an error, raised once the source is exhausted.
+    """
+    from tqdm.auto import tqdm
+
+    problems = [] if problems is None else problems
     if source == "memlab":
         from ..memlab import dataset as ds
 
-        d = ds.build()
         if size != 32:
             raise InputError(f"MemLab images are 32x32; this model wants {size}x{size}")
-        imgs = np.stack([d.image(r.image_id) for r in d.rows[:limit]])
-        return imgs, [r.caption for r in d.rows[:limit]], []
+        d = ds.build()
+        rows = d.rows[:limit]
+        for i in range(0, len(rows), chunk):
+            part = rows[i : i + chunk]
+            yield np.stack([d.image(r.image_id) for r in part]), [r.caption for r in part]
+        return
     hf = _open_hf(source)
     cols = hf.column_names
     cap = caption_column or next((c for c in CAPTION_COLUMNS if c in cols), None)
@@ -85,10 +98,10 @@ def load_pairs(source: str, size: int, caption_column: str | None = None, image_
 
     if isinstance(hf.features.get(image_column), datasets.Image):
         hf = hf.cast_column(image_column, datasets.Image(decode=False))
-    images, captions, problems = [], [], []
+    images, captions, used = [], [], 0
     base = Path(source).parent if Path(source).is_file() else Path(source)
-    for i, row in enumerate(hf):
-        if limit is not None and len(images) >= limit:
+    for i, row in enumerate(tqdm(hf, desc="reading images", unit="row", disable=not progress)):
+        if limit is not None and used >= limit:
             break
         caption = row[cap]
         if caption is not None and not isinstance(caption, str):  # a number or a list: the wrong column
@@ -106,7 +119,20 @@ def load_pairs(source: str, size: int, caption_column: str | None = None, image_
             problems.append({"row": i, "problem": f"unreadable image: {type(e).__name__}"})
             continue
         captions.append(caption)
-    if not images:
+        used += 1
+        if len(images) == chunk:
+            yield np.stack(images), captions
+            images, captions = [], []
+    if images:
+        yield np.stack(images), captions
+    if not used:
         first = f", the first: row {problems[0]['row']}, {problems[0]['problem']}" if problems else ""
         raise InputError(f"no usable image-caption pairs in {source} ({len(problems)} problem rows{first})")
-    return np.stack(images), captions, problems
+
+
+def load_pairs(source: str, size: int, caption_column: str | None = None, image_column: str = "image",
+               limit: int | None = None) -> tuple[np.ndarray, list[str], list[dict]]:
+    """(images (N, size, size, 3), captions, problems): all of :func:`iter_pairs` at once."""
+    problems: list[dict] = []
+    chunks = list(iter_pairs(source, size, caption_column, image_column, limit, problems=problems))
+    return np.concatenate([c[0] for c in chunks]), [c for _, caps in chunks for c in caps], problems
