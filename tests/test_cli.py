@@ -192,6 +192,10 @@ def test_train_end_to_end_and_resume(tmp_path, tiny_pipe_dir):
     log = json.loads((out / "model" / "diffmem_train.json").read_text())
     assert log["rows"] == 3 and log["config"]["ema"] is True
     assert log["config"]["mixed_precision"] == "bf16" and log["device"] == "cpu"
+    saved = (out / "model" / "diffmem_train.json").read_text()
+    r = run(*args, "--steps", "5", "--lr", "5e-4")  # not a continuation of that run: refused, nothing rewritten
+    assert r.returncode == 2 and "is a checkpoint of another training run (lr 0.0001 -> 0.0005)" in r.stderr
+    assert (out / "model" / "diffmem_train.json").read_text() == saved
 
 
 def test_train_refuses_a_device_or_precision_it_cannot_use(tmp_path, tiny_pipe_dir):

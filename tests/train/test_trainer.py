@@ -38,6 +38,40 @@ def test_resume_after_interruption_gives_identical_weights(tmp_path):
         assert torch.equal(a[k], b[k]), k
 
 
+def test_a_checkpoint_of_another_run_is_refused_and_names_what_differs(tmp_path):
+    from diffmem.core.errors import InputError
+
+    cfg = TrainConfig(steps=8, batch_size=2, lr=1e-3, warmup_steps=1, checkpoint_every=3, train_text_encoder=False)
+
+    def stop(step):
+        if step == 4:
+            raise KeyboardInterrupt
+
+    first = tiny_pipeline(seed=3)
+    with pytest.raises(KeyboardInterrupt):
+        Trainer(first, _data(first), cfg, tmp_path / "run").run(progress=False, on_step=stop)
+    state = (tmp_path / "run" / "checkpoint" / "state.json").read_text()
+    other_cfg = TrainConfig(**{**cfg.to_dict(), "lr": 5e-4})
+    for pipe, data, config, said in [
+        (tiny_pipeline(seed=3), None, other_cfg, "lr 0.001 -> 0.0005"),
+        (tiny_pipeline(seed=3), "captions", cfg, "other training data (6 rows then, 6 now)"),
+        (tiny_pipeline(seed=4), None, cfg, "another starting model"),
+    ]:
+        d = _data(pipe)
+        if data == "captions":
+            d = TrainData(d.latents, d.image_index, [c + "!" for c in d.captions])
+        before = _weights(pipe)
+        with pytest.raises(InputError, match="is a checkpoint of another training run") as e:
+            Trainer(pipe, d, config, tmp_path / "run").run(progress=False)
+        assert said in str(e.value)
+        assert all(torch.equal(before[k], v) for k, v in _weights(pipe).items())  # nothing trained
+        assert (tmp_path / "run" / "checkpoint" / "state.json").read_text() == state  # nothing overwritten
+    # more steps, another checkpoint interval or thread count: the same run, continued
+    same = tiny_pipeline(seed=3)
+    Trainer(same, _data(same), TrainConfig(**{**cfg.to_dict(), "steps": 10, "checkpoint_every": 2, "threads": 2}),
+            tmp_path / "run").run(progress=False)
+
+
 @pytest.mark.parametrize("precision", ["bf16", "fp16"])
 def test_mixed_precision_keeps_float32_weights_and_resumes_exactly(tmp_path, precision):
     """Autocast changes the arithmetic (the weights differ from a float32 run) but not the weights'

@@ -45,10 +45,11 @@ def train_pipeline(model: str, data: str, out: str | Path, steps: int = 1000, ba
         captions += chunk_captions
     latents = torch.cat(latents)
     out = Path(out)
+    trainer = Trainer(pipe, TrainData(latents, np.arange(len(captions)), captions), cfg, out)
+    trainer.check_resumable()  # another run's folder is refused before anything in it is rewritten
     out.mkdir(parents=True, exist_ok=True)
     if problems:
         dump_json(problems, out / "data_problems.json")
-    trainer = Trainer(pipe, TrainData(latents, np.arange(len(captions)), captions), cfg, out)
     trainer.run(progress=progress)
     model_dir = out / "model"
     pipe.save_pretrained(model_dir, safe_serialization=True)

@@ -33,6 +33,10 @@ from ..core.errors import InputError
 MIXED_PRECISION = {"no": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
+# settings a resumed run may change; any other difference from the checkpoint's run is refused
+RESUME_MAY_CHANGE = ("steps", "warmup_steps", "checkpoint_every", "threads", "mixed_precision")
+
+
 @dataclass
 class TrainConfig:
     steps: int = 1000
@@ -141,6 +145,20 @@ def _save_checkpoint(path: Path, step: int, unet, text_encoder, optimizer, lr_sc
     _rmtree(old)
 
 
+def _differences(saved: dict, now: dict) -> str:
+    """``lr 0.001 -> 0.0005, other data``: what separates a checkpoint's run from this one."""
+    said = []
+    for k in sorted(set(saved.get("config", {})) | set(now["config"])):
+        a, b = saved.get("config", {}).get(k), now["config"].get(k)
+        if a != b:
+            said.append(f"{k} {a} -> {b}")
+    if saved.get("model") != now["model"]:
+        said.append("another starting model")
+    if (saved.get("data_sha256"), saved.get("rows")) != (now["data_sha256"], now["rows"]):
+        said.append(f"other training data ({saved.get('rows')} rows then, {now['rows']} now)")
+    return ", ".join(said) or "it differs"
+
+
 def _rmtree(p: Path):
     import shutil
 
@@ -226,8 +244,9 @@ class Trainer:
         scaler = torch.amp.GradScaler(dev.type, enabled=cfg.mixed_precision == "fp16")
         start = 0
         ckpt = self.out / "checkpoint"
+        run_key = self.run_key()  # of the starting weights: taken before a checkpoint replaces them
         if (ckpt / "state.json").exists():
-            start = self._resume(ckpt, unet, te, optimizer, lr_sched, emas, gen, scaler)
+            start = self._resume(ckpt, unet, te, optimizer, lr_sched, emas, gen, scaler, run_key)
 
         ids_all = _tokenize(pipe, self.data.captions)
         empty_ids = _tokenize(pipe, [""])[0]
@@ -293,7 +312,7 @@ class Trainer:
                     on_log(rec)
             if cfg.checkpoint_every and (step + 1) % cfg.checkpoint_every == 0 and step + 1 < cfg.steps:
                 _save_checkpoint(ckpt, step + 1, unet, te, optimizer, lr_sched, emas, gen,
-                                 {"log": self.log, "grad_scaler": scaler.state_dict()})
+                                 {"log": self.log, "grad_scaler": scaler.state_dict(), "run": run_key})
             if on_step:
                 on_step(step)
         bar.close()
@@ -311,7 +330,38 @@ class Trainer:
             uncond_emb = self.pipe.text_encoder(empty_ids[None])[0]
             return conditional_noise_norm(self.pipe, noisy, t, emb, uncond_emb, cond_pred=pred)
 
-    def _resume(self, ckpt: Path, unet, te, optimizer, lr_sched, emas, gen, scaler) -> int:
+    def run_key(self) -> dict:
+        """What a checkpoint must share to be resumed: the starting model, the training data and
+        the settings that shape the run. A resumed run may change only ``RESUME_MAY_CHANGE``: train
+        for more steps (the schedule is recomputed over the new total), or switch precision or
+        thread count."""
+        import hashlib
+
+        from ..core.loading import model_identity
+
+        config = {k: v for k, v in self.cfg.to_dict().items() if k not in RESUME_MAY_CHANGE}
+        h = hashlib.sha256()
+        h.update(memoryview(np.ascontiguousarray(self.data.latents.detach().cpu().float().numpy())).cast("B"))
+        h.update(np.asarray(self.data.image_index, dtype=np.int64).tobytes())
+        h.update(json.dumps(list(self.data.captions)).encode())
+        model = {k: model_identity(self.pipe)[k] for k in ("unet_hash", "prediction_type")}  # not the path: it may be spelt another way
+        return {"config": config, "model": model, "data_sha256": h.hexdigest()[:16],
+                "rows": len(self.data.captions)}
+
+    def check_resumable(self, run_key: dict | None = None) -> None:
+        """Raise if ``out/checkpoint`` holds another run's checkpoint (checkpoints made before the
+        run key was saved resume unchecked)."""
+        ckpt = self.out / "checkpoint"
+        if not (ckpt / "state.json").exists():
+            return
+        saved = json.loads((ckpt / "state.json").read_text()).get("run")
+        run_key = json.loads(json.dumps(run_key or self.run_key()))
+        if saved is not None and run_key != saved:
+            raise InputError(f"{ckpt} is a checkpoint of another training run ({_differences(saved, run_key)}); "
+                             "use another output folder, or delete the checkpoint to start over")
+
+    def _resume(self, ckpt: Path, unet, te, optimizer, lr_sched, emas, gen, scaler, run_key: dict) -> int:
+        self.check_resumable(run_key)
         state = json.loads((ckpt / "state.json").read_text())
         unet.load_state_dict(load_file(ckpt / "unet.safetensors"))
         te.load_state_dict(load_file(ckpt / "text_encoder.safetensors"))
