@@ -1,10 +1,11 @@
 """Peak memory of ``diffmem train``'s data preparation: reading an image folder and encoding it to latents.
 
-``diffmem train`` reads its images a chunk at a time and encodes each chunk with the VAE as it
-comes (``iter_pairs``), so the data set is held as latents only. Before, it decoded every image to
-float32 pixels first (``load_pairs``) and then encoded the whole array. This script writes a folder
-of N synthetic PNGs at S x S pixels and runs each way in a fresh process, printing wall time and
-the growth of peak RSS over the process's RSS once the model is loaded.
+``diffmem train`` reads its images a chunk at a time, encodes each chunk with the VAE as it comes
+and saves its latents (``encode_source``), so the data set is held as latents only. Before, it
+decoded every image to float32 pixels first (``load_pairs``) and then encoded the whole array. This
+script writes a folder of N synthetic PNGs at S x S pixels and runs each way in a fresh process,
+printing wall time and the growth of peak RSS over the process's RSS once the model is loaded;
+then the chunked way once more, as a resumed run does, from the parts it saved.
 
 The VAE is MemLab's (fully convolutional, so it encodes any size); a real SD VAE is slower but
 holds the same latents per image (4 x S/8 x S/8 floats, against 3 x S x S for the pixels).
@@ -26,6 +27,9 @@ from pathlib import Path
 import numpy as np
 
 
+MODES = ("all-at-once", "chunked", "resumed")
+
+
 def write_folder(folder: Path, n: int, size: int, seed: int = 0) -> None:
     from PIL import Image
     from scipy.ndimage import zoom
@@ -44,12 +48,13 @@ def _peak_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: kB
 
 
-def run_one(folder: Path, size: int, mode: str) -> dict:
+def run_one(folder: Path, size: int, mode: str, parts: Path) -> dict:
     """In this process: load the MemLab VAE, then prepare the data ``mode``'s way."""
     import torch
 
     from diffmem.core.loading import load_pipeline
-    from diffmem.train.data import iter_pairs, load_pairs
+    from diffmem.train.data import load_pairs
+    from diffmem.train.latents import encode_source
     from diffmem.train.trainer import encode_images
 
     torch.set_num_threads(2)
@@ -61,12 +66,8 @@ def run_one(folder: Path, size: int, mode: str) -> dict:
         images, captions, _ = load_pairs(str(folder), size)
         latents = encode_images(pipe, images)
         del images
-    else:
-        parts, captions = [], []
-        for images, chunk_captions in iter_pairs(str(folder), size):
-            parts.append(encode_images(pipe, images))
-            captions += chunk_captions
-        latents = torch.cat(parts)
+    else:  # "chunked" encodes and saves the parts; "resumed" finds them saved
+        latents, captions, _ = encode_source(pipe, str(folder), size, folder=parts)
     return {"mode": mode, "seconds": round(time.perf_counter() - start, 1), "peak_growth_mb": round(_peak_mb() - base, 1),
             "rows": len(captions), "latents_mb": round(latents.numel() * 4 / 2**20, 1),
             "pixels_mb": round(len(captions) * size * size * 3 * 4 / 2**20, 1),
@@ -79,10 +80,11 @@ def main() -> None:
     ap.add_argument("--size", type=int, default=256)
     ap.add_argument("--folder", type=Path, help="keep the synthetic folder here (default: a temporary one)")
     ap.add_argument("--json", type=Path, help="also write the results here")
-    ap.add_argument("--mode", choices=["all-at-once", "chunked"], help=argparse.SUPPRESS)  # one child run
+    ap.add_argument("--mode", choices=MODES, help=argparse.SUPPRESS)  # one child run
+    ap.add_argument("--parts", type=Path, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.mode:
-        print(json.dumps(run_one(args.folder, args.size, args.mode)))
+        print(json.dumps(run_one(args.folder, args.size, args.mode, args.parts)))
         return
     with tempfile.TemporaryDirectory() as tmp:
         folder = args.folder or Path(tmp) / "images"
@@ -90,14 +92,14 @@ def main() -> None:
             print(f"writing {args.images} PNGs of {args.size}x{args.size} to {folder} ...", flush=True)
             write_folder(folder, args.images, args.size)
         results = []
-        for mode in ("all-at-once", "chunked"):
-            out = subprocess.run([sys.executable, __file__, "--mode", mode, "--folder", str(folder), "--size", str(args.size)],
-                                 capture_output=True, text=True, check=True)
+        for mode in MODES:
+            out = subprocess.run([sys.executable, __file__, "--mode", mode, "--folder", str(folder), "--size", str(args.size),
+                                  "--parts", str(Path(tmp) / "latents")], capture_output=True, text=True, check=True)
             results.append(json.loads(out.stdout.strip().splitlines()[-1]))
             r = results[-1]
             print(f"{mode:>12}: {r['rows']} images in {r['seconds']} s, peak RSS +{r['peak_growth_mb']} MB "
                   f"(pixels {r['pixels_mb']} MB, latents {r['latents_mb']} MB)", flush=True)
-        print("same latents both ways:", results[0]["latents_sha"] == results[1]["latents_sha"])
+        print("same latents every way:", len({r["latents_sha"] for r in results}) == 1)
     if args.json:
         args.json.write_text(json.dumps({"images": args.images, "size": args.size, "results": results}, indent=1) + "\n")
 

@@ -183,8 +183,12 @@ def test_train_end_to_end_and_resume(tmp_path, tiny_pipe_dir):
     r = run(*args, "--steps", "3")
     assert r.returncode == 0, r.stderr
     assert (out / "checkpoint" / "state.json").exists()
+    parts = sorted(out.glob("latents/part-*.safetensors"))
+    assert len(parts) == 1 and (out / "latents" / "key.json").exists()
+    stamps = [p.stat().st_mtime_ns for p in parts]
     r = run(*args, "--steps", "5", "--mixed-precision", "bf16")  # resumes from the checkpoint at step 2
     assert r.returncode == 0, r.stderr
+    assert [p.stat().st_mtime_ns for p in sorted(out.glob("latents/part-*.safetensors"))] == stamps  # not encoded again
     from diffusers import StableDiffusionPipeline
 
     pipe = StableDiffusionPipeline.from_pretrained(out / "model")

@@ -48,14 +48,18 @@ def test_pairs_come_in_chunks_that_add_up_to_the_whole(image_folder):
     (image_folder / "metadata.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
     problems = []
     chunks = iter_pairs(str(image_folder), 16, chunk=2, problems=problems)
-    first_images, first_captions = next(chunks)
+    first_images, first_captions, first_next = next(chunks)
     assert first_captions == ["a red square", "a blue square"] and first_images.shape == (2, 16, 16, 3)
-    assert problems == []  # nothing past the first chunk has been read yet
+    assert first_next == 2 and problems == []  # nothing past the first chunk has been read yet
     rest = list(chunks)
-    assert [len(c) for _, c in rest] == [2, 1]
+    assert [(len(c), n) for _, c, n in rest] == [(2, 6), (1, 7)]  # rows 2 and 3 are problems
     whole, captions, whole_problems = load_pairs(str(image_folder), 16)
-    assert captions == first_captions + [c for _, cs in rest for c in cs]
-    np.testing.assert_array_equal(whole, np.concatenate([first_images] + [i for i, _ in rest]))
+    assert captions == first_captions + [c for _, cs, _ in rest for c in cs]
+    np.testing.assert_array_equal(whole, np.concatenate([first_images] + [i for i, _, _ in rest]))
+    # picking up at a chunk's next row reads the rest of the source and nothing before it
+    later = list(iter_pairs(str(image_folder), 16, chunk=2, start=first_next))
+    assert [c for _, cs, _ in later for c in cs] == captions[2:]
+    assert list(iter_pairs(str(image_folder), 16, start=7)) == []
     assert problems == whole_problems and len(problems) == 2
 
 

@@ -6,8 +6,8 @@ from pathlib import Path
 
 from ..core.errors import InputError
 from ..core.results import dump_json
-from .data import iter_pairs
-from .trainer import TrainConfig, TrainData, Trainer, encode_images
+from .latents import encode_source
+from .trainer import TrainConfig, TrainData, Trainer
 
 
 def train_pipeline(model: str, data: str, out: str | Path, steps: int = 1000, batch_size: int = 32, lr: float = 1e-4,
@@ -18,12 +18,12 @@ def train_pipeline(model: str, data: str, out: str | Path, steps: int = 1000, ba
     """Fine-tune ``model`` on ``data``; returns the folder of the saved pipeline (``out/model``).
 
     Images are centre-cropped and resized to the model's resolution and encoded once with its VAE,
-    a chunk at a time (so the data set must fit in memory as latents, not as pixels). Re-running
-    with the same ``out`` resumes from the last checkpoint. ``device`` is where the model trains (cpu, cuda, cuda:1, mps);
+    a chunk at a time (so the data set must fit in memory as latents, not as pixels); the chunks
+    are saved in ``out/latents`` (see ``diffmem.train.latents``). Re-running with the same ``out``
+    resumes: the encoding after its last saved chunk, the training from its last checkpoint. ``device`` is where the model trains (cpu, cuda, cuda:1, mps);
     ``mixed_precision`` (no, bf16, fp16) autocasts its forward passes while the weights stay float32.
     """
     import numpy as np
-    import torch
 
     from ..core.loading import load_pipeline
 
@@ -37,14 +37,12 @@ def train_pipeline(model: str, data: str, out: str | Path, steps: int = 1000, ba
             raise InputError(f"prediction_type must be epsilon or v_prediction, got {prediction_type!r}")
         pipe.scheduler = pipe.scheduler.__class__.from_config(pipe.scheduler.config, prediction_type=prediction_type)
     size = pipe.unet.config.sample_size * pipe.vae_scale_factor
-    # encoded a chunk at a time: the data set is held as latents, never all at once as pixels
-    problems: list[dict] = []
-    latents, captions = [], []
-    for images, chunk_captions in iter_pairs(data, size, caption_column, problems=problems, progress=progress):
-        latents.append(encode_images(pipe, images))
-        captions += chunk_captions
-    latents = torch.cat(latents)
+    # encoded a chunk at a time (never all at once as pixels), each chunk saved in out/latents: a
+    # killed or resumed run encodes nothing twice
     out = Path(out)
+    has_checkpoint = (out / "checkpoint" / "state.json").exists()
+    latents, captions, problems = encode_source(pipe, data, size, caption_column, folder=out / "latents",
+                                                progress=progress, replace=not has_checkpoint)
     trainer = Trainer(pipe, TrainData(latents, np.arange(len(captions)), captions), cfg, out)
     trainer.check_resumable()  # another run's folder is refused before anything in it is rewritten
     out.mkdir(parents=True, exist_ok=True)

@@ -65,8 +65,10 @@ def _open_hf(source: str):
 
 def iter_pairs(source: str, size: int, caption_column: str | None = None, image_column: str = "image",
                limit: int | None = None, chunk: int = 64, problems: list | None = None,
-               progress: bool = False) -> Iterator[tuple[np.ndarray, list[str]]]:
-    """Usable (images (k, size, size, 3), captions) in chunks of at most ``chunk`` rows, read in order.
+               progress: bool = False, start: int = 0) -> Iterator[tuple[np.ndarray, list[str], int]]:
+    """Usable (images (k, size, size, 3), captions, next_row) in chunks of at most ``chunk`` rows,
+    read in order from source row ``start``; ``next_row`` is the source row after the chunk's last,
+    where a later call can pick up.
 
     Only a chunk of decoded images is held at a time, so a caller that encodes each chunk to
     latents never holds the whole data set as pixels (at 512 x 512 a float32 image is 3 MB, its SD
@@ -82,10 +84,10 @@ def iter_pairs(source: str, size: int, caption_column: str | None = None, image_
         if size != 32:
             raise InputError(f"MemLab images are 32x32; this model wants {size}x{size}")
         d = ds.build()
-        rows = d.rows[:limit]
+        rows = d.rows[start:][:limit]
         for i in range(0, len(rows), chunk):
             part = rows[i : i + chunk]
-            yield np.stack([d.image(r.image_id) for r in part]), [r.caption for r in part]
+            yield np.stack([d.image(r.image_id) for r in part]), [r.caption for r in part], start + i + len(part)
         return
     hf = _open_hf(source)
     cols = hf.column_names
@@ -98,11 +100,19 @@ def iter_pairs(source: str, size: int, caption_column: str | None = None, image_
 
     if isinstance(hf.features.get(image_column), datasets.Image):
         hf = hf.cast_column(image_column, datasets.Image(decode=False))
+    total = len(hf)
+    if start >= total > 0:  # all read before (datasets' select refuses an empty range at the end)
+        return
+    if start:
+        hf = hf.select(range(start, total))
     images, captions, used = [], [], 0
     base = Path(source).parent if Path(source).is_file() else Path(source)
-    for i, row in enumerate(tqdm(hf, desc="reading images", unit="row", disable=not progress)):
+    rows = tqdm(hf, desc="reading images", unit="row", initial=start, total=total, disable=not progress)
+    next_row = start
+    for i, row in enumerate(rows, start):
         if limit is not None and used >= limit:
             break
+        next_row = i + 1
         caption = row[cap]
         if caption is not None and not isinstance(caption, str):  # a number or a list: the wrong column
             problems.append({"row": i, "problem": f"caption not text ({type(caption).__name__})"})
@@ -121,11 +131,11 @@ def iter_pairs(source: str, size: int, caption_column: str | None = None, image_
         captions.append(caption)
         used += 1
         if len(images) == chunk:
-            yield np.stack(images), captions
+            yield np.stack(images), captions, next_row
             images, captions = [], []
     if images:
-        yield np.stack(images), captions
-    if not used:
+        yield np.stack(images), captions, next_row
+    if not used and not start:
         first = f", the first: row {problems[0]['row']}, {problems[0]['problem']}" if problems else ""
         raise InputError(f"no usable image-caption pairs in {source} ({len(problems)} problem rows{first})")
 
@@ -135,4 +145,4 @@ def load_pairs(source: str, size: int, caption_column: str | None = None, image_
     """(images (N, size, size, 3), captions, problems): all of :func:`iter_pairs` at once."""
     problems: list[dict] = []
     chunks = list(iter_pairs(source, size, caption_column, image_column, limit, problems=problems))
-    return np.concatenate([c[0] for c in chunks]), [c for _, caps in chunks for c in caps], problems
+    return np.concatenate([c[0] for c in chunks]), [c for _, caps, _ in chunks for c in caps], problems

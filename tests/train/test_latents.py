@@ -1,0 +1,102 @@
+import json
+import os
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from diffmem.core.components import tiny_pipeline
+from diffmem.core.errors import InputError
+from diffmem.train import latents as latents_module
+from diffmem.train.latents import encode_source
+
+
+@pytest.fixture(scope="module")
+def pipe():
+    return tiny_pipeline(seed=1)
+
+
+def _folder(path, n=11, broken=(4,)):
+    path.mkdir()
+    rng = np.random.default_rng(0)
+    rows = []
+    for i in range(n):
+        if i in broken:
+            (path / f"{i}.png").write_bytes(b"not a png")
+        else:
+            Image.fromarray((rng.random((20, 24, 3)) * 255).astype(np.uint8)).save(path / f"{i}.png")
+        rows.append({"file_name": f"{i}.png", "text": f"picture {i}"})
+    (path / "metadata.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    return path
+
+
+class Counting:
+    """Wraps encode_images: counts the chunks encoded, and can stop the run at the k-th."""
+
+    def __init__(self, monkeypatch, stop_at=None):
+        self.calls, self.stop_at, real = 0, stop_at, latents_module.encode_images
+
+        def encode(pipe, images):
+            self.calls += 1
+            if self.stop_at is not None and self.calls == self.stop_at:
+                raise KeyboardInterrupt
+            return real(pipe, images)
+
+        monkeypatch.setattr(latents_module, "encode_images", encode)
+
+
+def test_saved_parts_equal_an_unsaved_encoding_and_a_rerun_encodes_nothing(tmp_path, pipe, monkeypatch):
+    data = str(_folder(tmp_path / "data"))
+    plain = encode_source(pipe, data, 16, chunk=3)
+    counter = Counting(monkeypatch)
+    saved = encode_source(pipe, data, 16, folder=tmp_path / "latents", chunk=3)
+    assert counter.calls == 4 and len(list((tmp_path / "latents").glob("part-*.safetensors"))) == 4  # 10 rows, 3 a chunk
+    assert torch.equal(plain[0], saved[0]) and plain[1:] == saved[1:]
+    assert saved[2] == [{"row": 4, "problem": "unreadable image: UnidentifiedImageError"}]
+    again = encode_source(pipe, data, 16, folder=tmp_path / "latents", chunk=3)
+    assert counter.calls == 4  # nothing encoded twice
+    assert torch.equal(again[0], plain[0]) and again[1:] == plain[1:]
+
+
+def test_a_killed_encoding_resumes_after_its_last_saved_part(tmp_path, pipe, monkeypatch):
+    data = str(_folder(tmp_path / "data"))
+    plain = encode_source(pipe, data, 16, chunk=3)
+    Counting(monkeypatch, stop_at=3)
+    with pytest.raises(KeyboardInterrupt):
+        encode_source(pipe, data, 16, folder=tmp_path / "latents", chunk=3)
+    assert len(list((tmp_path / "latents").glob("part-*.safetensors"))) == 2
+    counter = Counting(monkeypatch)
+    resumed = encode_source(pipe, data, 16, folder=tmp_path / "latents", chunk=3)
+    assert counter.calls == 2
+    assert torch.equal(resumed[0], plain[0]) and resumed[1:] == plain[1:]
+
+
+def test_changed_data_is_encoded_again_or_refused_when_a_checkpoint_depends_on_it(tmp_path, pipe, monkeypatch):
+    folder = _folder(tmp_path / "data")
+    encode_source(pipe, str(folder), 16, folder=tmp_path / "latents", chunk=3)
+    Image.new("RGB", (20, 24), "red").save(folder / "0.png")  # one image replaced in place
+    os.utime(folder / "0.png", ns=(1, 1))
+    before = sorted((p.name, p.read_bytes()) for p in (tmp_path / "latents").iterdir())
+    with pytest.raises(InputError, match=r"other data \(differs in: files\)"):
+        encode_source(pipe, str(folder), 16, folder=tmp_path / "latents", chunk=3, replace=False)
+    assert sorted((p.name, p.read_bytes()) for p in (tmp_path / "latents").iterdir()) == before
+    counter = Counting(monkeypatch)
+    latents, captions, _ = encode_source(pipe, str(folder), 16, folder=tmp_path / "latents", chunk=3)
+    assert counter.calls == 4
+    assert torch.equal(latents, encode_source(pipe, str(folder), 16, chunk=3)[0])
+
+
+def test_a_damaged_part_is_encoded_again_from_there(tmp_path, pipe, monkeypatch):
+    data = str(_folder(tmp_path / "data"))
+    plain = encode_source(pipe, data, 16, folder=tmp_path / "latents", chunk=3)
+    (tmp_path / "latents" / "part-000002.safetensors").write_bytes(b"garbage")
+    counter = Counting(monkeypatch)
+    again = encode_source(pipe, data, 16, folder=tmp_path / "latents", chunk=3)
+    assert counter.calls == 2
+    assert torch.equal(again[0], plain[0]) and again[1:] == plain[1:]
+
+
+def test_memlab_and_missing_sources_save_nothing(tmp_path):
+    assert latents_module.source_fingerprint("memlab") is None
+    assert latents_module.source_fingerprint(str(tmp_path / "nope")) is None
