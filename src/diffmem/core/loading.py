@@ -219,16 +219,21 @@ def _load_components_one_by_one(folder: Path, dtype) -> dict:
     return parts
 
 
-def model_identity(pipe) -> dict:
-    """What identifies a model for calibration files: its path and a hash of its UNet weights."""
+def weights_hash(module) -> str:
+    """A quick fingerprint of a module's weights: the first 4 kB of its first 8 tensors by name."""
     import hashlib
 
     h = hashlib.sha256()
-    for k, v in sorted(pipe.unet.state_dict().items())[:8]:
+    for k, v in sorted(module.state_dict().items())[:8]:
         h.update(k.encode())
         h.update(v.detach().float().cpu().numpy().tobytes()[:4096])
+    return h.hexdigest()[:16]
+
+
+def model_identity(pipe) -> dict:
+    """What identifies a model for calibration files: its path and a hash of its UNet weights."""
     return {"name_or_path": str(getattr(pipe, "name_or_path", "") or pipe.config.get("_name_or_path", "")),
-            "unet_hash": h.hexdigest()[:16],
+            "unet_hash": weights_hash(pipe.unet),
             "prediction_type": pipe.scheduler.config.prediction_type}
 
 

@@ -20,8 +20,9 @@ def train_pipeline(model: str, data: str, out: str | Path, steps: int = 1000, ba
     Images are centre-cropped and resized to the model's resolution and encoded once with its VAE,
     a chunk at a time (so the data set must fit in memory as latents, not as pixels); the chunks
     are saved in ``out/latents`` (see ``diffmem.train.latents``). Re-running with the same ``out``
-    resumes: the encoding after its last saved chunk, the training from its last checkpoint. ``device`` is where the model trains (cpu, cuda, cuda:1, mps);
-    ``mixed_precision`` (no, bf16, fp16) autocasts its forward passes while the weights stay float32.
+    resumes: the encoding after its last saved chunk, the training from its last checkpoint.
+    ``device`` is where the model trains (cpu, cuda, cuda:1, mps); ``mixed_precision`` (no, bf16,
+    fp16) autocasts its forward passes while the weights stay float32.
     """
     import numpy as np
 

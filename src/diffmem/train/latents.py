@@ -23,6 +23,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from ..core.errors import InputError
+from ..core.loading import weights_hash
 from ..core.results import atomic_path, dump_json
 from .data import iter_pairs
 from .trainer import encode_images
@@ -43,14 +44,6 @@ def source_fingerprint(source: str) -> str | None:
     return h.hexdigest()[:16]
 
 
-def vae_identity(vae) -> str:
-    h = hashlib.sha256()
-    for k, v in sorted(vae.state_dict().items())[:8]:
-        h.update(k.encode())
-        h.update(v.detach().float().cpu().numpy().tobytes()[:4096])
-    return h.hexdigest()[:16]
-
-
 def encode_source(pipe, source: str, size: int, caption_column: str | None = None, folder: str | Path | None = None,
                   chunk: int = 64, progress: bool = False,
                   replace: bool = True) -> tuple[torch.Tensor, list[str], list[dict]]:
@@ -60,7 +53,7 @@ def encode_source(pipe, source: str, size: int, caption_column: str | None = Non
     fingerprint = source_fingerprint(source)
     folder = Path(folder) if folder is not None and fingerprint is not None else None
     key = {"format": FORMAT, "source": str(source), "files": fingerprint, "size": size, "caption_column": caption_column,
-           "chunk": chunk, "vae": vae_identity(pipe.vae)}
+           "chunk": chunk, "vae": weights_hash(pipe.vae)}
     parts, captions, problems, start = [], [], [], 0
     if folder is not None:
         saved = _read_key(folder)
@@ -99,10 +92,7 @@ def encode_source(pipe, source: str, size: int, caption_column: str | None = Non
         parts.append(latents)
         captions += chunk_captions
         start = next_row
-    if not parts:
-        first = f", the first: row {problems[0]['row']}, {problems[0]['problem']}" if problems else ""
-        raise InputError(f"no usable image-caption pairs in {source} ({len(problems)} problem rows{first})")
-    return torch.cat(parts), captions, problems
+    return torch.cat(parts), captions, problems  # iter_pairs has refused a source with no usable row
 
 
 def _read_key(folder: Path) -> dict | None:

@@ -212,6 +212,7 @@ class Trainer:
             raise ValueError("training data is empty")
         self.pipe, self.data, self.cfg, self.out = pipe, data, config, Path(out_dir)
         self.log: list[dict] = []
+        self._run_key: dict | None = None
 
     def run(self, progress: bool = True, on_log: Callable[[dict], None] | None = None,
             on_step: Callable[[int], None] | None = None) -> StableDiffusionPipeline:
@@ -244,7 +245,7 @@ class Trainer:
         scaler = torch.amp.GradScaler(dev.type, enabled=cfg.mixed_precision == "fp16")
         start = 0
         ckpt = self.out / "checkpoint"
-        run_key = self.run_key()  # of the starting weights: taken before a checkpoint replaces them
+        run_key = self.run_key()  # of the starting weights: taken (or kept) before a checkpoint replaces them
         if (ckpt / "state.json").exists():
             start = self._resume(ckpt, unet, te, optimizer, lr_sched, emas, gen, scaler, run_key)
 
@@ -337,16 +338,19 @@ class Trainer:
         thread count."""
         import hashlib
 
-        from ..core.loading import model_identity
+        from ..core.loading import weights_hash
 
+        if self._run_key is not None:
+            return self._run_key
         config = {k: v for k, v in self.cfg.to_dict().items() if k not in RESUME_MAY_CHANGE}
         h = hashlib.sha256()
         h.update(memoryview(np.ascontiguousarray(self.data.latents.detach().cpu().float().numpy())).cast("B"))
         h.update(np.asarray(self.data.image_index, dtype=np.int64).tobytes())
         h.update(json.dumps(list(self.data.captions)).encode())
-        model = {k: model_identity(self.pipe)[k] for k in ("unet_hash", "prediction_type")}  # not the path: it may be spelt another way
-        return {"config": config, "model": model, "data_sha256": h.hexdigest()[:16],
-                "rows": len(self.data.captions)}
+        # the starting weights, not the path (it may be spelt another way); kept, as training changes them
+        model = {"unet_hash": weights_hash(self.pipe.unet), "prediction_type": self.pipe.scheduler.config.prediction_type}
+        self._run_key = {"config": config, "model": model, "data_sha256": h.hexdigest()[:16], "rows": len(self.data.captions)}
+        return self._run_key
 
     def check_resumable(self, run_key: dict | None = None) -> None:
         """Raise if ``out/checkpoint`` holds another run's checkpoint (checkpoints made before the
