@@ -108,6 +108,12 @@ def test_resume_refuses_a_folder_from_another_scan(tmp_path):
     DatasetScanner(ListSource(["a b c", "d e f"]), tmp_path / "w", progress=False).scan()
     with pytest.raises(InputError, match="another dataset or with other settings"):
         DatasetScanner(ListSource(["x y z", "d e f"]), tmp_path / "w", progress=False).scan()
+    # a folder from a diffmem that read images or captions otherwise is not mixed into a new scan
+    DatasetScanner(ListSource(["a b c", "d e f"]), tmp_path / "v", progress=False).scan()
+    state = json.loads((tmp_path / "v" / "scan_state.json").read_text())
+    (tmp_path / "v" / "scan_state.json").write_text(json.dumps({**state, "version": 1}))
+    with pytest.raises(InputError, match=r"\(version differs\)"):
+        DatasetScanner(ListSource(["a b c", "d e f"]), tmp_path / "v", progress=False).scan()
 
 
 def test_real_sd_captions_text_scan():

@@ -32,7 +32,7 @@ from .sources import Source, open_source, shards
 CHECKS = ("image_duplicates", "caption_duplicates", "triggers", "memorization")
 DEFAULT_CHECKS = ("image_duplicates", "caption_duplicates", "triggers")
 STATE = "scan_state.json"
-SCAN_VERSION = 1
+SCAN_VERSION = 2  # 2: images read upright by EXIF, 16-bit scaled, non-text captions flagged (features differ from 1)
 
 
 @dataclass
