@@ -87,6 +87,18 @@ def test_changed_data_is_encoded_again_or_refused_when_a_checkpoint_depends_on_i
     assert torch.equal(latents, encode_source(pipe, str(folder), 16, chunk=3)[0])
 
 
+def test_an_output_folder_inside_the_data_does_not_change_its_fingerprint(tmp_path, pipe, monkeypatch):
+    data = _folder(tmp_path / "data")
+    for run in (data / "run", data):  # --out inside the data folder, or the data folder itself
+        encode_source(pipe, str(data), 16, folder=run / "latents", chunk=3)
+        (run / "data_problems.json").write_text("[]")  # what a training run writes beside its latents
+        (run / "checkpoint").mkdir()
+        (run / "checkpoint" / "state.json").write_text("{}")
+        counter = Counting(monkeypatch)
+        encode_source(pipe, str(data), 16, folder=run / "latents", chunk=3, replace=False)
+        assert counter.calls == 0
+
+
 def test_a_damaged_part_is_encoded_again_from_there(tmp_path, pipe, monkeypatch):
     data = str(_folder(tmp_path / "data"))
     plain = encode_source(pipe, data, 16, folder=tmp_path / "latents", chunk=3)

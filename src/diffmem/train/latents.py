@@ -31,12 +31,20 @@ from .trainer import encode_images
 FORMAT = 1
 
 
-def source_fingerprint(source: str) -> str | None:
-    """A hash of a local source's file names, sizes and modification times; None for others."""
+# what a training run writes in its output folder (train.api, trainer): left out of the data's
+# fingerprint should that folder lie inside the data
+RUN_OUTPUTS = ("latents", "checkpoint", "checkpoint.tmp", "checkpoint.old", "model", "data_problems.json")
+
+
+def source_fingerprint(source: str, run_dir: str | Path | None = None) -> str | None:
+    """A hash of a local source's file names, sizes and modification times; None for others.
+    ``run_dir``'s own outputs (``RUN_OUTPUTS``) are left out."""
     p = Path(source)
     if source == "memlab" or not p.exists():
         return None
-    files = [p] if p.is_file() else sorted(f for f in p.rglob("*") if f.is_file())
+    skip = [(Path(run_dir) / name).resolve() for name in RUN_OUTPUTS] if run_dir is not None else []
+    files = [p] if p.is_file() else sorted(f for f in p.rglob("*") if f.is_file()
+                                           and not any(f.resolve().is_relative_to(s) for s in skip))
     h = hashlib.sha256()
     for f in files:
         st = f.stat()
@@ -50,7 +58,7 @@ def encode_source(pipe, source: str, size: int, caption_column: str | None = Non
     """(latents, captions, problems) of ``source``; with ``folder``, encoded parts are saved there
     and reused (see the module's note). Saved parts of another source or VAE are replaced, or with
     ``replace=False`` (a training checkpoint depends on them) refused."""
-    fingerprint = source_fingerprint(source)
+    fingerprint = source_fingerprint(source, run_dir=Path(folder).parent if folder is not None else None)
     folder = Path(folder) if folder is not None and fingerprint is not None else None
     key = {"format": FORMAT, "source": str(source), "files": fingerprint, "size": size, "caption_column": caption_column,
            "chunk": chunk, "vae": weights_hash(pipe.vae)}
