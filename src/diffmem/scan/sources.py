@@ -56,8 +56,13 @@ def load_image(data) -> np.ndarray:
     return image_array(data)
 
 
+def _missing(value) -> bool:
+    """An empty cell: None, or NaN as pandas holds one."""
+    return value is None or (isinstance(value, float) and np.isnan(value))
+
+
 def _caption(value) -> tuple[str | None, str | None]:
-    if value is None or (isinstance(value, float) and np.isnan(value)):
+    if _missing(value):
         return None, "missing"
     if isinstance(value, bytes):
         try:
@@ -144,7 +149,7 @@ class ListSource(Source):
 def _fill_image(row: ScanRow, get) -> None:
     try:
         value = get()
-        if value is None or (isinstance(value, float) and np.isnan(value)):  # pandas holds a missing cell as NaN
+        if _missing(value):
             row.image_issue = "missing image"
             return
         row.image = load_image(value)

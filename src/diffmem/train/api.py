@@ -7,7 +7,7 @@ from pathlib import Path
 from ..core.errors import InputError
 from ..core.results import dump_json
 from .latents import encode_source
-from .trainer import TrainConfig, TrainData, Trainer
+from .trainer import TrainConfig, TrainData, Trainer, checkpoint_state
 
 
 def train_pipeline(model: str, data: str, out: str | Path, steps: int = 1000, batch_size: int = 32, lr: float = 1e-4,
@@ -41,9 +41,8 @@ def train_pipeline(model: str, data: str, out: str | Path, steps: int = 1000, ba
     # encoded a chunk at a time (never all at once as pixels), each chunk saved in out/latents: a
     # killed or resumed run encodes nothing twice
     out = Path(out)
-    has_checkpoint = (out / "checkpoint" / "state.json").exists()
     latents, captions, problems = encode_source(pipe, data, size, caption_column, folder=out / "latents",
-                                                progress=progress, replace=not has_checkpoint)
+                                                progress=progress, replace=not checkpoint_state(out).exists())
     trainer = Trainer(pipe, TrainData(latents, np.arange(len(captions)), captions), cfg, out)
     trainer.check_resumable()  # another run's folder is refused before anything in it is rewritten
     out.mkdir(parents=True, exist_ok=True)

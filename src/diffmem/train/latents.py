@@ -26,14 +26,14 @@ from ..core.errors import InputError
 from ..core.loading import weights_hash
 from ..core.results import atomic_path, dump_json
 from .data import iter_pairs
-from .trainer import encode_images
+from .trainer import CHECKPOINT_DIR, encode_images
 
 FORMAT = 1
 
 
 # what a training run writes in its output folder (train.api, trainer): left out of the data's
 # fingerprint should that folder lie inside the data
-RUN_OUTPUTS = ("latents", "checkpoint", "checkpoint.tmp", "checkpoint.old", "model", "data_problems.json")
+RUN_OUTPUTS = ("latents", CHECKPOINT_DIR, f"{CHECKPOINT_DIR}.tmp", f"{CHECKPOINT_DIR}.old", "model", "data_problems.json")
 
 
 def source_fingerprint(source: str, run_dir: str | Path | None = None) -> str | None:

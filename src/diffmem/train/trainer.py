@@ -33,6 +33,14 @@ from ..core.errors import InputError
 MIXED_PRECISION = {"no": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
+CHECKPOINT_DIR = "checkpoint"  # in a run's output folder; swapped in through .tmp and .old beside it
+
+
+def checkpoint_state(out_dir: str | Path) -> Path:
+    """The file whose presence means ``out_dir`` holds a checkpoint to resume."""
+    return Path(out_dir) / CHECKPOINT_DIR / "state.json"
+
+
 # settings a resumed run may change; any other difference from the checkpoint's run is refused
 RESUME_MAY_CHANGE = ("steps", "warmup_steps", "checkpoint_every", "threads", "mixed_precision")
 
@@ -244,9 +252,9 @@ class Trainer:
         # fp16 gradients underflow without loss scaling; disabled, the scaler passes everything through
         scaler = torch.amp.GradScaler(dev.type, enabled=cfg.mixed_precision == "fp16")
         start = 0
-        ckpt = self.out / "checkpoint"
+        ckpt = self.out / CHECKPOINT_DIR
         run_key = self.run_key()  # of the starting weights: taken (or kept) before a checkpoint replaces them
-        if (ckpt / "state.json").exists():
+        if checkpoint_state(self.out).exists():
             start = self._resume(ckpt, unet, te, optimizer, lr_sched, emas, gen, scaler, run_key)
 
         ids_all = _tokenize(pipe, self.data.captions)
@@ -355,13 +363,13 @@ class Trainer:
     def check_resumable(self, run_key: dict | None = None) -> None:
         """Raise if ``out/checkpoint`` holds another run's checkpoint (checkpoints made before the
         run key was saved resume unchecked)."""
-        ckpt = self.out / "checkpoint"
-        if not (ckpt / "state.json").exists():
+        state = checkpoint_state(self.out)
+        if not state.exists():
             return
-        saved = json.loads((ckpt / "state.json").read_text()).get("run")
+        saved = json.loads(state.read_text()).get("run")
         run_key = json.loads(json.dumps(run_key or self.run_key()))
         if saved is not None and run_key != saved:
-            raise InputError(f"{ckpt} is a checkpoint of another training run ({_differences(saved, run_key)}); "
+            raise InputError(f"{state.parent} is a checkpoint of another training run ({_differences(saved, run_key)}); "
                              "use another output folder, or delete the checkpoint to start over")
 
     def _resume(self, ckpt: Path, unet, te, optimizer, lr_sched, emas, gen, scaler, run_key: dict) -> int:
