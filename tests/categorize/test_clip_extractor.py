@@ -72,3 +72,18 @@ def test_clip_bad_paths_and_vocabulary(tmp_path, tiny_clip_dir):
         CLIPScore(tmp_path / "nowhere")
     with pytest.raises(InputError, match="non-empty"):
         CLIPZeroShotExtractor(str(tiny_clip_dir), {})
+
+
+def test_clip_weights_only_as_pickle_are_refused_not_unpickled(tmp_path, tiny_clip_dir):
+    """A folder with config.json and pytorch_model.bin but no model.safetensors: transformers' OSError
+    reached the user as a traceback; it is a one-line input error, and the pickle is never loaded."""
+    import shutil
+
+    from diffmem.mitigate.measures import CLIPScore
+
+    folder = tmp_path / "clip-bin"
+    shutil.copytree(tiny_clip_dir, folder)
+    (folder / "model.safetensors").rename(folder / "pytorch_model.bin")
+    with pytest.raises(InputError, match="not a transformers CLIP model with safetensors weights"):
+        CLIPScore(folder)
+

