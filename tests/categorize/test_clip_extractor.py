@@ -87,3 +87,11 @@ def test_clip_weights_only_as_pickle_are_refused_not_unpickled(tmp_path, tiny_cl
     with pytest.raises(InputError, match="not a transformers CLIP model with safetensors weights"):
         CLIPScore(folder)
 
+
+def test_clip_score_needs_one_prompt_per_image(tiny_clip_dir):
+    from diffmem.mitigate.measures import CLIPScore
+
+    score = CLIPScore(tiny_clip_dir)
+    with pytest.raises(InputError, match="3 image\\(s\\) and 2 prompt"):
+        score(_images(3), ["a", "b"])
+    assert score(_images(1)[0], "a red circle").shape == (1,)

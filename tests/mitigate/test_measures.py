@@ -81,3 +81,34 @@ def test_alignment_summary_counts_only_prompts_that_name_attributes():
     assert alignment_text(means, [1.0, np.nan, 0.5]) == "alignment 0.375 -> 0.750 (over the 2 of 3 prompts that name MemLab attributes)"
     assert alignment_text([0.5], [1.0]) == "alignment 0.500 -> 1.000"
     assert alignment_text([np.nan], [np.nan]) == "alignment not measured (no prompt names a MemLab attribute)"
+
+
+def test_integer_images_are_scaled_by_their_dtype_so_a_dark_image_stays_dark():
+    """A uint8 image whose values stay at or under 1 was taken as [0, 1] floats: nearly black read as white."""
+    dark = np.zeros((1, 16, 16, 3), np.uint8)
+    dark[0, 4:8] = 1
+    as_float = dark.astype(np.float32) / 255.0
+    torch.testing.assert_close(M._to_nchw(dark), M._to_nchw(as_float))
+    torch.testing.assert_close(M.sscd_preprocess(dark), M.sscd_preprocess(as_float))
+    wide = (dark.astype(np.uint16) * 257)  # 16-bit: 257 / 65535 == 1 / 255
+    torch.testing.assert_close(M._to_nchw(wide), M._to_nchw(as_float))
+    bright = np.full((1, 16, 16, 3), 200, np.uint8)  # float images past 1 are still read as 0..255
+    torch.testing.assert_close(M._to_nchw(bright.astype(np.float32)), M._to_nchw(bright))
+
+
+def test_bad_image_batches_are_named():
+    with pytest.raises(ValueError, match="NaN or inf"):
+        M._to_nchw(np.full((1, 8, 8, 3), np.nan, np.float32))
+    with pytest.raises(ValueError, match=r"\(N, H, W, 3\)"):
+        M._to_nchw(np.zeros((2, 8, 8), np.float32))
+
+
+def test_alignment_takes_one_prompt_per_image_and_a_string_as_one_prompt():
+    from diffmem.memlab import world
+
+    img = world.render(world.Scene("red", "circle", "left", background_seed=3))
+    # a bare string was read letter by letter, and zip dropped the images past the prompts unsaid
+    assert M.memlab_alignment(img[None], "a red circle on the left")[0] == 1.0
+    assert M.memlab_alignment(img, "a red circle on the left")[0] == 1.0
+    with pytest.raises(InputError, match="2 image\\(s\\) and 1 prompt"):
+        M.memlab_alignment(np.stack([img, img]), ["a red circle on the left"])

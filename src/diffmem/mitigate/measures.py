@@ -32,10 +32,21 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
 def _to_nchw(images) -> torch.Tensor:
-    arr = np.asarray(images, dtype=np.float32)
+    """(N, 3, H, W) float in [0, 1]. Integer images are scaled by their dtype (a dark uint8 image stays
+    dark); float images are taken as [0, 1] unless their values run well past 1 (then 0..255)."""
+    raw = np.asarray(images)
+    if raw.dtype == object:
+        raise ValueError("images of different sizes: give them as a list, one measure call per size, or resize them")
+    arr = raw.astype(np.float32)
     if arr.ndim == 3:
         arr = arr[None]
-    if arr.max() > 1.5:
+    if arr.ndim != 4 or arr.shape[-1] != 3:
+        raise ValueError(f"images must be (N, H, W, 3) or (H, W, 3) RGB, got shape {raw.shape}")
+    if not np.isfinite(arr).all():
+        raise ValueError("the images hold NaN or inf values")
+    if np.issubdtype(raw.dtype, np.integer):
+        arr = arr / (65535.0 if raw.dtype == np.uint16 else 255.0)
+    elif arr.max(initial=0) > 1.5:
         arr = arr / 255.0
     return torch.from_numpy(np.ascontiguousarray(arr)).permute(0, 3, 1, 2)
 
@@ -172,6 +183,17 @@ def named_features(prompt: str) -> dict[str, str]:
     return out
 
 
+def _one_prompt_each(images, prompts) -> list[str]:
+    """The prompts as a list (a string is one prompt), one per image: zip would drop the surplus unsaid."""
+    from ..core.prompts import prompt_list
+
+    prompts = prompt_list(prompts)
+    n = len(images) if not isinstance(images, np.ndarray) or images.ndim == 4 else 1
+    if len(prompts) != n:
+        raise InputError(f"alignment scores each image against its own prompt: got {n} image(s) and {len(prompts)} prompt(s)")
+    return prompts
+
+
 def memlab_alignment_kernel(reads: list[dict], prompts: list[str]) -> np.ndarray:
     scores = []
     for rd, p in zip(reads, prompts):
@@ -188,6 +210,9 @@ class MemLabAlignment:
 
     def __call__(self, images, prompts: list[str]) -> np.ndarray:
         """images (N, H, W, 3) with one prompt each."""
+        prompts = _one_prompt_each(images, prompts)
+        if isinstance(images, np.ndarray) and images.ndim == 3:  # one image
+            images = images[None]
         return memlab_alignment_kernel(self.reader.read_many(images), prompts)
 
 
@@ -214,6 +239,7 @@ class CLIPScore:
 
     @torch.inference_mode()
     def __call__(self, images, prompts: list[str]) -> np.ndarray:
+        prompts = _one_prompt_each(images, prompts)
         x = _to_nchw(images)
         x = torch.nn.functional.interpolate(x, size=(self.size, self.size), mode="bicubic", antialias=True, align_corners=False)
         mean = torch.tensor((0.48145466, 0.4578275, 0.40821073)).view(1, 3, 1, 1)
