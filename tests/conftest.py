@@ -45,3 +45,23 @@ def memlab_manifest():
     from diffmem.memlab.verify import load_manifest
 
     return load_manifest("memlab")
+
+
+@pytest.fixture(scope="session")
+def tiny_clip_dir(tmp_path_factory):
+    """A tiny random CLIP saved locally (safetensors and tokenizer): real CLIP weights cannot be downloaded here."""
+    import torch
+    from transformers import CLIPConfig, CLIPModel
+
+    from diffmem.core.tokenizer import clip_tokenizer
+
+    torch.manual_seed(0)
+    cfg = CLIPConfig(text_config={"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2,
+                                  "num_attention_heads": 2, "max_position_embeddings": 77, "vocab_size": 49408},
+                     vision_config={"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2,
+                                    "num_attention_heads": 2, "image_size": 32, "patch_size": 8},
+                     projection_dim=16)
+    path = tmp_path_factory.mktemp("tiny-clip")
+    CLIPModel(cfg).eval().save_pretrained(path, safe_serialization=True)
+    clip_tokenizer(77).save_pretrained(path)
+    return path

@@ -165,6 +165,49 @@ def test_detect_end_to_end_with_calibration_and_long_prompt(tmp_path, tiny_pipe_
     assert json.loads((mit / "mitigation.json").read_text()) == done
 
 
+def test_mitigate_measures_any_model_against_its_training_images_and_clip(tmp_path, tiny_pipe_dir, tiny_clip_dir):
+    """Without MemLab's manifest, mitigate kept only losses; with --train-images (and --sscd / --clip) it
+    measures replication and alignment on any model. Here the training set holds the model's own
+    unmitigated generations, so every generation before mitigation is a copy of a known row."""
+    import numpy as np
+    from PIL import Image
+
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("a red circle\na blue square on the left\n")
+    common = ["--prompts", str(prompts), "--model", str(tiny_pipe_dir), "--method", "rna", "--generations", "2",
+              "--num-inference-steps", "4"]
+    r = run("mitigate", *common, "--out", str(tmp_path / "plain"))
+    assert r.returncode == 0, r.stderr
+    assert json.loads((tmp_path / "plain" / "mitigation.json").read_text())["measures"] == {}
+    before = np.load(tmp_path / "plain" / "images.npz")["before"]
+    train = tmp_path / "train"
+    train.mkdir()
+    for i in range(2):
+        for j in range(2):  # rows 2i + j, in file-name order
+            Image.fromarray((before[i, j] * 255).round().astype(np.uint8)).save(train / f"gen_{i}_{j}.png")
+    out = tmp_path / "measured"
+    r = run("mitigate", *common, "--train-images", str(train), "--clip", str(tiny_clip_dir), "--out", str(out))
+    assert r.returncode == 0, r.stderr
+    done = json.loads((out / "mitigation.json").read_text())
+    m = done["measures"]
+    assert m["replication_before"] == [1.0, 1.0] and m["nearest_before"][0] in (0, 1) and m["nearest_before"][1] in (2, 3)
+    assert len(m["alignment_before"]) == len(m["alignment_after"]) == 2 and all(abs(a) <= 1 for a in m["alignment_after"])
+    assert "4 training images from" in done["settings"]["measured_with"]["replication"]
+    assert "replication 1.000 -> " in r.stdout and "alignment: CLIP score" in r.stdout
+    assert {"replication_before", "similarity_after", "nearest_after", "alignment_after"} <= set(
+        open(out / "mitigation.csv").readline().strip().split(","))
+
+    # bad measure inputs fail before the model loads and write nothing
+    bad = tmp_path / "bad"
+    for extra, said in ((["--sscd", str(tmp_path / "sscd.pt")], "--sscd and --image-column measure replication against --train-images"),
+                        (["--train-images", str(tmp_path / "nowhere")], "dataset not found"),
+                        (["--train-images", str(train), "--sscd", str(tmp_path / "sscd.pt")], "SSCD model file not found"),
+                        (["--clip", str(tmp_path / "no-clip")], "CLIP model folder not found")):
+        r = run("mitigate", *common, *extra, "--out", str(bad))
+        assert r.returncode == 2 and said in r.stderr and "Traceback" not in r.stderr, (extra, r.stderr)
+        assert not bad.exists()
+
+
 def test_train_end_to_end_and_resume(tmp_path, tiny_pipe_dir):
     import json
 

@@ -265,6 +265,14 @@ def mitigate(
     guidance_scale: Optional[float] = GUIDANCE_SCALE,
     device: str = DEVICE,
     dtype: str = DTYPE,
+    train_images: Optional[str] = typer.Option(None, help="measure replication against these training images (an image "
+                                               "folder, .parquet / .jsonl / .csv table or saved datasets folder), on any "
+                                               "model; MemLab models are measured with MemLab's own measure without it"),
+    image_column: Optional[str] = typer.Option(None, help="image column of a --train-images table"),
+    sscd: Optional[Path] = typer.Option(None, help="SSCD TorchScript file for --train-images (cosine >= 0.5 is a copy); "
+                                        "without it, pixel correlation of thumbnails (no weights)"),
+    clip: Optional[Path] = typer.Option(None, help="local CLIP folder (transformers, safetensors): alignment as CLIP score "
+                                        "against the original prompt"),
     out: Path = typer.Option(Path("mitigate-out"), help="folder for results, image grid and loss trajectories"),
 ):
     """Mitigate memorized prompts at inference; writes before/after images, loss trajectories and measures
@@ -272,12 +280,15 @@ def mitigate(
     from .core.prompts import read_prompts
 
     texts = read_prompts(prompts, column, flagged)  # bad input fails before torch and the model load
+    if (sscd is not None or image_column is not None) and train_images is None:
+        raise InputError("--sscd and --image-column measure replication against --train-images: give it too")
     _check_writable(out)
     from .core.loading import load_pipeline
     from .detect import Calibration
     from .mitigate import BASELINES, EmbeddingOptimization
+    from .mitigate import measures as M
     from .mitigate.parts import mitigate_in_parts
-    from .mitigate.report import measure, save_outputs
+    from .mitigate.report import measure, measure_with, save_outputs
 
     if method == "embedding":
         if (target is None) == (calibration is None):
@@ -285,6 +296,14 @@ def mitigate(
         source = "given"
     elif method not in BASELINES:
         raise DiffmemError(f"unknown method {method!r}: use embedding, {', '.join(sorted(BASELINES))}")
+    # the chosen measures load (and read the training images) before the model, so a bad path costs nothing
+    replication = alignment = None
+    if train_images is not None:
+        replication = (M.SSCDReplication(sscd, train_images, progress=True, image_column=image_column) if sscd is not None
+                       else M.PixelReplication(train_images, progress=True, image_column=image_column))
+    if clip is not None:
+        alignment = M.CLIPScore(clip)
+    chosen = replication is not None or alignment is not None
     pipe = load_pipeline(model, device=device, dtype=dtype)
     d = _sampler(pipe, num_inference_steps, guidance_scale)
     kw = dict(generations=generations, seed=seed, num_inference_steps=d["num_inference_steps"], guidance_scale=d["guidance_scale"])
@@ -300,7 +319,13 @@ def mitigate(
         extra = {"rta": {"n_tokens": n_tokens}, "gni": {"sigma": sigma}}.get(method, {})
         m = BASELINES[method](pipe, **extra, **kw)
     # saved in parts of 8 prompts under OUT/parts: a killed run redoes at most one part
-    res = mitigate_in_parts(m, texts, out / "parts", measure=lambda r: measure(pipe, r), progress=True)
+    res = mitigate_in_parts(m, texts, out / "parts", progress=True)
+    # measured on the joined result, so parts saved by a run with other measures never mix theirs in
+    res.measures.update(measure_with(res, replication, alignment) if chosen else measure(pipe, res))
+    if chosen:
+        said = {"replication": replication.describe() if replication is not None else None,
+                "alignment": f"CLIP score ({clip}) against the original prompt" if alignment is not None else None}
+        res.settings = {**res.settings, "measured_with": {k: v for k, v in said.items() if v is not None}}
     summary = save_outputs(res, out)
     shutil.rmtree(out / "parts")  # the joined result holds everything they did
     out_console.print(summary)

@@ -8,24 +8,6 @@ import torch
 from diffmem.core.errors import InputError
 
 
-@pytest.fixture(scope="module")
-def tiny_clip_dir(tmp_path_factory):
-    from transformers import CLIPConfig, CLIPModel
-
-    from diffmem.core.tokenizer import clip_tokenizer
-
-    torch.manual_seed(0)
-    cfg = CLIPConfig(text_config={"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2,
-                                  "num_attention_heads": 2, "max_position_embeddings": 77, "vocab_size": 49408},
-                     vision_config={"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2,
-                                    "num_attention_heads": 2, "image_size": 32, "patch_size": 8},
-                     projection_dim=16)
-    path = tmp_path_factory.mktemp("tiny-clip")
-    CLIPModel(cfg).eval().save_pretrained(path, safe_serialization=True)
-    clip_tokenizer(77).save_pretrained(path)
-    return path
-
-
 def _images(n, seed=0):
     return np.random.default_rng(seed).integers(0, 256, (n, 24, 24, 3), dtype=np.uint8)
 

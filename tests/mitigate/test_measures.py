@@ -112,3 +112,62 @@ def test_alignment_takes_one_prompt_per_image_and_a_string_as_one_prompt():
     assert M.memlab_alignment(img, "a red circle on the left")[0] == 1.0
     with pytest.raises(InputError, match="2 image\\(s\\) and 1 prompt"):
         M.memlab_alignment(np.stack([img, img]), ["a red circle on the left"])
+
+
+def _training_folder(folder, sizes=((40, 40), (48, 32), (40, 56), (40, 40)), seed=3):
+    """Random RGB images of several sizes as PNGs, their arrays, and one broken file among them."""
+    from PIL import Image
+
+    folder.mkdir()
+    rng = np.random.default_rng(seed)
+    arrays = []
+    for i, (h, w) in enumerate(sizes):
+        arr = rng.integers(0, 256, (h, w, 3), dtype=np.uint8)
+        Image.fromarray(arr).save(folder / f"img_{i}.png")
+        arrays.append(arr)
+    (folder / "img_2b_broken.png").write_bytes(b"not a png")  # sorts between img_2 and img_3: row 3
+    return arrays
+
+
+def test_training_images_from_a_folder_map_generations_to_their_rows(tmp_path):
+    arrays = _training_folder(tmp_path / "train")
+    rep = M.PixelReplication(tmp_path / "train")
+    assert list(rep.train.rows) == [0, 1, 2, 4] and [r for r, _ in rep.train.skipped] == [3]
+    assert "unreadable image" in rep.train.skipped[0][1] and "1 unreadable left out; row 3" in rep.describe()
+    # the same images as an in-memory list (sizes differ) give the same features
+    listed = M.PixelReplication(arrays)
+    torch.testing.assert_close(listed.train.features, rep.train.features)
+    gens = np.stack([np.asarray(arrays[3], np.float32) / 255.0, np.random.default_rng(9).uniform(size=(40, 40, 3))])
+    out = rep(gens)
+    assert list(out["replicated"]) == [True, False] and out["nearest"][0] == 4  # row 4 of the folder, the 4th readable
+    assert out["similarity"][0] == pytest.approx(1.0, abs=1e-5)
+
+
+def test_sscd_reads_a_training_folder_in_shards(tmp_path):
+    class Embed(torch.nn.Module):
+        def forward(self, x):
+            return torch.nn.functional.adaptive_avg_pool2d(x, 8).flatten(1)
+
+    model = tmp_path / "sscd.pt"
+    torch.jit.script(Embed()).save(str(model))
+    arrays = _training_folder(tmp_path / "train")
+    rep = M.SSCDReplication(model, tmp_path / "train", batch_size=2)
+    whole = M.SSCDReplication(model, [arrays[i] for i in (0, 1, 2, 3)], batch_size=3)
+    torch.testing.assert_close(rep.train.features, whole.train.features)
+    out = rep([arrays[1]])
+    assert out["nearest"][0] == 1 and out["similarity"][0] == pytest.approx(1.0, abs=1e-5) and out["replicated"][0]
+
+
+def test_training_images_that_cannot_serve_are_named(tmp_path):
+    (tmp_path / "broken").mkdir()
+    (tmp_path / "broken" / "a.png").write_bytes(b"nope")
+    with pytest.raises(InputError, match="none of its 1 images can be read \\(row 0: unreadable image"):
+        M.PixelReplication(tmp_path / "broken")
+    with pytest.raises(InputError, match="dataset not found"):
+        M.PixelReplication(tmp_path / "missing")
+    table = tmp_path / "captions.csv"
+    table.write_text("caption\na red circle\n")
+    with pytest.raises(InputError, match="no images to compare"):
+        M.PixelReplication(table)
+    with pytest.raises(InputError, match="no training images"):
+        M.PixelReplication(np.zeros((0, 8, 8, 3), np.float32))

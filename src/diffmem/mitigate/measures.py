@@ -88,24 +88,96 @@ def load_torchscript(path: str | Path):
                          f"sscd_disc_mixup.torchscript.pt): {str(e).splitlines()[0]}") from None
 
 
+def _each(featurize, images) -> torch.Tensor:
+    """``featurize`` over an (N, H, W, 3) batch at once, or image by image for a list (sizes may differ)."""
+    if isinstance(images, np.ndarray) or torch.is_tensor(images):
+        return featurize(images)
+    return torch.cat([featurize(np.asarray(im)) for im in images])
+
+
+class TrainingImages:
+    """Features of the training images a replication measure compares generations with, and the row
+    each came from.
+
+    ``images``: an (N, H, W, 3) array or a list of images (rows 0..N-1), or a dataset as the scan
+    reads it (an image folder, a .parquet / .jsonl / .csv table, a saved ``datasets`` folder, or a
+    ``diffmem.scan`` source), read ``shard_size`` rows at a time so only the features stay in memory.
+    Rows whose image cannot be read are left out and listed in ``skipped`` (row, why).
+    """
+
+    def __init__(self, images, featurize, batch_size: int = 32, shard_size: int = 256, progress: bool = False,
+                 image_column: str | None = None):
+        from ..scan.sources import Source, open_source, shards
+
+        self.skipped: list[tuple[int, str]] = []
+        if isinstance(images, (str, Path, Source)):
+            source = open_source(images, image_column=image_column)
+            if not source.has_images:
+                raise InputError(f"{images}: the data set holds no images to compare generations with")
+            self.name = str(images)
+            feats, rows = [], []
+            from tqdm.auto import tqdm
+
+            with tqdm(total=len(source), desc="training images", unit="image", disable=not progress) as bar:
+                for _, start, stop in shards(source, shard_size):
+                    batch = source.rows(start, stop)
+                    self.skipped += [(r.row, r.image_issue or "no image") for r in batch if r.image is None]
+                    good = [r for r in batch if r.image is not None]
+                    for i in range(0, len(good), batch_size):
+                        feats.append(featurize([r.image for r in good[i : i + batch_size]]))
+                        rows += [r.row for r in good[i : i + batch_size]]
+                    bar.update(stop - start)
+            if not feats:
+                raise InputError(f"{images}: none of its {len(source)} images can be read "
+                                 f"(row {self.skipped[0][0]}: {self.skipped[0][1]})")
+            self.features, self.rows = torch.cat(feats), np.asarray(rows)
+        else:
+            if len(images) == 0:
+                raise InputError("no training images to compare generations with")
+            self.name = f"{len(images)} images"
+            self.features = torch.cat([featurize(images[i : i + batch_size]) for i in range(0, len(images), batch_size)])
+            self.rows = np.arange(len(self.features))
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def describe(self) -> str:
+        text = f"{len(self)} training images from {self.name}"
+        if self.skipped:
+            row, why = self.skipped[0]
+            text += f" ({len(self.skipped)} unreadable left out; row {row}: {why})"
+        return text
+
+    def nearest(self, gen_features: torch.Tensor) -> dict:
+        sim, idx = max_cosine(gen_features, self.features)
+        return {"similarity": sim, "nearest": self.rows[idx]}
+
+
 class SSCDReplication:
+    """SSCD copy detection (TorchScript file); ``train_images`` as ``TrainingImages`` takes them."""
+
     threshold = 0.5
 
-    def __init__(self, model_path: str | Path, train_images, batch_size: int = 32):
+    def __init__(self, model_path: str | Path, train_images, batch_size: int = 32, progress: bool = False,
+                 image_column: str | None = None):
+        self.model_path = str(model_path)
         self.model = load_torchscript(model_path)
         self.batch_size = batch_size
-        self.train = self.embed(train_images)
+        self.train = TrainingImages(train_images, self.embed, batch_size, progress=progress, image_column=image_column)
+
+    def describe(self) -> str:
+        return f"SSCD ({self.model_path}) cosine >= {self.threshold} to the nearest of {self.train.describe()}"
 
     @torch.inference_mode()
     def embed(self, images) -> torch.Tensor:
         out = []
         for i in range(0, len(images), self.batch_size):
-            out.append(self.model(sscd_preprocess(images[i : i + self.batch_size])))
+            out.append(self.model(_each(sscd_preprocess, images[i : i + self.batch_size])))
         return torch.cat(out)
 
     def __call__(self, images) -> dict:
-        sim, idx = max_cosine(self.embed(images), self.train)
-        return {"similarity": sim, "nearest": idx, "replicated": sim >= self.threshold}
+        m = self.train.nearest(self.embed(images))
+        return {**m, "replicated": m["similarity"] >= self.threshold}
 
 
 def sscd_replication(images, train_images, model_path) -> dict:
@@ -123,12 +195,19 @@ class PixelReplication:
 
     threshold = 0.95
 
-    def __init__(self, train_images):
-        self.train = _thumbs(train_images)
+    def __init__(self, train_images, progress: bool = False, image_column: str | None = None):
+        self.train = TrainingImages(train_images, self.thumbs, progress=progress, image_column=image_column)
+
+    def describe(self) -> str:
+        return f"pixel correlation (grey 64x64 thumbnails, no weights) >= {self.threshold} to the nearest of {self.train.describe()}"
+
+    @staticmethod
+    def thumbs(images) -> torch.Tensor:
+        return _each(_thumbs, images)
 
     def __call__(self, images) -> dict:
-        sim, idx = max_cosine(_thumbs(images), self.train)
-        return {"similarity": sim, "nearest": idx, "replicated": sim >= self.threshold}
+        m = self.train.nearest(self.thumbs(images))
+        return {**m, "replicated": m["similarity"] >= self.threshold}
 
 
 def pixel_replication(images, train_images) -> dict:

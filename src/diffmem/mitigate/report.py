@@ -6,6 +6,7 @@ from pathlib import Path
 
 import numpy as np
 
+from ..core.errors import InputError
 from .result import MitigationResult
 
 
@@ -34,6 +35,39 @@ def measure(pipe, res: MitigationResult) -> dict:
         a = align(flat, prompts_flat).reshape(p, s)
         out[f"replication_{when}"] = r.mean(axis=1).tolist()
         out[f"alignment_{when}"] = _mean_of_named(a).tolist()
+    return out
+
+
+MEASURE_BATCH = 32  # generations measured at once: CLIP and SSCD activations stay small
+
+
+def measure_with(res: MitigationResult, replication=None, alignment=None) -> dict:
+    """Replication and alignment before and after, per prompt, with measures the caller chose: any
+    model's generations against its training images (``SSCDReplication`` or ``PixelReplication``)
+    and against the original prompt (``CLIPScore``, or ``MemLabAlignment``).
+
+    Per prompt: ``replication_*`` the share of its generations at or above the measure's threshold,
+    ``similarity_*`` their mean similarity to the nearest training image, ``nearest_*`` the training
+    row nearest to its most similar generation; ``alignment_*`` the mean alignment."""
+    if res.images_before is None:
+        raise InputError("this mitigation result holds no images to measure (it was run without generating them)")
+    p, s = res.images_before.shape[:2]
+    prompts_flat = [pr for pr in res.prompts for _ in range(s)]
+    out = {}
+    for when, imgs in (("before", res.images_before), ("after", res.images_after)):
+        flat = imgs.reshape(p * s, *imgs.shape[2:])
+        chunks = range(0, len(flat), MEASURE_BATCH)
+        if replication is not None:
+            found = [replication(flat[i : i + MEASURE_BATCH]) for i in chunks]
+            sim = np.concatenate([f["similarity"] for f in found]).reshape(p, s)
+            near = np.concatenate([f["nearest"] for f in found]).reshape(p, s)
+            copied = np.concatenate([f["replicated"] for f in found]).astype(bool).reshape(p, s)
+            out[f"replication_{when}"] = copied.mean(axis=1).tolist()
+            out[f"similarity_{when}"] = sim.mean(axis=1).tolist()
+            out[f"nearest_{when}"] = near[np.arange(p), sim.argmax(axis=1)].tolist()
+        if alignment is not None:
+            a = np.concatenate([alignment(flat[i : i + MEASURE_BATCH], prompts_flat[i : i + MEASURE_BATCH]) for i in chunks])
+            out[f"alignment_{when}"] = _mean_of_named(np.asarray(a, float).reshape(p, s)).tolist()
     return out
 
 
@@ -78,7 +112,13 @@ def save_outputs(res: MitigationResult, out: str | Path) -> str:
             lines.append(f"{len(cut)} rewrite(s) longer than the model reads: words added past the cut are not read "
                          "(column mitigated_truncated)")
     m = res.measures
+    said = []
     if "replication_before" in m:
-        lines.append(f"replication {np.mean(m['replication_before']):.3f} -> {np.mean(m['replication_after']):.3f}; "
-                     + alignment_text(m["alignment_before"], m["alignment_after"]))
+        said.append(f"replication {np.mean(m['replication_before']):.3f} -> {np.mean(m['replication_after']):.3f}")
+    if "alignment_before" in m:
+        said.append(alignment_text(m["alignment_before"], m["alignment_after"]))
+    if said:
+        lines.append("; ".join(said))
+    for what, how in res.settings.get("measured_with", {}).items():
+        lines.append(f"{what}: {how}")
     return "\n".join(lines)

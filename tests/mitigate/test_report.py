@@ -1,0 +1,61 @@
+"""Measuring a mitigation with the measures a user chose (any model) and its written summary."""
+
+import numpy as np
+import pytest
+
+from diffmem.core.errors import InputError
+from diffmem.mitigate import MitigationResult
+from diffmem.mitigate import measures as M
+from diffmem.mitigate.report import measure_with, save_outputs
+
+
+def _result(before, after, prompts):
+    p = len(prompts)
+    return MitigationResult("rna", prompts, {"seed": 0}, [0, 1], np.ones(p), np.ones(p), [[] for _ in prompts],
+                            np.zeros(p, int), np.ones(p, bool), [q + " 12" for q in prompts],
+                            images_before=before, images_after=after)
+
+
+def test_measure_with_counts_copies_per_prompt_and_names_the_training_row(tmp_path, monkeypatch):
+    import diffmem.mitigate.report as report
+
+    monkeypatch.setattr(report, "MEASURE_BATCH", 3)  # batches that cut across prompts
+    rng = np.random.default_rng(0)
+    train = rng.uniform(size=(6, 32, 32, 3)).astype(np.float32)
+    noise = lambda: rng.uniform(size=(32, 32, 3)).astype(np.float32)  # noqa: E731
+    # prompt 0: both generations copy training image 4; prompt 1: one of two copies image 2
+    before = np.stack([[train[4], train[4]], [noise(), train[2]]])
+    after = np.stack([[noise(), noise()], [noise(), noise()]])
+    seen = []
+
+    def alignment(images, prompts):
+        seen.extend(prompts)
+        return np.array([float(im.mean() > 0.0) for im in images])
+
+    res = _result(before, after, ["a copied prompt", "a half copied prompt"])
+    m = measure_with(res, M.PixelReplication(train), alignment)
+    assert m["replication_before"] == [1.0, 0.5] and m["replication_after"] == [0.0, 0.0]
+    assert m["nearest_before"] == [4, 2]
+    assert m["similarity_before"][0] == pytest.approx(1.0, abs=1e-5) and m["similarity_after"][0] < 0.5
+    assert m["alignment_before"] == [1.0, 1.0]
+    # alignment is always against the prompt the user wrote, never the rewrite
+    assert seen[:4] == ["a copied prompt"] * 2 + ["a half copied prompt"] * 2 and all(" 12" not in p for p in seen)
+
+    res.measures.update(m)
+    res.settings = {**res.settings, "measured_with": {"replication": "pixel correlation of thumbnails"}}
+    summary = save_outputs(res, tmp_path / "out")
+    assert "replication 0.750 -> 0.000; alignment 1.000 -> 1.000" in summary
+    assert "replication: pixel correlation of thumbnails" in summary
+    loaded = MitigationResult.load(tmp_path / "out")
+    assert loaded.measures["nearest_before"] == [4, 2] and loaded.settings["measured_with"]["replication"].startswith("pixel")
+    frame = loaded.to_frame()
+    assert list(frame["replication_before"]) == [1.0, 0.5] and "similarity_after" in frame
+
+
+def test_measure_with_only_one_measure_and_without_images():
+    rng = np.random.default_rng(1)
+    imgs = rng.uniform(size=(1, 2, 16, 16, 3)).astype(np.float32)
+    m = measure_with(_result(imgs, imgs, ["a red circle on the left"]), alignment=lambda im, p: np.full(len(im), 0.25))
+    assert m == {"alignment_before": [0.25], "alignment_after": [0.25]}
+    with pytest.raises(InputError, match="holds no images"):
+        measure_with(_result(None, None, ["a"]), M.PixelReplication(imgs[0]))
