@@ -171,3 +171,56 @@ def test_training_images_that_cannot_serve_are_named(tmp_path):
         M.PixelReplication(table)
     with pytest.raises(InputError, match="no training images"):
         M.PixelReplication(np.zeros((0, 8, 8, 3), np.float32))
+
+
+def test_training_features_are_cached_by_shard_and_a_killed_run_redoes_one(tmp_path, monkeypatch):
+    """Reading and embedding a real training set is the slow part of measuring (SSCD on a CPU): a rerun
+    reads the features back, a run killed midway keeps the shards it finished, and changed data or
+    other weights are never served stale features."""
+    monkeypatch.setenv("DIFFMEM_CACHE", str(tmp_path / "cache"))
+    arrays = _training_folder(tmp_path / "train", sizes=((32, 32),) * 5)
+    calls = []
+    real = M._featurize_shard
+
+    def counting(batch, featurize, batch_size):
+        calls.append([r.row for r in batch])
+        return real(batch, featurize, batch_size)
+
+    monkeypatch.setattr(M, "_featurize_shard", counting)
+    first = M.TrainingImages(tmp_path / "train", M.PixelReplication.thumbs, shard_size=2, identity="pixel")
+    assert calls == [[0, 1], [2, 3], [4, 5]] and [r for r, _ in first.skipped] == [3]
+    calls.clear()
+    again = M.TrainingImages(tmp_path / "train", M.PixelReplication.thumbs, shard_size=2, identity="pixel")
+    assert calls == [] and again.skipped == first.skipped and list(again.rows) == list(first.rows)
+    torch.testing.assert_close(again.features, first.features)
+    # another featurizer identity (other SSCD weights) has entries of its own
+    M.TrainingImages(tmp_path / "train", M.PixelReplication.thumbs, shard_size=2, identity="other")
+    assert len(calls) == 3
+    calls.clear()
+
+    # killed while reading the second shard: the rerun reads shard 1 back and computes the rest
+    from PIL import Image
+
+    Image.fromarray(arrays[0][::-1].copy()).save(tmp_path / "train" / "img_0.png")  # changed data: new entries
+
+    def dies_on_row_2(batch, featurize, batch_size):
+        if batch[0].row == 2:
+            raise KeyboardInterrupt
+        return counting(batch, featurize, batch_size)
+
+    monkeypatch.setattr(M, "_featurize_shard", dies_on_row_2)
+    with pytest.raises(KeyboardInterrupt):
+        M.TrainingImages(tmp_path / "train", M.PixelReplication.thumbs, shard_size=2, identity="pixel")
+    assert calls == [[0, 1]]
+    calls.clear()
+    monkeypatch.setattr(M, "_featurize_shard", counting)
+    resumed = M.TrainingImages(tmp_path / "train", M.PixelReplication.thumbs, shard_size=2, identity="pixel")
+    assert calls == [[2, 3], [4, 5]]
+    fresh = M.TrainingImages([np.asarray(Image.open(tmp_path / "train" / f"img_{i}.png")) for i in range(5)],
+                             M.PixelReplication.thumbs)
+    torch.testing.assert_close(resumed.features, fresh.features)  # the changed image, not its stale features
+
+    monkeypatch.setenv("DIFFMEM_CACHE", "off")  # no cache: computed every time, nothing written
+    calls.clear()
+    M.TrainingImages(tmp_path / "train", M.PixelReplication.thumbs, shard_size=2, identity="pixel")
+    assert len(calls) == 3

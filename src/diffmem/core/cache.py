@@ -73,3 +73,19 @@ def save_arrays(kind: str, key: str, arrays: dict[str, np.ndarray]) -> Path | No
         warnings.warn(f"could not write cache entry {path}: {e}", stacklevel=2)
         return None
     return path
+
+
+def files_fingerprint(source, skip=()) -> str | None:
+    """A hash of a local file's or folder's file names, sizes and modification times (files under
+    the ``skip`` folders left out); None for anything else (``memlab``, a hub id, a Dataset object)."""
+    if not isinstance(source, (str, os.PathLike)) or str(source) == "memlab" or not Path(source).exists():
+        return None
+    p = Path(source)
+    skip = [Path(s).resolve() for s in skip]
+    files = [p] if p.is_file() else sorted(f for f in p.rglob("*") if f.is_file()
+                                           and not any(f.resolve().is_relative_to(s) for s in skip))
+    h = hashlib.sha256()
+    for f in files:
+        st = f.stat()
+        h.update(f"{f.relative_to(p) if f != p else f.name}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
+    return h.hexdigest()[:16]

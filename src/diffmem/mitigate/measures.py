@@ -25,6 +25,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ..core.cache import content_key, files_fingerprint
 from ..core.errors import InputError
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -95,6 +96,38 @@ def _each(featurize, images) -> torch.Tensor:
     return torch.cat([featurize(np.asarray(im)) for im in images])
 
 
+FEATURES_KIND = "training_image_features"  # the cache folder; in every key, so a format change is a new name
+
+
+def _featurize_shard(batch, featurize, batch_size: int) -> tuple[torch.Tensor, list[int], list[tuple[int, str]]]:
+    """(features, rows, skipped) of one shard's rows; unreadable images are skipped, not fatal."""
+    skipped = [(r.row, r.image_issue or "no image") for r in batch if r.image is None]
+    good = [r for r in batch if r.image is not None]
+    feats = [featurize([r.image for r in good[i : i + batch_size]]) for i in range(0, len(good), batch_size)]
+    return (torch.cat(feats) if feats else torch.zeros(0)), [r.row for r in good], skipped
+
+
+def _load_shard(key: str):
+    import json
+
+    from ..core.cache import load_arrays
+
+    saved = load_arrays(FEATURES_KIND, key)
+    if saved is None:
+        return None
+    skipped = [tuple(s) for s in json.loads(saved["skipped"].tobytes().decode())]
+    return torch.from_numpy(saved["features"]), saved["rows"].tolist(), skipped
+
+
+def _save_shard(key: str, features: torch.Tensor, rows: list[int], skipped: list) -> None:
+    import json
+
+    from ..core.cache import save_arrays
+
+    save_arrays(FEATURES_KIND, key, {"features": features.numpy(), "rows": np.asarray(rows, np.int64),
+                                     "skipped": np.frombuffer(json.dumps(skipped).encode(), np.uint8)})
+
+
 class TrainingImages:
     """Features of the training images a replication measure compares generations with, and the row
     each came from.
@@ -103,10 +136,15 @@ class TrainingImages:
     reads it (an image folder, a .parquet / .jsonl / .csv table, a saved ``datasets`` folder, or a
     ``diffmem.scan`` source), read ``shard_size`` rows at a time so only the features stay in memory.
     Rows whose image cannot be read are left out and listed in ``skipped`` (row, why).
+
+    A local dataset's features are kept shard by shard in diffmem's disk cache (``core.cache``),
+    named by the dataset's path and files (names, sizes, modification times), the featurizer's
+    ``identity`` and the shard: a killed run redoes one shard, and the next run on the same data
+    reads them back.
     """
 
-    def __init__(self, images, featurize, batch_size: int = 32, shard_size: int = 256, progress: bool = False,
-                 image_column: str | None = None):
+    def __init__(self, images, featurize, batch_size: int = 32, shard_size: int = 32, progress: bool = False,
+                 image_column: str | None = None, identity: str | None = None):
         from ..scan.sources import Source, open_source, shards
 
         self.skipped: list[tuple[int, str]] = []
@@ -115,22 +153,27 @@ class TrainingImages:
             if not source.has_images:
                 raise InputError(f"{images}: the data set holds no images to compare generations with")
             self.name = str(images)
+            fingerprint = files_fingerprint(images) if identity is not None else None
             feats, rows = [], []
             from tqdm.auto import tqdm
 
             with tqdm(total=len(source), desc="training images", unit="image", disable=not progress) as bar:
                 for _, start, stop in shards(source, shard_size):
-                    batch = source.rows(start, stop)
-                    self.skipped += [(r.row, r.image_issue or "no image") for r in batch if r.image is None]
-                    good = [r for r in batch if r.image is not None]
-                    for i in range(0, len(good), batch_size):
-                        feats.append(featurize([r.image for r in good[i : i + batch_size]]))
-                        rows += [r.row for r in good[i : i + batch_size]]
+                    key = fingerprint and content_key(FEATURES_KIND, identity, str(Path(images).resolve()), fingerprint,
+                                                      str(image_column), f"{start}:{stop}", torch.__version__)
+                    shard = _load_shard(key) if key else None
+                    if shard is None:
+                        shard = _featurize_shard(source.rows(start, stop), featurize, batch_size)
+                        if key:
+                            _save_shard(key, *shard)
+                    feats.append(shard[0])
+                    rows += shard[1]
+                    self.skipped += shard[2]
                     bar.update(stop - start)
-            if not feats:
+            if not rows:
                 raise InputError(f"{images}: none of its {len(source)} images can be read "
                                  f"(row {self.skipped[0][0]}: {self.skipped[0][1]})")
-            self.features, self.rows = torch.cat(feats), np.asarray(rows)
+            self.features, self.rows = torch.cat([f for f in feats if len(f)]), np.asarray(rows)
         else:
             if len(images) == 0:
                 raise InputError("no training images to compare generations with")
@@ -153,6 +196,16 @@ class TrainingImages:
         return {"similarity": sim, "nearest": self.rows[idx]}
 
 
+def _file_hash(path) -> str:
+    import hashlib
+
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()[:16]
+
+
 class SSCDReplication:
     """SSCD copy detection (TorchScript file); ``train_images`` as ``TrainingImages`` takes them."""
 
@@ -163,7 +216,9 @@ class SSCDReplication:
         self.model_path = str(model_path)
         self.model = load_torchscript(model_path)
         self.batch_size = batch_size
-        self.train = TrainingImages(train_images, self.embed, batch_size, progress=progress, image_column=image_column)
+        identity = f"sscd:{_file_hash(model_path)}"  # cached training features belong to these weights only
+        self.train = TrainingImages(train_images, self.embed, batch_size, progress=progress, image_column=image_column,
+                                    identity=identity)
 
     def describe(self) -> str:
         return f"SSCD ({self.model_path}) cosine >= {self.threshold} to the nearest of {self.train.describe()}"
@@ -196,7 +251,8 @@ class PixelReplication:
     threshold = 0.95
 
     def __init__(self, train_images, progress: bool = False, image_column: str | None = None):
-        self.train = TrainingImages(train_images, self.thumbs, progress=progress, image_column=image_column)
+        self.train = TrainingImages(train_images, self.thumbs, progress=progress, image_column=image_column,
+                                    identity="pixel-thumbs-64")
 
     def describe(self) -> str:
         return f"pixel correlation (grey 64x64 thumbnails, no weights) >= {self.threshold} to the nearest of {self.train.describe()}"

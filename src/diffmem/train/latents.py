@@ -14,7 +14,6 @@ seconds).
 
 from __future__ import annotations
 
-import hashlib
 import json
 import shutil
 from pathlib import Path
@@ -22,6 +21,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
+from ..core.cache import files_fingerprint
 from ..core.errors import InputError
 from ..core.loading import weights_hash
 from ..core.results import atomic_path, dump_json
@@ -39,17 +39,7 @@ RUN_OUTPUTS = ("latents", CHECKPOINT_DIR, f"{CHECKPOINT_DIR}.tmp", f"{CHECKPOINT
 def source_fingerprint(source: str, run_dir: str | Path | None = None) -> str | None:
     """A hash of a local source's file names, sizes and modification times; None for others.
     ``run_dir``'s own outputs (``RUN_OUTPUTS``) are left out."""
-    p = Path(source)
-    if source == "memlab" or not p.exists():
-        return None
-    skip = [(Path(run_dir) / name).resolve() for name in RUN_OUTPUTS] if run_dir is not None else []
-    files = [p] if p.is_file() else sorted(f for f in p.rglob("*") if f.is_file()
-                                           and not any(f.resolve().is_relative_to(s) for s in skip))
-    h = hashlib.sha256()
-    for f in files:
-        st = f.stat()
-        h.update(f"{f.relative_to(p) if f != p else f.name}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
-    return h.hexdigest()[:16]
+    return files_fingerprint(source, skip=[Path(run_dir) / name for name in RUN_OUTPUTS] if run_dir is not None else ())
 
 
 def encode_source(pipe, source: str, size: int, caption_column: str | None = None, folder: str | Path | None = None,
