@@ -753,7 +753,8 @@ def audit(
     prompts: Optional[Path] = typer.Option(None, help="prompts to audit (.txt / .jsonl / .csv / .parquet); default: MemLab's audit set"),
     column: Optional[str] = typer.Option(None, help="prompt column of a .csv / .jsonl file"),
     reference: Optional[Path] = typer.Option(None, help="non-memorized prompts to calibrate on; default: MemLab's reference set"),
-    train_data: Optional[str] = typer.Option(None, help="training data to scan (as for diffmem scan: memlab, a folder, a table file)"),
+    train_data: Optional[str] = typer.Option(None, help="training data to scan (as for diffmem scan: memlab, a folder, a table file); "
+                                             "a model without MemLab's manifest has its mitigation measured against it"),
     out: Path = typer.Option(Path("audit"), help="folder for each stage's results and report.html"),
     fpr: float = typer.Option(0.01, callback=_rate, help="calibrated false-positive rate"),
     seed: int = typer.Option(0),

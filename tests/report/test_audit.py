@@ -250,3 +250,39 @@ def test_a_stage_in_another_dtype_is_redone(tiny_pipe_dir, tmp_path):
     assert detect_status("bfloat16") == "done"  # half precision scores differently: redone
     assert AuditResult.load(out).settings["runs_on"] == {"device": "cpu", "dtype": "torch.bfloat16"}
     assert detect_status("bfloat16") == "reused"
+
+
+def test_a_non_memlab_audit_measures_mitigation_against_its_training_data(tiny_pipe_dir, tmp_path):
+    """Without MemLab's manifest the mitigate stage kept only losses; with --train-data it measures
+    replication against those images. The training set here is the model's own unmitigated
+    generations of the flagged prompts, so every one of them replicates before mitigation."""
+    from PIL import Image
+
+    from diffmem.mitigate import MitigationResult
+
+    prompts, reference = tmp_path / "p.txt", tmp_path / "r.txt"
+    prompts.write_text("\n".join(f"a <red> circle number {i}" for i in range(6)) + "\n")
+    reference.write_text("\n".join(f"reference prompt {i}" for i in range(12)) + "\n")
+    common = dict(model=str(tiny_pipe_dir), prompts=str(prompts), reference=str(reference), steps=(0,), grid=False,
+                  fpr=0.5, mitigate_iters=2, mitigate_generations=2, max_mitigate=2)
+    out = tmp_path / "audit"
+    first = Audit(AuditSettings(**common, skip=("explain", "categorize")), out, progress=False).run()
+    assert "replication_before" not in first.stages["mitigate"]["summary"]
+    plain = MitigationResult.load(out / "mitigate")
+    assert len(plain.prompts) >= 1
+    train = tmp_path / "train <data>"
+    train.mkdir()
+    for i, gens in enumerate(plain.images_before):
+        for j, im in enumerate(gens):
+            Image.fromarray((im * 255).round().astype(np.uint8)).save(train / f"gen_{i}_{j}.png")
+            (train / f"gen_{i}_{j}.txt").write_text(plain.prompts[i])
+    again = Audit(AuditSettings(**common, train_data=str(train), skip=("explain", "categorize", "scan")), out,
+                  progress=False).run()
+    assert again.stages["detect"]["status"] == "reused" and again.stages["mitigate"]["status"] == "done"
+    summary = again.stages["mitigate"]["summary"]
+    assert summary["replication_before"] == 1.0 and "pixel correlation" in summary["replication_measure"]
+    measured = MitigationResult.load(out / "mitigate")
+    assert measured.measures["replication_before"] == [1.0] * len(plain.prompts)
+    html = (out / "report.html").read_text()
+    assert "train &lt;data&gt;" in html and "train <data>" not in html  # the path is escaped
+    assert "replication before → after mitigation" in html and "alignment before → after" not in html

@@ -28,7 +28,7 @@ class AuditSettings:
     prompts: str | None = None  # None: MemLab's audit prompt set (needs a MemLab model)
     column: str | None = None
     reference: str | None = None  # non-memorized prompts for calibration; None: MemLab's reference set
-    train_data: str | None = None  # a training set to scan (diffmem scan's sources)
+    train_data: str | None = None  # a training set to scan (diffmem scan's sources); non-MemLab mitigation is measured against it
     fpr: float = 0.01
     seed: int = 0
     generations: int = 1  # detection: seeded generations averaged per prompt
@@ -204,7 +204,7 @@ class Audit:
         if resolved.exists() or looks_like_path(settings.model):  # hub ids are checked when they load
             check_pipeline_folder(resolved)
         self.prompts = resolve_prompts(settings)
-        if settings.train_data is not None and "scan" not in settings.skip:
+        if settings.train_data is not None and not {"scan", "mitigate"} <= set(settings.skip):
             from ..scan.sources import open_source
 
             open_source(settings.train_data)
@@ -427,11 +427,17 @@ class Audit:
         settings = {"seed": s.seed, "generations": s.mitigate_generations, "iters": s.mitigate_iters, "lr": s.mitigate_lr,
                     "loss_steps": s.mitigate_loss_steps, "positions": s.mitigate_positions, "rewrite": s.mitigate_rewrite,
                     "max": s.max_mitigate}
+        # a model without MemLab's manifest is measured against the training data, when given: pixel
+        # correlation, no weights (the key gains it only then, so MemLab audits keep theirs)
+        against = s.train_data if self.manifest is None and s.train_data is not None else None
+        if against is not None:
+            settings["replication_against"] = str(against)
 
         def work(folder: Path, key: str) -> dict:
             from ..mitigate import EmbeddingOptimization
+            from ..mitigate.measures import PixelReplication
             from ..mitigate.parts import mitigate_in_parts
-            from ..mitigate.report import measure
+            from ..mitigate.report import measure, measure_with
 
             prompts = self.flagged(s.max_mitigate)
             if not prompts:
@@ -446,14 +452,20 @@ class Audit:
                 rewrite=s.mitigate_rewrite,
                 num_inference_steps=self.sampler["num_inference_steps"], guidance_scale=self.sampler["guidance_scale"])
             cal.save(folder / "target_calibration.json")
-            merged = mitigate_in_parts(m, prompts, folder / "parts", measure=lambda r: measure(self.pipe, r),
-                                       progress=self.progress, stale="restart")
+            replication = PixelReplication(against, progress=self.progress) if against is not None else None
+            merged = mitigate_in_parts(m, prompts, folder / "parts", progress=self.progress, stale="restart")
+            # measured on the joined result, so parts saved by a run with other measures never mix theirs in
+            merged.measures.update(measure_with(merged, replication) if replication is not None else measure(self.pipe, merged))
+            if replication is not None:
+                merged.settings = {**merged.settings, "measured_with": {"replication": replication.describe()}}
             merged.save(folder)
             for i in range(len(merged.prompts)):
                 _before_after_png(merged, i, folder / f"prompt_{i:04d}.png")
             ms = merged.measures
             summary = {"n_prompts": len(prompts), "n_unreached": len(merged.unreached), "settings": merged.settings,
                        "seeds": merged.seeds, "target": cal.threshold}
+            if replication is not None:
+                summary["replication_measure"] = replication.describe()
             for k in ("replication_before", "replication_after", "alignment_before", "alignment_after"):
                 if k in ms:  # alignment is NaN for a prompt that names no MemLab attribute
                     values = np.asarray(ms[k], float)
