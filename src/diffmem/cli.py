@@ -267,7 +267,7 @@ def mitigate(
     dtype: str = DTYPE,
     train_images: Optional[str] = typer.Option(None, help="measure replication against these training images (an image "
                                                "folder, .parquet / .jsonl / .csv table or saved datasets folder), on any "
-                                               "model; MemLab models are measured with MemLab's own measure without it"),
+                                               "model (MemLab models are measured by their manifest without it)"),
     image_column: Optional[str] = typer.Option(None, help="image column of a --train-images table"),
     sscd: Optional[Path] = typer.Option(None, help="SSCD TorchScript file for --train-images (cosine >= 0.5 is a copy); "
                                         "without it, pixel correlation of thumbnails (no weights)"),
@@ -321,8 +321,10 @@ def mitigate(
     # saved in parts of 8 prompts under OUT/parts: a killed run redoes at most one part
     res = mitigate_in_parts(m, texts, out / "parts", progress=True)
     # measured on the joined result, so parts saved by a run with other measures never mix theirs in
-    res.measures.update(measure_with(res, replication, alignment) if chosen else measure(pipe, res))
+    if replication is None or alignment is None:  # MemLab's own measures fill what was not chosen
+        res.measures.update(measure(pipe, res))
     if chosen:
+        res.measures.update(measure_with(res, replication, alignment))
         said = {"replication": replication.describe() if replication is not None else None,
                 "alignment": f"CLIP score ({clip}) against the original prompt" if alignment is not None else None}
         res.settings = {**res.settings, "measured_with": {k: v for k, v in said.items() if v is not None}}
