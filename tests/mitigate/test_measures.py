@@ -32,13 +32,20 @@ def test_sscd_preprocessing_shape_and_normalisation():
     np.testing.assert_allclose(x[0, :, 100, 100].numpy(), (0.5 - np.array(M.IMAGENET_MEAN)) / np.array(M.IMAGENET_STD), rtol=1e-4)
 
 
-def test_sscd_with_a_torchscript_stand_in(tmp_path):
-    class Embed(torch.nn.Module):
-        def forward(self, x):
-            return torch.nn.functional.adaptive_avg_pool2d(x, 4).flatten(1)
+class _PooledPixels(torch.nn.Module):
+    """An SSCD stand-in (SSCD's weights cannot be downloaded here): 8x8 pooled pixels as the embedding."""
 
-    path = tmp_path / "fake_sscd.pt"
-    torch.jit.script(Embed()).save(str(path))
+    def forward(self, x):
+        return torch.nn.functional.adaptive_avg_pool2d(x, 8).flatten(1)
+
+
+def _sscd_stand_in(path):
+    torch.jit.script(_PooledPixels()).save(str(path))
+    return path
+
+
+def test_sscd_with_a_torchscript_stand_in(tmp_path):
+    path = _sscd_stand_in(tmp_path / "fake_sscd.pt")
     import warnings
 
     with warnings.catch_warnings():
@@ -144,12 +151,7 @@ def test_training_images_from_a_folder_map_generations_to_their_rows(tmp_path):
 
 
 def test_sscd_reads_a_training_folder_in_shards(tmp_path):
-    class Embed(torch.nn.Module):
-        def forward(self, x):
-            return torch.nn.functional.adaptive_avg_pool2d(x, 8).flatten(1)
-
-    model = tmp_path / "sscd.pt"
-    torch.jit.script(Embed()).save(str(model))
+    model = _sscd_stand_in(tmp_path / "sscd.pt")
     arrays = _training_folder(tmp_path / "train")
     rep = M.SSCDReplication(model, tmp_path / "train", batch_size=2)
     whole = M.SSCDReplication(model, [arrays[i] for i in (0, 1, 2, 3)], batch_size=3)
