@@ -19,6 +19,7 @@ Alignment: how well a generation shows what the prompt asked for.
 
 from __future__ import annotations
 
+import json
 import warnings
 from pathlib import Path
 
@@ -108,8 +109,6 @@ def _featurize_shard(batch, featurize, batch_size: int) -> tuple[torch.Tensor, l
 
 
 def _load_shard(key: str):
-    import json
-
     from ..core.cache import load_arrays
 
     saved = load_arrays(FEATURES_KIND, key)
@@ -120,8 +119,6 @@ def _load_shard(key: str):
 
 
 def _save_shard(key: str, features: torch.Tensor, rows: list[int], skipped: list) -> None:
-    import json
-
     from ..core.cache import save_arrays
 
     save_arrays(FEATURES_KIND, key, {"features": features.numpy(), "rows": np.asarray(rows, np.int64),
@@ -152,7 +149,7 @@ class TrainingImages:
             source = open_source(images, image_column=image_column)
             if not source.has_images:
                 raise InputError(f"{images}: the data set holds no images to compare generations with")
-            self.name = str(images)
+            self.name = str(images) if isinstance(images, (str, Path)) else type(images).__name__
             fingerprint = files_fingerprint(images) if identity is not None else None
             feats, rows = [], []
             from tqdm.auto import tqdm
@@ -291,8 +288,6 @@ def memlab_replication(images, pipe) -> dict:
 
 
 def _manifest_of(pipe) -> dict:
-    import json
-
     p = Path(str(pipe.name_or_path)) / "memlab_manifest.json"
     if not p.exists():
         raise InputError("this pipeline is not a MemLab model (no memlab_manifest.json): give --sscd or use the pixel measure")
