@@ -226,3 +226,24 @@ def test_training_features_are_cached_by_shard_and_a_killed_run_redoes_one(tmp_p
     calls.clear()
     M.TrainingImages(tmp_path / "train", M.PixelReplication.thumbs, shard_size=2, identity="pixel")
     assert len(calls) == 3
+
+
+def test_image_only_tables_and_datasets_need_no_caption_column(tmp_path):
+    """Replication compares images alone: a table or saved dataset without captions was refused with a
+    hint about --caption-column, an option diffmem mitigate does not have."""
+    import datasets
+    import pandas as pd
+
+    arrays = _training_folder(tmp_path / "train")
+    names = [f"img_{i}.png" for i in range(4)]
+    pd.DataFrame({"image": names}).to_csv(tmp_path / "train" / "images.csv", index=False)
+    datasets.Dataset.from_dict({"image": [str(tmp_path / "train" / n) for n in names]}).save_to_disk(str(tmp_path / "saved"))
+    in_memory = M.PixelReplication(arrays).train.features
+    for data in (tmp_path / "train" / "images.csv", tmp_path / "saved"):
+        rep = M.PixelReplication(data)
+        assert list(rep.train.rows) == [0, 1, 2, 3] and not rep.train.skipped
+        torch.testing.assert_close(rep.train.features, in_memory)
+    from diffmem.scan.sources import open_source
+
+    with pytest.raises(InputError, match="no caption column"):  # the scan still needs its captions
+        open_source(tmp_path / "train" / "images.csv")

@@ -146,7 +146,7 @@ class TrainingImages:
 
         self.skipped: list[tuple[int, str]] = []
         if isinstance(images, (str, Path, Source)):
-            source = open_source(images, image_column=image_column)
+            source = open_source(images, image_column=image_column, captions=False)  # images alone are compared
             if not source.has_images:
                 raise InputError(f"{images}: the data set holds no images to compare generations with")
             self.name = str(images) if isinstance(images, (str, Path)) else type(images).__name__

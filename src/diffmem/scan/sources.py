@@ -158,13 +158,13 @@ def _fill_image(row: ScanRow, get) -> None:
 
 
 class ImageFolderSource(Source):
-    def __init__(self, folder: str | Path, caption_column: str | None = None):
+    def __init__(self, folder: str | Path, caption_column: str | None = None, captions: bool = True):
         self.folder = Path(folder)
         if not self.folder.is_dir():
             raise InputError(f"dataset folder not found: {self.folder}")
         meta = next((self.folder / n for n in ("metadata.jsonl", "metadata.csv") if (self.folder / n).exists()), None)
         if meta is not None:
-            table = TableSource(meta, caption_column=caption_column, image_column="file_name")
+            table = TableSource(meta, caption_column=caption_column, image_column="file_name", captions=captions)
             self._table = table
         else:
             self._table = None
@@ -199,7 +199,7 @@ class TableSource(Source):
     """Rows of a ``.parquet``, ``.jsonl`` or ``.csv`` file."""
 
     def __init__(self, path: str | Path, caption_column: str | None = None, image_column: str | None = None,
-                 key_column: str | None = None):
+                 key_column: str | None = None, captions: bool = True):
         import pandas as pd
 
         self.path = Path(path)
@@ -217,7 +217,7 @@ class TableSource(Source):
         if len(frame) == 0:
             raise InputError(f"{self.path} has zero rows: nothing to scan")
         self.frame = frame
-        self.caption_column = _pick(frame.columns, caption_column, CAPTION_COLUMNS, "caption", self.path)
+        self.caption_column = _pick(frame.columns, caption_column, CAPTION_COLUMNS, "caption", self.path, required=captions)
         self.image_column = _pick(frame.columns, image_column, IMAGE_COLUMNS, "image", self.path, required=False)
         self.key_column = _pick(frame.columns, key_column, KEY_COLUMNS, "image key", self.path, required=False)
 
@@ -275,7 +275,7 @@ class TableSource(Source):
         out = []
         part = self.frame.iloc[start:stop]
         for i, (_, rec) in enumerate(part.iterrows(), start):
-            cap, issue = _caption(rec[self.caption_column])
+            cap, issue = _caption(rec[self.caption_column] if self.caption_column is not None else None)
             if issue is None and bool(rec.get("__not_utf8__", False)):
                 issue = "not UTF-8"
             row = ScanRow(i, cap, issue, image_key=None if self.key_column is None else str(rec[self.key_column]))
@@ -294,7 +294,7 @@ class TableSource(Source):
 
 
 class HFDatasetSource(Source):
-    def __init__(self, dataset, caption_column: str | None = None, image_column: str | None = None):
+    def __init__(self, dataset, caption_column: str | None = None, image_column: str | None = None, captions: bool = True):
         import datasets
 
         if isinstance(dataset, (str, Path)):
@@ -309,7 +309,8 @@ class HFDatasetSource(Source):
         if len(dataset) == 0:
             raise InputError("the dataset has zero rows: nothing to scan")
         self.ds = dataset
-        self.caption_column = _pick(dataset.column_names, caption_column, CAPTION_COLUMNS, "caption", "the dataset")
+        self.caption_column = _pick(dataset.column_names, caption_column, CAPTION_COLUMNS, "caption", "the dataset",
+                                    required=captions)
         self.image_column = _pick(dataset.column_names, image_column, IMAGE_COLUMNS, "image", "the dataset", required=False)
         self.key_column = _pick(dataset.column_names, None, KEY_COLUMNS, "image key", "the dataset", required=False)
 
@@ -328,7 +329,7 @@ class HFDatasetSource(Source):
             part = part.cast_column(self.image_column, datasets.Image(decode=False))  # decode per row, errors per row
         out = []
         for i, rec in enumerate(part, start):
-            cap, issue = _caption(rec[self.caption_column])
+            cap, issue = _caption(rec[self.caption_column] if self.caption_column is not None else None)
             row = ScanRow(i, cap, issue, image_key=None if self.key_column is None else str(rec[self.key_column]))
             if self.image_column is not None:
                 _fill_image(row, lambda: rec[self.image_column])
@@ -352,12 +353,14 @@ def _pick(columns, wanted, defaults, what, where, required=True):
     return found
 
 
-def open_source(dataset, caption_column: str | None = None, image_column: str | None = None) -> Source:
-    """``memlab``, a folder (images or a saved ``datasets`` dataset), a table file, or a Dataset."""
+def open_source(dataset, caption_column: str | None = None, image_column: str | None = None,
+                captions: bool = True) -> Source:
+    """``memlab``, a folder (images or a saved ``datasets`` dataset), a table file, or a Dataset.
+    ``captions=False``: a source read for its images alone needs no caption column."""
     if isinstance(dataset, Source):
         return dataset
     if not isinstance(dataset, (str, Path)):
-        return HFDatasetSource(dataset, caption_column, image_column)
+        return HFDatasetSource(dataset, caption_column, image_column, captions)
     if str(dataset) == "memlab":
         return MemLabSource()
     path = Path(dataset)
@@ -365,9 +368,9 @@ def open_source(dataset, caption_column: str | None = None, image_column: str | 
         raise InputError(f"dataset not found: {path} (give 'memlab', an image folder, a .parquet / .jsonl / .csv file or a saved datasets folder)")
     if path.is_dir():
         if (path / "dataset_info.json").exists() or (path / "dataset_dict.json").exists():
-            return HFDatasetSource(path, caption_column, image_column)
-        return ImageFolderSource(path, caption_column)
-    return TableSource(path, caption_column, image_column)
+            return HFDatasetSource(path, caption_column, image_column, captions)
+        return ImageFolderSource(path, caption_column, captions)
+    return TableSource(path, caption_column, image_column, captions=captions)
 
 
 def shards(source: Source, shard_size: int) -> Iterator[tuple[int, int, int]]:
