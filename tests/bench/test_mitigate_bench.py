@@ -98,13 +98,13 @@ def test_bench_mitigate_resumes_from_its_saved_rows(memlab_manifest, tmp_path):
     from diffmem.mitigate import BASELINES
 
     pipe = load_pipeline("memlab")
-    kw = dict(generations=1, seed=0, num_inference_steps=25, guidance_scale=5.0)
+    kw = dict(seed=0, num_inference_steps=25, guidance_scale=5.0)
     made = []
 
-    def real(name, **settings):
+    def real(name, generations=1, **settings):
         def make():
             made.append(name)
-            return BASELINES[name](pipe, **settings, **kw)
+            return BASELINES[name](pipe, **settings, generations=generations, **kw)
         return make
 
     rta, rna = ("rta", "4 tokens"), ("rna", "4 numbers")
@@ -134,7 +134,7 @@ def test_bench_mitigate_resumes_from_its_saved_rows(memlab_manifest, tmp_path):
     assert [r["replication"] for r in redone.rows] == [r["replication"] for r in resumed.rows]
 
     made.clear()  # another seed count: the saved rows are another benchmark's, recomputed
-    other = bench_mitigate(pipe, memlab_manifest, methods={rta: real("rta", n_tokens=4)},
+    other = bench_mitigate(pipe, memlab_manifest, methods={rta: real("rta", n_tokens=4, generations=2)},
                            **{**run, "generations": 2})
     assert made == ["rta"] and "reused_rows" not in other.settings and len(other.rows) == 2
 
@@ -179,3 +179,18 @@ def test_trade_off_labels_keep_off_each_other_and_the_points():
     for x, y in (ax.transData.transform(xy) for xy in points):
         assert not any(b.overlaps(Bbox.from_extents(x - 2, y - 2, x + 2, y + 2)) for b in boxes)
     plt.close(fig)
+
+
+def test_a_method_with_another_seed_count_is_refused(tmp_path, memlab_manifest):
+    """A method built for 1 generation in a 2-generation benchmark was measured with its images and the
+    prompts out of step (alignment's zip dropped the surplus unsaid)."""
+    from diffmem.bench.mitigate import bench_mitigate
+    from diffmem.core.errors import InputError
+    from diffmem.core.loading import load_pipeline
+    from diffmem.mitigate import BASELINES
+
+    pipe = load_pipeline("memlab")
+    one_seed = lambda: BASELINES["rna"](pipe, n_numbers=4, generations=1, num_inference_steps=4)  # noqa: E731
+    with pytest.raises(InputError, match="generates 1 image\\(s\\) per prompt, the benchmark 2"):
+        bench_mitigate(pipe, memlab_manifest, generations=2, max_prompts=2, progress=False, max_reference=4,
+                       methods={("rna", "4 numbers"): one_seed}, rows_dir=tmp_path / "rows")

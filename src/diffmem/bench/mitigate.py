@@ -292,6 +292,9 @@ def bench_mitigate(pipe, manifest: dict, generations: int = 4, methods: dict | N
         mitigator = make()
         res = mitigator.mitigate(prompts, progress=progress)
         dt = (time.time() - t0) / len(prompts)
+        if res.images_after.shape[1] != generations:  # measured per seed: other counts would be misread
+            raise InputError(f"{key[0]}, {key[1]}: the method generates {res.images_after.shape[1]} image(s) per prompt, "
+                             f"the benchmark {generations}; build it with generations={generations}")
         if before is None:
             before = unmitigated(res.images_before)
         row = {"method": key[0], "setting": key[1], **measured(res.images_after), "seconds_per_prompt": dt}
