@@ -65,3 +65,18 @@ def tiny_clip_dir(tmp_path_factory):
     CLIPModel(cfg).eval().save_pretrained(path, safe_serialization=True)
     clip_tokenizer(77).save_pretrained(path)
     return path
+
+
+@pytest.fixture(scope="session")
+def sscd_stand_in(tmp_path_factory):
+    """A TorchScript file standing in for SSCD (its weights cannot be downloaded here): 8x8 pooled
+    pixels as the embedding."""
+    import torch
+
+    class PooledPixels(torch.nn.Module):
+        def forward(self, x):
+            return torch.nn.functional.adaptive_avg_pool2d(x, 8).flatten(1)
+
+    path = tmp_path_factory.mktemp("sscd") / "sscd_stand_in.pt"
+    torch.jit.script(PooledPixels()).save(str(path))
+    return path

@@ -288,7 +288,7 @@ def mitigate(
     from .mitigate import BASELINES, EmbeddingOptimization
     from .mitigate import measures as M
     from .mitigate.parts import mitigate_in_parts
-    from .mitigate.report import measure, measure_with, save_outputs
+    from .mitigate.report import apply_measures, save_outputs
 
     if method == "embedding":
         if (target is None) == (calibration is None):
@@ -303,7 +303,6 @@ def mitigate(
                        else M.PixelReplication(train_images, progress=True, image_column=image_column))
     if clip is not None:
         alignment = M.CLIPScore(clip)
-    chosen = replication is not None or alignment is not None
     pipe = load_pipeline(model, device=device, dtype=dtype)
     d = _sampler(pipe, num_inference_steps, guidance_scale)
     kw = dict(generations=generations, seed=seed, num_inference_steps=d["num_inference_steps"], guidance_scale=d["guidance_scale"])
@@ -320,14 +319,7 @@ def mitigate(
         m = BASELINES[method](pipe, **extra, **kw)
     # saved in parts of 8 prompts under OUT/parts: a killed run redoes at most one part
     res = mitigate_in_parts(m, texts, out / "parts", progress=True)
-    # measured on the joined result, so parts saved by a run with other measures never mix theirs in
-    if replication is None or alignment is None:  # MemLab's own measures fill what was not chosen
-        res.measures.update(measure(pipe, res))
-    if chosen:
-        res.measures.update(measure_with(res, replication, alignment))
-        said = {"replication": replication.describe() if replication is not None else None,
-                "alignment": f"CLIP score ({clip}) against the original prompt" if alignment is not None else None}
-        res.settings = {**res.settings, "measured_with": {k: v for k, v in said.items() if v is not None}}
+    apply_measures(pipe, res, replication, alignment)
     summary = save_outputs(res, out)
     shutil.rmtree(out / "parts")  # the joined result holds everything they did
     out_console.print(summary)
@@ -757,6 +749,10 @@ def audit(
     reference: Optional[Path] = typer.Option(None, help="non-memorized prompts to calibrate on; default: MemLab's reference set"),
     train_data: Optional[str] = typer.Option(None, help="training data to scan (as for diffmem scan: memlab, a folder, a table file); "
                                              "a model without MemLab's manifest has its mitigation measured against it"),
+    sscd: Optional[Path] = typer.Option(None, help="SSCD TorchScript file: mitigation's replication against --train-data "
+                                        "by SSCD (cosine >= 0.5) instead of pixel correlation"),
+    clip: Optional[Path] = typer.Option(None, help="local CLIP folder (transformers, safetensors): mitigation's alignment "
+                                        "as CLIP score against the prompt as written"),
     out: Path = typer.Option(Path("audit"), help="folder for each stage's results and report.html"),
     fpr: float = typer.Option(0.01, callback=_rate, help="calibrated false-positive rate"),
     seed: int = typer.Option(0),
@@ -789,6 +785,7 @@ def audit(
 
     settings = AuditSettings(model=model, prompts=str(prompts) if prompts else None, column=column,
                              reference=str(reference) if reference else None, train_data=train_data, fpr=fpr, seed=seed,
+                             sscd=str(sscd) if sscd else None, clip=str(clip) if clip else None,
                              generations=generations, batch_size=batch_size, grid=grid, max_explain=max_explain,
                              explain_method=explain_method,
                              categorize_n=categorize_n, max_categorize=max_categorize, categorize_controls=categorize_controls,

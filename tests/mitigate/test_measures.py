@@ -32,20 +32,8 @@ def test_sscd_preprocessing_shape_and_normalisation():
     np.testing.assert_allclose(x[0, :, 100, 100].numpy(), (0.5 - np.array(M.IMAGENET_MEAN)) / np.array(M.IMAGENET_STD), rtol=1e-4)
 
 
-class _PooledPixels(torch.nn.Module):
-    """An SSCD stand-in (SSCD's weights cannot be downloaded here): 8x8 pooled pixels as the embedding."""
-
-    def forward(self, x):
-        return torch.nn.functional.adaptive_avg_pool2d(x, 8).flatten(1)
-
-
-def _sscd_stand_in(path):
-    torch.jit.script(_PooledPixels()).save(str(path))
-    return path
-
-
-def test_sscd_with_a_torchscript_stand_in(tmp_path):
-    path = _sscd_stand_in(tmp_path / "fake_sscd.pt")
+def test_sscd_with_a_torchscript_stand_in(sscd_stand_in):
+    path = sscd_stand_in
     import warnings
 
     with warnings.catch_warnings():
@@ -150,8 +138,8 @@ def test_training_images_from_a_folder_map_generations_to_their_rows(tmp_path):
     assert out["similarity"][0] == pytest.approx(1.0, abs=1e-5)
 
 
-def test_sscd_reads_a_training_folder_in_shards(tmp_path):
-    model = _sscd_stand_in(tmp_path / "sscd.pt")
+def test_sscd_reads_a_training_folder_in_shards(tmp_path, sscd_stand_in):
+    model = sscd_stand_in
     arrays = _training_folder(tmp_path / "train")
     rep = M.SSCDReplication(model, tmp_path / "train", batch_size=2)
     whole = M.SSCDReplication(model, [arrays[i] for i in (0, 1, 2, 3)], batch_size=3)

@@ -252,7 +252,8 @@ def test_a_stage_in_another_dtype_is_redone(tiny_pipe_dir, tmp_path):
     assert detect_status("bfloat16") == "reused"
 
 
-def test_a_non_memlab_audit_measures_mitigation_against_its_training_data(tiny_pipe_dir, tmp_path):
+def test_a_non_memlab_audit_measures_mitigation_against_its_training_data(tiny_pipe_dir, tmp_path, sscd_stand_in,
+                                                                          tiny_clip_dir):
     """Without MemLab's manifest the mitigate stage kept only losses; with --train-data it measures
     replication against those images. The training set here is the model's own unmitigated
     generations of the flagged prompts, so every one of them replicates before mitigation."""
@@ -286,3 +287,32 @@ def test_a_non_memlab_audit_measures_mitigation_against_its_training_data(tiny_p
     html = (out / "report.html").read_text()
     assert "train &lt;data&gt;" in html and "train <data>" not in html  # the path is escaped
     assert "replication before → after mitigation" in html and "alignment before → after" not in html
+
+    # SSCD for replication and CLIP for alignment: the stage is redone with them, and the report names both
+    third = Audit(AuditSettings(**common, train_data=str(train), sscd=str(sscd_stand_in), clip=str(tiny_clip_dir),
+                                skip=("explain", "categorize", "scan")), out, progress=False).run()
+    summary = third.stages["mitigate"]["summary"]
+    assert third.stages["mitigate"]["status"] == "done" and summary["replication_before"] == 1.0
+    assert summary["replication_measure"].startswith("SSCD") and summary["alignment_measure"].startswith("CLIP score")
+    assert -1.0 <= summary["alignment_before"] <= 1.0
+    html = (out / "report.html").read_text()
+    assert "alignment before → after" in html and "CLIP score (" in html and "sscd_stand_in.pt" in html
+
+
+def test_audit_measure_paths_are_checked_before_any_work(tiny_pipe_dir, tmp_path):
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("a red circle\n")
+    common = dict(model=str(tiny_pipe_dir), prompts=str(prompts), reference=str(prompts))
+    with pytest.raises(InputError, match="--sscd measures replication against --train-data"):
+        AuditSettings(**common, sscd=str(tmp_path / "sscd.pt"))
+    from PIL import Image
+
+    (tmp_path / "train").mkdir()
+    Image.new("RGB", (16, 16)).save(tmp_path / "train" / "a.png")
+    out = tmp_path / "out"
+    with pytest.raises(InputError, match="SSCD model file not found"):
+        Audit(AuditSettings(**common, train_data=str(tmp_path / "train"), sscd=str(tmp_path / "sscd.pt")), out)
+    with pytest.raises(InputError, match="CLIP model folder not found"):
+        Audit(AuditSettings(**common, clip=str(tmp_path / "no-clip")), out)
+    assert not out.exists()
+    Audit(AuditSettings(**common, clip=str(tmp_path / "no-clip"), skip=("mitigate",)), out)  # not used: not checked

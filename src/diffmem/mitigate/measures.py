@@ -77,10 +77,23 @@ def sscd_preprocess(images) -> torch.Tensor:
     return (x - mean) / std
 
 
-def load_torchscript(path: str | Path):
+def check_sscd_file(path: str | Path) -> Path:
+    """The SSCD file's path, or a clear error before any work when it is not there."""
     path = Path(path)
-    if not path.exists():
+    if not path.is_file():
         raise InputError(f"SSCD model file not found: {path}")
+    return path
+
+
+def check_clip_folder(path: str | Path) -> Path:
+    path = Path(path)
+    if not (path / "config.json").exists():
+        raise InputError(f"CLIP model folder not found or incomplete: {path}")
+    return path
+
+
+def load_torchscript(path: str | Path):
+    path = check_sscd_file(path)
     try:
         with warnings.catch_warnings():  # torch 2.13 deprecates jit.load, but SSCD's weights ship only as TorchScript
             warnings.filterwarnings("ignore", message=".*torch.jit.load.* is deprecated", category=DeprecationWarning)
@@ -356,9 +369,8 @@ class CLIPScore:
     def __init__(self, path: str | Path):
         from transformers import CLIPModel, CLIPTokenizer
 
-        path = Path(path)
-        if not (path / "config.json").exists():
-            raise InputError(f"CLIP model folder not found or incomplete: {path}")
+        path = check_clip_folder(path)
+        self.path = str(path)
         try:
             self.model = CLIPModel.from_pretrained(path, use_safetensors=True).eval()
             self.tokenizer = CLIPTokenizer.from_pretrained(path)
@@ -366,6 +378,9 @@ class CLIPScore:
             raise InputError(f"{path} is not a transformers CLIP model with safetensors weights and its tokenizer: "
                              f"{str(e).splitlines()[0]}") from None
         self.size = self.model.config.vision_config.image_size
+
+    def describe(self) -> str:
+        return f"CLIP score ({self.path}) against the prompt as written"
 
     @torch.inference_mode()
     def __call__(self, images, prompts: list[str]) -> np.ndarray:

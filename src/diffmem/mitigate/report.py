@@ -71,6 +71,19 @@ def measure_with(res: MitigationResult, replication=None, alignment=None) -> dic
     return out
 
 
+def apply_measures(pipe, res: MitigationResult, replication=None, alignment=None) -> MitigationResult:
+    """``res`` measured: with the chosen measures (see ``measure_with``), and with MemLab's own
+    (``measure``) for whichever was not chosen on a MemLab model; the chosen ones are named in
+    ``res.settings["measured_with"]``. Run on a joined result, so saved parts never mix two runs' measures."""
+    if replication is None or alignment is None:
+        res.measures.update(measure(pipe, res))
+    if replication is not None or alignment is not None:
+        res.measures.update(measure_with(res, replication, alignment))
+        said = {"replication": replication, "alignment": alignment}
+        res.settings = {**res.settings, "measured_with": {k: m.describe() for k, m in said.items() if m is not None}}
+    return res
+
+
 def _mean_of_named(alignment: np.ndarray) -> np.ndarray:
     """Per prompt, the mean over generations; NaN (without numpy's empty-slice warning) for a prompt
     that names no MemLab attribute, whose alignment has nothing to measure."""

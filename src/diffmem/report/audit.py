@@ -29,6 +29,10 @@ class AuditSettings:
     column: str | None = None
     reference: str | None = None  # non-memorized prompts for calibration; None: MemLab's reference set
     train_data: str | None = None  # a training set to scan (diffmem scan's sources); non-MemLab mitigation is measured against it
+    # mitigation measures on any model: SSCD (a TorchScript file) for replication against train_data
+    # instead of pixel correlation, and CLIP score (a local CLIP folder) for alignment
+    sscd: str | None = None
+    clip: str | None = None
     fpr: float = 0.01
     seed: int = 0
     generations: int = 1  # detection: seeded generations averaged per prompt
@@ -73,6 +77,8 @@ class AuditSettings:
             raise InputError(f"unknown stage(s) to skip: {sorted(unknown)}; stages are {', '.join(STAGES)}")
         if "detect" in self.skip:
             raise InputError("detect cannot be skipped: every other stage works on its flagged prompts")
+        if self.sscd is not None and self.train_data is None:
+            raise InputError("--sscd measures replication against --train-data: give it too")
         if not 0 < self.fpr < 1:
             raise InputError(f"--fpr must lie in (0, 1), got {self.fpr}")
         if self.mitigate_loss_steps < 1:
@@ -208,6 +214,13 @@ class Audit:
             from ..scan.sources import open_source
 
             open_source(settings.train_data)
+        if "mitigate" not in settings.skip:
+            from ..mitigate.measures import check_clip_folder, check_sscd_file
+
+            if settings.sscd is not None:
+                check_sscd_file(settings.sscd)
+            if settings.clip is not None:
+                check_clip_folder(settings.clip)
         # where and in what precision the model runs: not audit settings (a GPU rerun of a CPU audit
         # reuses its stages), but a half-precision model scores differently, so its dtype enters the stage keys
         self.device, self.dtype = device, dtype
@@ -427,17 +440,22 @@ class Audit:
         settings = {"seed": s.seed, "generations": s.mitigate_generations, "iters": s.mitigate_iters, "lr": s.mitigate_lr,
                     "loss_steps": s.mitigate_loss_steps, "positions": s.mitigate_positions, "rewrite": s.mitigate_rewrite,
                     "max": s.max_mitigate}
-        # a model without MemLab's manifest is measured against the training data, when given: pixel
-        # correlation, no weights (the key gains it only then, so MemLab audits keep theirs)
-        against = s.train_data if self.manifest is None and s.train_data is not None else None
+        # replication against the training data by SSCD when given, else (a model without MemLab's
+        # manifest) by pixel correlation; alignment by CLIP when given. The key gains each only when
+        # it applies, so MemLab audits keep theirs
+        against = s.train_data if s.train_data is not None and (s.sscd is not None or self.manifest is None) else None
         if against is not None:
             settings["replication_against"] = str(against)
+            if s.sscd is not None:
+                settings["sscd"] = str(s.sscd)
+        if s.clip is not None:
+            settings["clip"] = str(s.clip)
 
         def work(folder: Path, key: str) -> dict:
             from ..mitigate import EmbeddingOptimization
-            from ..mitigate.measures import PixelReplication
+            from ..mitigate.measures import CLIPScore, PixelReplication, SSCDReplication
             from ..mitigate.parts import mitigate_in_parts
-            from ..mitigate.report import measure, measure_with
+            from ..mitigate.report import apply_measures
 
             prompts = self.flagged(s.max_mitigate)
             if not prompts:
@@ -452,20 +470,22 @@ class Audit:
                 rewrite=s.mitigate_rewrite,
                 num_inference_steps=self.sampler["num_inference_steps"], guidance_scale=self.sampler["guidance_scale"])
             cal.save(folder / "target_calibration.json")
-            replication = PixelReplication(against, progress=self.progress) if against is not None else None
+            replication = alignment = None
+            if against is not None:
+                replication = (SSCDReplication(s.sscd, against, progress=self.progress) if s.sscd is not None
+                               else PixelReplication(against, progress=self.progress))
+            if s.clip is not None:
+                alignment = CLIPScore(s.clip)
             merged = mitigate_in_parts(m, prompts, folder / "parts", progress=self.progress, stale="restart")
-            # measured on the joined result, so parts saved by a run with other measures never mix theirs in
-            merged.measures.update(measure_with(merged, replication) if replication is not None else measure(self.pipe, merged))
-            if replication is not None:
-                merged.settings = {**merged.settings, "measured_with": {"replication": replication.describe()}}
+            apply_measures(self.pipe, merged, replication, alignment)
             merged.save(folder)
             for i in range(len(merged.prompts)):
                 _before_after_png(merged, i, folder / f"prompt_{i:04d}.png")
             ms = merged.measures
             summary = {"n_prompts": len(prompts), "n_unreached": len(merged.unreached), "settings": merged.settings,
                        "seeds": merged.seeds, "target": cal.threshold}
-            if replication is not None:
-                summary["replication_measure"] = replication.describe()
+            for what, how in merged.settings.get("measured_with", {}).items():
+                summary[f"{what}_measure"] = how
             for k in ("replication_before", "replication_after", "alignment_before", "alignment_after"):
                 if k in ms:  # alignment is NaN for a prompt that names no MemLab attribute
                     values = np.asarray(ms[k], float)
