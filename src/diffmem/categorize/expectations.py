@@ -82,15 +82,13 @@ class SentenceEmbeddingExpectation:
     def __init__(self, path: str | Path, threshold: float = 0.42):
         from transformers import AutoModel, AutoTokenizer
 
-        path = Path(path)
-        if not (path / "config.json").exists():
-            raise InputError(f"sentence-embedding model folder not found or incomplete: {path}")
-        try:  # safetensors only: a folder holding just pytorch_model.bin is refused, never unpickled
+        from ..core.loading import check_model_folder, model_folder_errors
+
+        path = check_model_folder(path, "sentence-embedding model")
+        # safetensors only: a folder holding just pytorch_model.bin is refused, never unpickled
+        with model_folder_errors(path, "a transformers text model with safetensors weights and its tokenizer"):
             self.tokenizer = AutoTokenizer.from_pretrained(path)
             self.model = AutoModel.from_pretrained(path, use_safetensors=True).eval()
-        except (OSError, ValueError, KeyError) as e:
-            raise InputError(f"{path} is not a transformers text model with safetensors weights and its tokenizer: "
-                             f"{str(e).splitlines()[0]}") from None
         self.threshold = threshold
         self._cache: dict[str, np.ndarray] = {}
 

@@ -127,17 +127,15 @@ class VLMExtractor:
                  prompt_template: str = "USER: <image>\n{question} ASSISTANT:"):
         if not vocabulary:
             raise InputError("the VLM extractor needs a non-empty feature vocabulary")
-        path = Path(path)
-        if not (path / "config.json").exists():
-            raise InputError(f"vision-language model folder not found or incomplete: {path}")
+        from ..core.loading import check_model_folder, model_folder_errors
+
+        path = check_model_folder(path, "vision-language model")
         from transformers import AutoModelForImageTextToText, AutoProcessor
 
         self.path = str(path)  # identifies the extractor in saved work
-        try:
+        with model_folder_errors(path, "a transformers image-text-to-text model with its processor"):
             self.processor = AutoProcessor.from_pretrained(path)
             self.model = AutoModelForImageTextToText.from_pretrained(path, use_safetensors=True).eval()
-        except (OSError, ValueError, KeyError) as e:
-            raise InputError(f"{path} is not a transformers image-text-to-text model with its processor: {e}") from None
         tok = self.processor.tokenizer
         # the first token of each spelling: "yes" / " Yes" tokenize differently across vocabularies
         first = lambda words: sorted({tok.encode(w, add_special_tokens=False)[0] for w in words})  # noqa: E731

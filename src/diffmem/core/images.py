@@ -65,6 +65,12 @@ def image_array(data) -> np.ndarray:
     if arr.dtype == np.bool_:
         return arr.astype(np.float32)
     if np.issubdtype(arr.dtype, np.integer):
-        wide = arr.dtype == np.uint16 or (arr.dtype.itemsize > 2 and arr.max(initial=0) > 255)
-        return arr.astype(np.float32) / (65535.0 if wide else 255.0)
+        return arr.astype(np.float32) / integer_full_scale(arr)
     return _unit_float(arr.astype(np.float32))
+
+
+def integer_full_scale(arr: np.ndarray) -> float:
+    """The value of white in an integer image array (or batch): 65535 for uint16 and for wider integers
+    whose values run past 255, else 255."""
+    wide = arr.dtype == np.uint16 or (arr.dtype.itemsize > 2 and arr.max(initial=0) > 255)
+    return 65535.0 if wide else 255.0

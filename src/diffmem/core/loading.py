@@ -219,6 +219,28 @@ def _load_components_one_by_one(folder: Path, dtype) -> dict:
     return parts
 
 
+def check_model_folder(path: str | os.PathLike, what: str) -> Path:
+    """A local transformers model folder (one that holds config.json), or a clear error before loading."""
+    from .errors import InputError
+
+    path = Path(path)
+    if not (path / "config.json").exists():
+        raise InputError(f"{what} folder not found or incomplete: {path}")
+    return path
+
+
+@contextlib.contextmanager
+def model_folder_errors(path: str | os.PathLike, what: str):
+    """transformers' errors loading a local folder (no model.safetensors: a .bin is never unpickled; no
+    tokenizer or processor) as one line saying what the folder should have been."""
+    from .errors import InputError
+
+    try:
+        yield
+    except (OSError, ValueError, KeyError) as e:
+        raise InputError(f"{path} is not {what}: {str(e).splitlines()[0]}") from None
+
+
 def weights_hash(module) -> str:
     """A quick fingerprint of a module's weights: the first 4 kB of its first 8 tensors by name."""
     import hashlib

@@ -28,14 +28,15 @@ import torch
 
 from ..core.cache import content_key, files_fingerprint
 from ..core.errors import InputError
+from ..core.images import integer_full_scale
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
 def _to_nchw(images) -> torch.Tensor:
-    """(N, 3, H, W) float in [0, 1]. Integer images are scaled by their dtype (a dark uint8 image stays
-    dark); float images are taken as [0, 1] unless their values run well past 1 (then 0..255)."""
+    """(N, 3, H, W) float in [0, 1]. Integer images are scaled by their dtype as the scan and train read
+    them (a dark uint8 image stays dark); float images are taken as [0, 1] unless their values run well past 1 (then 0..255)."""
     raw = np.asarray(images)
     if raw.dtype == object:
         raise ValueError("images of different sizes: give them as a list, one measure call per size, or resize them")
@@ -47,7 +48,7 @@ def _to_nchw(images) -> torch.Tensor:
     if not np.isfinite(arr).all():
         raise ValueError("the images hold NaN or inf values")
     if np.issubdtype(raw.dtype, np.integer):
-        arr = arr / (65535.0 if raw.dtype == np.uint16 else 255.0)
+        arr = arr / integer_full_scale(raw)
     elif arr.max(initial=0) > 1.5:
         arr = arr / 255.0
     return torch.from_numpy(np.ascontiguousarray(arr)).permute(0, 3, 1, 2)
@@ -86,10 +87,9 @@ def check_sscd_file(path: str | Path) -> Path:
 
 
 def check_clip_folder(path: str | Path) -> Path:
-    path = Path(path)
-    if not (path / "config.json").exists():
-        raise InputError(f"CLIP model folder not found or incomplete: {path}")
-    return path
+    from ..core.loading import check_model_folder
+
+    return check_model_folder(path, "CLIP model")
 
 
 def load_torchscript(path: str | Path):
@@ -369,14 +369,13 @@ class CLIPScore:
     def __init__(self, path: str | Path):
         from transformers import CLIPModel, CLIPTokenizer
 
+        from ..core.loading import model_folder_errors
+
         path = check_clip_folder(path)
         self.path = str(path)
-        try:
+        with model_folder_errors(path, "a transformers CLIP model with safetensors weights and its tokenizer"):
             self.model = CLIPModel.from_pretrained(path, use_safetensors=True).eval()
             self.tokenizer = CLIPTokenizer.from_pretrained(path)
-        except (OSError, ValueError, KeyError) as e:  # no model.safetensors (a .bin is never unpickled), no tokenizer
-            raise InputError(f"{path} is not a transformers CLIP model with safetensors weights and its tokenizer: "
-                             f"{str(e).splitlines()[0]}") from None
         self.size = self.model.config.vision_config.image_size
 
     def describe(self) -> str:
