@@ -69,6 +69,9 @@ def test_bad_rows_are_reported_and_never_stop_the_scan(tmp_path):
     assert rows.loc[10, "caption_issue"] == "not UTF-8"
     summary = res.summary.set_index("check")
     assert summary.loc["bad_image", "issues"] == 2 and summary.loc["bad_caption", "issues"] == 3
+    # the detail is printed by the CLI and the report: plain ints, not numpy's np.int64(1)
+    assert summary.loc["bad_caption", "detail"] == {"missing": 1, "empty": 1, "not UTF-8": 1}
+    assert all(type(v) is int for v in summary.loc["bad_caption", "detail"].values())
     # a row whose image is a copy of another's still clusters even when its caption is missing
     assert rows.loc[8, "image_cluster"] == rows.loc[0, "image_cluster"] >= 0
 

@@ -317,7 +317,7 @@ def analyse(features, settings: ScanSettings, source: dict) -> ScanResult:
     rows["is_bad_image_issue"] = f["image_issue"].notna().to_numpy()
     summary = [
         {"check": "bad_caption", "issues": int(rows["is_bad_caption_issue"].sum()),
-         "detail": dict(f["caption_issue"].value_counts())},
+         "detail": {str(k): int(v) for k, v in f["caption_issue"].value_counts().items()}},
         {"check": "bad_image", "issues": int(rows["is_bad_image_issue"].sum()),
          "detail": {str(k).split(":")[0]: int(v) for k, v in f["image_issue"].value_counts().items()}},
     ]
