@@ -96,6 +96,19 @@ def test_labelled_files(tmp_path):
         labelled_from_files(positives=str(tmp_path / "l.csv"))
 
 
+def test_a_one_class_labelled_set_is_refused_before_any_scoring(tmp_path):
+    # the check used to come after every prompt was scored: hours lost on a large set
+    (tmp_path / "pos.csv").write_text("prompt,label\na,1\nb,true\n")
+    with pytest.raises(InputError, match="both memorized and non-memorized"):
+        labelled_from_files(str(tmp_path / "pos.csv"))
+    (tmp_path / "p.txt").write_text("a\n")
+    (tmp_path / "empty_neg.csv").write_text("prompt\n")
+    with pytest.raises(InputError):
+        labelled_from_files(positives=str(tmp_path / "p.txt"), negatives=str(tmp_path / "empty_neg.csv"))
+    with pytest.raises(InputError, match="main split"):
+        LabelledPrompts(["a", "b", "c"], np.array([1.0, 0.0, 1.0]), ["g"] * 3, "test", main=np.array([0, 2]))
+
+
 def test_a_killed_bench_resumes_from_its_saved_parts(tiny_pipe, tmp_path, monkeypatch):
     import diffmem.bench.detect as bench_module
     from diffmem.detect import NoiseNormDetector

@@ -28,6 +28,14 @@ class LabelledPrompts:
     subsets: dict[str, np.ndarray] = field(default_factory=dict)
     main: np.ndarray | None = None  # rows of the main split; None = all rows
 
+    def __post_init__(self):
+        # here, not after scoring: an ROC needs both classes, and scoring a large set takes hours
+        main = np.asarray(self.labels)[self.main_rows()]
+        if not ((main == 1).any() and (main == 0).any()):
+            where = " in its main split" if self.main is not None else ""
+            raise InputError(f"the labelled set {self.source} needs both memorized and non-memorized prompts{where}; "
+                             f"it has {int((main == 1).sum())} memorized and {int((main == 0).sum())} non-memorized")
+
     def main_rows(self) -> np.ndarray:
         return np.arange(len(self.prompts)) if self.main is None else np.asarray(self.main)
 
