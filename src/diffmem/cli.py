@@ -635,7 +635,8 @@ def verify_triggers_cmd(
     dtype: str = DTYPE,
 ):
     """Generate from each trigger phrase in new captions (and random phrases in the same captions) and
-    measure how often the cluster's image comes back; writes trigger_verification.json to SCAN_DIR."""
+    measure how often the cluster's image comes back; writes trigger_verification.json to SCAN_DIR
+    (resumes a killed run from SCAN_DIR/verify_parts)."""
     from .core.loading import load_pipeline
     from .scan import ScanResult
     from .scan.verify import VerifySettings, verify_triggers
@@ -646,8 +647,11 @@ def verify_triggers_cmd(
         raise InputError(f"{scan_dir} holds no cluster images (scan_images.npz): verification needs a scan with images")
     _check_writable(scan_dir)
     pipe = load_pipeline(model, device=device, dtype=dtype)
-    res = verify_triggers(pipe, result, result.cluster_images(), result.images["mean"], settings, phrases=phrase)
+    parts = scan_dir / "verify_parts"
+    res = verify_triggers(pipe, result, result.cluster_images(), result.images["mean"], settings, phrases=phrase,
+                          checkpoint=parts)
     res.save(scan_dir)
+    shutil.rmtree(parts)  # the saved generations table is what the parts were for
     res.plot(scan_dir / "trigger_verification.png")
     for rec in res.table.sort_values("replication_rate").to_dict("records"):
         out_console.print(f"{rec['phrase']!r:>24}: replicates {rec['replication_rate']:.2f}, random phrase "

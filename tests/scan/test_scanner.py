@@ -266,3 +266,59 @@ def test_cli_scan_writes_results_and_report_and_rejects_bad_input(tmp_path):
     assert not (tmp_path / "o2" / "scan_rows.parquet").exists()
     table = run_cli("scan", tmp_path / "caps.parquet", "--out", tmp_path / "o3")
     assert table.returncode == 0 and "no image clusters" in table.stdout
+
+
+def test_a_killed_trigger_verification_resumes_from_its_saved_parts(memlab_scan, tmp_path, monkeypatch):
+    import diffmem.core.generate as generate_module
+    import diffmem.scan.verify as verify_module
+    from diffmem.core.loading import load_pipeline
+
+    monkeypatch.setattr(verify_module, "PART_SIZE", 2)  # 3 contexts x (trigger, random phrase): three parts
+    pipe = load_pipeline("memlab")
+    phrase = [memlab_scan.triggers["phrase"].iloc[0]]
+    kw = dict(settings=verify_module.VerifySettings(contexts=3, seeds=(0, 1)), phrases=phrase, progress=False)
+    args = (pipe, memlab_scan, memlab_scan.cluster_images(), memlab_scan.images["mean"])
+    whole = verify_module.verify_triggers(*args, **kw)
+    prompts = list(dict.fromkeys(whole.generations["prompt"]))
+    assert len(prompts) == 6
+
+    real, generated = generate_module.generate, []
+
+    def killed_in_second_part(pipe, chunk, *a, **k):
+        if prompts[2] in chunk:
+            raise KeyboardInterrupt
+        generated.append(list(chunk))
+        return real(pipe, chunk, *a, **k)
+
+    monkeypatch.setattr(generate_module, "generate", killed_in_second_part)
+    with pytest.raises(KeyboardInterrupt):
+        verify_module.verify_triggers(*args, checkpoint=tmp_path / "parts", **kw)
+    assert generated == [prompts[:2]]
+
+    def recorded(pipe, chunk, *a, **k):
+        generated.append(list(chunk))
+        return real(pipe, chunk, *a, **k)
+
+    generated.clear()
+    monkeypatch.setattr(generate_module, "generate", recorded)
+    resumed = verify_module.verify_triggers(*args, checkpoint=tmp_path / "parts", **kw)
+    assert generated == [prompts[2:4], prompts[4:]]  # the first part was read back, not generated again
+    pd.testing.assert_frame_equal(resumed.generations, whole.generations)
+    assert resumed.summary == whole.summary
+    # other seeds are other work: the parts are redone, not mixed in
+    generated.clear()
+    other = verify_module.verify_triggers(*args, checkpoint=tmp_path / "parts",
+                                          **{**kw, "settings": verify_module.VerifySettings(contexts=3, seeds=(0,))})
+    assert generated == [prompts[:2], prompts[2:4], prompts[4:]]
+    assert other.generations["seed"].tolist() == [0] * 6
+
+
+def test_cli_verify_triggers_writes_its_results_and_leaves_no_parts(memlab_scan, tmp_path):
+    memlab_scan.save(tmp_path)
+    phrase = memlab_scan.triggers["phrase"].iloc[0]
+    ok = run_cli("verify-triggers", tmp_path, "--phrase", phrase, "--contexts", "2", "--seeds", "1", timeout=600)
+    assert ok.returncode == 0, ok.stderr[-2000:]
+    saved = json.loads((tmp_path / "trigger_verification.json").read_text())
+    assert [t["phrase"] for t in saved["triggers"]] == [phrase] and saved["summary"]["generations"] == 4
+    assert (tmp_path / "trigger_verification.png").exists() and not (tmp_path / "verify_parts").exists()
+    assert f"{phrase!r}" in ok.stdout and "replicates" in ok.stdout

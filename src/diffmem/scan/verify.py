@@ -138,16 +138,62 @@ def _centred_corr(a: np.ndarray, b: np.ndarray) -> float:
     return float((a * b).sum() / d) if d > 0 else 0.0
 
 
-def verify_triggers(pipe, result, cluster_images: dict[int, np.ndarray], mean_image: np.ndarray,
-                    settings: VerifySettings | None = None, phrases: list[str] | None = None,
-                    progress: bool = True) -> TriggerVerification:
-    """``result``: a ``ScanResult``; ``cluster_images``: cluster id -> median thumbnail (uint8 or float);
-    ``mean_image``: the dataset's mean thumbnail (both as ``ScanResult.save`` writes them)."""
-    import pandas as pd
+PART_SIZE = 16  # captions per saved part: the unit a killed verification redoes
+
+
+def _generated_thumbnails(pipe, prompts: list[str], seeds: list[int], sampler: dict, checkpoint: str | Path | None,
+                          progress: bool) -> np.ndarray:
+    """(P, S, T, T, 3) uint8 thumbnails of each caption's generations, PART_SIZE captions at a time:
+    only thumbnails are kept (full images of a real model for thousands of captions would not fit),
+    and with ``checkpoint`` each part is saved there, so that a killed run redoes at most one part.
+    The folder is diffmem's own: parts of another model, sampler or seeds are redone."""
+    from tqdm.auto import tqdm
 
     from ..core.generate import generate
+    from ..core.loading import weights_identity
+    from ..core.parts import in_parts
+    from ..core.results import digest
+    from .features import thumbnail
+
+    chunks = [prompts[i : i + PART_SIZE] for i in range(0, len(prompts), PART_SIZE)]
+    base = {"model": weights_identity(pipe), "sampler": sampler, "seeds": list(seeds)}
+    bar = tqdm(total=len(prompts) * len(seeds), desc="verifying triggers", unit="img", disable=not progress)
+
+    def compute(chunk):
+        images = generate(pipe, chunk, seeds, **sampler)
+        return np.stack([[thumbnail(im) for im in per_prompt] for per_prompt in images])
+
+    def save(part: Path, thumbs) -> None:
+        np.savez_compressed(part / "thumbnails.npz", thumbnails=thumbs)
+
+    def load(part: Path):
+        with np.load(part / "thumbnails.npz", allow_pickle=False) as z:
+            return z["thumbnails"]
+
+    if checkpoint is None:
+        parts = map(compute, chunks)
+    else:
+        parts = in_parts(chunks, [digest({**base, "prompts": c}) for c in chunks], checkpoint, compute, save, load,
+                         prefix="verify", stale="restart")
+    out = []
+    for thumbs in parts:
+        out.append(thumbs)
+        bar.update(thumbs.shape[0] * thumbs.shape[1])
+    bar.close()
+    return np.concatenate(out)
+
+
+def verify_triggers(pipe, result, cluster_images: dict[int, np.ndarray], mean_image: np.ndarray,
+                    settings: VerifySettings | None = None, phrases: list[str] | None = None,
+                    progress: bool = True, checkpoint: str | Path | None = None) -> TriggerVerification:
+    """``result``: a ``ScanResult``; ``cluster_images``: cluster id -> median thumbnail (uint8 or float);
+    ``mean_image``: the dataset's mean thumbnail (both as ``ScanResult.save`` writes them).
+    ``checkpoint``: a folder where the generations' thumbnails are saved in parts as they are made,
+    so that a killed run resumes (see ``_generated_thumbnails``)."""
+    import pandas as pd
+
     from ..core.loading import sampler_defaults
-    from .features import normalize_caption, thumbnail
+    from .features import normalize_caption
 
     s = settings or VerifySettings()
     trig = result.triggers
@@ -190,14 +236,14 @@ def verify_triggers(pipe, result, cluster_images: dict[int, np.ndarray], mean_im
             meta.append((rec["phrase"], rec["cluster"], "random phrase"))
     if not prompts:
         raise InputError("no new context could be built for any trigger phrase (its captions are too few or too alike)")
-    images = generate(pipe, prompts, list(s.seeds), progress=progress, **sampler)
+    thumbs = _generated_thumbnails(pipe, prompts, list(s.seeds), sampler, checkpoint, progress)
     mean = mean_image.astype(np.float32) / (255.0 if mean_image.dtype == np.uint8 else 1.0)
     records = []
-    for p, (phrase, cluster, kind), ims in zip(prompts, meta, images):
+    for p, (phrase, cluster, kind), per_prompt in zip(prompts, meta, thumbs):
         ref = cluster_images[int(cluster)].astype(np.float32)
         ref = ref / (255.0 if cluster_images[int(cluster)].dtype == np.uint8 else 1.0) - mean
-        for seed, im in zip(s.seeds, ims):
-            g = thumbnail(im).astype(np.float32) / 255.0 - mean
+        for seed, thumb in zip(s.seeds, per_prompt):
+            g = thumb.astype(np.float32) / 255.0 - mean
             corr = _centred_corr(g, ref)
             records.append({"phrase": phrase, "cluster": int(cluster), "kind": kind, "prompt": p, "seed": int(seed),
                             "correlation": corr, "replicated": corr >= s.threshold})
