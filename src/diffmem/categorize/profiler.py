@@ -50,7 +50,7 @@ class ProfileResult:
     extractor: str
     control_prompts: list[str]
     seconds_per_prompt: float  # per prompt generated in the run (not read back from saved parts); NaN if none
-    images: np.ndarray | None = None  # (P, N, H, W, 3)
+    images: np.ndarray | None = None  # (P, N, H, W, 3) uint8 (float in [0, 1] from files saved before 2026-12-05)
     image_features: list[list[list[str]]] = field(default_factory=list)
 
     def to_frame(self):
@@ -165,10 +165,12 @@ class MemorizationProfiler:
                 "model": weights_identity(self.pipe), "extractor": extractor_identity(self.extractor)}
 
     def _features_in_parts(self, prompts: list[str], folder: Path, prefix: str, part_size: int, stale: str,
-                           progress: bool) -> tuple[np.ndarray, list[list[set[str]]], int]:
-        """``_features``, ``part_size`` prompts at a time, each part's images and features saved in
-        ``folder/{prefix}_NNNN`` so that a killed run redoes at most one part. Also returns how many
-        prompts were generated now (not read back)."""
+                           progress: bool, images: bool = True) -> tuple[np.ndarray | None, list[list[set[str]]], int]:
+        """``_features``, ``part_size`` prompts at a time, each part's features (and, with ``images``,
+        its images as uint8) saved in ``folder/{prefix}_NNNN`` so that a killed run redoes at most one
+        part. Also returns how many prompts were generated now (not read back). Images are kept only
+        to be shown: the features are taken from the float generations first."""
+        from ..core.images import to_uint8
         from ..core.parts import in_parts
         from ..core.results import digest
 
@@ -178,22 +180,27 @@ class MemorizationProfiler:
 
         def compute(chunk):
             generated[0] += len(chunk)
-            return self._features(chunk, progress)
+            imgs, feats = self._features(chunk, progress)
+            return (to_uint8(imgs) if images else None), feats
 
         def save(part: Path, result) -> None:
             imgs, feats = result
-            np.savez_compressed(part / "images.npz", images=imgs)
+            if imgs is not None:
+                np.savez_compressed(part / "images.npz", images=imgs)
             dump_json([[sorted(img) for img in per_prompt] for per_prompt in feats], part / "features.json")
 
         def load(part: Path):
-            with np.load(part / "images.npz", allow_pickle=False) as z:
-                imgs = z["images"]
+            imgs = None
+            if images:  # the prompts' parts always hold them, the controls' never
+                with np.load(part / "images.npz", allow_pickle=False) as z:
+                    imgs = to_uint8(z["images"])  # parts saved before 2026-12-05 hold float32
             return imgs, [[set(img) for img in per_prompt] for per_prompt in json.loads((part / "features.json").read_text())]
 
         done = list(in_parts(chunks, [digest({**base, "prompts": c}) for c in chunks], folder,
                              compute, save, load, prefix=prefix, stale=stale,
                              what="generations of other prompts, settings, extractor or another model"))
-        return np.concatenate([imgs for imgs, _ in done]), [f for _, feats in done for f in feats], generated[0]
+        kept = np.concatenate([imgs for imgs, _ in done]) if images else None
+        return kept, [f for _, feats in done for f in feats], generated[0]
 
     def control_frequencies(self, progress: bool = False, checkpoint: str | Path | None = None,
                             stale: str = "refuse") -> dict[str, float]:
@@ -201,8 +208,9 @@ class MemorizationProfiler:
             if checkpoint is None:
                 _, feats = self._features(self.control_prompts, progress)
             else:
+                # the controls' images are never shown: only their features are saved
                 _, feats, _ = self._features_in_parts(self.control_prompts, Path(checkpoint), "control", PART_SIZE,
-                                                      stale, progress)
+                                                      stale, progress, images=False)
             total = sum(len(f) for f in feats)
             counts: dict[str, int] = {}
             for per_prompt in feats:
@@ -231,6 +239,7 @@ class MemorizationProfiler:
         generation settings, another model or extractor are refused (``stale="refuse"``) or redone
         (``"restart"``, for callers that own the folder, as the audit does); changing only tau or the
         lift bound reuses them."""
+        from ..core.images import to_uint8
         from ..detect.noise_norm import check_prompts
 
         prompts = check_prompts(prompts)
@@ -244,10 +253,12 @@ class MemorizationProfiler:
         t0 = time.time()
         if checkpoint is None:
             images, feats = self._features(prompts, progress)
+            images = to_uint8(images) if keep_images else None
             generated = len(prompts)
         else:
             images, feats, generated = self._features_in_parts(prompts, Path(checkpoint), "part", part_size, stale,
                                                                progress)
+            images = images if keep_images else None
         # per prompt generated in this run: parts read back would make it look faster; NaN if none was
         seconds = (time.time() - t0) / generated if generated else float("nan")
         rows = []
@@ -272,7 +283,7 @@ class MemorizationProfiler:
                     row["evidence"] = f"frequent ({freq:.2f}) but as frequent under control prompts (lift {lift:.2f})"
                 rows.append(row)
         return ProfileResult(prompts, self.seeds(), rows, dict(s), self.extractor.name, self.control_prompts, seconds,
-                             images if keep_images else None, [[sorted(img) for img in pi] for pi in feats])
+                             images, [[sorted(img) for img in pi] for pi in feats])
 
 
 def extractor_identity(extractor) -> dict:
