@@ -322,3 +322,14 @@ def test_cli_verify_triggers_writes_its_results_and_leaves_no_parts(memlab_scan,
     assert [t["phrase"] for t in saved["triggers"]] == [phrase] and saved["summary"]["generations"] == 4
     assert (tmp_path / "trigger_verification.png").exists() and not (tmp_path / "verify_parts").exists()
     assert f"{phrase!r}" in ok.stdout and "replicates" in ok.stdout
+
+
+def test_the_mean_thumbnail_is_summed_in_chunks_and_skips_rows_without_an_image():
+    from diffmem.scan.scanner import mean_thumbnail
+
+    rng = np.random.default_rng(0)
+    thumbs = [rng.integers(0, 256, (4, 4, 3), dtype=np.uint8) for _ in range(7)]
+    with_gaps = thumbs[:3] + [None] + thumbs[3:] + [None]
+    expected = np.stack(thumbs).astype(np.float64).mean(0).round().astype(np.uint8)
+    for chunk in (1, 2, 3, 100):
+        np.testing.assert_array_equal(mean_thumbnail(with_gaps, chunk=chunk), expected)
