@@ -40,3 +40,18 @@ def test_clusters_copies_reencodes_and_shared_layouts_but_not_unrelated_images()
     assert (cl.labels[7:] == -1).all()
     assert np.isnan(cl.score[-1]) and cl.score[0] == 1.0
     assert sorted(cl.sizes.values()) == [3, 4]
+
+
+def test_pair_agreement_in_chunks_equals_all_pairs_at_once():
+    from diffmem.scan.features import flat_pixels, informative_agreement
+    from diffmem.scan.image_duplicates import _pair_agreement
+
+    rng = np.random.default_rng(0)
+    thumbs = np.repeat(np.repeat(rng.integers(0, 256, (23, 4, 4, 3), dtype=np.uint8), 2, 1), 2, 2)
+    thumbs[5, :4] = 0  # flat regions count differently: keep some
+    flat = thumbs.reshape(len(thumbs), -1)
+    i, j = rng.integers(0, len(thumbs), 101), rng.integers(0, len(thumbs), 101)
+    fp = flat_pixels(thumbs)
+    whole = informative_agreement(flat[i], flat[j], fp[i], fp[j]).astype(np.float32)
+    for chunk in (1, 7, 1000):
+        np.testing.assert_array_equal(_pair_agreement(flat, thumbs.shape[1:], i, j, chunk=chunk), whole)
