@@ -83,4 +83,3 @@ def to_uint8(images: np.ndarray) -> np.ndarray:
     if images.dtype == np.uint8:
         return images
     return np.rint(np.clip(images, 0.0, 1.0) * 255.0).astype(np.uint8)
-
