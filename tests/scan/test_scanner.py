@@ -333,3 +333,21 @@ def test_the_mean_thumbnail_is_summed_in_chunks_and_skips_rows_without_an_image(
     expected = np.stack(thumbs).astype(np.float64).mean(0).round().astype(np.uint8)
     for chunk in (1, 2, 3, 100):
         np.testing.assert_array_equal(mean_thumbnail(with_gaps, chunk=chunk), expected)
+
+
+def test_a_large_image_scan_says_how_long_the_image_search_takes_before_it_starts(tmp_path, monkeypatch):
+    import diffmem.scan.scanner as scanner_module
+
+    rng = np.random.default_rng(0)
+    images = [rng.random((16, 16, 3)).astype(np.float32) for _ in range(6)]
+    source = ListSource([f"caption {i}" for i in range(6)], images=images)
+    monkeypatch.setattr(scanner_module, "LARGE_IMAGE_SCAN", 5)
+    with pytest.warns(UserWarning, match="6 images: the near-duplicate image search"):
+        DatasetScanner(source, tmp_path / "w", progress=False).scan()
+    monkeypatch.setattr(scanner_module, "LARGE_IMAGE_SCAN", 6)
+    import warnings
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        DatasetScanner(source, tmp_path / "w2", progress=False).scan()
+    assert not [w for w in caught if "image search" in str(w.message)]

@@ -95,6 +95,7 @@ class ScanSettings:
         return d
 
 
+LARGE_IMAGE_SCAN = 100_000  # images past which the scan warns how long the image search will take
 MAX_CLUSTER_IMAGES = 1000  # median thumbnails kept for the largest clusters (a 32x32 RGB each)
 
 
@@ -330,6 +331,13 @@ def analyse(features, settings: ScanSettings, source: dict) -> ScanResult:
         if has_image.any():
             from .image_duplicates import image_clusters
 
+            if (n_images := int(has_image.sum())) > LARGE_IMAGE_SCAN:
+                import warnings
+
+                # said before the wait, not after: the search is exact (benchmarks/scan_image_scale.py)
+                warnings.warn(f"{n_images:,} images: the near-duplicate image search compares each with every other, "
+                              "so its time grows with the square of the count (on 2 CPU cores about 3 min for "
+                              "60,000 images, about 27 min for 200,000)", stacklevel=2)
             size = int(round(math.sqrt(len(f["thumb"][has_image].iloc[0]) / 3)))
             thumbs = np.zeros((n, size, size, 3), np.uint8)
             for i in np.flatnonzero(has_image):
