@@ -1,6 +1,6 @@
 """Mitigating many prompts in saved parts, so that a killed run redoes at most one part.
 
-Each part (``part_size`` prompts) is mitigated, measured and saved under ``folder/part_NNNN`` with a
+Each part (``part_size`` prompts) is mitigated and saved under ``folder/part_NNNN`` with a
 ``done.json`` written last; a re-run keeps every part whose ``done.json`` names the same method,
 settings, seeds, model and prompts. Every method draws its randomness per prompt (from the seed and
 the prompt's text), so a prompt's mitigation does not depend on the part it falls in; only the
@@ -10,7 +10,7 @@ generation batches differ from an unsplit run, which can move the images in the 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Sequence
 
 from ..core.errors import InputError
 from ..core.parts import in_parts
@@ -30,10 +30,10 @@ def part_key(method, prompts: Sequence[str]) -> str:
 
 
 def mitigate_in_parts(method, prompts: Sequence[str], folder: str | Path, part_size: int = PART_SIZE,
-                      measure: Callable[[MitigationResult], dict] | None = None, progress: bool = False,
-                      stale: str = "refuse", batch_size: int = 64) -> MitigationResult:
+                      progress: bool = False, stale: str = "refuse", batch_size: int = 64) -> MitigationResult:
     """``method.mitigate(prompts)`` (images included), ``part_size`` prompts at a time, each part
-    measured with ``measure`` (its dict is merged into the part's measures) and saved in ``folder``.
+    saved in ``folder``. Parts are not measured: callers measure the joined result
+    (``report.apply_measures``), so a resumed run never mixes two runs' measures.
 
     A part saved by another method, settings, model or prompt list is never mixed in:
     ``stale="refuse"`` stops with an error before any work (the folder is the user's),
@@ -49,10 +49,7 @@ def mitigate_in_parts(method, prompts: Sequence[str], folder: str | Path, part_s
     chunks = [prompts[i : i + part_size] for i in range(0, len(prompts), part_size)]
 
     def compute(chunk):
-        r = method.mitigate(chunk, generate_images=True, batch_size=batch_size)
-        if measure is not None:
-            r.measures.update(measure(r))
-        return r
+        return method.mitigate(chunk, generate_images=True, batch_size=batch_size)
 
     parts = in_parts(chunks, [part_key(method, c) for c in chunks], folder, compute, save=lambda part, r: r.save(part),
                      load=MitigationResult.load, stale=stale, what="mitigation parts of other prompts, settings or another model")
