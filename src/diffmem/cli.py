@@ -286,7 +286,7 @@ def mitigate(
     from .core.loading import load_pipeline
     from .detect import Calibration
     from .mitigate import BASELINES, EmbeddingOptimization
-    from .mitigate import measures as M
+    from .mitigate.measures import chosen_measures
     from .mitigate.parts import mitigate_in_parts
     from .mitigate.report import apply_measures, save_outputs
 
@@ -297,12 +297,7 @@ def mitigate(
     elif method not in BASELINES:
         raise DiffmemError(f"unknown method {method!r}: use embedding, {', '.join(sorted(BASELINES))}")
     # the chosen measures load (and read the training images) before the model, so a bad path costs nothing
-    replication = alignment = None
-    if train_images is not None:
-        replication = (M.SSCDReplication(sscd, train_images, progress=True, image_column=image_column) if sscd is not None
-                       else M.PixelReplication(train_images, progress=True, image_column=image_column))
-    if clip is not None:
-        alignment = M.CLIPScore(clip)
+    replication, alignment = chosen_measures(train_images, sscd, clip, image_column, progress=True)
     pipe = load_pipeline(model, device=device, dtype=dtype)
     d = _sampler(pipe, num_inference_steps, guidance_scale)
     kw = dict(generations=generations, seed=seed, num_inference_steps=d["num_inference_steps"], guidance_scale=d["guidance_scale"])

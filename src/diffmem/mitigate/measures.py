@@ -307,6 +307,20 @@ def _manifest_of(pipe) -> dict:
     return json.loads(p.read_text())
 
 
+def chosen_measures(train_images=None, sscd: str | Path | None = None, clip: str | Path | None = None,
+                    image_column: str | None = None, progress: bool = False) -> tuple:
+    """(replication, alignment) as a user chose them, each None when not chosen: replication against
+    ``train_images`` by SSCD with an ``sscd`` file, else by pixel correlation; alignment by CLIP score
+    with a ``clip`` folder. Loading reads the training images, so call it before the model loads."""
+    replication = alignment = None
+    if train_images is not None:
+        replication = (SSCDReplication(sscd, train_images, progress=progress, image_column=image_column)
+                       if sscd is not None else PixelReplication(train_images, progress=progress, image_column=image_column))
+    if clip is not None:
+        alignment = CLIPScore(clip)
+    return replication, alignment
+
+
 # -- alignment --------------------------------------------------------------------------------
 def named_features(prompt: str) -> dict[str, str]:
     """The MemLab features a prompt names (colour, shape, position)."""

@@ -453,7 +453,7 @@ class Audit:
 
         def work(folder: Path, key: str) -> dict:
             from ..mitigate import EmbeddingOptimization
-            from ..mitigate.measures import CLIPScore, PixelReplication, SSCDReplication
+            from ..mitigate.measures import chosen_measures
             from ..mitigate.parts import mitigate_in_parts
             from ..mitigate.report import apply_measures
 
@@ -470,12 +470,7 @@ class Audit:
                 rewrite=s.mitigate_rewrite,
                 num_inference_steps=self.sampler["num_inference_steps"], guidance_scale=self.sampler["guidance_scale"])
             cal.save(folder / "target_calibration.json")
-            replication = alignment = None
-            if against is not None:
-                replication = (SSCDReplication(s.sscd, against, progress=self.progress) if s.sscd is not None
-                               else PixelReplication(against, progress=self.progress))
-            if s.clip is not None:
-                alignment = CLIPScore(s.clip)
+            replication, alignment = chosen_measures(against, s.sscd, s.clip, progress=self.progress)
             merged = mitigate_in_parts(m, prompts, folder / "parts", progress=self.progress, stale="restart")
             apply_measures(self.pipe, merged, replication, alignment)
             merged.save(folder)
