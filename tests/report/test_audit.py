@@ -316,3 +316,20 @@ def test_audit_measure_paths_are_checked_before_any_work(tiny_pipe_dir, tmp_path
         Audit(AuditSettings(**common, clip=str(tmp_path / "no-clip")), out)
     assert not out.exists()
     Audit(AuditSettings(**common, clip=str(tmp_path / "no-clip"), skip=("mitigate",)), out)  # not used: not checked
+
+
+def test_training_images_without_captions_serve_mitigation_when_scan_is_skipped(tiny_pipe_dir, tmp_path):
+    """Mitigation compares generations with the training images alone; only the scan reads captions.
+    A caption-less table was refused even with the scan skipped."""
+    from PIL import Image
+
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("a red circle\n")
+    train = tmp_path / "train"
+    train.mkdir()
+    Image.new("RGB", (16, 16)).save(train / "a.png")
+    (train / "metadata.jsonl").write_text(json.dumps({"file_name": "a.png"}) + "\n")  # no caption column
+    common = dict(model=str(tiny_pipe_dir), prompts=str(prompts), reference=str(prompts), train_data=str(train))
+    Audit(AuditSettings(**common, skip=("scan",)), tmp_path / "out")
+    with pytest.raises(InputError, match="caption"):
+        Audit(AuditSettings(**common), tmp_path / "out2")

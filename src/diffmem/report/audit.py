@@ -213,7 +213,7 @@ class Audit:
         if settings.train_data is not None and not {"scan", "mitigate"} <= set(settings.skip):
             from ..scan.sources import open_source
 
-            open_source(settings.train_data)
+            open_source(settings.train_data, captions="scan" not in settings.skip)  # mitigation reads images alone
         if "mitigate" not in settings.skip:
             from ..mitigate.measures import check_clip_folder, check_sscd_file
 
