@@ -28,6 +28,8 @@ def test_the_public_sd_v1_list_reads():
         ("blank.txt", b"a cat\n   \na dog\n", "line 2: empty prompt"),
         ("latin1.txt", "caf\xe9\n".encode("latin-1"), "not UTF-8"),
         ("bad.jsonl", b'{"prompt": "ok"}\n{not json}\n', "line 2 is not valid JSON"),
+        # the first line's column holds for the whole file: a line without it is not read from another
+        ("mixed.jsonl", b'{"prompt": "ok"}\n{"text": "x"}\n', "line 2 has no column 'prompt'"),
         ("nocol.csv", b"id,text\n1,hi\n", "no column 'prompt'"),
     ],
 )

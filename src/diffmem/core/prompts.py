@@ -52,6 +52,7 @@ def iter_prompts(path: str | Path, column: str | None = None, flagged: bool = Fa
         return
     text = _read_text(path)
     if suffix == ".jsonl":
+        col = column
         for i, line in enumerate(text.splitlines(), 1):
             if not line.strip():
                 continue
@@ -61,9 +62,11 @@ def iter_prompts(path: str | Path, column: str | None = None, flagged: bool = Fa
                 raise InputError(f"{path} line {i} is not valid JSON: {e.msg}") from None
             if not isinstance(row, dict):
                 raise InputError(f"{path} line {i} is not a JSON object")
-            col = column or next((c for c in DEFAULT_COLUMNS if c in row), None)
+            # the first line chooses the column for the whole file, so a line missing it is an error
+            # rather than silently read from another column
+            col = col or next((c for c in DEFAULT_COLUMNS if c in row), None)
             if col is None or col not in row:
-                raise InputError(f"{path} line {i} has no column {column or ' / '.join(DEFAULT_COLUMNS)!r} (keys: {sorted(row)})")
+                raise InputError(f"{path} line {i} has no column {col or ' / '.join(DEFAULT_COLUMNS)!r} (keys: {sorted(row)})")
             if _kept(row, flagged, path, i):
                 yield _check(row[col], path, i)
                 n += 1
