@@ -219,12 +219,18 @@ def test_train_end_to_end_and_resume(tmp_path, tiny_pipe_dir):
     for i, colour in enumerate([(255, 0, 0), (0, 255, 0), (0, 0, 255)]):
         Image.new("RGB", (16, 16), colour).save(data / f"{i}.png")
         rows.append({"file_name": f"{i}.png", "text": f"colour {i}"})
+    (data / "broken.png").write_bytes(b"not a png")
+    rows.append({"file_name": "broken.png", "text": "colour 3"})
     (data / "metadata.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
     out = tmp_path / "out"
     args = ["train", "--model", str(tiny_pipe_dir), "--data", str(data), "--out", str(out), "--batch-size", "2",
             "--checkpoint-every", "2", "--prediction-type", "v_prediction", "--ema"]
     r = run(*args, "--steps", "3")
     assert r.returncode == 0, r.stderr
+    # a skipped row is said before training, not only written to a file
+    assert "1 of 4 rows of" in r.stderr and "row 3, unreadable image" in r.stderr, r.stderr
+    assert "(3 image-caption pairs; 1 row skipped, listed in" in " ".join(r.stdout.split())
+    assert json.loads((out / "data_problems.json").read_text())[0]["row"] == 3
     assert (out / "checkpoint" / "state.json").exists()
     parts = sorted(out.glob("latents/part-*.safetensors"))
     assert len(parts) == 1 and (out / "latents" / "key.json").exists()

@@ -573,7 +573,12 @@ def train(
                                train_text_encoder=train_text_encoder, ema=ema, caption_column=caption_column,
                                checkpoint_every=checkpoint_every, mem_filter_threshold=mem_filter_threshold, seed=seed,
                                allow_pickle=allow_pickle, device=device, mixed_precision=mixed_precision)
-    out_console.print(f"trained pipeline saved to {model_dir}")
+    import json
+
+    log = json.loads((model_dir / "diffmem_train.json").read_text())
+    n = log["skipped_rows"]
+    skipped = f"; {n} row{'s' if n > 1 else ''} skipped, listed in {Path(out) / 'data_problems.json'}" if n else ""
+    out_console.print(f"trained pipeline saved to {model_dir} ({log['rows']} image-caption pairs{skipped})")
 
 
 @app.command()

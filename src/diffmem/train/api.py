@@ -47,7 +47,13 @@ def train_pipeline(model: str, data: str, out: str | Path, steps: int = 1000, ba
     trainer.check_resumable()  # another run's folder is refused before anything in it is rewritten
     out.mkdir(parents=True, exist_ok=True)
     if problems:
+        import warnings
+
         dump_json(problems, out / "data_problems.json")
+        # said before the long training starts, not only in a file: the user may be training on far less than they think
+        first = problems[0]
+        warnings.warn(f"{len(problems)} of {len(problems) + len(captions)} rows of {data} skipped (the first: row "
+                      f"{first['row']}, {first['problem']}); all are listed in {out / 'data_problems.json'}", stacklevel=2)
     trainer.run(progress=progress)
     model_dir = out / "model"
     pipe.save_pretrained(model_dir, safe_serialization=True)
