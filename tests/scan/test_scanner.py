@@ -59,7 +59,9 @@ def test_bad_rows_are_reported_and_never_stop_the_scan(tmp_path):
     records.append({"file_name": "missing.png", "text": "no such file"})
     records.append({"file_name": "0.png", "text": None})
     records.append({"file_name": "1.png", "text": "   "})
-    lines = [json.dumps(r).encode() for r in records] + [b'{"file_name": "2.png", "text": "caf\xe9 latte"}']
+    (folder / "broken2.png").write_bytes(b"not a png either")
+    lines = [json.dumps(r).encode() for r in records] + [b'{"file_name": "2.png", "text": "caf\xe9 latte"}',
+                                                         json.dumps({"file_name": "broken2.png", "text": "x"}).encode()]
     (folder / "metadata.jsonl").write_bytes(b"\n".join(lines) + b"\n")
     res = DatasetScanner(folder, tmp_path / "work", progress=False).scan()
     rows = res.rows.set_index("row")
@@ -68,7 +70,10 @@ def test_bad_rows_are_reported_and_never_stop_the_scan(tmp_path):
     assert rows.loc[8, "caption_issue"] == "missing" and rows.loc[9, "caption_issue"] == "empty"
     assert rows.loc[10, "caption_issue"] == "not UTF-8"
     summary = res.summary.set_index("check")
-    assert summary.loc["bad_image", "issues"] == 2 and summary.loc["bad_caption", "issues"] == 3
+    assert summary.loc["bad_image", "issues"] == 3 and summary.loc["bad_caption", "issues"] == 3
+    # counted by kind: two unreadable files (their messages differ by path) are 2, not 1
+    assert summary.loc["bad_image", "detail"] == {"unreadable image: UnidentifiedImageError": 2,
+                                                  "unreadable image: FileNotFoundError": 1}
     # the detail is printed by the CLI and the report: plain ints, not numpy's np.int64(1)
     assert summary.loc["bad_caption", "detail"] == {"missing": 1, "empty": 1, "not UTF-8": 1}
     assert all(type(v) is int for v in summary.loc["bad_caption", "detail"].values())

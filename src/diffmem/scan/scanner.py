@@ -320,7 +320,9 @@ def analyse(features, settings: ScanSettings, source: dict) -> ScanResult:
         {"check": "bad_caption", "issues": int(rows["is_bad_caption_issue"].sum()),
          "detail": {str(k): int(v) for k, v in f["caption_issue"].value_counts().items()}},
         {"check": "bad_image", "issues": int(rows["is_bad_image_issue"].sum()),
-         "detail": {str(k).split(":")[0]: int(v) for k, v in f["image_issue"].value_counts().items()}},
+         # counted by kind ("unreadable image: FileNotFoundError"): each full message names its own file
+         "detail": {str(k): int(v) for k, v in
+                    f["image_issue"].dropna().map(lambda m: ": ".join(str(m).split(": ")[:2])).value_counts().items()}},
     ]
     info: dict = {}
     norm = [c if isinstance(c, str) and c else None for c in f["caption_norm"]]
