@@ -54,6 +54,8 @@ def train_pipeline(model: str, data: str, out: str | Path, steps: int = 1000, ba
         first = problems[0]
         warnings.warn(f"{len(problems)} of {len(problems) + len(captions)} rows of {data} skipped (the first: row "
                       f"{first['row']}, {first['problem']}); all are listed in {out / 'data_problems.json'}", stacklevel=2)
+    else:  # a list left by an earlier run, on data since mended, would name problems that are gone
+        (out / "data_problems.json").unlink(missing_ok=True)
     trainer.run(progress=progress)
     model_dir = out / "model"
     pipe.save_pretrained(model_dir, safe_serialization=True)
