@@ -80,3 +80,22 @@ def sscd_stand_in(tmp_path_factory):
     path = tmp_path_factory.mktemp("sscd") / "sscd_stand_in.pt"
     torch.jit.script(PooledPixels()).save(str(path))
     return path
+
+
+@pytest.fixture
+def colour_folder_with_a_broken_row(tmp_path):
+    """Training data for ``diffmem train``: three plain-colour images with captions, and row 3 an unreadable file."""
+    import json
+
+    from PIL import Image
+
+    data = tmp_path / "data"
+    data.mkdir()
+    rows = []
+    for i, colour in enumerate([(255, 0, 0), (0, 255, 0), (0, 0, 255)]):
+        Image.new("RGB", (16, 16), colour).save(data / f"{i}.png")
+        rows.append({"file_name": f"{i}.png", "text": f"colour {i}"})
+    (data / "broken.png").write_bytes(b"not a png")
+    rows.append({"file_name": "broken.png", "text": "colour 3"})
+    (data / "metadata.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
+    return data

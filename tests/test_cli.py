@@ -208,20 +208,10 @@ def test_mitigate_measures_any_model_against_its_training_images_and_clip(tmp_pa
         assert not bad.exists()
 
 
-def test_train_end_to_end_and_resume(tmp_path, tiny_pipe_dir):
+def test_train_end_to_end_and_resume(tmp_path, tiny_pipe_dir, colour_folder_with_a_broken_row):
     import json
 
-    from PIL import Image
-
-    data = tmp_path / "data"
-    data.mkdir()
-    rows = []
-    for i, colour in enumerate([(255, 0, 0), (0, 255, 0), (0, 0, 255)]):
-        Image.new("RGB", (16, 16), colour).save(data / f"{i}.png")
-        rows.append({"file_name": f"{i}.png", "text": f"colour {i}"})
-    (data / "broken.png").write_bytes(b"not a png")
-    rows.append({"file_name": "broken.png", "text": "colour 3"})
-    (data / "metadata.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
+    data = colour_folder_with_a_broken_row
     out = tmp_path / "out"
     args = ["train", "--model", str(tiny_pipe_dir), "--data", str(data), "--out", str(out), "--batch-size", "2",
             "--checkpoint-every", "2", "--prediction-type", "v_prediction", "--ema"]

@@ -8,16 +8,9 @@ from diffmem.train.api import train_pipeline
 from diffmem.train.trainer import CHECKPOINT_DIR
 
 
-def test_skipped_rows_are_warned_and_a_fixed_rerun_leaves_no_stale_list(tmp_path, tiny_pipe_dir):
-    data = tmp_path / "data"
-    data.mkdir()
-    rows = []
-    for i, colour in enumerate([(255, 0, 0), (0, 255, 0), (0, 0, 255)]):
-        Image.new("RGB", (16, 16), colour).save(data / f"{i}.png")
-        rows.append({"file_name": f"{i}.png", "text": f"colour {i}"})
-    (data / "broken.png").write_bytes(b"not a png")
-    rows.append({"file_name": "broken.png", "text": "colour 3"})
-    (data / "metadata.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
+def test_skipped_rows_are_warned_and_a_fixed_rerun_leaves_no_stale_list(tmp_path, tiny_pipe_dir,
+                                                                         colour_folder_with_a_broken_row):
+    data = colour_folder_with_a_broken_row
     out = tmp_path / "out"
     common = dict(steps=1, batch_size=2, checkpoint_every=0, progress=False)
     with pytest.warns(UserWarning, match=r"1 of 4 rows of .* skipped \(the first: row 3, unreadable image"):
