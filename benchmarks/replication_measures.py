@@ -17,7 +17,6 @@ similarity (sklearn).
 from __future__ import annotations
 
 import argparse
-import json
 import time
 
 import numpy as np
@@ -79,8 +78,9 @@ def main(argv=None):
     print(f"pixel verdict against MemLab's: agreement {figures['agreement']:.3f}, precision {figures['precision']:.3f}, "
           f"recall {figures['recall']:.3f}; AUC of the pixel similarity {figures['auc']:.3f}; {figures['seconds']:.0f} s")
     if args.json:
-        with open(args.json, "w") as f:
-            json.dump(figures, f, indent=1)
+        from diffmem.core.results import dump_json
+
+        dump_json(figures, args.json)
 
 
 if __name__ == "__main__":

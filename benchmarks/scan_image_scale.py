@@ -12,7 +12,6 @@ came back as one cluster. The neighbour search is exact (brute force), so time g
 from __future__ import annotations
 
 import argparse
-import json
 import resource
 import time
 
@@ -47,8 +46,9 @@ def main(argv=None):
     print(f"{args.rows} thumbnails: {seconds:.1f} s, peak RSS {peak:.0f} MB (inputs made: {before:.0f} MB); "
           f"planted group found: {figures['planted_group_found']}; {figures['clusters']} clusters")
     if args.json:
-        with open(args.json, "w") as f:
-            json.dump(figures, f, indent=1)
+        from diffmem.core.results import dump_json
+
+        dump_json(figures, args.json)
 
 
 if __name__ == "__main__":

@@ -122,8 +122,9 @@ def main(argv=None):
     }
     print(json.dumps(figures, indent=1))
     if args.json:
-        with open(args.json, "w") as f:
-            json.dump(figures, f, indent=1)
+        from diffmem.core.results import dump_json
+
+        dump_json(figures, args.json)
 
 
 if __name__ == "__main__":
