@@ -253,6 +253,19 @@ def test_train_refuses_a_device_or_precision_it_cannot_use(tmp_path, tiny_pipe_d
         assert r.returncode == 2 and "CUDA is not available" in r.stderr and "Traceback" not in r.stderr
 
 
+def test_app_refuses_a_port_in_use_before_loading_the_model():
+    import socket
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        r = run("app", "--port", str(port))
+    assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr[-2000:]
+    assert f"cannot serve on 127.0.0.1:{port}: Address already in use" in r.stderr
+    assert "scoring" not in r.stderr and "diffmem app on" not in r.stdout  # neither calibrated nor announced
+
+
 def test_usage_errors_are_one_clear_message(tmp_path):
     """Unknown options and out-of-range values: click's message and exit code 2, whichever click
     (typer vendors its own from 0.2x) raised them."""

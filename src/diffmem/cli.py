@@ -822,13 +822,14 @@ def app_cmd(
     dtype: str = DTYPE,
 ):
     """A local page: edit a prompt, see its score against the threshold and its words coloured by attribution."""
-    from .report.app import AppState, serve
+    from .report.app import AppState, bind, serve
 
+    sock = bind(host, port)
     state = AppState(model, calibration=calibration, audit=audit_dir, seed=seed, generations=generations, progress=True,
                      device=device, dtype=dtype)
     out_console.print(f"diffmem app on http://{host}:{port}/  (threshold {state.calibration.threshold:.4g}; Ctrl-C stops)",
                       highlight=False, markup=False)
-    serve(state, host, port)
+    serve(state, sock)
 
 
 def _exit(code: int):

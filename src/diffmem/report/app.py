@@ -18,6 +18,7 @@ from __future__ import annotations
 import base64
 import io
 import json
+import socket
 import threading
 import time
 import uuid
@@ -281,10 +282,26 @@ def create_app(state: AppState):
                              Route("/api/jobs/{job_id}/cancel", cancel, methods=["POST"])])
 
 
-def serve(state: AppState, host: str = "127.0.0.1", port: int = 7860) -> None:
+def bind(host: str = "127.0.0.1", port: int = 7860) -> socket.socket:
+    """Take the page's address before the model loads, so that a port in use or an unknown host is
+    an error at once rather than after the model and its calibration have loaded."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET  # as uvicorn chooses
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host, port))
+    except OSError as e:
+        sock.close()
+        why = e.strerror or str(e)
+        raise InputError(f"cannot serve on {host}:{port}: {why}; choose another --port or --host") from None
+    return sock
+
+
+def serve(state: AppState, sock: socket.socket) -> None:
+    """Serve the page on a socket from ``bind``."""
     import uvicorn
 
-    uvicorn.run(create_app(state), host=host, port=port, log_level="warning")
+    uvicorn.Server(uvicorn.Config(create_app(state), log_level="warning")).run(sockets=[sock])
 
 
 # The page builds every user-derived node with textContent, never innerHTML: a prompt is shown as text.
