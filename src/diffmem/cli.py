@@ -663,7 +663,8 @@ def verify_triggers_cmd(
 
 @memlab_app.command("build")
 def memlab_build(
-    out: Path = typer.Option(..., help="folder for the image folder (PNG + metadata.jsonl) and manifest.json"),
+    out: Path = typer.Option(..., help="folder for the image folder (PNG + metadata.jsonl) and memlab_manifest.json: "
+                                        "new, empty or an earlier MemLab build (anything else is refused)"),
     control: bool = typer.Option(False, help="the duplication-free control set: each planted pair once"),
     seed: int = typer.Option(0),
 ):

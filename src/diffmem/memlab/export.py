@@ -3,24 +3,43 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import numpy as np
 from PIL import Image
 
+from ..core.errors import InputError
 from . import dataset as ds
+
+MANIFEST = "memlab_manifest.json"
 
 
 def export_imagefolder(out: str | Path, seed: int = 0, control: bool = False, limit: int | None = None) -> int:
-    """One PNG per row (duplicates are separate files, as in a scraped data set)."""
-    d = ds.build(ds.MemLabConfig(seed=seed, duplicate_planted=not control))
+    """One PNG per row (duplicates are separate files, as in a scraped data set).
+
+    OUT must be new, empty or an earlier MemLab build: building into a user's own image folder would
+    overwrite its metadata.jsonl and images/00000.png onwards."""
     out = Path(out)
+    if out.is_dir() and any(out.iterdir()) and not (out / MANIFEST).is_file():
+        raise InputError(f"{out} is not empty and holds no {MANIFEST}, so it is not an earlier MemLab build: "
+                         "building there would overwrite its files; choose a new or empty folder")
+    d = ds.build(ds.MemLabConfig(seed=seed, duplicate_planted=not control))
     (out / "images").mkdir(parents=True, exist_ok=True)
+    # the manifest first marks the folder as MemLab's, so a killed build can be built again in place;
+    # metadata.jsonl lands last and whole, so a killed build is never read as a smaller data set
+    ds.save_manifest(d.manifest, out / MANIFEST)
     rows = d.rows[:limit]
-    with open(out / "metadata.jsonl", "w", encoding="utf-8") as meta:
-        for i, r in enumerate(rows):
-            name = f"images/{i:05d}.png"
+    names = [f"images/{i:05d}.png" for i in range(len(rows))]
+    partial = out / "metadata.jsonl.partial"
+    with open(partial, "w", encoding="utf-8") as meta:
+        for name, r in zip(names, rows):
             Image.fromarray((d.image(r.image_id) * 255).round().astype(np.uint8)).save(out / name)
             meta.write(json.dumps({"file_name": name, "text": r.caption, "group": r.group, "image_id": r.image_id}) + "\n")
-    ds.save_manifest(d.manifest, out / "memlab_manifest.json")
+    os.replace(partial, out / "metadata.jsonl")
+    # a larger earlier build (the main set after the control set) leaves images no row names
+    wanted = set(names)
+    for stale in (out / "images").glob("[0-9][0-9][0-9][0-9][0-9].png"):
+        if f"images/{stale.name}" not in wanted:
+            stale.unlink()
     return len(rows)
