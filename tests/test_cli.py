@@ -277,7 +277,10 @@ def test_usage_errors_are_one_clear_message(tmp_path):
                       (["detect", "--prompts", str(prompts), "--guidance-scale", "nan"], "--guidance-scale"),
                       (["mitigate", "--prompts", str(prompts), "--target", "1", "--guidance-scale", "inf"], "--guidance-scale"),
                       (["detect", "--prompts", str(prompts), "--calibrate-with", str(prompts), "--fpr", "2"], "--fpr"),
-                      (["audit", "--fpr", "0", "--out", str(tmp_path / "audit")], "--fpr")):
+                      (["audit", "--fpr", "0", "--out", str(tmp_path / "audit")], "--fpr"),
+                      (["bench", "explain", "--max-prompts", "0", "--out", str(tmp_path / "b")], "--max-prompts"),
+                      (["bench", "mitigate", "--max-prompts", "-1", "--out", str(tmp_path / "b")], "--max-prompts"),
+                      (["bench", "categorize", "--max-prompts", "0", "--out", str(tmp_path / "b")], "--max-prompts")):
         r = run(*args)
         assert r.returncode == 2 and msg in r.stderr and "Traceback" not in r.stderr, (args, r.stderr)
 

@@ -369,7 +369,7 @@ def bench_mitigate_cmd(
     model: str = typer.Option("memlab", help="a MemLab model (the benchmark needs its manifest)"),
     out: Path = typer.Option(Path("bench-mitigate"), help="folder for bench_mitigate.json and bench_mitigate.png"),
     generations: int = typer.Option(4, min=1),
-    max_prompts: Optional[int] = typer.Option(None, help="limit the planted prompts (for a quick run)"),
+    max_prompts: Optional[int] = typer.Option(None, min=1, help="limit the planted prompts (for a quick run)"),
     only: Optional[str] = typer.Option(None, help='run only the rows whose "method, setting" contains this text'),
     max_reference: Optional[int] = typer.Option(None, min=2, help="calibrate the targets on at most this many "
                                                 "non-memorized prompts (for a quick run)"),
@@ -401,7 +401,7 @@ def bench_explain_cmd(
     model: str = typer.Option("memlab", help="a MemLab model (the benchmark needs its manifest)"),
     out: Path = typer.Option(Path("bench-explain"), help="folder for bench_explain.json and bench_explain.png"),
     generations: int = typer.Option(1, min=1),
-    max_prompts: Optional[int] = typer.Option(None, help="limit the trigger and verbatim prompts (for a quick run)"),
+    max_prompts: Optional[int] = typer.Option(None, min=1, help="limit the trigger and verbatim prompts (for a quick run)"),
     outcome_seeds: int = typer.Option(4, min=0, help="seeds per masked generation of each flagged verbatim prompt "
                                       "(which word's masking breaks the replication); 0 skips it"),
     steps: str = typer.Option("0", help="sampling steps the explainers and the flagging detector score, comma-separated "
@@ -437,7 +437,7 @@ def bench_categorize_cmd(
     model: str = typer.Option("memlab", help="a MemLab model (the benchmark needs its manifest)"),
     out: Path = typer.Option(Path("bench-categorize"), help="folder for bench_categorize.json (and the profile with --keep-profile)"),
     n: int = typer.Option(16, min=2, help="generations per prompt"),
-    max_prompts: Optional[int] = typer.Option(None, help="limit the novel prompts (for a quick run)"),
+    max_prompts: Optional[int] = typer.Option(None, min=1, help="limit the novel prompts (for a quick run)"),
     keep_profile: bool = typer.Option(False, help="also save the profile with its images under OUT/profile"),
     device: str = DEVICE,
     dtype: str = DTYPE,

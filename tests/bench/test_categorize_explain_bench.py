@@ -203,3 +203,14 @@ def test_masked_outcomes_resume_from_saved_parts(memlab_manifest, tmp_path, monk
     swapped = {p: {"attribution": r["ablation"], "ablation": r["attribution"]} for p, r in explained.items()}
     bench_module.masked_outcomes(*args[:5], swapped, *args[6:], checkpoint=tmp_path / "run")
     assert done == prompts
+
+
+@pytest.mark.parametrize("max_prompts", [0, -1, 2.5, True])
+def test_a_prompt_limit_below_one_is_refused_before_any_work(max_prompts, memlab_manifest):
+    # 0 read as "no limit" ran the whole benchmark, and -1 all prompts but the last
+    from diffmem.bench.mitigate import bench_mitigate
+    from diffmem.core.errors import InputError
+
+    for bench in (bench_explain, bench_categorize, bench_mitigate):
+        with pytest.raises(InputError, match="max_prompts must be a whole number of at least 1"):
+            bench(None, memlab_manifest, max_prompts=max_prompts)  # no pipeline: nothing may run first

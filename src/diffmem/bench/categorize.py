@@ -120,8 +120,10 @@ def bench_categorize(pipe, manifest: dict, n: int = 16, max_prompts: int | None 
     with other settings are redone."""
     from ..categorize import CaptionCooccurrence, MemLabExtractor, MemorizationProfiler, TrainingTracer
     from ..memlab import dataset as ds
+    from . import check_max_prompts
 
-    entries = manifest["groups"]["novel"][: max_prompts or None]
+    check_max_prompts(max_prompts)
+    entries = manifest["groups"]["novel"][:max_prompts]
     prompts = [e["prompt"] for e in entries]
     truth = [planted_kinds(e["expected_features"]) for e in entries]
     data = ds.build(ds.MemLabConfig(**manifest["config"]))

@@ -196,7 +196,9 @@ def bench_explain(pipe, manifest: dict, generations: int = 1, max_prompts: int |
     from ..detect import Calibration, NoiseNormDetector
     from ..explain import TokenAblation, TokenAttribution
     from ..memlab import dataset as ds
+    from . import check_max_prompts
 
+    check_max_prompts(max_prompts)
     d = sampler_defaults(pipe)
     steps, scale = d["num_inference_steps"], d["guidance_scale"]
     scored_steps = sorted({int(k) for k in scored_steps})
@@ -205,7 +207,7 @@ def bench_explain(pipe, manifest: dict, generations: int = 1, max_prompts: int |
     methods = {"attribution": attr, "ablation": abl}
 
     triggers = [(t["prompt"], e["trigger"]) for e in manifest["groups"]["template"] for t in e["test_prompts"]]
-    triggers = triggers[: max_prompts or None]
+    triggers = triggers[:max_prompts]
     results = {}  # (method, prompt) -> AttributionResult: each prompt explained once per method
 
     def explained(name: str, prompt: str):
@@ -226,7 +228,7 @@ def bench_explain(pipe, manifest: dict, generations: int = 1, max_prompts: int |
     det = NoiseNormDetector(pipe, steps, scale, steps=scored_steps, generations=generations)
     negatives = ds.prompts(manifest, "novel") + ds.prompts(manifest, "control")[:400]
     cal = Calibration.fit(det.score(negatives), fpr=0.01)
-    candidates = [("verbatim", p) for p in ds.prompts(manifest, "verbatim")[: max_prompts or None]]
+    candidates = [("verbatim", p) for p in ds.prompts(manifest, "verbatim")[:max_prompts]]
     candidates += [("trigger", p) for p, _ in triggers]
     verdicts = cal.apply(det.score([p for _, p in candidates]))
     flagged = [c for c, v in zip(candidates, verdicts.verdicts) if v]

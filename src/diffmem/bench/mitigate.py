@@ -179,8 +179,10 @@ def bench_mitigate(pipe, manifest: dict, generations: int = 4, methods: dict | N
     from ..memlab.replication import MemLabReplication
     from ..mitigate import BASELINES, EmbeddingOptimization
     from ..mitigate.measures import MemLabAlignment
+    from . import check_max_prompts
     from .detect import memlab_labelled
 
+    check_max_prompts(max_prompts)
     d = sampler_defaults(pipe)
     entries = [{"prompt": e["prompt"], "group": "verbatim", "image_id": e["image_id"]} for e in manifest["groups"]["verbatim"]]
     entries += [{"prompt": t["prompt"], "group": "template", "template_id": e["template_id"]}
