@@ -203,6 +203,9 @@ def test_settings_errors():
         AuditSettings(mitigate_positions="words")
     with pytest.raises(InputError, match="--mitigate-rewrite must be one of rna, rta"):
         AuditSettings(mitigate_rewrite="gni")
+    for name in ("max_explain", "max_categorize", "max_mitigate"):
+        with pytest.raises(InputError, match=f"--{name.replace('_', '-')} must be 0 or more, got -1"):
+            AuditSettings(**{name: -1})
 
 
 def test_non_memlab_model_needs_prompts(tiny_pipe_dir, tmp_path):

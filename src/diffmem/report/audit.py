@@ -81,6 +81,10 @@ class AuditSettings:
             raise InputError("--sscd measures replication against --train-data: give it too")
         if not 0 < self.fpr < 1:
             raise InputError(f"--fpr must lie in (0, 1), got {self.fpr}")
+        for name in ("max_explain", "max_categorize", "max_mitigate"):  # a negative limit would slice off the last prompts
+            limit = getattr(self, name)
+            if limit is not None and limit < 0:
+                raise InputError(f"--{name.replace('_', '-')} must be 0 or more, got {limit}")
         if self.mitigate_loss_steps < 1:
             raise InputError(f"--mitigate-loss-steps must be at least 1, got {self.mitigate_loss_steps}")
         from ..explain import EXPLAINERS
