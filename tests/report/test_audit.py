@@ -104,6 +104,7 @@ def test_rerun_reuses_finished_stages_and_settings_change_redoes_them(memlab_aud
     stages = AuditResult.load(copy).stages
     assert stages["detect"]["status"] == "reused" and stages["categorize"]["status"] == "reused"
     assert stages["explain"]["status"] == "done"  # --max-explain changed
+    assert "detect: reused (saved earlier with the same settings)" in r.stdout + r.stderr
     assert (copy / "detect" / "stage.json").stat().st_mtime_ns == stamps["detect"]
     assert len(json.loads((copy / "explain" / "attributions.json").read_text())["attributions"]) == 3
     # another explainer is another explain stage: the word ablation of the same steps, in the report

@@ -280,7 +280,7 @@ class Audit:
             result.stages[stage] = {"status": status, "summary": summary,
                                     "seconds": json.loads((self.out / stage / "stage.json").read_text())["seconds"]
                                     if (self.out / stage / "stage.json").exists() else time.time() - t0}
-            self._log(f"      {stage}: {status}" + (f" in {time.time() - t0:.1f}s" if status == "done" else " (same settings: reused)"))
+            self._log(f"      {stage}: {status}" + (f" in {time.time() - t0:.1f}s" if status == "done" else " (saved earlier with the same settings)"))
             result.save()
         result.save()
         from .html import write_report
