@@ -83,3 +83,21 @@ def test_parts_of_another_run_are_refused_not_mixed_in(tiny_pipe, tiny_pipe_v, t
     changed.write_text("a new first prompt\n" + "\n".join(PROMPTS) + "\n")
     with pytest.raises(InputError, match="other prompts"):
         detect_file(detector(tiny_pipe), changed, out, chunk=2, progress=False)
+
+
+def test_a_saved_chunk_that_cannot_be_read_is_scored_again(tiny_pipe, tmp_path, prompt_file):
+    # its marker outlived its scores (a disk fault, a hand edit): the run re-scores that chunk
+    # instead of stopping on it, and says so
+    out = tmp_path / "r.parquet"
+    with pytest.raises(KeyboardInterrupt):
+        detect_file(Counting(detector(tiny_pipe), fail_on=PROMPTS[4]), prompt_file, out, chunk=2, progress=False)
+    part = out.with_name("r.parquet.parts") / "chunk_000001.parquet"
+    part.write_bytes(part.read_bytes()[:50])
+    again = Counting(detector(tiny_pipe))
+    with pytest.warns(UserWarning, match="rescoring .*chunk_000001.parquet: it cannot be read"):
+        detect_file(again, prompt_file, out, chunk=2, progress=False)
+    assert again.calls == [PROMPTS[2:4], PROMPTS[4:]]
+    straight = tmp_path / "straight.parquet"
+    detect_file(detector(tiny_pipe), prompt_file, straight, chunk=2, progress=False)
+    pd.testing.assert_frame_equal(DetectionResult.load(out).to_frame(), DetectionResult.load(straight).to_frame(),
+                                  check_exact=True)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import warnings
 from pathlib import Path
 from typing import Callable, Iterator, Sequence
 
@@ -29,6 +30,7 @@ def in_parts(chunks: Sequence[list], keys: Sequence[str], folder: str | Path, co
     Checked now, before any work: a part completed under another key, or left beyond the chunks by a
     longer list, is refused with ``what`` in the message (``stale="refuse"``: the folder is the
     user's) or redone (``"restart"``: callers that own the folder). Unmarked leftovers are removed.
+    A part marked with the chunk's key whose files cannot be read back is redone, with a warning.
     """
     if stale not in ("refuse", "restart"):
         raise InputError(f"stale must be 'refuse' or 'restart', got {stale!r}")
@@ -48,8 +50,14 @@ def in_parts(chunks: Sequence[list], keys: Sequence[str], folder: str | Path, co
     def run():
         for chunk, part, key, old in zip(chunks, parts, keys, saved):
             if old == key:
-                yield load(part)  # finished before an interruption: kept as it is
-                continue
+                try:
+                    kept = load(part)  # finished before an interruption: kept as it is
+                except Exception as e:  # its marker outlived its files: the part is this job's, so redo it
+                    warnings.warn(f"redoing {part}: its saved files cannot be read ({type(e).__name__}: {e})",
+                                  stacklevel=2)
+                else:
+                    yield kept
+                    continue
             result = compute(chunk)
             (part / "done.json").unlink(missing_ok=True)  # a crash mid-write must not leave the old marker
             part.mkdir(parents=True, exist_ok=True)

@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import shutil
 import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -78,11 +79,16 @@ def detect_file(detector, prompts_path: str | Path, out: str | Path, column: str
         nonlocal flagged, n_truncated
         for i, (buf, key) in enumerate(zip(_chunks(iter_prompts(prompts_path, column), chunk), keys)):
             part, marker = parts / f"chunk_{i:06d}.parquet", parts / f"chunk_{i:06d}.done"
+            res = None
             if marker.exists():  # scored before an interruption (its key was checked above)
-                res = DetectionResult.load(part)
-                if res.truncated is None:  # saved before results had the column: every part's table must match
-                    res.truncated = denoise.truncated(detector.pipe, res.prompts)
-            else:
+                try:
+                    res = DetectionResult.load(part)
+                except Exception as e:  # the marker outlived its scores: score the chunk again
+                    warnings.warn(f"rescoring {part}: it cannot be read ({type(e).__name__}: {e})", stacklevel=2)
+                else:
+                    if res.truncated is None:  # saved before results had the column: every part's table must match
+                        res.truncated = denoise.truncated(detector.pipe, res.prompts)
+            if res is None:
                 res = detector.score(buf)
                 if calibration is not None:
                     res = calibration.apply(res)

@@ -1,0 +1,35 @@
+import json
+
+import pytest
+
+from diffmem.core.parts import in_parts
+
+
+def _run(folder, chunks, computed, stale="refuse"):
+    def compute(chunk):
+        computed.append(chunk)
+        return [c.upper() for c in chunk]
+
+    def save(part, result):
+        (part / "result.json").write_text(json.dumps(result))
+
+    def load(part):
+        return json.loads((part / "result.json").read_text())
+
+    return list(in_parts(chunks, [f"key-{c[0]}" for c in chunks], folder, compute, save, load, stale=stale))
+
+
+@pytest.mark.parametrize("stale", ["refuse", "restart"])
+def test_a_marked_part_whose_files_cannot_be_read_is_redone(tmp_path, stale):
+    chunks = [["a", "b"], ["c"], ["d"]]
+    first = []
+    assert _run(tmp_path, chunks, first, stale) == [["A", "B"], ["C"], ["D"]] and first == chunks
+    (tmp_path / "part_0001" / "result.json").write_text("{not json")
+    (tmp_path / "part_0002" / "result.json").unlink()
+    again = []
+    with pytest.warns(UserWarning, match="redoing .*part_000[12]: its saved files cannot be read") as caught:
+        assert _run(tmp_path, chunks, again, stale) == [["A", "B"], ["C"], ["D"]]
+    assert again == [["c"], ["d"]]  # the readable part is kept
+    assert sorted(str(w.message).split(":")[0].rsplit("/", 1)[1] for w in caught) == ["part_0001", "part_0002"]
+    third = []
+    assert _run(tmp_path, chunks, third, stale) == [["A", "B"], ["C"], ["D"]] and third == []  # mended for good
