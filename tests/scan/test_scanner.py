@@ -356,3 +356,20 @@ def test_a_large_image_scan_says_how_long_the_image_search_takes_before_it_start
         warnings.simplefilter("always")
         DatasetScanner(source, tmp_path / "w2", progress=False).scan()
     assert not [w for w in caught if "image search" in str(w.message)]
+
+
+def test_a_recorded_shard_that_was_lost_or_damaged_is_scanned_again(tmp_path):
+    # recorded in the state but unreadable: the resume re-reads those rows instead of asking the user
+    # to delete the folder and scan everything again
+    captions = [f"a red circle on a plain field number {i % 7}" for i in range(12)]
+    first = DatasetScanner(ListSource(captions), tmp_path / "w", shard_size=3, progress=False).scan()
+    shards = sorted((tmp_path / "w" / "shards").glob("shard-*.parquet"))
+    assert len(shards) == 4
+    shards[1].write_bytes(shards[1].read_bytes()[:40])
+    shards[3].unlink()
+    with pytest.warns(UserWarning, match="scanning shard [13] again") as caught:
+        again = DatasetScanner(ListSource(captions), tmp_path / "w", shard_size=3, progress=False).scan()
+    assert sorted(str(w.message).split()[2] for w in caught if "scanning shard" in str(w.message)) == ["1", "3"]
+    pd.testing.assert_frame_equal(first.rows.drop(columns=["thumb"], errors="ignore"),
+                                  again.rows.drop(columns=["thumb"], errors="ignore"))
+    assert first.summary.equals(again.summary)

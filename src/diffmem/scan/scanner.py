@@ -20,6 +20,7 @@ import json
 import math
 import shutil
 import tempfile
+import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -281,11 +282,25 @@ class DatasetScanner:
 
     # -- pass 2 ------------------------------------------------------------------------------
 
-    def load_features(self):
+    def load_features(self, rescan_damaged: bool = True):
         import pandas as pd
 
         state = self._load_state()
-        parts = [read_parquet(self._shard_path(k))[0] for k in sorted(state["done"])]
+        parts, damaged = [], []
+        for k in sorted(state["done"]):
+            try:
+                parts.append(read_parquet(self._shard_path(k))[0])
+            except Exception as e:  # lost or damaged after it was recorded: hours of a scan need not go with it
+                damaged.append(k)
+                warnings.warn(f"scanning shard {k} again: {self._shard_path(k)} cannot be read ({type(e).__name__})",
+                              stacklevel=2)
+        if damaged:
+            if not rescan_damaged:
+                raise RuntimeError(f"scan shards {damaged} in {self.work_dir} cannot be read even when written again")
+            state["done"] = sorted(set(state["done"]) - set(damaged))
+            dump_json(state, self.work_dir / STATE)
+            self.run_pass1()
+            return self.load_features(rescan_damaged=False)
         frame = pd.concat(parts, ignore_index=True)
         if frame["row"].duplicated().any() or len(frame) != self._n_rows():
             raise RuntimeError(f"scan features in {self.work_dir} are inconsistent; delete the folder and scan again")
