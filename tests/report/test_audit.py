@@ -337,3 +337,46 @@ def test_training_images_without_captions_serve_mitigation_when_scan_is_skipped(
     Audit(AuditSettings(**common, skip=("scan",)), tmp_path / "out")
     with pytest.raises(InputError, match="caption"):
         Audit(AuditSettings(**common), tmp_path / "out2")
+
+
+def test_a_stage_whose_saved_files_were_damaged_is_redone(tiny_pipe_dir, tmp_path):
+    # a reused stage read its files only when a later stage or the report needed them, and stopped the
+    # audit there on a truncated file; the stage's marker now holds each file's hash, and a stage whose
+    # files changed is redone
+    import io
+
+    from rich.console import Console
+
+    from diffmem.detect import DetectionResult
+    from diffmem.mitigate import MitigationResult
+
+    prompts, reference = tmp_path / "p.txt", tmp_path / "r.txt"
+    prompts.write_text("\n".join(f"a red circle number {i}" for i in range(6)) + "\n")
+    reference.write_text("\n".join(f"reference prompt {i}" for i in range(12)) + "\n")
+    settings = AuditSettings(model=str(tiny_pipe_dir), prompts=str(prompts), reference=str(reference), steps=(0,),
+                             grid=False, fpr=0.5, mitigate_iters=2, mitigate_generations=1, max_mitigate=2,
+                             skip=("explain", "categorize"))
+    out = tmp_path / "audit"
+    first = Audit(settings, out, progress=False).run()
+    scores = DetectionResult.load(out / "detect" / "detections.parquet").scores
+    mitigated = MitigationResult.load(out / "mitigate")
+    assert len(mitigated.prompts) == 2
+
+    detections = out / "detect" / "detections.parquet"
+    detections.write_bytes(detections.read_bytes()[:64])
+    (out / "mitigate" / "parts" / "part_0000" / "images.npz").write_bytes(b"not an npz")
+    log = io.StringIO()
+    again = Audit(settings, out, progress=False, console=Console(file=log, width=300)).run()
+    assert again.stages["detect"]["status"] == "done" and again.stages["mitigate"]["status"] == "done"
+    assert "detect: detections.parquet changed since the stage finished: redoing it" in log.getvalue()
+    assert "mitigate: parts/part_0000/images.npz changed since the stage finished: redoing it" in log.getvalue()
+    np.testing.assert_array_equal(DetectionResult.load(detections).scores, scores)
+    redone = MitigationResult.load(out / "mitigate")
+    assert redone.prompts == mitigated.prompts
+    np.testing.assert_array_equal(np.asarray(redone.images_after), np.asarray(mitigated.images_after))
+    assert again.stages["detect"]["summary"] == first.stages["detect"]["summary"]
+
+    log = io.StringIO()
+    third = Audit(settings, out, progress=False, console=Console(file=log, width=300)).run()
+    assert [third.stages[s]["status"] for s in ("detect", "mitigate")] == ["reused", "reused"]
+    assert "changed since" not in log.getvalue()

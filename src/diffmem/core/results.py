@@ -74,6 +74,17 @@ def digest(obj) -> str:
     return hashlib.sha256(json.dumps(to_jsonable(obj), sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
+def file_digest(path: str | Path) -> str:
+    """A short hash of a file's bytes, read a megabyte at a time."""
+    import hashlib
+
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()[:16]
+
+
 def dump_json(obj, path: str | Path) -> None:
     atomic_write_text(path, json.dumps(to_jsonable(obj), indent=1, allow_nan=True))
 

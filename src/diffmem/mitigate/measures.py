@@ -29,6 +29,7 @@ import torch
 from ..core.cache import content_key, files_fingerprint
 from ..core.errors import InputError
 from ..core.images import integer_full_scale
+from ..core.results import file_digest
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -206,16 +207,6 @@ class TrainingImages:
         return {"similarity": sim, "nearest": self.rows[idx]}
 
 
-def _file_hash(path) -> str:
-    import hashlib
-
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()[:16]
-
-
 class SSCDReplication:
     """SSCD copy detection (TorchScript file); ``train_images`` as ``TrainingImages`` takes them."""
 
@@ -226,7 +217,7 @@ class SSCDReplication:
         self.model_path = str(model_path)
         self.model = load_torchscript(model_path)
         self.batch_size = batch_size
-        identity = f"sscd:{_file_hash(model_path)}"  # cached training features belong to these weights only
+        identity = f"sscd:{file_digest(model_path)}"  # cached training features belong to these weights only
         self.train = TrainingImages(train_images, self.embed, batch_size, progress=progress, image_column=image_column,
                                     identity=identity)
 

@@ -4,12 +4,14 @@ Each stage writes its results under ``OUT/<stage>/`` and, last of all, ``OUT/<st
 holding a key: a hash of the stage's settings, the model's identity, its input prompts and the keys
 of the stages it reads. A re-run reuses every stage whose key matches and redoes the others, so a
 run killed during mitigation redoes only the mitigation (and, inside it, only the prompt chunks not
-yet saved). Every input is checked before any model work starts.
+yet saved). ``stage.json`` also holds a hash of each file the stage wrote: a stage whose files were
+since damaged or removed is redone from nothing, rather than failing when its results are read. Every input is checked before any model work starts.
 """
 
 from __future__ import annotations
 
 import json
+import shutil
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -17,7 +19,7 @@ from pathlib import Path
 import numpy as np
 
 from ..core.errors import InputError
-from ..core.results import digest, dump_json, reading_saved
+from ..core.results import digest, dump_json, file_digest, reading_saved
 
 STAGES = ("detect", "explain", "categorize", "mitigate", "scan")
 
@@ -170,8 +172,22 @@ def _stage_done(folder: Path, key: str) -> dict | None:
     return d if d.get("key") == key else None
 
 
+def _stage_files(folder: Path) -> dict[str, str]:
+    """Each file a stage wrote (its marker aside), by path inside the stage folder: its hash."""
+    return {p.relative_to(folder).as_posix(): file_digest(p) for p in sorted(folder.rglob("*"))
+            if p.is_file() and p.name != "stage.json"}
+
+
+def _changed_files(folder: Path, done: dict) -> list[str]:
+    """The files of a finished stage that are missing or no longer hold what it wrote (none for
+    stages finished before the hashes were kept)."""
+    return sorted(name for name, h in done.get("files", {}).items()
+                  if not (folder / name).is_file() or file_digest(folder / name) != h)
+
+
 def _finish_stage(folder: Path, key: str, summary: dict, seconds: float) -> dict:
-    d = {"key": key, "seconds": seconds, "summary": summary, "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+    d = {"key": key, "seconds": seconds, "summary": summary, "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+         "files": _stage_files(folder)}
     dump_json(d, folder / "stage.json")  # written last: its presence marks the stage complete
     return d
 
@@ -293,7 +309,14 @@ class Audit:
         key = self._key(stage, settings, upstream)
         done = _stage_done(folder, key)
         if done is not None:
-            return key, done["summary"], "reused"
+            changed = _changed_files(folder, done)
+            if not changed:
+                return key, done["summary"], "reused"
+            self._log(f"      {stage}: {', '.join(changed[:3])}{' and more' if len(changed) > 3 else ''} changed since "
+                      "the stage finished: redoing it")
+            # from nothing: the stage's own work files (parts, shards, checkpoints) may be the damaged ones,
+            # and a resume would read them back
+            shutil.rmtree(folder)
         if (folder / "stage.json").exists():
             (folder / "stage.json").unlink()  # other settings: the old results no longer apply
         folder.mkdir(parents=True, exist_ok=True)
