@@ -118,6 +118,11 @@ def test_many_long_prompts_show_a_few_warnings_and_count_the_rest(tmp_path, tiny
     assert "prompt 4 word" in r.stderr and "prompt 5 word" not in r.stderr  # the first ones, in order
     assert r.stderr.rstrip().endswith("3 more warnings of this kind (PromptTruncationWarning) not shown")
     assert "scored 9 prompts" in r.stdout
+    # each warning starts a line of its own: the progress bar is cleared first, not written after
+    import re
+
+    starts = [m.start() for m in re.finditer("warning:", r.stderr)]
+    assert starts and all(i == 0 or r.stderr[i - 1] in "\r\n" for i in starts), r.stderr[:500]
 
 
 def test_detect_end_to_end_with_calibration_and_long_prompt(tmp_path, tiny_pipe_dir):

@@ -69,7 +69,10 @@ def _quiet_libraries() -> None:
             held[kind] += 1
             return
         shown[kind] += 1
-        console.print(f"warning: {message}", highlight=False, markup=False, style="yellow")
+        from tqdm import tqdm
+
+        with tqdm.external_write_mode(file=sys.stderr):  # on a line of its own, not after a progress bar's
+            console.print(f"warning: {message}", highlight=False, markup=False, style="yellow")
 
     def count_held():
         for kind, n in held.items():
