@@ -194,6 +194,11 @@ def _mitigation_job_reports_progress_and_cancels(app_server, generations):
     assert r["initial_loss"] > r["target"] and r["final_loss"] < r["initial_loss"]
     assert r["after"] != r["before"]  # changed: from the RNA rewrite, optimized while above the target
     assert "calibration" in r["target_source"]
-    with pytest.raises(urllib.error.HTTPError) as e:
-        post("api/score", {"prompt": "   "})
-    assert e.value.code == 400
+    for path in ("api/score", "api/mitigate"):  # bad requests: status 400 and what was wrong with them
+        for body, why in (({"prompt": "   "}, "the prompt is empty"), ({"prompt": 5}, "the prompt must be text, got int 5"),
+                          ({"text": "a cat"}, 'the request has no "prompt"'), (["a cat"], 'the request has no "prompt"'),
+                          (b"a cat", "the request body is not JSON")):
+            data = body if isinstance(body, bytes) else json.dumps(body).encode()
+            with pytest.raises(urllib.error.HTTPError) as e:
+                urllib.request.urlopen(urllib.request.Request(app_server + path, data), timeout=60)
+            assert e.value.code == 400 and why in json.loads(e.value.read())["error"], (path, body)

@@ -101,7 +101,9 @@ class AppState:
         self.jobs: dict[str, dict] = {}
 
     def _check(self, prompt) -> str:
-        if not isinstance(prompt, str) or not prompt.strip():
+        if not isinstance(prompt, str):
+            raise InputError(f"the prompt must be text, got {type(prompt).__name__} {json.dumps(prompt)[:40]}")
+        if not prompt.strip():
             raise InputError("the prompt is empty")
         if len(prompt) > MAX_PROMPT_CHARS:
             raise InputError(f"the prompt is longer than {MAX_PROMPT_CHARS} characters")
@@ -239,8 +241,10 @@ def create_app(state: AppState):
         try:
             body = await request.json()
         except ValueError:
-            return None
-        return body.get("prompt") if isinstance(body, dict) else None
+            raise InputError('the request body is not JSON: send {"prompt": "..."}') from None
+        if not isinstance(body, dict) or "prompt" not in body:
+            raise InputError('the request has no "prompt": send {"prompt": "..."}')
+        return body["prompt"]
 
     async def page(request: Request):
         return HTMLResponse(PAGE)
@@ -248,9 +252,8 @@ def create_app(state: AppState):
     async def score(request: Request):
         from starlette.concurrency import run_in_threadpool
 
-        prompt = await prompt_of(request)
         try:
-            return JSONResponse(await run_in_threadpool(state.score, prompt))
+            return JSONResponse(await run_in_threadpool(state.score, await prompt_of(request)))
         except InputError as e:
             return bad(str(e))
 
