@@ -54,6 +54,8 @@ def test_empty_prompt_and_bad_mode(tiny_pipe):
 
     with pytest.raises(InputError, match="empty"):
         TokenAblation(tiny_pipe, num_inference_steps=4).attribute("  ")
+    with pytest.raises(InputError, match="has no words to rank"):
+        TokenAblation(tiny_pipe, num_inference_steps=4).attribute("<|endoftext|>")
     with pytest.raises(InputError, match="mode must be"):
         TokenAblation(tiny_pipe, num_inference_steps=4, mode="drop")
 

@@ -129,6 +129,15 @@ def test_empty_prompt(tiny_pipe):
         TokenAttribution(tiny_pipe, num_inference_steps=4).attribute(None)
     with pytest.raises(InputError, match="one prompt, a string; got list"):
         TokenAttribution(tiny_pipe, num_inference_steps=4).attribute(["a red circle"])
+    # the tokenizer reads these as its special tokens: no word is left to rank (it was numpy's
+    # "zero-size array to reduction operation maximum")
+    for prompt in ("<|endoftext|>", "<|startoftext|> <|endoftext|>"):
+        with pytest.raises(InputError, match="has no words to rank"):
+            TokenAttribution(tiny_pipe, num_inference_steps=4).attribute(prompt)
+    # a special token among words is a word of its own, not glued to the next ("<|startoftext|>a")
+    from diffmem.explain.tokens import prompt_tokens
+
+    assert prompt_tokens(tiny_pipe, "<|startoftext|> a cat")[2] == ["<|startoftext|>", "a", "cat"]
 
 
 def _result(words, scores):

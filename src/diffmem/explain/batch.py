@@ -17,7 +17,7 @@ from ..core.errors import InputError
 from ..core.prompts import prompt_list
 from ..core.results import atomic_write_text, dump_json, reading_saved, to_jsonable
 from .result import AttributionResult
-from .tokens import check_prompt
+from .tokens import check_prompt, check_words
 
 
 @dataclass
@@ -127,7 +127,8 @@ def explain_prompts(explainer, prompts: Sequence[str], checkpoint: str | Path | 
 
     if stale not in ("refuse", "restart"):
         raise InputError(f"stale must be 'refuse' or 'restart', got {stale!r}")
-    wanted = [check_prompt(p) for p in dict.fromkeys(prompt_list(prompts))]  # an empty prompt fails before any work
+    # an empty prompt, or one of special tokens only, fails before any work
+    wanted = [check_words(explainer.pipe, check_prompt(p)) for p in dict.fromkeys(prompt_list(prompts))]
     settings = to_jsonable(explainer.settings)
     model = weights_identity(explainer.pipe)
     done: dict[str, AttributionResult] = {}

@@ -25,11 +25,17 @@ def prompt_tokens(pipe, prompt: str) -> tuple[list[str], list[int], list[str]]:
     eos = pipe.tokenizer.eos_token_id
     body = ids[1 : ids.index(eos)] if eos in ids[1:] else ids[1:]
     tokens = pipe.tokenizer.convert_ids_to_tokens(body)
+    special = set(pipe.tokenizer.all_special_tokens)
+    if all(tok in special for tok in tokens):
+        raise InputError(_no_words(prompt))
     words, word_of, pieces = [], [], []
     for tok in tokens:
+        if tok in special and pieces:  # "<|startoftext|>" has no end-of-word mark: not glued to the next word
+            words.append(readable(pieces))
+            pieces = []
         word_of.append(len(words))
         pieces.append(tok)
-        if tok.endswith(END_OF_WORD):
+        if tok.endswith(END_OF_WORD) or tok in special:
             words.append(readable(pieces))
             pieces = []
     if pieces:
@@ -57,4 +63,17 @@ def check_prompt(prompt: str) -> str:
                          "(explain_prompts explains many)")
     if prompt is None or not prompt.strip():
         raise InputError("the prompt to explain is empty")
+    return prompt
+
+
+def _no_words(prompt: str) -> str:
+    return f"the prompt {prompt!r} has no words to rank: the tokenizer reads all of it as special tokens"
+
+
+def check_words(pipe, prompt: str) -> str:
+    """A prompt the tokenizer reads as special tokens only (``<|endoftext|>``) has no word to rank:
+    refused here, before a batch starts, rather than when its turn comes."""
+    ids = pipe.tokenizer(prompt, truncation=True, max_length=pipe.tokenizer.model_max_length).input_ids
+    if set(ids) <= set(pipe.tokenizer.all_special_ids):
+        raise InputError(_no_words(prompt))
     return prompt
