@@ -341,6 +341,10 @@ def test_categorize_bad_inputs(tmp_path):
     r = run("categorize", "--prompts", str(tmp_path / "p.txt"), "--extractor", "vlm:/nowhere", "--vocabulary",
             str(tmp_path / "v.yaml"), "--out", str(tmp_path / "o"))
     assert r.returncode == 2 and "vision-language model folder not found" in r.stderr and "Traceback" not in r.stderr
+    # MemLab's reader has its own features: a vocabulary given with it was ignored without a word
+    r = run("categorize", "--prompts", str(tmp_path / "p.txt"), "--vocabulary", str(tmp_path / "v.yaml"),
+            "--out", str(tmp_path / "o"))
+    assert r.returncode == 2 and "--vocabulary names the features of a clip:PATH or vlm:PATH extractor" in r.stderr
     assert not (tmp_path / "o").exists()
 
 

@@ -494,6 +494,9 @@ def categorize(
     from .categorize.profiler import speed_text
     from .core.loading import load_pipeline
     if extractor == "memlab":
+        if vocabulary is not None:  # MemLab's reader has its own features: a vocabulary here would go unread
+            raise InputError("--vocabulary names the features of a clip:PATH or vlm:PATH extractor; "
+                             "the memlab extractor reads MemLab's own")
         ext = MemLabExtractor()
     elif extractor.startswith(("clip:", "vlm:")):
         kind, _, path = extractor.partition(":")
