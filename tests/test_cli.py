@@ -207,7 +207,11 @@ def test_mitigate_measures_any_model_against_its_training_images_and_clip(tmp_pa
     for extra, said in ((["--sscd", str(tmp_path / "sscd.pt")], "--sscd and --image-column measure replication against --train-images"),
                         (["--train-images", str(tmp_path / "nowhere")], "dataset not found"),
                         (["--train-images", str(train), "--sscd", str(tmp_path / "sscd.pt")], "SSCD model file not found"),
-                        (["--clip", str(tmp_path / "no-clip")], "CLIP model folder not found")):
+                        (["--clip", str(tmp_path / "no-clip")], "CLIP model folder not found"),
+                        # another method's options were ignored without a word
+                        (["--target", "0.5", "--lr", "0.1"], "--target (embedding), --lr (embedding) are options of "
+                                                             "another method than --method rna; leave them out"),
+                        (["--sigma", "0.3"], "--sigma (gni) is an option of another method than --method rna")):
         r = run("mitigate", *common, *extra, "--out", str(bad))
         assert r.returncode == 2 and said in r.stderr and "Traceback" not in r.stderr, (extra, r.stderr)
         assert not bad.exists()

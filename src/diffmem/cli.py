@@ -252,18 +252,19 @@ def mitigate(
     model: str = typer.Option("memlab"),
     method: str = typer.Option("embedding", help="embedding (Wen et al.), rta, rna, gni or word_repetition"),
     target: Optional[float] = typer.Option(None, help="target loss (embedding): the norm at steps 0..loss-steps-1"),
-    loss_steps: int = typer.Option(1, min=1, help="embedding: sampling steps in the loss (1 = first step, Wen et al.)"),
-    positions: str = typer.Option("all", help="embedding: positions optimized: all (after BOS, Wen et al.) or eos (EOS and padding: "
-                                  "every word's output kept)"),
+    loss_steps: Optional[int] = typer.Option(None, min=1, help="embedding: sampling steps in the loss (default 1 = first "
+                                             "step, Wen et al.)"),
+    positions: Optional[str] = typer.Option(None, help="embedding: positions optimized: all (the default: after BOS, Wen "
+                                            "et al.) or eos (EOS and padding: every word's output kept)"),
     rewrite: Optional[str] = typer.Option(None, help="embedding: a prompt above the target starts from its rna or rta "
                                           "rewrite (prompts below it stay untouched)"),
-    calibration: Optional[Path] = typer.Option(None, help="take the target from a calibration file's threshold"),
-    lr: float = typer.Option(0.05),
-    max_iters: int = typer.Option(10, min=0),
+    calibration: Optional[Path] = typer.Option(None, help="embedding: take the target from a calibration file's threshold"),
+    lr: Optional[float] = typer.Option(None, help="embedding: AdamW's learning rate (default 0.05)"),
+    max_iters: Optional[int] = typer.Option(None, min=0, help="embedding: optimization steps at most (default 10)"),
     generations: int = typer.Option(4, min=1),
     seed: int = typer.Option(0),
-    n_tokens: int = typer.Option(4, help="rta: random words added"),
-    sigma: float = typer.Option(0.1, help="gni: noise standard deviation"),
+    n_tokens: Optional[int] = typer.Option(None, help="rta: random words added (default 4)"),
+    sigma: Optional[float] = typer.Option(None, help="gni: noise standard deviation (default 0.1)"),
     num_inference_steps: Optional[int] = NUM_INFERENCE_STEPS,
     guidance_scale: Optional[float] = GUIDANCE_SCALE,
     device: str = DEVICE,
@@ -293,12 +294,25 @@ def mitigate(
     from .mitigate.parts import mitigate_in_parts
     from .mitigate.report import apply_measures, save_outputs
 
+    # each method's own options, as given: another method's would be ignored without a word
+    embedding_options = {"--target": target, "--calibration": calibration, "--loss-steps": loss_steps,
+                         "--positions": positions, "--rewrite": rewrite, "--lr": lr, "--max-iters": max_iters}
+    baseline_options = {"rta": {"--n-tokens": ("n_tokens", n_tokens)}, "gni": {"--sigma": ("sigma", sigma)}}
     if method == "embedding":
         if (target is None) == (calibration is None):
             raise DiffmemError("give exactly one of --target and --calibration for the embedding method")
         source = "given"
     elif method not in BASELINES:
         raise DiffmemError(f"unknown method {method!r}: use embedding, {', '.join(sorted(BASELINES))}")
+    misplaced = [] if method == "embedding" else [f"{opt} (embedding)" for opt, v in embedding_options.items() if v is not None]
+    misplaced += [f"{opt} ({owner})" for owner, opts in baseline_options.items() if owner != method
+                  for opt, (_, v) in opts.items() if v is not None]
+    if misplaced:
+        one = len(misplaced) == 1
+        raise InputError(f"{', '.join(misplaced)} {'is an option' if one else 'are options'} of another method than "
+                         f"--method {method}; leave {'it' if one else 'them'} out")
+    optimization = {k: v for k, v in dict(lr=lr, max_iters=max_iters, loss_steps=loss_steps, positions=positions,
+                                          rewrite=rewrite).items() if v is not None}
     # the chosen measures load (and read the training images) before the model, so a bad path costs nothing
     replication, alignment = chosen_measures(train_images, sscd, clip, image_column, progress=True)
     pipe = load_pipeline(model, device=device, dtype=dtype)
@@ -307,13 +321,11 @@ def mitigate(
     if method == "embedding" and calibration is not None:
         # refused unless it calibrates this loss (same scored steps, seeds and sampler steps)
         m = EmbeddingOptimization.from_calibration(pipe, Calibration.load(calibration), source=f"calibration {calibration}",
-                                                   lr=lr, max_iters=max_iters, loss_steps=loss_steps, positions=positions,
-                                                   rewrite=rewrite, **kw)
+                                                   **optimization, **kw)
     elif method == "embedding":
-        m = EmbeddingOptimization(pipe, target, lr=lr, max_iters=max_iters, target_source=source, loss_steps=loss_steps,
-                                  positions=positions, rewrite=rewrite, **kw)
+        m = EmbeddingOptimization(pipe, target, target_source=source, **optimization, **kw)
     else:
-        extra = {"rta": {"n_tokens": n_tokens}, "gni": {"sigma": sigma}}.get(method, {})
+        extra = {name: v for name, v in baseline_options.get(method, {}).values() if v is not None}
         m = BASELINES[method](pipe, **extra, **kw)
     # saved in parts of 8 prompts under OUT/parts: a killed run redoes at most one part
     res = mitigate_in_parts(m, texts, out / "parts", progress=True)
