@@ -90,6 +90,15 @@ def test_detect_bad_inputs_never_write_results(tmp_path):
     ok.write_text("a cat\n")
     r = run("detect", "--prompts", str(ok), "--model", str(tmp_path / "missing-model"), "--out", str(out))
     assert r.returncode == 2 and "model folder not found" in r.stderr and not out.exists()
+    # options that were ignored without a word: a fitted calibration replaced the file given, and --fpr
+    # went unused without --calibrate-with
+    cal = tmp_path / "c.json"
+    cal.write_text("{}")
+    for extra, said in ((["--calibration", str(cal), "--calibrate-with", str(ok)], "not both"),
+                        (["--fpr", "0.05"], "--fpr is the false-positive rate of a calibration fitted with --calibrate-with"),
+                        (["--calibration", str(cal), "--fpr", "0.05"], "a --calibration file brings its own")):
+        r = run("detect", "--prompts", str(ok), "--out", str(out), *extra)
+        assert r.returncode == 2 and said in r.stderr and "Traceback" not in r.stderr and not out.exists(), (extra, r.stderr)
 
 
 def test_bad_prompt_files_fail_before_torch_loads(tmp_path):
@@ -390,6 +399,7 @@ def test_explain_bad_inputs(tmp_path, tiny_pipe_dir):
     cases = [
         (["--prompt", "  "], "the prompt to explain is empty"),
         (["--prompt", "a cat", "--method", "saliency"], "--method must be attribution or ablation"),
+        (["--prompt", "a cat", "--ablation-mode", "remove"], "--ablation-mode applies to --method ablation"),
         (["--prompt", "a cat", "--model", str(tmp_path / "nope")], "model folder not found"),
         (["--prompt", "a cat", "--model", str(tiny_pipe_dir), "--dtype", "float8"], "unknown dtype"),
     ]

@@ -97,8 +97,8 @@ def _finite(value: float | None) -> float | None:
     return value
 
 
-def _rate(value: float) -> float:
-    if not 0 < value < 1:
+def _rate(value: float | None) -> float | None:
+    if value is not None and not 0 < value < 1:
         raise typer.BadParameter(f"must lie in (0, 1), got {value}")
     return value
 
@@ -136,7 +136,7 @@ def detect(
     batch_size: int = typer.Option(32, min=1),
     calibration: Optional[Path] = typer.Option(None, help="a calibration file to apply (verdict column)"),
     calibrate_with: Optional[Path] = typer.Option(None, help="non-memorized reference prompts: fit a calibration first"),
-    fpr: float = typer.Option(0.01, callback=_rate, help="false-positive rate for --calibrate-with"),
+    fpr: Optional[float] = typer.Option(None, callback=_rate, help="false-positive rate for --calibrate-with (default 0.01)"),
     device: str = DEVICE,
     dtype: str = DTYPE,
 ):
@@ -145,6 +145,13 @@ def detect(
     from .core.prompts import read_prompts
 
     read_prompts(prompts, column)  # bad input fails before torch and the model load (seconds)
+    if calibration is not None and calibrate_with is not None:  # the fitted one replaced the file without a word
+        raise InputError("give --calibration FILE (apply a saved calibration) or --calibrate-with REFERENCE (fit one), "
+                         "not both")
+    if fpr is not None and calibrate_with is None:
+        raise InputError("--fpr is the false-positive rate of a calibration fitted with --calibrate-with"
+                         + ("; a --calibration file brings its own" if calibration is not None else ": give that too"))
+    fpr = 0.01 if fpr is None else fpr
     if calibrate_with is not None:
         read_prompts(calibrate_with)
     _check_writable(out.parent)
@@ -176,7 +183,8 @@ def explain(
     flagged: bool = typer.Option(False, "--flagged", help="only the prompts detect flagged (its results file, with a calibration)"),
     model: str = typer.Option("memlab"),
     method: str = typer.Option("attribution", help="attribution (gradients, Wen et al.) or ablation (score drop per word)"),
-    ablation_mode: str = typer.Option("mask", help="ablation: mask (zero the word's token embeddings) or remove (leave it out)"),
+    ablation_mode: Optional[str] = typer.Option(None, help="ablation: mask (the default: zero the word's token embeddings) "
+                                                "or remove (leave it out)"),
     steps: str = typer.Option("0", help="sampling steps, comma-separated (0 = first step)"),
     generations: int = typer.Option(1, min=1),
     seed: int = typer.Option(0),
@@ -190,6 +198,9 @@ def explain(
     """Which words of a prompt carry its memorization: coloured in the terminal, as a bar chart and as HTML."""
     if method not in ("attribution", "ablation"):
         raise DiffmemError(f"--method must be attribution or ablation, got {method!r}")
+    if ablation_mode is not None and method != "ablation":  # it was ignored without a word
+        raise DiffmemError("--ablation-mode applies to --method ablation")
+    ablation_mode = ablation_mode or "mask"
     if ablation_mode not in ("mask", "remove"):
         raise DiffmemError(f"--ablation-mode must be mask or remove, got {ablation_mode!r}")
     if (prompt is None) == (prompts is None):
