@@ -373,3 +373,13 @@ def test_a_recorded_shard_that_was_lost_or_damaged_is_scanned_again(tmp_path):
     pd.testing.assert_frame_equal(first.rows.drop(columns=["thumb"], errors="ignore"),
                                   again.rows.drop(columns=["thumb"], errors="ignore"))
     assert first.summary.equals(again.summary)
+
+
+def test_memorization_settings_without_the_memorization_check_are_refused():
+    # --model / --timestep / --memorization-threshold without the check were accepted and never used
+    for kw, said in (({"model": "memlab"}, "--model sets"), ({"model": "memlab", "timestep": 500}, "--model, --timestep set"),
+                     ({"memorization_threshold": 2.0}, "--memorization-threshold sets")):
+        with pytest.raises(InputError, match=f"{said} the memorization check, which is not among the checks"):
+            DatasetScanner(ListSource(["a b c"]), None, progress=False, **kw)
+    assert DatasetScanner(ListSource(["a b c"]), None, progress=False, checks=["memorization"], model="memlab",
+                          timestep=500).settings.timestep == 500

@@ -75,6 +75,12 @@ class ScanSettings:
             if not self.model:
                 raise InputError("the memorization check needs a model (--model memlab or a pipeline folder)")
             resolve_device(self.device)  # before any shard is written
+        else:  # the memorization check's own settings would go unused without a word
+            given = [f"--{name.replace('_', '-')}" for name in ("model", "timestep", "memorization_threshold")
+                     if getattr(self, name) is not None]
+            if given:
+                raise InputError(f"{', '.join(given)} {'sets' if len(given) == 1 else 'set'} the memorization check, "
+                                 "which is not among the checks: add memorization to --checks")
         if self.memorization_threshold is not None and not math.isfinite(self.memorization_threshold):
             raise InputError(f"memorization_threshold must be a finite number, got {self.memorization_threshold}")
         if self.shard_size < 1:
