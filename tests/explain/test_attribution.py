@@ -138,6 +138,11 @@ def test_empty_prompt(tiny_pipe):
     from diffmem.explain.tokens import prompt_tokens
 
     assert prompt_tokens(tiny_pipe, "<|startoftext|> a cat")[2] == ["<|startoftext|>", "a", "cat"]
+    # the model reads on past an "<|endoftext|>" typed inside the prompt: so do the words ranked
+    words = prompt_tokens(tiny_pipe, "a red circle <|endoftext|> a blue square")[2]
+    assert words == ["a", "red", "circle", "<|endoftext|>", "a", "blue", "square"]
+    res = TokenAttribution(tiny_pipe, num_inference_steps=4).attribute("a red circle <|endoftext|> a blue square")
+    assert res.words == words and len(res.word_scores) == 7 and np.all(res.word_scores > 0)
 
 
 def _result(words, scores):

@@ -22,12 +22,14 @@ def prompt_tokens(pipe, prompt: str) -> tuple[list[str], list[int], list[str]]:
     """BPE tokens of the prompt as the model sees them (truncated), the word each belongs to, the words
     (as text: decoded from the byte-level pieces, so that "café" is not shown, or re-tokenized, as "cafÃ©")."""
     ids = denoise.tokenize(pipe, [prompt])[0].tolist()
-    eos = pipe.tokenizer.eos_token_id
-    body = ids[1 : ids.index(eos)] if eos in ids[1:] else ids[1:]
-    tokens = pipe.tokenizer.convert_ids_to_tokens(body)
-    special = set(pipe.tokenizer.all_special_tokens)
-    if all(tok in special for tok in tokens):
+    # up to the last word: padding repeats the EOS token, but an "<|endoftext|>" typed inside the prompt
+    # is followed by words the model reads too
+    special_ids = set(pipe.tokenizer.all_special_ids)
+    text = [i for i, t in enumerate(ids) if t not in special_ids]
+    if not text:
         raise InputError(_no_words(prompt))
+    tokens = pipe.tokenizer.convert_ids_to_tokens(ids[1 : text[-1] + 1])
+    special = set(pipe.tokenizer.all_special_tokens)
     words, word_of, pieces = [], [], []
     for tok in tokens:
         if tok in special and pieces:  # "<|startoftext|>" has no end-of-word mark: not glued to the next word
