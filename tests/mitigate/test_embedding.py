@@ -62,6 +62,8 @@ def test_eos_positions_keep_every_words_output(tiny_pipe):
     assert torch.equal(emb[:, :eos], orig[:, :eos])  # BOS and the words untouched
     assert not torch.equal(emb[:, eos:], orig[:, eos:])
     assert m.settings["positions"] == "eos"
+    # an "<|endoftext|>" typed inside the prompt is not where its end starts: the words after it are kept too
+    assert m.first_optimized_position("a red <|endoftext|> circle") == 5  # BOS, a, red, EOS, circle, EOS
     with pytest.raises(InputError, match="positions must be one of all, eos"):
         EmbeddingOptimization(tiny_pipe, target=1.0, positions="words")
 

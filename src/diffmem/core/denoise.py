@@ -57,6 +57,14 @@ def tokenize(pipe, prompts: list[str], warn: bool = True, counts: np.ndarray | N
     return ids
 
 
+def text_end(pipe, ids: list[int]) -> int:
+    """The position after a tokenized prompt's last word (1 when it has none): where its EOS and padding
+    start. Not the first EOS: padding repeats it, but one typed inside the prompt ("<|endoftext|>") is
+    followed by words the text encoder reads too."""
+    special = set(pipe.tokenizer.all_special_ids)
+    return max((i for i, t in enumerate(ids) if t not in special), default=0) + 1
+
+
 def encode_text(pipe, prompts: list[str], warn: bool = True, counts: np.ndarray | None = None) -> torch.Tensor:
     """Text-encoder output embeddings (B, L, D), as ``pipe.encode_prompt`` computes them for SD 1.x/2.x."""
     ids = tokenize(pipe, prompts, warn=warn, counts=counts).to(pipe.text_encoder.device)

@@ -22,13 +22,10 @@ def prompt_tokens(pipe, prompt: str) -> tuple[list[str], list[int], list[str]]:
     """BPE tokens of the prompt as the model sees them (truncated), the word each belongs to, the words
     (as text: decoded from the byte-level pieces, so that "café" is not shown, or re-tokenized, as "cafÃ©")."""
     ids = denoise.tokenize(pipe, [prompt])[0].tolist()
-    # up to the last word: padding repeats the EOS token, but an "<|endoftext|>" typed inside the prompt
-    # is followed by words the model reads too
-    special_ids = set(pipe.tokenizer.all_special_ids)
-    text = [i for i, t in enumerate(ids) if t not in special_ids]
-    if not text:
+    end = denoise.text_end(pipe, ids)  # the last word, not the first EOS: one may be typed inside the prompt
+    if end == 1:
         raise InputError(_no_words(prompt))
-    tokens = pipe.tokenizer.convert_ids_to_tokens(ids[1 : text[-1] + 1])
+    tokens = pipe.tokenizer.convert_ids_to_tokens(ids[1:end])
     special = set(pipe.tokenizer.all_special_tokens)
     words, word_of, pieces = [], [], []
     for tok in tokens:

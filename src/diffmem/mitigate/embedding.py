@@ -163,8 +163,7 @@ class EmbeddingOptimization:
         if self.settings["positions"] == "all":
             return 1
         ids = denoise.tokenize(self.pipe, [prompt], warn=False)[0].tolist()
-        eos = self.pipe.tokenizer.eos_token_id
-        return ids.index(eos, 1) if eos in ids[1:] else len(ids) - 1
+        return min(denoise.text_end(self.pipe, ids), len(ids) - 1)  # after the last word (truncated: the final EOS)
 
     def rewritten(self, prompt: str) -> str:
         """The text the optimization starts from: the prompt itself, or with ``rewrite`` set, the
