@@ -3,19 +3,26 @@ groups) and a PNG of the largest image clusters."""
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 from ..core.results import atomic_write_text
 
 
+_MARKDOWN = str.maketrans({**{c: "\\" + c for c in "\\`*[]|~"}, "&": "&amp;", "<": "&lt;", ">": "&gt;", "\n": " ",
+                           "\r": " "})
+_EMPHASIS_UNDERSCORE = re.compile(r"(?<![A-Za-z0-9])_|_(?![A-Za-z0-9])")  # "file_name" stays as it is
+
+
 def _cell(text) -> str:
-    # captions are user data: keep them from breaking the table
-    return str(text).replace("|", "\\|").replace("\n", " ")
+    """Captions and paths are user data: shown as written, never read as Markdown or HTML (a "<b>", a
+    "[link](...)" or a "|" that would end the table cell)."""
+    return _EMPHASIS_UNDERSCORE.sub(r"\\_", str(text).translate(_MARKDOWN))
 
 
 def write_report(result, folder: str | Path, thumbs=None, max_phrases: int = 30) -> Path:
     folder = Path(folder)
-    lines = ["# diffmem scan", "", f"source: `{_cell(result.source)}`", "", "| check | rows flagged | detail |",
+    lines = ["# diffmem scan", "", f"source: {_cell(result.source)}", "", "| check | rows flagged | detail |",
              "|---|---|---|"]
     for rec in result.summary.to_dict("records"):
         lines.append(f"| {rec['check']} | {rec['issues']} | {_cell(rec['detail'])} |")
