@@ -5,7 +5,8 @@ holding a key: a hash of the stage's settings, the model's identity, its input p
 of the stages it reads. A re-run reuses every stage whose key matches and redoes the others, so a
 run killed during mitigation redoes only the mitigation (and, inside it, only the prompt chunks not
 yet saved). ``stage.json`` also holds a hash of each file the stage wrote: a stage whose files were
-since damaged or removed is redone from nothing, rather than failing when its results are read. Every input is checked before any model work starts.
+since damaged or removed is redone from nothing, rather than failing when its results are read.
+Every input is checked before any model work starts.
 """
 
 from __future__ import annotations
