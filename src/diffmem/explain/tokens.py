@@ -72,7 +72,6 @@ def _no_words(prompt: str) -> str:
 def check_words(pipe, prompt: str) -> str:
     """A prompt the tokenizer reads as special tokens only (``<|endoftext|>``) has no word to rank:
     refused here, before a batch starts, rather than when its turn comes."""
-    ids = pipe.tokenizer(prompt, truncation=True, max_length=pipe.tokenizer.model_max_length).input_ids
-    if set(ids) <= set(pipe.tokenizer.all_special_ids):
+    if denoise.text_end(pipe, denoise.tokenize(pipe, [prompt], warn=False)[0].tolist()) == 1:
         raise InputError(_no_words(prompt))
     return prompt
