@@ -207,6 +207,8 @@ def test_settings_errors():
     for name in ("max_explain", "max_categorize", "max_mitigate"):
         with pytest.raises(InputError, match=f"--{name.replace('_', '-')} must be 0 or more, got -1"):
             AuditSettings(**{name: -1})
+    with pytest.raises(InputError, match="--column names the prompt column of a --prompts file"):
+        AuditSettings(column="caption")  # it was ignored: MemLab's own audit set was read
 
 
 def test_non_memlab_model_needs_prompts(tiny_pipe_dir, tmp_path):

@@ -82,6 +82,8 @@ class AuditSettings:
             raise InputError("detect cannot be skipped: every other stage works on its flagged prompts")
         if self.sscd is not None and self.train_data is None:
             raise InputError("--sscd measures replication against --train-data: give it too")
+        if self.column is not None and self.prompts is None:  # MemLab's own audit set would be read, the column ignored
+            raise InputError("--column names the prompt column of a --prompts file: give it too")
         if not 0 < self.fpr < 1:
             raise InputError(f"--fpr must lie in (0, 1), got {self.fpr}")
         for name in ("max_explain", "max_categorize", "max_mitigate"):  # a negative limit would slice off the last prompts
