@@ -476,3 +476,21 @@ def test_bench_detect_runs_in_the_dtype_asked_for_and_says_so(tmp_path, tiny_pip
     assert not (tmp_path / "o" / "parts").exists()  # the saved scores go once the figures are written
     r = run(*base, "--out", str(tmp_path / "b"), "--dtype", "fp8")
     assert r.returncode == 2 and "unknown dtype 'fp8'" in r.stderr and not (tmp_path / "b" / "bench_detect.json").exists()
+
+
+def test_bench_detect_refuses_options_of_the_other_prompt_source(tmp_path):
+    # each was ignored: --negatives alone ran the MemLab set, --positives beside --data was never read,
+    # and --column / --feature-word-negatives applied to the source not chosen
+    one = tmp_path / "one.txt"
+    one.write_text("a cat\n")
+    labelled = tmp_path / "l.csv"
+    labelled.write_text("prompt,label\na red circle,1\na cat,0\n")
+    out = tmp_path / "b"
+    for args, said in ((["--negatives", str(one)], "both --positives and --negatives"),
+                       (["--data", str(labelled), "--positives", str(one)], "not both (--positives given)"),
+                       (["--data", "memlab", "--negatives", str(one)], "--negatives cannot be added to it"),
+                       (["--column", "caption"], "--column names the prompt column of --data"),
+                       (["--data", str(labelled), "--feature-word-negatives"], "sorts MemLab's own prompts")):
+        r = run("bench", "detect", *args, "--out", str(out))
+        assert r.returncode == 2 and said in r.stderr and "Traceback" not in r.stderr, (args, r.stderr)
+        assert not out.exists()

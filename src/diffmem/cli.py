@@ -369,7 +369,18 @@ def bench_detect_cmd(
     from .bench.detect import bench_detect, labelled_from_files, memlab_labelled
     from .core.loading import load_pipeline, runs_on
 
-    if data in (None, "memlab") and positives is None:
+    # options of the other source would be ignored without a word
+    files = [name for name, v in (("--positives", positives), ("--negatives", negatives)) if v is not None]
+    if data not in (None, "memlab") and files:
+        raise InputError(f"give --data FILE.csv or --positives and --negatives, not both ({', '.join(files)} given)")
+    if data == "memlab" and files:
+        raise InputError(f"--data memlab is MemLab's own labelled set: {', '.join(files)} cannot be added to it")
+    if data in (None, "memlab") and not files and column is not None:
+        raise InputError("--column names the prompt column of --data / --positives / --negatives files, not of MemLab's set")
+    if (data not in (None, "memlab") or files) and feature_word_negatives:
+        raise InputError("--feature-word-negatives sorts MemLab's own prompts: it does not apply to --data / --positives "
+                         "/ --negatives")
+    if data in (None, "memlab") and not files:
         from .memlab.verify import load_manifest
 
         labelled = memlab_labelled(load_manifest(model), feature_word_negatives=feature_word_negatives)
