@@ -631,9 +631,12 @@ def scan(
     image_column: Optional[str] = typer.Option(None, help="image column (default: image, file_name, image_path or path)"),
     shard_size: int = typer.Option(1024, min=1, help="rows per checkpointed shard (bounds memory)"),
     limit: Optional[int] = typer.Option(None, min=1, help="scan only the first LIMIT rows"),
-    min_support: int = typer.Option(5, min=2, help="a trigger ties at least this many distinct captions to one image cluster"),
-    min_purity: float = typer.Option(0.9, min=0.0, max=1.0, help="share of a trigger's captions inside its cluster"),
-    caption_jaccard: float = typer.Option(0.8, min=0.0, max=1.0, help="near-duplicate captions: estimated Jaccard of word 1-2 grams"),
+    min_support: Optional[int] = typer.Option(None, min=2, help="triggers: a trigger ties at least this many distinct "
+                                              "captions to one image cluster (default 5)"),
+    min_purity: Optional[float] = typer.Option(None, min=0.0, max=1.0, help="triggers: share of a trigger's captions "
+                                               "inside its cluster (default 0.9)"),
+    caption_jaccard: Optional[float] = typer.Option(None, min=0.0, max=1.0, help="caption_duplicates: near-duplicate "
+                                                    "captions' estimated Jaccard of word 1-2 grams (default 0.8)"),
     model: Optional[str] = typer.Option(None, help="pipeline for the memorization check (memlab, a folder or a hub id)"),
     timestep: Optional[int] = typer.Option(None, min=0, help="memorization check: the timestep every row is noised to (default: half the training schedule)"),
     memorization_threshold: Optional[float] = typer.Option(None, help="memorization check: flag rows above this noise norm (default: median + 3 MAD)"),
@@ -642,15 +645,24 @@ def scan(
     dtype: str = typer.Option("float32", help="memorization check: the model's dtype (float32, float16, bfloat16)"),
 ):
     """Scan a captioned training set for duplicated images and captions and word-level trigger phrases (resumes from OUT)."""
-    from .scan import DatasetScanner
+    from .scan import CHECKS, DatasetScanner
     from .scan.report import write_report
 
     _check_writable(out)
     names = tuple(c.strip() for c in checks.split(",") if c.strip())
+    # a check's own settings, as given: for a check not chosen they would go unused without a word
+    per_check = {"triggers": {"--min-support": ("min_support", min_support), "--min-purity": ("min_purity", min_purity)},
+                 "caption_duplicates": {"--caption-jaccard": ("caption_jaccard", caption_jaccard)}}
+    unused = [f"{opt} ({check})" for check, opts in per_check.items() if check not in names
+              for opt, (_, v) in opts.items() if v is not None]
+    if unused and set(names) <= set(CHECKS):  # a misspelt check is named as such by the scanner
+        raise InputError(f"{', '.join(unused)} {'sets a check' if len(unused) == 1 else 'set checks'} not among "
+                         f"--checks {','.join(names)}")
+    given = {name: v for opts in per_check.values() for name, v in opts.values() if v is not None}
     scanner = DatasetScanner(dataset, out / "work", caption_column=caption_column, image_column=image_column,
-                             checks=names, shard_size=shard_size, limit=limit, min_support=min_support,
-                             min_purity=min_purity, caption_jaccard=caption_jaccard, model=model, timestep=timestep,
-                             memorization_threshold=memorization_threshold, seed=seed, device=device, dtype=dtype)
+                             checks=names, shard_size=shard_size, limit=limit, model=model, timestep=timestep,
+                             memorization_threshold=memorization_threshold, seed=seed, device=device, dtype=dtype,
+                             **given)
     result = scanner.scan()
     result.save(out)
     report = write_report(result, out, result.thumbs)

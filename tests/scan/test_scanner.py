@@ -271,6 +271,16 @@ def test_cli_scan_writes_results_and_report_and_rejects_bad_input(tmp_path):
     assert not (tmp_path / "o2" / "scan_rows.parquet").exists()
     table = run_cli("scan", tmp_path / "caps.parquet", "--out", tmp_path / "o3")
     assert table.returncode == 0 and "no image clusters" in table.stdout
+    # a check's settings for a check not chosen went unused without a word
+    unused = run_cli("scan", tmp_path / "caps.parquet", "--out", tmp_path / "o4", "--checks", "image_duplicates",
+                     "--min-support", "3", "--caption-jaccard", "0.5")
+    assert unused.returncode == 2 and "Traceback" not in unused.stderr
+    assert "--min-support (triggers), --caption-jaccard (caption_duplicates) set checks not among" in unused.stderr
+    assert not (tmp_path / "o4").exists()
+    given = run_cli("scan", tmp_path / "caps.parquet", "--out", tmp_path / "o5", "--checks", "triggers", "--min-support", "3")
+    assert given.returncode == 0, given.stderr[-2000:]
+    settings = json.loads((tmp_path / "o5" / "scan_summary.json").read_text())["settings"]
+    assert settings["min_support"] == 3 and settings["min_purity"] == 0.9  # the rest from ScanSettings' defaults
 
 
 def test_a_killed_trigger_verification_resumes_from_its_saved_parts(memlab_scan, tmp_path, monkeypatch):
