@@ -90,6 +90,17 @@ def _check_writable(folder: Path) -> None:
     ensure_writable_dir(folder)
 
 
+def _mode_options(modes: dict[str, dict[str, tuple[str, object]]], chosen) -> tuple[list[str], dict]:
+    """Options given on the command line, per mode (a method, a scan check) as {flag: (keyword, value)}:
+    those given for modes not chosen, as "--flag (mode)" (they would go unused without a word), and by
+    keyword those given for the chosen ones (the rest keep the Python API's defaults)."""
+    unused = [f"{flag} ({mode})" for mode, opts in modes.items() if mode not in chosen
+              for flag, (_, value) in opts.items() if value is not None]
+    given = {name: value for mode, opts in modes.items() if mode in chosen for name, value in opts.values()
+             if value is not None}
+    return unused, given
+
+
 # checked as the command line is parsed, before anything loads
 def _finite(value: float | None) -> float | None:
     if value is not None and not math.isfinite(value):
@@ -305,25 +316,22 @@ def mitigate(
     from .mitigate.parts import mitigate_in_parts
     from .mitigate.report import apply_measures, save_outputs
 
-    # each method's own options, as given: another method's would be ignored without a word
-    embedding_options = {"--target": target, "--calibration": calibration, "--loss-steps": loss_steps,
-                         "--positions": positions, "--rewrite": rewrite, "--lr": lr, "--max-iters": max_iters}
-    baseline_options = {"rta": {"--n-tokens": ("n_tokens", n_tokens)}, "gni": {"--sigma": ("sigma", sigma)}}
     if method == "embedding":
         if (target is None) == (calibration is None):
             raise DiffmemError("give exactly one of --target and --calibration for the embedding method")
         source = "given"
     elif method not in BASELINES:
         raise DiffmemError(f"unknown method {method!r}: use embedding, {', '.join(sorted(BASELINES))}")
-    misplaced = [] if method == "embedding" else [f"{opt} (embedding)" for opt, v in embedding_options.items() if v is not None]
-    misplaced += [f"{opt} ({owner})" for owner, opts in baseline_options.items() if owner != method
-                  for opt, (_, v) in opts.items() if v is not None]
+    misplaced, given = _mode_options({
+        "embedding": {"--target": ("target", target), "--calibration": ("calibration", calibration),
+                      "--loss-steps": ("loss_steps", loss_steps), "--positions": ("positions", positions),
+                      "--rewrite": ("rewrite", rewrite), "--lr": ("lr", lr), "--max-iters": ("max_iters", max_iters)},
+        "rta": {"--n-tokens": ("n_tokens", n_tokens)}, "gni": {"--sigma": ("sigma", sigma)}}, {method})
     if misplaced:
         one = len(misplaced) == 1
         raise InputError(f"{', '.join(misplaced)} {'is an option' if one else 'are options'} of another method than "
                          f"--method {method}; leave {'it' if one else 'them'} out")
-    optimization = {k: v for k, v in dict(lr=lr, max_iters=max_iters, loss_steps=loss_steps, positions=positions,
-                                          rewrite=rewrite).items() if v is not None}
+    optimization = {k: v for k, v in given.items() if k not in ("target", "calibration")}  # the target is passed apart
     # the chosen measures load (and read the training images) before the model, so a bad path costs nothing
     replication, alignment = chosen_measures(train_images, sscd, clip, image_column, progress=True)
     pipe = load_pipeline(model, device=device, dtype=dtype)
@@ -336,8 +344,7 @@ def mitigate(
     elif method == "embedding":
         m = EmbeddingOptimization(pipe, target, target_source=source, **optimization, **kw)
     else:
-        extra = {name: v for name, v in baseline_options.get(method, {}).values() if v is not None}
-        m = BASELINES[method](pipe, **extra, **kw)
+        m = BASELINES[method](pipe, **given, **kw)
     # saved in parts of 8 prompts under OUT/parts: a killed run redoes at most one part
     res = mitigate_in_parts(m, texts, out / "parts", progress=True)
     apply_measures(pipe, res, replication, alignment)
@@ -650,15 +657,12 @@ def scan(
 
     _check_writable(out)
     names = tuple(c.strip() for c in checks.split(",") if c.strip())
-    # a check's own settings, as given: for a check not chosen they would go unused without a word
-    per_check = {"triggers": {"--min-support": ("min_support", min_support), "--min-purity": ("min_purity", min_purity)},
-                 "caption_duplicates": {"--caption-jaccard": ("caption_jaccard", caption_jaccard)}}
-    unused = [f"{opt} ({check})" for check, opts in per_check.items() if check not in names
-              for opt, (_, v) in opts.items() if v is not None]
+    unused, given = _mode_options({
+        "triggers": {"--min-support": ("min_support", min_support), "--min-purity": ("min_purity", min_purity)},
+        "caption_duplicates": {"--caption-jaccard": ("caption_jaccard", caption_jaccard)}}, set(names))
     if unused and set(names) <= set(CHECKS):  # a misspelt check is named as such by the scanner
         raise InputError(f"{', '.join(unused)} {'sets a check' if len(unused) == 1 else 'set checks'} not among "
                          f"--checks {','.join(names)}")
-    given = {name: v for opts in per_check.values() for name, v in opts.values() if v is not None}
     scanner = DatasetScanner(dataset, out / "work", caption_column=caption_column, image_column=image_column,
                              checks=names, shard_size=shard_size, limit=limit, model=model, timestep=timestep,
                              memorization_threshold=memorization_threshold, seed=seed, device=device, dtype=dtype,
