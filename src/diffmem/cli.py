@@ -162,7 +162,6 @@ def detect(
     if fpr is not None and calibrate_with is None:
         raise InputError("--fpr is the false-positive rate of a calibration fitted with --calibrate-with"
                          + ("; a --calibration file brings its own" if calibration is not None else ": give that too"))
-    fpr = 0.01 if fpr is None else fpr
     if calibrate_with is not None:
         read_prompts(calibrate_with)
     _check_writable(out.parent)
@@ -177,10 +176,11 @@ def detect(
                             seed=seed, batch_size=batch_size)
     cal = Calibration.load(calibration) if calibration else None
     if calibrate_with is not None:
-        cal = Calibration.fit(det.score(read_prompts(calibrate_with), progress=True), fpr=fpr)
+        given = {} if fpr is None else {"fpr": fpr}  # else Calibration.fit's own default
+        cal = Calibration.fit(det.score(read_prompts(calibrate_with), progress=True), **given)
         cal_path = out.with_name(out.stem + ".calibration.json")
         cal.save(cal_path)
-        console.print(f"calibration: threshold {cal.threshold:.4g} at FPR {fpr} from {cal.n_reference} prompts -> {cal_path}")
+        console.print(f"calibration: threshold {cal.threshold:.4g} at FPR {cal.fpr} from {cal.n_reference} prompts -> {cal_path}")
     summary = detect_file(det, prompts, out, column=column, calibration=cal)
     out_console.print(summary.line())
 
