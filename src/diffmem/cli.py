@@ -211,8 +211,7 @@ def explain(
         raise DiffmemError(f"--method must be attribution or ablation, got {method!r}")
     if ablation_mode is not None and method != "ablation":  # it was ignored without a word
         raise DiffmemError("--ablation-mode applies to --method ablation")
-    ablation_mode = ablation_mode or "mask"
-    if ablation_mode not in ("mask", "remove"):
+    if ablation_mode is not None and ablation_mode not in ("mask", "remove"):
         raise DiffmemError(f"--ablation-mode must be mask or remove, got {ablation_mode!r}")
     if (prompt is None) == (prompts is None):
         raise DiffmemError("give exactly one of --prompt and --prompts")
@@ -237,7 +236,8 @@ def explain(
     d = _sampler(pipe, num_inference_steps, guidance_scale)
     kw = dict(steps=_steps(steps), generations=generations, seed=seed)
     explainer = (TokenAttribution(pipe, d["num_inference_steps"], d["guidance_scale"], **kw) if method == "attribution"
-                 else TokenAblation(pipe, d["num_inference_steps"], d["guidance_scale"], mode=ablation_mode, **kw))
+                 else TokenAblation(pipe, d["num_inference_steps"], d["guidance_scale"],
+                                 **({} if ablation_mode is None else {"mode": ablation_mode}), **kw))
     if prompts is not None:
         res = explain_prompts(explainer, texts, checkpoint=out / "attributions.json", progress=True)
         for r in res.results:
