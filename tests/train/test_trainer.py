@@ -38,6 +38,38 @@ def test_resume_after_interruption_gives_identical_weights(tmp_path):
         assert torch.equal(a[k], b[k]), k
 
 
+@pytest.mark.parametrize("killed_save", [1, 2])  # the first save swaps out an empty folder, later ones a checkpoint
+def test_a_kill_between_the_checkpoint_swaps_renames_resumes_from_the_new_checkpoint(tmp_path, monkeypatch, killed_save):
+    from pathlib import Path
+
+    cfg = TrainConfig(steps=20, batch_size=4, lr=1e-3, warmup_steps=2, checkpoint_every=5, train_text_encoder=True, ema=True)
+    straight = tiny_pipeline(seed=3)
+    Trainer(straight, _data(straight), cfg, tmp_path / "a").run(progress=False)
+
+    rename, saves = Path.rename, []
+
+    def killed_before_the_new_checkpoint_moves_in(self, target):
+        if self.name == "checkpoint.tmp":
+            saves.append(target)
+            if len(saves) == killed_save:
+                raise KeyboardInterrupt
+        return rename(self, target)
+
+    monkeypatch.setattr(Path, "rename", killed_before_the_new_checkpoint_moves_in)
+    interrupted = tiny_pipeline(seed=3)
+    with pytest.raises(KeyboardInterrupt):
+        Trainer(interrupted, _data(interrupted), cfg, tmp_path / "b").run(progress=False)
+    monkeypatch.setattr(Path, "rename", rename)
+    assert not (tmp_path / "b" / "checkpoint").exists()
+
+    resumed, steps = tiny_pipeline(seed=3), []
+    Trainer(resumed, _data(resumed), cfg, tmp_path / "b").run(progress=False, on_step=steps.append)
+    assert steps[0] == 5 * killed_save  # the checkpoint the kill was moving in, not a start from nothing
+    a, b = _weights(straight), _weights(resumed)
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+
+
 def test_a_checkpoint_of_another_run_is_refused_and_names_what_differs(tmp_path):
     from diffmem.core.errors import InputError
 

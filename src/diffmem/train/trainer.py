@@ -37,8 +37,16 @@ CHECKPOINT_DIR = "checkpoint"  # in a run's output folder; swapped in through .t
 
 
 def checkpoint_state(out_dir: str | Path) -> Path:
-    """The file whose presence means ``out_dir`` holds a checkpoint to resume."""
-    return Path(out_dir) / CHECKPOINT_DIR / "state.json"
+    """The file whose presence means ``out_dir`` holds a checkpoint to resume. A save that a kill
+    stopped between its two renames is finished first: the new checkpoint then lies whole in
+    ``checkpoint.tmp`` and the previous one in ``checkpoint.old``, and neither is ``checkpoint``."""
+    path = Path(out_dir) / CHECKPOINT_DIR
+    if not path.exists():
+        for kept in (path.with_name(path.name + ".tmp"), path.with_name(path.name + ".old")):
+            if (kept / "state.json").exists():  # written last, so the folder is whole
+                kept.rename(path)
+                break
+    return path / "state.json"
 
 
 # settings a resumed run may change; any other difference from the checkpoint's run is refused
