@@ -303,6 +303,12 @@ def test_usage_errors_are_one_clear_message(tmp_path):
         assert r.returncode == 2 and msg in r.stderr and "Traceback" not in r.stderr, (args, r.stderr)
 
 
+def test_bench_mitigate_refuses_a_blank_only_before_the_model_loads(tmp_path):
+    r = run("bench", "mitigate", "--only", "", "--model", str(tmp_path / "no-model"), "--out", str(tmp_path / "b"))
+    assert r.returncode == 2 and "only must name part of a row's" in r.stderr and "Traceback" not in r.stderr, r.stderr
+    assert not (tmp_path / "b").exists()
+
+
 def test_exit_codes_reach_the_shell(monkeypatch, capsys):
     import pytest
     import typer

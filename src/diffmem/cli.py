@@ -425,10 +425,11 @@ def bench_mitigate_cmd(
 
     Each finished row is saved in OUT/rows: a killed run resumes at the first unfinished row, and a
     run with --only also lists the rows saved there before under the same settings."""
-    from .bench.mitigate import bench_mitigate
+    from .bench.mitigate import bench_mitigate, check_only
     from .core.loading import load_pipeline, runs_on
     from .memlab.verify import load_manifest
 
+    check_only(only)
     manifest = load_manifest(model)
     _check_writable(out)
     pipe = load_pipeline(model, device=device, dtype=dtype)

@@ -84,6 +84,9 @@ def test_bench_mitigate_only_refuses_a_text_matching_no_row_before_any_work(meml
     pipe = load_pipeline("memlab")
     with pytest.raises(InputError, match="no benchmark row matches 'nope'"):
         bench_mitigate(pipe, memlab_manifest, generations=1, max_prompts=2, progress=False, only="nope")
+    for blank in ("", " ", ", "):  # in every row's name: it would run the whole benchmark
+        with pytest.raises(InputError, match="only must name part of a row's"):
+            bench_mitigate(pipe, memlab_manifest, generations=1, max_prompts=2, progress=False, only=blank)
 
 
 def _interrupted():

@@ -157,6 +157,13 @@ def _replication(images, entries, kernel, reader) -> np.ndarray:
     return np.array(out)
 
 
+def check_only(only: str | None) -> None:
+    """``only`` picks rows by a part of their "method, setting"; blank, it is in every row's name and
+    would quietly run the whole hour-long benchmark (an empty shell variable, say)."""
+    if only is not None and not only.strip(" ,"):
+        raise InputError(f"only must name part of a row's \"method, setting\" (such as 'rta' or 'eos'), got {only!r}")
+
+
 def bench_mitigate(pipe, manifest: dict, generations: int = 4, methods: dict | None = None, progress: bool = True,
                    max_prompts: int | None = None, only: str | None = None,
                    max_reference: int | None = None, rows_dir: str | Path | None = None,
@@ -183,6 +190,7 @@ def bench_mitigate(pipe, manifest: dict, generations: int = 4, methods: dict | N
     from .detect import memlab_labelled
 
     check_max_prompts(max_prompts)
+    check_only(only)
     d = sampler_defaults(pipe)
     entries = [{"prompt": e["prompt"], "group": "verbatim", "image_id": e["image_id"]} for e in manifest["groups"]["verbatim"]]
     entries += [{"prompt": t["prompt"], "group": "template", "template_id": e["template_id"]}
