@@ -45,6 +45,10 @@ def _png(img: np.ndarray, scale: int = 4) -> str:
     return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
 
 
+NO_MITIGATION_TARGET = ("mitigation needs a target on the scale of its loss: start the app with --audit DIR "
+                        "from an audit that ran its mitigation stage")
+
+
 class AppState:
     """The model, its calibration and the running jobs."""
 
@@ -133,6 +137,8 @@ class AppState:
     # -- mitigation jobs -----------------------------------------------------------------------
     def start_mitigation(self, prompt: str) -> str:
         prompt = self._check(prompt)
+        if self._mitigator_cache is None and self._target_calibration is None and self._reference is None:
+            raise InputError(NO_MITIGATION_TARGET)  # said to the request, not after a queued job has waited its turn
         job = {"id": uuid.uuid4().hex[:12], "prompt": prompt, "state": "queued", "progress": 0.0, "message": "queued",
                "cancel": threading.Event(), "result": None, "error": None}
         self.jobs[job["id"]] = job
@@ -216,8 +222,7 @@ class AppState:
                 m, self._target_calibration = EmbeddingOptimization.calibrated(self.pipe, self._reference, fpr=self.calibration.fpr,
                                                                                on_progress=on_progress, **kw)
             else:
-                raise InputError("mitigation needs a target on the scale of its loss: start the app with "
-                                 "--audit DIR from an audit that ran its mitigation stage")
+                raise InputError(NO_MITIGATION_TARGET)
             self._mitigator_cache = m
         return self._mitigator_cache
 
