@@ -72,3 +72,20 @@ def memlab_audit(tmp_path_factory):
     r = run_cli("audit", "--out", out, *SMALL, "--mitigate-generations", "1")
     assert r.returncode == 0, r.stderr[-3000:]
     return out, r
+
+
+@pytest.fixture(scope="session")
+def tiny_calibration(tiny_pipe_dir, tmp_path_factory):
+    """A calibration for the tiny random pipeline made with the app's own detection settings: the app
+    on a model that is not MemLab, with no audit, scores prompts with it and has no mitigation target."""
+    from diffmem.core.loading import load_pipeline, sampler_defaults
+    from diffmem.detect import Calibration, NoiseNormDetector
+    from diffmem.report.audit import AuditSettings
+
+    pipe = load_pipeline(str(tiny_pipe_dir))
+    d = sampler_defaults(pipe)
+    detector = NoiseNormDetector(pipe, d["num_inference_steps"], d["guidance_scale"], generations=1, seed=0,
+                                 steps=[x for x in AuditSettings.steps if x < d["num_inference_steps"]])
+    path = tmp_path_factory.mktemp("app") / "calibration.json"
+    Calibration.fit(detector.score([f"a photo number {i}" for i in range(10)], progress=False), fpr=0.1).save(path)
+    return path

@@ -149,8 +149,34 @@ def test_app_scores_highlights_the_trigger_and_rescores_an_edit(app_server, meml
         assert console_errors(driver) == []
         SHOTS.mkdir(parents=True, exist_ok=True)
         driver.save_screenshot(str(SHOTS / "app.png"))
+
+        # one mitigation at a time: the button waits for the job's end, here its cancelling
+        button = driver.find_element(By.ID, "mitigate-btn")
+        button.click()
+        _wait(driver, lambda d: d.find_element(By.ID, "job").is_displayed())
+        assert not button.is_enabled()
+        driver.find_element(By.ID, "cancel-btn").click()
+        _wait(driver, lambda d: d.find_element(By.ID, "job-message").text == "cancelled")
+        _wait(driver, lambda d: button.is_enabled(), timeout=5)
+        assert console_errors(driver) == []
     finally:
         driver.quit()
+
+
+def test_app_page_without_a_mitigation_target_says_why_its_button_is_off(tiny_pipe_dir, tiny_calibration):
+    from selenium.webdriver.common.by import By
+
+    with serving("--model", str(tiny_pipe_dir), "--calibration", str(tiny_calibration)) as url:
+        driver = browser()
+        try:
+            driver.get(url)
+            _wait(driver, lambda d: "threshold" in d.find_element(By.ID, "info").text)
+            button = driver.find_element(By.ID, "mitigate-btn")
+            assert not button.is_enabled()
+            assert "start the app with --audit DIR" in button.get_attribute("title")
+            assert console_errors(driver) == []
+        finally:
+            driver.quit()
 
 
 def test_app_mitigation_job_reports_progress_and_cancels():

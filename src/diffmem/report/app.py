@@ -135,9 +135,14 @@ class AppState:
                 "settings": {**self.detector.settings.to_dict(), "fpr": self.calibration.fpr}}
 
     # -- mitigation jobs -----------------------------------------------------------------------
+    @property
+    def can_mitigate(self) -> bool:
+        """Whether a mitigation target is at hand: the audit's, or one to calibrate on MemLab's reference set."""
+        return not (self._mitigator_cache is None and self._target_calibration is None and self._reference is None)
+
     def start_mitigation(self, prompt: str) -> str:
         prompt = self._check(prompt)
-        if self._mitigator_cache is None and self._target_calibration is None and self._reference is None:
+        if not self.can_mitigate:
             raise InputError(NO_MITIGATION_TARGET)  # said to the request, not after a queued job has waited its turn
         job = {"id": uuid.uuid4().hex[:12], "prompt": prompt, "state": "queued", "progress": 0.0, "message": "queued",
                "cancel": threading.Event(), "result": None, "error": None}
@@ -283,7 +288,8 @@ def create_app(state: AppState):
 
     async def info(request: Request):
         return JSONResponse({"threshold": state.calibration.threshold, "fpr": state.calibration.fpr,
-                             "model": state.calibration.model, "settings": state.detector.settings.to_dict()})
+                             "model": state.calibration.model, "settings": state.detector.settings.to_dict(),
+                             "mitigation": None if state.can_mitigate else NO_MITIGATION_TARGET})
 
     return Starlette(routes=[Route("/", page), Route("/api/info", info), Route("/api/score", score, methods=["POST"]),
                              Route("/api/mitigate", mitigate, methods=["POST"]), Route("/api/jobs/{job_id}", job),
@@ -412,19 +418,24 @@ function edit(replacement) {
   $("prompt").value = text;
   score();
 }
+// one job at a time from the page: a second would queue behind the first, which the Cancel button
+// could then no longer reach
 async function mitigate() {
   showError(null);
+  $("mitigate-btn").disabled = true;
   try {
     const d = await api("/api/mitigate", {prompt: $("prompt").value});
     job = d.job;
     $("job").hidden = false;
     $("images").hidden = true;
     poll();
-  } catch (e) { showError(e); }
+  } catch (e) { showError(e); $("mitigate-btn").disabled = false; }
 }
+function jobEnded() { job = null; $("mitigate-btn").disabled = false; }
 async function poll() {
   if (!job) return;
-  const d = await api("/api/jobs/" + job);
+  let d;
+  try { d = await api("/api/jobs/" + job); } catch (e) { showError(e); jobEnded(); return; }
   $("job-progress").value = d.progress;
   $("job-message").textContent = d.message;
   if (d.state === "done") {
@@ -435,10 +446,10 @@ async function poll() {
     $("mit-info").textContent = "first-step loss " + d.result.initial_loss.toFixed(4) + " → " + d.result.final_loss.toFixed(4) +
       " (target " + d.result.target.toFixed(4) + ", " + d.result.iterations + " iterations); seeds " + d.result.seeds.join(", ");
     $("images").hidden = false;
-    job = null;
+    jobEnded();
   } else if (d.state === "cancelled" || d.state === "error") {
     if (d.error) showError(d.error);
-    job = null;
+    jobEnded();
   } else { setTimeout(poll, 300); }
 }
 $("score-btn").addEventListener("click", score);
@@ -450,6 +461,7 @@ $("prompt").addEventListener("keydown", (ev) => { if (ev.key === "Enter" && !ev.
 api("/api/info").then((d) => {
   $("info").textContent = "model " + (d.model.name_or_path || "?") + "; threshold " + d.threshold.toFixed(4) + " (calibrated FPR " + d.fpr +
     "); scored steps " + d.settings.steps.join(",") + " of " + d.settings.num_inference_steps + " steps, guidance " + d.settings.guidance_scale + ", seed " + d.settings.seed;
+  if (d.mitigation) { $("mitigate-btn").disabled = true; $("mitigate-btn").title = d.mitigation; }  // why it cannot run
 }).catch(showError);
 </script>
 </body></html>
