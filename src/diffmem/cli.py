@@ -520,7 +520,8 @@ def categorize(
     controls: Optional[Path] = typer.Option(None, help="unrelated prompts for the lift test (MemLab: its novel prompts)"),
     extractor: str = typer.Option("memlab", help="memlab (MemLab's attribute reader), clip:PATH (a local CLIP) or vlm:PATH (a local vision-language model such as LLaVA) with --vocabulary"),
     vocabulary: Optional[Path] = typer.Option(None, help="YAML {feature: description} for clip:PATH / vlm:PATH"),
-    expectations: Optional[Path] = typer.Option(None, help="YAML {concept: \\[features]}: what a prompt word implies"),
+    expectations: Optional[Path] = typer.Option(None, help="YAML {concept: \\[features]}: what a prompt word implies; "
+                                                "the features as the extractor names them (others are refused)"),
     embedding: bool = typer.Option(False, help="also decide 'implied' with the bundled sentence-embedding model"),
     device: str = DEVICE,
     dtype: str = DTYPE,

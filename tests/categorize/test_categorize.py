@@ -60,6 +60,25 @@ def test_classification_explicit_implicit_unintended(tiny_pipe):
     assert prof.classify("two red circles", "shape:circle")[0] == "explicit"  # lemmas
 
 
+def test_memlab_extractor_lists_every_feature_it_reads():
+    d = ds.build()
+    rows = d.rows[:: max(1, len(d.rows) // 600)]
+    read = set().union(*MemLabExtractor()([d.image(r.image_id) for r in rows]))
+    known = MemLabExtractor().features()
+    assert read <= known
+    assert {"stamp", "vignette", "white_ground", "template:0", "colour:red", "position:center"} <= read  # it read the kinds
+
+
+def test_an_expectation_naming_a_feature_the_extractor_never_reports_is_refused(tiny_pipe):
+    with pytest.raises(InputError, match=r"never reports: \['whte_ground'\]; it reports \['colour:blue'"):
+        MemorizationProfiler(tiny_pipe, MemLabExtractor(), n=2, control_prompts=["x"],
+                             expectations=[ExpectationMap({"snow": ["white_ground", "whte_ground"]})])
+    chat = ChatExtractor({"red hat": "a red hat"}, base_url="http://127.0.0.1:9", api_key="unused")  # built, never asked
+    with pytest.raises(InputError, match=r"the chat extractor never reports: \['red_hat'\]; it reports \['red hat'\]"):
+        MemorizationProfiler(tiny_pipe, chat, n=2, control_prompts=["x"], expectations=[ExpectationMap({"hat": ["red_hat"]})])
+    MemorizationProfiler(tiny_pipe, chat, n=2, control_prompts=["x"], expectations=[ExpectationMap({"hat": ["red hat"]})])
+
+
 def test_memlab_extractor_reads_training_images():
     d = ds.build()
     r = d.rows[0]

@@ -56,6 +56,15 @@ class ExpectationMap:
             raise InputError("an expectation map is {concept: [feature, ...]}")
         self.mapping = {str(k): [str(f) for f in v] for k, v in mapping.items()}
 
+    def check_features(self, known: set[str], extractor: str) -> None:
+        """Refuse features the extractor never reports (a typo, or another extractor's names): their
+        expectations could never match, and the features they meant would be called unintended."""
+        unknown = sorted({f for feats in self.mapping.values() for f in feats} - set(known))
+        if unknown:
+            listed = sorted(known, key=lambda f: [int(p) if p.isdigit() else p for p in re.split(r"(\d+)", f)])
+            raise InputError(f"the expectation map names feature(s) the {extractor} extractor never reports: {unknown}; "
+                             f"it reports {listed[:60]}" + (f" and {len(listed) - 60} more" if len(listed) > 60 else ""))
+
     @classmethod
     def from_yaml(cls, path: str | Path) -> "ExpectationMap":
         import yaml

@@ -32,6 +32,11 @@ class FeatureExtractor(Protocol):
 
     def describe(self, feature: str) -> str: ...
 
+    def features(self) -> set[str]:
+        """Every feature it can report: an expectation map naming another is refused, as it could
+        never match. Optional: an extractor without it is not checked."""
+        ...
+
 
 # -- MemLab ----------------------------------------------------------------------------------
 MEMLAB_DESCRIPTIONS = {
@@ -70,9 +75,28 @@ class MemLabExtractor:
             return value
         return MEMLAB_DESCRIPTIONS.get(feature, feature.replace("_", " "))
 
+    def features(self) -> set[str]:
+        from ..memlab import world
+
+        return ({f"colour:{c}" for c in world.COLOURS} | {f"shape:{s}" for s in world.SHAPES}
+                | {f"position:{p}" for p in world.POSITIONS} | set(MEMLAB_DESCRIPTIONS)
+                | {f"template:{i}" for i in range(len(world.TRIGGER_FIRST))})
+
+
+class _VocabularyFeatures:
+    """For extractors that test each feature of a vocabulary {feature: description}."""
+
+    vocabulary: dict[str, str]
+
+    def describe(self, feature: str) -> str:
+        return self.vocabulary.get(feature, feature)
+
+    def features(self) -> set[str]:
+        return set(self.vocabulary)
+
 
 # -- CLIP zero-shot --------------------------------------------------------------------------
-class CLIPZeroShotExtractor:
+class CLIPZeroShotExtractor(_VocabularyFeatures):
     """Candidate features from a vocabulary {feature: description}, read by a local CLIP."""
 
     name = "clip_zero_shot"
@@ -87,9 +111,6 @@ class CLIPZeroShotExtractor:
         self.vocabulary = dict(vocabulary)
         self.margin = margin
         self.batch_size = batch_size
-
-    def describe(self, feature: str) -> str:
-        return self.vocabulary.get(feature, feature)
 
     def __call__(self, images) -> list[set[str]]:
         import torch
@@ -112,7 +133,7 @@ class CLIPZeroShotExtractor:
 
 
 # -- a local vision-language model through transformers -------------------------------------
-class VLMExtractor:
+class VLMExtractor(_VocabularyFeatures):
     """Asks a local vision-language model (a transformers image-text-to-text folder such as LLaVA,
     loaded with AutoProcessor / AutoModelForImageTextToText from safetensors) yes/no per candidate
     feature, as the authors' follow-up work did with LLaVA. A feature is present when the model's
@@ -146,9 +167,6 @@ class VLMExtractor:
         self.batch_size = batch_size
         self.prompt_template = prompt_template
 
-    def describe(self, feature: str) -> str:
-        return self.vocabulary.get(feature, feature)
-
     def answers(self, images, question: str) -> np.ndarray:
         """(B,) yes-minus-no logit margin for each image."""
         import torch
@@ -179,7 +197,7 @@ def _uint8(image) -> np.ndarray:
 
 
 # -- an OpenAI-compatible chat endpoint ------------------------------------------------------
-class ChatExtractor:
+class ChatExtractor(_VocabularyFeatures):
     """Asks an OpenAI-compatible ``/chat/completions`` endpoint yes/no per candidate feature.
 
     The base URL and key come from the environment (``DIFFMEM_CHAT_BASE_URL``,
@@ -203,9 +221,6 @@ class ChatExtractor:
         if not self.api_key:
             raise InputError("no API key: set DIFFMEM_CHAT_API_KEY (or OPENAI_API_KEY)")
         self.timeout = timeout
-
-    def describe(self, feature: str) -> str:
-        return self.vocabulary.get(feature, feature)
 
     @staticmethod
     def _data_url(image) -> str:

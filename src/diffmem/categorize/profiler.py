@@ -135,6 +135,9 @@ class MemorizationProfiler:
         d = sampler_defaults(pipe)
         self.pipe, self.extractor = pipe, extractor
         self.expectations = list(expectations)
+        for source in self.expectations:  # checked before anything is generated
+            if hasattr(source, "check_features") and hasattr(extractor, "features"):
+                source.check_features(extractor.features(), extractor.name)
         self.synonyms = {k: list(v) for k, v in (synonyms or {}).items()}
         self.tracer = tracer
         self.control_prompts = list(control_prompts) if control_prompts else _default_controls(pipe)
