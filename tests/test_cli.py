@@ -364,6 +364,16 @@ def test_categorize_bad_inputs(tmp_path):
     r = run("categorize", "--prompts", str(tmp_path / "p.txt"), "--vocabulary", str(tmp_path / "v.yaml"),
             "--out", str(tmp_path / "o"))
     assert r.returncode == 2 and "--vocabulary names the features of a clip:PATH or vlm:PATH extractor" in r.stderr
+    # a feature without its description was asked about as "None"
+    (tmp_path / "v2.yaml").write_text("stamp: a small stamp\nlogo:\n")
+    r = run("categorize", "--prompts", str(tmp_path / "p.txt"), "--extractor", "clip:/nowhere", "--vocabulary",
+            str(tmp_path / "v2.yaml"), "--out", str(tmp_path / "o"))
+    assert r.returncode == 2 and "got 'logo': None" in r.stderr and "Traceback" not in r.stderr, r.stderr
+    # a misspelt feature in the expectation map: refused before the model (here a missing folder) loads
+    (tmp_path / "e.yaml").write_text("snow: [whte_ground]\n")
+    r = run("categorize", "--prompts", str(tmp_path / "p.txt"), "--expectations", str(tmp_path / "e.yaml"),
+            "--model", str(tmp_path / "no-model"), "--out", str(tmp_path / "o"))
+    assert r.returncode == 2 and "never reports: ['whte_ground']" in r.stderr and "Traceback" not in r.stderr, r.stderr
     assert not (tmp_path / "o").exists()
 
 

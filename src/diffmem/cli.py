@@ -534,7 +534,7 @@ def categorize(
     ctrl = read_prompts(controls, column) if controls else None
     from .categorize import (CLIPZeroShotExtractor, ExpectationMap, MemLabExtractor, MemorizationProfiler, VLMExtractor,
                              SentenceEmbeddingExpectation)
-    from .categorize.profiler import speed_text
+    from .categorize.profiler import check_expectations, speed_text
     from .core.loading import load_pipeline
     if extractor == "memlab":
         if vocabulary is not None:  # MemLab's reader has its own features: a vocabulary here would go unread
@@ -551,6 +551,7 @@ def categorize(
     sources = []
     if expectations is not None:
         sources.append(ExpectationMap.from_yaml(expectations))
+    check_expectations(ext, sources)  # before the model loads
     if embedding:
         sources.append(SentenceEmbeddingExpectation.minilm())
     tracer = None
@@ -592,7 +593,7 @@ def _read_yaml_mapping(path: Path) -> dict:
         raise InputError(f"cannot read {path}: {e}") from None
     if not isinstance(data, dict) or not data:
         raise InputError(f"{path} must hold a non-empty mapping")
-    return {str(k): str(v) for k, v in data.items()}
+    return data  # its entries are checked by the extractor
 
 
 @app.command()

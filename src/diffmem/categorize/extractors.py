@@ -88,6 +88,20 @@ class _VocabularyFeatures:
 
     vocabulary: dict[str, str]
 
+    @staticmethod
+    def _checked(vocabulary, extractor: str) -> dict[str, str]:
+        """The vocabulary, refused when empty or when a name or description is not text: a missing
+        description would be asked about as "None"."""
+        if not vocabulary:
+            raise InputError(f"{extractor} needs a non-empty feature vocabulary")
+        if not isinstance(vocabulary, dict):
+            raise InputError(f"{extractor}'s vocabulary is a mapping {{feature: description}}, got {type(vocabulary).__name__}")
+        for feature, description in vocabulary.items():
+            if not (isinstance(feature, str) and feature.strip() and isinstance(description, str) and description.strip()):
+                raise InputError(f"{extractor}'s vocabulary needs a feature name and a description, both text, in "
+                                 f"every entry; got {feature!r}: {description!r}")
+        return dict(vocabulary)
+
     def describe(self, feature: str) -> str:
         return self.vocabulary.get(feature, feature)
 
@@ -102,8 +116,7 @@ class CLIPZeroShotExtractor(_VocabularyFeatures):
     name = "clip_zero_shot"
 
     def __init__(self, path: str, vocabulary: dict[str, str], margin: float = 0.0, batch_size: int = 16):
-        if not vocabulary:
-            raise InputError("CLIP zero-shot needs a non-empty feature vocabulary")
+        vocabulary = self._checked(vocabulary, "CLIP zero-shot")
         from ..mitigate.measures import CLIPScore
 
         self.path = str(path)  # identifies the extractor in saved work
@@ -146,8 +159,7 @@ class VLMExtractor(_VocabularyFeatures):
 
     def __init__(self, path: str | Path, vocabulary: dict[str, str], batch_size: int = 8,
                  prompt_template: str = "USER: <image>\n{question} ASSISTANT:"):
-        if not vocabulary:
-            raise InputError("the VLM extractor needs a non-empty feature vocabulary")
+        vocabulary = self._checked(vocabulary, "the VLM extractor")
         from ..core.loading import check_model_folder, model_folder_errors
 
         path = check_model_folder(path, "vision-language model")
@@ -210,9 +222,7 @@ class ChatExtractor(_VocabularyFeatures):
 
     def __init__(self, vocabulary: dict[str, str], model: str = "gpt-4o", base_url: str | None = None,
                  api_key: str | None = None, timeout: float = 60.0):
-        if not vocabulary:
-            raise InputError("the chat extractor needs a non-empty feature vocabulary")
-        self.vocabulary = dict(vocabulary)
+        self.vocabulary = self._checked(vocabulary, "the chat extractor")
         self.model = model
         self.base_url = (base_url or os.environ.get("DIFFMEM_CHAT_BASE_URL") or os.environ.get("OPENAI_BASE_URL") or "").rstrip("/")
         self.api_key = api_key or os.environ.get("DIFFMEM_CHAT_API_KEY") or os.environ.get("OPENAI_API_KEY")

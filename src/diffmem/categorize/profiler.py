@@ -121,6 +121,13 @@ class ProfileResult:
         return Path(path)
 
 
+def check_expectations(extractor, expectations: Sequence) -> None:
+    """Refuse expectation maps that name features the extractor never reports (see ExpectationMap.check_features)."""
+    for source in expectations:
+        if hasattr(source, "check_features") and hasattr(extractor, "features"):
+            source.check_features(extractor.features(), extractor.name)
+
+
 class MemorizationProfiler:
     def __init__(self, pipe, extractor, n: int = 16, tau: float = 0.8, lift_bound: float = 2.0,
                  control_prompts: Sequence[str] | None = None, expectations: Sequence = (),
@@ -135,9 +142,7 @@ class MemorizationProfiler:
         d = sampler_defaults(pipe)
         self.pipe, self.extractor = pipe, extractor
         self.expectations = list(expectations)
-        for source in self.expectations:  # checked before anything is generated
-            if hasattr(source, "check_features") and hasattr(extractor, "features"):
-                source.check_features(extractor.features(), extractor.name)
+        check_expectations(extractor, self.expectations)  # before anything is generated
         self.synonyms = {k: list(v) for k, v in (synonyms or {}).items()}
         self.tracer = tracer
         self.control_prompts = list(control_prompts) if control_prompts else _default_controls(pipe)
