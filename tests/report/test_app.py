@@ -11,3 +11,25 @@ def test_a_mitigation_the_app_has_no_target_for_is_refused_at_the_request(tiny_p
     with pytest.raises(InputError, match="mitigation needs a target on the scale of its loss"):
         app.start_mitigation("a photo of a cat")
     assert app.jobs == {}  # no job queued to fail later
+
+
+def test_the_server_keeps_only_the_newest_ended_jobs(tiny_pipe_dir, tiny_calibration, monkeypatch):
+    from diffmem.report import app as app_module
+
+    class RunAtOnce:  # the job runs in the request, so each has ended before the next starts
+        def __init__(self, target, args, daemon):
+            self.target, self.args = target, args
+
+        def start(self):
+            self.target(*self.args)
+
+    app = app_module.AppState(model=str(tiny_pipe_dir), calibration=tiny_calibration)
+    monkeypatch.setattr(app_module, "KEPT_JOBS", 3)
+    monkeypatch.setattr(app_module.threading, "Thread", RunAtOnce)
+    monkeypatch.setattr(app, "_reference", ["a reference prompt"])  # a target could be calibrated
+    outcomes = iter(["running", "done", "error", "cancelled", "done", "done"])
+    monkeypatch.setattr(app, "_mitigate", lambda job: job.update(state=next(outcomes)))
+    ids = [app.start_mitigation(f"prompt {i}") for i in range(6)]
+    # the running one stays whatever its age; of the ended ones, the newest three
+    assert list(app.jobs) == [ids[0], ids[3], ids[4], ids[5]]
+    assert app.job_view(ids[5])["state"] == "done"

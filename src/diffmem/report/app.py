@@ -29,6 +29,7 @@ import numpy as np
 from ..core.errors import InputError
 
 MAX_PROMPT_CHARS = 2000
+KEPT_JOBS = 100  # ended mitigation jobs whose results the server keeps (a few hundred KB of images each)
 
 
 class Cancelled(Exception):
@@ -146,9 +147,17 @@ class AppState:
             raise InputError(NO_MITIGATION_TARGET)  # said to the request, not after a queued job has waited its turn
         job = {"id": uuid.uuid4().hex[:12], "prompt": prompt, "state": "queued", "progress": 0.0, "message": "queued",
                "cancel": threading.Event(), "result": None, "error": None}
+        self._forget_old_jobs()
         self.jobs[job["id"]] = job
         threading.Thread(target=self._mitigate, args=(job,), daemon=True).start()
         return job["id"]
+
+    def _forget_old_jobs(self) -> None:
+        """Keep the newest KEPT_JOBS ended jobs: each holds its images, and a page left open for days
+        would otherwise grow the server without end. Queued and running jobs are always kept."""
+        ended = [k for k, j in self.jobs.items() if j["state"] in ("done", "cancelled", "error")]  # oldest first
+        for k in ended[: max(0, len(ended) - KEPT_JOBS + 1)]:
+            del self.jobs[k]
 
     def _mitigate(self, job: dict) -> None:
         from ..core.generate import generate
