@@ -33,3 +33,30 @@ def test_the_server_keeps_only_the_newest_ended_jobs(tiny_pipe_dir, tiny_calibra
     # the running one stays whatever its age; of the ended ones, the newest three
     assert list(app.jobs) == [ids[0], ids[3], ids[4], ids[5]]
     assert app.job_view(ids[5])["state"] == "done"
+
+
+def test_a_queued_job_is_cancelled_at_once_and_never_runs(tiny_pipe_dir, tiny_calibration, monkeypatch):
+    import threading
+
+    from diffmem.report import app as app_module
+
+    threads = []
+
+    class Recorded(threading.Thread):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            threads.append(self)
+
+    app = app_module.AppState(model=str(tiny_pipe_dir), calibration=tiny_calibration)
+    monkeypatch.setattr(app_module.threading, "Thread", Recorded)
+    monkeypatch.setattr(app, "_reference", ["a reference prompt"])
+    asked = []
+    monkeypatch.setattr(app, "_mitigator", lambda on_progress=None: asked.append(1))
+    with app.lock:  # another job holds the model
+        job = app.start_mitigation("a photo of a cat")
+        assert app.job_view(job)["state"] == "queued"
+        app.cancel(job)
+        assert app.job_view(job)["state"] == "cancelled"  # at once, not when its turn comes
+    threads[0].join(timeout=60)  # its turn: it returns without running
+    assert not threads[0].is_alive()
+    assert asked == [] and app.job_view(job)["state"] == "cancelled" and app.job_view(job)["result"] is None

@@ -9,7 +9,8 @@ run time, and a page whose elements a browser test can address directly.
   half a second on MemLab on a CPU.
 - ``POST /api/mitigate {"prompt"}``: a background job (generate before, optimize the prompt
   embedding, generate after), polled at ``GET /api/jobs/{id}`` and stopped by
-  ``POST /api/jobs/{id}/cancel`` between images or optimization iterations.
+  ``POST /api/jobs/{id}/cancel`` between images or optimization iterations (a queued job at once).
+  The server keeps the newest ``KEPT_JOBS`` ended jobs.
 Model calls are serialised by one lock: the model is not shared between concurrent requests.
 """
 
@@ -182,6 +183,8 @@ class AppState:
 
         try:
             with self.lock:
+                if job["cancel"].is_set():  # cancelled while queued: nothing to undo
+                    raise Cancelled()
                 job["state"] = "running"
                 if self._mitigator_cache is None and self._target_calibration is None:
                     start, job["message"] = 0.5, "calibrating the mitigation target"
@@ -240,6 +243,16 @@ class AppState:
             self._mitigator_cache = m
         return self._mitigator_cache
 
+    def cancel(self, job_id: str) -> None:
+        """Stop a job at its next image or iteration; a queued job is cancelled at once, rather than
+        showing "queued" until the jobs before it end."""
+        job = self.jobs.get(job_id)
+        if job is None:
+            raise KeyError(job_id)
+        job["cancel"].set()
+        if job["state"] == "queued":  # its thread sees the flag when its turn comes, and returns
+            job["state"], job["message"] = "cancelled", "cancelled"
+
     def job_view(self, job_id: str) -> dict:
         job = self.jobs.get(job_id)
         if job is None:
@@ -289,11 +302,11 @@ def create_app(state: AppState):
             return bad("no such job", 404)
 
     async def cancel(request: Request):
-        j = state.jobs.get(request.path_params["job_id"])
-        if j is None:
+        try:
+            state.cancel(request.path_params["job_id"])
+        except KeyError:
             return bad("no such job", 404)
-        j["cancel"].set()
-        return JSONResponse({"job": j["id"], "cancelling": True})
+        return JSONResponse({"job": request.path_params["job_id"], "cancelling": True})
 
     async def info(request: Request):
         return JSONResponse({"threshold": state.calibration.threshold, "fpr": state.calibration.fpr,
