@@ -31,6 +31,9 @@ def test_the_public_sd_v1_list_reads():
         # the first line's column holds for the whole file: a line without it is not read from another
         ("mixed.jsonl", b'{"prompt": "ok"}\n{"text": "x"}\n', "line 2 has no column 'prompt'"),
         ("nocol.csv", b"id,text\n1,hi\n", "no column 'prompt'"),
+        # UTF-16 without its byte-order mark is valid UTF-8, a NUL after each letter
+        ("utf16.txt", "a cat\nthe dog\n".encode("utf-16-le"), r"holds a NUL byte \(byte 1, line 1\): it looks like UTF-16"),
+        ("utf16.csv", "prompt\na cat\n".encode("utf-16-le"), "holds a NUL byte"),
     ],
 )
 def test_bad_files_name_the_problem(tmp_path, name, content, message):
@@ -72,6 +75,14 @@ def test_detect_results_feed_the_next_stage_flagged_only(tmp_path):
         read_prompts(tmp_path / "x.parquet")
     with pytest.raises(InputError, match="no column 'caption'"):
         read_prompts(tmp_path / "r.parquet", "caption")
+
+
+def test_a_nul_character_in_a_parquet_prompt_is_named(tmp_path):
+    import pandas as pd
+
+    pd.DataFrame({"prompt": ["a cat", "a\x00dog"]}).to_parquet(tmp_path / "p.parquet")
+    with pytest.raises(InputError, match=r"row 2: the prompt holds a NUL character \('a\\x00dog'\)"):
+        read_prompts(tmp_path / "p.parquet")
 
 
 def test_missing_file(tmp_path):

@@ -24,10 +24,16 @@ def _read_text(path: Path) -> str:
         raise InputError(f"prompt path is a folder, not a file: {path}")
     raw = path.read_bytes()
     try:
-        return raw.decode("utf-8-sig")
+        text = raw.decode("utf-8-sig")
     except UnicodeDecodeError as e:
         line = raw[: e.start].count(b"\n") + 1
         raise InputError(f"{path} is not UTF-8 text (byte {e.start}, line {line}); re-save it as UTF-8") from None
+    if "\x00" in text:  # UTF-16 without its byte-order mark decodes as UTF-8 with a NUL after each letter
+        nul = raw.index(b"\x00")
+        line = raw[:nul].count(b"\n") + 1
+        raise InputError(f"{path} holds a NUL byte (byte {nul}, line {line}): it looks like UTF-16 or a binary file; "
+                         "re-save it as UTF-8 text")
+    return text
 
 
 def iter_prompts(path: str | Path, column: str | None = None, flagged: bool = False) -> Iterator[str]:
@@ -128,6 +134,8 @@ def _check(value, path: Path, line: int, unit: str = "line") -> str:
         raise InputError(f"{path} {unit} {line}: the prompt is not text ({value!r})")
     if not value.strip():
         raise InputError(f"{path} {unit} {line}: empty prompt")
+    if "\x00" in value:
+        raise InputError(f"{path} {unit} {line}: the prompt holds a NUL character ({value!r})")
     return value
 
 
