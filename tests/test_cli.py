@@ -298,7 +298,9 @@ def test_usage_errors_are_one_clear_message(tmp_path):
                       (["audit", "--fpr", "0", "--out", str(tmp_path / "audit")], "--fpr"),
                       (["bench", "explain", "--max-prompts", "0", "--out", str(tmp_path / "b")], "--max-prompts"),
                       (["bench", "mitigate", "--max-prompts", "-1", "--out", str(tmp_path / "b")], "--max-prompts"),
-                      (["bench", "categorize", "--max-prompts", "0", "--out", str(tmp_path / "b")], "--max-prompts")):
+                      (["bench", "categorize", "--max-prompts", "0", "--out", str(tmp_path / "b")], "--max-prompts"),
+                      (["mitigate", "--prompts", str(prompts), "--method", "gni", "--seed", "-5"], "--seed"),
+                      (["detect", "--prompts", str(prompts), "--seed", str(2**32)], "--seed")):
         r = run(*args)
         assert r.returncode == 2 and msg in r.stderr and "Traceback" not in r.stderr, (args, r.stderr)
 

@@ -115,6 +115,8 @@ def _rate(value: float | None) -> float | None:
 
 
 # the options of every command that loads a pipeline (one OptionInfo each, shared)
+MAX_SEED = 2**32 - 1  # as Stable Diffusion front ends take; seed + generation, and the scan's seed x row, stay in torch's range
+SEED = typer.Option(0, min=0, max=MAX_SEED)
 DEVICE = typer.Option("cpu", help="torch device: cpu, cuda, cuda:1, mps")
 DTYPE = typer.Option("float32", help="weights' dtype: float32, float16 (wants a GPU) or bfloat16")
 NUM_INFERENCE_STEPS = typer.Option(None, min=1, help="sampler steps (default: the model's; SD: 50)")
@@ -143,7 +145,7 @@ def detect(
     num_inference_steps: Optional[int] = NUM_INFERENCE_STEPS,
     guidance_scale: Optional[float] = GUIDANCE_SCALE,
     generations: int = typer.Option(1, min=1, help="seeded generations averaged per prompt"),
-    seed: int = typer.Option(0, help="generation g uses seed + g"),
+    seed: int = typer.Option(0, min=0, max=MAX_SEED, help="generation g uses seed + g"),
     batch_size: int = typer.Option(32, min=1),
     calibration: Optional[Path] = typer.Option(None, help="a calibration file to apply (verdict column)"),
     calibrate_with: Optional[Path] = typer.Option(None, help="non-memorized reference prompts: fit a calibration first"),
@@ -198,7 +200,7 @@ def explain(
                                                 "or remove (leave it out)"),
     steps: str = typer.Option("0", help="sampling steps, comma-separated (0 = first step)"),
     generations: int = typer.Option(1, min=1),
-    seed: int = typer.Option(0),
+    seed: int = SEED,
     num_inference_steps: Optional[int] = NUM_INFERENCE_STEPS,
     guidance_scale: Optional[float] = GUIDANCE_SCALE,
     device: str = DEVICE,
@@ -284,7 +286,7 @@ def mitigate(
     lr: Optional[float] = typer.Option(None, help="embedding: AdamW's learning rate (default 0.05)"),
     max_iters: Optional[int] = typer.Option(None, min=0, help="embedding: optimization steps at most (default 10)"),
     generations: int = typer.Option(4, min=1),
-    seed: int = typer.Option(0),
+    seed: int = SEED,
     n_tokens: Optional[int] = typer.Option(None, help="rta: random words added (default 4)"),
     sigma: Optional[float] = typer.Option(None, help="gni: noise standard deviation (default 0.1)"),
     num_inference_steps: Optional[int] = NUM_INFERENCE_STEPS,
@@ -363,7 +365,7 @@ def bench_detect_cmd(
     model: str = typer.Option("memlab"),
     out: Path = typer.Option(Path("bench-detect"), help="folder for bench_detect.json and bench_detect_roc.png"),
     generations: str = typer.Option("1,4", help="generation counts for the grid"),
-    seed: int = typer.Option(0),
+    seed: int = SEED,
     batch_size: int = typer.Option(64, min=1),
     black_box: bool = typer.Option(True, help="also run the seed-consistency (black-box) detector"),
     black_box_modes: str = typer.Option("x0,images", help="x0 (one step, cheap) and / or images (full generations)"),
@@ -610,7 +612,7 @@ def train(
     caption_column: Optional[str] = typer.Option(None, help="caption column (default: text, caption or prompt)"),
     checkpoint_every: int = typer.Option(500, min=0),
     mem_filter_threshold: Optional[float] = typer.Option(None, help="drop samples whose text-conditional noise norm is >= this (Wen et al.)"),
-    seed: int = typer.Option(0),
+    seed: int = SEED,
     allow_pickle: bool = typer.Option(False, help="allow loading pickle (.bin) weights: only for sources you trust"),
     device: str = DEVICE,
     mixed_precision: str = typer.Option("no", help="no, bf16 or fp16: autocast the forward passes (weights stay float32)"),
@@ -650,7 +652,7 @@ def scan(
     model: Optional[str] = typer.Option(None, help="pipeline for the memorization check (memlab, a folder or a hub id)"),
     timestep: Optional[int] = typer.Option(None, min=0, help="memorization check: the timestep every row is noised to (default: half the training schedule)"),
     memorization_threshold: Optional[float] = typer.Option(None, help="memorization check: flag rows above this noise norm (default: median + 3 MAD)"),
-    seed: int = typer.Option(0),
+    seed: int = SEED,
     device: str = typer.Option("cpu", help="memorization check: torch device (cpu, cuda, cuda:1, mps)"),
     dtype: str = typer.Option("float32", help="memorization check: the model's dtype (float32, float16, bfloat16)"),
 ):
@@ -689,7 +691,7 @@ def verify_triggers_cmd(
     seeds: int = typer.Option(2, min=1, help="generations per caption"),
     threshold: float = typer.Option(0.4, help="correlation with the cluster's median image that counts as replication"),
     phrase: Optional[list[str]] = typer.Option(None, help="verify only these phrases (repeatable)"),
-    seed: int = typer.Option(0),
+    seed: int = SEED,
     device: str = DEVICE,
     dtype: str = DTYPE,
 ):
@@ -725,7 +727,7 @@ def memlab_build(
     out: Path = typer.Option(..., help="folder for the image folder (PNG + metadata.jsonl) and memlab_manifest.json: "
                                         "new, empty or an earlier MemLab build (anything else is refused)"),
     control: bool = typer.Option(False, help="the duplication-free control set: each planted pair once"),
-    seed: int = typer.Option(0),
+    seed: int = SEED,
 ):
     """Recreate the MemLab dataset as an image folder with captions and its ground-truth manifest."""
     from .memlab.export import export_imagefolder
@@ -819,7 +821,7 @@ def audit(
                                         "as CLIP score against the prompt as written"),
     out: Path = typer.Option(Path("audit"), help="folder for each stage's results and report.html"),
     fpr: float = typer.Option(0.01, callback=_rate, help="calibrated false-positive rate"),
-    seed: int = typer.Option(0),
+    seed: int = SEED,
     generations: int = typer.Option(1, min=1, help="detection: seeded generations averaged per prompt"),
     skip: str = typer.Option("", help="stages to skip, comma-separated: explain, categorize, mitigate, scan"),
     grid: bool = typer.Option(True, help="with labelled prompts: also the steps x generations grid"),
@@ -875,7 +877,7 @@ def app_cmd(
     audit_dir: Optional[Path] = typer.Option(None, "--audit", help="use the calibration of this audit folder"),
     host: str = typer.Option("127.0.0.1", help="address to bind (default: this machine only)"),
     port: int = typer.Option(7860, min=1, max=65535),
-    seed: int = typer.Option(0),
+    seed: int = SEED,
     generations: int = typer.Option(4, min=1, help="seeds a mitigation optimizes over and shows before / after "
                                     "(an audit's target calibration brings its own)"),
     device: str = DEVICE,

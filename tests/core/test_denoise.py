@@ -19,3 +19,26 @@ def test_a_guidance_scale_that_is_not_a_number_is_refused(tiny_pipe, scale):
     with pytest.raises(InputError, match="guidance scale"):
         TokenAttribution(tiny_pipe, num_inference_steps=3, guidance_scale=scale, steps=(0, 1)).attribute("a red circle")
     assert torch.equal(denoise.guided(x, x + 1, 0.0), x)  # any finite scale stands, 0 included
+
+
+@pytest.mark.parametrize("seed", [-1, 2**64])
+def test_a_seed_neither_torch_nor_numpy_takes_is_refused_before_any_image(tiny_pipe, seed):
+    from diffmem.core.generate import generate
+    from diffmem.detect import NoiseNormDetector
+    from diffmem.mitigate import BASELINES
+
+    with pytest.raises(InputError, match="a seed must be a whole number in"):
+        generate(tiny_pipe, ["a red circle"], [0, seed], num_inference_steps=2)
+    with pytest.raises(InputError, match="a seed must be a whole number in"):
+        NoiseNormDetector(tiny_pipe, num_inference_steps=2, seed=seed).score(["a red circle"], progress=False)
+    with pytest.raises(InputError, match="a seed must be a whole number in"):
+        BASELINES["gni"](tiny_pipe, seed=seed, sigma=0.1)
+
+
+def test_seeds_across_their_whole_range_are_taken_and_only_whole_numbers():
+    import numpy as np
+
+    for seed in (1.5, True, "3", None):
+        with pytest.raises(InputError, match="a seed must be a whole number in"):
+            denoise.check_seed(seed)
+    assert [denoise.check_seed(s) for s in (0, np.int64(7), 2**64 - 1)] == [0, 7, 2**64 - 1]

@@ -80,9 +80,17 @@ def latent_shape(pipe, batch: int = 1) -> tuple[int, ...]:
     return (batch, pipe.unet.config.in_channels, size, size)
 
 
+def check_seed(seed) -> int:
+    """A seed torch's generator and numpy's take alike: a whole number in [0, 2**64 - 1] (a negative
+    one fails in numpy, a larger one in torch, each with its own traceback)."""
+    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or not 0 <= int(seed) < 2**64:
+        raise InputError(f"a seed must be a whole number in [0, 2**64 - 1], got {seed!r}")
+    return int(seed)
+
+
 def initial_latents(pipe, seed: int, batch: int = 1) -> torch.Tensor:
     """x_T exactly as the pipeline draws it for ``generator=torch.Generator().manual_seed(seed)``."""
-    gen = torch.Generator(device="cpu").manual_seed(int(seed))
+    gen = torch.Generator(device="cpu").manual_seed(check_seed(seed))
     x = randn_tensor(latent_shape(pipe, 1), generator=gen, device=pipe.unet.device, dtype=pipe.unet.dtype)
     return x.expand(batch, -1, -1, -1) * pipe.scheduler.init_noise_sigma
 

@@ -18,9 +18,10 @@ def generate(pipe, prompts: Sequence[str], seeds: Sequence[int], num_inference_s
     """
     from tqdm.auto import tqdm
 
-    from .denoise import check_guidance_scale
+    from .denoise import check_guidance_scale, check_seed
 
     check_guidance_scale(guidance_scale)
+    seeds = [check_seed(s) for s in seeds]  # before any image is made
     jobs = [(pi, si) for pi in range(len(prompts)) for si in range(len(seeds))]
     out = None
     uncond = None
@@ -32,7 +33,7 @@ def generate(pipe, prompts: Sequence[str], seeds: Sequence[int], num_inference_s
     bar = tqdm(total=len(jobs), desc="generating", unit="img", disable=not progress)
     for b0 in range(0, len(jobs), batch_size):
         chunk = jobs[b0 : b0 + batch_size]
-        gens = [torch.Generator(device="cpu").manual_seed(int(seeds[si])) for _, si in chunk]
+        gens = [torch.Generator(device="cpu").manual_seed(seeds[si]) for _, si in chunk]
         kwargs = dict(num_inference_steps=num_inference_steps, guidance_scale=guidance_scale,
                       generator=gens, output_type="np")
         if prompt_embeds is not None:

@@ -25,6 +25,7 @@ class _PromptRewrite:
                  guidance_scale: float = 7.5, **params):
         if generations < 1:
             raise InputError(f"generations must be >= 1, got {generations}")
+        denoise.check_seed(seed)
         for name, value in params.items():  # counts of words / numbers / repeats, or GNI's sigma
             if not (math.isfinite(value) and value >= 0) or (name != "sigma" and int(value) != value):
                 raise InputError(f"{name} must be a {'non-negative number' if name == 'sigma' else 'whole number >= 0'}, "
