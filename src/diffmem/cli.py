@@ -618,7 +618,7 @@ def train(
     mixed_precision: str = typer.Option("no", help="no, bf16 or fp16: autocast the forward passes (weights stay float32)"),
 ):
     """Train or fine-tune a Stable Diffusion pipeline on image-caption pairs (resumes from OUT/checkpoint)."""
-    from .train.api import train_pipeline
+    from .train.api import TRAIN_LOG, train_pipeline
 
     _check_writable(out)
     model_dir = train_pipeline(model, data, out, steps=steps, batch_size=batch_size, lr=lr, prediction_type=prediction_type,
@@ -627,7 +627,7 @@ def train(
                                allow_pickle=allow_pickle, device=device, mixed_precision=mixed_precision)
     import json
 
-    log = json.loads((model_dir / "diffmem_train.json").read_text())
+    log = json.loads((model_dir / TRAIN_LOG).read_text())
     n = log["skipped_rows"]
     skipped = f"; {n} row{'s' if n > 1 else ''} skipped, listed in {Path(out) / 'data_problems.json'}" if n else ""
     out_console.print(f"trained pipeline saved to {model_dir} ({log['rows']} image-caption pairs{skipped})")

@@ -4,6 +4,7 @@ import shutil
 import pytest
 from PIL import Image
 
+from diffmem.core.errors import InputError
 from diffmem.train.api import train_pipeline
 from diffmem.train.trainer import CHECKPOINT_DIR
 
@@ -24,3 +25,30 @@ def test_skipped_rows_are_warned_and_a_fixed_rerun_leaves_no_stale_list(tmp_path
     model_dir = train_pipeline(str(tiny_pipe_dir), str(data), out, **common)
     assert json.loads((model_dir / "diffmem_train.json").read_text())["skipped_rows"] == 0
     assert not (out / "data_problems.json").exists()
+
+
+def _tree(folder):
+    return {p.relative_to(folder): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def test_a_model_folder_diffmem_train_did_not_write_is_never_replaced(tmp_path, tiny_pipe_dir,
+                                                                      colour_folder_with_a_broken_row):
+    data, project = colour_folder_with_a_broken_row, tmp_path / "project"
+    common = dict(steps=1, batch_size=2, checkpoint_every=0, progress=False)
+    shutil.copytree(tiny_pipe_dir, project / "model")  # the user's own model, where the trained one would go
+    before = _tree(project)
+    for start in (str(tiny_pipe_dir), str(project / "model")):  # another model, or that very one
+        with pytest.raises(InputError, match="choose another --out"):
+            train_pipeline(start, str(data), project, **common)
+        assert _tree(project) == before  # refused before anything was written
+
+    # diffmem's own model in OUT is replaced by the next run, whole; fine-tuning it into the same OUT is refused
+    out = tmp_path / "out"
+    with pytest.warns(UserWarning, match="skipped"):
+        first = _tree(train_pipeline(str(tiny_pipe_dir), str(data), out, **common))
+    with pytest.warns(UserWarning, match="skipped"):
+        model_dir = train_pipeline(str(tiny_pipe_dir), str(data), out, **{**common, "steps": 2})
+    assert _tree(model_dir) != first and json.loads((model_dir / "diffmem_train.json").read_text())["config"]["steps"] == 2
+    assert sorted(p.name for p in out.iterdir()) == ["data_problems.json", "latents", "model"]  # no .tmp or .old left
+    with pytest.raises(InputError, match="would replace the model it starts from"):
+        train_pipeline(str(model_dir), str(data), out, **common)

@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 
 from ..core.errors import InputError
 from ..core.results import dump_json
 from .latents import encode_source
 from .trainer import TrainConfig, TrainData, Trainer, checkpoint_state
+
+MODEL_DIR = "model"  # in the output folder: the trained pipeline
+TRAIN_LOG = "diffmem_train.json"  # in MODEL_DIR: the run's settings and loss log, written only by diffmem train
 
 
 def train_pipeline(model: str, data: str, out: str | Path, steps: int = 1000, batch_size: int = 32, lr: float = 1e-4,
@@ -28,6 +32,8 @@ def train_pipeline(model: str, data: str, out: str | Path, steps: int = 1000, ba
 
     from ..core.loading import load_pipeline
 
+    out = Path(out)
+    _check_model_folder(Path(model), out / MODEL_DIR)  # before anything is written
     # the config checks its values before the model loads and the data is encoded
     cfg = TrainConfig(steps=steps, batch_size=batch_size, lr=lr, train_text_encoder=train_text_encoder, ema=ema,
                       checkpoint_every=checkpoint_every, mem_filter_threshold=mem_filter_threshold, seed=seed,
@@ -40,7 +46,6 @@ def train_pipeline(model: str, data: str, out: str | Path, steps: int = 1000, ba
     size = pipe.unet.config.sample_size * pipe.vae_scale_factor
     # encoded a chunk at a time (never all at once as pixels), each chunk saved in out/latents: a
     # killed or resumed run encodes nothing twice
-    out = Path(out)
     latents, captions, problems = encode_source(pipe, data, size, caption_column, folder=out / "latents",
                                                 progress=progress, replace=not checkpoint_state(out).exists())
     trainer = Trainer(pipe, TrainData(latents, np.arange(len(captions)), captions), cfg, out)
@@ -57,8 +62,26 @@ def train_pipeline(model: str, data: str, out: str | Path, steps: int = 1000, ba
     else:  # a list left by an earlier run, on data since mended, would name problems that are gone
         (out / "data_problems.json").unlink(missing_ok=True)
     trainer.run(progress=progress)
-    model_dir = out / "model"
-    pipe.save_pretrained(model_dir, safe_serialization=True)
+    # saved beside and swapped in whole: a kill while saving leaves the earlier run's model, not half of each
+    model_dir, tmp, old = out / MODEL_DIR, out / f"{MODEL_DIR}.tmp", out / f"{MODEL_DIR}.old"
+    for leftover in (tmp, old):
+        shutil.rmtree(leftover, ignore_errors=True)
+    pipe.save_pretrained(tmp, safe_serialization=True)
     dump_json({"config": cfg.to_dict(), "device": str(pipe.device), "source_model": model, "data": data, "rows": len(captions),
-               "skipped_rows": len(problems), "log": trainer.log}, model_dir / "diffmem_train.json")
+               "skipped_rows": len(problems), "log": trainer.log}, tmp / TRAIN_LOG)
+    if model_dir.exists():
+        model_dir.rename(old)
+    tmp.rename(model_dir)
+    shutil.rmtree(old, ignore_errors=True)
     return model_dir
+
+
+def _check_model_folder(model: Path, model_dir: Path) -> None:
+    """``out/model`` receives the trained pipeline: refuse to replace a folder an earlier run of
+    ``diffmem train`` did not write (the user's own model), or the model this run starts from."""
+    if model_dir.exists() and model.exists() and model.resolve() == model_dir.resolve():
+        raise InputError(f"the trained pipeline would replace the model it starts from ({model_dir}); "
+                         "choose another --out")
+    if model_dir.is_file() or (model_dir.is_dir() and any(model_dir.iterdir()) and not (model_dir / TRAIN_LOG).exists()):
+        raise InputError(f"{model_dir} holds files diffmem train did not write, and the trained pipeline is saved "
+                         "there; choose another --out")
