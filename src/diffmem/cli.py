@@ -739,7 +739,7 @@ def memlab_build(
 
 @memlab_app.command("train")
 def memlab_train(
-    out: Path = typer.Option(..., help="working folder (checkpoints); the model lands in OUT/model"),
+    out: Path = typer.Option(..., help="working folder (new, empty or an earlier run's: checkpoints); the model lands in OUT/model"),
     control: bool = typer.Option(False, help="train the duplication-free control model"),
     steps: Optional[int] = typer.Option(None, help="override the recipe's step count (for quick trials)"),
     threads: Optional[int] = typer.Option(None, min=1, help="torch threads (2 runs side by side: 1 each)"),

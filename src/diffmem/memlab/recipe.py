@@ -13,12 +13,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..core.errors import DiffmemError
+from ..core.errors import DiffmemError, InputError
 from ..core.components import PipelineSpec, build_pipeline
 from ..train.trainer import TrainConfig, TrainData, Trainer, encode_images, train_vae
 from . import dataset as ds
 
 # DDIM steps and guidance a MemLab generation uses unless told otherwise
+VAE_STATS = "vae_stats.json"  # beside OUT/vae: the VAE stage's figures
 DEFAULT_SAMPLER = {"num_inference_steps": 25, "guidance_scale": 5.0}
 
 
@@ -60,6 +61,7 @@ def run(recipe: MemLabRecipe, out_dir: str | Path, progress: bool = True, device
 
     dev = resolve_device(device)  # before any folder is made: a missing GPU writes nothing
     out = Path(out_dir)
+    check_run_folder(out)
     out.mkdir(parents=True, exist_ok=True)
     if recipe.train.threads:
         torch.set_num_threads(recipe.train.threads)
@@ -71,12 +73,12 @@ def run(recipe: MemLabRecipe, out_dir: str | Path, progress: bool = True, device
         from diffusers import AutoencoderKL
 
         pipe.vae = AutoencoderKL.from_pretrained(vae_file, use_safetensors=True).to(dev)
-        vae_stats = json.loads((out / "vae_stats.json").read_text())
+        vae_stats = json.loads((out / VAE_STATS).read_text())
     else:
         _, images = dataset.unique_images(progress=progress)
         vae_stats = train_vae(pipe, images, steps=recipe.vae_steps, seed=recipe.seed, progress=progress)
-        pipe.vae.save_pretrained(vae_file)
-        (out / "vae_stats.json").write_text(json.dumps(vae_stats))
+        (out / VAE_STATS).write_text(json.dumps(vae_stats))  # first: it marks the folder as a run's (check_run_folder)
+        _swap_in(vae_file, pipe.vae.save_pretrained)
     data = training_data(pipe, dataset, progress=progress)
     trainer = Trainer(pipe, data, recipe.train, out)
     trainer.run(progress=progress)
@@ -89,6 +91,17 @@ def run(recipe: MemLabRecipe, out_dir: str | Path, progress: bool = True, device
     return model_dir
 
 
+def check_run_folder(out: Path) -> None:
+    """A run writes OUT/vae, OUT/checkpoint and OUT/model, and reads an OUT/vae it finds as its own
+    finished VAE stage: OUT must be new, empty or an earlier run's (which holds VAE_STATS from the
+    end of its first stage on; before that it is empty)."""
+    if out.is_file():
+        raise InputError(f"{out} is a file; memlab train needs a folder")
+    if out.is_dir() and any(out.iterdir()) and not (out / VAE_STATS).exists():
+        raise InputError(f"{out} is not empty and holds no {VAE_STATS}, so it is not an earlier MemLab training run: "
+                         "training there would overwrite or misread its files; choose a new or empty folder")
+
+
 def reuse_vae(vae_dir: str | Path, out_dir: str | Path) -> None:
     """Seed ``out_dir`` with a finished VAE stage so ``run`` resumes after it.
 
@@ -99,15 +112,28 @@ def reuse_vae(vae_dir: str | Path, out_dir: str | Path) -> None:
     import shutil
 
     src = Path(vae_dir)
-    stats = src.parent / "vae_stats.json"
+    stats = src.parent / VAE_STATS
     if not (src / "config.json").exists() or not stats.exists():
         raise DiffmemError(f"{src} is not a finished MemLab VAE stage (needs config.json and ../vae_stats.json)")
     out = Path(out_dir)
+    check_run_folder(out)
     if (out / "vae" / "config.json").exists():
         return
     out.mkdir(parents=True, exist_ok=True)
-    shutil.copytree(src, out / "vae")
-    shutil.copy(stats, out / "vae_stats.json")
+    shutil.copy(stats, out / VAE_STATS)  # first, as run() writes it
+    _swap_in(out / "vae", lambda tmp: shutil.copytree(src, tmp))
+
+
+def _swap_in(folder: Path, write) -> None:
+    """``write(path)`` into a folder beside ``folder``, renamed to it once whole: a run takes an
+    ``OUT/vae`` with its config.json for a finished stage, so a half-written one must never be there."""
+    import shutil
+
+    tmp = folder.with_name(folder.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    write(tmp)
+    shutil.rmtree(folder, ignore_errors=True)  # an unfinished one, left by a run before this swap
+    tmp.rename(folder)
 
 
 def control_recipe(recipe: MemLabRecipe) -> MemLabRecipe:

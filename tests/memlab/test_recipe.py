@@ -1,0 +1,42 @@
+"""memlab train's working folder: its own or a new one, never a user's folder it would overwrite or misread."""
+
+from dataclasses import replace
+
+import pytest
+
+from diffmem.core.errors import InputError
+from diffmem.memlab import recipe
+
+
+def _tree(folder):
+    return {p.relative_to(folder): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def test_a_folder_that_is_not_a_training_run_is_refused_before_any_work(tmp_path, tiny_pipe_dir):
+    import shutil
+
+    foreign = tmp_path / "project"
+    shutil.copytree(tiny_pipe_dir, foreign)  # a pipeline folder: its vae/ would be read as a finished VAE stage
+    before = _tree(foreign)
+    with pytest.raises(InputError, match="not an earlier MemLab training run"):
+        recipe.run(recipe.MemLabRecipe(), foreign, progress=False)
+    finished = tmp_path / "run" / "vae"  # another run's finished VAE stage
+    finished.mkdir(parents=True)
+    (finished / "config.json").write_text("{}")
+    (finished.parent / recipe.VAE_STATS).write_text("{}")
+    with pytest.raises(InputError, match="not an earlier MemLab training run"):
+        recipe.reuse_vae(finished, foreign)
+    assert _tree(foreign) == before
+
+
+def test_a_tiny_run_and_a_second_run_seeded_with_its_vae(tmp_path):
+    rc = recipe.MemLabRecipe()
+    rc = replace(rc, vae_steps=1, train=replace(rc.train, steps=1, checkpoint_every=0))
+    first = tmp_path / "main"
+    model_dir = recipe.run(rc, first, progress=False)
+    assert sorted(p.name for p in first.iterdir()) == ["model", "vae", recipe.VAE_STATS]  # no vae.tmp left
+    assert (model_dir / "memlab_manifest.json").exists()
+    recipe.run(rc, first, progress=False)  # its own folder: run again, the VAE stage reused
+    second = tmp_path / "control"
+    recipe.reuse_vae(first / "vae", second)
+    assert _tree(second) == {k: v for k, v in _tree(first).items() if k.parts[0] != "model"}
