@@ -72,6 +72,8 @@ def test_help_texts_survive_rich_markup():
 
 
 def test_detect_bad_inputs_never_write_results(tmp_path):
+    import pandas as pd
+
     out = tmp_path / "r.parquet"
     cases = {
         "empty.txt": (b"", "holds no prompts"),
@@ -99,6 +101,14 @@ def test_detect_bad_inputs_never_write_results(tmp_path):
                         (["--calibration", str(cal), "--fpr", "0.05"], "a --calibration file brings its own")):
         r = run("detect", "--prompts", str(ok), "--out", str(out), *extra)
         assert r.returncode == 2 and said in r.stderr and "Traceback" not in r.stderr and not out.exists(), (extra, r.stderr)
+    # the results file named as the prompts or the reference file: it replaced them with the scores
+    table = tmp_path / "prompts.parquet"
+    pd.DataFrame({"prompt": ["a cat", "a dog"], "source": ["mine", "mine"]}).to_parquet(table)
+    before = table.read_bytes()
+    for args in (["--prompts", str(table)], ["--prompts", str(ok), "--calibrate-with", str(table)]):
+        r = run("detect", *args, "--out", str(table))
+        assert r.returncode == 2 and "choose another --out" in r.stderr and "Traceback" not in r.stderr, (args, r.stderr)
+        assert table.read_bytes() == before
 
 
 def test_bad_prompt_files_fail_before_torch_loads(tmp_path):

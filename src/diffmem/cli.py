@@ -155,7 +155,7 @@ def detect(
 ):
     """Score prompts with Wen et al.'s text-conditional noise norm (first step, one generation by default;
     saved every 256 prompts in OUT.parts, so a killed run resumes)."""
-    from .core.prompts import read_prompts
+    from .core.prompts import ensure_not_an_input, read_prompts
 
     read_prompts(prompts, column)  # bad input fails before torch and the model load (seconds)
     if calibration is not None and calibrate_with is not None:  # the fitted one replaced the file without a word
@@ -166,6 +166,7 @@ def detect(
                          + ("; a --calibration file brings its own" if calibration is not None else ": give that too"))
     if calibrate_with is not None:
         read_prompts(calibrate_with)
+    ensure_not_an_input(out, prompts=prompts, reference=calibrate_with)
     _check_writable(out.parent)
     from .core.loading import load_pipeline
 

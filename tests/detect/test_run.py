@@ -101,3 +101,12 @@ def test_a_saved_chunk_that_cannot_be_read_is_scored_again(tiny_pipe, tmp_path, 
     detect_file(detector(tiny_pipe), prompt_file, straight, chunk=2, progress=False)
     pd.testing.assert_frame_equal(DetectionResult.load(out).to_frame(), DetectionResult.load(straight).to_frame(),
                                   check_exact=True)
+
+
+def test_the_prompt_file_as_the_results_file_is_refused_and_kept(tiny_pipe, tmp_path):
+    table = tmp_path / "prompts.parquet"
+    pd.DataFrame({"prompt": PROMPTS, "source": ["mine"] * len(PROMPTS)}).to_parquet(table)
+    before = table.read_bytes()
+    with pytest.raises(InputError, match="is the prompts file"):
+        detect_file(detector(tiny_pipe), table, table, progress=False)
+    assert table.read_bytes() == before and not (tmp_path / "prompts.parquet.parts").exists()

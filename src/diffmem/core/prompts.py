@@ -170,3 +170,13 @@ def ensure_writable_dir(folder: str | Path) -> Path:
     except OSError as e:
         raise InputError(f"output folder {folder} is not writable: {e.strerror}") from None
     return folder
+
+
+def ensure_not_an_input(out: str | Path, **inputs: str | Path | None) -> None:
+    """Refuse a results file that is one of the files the run reads (``prompts=...``): writing it
+    would replace them, and the run would resume from what it wrote."""
+    out = Path(out)
+    for name, path in inputs.items():
+        if path is not None and out.exists() and Path(path).exists() and out.samefile(path):
+            raise InputError(f"the results file {out} is the {name} file; writing it would replace what the run "
+                             "reads: choose another --out")

@@ -23,7 +23,7 @@ import numpy as np
 
 from ..core import denoise
 from ..core.errors import InputError
-from ..core.prompts import iter_prompts
+from ..core.prompts import ensure_not_an_input, iter_prompts
 from ..core.results import atomic_path, atomic_write_text, digest, to_jsonable
 from .calibration import Calibration
 from .noise_norm import DetectionResult
@@ -56,6 +56,7 @@ def detect_file(detector, prompts_path: str | Path, out: str | Path, column: str
     out = Path(out)
     if out.suffix not in (".parquet", ".json"):
         raise InputError(f"results file must end in .parquet or .json, got {out.name}")
+    ensure_not_an_input(out, prompts=prompts_path)
     # one pass before any scoring: validates every line, counts them and keys each chunk's saved scores
     base = run_identity(detector, calibration)
     n, keys = 0, []
