@@ -195,6 +195,23 @@ def test_bad_input_fails_before_any_work(tmp_path, case):
     assert not out.exists()
 
 
+def test_a_folder_that_is_not_an_audit_is_refused_and_left_as_it_was(tmp_path):
+    project = tmp_path / "project"
+    (project / "notes").mkdir(parents=True)
+    (project / "report.html").write_text("<p>the user's own report</p>")
+    (project / "notes" / "a.txt").write_text("x")
+    r = run_cli("audit", "--out", project, timeout=120)
+    assert r.returncode == 2 and "is not an earlier audit" in r.stderr and "Traceback" not in r.stderr, r.stderr
+    assert sorted(p.name for p in project.iterdir()) == ["notes", "report.html"]
+    assert (project / "report.html").read_text() == "<p>the user's own report</p>"
+    # an audit killed in its first stage left only that stage's folder: it is taken back up
+    from diffmem.report.audit import check_audit_folder
+
+    killed = tmp_path / "killed"
+    (killed / "detect").mkdir(parents=True)
+    check_audit_folder(killed)
+
+
 def test_settings_errors():
     with pytest.raises(InputError, match="cannot be skipped"):
         AuditSettings(skip=("detect",))

@@ -164,6 +164,16 @@ def resolve_prompts(settings: AuditSettings) -> AuditPrompts:
     return ap
 
 
+def check_audit_folder(out: Path) -> None:
+    """OUT must be new, empty or an earlier audit's (audit.json, or a stage folder from a run killed
+    before its end): the audit writes a folder per stage, report.html and audit.json there."""
+    if out.is_dir() and any(out.iterdir()) and not (out / "audit.json").exists() and not any(
+            (out / stage).is_dir() for stage in STAGES):
+        raise InputError(f"{out} is not empty and is not an earlier audit (no audit.json, no stage folder): the audit "
+                         f"writes {', '.join(s + '/' for s in STAGES)} report.html and audit.json there; "
+                         "choose a new or empty folder")
+
+
 def _stage_done(folder: Path, key: str) -> dict | None:
     f = folder / "stage.json"
     if not f.exists():
@@ -229,6 +239,7 @@ class Audit:
         self.console = console
         # every check before any work: output folder, model folder, prompt files, training data
         ensure_writable_dir(self.out)
+        check_audit_folder(self.out)
         resolved = Path(resolve_model(settings.model))
         if resolved.exists() or looks_like_path(settings.model):  # hub ids are checked when they load
             check_pipeline_folder(resolved)
