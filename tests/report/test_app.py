@@ -60,3 +60,14 @@ def test_a_queued_job_is_cancelled_at_once_and_never_runs(tiny_pipe_dir, tiny_ca
     threads[0].join(timeout=60)  # its turn: it returns without running
     assert not threads[0].is_alive()
     assert asked == [] and app.job_view(job)["state"] == "cancelled" and app.job_view(job)["result"] is None
+
+
+def test_an_audit_folder_without_its_detect_stage_is_named_as_such(tmp_path, monkeypatch):
+    from diffmem.core import loading
+    from diffmem.core.errors import InputError
+    from diffmem.report.app import AppState
+
+    monkeypatch.setattr(loading, "load_pipeline", lambda *a, **k: pytest.fail("the model loaded"))
+    for folder in (tmp_path / "missing", tmp_path):
+        with pytest.raises(InputError, match="is not an audit folder with a finished detect stage"):
+            AppState(audit=folder)

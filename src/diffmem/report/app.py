@@ -73,6 +73,9 @@ class AppState:
                 self._mitigate_positions = done_settings.get("positions", "all")
                 self._mitigate_rewrite = done_settings.get("rewrite")
             calibration = Path(audit) / "detect" / "calibration.json"
+            if not calibration.exists():  # said before the model loads, and as what the folder is not
+                raise InputError(f"{audit} is not an audit folder with a finished detect stage (no detect/calibration.json): "
+                                 "give the --out folder of `diffmem audit`")
             if (Path(audit) / "mitigate" / "target_calibration.json").exists():
                 self._target_calibration = Calibration.load(Path(audit) / "mitigate" / "target_calibration.json")
         self.pipe = load_pipeline(model, device=device, dtype=dtype)
