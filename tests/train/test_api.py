@@ -1,5 +1,6 @@
 import json
 import shutil
+from pathlib import Path
 
 import pytest
 from PIL import Image
@@ -52,3 +53,19 @@ def test_a_model_folder_diffmem_train_did_not_write_is_never_replaced(tmp_path, 
     assert sorted(p.name for p in out.iterdir()) == ["data_problems.json", "latents", "model"]  # no .tmp or .old left
     with pytest.raises(InputError, match="would replace the model it starts from"):
         train_pipeline(str(model_dir), str(data), out, **common)
+
+
+def test_a_latents_folder_diffmem_did_not_write_is_kept_and_a_refused_source_writes_nothing(
+        tmp_path, tiny_pipe_dir, colour_folder_with_a_broken_row):
+    data, project = colour_folder_with_a_broken_row, tmp_path / "project"
+    common = dict(steps=1, batch_size=2, checkpoint_every=0, progress=False)
+    (project / "latents").mkdir(parents=True)
+    (project / "latents" / "mine.npy").write_bytes(b"the user's own latents")
+    with pytest.raises(InputError, match="latents holds files diffmem train did not write"):
+        train_pipeline(str(tiny_pipe_dir), str(data), project, **common)
+    assert _tree(project) == {Path("latents/mine.npy"): b"the user's own latents"}
+
+    out = tmp_path / "out"
+    with pytest.raises(InputError, match="no caption column 'nope'"):
+        train_pipeline(str(tiny_pipe_dir), str(data), out, caption_column="nope", **common)
+    assert not (out / "latents").exists()

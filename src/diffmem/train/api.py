@@ -7,7 +7,7 @@ from pathlib import Path
 
 from ..core.errors import InputError
 from ..core.results import dump_json
-from .latents import encode_source
+from .latents import check_latents_folder, encode_source
 from .trainer import TrainConfig, TrainData, Trainer, checkpoint_state
 
 MODEL_DIR = "model"  # in the output folder: the trained pipeline
@@ -34,6 +34,7 @@ def train_pipeline(model: str, data: str, out: str | Path, steps: int = 1000, ba
 
     out = Path(out)
     _check_model_folder(Path(model), out / MODEL_DIR)  # before anything is written
+    check_latents_folder(out / "latents")
     # the config checks its values before the model loads and the data is encoded
     cfg = TrainConfig(steps=steps, batch_size=batch_size, lr=lr, train_text_encoder=train_text_encoder, ema=ema,
                       checkpoint_every=checkpoint_every, mem_filter_threshold=mem_filter_threshold, seed=seed,

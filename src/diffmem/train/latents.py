@@ -76,15 +76,17 @@ def encode_source(pipe, source: str, size: int, caption_column: str | None = Non
                 raise InputError(f"{folder} holds the latents of a training run on other data (differs in: "
                                  f"{', '.join(what)}), and its checkpoint depends on them; use another output folder, "
                                  "or delete it to start over")
+            check_latents_folder(folder)
             if folder.exists():
                 shutil.rmtree(folder)  # diffmem's own cache of other data: the source itself is untouched
-            folder.mkdir(parents=True)
-            dump_json(key, folder / "key.json")
     for images, chunk_captions, next_row in iter_pairs(source, size, caption_column, chunk=chunk, problems=problems,
                                                        progress=progress, start=start):
         latents = encode_images(pipe, images)
         new_problems = [p for p in problems if p["row"] >= start]
         if folder is not None:
+            if not (folder / "key.json").exists():  # with the first part: a source refused at once leaves nothing
+                folder.mkdir(parents=True, exist_ok=True)
+                dump_json(key, folder / "key.json")
             meta = {"captions": chunk_captions, "problems": new_problems, "next_row": next_row}
             with atomic_path(folder / f"part-{len(parts):06d}.safetensors") as tmp:
                 save_file({"latents": latents.contiguous()}, tmp, metadata={"diffmem": json.dumps(meta)})
@@ -92,6 +94,14 @@ def encode_source(pipe, source: str, size: int, caption_column: str | None = Non
         captions += chunk_captions
         start = next_row
     return torch.cat(parts), captions, problems  # iter_pairs has refused a source with no usable row
+
+
+def check_latents_folder(folder: Path) -> None:
+    """The latents folder is diffmem's cache, replaced when the data changes: refuse one that holds
+    files but no key.json, which diffmem did not write."""
+    if folder.is_file() or (folder.is_dir() and any(folder.iterdir()) and not (folder / "key.json").exists()):
+        raise InputError(f"{folder} holds files diffmem train did not write, and it keeps its encoded latents "
+                         "there; choose another --out")
 
 
 def _read_key(folder: Path) -> dict | None:
