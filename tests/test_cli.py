@@ -189,6 +189,19 @@ def test_detect_end_to_end_with_calibration_and_long_prompt(tmp_path, tiny_pipe_
     assert json.loads((mit / "mitigation.json").read_text()) == done
 
 
+def test_a_finished_job_removes_its_parts_and_keeps_the_users_own_parts_folder(tmp_path, tiny_pipe_dir):
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("a red circle\n")
+    project = tmp_path / "project"
+    (project / "parts").mkdir(parents=True)
+    (project / "parts" / "bolt.step").write_text("the user's own")
+    r = run("mitigate", "--prompts", str(prompts), "--model", str(tiny_pipe_dir), "--method", "gni", "--generations", "1",
+            "--num-inference-steps", "2", "--out", str(project))
+    assert r.returncode == 0, r.stderr
+    assert [p.name for p in (project / "parts").iterdir()] == ["bolt.step"]  # the job's part_0000 went, not the folder
+    assert (project / "mitigation.json").exists()
+
+
 def test_mitigate_measures_any_model_against_its_training_images_and_clip(tmp_path, tiny_pipe_dir, tiny_clip_dir):
     """Without MemLab's manifest, mitigate kept only losses; with --train-images (and --sscd / --clip) it
     measures replication and alignment on any model. Here the training set holds the model's own

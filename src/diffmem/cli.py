@@ -5,7 +5,6 @@ from __future__ import annotations
 import atexit
 import math
 import os
-import shutil
 import sys
 import warnings
 from collections import Counter, deque
@@ -82,6 +81,12 @@ def _quiet_libraries() -> None:
     atexit.register(count_held)
 
     warnings.showwarning = show
+
+
+def _remove_parts(folder: Path) -> None:
+    from .core.parts import remove_parts  # here, not at the top: numpy is not needed to parse arguments
+
+    remove_parts(folder)
 
 
 def _check_writable(folder: Path) -> None:
@@ -352,7 +357,7 @@ def mitigate(
     res = mitigate_in_parts(m, texts, out / "parts", progress=True)
     apply_measures(pipe, res, replication, alignment)
     summary = save_outputs(res, out)
-    shutil.rmtree(out / "parts")  # the joined result holds everything they did
+    _remove_parts(out / "parts")  # the joined result holds everything they did
     out_console.print(summary)
 
 
@@ -406,7 +411,7 @@ def bench_detect_cmd(
                        black_box=black_box, black_box_modes=modes, checkpoint=out / "parts")
     res.settings["runs_on"] = runs_on(pipe)
     files = res.save(out)
-    shutil.rmtree(out / "parts")  # the saved figures are what the scores were for
+    _remove_parts(out / "parts")  # the saved figures are what the scores were for
     out_console.print(res.table())
     out_console.print(f"wrote {files['json']} and {files['png']}")
 
@@ -472,7 +477,7 @@ def bench_explain_cmd(
     res.settings["runs_on"] = runs_on(pipe)
     path = res.save(out)
     png = res.plot(out / "bench_explain.png")
-    shutil.rmtree(out / "parts", ignore_errors=True)  # none when nothing was flagged or --outcome-seeds 0
+    _remove_parts(out / "parts")  # none when nothing was flagged or --outcome-seeds 0
     out_console.print(res.table())
     for bar, ok in res.bars().items():
         out_console.print(f"{'PASS' if ok else 'FAIL'}  {bar}")
@@ -503,7 +508,7 @@ def bench_categorize_cmd(
                            profile_out=out / "profile" if keep_profile else None, checkpoint=out / "parts")
     res.settings["runs_on"] = runs_on(pipe)
     path = res.save(out)
-    shutil.rmtree(out / "parts")  # the saved figures are what the parts were for (--keep-profile keeps images)
+    _remove_parts(out / "parts")  # the saved figures are what the parts were for (--keep-profile keeps images)
     out_console.print(res.table())
     for bar, ok in res.bars().items():
         out_console.print(f"{'PASS' if ok else 'FAIL'}  {bar}")
@@ -576,7 +581,7 @@ def categorize(
     res.save(out)
     for i in range(len(res.prompts)):
         res.plot(out / f"prompt_{i:04d}.png", prompt_index=i)
-    shutil.rmtree(out / "parts")  # the saved profile holds everything they did
+    _remove_parts(out / "parts")  # the saved profile holds everything they did
     from rich.table import Table
 
     table = Table("prompt", "feature", "kind", "frequency", "lift", "evidence")
@@ -713,7 +718,7 @@ def verify_triggers_cmd(
     res = verify_triggers(pipe, result, result.cluster_images(), result.images["mean"], settings, phrases=phrase,
                           checkpoint=parts)
     res.save(scan_dir)
-    shutil.rmtree(parts)  # the saved generations table is what the parts were for
+    _remove_parts(parts)  # the saved generations table is what the parts were for
     res.plot(scan_dir / "trigger_verification.png")
     for rec in res.table.sort_values("replication_rate").to_dict("records"):
         out_console.print(f"{rec['phrase']!r:>24}: replicates {rec['replication_rate']:.2f}, random phrase "

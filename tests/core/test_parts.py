@@ -33,3 +33,24 @@ def test_a_marked_part_whose_files_cannot_be_read_is_redone(tmp_path, stale):
     assert sorted(str(w.message).split(":")[0].rsplit("/", 1)[1] for w in caught) == ["part_0001", "part_0002"]
     third = []
     assert _run(tmp_path, chunks, third, stale) == [["A", "B"], ["C"], ["D"]] and third == []  # mended for good
+
+
+def test_removing_a_jobs_parts_keeps_what_else_the_folder_holds(tmp_path):
+    from diffmem.core.parts import remove_parts
+
+    folder = tmp_path / "parts"
+    for name in ("part_0000", "part_0001", "control_0000", "group_0012"):
+        (folder / name).mkdir(parents=True)
+        (folder / name / "done.json").write_text("{}")
+    (folder / "drawings").mkdir()
+    (folder / "drawings" / "a.svg").write_text("<svg/>")
+    (folder / "notes_2024.txt").write_text("mine")
+    remove_parts(folder)
+    assert sorted(p.name for p in folder.iterdir()) == ["drawings", "notes_2024.txt"]
+    for p in ("drawings/a.svg", "notes_2024.txt"):
+        (folder / p).unlink()
+    (folder / "drawings").rmdir()
+    (folder / "part_0000").mkdir()
+    remove_parts(folder)
+    assert not folder.exists()  # only parts in it: the folder goes too
+    remove_parts(folder)  # and a folder that is not there is nothing to do

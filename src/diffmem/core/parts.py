@@ -4,6 +4,7 @@ names the key of the work it holds, so a killed run redoes only parts without a 
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import warnings
 from pathlib import Path
@@ -66,3 +67,19 @@ def in_parts(chunks: Sequence[list], keys: Sequence[str], folder: str | Path, co
             yield result
 
     return run()
+
+
+_PART_NAME = re.compile(r".+_\d{4,}")  # in_parts' folders: {prefix}_NNNN
+
+
+def remove_parts(folder: str | Path) -> None:
+    """Remove a finished job's parts from ``folder``, and the folder once empty. Only the part folders
+    go: an output folder chosen by the user may already hold a ``parts`` folder of its own."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        return
+    for p in folder.iterdir():
+        if p.is_dir() and _PART_NAME.fullmatch(p.name):
+            shutil.rmtree(p)
+    if not any(folder.iterdir()):
+        folder.rmdir()

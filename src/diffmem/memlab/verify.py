@@ -13,13 +13,13 @@ and are checked against measured replication (``label_check``):
 from __future__ import annotations
 
 import json
-import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
+from ..core.parts import remove_parts
 from ..core.results import dump_json
 from ..core.errors import DiffmemError
 from . import dataset as ds
@@ -275,7 +275,7 @@ def verify(model="memlab", settings: VerifySettings | None = None, control_model
         out.mkdir(parents=True, exist_ok=True)
         dump_json(res, out / "memlab_verify.json")
         dump_json(per_prompt, out / "memlab_verify_prompts.json")
-        shutil.rmtree(out / "parts")  # the records are all in memlab_verify_prompts.json now
+        remove_parts(out / "parts")  # the records are all in memlab_verify_prompts.json now
     return res
 
 
