@@ -18,8 +18,8 @@ from ..core.components import PipelineSpec, build_pipeline
 from ..train.trainer import TrainConfig, TrainData, Trainer, encode_images, train_vae
 from . import dataset as ds
 
-# DDIM steps and guidance a MemLab generation uses unless told otherwise
 VAE_STATS = "vae_stats.json"  # beside OUT/vae: the VAE stage's figures
+# DDIM steps and guidance a MemLab generation uses unless told otherwise
 DEFAULT_SAMPLER = {"num_inference_steps": 25, "guidance_scale": 5.0}
 
 
