@@ -154,12 +154,20 @@ def test_detect_end_to_end_with_calibration_and_long_prompt(tmp_path, tiny_pipe_
             "--num-inference-steps", "4", "--calibrate-with", str(ref), "--fpr", "0.1")
     assert r.returncode == 0, r.stderr
     assert r.stderr.count("truncated to 77 tokens") == 1  # the warning names the prompt, once
+    assert "also in the reference prompts" not in r.stderr
     assert "scored 3 prompts" in r.stdout and "flagged" in r.stdout
     from diffmem.detect import DetectionResult
 
     res = DetectionResult.load(out)
     assert len(res.prompts) == 3 and res.threshold is not None
     assert "verdict" in res.to_frame()
+
+    # a prompt to judge among the reference prompts: said, as it raises the threshold were it memorized
+    shared = tmp_path / "shared.txt"
+    shared.write_text(ref.read_text() + "a dog\n")
+    r = run("detect", "--prompts", str(prompts), "--model", str(tiny_pipe_dir), "--out", str(tmp_path / "s.parquet"),
+            "--num-inference-steps", "4", "--calibrate-with", str(shared), "--fpr", "0.1")
+    assert r.returncode == 0 and "1 of the prompts to judge is also in the reference prompts" in r.stderr, r.stderr
 
     # mitigation takes its target only from a calibration of its own loss (first step, same seeds)
     cal = out.with_name("r.calibration.json")

@@ -160,9 +160,9 @@ def detect(
 ):
     """Score prompts with Wen et al.'s text-conditional noise norm (first step, one generation by default;
     saved every 256 prompts in OUT.parts, so a killed run resumes)."""
-    from .core.prompts import ensure_not_an_input, read_prompts
+    from .core.prompts import ensure_not_an_input, read_prompts, warn_if_in_reference
 
-    read_prompts(prompts, column)  # bad input fails before torch and the model load (seconds)
+    items = read_prompts(prompts, column)  # bad input fails before torch and the model load (seconds)
     if calibration is not None and calibrate_with is not None:  # the fitted one replaced the file without a word
         raise InputError("give --calibration FILE (apply a saved calibration) or --calibrate-with REFERENCE (fit one), "
                          "not both")
@@ -170,7 +170,7 @@ def detect(
         raise InputError("--fpr is the false-positive rate of a calibration fitted with --calibrate-with"
                          + ("; a --calibration file brings its own" if calibration is not None else ": give that too"))
     if calibrate_with is not None:
-        read_prompts(calibrate_with)
+        warn_if_in_reference(items, read_prompts(calibrate_with), str(calibrate_with))
     ensure_not_an_input(out, prompts=prompts, reference=calibrate_with)
     _check_writable(out.parent)
     from .core.loading import load_pipeline

@@ -3,6 +3,7 @@ import os
 import signal
 import subprocess
 import time
+import warnings
 
 import numpy as np
 import pytest
@@ -231,6 +232,20 @@ def test_settings_errors():
 def test_non_memlab_model_needs_prompts(tiny_pipe_dir, tmp_path):
     with pytest.raises(InputError, match="give --prompts and --reference"):
         Audit(AuditSettings(model=str(tiny_pipe_dir)), tmp_path / "o")
+
+
+def test_prompts_that_are_also_reference_prompts_are_warned_of_before_the_model_loads(tiny_pipe_dir, tmp_path):
+    from diffmem.report.audit import resolve_prompts
+
+    (tmp_path / "p.txt").write_text("a red circle\na blue square\n")
+    (tmp_path / "r.txt").write_text("a cat\na red circle\n")
+    settings = AuditSettings(model=str(tiny_pipe_dir), prompts=str(tmp_path / "p.txt"), reference=str(tmp_path / "r.txt"))
+    with pytest.warns(UserWarning, match=r"1 of the prompts to judge is also in the reference prompts .*'a red circle'"):
+        resolve_prompts(settings)
+    (tmp_path / "r.txt").write_text("a cat\n")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        resolve_prompts(settings)
 
 
 def test_audit_scans_training_data_and_links_triggers(tmp_path, memlab_manifest):

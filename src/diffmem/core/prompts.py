@@ -180,3 +180,15 @@ def ensure_not_an_input(out: str | Path, **inputs: str | Path | None) -> None:
         if path is not None and out.exists() and Path(path).exists() and out.samefile(path):
             raise InputError(f"the results file {out} is the {name} file; writing it would replace what the run "
                              "reads: choose another --out")
+
+
+def warn_if_in_reference(prompts: Sequence[str], reference: Sequence[str], reference_name: str) -> None:
+    """Warn when prompts to judge are also reference prompts: a calibration takes every reference
+    prompt for non-memorized, so a memorized one among them raises the threshold it is judged by."""
+    import warnings
+
+    shared = sorted(set(prompts) & set(reference))
+    if shared:
+        warnings.warn(f"{len(shared)} of the prompts to judge {'is' if len(shared) == 1 else 'are'} also in the reference "
+                      f"prompts ({reference_name}), e.g. {shared[0]!r}: the calibration counts {'it' if len(shared) == 1 else 'them'} "
+                      "as non-memorized, and a memorized one among them raises the threshold it is judged by", stacklevel=2)

@@ -138,7 +138,7 @@ def memlab_audit_prompts(manifest: dict) -> AuditPrompts:
 
 def resolve_prompts(settings: AuditSettings) -> AuditPrompts:
     """Read and check every prompt input: called before the model loads."""
-    from ..core.prompts import read_prompts
+    from ..core.prompts import read_prompts, warn_if_in_reference
 
     manifest = None
     if settings.prompts is None or settings.reference is None:
@@ -161,6 +161,7 @@ def resolve_prompts(settings: AuditSettings) -> AuditPrompts:
     elif settings.prompts is not None:
         ap.reference = memlab_audit_prompts(manifest).reference
         ap.reference_source = "MemLab reference set (500 non-memorized)"
+    warn_if_in_reference(ap.prompts, ap.reference, ap.reference_source)
     return ap
 
 
