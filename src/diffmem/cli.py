@@ -665,8 +665,10 @@ def scan(
     """Scan a captioned training set for duplicated images and captions and word-level trigger phrases (resumes from OUT)."""
     from .scan import CHECKS, DatasetScanner
     from .scan.report import write_report
+    from .scan.scanner import check_scan_folder
 
     _check_writable(out)
+    check_scan_folder(out)
     names = tuple(c.strip() for c in checks.split(",") if c.strip())
     unused, given = _mode_options({
         "triggers": {"--min-support": ("min_support", min_support), "--min-purity": ("min_purity", min_purity)},

@@ -1,5 +1,6 @@
 import json
 import os
+import shutil
 import signal
 import subprocess
 import time
@@ -281,6 +282,18 @@ def test_cli_scan_writes_results_and_report_and_rejects_bad_input(tmp_path):
     assert given.returncode == 0, given.stderr[-2000:]
     settings = json.loads((tmp_path / "o5" / "scan_summary.json").read_text())["settings"]
     assert settings["min_support"] == 3 and settings["min_purity"] == 0.9  # the rest from ScanSettings' defaults
+    # the data set's own folder as --out: its files stay, and a report.md of its own is not overwritten
+    captions = tmp_path / "captions"
+    captions.mkdir()
+    shutil.copy(tmp_path / "caps.parquet", captions / "caps.parquet")
+    (captions / "report.md").write_text("# the data set's own notes")
+    taken = run_cli("scan", captions / "caps.parquet", "--out", captions, "--checks", "triggers")
+    assert taken.returncode == 2 and "holds report.md, which the scan would overwrite" in taken.stderr, taken.stderr
+    assert sorted(p.name for p in captions.iterdir()) == ["caps.parquet", "report.md"]
+    (captions / "report.md").unlink()
+    for _ in range(2):  # free of clashes: it scans there, and again over its own results
+        beside = run_cli("scan", captions / "caps.parquet", "--out", captions, "--checks", "triggers")
+        assert beside.returncode == 0 and (captions / "report.md").exists(), beside.stderr[-2000:]
 
 
 def test_a_killed_trigger_verification_resumes_from_its_saved_parts(memlab_scan, tmp_path, monkeypatch):

@@ -33,6 +33,22 @@ from .sources import Source, open_source, shards
 CHECKS = ("image_duplicates", "caption_duplicates", "triggers", "memorization")
 DEFAULT_CHECKS = ("image_duplicates", "caption_duplicates", "triggers")
 STATE = "scan_state.json"
+# what `diffmem scan` writes in its output folder (ScanResult.save, report.write_report), its work folder aside
+SCAN_OUTPUTS = ("scan_rows.parquet", "scan_summary.json", "scan_images.npz", "report.md", "clusters.png", "memorization.png")
+
+
+def check_scan_folder(out: Path, work: str = "work") -> None:
+    """An output folder may hold other files (the data set's own folder, say), but none that the scan
+    would overwrite unless an earlier scan wrote them."""
+    out = Path(out)
+    if (out / work / STATE).exists() or (out / "scan_summary.json").exists():
+        return  # an earlier scan's
+    taken = [name for name in (*SCAN_OUTPUTS, work) if (out / name).exists()]
+    if taken:
+        raise InputError(f"{out} holds {', '.join(taken)}, which the scan would overwrite, and no earlier scan; "
+                         "choose another --out")
+
+
 SCAN_VERSION = 2  # 2: images read upright by EXIF, 16-bit scaled, non-text captions flagged (features differ from 1)
 
 
