@@ -38,7 +38,7 @@ def test_resume_after_interruption_gives_identical_weights(tmp_path):
         assert torch.equal(a[k], b[k]), k
 
 
-@pytest.mark.parametrize("killed_save", [1, 2])  # the first save swaps out an empty folder, later ones a checkpoint
+@pytest.mark.parametrize("killed_save", [1, 2])  # the first save has no checkpoint to swap out, later ones do
 def test_a_kill_between_the_checkpoint_swaps_renames_resumes_from_the_new_checkpoint(tmp_path, monkeypatch, killed_save):
     from pathlib import Path
 

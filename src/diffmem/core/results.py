@@ -40,6 +40,24 @@ def atomic_path(path: str | Path):
         raise
 
 
+def replace_folder(folder: str | Path, write) -> Path:
+    """The folder counterpart of ``atomic_path``: ``write(tmp)`` fills ``folder.tmp`` beside it, which
+    is then swapped in (``folder`` to ``folder.old``, ``folder.tmp`` to ``folder``, the old one removed).
+    A kill leaves the previous folder whole, or between the two renames the new one whole in ``folder.tmp``."""
+    import shutil
+
+    folder = Path(folder)
+    tmp, old = folder.with_name(folder.name + ".tmp"), folder.with_name(folder.name + ".old")
+    for leftover in (tmp, old):
+        shutil.rmtree(leftover, ignore_errors=True)
+    write(tmp)
+    if folder.exists():
+        folder.rename(old)
+    tmp.rename(folder)
+    shutil.rmtree(old, ignore_errors=True)
+    return folder
+
+
 def atomic_write_bytes(path: str | Path, data: bytes) -> None:
     with atomic_path(path) as tmp, open(tmp, "wb") as f:
         f.write(data)

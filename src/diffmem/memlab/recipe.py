@@ -15,6 +15,7 @@ import torch
 
 from ..core.errors import DiffmemError, InputError
 from ..core.components import PipelineSpec, build_pipeline
+from ..core.results import replace_folder
 from ..train.trainer import TrainConfig, TrainData, Trainer, encode_images, train_vae
 from . import dataset as ds
 
@@ -78,7 +79,8 @@ def run(recipe: MemLabRecipe, out_dir: str | Path, progress: bool = True, device
         _, images = dataset.unique_images(progress=progress)
         vae_stats = train_vae(pipe, images, steps=recipe.vae_steps, seed=recipe.seed, progress=progress)
         (out / VAE_STATS).write_text(json.dumps(vae_stats))  # first: it marks the folder as a run's (check_run_folder)
-        _swap_in(vae_file, pipe.vae.save_pretrained)
+        # swapped in whole: a run takes an OUT/vae holding config.json for a finished stage
+        replace_folder(vae_file, pipe.vae.save_pretrained)
     data = training_data(pipe, dataset, progress=progress)
     trainer = Trainer(pipe, data, recipe.train, out)
     trainer.run(progress=progress)
@@ -121,19 +123,7 @@ def reuse_vae(vae_dir: str | Path, out_dir: str | Path) -> None:
         return
     out.mkdir(parents=True, exist_ok=True)
     shutil.copy(stats, out / VAE_STATS)  # first, as run() writes it
-    _swap_in(out / "vae", lambda tmp: shutil.copytree(src, tmp))
-
-
-def _swap_in(folder: Path, write) -> None:
-    """``write(path)`` into a folder beside ``folder``, renamed to it once whole: a run takes an
-    ``OUT/vae`` with its config.json for a finished stage, so a half-written one must never be there."""
-    import shutil
-
-    tmp = folder.with_name(folder.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    write(tmp)
-    shutil.rmtree(folder, ignore_errors=True)  # an unfinished one, left by a run before this swap
-    tmp.rename(folder)
+    replace_folder(out / "vae", lambda tmp: shutil.copytree(src, tmp))
 
 
 def control_recipe(recipe: MemLabRecipe) -> MemLabRecipe:

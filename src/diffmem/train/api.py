@@ -2,11 +2,10 @@
 
 from __future__ import annotations
 
-import shutil
 from pathlib import Path
 
 from ..core.errors import InputError
-from ..core.results import dump_json
+from ..core.results import dump_json, replace_folder
 from .latents import check_latents_folder, encode_source
 from .trainer import TrainConfig, TrainData, Trainer, checkpoint_state
 
@@ -63,18 +62,13 @@ def train_pipeline(model: str, data: str, out: str | Path, steps: int = 1000, ba
     else:  # a list left by an earlier run, on data since mended, would name problems that are gone
         (out / "data_problems.json").unlink(missing_ok=True)
     trainer.run(progress=progress)
+    def write(tmp: Path):
+        pipe.save_pretrained(tmp, safe_serialization=True)
+        dump_json({"config": cfg.to_dict(), "device": str(pipe.device), "source_model": model, "data": data,
+                   "rows": len(captions), "skipped_rows": len(problems), "log": trainer.log}, tmp / TRAIN_LOG)
+
     # saved beside and swapped in whole: a kill while saving leaves the earlier run's model, not half of each
-    model_dir, tmp, old = out / MODEL_DIR, out / f"{MODEL_DIR}.tmp", out / f"{MODEL_DIR}.old"
-    for leftover in (tmp, old):
-        shutil.rmtree(leftover, ignore_errors=True)
-    pipe.save_pretrained(tmp, safe_serialization=True)
-    dump_json({"config": cfg.to_dict(), "device": str(pipe.device), "source_model": model, "data": data, "rows": len(captions),
-               "skipped_rows": len(problems), "log": trainer.log}, tmp / TRAIN_LOG)
-    if model_dir.exists():
-        model_dir.rename(old)
-    tmp.rename(model_dir)
-    shutil.rmtree(old, ignore_errors=True)
-    return model_dir
+    return replace_folder(out / MODEL_DIR, write)
 
 
 def _check_model_folder(model: Path, model_dir: Path) -> None:

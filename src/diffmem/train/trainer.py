@@ -29,6 +29,7 @@ from diffusers.training_utils import EMAModel
 from safetensors.torch import load_file, save_file
 
 from ..core.errors import InputError
+from ..core.results import replace_folder
 
 MIXED_PRECISION = {"no": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -139,26 +140,21 @@ def _cpu(t: torch.Tensor) -> torch.Tensor:
 
 
 def _save_checkpoint(path: Path, step: int, unet, text_encoder, optimizer, lr_sched, emas, gen, extra: dict):
-    path.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.mkdir(parents=True, exist_ok=True)
-    save_file({k: _cpu(v) for k, v in unet.state_dict().items()}, tmp / "unet.safetensors")
-    save_file({k: _cpu(v) for k, v in text_encoder.state_dict().items()}, tmp / "text_encoder.safetensors")
-    opt_tensors, opt_meta = _flatten_optimizer(optimizer)
-    save_file(opt_tensors, tmp / "optimizer.safetensors")
-    for name, ema in emas.items():
-        save_file({str(i): _cpu(p) for i, p in enumerate(ema.shadow_params)}, tmp / f"ema_{name}.safetensors")
-    save_file({"generator": gen.get_state()}, tmp / "rng.safetensors")
-    state = {"step": step, "optimizer": opt_meta, "lr_scheduler": lr_sched.state_dict(),
-             "ema_steps": {n: e.optimization_step for n, e in emas.items()}, **extra}
-    (tmp / "state.json").write_text(json.dumps(state))
-    # swap in atomically so a kill mid-save leaves the previous checkpoint usable
-    old = path.with_name(path.name + ".old")
-    if old.exists():
-        _rmtree(old)
-    path.rename(old)
-    tmp.rename(path)
-    _rmtree(old)
+    def write(tmp: Path):
+        tmp.mkdir(parents=True)
+        save_file({k: _cpu(v) for k, v in unet.state_dict().items()}, tmp / "unet.safetensors")
+        save_file({k: _cpu(v) for k, v in text_encoder.state_dict().items()}, tmp / "text_encoder.safetensors")
+        opt_tensors, opt_meta = _flatten_optimizer(optimizer)
+        save_file(opt_tensors, tmp / "optimizer.safetensors")
+        for name, ema in emas.items():
+            save_file({str(i): _cpu(p) for i, p in enumerate(ema.shadow_params)}, tmp / f"ema_{name}.safetensors")
+        save_file({"generator": gen.get_state()}, tmp / "rng.safetensors")
+        state = {"step": step, "optimizer": opt_meta, "lr_scheduler": lr_sched.state_dict(),
+                 "ema_steps": {n: e.optimization_step for n, e in emas.items()}, **extra}
+        (tmp / "state.json").write_text(json.dumps(state))  # last: it marks the folder whole (checkpoint_state)
+
+    # swapped in whole, so a kill mid-save leaves the previous checkpoint usable
+    replace_folder(path, write)
 
 
 def _differences(saved: dict, now: dict) -> str:
@@ -173,12 +169,6 @@ def _differences(saved: dict, now: dict) -> str:
     if (saved.get("data_sha256"), saved.get("rows")) != (now["data_sha256"], now["rows"]):
         said.append(f"other training data ({saved.get('rows')} rows then, {now['rows']} now)")
     return ", ".join(said) or "it differs"
-
-
-def _rmtree(p: Path):
-    import shutil
-
-    shutil.rmtree(p, ignore_errors=True)
 
 
 def _flatten_optimizer(optimizer: torch.optim.Optimizer):
