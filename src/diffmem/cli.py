@@ -169,8 +169,9 @@ def detect(
     if fpr is not None and calibrate_with is None:
         raise InputError("--fpr is the false-positive rate of a calibration fitted with --calibrate-with"
                          + ("; a --calibration file brings its own" if calibration is not None else ": give that too"))
-    if calibrate_with is not None:
-        warn_if_in_reference(items, read_prompts(calibrate_with), str(calibrate_with))
+    reference = read_prompts(calibrate_with) if calibrate_with is not None else None
+    if reference is not None:
+        warn_if_in_reference(items, reference, str(calibrate_with))
     ensure_not_an_input(out, prompts=prompts, reference=calibrate_with)
     _check_writable(out.parent)
     from .core.loading import load_pipeline
@@ -183,9 +184,9 @@ def detect(
     det = NoiseNormDetector(pipe, d["num_inference_steps"], d["guidance_scale"], steps=_steps(steps), generations=generations,
                             seed=seed, batch_size=batch_size)
     cal = Calibration.load(calibration) if calibration else None
-    if calibrate_with is not None:
+    if reference is not None:
         given = {} if fpr is None else {"fpr": fpr}  # else Calibration.fit's own default
-        cal = Calibration.fit(det.score(read_prompts(calibrate_with), progress=True), **given)
+        cal = Calibration.fit(det.score(reference, progress=True), **given)
         cal_path = out.with_name(out.stem + ".calibration.json")
         cal.save(cal_path)
         console.print(f"calibration: threshold {cal.threshold:.4g} at FPR {cal.fpr} from {cal.n_reference} prompts -> {cal_path}")
