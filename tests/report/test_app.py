@@ -71,3 +71,29 @@ def test_an_audit_folder_without_its_detect_stage_is_named_as_such(tmp_path, mon
     for folder in (tmp_path / "missing", tmp_path):
         with pytest.raises(InputError, match="is not an audit folder with a finished detect stage"):
             AppState(audit=folder)
+
+
+def test_a_score_asked_while_a_job_holds_the_model_reports_its_wait_apart(tiny_pipe_dir, tiny_calibration):
+    import threading
+    import time
+
+    from diffmem.report.app import AppState
+
+    app = AppState(model=str(tiny_pipe_dir), calibration=tiny_calibration)
+    alone = app.score("a photo of a cat")
+    assert alone["waited"] < 1.0
+    held = threading.Event()
+
+    def job():  # a mitigation job holding the model for 3 s
+        with app.lock:
+            held.set()
+            time.sleep(3.0)
+
+    t = threading.Thread(target=job)
+    t.start()
+    held.wait(10)
+    waited = app.score("a photo of a cat")
+    t.join()
+    assert waited["waited"] > 2.0  # the job's time, said as a wait
+    assert waited["seconds"] < 2.0  # not counted as the scoring's own time
+    assert waited["score"] == alone["score"]

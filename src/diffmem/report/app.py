@@ -125,8 +125,11 @@ class AppState:
         from ..explain import TokenAttribution
 
         prompt = self._check(prompt)
-        t0 = time.time()
+        asked = time.time()
         with self.lock, warnings.catch_warnings(record=True) as caught:
+            # the scoring's own time, apart from the wait for a mitigation job holding the model: a
+            # score asked mid-job would otherwise report the job's minutes as its own
+            t0 = time.time()
             warnings.simplefilter("always", PromptTruncationWarning)
             a = TokenAttribution(self.pipe, self.sampler["num_inference_steps"], self.sampler["guidance_scale"],
                                  steps=self.detector.settings.steps, generations=1, seed=self.seed).attribute(prompt)
@@ -136,6 +139,7 @@ class AppState:
                 "words": [{"before": b, "text": w, "score": float(sc), "share": float(sh)}
                           for (b, w), sc, sh in zip(a.segments(), a.word_scores, shares)],
                 "top_word": a.top_word, "top_index": a.top_index, "lead": a.lead_text(), "seconds": time.time() - t0,
+                "waited": t0 - asked,
                 "warnings": [str(w.message) for w in caught],
                 "settings": {**self.detector.settings.to_dict(), "fpr": self.calibration.fpr}}
 
@@ -364,7 +368,7 @@ PAGE = r"""<!DOCTYPE html>
 <h1>Does this prompt replicate training data?</h1>
 <p class="muted" id="info">loading…</p>
 <textarea id="prompt" rows="2" placeholder="type a prompt"></textarea>
-<p><button id="score-btn">Score</button><button id="mitigate-btn">Before / after mitigation</button></p>
+<p><button id="score-btn">Score</button><button id="mitigate-btn">Before / after mitigation</button> <span class="muted" id="score-status"></span></p>
 <div id="result" hidden>
  <p>score <b id="score"></b> against threshold <b id="threshold"></b>: <span id="verdict"></span> <span class="muted" id="timing"></span></p>
  <div id="bar"><div id="fill"></div><div id="thr"></div></div>
@@ -392,6 +396,8 @@ async function score() {
   const prompt = $("prompt").value;
   showError(null);
   $("score-btn").disabled = true;
+  // the model scores one request at a time: a running mitigation job keeps it until its end
+  $("score-status").textContent = job ? "scoring when the mitigation job ends (Cancel it to score now)" : "";
   try {
     const d = await api("/api/score", {prompt});
     current = d;
@@ -400,7 +406,8 @@ async function score() {
     $("threshold").textContent = d.threshold.toFixed(4);
     $("verdict").textContent = d.memorized ? "memorized" : "not memorized";
     $("verdict").className = d.memorized ? "mem" : "ok";
-    $("timing").textContent = "(" + d.seconds.toFixed(2) + " s)";
+    $("timing").textContent = "(" + d.seconds.toFixed(2) + " s" +
+      (d.waited >= 0.5 ? ", after " + d.waited.toFixed(1) + " s waiting for the model (busy with a mitigation job)" : "") + ")";
     const top = Math.max(d.score, d.threshold) * 1.3;
     $("fill").style.width = Math.min(100, 100 * d.score / top) + "%";
     $("thr").style.left = (100 * d.threshold / top) + "%";
@@ -420,7 +427,7 @@ async function score() {
     });
     $("lead").textContent = d.lead ? "strongest: " + d.words[d.top_index].text + ", " + d.lead : "";
     $("warnings").textContent = d.warnings.join(" ");
-  } catch (e) { showError(e); } finally { $("score-btn").disabled = false; }
+  } catch (e) { showError(e); } finally { $("score-btn").disabled = false; $("score-status").textContent = ""; }
 }
 function openMenu(ev, i) {
   chosen = i;
