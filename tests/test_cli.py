@@ -408,6 +408,11 @@ def test_categorize_bad_inputs(tmp_path):
             "--model", str(tmp_path / "no-model"), "--out", str(tmp_path / "o"))
     assert r.returncode == 2 and "never reports: ['whte_ground']" in r.stderr and "Traceback" not in r.stderr, r.stderr
     assert not (tmp_path / "o").exists()
+    # an --out that cannot be made: said before the model (here a missing folder) loads
+    (tmp_path / "a-file").write_text("kept")
+    r = run("categorize", "--prompts", str(tmp_path / "p.txt"), "--model", str(tmp_path / "no-model"),
+            "--out", str(tmp_path / "a-file" / "o"))
+    assert r.returncode == 2 and "cannot be created" in r.stderr and "Traceback" not in r.stderr, r.stderr
 
 
 def test_explain_end_to_end_equals_the_api(tmp_path, tiny_pipe_dir, tiny_pipe):

@@ -541,6 +541,7 @@ def categorize(
 
     items = read_prompts(prompts, column, flagged)  # bad input fails before torch and the model load
     ctrl = read_prompts(controls, column) if controls else None
+    _check_writable(out)  # as is an unwritable --out: not after minutes of loading the extractor and the model
     from .categorize import (CLIPZeroShotExtractor, ExpectationMap, MemLabExtractor, MemorizationProfiler, VLMExtractor,
                              SentenceEmbeddingExpectation)
     from .categorize.profiler import check_expectations, speed_text
@@ -575,7 +576,6 @@ def categorize(
             tracer = TrainingTracer.from_memlab(ds.build(ds.MemLabConfig(**manifest["config"])))
         except DiffmemError:
             tracer = None
-    _check_writable(out)
     prof = MemorizationProfiler(pipe, ext, n=n, tau=tau, control_prompts=ctrl, expectations=sources, tracer=tracer)
     # generations saved in parts of 8 prompts under OUT/parts: a killed run resumes
     res = prof.profile(items, progress=True, checkpoint=out / "parts")
