@@ -257,7 +257,7 @@ def explain(
         if res.n_near_ties:
             notes.append(f"{res.n_near_ties} whose top word leads the second by under {DECISIVE_LEAD:.0%}, a near tie: column top_lead")
         cut = f" ({'; '.join(notes)})" if notes else ""
-        out_console.print(f"explained {len(res)} prompts{cut}; wrote {out}/attributions.json, words.parquet and attributions.html")
+        out_console.print(f"explained {len(res)} prompt{'s' if len(res) != 1 else ''}{cut}; wrote {out}/attributions.json, words.parquet and attributions.html")
         return
     res = explainer.attribute(prompt)
     out_console.print(res.to_rich())
