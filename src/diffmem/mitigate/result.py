@@ -13,6 +13,13 @@ from ..core.errors import InputError
 from ..core.results import dump_json, reading_saved
 
 
+def _wrapped(prompt: str, width: int = 26, lines: int = 3) -> str:
+    """A prompt as a row label: wrapped, and cut with an ellipsis past ``lines`` lines."""
+    import textwrap
+
+    return "\n".join(textwrap.wrap(prompt, width, max_lines=lines, placeholder=" …"))
+
+
 @dataclass
 class MitigationResult:
     method: str
@@ -102,7 +109,18 @@ class MitigationResult:
                    [p for r in parts for p in r.mitigated_prompts], measures=measures, **optional)
 
     def plot_grid(self, path: str | Path, max_prompts: int = 8) -> Path:
-        """Before / after images side by side, one row per prompt."""
+        """Before / after images side by side, one row per prompt (the first ``max_prompts``; the
+        title says when there are more, all of them are in images.npz)."""
+        import matplotlib.pyplot as plt
+
+        fig = self._grid_figure(max_prompts)
+        fig.savefig(path, dpi=120)
+        plt.close(fig)
+        return Path(path)
+
+    def _grid_figure(self, max_prompts: int = 8):
+        import textwrap
+
         import matplotlib
 
         matplotlib.use("Agg")
@@ -112,7 +130,8 @@ class MitigationResult:
             raise InputError("this result holds no images")
         p = min(max_prompts, len(self.prompts))
         s = self.images_before.shape[1]
-        fig, axes = plt.subplots(p, 2 * s, figsize=(1.1 * 2 * s + 0.5, 1.25 * p + 0.6), squeeze=False)
+        fig, axes = plt.subplots(p, 2 * s, figsize=(1.1 * 2 * s + 1.4, 1.35 * p + 0.7), squeeze=False)
+        m = self.measures
         for i in range(p):
             for j in range(s):
                 for k, (imgs, label) in enumerate(((self.images_before, "before"), (self.images_after, "after"))):
@@ -122,12 +141,25 @@ class MitigationResult:
                     ax.set_yticks([])
                     if i == 0:
                         ax.set_title(f"{label} s{self.seeds[j]}", fontsize=6)
-            axes[i, 0].set_ylabel(self.prompts[i][:28], fontsize=5)
-        fig.suptitle(f"{self.method}: {json.dumps({k: v for k, v in self.settings.items() if k != 'target_source'})}", fontsize=5)
+            axes[i, 0].set_ylabel(_wrapped(self.prompts[i]), fontsize=5)
+            rewrite = self.mitigated_prompts[i]
+            if rewrite != self.prompts[i]:  # what the after images were made from
+                added = rewrite[len(self.prompts[i]):].strip() if rewrite.startswith(self.prompts[i]) else None
+                text = f"+ {added}" if added else f"as: {rewrite}"
+                if "target" in self.settings:  # an optimized embedding, started from the rewrite
+                    text = f"optimized from the prompt + {added}" if added else f"optimized from: {rewrite}"
+                axes[i, s].set_xlabel(textwrap.shorten(text, 70, placeholder=" …"), fontsize=5, loc="left")
+            said = [f"{what} {m[f'{what}_before'][i]:.2f} → {m[f'{what}_after'][i]:.2f}"
+                    for what in ("replication", "alignment") if len(m.get(f"{what}_before", [])) == len(self.prompts)]
+            if said:
+                right = axes[i, -1]
+                right.yaxis.set_label_position("right")
+                right.set_ylabel("\n".join(said), fontsize=5, rotation=0, ha="left", va="center")
+        shown = f"; first {p} of {len(self.prompts)} prompts (all in images.npz)" if p < len(self.prompts) else ""
+        settings = json.dumps({k: v for k, v in self.settings.items() if k != "target_source"})
+        fig.suptitle(textwrap.fill(f"{self.method}{shown}: {settings}", 150), fontsize=5)
         fig.tight_layout()
-        fig.savefig(path, dpi=120)
-        plt.close(fig)
-        return Path(path)
+        return fig
 
     def plot_trajectories(self, path: str | Path) -> Path:
         import matplotlib
