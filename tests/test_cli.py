@@ -156,6 +156,7 @@ def test_detect_end_to_end_with_calibration_and_long_prompt(tmp_path, tiny_pipe_
     assert r.stderr.count("truncated to 77 tokens") == 1  # the warning names the prompt, once
     assert "also in the reference prompts" not in r.stderr
     assert "scored 3 prompts" in r.stdout and "flagged" in r.stdout
+    assert f"histogram of the scores -> {tmp_path / 'r.png'}" in r.stdout and (tmp_path / "r.png").stat().st_size > 1000
     from diffmem.detect import DetectionResult
 
     res = DetectionResult.load(out)

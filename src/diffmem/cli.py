@@ -184,14 +184,22 @@ def detect(
     det = NoiseNormDetector(pipe, d["num_inference_steps"], d["guidance_scale"], steps=_steps(steps), generations=generations,
                             seed=seed, batch_size=batch_size)
     cal = Calibration.load(calibration) if calibration else None
+    reference_scores = None
     if reference is not None:
         given = {} if fpr is None else {"fpr": fpr}  # else Calibration.fit's own default
-        cal = Calibration.fit(det.score(reference, progress=True), **given)
+        fitted_on = det.score(reference, progress=True)
+        reference_scores = fitted_on.scores
+        cal = Calibration.fit(fitted_on, **given)
         cal_path = out.with_name(out.stem + ".calibration.json")
         cal.save(cal_path)
         console.print(f"calibration: threshold {cal.threshold:.4g} at FPR {cal.fpr} from {cal.n_reference} prompts -> {cal_path}")
     summary = detect_file(det, prompts, out, column=column, calibration=cal)
     out_console.print(summary.line())
+    st = det.settings
+    picture = summary.plot(out.with_suffix(".png"), reference_scores,
+                           f"{st.num_inference_steps} steps, guidance {st.guidance_scale}, scored step(s) {','.join(map(str, st.steps))}, "
+                           f"{st.generations} generation(s) from seed {st.seed}")
+    out_console.print(f"histogram of the scores -> {picture}")
 
 
 @app.command()

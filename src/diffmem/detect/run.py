@@ -16,7 +16,7 @@ import json
 import shutil
 import time
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -40,6 +40,20 @@ class DetectSummary:
     score_median: float
     score_max: float
     n_truncated: int = 0
+    scores: np.ndarray | None = field(default=None, repr=False)  # every prompt's score, in file order
+
+    def plot(self, path: str | Path, reference=None, caption: str = "") -> Path:
+        """The scores' histogram against the threshold, and the reference scores it was fitted on if given."""
+        import matplotlib.pyplot as plt
+
+        from .plot import score_figure
+
+        if self.scores is None:
+            raise InputError("this summary holds no scores to draw")
+        fig = score_figure(self.scores, self.threshold, reference, caption)
+        fig.savefig(path, dpi=120)
+        plt.close(fig)
+        return Path(path)
 
     def line(self) -> str:
         base = f"scored {self.n_prompts} prompts in {self.seconds:.1f}s -> {self.out}"
@@ -126,7 +140,7 @@ def detect_file(detector, prompts_path: str | Path, out: str | Path, column: str
     allscores = np.concatenate(scores_seen)
     return DetectSummary(n, flagged if calibration else None, calibration.threshold if calibration else None,
                          time.time() - t0, out, float(allscores.min()), float(np.median(allscores)), float(allscores.max()),
-                         n_truncated)
+                         n_truncated, allscores)
 
 
 def run_identity(detector, calibration: Calibration | None) -> dict:

@@ -47,24 +47,9 @@ def _array_data(img: np.ndarray, scale: int = 3) -> str:
 
 
 def _score_figure(scores, reference, threshold, caption: str) -> str:
-    import matplotlib
+    from ..detect.plot import score_figure
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(6.4, 3.0))
-    allv = np.r_[scores, reference]
-    bins = np.linspace(allv.min(), allv.max(), 50)
-    ax.hist(reference, bins=bins, alpha=0.55, label=f"reference (non-memorized), n={len(reference)}", color="#79a")
-    ax.hist(scores, bins=bins, alpha=0.6, label=f"audited prompts, n={len(scores)}", color="#d63")
-    ax.axvline(threshold, color="k", ls="--", lw=1.2, label=f"threshold {threshold:.3g}")
-    ax.set_yscale("log")
-    ax.set_xlabel("text-conditional noise norm (Wen et al.)")
-    ax.set_ylabel("prompts")
-    ax.set_title(caption, fontsize=7)
-    ax.legend(fontsize=7)
-    fig.tight_layout()
-    return _fig_data(fig)
+    return _fig_data(score_figure(scores, threshold, reference, caption, label="audited prompts"))
 
 
 def _roc_figure(roc: dict, caption: str) -> str:

@@ -1,0 +1,38 @@
+"""The picture of a detection run: its scores against the threshold (and the reference scores the
+threshold was calibrated on, when at hand). Drawn by ``diffmem detect`` and by the audit's report."""
+
+from __future__ import annotations
+
+import numpy as np
+
+
+def draw_scores(ax, scores, threshold: float | None = None, reference=None, label: str = "scored prompts") -> None:
+    """Histograms on a log count scale: a memorized prompt lies far right of the reference mass."""
+    scores = np.asarray(scores, float)
+    shown = [scores] if reference is None else [scores, np.asarray(reference, float)]
+    finite = np.concatenate([v[np.isfinite(v)] for v in shown])
+    lo, hi = (finite.min(), finite.max()) if finite.size else (0.0, 1.0)
+    bins = np.linspace(lo, hi if hi > lo else lo + 1e-6, 50)  # one distinct score still gets a bar
+    if reference is not None:
+        ref = shown[1]
+        ax.hist(ref[np.isfinite(ref)], bins=bins, alpha=0.55, label=f"reference (non-memorized), n={len(ref)}", color="#79a")
+    ax.hist(scores[np.isfinite(scores)], bins=bins, alpha=0.6, label=f"{label}, n={len(scores)}", color="#d63")
+    if threshold is not None:
+        ax.axvline(threshold, color="k", ls="--", lw=1.2, label=f"threshold {threshold:.3g}")
+    ax.set_yscale("log")
+    ax.set_xlabel("text-conditional noise norm (Wen et al.)")
+    ax.set_ylabel("prompts")
+    ax.legend(fontsize=7)
+
+
+def score_figure(scores, threshold: float | None = None, reference=None, caption: str = "", label: str = "scored prompts"):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6.4, 3.0))
+    draw_scores(ax, scores, threshold, reference, label)
+    ax.set_title(caption, fontsize=7)
+    fig.tight_layout()
+    return fig

@@ -1,0 +1,45 @@
+"""The score histogram diffmem detect writes beside its results, and the audit's report draws."""
+
+import numpy as np
+
+
+def _bars(ax):
+    return [p for p in ax.patches if p.get_height() > 0]
+
+
+def test_the_histogram_counts_every_score_and_marks_the_threshold():
+    import matplotlib.pyplot as plt
+
+    from diffmem.detect.plot import score_figure
+
+    rng = np.random.default_rng(0)
+    scores, reference = rng.normal(0.3, 0.05, 130), rng.normal(0.25, 0.05, 300)
+    fig = score_figure(scores, 0.4, reference, caption="settings")
+    try:
+        ax = fig.axes[0]
+        heights = [p.get_height() for p in ax.patches]
+        assert sum(heights) == 130 + 300  # both histograms, every prompt in a bar
+        assert [ln.get_xdata()[0] for ln in ax.lines] == [0.4]
+        labels = ax.get_legend_handles_labels()[1]
+        assert labels == ["reference (non-memorized), n=300", "scored prompts, n=130", "threshold 0.4"]
+    finally:
+        plt.close(fig)
+    # no calibration: no threshold line; one distinct score still gets its bar
+    fig = score_figure(np.full(5, 0.2))
+    try:
+        assert len(fig.axes[0].lines) == 0 and sum(p.get_height() for p in fig.axes[0].patches) == 5
+    finally:
+        plt.close(fig)
+
+
+def test_detect_writes_the_histogram_beside_its_results(tmp_path, tiny_pipe):
+    from diffmem.detect import Calibration, NoiseNormDetector
+    from diffmem.detect.run import detect_file
+
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("a cat\na dog\na red circle\n")
+    det = NoiseNormDetector(tiny_pipe, num_inference_steps=4, guidance_scale=5.0)
+    cal = Calibration.fit(det.score([f"reference prompt {i}" for i in range(10)]), fpr=0.1)
+    summary = detect_file(det, prompts, tmp_path / "r.parquet", calibration=cal, progress=False)
+    assert np.array_equal(summary.scores, np.asarray(det.score(["a cat", "a dog", "a red circle"]).scores, np.float32))
+    assert summary.plot(tmp_path / "r.png").stat().st_size > 1000
