@@ -83,6 +83,9 @@ def main() -> None:
     if a.vae_from:  # the VAE stage does not depend on the filter: reuse the shipped model's
         recipe.reuse_vae(a.vae_from, out)
     model = recipe.run(filtered, out)
+    epochs = json.loads((model / "memlab_recipe.json").read_text())["mem_filter_epochs"]
+    summary["dropped"] = {"samples": sum(e["samples"] for e in epochs), "dropped": sum(e["dropped"] for e in epochs),
+                          "per_epoch": [e["dropped"] for e in epochs]}
     summary["shipped"] = replication_and_agreement("memlab")
     summary["filtered"] = replication_and_agreement(str(model))
     summary["bars"] = {"filtered_replication_le_0.10": summary["filtered"]["verbatim_replication"] <= 0.10,

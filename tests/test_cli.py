@@ -285,10 +285,23 @@ def test_train_end_to_end_and_resume(tmp_path, tiny_pipe_dir, colour_folder_with
     log = json.loads((out / "model" / "diffmem_train.json").read_text())
     assert log["rows"] == 3 and log["config"]["ema"] is True
     assert log["config"]["mixed_precision"] == "bf16" and log["device"] == "cpu"
+    assert log["mem_filter"] is None and (out / "model" / "training.png").stat().st_size > 1000
+    assert f"loss curve in {out / 'model' / 'training.png'}" in " ".join(r.stdout.split())
     saved = (out / "model" / "diffmem_train.json").read_text()
     r = run(*args, "--steps", "5", "--lr", "5e-4")  # not a continuation of that run: refused, nothing rewritten
     assert r.returncode == 2 and "is a checkpoint of another training run (lr 0.0001 -> 0.0005)" in r.stderr
     assert (out / "model" / "diffmem_train.json").read_text() == saved
+    # the memorization filter says what it dropped: 3 rows in batches of 2 (2 steps an epoch); at 0 it drops
+    # every captioned sample (the caption-dropout ones have no text-conditional part, and are kept)
+    filtered = tmp_path / "filtered"
+    r = run("train", "--model", str(tiny_pipe_dir), "--data", str(data), "--out", str(filtered), "--batch-size", "2",
+            "--steps", "3", "--mem-filter-threshold", "0")
+    assert r.returncode == 0, r.stderr
+    mf = json.loads((filtered / "model" / "diffmem_train.json").read_text())["mem_filter"]
+    assert [(e["samples"], e["complete"]) for e in mf["epochs"]] == [(4, True), (2, False)]
+    assert mf["samples"] == 6 and mf["dropped"] == sum(e["dropped"] for e in mf["epochs"]) > 0
+    said = f"dropped {mf['dropped']} of 6 samples ({mf['dropped'] / 6:.1%}) over 2 epoch(s)"
+    assert said in " ".join(r.stdout.split()) and (filtered / "model" / "training.png").exists()
 
 
 def test_train_refuses_a_device_or_precision_it_cannot_use(tmp_path, tiny_pipe_dir):

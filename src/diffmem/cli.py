@@ -633,7 +633,7 @@ def train(
     mixed_precision: str = typer.Option("no", help="no, bf16 or fp16: autocast the forward passes (weights stay float32)"),
 ):
     """Train or fine-tune a Stable Diffusion pipeline on image-caption pairs (resumes from OUT/checkpoint)."""
-    from .train.api import TRAIN_LOG, train_pipeline
+    from .train.api import TRAIN_LOG, TRAINING_PLOT, train_pipeline
 
     _check_writable(out)
     model_dir = train_pipeline(model, data, out, steps=steps, batch_size=batch_size, lr=lr, prediction_type=prediction_type,
@@ -645,7 +645,13 @@ def train(
     log = json.loads((model_dir / TRAIN_LOG).read_text())
     n = log["skipped_rows"]
     skipped = f"; {n} row{'s' if n > 1 else ''} skipped, listed in {Path(out) / 'data_problems.json'}" if n else ""
-    out_console.print(f"trained pipeline saved to {model_dir} ({log['rows']} image-caption pairs{skipped})")
+    out_console.print(f"trained pipeline saved to {model_dir} ({log['rows']} image-caption pairs{skipped}); "
+                      f"loss curve in {model_dir / TRAINING_PLOT}")
+    mf = log["mem_filter"]
+    if mf is not None:
+        out_console.print(f"memorization filter (norm >= {mf['threshold']:g}): dropped {mf['dropped']} of {mf['samples']} "
+                          f"samples ({mf['dropped'] / max(mf['samples'], 1):.1%}) over {len(mf['epochs'])} epoch(s); "
+                          f"per epoch in {model_dir / TRAIN_LOG} (mem_filter.epochs)")
 
 
 @app.command()

@@ -182,8 +182,35 @@ def test_memorization_filter_drops_samples(tmp_path):
     # skipping the optimizer is deliberate: torch's scheduler-order warning must not reach the user
     assert not [w for w in caught if "lr_scheduler" in str(w.message)]
     assert tr.log[-1]["dropped"] == 20  # every sample is at or above a threshold of 0
+    # 6 rows in batches of 4: an epoch is 2 steps; 5 steps make two whole epochs and half of a third
+    assert tr.filter_log == [{"epoch": 1, "last_step": 1, "samples": 8, "dropped": 8, "complete": True},
+                             {"epoch": 2, "last_step": 3, "samples": 8, "dropped": 8, "complete": True},
+                             {"epoch": 3, "last_step": 4, "samples": 4, "dropped": 4, "complete": False}]
     after = _weights(pipe)
     assert all(torch.equal(before[k], after[k]) for k in before)  # all dropped: every step skipped
+
+
+def test_the_filters_counts_per_epoch_go_on_across_a_resume(tmp_path):
+    # a threshold some samples pass and some do not; checkpoints fall mid-epoch (3 steps an epoch)
+    cfg = TrainConfig(steps=14, batch_size=4, lr=1e-3, warmup_steps=2, checkpoint_every=4, caption_dropout=0.0,
+                      mem_filter_threshold=0.22)
+    straight = tiny_pipeline(seed=3)
+    whole = Trainer(straight, _data(straight, n=10), cfg, tmp_path / "a")
+    whole.run(progress=False)
+    assert 0 < whole.filter_counts["dropped"] < 14 * 4, "the threshold should drop some samples, not all"
+
+    def stop(step):
+        if step == 9:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        Trainer(tiny_pipeline(seed=3), _data(tiny_pipeline(seed=3), n=10), cfg, tmp_path / "b").run(progress=False,
+                                                                                                   on_step=stop)
+    resumed = Trainer(tiny_pipeline(seed=3), _data(tiny_pipeline(seed=3), n=10), cfg, tmp_path / "b")
+    resumed.run(progress=False)
+    assert resumed.filter_log == whole.filter_log
+    assert [r["dropped"] for r in resumed.log] == [r["dropped"] for r in whole.log]  # the running total too
+    assert sum(e["samples"] for e in whole.filter_log) == 14 * 4
 
 
 def test_empty_data_is_an_error(tmp_path):

@@ -89,6 +89,8 @@ def run(recipe: MemLabRecipe, out_dir: str | Path, progress: bool = True, device
     ds.save_manifest(dataset.manifest, model_dir / "memlab_manifest.json")
     info = {"recipe": recipe.to_dict(), "device": str(dev), "vae": vae_stats, "train_log": trainer.log,
             "wall_time_s": time.time() - t0, "torch": torch.__version__}
+    if recipe.train.mem_filter_threshold is not None:  # samples the filter dropped, per epoch
+        info["mem_filter_epochs"] = trainer.filter_log
     (model_dir / "memlab_recipe.json").write_text(json.dumps(info, indent=1))
     return model_dir
 

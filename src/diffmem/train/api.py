@@ -11,6 +11,7 @@ from .trainer import TrainConfig, TrainData, Trainer, checkpoint_state
 
 MODEL_DIR = "model"  # in the output folder: the trained pipeline
 TRAIN_LOG = "diffmem_train.json"  # in MODEL_DIR: the run's settings and loss log, written only by diffmem train
+TRAINING_PLOT = "training.png"  # in MODEL_DIR: the loss by step, and the share the filter dropped per epoch
 
 
 def train_pipeline(model: str, data: str, out: str | Path, steps: int = 1000, batch_size: int = 32, lr: float = 1e-4,
@@ -62,10 +63,22 @@ def train_pipeline(model: str, data: str, out: str | Path, steps: int = 1000, ba
     else:  # a list left by an earlier run, on data since mended, would name problems that are gone
         (out / "data_problems.json").unlink(missing_ok=True)
     trainer.run(progress=progress)
+    mem_filter = None
+    if mem_filter_threshold is not None:
+        epochs = trainer.filter_log
+        mem_filter = {"threshold": mem_filter_threshold, "dropped": trainer.filter_counts["dropped"],
+                      "samples": sum(e["samples"] for e in epochs), "epochs": epochs}
+
     def write(tmp: Path):
+        from .plot import plot_training
+
         pipe.save_pretrained(tmp, safe_serialization=True)
         dump_json({"config": cfg.to_dict(), "device": str(pipe.device), "source_model": model, "data": data,
-                   "rows": len(captions), "skipped_rows": len(problems), "log": trainer.log}, tmp / TRAIN_LOG)
+                   "rows": len(captions), "skipped_rows": len(problems), "log": trainer.log, "mem_filter": mem_filter},
+                  tmp / TRAIN_LOG)
+        plot_training(trainer.log, mem_filter and mem_filter["epochs"], tmp / TRAINING_PLOT,
+                      f"{model} on {data}: {len(captions)} rows, {cfg.steps} steps of {cfg.batch_size}, lr {cfg.lr}"
+                      + (f", memorization filter at {mem_filter_threshold}" if mem_filter else ""))
 
     # saved beside and swapped in whole: a kill while saving leaves the earlier run's model, not half of each
     return replace_folder(out / MODEL_DIR, write)

@@ -218,7 +218,15 @@ class Trainer:
             raise ValueError("training data is empty")
         self.pipe, self.data, self.cfg, self.out = pipe, data, config, Path(out_dir)
         self.log: list[dict] = []
+        # with mem_filter_threshold: one record per epoch (n_rows samples drawn) of the samples
+        # seen and dropped, and the running counts (the current epoch's, and the run's dropped total)
+        self.filter_log: list[dict] = []
+        self.filter_counts = {"dropped": 0, "epoch_samples": 0, "epoch_dropped": 0}
         self._run_key: dict | None = None
+
+    def steps_per_epoch(self) -> int:
+        """Batches are drawn with replacement: an epoch is as many samples as there are rows."""
+        return max(1, math.ceil(len(self.data.image_index) / self.cfg.batch_size))
 
     def run(self, progress: bool = True, on_log: Callable[[dict], None] | None = None,
             on_step: Callable[[int], None] | None = None) -> StableDiffusionPipeline:
@@ -250,6 +258,7 @@ class Trainer:
         # fp16 gradients underflow without loss scaling; disabled, the scaler passes everything through
         scaler = torch.amp.GradScaler(dev.type, enabled=cfg.mixed_precision == "fp16")
         start = 0
+        self.filter_log, self.filter_counts = [], {"dropped": 0, "epoch_samples": 0, "epoch_dropped": 0}
         ckpt = self.out / CHECKPOINT_DIR
         run_key = self.run_key()  # of the starting weights: taken (or kept) before a checkpoint replaces them
         if checkpoint_state(self.out).exists():
@@ -264,7 +273,7 @@ class Trainer:
         from tqdm.auto import tqdm
 
         bar = tqdm(total=cfg.steps, initial=start, desc="training", unit="step", disable=not progress)
-        t0, dropped_total = time.time(), 0
+        t0, counts, per_epoch = time.time(), self.filter_counts, self.steps_per_epoch()
         for step in range(start, cfg.steps):
             rows = torch.randint(0, n_rows, (cfg.batch_size,), generator=gen)
             x0 = latents_all[img_index[rows]]
@@ -287,7 +296,15 @@ class Trainer:
                     norms = self._memorization_filter(pred, noisy, t, emb, empty_ids_on_dev)
                 keep = norms.float() < cfg.mem_filter_threshold
                 keep |= drop  # unconditional samples have no text-conditional part to filter
-                dropped_total += int((~keep).sum())
+                n_dropped = int((~keep).sum())
+                counts["dropped"] += n_dropped
+                counts["epoch_samples"] += cfg.batch_size
+                counts["epoch_dropped"] += n_dropped
+                if (step + 1) % per_epoch == 0 or step == cfg.steps - 1:  # the last, maybe partial, epoch too
+                    self.filter_log.append({"epoch": step // per_epoch + 1, "last_step": step,
+                                            "samples": counts["epoch_samples"], "dropped": counts["epoch_dropped"],
+                                            "complete": (step + 1) % per_epoch == 0})
+                    counts["epoch_samples"] = counts["epoch_dropped"] = 0
             if keep.any():
                 loss = per_sample[keep].mean()
                 optimizer.zero_grad(set_to_none=True)
@@ -312,14 +329,15 @@ class Trainer:
             bar.update(1)
             if step % 50 == 0 or step == cfg.steps - 1:
                 rec = {"step": step, "loss": loss_value, "lr": lr_sched.get_last_lr()[0],
-                       "elapsed_s": time.time() - t0, "dropped": dropped_total}
+                       "elapsed_s": time.time() - t0, "dropped": counts["dropped"]}
                 self.log.append(rec)
                 bar.set_postfix(loss=f"{loss_value:.4f}")
                 if on_log:
                     on_log(rec)
             if cfg.checkpoint_every and (step + 1) % cfg.checkpoint_every == 0 and step + 1 < cfg.steps:
                 _save_checkpoint(ckpt, step + 1, unet, te, optimizer, lr_sched, emas, gen,
-                                 {"log": self.log, "grad_scaler": scaler.state_dict(), "run": run_key})
+                                 {"log": self.log, "grad_scaler": scaler.state_dict(), "run": run_key,
+                                  "filter_log": self.filter_log, "filter_counts": counts})
             if on_step:
                 on_step(step)
         bar.close()
@@ -385,6 +403,9 @@ class Trainer:
             ema.optimization_step = state["ema_steps"][name]
         gen.set_state(load_file(ckpt / "rng.safetensors")["generator"])
         self.log = state.get("log", [])
+        # the filter's counts go on from the checkpoint (made before diffmem saved them: from 0)
+        self.filter_log = state.get("filter_log", [])
+        self.filter_counts.update(state.get("filter_counts", {}))
         return int(state["step"])
 
 
