@@ -562,3 +562,28 @@ def test_bench_detect_refuses_options_of_the_other_prompt_source(tmp_path):
         r = run("bench", "detect", *args, "--out", str(out))
         assert r.returncode == 2 and said in r.stderr and "Traceback" not in r.stderr, (args, r.stderr)
         assert not out.exists()
+
+
+def test_a_second_run_into_a_folder_in_use_is_refused_and_a_failed_run_leaves_no_new_folder(tmp_path, tiny_pipe_dir):
+    import os
+
+    pytest.importorskip("fcntl")
+    from diffmem.core.results import hold_folder
+
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("a red circle\n")
+    busy = tmp_path / "busy"
+    (busy / "parts").mkdir(parents=True)
+    (busy / "parts" / "kept.txt").write_text("the first run's")
+    fd = hold_folder(busy)  # a first run, still going
+    try:
+        r = run("mitigate", "--prompts", str(prompts), "--model", str(tiny_pipe_dir), "--method", "gni",
+                "--generations", "1", "--num-inference-steps", "2", "--out", str(busy))
+        assert r.returncode == 2 and f"{busy} is in use by another diffmem run" in r.stderr and "Traceback" not in r.stderr
+        assert sorted(p.name for p in busy.rglob("*")) == ["kept.txt", "parts"]
+    finally:
+        os.close(fd)
+    # held once the input is checked: a model that fails to load leaves no empty output folder behind
+    r = run("mitigate", "--prompts", str(prompts), "--model", str(tmp_path / "no-model"), "--method", "gni",
+            "--out", str(tmp_path / "new"))
+    assert r.returncode == 2 and "model folder not found" in r.stderr and not (tmp_path / "new").exists()

@@ -89,6 +89,32 @@ def _remove_parts(folder: Path) -> None:
     remove_parts(folder)
 
 
+_HELD: list[tuple[int | None, Path, bool]] = []  # (descriptor, folder, made by this run): see core.results.hold_folder
+
+
+def _hold(folder: Path) -> None:
+    """Refuse a second run into ``folder`` while this one lasts; called once a command's input is
+    checked, before the model loads. Let go when the command ends (``_let_go``)."""
+    from .core.results import hold_folder
+
+    created = not folder.exists()
+    _HELD.append((hold_folder(folder), folder, created))
+
+
+def _let_go() -> None:
+    """End the command's holds; a folder it made that is still empty (the model failed to load, say)
+    is removed, so a failed command leaves no new folder behind."""
+    while _HELD:
+        fd, folder, created = _HELD.pop()
+        if fd is not None:
+            os.close(fd)
+        if created:
+            try:
+                folder.rmdir()  # only an empty folder goes
+            except OSError:
+                pass
+
+
 def _check_writable(folder: Path) -> None:
     from .core.prompts import ensure_writable_dir
 
@@ -244,6 +270,8 @@ def explain(
         raise DiffmemError("--column and --flagged apply to --prompts")
     if out is not None:
         _check_writable(out)
+    if prompts is not None:
+        _hold(out)
     from .core.loading import load_pipeline  # after the checks: torch takes seconds to import
     from .explain import TokenAblation, TokenAttribution, explain_prompts
     from .explain.batch import write_outputs
@@ -351,6 +379,7 @@ def mitigate(
     optimization = {k: v for k, v in given.items() if k not in ("target", "calibration")}  # the target is passed apart
     # the chosen measures load (and read the training images) before the model, so a bad path costs nothing
     replication, alignment = chosen_measures(train_images, sscd, clip, image_column, progress=True)
+    _hold(out)
     pipe = load_pipeline(model, device=device, dtype=dtype)
     d = _sampler(pipe, num_inference_steps, guidance_scale)
     kw = dict(generations=generations, seed=seed, num_inference_steps=d["num_inference_steps"], guidance_scale=d["guidance_scale"])
@@ -412,6 +441,7 @@ def bench_detect_cmd(
         labelled = labelled_from_files(data, str(positives) if positives else None, str(negatives) if negatives else None,
                                        label_column, column)
     _check_writable(out)
+    _hold(out)
     pipe = load_pipeline(model, device=device, dtype=dtype)
     modes = tuple(m.strip() for m in black_box_modes.split(",") if m.strip())
     if not set(modes) <= {"x0", "images"}:
@@ -449,6 +479,7 @@ def bench_mitigate_cmd(
     check_only(only)
     manifest = load_manifest(model)
     _check_writable(out)
+    _hold(out)
     pipe = load_pipeline(model, device=device, dtype=dtype)
     res = bench_mitigate(pipe, manifest, generations=generations, max_prompts=max_prompts, only=only,
                          max_reference=max_reference, rows_dir=out / "rows", redo=redo)
@@ -480,6 +511,7 @@ def bench_explain_cmd(
     scored_steps = _steps(steps)  # a malformed list fails before the model loads
     manifest = load_manifest(model)
     _check_writable(out)
+    _hold(out)
     pipe = load_pipeline(model, device=device, dtype=dtype)
     res = bench_explain(pipe, manifest, generations=generations, max_prompts=max_prompts, outcome_seeds=outcome_seeds,
                         checkpoint=out / "parts", scored_steps=scored_steps)
@@ -512,6 +544,7 @@ def bench_categorize_cmd(
 
     manifest = load_manifest(model)
     _check_writable(out)
+    _hold(out)
     pipe = load_pipeline(model, device=device, dtype=dtype)
     res = bench_categorize(pipe, manifest, n=n, max_prompts=max_prompts,
                            profile_out=out / "profile" if keep_profile else None, checkpoint=out / "parts")
@@ -573,6 +606,7 @@ def categorize(
     if embedding:
         sources.append(SentenceEmbeddingExpectation.minilm())
     tracer = None
+    _hold(out)
     pipe = load_pipeline(model, device=device, dtype=dtype)
     if extractor == "memlab":
         from .categorize import TrainingTracer
@@ -636,6 +670,7 @@ def train(
     from .train.api import TRAIN_LOG, TRAINING_PLOT, train_pipeline
 
     _check_writable(out)
+    _hold(out)
     model_dir = train_pipeline(model, data, out, steps=steps, batch_size=batch_size, lr=lr, prediction_type=prediction_type,
                                train_text_encoder=train_text_encoder, ema=ema, caption_column=caption_column,
                                checkpoint_every=checkpoint_every, mem_filter_threshold=mem_filter_threshold, seed=seed,
@@ -691,6 +726,7 @@ def scan(
     if unused and set(names) <= set(CHECKS):  # a misspelt check is named as such by the scanner
         raise InputError(f"{', '.join(unused)} {'sets a check' if len(unused) == 1 else 'set checks'} not among "
                          f"--checks {','.join(names)}")
+    _hold(out)
     scanner = DatasetScanner(dataset, out / "work", caption_column=caption_column, image_column=image_column,
                              checks=names, shard_size=shard_size, limit=limit, model=model, timestep=timestep,
                              memorization_threshold=memorization_threshold, seed=seed, device=device, dtype=dtype,
@@ -730,6 +766,7 @@ def verify_triggers_cmd(
     if not result.images:
         raise InputError(f"{scan_dir} holds no cluster images (scan_images.npz): verification needs a scan with images")
     _check_writable(scan_dir)
+    _hold(scan_dir)
     pipe = load_pipeline(model, device=device, dtype=dtype)
     parts = scan_dir / "verify_parts"
     res = verify_triggers(pipe, result, result.cluster_images(), result.images["mean"], settings, phrases=phrase,
@@ -756,6 +793,7 @@ def memlab_build(
     from .memlab.export import export_imagefolder
 
     _check_writable(out)
+    _hold(out)
     n = export_imagefolder(out, seed=seed, control=control)
     out_console.print(f"wrote {n} rows to {out} (metadata.jsonl, images/, memlab_manifest.json)")
 
@@ -784,6 +822,7 @@ def memlab_train(
         rc = replace(rc, train=replace(rc.train, steps=steps))
     if threads is not None:
         rc = replace(rc, train=replace(rc.train, threads=threads))
+    _hold(out)
     if vae_from is not None:
         recipe.reuse_vae(vae_from, out)
     model_dir = recipe.run(rc, out, device=device)
@@ -808,6 +847,7 @@ def memlab_verify(
 
     if out is not None:
         _check_writable(out)  # before minutes of generation, not after
+        _hold(out)
     res = verify(model, VerifySettings(seeds=seeds), control_model=control_model, out=out, device=device)
     print_table(res, out_console)
     if json_output:
@@ -826,6 +866,7 @@ def memlab_sample(
     from .memlab.sample import sample_grid
 
     _check_writable(out)
+    _hold(out)
     res = sample_grid(model, out, seeds=seeds, device=device)
     out_console.print(res["summary"])
 
@@ -881,7 +922,9 @@ def audit(
                              max_mitigate=max_mitigate, mitigate_generations=mitigate_generations, mitigate_iters=mitigate_iters,
                              mitigate_loss_steps=mitigate_loss_steps, mitigate_positions=mitigate_positions,
                              mitigate_rewrite=None if mitigate_rewrite == "none" else mitigate_rewrite, steps=tuple(_steps(steps)), skip=tuple(x.strip() for x in skip.split(",") if x.strip()))
-    res = Audit(settings, out, console=console, device=device, dtype=dtype).run()
+    checked = Audit(settings, out, console=console, device=device, dtype=dtype)  # every input checked here
+    _hold(out)
+    res = checked.run()
     d = res.stages["detect"]["summary"]
     line = f"{d['n_flagged']} of {d['n_prompts']} prompts flagged (threshold {d['threshold']:.4g} at FPR {d['fpr']})"
     if "recall" in d:
@@ -925,6 +968,13 @@ def _exit(code: int):
 
 def main(argv: list[str] | None = None) -> None:
     _quiet_libraries()
+    try:
+        _run(argv)
+    finally:
+        _let_go()
+
+
+def _run(argv: list[str] | None) -> None:
     try:
         # without standalone mode, click returns (not raises) the code of a typer.Exit; typer >= 0.2x
         # hands Ctrl-C back this way, as 130

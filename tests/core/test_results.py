@@ -17,3 +17,19 @@ def test_atomic_writes_use_the_umask_and_leave_no_temp_files(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a.json", "b.parquet"]
     frame, meta = read_parquet(tmp_path / "b.parquet")
     assert list(frame["x"]) == [1, 2] and meta == {"k": 1}
+
+
+def test_a_held_folder_is_refused_to_a_second_run_until_the_first_lets_go(tmp_path):
+    import pytest
+
+    from diffmem.core.errors import InputError
+    from diffmem.core.results import hold_folder
+
+    pytest.importorskip("fcntl")
+    folder = tmp_path / "out"
+    first = hold_folder(folder)
+    assert folder.is_dir() and list(folder.iterdir()) == []  # no lock file among the user's files
+    with pytest.raises(InputError, match="is in use by another diffmem run"):
+        hold_folder(folder)
+    os.close(first)  # the run ended
+    os.close(hold_folder(folder))

@@ -58,6 +58,30 @@ def replace_folder(folder: str | Path, write) -> Path:
     return folder
 
 
+def hold_folder(folder: str | Path) -> int | None:
+    """Hold ``folder`` (created if new) for one run: a second run into the same folder, such as a
+    command started twice or a re-queued job, would write the same parts and checkpoints at once.
+    An advisory lock on the folder itself, so no lock file is left among the user's files; it lasts
+    while the returned descriptor is open, and the system frees it when the process ends, however it
+    ends. None where there is no ``flock`` (Windows): runs are not guarded there."""
+    from .errors import InputError
+
+    try:
+        import fcntl
+    except ImportError:
+        return None
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        raise InputError(f"{folder} is in use by another diffmem run; wait for it to end, or choose another "
+                         "output folder") from None
+    return fd
+
+
 def atomic_write_bytes(path: str | Path, data: bytes) -> None:
     with atomic_path(path) as tmp, open(tmp, "wb") as f:
         f.write(data)
