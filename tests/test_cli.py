@@ -385,11 +385,14 @@ def test_categorize_end_to_end_on_memlab(tmp_path):
     controls = tmp_path / "c.txt"
     controls.write_text("a blue square at the top\na green ring on the right in a room\n")
     out = tmp_path / "cat"
-    r = run("categorize", "--prompts", str(prompts), "--controls", str(controls), "--n", "2", "--out", str(out))
+    r = run("categorize", "--prompts", str(prompts), "--controls", str(controls), "--n", "2", "--out", str(out),
+            env={"COLUMNS": "250"})
     assert r.returncode == 0, r.stderr
     import json
 
     prof = json.loads((out / "profile.json").read_text())
+    # the table writes the prompt once over its memorized features, not again on every row
+    assert sum(row["memorized"] for row in prof["rows"]) > 1 and r.stdout.count("a lucky red circle") == 1
     assert prof["settings"]["n"] == 2 and prof["control_prompts"] == controls.read_text().split("\n")[:2]
     assert (out / "prompt_0000.png").stat().st_size > 1000
     # what the command printed per memorized feature is what the file holds

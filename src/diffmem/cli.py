@@ -628,8 +628,13 @@ def categorize(
     from rich.table import Table
 
     table = Table("prompt", "feature", "kind", "frequency", "lift", "evidence")
-    for r in res.memorized():
-        table.add_row(r["prompt"], r["description"], r["kind"], f"{r['frequency']:.2f}", f"{r['lift']:.1f}", r["evidence"])
+    shown = None
+    for r in res.memorized():  # a prompt's features together, the prompt written once over them
+        if shown is not None and r["prompt"] != shown:
+            table.add_section()
+        table.add_row(r["prompt"] if r["prompt"] != shown else "", r["description"], r["kind"], f"{r['frequency']:.2f}",
+                      f"{r['lift']:.1f}", r["evidence"])
+        shown = r["prompt"]
     out_console.print(table)
     out_console.print(f"{len(res.memorized())} memorized features over {len(res.prompts)} prompts; "
                       f"{speed_text(res.seconds_per_prompt)}; results in {out}")
