@@ -56,7 +56,7 @@ class DetectSummary:
         return Path(path)
 
     def line(self) -> str:
-        base = f"scored {self.n_prompts} prompts in {self.seconds:.1f}s -> {self.out}"
+        base = f"scored {self.n_prompts} prompt{'s' if self.n_prompts != 1 else ''} in {self.seconds:.1f}s -> {self.out}"
         if self.n_truncated:
             base += f" ({self.n_truncated} longer than the model reads, scored on their first tokens: column truncated)"
         if self.threshold is None:
