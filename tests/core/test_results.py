@@ -33,3 +33,18 @@ def test_a_held_folder_is_refused_to_a_second_run_until_the_first_lets_go(tmp_pa
         hold_folder(folder)
     os.close(first)  # the run ended
     os.close(hold_folder(folder))
+
+
+def test_a_file_system_without_locks_runs_unguarded_rather_than_failing(tmp_path, monkeypatch):
+    import errno
+
+    import pytest
+
+    fcntl = pytest.importorskip("fcntl")
+    from diffmem.core.results import hold_folder
+
+    def no_locks(fd, how):
+        raise OSError(errno.ENOLCK, "No locks available")
+
+    monkeypatch.setattr(fcntl, "flock", no_locks)
+    assert hold_folder(tmp_path / "out") is None and (tmp_path / "out").is_dir()

@@ -72,13 +72,19 @@ def hold_folder(folder: str | Path) -> int | None:
         return None
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    fd = os.open(folder, os.O_RDONLY)
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:  # a folder that can be written but not read: it cannot be held, and the run goes on
+        return None
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
         os.close(fd)
         raise InputError(f"{folder} is in use by another diffmem run; wait for it to end, or choose another "
                          "output folder") from None
+    except OSError:  # a file system without locks (some network mounts): not guarded, as on Windows
+        os.close(fd)
+        return None
     return fd
 
 
