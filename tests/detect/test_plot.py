@@ -3,33 +3,20 @@
 import numpy as np
 
 
-def _bars(ax):
-    return [p for p in ax.patches if p.get_height() > 0]
-
-
 def test_the_histogram_counts_every_score_and_marks_the_threshold():
-    import matplotlib.pyplot as plt
-
     from diffmem.detect.plot import score_figure
 
     rng = np.random.default_rng(0)
     scores, reference = rng.normal(0.3, 0.05, 130), rng.normal(0.25, 0.05, 300)
-    fig = score_figure(scores, 0.4, reference, caption="settings")
-    try:
-        ax = fig.axes[0]
-        heights = [p.get_height() for p in ax.patches]
-        assert sum(heights) == 130 + 300  # both histograms, every prompt in a bar
-        assert [ln.get_xdata()[0] for ln in ax.lines] == [0.4]
-        labels = ax.get_legend_handles_labels()[1]
-        assert labels == ["reference (non-memorized), n=300", "scored prompts, n=130", "threshold 0.4"]
-    finally:
-        plt.close(fig)
+    ax = score_figure(scores, 0.4, reference, caption="settings").axes[0]
+    heights = [p.get_height() for p in ax.patches]
+    assert sum(heights) == 130 + 300  # both histograms, every prompt in a bar
+    assert [ln.get_xdata()[0] for ln in ax.lines] == [0.4]
+    labels = ax.get_legend_handles_labels()[1]
+    assert labels == ["reference (non-memorized), n=300", "scored prompts, n=130", "threshold 0.4"]
     # no calibration: no threshold line; one distinct score still gets its bar
-    fig = score_figure(np.full(5, 0.2))
-    try:
-        assert len(fig.axes[0].lines) == 0 and sum(p.get_height() for p in fig.axes[0].patches) == 5
-    finally:
-        plt.close(fig)
+    ax = score_figure(np.full(5, 0.2)).axes[0]
+    assert len(ax.lines) == 0 and sum(p.get_height() for p in ax.patches) == 5
 
 
 def test_detect_writes_the_histogram_beside_its_results(tmp_path, tiny_pipe):

@@ -62,8 +62,6 @@ def test_measure_with_only_one_measure_and_without_images():
 
 
 def test_the_grid_names_each_rewrite_its_measures_and_the_prompts_it_leaves_out(tmp_path):
-    import matplotlib.pyplot as plt
-
     rng = np.random.default_rng(0)
     imgs = lambda: rng.uniform(size=(10, 2, 8, 8, 3)).astype(np.float32)  # noqa: E731
     prompts = [f"a long prompt number {i} about a red circle on the left in a quiet park with a tall tree" for i in range(10)]
@@ -71,13 +69,10 @@ def test_the_grid_names_each_rewrite_its_measures_and_the_prompts_it_leaves_out(
     res.mitigated_prompts[3] = prompts[3]  # a prompt left as it was
     res.measures = {"replication_before": [1.0] * 10, "replication_after": [0.25] * 10}
     fig = res._grid_figure(max_prompts=8)
-    try:
-        assert "first 8 of 10 prompts" in fig._suptitle.get_text()
-        axes = np.asarray(fig.axes).reshape(8, 4)
-        assert axes[0, 0].get_ylabel().replace("\n", " ") == "a long prompt number 0 about a red circle on the left in a quiet park …"
-        assert axes[0, 2].get_xlabel() == "+ 12"  # the rewrite the after images were made from
-        assert axes[3, 2].get_xlabel() == ""
-        assert axes[0, 3].get_ylabel() == "replication 1.00 → 0.25"
-    finally:
-        plt.close(fig)
+    assert "first 8 of 10 prompts" in fig._suptitle.get_text()
+    axes = np.asarray(fig.axes).reshape(8, 4)
+    assert axes[0, 0].get_ylabel().replace("\n", " ") == "a long prompt number 0 about a red circle on the left in a quiet park …"
+    assert axes[0, 2].get_xlabel() == "+ 12"  # the rewrite the after images were made from
+    assert axes[3, 2].get_xlabel() == ""
+    assert axes[0, 3].get_ylabel() == "replication 1.00 → 0.25"
     assert res.plot_grid(tmp_path / "g.png").stat().st_size > 1000

@@ -182,12 +182,9 @@ class DetectBenchResult:
         return {"json": out / "bench_detect.json", "png": out / "bench_detect_roc.png"}
 
     def plot(self, path) -> None:
-        import matplotlib
+        from ..core.figures import subplots
 
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-
-        fig, ax = plt.subplots(figsize=(5.2, 4.6))
+        fig, ax = subplots(figsize=(5.2, 4.6))
         for r in self.grid + self.extra_rows:
             name = r.get("name") or f"noise norm, {r['steps']}, n={r['generations']}"
             ax.plot(r["fpr"], r["tpr"], label=f"{name} (AUC {r['auc']:.3f})", lw=1.3)
@@ -202,7 +199,6 @@ class DetectBenchResult:
         ax.legend(fontsize=6, loc="lower right")
         fig.tight_layout()
         fig.savefig(path, dpi=120)
-        plt.close(fig)
 
     n_pos: int = 0
     n_neg: int = 0

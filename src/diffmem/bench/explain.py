@@ -119,13 +119,10 @@ class ExplainBenchResult:
         both top words lead clearly, against the 0.8 bar. Right (with the masked generations): the
         replication of flagged verbatim captions with no word, a random word, each method's top word
         and the best word masked."""
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
+        from ..core.figures import subplots
 
         outcome = self.outcome()
-        fig, axes = plt.subplots(1, 2 if outcome else 1, figsize=(9 if outcome else 4.5, 3.6), squeeze=False)
+        fig, axes = subplots(1, 2 if outcome else 1, figsize=(9 if outcome else 4.5, 3.6), squeeze=False)
         ax = axes[0, 0]
         groups = self.agreement_by_group()
         decisive = self.agreement_where_decisive()
@@ -159,7 +156,6 @@ class ExplainBenchResult:
                          fontsize=8)
         fig.tight_layout()
         fig.savefig(path, dpi=130, bbox_inches="tight")
-        plt.close(fig)
         return Path(path)
 
     def save(self, out: str | Path) -> Path:

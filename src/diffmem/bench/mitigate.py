@@ -56,12 +56,9 @@ class MitigateBenchResult:
             return cls(d["rows"], d["settings"])
 
     def plot(self, path) -> None:
-        import matplotlib
+        from ..core.figures import subplots
 
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-
-        fig, ax = plt.subplots(figsize=(6.5, 4.5))
+        fig, ax = subplots(figsize=(6.5, 4.5))
         labelled = []
         for method in dict.fromkeys(r["method"] for r in self.rows):
             rs = [r for r in self.rows if r["method"] == method]
@@ -75,7 +72,6 @@ class MitigateBenchResult:
         fig.tight_layout()
         _label_points(ax, labelled)
         fig.savefig(path, dpi=130, bbox_inches="tight")
-        plt.close(fig)
 
 
 # offsets (points) tried in turn for a point's label: right, then left, then further above or below

@@ -90,10 +90,7 @@ class ProfileResult:
 
     def plot(self, path: str | Path, prompt_index: int = 0, max_images: int = 16) -> Path:
         """The N images of one prompt, each captioned with the memorized features it shows."""
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
+        from ..core.figures import subplots
 
         if self.images is None:
             raise InputError("this profile holds no images")
@@ -103,7 +100,7 @@ class ProfileResult:
         imgs = self.images[prompt_index][:max_images]
         cols = min(8, len(imgs))
         rows = int(np.ceil(len(imgs) / cols))
-        fig, axes = plt.subplots(rows, cols, figsize=(1.35 * cols, 1.55 * rows + 0.9), squeeze=False)
+        fig, axes = subplots(rows, cols, figsize=(1.35 * cols, 1.55 * rows + 0.9), squeeze=False)
         for k, ax in enumerate(axes.flat):
             ax.axis("off")
             if k >= len(imgs):
@@ -117,7 +114,6 @@ class ProfileResult:
         fig.suptitle(f"{prompt}\nmemorized: {legend or 'none'}", fontsize=6)
         fig.tight_layout()
         fig.savefig(path, dpi=130)
-        plt.close(fig)
         return Path(path)
 
 

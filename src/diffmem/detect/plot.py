@@ -26,12 +26,9 @@ def draw_scores(ax, scores, threshold: float | None = None, reference=None, labe
 
 
 def score_figure(scores, threshold: float | None = None, reference=None, caption: str = "", label: str = "scored prompts"):
-    import matplotlib
+    from ..core.figures import subplots
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(6.4, 3.0))
+    fig, ax = subplots(figsize=(6.4, 3.0))
     draw_scores(ax, scores, threshold, reference, label)
     ax.set_title(caption, fontsize=7)
     fig.tight_layout()

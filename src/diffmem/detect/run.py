@@ -44,7 +44,6 @@ class DetectSummary:
 
     def plot(self, path: str | Path, reference=None, caption: str = "") -> Path:
         """The scores' histogram against the threshold, and the reference scores it was fitted on if given."""
-        import matplotlib.pyplot as plt
 
         from .plot import score_figure
 
@@ -52,7 +51,6 @@ class DetectSummary:
             raise InputError("this summary holds no scores to draw")
         fig = score_figure(self.scores, self.threshold, reference, caption)
         fig.savefig(path, dpi=120)
-        plt.close(fig)
         return Path(path)
 
     def line(self) -> str:

@@ -164,14 +164,11 @@ class AttributionResult:
         return tmpl.render(method=self.method, items=items, truncated=self.truncated, mark=TRUNCATED_MARK)
 
     def plot(self, path: str | Path, title: str | None = None) -> Path:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
+        from ..core.figures import subplots
 
         n = len(self.tokens)
         crowded = n > PLOT_ROOMY_TOKENS  # a long prompt: narrower bars and upright labels, not a page-wide image
-        fig, ax = plt.subplots(figsize=(min(PLOT_MAX_WIDTH, max(3.0, (0.22 if crowded else 0.55) * n + 1)), 2.6))
+        fig, ax = subplots(figsize=(min(PLOT_MAX_WIDTH, max(3.0, (0.22 if crowded else 0.55) * n + 1)), 2.6))
         x = np.arange(n)
         ax.bar(x, self.token_scores, color="#c33")
         ax.set_xticks(x, [readable([t]) for t in self.tokens], rotation=90 if crowded else 45,
@@ -184,5 +181,4 @@ class AttributionResult:
         ax.set_title(title or f"{shown}{cut}\n{self.method}, steps {s.get('steps')}, seeds {self.seeds}", fontsize=8)
         fig.tight_layout()
         fig.savefig(path, dpi=120)
-        plt.close(fig)
         return Path(path)

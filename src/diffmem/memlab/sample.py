@@ -62,13 +62,10 @@ def sample_grid(model="memlab", out: str | Path = "memlab-sample", seeds: int = 
 
 
 def _draw(images, rows, checks, path):
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from ..core.figures import subplots
 
     n, s = images.shape[:2]
-    fig, axes = plt.subplots(n, s, figsize=(1.3 * s + 3.2, 1.3 * n), squeeze=False)
+    fig, axes = subplots(n, s, figsize=(1.3 * s + 3.2, 1.3 * n), squeeze=False)
     for i in range(n):
         for j in range(s):
             ax = axes[i, j]
@@ -87,4 +84,3 @@ def _draw(images, rows, checks, path):
     fig.suptitle("MemLab generations (green: as the manifest expects, red: not)", fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=110, bbox_inches="tight")  # "tight": the captions right of the grid are not clipped
-    plt.close(fig)

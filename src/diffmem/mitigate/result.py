@@ -111,26 +111,21 @@ class MitigationResult:
     def plot_grid(self, path: str | Path, max_prompts: int = 8) -> Path:
         """Before / after images side by side, one row per prompt (the first ``max_prompts``; the
         title says when there are more, all of them are in images.npz)."""
-        import matplotlib.pyplot as plt
 
         fig = self._grid_figure(max_prompts)
         fig.savefig(path, dpi=120)
-        plt.close(fig)
         return Path(path)
 
     def _grid_figure(self, max_prompts: int = 8):
         import textwrap
 
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
+        from ..core.figures import subplots
 
         if self.images_before is None:
             raise InputError("this result holds no images")
         p = min(max_prompts, len(self.prompts))
         s = self.images_before.shape[1]
-        fig, axes = plt.subplots(p, 2 * s, figsize=(1.1 * 2 * s + 1.4, 1.35 * p + 0.7), squeeze=False)
+        fig, axes = subplots(p, 2 * s, figsize=(1.1 * 2 * s + 1.4, 1.35 * p + 0.7), squeeze=False)
         m = self.measures
         for i in range(p):
             for j in range(s):
@@ -162,12 +157,9 @@ class MitigationResult:
         return fig
 
     def plot_trajectories(self, path: str | Path) -> Path:
-        import matplotlib
+        from ..core.figures import subplots
 
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-
-        fig, ax = plt.subplots(figsize=(4.5, 3.2))
+        fig, ax = subplots(figsize=(4.5, 3.2))
         for tr in self.trajectories:
             ax.plot(range(len(tr)), tr, lw=1, alpha=0.7)
         if "target" in self.settings:
@@ -179,5 +171,4 @@ class MitigationResult:
         ax.set_title(f"{self.method}, seeds {self.seeds}", fontsize=8)
         fig.tight_layout()
         fig.savefig(path, dpi=120)
-        plt.close(fig)
         return Path(path)

@@ -27,11 +27,8 @@ def _png_data(path: Path) -> str | None:
 
 
 def _fig_data(fig) -> str:
-    import matplotlib.pyplot as plt
-
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=110)
-    plt.close(fig)
     return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
 
 
@@ -53,12 +50,9 @@ def _score_figure(scores, reference, threshold, caption: str) -> str:
 
 
 def _roc_figure(roc: dict, caption: str) -> str:
-    import matplotlib
+    from ..core.figures import subplots
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(4.2, 3.6))
+    fig, ax = subplots(figsize=(4.2, 3.6))
     ax.plot(roc["fpr"], roc["tpr"], color="#d63", lw=1.5)
     ax.axvline(0.01, color="grey", ls=":", lw=1)
     ax.set_xscale("symlog", linthresh=0.01)

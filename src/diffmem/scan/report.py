@@ -68,16 +68,13 @@ def write_report(result, folder: str | Path, thumbs=None, max_phrases: int = 30)
 
 
 def _plot_memorization(result, path: Path) -> Path:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from ..core.figures import subplots
     import numpy as np
 
     s = result.rows["memorization_score"].to_numpy(float)
     s = s[np.isfinite(s)]
     thr = result.summary.set_index("check").loc["memorization", "detail"].get("threshold")
-    fig, ax = plt.subplots(figsize=(6, 3))
+    fig, ax = subplots(figsize=(6, 3))
     ax.hist(s, bins=60, color="#4c72b0")
     if thr is not None:
         ax.axvline(thr, color="crimson", linestyle="--", label=f"threshold {thr:.3f}")
@@ -86,5 +83,4 @@ def _plot_memorization(result, path: Path) -> Path:
     ax.set_ylabel("rows")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
-    plt.close(fig)
     return path

@@ -174,15 +174,12 @@ class ScanResult:
     def plot_clusters(self, path: str | Path, thumbs: np.ndarray | None = None, max_clusters: int = 12,
                       per_cluster: int = 8) -> Path | None:
         """A PNG grid: one line per largest image cluster, its first members' thumbnails."""
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
+        from ..core.figures import subplots
 
         clusters = self.info.get("image_clusters", [])[:max_clusters]
         if thumbs is None or not clusters:
             return None
-        fig, axes = plt.subplots(len(clusters), per_cluster, figsize=(per_cluster * 1.1, len(clusters) * 1.25),
+        fig, axes = subplots(len(clusters), per_cluster, figsize=(per_cluster * 1.1, len(clusters) * 1.25),
                                  squeeze=False)
         for line, cl in zip(axes, clusters):
             for k, ax in enumerate(line):
@@ -193,7 +190,6 @@ class ScanResult:
         fig.tight_layout()
         path = Path(path)
         fig.savefig(path, dpi=110)
-        plt.close(fig)
         return path
 
 

@@ -75,13 +75,10 @@ class TriggerVerification:
             return cls(meta["settings"], pd.DataFrame(meta["triggers"]), gens, meta["summary"])
 
     def plot(self, path: str | Path, images: np.ndarray | None = None) -> Path:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
+        from ..core.figures import subplots
 
         t = self.table.sort_values("replication_rate")
-        fig, ax = plt.subplots(figsize=(7, 0.28 * len(t) + 1.2))
+        fig, ax = subplots(figsize=(7, 0.28 * len(t) + 1.2))
         y = np.arange(len(t))
         ax.barh(y - 0.2, t["replication_rate"], 0.4, label="trigger phrase in new captions")
         ax.barh(y + 0.2, t["baseline_rate"], 0.4, label="random phrase, same captions")
@@ -91,7 +88,6 @@ class TriggerVerification:
         ax.legend(fontsize=7, loc="lower right")
         fig.tight_layout()
         fig.savefig(path, dpi=110)
-        plt.close(fig)
         return Path(path)
 
 

@@ -9,14 +9,11 @@ import numpy as np
 
 
 def plot_training(log: list[dict], filter_epochs: list[dict] | None, path: str | Path, title: str = "") -> Path:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from ..core.figures import subplots
     from matplotlib.ticker import MaxNLocator
 
     rows = 2 if filter_epochs else 1
-    fig, axes = plt.subplots(rows, 1, figsize=(6.4, 2.6 * rows), squeeze=False)
+    fig, axes = subplots(rows, 1, figsize=(6.4, 2.6 * rows), squeeze=False)
     ax = axes[0, 0]
     steps = np.array([r["step"] for r in log], float)
     loss = np.array([r["loss"] for r in log], float)
@@ -39,5 +36,4 @@ def plot_training(log: list[dict], filter_epochs: list[dict] | None, path: str |
         ax.set_ylim(0, max(1e-3, max(share) * 1.15))
     fig.tight_layout()
     fig.savefig(path, dpi=110)
-    plt.close(fig)
     return Path(path)
