@@ -220,9 +220,12 @@ class Trainer:
         self.log: list[dict] = []
         # with mem_filter_threshold: one record per epoch (n_rows samples drawn) of the samples
         # seen and dropped, and the running counts (the current epoch's, and the run's dropped total)
+        self._reset_filter_counts()
+        self._run_key: dict | None = None
+
+    def _reset_filter_counts(self) -> None:
         self.filter_log: list[dict] = []
         self.filter_counts = {"dropped": 0, "epoch_samples": 0, "epoch_dropped": 0}
-        self._run_key: dict | None = None
 
     def steps_per_epoch(self) -> int:
         """Batches are drawn with replacement: an epoch is as many samples as there are rows."""
@@ -258,7 +261,7 @@ class Trainer:
         # fp16 gradients underflow without loss scaling; disabled, the scaler passes everything through
         scaler = torch.amp.GradScaler(dev.type, enabled=cfg.mixed_precision == "fp16")
         start = 0
-        self.filter_log, self.filter_counts = [], {"dropped": 0, "epoch_samples": 0, "epoch_dropped": 0}
+        self._reset_filter_counts()  # a resumed run takes them from its checkpoint below
         ckpt = self.out / CHECKPOINT_DIR
         run_key = self.run_key()  # of the starting weights: taken (or kept) before a checkpoint replaces them
         if checkpoint_state(self.out).exists():
