@@ -58,6 +58,13 @@ def replace_folder(folder: str | Path, write) -> Path:
     return folder
 
 
+def foreign_folder(folder: str | Path, marker: str) -> bool:
+    """Whether ``folder`` holds files but not ``marker``, the file a diffmem writer leaves there first:
+    work there would overwrite or misread files diffmem did not write (new and empty folders are fine)."""
+    folder = Path(folder)
+    return folder.is_dir() and any(folder.iterdir()) and not (folder / marker).is_file()
+
+
 def hold_folder(folder: str | Path) -> int | None:
     """Hold ``folder`` (created if new) for one run: a second run into the same folder, such as a
     command started twice or a re-queued job, would write the same parts and checkpoints at once.

@@ -10,6 +10,7 @@ import numpy as np
 from PIL import Image
 
 from ..core.errors import InputError
+from ..core.results import foreign_folder
 from . import dataset as ds
 
 MANIFEST = "memlab_manifest.json"
@@ -21,7 +22,7 @@ def export_imagefolder(out: str | Path, seed: int = 0, control: bool = False, li
     OUT must be new, empty or an earlier MemLab build: building into a user's own image folder would
     overwrite its metadata.jsonl and images/00000.png onwards."""
     out = Path(out)
-    if out.is_dir() and any(out.iterdir()) and not (out / MANIFEST).is_file():
+    if foreign_folder(out, MANIFEST):
         raise InputError(f"{out} is not empty and holds no {MANIFEST}, so it is not an earlier MemLab build: "
                          "building there would overwrite its files; choose a new or empty folder")
     d = ds.build(ds.MemLabConfig(seed=seed, duplicate_planted=not control))

@@ -15,7 +15,7 @@ import torch
 
 from ..core.errors import DiffmemError, InputError
 from ..core.components import PipelineSpec, build_pipeline
-from ..core.results import replace_folder
+from ..core.results import foreign_folder, replace_folder
 from ..train.trainer import TrainConfig, TrainData, Trainer, encode_images, train_vae
 from . import dataset as ds
 
@@ -101,7 +101,7 @@ def check_run_folder(out: Path) -> None:
     end of its first stage on; before that it is empty)."""
     if out.is_file():
         raise InputError(f"{out} is a file; memlab train needs a folder")
-    if out.is_dir() and any(out.iterdir()) and not (out / VAE_STATS).exists():
+    if foreign_folder(out, VAE_STATS):
         raise InputError(f"{out} is not empty and holds no {VAE_STATS}, so it is not an earlier MemLab training run: "
                          "training there would overwrite or misread its files; choose a new or empty folder")
 

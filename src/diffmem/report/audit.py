@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 
 from ..core.errors import InputError
-from ..core.results import digest, dump_json, file_digest, reading_saved
+from ..core.results import digest, dump_json, file_digest, foreign_folder, reading_saved
 
 STAGES = ("detect", "explain", "categorize", "mitigate", "scan")
 
@@ -168,8 +168,7 @@ def resolve_prompts(settings: AuditSettings) -> AuditPrompts:
 def check_audit_folder(out: Path) -> None:
     """OUT must be new, empty or an earlier audit's (audit.json, or a stage folder from a run killed
     before its end): the audit writes a folder per stage, report.html and audit.json there."""
-    if out.is_dir() and any(out.iterdir()) and not (out / "audit.json").exists() and not any(
-            (out / stage).is_dir() for stage in STAGES):
+    if foreign_folder(out, "audit.json") and not any((out / stage).is_dir() for stage in STAGES):
         raise InputError(f"{out} is not empty and is not an earlier audit (no audit.json, no stage folder): the audit "
                          f"writes {', '.join(s + '/' for s in STAGES)} report.html and audit.json there; "
                          "choose a new or empty folder")

@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from ..core.errors import InputError
-from ..core.results import dump_json, replace_folder
+from ..core.results import dump_json, foreign_folder, replace_folder
 from .latents import check_latents_folder, encode_source
 from .trainer import TrainConfig, TrainData, Trainer, checkpoint_state
 
@@ -90,6 +90,6 @@ def _check_model_folder(model: Path, model_dir: Path) -> None:
     if model_dir.exists() and model.exists() and model.resolve() == model_dir.resolve():
         raise InputError(f"the trained pipeline would replace the model it starts from ({model_dir}); "
                          "choose another --out")
-    if model_dir.is_file() or (model_dir.is_dir() and any(model_dir.iterdir()) and not (model_dir / TRAIN_LOG).exists()):
+    if model_dir.is_file() or foreign_folder(model_dir, TRAIN_LOG):
         raise InputError(f"{model_dir} holds files diffmem train did not write, and the trained pipeline is saved "
                          "there; choose another --out")

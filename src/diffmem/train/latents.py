@@ -24,7 +24,7 @@ from safetensors.torch import load_file, save_file
 from ..core.cache import files_fingerprint
 from ..core.errors import InputError
 from ..core.loading import weights_hash
-from ..core.results import atomic_path, dump_json
+from ..core.results import atomic_path, dump_json, foreign_folder
 from .data import iter_pairs
 from .trainer import CHECKPOINT_DIR, encode_images
 
@@ -99,7 +99,7 @@ def encode_source(pipe, source: str, size: int, caption_column: str | None = Non
 def check_latents_folder(folder: Path) -> None:
     """The latents folder is diffmem's cache, replaced when the data changes: refuse one that holds
     files but no key.json, which diffmem did not write."""
-    if folder.is_file() or (folder.is_dir() and any(folder.iterdir()) and not (folder / "key.json").exists()):
+    if folder.is_file() or foreign_folder(folder, "key.json"):
         raise InputError(f"{folder} holds files diffmem train did not write, and it keeps its encoded latents "
                          "there; choose another --out")
 
