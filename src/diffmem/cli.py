@@ -809,9 +809,10 @@ def memlab_train(
     control: bool = typer.Option(False, help="train the duplication-free control model"),
     steps: Optional[int] = typer.Option(None, help="override the recipe's step count (for quick trials)"),
     threads: Optional[int] = typer.Option(None, min=1, help="torch threads (2 runs side by side: 1 each)"),
-    vae_from: Optional[Path] = typer.Option(
-        None, help="reuse the VAE stage of another run of this recipe (OUT/vae of the main run): the main "
-                   "and control runs train the same VAE on the same distinct images with the same seed"),
+    vae_from: Optional[str] = typer.Option(
+        None, help="reuse a VAE stage of this recipe instead of training it (about 20 minutes): OUT/vae of the main "
+                   "run, or a finished MemLab model folder ('memlab': the shipped one). The main and control runs "
+                   "train the same VAE on the same distinct images with the same seed"),
     device: str = DEVICE,
 ):
     """Reproduce the shipped MemLab model with the recorded seed and settings (about 75 minutes on 2 cores)."""
@@ -829,7 +830,7 @@ def memlab_train(
         rc = replace(rc, train=replace(rc.train, threads=threads))
     _hold(out)
     if vae_from is not None:
-        recipe.reuse_vae(vae_from, out)
+        recipe.reuse_vae(vae_from, out, rc)
     model_dir = recipe.run(rc, out, device=device)
     out_console.print(f"MemLab model saved to {model_dir}")
 

@@ -40,3 +40,36 @@ def test_a_tiny_run_and_a_second_run_seeded_with_its_vae(tmp_path):
     second = tmp_path / "control"
     recipe.reuse_vae(first / "vae", second)
     assert _tree(second) == {k: v for k, v in _tree(first).items() if k.parts[0] != "model"}
+
+
+def test_a_finished_model_folder_seeds_the_vae_stage_when_its_recipe_matches(tmp_path):
+    import json
+
+    rc = recipe.MemLabRecipe()
+    rc = replace(rc, vae_steps=1, train=replace(rc.train, steps=1, checkpoint_every=0))
+    model_dir = recipe.run(rc, tmp_path / "main", progress=False)
+    recorded = json.loads((model_dir / recipe.RECIPE_RECORD).read_text())
+    for source, out in ((model_dir, tmp_path / "a"), (model_dir / "vae", tmp_path / "b")):
+        recipe.reuse_vae(source, out, recipe.control_recipe(rc))  # duplication does not change the VAE stage
+        assert _tree(out / "vae") == _tree(model_dir / "vae")
+        assert json.loads((out / recipe.VAE_STATS).read_text()) == recorded["vae"]
+    other = replace(rc, vae_steps=2)  # another VAE stage: its VAE must be trained, not copied
+    with pytest.raises(InputError, match="other data, architecture, VAE steps or seed"):
+        recipe.reuse_vae(model_dir, tmp_path / "c", other)
+    assert not (tmp_path / "c").exists()
+    with pytest.raises(InputError, match="is not a finished MemLab VAE stage"):
+        recipe.reuse_vae(tmp_path / "a", tmp_path / "d", rc)  # a run folder, not its vae/
+    assert not (tmp_path / "d").exists()
+
+
+def test_the_shipped_models_vae_seeds_a_run_of_the_shipped_recipe(tmp_path):
+    import json
+
+    from diffmem.core.loading import memlab_path
+
+    out = tmp_path / "filtered"
+    recipe.reuse_vae("memlab", out, recipe.MemLabRecipe())
+    assert _tree(out / "vae") == _tree(memlab_path() / "vae")
+    shipped = json.loads((memlab_path() / recipe.RECIPE_RECORD).read_text())
+    assert json.loads((out / recipe.VAE_STATS).read_text()) == shipped["vae"]
+    recipe.check_run_folder(out)  # a run takes it as its own folder, the VAE stage done

@@ -13,13 +13,14 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..core.errors import DiffmemError, InputError
+from ..core.errors import InputError
 from ..core.components import PipelineSpec, build_pipeline
 from ..core.results import foreign_folder, replace_folder
 from ..train.trainer import TrainConfig, TrainData, Trainer, encode_images, train_vae
 from . import dataset as ds
 
 VAE_STATS = "vae_stats.json"  # beside OUT/vae: the VAE stage's figures
+RECIPE_RECORD = "memlab_recipe.json"  # in a finished model folder: its recipe, VAE figures and training log
 # DDIM steps and guidance a MemLab generation uses unless told otherwise
 DEFAULT_SAMPLER = {"num_inference_steps": 25, "guidance_scale": 5.0}
 
@@ -91,7 +92,7 @@ def run(recipe: MemLabRecipe, out_dir: str | Path, progress: bool = True, device
             "wall_time_s": time.time() - t0, "torch": torch.__version__}
     if recipe.train.mem_filter_threshold is not None:  # samples the filter dropped, per epoch
         info["mem_filter_epochs"] = trainer.filter_log
-    (model_dir / "memlab_recipe.json").write_text(json.dumps(info, indent=1))
+    (model_dir / RECIPE_RECORD).write_text(json.dumps(info, indent=1))
     return model_dir
 
 
@@ -106,25 +107,49 @@ def check_run_folder(out: Path) -> None:
                          "training there would overwrite or misread its files; choose a new or empty folder")
 
 
-def reuse_vae(vae_dir: str | Path, out_dir: str | Path) -> None:
+def _vae_stage(recipe: dict) -> dict:
+    """The settings the VAE stage depends on: the distinct images (duplication only repeats rows),
+    the architecture, its step count and the seed."""
+    data = {k: v for k, v in recipe["data"].items() if k != "duplicate_planted"}
+    return {"data": data, "spec": recipe["spec"], "vae_steps": recipe["vae_steps"], "seed": recipe["seed"]}
+
+
+def reuse_vae(vae_from: str | Path, out_dir: str | Path, recipe: MemLabRecipe | None = None) -> None:
     """Seed ``out_dir`` with a finished VAE stage so ``run`` resumes after it.
 
-    The VAE stage depends only on the distinct training images and the seed, which the main and
-    control data share (the control sees each planted image once instead of 64 times), so the
-    control run may take the main run's VAE instead of training the same one again.
+    The VAE stage depends only on the distinct training images, the architecture and the seed, which
+    the main and control data share (the control sees each planted image once instead of 64 times),
+    and which a training-time filter does not touch; so such runs may take a VAE already trained
+    instead of training the same one again. ``vae_from`` is either a run's ``OUT/vae`` (its figures
+    in ``OUT/vae_stats.json``) or a finished MemLab model folder (``"memlab"``: the shipped one),
+    whose ``memlab_recipe.json`` holds the figures and the recipe, checked against ``recipe``.
     """
     import shutil
 
-    src = Path(vae_dir)
+    from ..core.loading import resolve_model
+
+    src = Path(resolve_model(vae_from))
+    if (src / RECIPE_RECORD).is_file():  # a model folder: its vae/ beside the record
+        src = src / "vae"
+    record = src.parent / RECIPE_RECORD
     stats = src.parent / VAE_STATS
-    if not (src / "config.json").exists() or not stats.exists():
-        raise DiffmemError(f"{src} is not a finished MemLab VAE stage (needs config.json and ../vae_stats.json)")
+    if not (src / "config.json").is_file() or not (stats.is_file() or record.is_file()):
+        raise InputError(f"{vae_from} is not a finished MemLab VAE stage: give a run's OUT/vae (beside vae_stats.json) "
+                         f"or a finished MemLab model folder (holding vae/ and {RECIPE_RECORD})")
+    if stats.is_file():
+        stats_text = stats.read_text()
+    else:
+        recorded = json.loads(record.read_text())
+        if recipe is not None and _vae_stage(recorded["recipe"]) != _vae_stage(recipe.to_dict()):
+            raise InputError(f"{vae_from} was trained with other data, architecture, VAE steps or seed than this run's "
+                             "recipe, so its VAE is not this run's VAE stage; train it instead (leave out the VAE source)")
+        stats_text = json.dumps(recorded["vae"])
     out = Path(out_dir)
     check_run_folder(out)
     if (out / "vae" / "config.json").exists():
         return
     out.mkdir(parents=True, exist_ok=True)
-    shutil.copy(stats, out / VAE_STATS)  # first, as run() writes it
+    (out / VAE_STATS).write_text(stats_text)  # first, as run() writes it
     replace_folder(out / "vae", lambda tmp: shutil.copytree(src, tmp))
 
 
