@@ -217,3 +217,35 @@ def test_empty_data_is_an_error(tmp_path):
     pipe = tiny_pipeline()
     with pytest.raises(ValueError, match="empty"):
         Trainer(pipe, TrainData(torch.zeros(0, 4, 8, 8), np.zeros(0, int), []), TrainConfig(), tmp_path)
+
+
+def test_a_resumed_runs_log_counts_training_time_from_its_checkpoint(tmp_path, monkeypatch):
+    import types
+
+    from diffmem.train import trainer as trainer_module
+
+    clock = [0.0]  # a step takes one second; the pause between the two processes, an hour
+    monkeypatch.setattr(trainer_module, "time", types.SimpleNamespace(time=lambda: clock[0]))
+
+    def tick(step):
+        clock[0] += 1
+
+    cfg = TrainConfig(steps=20, batch_size=4, lr=1e-3, warmup_steps=2, checkpoint_every=5)
+    straight = tiny_pipeline(seed=3)
+    whole = Trainer(straight, _data(straight), cfg, tmp_path / "a")
+    whole.run(progress=False, on_step=tick)
+
+    def stop(step):
+        tick(step)
+        if step == 12:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        Trainer(tiny_pipeline(seed=3), _data(tiny_pipeline(seed=3)), cfg, tmp_path / "b").run(progress=False, on_step=stop)
+    clock[0] += 3600
+    resumed = Trainer(tiny_pipeline(seed=3), _data(tiny_pipeline(seed=3)), cfg, tmp_path / "b")
+    resumed.run(progress=False, on_step=tick)
+    assert whole.log[-1]["elapsed_s"] == 19
+    # steps 0-9 before the checkpoint (9 s: it is saved before step 9's tick) and 10-18 after; not the pause,
+    # nor the lost steps 10-12 of the killed run
+    assert resumed.log[-1]["elapsed_s"] == 18

@@ -260,7 +260,7 @@ class Trainer:
 
         # fp16 gradients underflow without loss scaling; disabled, the scaler passes everything through
         scaler = torch.amp.GradScaler(dev.type, enabled=cfg.mixed_precision == "fp16")
-        start = 0
+        start, self._elapsed_before = 0, 0.0
         self._reset_filter_counts()  # a resumed run takes them from its checkpoint below
         ckpt = self.out / CHECKPOINT_DIR
         run_key = self.run_key()  # of the starting weights: taken (or kept) before a checkpoint replaces them
@@ -276,7 +276,8 @@ class Trainer:
         from tqdm.auto import tqdm
 
         bar = tqdm(total=cfg.steps, initial=start, desc="training", unit="step", disable=not progress)
-        t0, counts, per_epoch = time.time(), self.filter_counts, self.steps_per_epoch()
+        # training time goes on from the checkpoint's, so a resumed run's log reads like a straight one's
+        t0, counts, per_epoch = time.time() - self._elapsed_before, self.filter_counts, self.steps_per_epoch()
         for step in range(start, cfg.steps):
             rows = torch.randint(0, n_rows, (cfg.batch_size,), generator=gen)
             x0 = latents_all[img_index[rows]]
@@ -340,7 +341,7 @@ class Trainer:
             if cfg.checkpoint_every and (step + 1) % cfg.checkpoint_every == 0 and step + 1 < cfg.steps:
                 _save_checkpoint(ckpt, step + 1, unet, te, optimizer, lr_sched, emas, gen,
                                  {"log": self.log, "grad_scaler": scaler.state_dict(), "run": run_key,
-                                  "filter_log": self.filter_log, "filter_counts": counts})
+                                  "filter_log": self.filter_log, "filter_counts": counts, "elapsed_s": time.time() - t0})
             if on_step:
                 on_step(step)
         bar.close()
@@ -409,6 +410,8 @@ class Trainer:
         # the filter's counts go on from the checkpoint (made before diffmem saved them: from 0)
         self.filter_log = state.get("filter_log", [])
         self.filter_counts.update(state.get("filter_counts", {}))
+        # (made before diffmem saved it: the last logged time, at most 50 steps short)
+        self._elapsed_before = state.get("elapsed_s", self.log[-1]["elapsed_s"] if self.log else 0.0)
         return int(state["step"])
 
 
