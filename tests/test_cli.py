@@ -20,6 +20,13 @@ def test_folder_that_is_not_a_pipeline(tmp_path):
     assert r.returncode == 2 and "no model_index.json" in r.stderr and "Traceback" not in r.stderr
 
 
+def test_memlab_train_refuses_a_vae_source_that_is_not_one_before_making_its_folder(tmp_path, tiny_pipe_dir):
+    out = tmp_path / "run"
+    r = run("memlab", "train", "--out", str(out), "--vae-from", str(tiny_pipe_dir / "vae"))  # a pipeline's, not a stage's
+    assert r.returncode == 2 and "is not a finished MemLab VAE stage" in r.stderr and "Traceback" not in r.stderr
+    assert not out.exists()
+
+
 def test_unwritable_output(tmp_path):
     blocker = tmp_path / "a-file"
     blocker.write_text("x")
