@@ -1,5 +1,6 @@
 """Training-time mitigation (Wen et al.): retrain MemLab with the memorization filter, with the
-shipped model's seed and budget, and compare the two models.
+shipped model's seed and budget, and compare the two models (filter_retrain.json; filter_retrain.png draws the
+retraining's loss and the share of samples dropped in each epoch).
 
 1. The threshold: per-sample text-conditional noise norms (epsilon units) of training rows at
    seeded random timesteps under the shipped model; T = the ``--quantile`` of the non-planted
@@ -11,7 +12,7 @@ shipped model's seed and budget, and compare the two models.
    points of the shipped model's.
 
     python benchmarks/memlab_filter_retrain.py --out RUN [--quantile 0.9] [--threshold T] [--vae-from memlab|MODEL|MAIN/vae|none] [--threads N]
-(about 70 minutes on 2 cores with the shipped model's VAE; resumable: re-run with the same --out)
+(about 45 minutes on 2 cores with the shipped model's VAE; resumable: re-run with the same --out)
 """
 
 from __future__ import annotations
@@ -51,6 +52,16 @@ def replication_and_agreement(model) -> dict:
     r = verify(model, VerifySettings(control_prompts=20, single_prompts=4, novel_prompts=120), progress=False)
     return {"verbatim_replication": r["verbatim_replication"], "generalization_colour_shape": r["generalization_colour_shape"],
             "negative_replication_any": r["negative_replication_any"]}
+
+
+def draw(model: Path, path: Path, threshold: float) -> Path:
+    """The retrained model's loss by step and the share of samples the filter dropped in each epoch."""
+    from diffmem.memlab import recipe
+    from diffmem.train.plot import plot_training
+
+    info = json.loads((Path(model) / recipe.RECIPE_RECORD).read_text())
+    return plot_training(info["train_log"], info["mem_filter_epochs"], path,
+                         title=f"MemLab retrained with the memorization filter (threshold {threshold:.3f})")
 
 
 def main() -> None:
@@ -94,6 +105,7 @@ def main() -> None:
                        "agreement_within_3_points": abs(summary["filtered"]["generalization_colour_shape"]
                                                         - summary["shipped"]["generalization_colour_shape"]) <= 0.03}
     (out / "filter_retrain.json").write_text(json.dumps(summary, indent=1))
+    draw(model, out / "filter_retrain.png", thr)
     print(json.dumps(summary, indent=1))
 
 
