@@ -48,3 +48,71 @@ def test_a_file_system_without_locks_runs_unguarded_rather_than_failing(tmp_path
 
     monkeypatch.setattr(fcntl, "flock", no_locks)
     assert hold_folder(tmp_path / "out") is None and (tmp_path / "out").is_dir()
+
+
+def _swap_killed_at(monkeypatch, moving, folder, write):
+    """replace_folder(folder, write), killed as it renames the folder named ``moving``."""
+    from pathlib import Path
+
+    import pytest
+
+    from diffmem.core.results import replace_folder
+
+    rename = Path.rename
+
+    def killed(self, target):
+        if self.name == moving:
+            raise KeyboardInterrupt
+        return rename(self, target)
+
+    monkeypatch.setattr(Path, "rename", killed)
+    with pytest.raises(KeyboardInterrupt):
+        replace_folder(folder, write)
+    monkeypatch.setattr(Path, "rename", rename)
+
+
+def test_a_folder_swap_a_kill_stopped_after_writing_is_finished_and_one_stopped_before_is_not(tmp_path, monkeypatch):
+    import pytest
+
+    from diffmem.core.results import finish_replace, replace_folder
+
+    def version(n):
+        def write(tmp):
+            tmp.mkdir()
+            (tmp / "done").write_text(str(n))
+        return write
+
+    def state(folder):
+        return sorted(p.name for p in folder.parent.iterdir()), (folder / "done").read_text()
+
+    # killed at each rename of the swap, replacing version 1 with version 2: what the next reader finds
+    for moving, found in (("model.tmp", "1"), ("model", "2"), ("model.new", "2")):
+        folder = tmp_path / moving / "model"
+        folder.parent.mkdir()
+        replace_folder(folder, version(1))
+        _swap_killed_at(monkeypatch, moving, folder, version(2))
+        assert state(finish_replace(folder, "done")) == (["model"] + (["model.tmp"] if moving == "model.tmp" else []), found)
+    # a first save, killed between its renames: no folder yet, the new one whole beside it
+    folder = tmp_path / "first" / "model"
+    folder.parent.mkdir()
+    _swap_killed_at(monkeypatch, "model.new", folder, version(1))
+    assert state(finish_replace(folder, "done")) == (["model"], "1")
+    # killed while writing: the previous folder stays, the half-written one is not taken
+    folder = tmp_path / "writing" / "model"
+    folder.parent.mkdir()
+    replace_folder(folder, version(1))
+
+    def half(tmp):
+        tmp.mkdir()
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        replace_folder(folder, half)
+    assert finish_replace(folder, "done") == folder and (folder / "done").read_text() == "1"
+    # a user's own folder named like the swap's is never taken for one: it has no marker
+    mine = tmp_path / "mine" / "model"
+    mine.mkdir(parents=True)
+    (mine.parent / "model.new").mkdir()
+    (mine.parent / "model.new" / "notes.txt").write_text("mine")
+    finish_replace(mine, "done")
+    assert sorted(p.name for p in mine.parent.iterdir()) == ["model", "model.new"]

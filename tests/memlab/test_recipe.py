@@ -29,14 +29,22 @@ def test_a_folder_that_is_not_a_training_run_is_refused_before_any_work(tmp_path
     assert _tree(foreign) == before
 
 
-def test_a_tiny_run_and_a_second_run_seeded_with_its_vae(tmp_path):
+def test_a_tiny_run_and_a_second_run_seeded_with_its_vae(tmp_path, monkeypatch):
     rc = recipe.MemLabRecipe()
     rc = replace(rc, vae_steps=1, train=replace(rc.train, steps=1, checkpoint_every=0))
     first = tmp_path / "main"
     model_dir = recipe.run(rc, first, progress=False)
     assert sorted(p.name for p in first.iterdir()) == ["model", "vae", recipe.VAE_STATS]  # no vae.tmp left
     assert (model_dir / "memlab_manifest.json").exists()
-    recipe.run(rc, first, progress=False)  # its own folder: run again, the VAE stage reused
+    vae = _tree(first / "vae")
+    (first / "vae").rename(first / "vae.new")  # as a kill between the VAE swap's two renames leaves it
+
+    def trained_again(*args, **kwargs):
+        raise AssertionError("the VAE stage was trained again")
+
+    monkeypatch.setattr(recipe, "train_vae", trained_again)
+    recipe.run(rc, first, progress=False)  # its own folder: run again, the VAE stage (finished in vae.new) reused
+    assert _tree(first / "vae") == vae and not (first / "vae.new").exists()
     second = tmp_path / "control"
     recipe.reuse_vae(first / "vae", second)
     assert _tree(second) == {k: v for k, v in _tree(first).items() if k.parts[0] != "model"}

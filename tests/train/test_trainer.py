@@ -38,33 +38,41 @@ def test_resume_after_interruption_gives_identical_weights(tmp_path):
         assert torch.equal(a[k], b[k]), k
 
 
-@pytest.mark.parametrize("killed_save", [1, 2])  # the first save has no checkpoint to swap out, later ones do
-def test_a_kill_between_the_checkpoint_swaps_renames_resumes_from_the_new_checkpoint(tmp_path, monkeypatch, killed_save):
+# (the folder a rename moves, the how-manieth such rename is killed, the step the run resumes from);
+# checkpoints every 5 steps: saves 1 and 2 are steps 5 and 10, and save 1 has no checkpoint to move out
+@pytest.mark.parametrize("moving, nth, resumes_at", [
+    ("checkpoint.tmp", 1, 5),   # save 1 written, not yet marked whole (.new): its state.json, written last, says it is
+    ("checkpoint.tmp", 2, 5),   # save 2 likewise, beside save 1: the checkpoint in place is kept
+    ("checkpoint", 1, 10),      # save 2 whole in .new, save 1 not yet moved out: save 2 is swapped in
+    ("checkpoint.new", 1, 5),   # between the swap's renames: the new checkpoint moves in
+    ("checkpoint.new", 2, 10),
+])
+def test_a_kill_during_a_checkpoint_swap_resumes_from_a_whole_checkpoint(tmp_path, monkeypatch, moving, nth, resumes_at):
     from pathlib import Path
 
     cfg = TrainConfig(steps=20, batch_size=4, lr=1e-3, warmup_steps=2, checkpoint_every=5, train_text_encoder=True, ema=True)
     straight = tiny_pipeline(seed=3)
     Trainer(straight, _data(straight), cfg, tmp_path / "a").run(progress=False)
 
-    rename, saves = Path.rename, []
+    rename, moves = Path.rename, []
 
-    def killed_before_the_new_checkpoint_moves_in(self, target):
-        if self.name == "checkpoint.tmp":
-            saves.append(target)
-            if len(saves) == killed_save:
+    def killed_while_moving(self, target):
+        if self.name == moving:
+            moves.append(target)
+            if len(moves) == nth:
                 raise KeyboardInterrupt
         return rename(self, target)
 
-    monkeypatch.setattr(Path, "rename", killed_before_the_new_checkpoint_moves_in)
+    monkeypatch.setattr(Path, "rename", killed_while_moving)
     interrupted = tiny_pipeline(seed=3)
     with pytest.raises(KeyboardInterrupt):
         Trainer(interrupted, _data(interrupted), cfg, tmp_path / "b").run(progress=False)
     monkeypatch.setattr(Path, "rename", rename)
-    assert not (tmp_path / "b" / "checkpoint").exists()
 
     resumed, steps = tiny_pipeline(seed=3), []
     Trainer(resumed, _data(resumed), cfg, tmp_path / "b").run(progress=False, on_step=steps.append)
-    assert steps[0] == 5 * killed_save  # the checkpoint the kill was moving in, not a start from nothing
+    assert steps[0] == resumes_at  # a whole checkpoint, the newest the kill left, not a start from nothing
+    assert sorted(p.name for p in (tmp_path / "b").iterdir()) == ["checkpoint"]  # nothing of the swap left beside it
     a, b = _weights(straight), _weights(resumed)
     for k in a:
         assert torch.equal(a[k], b[k]), k

@@ -40,21 +40,49 @@ def atomic_path(path: str | Path):
         raise
 
 
+def _swap_names(folder: Path) -> tuple[Path, Path, Path]:
+    return tuple(folder.with_name(folder.name + suffix) for suffix in (".tmp", ".new", ".old"))
+
+
 def replace_folder(folder: str | Path, write) -> Path:
-    """The folder counterpart of ``atomic_path``: ``write(tmp)`` fills ``folder.tmp`` beside it, which
-    is then swapped in (``folder`` to ``folder.old``, ``folder.tmp`` to ``folder``, the old one removed).
-    A kill leaves the previous folder whole, or between the two renames the new one whole in ``folder.tmp``."""
+    """The folder counterpart of ``atomic_path``: ``write(tmp)`` fills ``folder.tmp`` beside it; once
+    it returns, that is renamed ``folder.new`` (so a ``.new`` folder is always whole) and swapped in:
+    ``folder`` to ``folder.old``, ``folder.new`` to ``folder``, the old one removed. A kill while writing
+    leaves the previous folder in place; a kill after it, the new one whole, which ``finish_replace``
+    (called by whoever reads ``folder`` next) moves in."""
     import shutil
 
     folder = Path(folder)
-    tmp, old = folder.with_name(folder.name + ".tmp"), folder.with_name(folder.name + ".old")
-    for leftover in (tmp, old):
+    tmp, new, old = _swap_names(folder)
+    for leftover in (tmp, new, old):
         shutil.rmtree(leftover, ignore_errors=True)
     write(tmp)
+    tmp.rename(new)
+    _swap_in(folder, new, old)
+    return folder
+
+
+def _swap_in(folder: Path, new: Path, old: Path) -> None:
+    import shutil
+
     if folder.exists():
         folder.rename(old)
-    tmp.rename(folder)
+    new.rename(folder)
     shutil.rmtree(old, ignore_errors=True)
+
+
+def finish_replace(folder: str | Path, marker: str) -> Path:
+    """Finish a ``replace_folder`` a kill stopped after its writing: the whole new folder it left in
+    ``folder.new`` is swapped in (the previous one, in ``folder`` or ``folder.old``, goes). Only if
+    ``folder.new`` holds ``marker``, a file its writer leaves, so a user's own ``.new`` folder is
+    never taken for one."""
+    import shutil
+
+    folder = Path(folder)
+    _, new, old = _swap_names(folder)
+    if (new / marker).is_file():
+        shutil.rmtree(old, ignore_errors=True)  # the previous one, if the kill fell between the two renames
+        _swap_in(folder, new, old)
     return folder
 
 

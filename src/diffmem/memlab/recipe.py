@@ -15,7 +15,7 @@ import torch
 
 from ..core.errors import InputError
 from ..core.components import PipelineSpec, build_pipeline
-from ..core.results import foreign_folder, replace_folder
+from ..core.results import finish_replace, foreign_folder, replace_folder
 from ..train.trainer import TrainConfig, TrainData, Trainer, encode_images, train_vae
 from . import dataset as ds
 
@@ -70,7 +70,7 @@ def run(recipe: MemLabRecipe, out_dir: str | Path, progress: bool = True, device
     t0 = time.time()
     dataset = ds.build(recipe.data)
     pipe = build_pipeline(recipe.spec, seed=recipe.seed).to(dev)
-    vae_file = out / "vae"
+    vae_file = finish_replace(out / "vae", "config.json")  # a VAE stage a kill left whole in vae.new is done too
     if (vae_file / "config.json").exists():  # resuming: the VAE stage is done
         from diffusers import AutoencoderKL
 

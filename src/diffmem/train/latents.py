@@ -33,8 +33,8 @@ FORMAT = 1
 
 # what a training run writes in its output folder (train.api, trainer): left out of the data's
 # fingerprint should that folder lie inside the data
-RUN_OUTPUTS = ("latents", CHECKPOINT_DIR, f"{CHECKPOINT_DIR}.tmp", f"{CHECKPOINT_DIR}.old", "model", "model.tmp", "model.old",
-               "data_problems.json")
+RUN_OUTPUTS = ("latents", "data_problems.json") + tuple(
+    name + suffix for name in (CHECKPOINT_DIR, "model") for suffix in ("", ".tmp", ".new", ".old"))
 
 
 def source_fingerprint(source: str, run_dir: str | Path | None = None) -> str | None:

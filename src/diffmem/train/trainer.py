@@ -29,19 +29,21 @@ from diffusers.training_utils import EMAModel
 from safetensors.torch import load_file, save_file
 
 from ..core.errors import InputError
-from ..core.results import replace_folder
+from ..core.results import finish_replace, replace_folder
 
 MIXED_PRECISION = {"no": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
-CHECKPOINT_DIR = "checkpoint"  # in a run's output folder; swapped in through .tmp and .old beside it
+CHECKPOINT_DIR = "checkpoint"  # in a run's output folder; swapped in through .tmp, .new and .old beside it
 
 
 def checkpoint_state(out_dir: str | Path) -> Path:
     """The file whose presence means ``out_dir`` holds a checkpoint to resume. A save that a kill
-    stopped between its two renames is finished first: the new checkpoint then lies whole in
-    ``checkpoint.tmp`` and the previous one in ``checkpoint.old``, and neither is ``checkpoint``."""
-    path = Path(out_dir) / CHECKPOINT_DIR
+    stopped after writing is finished first (``finish_replace``). A ``checkpoint.tmp`` holding
+    ``state.json``, written last, is whole too: a kill just before it became ``checkpoint.new``, or a
+    save by a diffmem before ``.new`` (which swapped ``checkpoint.tmp`` in directly, the previous
+    checkpoint in ``checkpoint.old``)."""
+    path = finish_replace(Path(out_dir) / CHECKPOINT_DIR, "state.json")
     if not path.exists():
         for kept in (path.with_name(path.name + ".tmp"), path.with_name(path.name + ".old")):
             if (kept / "state.json").exists():  # written last, so the folder is whole
