@@ -224,6 +224,7 @@ class Trainer:
         # seen and dropped, and the running counts (the current epoch's, and the run's dropped total)
         self._reset_filter_counts()
         self._run_key: dict | None = None
+        self._elapsed_before = 0.0  # seconds trained before this run started: a resumed checkpoint's
 
     def _reset_filter_counts(self) -> None:
         self.filter_log: list[dict] = []
@@ -262,8 +263,9 @@ class Trainer:
 
         # fp16 gradients underflow without loss scaling; disabled, the scaler passes everything through
         scaler = torch.amp.GradScaler(dev.type, enabled=cfg.mixed_precision == "fp16")
+        # a resumed run takes its first step, training time and filter counts from its checkpoint below
         start, self._elapsed_before = 0, 0.0
-        self._reset_filter_counts()  # a resumed run takes them from its checkpoint below
+        self._reset_filter_counts()
         ckpt = self.out / CHECKPOINT_DIR
         run_key = self.run_key()  # of the starting weights: taken (or kept) before a checkpoint replaces them
         if checkpoint_state(self.out).exists():
