@@ -40,15 +40,14 @@ CHECKPOINT_DIR = "checkpoint"  # in a run's output folder; swapped in through .t
 def checkpoint_state(out_dir: str | Path) -> Path:
     """The file whose presence means ``out_dir`` holds a checkpoint to resume. A save that a kill
     stopped after writing is finished first (``finish_replace``). A ``checkpoint.tmp`` holding
-    ``state.json``, written last, is whole too: a kill just before it became ``checkpoint.new``, or a
-    save by a diffmem before ``.new`` (which swapped ``checkpoint.tmp`` in directly, the previous
-    checkpoint in ``checkpoint.old``)."""
+    ``state.json``, written last, is whole too, and is taken when there is no checkpoint: a first
+    save killed just before it became ``checkpoint.new``, or a save by a diffmem before ``.new``,
+    which swapped ``checkpoint.tmp`` in directly (its kill between the renames left the previous
+    checkpoint in ``checkpoint.old``, never without a whole ``checkpoint.tmp`` beside it)."""
     path = finish_replace(Path(out_dir) / CHECKPOINT_DIR, "state.json")
-    if not path.exists():
-        for kept in (path.with_name(path.name + ".tmp"), path.with_name(path.name + ".old")):
-            if (kept / "state.json").exists():  # written last, so the folder is whole
-                kept.rename(path)
-                break
+    written = path.with_name(path.name + ".tmp")
+    if not path.exists() and (written / "state.json").exists():
+        written.rename(path)
     return path / "state.json"
 
 
