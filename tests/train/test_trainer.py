@@ -78,6 +78,30 @@ def test_a_kill_during_a_checkpoint_swap_resumes_from_a_whole_checkpoint(tmp_pat
         assert torch.equal(a[k], b[k]), k
 
 
+def test_a_finished_run_run_again_trains_nothing_and_one_given_more_steps_goes_on_from_its_end(tmp_path):
+    from dataclasses import replace
+
+    from diffmem.core.errors import InputError
+
+    # 20 steps, checkpoints every 8: the last one before the end is at step 16
+    cfg = TrainConfig(steps=20, batch_size=4, lr=1e-3, warmup_steps=2, checkpoint_every=8, ema=True)
+    first = tiny_pipeline(seed=3)
+    Trainer(first, _data(first), cfg, tmp_path).run(progress=False)
+    again, steps = tiny_pipeline(seed=3), []
+    Trainer(again, _data(again), cfg, tmp_path).run(progress=False, on_step=steps.append)
+    assert steps == []  # not steps 16-19 again
+    a, b = _weights(first), _weights(again)
+    assert all(torch.equal(a[k], b[k]) for k in a)  # the same (EMA) model, saved again
+
+    more, steps = tiny_pipeline(seed=3), []
+    Trainer(more, _data(more), replace(cfg, steps=30), tmp_path).run(progress=False, on_step=steps.append)
+    assert steps == list(range(20, 30))
+    # resumed with fewer steps than it holds, the model would be saved as trained for fewer than it was
+    fewer = tiny_pipeline(seed=3)
+    with pytest.raises(InputError, match="already trained to step 30, past the 20 steps asked for"):
+        Trainer(fewer, _data(fewer), cfg, tmp_path).check_resumable()
+
+
 def test_a_checkpoint_of_another_run_is_refused_and_names_what_differs(tmp_path):
     from diffmem.core.errors import InputError
 

@@ -341,7 +341,9 @@ class Trainer:
                 bar.set_postfix(loss=f"{loss_value:.4f}")
                 if on_log:
                     on_log(rec)
-            if cfg.checkpoint_every and (step + 1) % cfg.checkpoint_every == 0 and step + 1 < cfg.steps:
+            # the last step too: a finished run re-run (its model save killed, or wanted again) trains
+            # nothing twice, and one given more steps goes on from its end
+            if cfg.checkpoint_every and ((step + 1) % cfg.checkpoint_every == 0 or step + 1 == cfg.steps):
                 _save_checkpoint(ckpt, step + 1, unet, te, optimizer, lr_sched, emas, gen,
                                  {"log": self.log, "grad_scaler": scaler.state_dict(), "run": run_key,
                                   "filter_log": self.filter_log, "filter_counts": counts, "elapsed_s": time.time() - t0})
@@ -385,15 +387,19 @@ class Trainer:
 
     def check_resumable(self, run_key: dict | None = None) -> None:
         """Raise if ``out/checkpoint`` holds another run's checkpoint (checkpoints made before the
-        run key was saved resume unchecked)."""
+        run key was saved resume unchecked), or one trained past ``steps``."""
         state = checkpoint_state(self.out)
         if not state.exists():
             return
-        saved = json.loads(state.read_text()).get("run")
+        saved = json.loads(state.read_text())
         run_key = json.loads(json.dumps(run_key or self.run_key()))
-        if saved is not None and run_key != saved:
-            raise InputError(f"{state.parent} is a checkpoint of another training run ({_differences(saved, run_key)}); "
+        if saved.get("run") is not None and run_key != saved["run"]:
+            raise InputError(f"{state.parent} is a checkpoint of another training run ({_differences(saved['run'], run_key)}); "
                              "use another output folder, or delete the checkpoint to start over")
+        # resumed, it would be saved as a model of fewer steps than it was trained for
+        if saved["step"] > self.cfg.steps:
+            raise InputError(f"{state.parent} is already trained to step {saved['step']}, past the {self.cfg.steps} steps "
+                             f"asked for; ask for at least {saved['step']}, or use another output folder")
 
     def _resume(self, ckpt: Path, unet, te, optimizer, lr_sched, emas, gen, scaler, run_key: dict) -> int:
         self.check_resumable(run_key)
