@@ -38,6 +38,7 @@ def test_a_tiny_run_and_a_second_run_seeded_with_its_vae(tmp_path, monkeypatch):
     assert (model_dir / "memlab_manifest.json").exists()
     vae = _tree(first / "vae")
     (first / "vae").rename(first / "vae.new")  # as a kill between the VAE swap's two renames leaves it
+    (first / "model").rename(first / "model.new")  # and the model's: its save was swapped in whole too
 
     def trained_again(*args, **kwargs):
         raise AssertionError("the VAE stage was trained again")
@@ -45,6 +46,7 @@ def test_a_tiny_run_and_a_second_run_seeded_with_its_vae(tmp_path, monkeypatch):
     monkeypatch.setattr(recipe, "train_vae", trained_again)
     recipe.run(rc, first, progress=False)  # its own folder: run again, the VAE stage (finished in vae.new) reused
     assert _tree(first / "vae") == vae and not (first / "vae.new").exists()
+    assert sorted(p.name for p in first.iterdir()) == ["model", "vae", recipe.VAE_STATS]
     second = tmp_path / "control"
     recipe.reuse_vae(first / "vae", second)
     assert _tree(second) == {k: v for k, v in _tree(first).items() if k.parts[0] != "model"}

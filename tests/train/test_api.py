@@ -55,6 +55,41 @@ def test_a_model_folder_diffmem_train_did_not_write_is_never_replaced(tmp_path, 
         train_pipeline(str(model_dir), str(data), out, **common)
 
 
+def test_a_model_a_kill_left_whole_beside_its_folder_is_moved_in_and_not_trained_again(
+        tmp_path, tiny_pipe_dir, colour_folder_with_a_broken_row, monkeypatch):
+    from diffmem.train.trainer import Trainer
+
+    data, out = colour_folder_with_a_broken_row, tmp_path / "out"
+    common = dict(steps=3, batch_size=2, checkpoint_every=2, progress=False)
+    rename = Path.rename
+
+    def killed_moving_the_new_model_in(self, target):
+        if self.name == "model.new":
+            raise KeyboardInterrupt
+        return rename(self, target)
+
+    monkeypatch.setattr(Path, "rename", killed_moving_the_new_model_in)
+    with pytest.warns(UserWarning, match="skipped"), pytest.raises(KeyboardInterrupt):
+        train_pipeline(str(tiny_pipe_dir), str(data), out, **common)
+    monkeypatch.setattr(Path, "rename", rename)
+    saved = _tree(out / "model.new")
+    assert not (out / "model").exists()
+
+    # run again with a setting its checkpoint refuses: the whole model is in place all the same
+    with pytest.raises(InputError, match="checkpoint of another training run"):
+        train_pipeline(str(tiny_pipe_dir), str(data), out, **{**common, "lr": 5e-4})
+    assert _tree(out / "model") == saved and not (out / "model.new").exists()
+
+    # run again as it was: the checkpoint of its last step is resumed, no step trained twice
+    steps, run = [], Trainer.run
+    monkeypatch.setattr(Trainer, "run", lambda self, **kw: run(self, **kw, on_step=steps.append))
+    with pytest.warns(UserWarning, match="skipped"):
+        model_dir = train_pipeline(str(tiny_pipe_dir), str(data), out, **common)
+    assert steps == []
+    assert {k: v for k, v in _tree(model_dir).items() if k.suffix == ".safetensors"} == {
+        k: v for k, v in saved.items() if k.suffix == ".safetensors"}
+
+
 def test_a_latents_folder_diffmem_did_not_write_is_kept_and_a_refused_source_writes_nothing(
         tmp_path, tiny_pipe_dir, colour_folder_with_a_broken_row):
     data, project = colour_folder_with_a_broken_row, tmp_path / "project"

@@ -71,6 +71,7 @@ def run(recipe: MemLabRecipe, out_dir: str | Path, progress: bool = True, device
     dataset = ds.build(recipe.data)
     pipe = build_pipeline(recipe.spec, seed=recipe.seed).to(dev)
     vae_file = finish_replace(out / "vae", "config.json")  # a VAE stage a kill left whole in vae.new is done too
+    finish_replace(out / "model", RECIPE_RECORD)  # and a model, before this run saves it again
     if (vae_file / "config.json").exists():  # resuming: the VAE stage is done
         from diffusers import AutoencoderKL
 
@@ -85,15 +86,18 @@ def run(recipe: MemLabRecipe, out_dir: str | Path, progress: bool = True, device
     data = training_data(pipe, dataset, progress=progress)
     trainer = Trainer(pipe, data, recipe.train, out)
     trainer.run(progress=progress)
-    model_dir = out / "model"
-    pipe.save_pretrained(model_dir, safe_serialization=True)
-    ds.save_manifest(dataset.manifest, model_dir / "memlab_manifest.json")
     info = {"recipe": recipe.to_dict(), "device": str(dev), "vae": vae_stats, "train_log": trainer.log,
             "wall_time_s": time.time() - t0, "torch": torch.__version__}
     if recipe.train.mem_filter_threshold is not None:  # samples the filter dropped, per epoch
         info["mem_filter_epochs"] = trainer.filter_log
-    (model_dir / RECIPE_RECORD).write_text(json.dumps(info, indent=1))
-    return model_dir
+
+    def write(tmp: Path):
+        pipe.save_pretrained(tmp, safe_serialization=True)
+        ds.save_manifest(dataset.manifest, tmp / "memlab_manifest.json")
+        (tmp / RECIPE_RECORD).write_text(json.dumps(info, indent=1))
+
+    # swapped in whole: a kill while saving leaves no half model for verify or sample to load
+    return replace_folder(out / "model", write)
 
 
 def check_run_folder(out: Path) -> None:

@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from ..core.errors import InputError
-from ..core.results import dump_json, foreign_folder, replace_folder
+from ..core.results import dump_json, finish_replace, foreign_folder, replace_folder
 from .latents import check_latents_folder, encode_source
 from .trainer import TrainConfig, TrainData, Trainer, checkpoint_state
 
@@ -34,6 +34,8 @@ def train_pipeline(model: str, data: str, out: str | Path, steps: int = 1000, ba
 
     out = Path(out)
     _check_model_folder(Path(model), out / MODEL_DIR)  # before anything is written
+    # a model a kill left whole beside its folder (in model.new) is moved in, even if this run stops early
+    finish_replace(out / MODEL_DIR, TRAIN_LOG)
     check_latents_folder(out / "latents")
     # the config checks its values before the model loads and the data is encoded
     cfg = TrainConfig(steps=steps, batch_size=batch_size, lr=lr, train_text_encoder=train_text_encoder, ema=ema,
