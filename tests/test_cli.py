@@ -386,6 +386,36 @@ def test_exit_codes_reach_the_shell(monkeypatch, capsys):
     assert e.value.code == 130 and "interrupted" in capsys.readouterr().err
 
 
+def test_ctrl_c_says_where_the_saved_work_is_that_the_same_command_goes_on_from(tmp_path, capsys):
+    from pathlib import Path
+
+    from diffmem import cli
+
+    def probe(name, resumes, saves):
+        @cli.memlab_app.command(name, hidden=True)
+        def interrupted(out: Path):
+            cli._hold(out, resumes=resumes)
+            if saves:
+                (out / "part_0000").mkdir()
+            raise KeyboardInterrupt
+
+    probe("resumable-probe", True, True)
+    probe("early-probe", True, False)
+    probe("restarting-probe", False, True)
+    said = {}
+    for name in ("resumable-probe", "early-probe", "restarting-probe"):
+        out = tmp_path / name
+        with pytest.raises(SystemExit) as e:
+            cli.main(["memlab", name, str(out)])
+        assert e.value.code == 130
+        said[name] = " ".join(capsys.readouterr().err.split())  # unwrapped
+    assert said["resumable-probe"] == (f"interrupted; the work saved in {tmp_path / 'resumable-probe'} is kept: run the "
+                                       "same command again to go on from it")
+    # nothing saved yet (the folder it made is removed), or a command that starts over: the word alone
+    assert said["early-probe"] == said["restarting-probe"] == "interrupted"
+    assert not (tmp_path / "early-probe").exists()
+
+
 def test_categorize_end_to_end_on_memlab(tmp_path):
     prompts = tmp_path / "p.txt"
     prompts.write_text("a lucky red circle on the left in the snow\n")

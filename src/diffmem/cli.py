@@ -90,20 +90,25 @@ def _remove_parts(folder: Path) -> None:
 
 
 _HELD: list[tuple[int | None, Path, bool]] = []  # (descriptor, folder, made by this run): see core.results.hold_folder
+_RESUMES_FROM: list[Path] = []  # where the running command saves work that the same command goes on from
 
 
-def _hold(folder: Path) -> None:
+def _hold(folder: Path, resumes: bool = True) -> None:
     """Refuse a second run into ``folder`` while this one lasts; called once a command's input is
-    checked, before the model loads. Let go when the command ends (``_let_go``)."""
+    checked, before the model loads. Let go when the command ends (``_let_go``). ``resumes``: the
+    command saves its work there as it goes, and run again goes on from it (said on Ctrl-C)."""
     from .core.results import hold_folder
 
     created = not folder.exists()
     _HELD.append((hold_folder(folder), folder, created))
+    if resumes:
+        _RESUMES_FROM.append(folder)
 
 
 def _let_go() -> None:
     """End the command's holds; a folder it made that is still empty (the model failed to load, say)
     is removed, so a failed command leaves no new folder behind."""
+    _RESUMES_FROM.clear()
     while _HELD:
         fd, folder, created = _HELD.pop()
         if fd is not None:
@@ -219,6 +224,7 @@ def detect(
         cal_path = out.with_name(out.stem + ".calibration.json")
         cal.save(cal_path)
         console.print(f"calibration: threshold {cal.threshold:.4g} at FPR {cal.fpr} from {cal.n_reference} prompts -> {cal_path}")
+    _RESUMES_FROM.append(out.with_name(out.name + ".parts"))  # detect_file's chunks (the folder is not held)
     summary = detect_file(det, prompts, out, column=column, calibration=cal)
     out_console.print(summary.line())
     st = det.settings
@@ -798,7 +804,7 @@ def memlab_build(
     from .memlab.export import export_imagefolder
 
     _check_writable(out)
-    _hold(out)
+    _hold(out, resumes=False)  # it starts over
     n = export_imagefolder(out, seed=seed, control=control)
     out_console.print(f"wrote {n} rows to {out} (metadata.jsonl, images/, memlab_manifest.json)")
 
@@ -872,7 +878,7 @@ def memlab_sample(
     from .memlab.sample import sample_grid
 
     _check_writable(out)
-    _hold(out)
+    _hold(out, resumes=False)  # it starts over
     res = sample_grid(model, out, seeds=seeds, device=device)
     out_console.print(res["summary"])
 
@@ -967,8 +973,10 @@ def app_cmd(
 
 
 def _exit(code: int):
-    if code == 130:  # Ctrl-C, however it reached us: say so
-        console.print("interrupted")
+    if code == 130:  # Ctrl-C, however it reached us: say so, and that the saved work is not lost
+        saved = [f for f in _RESUMES_FROM if f.is_dir() and any(f.iterdir())]
+        console.print("interrupted" + (f"; the work saved in {saved[-1]} is kept: run the same command again to go on "
+                                       "from it" if saved else ""), highlight=False)
     sys.exit(code)
 
 
