@@ -40,8 +40,12 @@ def atomic_path(path: str | Path):
         raise
 
 
+# the folders beside ``folder`` a ``replace_folder`` goes through: written, whole, and the one replaced
+SWAP_SUFFIXES = (".tmp", ".new", ".old")
+
+
 def _swap_names(folder: Path) -> tuple[Path, Path, Path]:
-    return tuple(folder.with_name(folder.name + suffix) for suffix in (".tmp", ".new", ".old"))
+    return tuple(folder.with_name(folder.name + suffix) for suffix in SWAP_SUFFIXES)
 
 
 def replace_folder(folder: str | Path, write) -> Path:

@@ -24,7 +24,7 @@ from safetensors.torch import load_file, save_file
 from ..core.cache import files_fingerprint
 from ..core.errors import InputError
 from ..core.loading import weights_hash
-from ..core.results import atomic_path, dump_json, foreign_folder
+from ..core.results import SWAP_SUFFIXES, atomic_path, dump_json, foreign_folder
 from .data import iter_pairs
 from .trainer import CHECKPOINT_DIR, encode_images
 
@@ -34,7 +34,7 @@ FORMAT = 1
 # what a training run writes in its output folder (train.api, trainer): left out of the data's
 # fingerprint should that folder lie inside the data
 RUN_OUTPUTS = ("latents", "data_problems.json") + tuple(
-    name + suffix for name in (CHECKPOINT_DIR, "model") for suffix in ("", ".tmp", ".new", ".old"))
+    name + suffix for name in (CHECKPOINT_DIR, "model") for suffix in ("",) + SWAP_SUFFIXES)
 
 
 def source_fingerprint(source: str, run_dir: str | Path | None = None) -> str | None:
