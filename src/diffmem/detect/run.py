@@ -44,7 +44,6 @@ class DetectSummary:
 
     def plot(self, path: str | Path, reference=None, caption: str = "") -> Path:
         """The scores' histogram against the threshold, and the reference scores it was fitted on if given."""
-
         from .plot import score_figure
 
         if self.scores is None:

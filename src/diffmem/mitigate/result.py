@@ -111,7 +111,6 @@ class MitigationResult:
     def plot_grid(self, path: str | Path, max_prompts: int = 8) -> Path:
         """Before / after images side by side, one row per prompt (the first ``max_prompts``; the
         title says when there are more, all of them are in images.npz)."""
-
         fig = self._grid_figure(max_prompts)
         fig.savefig(path, dpi=120)
         return Path(path)
