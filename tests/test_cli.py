@@ -229,9 +229,12 @@ def test_mitigate_measures_any_model_against_its_training_images_and_clip(tmp_pa
     prompts.write_text("a red circle\na blue square on the left\n")
     common = ["--prompts", str(prompts), "--model", str(tiny_pipe_dir), "--method", "rna", "--generations", "2",
               "--num-inference-steps", "4"]
-    r = run("mitigate", *common, "--out", str(tmp_path / "plain"))
+    r = run("mitigate", *common, "--placement", "end", "--n-numbers", "2", "--out", str(tmp_path / "plain"))
     assert r.returncode == 0, r.stderr
-    assert json.loads((tmp_path / "plain" / "mitigation.json").read_text())["measures"] == {}
+    plain = json.loads((tmp_path / "plain" / "mitigation.json").read_text())
+    assert plain["measures"] == {} and plain["settings"]["placement"] == "end" and plain["settings"]["n_numbers"] == 2
+    assert all(new.startswith(old + " ") and len(new.split()) == len(old.split()) + 2  # rna's options reach it
+               for new, old in zip(plain["mitigated_prompts"], prompts.read_text().splitlines()))
     before = np.load(tmp_path / "plain" / "images.npz")["before"]
     train = tmp_path / "train"
     train.mkdir()
@@ -259,7 +262,9 @@ def test_mitigate_measures_any_model_against_its_training_images_and_clip(tmp_pa
                         # another method's options were ignored without a word
                         (["--target", "0.5", "--lr", "0.1"], "--target (embedding), --lr (embedding) are options of "
                                                              "another method than --method rna; leave them out"),
-                        (["--sigma", "0.3"], "--sigma (gni) is an option of another method than --method rna")):
+                        (["--sigma", "0.3"], "--sigma (gni) is an option of another method than --method rna"),
+                        (["--n-tokens", "3"], "--n-tokens (rta) is an option of another method than --method rna"),
+                        (["--placement", "middle"], "--placement must be one of random, end, got 'middle'")):
         r = run("mitigate", *common, *extra, "--out", str(bad))
         assert r.returncode == 2 and said in r.stderr and "Traceback" not in r.stderr, (extra, r.stderr)
         assert not bad.exists()

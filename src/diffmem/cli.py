@@ -130,8 +130,12 @@ def _mode_options(modes: dict[str, dict[str, tuple[str, object]]], chosen) -> tu
     """Options given on the command line, per mode (a method, a scan check) as {flag: (keyword, value)}:
     those given for modes not chosen, as "--flag (mode)" (they would go unused without a word), and by
     keyword those given for the chosen ones (the rest keep the Python API's defaults)."""
-    unused = [f"{flag} ({mode})" for mode, opts in modes.items() if mode not in chosen
-              for flag, (_, value) in opts.items() if value is not None]
+    elsewhere: dict[str, list[str]] = {}  # a flag given for modes not chosen -> those modes (a flag may serve several)
+    for mode, opts in modes.items():
+        for flag, (_, value) in opts.items():
+            if mode not in chosen and value is not None and not any(flag in modes.get(c, {}) for c in chosen):
+                elsewhere.setdefault(flag, []).append(mode)
+    unused = [f"{flag} ({', '.join(ms)})" for flag, ms in elsewhere.items()]
     given = {name: value for mode, opts in modes.items() if mode in chosen for name, value in opts.values()
              if value is not None}
     return unused, given
@@ -337,6 +341,10 @@ def mitigate(
     generations: int = typer.Option(4, min=1),
     seed: int = SEED,
     n_tokens: Optional[int] = typer.Option(None, help="rta: random words added (default 4)"),
+    n_numbers: Optional[int] = typer.Option(None, help="rna: random numbers added (default 4)"),
+    n_repeats: Optional[int] = typer.Option(None, help="word_repetition: prompt words added again (default 2)"),
+    placement: Optional[str] = typer.Option(None, help="rta, rna: where the added words go: random (each at a random "
+                                            "place among the prompt's words, as in Somepalli et al.; the default) or end"),
     sigma: Optional[float] = typer.Option(None, help="gni: noise standard deviation (default 0.1)"),
     num_inference_steps: Optional[int] = NUM_INFERENCE_STEPS,
     guidance_scale: Optional[float] = GUIDANCE_SCALE,
@@ -363,6 +371,7 @@ def mitigate(
     from .core.loading import load_pipeline
     from .detect import Calibration
     from .mitigate import BASELINES, EmbeddingOptimization
+    from .mitigate.baselines import PLACEMENTS
     from .mitigate.measures import chosen_measures
     from .mitigate.parts import mitigate_in_parts
     from .mitigate.report import apply_measures, save_outputs
@@ -377,11 +386,15 @@ def mitigate(
         "embedding": {"--target": ("target", target), "--calibration": ("calibration", calibration),
                       "--loss-steps": ("loss_steps", loss_steps), "--positions": ("positions", positions),
                       "--rewrite": ("rewrite", rewrite), "--lr": ("lr", lr), "--max-iters": ("max_iters", max_iters)},
-        "rta": {"--n-tokens": ("n_tokens", n_tokens)}, "gni": {"--sigma": ("sigma", sigma)}}, {method})
+        "rta": {"--n-tokens": ("n_tokens", n_tokens), "--placement": ("placement", placement)},
+        "rna": {"--n-numbers": ("n_numbers", n_numbers), "--placement": ("placement", placement)},
+        "word_repetition": {"--n-repeats": ("n_repeats", n_repeats)}, "gni": {"--sigma": ("sigma", sigma)}}, {method})
     if misplaced:
         one = len(misplaced) == 1
         raise InputError(f"{', '.join(misplaced)} {'is an option' if one else 'are options'} of another method than "
                          f"--method {method}; leave {'it' if one else 'them'} out")
+    if placement is not None and placement not in PLACEMENTS:
+        raise InputError(f"--placement must be one of {', '.join(PLACEMENTS)}, got {placement!r}")
     optimization = {k: v for k, v in given.items() if k not in ("target", "calibration")}  # the target is passed apart
     # the chosen measures load (and read the training images) before the model, so a bad path costs nothing
     replication, alignment = chosen_measures(train_images, sscd, clip, image_column, progress=True)

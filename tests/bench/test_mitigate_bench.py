@@ -70,7 +70,7 @@ def test_bench_mitigate_only_computes_just_the_targets_its_rows_need(memlab_mani
 
     pipe = load_pipeline("memlab")
     res = bench_mitigate(pipe, memlab_manifest, generations=1, max_prompts=2, progress=False, only="rta, 4 tokens")
-    assert [(r["method"], r["setting"]) for r in res.rows] == [("none", "unmitigated"), ("rta", "4 tokens")]
+    assert [(r["method"], r["setting"]) for r in res.rows] == [("none", "unmitigated"), ("rta", "4 tokens, random places")]
     assert not any("threshold" in k for k in res.settings)  # no calibration ran
 
 
@@ -152,8 +152,8 @@ def test_bench_mitigate_command_adds_a_row_to_the_saved_ones(tmp_path):
         assert done.returncode == 0, done.stderr
     saved = json.loads((out / "bench_mitigate.json").read_text())
     assert [(r["method"], r["setting"]) for r in saved["rows"]] == [
-        ("none", "unmitigated"), ("rta", "4 tokens"), ("rna", "4 numbers")]
-    assert saved["settings"]["reused_rows"] == ["rta, 4 tokens"] and "rna" in saved["table"]
+        ("none", "unmitigated"), ("rta", "4 tokens, random places"), ("rna", "4 numbers, random places")]
+    assert saved["settings"]["reused_rows"] == ["rta, 4 tokens, random places"] and "rna" in saved["table"]
 
 
 def test_trade_off_labels_keep_off_each_other_and_the_points():

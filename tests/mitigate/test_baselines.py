@@ -21,8 +21,8 @@ def test_rewrites_are_seeded_and_generated_as_written(tiny_pipe):
     rna = BASELINES["rna"](tiny_pipe, generations=2, num_inference_steps=3, seed=5)
     res = rna.mitigate(PROMPTS)
     for new, old in zip(res.mitigated_prompts, PROMPTS):
-        added = new[len(old):].split()
-        assert new.startswith(old + " ") and len(added) == 4 and all(a.isdigit() for a in added)
+        added = [w for w in new.split() if w.isdigit()]
+        assert len(added) == 4 and [w for w in new.split() if not w.isdigit()] == old.split()
     again = BASELINES["rna"](tiny_pipe, generations=2, num_inference_steps=3, seed=5).mitigate(PROMPTS, generate_images=False)
     assert again.mitigated_prompts == res.mitigated_prompts and res.seeds == [5, 6]
     # the after images are a plain generation of the rewritten text with the same seeds
@@ -107,3 +107,49 @@ def test_rta_adds_words_that_typed_are_the_tokens_drawn(tiny_pipe):
     ids = tok(rta._words, add_special_tokens=False).input_ids
     assert len(rta._words) > 30_000
     assert all(len(i) == 1 and tok.convert_ids_to_tokens(i)[0] == w + "</w>" for i, w in zip(ids, rta._words))
+
+
+def test_added_words_go_in_at_random_places_as_in_the_papers_code(tiny_pipe):
+    """Somepalli et al.'s and Wen et al.'s code insert each added word at a random place among the
+    prompt's words; ``placement="end"`` appends them. The prompt's own words keep their order."""
+    import collections
+
+    prompts = [f"a photo of a cat number {chr(97 + i)} on a mat" for i in range(20)]
+    places = collections.Counter()
+    for name in ("rta", "rna"):
+        new = BASELINES[name](tiny_pipe, seed=3).mitigate(prompts, generate_images=False).mitigated_prompts
+        for rewritten, old in zip(new, prompts):
+            words = rewritten.split()
+            own = [w for w in words if w in old.split()]
+            assert own == old.split() and len(words) == len(own) + 4  # the prompt's words, in order, and 4 more
+            places.update("inside" if i < words.index("mat") else "after" for i, w in enumerate(words) if w not in old.split())
+        numbers = [int(w) for p in new for w in p.split() if w.isdigit()] if name == "rna" else []
+        assert name != "rna" or (max(numbers) < 100_000 and max(numbers) >= 10_000)  # the papers' range, 0..99,999
+        end = BASELINES[name](tiny_pipe, seed=3, placement="end").mitigate(prompts, generate_images=False).mitigated_prompts
+        assert all(r.startswith(p + " ") and len(r.split()) == len(p.split()) + 4 for r, p in zip(end, prompts))
+    assert places["inside"] > 2 * places["after"] > 0  # 10 places of 11 lie before the last word, at first
+    repeated = BASELINES["word_repetition"](tiny_pipe, seed=3).mitigate(prompts, generate_images=False).mitigated_prompts
+    apart = 0
+    for rewritten, old in zip(repeated, prompts):
+        extra = collections.Counter(rewritten.split()) - collections.Counter(old.split())
+        assert sum(extra.values()) == 2 and set(extra) <= set(old.split())  # two of the prompt's own words, again
+        words = rewritten.split()
+        apart += any(words[i] != words[i + 1] and words[i] in extra for i in range(len(words) - 1)
+                     if words.count(words[i]) > old.split().count(words[i]))
+    assert apart > 0  # not only next to the word repeated
+
+
+def test_a_prompt_near_clips_limit_keeps_most_added_words_inside_it(tiny_pipe):
+    """At random places, a long prompt's additions mostly fall inside the 77 tokens CLIP reads, and
+    the prompt's tail is cut instead; appended, all of them fall past the cut and change nothing."""
+    from diffmem.core import denoise
+
+    long = " ".join(["a"] * 75)  # 75 + BOS + EOS: all CLIP reads
+    for placement, read in (("random", 4), ("end", 0)):
+        rta = BASELINES["rta"](tiny_pipe, seed=1, placement=placement)
+        new = rta.mitigate([long], generate_images=False).mitigated_prompts[0]
+        ids = denoise.tokenize(tiny_pipe, [new], warn=False)[0].tolist()
+        added_ids = set(tiny_pipe.tokenizer(" ".join(w for w in new.split() if w != "a"), add_special_tokens=False).input_ids)
+        assert sum(i in added_ids for i in ids) == read
+    with pytest.raises(Exception, match="placement must be one of random, end"):
+        BASELINES["rna"](tiny_pipe, placement="middle")

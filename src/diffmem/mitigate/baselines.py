@@ -1,6 +1,13 @@
 """The baselines of Somepalli et al. 2023 that Wen et al. compare with, under the interface of
 ``EmbeddingOptimization``: ``Method(pipe, ...).mitigate(prompts) -> MitigationResult``. They change
-the prompt's text (RTA, RNA, word repetition) or its embedding (GNI) without looking at the loss."""
+the prompt's text (RTA, RNA, word repetition) or its embedding (GNI) without looking at the loss.
+
+As in both papers' code, each added word goes in at a random place among the prompt's words (one
+draw per word, the earlier ones counted), not at its end: so a long prompt's additions still fall
+mostly inside the 77 tokens CLIP reads. ``placement="end"`` appends them instead (RTA and RNA),
+keeping the prompt's own words in order; ``EmbeddingOptimization``'s ``rewrite`` starts from that.
+Deviations, on purpose: RTA draws whole ASCII words (``RandomTokenAddition``), where the papers
+decode any token id, so some of their additions are word pieces or bytes of an emoji."""
 
 from __future__ import annotations
 
@@ -16,6 +23,20 @@ from ..core.errors import InputError
 from .result import MitigationResult
 
 
+PLACEMENTS = ("random", "end")  # where RTA and RNA put their words: among the prompt's (the papers'), or after it
+
+
+def insert_words(prompt: str, words, rng: np.random.Generator, placement: str = "random") -> str:
+    """``prompt`` with ``words`` added: each at a random place among the words so far (0 = first,
+    after the last = appended; Somepalli et al.'s ``insert_rand_word``), or all appended."""
+    if placement == "end":
+        return " ".join([prompt, *words])
+    parts = prompt.split(" ")
+    for w in words:
+        parts.insert(int(rng.integers(len(parts) + 1)), w)
+    return " ".join(parts)
+
+
 class _PromptRewrite:
     """Baselines that change the prompt text (or its embedding) without looking at the loss."""
 
@@ -26,7 +47,12 @@ class _PromptRewrite:
         if generations < 1:
             raise InputError(f"generations must be >= 1, got {generations}")
         denoise.check_seed(seed)
+        placement = params.get("placement")
+        if placement is not None and placement not in PLACEMENTS:
+            raise InputError(f"placement must be one of {', '.join(PLACEMENTS)}, got {placement!r}")
         for name, value in params.items():  # counts of words / numbers / repeats, or GNI's sigma
+            if name == "placement":
+                continue
             if not (math.isfinite(value) and value >= 0) or (name != "sigma" and int(value) != value):
                 raise InputError(f"{name} must be a {'non-negative number' if name == 'sigma' else 'whole number >= 0'}, "
                                  f"got {value}")
@@ -71,12 +97,13 @@ class _PromptRewrite:
 
 
 class RandomTokenAddition(_PromptRewrite):
-    """RTA: append ``n_tokens`` random vocabulary words."""
+    """RTA: add ``n_tokens`` random vocabulary words, each at a random place (``placement="end"``:
+    appended)."""
 
     method = "rta"
 
-    def __init__(self, pipe, n_tokens: int = 4, **kw):
-        super().__init__(pipe, n_tokens=n_tokens, **kw)
+    def __init__(self, pipe, n_tokens: int = 4, placement: str = "random", **kw):
+        super().__init__(pipe, n_tokens=n_tokens, placement=placement, **kw)
         vocab = pipe.tokenizer.get_vocab()
         # whole-word tokens made of letters: what a person could type. ASCII only: CLIP's byte-level
         # vocabulary spells other text as bytes ("âĢĶ" is an em dash), which typed would be other tokens
@@ -84,23 +111,26 @@ class RandomTokenAddition(_PromptRewrite):
                              and len(w) > 6)
 
     def rewrite(self, prompt, rng):
-        return prompt + " " + " ".join(rng.choice(self._words, self.params["n_tokens"]))
+        words = rng.choice(self._words, self.params["n_tokens"])
+        return insert_words(prompt, words, rng, self.params["placement"])
 
 
 class RandomNumberAddition(_PromptRewrite):
-    """RNA: append ``n_numbers`` random integers."""
+    """RNA: add ``n_numbers`` random integers below 100,000, each at a random place
+    (``placement="end"``: appended)."""
 
     method = "rna"
 
-    def __init__(self, pipe, n_numbers: int = 4, **kw):
-        super().__init__(pipe, n_numbers=n_numbers, **kw)
+    def __init__(self, pipe, n_numbers: int = 4, placement: str = "random", **kw):
+        super().__init__(pipe, n_numbers=n_numbers, placement=placement, **kw)
 
     def rewrite(self, prompt, rng):
-        return prompt + " " + " ".join(str(int(x)) for x in rng.integers(0, 10_000, self.params["n_numbers"]))
+        numbers = [str(int(x)) for x in rng.integers(0, 100_000, self.params["n_numbers"])]
+        return insert_words(prompt, numbers, rng, self.params["placement"])
 
 
 class WordRepetition(_PromptRewrite):
-    """Repeat ``n_repeats`` randomly chosen words of the prompt in place."""
+    """CWR: ``n_repeats`` words drawn from the prompt's own, each added again at a random place."""
 
     method = "word_repetition"
 
@@ -108,11 +138,8 @@ class WordRepetition(_PromptRewrite):
         super().__init__(pipe, n_repeats=n_repeats, **kw)
 
     def rewrite(self, prompt, rng):
-        words = prompt.split()
-        for _ in range(self.params["n_repeats"]):
-            i = int(rng.integers(len(words)))
-            words.insert(i, words[i])
-        return " ".join(words)
+        own = prompt.split()
+        return insert_words(prompt, [own[int(rng.integers(len(own)))] for _ in range(self.params["n_repeats"])], rng)
 
 
 class GaussianNoiseInjection(_PromptRewrite):

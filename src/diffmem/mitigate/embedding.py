@@ -24,7 +24,7 @@ from 0.978 to 0.045 and attribute agreement from 0.926 to 0.841; "eos" keeps agr
 but leaves replication at 0.072, template layouts mostly (0.108 of their generations).
 
 ``rewrite="rna"`` (our extension; None = Wen et al.) starts a prompt that is above the target from
-its RNA rewrite (four random numbers appended, Somepalli et al.'s baseline) and optimizes from
+its RNA rewrite (four random numbers, Somepalli et al.'s baseline, appended) and optimizes from
 there while it stays above; a prompt below the target is still untouched. The rewrite alone keeps
 alignment but leaves some replication (0.158 on MemLab), and the optimization removes the rest
 with far less movement than from the prompt itself. With "eos": replication 0.978 -> 0.000 at
@@ -172,7 +172,8 @@ class EmbeddingOptimization:
         if self.settings["rewrite"] is None:
             return prompt
         if self._rewriter is None:
-            self._rewriter = BASELINES[self.settings["rewrite"]](self.pipe, seed=self.settings["seed"])
+            # appended, not at random places as the baseline itself: the prompt's own words keep their order
+            self._rewriter = BASELINES[self.settings["rewrite"]](self.pipe, seed=self.settings["seed"], placement="end")
         return self._rewriter.rewrite(prompt, self._rewriter.rng_for(prompt))
 
     @staticmethod
