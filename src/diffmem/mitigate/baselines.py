@@ -7,7 +7,9 @@ draw per word, the earlier ones counted), not at its end: so a long prompt's add
 mostly inside the 77 tokens CLIP reads. ``placement="end"`` appends them instead (RTA and RNA),
 keeping the prompt's own words in order; ``EmbeddingOptimization``'s ``rewrite`` starts from that.
 Deviations, on purpose: RTA draws whole ASCII words (``RandomTokenAddition``), where the papers
-decode any token id, so some of their additions are word pieces or bytes of an emoji."""
+decode any token id, so some of their additions are word pieces or bytes of an emoji; GNI noises
+the prompt's embedding after BOS, where Somepalli et al.'s code noised the whole encoded batch, the
+unconditional embedding and BOS included, so that guidance itself was perturbed."""
 
 from __future__ import annotations
 
