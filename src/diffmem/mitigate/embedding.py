@@ -26,9 +26,10 @@ but leaves replication at 0.072, template layouts mostly (0.108 of their generat
 ``rewrite="rna"`` (our extension; None = Wen et al.) starts a prompt that is above the target from
 its RNA rewrite (four random numbers, Somepalli et al.'s baseline, appended) and optimizes from
 there while it stays above; a prompt below the target is still untouched. The rewrite alone keeps
-alignment but leaves some replication (0.158 on MemLab), and the optimization removes the rest
+alignment but leaves some replication (0.140 on MemLab), and the optimization removes the rest
 with far less movement than from the prompt itself. With "eos": replication 0.978 -> 0.000 at
-agreement 0.926 -> 0.986 (bench mitigate), the setting ``diffmem audit`` uses.
+agreement 0.926 -> 0.987 (bench mitigate), the setting ``diffmem audit`` uses. Appended, not at
+random places as the RNA baseline puts them: there MemLab's agreement falls to 0.453.
 """
 
 from __future__ import annotations

@@ -62,9 +62,10 @@ class AuditSettings:
     mitigate_loss_steps: int = 5
     # mitigation: optimize every position after BOS ("all", Wen et al.) or only the EOS and padding
     # outputs ("eos", every word's output kept), and start a prompt above the target from its prompt
-    # or from its RNA rewrite ("rna"). On MemLab's 100 planted prompts (bench mitigate), replication
-    # and attribute agreement from 0.978 / 0.926: "all" 0.045 / 0.841, "eos" 0.072 / 0.929, "eos"
-    # from RNA 0.000 / 0.986 (RNA alone 0.158 / 0.992): the last is the one that meets both bars
+    # or from its RNA rewrite ("rna", the numbers appended). On MemLab's 100 planted prompts (bench
+    # mitigate), replication and attribute agreement from 0.978 / 0.926: "all" 0.045 / 0.841, "eos"
+    # 0.072 / 0.929, "eos" from RNA 0.000 / 0.987 (that RNA alone 0.140 / 0.992; RNA with its numbers
+    # at random places, as published, 0.000 / 0.453): the one that meets both bars
     mitigate_positions: str = "eos"
     mitigate_rewrite: str | None = "rna"
     max_mitigate: int | None = 16  # flagged prompts mitigated, highest scores first (None: all); ~12 s each on MemLab
