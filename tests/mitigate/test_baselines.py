@@ -128,15 +128,17 @@ def test_added_words_go_in_at_random_places_as_in_the_papers_code(tiny_pipe):
         end = BASELINES[name](tiny_pipe, seed=3, placement="end").mitigate(prompts, generate_images=False).mitigated_prompts
         assert all(r.startswith(p + " ") and len(r.split()) == len(p.split()) + 4 for r, p in zip(end, prompts))
     assert places["inside"] > 2 * places["after"] > 0  # 10 places of 11 lie before the last word, at first
-    repeated = BASELINES["word_repetition"](tiny_pipe, seed=3).mitigate(prompts, generate_images=False).mitigated_prompts
+    distinct = [f"alpha{i} bravo charlie delta echo foxtrot golf hotel" for i in range(20)]  # no word twice
+    repeated = BASELINES["word_repetition"](tiny_pipe, seed=3).mitigate(distinct, generate_images=False).mitigated_prompts
     apart = 0
-    for rewritten, old in zip(repeated, prompts):
+    for rewritten, old in zip(repeated, distinct):
         extra = collections.Counter(rewritten.split()) - collections.Counter(old.split())
         assert sum(extra.values()) == 2 and set(extra) <= set(old.split())  # two of the prompt's own words, again
         words = rewritten.split()
-        apart += any(words[i] != words[i + 1] and words[i] in extra for i in range(len(words) - 1)
-                     if words.count(words[i]) > old.split().count(words[i]))
-    assert apart > 0  # not only next to the word repeated
+        for w in extra:  # the copies of a repeated word stand apart unless every copy neighbours another
+            at = [i for i, x in enumerate(words) if x == w]
+            apart += any(b - a > 1 for a, b in zip(at, at[1:]))
+    assert apart >= 10  # not next to the word repeated, as in-place repetition would put it
 
 
 def test_a_prompt_near_clips_limit_keeps_most_added_words_inside_it(tiny_pipe):
