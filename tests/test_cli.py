@@ -264,7 +264,10 @@ def test_mitigate_measures_any_model_against_its_training_images_and_clip(tmp_pa
                                                              "another method than --method rna; leave them out"),
                         (["--sigma", "0.3"], "--sigma (gni) is an option of another method than --method rna"),
                         (["--n-tokens", "3"], "--n-tokens (rta) is an option of another method than --method rna"),
-                        (["--placement", "middle"], "--placement must be one of random, end, got 'middle'")):
+                        (["--placement", "middle"], "--placement must be one of random, end, got 'middle'"),
+                        # an option two methods share is named once, with both
+                        (["--method", "gni", "--placement", "end"], "--placement (rta, rna) is an option of another "
+                                                                    "method than --method gni; leave it out")):
         r = run("mitigate", *common, *extra, "--out", str(bad))
         assert r.returncode == 2 and said in r.stderr and "Traceback" not in r.stderr, (extra, r.stderr)
         assert not bad.exists()
