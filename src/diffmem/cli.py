@@ -371,7 +371,7 @@ def mitigate(
     from .core.loading import load_pipeline
     from .detect import Calibration
     from .mitigate import BASELINES, EmbeddingOptimization
-    from .mitigate.baselines import PLACEMENTS
+    from .mitigate.baselines import check_placement
     from .mitigate.measures import chosen_measures
     from .mitigate.parts import mitigate_in_parts
     from .mitigate.report import apply_measures, save_outputs
@@ -393,8 +393,7 @@ def mitigate(
         one = len(misplaced) == 1
         raise InputError(f"{', '.join(misplaced)} {'is an option' if one else 'are options'} of another method than "
                          f"--method {method}; leave {'it' if one else 'them'} out")
-    if placement is not None and placement not in PLACEMENTS:
-        raise InputError(f"--placement must be one of {', '.join(PLACEMENTS)}, got {placement!r}")
+    check_placement(placement, "--placement")  # before the model loads
     optimization = {k: v for k, v in given.items() if k not in ("target", "calibration")}  # the target is passed apart
     # the chosen measures load (and read the training images) before the model, so a bad path costs nothing
     replication, alignment = chosen_measures(train_images, sscd, clip, image_column, progress=True)

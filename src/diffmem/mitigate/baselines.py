@@ -28,6 +28,12 @@ from .result import MitigationResult
 PLACEMENTS = ("random", "end")  # where RTA and RNA put their words: among the prompt's (the papers'), or after it
 
 
+def check_placement(placement: str | None, name: str = "placement") -> None:
+    """Raise unless ``placement`` is one of PLACEMENTS (None: not given); ``name`` as the caller spells it."""
+    if placement is not None and placement not in PLACEMENTS:
+        raise InputError(f"{name} must be one of {', '.join(PLACEMENTS)}, got {placement!r}")
+
+
 def insert_words(prompt: str, words, rng: np.random.Generator, placement: str = "random") -> str:
     """``prompt`` with ``words`` added: each at a random place among the words so far (0 = first,
     after the last = appended; Somepalli et al.'s ``insert_rand_word``), or all appended."""
@@ -49,9 +55,7 @@ class _PromptRewrite:
         if generations < 1:
             raise InputError(f"generations must be >= 1, got {generations}")
         denoise.check_seed(seed)
-        placement = params.get("placement")
-        if placement is not None and placement not in PLACEMENTS:
-            raise InputError(f"placement must be one of {', '.join(PLACEMENTS)}, got {placement!r}")
+        check_placement(params.get("placement"))
         for name, value in params.items():  # counts of words / numbers / repeats, or GNI's sigma
             if name == "placement":
                 continue
