@@ -1,5 +1,28 @@
 """Test doubles shared by the resume tests (importable: pytest's ``pythonpath`` holds tests/)."""
 
+from contextlib import contextmanager
+from pathlib import Path
+
+
+@contextmanager
+def killed_renaming(monkeypatch, moving: str, nth: int = 1):
+    """Within the block, the ``nth`` rename of a path named ``moving`` raises KeyboardInterrupt, as a
+    kill at that point of a folder swap would; other renames go through. Renames work again after it."""
+    rename, moves = Path.rename, []
+
+    def killed(self, target):
+        if self.name == moving:
+            moves.append(target)
+            if len(moves) == nth:
+                raise KeyboardInterrupt
+        return rename(self, target)
+
+    monkeypatch.setattr(Path, "rename", killed)
+    try:
+        yield
+    finally:
+        monkeypatch.setattr(Path, "rename", rename)
+
 
 class Recording:
     """Stands in for an explainer, a mitigation method or a detector: its ``call`` method (attribute,

@@ -52,23 +52,13 @@ def test_a_file_system_without_locks_runs_unguarded_rather_than_failing(tmp_path
 
 def _swap_killed_at(monkeypatch, moving, folder, write):
     """replace_folder(folder, write), killed as it renames the folder named ``moving``."""
-    from pathlib import Path
-
     import pytest
+    from doubles import killed_renaming
 
     from diffmem.core.results import replace_folder
 
-    rename = Path.rename
-
-    def killed(self, target):
-        if self.name == moving:
-            raise KeyboardInterrupt
-        return rename(self, target)
-
-    monkeypatch.setattr(Path, "rename", killed)
-    with pytest.raises(KeyboardInterrupt):
+    with killed_renaming(monkeypatch, moving), pytest.raises(KeyboardInterrupt):
         replace_folder(folder, write)
-    monkeypatch.setattr(Path, "rename", rename)
 
 
 def test_a_folder_swap_a_kill_stopped_after_writing_is_finished_and_one_stopped_before_is_not(tmp_path, monkeypatch):

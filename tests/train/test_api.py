@@ -57,21 +57,16 @@ def test_a_model_folder_diffmem_train_did_not_write_is_never_replaced(tmp_path, 
 
 def test_a_model_a_kill_left_whole_beside_its_folder_is_moved_in_and_not_trained_again(
         tmp_path, tiny_pipe_dir, colour_folder_with_a_broken_row, monkeypatch):
+    from doubles import killed_renaming
+
     from diffmem.train.trainer import Trainer
 
     data, out = colour_folder_with_a_broken_row, tmp_path / "out"
     common = dict(steps=3, batch_size=2, checkpoint_every=2, progress=False)
-    rename = Path.rename
-
-    def killed_moving_the_new_model_in(self, target):
-        if self.name == "model.new":
-            raise KeyboardInterrupt
-        return rename(self, target)
-
-    monkeypatch.setattr(Path, "rename", killed_moving_the_new_model_in)
-    with pytest.warns(UserWarning, match="skipped"), pytest.raises(KeyboardInterrupt):
+    # killed as it moves the new model in
+    with killed_renaming(monkeypatch, "model.new"), pytest.warns(UserWarning, match="skipped"), \
+            pytest.raises(KeyboardInterrupt):
         train_pipeline(str(tiny_pipe_dir), str(data), out, **common)
-    monkeypatch.setattr(Path, "rename", rename)
     saved = _tree(out / "model.new")
     assert not (out / "model").exists()
 

@@ -48,26 +48,15 @@ def test_resume_after_interruption_gives_identical_weights(tmp_path):
     ("checkpoint.new", 2, 10),
 ])
 def test_a_kill_during_a_checkpoint_swap_resumes_from_a_whole_checkpoint(tmp_path, monkeypatch, moving, nth, resumes_at):
-    from pathlib import Path
+    from doubles import killed_renaming
 
     cfg = TrainConfig(steps=20, batch_size=4, lr=1e-3, warmup_steps=2, checkpoint_every=5, train_text_encoder=True, ema=True)
     straight = tiny_pipeline(seed=3)
     Trainer(straight, _data(straight), cfg, tmp_path / "a").run(progress=False)
 
-    rename, moves = Path.rename, []
-
-    def killed_while_moving(self, target):
-        if self.name == moving:
-            moves.append(target)
-            if len(moves) == nth:
-                raise KeyboardInterrupt
-        return rename(self, target)
-
-    monkeypatch.setattr(Path, "rename", killed_while_moving)
     interrupted = tiny_pipeline(seed=3)
-    with pytest.raises(KeyboardInterrupt):
+    with killed_renaming(monkeypatch, moving, nth), pytest.raises(KeyboardInterrupt):
         Trainer(interrupted, _data(interrupted), cfg, tmp_path / "b").run(progress=False)
-    monkeypatch.setattr(Path, "rename", rename)
 
     resumed, steps = tiny_pipeline(seed=3), []
     Trainer(resumed, _data(resumed), cfg, tmp_path / "b").run(progress=False, on_step=steps.append)
