@@ -75,6 +75,25 @@ def test_parts_of_other_settings_prompts_or_models_are_never_mixed_in(tiny_pipe,
     assert again.calls == [PROMPTS[:2]] and res.seeds == [4, 5]
 
 
+@pytest.mark.parametrize("make", [embedding, lambda pipe: RandomNumberAddition(pipe, generations=2, num_inference_steps=3)],
+                         ids=["embedding", "rna"])
+def test_parts_saved_by_an_earlier_revision_of_the_method_are_never_mixed_in(tiny_pipe, tmp_path, monkeypatch, make):
+    # RNA's numbers moved from below 10,000 to below 100,000 with the same settings; parts an
+    # earlier diffmem saved matched the new run's key and were joined to it
+    folder = tmp_path / "parts"
+    old = make(tiny_pipe)
+    mitigate_in_parts(old, PROMPTS[:2], folder, part_size=2)
+    marker = (folder / "part_0000" / "done.json").read_bytes()
+    monkeypatch.setattr(type(old), "revision", getattr(type(old), "revision", 1) + 1, raising=False)
+    with pytest.raises(InputError, match="earlier diffmem's version of the method"):
+        mitigate_in_parts(make(tiny_pipe), PROMPTS[:2], folder, part_size=2)
+    assert (folder / "part_0000" / "done.json").read_bytes() == marker  # refused before any work
+    newer = Counting(make(tiny_pipe))
+    res = mitigate_in_parts(newer, PROMPTS[:2], folder, part_size=2, stale="restart")
+    assert newer.calls == [PROMPTS[:2]] and res.settings["revision"] == type(old).revision
+    assert MitigationResult.load(folder / "part_0000").settings["revision"] == type(old).revision  # saved with it
+
+
 def test_bad_input_fails_before_any_work(tiny_pipe, tmp_path):
     m = Counting(embedding(tiny_pipe))
     with pytest.raises(InputError, match="empty"):

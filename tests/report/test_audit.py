@@ -290,6 +290,29 @@ def test_a_stage_in_another_dtype_is_redone(tiny_pipe_dir, tmp_path):
     assert detect_status("bfloat16") == "reused"
 
 
+def test_a_mitigate_stage_of_an_earlier_revision_of_the_method_is_redone(tiny_pipe_dir, tmp_path, monkeypatch):
+    # the audit's RNA start drew its numbers from another range in an earlier diffmem, with the same
+    # settings: its mitigate stage was reported reused, and a killed one resumed with the old parts
+    from diffmem.mitigate import EmbeddingOptimization, MitigationResult
+
+    prompts, reference = tmp_path / "p.txt", tmp_path / "r.txt"
+    prompts.write_text("\n".join(f"a red circle number {i}" for i in range(6)) + "\n")
+    reference.write_text("\n".join(f"reference prompt {i}" for i in range(12)) + "\n")
+    settings = AuditSettings(model=str(tiny_pipe_dir), prompts=str(prompts), reference=str(reference), steps=(0,),
+                             grid=False, fpr=0.5, mitigate_iters=2, mitigate_generations=1, max_mitigate=2,
+                             skip=("explain", "categorize", "scan"))
+    out = tmp_path / "audit"
+    first = Audit(settings, out, progress=False).run()
+    assert first.stages["mitigate"]["status"] == "done"
+    marker = json.loads((out / "mitigate" / "parts" / "part_0000" / "done.json").read_text())["key"]
+    monkeypatch.setattr(EmbeddingOptimization, "revision", getattr(EmbeddingOptimization, "revision", 1) + 1,
+                        raising=False)
+    again = Audit(settings, out, progress=False).run()
+    assert again.stages["detect"]["status"] == "reused" and again.stages["mitigate"]["status"] == "done"
+    assert json.loads((out / "mitigate" / "parts" / "part_0000" / "done.json").read_text())["key"] != marker
+    assert MitigationResult.load(out / "mitigate").settings["revision"] == EmbeddingOptimization.revision
+
+
 def test_a_non_memlab_audit_measures_mitigation_against_its_training_data(tiny_pipe_dir, tmp_path, sscd_stand_in,
                                                                           tiny_clip_dir):
     """Without MemLab's manifest the mitigate stage kept only losses; with --train-data it measures

@@ -49,6 +49,9 @@ class _PromptRewrite:
     """Baselines that change the prompt text (or its embedding) without looking at the loss."""
 
     method = "baseline"
+    # bumped when a method gives other outputs for the same settings, and kept in its settings, so
+    # that parts saved by an earlier diffmem are never joined to this one's (mitigate.parts)
+    revision = 1
 
     def __init__(self, pipe, generations: int = 4, seed: int = 0, num_inference_steps: int = 50,
                  guidance_scale: float = 7.5, **params):
@@ -65,7 +68,7 @@ class _PromptRewrite:
         self.pipe = pipe
         self.params = params
         self.settings = {"generations": generations, "seed": seed, "num_inference_steps": num_inference_steps,
-                         "guidance_scale": guidance_scale, **params}
+                         "guidance_scale": guidance_scale, **params, "revision": self.revision}
 
     def seeds(self) -> list[int]:
         return [self.settings["seed"] + g for g in range(self.settings["generations"])]
@@ -107,6 +110,7 @@ class RandomTokenAddition(_PromptRewrite):
     appended)."""
 
     method = "rta"
+    revision = 2  # 2: words at random places; 1 appended them
 
     def __init__(self, pipe, n_tokens: int = 4, placement: str = "random", **kw):
         super().__init__(pipe, n_tokens=n_tokens, placement=placement, **kw)
@@ -126,6 +130,7 @@ class RandomNumberAddition(_PromptRewrite):
     (``placement="end"``: appended)."""
 
     method = "rna"
+    revision = 2  # 2: numbers at random places, below 100,000; 1 appended them, below 10,000
 
     def __init__(self, pipe, n_numbers: int = 4, placement: str = "random", **kw):
         super().__init__(pipe, n_numbers=n_numbers, placement=placement, **kw)
@@ -139,6 +144,7 @@ class WordRepetition(_PromptRewrite):
     """CWR: ``n_repeats`` words drawn from the prompt's own, each added again at a random place."""
 
     method = "word_repetition"
+    revision = 2  # 2: each repeat at a random place; 1 put it next to its word
 
     def __init__(self, pipe, n_repeats: int = 2, **kw):
         super().__init__(pipe, n_repeats=n_repeats, **kw)

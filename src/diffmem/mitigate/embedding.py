@@ -93,6 +93,7 @@ def _positive(name: str, value) -> float:
 
 class EmbeddingOptimization:
     method = "embedding_optimization"
+    revision = 2  # 2: rewrite="rna" draws numbers below 100,000; 1 below 10,000 (see baselines' revision)
 
     def __init__(self, pipe, target: float, lr: float = 0.05, max_iters: int = 10, generations: int = 4, seed: int = 0,
                  num_inference_steps: int = 50, guidance_scale: float = 7.5, target_source: str = "given",
@@ -110,7 +111,7 @@ class EmbeddingOptimization:
         self.settings = {"target": float(target), "lr": lr, "max_iters": max_iters, "generations": generations,
                          "seed": seed, "num_inference_steps": num_inference_steps, "guidance_scale": guidance_scale,
                          "target_source": target_source, "loss_steps": loss_steps, "positions": positions,
-                         "rewrite": rewrite}
+                         "rewrite": rewrite, "revision": self.revision}
         self._rewriter = None
 
     def seeds(self) -> list[int]:

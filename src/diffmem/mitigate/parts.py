@@ -2,7 +2,8 @@
 
 Each part (``part_size`` prompts) is mitigated and saved under ``folder/part_NNNN`` with a
 ``done.json`` written last; a re-run keeps every part whose ``done.json`` names the same method,
-settings, seeds, model and prompts. Every method draws its randomness per prompt (from the seed and
+settings, seeds, model and prompts. The settings hold the method's revision, so parts saved by a
+diffmem whose method gave other outputs (RNA's numbers drawn from another range, say) are not kept. Every method draws its randomness per prompt (from the seed and
 the prompt's text), so a prompt's mitigation does not depend on the part it falls in; only the
 generation batches differ from an unsplit run, which can move the images in the last bits.
 """
@@ -21,8 +22,8 @@ PART_SIZE = 8  # prompts per saved part: the unit a killed run redoes
 
 
 def part_key(method, prompts: Sequence[str]) -> str:
-    """What a saved part must match to be reused: the method, its settings and seeds, the model
-    (identity and dtype) and the part's prompts."""
+    """What a saved part must match to be reused: the method, its settings (its revision included)
+    and seeds, the model (identity and dtype) and the part's prompts."""
     from ..core.loading import weights_identity
 
     return digest({"method": method.method, "settings": method.settings, "seeds": method.seeds(),
@@ -52,7 +53,8 @@ def mitigate_in_parts(method, prompts: Sequence[str], folder: str | Path, part_s
         return method.mitigate(chunk, generate_images=True, batch_size=batch_size)
 
     parts = in_parts(chunks, [part_key(method, c) for c in chunks], folder, compute, save=lambda part, r: r.save(part),
-                     load=MitigationResult.load, stale=stale, what="mitigation parts of other prompts, settings or another model")
+                     load=MitigationResult.load, stale=stale, what="mitigation parts of other prompts, settings or another model, "
+                     "or of an earlier diffmem's version of the method")
     results = []
     with tqdm(total=len(prompts), desc="mitigating", unit="prompt", disable=not progress) as bar:
         for chunk, r in zip(chunks, parts):

@@ -478,10 +478,13 @@ class Audit:
         return ProfileResult.load(self.out / "categorize") if f.exists() else None
 
     def _mitigate(self, keys):
+        from ..mitigate import EmbeddingOptimization
+
         s = self.settings
+        # the method's revision: a stage mitigated by an earlier diffmem's method is redone, not reused
         settings = {"seed": s.seed, "generations": s.mitigate_generations, "iters": s.mitigate_iters, "lr": s.mitigate_lr,
                     "loss_steps": s.mitigate_loss_steps, "positions": s.mitigate_positions, "rewrite": s.mitigate_rewrite,
-                    "max": s.max_mitigate}
+                    "max": s.max_mitigate, "revision": EmbeddingOptimization.revision}
         # replication against the training data by SSCD when given, else (a model without MemLab's
         # manifest) by pixel correlation; alignment by CLIP when given. The key gains each only when
         # it applies, so MemLab audits keep theirs
@@ -494,7 +497,6 @@ class Audit:
             settings["clip"] = str(s.clip)
 
         def work(folder: Path, key: str) -> dict:
-            from ..mitigate import EmbeddingOptimization
             from ..mitigate.measures import chosen_measures
             from ..mitigate.parts import mitigate_in_parts
             from ..mitigate.report import apply_measures
