@@ -635,3 +635,32 @@ def test_a_second_run_into_a_folder_in_use_is_refused_and_a_failed_run_leaves_no
     r = run("mitigate", "--prompts", str(prompts), "--model", str(tmp_path / "no-model"), "--method", "gni",
             "--out", str(tmp_path / "new"))
     assert r.returncode == 2 and "model folder not found" in r.stderr and not (tmp_path / "new").exists()
+
+
+def test_a_second_detect_into_the_same_results_file_is_refused(tmp_path, tiny_pipe_dir):
+    # detect held nothing: a second run into OUT wrote the same chunks in OUT.parts, and the first to
+    # finish removed that folder under the other
+    import os
+
+    pytest.importorskip("fcntl")
+    from diffmem.core.results import hold_folder
+
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("a red circle\n")
+    out = tmp_path / "r.parquet"
+    chunks = tmp_path / "r.parquet.parts"
+    chunks.mkdir()
+    (chunks / "chunk_000000.parquet").write_text("the first run's")
+    fd = hold_folder(chunks)  # a first run, still scoring
+    try:
+        r = run("detect", "--prompts", str(prompts), "--model", str(tiny_pipe_dir), "--num-inference-steps", "2",
+                "--out", str(out))
+        assert r.returncode == 2 and "Traceback" not in r.stderr
+        assert f"{chunks} is in use by another diffmem run; wait for it to end, or write to another output file" in r.stderr
+        assert [p.name for p in chunks.iterdir()] == ["chunk_000000.parquet"] and not out.exists()
+    finally:
+        os.close(fd)
+    # a run that fails once the input is checked leaves no chunks folder behind
+    r = run("detect", "--prompts", str(prompts), "--model", str(tmp_path / "no-model"), "--out", str(tmp_path / "s.parquet"))
+    assert r.returncode == 2 and "model folder not found" in r.stderr
+    assert not (tmp_path / "s.parquet.parts").exists()

@@ -93,14 +93,15 @@ _HELD: list[tuple[int | None, Path, bool]] = []  # (descriptor, folder, made by 
 _RESUMES_FROM: list[Path] = []  # where the running command saves work that the same command goes on from
 
 
-def _hold(folder: Path, resumes: bool = True) -> None:
+def _hold(folder: Path, resumes: bool = True, **refusal) -> None:
     """Refuse a second run into ``folder`` while this one lasts; called once a command's input is
     checked, before the model loads. Let go when the command ends (``_let_go``). ``resumes``: the
-    command saves its work there as it goes, and run again goes on from it (said on Ctrl-C)."""
+    command saves its work there as it goes, and run again goes on from it (said on Ctrl-C).
+    ``refusal``: hold_folder's ``instead``."""
     from .core.results import hold_folder
 
     created = not folder.exists()
-    _HELD.append((hold_folder(folder), folder, created))
+    _HELD.append((hold_folder(folder, **refusal), folder, created))
     if resumes:
         _RESUMES_FROM.append(folder)
 
@@ -209,6 +210,9 @@ def detect(
         warn_if_in_reference(items, reference, str(calibrate_with))
     ensure_not_an_input(out, prompts=prompts, reference=calibrate_with)
     _check_writable(out.parent)
+    # the chunks' folder stands for the run: a second detect into OUT would write the same chunks,
+    # and the first to finish would remove them under the other
+    _hold(out.with_name(out.name + ".parts"), instead="write to another output file")
     from .core.loading import load_pipeline
 
     pipe = load_pipeline(model, device=device, dtype=dtype)
@@ -228,7 +232,6 @@ def detect(
         cal_path = out.with_name(out.stem + ".calibration.json")
         cal.save(cal_path)
         console.print(f"calibration: threshold {cal.threshold:.4g} at FPR {cal.fpr} from {cal.n_reference} prompts -> {cal_path}")
-    _RESUMES_FROM.append(out.with_name(out.name + ".parts"))  # detect_file's chunks (the folder is not held)
     summary = detect_file(det, prompts, out, column=column, calibration=cal)
     out_console.print(summary.line())
     st = det.settings

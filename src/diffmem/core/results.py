@@ -97,12 +97,13 @@ def foreign_folder(folder: str | Path, marker: str) -> bool:
     return folder.is_dir() and any(folder.iterdir()) and not (folder / marker).is_file()
 
 
-def hold_folder(folder: str | Path) -> int | None:
+def hold_folder(folder: str | Path, instead: str = "choose another output folder") -> int | None:
     """Hold ``folder`` (created if new) for one run: a second run into the same folder, such as a
     command started twice or a re-queued job, would write the same parts and checkpoints at once.
     An advisory lock on the folder itself, so no lock file is left among the user's files; it lasts
     while the returned descriptor is open, and the system frees it when the process ends, however it
-    ends. None where there is no ``flock`` (Windows): runs are not guarded there."""
+    ends. None where there is no ``flock`` (Windows): runs are not guarded there. ``instead``: what the
+    refusal tells the user to do besides waiting."""
     from .errors import InputError
 
     try:
@@ -119,8 +120,7 @@ def hold_folder(folder: str | Path) -> int | None:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
         os.close(fd)
-        raise InputError(f"{folder} is in use by another diffmem run; wait for it to end, or choose another "
-                         "output folder") from None
+        raise InputError(f"{folder} is in use by another diffmem run; wait for it to end, or {instead}") from None
     except OSError:  # a file system without locks (some network mounts): not guarded, as on Windows
         os.close(fd)
         return None
