@@ -3,9 +3,10 @@
 Each part (``part_size`` prompts) is mitigated and saved under ``folder/part_NNNN`` with a
 ``done.json`` written last; a re-run keeps every part whose ``done.json`` names the same method,
 settings, seeds, model and prompts. The settings hold the method's revision, so parts saved by a
-diffmem whose method gave other outputs (RNA's numbers drawn from another range, say) are not kept. Every method draws its randomness per prompt (from the seed and
-the prompt's text), so a prompt's mitigation does not depend on the part it falls in; only the
-generation batches differ from an unsplit run, which can move the images in the last bits.
+diffmem whose method gave other outputs (RNA's numbers drawn from another range, say) are not kept.
+Every method draws its randomness per prompt (from the seed and the prompt's text), so a prompt's
+mitigation does not depend on the part it falls in; only the generation batches differ from an
+unsplit run, which can move the images in the last bits.
 """
 
 from __future__ import annotations
