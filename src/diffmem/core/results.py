@@ -44,7 +44,8 @@ def atomic_path(path: str | Path):
 SWAP_SUFFIXES = (".tmp", ".new", ".old")
 
 
-def _swap_names(folder: Path) -> tuple[Path, Path, Path]:
+def swap_names(folder: Path) -> tuple[Path, Path, Path]:
+    """``folder``'s written, whole and replaced names (``.tmp``, ``.new``, ``.old`` beside it)."""
     return tuple(folder.with_name(folder.name + suffix) for suffix in SWAP_SUFFIXES)
 
 
@@ -57,7 +58,7 @@ def replace_folder(folder: str | Path, write) -> Path:
     import shutil
 
     folder = Path(folder)
-    tmp, new, old = _swap_names(folder)
+    tmp, new, old = swap_names(folder)
     for leftover in (tmp, new, old):
         shutil.rmtree(leftover, ignore_errors=True)
     write(tmp)
@@ -83,7 +84,7 @@ def finish_replace(folder: str | Path, marker: str) -> Path:
     import shutil
 
     folder = Path(folder)
-    _, new, old = _swap_names(folder)
+    _, new, old = swap_names(folder)
     if (new / marker).is_file():
         shutil.rmtree(old, ignore_errors=True)  # the previous one, if the kill fell between the two renames
         _swap_in(folder, new, old)

@@ -29,7 +29,7 @@ from diffusers.training_utils import EMAModel
 from safetensors.torch import load_file, save_file
 
 from ..core.errors import InputError
-from ..core.results import finish_replace, replace_folder
+from ..core.results import finish_replace, replace_folder, swap_names
 
 MIXED_PRECISION = {"no": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -45,7 +45,7 @@ def checkpoint_state(out_dir: str | Path) -> Path:
     which swapped ``checkpoint.tmp`` in directly (its kill between the renames left the previous
     checkpoint in ``checkpoint.old``, never without a whole ``checkpoint.tmp`` beside it)."""
     path = finish_replace(Path(out_dir) / CHECKPOINT_DIR, "state.json")
-    written = path.with_name(path.name + ".tmp")
+    written = swap_names(path)[0]
     if not path.exists() and (written / "state.json").exists():
         written.rename(path)
     return path / "state.json"
