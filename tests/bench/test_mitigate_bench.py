@@ -142,6 +142,29 @@ def test_bench_mitigate_resumes_from_its_saved_rows(memlab_manifest, tmp_path):
     assert made == ["rta"] and "reused_rows" not in other.settings and len(other.rows) == 2
 
 
+def test_bench_mitigate_recomputes_rows_saved_before_a_method_changed(memlab_manifest, tmp_path, monkeypatch):
+    # the baselines' rewrite changed with the same settings (892da4b): rows saved by the earlier code
+    # were read back as this code's unless renamed, and only --redo recomputed them
+    from diffmem.bench.mitigate import bench_mitigate
+    from diffmem.core.loading import load_pipeline
+    from diffmem.mitigate import BASELINES, GaussianNoiseInjection
+
+    pipe = load_pipeline("memlab")
+    made = []
+
+    def gni():
+        made.append("gni")
+        return BASELINES["gni"](pipe, sigma=0.1, generations=1, seed=0, num_inference_steps=25, guidance_scale=5.0)
+
+    run = dict(methods={("gni", "sigma 0.1"): gni}, generations=1, max_prompts=2, progress=False, rows_dir=tmp_path / "rows")
+    first = bench_mitigate(pipe, memlab_manifest, **run)
+    assert bench_mitigate(pipe, memlab_manifest, **run).rows == first.rows and made == ["gni"]  # read back
+    monkeypatch.setattr(GaussianNoiseInjection, "revision", getattr(GaussianNoiseInjection, "revision", 1) + 1,
+                        raising=False)
+    again = bench_mitigate(pipe, memlab_manifest, **run)
+    assert made == ["gni", "gni"] and "reused_rows" not in again.settings
+
+
 def test_bench_mitigate_command_adds_a_row_to_the_saved_ones(tmp_path):
     from forked_cli import run_cli
 

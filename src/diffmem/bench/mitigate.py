@@ -169,11 +169,12 @@ def bench_mitigate(pipe, manifest: dict, generations: int = 4, methods: dict | N
     calibrate the targets on at most this many non-memorized prompts, evenly spread (a quick run).
 
     ``rows_dir``: each finished row is saved there (one JSON file a row, keyed by the model, the
-    prompts, the seeds, the reference prompts and the sampler), so a killed run redoes only the rows
-    it had not finished, and a run with ``only`` lists, beside the rows it ran, every other row
-    already saved there under the same key (in the usual order). Rows saved under another key are
-    recomputed and overwritten (the benchmark owns the folder); ``redo`` recomputes the selected
-    rows even when saved (after a change to a method's code, which the key cannot see)."""
+    prompts, the seeds, the reference prompts, the sampler and the methods' revisions), so a killed
+    run redoes only the rows it had not finished, and a run with ``only`` lists, beside the rows it
+    ran, every other row already saved there under the same key (in the usual order). Rows saved
+    under another key are recomputed and overwritten (the benchmark owns the folder); ``redo``
+    recomputes the selected rows even when saved (after a change to the benchmark's own code, or to
+    a method's not yet counted in its revision)."""
     from ..core.generate import generate
     from ..core.loading import sampler_defaults, weights_identity
     from ..detect import Calibration, NoiseNormDetector
@@ -261,8 +262,10 @@ def bench_mitigate(pipe, manifest: dict, generations: int = 4, methods: dict | N
         methods = {k: v for k, v in methods.items() if only in f"{k[0]}, {k[1]}"}
         if not methods:
             raise InputError(f"no benchmark row matches {only!r}")
+    # the methods' revisions too: rows of a method whose output changed since they were saved are redone
+    revisions = {m.method: m.revision for m in (EmbeddingOptimization, *BASELINES.values())}
     saved_rows = SavedRows(rows_dir, {"model": weights_identity(pipe), "prompts": prompts, "reference": reference,
-                                      "generations": generations, **d})
+                                      "generations": generations, "revisions": revisions, **d})
     kernel = MemLabReplication(ds.build(ds.MemLabConfig(**manifest["config"])), pipe.vae)
     reader, align = AttributeReader(), MemLabAlignment()
     groups = np.array([e["group"] for e in entries])
