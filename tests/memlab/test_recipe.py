@@ -1,5 +1,6 @@
 """memlab train's working folder: its own or a new one, never a user's folder it would overwrite or misread."""
 
+import json
 from dataclasses import replace
 
 import pytest
@@ -36,6 +37,8 @@ def test_a_tiny_run_and_a_second_run_seeded_with_its_vae(tmp_path, monkeypatch):
     model_dir = recipe.run(rc, first, progress=False)
     assert sorted(p.name for p in first.iterdir()) == ["model", "vae", recipe.VAE_STATS]  # no vae.tmp left
     assert (model_dir / "memlab_manifest.json").exists()
+    record = lambda: json.loads((first / "model" / recipe.RECIPE_RECORD).read_text())  # noqa: E731
+    assert record()["this_run"] == {"vae_stage_reused": False, "training_from_step": 0}
     vae = _tree(first / "vae")
     (first / "vae").rename(first / "vae.new")  # as a kill between the VAE swap's two renames leaves it
     (first / "model").rename(first / "model.new")  # and the model's: its save was swapped in whole too
@@ -47,6 +50,8 @@ def test_a_tiny_run_and_a_second_run_seeded_with_its_vae(tmp_path, monkeypatch):
     recipe.run(rc, first, progress=False)  # its own folder: run again, the VAE stage (finished in vae.new) reused
     assert _tree(first / "vae") == vae and not (first / "vae.new").exists()
     assert sorted(p.name for p in first.iterdir()) == ["model", "vae", recipe.VAE_STATS]
+    # its wall_time_s covers only this run: the record says what it took over from the first
+    assert record()["this_run"] == {"vae_stage_reused": True, "training_from_step": 0}
     second = tmp_path / "control"
     recipe.reuse_vae(first / "vae", second)
     assert _tree(second) == {k: v for k, v in _tree(first).items() if k.parts[0] != "model"}

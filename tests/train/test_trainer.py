@@ -83,8 +83,9 @@ def test_a_finished_run_run_again_trains_nothing_and_one_given_more_steps_goes_o
     assert all(torch.equal(a[k], b[k]) for k in a)  # the same (EMA) model, saved again
 
     more, steps = tiny_pipeline(seed=3), []
-    Trainer(more, _data(more), replace(cfg, steps=30), tmp_path).run(progress=False, on_step=steps.append)
-    assert steps == list(range(20, 30))
+    going_on = Trainer(more, _data(more), replace(cfg, steps=30), tmp_path)
+    going_on.run(progress=False, on_step=steps.append)
+    assert steps == list(range(20, 30)) and going_on.started_at_step == 20  # said in memlab_recipe.json
     # resumed with fewer steps than it holds, the model would be saved as trained for fewer than it was
     fewer = tiny_pipeline(seed=3)
     with pytest.raises(InputError, match="already trained to step 30, past the 20 steps asked for"):

@@ -72,7 +72,8 @@ def run(recipe: MemLabRecipe, out_dir: str | Path, progress: bool = True, device
     pipe = build_pipeline(recipe.spec, seed=recipe.seed).to(dev)
     vae_file = finish_replace(out / "vae", "config.json")  # a VAE stage a kill left whole in vae.new is done too
     finish_replace(out / "model", RECIPE_RECORD)  # and a model, before this run saves it again
-    if (vae_file / "config.json").exists():  # resuming: the VAE stage is done
+    vae_reused = (vae_file / "config.json").exists()
+    if vae_reused:  # resuming: the VAE stage is done
         from diffusers import AutoencoderKL
 
         pipe.vae = AutoencoderKL.from_pretrained(vae_file, use_safetensors=True).to(dev)
@@ -86,8 +87,11 @@ def run(recipe: MemLabRecipe, out_dir: str | Path, progress: bool = True, device
     data = training_data(pipe, dataset, progress=progress)
     trainer = Trainer(pipe, data, recipe.train, out)
     trainer.run(progress=progress)
+    # wall_time_s is this run's: a resumed one says where it resumed, and train_log's elapsed_s
+    # counts the training across every run
     info = {"recipe": recipe.to_dict(), "device": str(dev), "vae": vae_stats, "train_log": trainer.log,
-            "wall_time_s": time.time() - t0, "torch": torch.__version__}
+            "wall_time_s": time.time() - t0, "torch": torch.__version__,
+            "this_run": {"vae_stage_reused": vae_reused, "training_from_step": trainer.started_at_step}}
     if recipe.train.mem_filter_threshold is not None:  # samples the filter dropped, per epoch
         info["mem_filter_epochs"] = trainer.filter_log
 

@@ -224,6 +224,7 @@ class Trainer:
         self._reset_filter_counts()
         self._run_key: dict | None = None
         self._elapsed_before = 0.0  # seconds trained before this run started: a resumed checkpoint's
+        self.started_at_step = 0  # the step this run began from: a resumed checkpoint's, else 0
 
     def _reset_filter_counts(self) -> None:
         self.filter_log: list[dict] = []
@@ -269,6 +270,7 @@ class Trainer:
         run_key = self.run_key()  # of the starting weights: taken (or kept) before a checkpoint replaces them
         if checkpoint_state(self.out).exists():
             start = self._resume(ckpt, unet, te, optimizer, lr_sched, emas, gen, scaler, run_key)
+        self.started_at_step = start
 
         ids_all = _tokenize(pipe, self.data.captions)
         empty_ids = _tokenize(pipe, [""])[0]
