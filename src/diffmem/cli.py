@@ -347,7 +347,8 @@ def mitigate(
     n_numbers: Optional[int] = typer.Option(None, help="rna: random numbers added (default 4)"),
     n_repeats: Optional[int] = typer.Option(None, help="word_repetition: prompt words added again (default 2)"),
     placement: Optional[str] = typer.Option(None, help="rta, rna: where the added words go: random (each at a random "
-                                            "place among the prompt's words, as in Somepalli et al.; the default) or end"),
+                                            "place among the prompt's words, as in Somepalli et al.; the default) or end "
+                                            "(appended; just before the model's 77-token cut for a prompt that fills it)"),
     sigma: Optional[float] = typer.Option(None, help="gni: noise standard deviation (default 0.1)"),
     num_inference_steps: Optional[int] = NUM_INFERENCE_STEPS,
     guidance_scale: Optional[float] = GUIDANCE_SCALE,

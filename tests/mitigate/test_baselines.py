@@ -80,7 +80,7 @@ def test_truncation_is_recorded_for_each_prompt_and_its_rewrite(tiny_pipe, tmp_p
     fits, cut = ("a " * 75).strip(), ("a " * 76).strip()  # 75 + BOS + EOS is all CLIP reads
     res = BASELINES["rna"](tiny_pipe, generations=1, num_inference_steps=2).mitigate(["a red circle", fits, cut])
     assert res.truncated.tolist() == [False, False, True]
-    assert res.mitigated_truncated.tolist() == [False, True, True]  # rna's numbers fall past the cut
+    assert res.mitigated_truncated.tolist() == [False, True, True]  # the prompt's tail or some numbers past the cut
     frame = res.to_frame()
     assert frame["truncated"].tolist() == [False, False, True] and frame["mitigated_truncated"].tolist() == [False, True, True]
     summary = save_outputs(res, tmp_path / "m")
@@ -141,18 +141,27 @@ def test_added_words_go_in_at_random_places_as_in_the_papers_code(tiny_pipe):
     assert apart >= 10  # not next to the word repeated, as in-place repetition would put it
 
 
-def test_a_prompt_near_clips_limit_keeps_most_added_words_inside_it(tiny_pipe):
+def test_a_prompt_near_clips_limit_keeps_its_added_words_inside_it(tiny_pipe):
     """At random places, a long prompt's additions mostly fall inside the 77 tokens CLIP reads, and
-    the prompt's tail is cut instead; appended, all of them fall past the cut and change nothing."""
+    the prompt's tail is cut instead. Appended, they all fell past the cut and changed nothing: they
+    now go in just before it, the prompt's unread tail after them."""
     from diffmem.core import denoise
     from diffmem.core.errors import InputError
 
     long = " ".join(["a"] * 75)  # 75 + BOS + EOS: all CLIP reads
-    for placement, read in (("random", 4), ("end", 0)):
+    for placement in ("random", "end"):
         rta = BASELINES["rta"](tiny_pipe, seed=1, placement=placement)
-        new = rta.mitigate([long], generate_images=False).mitigated_prompts[0]
+        res = rta.mitigate([long], generate_images=False)
+        new = res.mitigated_prompts[0]
         ids = denoise.tokenize(tiny_pipe, [new], warn=False)[0].tolist()
-        added_ids = set(tiny_pipe.tokenizer(" ".join(w for w in new.split() if w != "a"), add_special_tokens=False).input_ids)
-        assert sum(i in added_ids for i in ids) == read
+        added = [w for w in new.split() if w != "a"]
+        added_ids = set(tiny_pipe.tokenizer(" ".join(added), add_special_tokens=False).input_ids)
+        assert len(added) == 4 and sum(i in added_ids for i in ids) == 4, placement
+        assert res.mitigated_truncated[0]  # the prompt's tail is what the model does not read
+    # appended: right before the cut, in their order, the prompt's own words kept in theirs
+    assert new == " ".join(["a"] * 71 + added + ["a"] * 4)
+    assert [i in added_ids for i in ids[72:76]] == [True] * 4 and ids[76] == tiny_pipe.tokenizer.eos_token_id
+    short = BASELINES["rna"](tiny_pipe, seed=1, placement="end").mitigate(["a red circle"], generate_images=False)
+    assert short.mitigated_prompts[0].startswith("a red circle ")  # a prompt with room: appended, as before
     with pytest.raises(InputError, match="placement must be one of random, end"):
         BASELINES["rna"](tiny_pipe, placement="middle")

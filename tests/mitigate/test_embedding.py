@@ -86,6 +86,14 @@ def test_rewrite_start_optimizes_from_the_rewritten_prompt(tiny_pipe):
     text = m.rewritten(prompt)
     assert text.startswith(prompt + " ") and len(text.split()) == 3 + 4 and all(w.isdigit() for w in text.split()[3:])
     assert m.rewritten(prompt) == text != m.rewritten("a blue square")  # one draw per prompt, whatever the batch
+    full = " ".join(["a"] * 75)  # fills what CLIP reads: appended numbers would be cut and change nothing
+    words = m.rewritten(full).split()
+    k = next(i for i, w in enumerate(words) if w.isdigit())
+    numbers, rest = words[k:k + 4], words[k + 4:]
+    assert all(w.isdigit() for w in numbers) and words[:k] + rest == ["a"] * 75
+    # just before the cut instead: inside what the model reads, after as much of the prompt as leaves room
+    assert not denoise.truncated(tiny_pipe, [" ".join(words[:k + 4])])[0]
+    assert denoise.truncated(tiny_pipe, [" ".join(["a"] * (k + 1) + numbers)])[0] and k < 75
     seen = []
     emb, traj, steps, _ = m.optimize(prompt, callback=lambda *a: seen.append(a))
     _, traj_plain, _, _ = plain.optimize(prompt)

@@ -6,6 +6,9 @@ As in both papers' code, each added word goes in at a random place among the pro
 draw per word, the earlier ones counted), not at its end: so a long prompt's additions still fall
 mostly inside the 77 tokens CLIP reads. ``placement="end"`` appends them instead (RTA and RNA),
 keeping the prompt's own words in order; ``EmbeddingOptimization``'s ``rewrite`` starts from that.
+Where appended words would fall past CLIP's cut, where they would change nothing, they go in just
+before it instead: after the prompt's longest start that leaves them inside, with the rest of the
+prompt, which the model does not read, after them.
 Deviations, on purpose: RTA draws whole ASCII words (``RandomTokenAddition``), where the papers
 decode any token id, so some of their additions are word pieces or bytes of an emoji; GNI noises
 the prompt's embedding after BOS, where Somepalli et al.'s code noised the whole encoded batch, the
@@ -81,6 +84,24 @@ class _PromptRewrite:
     def rewrite(self, prompt: str, rng: np.random.Generator) -> str:
         return prompt
 
+    def add(self, prompt: str, words, rng: np.random.Generator) -> str:
+        """``prompt`` with ``words`` added where ``placement`` says; appended ones kept inside what
+        the model reads (see the module's docstring)."""
+        if self.params.get("placement", "random") != "end":
+            return insert_words(prompt, words, rng)
+        appended = insert_words(prompt, words, rng, "end")
+        if not denoise.truncated(self.pipe, [appended])[0]:
+            return appended
+        own = prompt.split(" ")
+        lo, hi = 0, len(own)  # the longest start own[:k] that the words still fit after: k in [lo, hi]
+        while lo < hi:
+            mid = (lo + hi + 1) // 2
+            if denoise.truncated(self.pipe, [" ".join([*own[:mid], *words])])[0]:
+                hi = mid - 1
+            else:
+                lo = mid
+        return " ".join([*own[:lo], *words, *own[lo:]])
+
     def embeddings(self, prompts: list[str]) -> torch.Tensor | None:
         return None
 
@@ -110,7 +131,7 @@ class RandomTokenAddition(_PromptRewrite):
     appended)."""
 
     method = "rta"
-    revision = 2  # 2: words at random places; 1 appended them
+    revision = 3  # 3: appended words kept inside what the model reads; 2: words at random places; 1 appended them
 
     def __init__(self, pipe, n_tokens: int = 4, placement: str = "random", **kw):
         super().__init__(pipe, n_tokens=n_tokens, placement=placement, **kw)
@@ -121,8 +142,7 @@ class RandomTokenAddition(_PromptRewrite):
                              and len(w) > 6)
 
     def rewrite(self, prompt, rng):
-        words = rng.choice(self._words, self.params["n_tokens"])
-        return insert_words(prompt, words, rng, self.params["placement"])
+        return self.add(prompt, rng.choice(self._words, self.params["n_tokens"]), rng)
 
 
 class RandomNumberAddition(_PromptRewrite):
@@ -130,14 +150,15 @@ class RandomNumberAddition(_PromptRewrite):
     (``placement="end"``: appended)."""
 
     method = "rna"
-    revision = 2  # 2: numbers at random places, below 100,000; 1 appended them, below 10,000
+    # 3: appended numbers kept inside what the model reads; 2: at random places, below 100,000;
+    # 1: appended, below 10,000
+    revision = 3
 
     def __init__(self, pipe, n_numbers: int = 4, placement: str = "random", **kw):
         super().__init__(pipe, n_numbers=n_numbers, placement=placement, **kw)
 
     def rewrite(self, prompt, rng):
-        numbers = [str(int(x)) for x in rng.integers(0, 100_000, self.params["n_numbers"])]
-        return insert_words(prompt, numbers, rng, self.params["placement"])
+        return self.add(prompt, [str(int(x)) for x in rng.integers(0, 100_000, self.params["n_numbers"])], rng)
 
 
 class WordRepetition(_PromptRewrite):

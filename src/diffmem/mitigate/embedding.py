@@ -93,7 +93,9 @@ def _positive(name: str, value) -> float:
 
 class EmbeddingOptimization:
     method = "embedding_optimization"
-    revision = 2  # 2: rewrite="rna" draws numbers below 100,000; 1 below 10,000 (see baselines' revision)
+    # 3: the rewrite's words kept inside what the model reads; 2: rewrite="rna" draws numbers below
+    # 100,000, 1 below 10,000 (see the baselines' revisions)
+    revision = 3
 
     def __init__(self, pipe, target: float, lr: float = 0.05, max_iters: int = 10, generations: int = 4, seed: int = 0,
                  num_inference_steps: int = 50, guidance_scale: float = 7.5, target_source: str = "given",
@@ -169,8 +171,9 @@ class EmbeddingOptimization:
 
     def rewritten(self, prompt: str) -> str:
         """The text the optimization starts from: the prompt itself, or with ``rewrite`` set, the
-        prompt after that baseline (RNA: four random numbers appended). Its random draw depends
-        only on the seed and the prompt, so a prompt is rewritten the same way in any batch."""
+        prompt after that baseline (RNA: four random numbers appended, or just before CLIP's cut for
+        a prompt that fills what the model reads). Its random draw depends only on the seed and the
+        prompt, so a prompt is rewritten the same way in any batch."""
         if self.settings["rewrite"] is None:
             return prompt
         if self._rewriter is None:

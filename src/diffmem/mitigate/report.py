@@ -119,11 +119,12 @@ def save_outputs(res: MitigationResult, out: str | Path) -> str:
         lines.append(f"{int(res.truncated.sum())} prompt(s) longer than the model reads, mitigated on their first tokens: "
                      "column truncated")
     if res.mitigated_truncated is not None:
-        # a rewrite's added words past the cut change nothing the model reads
+        # what falls past the cut changes nothing the model reads: added words at random places, or
+        # the prompt's own tail when its additions were put before the cut
         cut = [q for p, q, t in zip(res.prompts, res.mitigated_prompts, res.mitigated_truncated) if t and q != p]
         if cut:
-            lines.append(f"{len(cut)} rewrite(s) longer than the model reads: words added past the cut are not read "
-                         "(column mitigated_truncated)")
+            lines.append(f"{len(cut)} rewrite(s) longer than the model reads: words past the cut, added or the "
+                         "prompt's own, are not read (column mitigated_truncated)")
     m = res.measures
     said = []
     if "replication_before" in m:

@@ -36,7 +36,8 @@ class MitigationResult:
     images_after: np.ndarray | None = None
     measures: dict = field(default_factory=dict)
     # per prompt: longer than the model reads (CLIP: 77 tokens), the prompt and the text mitigated from it;
-    # a rewrite's added words past the cut are not read. None: saved before diffmem recorded it
+    # a rewrite's words past the cut, added or the prompt's own, are not read. None: saved before
+    # diffmem recorded it
     truncated: np.ndarray | None = None
     mitigated_truncated: np.ndarray | None = None
 
