@@ -637,6 +637,26 @@ def test_a_second_run_into_a_folder_in_use_is_refused_and_a_failed_run_leaves_no
     assert r.returncode == 2 and "model folder not found" in r.stderr and not (tmp_path / "new").exists()
 
 
+def test_a_second_explain_of_one_prompt_into_a_folder_in_use_is_refused(tmp_path, tiny_pipe_dir):
+    # a single explain held nothing: two into one folder left one's attribution.json beside the other's .png
+    import os
+
+    pytest.importorskip("fcntl")
+    from diffmem.core.results import hold_folder
+
+    busy = tmp_path / "busy"
+    fd = hold_folder(busy)
+    try:
+        r = run("explain", "--prompt", "a red circle", "--model", str(tiny_pipe_dir), "--num-inference-steps", "2",
+                "--out", str(busy))
+        assert r.returncode == 2 and f"{busy} is in use by another diffmem run" in r.stderr and "Traceback" not in r.stderr
+        assert list(busy.iterdir()) == []
+    finally:
+        os.close(fd)
+    r = run("explain", "--prompt", "a red circle", "--model", str(tmp_path / "no-model"), "--out", str(tmp_path / "new"))
+    assert r.returncode == 2 and "model folder not found" in r.stderr and not (tmp_path / "new").exists()
+
+
 def test_a_second_detect_into_the_same_results_file_is_refused(tmp_path, tiny_pipe_dir):
     # detect held nothing: a second run into OUT wrote the same chunks in OUT.parts, and the first to
     # finish removed that folder under the other

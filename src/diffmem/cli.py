@@ -283,8 +283,8 @@ def explain(
         raise DiffmemError("--column and --flagged apply to --prompts")
     if out is not None:
         _check_writable(out)
-    if prompts is not None:
-        _hold(out)
+        # one prompt too: two runs into OUT would leave one's JSON beside the other's picture
+        _hold(out, resumes=prompts is not None)
     from .core.loading import load_pipeline  # after the checks: torch takes seconds to import
     from .explain import TokenAblation, TokenAttribution, explain_prompts
     from .explain.batch import write_outputs
