@@ -37,11 +37,9 @@ def check_placement(placement: str | None, name: str = "placement") -> None:
         raise InputError(f"{name} must be one of {', '.join(PLACEMENTS)}, got {placement!r}")
 
 
-def insert_words(prompt: str, words, rng: np.random.Generator, placement: str = "random") -> str:
-    """``prompt`` with ``words`` added: each at a random place among the words so far (0 = first,
-    after the last = appended; Somepalli et al.'s ``insert_rand_word``), or all appended."""
-    if placement == "end":
-        return " ".join([prompt, *words])
+def insert_words(prompt: str, words, rng: np.random.Generator) -> str:
+    """``prompt`` with ``words`` added, each at a random place among the words so far (0 = first,
+    after the last = appended; Somepalli et al.'s ``insert_rand_word``)."""
     parts = prompt.split(" ")
     for w in words:
         parts.insert(int(rng.integers(len(parts) + 1)), w)
@@ -89,7 +87,7 @@ class _PromptRewrite:
         the model reads (see the module's docstring)."""
         if self.params.get("placement", "random") != "end":
             return insert_words(prompt, words, rng)
-        appended = insert_words(prompt, words, rng, "end")
+        appended = " ".join([prompt, *words])
         if not denoise.truncated(self.pipe, [appended])[0]:
             return appended
         own = prompt.split(" ")
