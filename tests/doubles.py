@@ -1,7 +1,10 @@
-"""Test doubles shared by the resume tests (importable: pytest's ``pythonpath`` holds tests/)."""
+"""Test doubles shared by the resume and run-guard tests (importable: pytest's ``pythonpath`` holds tests/)."""
 
+import os
 from contextlib import contextmanager
 from pathlib import Path
+
+import pytest
 
 
 @contextmanager
@@ -22,6 +25,20 @@ def killed_renaming(monkeypatch, moving: str, nth: int = 1):
         yield
     finally:
         monkeypatch.setattr(Path, "rename", rename)
+
+
+@contextmanager
+def held_by_another_run(folder):
+    """Within the block, ``folder`` is held as a first diffmem run still going would hold it (skips
+    the test where there is no ``flock``); let go after it."""
+    pytest.importorskip("fcntl")
+    from diffmem.core.results import hold_folder
+
+    fd = hold_folder(folder)
+    try:
+        yield
+    finally:
+        os.close(fd)
 
 
 class Recording:

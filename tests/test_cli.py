@@ -613,24 +613,18 @@ def test_bench_detect_refuses_options_of_the_other_prompt_source(tmp_path):
 
 
 def test_a_second_run_into_a_folder_in_use_is_refused_and_a_failed_run_leaves_no_new_folder(tmp_path, tiny_pipe_dir):
-    import os
-
-    pytest.importorskip("fcntl")
-    from diffmem.core.results import hold_folder
+    from doubles import held_by_another_run
 
     prompts = tmp_path / "p.txt"
     prompts.write_text("a red circle\n")
     busy = tmp_path / "busy"
     (busy / "parts").mkdir(parents=True)
     (busy / "parts" / "kept.txt").write_text("the first run's")
-    fd = hold_folder(busy)  # a first run, still going
-    try:
+    with held_by_another_run(busy):
         r = run("mitigate", "--prompts", str(prompts), "--model", str(tiny_pipe_dir), "--method", "gni",
                 "--generations", "1", "--num-inference-steps", "2", "--out", str(busy))
         assert r.returncode == 2 and f"{busy} is in use by another diffmem run" in r.stderr and "Traceback" not in r.stderr
         assert sorted(p.name for p in busy.rglob("*")) == ["kept.txt", "parts"]
-    finally:
-        os.close(fd)
     # held once the input is checked: a model that fails to load leaves no empty output folder behind
     r = run("mitigate", "--prompts", str(prompts), "--model", str(tmp_path / "no-model"), "--method", "gni",
             "--out", str(tmp_path / "new"))
@@ -639,20 +633,14 @@ def test_a_second_run_into_a_folder_in_use_is_refused_and_a_failed_run_leaves_no
 
 def test_a_second_explain_of_one_prompt_into_a_folder_in_use_is_refused(tmp_path, tiny_pipe_dir):
     # a single explain held nothing: two into one folder left one's attribution.json beside the other's .png
-    import os
-
-    pytest.importorskip("fcntl")
-    from diffmem.core.results import hold_folder
+    from doubles import held_by_another_run
 
     busy = tmp_path / "busy"
-    fd = hold_folder(busy)
-    try:
+    with held_by_another_run(busy):
         r = run("explain", "--prompt", "a red circle", "--model", str(tiny_pipe_dir), "--num-inference-steps", "2",
                 "--out", str(busy))
         assert r.returncode == 2 and f"{busy} is in use by another diffmem run" in r.stderr and "Traceback" not in r.stderr
         assert list(busy.iterdir()) == []
-    finally:
-        os.close(fd)
     r = run("explain", "--prompt", "a red circle", "--model", str(tmp_path / "no-model"), "--out", str(tmp_path / "new"))
     assert r.returncode == 2 and "model folder not found" in r.stderr and not (tmp_path / "new").exists()
 
@@ -660,10 +648,7 @@ def test_a_second_explain_of_one_prompt_into_a_folder_in_use_is_refused(tmp_path
 def test_a_second_detect_into_the_same_results_file_is_refused(tmp_path, tiny_pipe_dir):
     # detect held nothing: a second run into OUT wrote the same chunks in OUT.parts, and the first to
     # finish removed that folder under the other
-    import os
-
-    pytest.importorskip("fcntl")
-    from diffmem.core.results import hold_folder
+    from doubles import held_by_another_run
 
     prompts = tmp_path / "p.txt"
     prompts.write_text("a red circle\n")
@@ -671,15 +656,12 @@ def test_a_second_detect_into_the_same_results_file_is_refused(tmp_path, tiny_pi
     chunks = tmp_path / "r.parquet.parts"
     chunks.mkdir()
     (chunks / "chunk_000000.parquet").write_text("the first run's")
-    fd = hold_folder(chunks)  # a first run, still scoring
-    try:
+    with held_by_another_run(chunks):  # a first run, still scoring
         r = run("detect", "--prompts", str(prompts), "--model", str(tiny_pipe_dir), "--num-inference-steps", "2",
                 "--out", str(out))
         assert r.returncode == 2 and "Traceback" not in r.stderr
         assert f"{chunks} is in use by another diffmem run; wait for it to end, or write to another output file" in r.stderr
         assert [p.name for p in chunks.iterdir()] == ["chunk_000000.parquet"] and not out.exists()
-    finally:
-        os.close(fd)
     # a run that fails once the input is checked leaves no chunks folder behind
     r = run("detect", "--prompts", str(prompts), "--model", str(tmp_path / "no-model"), "--out", str(tmp_path / "s.parquet"))
     assert r.returncode == 2 and "model folder not found" in r.stderr
