@@ -41,6 +41,12 @@ def held_by_another_run(folder):
         os.close(fd)
 
 
+def bump_revision(monkeypatch, method_class) -> None:
+    """Make ``method_class`` the next revision of itself, as a later diffmem whose method gives other
+    outputs for the same settings would be (undone with the test; a class without one counts as 1)."""
+    monkeypatch.setattr(method_class, "revision", getattr(method_class, "revision", 1) + 1, raising=False)
+
+
 class Recording:
     """Stands in for an explainer, a mitigation method or a detector: its ``call`` method (attribute,
     mitigate, score) passes through to the real one and records its first argument (a prompt or a

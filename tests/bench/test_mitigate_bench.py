@@ -148,6 +148,7 @@ def test_bench_mitigate_recomputes_rows_saved_before_a_method_changed(memlab_man
     from diffmem.bench.mitigate import bench_mitigate
     from diffmem.core.loading import load_pipeline
     from diffmem.mitigate import BASELINES, GaussianNoiseInjection
+    from doubles import bump_revision
 
     pipe = load_pipeline("memlab")
     made = []
@@ -159,8 +160,7 @@ def test_bench_mitigate_recomputes_rows_saved_before_a_method_changed(memlab_man
     run = dict(methods={("gni", "sigma 0.1"): gni}, generations=1, max_prompts=2, progress=False, rows_dir=tmp_path / "rows")
     first = bench_mitigate(pipe, memlab_manifest, **run)
     assert bench_mitigate(pipe, memlab_manifest, **run).rows == first.rows and made == ["gni"]  # read back
-    monkeypatch.setattr(GaussianNoiseInjection, "revision", getattr(GaussianNoiseInjection, "revision", 1) + 1,
-                        raising=False)
+    bump_revision(monkeypatch, GaussianNoiseInjection)
     again = bench_mitigate(pipe, memlab_manifest, **run)
     assert made == ["gni", "gni"] and "reused_rows" not in again.settings
 

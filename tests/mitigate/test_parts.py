@@ -6,7 +6,7 @@ import pytest
 from diffmem.core.errors import InputError
 from diffmem.mitigate import EmbeddingOptimization, MitigationResult, RandomNumberAddition
 from diffmem.mitigate.parts import mitigate_in_parts
-from doubles import Recording
+from doubles import Recording, bump_revision
 
 PROMPTS = ["a red circle", "a photo of a cat", "a blue square at night", "a green ring"]
 
@@ -84,7 +84,7 @@ def test_parts_saved_by_an_earlier_revision_of_the_method_are_never_mixed_in(tin
     old = make(tiny_pipe)
     mitigate_in_parts(old, PROMPTS[:2], folder, part_size=2)
     marker = (folder / "part_0000" / "done.json").read_bytes()
-    monkeypatch.setattr(type(old), "revision", getattr(type(old), "revision", 1) + 1, raising=False)
+    bump_revision(monkeypatch, type(old))
     with pytest.raises(InputError, match="earlier diffmem's version of the method"):
         mitigate_in_parts(make(tiny_pipe), PROMPTS[:2], folder, part_size=2)
     assert (folder / "part_0000" / "done.json").read_bytes() == marker  # refused before any work

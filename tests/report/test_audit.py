@@ -294,6 +294,7 @@ def test_a_mitigate_stage_of_an_earlier_revision_of_the_method_is_redone(tiny_pi
     # the audit's RNA start drew its numbers from another range in an earlier diffmem, with the same
     # settings: its mitigate stage was reported reused, and a killed one resumed with the old parts
     from diffmem.mitigate import EmbeddingOptimization, MitigationResult
+    from doubles import bump_revision
 
     prompts, reference = tmp_path / "p.txt", tmp_path / "r.txt"
     prompts.write_text("\n".join(f"a red circle number {i}" for i in range(6)) + "\n")
@@ -305,8 +306,7 @@ def test_a_mitigate_stage_of_an_earlier_revision_of_the_method_is_redone(tiny_pi
     first = Audit(settings, out, progress=False).run()
     assert first.stages["mitigate"]["status"] == "done"
     marker = json.loads((out / "mitigate" / "parts" / "part_0000" / "done.json").read_text())["key"]
-    monkeypatch.setattr(EmbeddingOptimization, "revision", getattr(EmbeddingOptimization, "revision", 1) + 1,
-                        raising=False)
+    bump_revision(monkeypatch, EmbeddingOptimization)
     again = Audit(settings, out, progress=False).run()
     assert again.stages["detect"]["status"] == "reused" and again.stages["mitigate"]["status"] == "done"
     assert json.loads((out / "mitigate" / "parts" / "part_0000" / "done.json").read_text())["key"] != marker
