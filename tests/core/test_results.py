@@ -2,7 +2,7 @@ import os
 
 import pandas as pd
 
-from diffmem.core.results import atomic_write_text, read_parquet, write_parquet
+from diffmem.core.results import atomic_write_text, read_parquet, revision_key, write_parquet
 
 
 def test_atomic_writes_use_the_umask_and_leave_no_temp_files(tmp_path):
@@ -106,3 +106,14 @@ def test_a_folder_swap_a_kill_stopped_after_writing_is_finished_and_one_stopped_
     (mine.parent / "model.new" / "notes.txt").write_text("mine")
     finish_replace(mine, "done")
     assert sorted(p.name for p in mine.parent.iterdir()) == ["model", "model.new"]
+
+
+def test_a_revision_enters_keys_from_2_on_so_work_saved_before_revisions_keeps_its_key():
+    class First:
+        revision = 1
+
+    class Later:
+        revision = 3
+
+    assert revision_key(First) == {} and revision_key(object()) == {}
+    assert revision_key(Later) == {"revision": 3} and revision_key(Later(), "extractor_revision") == {"extractor_revision": 3}

@@ -85,6 +85,27 @@ def test_parts_of_another_run_are_refused_not_mixed_in(tiny_pipe, tiny_pipe_v, t
         detect_file(detector(tiny_pipe), changed, out, chunk=2, progress=False)
 
 
+def test_parts_of_another_revision_of_the_detector_are_refused_not_mixed_in(tiny_pipe, tmp_path, prompt_file,
+                                                                           monkeypatch):
+    # a later diffmem whose detector scores otherwise for the same settings must not finish an
+    # earlier one's killed run: the output would hold scores of two methods
+    from diffmem.detect.run import run_identity
+    from doubles import bump_revision
+
+    out = tmp_path / "r.parquet"
+    # revision 1 adds nothing to the key: chunks saved before detectors had revisions still resume
+    assert "revision" not in run_identity(detector(tiny_pipe), None)
+    with pytest.raises(KeyboardInterrupt):
+        detect_file(Counting(detector(tiny_pipe), fail_on=PROMPTS[2]), prompt_file, out, chunk=2, progress=False)
+    marker = out.with_name("r.parquet.parts") / "chunk_000000.done"
+    saved = marker.read_text()
+    bump_revision(monkeypatch, NoiseNormDetector)
+    probe = Counting(detector(tiny_pipe))
+    with pytest.raises(InputError, match="another diffmem's version of the method"):
+        detect_file(probe, prompt_file, out, chunk=2, progress=False)
+    assert probe.calls == [] and marker.read_text() == saved and not out.exists()
+
+
 def test_a_saved_chunk_that_cannot_be_read_is_scored_again(tiny_pipe, tmp_path, prompt_file):
     # its marker outlived its scores (a disk fault, a hand edit): the run re-scores that chunk
     # instead of stopping on it, and says so

@@ -162,6 +162,14 @@ def digest(obj) -> str:
     return hashlib.sha256(json.dumps(to_jsonable(obj), sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
+def revision_key(method, name: str = "revision") -> dict:
+    """What a key of saved work holds of ``method``'s revision (a class attribute bumped when the
+    method gives other outputs for the same settings): ``{name: n}`` from revision 2 on, and nothing
+    at revision 1 or without one, so work saved before the method had a revision keeps its key."""
+    revision = getattr(method, "revision", 1)
+    return {} if revision == 1 else {name: revision}
+
+
 def file_digest(path: str | Path) -> str:
     """A short hash of a file's bytes, read a megabyte at a time."""
     import hashlib

@@ -6,8 +6,8 @@ renamed into place only when every prompt is scored. Memory does not grow with t
 
 Each scored chunk is also saved beside the output (``OUT.parts/``, a ``.done`` marker written
 last), so a killed run resumes at the first unsaved chunk; the parts go once the output is in
-place. Parts from another model, other settings, another calibration or other prompts are refused,
-never mixed in.
+place. Parts from another model, other settings, another calibration, other prompts or another
+revision of the method are refused, never mixed in.
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ import numpy as np
 from ..core import denoise
 from ..core.errors import InputError
 from ..core.prompts import ensure_not_an_input, iter_prompts
-from ..core.results import atomic_path, atomic_write_text, digest, to_jsonable
+from ..core.results import atomic_path, atomic_write_text, digest, revision_key, to_jsonable
 from .calibration import Calibration
 from .noise_norm import DetectionResult
 
@@ -78,8 +78,8 @@ def detect_file(detector, prompts_path: str | Path, out: str | Path, column: str
     for marker in sorted(parts.glob("chunk_*.done")):
         i = int(marker.stem.removeprefix("chunk_"))
         if i >= len(keys) or marker.read_text() != keys[i]:
-            raise InputError(f"{parts} holds scores of another model, other settings or other prompts ({marker.name}); "
-                             "delete it or write to another output file")
+            raise InputError(f"{parts} holds scores of another model, other settings or other prompts, or of another "
+                             f"diffmem's version of the method ({marker.name}); delete it or write to another output file")
     from tqdm.auto import tqdm
 
     t0 = time.time()
@@ -145,7 +145,8 @@ def run_identity(detector, calibration: Calibration | None) -> dict:
     from ..core.loading import weights_identity
 
     s = detector.settings
-    return {"method": detector.method, "settings": to_jsonable(s.to_dict() if hasattr(s, "to_dict") else s),
+    return {"method": detector.method, **revision_key(detector),
+            "settings": to_jsonable(s.to_dict() if hasattr(s, "to_dict") else s),
             "seeds": s.seeds() if hasattr(s, "seeds") else detector.seeds(),
             "model": weights_identity(detector.pipe),
             "threshold": calibration.threshold if calibration is not None else None}

@@ -33,6 +33,9 @@ def pairwise_agreement(x: torch.Tensor) -> torch.Tensor:
 
 class SeedConsistencyDetector:
     method = "seed_consistency"
+    # bumped when the method gives other scores for the same settings: saved chunks of an earlier
+    # diffmem's version are then refused or redone, never joined to this one's (core.results.revision_key)
+    revision = 1
 
     def __init__(self, pipe, mode: str = "x0", generations: int = 4, num_inference_steps: int = 50,
                  guidance_scale: float = 7.5, seed: int = 0, batch_size: int = 32):
