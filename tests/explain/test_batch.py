@@ -72,6 +72,39 @@ def test_a_checkpoint_from_other_settings_or_another_model_is_never_mixed_in(tin
     assert restarted.calls == PROMPTS[:2] and AttributionSet.load(ckpt).seeds == [3]
 
 
+def test_a_checkpoint_of_another_revision_of_the_explainer_is_never_mixed_in(tiny_pipe, tmp_path, monkeypatch):
+    # a later diffmem whose attribution scores words otherwise for the same settings must not resume
+    # an earlier one's half-done checkpoint: the set would hold word scores of two methods
+    from doubles import bump_revision
+
+    ckpt = tmp_path / "attributions.json"
+    explain_prompts(TokenAttribution(tiny_pipe, num_inference_steps=4), PROMPTS[:2], checkpoint=ckpt)
+    before = ckpt.read_bytes()
+    bump_revision(monkeypatch, TokenAttribution)
+    refused = Counting(TokenAttribution(tiny_pipe, num_inference_steps=4))
+    with pytest.raises(InputError, match=r"another diffmem's version of token_attribution \(revision 1; this diffmem's is 2\)"):
+        explain_prompts(refused, PROMPTS, checkpoint=ckpt)
+    assert refused.calls == [] and ckpt.read_bytes() == before
+    restarted = Counting(TokenAttribution(tiny_pipe, num_inference_steps=4))
+    explain_prompts(restarted, PROMPTS[:2], checkpoint=ckpt, stale="restart")
+    assert restarted.calls == PROMPTS[:2] and AttributionSet.load(ckpt).revision == 2
+    # and the next run of that revision resumes its own checkpoint
+    again = Counting(TokenAttribution(tiny_pipe, num_inference_steps=4))
+    explain_prompts(again, PROMPTS, checkpoint=ckpt)
+    assert again.calls == ["a green ring"]
+
+
+def test_a_checkpoint_saved_before_sets_had_a_revision_resumes_as_revision_1(tiny_pipe, tmp_path):
+    ckpt = tmp_path / "attributions.json"
+    explain_prompts(TokenAttribution(tiny_pipe, num_inference_steps=4), PROMPTS[:2], checkpoint=ckpt)
+    old = json.loads(ckpt.read_text())
+    del old["revision"]  # as an earlier diffmem saved it
+    ckpt.write_text(json.dumps(old))
+    resumed = Counting(TokenAttribution(tiny_pipe, num_inference_steps=4))
+    explain_prompts(resumed, PROMPTS, checkpoint=ckpt)
+    assert resumed.calls == ["a green ring"] and AttributionSet.load(ckpt).revision == 1
+
+
 def test_a_string_is_one_prompt(tiny_pipe):
     explainer = Counting(TokenAttribution(tiny_pipe, num_inference_steps=4))
     got = explain_prompts(explainer, "a red circle")

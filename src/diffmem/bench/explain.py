@@ -269,7 +269,8 @@ def masked_outcomes(pipe, manifest: dict, ablation, prompts: list[str], image_id
 
     With ``checkpoint``, the rows are saved OUTCOME_PART_SIZE prompts at a time under
     ``checkpoint/outcome_NNNN``, keyed by the model, the sampler, the seeds, the ablation's settings
-    and each prompt's word scores from every method (so rows of other explanations are redone)."""
+    and revision, and each prompt's word scores from every method (so rows of other explanations are
+    redone)."""
     from tqdm.auto import tqdm
 
     from ..mitigate.measures import MemLabReplication
@@ -292,10 +293,11 @@ def masked_outcomes(pipe, manifest: dict, ablation, prompts: list[str], image_id
             return compute(jobs)
         from ..core.loading import weights_identity
         from ..core.parts import in_parts
-        from ..core.results import digest
+        from ..core.results import digest, revision_key
 
+        # the ablation masks the words: a later revision of it masks them otherwise
         base = {"model": weights_identity(pipe), "seeds": list(seeds), "sampler": [num_inference_steps, guidance_scale],
-                "ablation": ablation.settings, "threshold": kernel.threshold}
+                "ablation": ablation.settings, **revision_key(ablation), "threshold": kernel.threshold}
         chunks = [jobs[k : k + OUTCOME_PART_SIZE] for k in range(0, len(jobs), OUTCOME_PART_SIZE)]
         keys = [digest({**base, "jobs": c, "scores": {p: {n: r.word_scores for n, r in results[p].items()} for p, _ in c}})
                 for c in chunks]

@@ -27,6 +27,7 @@ class AttributionSet:
     seeds: list[int]
     results: list[AttributionResult] = field(default_factory=list)
     model: dict = field(default_factory=dict)  # model_identity and dtype: what a resumed run must match
+    revision: int = 1  # the explainer's: a set saved before sets carried one was made by revision 1
 
     def __len__(self) -> int:
         return len(self.results)
@@ -38,8 +39,8 @@ class AttributionSet:
         return {r.prompt: r.top_word for r in self.results}
 
     def to_dict(self) -> dict:
-        return {"method": self.method, "settings": self.settings, "seeds": self.seeds, "model": self.model,
-                "attributions": [r.to_dict() for r in self.results]}
+        return {"method": self.method, "revision": self.revision, "settings": self.settings, "seeds": self.seeds,
+                "model": self.model, "attributions": [r.to_dict() for r in self.results]}
 
     def save(self, path: str | Path) -> Path:
         dump_json(self.to_dict(), path)
@@ -54,7 +55,7 @@ class AttributionSet:
         first = results[0] if results else None
         # files written by the audit before the set carried its own settings: take the first result's
         return cls(d.get("method", first.method if first else ""), d.get("settings", first.settings if first else {}),
-                   d.get("seeds", first.seeds if first else []), results, d.get("model", {}))
+                   d.get("seeds", first.seeds if first else []), results, d.get("model", {}), d.get("revision", 1))
 
     def to_frame(self):
         """One row per word: prompt index and text, word index and text, score, rank (1 = top), the
@@ -116,8 +117,9 @@ def explain_prompts(explainer, prompts: Sequence[str], checkpoint: str | Path | 
     With ``checkpoint`` (a JSON path) the set is saved after a prompt once ``save_every`` seconds
     have passed since the last save (the file grows with every prompt: rewriting it after each of
     thousands of fast prompts would cost more than explaining them), and a run that finds the file
-    resumes it: prompts already explained by the same model, explainer and settings are kept,
-    not recomputed. A checkpoint from another model or other settings is never mixed in:
+    resumes it: prompts already explained by the same model, explainer (and its revision) and settings
+    are kept, not recomputed. A checkpoint from another model, other settings or another revision of
+    the explainer is never mixed in:
     ``stale="refuse"`` stops with an error (the user's files are theirs), ``"restart"`` starts over
     (for callers that own the folder, as the audit does).
     """
@@ -131,18 +133,23 @@ def explain_prompts(explainer, prompts: Sequence[str], checkpoint: str | Path | 
     wanted = [check_words(explainer.pipe, check_prompt(p)) for p in dict.fromkeys(prompt_list(prompts))]
     settings = to_jsonable(explainer.settings)
     model = weights_identity(explainer.pipe)
+    revision = getattr(explainer, "revision", 1)
     done: dict[str, AttributionResult] = {}
     if checkpoint is not None and Path(checkpoint).exists():
         old = AttributionSet.load(checkpoint)
-        if (old.method, to_jsonable(old.settings), old.model) == (explainer.method, settings, model):
+        if (old.method, to_jsonable(old.settings), old.model, old.revision) == (explainer.method, settings, model, revision):
             done = old.by_prompt()
         elif stale == "refuse":
-            what = ("another model" if old.model != model else
-                    f"other settings ({old.method} {json.dumps(to_jsonable(old.settings), sort_keys=True)})")
+            if old.model != model:
+                what = "another model"
+            elif (old.method, to_jsonable(old.settings)) != (explainer.method, settings):
+                what = f"other settings ({old.method} {json.dumps(to_jsonable(old.settings), sort_keys=True)})"
+            else:
+                what = f"another diffmem's version of {old.method} (revision {old.revision}; this diffmem's is {revision})"
             raise InputError(f"{checkpoint} holds attributions made with {what}; use another output folder or delete it")
 
     def current(results):
-        return AttributionSet(explainer.method, settings, list(explainer.seeds()), results, model)
+        return AttributionSet(explainer.method, settings, list(explainer.seeds()), results, model, revision)
 
     todo = [p for p in wanted if p not in done]
     last_save = time.monotonic()
@@ -166,7 +173,7 @@ def write_outputs(result: AttributionSet, folder: str | Path) -> list[Path]:
 
     folder = Path(folder)
     paths = [result.save(folder / "attributions.json"), folder / "words.parquet", folder / "attributions.html"]
-    write_parquet(result.to_frame(), paths[1], metadata={"method": result.method, "settings": result.settings,
-                                                         "seeds": result.seeds})
+    write_parquet(result.to_frame(), paths[1], metadata={"method": result.method, "revision": result.revision,
+                                                         "settings": result.settings, "seeds": result.seeds})
     atomic_write_text(paths[2], result.to_html())
     return paths
