@@ -106,6 +106,26 @@ def test_only_a_new_tau_reuses_the_saved_generations(tiny_pipe, tmp_path):
     assert calls == [["x", "y", "z"], PROMPTS[:2]]
 
 
+@pytest.mark.parametrize("changed", ["profiler", "extractor"])
+def test_generations_of_another_revision_of_the_profiler_or_extractor_are_not_reused(tiny_pipe, tmp_path, monkeypatch,
+                                                                                      changed):
+    # a later diffmem whose generations or features differ for the same settings must not read back
+    # an earlier one's parts: a profile would count features of two versions
+    from doubles import bump_revision
+
+    ckpt = tmp_path / "parts"
+    profiler(tiny_pipe).profile(PROMPTS[:2], checkpoint=ckpt)
+    marker = (ckpt / "part_0000" / "done.json").read_bytes()
+    bump_revision(monkeypatch, MemorizationProfiler if changed == "profiler" else BrightnessExtractor)
+    later = profiler(tiny_pipe)
+    calls = counting(later)
+    with pytest.raises(InputError, match="another diffmem's version of the profiler or extractor"):
+        later.profile(PROMPTS[:2], checkpoint=ckpt)
+    assert calls == [] and (ckpt / "part_0000" / "done.json").read_bytes() == marker
+    later.profile(PROMPTS[:2], checkpoint=ckpt, stale="restart")
+    assert calls == [["x", "y", "z"], PROMPTS[:2]]
+
+
 def test_extractor_identity_keeps_settings_not_secrets():
     class Chatty:
         name = "chat"

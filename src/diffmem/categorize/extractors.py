@@ -27,6 +27,8 @@ from ..core.errors import InputError
 
 class FeatureExtractor(Protocol):
     name: str
+    # optional: ``revision`` (an int, 1 when absent), bumped when the features change for the same
+    # settings so that parts saved with the earlier features are not read back
 
     def __call__(self, images) -> list[set[str]]: ...
 
@@ -51,6 +53,9 @@ MEMLAB_DESCRIPTIONS = {
 
 class MemLabExtractor:
     name = "memlab_reader"
+    # bumped when the extractor gives other features for the same settings: saved parts of an earlier
+    # diffmem's version are then refused or redone, never joined to this one's (core.results.revision_key)
+    revision = 1
 
     def __init__(self):
         from ..memlab.reader import AttributeReader
@@ -87,6 +92,7 @@ class _VocabularyFeatures:
     """For extractors that test each feature of a vocabulary {feature: description}."""
 
     vocabulary: dict[str, str]
+    revision = 1  # as MemLabExtractor's; a subclass whose features change sets its own
 
     @staticmethod
     def _checked(vocabulary, extractor: str) -> dict[str, str]:

@@ -27,7 +27,7 @@ from typing import Sequence
 import numpy as np
 
 from ..core.errors import InputError
-from ..core.results import dump_json, reading_saved, write_parquet
+from ..core.results import dump_json, reading_saved, revision_key, write_parquet
 from .expectations import contains_phrase
 
 KINDS = ("explicit", "implicit", "unintended")
@@ -125,6 +125,10 @@ def check_expectations(extractor, expectations: Sequence) -> None:
 
 
 class MemorizationProfiler:
+    # bumped when the generations behind saved features change for the same settings (the extractor
+    # has its own): parts of an earlier diffmem's version are then refused or redone, never joined
+    revision = 1
+
     def __init__(self, pipe, extractor, n: int = 16, tau: float = 0.8, lift_bound: float = 2.0,
                  control_prompts: Sequence[str] | None = None, expectations: Sequence = (),
                  synonyms: dict[str, list[str]] | None = None, tracer=None, seed: int = 0,
@@ -166,7 +170,8 @@ class MemorizationProfiler:
 
         s = self.settings
         return {"generation": {k: s[k] for k in ("n", "seed", "num_inference_steps", "guidance_scale", "batch_size")},
-                "model": weights_identity(self.pipe), "extractor": extractor_identity(self.extractor)}
+                "model": weights_identity(self.pipe), "extractor": extractor_identity(self.extractor),
+                **revision_key(self)}
 
     def _features_in_parts(self, prompts: list[str], folder: Path, prefix: str, part_size: int, stale: str,
                            progress: bool, images: bool = True) -> tuple[np.ndarray | None, list[list[set[str]]], int]:
@@ -202,7 +207,8 @@ class MemorizationProfiler:
 
         done = list(in_parts(chunks, [digest({**base, "prompts": c}) for c in chunks], folder,
                              compute, save, load, prefix=prefix, stale=stale,
-                             what="generations of other prompts, settings, extractor or another model"))
+                             what="generations of other prompts, settings, extractor or another model, or of another "
+                                  "diffmem's version of the profiler or extractor"))
         kept = np.concatenate([imgs for imgs, _ in done]) if images else None
         return kept, [f for _, feats in done for f in feats], generated[0]
 
@@ -294,7 +300,7 @@ def extractor_identity(extractor) -> dict:
     """The extractor's kind and plain settings (model path, vocabulary, margin, ...): not its loaded
     weights, and never an API key."""
     plain = (str, int, float, bool, type(None), dict, list, tuple)
-    return {"name": extractor.name,
+    return {"name": extractor.name, **revision_key(extractor),
             **{k: v for k, v in sorted(vars(extractor).items()) if isinstance(v, plain) and "key" not in k.lower()}}
 
 
