@@ -313,6 +313,42 @@ def test_a_mitigate_stage_of_an_earlier_revision_of_the_method_is_redone(tiny_pi
     assert MitigationResult.load(out / "mitigate").settings["revision"] == EmbeddingOptimization.revision
 
 
+def test_stages_of_an_earlier_revision_of_the_detector_explainer_or_extractor_are_redone(tiny_pipe_dir, tmp_path,
+                                                                                         monkeypatch):
+    # as for mitigation above: a later diffmem whose detector, explainer or feature extractor gives
+    # other outputs for the same settings must not report an earlier one's stage as its own
+    from diffmem.categorize import MemLabExtractor
+    from diffmem.detect import NoiseNormDetector
+    from diffmem.explain import TokenAttribution
+    from doubles import bump_revision
+
+    prompts, reference = tmp_path / "p.txt", tmp_path / "r.txt"
+    prompts.write_text("\n".join(f"a red circle number {i}" for i in range(6)) + "\n")
+    reference.write_text("\n".join(f"reference prompt {i}" for i in range(12)) + "\n")
+    settings = AuditSettings(model=str(tiny_pipe_dir), prompts=str(prompts), reference=str(reference), steps=(0,),
+                             grid=False, fpr=0.5, max_explain=2, skip=("mitigate", "scan"))
+    out = tmp_path / "audit"
+
+    def run():
+        stages = Audit(settings, out, progress=False).run().stages
+        keys = {st: json.loads((out / st / "stage.json").read_text())["key"] for st in ("detect", "explain", "categorize")}
+        return {st: stages[st]["status"] for st in ("detect", "explain")}, keys
+
+    assert run()[0] == {"detect": "done", "explain": "done"}
+    status, keys = run()
+    assert status == {"detect": "reused", "explain": "reused"}  # revision 1 of everything: nothing redone
+    bump_revision(monkeypatch, TokenAttribution)
+    status, after = run()
+    assert status == {"detect": "reused", "explain": "done"} and after["explain"] != keys["explain"]
+    assert json.loads((out / "explain" / "attributions.json").read_text())["revision"] == 2
+    bump_revision(monkeypatch, MemLabExtractor)
+    status, later = run()
+    assert status == {"detect": "reused", "explain": "reused"} and later["categorize"] != after["categorize"]
+    bump_revision(monkeypatch, NoiseNormDetector)
+    status, last = run()
+    assert status == {"detect": "done", "explain": "done"} and last["detect"] != keys["detect"]
+
+
 def test_a_non_memlab_audit_measures_mitigation_against_its_training_data(tiny_pipe_dir, tmp_path, sscd_stand_in,
                                                                           tiny_clip_dir):
     """Without MemLab's manifest the mitigate stage kept only losses; with --train-data it measures

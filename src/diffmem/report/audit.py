@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 
 from ..core.errors import InputError
-from ..core.results import digest, dump_json, file_digest, foreign_folder, reading_saved
+from ..core.results import digest, dump_json, file_digest, foreign_folder, reading_saved, revision_key
 
 STAGES = ("detect", "explain", "categorize", "mitigate", "scan")
 
@@ -350,10 +350,14 @@ class Audit:
                                  generations=generations or s.generations, seed=s.seed, batch_size=s.batch_size)
 
     def _detect(self, keys):
+        from ..detect import NoiseNormDetector
+
         s, ap = self.settings, self.prompts
+        # the detector's revision from 2 on (revision_key): scores of an earlier diffmem's detector are
+        # redone, not reused, and audits saved before detectors had revisions keep their key
         settings = {"generations": s.generations, "steps": list(s.steps), "seed": s.seed, "fpr": s.fpr, "grid": s.grid,
                     "prompts": digest(ap.prompts), "reference": digest(ap.reference),
-                    "labels": None if ap.labels is None else digest(ap.labels.tolist())}
+                    "labels": None if ap.labels is None else digest(ap.labels.tolist()), **revision_key(NoiseNormDetector)}
 
         def work(folder: Path, key: str) -> dict:
             from ..detect import Calibration
@@ -410,11 +414,14 @@ class Audit:
         return out if limit is None else out[:limit]
 
     def _explain(self, keys):
+        from ..explain import EXPLAINERS
+
         s = self.settings
-        settings = {"seed": s.seed, "steps": list(s.steps), "max_explain": s.max_explain, "method": f"token_{s.explain_method}"}
+        settings = {"seed": s.seed, "steps": list(s.steps), "max_explain": s.max_explain, "method": f"token_{s.explain_method}",
+                    **revision_key(EXPLAINERS[s.explain_method])}
 
         def work(folder: Path, key: str) -> dict:
-            from ..explain import EXPLAINERS, explain_prompts
+            from ..explain import explain_prompts
 
             # the same steps as detection: the explanation is of the score that flagged the prompt
             explainer = EXPLAINERS[s.explain_method](self.pipe, self.sampler["num_inference_steps"],
@@ -433,8 +440,11 @@ class Audit:
         return load_attributions(self.out)
 
     def _categorize(self, keys):
+        from ..categorize import MemLabExtractor, MemorizationProfiler
+
         s = self.settings
-        settings = {"seed": s.seed, "n": s.categorize_n, "max": s.max_categorize, "controls": s.categorize_controls}
+        settings = {"seed": s.seed, "n": s.categorize_n, "max": s.max_categorize, "controls": s.categorize_controls,
+                    **revision_key(MemorizationProfiler), **revision_key(MemLabExtractor, "extractor_revision")}
         if self.manifest is None:
             folder = self.out / "categorize"
             folder.mkdir(parents=True, exist_ok=True)
@@ -445,7 +455,7 @@ class Audit:
             return key, summary, "done"
 
         def work(folder: Path, key: str) -> dict:
-            from ..categorize import MemLabExtractor, MemorizationProfiler, TrainingTracer
+            from ..categorize import TrainingTracer
             from ..memlab import dataset as ds
 
             flagged = self.flagged(s.max_categorize)
