@@ -4,10 +4,14 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 SRC = Path(__file__).resolve().parents[2] / "src" / "diffmem"
 
 DRAW = r"""
 import sys
+
+import pytest
 import matplotlib
 matplotlib.use("svg")  # stands for a notebook's inline backend
 import numpy as np
@@ -45,3 +49,116 @@ def test_no_module_sets_the_backend_or_uses_pyplot():
     code = re.compile(r"^\s*(import matplotlib\.pyplot|from matplotlib import pyplot|matplotlib\.use\()", re.M)
     offenders = [str(p.relative_to(SRC)) for p in SRC.rglob("*.py") if code.search(p.read_text())]
     assert offenders == [], offenders
+
+
+def _dark_pixels(fig) -> int:
+    import numpy as np
+
+    fig.canvas.draw()
+    return int((np.asarray(fig.canvas.buffer_rgba())[..., :3].mean(-1) < 100).sum())
+
+
+def _plain_matplotlib_figure():
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(4, 2))
+    FigureCanvasAgg(fig)
+    return fig, fig.subplots()
+
+
+def test_dollar_signs_in_a_prompt_are_drawn_as_written_not_read_as_tex():
+    # "a $5 bill and a $10 note" set "5 bill and a " in TeX italics, and "a $_$ sign" stopped the drawing
+    # with a parse error (tight_layout measures the text first)
+    import numpy as np
+
+    from diffmem.core.figures import subplots
+
+    for prompt in ("a $5 bill and a $10 note", "a $_$ sign", r"price $\frac$ off"):
+        fig, ax = subplots(figsize=(4, 2))
+        ax.set_title(prompt)
+        ax.set_xticks([0, 1], [prompt, "x"])
+        fig.tight_layout()
+        fig.canvas.draw()
+        # the same pixels as matplotlib's own figure given the text with its dollars escaped
+        ref, ref_ax = _plain_matplotlib_figure()
+        ref_ax.set_title(prompt.replace("$", r"\$"))
+        ref_ax.set_xticks([0, 1], [prompt.replace("$", r"\$"), "x"])
+        ref.tight_layout()
+        ref.canvas.draw()
+        np.testing.assert_array_equal(np.asarray(fig.canvas.buffer_rgba()), np.asarray(ref.canvas.buffer_rgba()))
+    plain, plain_ax = _plain_matplotlib_figure()
+    plain_ax.set_title("a $_$ sign")
+    with pytest.raises(ValueError):  # what the figures did before
+        plain.tight_layout()
+
+
+@pytest.fixture
+def cat_glyph_font(tmp_path):
+    """A font with one glyph, a filled square, for U+732B (猫), registered with matplotlib for the test."""
+    from fontTools.fontBuilder import FontBuilder
+    from fontTools.pens.ttGlyphPen import TTGlyphPen
+    from matplotlib import font_manager
+
+    def square(filled: bool):
+        pen = TTGlyphPen(None)
+        if filled:
+            pen.moveTo((0, -100)), pen.lineTo((0, 800)), pen.lineTo((900, 800)), pen.lineTo((900, -100))
+            pen.closePath()
+        return pen.glyph()
+
+    fb = FontBuilder(1000, isTTF=True)
+    fb.setupGlyphOrder([".notdef", "cat"])
+    fb.setupCharacterMap({0x732B: "cat"})
+    fb.setupGlyf({".notdef": square(False), "cat": square(True)})
+    fb.setupHorizontalMetrics({".notdef": (500, 0), "cat": (1000, 0)})
+    fb.setupHorizontalHeader(ascent=800, descent=-200)
+    fb.setupNameTable({"familyName": "DiffmemTestGlyphs", "styleName": "Regular"})
+    fb.setupOS2(sTypoAscender=800, usWinAscent=800, usWinDescent=200)
+    fb.setupPost()
+    path = tmp_path / "test_glyphs.ttf"
+    fb.save(str(path))
+    before = list(font_manager.fontManager.ttflist)
+    font_manager.fontManager.addfont(str(path))
+    yield "DiffmemTestGlyphs"
+    font_manager.fontManager.ttflist[:] = before
+
+
+def test_characters_the_default_font_lacks_are_drawn_with_an_installed_font_that_has_them(cat_glyph_font):
+    import warnings
+
+    from diffmem.core.figures import subplots
+
+    fig, ax = subplots(figsize=(4, 2))
+    ax.axis("off")
+    text = ax.text(0.5, 0.5, "猫 cat", fontsize=40, ha="center", va="center")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        drawn = _dark_pixels(fig)
+    assert cat_glyph_font in text.get_fontfamily() and not caught
+    # the font's filled square, not the default font's hollow box for a missing glyph
+    boxed, boxed_ax = _plain_matplotlib_figure()
+    boxed_ax.axis("off")
+    boxed_ax.text(0.5, 0.5, "猫 cat", fontsize=40, ha="center", va="center")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        assert drawn > _dark_pixels(boxed) + 1000
+
+
+def test_characters_no_installed_font_has_are_warned_of_once_not_per_glyph(monkeypatch):
+    import warnings
+
+    from diffmem.core import figures
+
+    monkeypatch.setattr(figures, "_WARNED", set())
+    lacking = "\u0378\u0379"  # not assigned in Unicode: no font has them
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for _ in range(2):  # a profile draws a figure per prompt
+            fig, ax = figures.subplots(figsize=(4, 2))
+            ax.set_title(f"a {lacking} sign")
+            fig.tight_layout()
+            fig.canvas.draw()
+    messages = [str(w.message) for w in caught]
+    assert len(messages) == 1 and "no font on this machine has" in messages[0], messages
+    assert repr(lacking) in messages[0]  # the characters themselves, escaped where unprintable

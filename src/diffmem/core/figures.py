@@ -1,9 +1,19 @@
 """Figures drawn without pyplot. diffmem's pictures go to files and HTML, never to a window, and
 pyplot is global state: a library that set its backend (``matplotlib.use("Agg")``) would stop the
 plots of a notebook that called it from showing, and its open figures would pile up in pyplot's
-registry. A ``matplotlib.figure.Figure`` made directly saves itself and is freed like any object."""
+registry. A ``matplotlib.figure.Figure`` made directly saves itself and is freed like any object.
+
+The figures draw prompts, captions and words as they were written: a pair of dollar signs ("a $5
+bill and a $10 note") is not read as TeX math, which would set the words between in italics or stop
+the drawing with a parse error, and characters the default font lacks (Chinese, Japanese, ...) are
+drawn with an installed font that has them, where there is one."""
 
 from __future__ import annotations
+
+import functools
+import unicodedata
+import warnings
+from contextlib import contextmanager
 
 FIGURE_OPTIONS = ("figsize", "dpi", "layout")
 
@@ -12,8 +22,115 @@ def subplots(nrows: int = 1, ncols: int = 1, **kwargs):
     """``plt.subplots`` without pyplot: ``(figure, axes)``, the figure's own options (figsize, dpi,
     layout) apart from the grid's (squeeze, sharex, gridspec_kw, ...)."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
 
-    fig = Figure(**{k: kwargs.pop(k) for k in FIGURE_OPTIONS if k in kwargs})
+    fig = _figure_class()(**{k: kwargs.pop(k) for k in FIGURE_OPTIONS if k in kwargs})
     FigureCanvasAgg(fig)  # this figure's own canvas (it measures text, as label placement needs), not pyplot's backend
     return fig, fig.subplots(nrows, ncols, **kwargs)
+
+
+@functools.cache
+def _figure_class():
+    """``Figure``, drawing its text as written (made on first use: matplotlib loads only when drawing)."""
+    import matplotlib
+    from matplotlib.figure import Figure
+    from matplotlib.text import Text
+
+    class PlainTextFigure(Figure):
+        @contextmanager
+        def _as_written(self):
+            uncovered: set[str] = set()
+            for text in self.findobj(Text):
+                text.set_parse_math(False)
+                uncovered |= _add_fallback_fonts(text)
+            _warn_uncovered(uncovered - _WARNED)
+            # texts made while laying out or drawing (tick labels) are plain too; matplotlib's own
+            # warning per missing glyph gives way to the one above
+            with warnings.catch_warnings(), matplotlib.rc_context({"text.parse_math": False}):
+                warnings.filterwarnings("ignore", r"Glyph \d+ .* missing from font")
+                yield
+
+        def draw(self, renderer):
+            with self._as_written():
+                return super().draw(renderer)
+
+        def tight_layout(self, *args, **kwargs):
+            with self._as_written():
+                return super().tight_layout(*args, **kwargs)
+
+    return PlainTextFigure
+
+
+_WARNED: set[str] = set()  # characters already warned of in this process: a profile draws a figure a prompt
+
+
+def _warn_uncovered(chars: set[str]) -> None:
+    if chars:
+        _WARNED.update(chars)
+        warnings.warn(f"no font on this machine has {''.join(sorted(chars))!r}: drawn as boxes; install a font that "
+                      "has them (Noto Sans CJK, for Chinese and Japanese) and diffmem uses it")
+
+
+@functools.cache
+def _charmap(path: str) -> frozenset[int]:
+    from matplotlib.ft2font import FT2Font
+
+    try:
+        return frozenset(FT2Font(path).get_charmap())
+    except (OSError, RuntimeError, ValueError):  # an unreadable font file covers nothing
+        return frozenset()
+
+
+def _font_path(family: str, prop) -> str | None:
+    from matplotlib import font_manager
+
+    p = prop.copy()
+    p.set_family(family)
+    try:
+        return font_manager.fontManager.findfont(p, fallback_to_default=False)
+    except ValueError:
+        return None
+
+
+def _drawable(ch: str) -> bool:
+    return not ch.isspace() and unicodedata.category(ch) not in ("Cc", "Cf")
+
+
+def _add_fallback_fonts(text) -> set[str]:
+    """Append to ``text``'s font families installed fonts that have the characters its fonts lack;
+    returns the characters no installed font has."""
+    s = text.get_text()
+    if s.isascii():
+        return set()
+    prop = text.get_fontproperties()
+    families = list(prop.get_family())
+    covered = set().union(*(_charmap(p) for f in families if (p := _font_path(f, prop)) is not None))
+    missing = {ch for ch in s if _drawable(ch) and ord(ch) not in covered}
+    if not missing:
+        return set()
+    added = []
+    for name, path in _installed_fonts():
+        has = {ch for ch in missing if ord(ch) in _charmap(path)}
+        if has and name not in families + added:
+            added.append(name)
+            missing -= has
+        if not missing:
+            break
+    if added:
+        text.set_fontfamily(families + added)
+    return missing
+
+
+def _installed_fonts() -> list[tuple[str, str]]:
+    """(family name, file) of every font matplotlib knows, upright regular weights first. Not "Last
+    Resort" (matplotlib ships one): its glyphs are placeholder boxes for whole Unicode blocks."""
+    from matplotlib import font_manager
+
+    entries = sorted((e for e in font_manager.fontManager.ttflist if not e.name.startswith("Last Resort")),
+                     key=lambda e: (e.style != "normal", abs(_weight(e.weight) - 400), e.name, e.fname))
+    return [(e.name, e.fname) for e in entries]
+
+
+def _weight(weight) -> int:
+    from matplotlib.font_manager import weight_dict
+
+    return weight if isinstance(weight, int) else weight_dict.get(weight, 400)
