@@ -93,12 +93,10 @@ def test_dollar_signs_in_a_prompt_are_drawn_as_written_not_read_as_tex():
         plain.tight_layout()
 
 
-@pytest.fixture
-def cat_glyph_font(tmp_path):
-    """A font with one glyph, a filled square, for U+732B (猫), registered with matplotlib for the test."""
+def _write_cat_glyph_font(path: Path) -> str:
+    """A font with one glyph, a filled square, for U+732B (猫); returns its family name."""
     from fontTools.fontBuilder import FontBuilder
     from fontTools.pens.ttGlyphPen import TTGlyphPen
-    from matplotlib import font_manager
 
     def square(filled: bool):
         pen = TTGlyphPen(None)
@@ -116,26 +114,43 @@ def cat_glyph_font(tmp_path):
     fb.setupNameTable({"familyName": "DiffmemTestGlyphs", "styleName": "Regular"})
     fb.setupOS2(sTypoAscender=800, usWinAscent=800, usWinDescent=200)
     fb.setupPost()
-    path = tmp_path / "test_glyphs.ttf"
     fb.save(str(path))
+    return "DiffmemTestGlyphs"
+
+
+@pytest.fixture
+def font_list():
+    """matplotlib's list of fonts, as it was before the test once the test ends."""
+    from matplotlib import font_manager
+
     before = list(font_manager.fontManager.ttflist)
-    font_manager.fontManager.addfont(str(path))
-    yield "DiffmemTestGlyphs"
+    yield font_manager.fontManager
     font_manager.fontManager.ttflist[:] = before
 
 
-def test_characters_the_default_font_lacks_are_drawn_with_an_installed_font_that_has_them(cat_glyph_font):
+@pytest.mark.parametrize("listed", [True, False])
+def test_characters_the_default_font_lacks_are_drawn_with_an_installed_font_that_has_them(tmp_path, font_list,
+                                                                                          monkeypatch, listed):
     import warnings
 
-    from diffmem.core.figures import subplots
+    from matplotlib import font_manager
 
-    fig, ax = subplots(figsize=(4, 2))
+    from diffmem.core import figures
+
+    path = str(tmp_path / "test_glyphs.ttf")
+    family = _write_cat_glyph_font(Path(path))
+    if listed:
+        font_list.addfont(path)
+    else:  # installed after matplotlib cached its list of fonts, which it reads from that cache ever after
+        monkeypatch.setattr(font_manager, "findSystemFonts", lambda *args, **kwargs: [path])
+        monkeypatch.setattr(figures, "_LOOKED_FOR", set())
+    fig, ax = figures.subplots(figsize=(4, 2))
     ax.axis("off")
     text = ax.text(0.5, 0.5, "猫 cat", fontsize=40, ha="center", va="center")
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         drawn = _dark_pixels(fig)
-    assert cat_glyph_font in text.get_fontfamily() and not caught
+    assert family in text.get_fontfamily() and not caught
     # the font's filled square, not the default font's hollow box for a missing glyph
     boxed, boxed_ax = _plain_matplotlib_figure()
     boxed_ax.axis("off")
@@ -151,6 +166,7 @@ def test_characters_no_installed_font_has_are_warned_of_once_not_per_glyph(monke
     from diffmem.core import figures
 
     monkeypatch.setattr(figures, "_WARNED", set())
+    monkeypatch.setattr(figures, "_LOOKED_FOR", set())
     lacking = "\u0378\u0379"  # not assigned in Unicode: no font has them
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")

@@ -11,6 +11,7 @@ drawn with an installed font that has them, where there is one."""
 from __future__ import annotations
 
 import functools
+import logging
 import unicodedata
 import warnings
 from contextlib import contextmanager
@@ -44,10 +45,17 @@ def _figure_class():
                 uncovered |= _add_fallback_fonts(text)
             _warn_uncovered(uncovered - _WARNED)
             # texts made while laying out or drawing (tick labels) are plain too; matplotlib's own
-            # warning per missing glyph gives way to the one above
-            with warnings.catch_warnings(), matplotlib.rc_context({"text.parse_math": False}):
-                warnings.filterwarnings("ignore", r"Glyph \d+ .* missing from font")
-                yield
+            # warning per missing glyph gives way to the one above, and its log line when a fallback
+            # font has no regular weight ("now using 500") to the nearest weight it then uses
+            font_log = logging.getLogger("matplotlib.font_manager")
+            level = font_log.level
+            font_log.setLevel(logging.ERROR)
+            try:
+                with warnings.catch_warnings(), matplotlib.rc_context({"text.parse_math": False}):
+                    warnings.filterwarnings("ignore", r"Glyph \d+ .* missing from font")
+                    yield
+            finally:
+                font_log.setLevel(level)
 
         def draw(self, renderer):
             with self._as_written():
@@ -103,10 +111,12 @@ def _add_fallback_fonts(text) -> set[str]:
         return set()
     prop = text.get_fontproperties()
     families = list(prop.get_family())
-    covered = set().union(*(_charmap(p) for f in families if (p := _font_path(f, prop)) is not None))
-    missing = {ch for ch in s if _drawable(ch) and ord(ch) not in covered}
+    fonts = [_charmap(p) for f in families if (p := _font_path(f, prop)) is not None]
+    missing = {ch for ch in s if _drawable(ch) and not any(ord(ch) in font for font in fonts)}
     if not missing:
         return set()
+    if not any(_has_any(path, missing) for _, path in _installed_fonts()):
+        _list_new_system_fonts(missing)
     added = []
     for name, path in _installed_fonts():
         has = {ch for ch in missing if ord(ch) in _charmap(path)}
@@ -118,6 +128,31 @@ def _add_fallback_fonts(text) -> set[str]:
     if added:
         text.set_fontfamily(families + added)
     return missing
+
+
+def _has_any(path: str, chars: set[str]) -> bool:
+    return not _charmap(path).isdisjoint(ord(ch) for ch in chars)
+
+
+_LOOKED_FOR: set[str] = set()  # characters already looked for among the system's fonts
+
+
+def _list_new_system_fonts(missing: set[str]) -> None:
+    """Add to matplotlib's font list, for this process, the system fonts installed since matplotlib
+    cached that list (it is read from its cache, never refreshed) that have any of ``missing``: a
+    user told to install a font for them gets it used without deleting matplotlib's cache."""
+    from matplotlib import font_manager
+
+    if missing <= _LOOKED_FOR:
+        return
+    _LOOKED_FOR.update(missing)
+    listed = {e.fname for e in font_manager.fontManager.ttflist}
+    for path in font_manager.findSystemFonts(fontext="ttf"):
+        if path not in listed and _has_any(path, missing):
+            try:
+                font_manager.fontManager.addfont(path)
+            except (OSError, RuntimeError, ValueError):  # a font matplotlib cannot read covers nothing
+                continue
 
 
 def _installed_fonts() -> list[tuple[str, str]]:
