@@ -525,6 +525,22 @@ def test_explain_bad_inputs(tmp_path, tiny_pipe_dir):
         assert not out.exists() or not any(out.iterdir()), args
 
 
+def test_control_characters_in_the_users_text_are_shown_not_sent_to_the_terminal(tmp_path, tiny_pipe_dir):
+    # a scraped caption may hold an escape sequence: printed as it is, "\x1b[2J" clears the screen of
+    # whoever reads the output, and "\x1b]0;...\x07" retitles their terminal window
+    prompt = "a red\x1b[2J circle\x07 at\rnight"
+    r = run("explain", "--prompt", prompt, "--model", str(tiny_pipe_dir), "--num-inference-steps", "4",
+            "--out", str(tmp_path / "o"))
+    assert r.returncode == 0, r.stderr
+    assert not any(c in r.stdout for c in "\x1b\x07\r"), repr(r.stdout)
+    assert "a red\u241b[2J circle\u2407 at\u240dnight" in r.stdout  # the prompt, its words coloured, controls drawn
+    from diffmem.explain import AttributionResult
+
+    assert AttributionResult.load(tmp_path / "o" / "attribution.json").prompt == prompt  # the data keeps them
+    r = run("explain", "--prompt", "a cat", "--model", str(tmp_path / "nope\x1b]0;owned\x07"))
+    assert r.returncode == 2 and "nope\u241b]0;owned\u2407" in r.stderr and "\x1b" not in r.stderr, repr(r.stderr)
+
+
 def test_explain_a_prompt_file_equals_the_api_and_resumes(tmp_path, tiny_pipe_dir, tiny_pipe):
     import numpy as np
     import pandas as pd

@@ -16,6 +16,7 @@ from rich.console import Console
 from rich.text import Text
 
 from .core.errors import DiffmemError, InputError
+from .core.prompts import terminal_text
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Audit text-to-image diffusion models for memorization of their training data.")
@@ -30,10 +31,31 @@ def _steps(text: str) -> list[int]:
         return [int(x) for x in text.split(",") if x.strip()]
     except ValueError:
         raise DiffmemError(f"--steps takes step indices separated by commas (0 = first step), got {text!r}") from None
+
+
+class _ShowingConsole(Console):
+    """What is printed holds the user's prompts, words and captions (scraped ones among them), and rich
+    passes an escape sequence in them to the terminal, where it could move the cursor, recolour or
+    clear the screen: strings and rich Text print with their control characters shown. Tables
+    show theirs when their cells are added."""
+
+    def print(self, *objects, **kwargs):
+        super().print(*(_shown_object(o) for o in objects), **kwargs)
+
+
+def _shown_object(o):
+    if isinstance(o, str):
+        return terminal_text(o)
+    if isinstance(o, Text):  # rich drops some controls (BEL, CR) as text is added to one, not ESC: make it from shown text
+        o = o.copy()
+        o.plain = terminal_text(o.plain)  # the same length: its styles stay on their characters
+    return o
+
+
 # no markup: what is printed holds the user's prompts, words and paths, and rich would read "[bold]"
 # in them as a style (and "[/x]" as a tag error)
-console = Console(stderr=True, soft_wrap=True, markup=False)
-out_console = Console(soft_wrap=True, markup=False)
+console = _ShowingConsole(stderr=True, soft_wrap=True, markup=False)
+out_console = _ShowingConsole(soft_wrap=True, markup=False)
 
 
 WARNINGS_SHOWN = 5  # of one kind, then counted
@@ -654,8 +676,8 @@ def categorize(
     for r in res.memorized():  # a prompt's features together, the prompt written once over them
         if shown is not None and r["prompt"] != shown:
             table.add_section()
-        table.add_row(r["prompt"] if r["prompt"] != shown else "", r["description"], r["kind"], f"{r['frequency']:.2f}",
-                      f"{r['lift']:.1f}", r["evidence"])
+        table.add_row(terminal_text(r["prompt"]) if r["prompt"] != shown else "", terminal_text(r["description"]),
+                      r["kind"], f"{r['frequency']:.2f}", f"{r['lift']:.1f}", terminal_text(r["evidence"]))
         shown = r["prompt"]
     out_console.print(table)
     out_console.print(f"{len(res.memorized())} memorized features over {len(res.prompts)} prompts; "
@@ -1012,7 +1034,7 @@ def _run(argv: list[str] | None) -> None:
         if isinstance(rc, int) and rc:
             _exit(rc)
     except DiffmemError as e:
-        console.print(Text.assemble(("error:", "red"), f" {e}"), highlight=False)
+        console.print(Text.assemble(("error:", "red"), f" {terminal_text(str(e))}"), highlight=False)
         sys.exit(2)
     except typer.Exit as e:
         _exit(e.exit_code)

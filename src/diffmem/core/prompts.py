@@ -16,6 +16,17 @@ from .errors import InputError
 
 DEFAULT_COLUMNS = ("prompt", "caption", "text")
 
+# control characters but line breaks and tabs, drawn as their Unicode pictures (ESC as "␛"), one
+# character for one so that styles over a text keep their places
+_CONTROL_PICTURES = {**{c: 0x2400 + c for c in range(0x20) if chr(c) not in "\n\t"}, 0x7F: 0x2421,
+                     **{c: 0xFFFD for c in range(0x80, 0xA0)}}
+
+
+def terminal_text(text: str) -> str:
+    """``text`` with its control characters shown, not obeyed: a prompt or a scraped caption printed
+    to a terminal as it is could move the cursor, recolour or clear the screen ("\x1b[2J")."""
+    return text.translate(_CONTROL_PICTURES)
+
 
 def _read_text(path: Path) -> str:
     if not path.exists():

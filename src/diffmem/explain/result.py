@@ -138,11 +138,14 @@ class AttributionResult:
         """The prompt as rich Text, each word on a background as strong as its score."""
         from rich.text import Text
 
+        from ..core.prompts import terminal_text
+
         t = Text()
         for (before, w), a in zip(self.segments(), self._shares()):
             level = int(255 - 200 * a)
-            t.append(before)
-            t.append(w, style=f"black on rgb(255,{level},{level})")
+            # control characters shown: rich would drop some (BEL, CR) and pass others (ESC) on
+            t.append(terminal_text(before))
+            t.append(terminal_text(w), style=f"black on rgb(255,{level},{level})")
         if self.truncated:
             t.append(f" {TRUNCATED_MARK}", style="dim")
         return t
