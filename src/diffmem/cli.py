@@ -46,7 +46,7 @@ class _ShowingConsole(Console):
 def _shown_object(o):
     if isinstance(o, str):
         return terminal_text(o)
-    if isinstance(o, Text):  # rich drops some controls (BEL, CR) as text is added to one, not ESC: make it from shown text
+    if isinstance(o, Text):  # rich has dropped BEL, CR and a few more from it, but kept ESC
         o = o.copy()
         o.plain = terminal_text(o.plain)  # the same length: its styles stay on their characters
     return o
