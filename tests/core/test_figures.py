@@ -178,3 +178,14 @@ def test_characters_no_installed_font_has_are_warned_of_once_not_per_glyph(monke
     messages = [str(w.message) for w in caught]
     assert len(messages) == 1 and "no font on this machine has" in messages[0], messages
     assert repr(lacking) in messages[0]  # the characters themselves, escaped where unprintable
+
+
+def test_a_figure_pickles_like_any_matplotlib_figure():
+    import pickle
+
+    from diffmem.core.figures import subplots
+
+    fig, ax = subplots(figsize=(3, 2))
+    ax.set_title("a $5 bill")
+    back = pickle.loads(pickle.dumps(fig))
+    assert back.axes[0].get_title() == "a $5 bill" and type(back).__name__ == "PlainTextFigure"

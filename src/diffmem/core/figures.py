@@ -16,56 +16,57 @@ import unicodedata
 import warnings
 from contextlib import contextmanager
 
+# imported with this module, which only drawing code imports (inside its functions): the command line
+# starts without matplotlib
+import matplotlib
+from matplotlib import font_manager
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+from matplotlib.ft2font import FT2Font
+from matplotlib.text import Text
+
 FIGURE_OPTIONS = ("figsize", "dpi", "layout")
 
 
 def subplots(nrows: int = 1, ncols: int = 1, **kwargs):
     """``plt.subplots`` without pyplot: ``(figure, axes)``, the figure's own options (figsize, dpi,
     layout) apart from the grid's (squeeze, sharex, gridspec_kw, ...)."""
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-
-    fig = _figure_class()(**{k: kwargs.pop(k) for k in FIGURE_OPTIONS if k in kwargs})
+    fig = PlainTextFigure(**{k: kwargs.pop(k) for k in FIGURE_OPTIONS if k in kwargs})
     FigureCanvasAgg(fig)  # this figure's own canvas (it measures text, as label placement needs), not pyplot's backend
     return fig, fig.subplots(nrows, ncols, **kwargs)
 
 
-@functools.cache
-def _figure_class():
-    """``Figure``, drawing its text as written (made on first use: matplotlib loads only when drawing)."""
-    import matplotlib
-    from matplotlib.figure import Figure
-    from matplotlib.text import Text
+class PlainTextFigure(Figure):
+    """A ``Figure`` that draws its text as written (see above). Made at module level, not per call,
+    so that its figures pickle like any matplotlib figure."""
 
-    class PlainTextFigure(Figure):
-        @contextmanager
-        def _as_written(self):
-            uncovered: set[str] = set()
-            for text in self.findobj(Text):
-                text.set_parse_math(False)
-                uncovered |= _add_fallback_fonts(text)
-            _warn_uncovered(uncovered - _WARNED)
-            # texts made while laying out or drawing (tick labels) are plain too; matplotlib's own
-            # warning per missing glyph gives way to the one above, and its log line when a fallback
-            # font has no regular weight ("now using 500") to the nearest weight it then uses
-            font_log = logging.getLogger("matplotlib.font_manager")
-            level = font_log.level
-            font_log.setLevel(logging.ERROR)
-            try:
-                with warnings.catch_warnings(), matplotlib.rc_context({"text.parse_math": False}):
-                    warnings.filterwarnings("ignore", r"Glyph \d+ .* missing from font")
-                    yield
-            finally:
-                font_log.setLevel(level)
+    @contextmanager
+    def _as_written(self):
+        uncovered: set[str] = set()
+        for text in self.findobj(Text):
+            text.set_parse_math(False)
+            uncovered |= _add_fallback_fonts(text)
+        _warn_uncovered(uncovered - _WARNED)
+        # texts made while laying out or drawing (tick labels) are plain too; matplotlib's own
+        # warning per missing glyph gives way to the one above, and its log line when a fallback
+        # font has no regular weight ("now using 500") to the nearest weight it then uses
+        font_log = logging.getLogger("matplotlib.font_manager")
+        level = font_log.level
+        font_log.setLevel(logging.ERROR)
+        try:
+            with warnings.catch_warnings(), matplotlib.rc_context({"text.parse_math": False}):
+                warnings.filterwarnings("ignore", r"Glyph \d+ .* missing from font")
+                yield
+        finally:
+            font_log.setLevel(level)
 
-        def draw(self, renderer):
-            with self._as_written():
-                return super().draw(renderer)
+    def draw(self, renderer):
+        with self._as_written():
+            return super().draw(renderer)
 
-        def tight_layout(self, *args, **kwargs):
-            with self._as_written():
-                return super().tight_layout(*args, **kwargs)
-
-    return PlainTextFigure
+    def tight_layout(self, *args, **kwargs):
+        with self._as_written():
+            return super().tight_layout(*args, **kwargs)
 
 
 _WARNED: set[str] = set()  # characters already warned of in this process: a profile draws a figure a prompt
@@ -80,8 +81,6 @@ def _warn_uncovered(chars: set[str]) -> None:
 
 @functools.cache
 def _charmap(path: str) -> frozenset[int]:
-    from matplotlib.ft2font import FT2Font
-
     try:
         return frozenset(FT2Font(path).get_charmap())
     except (OSError, RuntimeError, ValueError):  # an unreadable font file covers nothing
@@ -89,8 +88,6 @@ def _charmap(path: str) -> frozenset[int]:
 
 
 def _font_path(family: str, prop) -> str | None:
-    from matplotlib import font_manager
-
     p = prop.copy()
     p.set_family(family)
     try:
@@ -141,8 +138,6 @@ def _list_new_system_fonts(missing: set[str]) -> None:
     """Add to matplotlib's font list, for this process, the system fonts installed since matplotlib
     cached that list (it is read from its cache, never refreshed) that have any of ``missing``: a
     user told to install a font for them gets it used without deleting matplotlib's cache."""
-    from matplotlib import font_manager
-
     if missing <= _LOOKED_FOR:
         return
     _LOOKED_FOR.update(missing)
@@ -158,14 +153,10 @@ def _list_new_system_fonts(missing: set[str]) -> None:
 def _installed_fonts() -> list[tuple[str, str]]:
     """(family name, file) of every font matplotlib knows, upright regular weights first. Not "Last
     Resort" (matplotlib ships one): its glyphs are placeholder boxes for whole Unicode blocks."""
-    from matplotlib import font_manager
-
     entries = sorted((e for e in font_manager.fontManager.ttflist if not e.name.startswith("Last Resort")),
                      key=lambda e: (e.style != "normal", abs(_weight(e.weight) - 400), e.name, e.fname))
     return [(e.name, e.fname) for e in entries]
 
 
 def _weight(weight) -> int:
-    from matplotlib.font_manager import weight_dict
-
-    return weight if isinstance(weight, int) else weight_dict.get(weight, 400)
+    return weight if isinstance(weight, int) else font_manager.weight_dict.get(weight, 400)
