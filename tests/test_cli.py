@@ -541,6 +541,22 @@ def test_control_characters_in_the_users_text_are_shown_not_sent_to_the_terminal
     assert r.returncode == 2 and "nope\u241b]0;owned\u2407" in r.stderr and "\x1b" not in r.stderr, repr(r.stderr)
 
 
+def test_a_tables_cells_show_their_control_characters_too():
+    # categorize prints its prompts, features and training captions in a table
+    import io
+
+    from rich.table import Table
+
+    from diffmem.cli import _ShowingConsole
+
+    buf = io.StringIO()
+    table = Table("prompt", "evidence")
+    table.add_row("a red\x1b[2J circle", "caption\x07")
+    _ShowingConsole(file=buf, width=200, markup=False).print(table)
+    assert "a red\u241b[2J circle" in buf.getvalue() and "caption\u2407" in buf.getvalue()
+    assert "\x1b" not in buf.getvalue() and "\x07" not in buf.getvalue()
+
+
 def test_explain_a_prompt_file_equals_the_api_and_resumes(tmp_path, tiny_pipe_dir, tiny_pipe):
     import numpy as np
     import pandas as pd

@@ -36,20 +36,20 @@ def _steps(text: str) -> list[int]:
 class _ShowingConsole(Console):
     """What is printed holds the user's prompts, words and captions (scraped ones among them), and rich
     passes an escape sequence in them to the terminal, where it could move the cursor, recolour or
-    clear the screen: strings and rich Text print with their control characters shown. Tables
-    show theirs when their cells are added."""
+    clear the screen: every string it renders (printed, or in a table's cell) and every rich Text it
+    prints shows its control characters."""
+
+    def render_str(self, text: str, **kwargs):
+        return super().render_str(terminal_text(text), **kwargs)
 
     def print(self, *objects, **kwargs):
-        super().print(*(_shown_object(o) for o in objects), **kwargs)
+        super().print(*(_shown_text(o) if isinstance(o, Text) else o for o in objects), **kwargs)
 
 
-def _shown_object(o):
-    if isinstance(o, str):
-        return terminal_text(o)
-    if isinstance(o, Text):  # rich has dropped BEL, CR and a few more from it, but kept ESC
-        o = o.copy()
-        o.plain = terminal_text(o.plain)  # the same length: its styles stay on their characters
-    return o
+def _shown_text(text: Text) -> Text:
+    text = text.copy()  # rich has dropped BEL, CR and a few more from it, but kept ESC
+    text.plain = terminal_text(text.plain)  # the same length: its styles stay on their characters
+    return text
 
 
 # no markup: what is printed holds the user's prompts, words and paths, and rich would read "[bold]"
@@ -676,8 +676,8 @@ def categorize(
     for r in res.memorized():  # a prompt's features together, the prompt written once over them
         if shown is not None and r["prompt"] != shown:
             table.add_section()
-        table.add_row(terminal_text(r["prompt"]) if r["prompt"] != shown else "", terminal_text(r["description"]),
-                      r["kind"], f"{r['frequency']:.2f}", f"{r['lift']:.1f}", terminal_text(r["evidence"]))
+        table.add_row(r["prompt"] if r["prompt"] != shown else "", r["description"], r["kind"], f"{r['frequency']:.2f}",
+                      f"{r['lift']:.1f}", r["evidence"])
         shown = r["prompt"]
     out_console.print(table)
     out_console.print(f"{len(res.memorized())} memorized features over {len(res.prompts)} prompts; "
