@@ -112,9 +112,19 @@ def _add_fallback_fonts(text) -> set[str]:
     missing = {ch for ch in s if _drawable(ch) and not any(ord(ch) in font for font in fonts)}
     if not missing:
         return set()
-    if not any(_has_any(path, missing) for _, path in _installed_fonts()):
+    added, uncovered = _covering_fonts(missing, families)
+    if not added:  # none that matplotlib lists: perhaps one installed since it cached its list
         _list_new_system_fonts(missing)
-    added = []
+        added, uncovered = _covering_fonts(missing, families)
+    if added:
+        text.set_fontfamily(families + added)
+    return uncovered
+
+
+def _covering_fonts(missing: set[str], families: list[str]) -> tuple[list[str], set[str]]:
+    """Families of listed fonts, first fit, that together have as many of ``missing`` as any do,
+    and the characters none has."""
+    added, missing = [], set(missing)
     for name, path in _installed_fonts():
         has = {ch for ch in missing if ord(ch) in _charmap(path)}
         if has and name not in families + added:
@@ -122,9 +132,7 @@ def _add_fallback_fonts(text) -> set[str]:
             missing -= has
         if not missing:
             break
-    if added:
-        text.set_fontfamily(families + added)
-    return missing
+    return added, missing
 
 
 def _has_any(path: str, chars: set[str]) -> bool:
