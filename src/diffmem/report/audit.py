@@ -491,10 +491,11 @@ class Audit:
         from ..mitigate import EmbeddingOptimization
 
         s = self.settings
-        # the method's revision: a stage mitigated by an earlier diffmem's method is redone, not reused
+        # the method's revision, as the other stages hold theirs: a stage mitigated by an earlier
+        # diffmem's method is redone, not reused
         settings = {"seed": s.seed, "generations": s.mitigate_generations, "iters": s.mitigate_iters, "lr": s.mitigate_lr,
                     "loss_steps": s.mitigate_loss_steps, "positions": s.mitigate_positions, "rewrite": s.mitigate_rewrite,
-                    "max": s.max_mitigate, "revision": EmbeddingOptimization.revision}
+                    "max": s.max_mitigate, **revision_key(EmbeddingOptimization)}
         # replication against the training data by SSCD when given, else (a model without MemLab's
         # manifest) by pixel correlation; alignment by CLIP when given. The key gains each only when
         # it applies, so MemLab audits keep theirs
