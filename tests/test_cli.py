@@ -550,11 +550,13 @@ def test_a_tables_cells_show_their_control_characters_too():
     from diffmem.cli import _ShowingConsole
 
     buf = io.StringIO()
-    table = Table("prompt", "evidence")
-    table.add_row("a red\x1b[2J circle", "caption\x07")
+    table = Table("prompt", "evidence", "caption")
+    table.add_row("a red\x1b[2J circle", "caption\x07", "\u202eon a square")
     _ShowingConsole(file=buf, width=200, markup=False).print(table)
     assert "a red\u241b[2J circle" in buf.getvalue() and "caption\u2407" in buf.getvalue()
     assert "\x1b" not in buf.getvalue() and "\x07" not in buf.getvalue()
+    # a right-to-left override would reverse the rest of the line where the terminal lays out bidi text
+    assert "\ufffdon a square" in buf.getvalue() and "\u202e" not in buf.getvalue()
 
 
 def test_explain_a_prompt_file_equals_the_api_and_resumes(tmp_path, tiny_pipe_dir, tiny_pipe):

@@ -95,3 +95,19 @@ def test_output_folder_checks(tmp_path):
     (tmp_path / "f").write_text("x")
     with pytest.raises(InputError, match="is a file"):
         ensure_writable_dir(tmp_path / "f" / "out")
+
+
+def test_bidirectional_formatting_characters_are_shown_not_obeyed():
+    from markupsafe import Markup
+
+    from diffmem.core.prompts import html_environment, html_text, terminal_text
+
+    # overrides, embeddings and isolates reorder the text after them; the marks LRM / RLM do not
+    caption = "a red \u202ecircle\u202c, \u2067isolated\u2069 \u200e."
+    assert html_text(caption) == "a red [U+202E]circle[U+202C], [U+2067]isolated[U+2069] \u200e."
+    shown = terminal_text(caption)  # one character for one, so styles over the text keep their places
+    assert len(shown) == len(caption) and shown == "a red \ufffdcircle\ufffd, \ufffdisolated\ufffd \u200e."
+    page = html_environment().from_string('<p title="{{ p }}">{{ p }} {{ frag }}</p>').render(
+        p="<b>\u202ex</b>", frag=Markup("<i>\u2066y</i>"))
+    # escaped and shown in text and attribute alike; a fragment already safe stays markup
+    assert page == '<p title="&lt;b&gt;[U+202E]x&lt;/b&gt;">&lt;b&gt;[U+202E]x&lt;/b&gt; <i>[U+2066]y</i></p>'

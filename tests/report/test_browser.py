@@ -47,7 +47,8 @@ def test_markup_in_prompts_shows_as_text_and_never_runs(tmp_path, memlab_manifes
     from diffmem.memlab import dataset as ds
 
     hostile = ['<script>window.__xss = 1</script> ' + ds.prompts(memlab_manifest, "verbatim")[0],
-               ds.prompts(memlab_manifest, "verbatim")[1] + ' <img src=x onerror="window.__xss = 2">']
+               ds.prompts(memlab_manifest, "verbatim")[1] + ' <img src=x onerror="window.__xss = 2">',
+               "\u202e" + ds.prompts(memlab_manifest, "verbatim")[2]]  # would be laid out mirrored
     prompts = tmp_path / "p.txt"
     long = ds.prompts(memlab_manifest, "novel")[4] + " and" * 100  # longer than the model reads
     prompts.write_text("\n".join(hostile + ds.prompts(memlab_manifest, "novel")[:4] + [long]) + "\n", encoding="utf-8")
@@ -67,9 +68,46 @@ def test_markup_in_prompts_shows_as_text_and_never_runs(tmp_path, memlab_manifes
         driver.execute_script("document.querySelectorAll('details').forEach(d => d.open = true)")
         shown = [e.text for e in driver.find_elements(By.CSS_SELECTOR, ".prompt-text")]
         assert hostile[0] in shown and hostile[1] in shown  # shown as the text the user wrote
+        assert "[U+202E]" + hostile[2][1:] in shown and "\u202e" not in html  # the override shown, not obeyed
         flagged = driver.find_element(By.ID, "flagged").text
         assert "<script>" in flagged or "onerror" in flagged  # at least one is flagged, its words shown as text
         assert console_errors(driver) == []
+    finally:
+        driver.quit()
+
+
+def _shaded_words(driver, page: Path) -> list[tuple[str, float]]:
+    from selenium.webdriver.common.by import By
+
+    driver.get(page.resolve().as_uri())
+    return [(t.text, t.rect["x"]) for t in driver.find_elements(By.CSS_SELECTOR, ".tok")]
+
+
+def test_an_override_in_a_prompt_does_not_reorder_the_words_after_it(tmp_path):
+    import numpy as np
+
+    from diffmem.explain import AttributionResult
+
+    def page(words, name):
+        prompt = " ".join(words)
+        res = AttributionResult(prompt, words, np.ones(len(words)), list(words), np.arange(1.0, len(words) + 1),
+                                list(range(len(words))), "token_attribution", {}, [0])
+        (tmp_path / name).write_text(f"<!doctype html><meta charset='utf-8'><p>{res.to_html()}</p>", encoding="utf-8")
+        return tmp_path / name
+
+    # a right-to-left override (CLIP makes it a word of its own) would lay out "circle on a blue square"
+    # from right to left, each word mirrored, and shade them in that order
+    driver = browser()
+    try:
+        shown = _shaded_words(driver, page(["a", "red", "\u202e", "circle", "on", "a", "blue", "square"], "rlo.html"))
+        assert [w for w, _ in shown] == ["a", "red", "[U+202E]", "circle", "on", "a", "blue", "square"]
+        xs = [x for _, x in shown]
+        assert xs == sorted(xs), shown
+        # right-to-left words themselves keep their reading order: only formatting characters are shown
+        shown = _shaded_words(driver, page(["a", "red", "circle", "\u05e6\u05d1\u05e2", "\u05d0\u05d3\u05d5\u05dd", "on",
+                                            "a", "square"], "hebrew.html"))
+        xs = [x for _, x in shown]
+        assert xs[0] < xs[1] < xs[2] < xs[4] < xs[3] < xs[5] < xs[6] < xs[7], shown
     finally:
         driver.quit()
 
@@ -149,6 +187,17 @@ def test_app_scores_highlights_the_trigger_and_rescores_an_edit(app_server, meml
         assert console_errors(driver) == []
         SHOTS.mkdir(parents=True, exist_ok=True)
         driver.save_screenshot(str(SHOTS / "app.png"))
+
+        # a right-to-left override is shown by its code point, and the words after it stay in order
+        old = driver.find_element(By.ID, "score").text
+        box.clear()
+        box.send_keys(f"{prompt} \u202e{template['trigger']}")
+        driver.find_element(By.ID, "score-btn").click()
+        _wait(driver, lambda d: d.find_element(By.ID, "score").text != old)
+        toks = driver.find_elements(By.CSS_SELECTOR, "#tokens span.tok")
+        assert [t.text for t in toks] == prompt.split() + ["[U+202E]"] + trigger
+        xs = [t.rect["x"] + t.rect["y"] * 10_000 for t in toks]  # reading order, across wrapped lines
+        assert xs == sorted(xs)
 
         # one mitigation at a time: the button waits for the job's end, here its cancelling
         button = driver.find_element(By.ID, "mitigate-btn")

@@ -3,7 +3,7 @@ from markdown_it import MarkdownIt
 from diffmem.scan import DatasetScanner, ListSource
 from diffmem.scan.report import write_report
 
-HOSTILE = "a | pipe <b>bold</b> *star* [link](http://x) `code` _under_ caption"
+HOSTILE = "a | pipe <b>bold</b> *star* [link](http://x) `code` _under_ \u202ecaption"
 
 
 def test_captions_in_the_report_render_as_written(tmp_path):
@@ -16,7 +16,9 @@ def test_captions_in_the_report_render_as_written(tmp_path):
     html = MarkdownIt("commonmark").enable("table").render(path.read_text())
     for tag in ("<b>", "<a ", "<em>", "<strong>", "<code>", "<source>"):
         assert tag not in html, tag
-    assert "a | pipe &lt;b&gt;bold&lt;/b&gt; *star* [link](http://x) `code` _under_ caption" in html
+    # and a right-to-left override shown by its code point, not laid out mirrored
+    assert "a | pipe &lt;b&gt;bold&lt;/b&gt; *star* [link](http://x) `code` _under_ [U+202E]caption" in html
+    assert "\u202e" not in html
     assert "hostile &lt;source&gt;" in html
     tables = html.split("<table>")[1:]
     assert any("example captions" in t for t in tables)  # the trigger table

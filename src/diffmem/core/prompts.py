@@ -16,16 +16,47 @@ from .errors import InputError
 
 DEFAULT_COLUMNS = ("prompt", "caption", "text")
 
+# the explicit bidirectional formatting characters (embeddings, overrides, isolates): invisible, and
+# their effect runs on past the word they stand in, so a right-to-left override in a scraped caption
+# shows the words after it reversed ("circle on a blue square" as "erauqs eulb a no elcric") and
+# misplaces the shading of an explanation. The marks (LRM, RLM) only sway their neighbours: left alone.
+_BIDI_CONTROLS = (*range(0x202A, 0x202F), *range(0x2066, 0x206A))
+
 # control characters but line breaks and tabs, drawn as their Unicode pictures (ESC as "␛"), one
-# character for one so that styles over a text keep their places
+# character for one so that styles over a text keep their places; bidi controls have no picture
 _CONTROL_PICTURES = {**{c: 0x2400 + c for c in range(0x20) if chr(c) not in "\n\t"}, 0x7F: 0x2421,
-                     **{c: 0xFFFD for c in range(0x80, 0xA0)}}
+                     **{c: 0xFFFD for c in (*range(0x80, 0xA0), *_BIDI_CONTROLS)}}
+
+# in HTML a mark of any length fits: the code point, which a reader can look up
+_BIDI_NAMED = {c: f"[U+{c:04X}]" for c in _BIDI_CONTROLS}
 
 
 def terminal_text(text: str) -> str:
     """``text`` with its control characters shown, not obeyed: a prompt or a scraped caption printed
-    to a terminal as it is could move the cursor, recolour or clear the screen ("\x1b[2J")."""
+    to a terminal as it is could move the cursor, recolour or clear the screen ("\x1b[2J"), or
+    reverse the rest of the line (U+202E, in terminals that lay out bidirectional text)."""
     return text.translate(_CONTROL_PICTURES)
+
+
+def html_text(text: str) -> str:
+    """``text`` with its bidirectional formatting characters shown by code point ("[U+202E]"), not
+    obeyed: a browser would reorder the text after them. Escaping is still the page's to do."""
+    return text.translate(_BIDI_NAMED)
+
+
+def html_environment(**kwargs):
+    """A jinja2 environment for pages that show user text: every ``{{ value }}`` escaped and its
+    bidirectional formatting characters shown (``html_text``), in text and in attributes alike. The
+    marks hold no markup character, so fragments already made safe (``Markup``) stay safe."""
+    from jinja2 import Environment
+    from markupsafe import Markup
+
+    def shown(value):
+        if isinstance(value, Markup):
+            return Markup(html_text(str(value)))
+        return html_text(value) if isinstance(value, str) else value
+
+    return Environment(autoescape=True, finalize=shown, **kwargs)
 
 
 def _read_text(path: Path) -> str:

@@ -86,11 +86,11 @@ class AttributionSet:
     def to_html(self, title: str = "diffmem explain") -> str:
         """A self-contained page: each prompt with its words shaded by score, its top word (and how far
         it leads the second) and its detection score. Everything from the prompts is escaped."""
-        from jinja2 import Environment
         from markupsafe import Markup
 
-        env = Environment(autoescape=True)
-        tmpl = env.from_string(
+        from ..core.prompts import html_environment
+
+        tmpl = html_environment().from_string(
             "<!doctype html><html><head><meta charset='utf-8'><title>{{ title }}</title><style>"
             "body{font:15px/1.5 system-ui,sans-serif;margin:2em;max-width:70em}"
             "table{border-collapse:collapse}td,th{padding:.3em .8em;border-bottom:1px solid #ddd;text-align:left}"

@@ -152,10 +152,9 @@ class AttributionResult:
 
     def to_html(self) -> str:
         """An HTML fragment (escaped): words shaded by score, the score in a tooltip."""
-        from jinja2 import Environment
+        from ..core.prompts import html_environment
 
-        env = Environment(autoescape=True)
-        tmpl = env.from_string(
+        tmpl = html_environment().from_string(
             '<span class="diffmem-attribution" data-method="{{ method }}">'
             "{% for before, w, a, s in items %}{{ before }}"
             '<span class="tok" data-word-index="{{ loop.index0 }}" title="{{ \'%.4g\'|format(s) }}"'

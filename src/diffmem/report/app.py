@@ -391,7 +391,11 @@ async function api(path, body) {
   if (!r.ok) throw new Error(data.error || r.statusText);
   return data;
 }
-function showError(e) { $("error").textContent = e ? String(e.message || e) : ""; }
+// bidirectional formatting characters shown by code point, not obeyed, as in diffmem's HTML files
+// (core.prompts.html_text): one would reorder the words after it. The data keeps them: edits resend them
+const shown = (t) => t.replace(/[\u202A-\u202E\u2066-\u2069]/g,
+  (c) => "[U+" + c.charCodeAt(0).toString(16).toUpperCase() + "]");
+function showError(e) { $("error").textContent = e ? shown(String(e.message || e)) : ""; }
 async function score() {
   const prompt = $("prompt").value;
   showError(null);
@@ -414,19 +418,19 @@ async function score() {
     const box = $("tokens");
     box.replaceChildren();
     d.words.forEach((w, i) => {
-      box.appendChild(document.createTextNode(w.before));
+      box.appendChild(document.createTextNode(shown(w.before)));
       const s = document.createElement("span");
       s.className = "tok" + (i === d.top_index ? " top" : "");  // by position: a word can stand twice
       s.dataset.index = i;
       s.dataset.share = w.share.toFixed(3);
-      s.textContent = w.text;
+      s.textContent = shown(w.text);
       s.title = w.score.toPrecision(3);
       s.style.background = "rgba(220, 40, 40, " + (0.85 * w.share).toFixed(3) + ")";
       s.addEventListener("click", (ev) => openMenu(ev, i));
       box.appendChild(s);
     });
-    $("lead").textContent = d.lead ? "strongest: " + d.words[d.top_index].text + ", " + d.lead : "";
-    $("warnings").textContent = d.warnings.join(" ");
+    $("lead").textContent = d.lead ? shown("strongest: " + d.words[d.top_index].text + ", " + d.lead) : "";
+    $("warnings").textContent = shown(d.warnings.join(" "));
   } catch (e) { showError(e); } finally { $("score-btn").disabled = false; $("score-status").textContent = ""; }
 }
 function openMenu(ev, i) {

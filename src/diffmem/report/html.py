@@ -210,9 +210,11 @@ def _load_scan_images(out: Path) -> dict[int, np.ndarray]:
 
 
 def render(ctx: dict) -> str:
-    from jinja2 import Environment, PackageLoader
+    from jinja2 import PackageLoader
 
-    env = Environment(loader=PackageLoader("diffmem.report", "templates"), autoescape=True)
+    from ..core.prompts import html_environment
+
+    env = html_environment(loader=PackageLoader("diffmem.report", "templates"))
     env.filters["fmt"] = lambda v, f=".3g": format(v, f) if isinstance(v, (int, float)) else v
     return env.get_template("report.html.j2").render(**ctx)
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
+from ..core.prompts import html_text
 from ..core.results import atomic_write_text
 
 
@@ -16,8 +17,9 @@ _EMPHASIS_UNDERSCORE = re.compile(r"(?<![A-Za-z0-9])_|_(?![A-Za-z0-9])")  # "fil
 
 def _cell(text) -> str:
     """Captions and paths are user data: shown as written, never read as Markdown or HTML (a "<b>", a
-    "[link](...)" or a "|" that would end the table cell)."""
-    return _EMPHASIS_UNDERSCORE.sub(r"\\_", str(text).translate(_MARKDOWN))
+    "[link](...)" or a "|" that would end the table cell), and their bidirectional formatting
+    characters shown by code point, as in the HTML pages (a viewer would reorder the text after them)."""
+    return _EMPHASIS_UNDERSCORE.sub(r"\\_", html_text(str(text)).translate(_MARKDOWN))
 
 
 def write_report(result, folder: str | Path, thumbs=None, max_phrases: int = 30) -> Path:
