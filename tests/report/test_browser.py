@@ -188,7 +188,8 @@ def test_app_scores_highlights_the_trigger_and_rescores_an_edit(app_server, meml
         SHOTS.mkdir(parents=True, exist_ok=True)
         driver.save_screenshot(str(SHOTS / "app.png"))
 
-        # a right-to-left override is shown by its code point, and the words after it stay in order
+        # a right-to-left override is shown by its code point, and the words after it stay in order;
+        # the prompt keeps it, so dropping that word edits it out
         old = driver.find_element(By.ID, "score").text
         box.clear()
         box.send_keys(f"{prompt} \u202e{template['trigger']}")
@@ -198,6 +199,11 @@ def test_app_scores_highlights_the_trigger_and_rescores_an_edit(app_server, meml
         assert [t.text for t in toks] == prompt.split() + ["[U+202E]"] + trigger
         xs = [t.rect["x"] + t.rect["y"] * 10_000 for t in toks]  # reading order, across wrapped lines
         assert xs == sorted(xs)
+        old = driver.find_element(By.ID, "score").text
+        toks[len(prompt.split())].click()
+        driver.find_element(By.ID, "drop-btn").click()
+        _wait(driver, lambda d: d.find_element(By.ID, "score").text != old)
+        assert driver.find_element(By.ID, "prompt").get_attribute("value") == f"{prompt} {template['trigger']}"
 
         # one mitigation at a time: the button waits for the job's end, here its cancelling
         button = driver.find_element(By.ID, "mitigate-btn")

@@ -446,7 +446,10 @@ function edit(replacement) {
   let text = "";
   parts.forEach(([b, w], i) => {
     if (i !== chosen) text += b + w;
-    else if (replacement) text += b + replacement;  // dropped: the word and the space before it go
+    else if (replacement) text += b + replacement;
+    // dropped: the word and the space before it go, unless a word written against it follows
+    // ("(circle" or an invisible control before "circle"), which the space still keeps apart
+    else if (i + 1 < parts.length && parts[i + 1][0] === "" && /^[\p{L}\p{N}]/u.test(parts[i + 1][1])) text += b;
   });
   const used = parts.reduce((n, [b, w]) => n + b.length + w.length, 0);
   text = (text + current.prompt.slice(used)).replace(/\s+/g, " ").trim();
