@@ -523,6 +523,12 @@ def test_explain_bad_inputs(tmp_path, tiny_pipe_dir):
         r = run("explain", *args, "--out", str(out))
         assert r.returncode == 2 and msg in r.stderr and "Traceback" not in r.stderr, (args, r.stderr)
         assert not out.exists() or not any(out.iterdir()), args
+    # "café" typed in a Latin-1 terminal: its byte 0xe9 reaches Python as a lone surrogate, on which
+    # the tokenizer failed with a traceback; a process of its own, so that the real argv carries the byte
+    r = run("explain", "--prompt", "caf\udce9 latte", "--model", str(tiny_pipe_dir), "--out", str(out), env={})
+    assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr
+    assert "holds a lone surrogate \\udce9 at character 3: the byte 0xe9, which is not UTF-8" in r.stderr, r.stderr
+    assert not out.exists()
 
 
 def test_control_characters_in_the_users_text_are_shown_not_sent_to_the_terminal(tmp_path, tiny_pipe_dir):

@@ -295,6 +295,11 @@ def explain(
         raise DiffmemError("give exactly one of --prompt and --prompts")
     if prompt is not None and not prompt.strip():
         raise DiffmemError("the prompt to explain is empty")
+    if prompt is not None:  # before the model loads, as the API's own check (explain.tokens.check_prompt) is not
+        from .core.prompts import lone_surrogate
+
+        if problem := lone_surrogate(prompt):
+            raise DiffmemError(f"the prompt to explain {problem}")
     if prompts is not None and out is None:
         raise DiffmemError("--prompts needs --out DIR: a file of prompts is checkpointed there and resumes")
     if prompts is not None:

@@ -34,6 +34,9 @@ def test_the_public_sd_v1_list_reads():
         # UTF-16 without its byte-order mark is valid UTF-8, a NUL after each letter
         ("utf16.txt", "a cat\nthe dog\n".encode("utf-16-le"), r"holds a NUL byte \(byte 1, line 1\): it looks like UTF-16"),
         ("utf16.csv", "prompt\na cat\n".encode("utf-16-le"), "holds a NUL byte"),
+        # JSON may escape half of an emoji, cut from its pair where a scraped line was truncated
+        ("half.jsonl", b'{"prompt": "ok"}\n{"prompt": "a cat \\ud83d"}\n',
+         r"line 2: the prompt holds a lone surrogate \\ud83d at character 6: half of a character cut in two"),
     ],
 )
 def test_bad_files_name_the_problem(tmp_path, name, content, message):

@@ -80,6 +80,9 @@ def test_bad_input(tiny_pipe):
         det.score([])
     with pytest.raises(InputError, match="prompt 1 is empty"):
         det.score(["fine", "  "])
+    # the tokenizer failed on it with a TypeError that named nothing
+    with pytest.raises(InputError, match=r"prompt 1 holds a lone surrogate \\ud83d at character 4"):
+        det.score(["fine", "cat \ud83d"])
     with pytest.raises(InputError, match="steps must lie"):
         NoiseNormDetector(tiny_pipe, num_inference_steps=4, steps=[4])
     with pytest.warns(denoise.PromptTruncationWarning, match="truncated to 77 tokens"):

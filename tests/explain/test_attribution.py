@@ -125,6 +125,8 @@ def test_result_shows_and_round_trips(tiny_pipe, tmp_path):
 def test_empty_prompt(tiny_pipe):
     with pytest.raises(InputError, match="empty"):
         TokenAttribution(tiny_pipe, num_inference_steps=4).attribute("  ")
+    with pytest.raises(InputError, match="the prompt to explain holds a lone surrogate"):
+        TokenAttribution(tiny_pipe, num_inference_steps=4).attribute("a \ud83d")
     with pytest.raises(InputError, match="empty"):
         TokenAttribution(tiny_pipe, num_inference_steps=4).attribute(None)
     with pytest.raises(InputError, match="one prompt, a string; got list"):

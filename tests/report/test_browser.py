@@ -278,6 +278,7 @@ def _mitigation_job_reports_progress_and_cancels(app_server, generations):
     for path in ("api/score", "api/mitigate"):  # bad requests: status 400 and what was wrong with them
         for body, why in (({"prompt": "   "}, "the prompt is empty"), ({"prompt": 5}, "the prompt must be text, got int 5"),
                           ({"text": "a cat"}, 'the request has no "prompt"'), (["a cat"], 'the request has no "prompt"'),
+                          (b'{"prompt": "a cat \\ud83d"}', "the prompt holds a lone surrogate \\ud83d"),
                           (b"a cat", "the request body is not JSON")):
             data = body if isinstance(body, bytes) else json.dumps(body).encode()
             with pytest.raises(urllib.error.HTTPError) as e:

@@ -62,7 +62,9 @@ def test_bad_rows_are_reported_and_never_stop_the_scan(tmp_path):
     records.append({"file_name": "1.png", "text": "   "})
     (folder / "broken2.png").write_bytes(b"not a png either")
     lines = [json.dumps(r).encode() for r in records] + [b'{"file_name": "2.png", "text": "caf\xe9 latte"}',
-                                                         json.dumps({"file_name": "broken2.png", "text": "x"}).encode()]
+                                                         json.dumps({"file_name": "broken2.png", "text": "x"}).encode(),
+                                                         # half an emoji, escaped: the scan stopped with a traceback
+                                                         json.dumps({"file_name": "3.png", "text": "a cat \ud83d"}).encode()]
     (folder / "metadata.jsonl").write_bytes(b"\n".join(lines) + b"\n")
     res = DatasetScanner(folder, tmp_path / "work", progress=False).scan()
     rows = res.rows.set_index("row")
@@ -70,16 +72,26 @@ def test_bad_rows_are_reported_and_never_stop_the_scan(tmp_path):
     assert rows.loc[7, "image_issue"].startswith("unreadable image")
     assert rows.loc[8, "caption_issue"] == "missing" and rows.loc[9, "caption_issue"] == "empty"
     assert rows.loc[10, "caption_issue"] == "not UTF-8"
+    assert rows.loc[12, "caption_issue"] == "lone surrogate" and rows.loc[12, "caption"] == "a cat \ufffd"
     summary = res.summary.set_index("check")
-    assert summary.loc["bad_image", "issues"] == 3 and summary.loc["bad_caption", "issues"] == 3
+    assert summary.loc["bad_image", "issues"] == 3 and summary.loc["bad_caption", "issues"] == 4
     # counted by kind: two unreadable files (their messages differ by path) are 2, not 1
     assert summary.loc["bad_image", "detail"] == {"unreadable image: UnidentifiedImageError": 2,
                                                   "unreadable image: FileNotFoundError": 1}
     # the detail is printed by the CLI and the report: plain ints, not numpy's np.int64(1)
-    assert summary.loc["bad_caption", "detail"] == {"missing": 1, "empty": 1, "not UTF-8": 1}
+    assert summary.loc["bad_caption", "detail"] == {"missing": 1, "empty": 1, "not UTF-8": 1, "lone surrogate": 1}
     assert all(type(v) is int for v in summary.loc["bad_caption", "detail"].values())
     # a row whose image is a copy of another's still clusters even when its caption is missing
     assert rows.loc[8, "image_cluster"] == rows.loc[0, "image_cluster"] >= 0
+
+
+def test_a_lone_surrogate_in_a_listed_caption_is_named_and_the_scan_goes_on(tmp_path):
+    from diffmem.scan import ListSource
+
+    res = DatasetScanner(ListSource(["a red \ud83d circle", "a blue square"], image_keys=["a", "b"]), tmp_path / "w",
+                         progress=False).scan()
+    assert res.rows["caption_issue"].iloc[0] == "lone surrogate" and res.rows["caption_issue"].isna().iloc[1]
+    assert res.rows["caption"].tolist() == ["a red \ufffd circle", "a blue square"]
 
 
 def test_numbers_in_the_caption_column_and_empty_image_cells_are_named_as_such(tmp_path):

@@ -9,6 +9,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+import re
 from pathlib import Path
 from typing import Iterable, Iterator, Sequence
 
@@ -29,6 +30,28 @@ _CONTROL_PICTURES = {**{c: 0x2400 + c for c in range(0x20) if chr(c) not in "\n\
 
 # in HTML a mark of any length fits: the code point, which a reader can look up
 _BIDI_NAMED = {c: f"[U+{c:04X}]" for c in _BIDI_CONTROLS}
+
+
+_LONE_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+def lone_surrogate(text: str) -> str | None:
+    """What is wrong with ``text`` if it holds a lone UTF-16 surrogate, else None. JSON can escape
+    one (half of an emoji cut in two, in a truncated scraped caption), and Python reads a byte of the
+    command line that is not UTF-8 as one ("caf\\xe9" typed in a Latin-1 terminal); no tokenizer and
+    no Parquet file takes it."""
+    m = _LONE_SURROGATE.search(text)
+    if m is None:
+        return None
+    c = ord(m.group())
+    cause = (f"the byte 0x{c - 0xDC00:02x}, which is not UTF-8 (a terminal or file in another encoding?)"
+             if 0xDC80 <= c <= 0xDCFF else "half of a character cut in two (an emoji, say)")
+    return f"holds a lone surrogate \\u{c:04x} at character {m.start()}: {cause}; the tokenizer cannot read it"
+
+
+def replace_lone_surrogates(text: str) -> str:
+    """``text`` with each lone surrogate replaced by U+FFFD, as a decoder replaces a bad byte."""
+    return _LONE_SURROGATE.sub("\ufffd", text)
 
 
 def terminal_text(text: str) -> str:
@@ -178,6 +201,8 @@ def _check(value, path: Path, line: int, unit: str = "line") -> str:
         raise InputError(f"{path} {unit} {line}: empty prompt")
     if "\x00" in value:
         raise InputError(f"{path} {unit} {line}: the prompt holds a NUL character ({value!r})")
+    if problem := lone_surrogate(value):
+        raise InputError(f"{path} {unit} {line}: the prompt {problem}")
     return value
 
 

@@ -19,7 +19,7 @@ import torch
 
 from ..core import denoise
 from ..core.errors import InputError
-from ..core.prompts import prompt_list
+from ..core.prompts import lone_surrogate, prompt_list
 from ..core.results import dump_json, read_parquet, reading_saved, write_parquet
 
 
@@ -114,6 +114,8 @@ def check_prompts(prompts: str | Sequence[str]) -> list[str]:
             raise InputError(f"prompt {i} is not a string: {p!r}")
         if not p.strip():
             raise InputError(f"prompt {i} is empty")
+        if problem := lone_surrogate(p):
+            raise InputError(f"prompt {i} {problem}")
     return prompts
 
 

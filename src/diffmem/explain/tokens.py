@@ -7,6 +7,7 @@ from tokenizers import decoders
 
 from ..core import denoise
 from ..core.errors import InputError
+from ..core.prompts import lone_surrogate
 
 END_OF_WORD = "</w>"
 _BYTE_LEVEL = decoders.ByteLevel()
@@ -62,6 +63,8 @@ def check_prompt(prompt: str) -> str:
                          "(explain_prompts explains many)")
     if prompt is None or not prompt.strip():
         raise InputError("the prompt to explain is empty")
+    if problem := lone_surrogate(prompt):
+        raise InputError(f"the prompt to explain {problem}")
     return prompt
 
 

@@ -28,6 +28,7 @@ from pathlib import Path
 import numpy as np
 
 from ..core.errors import InputError
+from ..core.prompts import lone_surrogate
 
 MAX_PROMPT_CHARS = 2000
 KEPT_JOBS = 100  # ended mitigation jobs whose results the server keeps (a few hundred KB of images each)
@@ -116,6 +117,8 @@ class AppState:
             raise InputError("the prompt is empty")
         if len(prompt) > MAX_PROMPT_CHARS:
             raise InputError(f"the prompt is longer than {MAX_PROMPT_CHARS} characters")
+        if problem := lone_surrogate(prompt):
+            raise InputError(f"the prompt {problem}")
         return prompt
 
     def score(self, prompt: str) -> dict:

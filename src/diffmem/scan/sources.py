@@ -32,6 +32,7 @@ from typing import Iterator
 import numpy as np
 
 from ..core.errors import InputError
+from ..core.prompts import lone_surrogate, replace_lone_surrogates
 from ..core.images import image_array
 
 CAPTION_COLUMNS = ("caption", "text", "prompt")
@@ -44,7 +45,7 @@ IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".ti
 class ScanRow:
     row: int
     caption: str | None
-    caption_issue: str | None = None  # "missing", "empty", "not UTF-8", "not text (int)"
+    caption_issue: str | None = None  # "missing", "empty", "not UTF-8", "lone surrogate", "not text (int)"
     image: np.ndarray | None = None  # float32 (H, W, 3) in [0, 1]
     image_issue: str | None = None  # why the image could not be read
     image_key: str | None = None  # identity of the image when only a key is available
@@ -73,6 +74,8 @@ def _caption(value) -> tuple[str | None, str | None]:
         return str(value), f"not text ({type(value).__name__})"
     if not value.strip():
         return value, "empty"
+    if lone_surrogate(value):  # half an emoji from truncated JSON: no tokenizer or Parquet file takes it
+        return replace_lone_surrogates(value), "lone surrogate"
     return value, None
 
 
@@ -241,6 +244,12 @@ class TableSource(Source):
                 if not isinstance(rec, dict):
                     raise InputError(f"{self.path} line {i} is not a JSON object")
                 rec["__not_utf8__"] = bad
+                # half an emoji escaped in a truncated line ("\\ud83d"): no Arrow-backed column takes it,
+                # so it is replaced here, and the row's caption flagged if it was there
+                mended = [k for k, v in rec.items() if isinstance(v, str) and lone_surrogate(v)]
+                for k in mended:
+                    rec[k] = replace_lone_surrogates(rec[k])
+                rec["__lone_surrogate__"] = mended
                 records.append(rec)
         return pd.DataFrame.from_records(records)
 
@@ -278,6 +287,8 @@ class TableSource(Source):
             cap, issue = _caption(rec[self.caption_column] if self.caption_column is not None else None)
             if issue is None and bool(rec.get("__not_utf8__", False)):
                 issue = "not UTF-8"
+            if issue is None and self.caption_column in (rec.get("__lone_surrogate__") or ()):
+                issue = "lone surrogate"
             row = ScanRow(i, cap, issue, image_key=None if self.key_column is None else str(rec[self.key_column]))
             if self.image_column is not None:
                 value = rec[self.image_column]
