@@ -438,6 +438,8 @@ def test_categorize_end_to_end_on_memlab(tmp_path):
     prof = json.loads((out / "profile.json").read_text())
     # the table writes the prompt once over its memorized features, not again on every row
     assert sum(row["memorized"] for row in prof["rows"]) > 1 and r.stdout.count("a lucky red circle") == 1
+    n = sum(row["memorized"] for row in prof["rows"])
+    assert f"{n} memorized features over 1 prompt;" in r.stdout  # one prompt, said as one
     assert prof["settings"]["n"] == 2 and prof["control_prompts"] == controls.read_text().split("\n")[:2]
     assert (out / "prompt_0000.png").stat().st_size > 1000
     # what the command printed per memorized feature is what the file holds

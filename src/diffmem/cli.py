@@ -685,7 +685,9 @@ def categorize(
                       f"{r['lift']:.1f}", r["evidence"])
         shown = r["prompt"]
     out_console.print(table)
-    out_console.print(f"{len(res.memorized())} memorized features over {len(res.prompts)} prompts; "
+    n_features, n_prompts = len(res.memorized()), len(res.prompts)
+    out_console.print(f"{n_features} memorized feature{'' if n_features == 1 else 's'} over {n_prompts} "
+                      f"prompt{'' if n_prompts == 1 else 's'}; "
                       f"{speed_text(res.seconds_per_prompt)}; results in {out}")
 
 
