@@ -93,6 +93,31 @@ def test_dollar_signs_in_a_prompt_are_drawn_as_written_not_read_as_tex():
         plain.tight_layout()
 
 
+def test_a_right_to_left_override_in_a_prompt_is_shown_not_obeyed():
+    # matplotlib lays text out with libraqm: "a red \u202ecircle on a square" was titled
+    # "a red erauqs a no elcric", and a tick label holding the override drew mirrored
+    import numpy as np
+
+    from diffmem.core.figures import subplots
+
+    prompt = "a red \u202ecircle on a square"
+    fig, ax = subplots(figsize=(4, 2))
+    ax.set_title(prompt)
+    ax.set_xticks([0, 1], ["\u202ecircle", "x"])  # tick labels are set while the figure draws
+    fig.tight_layout()
+    fig.canvas.draw()
+    ref, ref_ax = _plain_matplotlib_figure()
+    ref_ax.set_title("a red [U+202E]circle on a square")
+    ref_ax.set_xticks([0, 1], ["[U+202E]circle", "x"])
+    ref.tight_layout()
+    ref.canvas.draw()
+    np.testing.assert_array_equal(np.asarray(fig.canvas.buffer_rgba()), np.asarray(ref.canvas.buffer_rgba()))
+    assert ax.title.get_text() == prompt  # the figure's text keeps the character; only its drawing shows it
+    # a figure of the caller's own is drawn as matplotlib draws it
+    plain, plain_ax = _plain_matplotlib_figure()
+    assert plain_ax.title._preprocess_math(prompt) == (prompt, False)
+
+
 def _write_cat_glyph_font(path: Path) -> str:
     """A font with one glyph, a filled square, for U+732B (猫); returns its family name."""
     from fontTools.fontBuilder import FontBuilder

@@ -103,11 +103,11 @@ def test_output_folder_checks(tmp_path):
 def test_bidirectional_formatting_characters_are_shown_not_obeyed():
     from markupsafe import Markup
 
-    from diffmem.core.prompts import html_environment, html_text, terminal_text
+    from diffmem.core.prompts import html_environment, reveal_bidi_controls, terminal_text
 
     # overrides, embeddings and isolates reorder the text after them; the marks LRM / RLM do not
     caption = "a red \u202ecircle\u202c, \u2067isolated\u2069 \u200e."
-    assert html_text(caption) == "a red [U+202E]circle[U+202C], [U+2067]isolated[U+2069] \u200e."
+    assert reveal_bidi_controls(caption) == "a red [U+202E]circle[U+202C], [U+2067]isolated[U+2069] \u200e."
     shown = terminal_text(caption)  # one character for one, so styles over the text keep their places
     assert len(shown) == len(caption) and shown == "a red \ufffdcircle\ufffd, \ufffdisolated\ufffd \u200e."
     page = html_environment().from_string('<p title="{{ p }}">{{ p }} {{ frag }}</p>').render(

@@ -5,8 +5,10 @@ registry. A ``matplotlib.figure.Figure`` made directly saves itself and is freed
 
 The figures draw prompts, captions and words as they were written: a pair of dollar signs ("a $5
 bill and a $10 note") is not read as TeX math, which would set the words between in italics or stop
-the drawing with a parse error, and characters the default font lacks (Chinese, Japanese, ...) are
-drawn with an installed font that has them, where there is one."""
+the drawing with a parse error, characters the default font lacks (Chinese, Japanese, ...) are
+drawn with an installed font that has them, where there is one, and bidirectional formatting
+characters are shown by code point, as in the HTML pages: matplotlib lays text out with libraqm,
+and a right-to-left override in a prompt drew the rest of a chart's title mirrored."""
 
 from __future__ import annotations
 
@@ -24,6 +26,8 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from matplotlib.ft2font import FT2Font
 from matplotlib.text import Text
+
+from .prompts import reveal_bidi_controls
 
 FIGURE_OPTIONS = ("figsize", "dpi", "layout")
 
@@ -68,6 +72,25 @@ class PlainTextFigure(Figure):
         with self._as_written():
             return super().tight_layout(*args, **kwargs)
 
+
+def _shown_in_plain_figures(preprocess):
+    """``Text._preprocess_math``, through which every line of a text passes on its way to layout and
+    drawing, with bidi controls shown for the texts of diffmem's figures only. Patched on the class,
+    not per text, because tick labels are made and set while a figure draws."""
+    if getattr(preprocess, "diffmem_plain", False):  # this module imported again
+        return preprocess
+
+    @functools.wraps(preprocess)
+    def shown(self, s):
+        if isinstance(self.figure, PlainTextFigure):
+            s = reveal_bidi_controls(s)
+        return preprocess(self, s)
+
+    shown.diffmem_plain = True
+    return shown
+
+
+Text._preprocess_math = _shown_in_plain_figures(Text._preprocess_math)
 
 _WARNED: set[str] = set()  # characters already warned of in this process: a profile draws a figure a prompt
 

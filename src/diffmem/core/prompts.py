@@ -61,23 +61,24 @@ def terminal_text(text: str) -> str:
     return text.translate(_CONTROL_PICTURES)
 
 
-def html_text(text: str) -> str:
+def reveal_bidi_controls(text: str) -> str:
     """``text`` with its bidirectional formatting characters shown by code point ("[U+202E]"), not
-    obeyed: a browser would reorder the text after them. Escaping is still the page's to do."""
+    obeyed: a browser, or matplotlib laying out a chart's text, would reorder the text after them.
+    Escaping is still an HTML page's to do."""
     return text.translate(_BIDI_NAMED)
 
 
 def html_environment(**kwargs):
     """A jinja2 environment for pages that show user text: every ``{{ value }}`` escaped and its
-    bidirectional formatting characters shown (``html_text``), in text and in attributes alike. The
-    marks hold no markup character, so fragments already made safe (``Markup``) stay safe."""
+    bidirectional formatting characters shown (``reveal_bidi_controls``), in text and in attributes
+    alike. The marks hold no markup character, so fragments already made safe (``Markup``) stay safe."""
     from jinja2 import Environment
     from markupsafe import Markup
 
     def shown(value):
         if isinstance(value, Markup):
-            return Markup(html_text(str(value)))
-        return html_text(value) if isinstance(value, str) else value
+            return Markup(reveal_bidi_controls(str(value)))
+        return reveal_bidi_controls(value) if isinstance(value, str) else value
 
     return Environment(autoescape=True, finalize=shown, **kwargs)
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-from ..core.prompts import html_text
+from ..core.prompts import reveal_bidi_controls
 from ..core.results import atomic_write_text
 
 
@@ -19,7 +19,7 @@ def _cell(text) -> str:
     """Captions and paths are user data: shown as written, never read as Markdown or HTML (a "<b>", a
     "[link](...)" or a "|" that would end the table cell), and their bidirectional formatting
     characters shown by code point, as in the HTML pages (a viewer would reorder the text after them)."""
-    return _EMPHASIS_UNDERSCORE.sub(r"\\_", html_text(str(text)).translate(_MARKDOWN))
+    return _EMPHASIS_UNDERSCORE.sub(r"\\_", reveal_bidi_controls(str(text)).translate(_MARKDOWN))
 
 
 def write_report(result, folder: str | Path, thumbs=None, max_phrases: int = 30) -> Path:
