@@ -45,3 +45,15 @@ def test_cache_off_writes_nothing(tiny_pipe, tmp_path, monkeypatch):
     monkeypatch.setattr("pathlib.Path.home", lambda: tmp_path)
     MemLabReplication(ds.build(SMALL), tiny_pipe.vae)
     assert not any(tmp_path.iterdir())
+
+
+def test_a_vae_in_bfloat16_measures_like_the_float32_one(tiny_pipe, tmp_path, monkeypatch):
+    # a pipeline loaded with --dtype bfloat16 stopped `diffmem mitigate` and the audit at the replication
+    # measure: the images went to its VAE in float32 ("Input type (float) and bias type should be the same")
+    monkeypatch.setenv("DIFFMEM_CACHE", str(tmp_path))
+    half = copy.deepcopy(tiny_pipe.vae).to(torch.bfloat16)
+    dataset = ds.build(SMALL)
+    rep = MemLabReplication(dataset, half)
+    assert rep.vae_rmse.dtype == np.float32
+    full = roundtrip_rmse(tiny_pipe.vae, dataset.unique_images()[1])
+    np.testing.assert_allclose(rep.vae_rmse, full, rtol=0.05, atol=2e-3)  # bfloat16 keeps about 3 digits

@@ -32,8 +32,9 @@ def roundtrip_rmse(vae, images: np.ndarray, batch_size: int = 256) -> np.ndarray
     with torch.inference_mode():
         for i in range(0, len(images), batch_size):
             x = torch.from_numpy(np.ascontiguousarray(images[i : i + batch_size])).permute(0, 3, 1, 2).float().to(vae.device)
-            z = vae.encode(x * 2 - 1).latent_dist.mean
-            rec = ((vae.decode(z).sample + 1) / 2).clamp(0, 1)
+            # in the VAE's dtype (a pipeline loaded in bfloat16), measured against x in float32
+            z = vae.encode((x * 2 - 1).to(vae.dtype)).latent_dist.mean
+            rec = ((vae.decode(z).sample.float() + 1) / 2).clamp(0, 1)
             out.append((rec - x).pow(2).mean(dim=(1, 2, 3)).sqrt().cpu().numpy())
     return np.concatenate(out)
 
