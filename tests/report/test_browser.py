@@ -169,13 +169,16 @@ def test_app_scores_highlights_the_trigger_and_rescores_an_edit(app_server, meml
         assert float(driver.find_element(By.ID, "score").text) < threshold
         assert driver.find_element(By.ID, "verdict").text == "not memorized"
 
+        def score_anew(text):  # the shaded words of another prompt, once its score has come
+            old = driver.find_element(By.ID, "score").text
+            box.clear()
+            box.send_keys(text)
+            driver.find_element(By.ID, "score-btn").click()
+            _wait(driver, lambda d: d.find_element(By.ID, "score").text != old)
+            return driver.find_elements(By.CSS_SELECTOR, "#tokens span.tok")
+
         # the trigger's words twice over: the top word stands twice, and only the one ranked top is marked
-        old = driver.find_element(By.ID, "score").text
-        box.clear()
-        box.send_keys(f"{prompt} {template['trigger']}")
-        driver.find_element(By.ID, "score-btn").click()
-        _wait(driver, lambda d: d.find_element(By.ID, "score").text != old)
-        toks = driver.find_elements(By.CSS_SELECTOR, "#tokens span.tok")
+        toks = score_anew(f"{prompt} {template['trigger']}")
         strongest = max(toks, key=lambda t: float(t.get_attribute("data-share")))
         top = driver.find_elements(By.CSS_SELECTOR, "#tokens span.tok.top")
         assert [t.text for t in toks].count(strongest.text) == 2
@@ -190,12 +193,7 @@ def test_app_scores_highlights_the_trigger_and_rescores_an_edit(app_server, meml
 
         # a right-to-left override is shown by its code point, and the words after it stay in order;
         # the prompt keeps it, so dropping that word edits it out
-        old = driver.find_element(By.ID, "score").text
-        box.clear()
-        box.send_keys(f"{prompt} \u202e{template['trigger']}")
-        driver.find_element(By.ID, "score-btn").click()
-        _wait(driver, lambda d: d.find_element(By.ID, "score").text != old)
-        toks = driver.find_elements(By.CSS_SELECTOR, "#tokens span.tok")
+        toks = score_anew(f"{prompt} \u202e{template['trigger']}")
         assert [t.text for t in toks] == prompt.split() + ["[U+202E]"] + trigger
         xs = [t.rect["x"] + t.rect["y"] * 10_000 for t in toks]  # reading order, across wrapped lines
         assert xs == sorted(xs)
