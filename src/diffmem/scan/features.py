@@ -103,11 +103,21 @@ def informative_agreement(a: np.ndarray, b: np.ndarray, flat_a: np.ndarray, flat
     """Row-wise share of pixels equal within ``tol`` (of full scale) among pixels not flat in both.
 
     Two images that share a layout under a changed object agree on most pixels; two unrelated
-    images agree only by chance. Rows are flattened uint8 thumbnails."""
+    images agree only by chance. Rows are flattened uint8 thumbnails. Where both images are flat
+    all over (blank images), their colours are all there is to compare: the share of all pixels."""
     both_flat = flat_a & flat_b
-    close = np.abs(a.astype(np.int16) - b.astype(np.int16)) <= round(tol * 255)
+    close = _close(a, b, tol)
     informative = (~both_flat).sum(1)
-    return np.where(informative > 0, (close & ~both_flat).sum(1) / np.maximum(informative, 1), 1.0)
+    return np.where(informative > 0, (close & ~both_flat).sum(1) / np.maximum(informative, 1), close.mean(1))
+
+
+def pixel_agreement(a: np.ndarray, b: np.ndarray, tol: float = 0.02) -> np.ndarray:
+    """Row-wise share of all pixels equal within ``tol`` (of full scale); rows as above."""
+    return _close(a, b, tol).mean(1)
+
+
+def _close(a: np.ndarray, b: np.ndarray, tol: float) -> np.ndarray:
+    return np.abs(a.astype(np.int16) - b.astype(np.int16)) <= round(tol * 255)
 
 
 def hamming(a: np.ndarray, b: np.ndarray) -> np.ndarray:

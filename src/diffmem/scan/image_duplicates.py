@@ -3,7 +3,8 @@
 Two rows are linked when
 
 - their 64-bit perceptual hashes differ in at most ``max_hamming`` bits (exact and near-exact
-  copies: re-encodes, resizes, small crops), found by exact matching on hash blocks; or
+  copies: re-encodes, resizes, small crops), found by exact matching on hash blocks, and, for two
+  blank images, whose hashes agree whatever their colour, their colours agree too; or
 - one is among the other's ``neighbours`` nearest thumbnails (cosine) and their informative-pixel
   agreement is at least ``min_agreement`` (looser copies: a shared layout under a changed object,
   as in MemLab's templates or a product shot re-used with another caption); or
@@ -22,7 +23,7 @@ import numpy as np
 from scipy.sparse import coo_matrix
 from scipy.sparse.csgraph import connected_components
 
-from .features import flat_pixels, hamming, informative_agreement
+from .features import flat_pixels, hamming, informative_agreement, pixel_agreement
 
 
 @dataclass
@@ -61,6 +62,27 @@ def _hash_pairs(hashes: np.ndarray, max_hamming: int) -> tuple[np.ndarray, np.nd
     return np.concatenate(a_all), np.concatenate(b_all)
 
 
+PAIR_CHUNK = 8192  # images or neighbour pairs compared at once: bounds the temporaries, not the result
+
+
+def _unless_blanks_of_other_colours(flat: np.ndarray, shape: tuple, a: np.ndarray, b: np.ndarray,
+                                    min_agreement: float, chunk: int = PAIR_CHUNK) -> tuple[np.ndarray, np.ndarray]:
+    """The hash pairs ``a``, ``b`` less those of two blank images (flat all over) whose colours differ:
+    a flat image's DCT has no structure for the hash to threshold, so a black, a grey and a white
+    placeholder all hashed alike and were called copies of each other. Rows of ``flat`` are
+    flattened thumbnails of ``shape``."""
+    if not len(a):
+        return a, b
+    blank = np.concatenate([flat_pixels(flat[s : s + chunk].reshape(-1, *shape)).all(1)
+                            for s in range(0, len(flat), chunk)])
+    both = np.flatnonzero(blank[a] & blank[b])
+    keep = np.ones(len(a), bool)
+    for s in range(0, len(both), chunk):
+        k = both[s : s + chunk]
+        keep[k] = pixel_agreement(flat[a[k]], flat[b[k]]) >= min_agreement
+    return a[keep], b[keep]
+
+
 def _neighbour_pairs(vectors: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     from sklearn.neighbors import NearestNeighbors
 
@@ -71,9 +93,6 @@ def _neighbour_pairs(vectors: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarra
     j = nbrs.ravel()
     keep = i != j
     return i[keep], j[keep], 1.0 - dist.ravel()[keep]
-
-
-PAIR_CHUNK = 8192  # images or neighbour pairs compared at once: bounds the temporaries, not the result
 
 
 def _pair_agreement(uniq: np.ndarray, shape: tuple, i: np.ndarray, j: np.ndarray, chunk: int = PAIR_CHUNK) -> np.ndarray:
@@ -103,6 +122,7 @@ def image_clusters(phash: np.ndarray, thumbs: np.ndarray, valid: np.ndarray, max
     best = np.zeros(len(idx), np.float32)
 
     a, b = _hash_pairs(phash[idx], max_hamming)
+    a, b = _unless_blanks_of_other_colours(flat, thumbs.shape[1:], a, b, min_agreement)
     best[a] = best[b] = 1.0
     links_a, links_b = [a], [b]
 
