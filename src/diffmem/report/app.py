@@ -395,7 +395,8 @@ async function api(path, body) {
   return data;
 }
 // bidirectional formatting characters shown by code point, not obeyed, as in diffmem's HTML files
-// (core.prompts.reveal_bidi_controls): one would reorder the words after it. The data keeps them: edits resend them
+// (core.prompts.reveal_bidi_controls): one would reorder the words after it. The data keeps them,
+// so an edit sends them back
 const shown = (t) => t.replace(/[\u202A-\u202E\u2066-\u2069]/g,
   (c) => "[U+" + c.charCodeAt(0).toString(16).toUpperCase() + "]");
 function showError(e) { $("error").textContent = e ? shown(String(e.message || e)) : ""; }

@@ -73,8 +73,11 @@ def _unless_blanks_of_other_colours(flat: np.ndarray, shape: tuple, a: np.ndarra
     flattened thumbnails of ``shape``."""
     if not len(a):
         return a, b
-    blank = np.concatenate([flat_pixels(flat[s : s + chunk].reshape(-1, *shape)).all(1)
-                            for s in range(0, len(flat), chunk)])
+    paired = np.unique(np.concatenate([a, b]))  # only images with a hash pair need looking at
+    blank = np.zeros(len(flat), bool)
+    for s in range(0, len(paired), chunk):
+        rows = paired[s : s + chunk]
+        blank[rows] = flat_pixels(flat[rows].reshape(-1, *shape)).all(1)
     both = np.flatnonzero(blank[a] & blank[b])
     keep = np.ones(len(a), bool)
     for s in range(0, len(both), chunk):

@@ -249,7 +249,7 @@ class TableSource(Source):
                 mended = [k for k, v in rec.items() if isinstance(v, str) and lone_surrogate(v)]
                 for k in mended:
                     rec[k] = replace_lone_surrogates(rec[k])
-                rec["__lone_surrogate__"] = mended
+                rec["__lone_surrogate__"] = mended or None  # None, not an empty list on every row
                 records.append(rec)
         return pd.DataFrame.from_records(records)
 
@@ -287,7 +287,8 @@ class TableSource(Source):
             cap, issue = _caption(rec[self.caption_column] if self.caption_column is not None else None)
             if issue is None and bool(rec.get("__not_utf8__", False)):
                 issue = "not UTF-8"
-            if issue is None and self.caption_column in (rec.get("__lone_surrogate__") or ()):
+            mended = rec.get("__lone_surrogate__")
+            if issue is None and isinstance(mended, list) and self.caption_column in mended:
                 issue = "lone surrogate"
             row = ScanRow(i, cap, issue, image_key=None if self.key_column is None else str(rec[self.key_column]))
             if self.image_column is not None:
