@@ -152,6 +152,25 @@ def _result(words, scores):
                              np.asarray(scores, float), list(range(len(words))), "token_attribution", {}, [0])
 
 
+def test_words_keep_their_places_after_a_letter_that_grows_when_lower_cased(tiny_pipe):
+    # Turkish "İ" lower-cases to "i" and a combining dot: positions found in the lower-cased prompt
+    # shifted every word after it by one character ("STANBUL " shaded as "TANBUL A", "AT" as "T N", ...)
+    prompt = "İSTANBUL AT NIGHT, a red circle"
+    words = prompt_tokens(tiny_pipe, prompt)[2]
+    assert words == ["i", "\u0307", "stanbul", "at", "night", ",", "a", "red", "circle"]
+    res = AttributionResult(prompt, words, np.ones(len(words)), words, np.ones(len(words)), list(range(len(words))),
+                            "token_attribution", {}, [0])
+    assert res.segments() == [("", "İ"), ("", ""), ("", "STANBUL"), (" ", "AT"), (" ", "NIGHT"), ("", ","), (" ", "a"),
+                              (" ", "red"), (" ", "circle")]  # the dot's word is empty: "İ" went to "i"
+    # the tokenizer lower-cases letter by letter, a final "Σ" to "σ" where Python's lower() of the whole
+    # prompt gives "ς": the words were not found, and were shown in the tokenizer's spelling
+    prompt = "ΟΔΟΣ red"
+    words = prompt_tokens(tiny_pipe, prompt)[2]
+    res = AttributionResult(prompt, words, np.ones(len(words)), words, np.ones(len(words)), list(range(len(words))),
+                            "token_attribution", {}, [0])
+    assert "".join(b + w for b, w in res.segments()) == prompt and res.segments()[-1] == (" ", "red")
+
+
 def test_top_word_lead_and_near_tie_by_hand():
     from diffmem.explain.result import DECISIVE_LEAD
 

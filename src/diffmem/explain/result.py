@@ -120,14 +120,21 @@ class AttributionResult:
     def segments(self) -> list[tuple[str, str]]:
         """(text before the word, the word as written in the prompt) for each word, so displays show
         the user's own spelling; CLIP lower-cases and splits punctuation off."""
-        low = self.prompt.lower()
-        out, cursor = [], 0
+        # the lower-cased prompt, with where each of its characters came from: a few characters grow
+        # when lower-cased (Turkish "İ" is "i" and a combining dot), and positions found in the
+        # lower-cased text, used as they were, shifted every word after one of them
+        low = "".join(c.lower() for c in self.prompt)  # letter by letter, as CLIP's tokenizer: a final "Σ" is "σ"
+        origin = [i for i, c in enumerate(self.prompt) for _ in c.lower()] + [len(self.prompt)]
+        out, cursor, low_cursor = [], 0, 0
         for w in self.words:
-            at = low.find(w, cursor)
+            at = low.find(w, low_cursor)
             if at < 0:  # text the tokenizer normalised (unicode, html entities): fall back to spaces
                 return [("" if i == 0 else " ", w) for i, w in enumerate(self.words)]
-            out.append((self.prompt[cursor:at], self.prompt[at : at + len(w)]))
-            cursor = at + len(w)
+            # a word that starts inside a character an earlier word took ("İ" as "i" and its dot) is empty
+            start = max(origin[at], cursor)
+            end = max(origin[at + len(w) - 1] + 1, start) if w else start
+            out.append((self.prompt[cursor:start], self.prompt[start:end]))
+            cursor, low_cursor = end, at + len(w)
         return out
 
     def _shares(self) -> np.ndarray:
