@@ -90,7 +90,9 @@ def _shown_in_plain_figures(preprocess):
     return shown
 
 
-Text._preprocess_math = _shown_in_plain_figures(Text._preprocess_math)
+# a private method of matplotlib's: a version without it draws the controls as they act, and still draws
+if hasattr(Text, "_preprocess_math"):
+    Text._preprocess_math = _shown_in_plain_figures(Text._preprocess_math)
 
 _WARNED: set[str] = set()  # characters already warned of in this process: a profile draws a figure a prompt
 
