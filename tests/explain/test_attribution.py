@@ -169,6 +169,26 @@ def test_words_keep_their_places_after_a_letter_that_grows_when_lower_cased(tiny
     res = AttributionResult(prompt, words, np.ones(len(words)), words, np.ones(len(words)), list(range(len(words))),
                             "token_attribution", {}, [0])
     assert "".join(b + w for b, w in res.segments()) == prompt and res.segments()[-1] == (" ", "red")
+    # an accent typed apart ("e" and U+0301, as macOS writes file names): the tokenizer composes it
+    prompt = "Cafe\u0301 RED"
+    words = prompt_tokens(tiny_pipe, prompt)[2]
+    assert words == ["caf\u00e9", "red"]
+    res = AttributionResult(prompt, words, np.ones(2), words, np.ones(2), [0, 1], "token_attribution", {}, [0])
+    assert res.segments() == [("", "Cafe\u0301"), (" ", "RED")]
+
+
+def test_a_word_the_cut_splits_inside_a_character_is_shown_as_that_character(tiny_pipe):
+    # the model reads 77 tokens: here the last one holds the first bytes of "龘", decoded as "\ufffd";
+    # that word was not found in the prompt, and every word was shown in the tokenizer's spelling
+    prompt = "A " * 73 + "龘 RED"
+    with pytest.warns(denoise.PromptTruncationWarning):
+        words = prompt_tokens(tiny_pipe, prompt)[2]
+    assert words[-2:] == ["a", "\ufffd"]
+    res = AttributionResult(prompt, words, np.ones(len(words)), words, np.ones(len(words)), list(range(len(words))),
+                            "token_attribution", {}, [0])
+    segments = res.segments()
+    assert segments[0] == ("", "A") and segments[-1] == (" ", "龘")
+    assert prompt.startswith("".join(b + w for b, w in segments))  # the displays and the app's edits read it so
 
 
 def test_top_word_lead_and_near_tie_by_hand():

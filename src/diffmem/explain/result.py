@@ -29,6 +29,29 @@ def lead_margin(scores) -> float:
     return float((top2[0] - top2[1]) / abs(top2[0])) if len(top2) == 2 and top2[0] != 0 else float("nan")
 
 
+def _as_the_tokenizer_reads(prompt: str) -> tuple[str, list[int], list[int]]:
+    """The prompt composed (NFC) and lower-cased as CLIP's tokenizer reads it, with the span of the
+    prompt each of its characters comes from. Positions found in that text, used in the prompt as
+    they were, shifted every later word where the two differ in length: Turkish "İ" lower-cases to
+    "i" and a combining dot, and an accent typed apart ("e" and U+0301, as macOS writes file names)
+    composes into one letter. Lower-cased letter by letter, as the tokenizer does: a final "Σ" is "σ"."""
+    import unicodedata
+
+    low, starts, ends = [], [], []
+    i = 0
+    while i < len(prompt):
+        j = i + 1  # a letter and the marks (or Korean vowel and final jamo) that compose with it
+        while j < len(prompt) and (unicodedata.combining(prompt[j]) or 0x1160 <= ord(prompt[j]) <= 0x11FF):
+            j += 1
+        for c in unicodedata.normalize("NFC", prompt[i:j]):
+            for lc in c.lower():
+                low.append(lc)
+                starts.append(i)
+                ends.append(j)
+        i = j
+    return "".join(low), starts, ends
+
+
 @dataclass
 class AttributionResult:
     prompt: str
@@ -120,21 +143,23 @@ class AttributionResult:
     def segments(self) -> list[tuple[str, str]]:
         """(text before the word, the word as written in the prompt) for each word, so displays show
         the user's own spelling; CLIP lower-cases and splits punctuation off."""
-        # the lower-cased prompt, with where each of its characters came from: a few characters grow
-        # when lower-cased (Turkish "İ" is "i" and a combining dot), and positions found in the
-        # lower-cased text, used as they were, shifted every word after one of them
-        low = "".join(c.lower() for c in self.prompt)  # letter by letter, as CLIP's tokenizer: a final "Σ" is "σ"
-        origin = [i for i, c in enumerate(self.prompt) for _ in c.lower()] + [len(self.prompt)]
+        low, starts, ends = _as_the_tokenizer_reads(self.prompt)
         out, cursor, low_cursor = [], 0, 0
         for w in self.words:
-            at = low.find(w, low_cursor)
-            if at < 0:  # text the tokenizer normalised (unicode, html entities): fall back to spaces
+            at, size = low.find(w, low_cursor), len(w)
+            if at < 0 and w.endswith("\ufffd"):  # the model's cut fell inside a character: the word is its first bytes
+                head = w.rstrip("\ufffd")
+                rest = low[low_cursor:]
+                at = low.find(head, low_cursor) if head else low_cursor + len(rest) - len(rest.lstrip())
+                size = len(head) + 1  # and the character they begin
+                at = at if 0 <= at and at + size <= len(low) else -1
+            if at < 0:  # text the tokenizer changed otherwise (html entities, with ftfy): fall back to spaces
                 return [("" if i == 0 else " ", w) for i, w in enumerate(self.words)]
             # a word that starts inside a character an earlier word took ("İ" as "i" and its dot) is empty
-            start = max(origin[at], cursor)
-            end = max(origin[at + len(w) - 1] + 1, start) if w else start
+            start = max(starts[at], cursor)
+            end = max(ends[at + size - 1], start) if size else start
             out.append((self.prompt[cursor:start], self.prompt[start:end]))
-            cursor, low_cursor = end, at + len(w)
+            cursor, low_cursor = end, at + size
         return out
 
     def _shares(self) -> np.ndarray:
