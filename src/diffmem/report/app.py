@@ -455,8 +455,11 @@ function edit(replacement) {
     // ("(circle" or an invisible control before "circle"), which the space still keeps apart
     else if (i + 1 < parts.length && parts[i + 1][0] === "" && /^[\p{L}\p{N}]/u.test(parts[i + 1][1])) text += b;
   });
-  const used = parts.reduce((n, [b, w]) => n + b.length + w.length, 0);
-  text = (text + current.prompt.slice(used)).replace(/\s+/g, " ").trim();
+  // the prompt's text past its last word goes on after the edit, where the words are the prompt as
+  // written; where they are the tokenizer's (a spelling it changed), there is nothing to cut it from
+  const written = parts.map(([b, w]) => b + w).join("");
+  const rest = current.prompt.startsWith(written) ? current.prompt.slice(written.length) : "";
+  text = (text + rest).replace(/\s+/g, " ").trim();
   $("menu").style.display = "none";
   $("prompt").value = text;
   score();
