@@ -153,7 +153,7 @@ class AttributionResult:
                 at = low.find(head, low_cursor) if head else low_cursor + len(rest) - len(rest.lstrip())
                 size = len(head) + 1  # and the character they begin
                 at = at if 0 <= at and at + size <= len(low) else -1
-            if at < 0:  # text the tokenizer changed otherwise (html entities, with ftfy): fall back to spaces
+            if at < 0:  # a tokenizer that changes text otherwise (another model's): fall back to spaces
                 return [("" if i == 0 else " ", w) for i, w in enumerate(self.words)]
             # a word that starts inside a character an earlier word took ("İ" as "i" and its dot) is empty
             start = max(starts[at], cursor)
