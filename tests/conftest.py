@@ -34,6 +34,19 @@ def tiny_pipe_v():
 
 
 @pytest.fixture(scope="session")
+def tiny_pipe_with(tiny_pipe):
+    """``tiny_pipe_with("EulerAncestralDiscreteScheduler")``: the tiny pipeline with another sampler,
+    leaving the session's ``tiny_pipe`` as it is."""
+    import diffusers
+
+    def with_sampler(name: str):
+        sampler = getattr(diffusers, name).from_config(tiny_pipe.scheduler.config)
+        return type(tiny_pipe)(**{**tiny_pipe.components, "scheduler": sampler})
+
+    return with_sampler
+
+
+@pytest.fixture(scope="session")
 def tiny_pipe_dir(tmp_path_factory, tiny_pipe):
     d = tmp_path_factory.mktemp("tiny") / "pipe"
     tiny_pipe.save_pretrained(d, safe_serialization=True)

@@ -44,6 +44,19 @@ def test_scores_equal_a_plain_pipeline_run(fixture, request):
     np.testing.assert_allclose(res.scores, ref.mean(axis=(1, 2)), rtol=1e-4)
 
 
+@pytest.mark.parametrize("sampler", ["EulerAncestralDiscreteScheduler", "DDPMScheduler", "PNDMScheduler", "DPMSolverMultistepScheduler"])
+def test_scores_past_the_first_step_equal_the_pipelines_with_other_samplers(tiny_pipe_with, sampler):
+    # ancestral Euler and DDPM draw fresh noise at every step: from the seed's generator, as the pipeline does
+    pipe = tiny_pipe_with(sampler)
+    det = NoiseNormDetector(pipe, num_inference_steps=6, guidance_scale=7.5, steps=[0, 2, 4], generations=2, seed=11, batch_size=2)
+    res = det.score(PROMPTS)
+    torch.manual_seed(123)  # the global generator's state must not matter
+    again = det.score(PROMPTS)
+    ref = _pipeline_reference(pipe, PROMPTS, [11, 12], [0, 2, 4], 6, 7.5)
+    np.testing.assert_allclose(res.values, ref, rtol=1e-4)
+    np.testing.assert_array_equal(again.values, res.values)
+
+
 def test_batching_does_not_change_scores(tiny_pipe):
     a = NoiseNormDetector(tiny_pipe, num_inference_steps=4, steps=[0, 2], batch_size=1).score(PROMPTS)
     b = NoiseNormDetector(tiny_pipe, num_inference_steps=4, steps=[0, 2], batch_size=3).score(PROMPTS)

@@ -210,3 +210,17 @@ def test_top_word_lead_and_near_tie_by_hand():
     # a word standing twice: its other occurrence is named as such, not as if it were another word
     twice = _result(["velvet", "harbor", "velvet"], [3.0, 1.0, 2.0])
     assert twice.runner_up == "velvet" and twice.lead_text() == 'ahead of the other "velvet" by 33%'
+
+
+def test_an_ancestral_sampler_draws_its_step_noise_from_the_seed(tiny_pipe_with):
+    from diffmem.detect import NoiseNormDetector
+
+    pipe = tiny_pipe_with("EulerAncestralDiscreteScheduler")
+    att = TokenAttribution(pipe, num_inference_steps=4, steps=[0, 2], generations=2, seed=3)
+    first = att.attribute("a red circle on the left")
+    torch.manual_seed(99)  # the global generator's state must not matter
+    again = att.attribute("a red circle on the left")
+    np.testing.assert_array_equal(again.token_scores, first.token_scores)
+    # the loss it differentiates is the detector's score, whose trajectory is the pipeline's
+    score = NoiseNormDetector(pipe, 4, 7.5, steps=[0, 2], generations=2, seed=3).score(["a red circle on the left"]).scores[0]
+    assert first.detection_score == pytest.approx(score, rel=1e-4)

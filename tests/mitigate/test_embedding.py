@@ -187,3 +187,20 @@ def test_multi_step_loss_is_the_detectors_score_at_those_steps(tiny_pipe):
     assert cal3.settings["steps"] == [0, 1, 2] and m3.settings["target"] == cal3.threshold
     with pytest.raises(InputError, match="loss_steps"):
         EmbeddingOptimization(tiny_pipe, target=1.0, loss_steps=5, num_inference_steps=4)
+
+
+def test_an_ancestral_sampler_sees_the_same_noise_at_every_iteration(tiny_pipe_with):
+    from diffmem.detect import NoiseNormDetector
+
+    pipe = tiny_pipe_with("EulerAncestralDiscreteScheduler")
+    kw = dict(generations=2, seed=1, num_inference_steps=4, guidance_scale=7.5, loss_steps=3)
+    first = EmbeddingOptimization(pipe, target=1e-6, lr=0.05, max_iters=3, **kw).mitigate(PROMPTS, generate_images=False)
+    torch.manual_seed(99)  # the global generator's state must not matter
+    again = EmbeddingOptimization(pipe, target=1e-6, lr=0.05, max_iters=3, **kw).mitigate(PROMPTS, generate_images=False)
+    assert [list(t) for t in again.trajectories] == [list(t) for t in first.trajectories]
+    score = NoiseNormDetector(pipe, 4, 7.5, steps=[0, 1, 2], generations=2, seed=1).score(PROMPTS).scores
+    np.testing.assert_allclose(first.initial_loss, score, rtol=1e-4)
+    # an embedding that does not move scores the same at every iteration: neither does the noise
+    still = EmbeddingOptimization(pipe, target=1e-6, lr=1e-30, max_iters=2, **kw)  # steps too small to move a float32
+    same = still.mitigate(PROMPTS[:1], generate_images=False)
+    assert len(set(same.trajectories[0])) == 1

@@ -7,8 +7,10 @@ seeded noise, ``scheduler.set_timesteps/scale_model_input/step`` and ``unet``.
 
 from __future__ import annotations
 
+import inspect
 import math
 import warnings
+from typing import Sequence
 
 import numpy as np
 import torch
@@ -88,11 +90,29 @@ def check_seed(seed) -> int:
     return int(seed)
 
 
+def _seeded_latent(pipe, seed: int) -> tuple[torch.Tensor, torch.Generator]:
+    """One sample's unscaled x_T, and its generator in the state the pipeline's is left in after drawing it."""
+    gen = torch.Generator(device="cpu").manual_seed(check_seed(seed))
+    return randn_tensor(latent_shape(pipe, 1), generator=gen, device=pipe.unet.device, dtype=pipe.unet.dtype), gen
+
+
 def initial_latents(pipe, seed: int, batch: int = 1) -> torch.Tensor:
     """x_T exactly as the pipeline draws it for ``generator=torch.Generator().manual_seed(seed)``."""
-    gen = torch.Generator(device="cpu").manual_seed(check_seed(seed))
-    x = randn_tensor(latent_shape(pipe, 1), generator=gen, device=pipe.unet.device, dtype=pipe.unet.dtype)
-    return x.expand(batch, -1, -1, -1) * pipe.scheduler.init_noise_sigma
+    return _seeded_latent(pipe, seed)[0].expand(batch, -1, -1, -1) * pipe.scheduler.init_noise_sigma
+
+
+def step_kwargs(pipe, sched, seeds: Sequence[int]) -> dict:
+    """What the pipeline passes to each ``sched.step`` besides the prediction (its
+    ``prepare_extra_step_kwargs``), for a batch whose sample i was seeded with ``seeds[i]``.
+
+    Samplers that draw fresh noise at every step (ancestral Euler, DDPM) take one generator per
+    sample, each in the state the pipeline's is in after drawing that sample's x_T: without them the
+    noise came from torch's global generator, so a trajectory past the first step was neither the
+    pipeline's nor the same twice. Call it anew for each trajectory, since stepping advances them."""
+    if "generator" not in inspect.signature(sched.step).parameters:
+        return {}
+    states = {seed: _seeded_latent(pipe, seed)[1].get_state() for seed in dict.fromkeys(seeds)}
+    return {"generator": [torch.Generator(device="cpu").set_state(states[seed]) for seed in seeds]}
 
 
 def fresh_scheduler(pipe, num_inference_steps: int):

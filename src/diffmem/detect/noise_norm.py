@@ -190,6 +190,7 @@ class NoiseNormDetector:
         sched = denoise.fresh_scheduler(pipe, s.num_inference_steps)
         n = len(cond_emb)
         x = denoise.initial_latents(pipe, seed, n)
+        step_kwargs = denoise.step_kwargs(pipe, sched, [seed] * n)
         out = np.zeros((n, len(s.steps)))
         for i, t in enumerate(sched.timesteps[: s.steps[-1] + 1]):
             xin = sched.scale_model_input(x, t)
@@ -205,5 +206,5 @@ class NoiseNormDetector:
                 diff = denoise.to_epsilon(pipe, (cond - uncond).float(), t)
                 out[:, s.steps.index(i)] = diff.flatten(1).norm(dim=1).cpu().numpy()
             if i < s.steps[-1]:
-                x = sched.step(denoise.guided(uncond, cond, s.guidance_scale), t, x).prev_sample
+                x = sched.step(denoise.guided(uncond, cond, s.guidance_scale), t, x, **step_kwargs).prev_sample
         return out

@@ -83,7 +83,8 @@ class SeedConsistencyDetector:
                 xin = sched.scale_model_input(x, t)
                 cond = pipe.unet(xin, t, encoder_hidden_states=emb).sample
                 uncond = pipe.unet(xin[:1], t, encoder_hidden_states=uncond_emb).sample.expand_as(cond)
-                step = sched.step(denoise.guided(uncond, cond, s["guidance_scale"]), t, x)
+                step = sched.step(denoise.guided(uncond, cond, s["guidance_scale"]), t, x,
+                                  **denoise.step_kwargs(pipe, sched, [seed] * len(chunk)))
                 per_seed.append(step.pred_original_sample.flatten(1))
             res.append(torch.stack(per_seed, dim=1))  # (B, G, D)
         return torch.cat(res)

@@ -64,6 +64,7 @@ class TokenAttribution:
         for seed in self.seeds():
             sched = denoise.fresh_scheduler(pipe, s["num_inference_steps"])
             x = denoise.initial_latents(pipe, seed, 1)
+            step_kwargs = denoise.step_kwargs(pipe, sched, [seed])
             for i, t in enumerate(sched.timesteps[: s["steps"][-1] + 1]):
                 xin = sched.scale_model_input(x, t)
                 scored = i in s["steps"]
@@ -82,7 +83,7 @@ class TokenAttribution:
                     grads.append(g[0].float().norm(dim=-1))  # (L,)
                     losses.append(float(loss.detach()))
                 with torch.no_grad():
-                    x = sched.step(denoise.guided(uncond, cond.detach(), s["guidance_scale"]), t, x).prev_sample
+                    x = sched.step(denoise.guided(uncond, cond.detach(), s["guidance_scale"]), t, x, **step_kwargs).prev_sample
         sig = torch.stack(grads).mean(0).numpy()
         token_scores = sig[1 : 1 + n]
         word_scores = np.zeros(len(words))

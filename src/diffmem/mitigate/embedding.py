@@ -52,15 +52,16 @@ class NonFiniteLoss(DiffmemError):
 
 
 
-def _trajectory_loss(pipe, emb: torch.Tensor, x_T: torch.Tensor, uncond_emb: torch.Tensor, first_uncond: torch.Tensor,
-                     num_inference_steps: int, loss_steps: int, guidance_scale: float) -> torch.Tensor:
+def _trajectory_loss(pipe, emb: torch.Tensor, x_T: torch.Tensor, seeds: list[int], uncond_emb: torch.Tensor,
+                     first_uncond: torch.Tensor, num_inference_steps: int, loss_steps: int, guidance_scale: float) -> torch.Tensor:
     """Mean over the first ``loss_steps`` sampling steps and the n seeds of
     || eps(x_t, c) - eps(x_t, empty) || (epsilon units): the noise-norm detector's score at steps
-    0 .. loss_steps-1. The latent advances with guidance under the embedding being optimized, as a
+    0 .. loss_steps-1 (x_T is the n ``seeds``' starts). The latent advances with guidance under the embedding being optimized, as a
     pipeline would; the gradient flows through each step's conditional prediction, not through the
     latent's path (detached), so a step costs one backward pass."""
     sched = denoise.fresh_scheduler(pipe, num_inference_steps)
     x, n, total = x_T, len(x_T), 0.0
+    step_kwargs = denoise.step_kwargs(pipe, sched, seeds)  # fresh each call: every iteration sees the same noise
     for i, t in enumerate(sched.timesteps[:loss_steps]):
         xin = sched.scale_model_input(x, t)
         cond = pipe.unet(xin, t, encoder_hidden_states=emb.expand(n, -1, -1)).sample
@@ -72,7 +73,7 @@ def _trajectory_loss(pipe, emb: torch.Tensor, x_T: torch.Tensor, uncond_emb: tor
         total = total + denoise.to_epsilon(pipe, cond.float() - uncond.float(), t).flatten(1).norm(dim=1).mean()
         if i < loss_steps - 1:
             with torch.no_grad():
-                x = sched.step(denoise.guided(uncond, cond.detach(), guidance_scale), t, x).prev_sample
+                x = sched.step(denoise.guided(uncond, cond.detach(), guidance_scale), t, x, **step_kwargs).prev_sample
     return total / loss_steps
 
 
@@ -212,7 +213,7 @@ class EmbeddingOptimization:
         traj: list[float] = []
         if s["rewrite"] is not None:
             with torch.no_grad():
-                own = float(_trajectory_loss(pipe, emb0.to(pipe.unet.dtype), x, uncond_emb, first_uncond,
+                own = float(_trajectory_loss(pipe, emb0.to(pipe.unet.dtype), x, self.seeds(), uncond_emb, first_uncond,
                                              s["num_inference_steps"], s["loss_steps"], s["guidance_scale"]))
             self._check_finite(own, 0, prompt)
             traj.append(own)
@@ -230,7 +231,7 @@ class EmbeddingOptimization:
         steps = 0
         for it in range(s["max_iters"] + 1):
             emb = torch.cat([head, rest], dim=1).to(pipe.unet.dtype)
-            loss = _trajectory_loss(pipe, emb, x, uncond_emb, first_uncond, s["num_inference_steps"], s["loss_steps"],
+            loss = _trajectory_loss(pipe, emb, x, self.seeds(), uncond_emb, first_uncond, s["num_inference_steps"], s["loss_steps"],
                                     s["guidance_scale"])
             value = float(loss.detach())
             self._check_finite(value, it, prompt)
