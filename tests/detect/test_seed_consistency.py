@@ -19,3 +19,35 @@ def test_runs_on_a_pipeline(tiny_pipe, mode):
     res = SeedConsistencyDetector(tiny_pipe, mode=mode, generations=3, num_inference_steps=3).score(["a cat", "a dog"])
     assert res.values.shape == (2, 3, 1) and np.isfinite(res.scores).all()
     assert res.method == "seed_consistency" and res.seeds == [0, 1, 2]
+
+
+@pytest.mark.parametrize("sampler", ["PNDMScheduler", "DPMSolverMultistepScheduler", "UniPCMultistepScheduler"])
+def test_first_step_mode_runs_with_multistep_samplers(tiny_pipe_with, sampler):
+    # their step output has no pred_original_sample; PNDM is Stable Diffusion 1.x's own sampler
+    res = SeedConsistencyDetector(tiny_pipe_with(sampler), generations=3, num_inference_steps=5).score(["a cat", "a dog"])
+    assert res.values.shape == (2, 3, 1) and np.isfinite(res.scores).all()
+
+
+@pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction"])
+@pytest.mark.parametrize("sampler", ["DDIMScheduler", "EulerDiscreteScheduler"])
+def test_predicted_x0_is_the_samplers_own(prediction_type, sampler):
+    import diffusers
+
+    from diffmem.core import denoise
+    from diffmem.core.components import tiny_pipeline
+
+    pipe = tiny_pipeline(seed=0, prediction_type=prediction_type)
+    pipe.scheduler = getattr(diffusers, sampler).from_config(pipe.scheduler.config)
+    sched = denoise.fresh_scheduler(pipe, 5)
+    x = denoise.initial_latents(pipe, 0, 2)
+    for i, t in enumerate(sched.timesteps[:2]):  # Euler's second timestep lies between integers
+        xin = sched.scale_model_input(x, t)
+        out = torch.randn(x.shape, generator=torch.Generator().manual_seed(int(t)))
+        step = sched.step(out, t, x)
+        x0 = step.pred_original_sample
+        torch.testing.assert_close(denoise.predicted_x0(pipe, xin, out, t), x0, rtol=1e-5, atol=1e-5)
+        # the epsilon the sampler's x0 implies, from its own noise level: a difference of two in epsilon units
+        if sampler == "EulerDiscreteScheduler":
+            eps = (x - x0) / sched.sigmas[i]
+            torch.testing.assert_close(denoise.to_epsilon(pipe, out[0] - out[1], t), eps[0] - eps[1], rtol=1e-4, atol=1e-5)
+        x = step.prev_sample[:1].expand_as(x)  # both samples at one x_t, as a difference of predictions is taken

@@ -122,6 +122,21 @@ def fresh_scheduler(pipe, num_inference_steps: int):
     return sched
 
 
+def alpha_bar(pipe, t, device=None) -> torch.Tensor:
+    """alpha_bar at timestep ``t``. Euler-type samplers space their timesteps in fractions
+    (999, 749.25, ...) and set sigma there by linear interpolation in t: between integer timesteps it
+    comes from that sigma, as the sampler's own scaling of the model input does (the integer part
+    alone was a fraction of a percent off)."""
+    table = pipe.scheduler.alphas_cumprod.to(device)
+    below = int(math.floor(float(t)))
+    frac = float(t) - below
+    if frac == 0.0:
+        return table[below]
+    sigmas = ((1 - table[below : below + 2]) / table[below : below + 2]) ** 0.5
+    sigma = sigmas[0] + frac * (sigmas[1] - sigmas[0])
+    return 1 / (1 + sigma**2)
+
+
 def to_epsilon(pipe, model_output_diff: torch.Tensor, t) -> torch.Tensor:
     """Convert a difference of two model outputs at the same x_t into epsilon units.
 
@@ -132,12 +147,32 @@ def to_epsilon(pipe, model_output_diff: torch.Tensor, t) -> torch.Tensor:
     if kind == "epsilon":
         return model_output_diff
     if kind == "v_prediction":
-        ab = pipe.scheduler.alphas_cumprod.to(model_output_diff.device)[int(t)]
+        ab = alpha_bar(pipe, t, model_output_diff.device)
         return model_output_diff * ab.sqrt().to(model_output_diff.dtype)
     if kind == "sample":
-        ab = pipe.scheduler.alphas_cumprod.to(model_output_diff.device)[int(t)]
+        ab = alpha_bar(pipe, t, model_output_diff.device)
         # eps = (x_t - sqrt(ab) x0) / sqrt(1 - ab): the x_t part cancels in a difference
         return -model_output_diff * (ab.sqrt() / (1 - ab).sqrt()).to(model_output_diff.dtype)
+    raise InputError(f"unsupported prediction_type {kind!r}")
+
+
+def predicted_x0(pipe, model_input: torch.Tensor, model_output: torch.Tensor, t) -> torch.Tensor:
+    """The clean latent a prediction at timestep ``t`` implies, from the sampler's scaled model input.
+
+    DDIM's ``pred_original_sample``, term for term, without its clipping (off in Stable Diffusion's
+    configurations). Computed here rather than taken from ``scheduler.step``, whose output lacks it
+    for multistep samplers (PNDM, SD 1.x's default; DPM-Solver++; UniPC; DEIS). For samplers that
+    scale their input (Euler and its kin) the scaled input is the DDPM latent at ``t``, so this is
+    their ``pred_original_sample`` too."""
+    alpha_prod_t = alpha_bar(pipe, t, model_output.device)
+    beta_prod_t = 1 - alpha_prod_t
+    kind = pipe.scheduler.config.prediction_type
+    if kind == "epsilon":
+        return (model_input - beta_prod_t ** (0.5) * model_output) / alpha_prod_t ** (0.5)
+    if kind == "v_prediction":
+        return (alpha_prod_t**0.5) * model_input - (beta_prod_t**0.5) * model_output
+    if kind == "sample":
+        return model_output
     raise InputError(f"unsupported prediction_type {kind!r}")
 
 
