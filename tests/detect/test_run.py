@@ -94,6 +94,7 @@ def test_parts_of_another_revision_of_the_detector_are_refused_not_mixed_in(tiny
 
     out = tmp_path / "r.parquet"
     # revision 1 adds nothing to the key: chunks saved before detectors had revisions still resume
+    monkeypatch.setattr(NoiseNormDetector, "revision", 1)
     assert "revision" not in run_identity(detector(tiny_pipe), None)
     with pytest.raises(KeyboardInterrupt):
         detect_file(Counting(detector(tiny_pipe), fail_on=PROMPTS[2]), prompt_file, out, chunk=2, progress=False)

@@ -80,21 +80,23 @@ def test_a_checkpoint_of_another_revision_of_the_explainer_is_never_mixed_in(tin
     ckpt = tmp_path / "attributions.json"
     explain_prompts(TokenAttribution(tiny_pipe, num_inference_steps=4), PROMPTS[:2], checkpoint=ckpt)
     before = ckpt.read_bytes()
+    saved = TokenAttribution.revision
     bump_revision(monkeypatch, TokenAttribution)
     refused = Counting(TokenAttribution(tiny_pipe, num_inference_steps=4))
-    with pytest.raises(InputError, match=r"another diffmem's version of token_attribution \(revision 1; this diffmem's is 2\)"):
+    with pytest.raises(InputError, match=rf"another diffmem's version of token_attribution \(revision {saved}; this diffmem's is {saved + 1}\)"):
         explain_prompts(refused, PROMPTS, checkpoint=ckpt)
     assert refused.calls == [] and ckpt.read_bytes() == before
     restarted = Counting(TokenAttribution(tiny_pipe, num_inference_steps=4))
     explain_prompts(restarted, PROMPTS[:2], checkpoint=ckpt, stale="restart")
-    assert restarted.calls == PROMPTS[:2] and AttributionSet.load(ckpt).revision == 2
+    assert restarted.calls == PROMPTS[:2] and AttributionSet.load(ckpt).revision == saved + 1
     # and the next run of that revision resumes its own checkpoint
     again = Counting(TokenAttribution(tiny_pipe, num_inference_steps=4))
     explain_prompts(again, PROMPTS, checkpoint=ckpt)
     assert again.calls == ["a green ring"]
 
 
-def test_a_checkpoint_saved_before_sets_had_a_revision_resumes_as_revision_1(tiny_pipe, tmp_path):
+def test_a_checkpoint_saved_before_sets_had_a_revision_resumes_as_revision_1(tiny_pipe, tmp_path, monkeypatch):
+    monkeypatch.setattr(TokenAttribution, "revision", 1)  # an explainer still at its first revision
     ckpt = tmp_path / "attributions.json"
     explain_prompts(TokenAttribution(tiny_pipe, num_inference_steps=4), PROMPTS[:2], checkpoint=ckpt)
     old = json.loads(ckpt.read_text())
@@ -103,6 +105,9 @@ def test_a_checkpoint_saved_before_sets_had_a_revision_resumes_as_revision_1(tin
     resumed = Counting(TokenAttribution(tiny_pipe, num_inference_steps=4))
     explain_prompts(resumed, PROMPTS, checkpoint=ckpt)
     assert resumed.calls == ["a green ring"] and AttributionSet.load(ckpt).revision == 1
+    monkeypatch.setattr(TokenAttribution, "revision", 2)  # and one past it refuses such a checkpoint
+    with pytest.raises(InputError, match=r"another diffmem's version of token_attribution \(revision 1; this diffmem's is 2\)"):
+        explain_prompts(TokenAttribution(tiny_pipe, num_inference_steps=4), PROMPTS + ["a tree"], checkpoint=ckpt)
 
 
 def test_a_string_is_one_prompt(tiny_pipe):

@@ -336,11 +336,11 @@ def test_stages_of_an_earlier_revision_of_the_detector_explainer_or_extractor_ar
 
     assert run()[0] == {"detect": "done", "explain": "done"}
     status, keys = run()
-    assert status == {"detect": "reused", "explain": "reused"}  # revision 1 of everything: nothing redone
+    assert status == {"detect": "reused", "explain": "reused"}  # the same revisions of everything: nothing redone
     bump_revision(monkeypatch, TokenAttribution)
     status, after = run()
     assert status == {"detect": "reused", "explain": "done"} and after["explain"] != keys["explain"]
-    assert json.loads((out / "explain" / "attributions.json").read_text())["revision"] == 2
+    assert json.loads((out / "explain" / "attributions.json").read_text())["revision"] == TokenAttribution.revision
     bump_revision(monkeypatch, MemLabExtractor)
     status, later = run()
     assert status == {"detect": "reused", "explain": "reused"} and later["categorize"] != after["categorize"]

@@ -125,7 +125,7 @@ class NoiseNormDetector:
     method = "noise_norm"
     # bumped when the method gives other scores for the same settings: saved chunks of an earlier
     # diffmem's version are then refused or redone, never joined to this one's (core.results.revision_key)
-    revision = 1
+    revision = 2  # 2: step noise of ancestral / DDPM samplers from the seed, Euler's fractional timesteps converted exactly
 
     def __init__(self, pipe, num_inference_steps: int = 50, guidance_scale: float = 7.5,
                  steps: Sequence[int] = (0,), generations: int = 1, seed: int = 0, batch_size: int = 32):

@@ -29,7 +29,7 @@ class TokenAblation:
     method = "token_ablation"
     # bumped when the method gives other word scores for the same settings: saved checkpoints of an earlier
     # diffmem's version are then refused or redone, never joined to this one's (core.results.revision_key)
-    revision = 1
+    revision = 2  # 2: its detector's (NoiseNormDetector's revision 2)
 
     def __init__(self, pipe, num_inference_steps: int = 50, guidance_scale: float = 7.5, steps: Sequence[int] = (0,),
                  generations: int = 1, seed: int = 0, batch_size: int = 32, mode: str = "mask"):

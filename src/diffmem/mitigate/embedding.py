@@ -94,9 +94,10 @@ def _positive(name: str, value) -> float:
 
 class EmbeddingOptimization:
     method = "embedding_optimization"
-    # 3: the rewrite's words kept inside what the model reads; 2: rewrite="rna" draws numbers below
-    # 100,000, 1 below 10,000 (see the baselines' revisions)
-    revision = 3
+    # 4: the detector's revision 2 (step noise from the seed, exact fractional timesteps); 3: the
+    # rewrite's words kept inside what the model reads; 2: rewrite="rna" draws numbers below 100,000,
+    # 1 below 10,000 (see the baselines' revisions)
+    revision = 4
 
     def __init__(self, pipe, target: float, lr: float = 0.05, max_iters: int = 10, generations: int = 4, seed: int = 0,
                  num_inference_steps: int = 50, guidance_scale: float = 7.5, target_source: str = "given",
