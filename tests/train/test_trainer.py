@@ -178,6 +178,26 @@ def test_unknown_mixed_precision_is_an_input_error(tmp_path):
         Trainer(pipe, _data(pipe), TrainConfig(mixed_precision="fp8"), tmp_path)
 
 
+@pytest.mark.parametrize("sampler, prediction_type", [("EulerDiscreteScheduler", "epsilon"), ("PNDMScheduler", "v_prediction"),
+                                                       ("DPMSolverMultistepScheduler", "epsilon")])
+def test_a_pipeline_with_another_sampler_trains_with_the_same_noise(tmp_path, sampler, prediction_type):
+    # training noises as DDPM does, whatever sampler the folder holds: Euler's own add_noise is on
+    # its sigma scale, DPM-Solver's looks up its inference timesteps only, PNDM has no get_velocity
+    import diffusers
+
+    cfg = TrainConfig(steps=3, batch_size=4, lr=1e-3, warmup_steps=1, checkpoint_every=0)
+    trained = {}
+    for name in ("DDIMScheduler", sampler):
+        pipe = tiny_pipeline(seed=3, prediction_type=prediction_type)
+        pipe.scheduler = getattr(diffusers, name).from_config(pipe.scheduler.config)
+        Trainer(pipe, _data(pipe), cfg, tmp_path / name).run(progress=False)
+        trained[name] = (_weights(pipe), type(pipe.scheduler).__name__)
+    assert trained[sampler][1] == sampler  # the pipeline keeps its own sampler
+    a, b = trained["DDIMScheduler"][0], trained[sampler][0]
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+
+
 def test_training_lowers_the_loss_v_prediction_frozen_text_encoder(tmp_path):
     pipe = tiny_pipeline(seed=0, prediction_type="v_prediction")
     te_before = {k: v.clone() for k, v in pipe.text_encoder.state_dict().items()}

@@ -122,6 +122,17 @@ def fresh_scheduler(pipe, num_inference_steps: int):
     return sched
 
 
+def training_scheduler(pipe):
+    """The forward (noising) process a Stable Diffusion model is trained with, taken as diffusers'
+    training scripts take it: ``DDPMScheduler`` from the pipeline's scheduler config. The sampler's
+    own ``add_noise`` is another process for most samplers a folder may hold: Euler-type ones noise
+    on their sigma scale (x0 + sigma * noise, 42 times too loud at t = 999), multistep ones look up
+    only their own inference timesteps, and PNDM has no ``get_velocity``."""
+    from diffusers import DDPMScheduler
+
+    return DDPMScheduler.from_config(pipe.scheduler.config)
+
+
 def alpha_bar(pipe, t, device=None) -> torch.Tensor:
     """alpha_bar at timestep ``t``. Euler-type samplers space their timesteps in fractions
     (999, 749.25, ...) and set sigma there by linear interpolation in t: between integer timesteps it

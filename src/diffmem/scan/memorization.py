@@ -16,7 +16,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from ..core.denoise import conditional_noise_norm, encode_text
+from ..core.denoise import conditional_noise_norm, encode_text, training_scheduler
 
 
 def sample_noise_norms(pipe, rows, timestep: int | None = None, seed: int = 0, batch_size: int = 32) -> np.ndarray:
@@ -29,6 +29,7 @@ def sample_noise_norms(pipe, rows, timestep: int | None = None, seed: int = 0, b
     size = pipe.unet.config.sample_size * pipe.vae_scale_factor
     n_train = pipe.scheduler.config.num_train_timesteps
     uncond = encode_text(pipe, [""], warn=False)
+    noising = training_scheduler(pipe)  # the training noise, whatever sampler the folder holds
     for lo in range(0, len(ok), batch_size):
         part = ok[lo:lo + batch_size]
         images = []
@@ -44,7 +45,7 @@ def sample_noise_norms(pipe, rows, timestep: int | None = None, seed: int = 0, b
             latents = pipe.vae.encode(x * 2 - 1).latent_dist.mean * pipe.vae.config.scaling_factor
             noise = torch.stack([torch.randn(latents.shape[1:], generator=g) for g in gens]).to(latents)
             t = torch.full((len(part),), n_train // 2 if timestep is None else int(timestep))
-            noisy = pipe.scheduler.add_noise(latents, noise, t)
+            noisy = noising.add_noise(latents, noise, t)
             cond = encode_text(pipe, [rows[k].caption for k in part], warn=False)
             norms = conditional_noise_norm(pipe, noisy, t.to(latents.device), cond, uncond)
         out[part] = norms.float().cpu().numpy()

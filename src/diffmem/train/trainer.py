@@ -239,7 +239,9 @@ class Trainer:
         cfg, pipe = self.cfg, self.pipe
         if cfg.threads:
             torch.set_num_threads(cfg.threads)
-        unet, te, sched = pipe.unet, pipe.text_encoder, pipe.scheduler
+        from ..core.denoise import training_scheduler
+
+        unet, te, sched = pipe.unet, pipe.text_encoder, training_scheduler(pipe)  # the pipeline keeps its sampler
         pipe.vae.requires_grad_(False)
         unet.train()
         te.train(cfg.train_text_encoder)
