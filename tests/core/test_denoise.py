@@ -42,3 +42,23 @@ def test_seeds_across_their_whole_range_are_taken_and_only_whole_numbers():
         with pytest.raises(InputError, match="a seed must be a whole number in"):
             denoise.check_seed(seed)
     assert [denoise.check_seed(s) for s in (0, np.int64(7), 2**64 - 1)] == [0, 7, 2**64 - 1]
+
+
+def test_too_few_steps_for_the_pipelines_sampler_are_refused_before_any_work(tiny_pipe_with):
+    # PNDM, Stable Diffusion 1.x's sampler, fails inside diffusers below 4 steps with a message about array shapes
+    from diffmem.core.generate import generate
+    from diffmem.detect import NoiseNormDetector, SeedConsistencyDetector
+    from diffmem.explain import TokenAttribution
+    from diffmem.mitigate import EmbeddingOptimization
+
+    pipe = tiny_pipe_with("PNDMScheduler")
+    needs = r"sampler \(PNDMScheduler\) cannot sample in 3 inference steps; it needs at least 4"
+    for make in (lambda: NoiseNormDetector(pipe, num_inference_steps=3),
+                 lambda: SeedConsistencyDetector(pipe, num_inference_steps=3),
+                 lambda: TokenAttribution(pipe, num_inference_steps=3),
+                 lambda: EmbeddingOptimization(pipe, target=1.0, num_inference_steps=3),
+                 lambda: generate(pipe, ["a red circle"], [0], num_inference_steps=3)):
+        with pytest.raises(InputError, match=needs):
+            make()
+    assert denoise.check_inference_steps(pipe, 4) == 4
+    assert NoiseNormDetector(pipe, num_inference_steps=4).score(["a red circle"]).scores.shape == (1,)

@@ -148,6 +148,29 @@ def alpha_bar(pipe, t, device=None) -> torch.Tensor:
     return 1 / (1 + sigma**2)
 
 
+def check_inference_steps(pipe, num_inference_steps: int) -> int:
+    """``num_inference_steps`` if the pipeline's sampler can run that many, else an ``InputError``
+    before any work: PNDM, Stable Diffusion 1.x's sampler, needs at least 4 and fails inside
+    diffusers with a message about array shapes."""
+    try:
+        fresh_scheduler(pipe, num_inference_steps)
+        return num_inference_steps
+    except Exception as e:
+        name = type(pipe.scheduler).__name__
+        fewest = next((n for n in range(num_inference_steps + 1, 65) if _runs(pipe, n)), None)
+        needs = f"; it needs at least {fewest}" if fewest else ""
+        raise InputError(f"the pipeline's sampler ({name}) cannot sample in {num_inference_steps} inference steps"
+                         f"{needs} (diffusers: {e})") from e
+
+
+def _runs(pipe, num_inference_steps: int) -> bool:
+    try:
+        fresh_scheduler(pipe, num_inference_steps)
+        return True
+    except Exception:
+        return False
+
+
 def to_epsilon(pipe, model_output_diff: torch.Tensor, t) -> torch.Tensor:
     """Convert a difference of two model outputs at the same x_t into epsilon units.
 

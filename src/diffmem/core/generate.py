@@ -18,9 +18,10 @@ def generate(pipe, prompts: Sequence[str], seeds: Sequence[int], num_inference_s
     """
     from tqdm.auto import tqdm
 
-    from .denoise import check_guidance_scale, check_seed
+    from .denoise import check_guidance_scale, check_inference_steps, check_seed
 
     check_guidance_scale(guidance_scale)
+    check_inference_steps(pipe, num_inference_steps)
     seeds = [check_seed(s) for s in seeds]  # before any image is made
     jobs = [(pi, si) for pi in range(len(prompts)) for si in range(len(seeds))]
     out = None

@@ -43,6 +43,7 @@ class SeedConsistencyDetector:
             raise InputError(f"mode must be 'x0' or 'images', got {mode!r}")
         if generations < 2:
             raise InputError("seed consistency needs at least 2 generations")
+        denoise.check_inference_steps(pipe, num_inference_steps)
         self.pipe = pipe
         self.settings = {"mode": mode, "generations": generations, "num_inference_steps": num_inference_steps,
                          "guidance_scale": guidance_scale, "seed": seed, "batch_size": batch_size, "steps": [0]}

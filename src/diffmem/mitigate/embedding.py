@@ -111,6 +111,7 @@ class EmbeddingOptimization:
             raise InputError(f"positions must be one of {', '.join(POSITIONS)}, got {positions!r}")
         if rewrite is not None and rewrite not in REWRITES:
             raise InputError(f"rewrite must be one of {', '.join(REWRITES)} or None, got {rewrite!r}")
+        denoise.check_inference_steps(pipe, num_inference_steps)
         self.pipe = pipe
         self.settings = {"target": float(target), "lr": lr, "max_iters": max_iters, "generations": generations,
                          "seed": seed, "num_inference_steps": num_inference_steps, "guidance_scale": guidance_scale,
