@@ -35,12 +35,12 @@ def tiny_pipe_v():
 
 @pytest.fixture(scope="session")
 def tiny_pipe_with(tiny_pipe):
-    """``tiny_pipe_with("EulerAncestralDiscreteScheduler")``: the tiny pipeline with another sampler,
-    leaving the session's ``tiny_pipe`` as it is."""
+    """``tiny_pipe_with("EulerAncestralDiscreteScheduler", timestep_spacing="leading")``: the tiny
+    pipeline with another sampler (and config overrides), leaving the session's ``tiny_pipe`` as it is."""
     import diffusers
 
-    def with_sampler(name: str):
-        sampler = getattr(diffusers, name).from_config(tiny_pipe.scheduler.config)
+    def with_sampler(name: str, **config):
+        sampler = getattr(diffusers, name).from_config(tiny_pipe.scheduler.config, **config)
         return type(tiny_pipe)(**{**tiny_pipe.components, "scheduler": sampler})
 
     return with_sampler

@@ -39,7 +39,7 @@ def test_predicted_x0_is_the_samplers_own(prediction_type, sampler):
     pipe = tiny_pipeline(seed=0, prediction_type=prediction_type)
     pipe.scheduler = getattr(diffusers, sampler).from_config(pipe.scheduler.config)
     sched = denoise.fresh_scheduler(pipe, 5)
-    x = denoise.initial_latents(pipe, 0, 2)
+    x = denoise.initial_latents(pipe, sched, 0, 2)
     for i, t in enumerate(sched.timesteps[:2]):  # Euler's second timestep lies between integers
         xin = sched.scale_model_input(x, t)
         out = torch.randn(x.shape, generator=torch.Generator().manual_seed(int(t)))

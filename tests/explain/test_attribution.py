@@ -41,7 +41,7 @@ def test_gradient_matches_finite_differences(tiny_pipe):
         uncond = denoise.encode_text(pipe, [""]).double()
     sched = denoise.fresh_scheduler(pipe, 4)
     t = sched.timesteps[0]
-    x = denoise.initial_latents(pipe, 0, 1).double()  # drawn in float32, as the attribution draws it
+    x = denoise.initial_latents(pipe, sched, 0, 1).double()  # drawn in float32, as the attribution draws it
     pipe.unet.double()
     try:
 
@@ -75,7 +75,7 @@ def test_input_gradient_matches_a_directional_finite_difference(tiny_pipe):
     sched = denoise.fresh_scheduler(pipe, 4)
     t = sched.timesteps[0]
     ids = denoise.tokenize(pipe, [prompt])
-    x = denoise.initial_latents(pipe, 0, 1).double()  # drawn in float32, as the attribution draws it
+    x = denoise.initial_latents(pipe, sched, 0, 1).double()  # drawn in float32, as the attribution draws it
     pipe.unet.double()
     pipe.text_encoder.double()
     try:

@@ -96,9 +96,13 @@ def _seeded_latent(pipe, seed: int) -> tuple[torch.Tensor, torch.Generator]:
     return randn_tensor(latent_shape(pipe, 1), generator=gen, device=pipe.unet.device, dtype=pipe.unet.dtype), gen
 
 
-def initial_latents(pipe, seed: int, batch: int = 1) -> torch.Tensor:
-    """x_T exactly as the pipeline draws it for ``generator=torch.Generator().manual_seed(seed)``."""
-    return _seeded_latent(pipe, seed)[0].expand(batch, -1, -1, -1) * pipe.scheduler.init_noise_sigma
+def initial_latents(pipe, sched, seed: int, batch: int = 1) -> torch.Tensor:
+    """x_T exactly as the pipeline draws it for ``generator=torch.Generator().manual_seed(seed)``,
+    scaled by ``sched``'s (``fresh_scheduler``'s) starting noise level as the pipeline scales it after
+    setting its timesteps. The pipeline's own scheduler is not it: an Euler-type sampler with
+    "leading" spacing (Stable Diffusion 1.x's, swapped in) starts below its top sigma, and its
+    ``init_noise_sigma`` depends on whatever timesteps the last run set (scores were up to 66% off)."""
+    return _seeded_latent(pipe, seed)[0].expand(batch, -1, -1, -1) * sched.init_noise_sigma
 
 
 def step_kwargs(pipe, sched, seeds: Sequence[int]) -> dict:

@@ -125,7 +125,9 @@ class NoiseNormDetector:
     method = "noise_norm"
     # bumped when the method gives other scores for the same settings: saved chunks of an earlier
     # diffmem's version are then refused or redone, never joined to this one's (core.results.revision_key)
-    revision = 2  # 2: step noise of ancestral / DDPM samplers from the seed, Euler's fractional timesteps converted exactly
+    # 2: other samplers run as the pipeline runs them: ancestral / DDPM step noise from the seed, x_T scaled
+    # by the sampler set for the run (Euler with "leading" spacing), exact at fractional timesteps
+    revision = 2
 
     def __init__(self, pipe, num_inference_steps: int = 50, guidance_scale: float = 7.5,
                  steps: Sequence[int] = (0,), generations: int = 1, seed: int = 0, batch_size: int = 32):
@@ -190,7 +192,7 @@ class NoiseNormDetector:
         s, pipe = self.settings, self.pipe
         sched = denoise.fresh_scheduler(pipe, s.num_inference_steps)
         n = len(cond_emb)
-        x = denoise.initial_latents(pipe, seed, n)
+        x = denoise.initial_latents(pipe, sched, seed, n)
         step_kwargs = denoise.step_kwargs(pipe, sched, [seed] * n)
         out = np.zeros((n, len(s.steps)))
         for i, t in enumerate(sched.timesteps[: s.steps[-1] + 1]):

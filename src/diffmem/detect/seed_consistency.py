@@ -35,7 +35,9 @@ class SeedConsistencyDetector:
     method = "seed_consistency"
     # bumped when the method gives other scores for the same settings: saved chunks of an earlier
     # diffmem's version are then refused or redone, never joined to this one's (core.results.revision_key)
-    revision = 2  # 2: x0 computed from the prediction (multistep samplers had none), exact at Euler's fractional timesteps
+    # 2: x0 computed from the prediction (multistep samplers had none), x_T scaled by the sampler set
+    # for the run, exact at fractional timesteps
+    revision = 2
 
     def __init__(self, pipe, mode: str = "x0", generations: int = 4, num_inference_steps: int = 50,
                  guidance_scale: float = 7.5, seed: int = 0, batch_size: int = 32):
@@ -80,7 +82,7 @@ class SeedConsistencyDetector:
             for seed in seeds:
                 sched = denoise.fresh_scheduler(pipe, s["num_inference_steps"])
                 t = sched.timesteps[0]
-                x = denoise.initial_latents(pipe, seed, len(chunk))
+                x = denoise.initial_latents(pipe, sched, seed, len(chunk))
                 xin = sched.scale_model_input(x, t)
                 cond = pipe.unet(xin, t, encoder_hidden_states=emb).sample
                 uncond = pipe.unet(xin[:1], t, encoder_hidden_states=uncond_emb).sample.expand_as(cond)

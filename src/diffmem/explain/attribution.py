@@ -34,7 +34,9 @@ class TokenAttribution:
     method = "token_attribution"
     # bumped when the method gives other word scores for the same settings: saved checkpoints of an earlier
     # diffmem's version are then refused or redone, never joined to this one's (core.results.revision_key)
-    revision = 2  # 2: step noise of ancestral / DDPM samplers from the seed, Euler's fractional timesteps converted exactly
+    # 2: other samplers run as the pipeline runs them: ancestral / DDPM step noise from the seed, x_T scaled
+    # by the sampler set for the run (Euler with "leading" spacing), exact at fractional timesteps
+    revision = 2
 
     def __init__(self, pipe, num_inference_steps: int = 50, guidance_scale: float = 7.5, steps: Sequence[int] = (0,),
                  generations: int = 1, seed: int = 0, wrt: str = "input"):
@@ -64,7 +66,7 @@ class TokenAttribution:
         grads, losses = [], []
         for seed in self.seeds():
             sched = denoise.fresh_scheduler(pipe, s["num_inference_steps"])
-            x = denoise.initial_latents(pipe, seed, 1)
+            x = denoise.initial_latents(pipe, sched, seed, 1)
             step_kwargs = denoise.step_kwargs(pipe, sched, [seed])
             for i, t in enumerate(sched.timesteps[: s["steps"][-1] + 1]):
                 xin = sched.scale_model_input(x, t)

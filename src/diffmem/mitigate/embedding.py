@@ -94,7 +94,7 @@ def _positive(name: str, value) -> float:
 
 class EmbeddingOptimization:
     method = "embedding_optimization"
-    # 4: the detector's revision 2 (step noise from the seed, exact fractional timesteps); 3: the
+    # 4: the detector's revision 2 (other samplers run as the pipeline runs them); 3: the
     # rewrite's words kept inside what the model reads; 2: rewrite="rna" draws numbers below 100,000,
     # 1 below 10,000 (see the baselines' revisions)
     revision = 4
@@ -207,7 +207,7 @@ class EmbeddingOptimization:
         pipe, s = self.pipe, self.settings
         sched = denoise.fresh_scheduler(pipe, s["num_inference_steps"])
         t = sched.timesteps[0]
-        x = torch.cat([denoise.initial_latents(pipe, seed, 1) for seed in self.seeds()])
+        x = torch.cat([denoise.initial_latents(pipe, sched, seed, 1) for seed in self.seeds()])
         with torch.no_grad():
             emb0 = denoise.encode_text(pipe, [prompt]).float()
             uncond_emb = denoise.encode_text(pipe, [""], warn=False)
