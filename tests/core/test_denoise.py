@@ -62,3 +62,18 @@ def test_too_few_steps_for_the_pipelines_sampler_are_refused_before_any_work(tin
             make()
     assert denoise.check_inference_steps(pipe, 4) == 4
     assert NoiseNormDetector(pipe, num_inference_steps=4).score(["a red circle"]).scores.shape == (1,)
+
+
+def test_a_tokenizer_without_the_text_encoders_length_is_a_clear_error(tiny_pipe_with):
+    # saved without model_max_length, a tokenizer pads to about 1e30 tokens: an OverflowError that named nothing
+    from diffmem.core.tokenizer import clip_tokenizer
+    from diffmem.detect import NoiseNormDetector
+
+    pipe = tiny_pipe_with("DDIMScheduler")  # a copy: the session's tiny_pipe keeps its tokenizer
+    pipe.tokenizer = clip_tokenizer(model_max_length=int(1e30))
+    with pytest.raises(InputError, match=r'set "model_max_length": 77 in the model\'s tokenizer/tokenizer_config.json'):
+        NoiseNormDetector(pipe, num_inference_steps=2).score(["a red circle"])
+    from diffmem.train.trainer import _tokenize
+
+    with pytest.raises(InputError, match="the text encoder has 77 positions"):  # training captions likewise
+        _tokenize(pipe, ["a red circle"])

@@ -35,11 +35,23 @@ def truncated(pipe, prompts: list[str], counts: np.ndarray | None = None) -> np.
     return (token_counts(pipe, prompts) if counts is None else np.asarray(counts)) > pipe.tokenizer.model_max_length
 
 
+def text_length(pipe) -> int:
+    """The tokens a prompt is padded and cut to (the tokenizer's ``model_max_length``), checked against
+    the text encoder's positions: a tokenizer saved without it gets transformers' "no limit" (about
+    1e30), and padding to that stopped with an OverflowError that named nothing."""
+    n = pipe.tokenizer.model_max_length
+    positions = getattr(getattr(pipe.text_encoder, "config", None), "max_position_embeddings", None)
+    if isinstance(positions, int) and n > positions:
+        raise InputError(f"the tokenizer pads prompts to {n} tokens but the text encoder has {positions} positions: "
+                         f"set \"model_max_length\": {positions} in the model's tokenizer/tokenizer_config.json")
+    return n
+
+
 def tokenize(pipe, prompts: list[str], warn: bool = True, counts: np.ndarray | None = None) -> torch.Tensor:
     """Token ids padded/truncated to the model's length; warns, naming each truncated prompt.
     ``counts``: the prompts' ``token_counts`` when the caller has them already."""
     tok = pipe.tokenizer
-    n = tok.model_max_length
+    n = text_length(pipe)
     for p in prompts:
         if not isinstance(p, str):
             raise InputError(f"prompts must be strings, got {type(p).__name__}: {p!r}")

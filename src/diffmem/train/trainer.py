@@ -132,8 +132,10 @@ def encode_images(pipe: StableDiffusionPipeline, images: np.ndarray, batch_size:
 
 
 def _tokenize(pipe, captions: list[str]) -> torch.Tensor:
-    tok = pipe.tokenizer
-    return tok(captions, padding="max_length", max_length=tok.model_max_length, truncation=True, return_tensors="pt").input_ids
+    from ..core.denoise import text_length
+
+    return pipe.tokenizer(captions, padding="max_length", max_length=text_length(pipe), truncation=True,
+                          return_tensors="pt").input_ids
 
 
 def _cpu(t: torch.Tensor) -> torch.Tensor:
