@@ -18,7 +18,8 @@ def test_a_guidance_scale_that_is_not_a_number_is_refused(tiny_pipe, scale):
         generate(tiny_pipe, ["a red circle"], [0], num_inference_steps=2, guidance_scale=scale)
     with pytest.raises(InputError, match="guidance scale"):
         TokenAttribution(tiny_pipe, num_inference_steps=3, guidance_scale=scale, steps=(0, 1)).attribute("a red circle")
-    assert torch.equal(denoise.guided(x, x + 1, 0.0), x)  # any finite scale stands, 0 included
+    # any finite scale stands, 0 included; at 1 or less the pipeline follows the conditional prediction alone
+    assert torch.equal(denoise.guided(x, x + 1, 0.0), x + 1) and torch.equal(denoise.guided(x, x + 1, 3.0), x + 3)
 
 
 @pytest.mark.parametrize("seed", [-1, 2**64])

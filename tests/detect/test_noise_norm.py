@@ -15,7 +15,7 @@ def _pipeline_reference(pipe, prompts, seeds, steps, num_inference_steps, guidan
 
     def record(module, args, kwargs, output):
         sample = output[0] if isinstance(output, tuple) else output.sample  # the pipeline calls return_dict=False
-        calls.append((args[1] if len(args) > 1 else kwargs["timestep"], sample.detach().clone()))
+        calls.append((args[1] if len(args) > 1 else kwargs["timestep"], sample.detach().clone(), args[0].detach().clone()))
 
     handle = pipe.unet.register_forward_hook(record, with_kwargs=True)
     out = np.zeros((len(prompts), len(seeds), len(steps)))
@@ -25,8 +25,13 @@ def _pipeline_reference(pipe, prompts, seeds, steps, num_inference_steps, guidan
             gens = [torch.Generator().manual_seed(seed) for _ in prompts]
             pipe(prompts, num_inference_steps=num_inference_steps, guidance_scale=guidance, generator=gens, output_type="latent")
             for si, step in enumerate(steps):
-                t, both = calls[step]
-                uncond, cond = both.chunk(2)  # the pipeline batches [unconditional, conditional]
+                t, both, x_t = calls[step]
+                if len(both) == 2 * len(prompts):
+                    uncond, cond = both.chunk(2)  # the pipeline batches [unconditional, conditional]
+                else:  # no guidance: the pipeline ran the conditional half alone; the other at the same x_t
+                    cond, empty = both, denoise.encode_text(pipe, [""], warn=False).expand(len(prompts), -1, -1)
+                    with torch.no_grad():
+                        uncond = pipe.unet(x_t, t, encoder_hidden_states=empty).sample
                 diff = denoise.to_epsilon(pipe, cond - uncond, t)
                 out[:, gi, si] = diff.flatten(1).norm(dim=1).numpy()
     finally:
@@ -34,12 +39,13 @@ def _pipeline_reference(pipe, prompts, seeds, steps, num_inference_steps, guidan
     return out
 
 
-@pytest.mark.parametrize("fixture", ["tiny_pipe", "tiny_pipe_v"])
-def test_scores_equal_a_plain_pipeline_run(fixture, request):
+@pytest.mark.parametrize("fixture, guidance", [("tiny_pipe", 7.5), ("tiny_pipe_v", 7.5), ("tiny_pipe", 0.5)])
+def test_scores_equal_a_plain_pipeline_run(fixture, guidance, request):
+    # at a guidance scale of 1 or less the pipeline runs the conditional prediction alone
     pipe = request.getfixturevalue(fixture)
-    det = NoiseNormDetector(pipe, num_inference_steps=6, guidance_scale=7.5, steps=[0, 1, 3], generations=2, seed=11, batch_size=2)
+    det = NoiseNormDetector(pipe, num_inference_steps=6, guidance_scale=guidance, steps=[0, 1, 3], generations=2, seed=11, batch_size=2)
     res = det.score(PROMPTS)
-    ref = _pipeline_reference(pipe, PROMPTS, [11, 12], [0, 1, 3], 6, 7.5)
+    ref = _pipeline_reference(pipe, PROMPTS, [11, 12], [0, 1, 3], 6, guidance)
     np.testing.assert_allclose(res.values, ref, rtol=1e-4)
     np.testing.assert_allclose(res.scores, ref.mean(axis=(1, 2)), rtol=1e-4)
 

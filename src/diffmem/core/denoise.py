@@ -234,8 +234,12 @@ def check_guidance_scale(guidance_scale: float) -> float:
 
 
 def guided(uncond: torch.Tensor, cond: torch.Tensor, guidance_scale: float) -> torch.Tensor:
-    """Classifier-free guidance exactly as StableDiffusionPipeline combines the two halves."""
-    return uncond + check_guidance_scale(guidance_scale) * (cond - uncond)
+    """Classifier-free guidance exactly as StableDiffusionPipeline combines the two halves. At a scale
+    of 1 or less the pipeline does no guidance and follows the conditional prediction alone (at 0 it
+    does not follow the unconditional one), so the trajectory here does the same."""
+    if check_guidance_scale(guidance_scale) <= 1:
+        return cond
+    return uncond + guidance_scale * (cond - uncond)
 
 
 def conditional_noise_norm(pipe, noisy: torch.Tensor, t: torch.Tensor, cond_emb: torch.Tensor,

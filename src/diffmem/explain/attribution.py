@@ -35,7 +35,8 @@ class TokenAttribution:
     # bumped when the method gives other word scores for the same settings: saved checkpoints of an earlier
     # diffmem's version are then refused or redone, never joined to this one's (core.results.revision_key)
     # 2: other samplers run as the pipeline runs them: ancestral / DDPM step noise from the seed, x_T scaled
-    # by the sampler set for the run (Euler with "leading" spacing), exact at fractional timesteps
+    # by the sampler set for the run (Euler with "leading" spacing), exact at fractional timesteps;
+    # at a guidance scale of 1 or less the trajectory follows the conditional prediction alone
     revision = 2
 
     def __init__(self, pipe, num_inference_steps: int = 50, guidance_scale: float = 7.5, steps: Sequence[int] = (0,),
