@@ -78,3 +78,28 @@ def test_a_tokenizer_without_the_text_encoders_length_is_a_clear_error(tiny_pipe
 
     with pytest.raises(InputError, match="the text encoder has 77 positions"):  # training captions likewise
         _tokenize(pipe, ["a red circle"])
+
+
+@pytest.mark.parametrize("sampler", ["DDIMScheduler", "EulerDiscreteScheduler"])
+def test_scoring_only_where_a_zero_terminal_snr_schedule_has_no_signal_is_refused(tiny_pipe_v, sampler):
+    # v-prediction, zero terminal SNR, "trailing" spacing: step 0 is t = 999 where alpha_bar is 0 (Euler
+    # keeps 2**-24), and there every prompt scored 0 and every word carried nothing, silently
+    import diffusers
+
+    from diffmem.detect import NoiseNormDetector
+    from diffmem.explain import TokenAttribution
+    from diffmem.mitigate import EmbeddingOptimization
+
+    zsnr = getattr(diffusers, sampler).from_config(tiny_pipe_v.scheduler.config, timestep_spacing="trailing",
+                                                   rescale_betas_zero_snr=True)
+    pipe = type(tiny_pipe_v)(**{**tiny_pipe_v.components, "scheduler": zsnr})
+    no_signal = r"every scored step \(0\) is at a timestep \(999\) where this model's schedule has no signal left"
+    for make in (lambda: NoiseNormDetector(pipe, num_inference_steps=4),
+                 lambda: TokenAttribution(pipe, num_inference_steps=4),
+                 lambda: EmbeddingOptimization(pipe, target=1.0, num_inference_steps=4, loss_steps=1)):
+        with pytest.raises(InputError, match=no_signal + r".*\(steps 0,1,2,3\)"):
+            make()
+    # with a later step scored the score is not identically 0, and the loss of the first two steps is taken
+    assert (NoiseNormDetector(pipe, num_inference_steps=4, steps=[0, 1]).score(["a red circle"]).scores > 1e-4).all()
+    EmbeddingOptimization(pipe, target=1.0, num_inference_steps=4, loss_steps=2)
+    NoiseNormDetector(tiny_pipe_v, num_inference_steps=4)  # an ordinary schedule ends with signal left

@@ -179,6 +179,34 @@ def check_inference_steps(pipe, num_inference_steps: int) -> int:
                          f"{needs} (diffusers: {e})") from e
 
 
+# alpha_bar at the terminal timestep of a zero-terminal-SNR schedule: 0 (DDIM) or 2**-24 (Euler's
+# stand-in for 0); an ordinary Stable Diffusion schedule ends near 0.0047
+_NO_SIGNAL = 1e-6
+
+
+def scores_nothing_at(pipe, t) -> bool:
+    """Is the conditional-minus-unconditional difference identically 0 in epsilon units at timestep
+    ``t``? So for a v- or x0-prediction model where the schedule has no signal left (alpha_bar 0)."""
+    return pipe.scheduler.config.prediction_type != "epsilon" and float(alpha_bar(pipe, t)) <= _NO_SIGNAL
+
+
+def check_scored_steps(pipe, num_inference_steps: int, steps) -> None:
+    """An ``InputError`` when every scored sampling step is at a timestep whose alpha_bar is 0 (a
+    zero-terminal-SNR schedule with "trailing" spacing starts at t = 999): for a v- or x0-prediction
+    model the two predictions' difference is 0 there in epsilon units, so every prompt would score 0
+    (or nearly, as Euler keeps alpha_bar at 2**-24) and every word would carry nothing."""
+    timesteps = fresh_scheduler(pipe, num_inference_steps).timesteps
+    if all(scores_nothing_at(pipe, timesteps[i]) for i in steps):
+        at = ", ".join(f"{float(timesteps[i]):g}" for i in steps)
+        first = ",".join(str(i) for i in range(min(5, num_inference_steps)))
+        raise InputError(
+            f"every scored step ({', '.join(map(str, steps))}) is at a timestep ({at}) where this model's schedule "
+            f"has no signal left (alpha_bar 0: zero terminal SNR with {pipe.scheduler.config.get('timestep_spacing', '?')!r} "
+            "spacing): the text-conditional and unconditional predictions agree there in epsilon units, so every "
+            f"prompt would score 0. Score later steps as well (steps {first}), or sample with 'leading' spacing "
+            "as MemLab does")
+
+
 def _runs(pipe, num_inference_steps: int) -> bool:
     try:
         fresh_scheduler(pipe, num_inference_steps)

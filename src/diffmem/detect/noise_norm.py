@@ -138,6 +138,7 @@ class NoiseNormDetector:
         if not steps or steps[0] < 0 or steps[-1] >= num_inference_steps:
             raise InputError(f"steps must lie in [0, {num_inference_steps - 1}], got {list(steps)}")
         denoise.check_inference_steps(pipe, num_inference_steps)
+        denoise.check_scored_steps(pipe, num_inference_steps, steps)
         self.pipe = pipe
         self.settings = NoiseNormSettings(num_inference_steps, guidance_scale, steps, generations, seed, batch_size)
 

@@ -47,6 +47,7 @@ class TokenAttribution:
         if wrt not in ("input", "output"):
             raise InputError(f"wrt must be 'input' (token embeddings) or 'output' (text-encoder outputs), got {wrt!r}")
         denoise.check_inference_steps(pipe, num_inference_steps)
+        denoise.check_scored_steps(pipe, num_inference_steps, steps)
         self.pipe = pipe
         self.settings = {"num_inference_steps": num_inference_steps, "guidance_scale": guidance_scale,
                          "steps": list(steps), "generations": generations, "seed": seed, "wrt": wrt}

@@ -112,6 +112,7 @@ class EmbeddingOptimization:
         if rewrite is not None and rewrite not in REWRITES:
             raise InputError(f"rewrite must be one of {', '.join(REWRITES)} or None, got {rewrite!r}")
         denoise.check_inference_steps(pipe, num_inference_steps)
+        denoise.check_scored_steps(pipe, num_inference_steps, range(loss_steps))  # its loss is the score of these
         self.pipe = pipe
         self.settings = {"target": float(target), "lr": lr, "max_iters": max_iters, "generations": generations,
                          "seed": seed, "num_inference_steps": num_inference_steps, "guidance_scale": guidance_scale,
