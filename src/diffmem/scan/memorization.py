@@ -16,7 +16,24 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from ..core.denoise import conditional_noise_norm, encode_text, training_scheduler
+from ..core.denoise import conditional_noise_norm, encode_text, scores_nothing_at, training_scheduler
+from ..core.errors import InputError
+
+
+def scan_timestep(pipe, timestep: int | None) -> int:
+    """The timestep every row is noised to (default: half the training schedule), checked against the
+    model's schedule before any row is scored: past its end it stopped with an IndexError, and where
+    a zero-terminal-SNR schedule has no signal left a v-prediction model scores every row 0."""
+    n_train = pipe.scheduler.config.num_train_timesteps
+    t = n_train // 2 if timestep is None else int(timestep)
+    if not 0 <= t < n_train:
+        raise InputError(f"the memorization check's timestep must lie in [0, {n_train - 1}] for this model's "
+                         f"schedule, got {t}")
+    if scores_nothing_at(pipe, t):
+        raise InputError(f"at timestep {t} this model's schedule has no signal left (alpha_bar 0, zero terminal SNR): "
+                         "a v-prediction model's two predictions agree there, so every row would score 0; "
+                         "choose an earlier --timestep")
+    return t
 
 
 def sample_noise_norms(pipe, rows, timestep: int | None = None, seed: int = 0, batch_size: int = 32) -> np.ndarray:
@@ -27,7 +44,7 @@ def sample_noise_norms(pipe, rows, timestep: int | None = None, seed: int = 0, b
     if not ok:
         return out
     size = pipe.unet.config.sample_size * pipe.vae_scale_factor
-    n_train = pipe.scheduler.config.num_train_timesteps
+    timestep = scan_timestep(pipe, timestep)
     uncond = encode_text(pipe, [""], warn=False)
     noising = training_scheduler(pipe)  # the training noise, whatever sampler the folder holds
     for lo in range(0, len(ok), batch_size):
@@ -44,7 +61,7 @@ def sample_noise_norms(pipe, rows, timestep: int | None = None, seed: int = 0, b
         with torch.inference_mode():
             latents = pipe.vae.encode(x * 2 - 1).latent_dist.mean * pipe.vae.config.scaling_factor
             noise = torch.stack([torch.randn(latents.shape[1:], generator=g) for g in gens]).to(latents)
-            t = torch.full((len(part),), n_train // 2 if timestep is None else int(timestep))
+            t = torch.full((len(part),), timestep)
             noisy = noising.add_noise(latents, noise, t)
             cond = encode_text(pipe, [rows[k].caption for k in part], warn=False)
             norms = conditional_noise_norm(pipe, noisy, t.to(latents.device), cond, uncond)

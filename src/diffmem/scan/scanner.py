@@ -245,6 +245,8 @@ class DatasetScanner:
         done = set(state["done"])
         n = self._n_rows()
         todo = [(k, a, b) for k, a, b in shards(self.source, self.settings.shard_size) if a < n and k not in done]
+        if todo and "memorization" in self.settings.checks:
+            self._memorization_model()  # a model or timestep it refuses stops the scan before any shard is written
         total = math.ceil(n / self.settings.shard_size)
         bar = tqdm(total=n, initial=min(n, len(done) * self.settings.shard_size), unit="row", desc="scanning",
                    disable=not self.progress)
@@ -289,14 +291,21 @@ class DatasetScanner:
             frame["memorization_score"] = self._noise_norms(rows, norm)
         return frame
 
+    def _memorization_model(self):
+        """The memorization check's pipeline, loaded once and its timestep checked against its schedule."""
+        if self._pipe is None:
+            from ..core.loading import load_pipeline
+            from .memorization import scan_timestep
+
+            pipe = load_pipeline(self.settings.model, device=self.settings.device, dtype=self.settings.dtype)
+            scan_timestep(pipe, self.settings.timestep)
+            self._pipe = pipe
+        return self._pipe
+
     def _noise_norms(self, rows, norm) -> np.ndarray:
         from .memorization import sample_noise_norms
 
-        if self._pipe is None:
-            from ..core.loading import load_pipeline
-
-            self._pipe = load_pipeline(self.settings.model, device=self.settings.device, dtype=self.settings.dtype)
-        return sample_noise_norms(self._pipe, rows, timestep=self.settings.timestep, seed=self.settings.seed)
+        return sample_noise_norms(self._memorization_model(), rows, timestep=self.settings.timestep, seed=self.settings.seed)
 
     # -- pass 2 ------------------------------------------------------------------------------
 
