@@ -38,6 +38,22 @@ def test_other_model_is_refused(tiny_pipe):
         cal.apply(NoiseNormDetector(other, num_inference_steps=4).score(PROMPTS))
 
 
+def test_scores_from_another_sampler_are_refused(tiny_pipe, tiny_pipe_with):
+    # the same weights with a swapped sampler score otherwise past the first step (and at it for
+    # Euler-type samplers): a calibration taken with one does not judge the other's scores
+    cal = Calibration.fit(NoiseNormDetector(tiny_pipe, num_inference_steps=4, steps=[0, 1]).score(PROMPTS), fpr=0.25)
+    euler = tiny_pipe_with("EulerDiscreteScheduler")
+    with pytest.raises(CalibrationMismatch, match="from the sampler EulerDiscreteScheduler, the calibration's from DDIMScheduler"):
+        cal.apply(NoiseNormDetector(euler, num_inference_steps=4, steps=[0, 1]).score(PROMPTS))
+    trailing = tiny_pipe_with("DDIMScheduler", timestep_spacing="trailing")
+    with pytest.raises(CalibrationMismatch, match="another configuration of the sampler DDIMScheduler"):
+        cal.apply(NoiseNormDetector(trailing, num_inference_steps=4, steps=[0, 1]).score(PROMPTS))
+    cal.apply(NoiseNormDetector(tiny_pipe_with("DDIMScheduler"), num_inference_steps=4, steps=[0, 1]).score(PROMPTS))
+    # a calibration saved before identities held the sampler applies with any
+    old = Calibration(**{**cal.__dict__, "model": {k: v for k, v in cal.model.items() if not k.startswith("sampler")}})
+    old.apply(NoiseNormDetector(euler, num_inference_steps=4, steps=[0, 1]).score(PROMPTS))
+
+
 def test_bad_reference():
     with pytest.raises(ValueError, match="NaN"):
         Calibration.fit(np.array([1.0, np.nan]))

@@ -253,10 +253,17 @@ def weights_hash(module) -> str:
 
 
 def model_identity(pipe) -> dict:
-    """What identifies a model for calibration files: its path and a hash of its UNet weights."""
+    """What identifies a model for calibration files: its path, a hash of its UNet weights and the
+    sampler it runs with (its class and a digest of its configuration): past the first step, and at
+    it for Euler-type samplers, scores and generations depend on the sampler, which a caller may swap
+    on a loaded pipeline (``pipe.scheduler = DPMSolverMultistepScheduler.from_config(...)``)."""
+    from .results import digest
+
+    sampler_config = {k: v for k, v in pipe.scheduler.config.items() if not k.startswith("_")}
     return {"name_or_path": str(getattr(pipe, "name_or_path", "") or pipe.config.get("_name_or_path", "")),
             "unet_hash": weights_hash(pipe.unet),
-            "prediction_type": pipe.scheduler.config.prediction_type}
+            "prediction_type": pipe.scheduler.config.prediction_type,
+            "sampler": type(pipe.scheduler).__name__, "sampler_config": digest(sampler_config)}
 
 
 def weights_identity(pipe) -> dict:

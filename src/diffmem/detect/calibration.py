@@ -78,6 +78,12 @@ class Calibration:
         if self.model.get("unet_hash") and model.get("unet_hash") != self.model.get("unet_hash"):
             return (f"model {model.get('name_or_path')!r} is not the calibrated model "
                     f"{self.model.get('name_or_path')!r} (different UNet weights)")
+        # calibrations saved before identities held the sampler apply with any
+        if self.model.get("sampler") and model.get("sampler") != self.model["sampler"]:
+            return f"these scores come from the sampler {model.get('sampler')}, the calibration's from {self.model['sampler']}"
+        if self.model.get("sampler_config") and model.get("sampler_config") != self.model["sampler_config"]:
+            return (f"these scores come from another configuration of the sampler {model.get('sampler')} "
+                    "(its timestep spacing, schedule or order) than the calibration's")
         return None
 
     def apply(self, result: DetectionResult) -> DetectionResult:
