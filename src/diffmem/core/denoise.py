@@ -168,15 +168,22 @@ def check_inference_steps(pipe, num_inference_steps: int) -> int:
     """``num_inference_steps`` if the pipeline's sampler can run that many, else an ``InputError``
     before any work: PNDM, Stable Diffusion 1.x's sampler, needs at least 4 and fails inside
     diffusers with a message about array shapes."""
+    if (why := _sampler_refuses(pipe, num_inference_steps)) is None:
+        return num_inference_steps
+    name = type(pipe.scheduler).__name__
+    fewest = next((n for n in range(num_inference_steps + 1, 65) if _sampler_refuses(pipe, n) is None), None)
+    needs = f"; it needs at least {fewest}" if fewest else ""
+    raise InputError(f"the pipeline's sampler ({name}) cannot sample in {num_inference_steps} inference steps"
+                     f"{needs} (diffusers: {why})") from why
+
+
+def _sampler_refuses(pipe, num_inference_steps: int) -> Exception | None:
+    """Why the pipeline's sampler cannot set that many timesteps, or None when it can."""
     try:
         fresh_scheduler(pipe, num_inference_steps)
-        return num_inference_steps
+        return None
     except Exception as e:
-        name = type(pipe.scheduler).__name__
-        fewest = next((n for n in range(num_inference_steps + 1, 65) if _runs(pipe, n)), None)
-        needs = f"; it needs at least {fewest}" if fewest else ""
-        raise InputError(f"the pipeline's sampler ({name}) cannot sample in {num_inference_steps} inference steps"
-                         f"{needs} (diffusers: {e})") from e
+        return e
 
 
 # alpha_bar at the terminal timestep of a zero-terminal-SNR schedule: 0 (DDIM) or 2**-24 (Euler's
@@ -205,14 +212,6 @@ def check_scored_steps(pipe, num_inference_steps: int, steps) -> None:
             "spacing): the text-conditional and unconditional predictions agree there in epsilon units, so every "
             f"prompt would score 0. Score later steps as well (steps {first}), or sample with 'leading' spacing "
             "as MemLab does")
-
-
-def _runs(pipe, num_inference_steps: int) -> bool:
-    try:
-        fresh_scheduler(pipe, num_inference_steps)
-        return True
-    except Exception:
-        return False
 
 
 def to_epsilon(pipe, model_output_diff: torch.Tensor, t) -> torch.Tensor:

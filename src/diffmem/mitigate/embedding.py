@@ -56,9 +56,10 @@ def _trajectory_loss(pipe, emb: torch.Tensor, x_T: torch.Tensor, seeds: list[int
                      first_uncond: torch.Tensor, num_inference_steps: int, loss_steps: int, guidance_scale: float) -> torch.Tensor:
     """Mean over the first ``loss_steps`` sampling steps and the n seeds of
     || eps(x_t, c) - eps(x_t, empty) || (epsilon units): the noise-norm detector's score at steps
-    0 .. loss_steps-1 (x_T is the n ``seeds``' starts). The latent advances with guidance under the embedding being optimized, as a
-    pipeline would; the gradient flows through each step's conditional prediction, not through the
-    latent's path (detached), so a step costs one backward pass."""
+    0 .. loss_steps-1 (x_T holds the n ``seeds``' starts). The latent advances with guidance under
+    the embedding being optimized, as a pipeline would; the gradient flows through each step's
+    conditional prediction, not through the latent's path (detached), so a step costs one backward
+    pass."""
     sched = denoise.fresh_scheduler(pipe, num_inference_steps)
     x, n, total = x_T, len(x_T), 0.0
     step_kwargs = denoise.step_kwargs(pipe, sched, seeds)  # fresh each call: every iteration sees the same noise
