@@ -103,3 +103,12 @@ def test_scoring_only_where_a_zero_terminal_snr_schedule_has_no_signal_is_refuse
     assert (NoiseNormDetector(pipe, num_inference_steps=4, steps=[0, 1]).score(["a red circle"]).scores > 1e-4).all()
     EmbeddingOptimization(pipe, target=1.0, num_inference_steps=4, loss_steps=2)
     NoiseNormDetector(tiny_pipe_v, num_inference_steps=4)  # an ordinary schedule ends with signal left
+
+
+@pytest.mark.parametrize("sampler", ["EDMEulerScheduler", "FlowMatchEulerDiscreteScheduler"])
+def test_a_sampler_without_the_ddpm_schedule_is_refused_by_name(tiny_pipe_with, sampler):
+    # diffmem converts to epsilon units and noises as in training from alphas_cumprod: an AttributeError before
+    from diffmem.detect import NoiseNormDetector
+
+    with pytest.raises(InputError, match=rf"the pipeline's sampler {sampler} is not one diffmem can run: it has no alphas_cumprod"):
+        NoiseNormDetector(tiny_pipe_with(sampler), num_inference_steps=4)

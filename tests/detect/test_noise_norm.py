@@ -52,11 +52,13 @@ def test_scores_equal_a_plain_pipeline_run(fixture, guidance, request):
 
 @pytest.mark.parametrize("sampler, config", [("EulerAncestralDiscreteScheduler", {}), ("DDPMScheduler", {}), ("PNDMScheduler", {}),
                                             ("DPMSolverMultistepScheduler", {}),
-                                            ("EulerDiscreteScheduler", {"timestep_spacing": "leading"})])
+                                            ("EulerDiscreteScheduler", {"timestep_spacing": "leading"}),
+                                            ("TCDScheduler", {})])
 def test_scores_past_the_first_step_equal_the_pipelines_with_other_samplers(tiny_pipe_with, sampler, config):
     # ancestral Euler and DDPM draw fresh noise at every step: from the seed's generator, as the
     # pipeline does. Euler with SD 1.x's "leading" spacing starts below its top sigma: x_T is scaled
-    # by the sampler set for this run, not by the pipeline's, which a run of 4 steps left set here
+    # by the sampler set for this run, not by the pipeline's, which a run of 4 steps left set here.
+    # TCD's step takes the pipeline's eta, 0, not its own default of 0.3
     pipe = tiny_pipe_with(sampler, **config)
     pipe(PROMPTS[:1], num_inference_steps=4, output_type="latent")
     det = NoiseNormDetector(pipe, num_inference_steps=6, guidance_scale=7.5, steps=[0, 2, 4], generations=2, seed=11, batch_size=2)

@@ -124,11 +124,14 @@ def step_kwargs(pipe, sched, seeds: Sequence[int]) -> dict:
     Samplers that draw fresh noise at every step (ancestral Euler, DDPM) take one generator per
     sample, each in the state the pipeline's is in after drawing that sample's x_T: without them the
     noise came from torch's global generator, so a trajectory past the first step was neither the
-    pipeline's nor the same twice. Call it anew for each trajectory, since stepping advances them."""
-    if "generator" not in inspect.signature(sched.step).parameters:
-        return {}
-    states = {seed: _seeded_latent(pipe, seed)[1].get_state() for seed in dict.fromkeys(seeds)}
-    return {"generator": [torch.Generator(device="cpu").set_state(states[seed]) for seed in seeds]}
+    pipeline's nor the same twice. Call it anew for each trajectory, since stepping advances them.
+    Samplers with an ``eta`` get the pipeline's default, 0: TCD's own default is 0.3."""
+    accepts = inspect.signature(sched.step).parameters
+    kwargs = {"eta": 0.0} if "eta" in accepts else {}
+    if "generator" in accepts:
+        states = {seed: _seeded_latent(pipe, seed)[1].get_state() for seed in dict.fromkeys(seeds)}
+        kwargs["generator"] = [torch.Generator(device="cpu").set_state(states[seed]) for seed in seeds]
+    return kwargs
 
 
 def fresh_scheduler(pipe, num_inference_steps: int):
@@ -168,9 +171,14 @@ def check_inference_steps(pipe, num_inference_steps: int) -> int:
     """``num_inference_steps`` if the pipeline's sampler can run that many, else an ``InputError``
     before any work: PNDM, Stable Diffusion 1.x's sampler, needs at least 4 and fails inside
     diffusers with a message about array shapes."""
+    name = type(pipe.scheduler).__name__
+    lacks = [a for a in ("alphas_cumprod", "init_noise_sigma", "scale_model_input", "step") if not hasattr(pipe.scheduler, a)]
+    if lacks:
+        raise InputError(f"the pipeline's sampler {name} is not one diffmem can run: it has no {', '.join(lacks)}. "
+                         "diffmem measures on the DDPM noise schedule that Stable Diffusion's samplers carry; "
+                         "choose one of them, e.g. pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)")
     if (why := _sampler_refuses(pipe, num_inference_steps)) is None:
         return num_inference_steps
-    name = type(pipe.scheduler).__name__
     fewest = next((n for n in range(num_inference_steps + 1, 65) if _sampler_refuses(pipe, n) is None), None)
     needs = f"; it needs at least {fewest}" if fewest else ""
     raise InputError(f"the pipeline's sampler ({name}) cannot sample in {num_inference_steps} inference steps"
