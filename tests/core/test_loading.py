@@ -82,3 +82,36 @@ def test_unreachable_hub_id_is_a_clear_error(monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     with pytest.raises(ModelLoadError, match="not a local folder"):
         load_pipeline("CompVis/stable-diffusion-v1-4")
+
+
+def _copy_of(pipe):
+    import copy
+
+    return type(pipe)(**{k: copy.deepcopy(v) for k, v in pipe.components.items()})
+
+
+@pytest.mark.parametrize("change", ["lora_fused_into_the_attention", "text_encoder_fine_tuned", "token_added", "vae_swapped"])
+def test_the_identity_changes_with_any_of_the_weights(tiny_pipe, change):
+    # the UNet's first tensors by name (conv_in, conv_norm_out, conv_out) were all the identity read, so a
+    # LoRA fused into the attention or a new text encoder kept the old model's calibration and saved work
+    from diffmem.core.loading import model_identity, weights_identity
+
+    changed = _copy_of(tiny_pipe)
+    with torch.no_grad():
+        if change == "lora_fused_into_the_attention":
+            for name, module in changed.unet.named_modules():
+                if name.endswith("attn2.to_k"):  # W + B A, rank 1
+                    module.weight += 1e-3 * torch.randn(module.weight.shape[0], 1) @ torch.randn(1, module.weight.shape[1])
+        elif change == "text_encoder_fine_tuned":
+            last_mlp = [m for n, m in changed.text_encoder.named_modules() if n.endswith("mlp.fc2")][-1]
+            last_mlp.weight.mul_(1.01)
+        elif change == "token_added":  # a textual-inversion embedding
+            changed.tokenizer.add_tokens(["<my-style>"])
+            changed.text_encoder.resize_token_embeddings(len(changed.tokenizer))
+        else:
+            changed.vae.decoder.conv_out.weight.mul_(1.01)
+    same = _copy_of(tiny_pipe)
+    assert weights_identity(same) == weights_identity(tiny_pipe)
+    assert weights_identity(changed) != weights_identity(tiny_pipe)
+    # the VAE decodes generations but takes no part in a score: calibrations do not ask for it
+    assert (model_identity(changed) == model_identity(tiny_pipe)) == (change == "vae_swapped")

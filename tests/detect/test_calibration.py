@@ -1,5 +1,6 @@
 import numpy as np
 import pytest
+import torch
 
 from diffmem.detect import Calibration, CalibrationMismatch, NoiseNormDetector
 
@@ -36,6 +37,28 @@ def test_other_model_is_refused(tiny_pipe):
     cal = Calibration.fit(NoiseNormDetector(tiny_pipe, num_inference_steps=4).score(PROMPTS), fpr=0.25)
     with pytest.raises(CalibrationMismatch, match="different UNet weights"):
         cal.apply(NoiseNormDetector(other, num_inference_steps=4).score(PROMPTS))
+
+
+def test_a_model_with_another_text_encoder_or_attention_is_refused(tiny_pipe):
+    # the same first UNet tensors (all that calibrations compared) with other attention or text-encoder
+    # weights: scores differ, so the calibration must not judge them
+    import copy
+
+    base = NoiseNormDetector(tiny_pipe, num_inference_steps=4).score(PROMPTS)
+    cal = Calibration.fit(base, fpr=0.25)
+    for part, module in (("text encoder", "text_encoder"), ("UNet", "unet")):
+        changed = type(tiny_pipe)(**{**tiny_pipe.components, module: copy.deepcopy(getattr(tiny_pipe, module))})
+        with torch.no_grad():
+            for name, weight in getattr(changed, module).named_parameters():
+                if "attn" in name or "self_attn" in name:
+                    weight.mul_(1.05)
+        scores = NoiseNormDetector(changed, num_inference_steps=4).score(PROMPTS)
+        assert not np.allclose(scores.scores, base.scores)
+        with pytest.raises(CalibrationMismatch, match=f"different {part} weights"):
+            cal.apply(scores)
+        # a calibration saved before identities fingerprinted every weight is checked as it was
+        old = Calibration(**{**cal.__dict__, "model": {k: v for k, v in cal.model.items() if not k.endswith("_weights")}})
+        old.apply(scores)
 
 
 def test_scores_from_another_sampler_are_refused(tiny_pipe, tiny_pipe_with):

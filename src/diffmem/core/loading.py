@@ -242,7 +242,8 @@ def model_folder_errors(path: str | os.PathLike, what: str):
 
 
 def weights_hash(module) -> str:
-    """A quick fingerprint of a module's weights: the first 4 kB of its first 8 tensors by name."""
+    """A quick fingerprint of a module's weights: the first 4 kB of its first 8 tensors by name. It
+    misses changes past them (see ``weights_digest``); kept for the keys saved with it."""
     import hashlib
 
     h = hashlib.sha256()
@@ -252,24 +253,46 @@ def weights_hash(module) -> str:
     return h.hexdigest()[:16]
 
 
+def weights_digest(module, per_tensor: int = 64) -> str:
+    """A fingerprint of all of a module's weights: every tensor's name, shape and ``per_tensor`` values
+    spread evenly over it. ``weights_hash`` reads only the first tensors by name (the UNet's conv_in,
+    conv_norm_out and conv_out), which a LoRA fused into the attention, an attention-only fine-tune or a
+    new text-encoder leave as they were; a few values of every tensor take about 20 ms on SD's UNet."""
+    import hashlib
+
+    h = hashlib.sha256()
+    for name, tensor in sorted(module.state_dict().items()):
+        flat = tensor.detach().reshape(-1)
+        count = min(per_tensor, flat.numel())
+        picks = torch.arange(count) * (flat.numel() - 1) // max(count - 1, 1)  # whole numbers: float32 rounds past the end
+        h.update(f"{name} {tuple(tensor.shape)}".encode())
+        h.update(flat[picks.to(flat.device)].float().cpu().numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
 def model_identity(pipe) -> dict:
-    """What identifies a model for calibration files: its path, a hash of its UNet weights and the
-    sampler it runs with (its class and a digest of its configuration): past the first step, and at
-    it for Euler-type samplers, scores and generations depend on the sampler, which a caller may swap
-    on a loaded pipeline (``pipe.scheduler = DPMSolverMultistepScheduler.from_config(...)``)."""
+    """What identifies a model for calibration files: its path, a fingerprint of its UNet's and text
+    encoder's weights (a new text encoder, or a textual-inversion token, changes the scores as much as
+    the UNet does) and the sampler it runs with (its class and a digest of its configuration): past the
+    first step, and at it for Euler-type samplers, scores and generations depend on the sampler, which a
+    caller may swap on a loaded pipeline (``pipe.scheduler = DPMSolverMultistepScheduler.from_config(...)``).
+    ``unet_hash``, the older fingerprint of the UNet's first tensors, is what calibrations saved before
+    the others are checked by."""
     from .results import digest
 
     sampler_config = {k: v for k, v in pipe.scheduler.config.items() if not k.startswith("_")}
     return {"name_or_path": str(getattr(pipe, "name_or_path", "") or pipe.config.get("_name_or_path", "")),
             "unet_hash": weights_hash(pipe.unet),
+            "unet_weights": weights_digest(pipe.unet), "text_encoder_weights": weights_digest(pipe.text_encoder),
             "prediction_type": pipe.scheduler.config.prediction_type,
             "sampler": type(pipe.scheduler).__name__, "sampler_config": digest(sampler_config)}
 
 
 def weights_identity(pipe) -> dict:
-    """``model_identity`` and the dtype the weights run in: what resumed work must match (scores in
-    bfloat16 are close to float32 ones, not equal)."""
-    return {**model_identity(pipe), "dtype": str(pipe.dtype)}
+    """``model_identity``, the VAE's weights, which decode every generation (a swapped VAE leaves the
+    scores as they were, not the images), and the dtype the weights run in: what resumed work must
+    match (scores in bfloat16 are close to float32 ones, not equal)."""
+    return {**model_identity(pipe), "vae_weights": weights_digest(pipe.vae), "dtype": str(pipe.dtype)}
 
 
 OFFICIAL_SAMPLER = {"num_inference_steps": 50, "guidance_scale": 7.5}  # Wen et al.'s SD v1.4 settings

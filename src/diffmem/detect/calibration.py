@@ -75,9 +75,12 @@ class Calibration:
 
     def model_mismatch(self, model: dict) -> str | None:
         """Why scores from ``model`` (a model_identity dict) do not fit this calibration, or None."""
-        if self.model.get("unet_hash") and model.get("unet_hash") != self.model.get("unet_hash"):
-            return (f"model {model.get('name_or_path')!r} is not the calibrated model "
-                    f"{self.model.get('name_or_path')!r} (different UNet weights)")
+        # every calibration holds unet_hash (the UNet's first tensors); those saved since diffmem
+        # fingerprinted all of the UNet's and the text encoder's weights hold those too
+        for key, part in (("unet_hash", "UNet"), ("unet_weights", "UNet"), ("text_encoder_weights", "text encoder")):
+            if self.model.get(key) and model.get(key) != self.model[key]:
+                return (f"model {model.get('name_or_path')!r} is not the calibrated model "
+                        f"{self.model.get('name_or_path')!r} (different {part} weights)")
         # calibrations saved before identities held the sampler apply with any
         if self.model.get("sampler") and model.get("sampler") != self.model["sampler"]:
             return f"these scores come from the sampler {model.get('sampler')}, the calibration's from {self.model['sampler']}"
