@@ -1,3 +1,5 @@
+import json
+
 import numpy as np
 import pytest
 import torch
@@ -92,6 +94,14 @@ def test_a_finished_run_run_again_trains_nothing_and_one_given_more_steps_goes_o
         Trainer(fewer, _data(fewer), cfg, tmp_path).check_resumable()
 
 
+def _other_attention(pipe, part: str):
+    with torch.no_grad():
+        for name, weight in getattr(pipe, part).named_parameters():
+            if "attn" in name:
+                weight.mul_(1.05)
+    return pipe
+
+
 def test_a_checkpoint_of_another_run_is_refused_and_names_what_differs(tmp_path):
     from diffmem.core.errors import InputError
 
@@ -110,6 +120,9 @@ def test_a_checkpoint_of_another_run_is_refused_and_names_what_differs(tmp_path)
         (tiny_pipeline(seed=3), None, other_cfg, "lr 0.001 -> 0.0005"),
         (tiny_pipeline(seed=3), "captions", cfg, "other training data (6 rows then, 6 now)"),
         (tiny_pipeline(seed=4), None, cfg, "another starting model"),
+        # the same first UNet tensors, which were all the key held of the weights
+        (_other_attention(tiny_pipeline(seed=3), "unet"), None, cfg, "another starting model"),
+        (_other_attention(tiny_pipeline(seed=3), "text_encoder"), None, cfg, "another starting model"),
     ]:
         d = _data(pipe)
         if data == "captions":
@@ -120,7 +133,11 @@ def test_a_checkpoint_of_another_run_is_refused_and_names_what_differs(tmp_path)
         assert said in str(e.value)
         assert all(torch.equal(before[k], v) for k, v in _weights(pipe).items())  # nothing trained
         assert (tmp_path / "run" / "checkpoint" / "state.json").read_text() == state  # nothing overwritten
-    # more steps, another checkpoint interval or thread count: the same run, continued
+    # more steps, another checkpoint interval or thread count: the same run, continued; a checkpoint saved
+    # before the key fingerprinted all the weights is checked by the fingerprint it holds
+    saved = json.loads(state)
+    saved["run"]["model"] = {k: v for k, v in saved["run"]["model"].items() if not k.endswith("_weights")}
+    (tmp_path / "run" / "checkpoint" / "state.json").write_text(json.dumps(saved))
     same = tiny_pipeline(seed=3)
     Trainer(same, _data(same), TrainConfig(**{**cfg.to_dict(), "steps": 10, "checkpoint_every": 2, "threads": 2}),
             tmp_path / "run").run(progress=False)

@@ -160,6 +160,10 @@ def _save_checkpoint(path: Path, step: int, unet, text_encoder, optimizer, lr_sc
     replace_folder(path, write)
 
 
+# the starting weights a run key fingerprints in full, besides the UNet's first tensors (unet_hash)
+FULL_WEIGHTS_KEYS = {"unet_weights": "unet", "text_encoder_weights": "text_encoder"}
+
+
 def _differences(saved: dict, now: dict) -> str:
     """``lr 0.001 -> 0.0005, other data``: what separates a checkpoint's run from this one."""
     said = []
@@ -377,7 +381,7 @@ class Trainer:
         thread count."""
         import hashlib
 
-        from ..core.loading import weights_hash
+        from ..core.loading import weights_digest, weights_hash
 
         if self._run_key is not None:
             return self._run_key
@@ -387,7 +391,9 @@ class Trainer:
         h.update(np.asarray(self.data.image_index, dtype=np.int64).tobytes())
         h.update(json.dumps(list(self.data.captions)).encode())
         # the starting weights, not the path (it may be spelt another way); kept, as training changes them
-        model = {"unet_hash": weights_hash(self.pipe.unet), "prediction_type": self.pipe.scheduler.config.prediction_type}
+        model = {"unet_hash": weights_hash(self.pipe.unet),
+                 **{key: weights_digest(getattr(self.pipe, part)) for key, part in FULL_WEIGHTS_KEYS.items()},
+                 "prediction_type": self.pipe.scheduler.config.prediction_type}
         self._run_key = {"config": config, "model": model, "data_sha256": h.hexdigest()[:16], "rows": len(self.data.captions)}
         return self._run_key
 
@@ -399,6 +405,10 @@ class Trainer:
             return
         saved = json.loads(state.read_text())
         run_key = json.loads(json.dumps(run_key or self.run_key()))
+        if saved.get("run") is not None:
+            # a checkpoint saved before the key fingerprinted all the starting weights is checked by what it holds
+            held = saved["run"].get("model", {})
+            run_key["model"] = {k: v for k, v in run_key["model"].items() if k in held or k not in FULL_WEIGHTS_KEYS}
         if saved.get("run") is not None and run_key != saved["run"]:
             raise InputError(f"{state.parent} is a checkpoint of another training run ({_differences(saved['run'], run_key)}); "
                              "use another output folder, or delete the checkpoint to start over")
