@@ -174,6 +174,37 @@ def test_memorization_check_scores_pairs_with_the_model(tmp_path, memlab_manifes
     assert np.corrcoef(h, s)[0, 1] > 0.95 and np.allclose(h, s, rtol=0.15)
 
 
+def test_a_scan_does_not_resume_with_another_models_weights_at_the_same_path(tmp_path, tiny_pipe_dir):
+    # the settings name the model by its path: a fine-tune saved over it would have scored the rest
+    from diffmem.core.loading import load_pipeline
+
+    model = tmp_path / "model"
+    shutil.copytree(tiny_pipe_dir, model)
+    rng = np.random.default_rng(0)
+    src = ListSource([f"caption {i}" for i in range(4)], images=[rng.integers(0, 255, (64, 64, 3), dtype=np.uint8)
+                                                                  for _ in range(4)])
+    args = dict(progress=False, checks=["memorization"], model=str(model), timestep=500, shard_size=2)
+    whole = DatasetScanner(src, tmp_path / "w", **args).scan()
+
+    def interrupted():  # the first shard done, the second not
+        state_path = tmp_path / "w" / "scan_state.json"
+        state = json.loads(state_path.read_text())
+        state_path.write_text(json.dumps({**state, "done": state["done"][:1]}))
+
+    interrupted()
+    resumed = DatasetScanner(src, tmp_path / "w", **args).scan()
+    np.testing.assert_array_equal(resumed.rows["memorization_score"], whole.rows["memorization_score"])
+    interrupted()
+    tuned = load_pipeline(model)
+    with torch.no_grad():
+        for name, weight in tuned.unet.named_parameters():
+            if "attn2" in name:
+                weight.mul_(1.05)
+    tuned.save_pretrained(model, safe_serialization=True)
+    with pytest.raises(InputError, match="came from other weights than .*model's now"):
+        DatasetScanner(src, tmp_path / "w", **args).scan()
+
+
 def test_memorization_check_refuses_a_dtype_or_device_it_cannot_use():
     from diffmem.core.errors import ModelLoadError
 

@@ -246,7 +246,8 @@ class DatasetScanner:
         n = self._n_rows()
         todo = [(k, a, b) for k, a, b in shards(self.source, self.settings.shard_size) if a < n and k not in done]
         if todo and "memorization" in self.settings.checks:
-            self._memorization_model()  # a model or timestep it refuses stops the scan before any shard is written
+            # a model or timestep it refuses stops the scan before any shard is written
+            self._check_memorization_weights(state)
         total = math.ceil(n / self.settings.shard_size)
         bar = tqdm(total=n, initial=min(n, len(done) * self.settings.shard_size), unit="row", desc="scanning",
                    disable=not self.progress)
@@ -301,6 +302,19 @@ class DatasetScanner:
             scan_timestep(pipe, self.settings.timestep)
             self._pipe = pipe
         return self._pipe
+
+    def _check_memorization_weights(self, state: dict) -> None:
+        """Record the memorization model's weights in ``state``, or refuse to resume a scan whose shards
+        another model's weights scored: the settings name the model by its path, whose files may have
+        been replaced since (scans recorded before this resume unchecked)."""
+        from ..core.loading import model_identity
+
+        identity = model_identity(self._memorization_model())
+        weights = {k: identity[k] for k in ("unet_weights", "text_encoder_weights")}
+        if state.setdefault("model_weights", weights) != weights:
+            raise InputError(f"{self.work_dir} holds a scan whose memorization scores came from other weights than "
+                             f"{self.settings.model}'s now (the model changed since); use a new output folder or "
+                             "delete this one")
 
     def _noise_norms(self, rows, norm) -> np.ndarray:
         from .memorization import sample_noise_norms
