@@ -1,5 +1,6 @@
 import json
 import os
+import shutil
 import signal
 import subprocess
 import time
@@ -7,6 +8,7 @@ import warnings
 
 import numpy as np
 import pytest
+import torch
 
 from diffmem.core.errors import InputError
 from diffmem.report.audit import Audit, AuditResult, AuditSettings, memlab_audit_prompts
@@ -288,6 +290,30 @@ def test_a_stage_in_another_dtype_is_redone(tiny_pipe_dir, tmp_path):
     assert detect_status("bfloat16") == "done"  # half precision scores differently: redone
     assert AuditResult.load(out).settings["runs_on"] == {"device": "cpu", "dtype": "torch.bfloat16"}
     assert detect_status("bfloat16") == "reused"
+
+
+def test_a_vae_saved_over_the_model_redoes_the_stages_it_decodes_for(tiny_pipe_dir, tmp_path):
+    # the stage keys held the UNet's first tensors alone: a new VAE (SD 1.x's ft-MSE swap, say) left
+    # the mitigate stage's images, decoded by the old one, reported as reused
+    from diffmem.core.loading import load_pipeline
+
+    model = tmp_path / "model"
+    shutil.copytree(tiny_pipe_dir, model)
+    prompts, reference = tmp_path / "p.txt", tmp_path / "r.txt"
+    prompts.write_text("\n".join(f"a red circle number {i}" for i in range(6)) + "\n")
+    reference.write_text("\n".join(f"reference prompt {i}" for i in range(12)) + "\n")
+    settings = AuditSettings(model=str(model), prompts=str(prompts), reference=str(reference), steps=(0,),
+                             grid=False, fpr=0.5, mitigate_iters=2, mitigate_generations=1, max_mitigate=2,
+                             skip=("explain", "categorize", "scan"))
+    out = tmp_path / "audit"
+    assert Audit(settings, out, progress=False).run().stages["mitigate"]["status"] == "done"
+    assert Audit(settings, out, progress=False).run().stages["mitigate"]["status"] == "reused"
+    pipe = load_pipeline(model)
+    with torch.no_grad():
+        for weight in pipe.vae.decoder.parameters():
+            weight.mul_(1.05)
+    pipe.save_pretrained(model, safe_serialization=True)
+    assert Audit(settings, out, progress=False).run().stages["mitigate"]["status"] == "done"
 
 
 def test_a_mitigate_stage_of_an_earlier_revision_of_the_method_is_redone(tiny_pipe_dir, tmp_path, monkeypatch):

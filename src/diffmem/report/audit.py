@@ -269,10 +269,11 @@ class Audit:
 
     def _load(self):
         if self.pipe is None:
-            from ..core.loading import load_pipeline, model_identity, sampler_defaults
+            from ..core.loading import load_pipeline, sampler_defaults, weights_identity
 
             self.pipe = load_pipeline(self.settings.model, device=self.device, dtype=self.dtype)
-            self.identity = model_identity(self.pipe)
+            # with the VAE, which decodes the generations of mitigate, categorize and scan, and the dtype
+            self.identity = weights_identity(self.pipe)
             self.sampler = sampler_defaults(self.pipe)
             from ..memlab.verify import load_manifest
 
@@ -283,10 +284,8 @@ class Audit:
         return self.pipe
 
     def _key(self, stage: str, settings: dict, upstream: list[str]) -> str:
-        dtype = str(self.pipe.dtype)
-        precision = {} if dtype == "torch.float32" else {"dtype": dtype}  # float32 audits keep their keys
         return digest({"stage": stage, "settings": settings, "model": self.identity, "sampler": self.sampler,
-                        "upstream": upstream, "version": 1, **precision})
+                        "upstream": upstream, "version": 1})
 
     def run(self) -> AuditResult:
         from ..core.loading import runs_on
