@@ -115,3 +115,40 @@ def test_the_identity_changes_with_any_of_the_weights(tiny_pipe, change):
     assert weights_identity(changed) != weights_identity(tiny_pipe)
     # the VAE decodes generations but takes no part in a score: calibrations do not ask for it
     assert (model_identity(changed) == model_identity(tiny_pipe)) == (change == "vae_swapped")
+
+
+def test_a_folder_of_fp16_variant_weights_loads_them(tmp_path, tiny_pipe_dir):
+    # SD's fp16 files, downloaded alone (or written by save_pretrained(variant="fp16")), were "no file
+    # named diffusion_pytorch_model.safetensors"
+    half = load_pipeline(tiny_pipe_dir, dtype="float16")
+    half.save_pretrained(tmp_path / "fp16", safe_serialization=True, variant="fp16")
+    with pytest.warns(UserWarning, match=r"unet, vae, text_encoder of .* have only fp16-variant weights"):
+        pipe = load_pipeline(tmp_path / "fp16")
+    assert pipe.dtype == torch.float32
+    for name in ("unet", "vae", "text_encoder"):
+        want = getattr(half, name).state_dict()
+        assert all(torch.equal(v, want[k].float()) for k, v in getattr(pipe, name).state_dict().items())
+    # one component in plain weights: the others' variant, that one's plain file
+    mixed = tmp_path / "mixed"
+    shutil.copytree(tmp_path / "fp16", mixed)
+    (mixed / "vae" / "diffusion_pytorch_model.fp16.safetensors").unlink()
+    shutil.copy(tiny_pipe_dir / "vae" / "diffusion_pytorch_model.safetensors", mixed / "vae")
+    with pytest.warns(UserWarning, match="unet, text_encoder of .* have only fp16"):
+        pipe = load_pipeline(mixed)
+    plain = load_pipeline(tiny_pipe_dir)
+    assert all(torch.equal(v, plain.vae.state_dict()[k]) for k, v in pipe.vae.state_dict().items())
+
+
+def test_weights_of_several_variants_and_no_plain_ones_are_refused(tmp_path, tiny_pipe_dir):
+    folder = tmp_path / "pipe"
+    shutil.copytree(tiny_pipe_dir, folder)
+    unet = folder / "unet"
+    (unet / "diffusion_pytorch_model.safetensors").rename(unet / "diffusion_pytorch_model.fp16.safetensors")
+    shutil.copy(unet / "diffusion_pytorch_model.fp16.safetensors", unet / "diffusion_pytorch_model.non_ema.safetensors")
+    with pytest.raises(ModelLoadError, match=r"'unet' .* several variants \(fp16, non_ema\), and nothing says which"):
+        load_pipeline(folder)
+    (unet / "diffusion_pytorch_model.non_ema.safetensors").unlink()
+    text_encoder = folder / "text_encoder"
+    (text_encoder / "model.safetensors").rename(text_encoder / "model.ema.safetensors")
+    with pytest.raises(ModelLoadError, match="different variants .*unet: fp16, text_encoder: ema"):
+        load_pipeline(folder)

@@ -84,6 +84,39 @@ def runs_on(pipe) -> dict:
 SINGLE_FILE_SUFFIXES = (".safetensors", ".ckpt", ".pt", ".pth", ".bin")
 
 
+WEIGHTED = ("unet", "vae", "text_encoder")
+
+
+def weights_variants(folder: Path) -> dict[str, str]:
+    """The weight variant to load for each component that has safetensors only of one
+    (``diffusion_pytorch_model.fp16.safetensors``, as ``save_pretrained(variant="fp16")`` writes and a
+    download of SD's fp16 files leaves): {"unet": "fp16", ...}. Components with plain safetensors are
+    left out, and several variants with no plain file are an error, as nothing says which is meant."""
+    variants = {}
+    for name in WEIGHTED:
+        sub = folder / name
+        found = set()
+        for file in (sub.iterdir() if sub.is_dir() else ()):
+            if not file.name.endswith(".safetensors"):
+                continue
+            stem = re.sub(r"-\d{5}-of-\d{5}$", "", file.name.removesuffix(".safetensors"))  # shards
+            if "." not in stem:
+                break  # plain weights: loaded as they are
+            found.add(stem.split(".", 1)[1])
+        else:
+            if len(found) > 1:
+                raise ModelLoadError(f"component {name!r} at {sub} has no plain safetensors weights but several "
+                                     f"variants ({', '.join(sorted(found))}), and nothing says which to load: "
+                                     "keep one of them in the folder")
+            if found:
+                variants[name] = found.pop()
+    if len(set(variants.values())) > 1:
+        raise ModelLoadError(f"the components of {folder} hold weights of different variants ("
+                             + ", ".join(f"{k}: {v}" for k, v in variants.items())
+                             + "), which diffusers loads only one of: save them as one variant or as plain weights")
+    return variants
+
+
 def check_pipeline_folder(folder: Path, allow_pickle: bool = False) -> dict:
     """Check a local folder before diffusers sees it, so errors say exactly what is wrong."""
     if not folder.exists():
@@ -124,7 +157,7 @@ def check_pipeline_folder(folder: Path, allow_pickle: bool = False) -> dict:
         sub = folder / name
         if not sub.is_dir():
             raise ModelLoadError(f"pipeline at {folder} is missing its {name!r} component: folder {sub} not found")
-        if name in ("unet", "vae", "text_encoder"):
+        if name in WEIGHTED:
             files = [p.name for p in sub.iterdir()]
             has_safe = any(f.endswith(".safetensors") for f in files)
             has_pickle = any(f.endswith((".bin", ".pt", ".ckpt", ".pth")) for f in files)
@@ -136,6 +169,7 @@ def check_pipeline_folder(folder: Path, allow_pickle: bool = False) -> dict:
                     "diffmem loads safetensors only. Convert the weights, or pass allow_pickle=True "
                     "(--allow-pickle) if you trust their source: unpickling can run arbitrary code"
                 )
+    weights_variants(folder)
     return index
 
 
@@ -157,9 +191,16 @@ def load_pipeline(
     name = resolve_model(model)
     path = Path(name).expanduser()
     is_local = path.exists() or looks_like_path(name)
+    variants = {}
     if is_local:
         check_pipeline_folder(path, allow_pickle)
         src, local = str(path), True
+        if variants := weights_variants(path):
+            import warnings
+
+            variant = next(iter(variants.values()))
+            warnings.warn(f"{', '.join(variants)} of {path} {'has' if len(variants) == 1 else 'have'} only "
+                          f"{variant}-variant weights (*.{variant}.safetensors): loading those", stacklevel=2)
     else:
         src = name
         local = local_files_only if local_files_only is not None else os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "")
@@ -170,7 +211,7 @@ def load_pipeline(
         if allow_pickle and is_local:
             # diffusers switches every remaining component to pickle once one falls back to it,
             # and its component order varies: load each weighted component in its own format
-            parts = _load_components_one_by_one(path, dtype)
+            parts = _load_components_one_by_one(path, dtype, variants)
         with _loading_bars(progress):
             pipe = StableDiffusionPipeline.from_pretrained(
                 src,
@@ -180,6 +221,7 @@ def load_pipeline(
                 feature_extractor=None,
                 requires_safety_checker=False,
                 **({} if allow_pickle else {"use_safetensors": True}),
+                **({"variant": next(iter(variants.values()))} if variants else {}),
                 **parts,
             )
     except (OSError, ValueError, EnvironmentError) as e:
@@ -207,7 +249,7 @@ def _loading_bars(show: bool):
         (dlog.enable_progress_bar if was else dlog.disable_progress_bar)()
 
 
-def _load_components_one_by_one(folder: Path, dtype) -> dict:
+def _load_components_one_by_one(folder: Path, dtype, variants: dict[str, str]) -> dict:
     from diffusers import AutoencoderKL, UNet2DConditionModel
     from transformers import CLIPTextModel
 
@@ -215,7 +257,7 @@ def _load_components_one_by_one(folder: Path, dtype) -> dict:
     parts = {}
     for name, cls in classes.items():
         safe = any(p.suffix == ".safetensors" for p in (folder / name).iterdir())
-        parts[name] = cls.from_pretrained(folder / name, dtype=dtype, use_safetensors=safe)
+        parts[name] = cls.from_pretrained(folder / name, dtype=dtype, use_safetensors=safe, variant=variants.get(name))
     return parts
 
 
