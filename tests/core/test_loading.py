@@ -152,3 +152,20 @@ def test_weights_of_several_variants_and_no_plain_ones_are_refused(tmp_path, tin
     (text_encoder / "model.safetensors").rename(text_encoder / "model.ema.safetensors")
     with pytest.raises(ModelLoadError, match="different variants .*unet: fp16, text_encoder: ema"):
         load_pipeline(folder)
+
+
+def test_an_inpainting_model_is_refused_by_name(tmp_path, tiny_pipe):
+    # its UNet takes 9 channels: scored from 9 channels of noise, every prompt got a number at the first
+    # step and a shape error inside diffusers past it
+    from diffusers import StableDiffusionInpaintPipeline, UNet2DConditionModel
+
+    from diffmem.core.errors import InputError
+    from diffmem.detect import NoiseNormDetector
+
+    unet = UNet2DConditionModel.from_config({**tiny_pipe.unet.config, "in_channels": 9})
+    inpaint = StableDiffusionInpaintPipeline(**{**tiny_pipe.components, "unet": unet})
+    inpaint.save_pretrained(tmp_path / "inpaint", safe_serialization=True)
+    with pytest.raises(ModelLoadError, match="UNet takes 9 input channels where the VAE's latents have 4 .an inpainting model"):
+        load_pipeline(tmp_path / "inpaint")
+    with pytest.raises(InputError, match="diffmem audits text-to-image models"):
+        NoiseNormDetector(inpaint, num_inference_steps=4)

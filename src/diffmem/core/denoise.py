@@ -89,6 +89,18 @@ def encode_text(pipe, prompts: list[str], warn: bool = True, counts: np.ndarray 
     return emb.to(dtype=pipe.unet.dtype)
 
 
+def check_text_to_image(pipe, cls=InputError) -> None:
+    """A ``cls`` error unless the UNet denoises the VAE's latents alone: an inpainting UNet takes 9
+    channels (the latents, a mask and the masked image's latents), scored from 9 channels of noise
+    without a word at the first step and stopped by a shape error in diffusers past it."""
+    wants, latents = pipe.unet.config.in_channels, pipe.vae.config.latent_channels
+    if wants != latents or pipe.unet.config.out_channels != latents:
+        kind = " (an inpainting model: the latents, a mask and the masked image)" if wants == 2 * latents + 1 else ""
+        raise cls(f"the pipeline's UNet takes {wants} input channels where the VAE's latents have {latents}{kind}: it "
+                  "is conditioned on more than the prompt, and diffmem audits text-to-image models, whose UNet "
+                  "denoises the latents alone")
+
+
 def latent_shape(pipe, batch: int = 1) -> tuple[int, ...]:
     size = pipe.unet.config.sample_size
     return (batch, pipe.unet.config.in_channels, size, size)
@@ -171,6 +183,7 @@ def check_inference_steps(pipe, num_inference_steps: int) -> int:
     """``num_inference_steps`` if the pipeline's sampler can run that many, else an ``InputError``
     before any work: PNDM, Stable Diffusion 1.x's sampler, needs at least 4 and fails inside
     diffusers with a message about array shapes."""
+    check_text_to_image(pipe)  # every method asks this first, so pipelines built in Python are checked too
     name = type(pipe.scheduler).__name__
     lacks = [a for a in ("alphas_cumprod", "init_noise_sigma", "scale_model_input", "step") if not hasattr(pipe.scheduler, a)]
     if lacks:

@@ -231,6 +231,9 @@ def load_pipeline(
             f"could not load {src!r}: it is not a local folder, and as a hub id it could not be fetched "
             f"({'offline mode' if local else 'no network or no such repository'}): {str(e).splitlines()[0]}"
         ) from None
+    from .denoise import check_text_to_image
+
+    check_text_to_image(pipe, ModelLoadError)
     pipe.set_progress_bar_config(disable=not progress)
     return pipe.to(dev)
 
