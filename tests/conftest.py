@@ -47,6 +47,24 @@ def tiny_pipe_with(tiny_pipe):
 
 
 @pytest.fixture(scope="session")
+def tiny_pipe_ti(tiny_pipe):
+    """The tiny pipeline with two textual-inversion tokens loaded: "<my-style>" of 3 vectors, which the
+    pipeline writes out as "<my-style> <my-style>_1 <my-style>_2", and "<one>" of one."""
+    import copy
+
+    import torch
+
+    pipe = type(tiny_pipe)(**{**tiny_pipe.components, "tokenizer": copy.deepcopy(tiny_pipe.tokenizer),
+                              "text_encoder": copy.deepcopy(tiny_pipe.text_encoder)})
+    vectors = torch.Generator().manual_seed(5)
+    width = pipe.text_encoder.get_input_embeddings().weight.shape[1]
+    pipe.load_textual_inversion({"<my-style>": torch.randn(3, width, generator=vectors)}, token="<my-style>")
+    pipe.load_textual_inversion({"<one>": torch.randn(width, generator=vectors)}, token="<one>")
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+@pytest.fixture(scope="session")
 def tiny_pipe_dir(tmp_path_factory, tiny_pipe):
     d = tmp_path_factory.mktemp("tiny") / "pipe"
     tiny_pipe.save_pretrained(d, safe_serialization=True)

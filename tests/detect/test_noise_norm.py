@@ -70,6 +70,16 @@ def test_scores_past_the_first_step_equal_the_pipelines_with_other_samplers(tiny
     np.testing.assert_array_equal(again.values, res.values)
 
 
+def test_scores_equal_the_pipelines_with_textual_inversion_tokens(tiny_pipe_ti):
+    # the pipeline writes a multi-vector token out as its vectors' tokens before tokenizing: diffmem
+    # read the first vector alone
+    prompts = ["a painting in <my-style> style", "<one> cat", "a photo of a cat"]
+    with torch.no_grad():
+        assert torch.equal(denoise.encode_text(tiny_pipe_ti, prompts), tiny_pipe_ti.encode_prompt(prompts, "cpu", 1, False)[0])
+    det = NoiseNormDetector(tiny_pipe_ti, num_inference_steps=6, guidance_scale=7.5, steps=[0, 1], generations=1, seed=11)
+    np.testing.assert_allclose(det.score(prompts).values, _pipeline_reference(tiny_pipe_ti, prompts, [11], [0, 1], 6, 7.5), rtol=1e-4)
+
+
 def test_batching_does_not_change_scores(tiny_pipe):
     a = NoiseNormDetector(tiny_pipe, num_inference_steps=4, steps=[0, 2], batch_size=1).score(PROMPTS)
     b = NoiseNormDetector(tiny_pipe, num_inference_steps=4, steps=[0, 2], batch_size=3).score(PROMPTS)

@@ -224,3 +224,18 @@ def test_an_ancestral_sampler_draws_its_step_noise_from_the_seed(tiny_pipe_with)
     # the loss it differentiates is the detector's score, whose trajectory is the pipeline's
     score = NoiseNormDetector(pipe, 4, 7.5, steps=[0, 2], generations=2, seed=3).score(["a red circle on the left"]).scores[0]
     assert first.detection_score == pytest.approx(score, rel=1e-4)
+
+
+def test_a_textual_inversion_token_is_one_word_as_written(tiny_pipe_ti):
+    # it has no end-of-word mark: it was glued to the next word ("<my-style>style"), and the further
+    # vectors of a multi-vector one are one word with it
+    from diffmem.explain import TokenAblation
+
+    prompt = "A painting in <my-style> Style, <one>"
+    tokens, word_of, words = prompt_tokens(tiny_pipe_ti, prompt)
+    assert words == ["a", "painting", "in", "<my-style>", "style", ",", "<one>"]
+    assert [t for t, w in zip(tokens, word_of) if w == 3] == ["<my-style>", "<my-style>_1", "<my-style>_2"]
+    for explainer in (TokenAttribution(tiny_pipe_ti, 4, 7.5), TokenAblation(tiny_pipe_ti, 4, 7.5)):
+        result = explainer.attribute(prompt)
+        assert [w for _, w in result.segments()] == ["A", "painting", "in", "<my-style>", "Style", ",", "<one>"]
+        assert np.isfinite(result.word_scores).all() and len(result.word_scores) == 7

@@ -23,9 +23,24 @@ class PromptTruncationWarning(UserWarning):
     pass
 
 
+def added_tokens(pipe) -> set[str]:
+    """Tokens added to the tokenizer's vocabulary, textual inversion's ("<my-style>", and "<my-style>_1"
+    and on for the further vectors of a multi-vector embedding): each is a word of its own."""
+    tok = pipe.tokenizer
+    return set(tok.get_added_vocab()) - set(tok.all_special_tokens)
+
+
+def as_the_pipeline_reads(pipe, prompts: list[str]) -> list[str]:
+    """The prompts with each multi-vector textual-inversion token written out as its vectors' tokens
+    ("<my-style>" as "<my-style> <my-style>_1 <my-style>_2"), as the pipeline's ``encode_prompt`` does
+    before tokenizing; without it the model read the first vector alone."""
+    convert = getattr(pipe, "maybe_convert_prompt", None)
+    return convert(list(prompts), pipe.tokenizer) if convert is not None and added_tokens(pipe) else list(prompts)
+
+
 def token_counts(pipe, prompts: list[str]) -> np.ndarray:
     """Per prompt, its length in tokens with BOS and EOS, before any truncation."""
-    full = pipe.tokenizer(list(prompts), padding=False, truncation=False, verbose=False).input_ids
+    full = pipe.tokenizer(as_the_pipeline_reads(pipe, prompts), padding=False, truncation=False, verbose=False).input_ids
     return np.array([len(f) for f in full], int)
 
 
@@ -55,7 +70,8 @@ def tokenize(pipe, prompts: list[str], warn: bool = True, counts: np.ndarray | N
     for p in prompts:
         if not isinstance(p, str):
             raise InputError(f"prompts must be strings, got {type(p).__name__}: {p!r}")
-    ids = tok(prompts, padding="max_length", max_length=n, truncation=True, return_tensors="pt").input_ids
+    ids = tok(as_the_pipeline_reads(pipe, prompts), padding="max_length", max_length=n, truncation=True,
+              return_tensors="pt").input_ids
     if warn:
         for i, (p, count) in enumerate(zip(prompts, token_counts(pipe, prompts) if counts is None else counts)):
             if count > n:

@@ -28,16 +28,24 @@ def prompt_tokens(pipe, prompt: str) -> tuple[list[str], list[int], list[str]]:
         raise InputError(_no_words(prompt))
     tokens = pipe.tokenizer.convert_ids_to_tokens(ids[1:end])
     special = set(pipe.tokenizer.all_special_tokens)
+    # "<|startoftext|>" and textual inversion's tokens have no end-of-word mark, yet are words of their own
+    whole = special | denoise.added_tokens(pipe)
     words, word_of, pieces = [], [], []
+    inverted = None  # the textual-inversion token just read, whose further vectors' tokens may follow
     for tok in tokens:
-        if tok in special and pieces:  # "<|startoftext|>" has no end-of-word mark: not glued to the next word
+        if inverted is not None and tok in whole and tok.startswith(inverted + "_"):
+            word_of.append(len(words) - 1)  # "<my-style>_1": the same word as written, "<my-style>"
+            continue
+        inverted = None
+        if tok in whole and pieces:
             words.append(readable(pieces))
             pieces = []
         word_of.append(len(words))
         pieces.append(tok)
-        if tok.endswith(END_OF_WORD) or tok in special:
+        if tok.endswith(END_OF_WORD) or tok in whole:
             words.append(readable(pieces))
             pieces = []
+            inverted = tok if tok in whole and tok not in special else None
     if pieces:
         words.append(readable(pieces))
     return tokens, word_of, words
