@@ -292,6 +292,16 @@ def test_a_stage_in_another_dtype_is_redone(tiny_pipe_dir, tmp_path):
     assert detect_status("bfloat16") == "reused"
 
 
+def _small_mitigating_audit(model, tmp_path, skip=("explain", "categorize", "scan")):
+    """Settings of an audit that detects and mitigates 2 of 6 prompts with ``model``, and its folder."""
+    prompts, reference = tmp_path / "p.txt", tmp_path / "r.txt"
+    prompts.write_text("\n".join(f"a red circle number {i}" for i in range(6)) + "\n")
+    reference.write_text("\n".join(f"reference prompt {i}" for i in range(12)) + "\n")
+    settings = AuditSettings(model=str(model), prompts=str(prompts), reference=str(reference), steps=(0,),
+                             grid=False, fpr=0.5, mitigate_iters=2, mitigate_generations=1, max_mitigate=2, skip=skip)
+    return settings, tmp_path / "audit"
+
+
 def test_a_vae_saved_over_the_model_redoes_the_stages_it_decodes_for(tiny_pipe_dir, tmp_path):
     # the stage keys held the UNet's first tensors alone: a new VAE (SD 1.x's ft-MSE swap, say) left
     # the mitigate stage's images, decoded by the old one, reported as reused
@@ -299,13 +309,7 @@ def test_a_vae_saved_over_the_model_redoes_the_stages_it_decodes_for(tiny_pipe_d
 
     model = tmp_path / "model"
     shutil.copytree(tiny_pipe_dir, model)
-    prompts, reference = tmp_path / "p.txt", tmp_path / "r.txt"
-    prompts.write_text("\n".join(f"a red circle number {i}" for i in range(6)) + "\n")
-    reference.write_text("\n".join(f"reference prompt {i}" for i in range(12)) + "\n")
-    settings = AuditSettings(model=str(model), prompts=str(prompts), reference=str(reference), steps=(0,),
-                             grid=False, fpr=0.5, mitigate_iters=2, mitigate_generations=1, max_mitigate=2,
-                             skip=("explain", "categorize", "scan"))
-    out = tmp_path / "audit"
+    settings, out = _small_mitigating_audit(model, tmp_path)
     assert Audit(settings, out, progress=False).run().stages["mitigate"]["status"] == "done"
     assert Audit(settings, out, progress=False).run().stages["mitigate"]["status"] == "reused"
     pipe = load_pipeline(model)
@@ -322,13 +326,7 @@ def test_a_mitigate_stage_of_an_earlier_revision_of_the_method_is_redone(tiny_pi
     from diffmem.mitigate import EmbeddingOptimization, MitigationResult
     from doubles import bump_revision
 
-    prompts, reference = tmp_path / "p.txt", tmp_path / "r.txt"
-    prompts.write_text("\n".join(f"a red circle number {i}" for i in range(6)) + "\n")
-    reference.write_text("\n".join(f"reference prompt {i}" for i in range(12)) + "\n")
-    settings = AuditSettings(model=str(tiny_pipe_dir), prompts=str(prompts), reference=str(reference), steps=(0,),
-                             grid=False, fpr=0.5, mitigate_iters=2, mitigate_generations=1, max_mitigate=2,
-                             skip=("explain", "categorize", "scan"))
-    out = tmp_path / "audit"
+    settings, out = _small_mitigating_audit(tiny_pipe_dir, tmp_path)
     first = Audit(settings, out, progress=False).run()
     assert first.stages["mitigate"]["status"] == "done"
     marker = json.loads((out / "mitigate" / "parts" / "part_0000" / "done.json").read_text())["key"]
@@ -469,13 +467,7 @@ def test_a_stage_whose_saved_files_were_damaged_is_redone(tiny_pipe_dir, tmp_pat
     from diffmem.detect import DetectionResult
     from diffmem.mitigate import MitigationResult
 
-    prompts, reference = tmp_path / "p.txt", tmp_path / "r.txt"
-    prompts.write_text("\n".join(f"a red circle number {i}" for i in range(6)) + "\n")
-    reference.write_text("\n".join(f"reference prompt {i}" for i in range(12)) + "\n")
-    settings = AuditSettings(model=str(tiny_pipe_dir), prompts=str(prompts), reference=str(reference), steps=(0,),
-                             grid=False, fpr=0.5, mitigate_iters=2, mitigate_generations=1, max_mitigate=2,
-                             skip=("explain", "categorize"))
-    out = tmp_path / "audit"
+    settings, out = _small_mitigating_audit(tiny_pipe_dir, tmp_path, skip=("explain", "categorize"))
     first = Audit(settings, out, progress=False).run()
     scores = DetectionResult.load(out / "detect" / "detections.parquet").scores
     mitigated = MitigationResult.load(out / "mitigate")
