@@ -154,7 +154,7 @@ def test_weights_of_several_variants_and_no_plain_ones_are_refused(tmp_path, tin
         load_pipeline(folder)
 
 
-def test_an_inpainting_model_is_refused_by_name(tmp_path, tiny_pipe):
+def test_an_inpainting_or_guidance_distilled_model_is_refused_by_name(tmp_path, tiny_pipe):
     # its UNet takes 9 channels: scored from 9 channels of noise, every prompt got a number at the first
     # step and a shape error inside diffusers past it
     from diffusers import StableDiffusionInpaintPipeline, UNet2DConditionModel
@@ -169,3 +169,8 @@ def test_an_inpainting_model_is_refused_by_name(tmp_path, tiny_pipe):
         load_pipeline(tmp_path / "inpaint")
     with pytest.raises(InputError, match="diffmem audits text-to-image models"):
         NoiseNormDetector(inpaint, num_inference_steps=4)
+    # a guidance-distilled UNet (LCM): the pipeline passes it the guidance scale and runs no unconditional pass
+    lcm = type(tiny_pipe)(**{**tiny_pipe.components,
+                             "unet": UNet2DConditionModel.from_config(tiny_pipe.unet.config, time_cond_proj_dim=8)})
+    with pytest.raises(InputError, match="guidance-distilled .*no unconditional prediction"):
+        NoiseNormDetector(lcm, num_inference_steps=4)

@@ -106,15 +106,20 @@ def encode_text(pipe, prompts: list[str], warn: bool = True, counts: np.ndarray 
 
 
 def check_text_to_image(pipe, cls=InputError) -> None:
-    """A ``cls`` error unless the UNet denoises the VAE's latents alone: an inpainting UNet takes 9
-    channels (the latents, a mask and the masked image's latents), scored from 9 channels of noise
-    without a word at the first step and stopped by a shape error in diffusers past it."""
+    """A ``cls`` error unless the UNet denoises the VAE's latents alone, under classifier-free guidance:
+    an inpainting UNet takes 9 channels (the latents, a mask and the masked image's latents), scored from
+    9 channels of noise without a word at the first step and stopped by a shape error in diffusers past
+    it; a guidance-distilled one (LCM) is run by the pipeline with no unconditional pass at all."""
     wants, latents = pipe.unet.config.in_channels, pipe.vae.config.latent_channels
     if wants != latents or pipe.unet.config.out_channels != latents:
         kind = " (an inpainting model: the latents, a mask and the masked image)" if wants == 2 * latents + 1 else ""
         raise cls(f"the pipeline's UNet takes {wants} input channels where the VAE's latents have {latents}{kind}: it "
                   "is conditioned on more than the prompt, and diffmem audits text-to-image models, whose UNet "
                   "denoises the latents alone")
+    if pipe.unet.config.get("time_cond_proj_dim") is not None:
+        raise cls("the pipeline's UNet is guidance-distilled (time_cond_proj_dim: an LCM model, which takes the guidance "
+                  "scale as an input): the pipeline runs it without classifier-free guidance, so there is no "
+                  "unconditional prediction whose difference from the prompt's diffmem could measure")
 
 
 def latent_shape(pipe, batch: int = 1) -> tuple[int, ...]:
