@@ -315,6 +315,14 @@ def weights_digest(module, per_tensor: int = 64) -> str:
     return h.hexdigest()[:16]
 
 
+SCORED_PARTS = ("unet", "text_encoder")  # the components a score depends on
+
+
+def weights_fingerprints(pipe) -> dict[str, str]:
+    """``weights_digest`` of each component a score depends on: {"unet_weights": ..., "text_encoder_weights": ...}."""
+    return {f"{part}_weights": weights_digest(getattr(pipe, part)) for part in SCORED_PARTS}
+
+
 def model_identity(pipe) -> dict:
     """What identifies a model for calibration files: its path, a fingerprint of its UNet's and text
     encoder's weights (a new text encoder, or a textual-inversion token, changes the scores as much as
@@ -328,7 +336,7 @@ def model_identity(pipe) -> dict:
     sampler_config = {k: v for k, v in pipe.scheduler.config.items() if not k.startswith("_")}
     return {"name_or_path": str(getattr(pipe, "name_or_path", "") or pipe.config.get("_name_or_path", "")),
             "unet_hash": weights_hash(pipe.unet),
-            "unet_weights": weights_digest(pipe.unet), "text_encoder_weights": weights_digest(pipe.text_encoder),
+            **weights_fingerprints(pipe),
             "prediction_type": pipe.scheduler.config.prediction_type,
             "sampler": type(pipe.scheduler).__name__, "sampler_config": digest(sampler_config)}
 

@@ -307,10 +307,9 @@ class DatasetScanner:
         """Record the memorization model's weights in ``state``, or refuse to resume a scan whose shards
         another model's weights scored: the settings name the model by its path, whose files may have
         been replaced since (scans recorded before this resume unchecked)."""
-        from ..core.loading import model_identity
+        from ..core.loading import weights_fingerprints
 
-        identity = model_identity(self._memorization_model())
-        weights = {k: identity[k] for k in ("unet_weights", "text_encoder_weights")}
+        weights = weights_fingerprints(self._memorization_model())
         if state.setdefault("model_weights", weights) != weights:
             raise InputError(f"{self.work_dir} holds a scan whose memorization scores came from other weights than "
                              f"{self.settings.model}'s now (the model changed since); use a new output folder or "

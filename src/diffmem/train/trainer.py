@@ -160,10 +160,6 @@ def _save_checkpoint(path: Path, step: int, unet, text_encoder, optimizer, lr_sc
     replace_folder(path, write)
 
 
-# the starting weights a run key fingerprints in full, besides the UNet's first tensors (unet_hash)
-FULL_WEIGHTS_KEYS = {"unet_weights": "unet", "text_encoder_weights": "text_encoder"}
-
-
 def _differences(saved: dict, now: dict) -> str:
     """``lr 0.001 -> 0.0005, other data``: what separates a checkpoint's run from this one."""
     said = []
@@ -381,7 +377,7 @@ class Trainer:
         thread count."""
         import hashlib
 
-        from ..core.loading import weights_digest, weights_hash
+        from ..core.loading import weights_fingerprints, weights_hash
 
         if self._run_key is not None:
             return self._run_key
@@ -391,8 +387,8 @@ class Trainer:
         h.update(np.asarray(self.data.image_index, dtype=np.int64).tobytes())
         h.update(json.dumps(list(self.data.captions)).encode())
         # the starting weights, not the path (it may be spelt another way); kept, as training changes them
-        model = {"unet_hash": weights_hash(self.pipe.unet),
-                 **{key: weights_digest(getattr(self.pipe, part)) for key, part in FULL_WEIGHTS_KEYS.items()},
+        # unet_hash (the UNet's first tensors) is what checkpoints saved before the fingerprints hold
+        model = {"unet_hash": weights_hash(self.pipe.unet), **weights_fingerprints(self.pipe),
                  "prediction_type": self.pipe.scheduler.config.prediction_type}
         self._run_key = {"config": config, "model": model, "data_sha256": h.hexdigest()[:16], "rows": len(self.data.captions)}
         return self._run_key
@@ -407,11 +403,14 @@ class Trainer:
         run_key = json.loads(json.dumps(run_key or self.run_key()))
         if saved.get("run") is not None:
             # a checkpoint saved before the key fingerprinted all the starting weights is checked by what it holds
-            held = saved["run"].get("model", {})
-            run_key["model"] = {k: v for k, v in run_key["model"].items() if k in held or k not in FULL_WEIGHTS_KEYS}
-        if saved.get("run") is not None and run_key != saved["run"]:
-            raise InputError(f"{state.parent} is a checkpoint of another training run ({_differences(saved['run'], run_key)}); "
-                             "use another output folder, or delete the checkpoint to start over")
+            from ..core.loading import SCORED_PARTS
+
+            later = {f"{part}_weights" for part in SCORED_PARTS} - set(saved["run"].get("model", {}))
+            run_key["model"] = {k: v for k, v in run_key["model"].items() if k not in later}
+            if run_key != saved["run"]:
+                raise InputError(f"{state.parent} is a checkpoint of another training run "
+                                 f"({_differences(saved['run'], run_key)}); "
+                                 "use another output folder, or delete the checkpoint to start over")
         # resumed, it would be saved as a model of fewer steps than it was trained for
         if saved["step"] > self.cfg.steps:
             raise InputError(f"{state.parent} is already trained to step {saved['step']}, past the {self.cfg.steps} steps "
