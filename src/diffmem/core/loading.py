@@ -117,8 +117,9 @@ def weights_variants(folder: Path) -> dict[str, str]:
     return variants
 
 
-def check_pipeline_folder(folder: Path, allow_pickle: bool = False) -> dict:
-    """Check a local folder before diffusers sees it, so errors say exactly what is wrong."""
+def check_pipeline_folder(folder: Path, allow_pickle: bool = False) -> dict[str, str]:
+    """Check a local folder before diffusers sees it, so errors say exactly what is wrong; returns
+    the weight variants to load (``weights_variants``)."""
     if not folder.exists():
         raise ModelLoadError(f"model folder not found: {folder}")
     if not folder.is_dir():
@@ -169,8 +170,7 @@ def check_pipeline_folder(folder: Path, allow_pickle: bool = False) -> dict:
                     "diffmem loads safetensors only. Convert the weights, or pass allow_pickle=True "
                     "(--allow-pickle) if you trust their source: unpickling can run arbitrary code"
                 )
-    weights_variants(folder)
-    return index
+    return weights_variants(folder)
 
 
 def load_pipeline(
@@ -191,19 +191,17 @@ def load_pipeline(
     name = resolve_model(model)
     path = Path(name).expanduser()
     is_local = path.exists() or looks_like_path(name)
-    variants = {}
     if is_local:
-        check_pipeline_folder(path, allow_pickle)
+        variants = check_pipeline_folder(path, allow_pickle)
         src, local = str(path), True
-        if variants := weights_variants(path):
-            import warnings
-
-            variant = next(iter(variants.values()))
-            warnings.warn(f"{', '.join(variants)} of {path} {'has' if len(variants) == 1 else 'have'} only "
-                          f"{variant}-variant weights (*.{variant}.safetensors): loading those", stacklevel=2)
     else:
-        src = name
+        variants, src = {}, name
         local = local_files_only if local_files_only is not None else os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "")
+    if variant := next(iter(variants.values()), None):
+        import warnings
+
+        warnings.warn(f"{', '.join(variants)} of {path} {'has' if len(variants) == 1 else 'have'} only "
+                      f"{variant}-variant weights (*.{variant}.safetensors): loading those", stacklevel=2)
     from diffusers import StableDiffusionPipeline  # after the folder checks: a missing folder fails in no time
 
     try:
@@ -221,7 +219,7 @@ def load_pipeline(
                 feature_extractor=None,
                 requires_safety_checker=False,
                 **({} if allow_pickle else {"use_safetensors": True}),
-                **({"variant": next(iter(variants.values()))} if variants else {}),
+                **({"variant": variant} if variant else {}),
                 **parts,
             )
     except (OSError, ValueError, EnvironmentError) as e:
