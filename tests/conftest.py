@@ -72,6 +72,33 @@ def tiny_pipe_dir(tmp_path_factory, tiny_pipe):
 
 
 @pytest.fixture(scope="session")
+def tiny_lora(tmp_path_factory, tiny_pipe):
+    """A rank-4 LoRA of the tiny pipeline's attention (UNet and text encoder) with random weights, saved
+    by diffusers' ``save_lora_weights`` as a training script saves one: the folder holding
+    pytorch_lora_weights.safetensors."""
+    import copy
+
+    import torch
+    from diffusers import StableDiffusionPipeline
+    from diffusers.utils import convert_state_dict_to_diffusers
+    from peft import LoraConfig
+    from peft.utils import get_peft_model_state_dict
+
+    torch.manual_seed(3)
+    unet, text_encoder = copy.deepcopy(tiny_pipe.unet), copy.deepcopy(tiny_pipe.text_encoder)
+    unet.add_adapter(LoraConfig(r=4, lora_alpha=4, init_lora_weights=False,
+                                target_modules=["to_q", "to_k", "to_v", "to_out.0"]))
+    text_encoder.add_adapter(LoraConfig(r=4, lora_alpha=4, init_lora_weights=False,
+                                        target_modules=["q_proj", "k_proj", "v_proj", "out_proj"]))
+    d = tmp_path_factory.mktemp("lora") / "lora"
+    StableDiffusionPipeline.save_lora_weights(
+        d, unet_lora_layers=convert_state_dict_to_diffusers(get_peft_model_state_dict(unet)),
+        text_encoder_lora_layers=convert_state_dict_to_diffusers(get_peft_model_state_dict(text_encoder)),
+        safe_serialization=True)
+    return d
+
+
+@pytest.fixture(scope="session")
 def memlab_manifest():
     from diffmem.memlab.verify import load_manifest
 

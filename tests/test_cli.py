@@ -205,6 +205,39 @@ def test_detect_end_to_end_with_calibration_and_long_prompt(tmp_path, tiny_pipe_
     assert json.loads((mit / "mitigation.json").read_text()) == done
 
 
+def test_detect_scores_a_model_with_its_lora_fused(tmp_path, tiny_pipe_dir, tiny_lora):
+    from diffmem.core.loading import load_pipeline
+    from diffmem.detect import DetectionResult, NoiseNormDetector
+
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("a cat\na red cube on grass\n")
+    ref = tmp_path / "ref.txt"
+    ref.write_text("\n".join(f"reference prompt {i}" for i in range(20)) + "\n")
+    base_out, lora_out = tmp_path / "base.parquet", tmp_path / "lora.parquet"
+    common = ("--prompts", str(prompts), "--model", str(tiny_pipe_dir), "--num-inference-steps", "4")
+    r = run("detect", *common, "--out", str(base_out), "--calibrate-with", str(ref), "--fpr", "0.1")
+    assert r.returncode == 0, r.stderr
+    r = run("detect", *common, "--out", str(lora_out), "--lora", str(tiny_lora), "--lora-scale", "0.7")
+    assert r.returncode == 0, r.stderr
+    fused = DetectionResult.load(lora_out)
+    expected = NoiseNormDetector(load_pipeline(tiny_pipe_dir, lora=tiny_lora, lora_scale=0.7), 4, 7.5).score(
+        ["a cat", "a red cube on grass"])
+    assert fused.scores == pytest.approx(expected.scores, rel=1e-5)
+    assert not fused.scores == pytest.approx(DetectionResult.load(base_out).scores, rel=1e-3)
+    assert fused.model["lora"]["scale"] == 0.7
+    # the base model's calibration does not apply to the fused model, and says which LoRA makes the difference
+    r = run("detect", *common, "--out", str(tmp_path / "l2.parquet"), "--lora", str(tiny_lora),
+            "--calibration", str(tmp_path / "base.calibration.json"))
+    assert r.returncode == 2 and "with the LoRA pytorch_lora_weights.safetensors at scale 1 is not" in r.stderr, r.stderr
+    assert not (tmp_path / "l2.parquet").exists()
+    # a scale without a LoRA, or a LoRA that is not there: said before the model loads, nothing written
+    for extra, said in ((["--lora-scale", "0.5"], "--lora-scale scales a --lora: give that too"),
+                        (["--lora", str(tmp_path / "nowhere.safetensors")], "LoRA not found")):
+        r = run("detect", *common, "--out", str(tmp_path / "l3.parquet"), *extra)
+        assert r.returncode == 2 and said in r.stderr and "Traceback" not in r.stderr, r.stderr
+        assert not (tmp_path / "l3.parquet").exists()
+
+
 def test_a_finished_job_removes_its_parts_and_keeps_the_users_own_parts_folder(tmp_path, tiny_pipe_dir):
     prompts = tmp_path / "p.txt"
     prompts.write_text("a red circle\n")

@@ -1,4 +1,5 @@
 import json
+import re
 import shutil
 
 import pytest
@@ -174,3 +175,106 @@ def test_an_inpainting_or_guidance_distilled_model_is_refused_by_name(tmp_path, 
                              "unet": UNet2DConditionModel.from_config(tiny_pipe.unet.config, time_cond_proj_dim=8)})
     with pytest.raises(InputError, match="guidance-distilled .*no unconditional prediction"):
         NoiseNormDetector(lcm, num_inference_steps=4)
+
+
+def _fused_by_diffusers(folder, lora, scale):
+    from diffusers import StableDiffusionPipeline
+
+    pipe = StableDiffusionPipeline.from_pretrained(folder, safety_checker=None, requires_safety_checker=False)
+    pipe.load_lora_weights(lora)
+    pipe.fuse_lora(lora_scale=scale)
+    pipe.unload_lora_weights()
+    return pipe
+
+
+def _kohya_keys(diffusers_keys: dict) -> dict:
+    """The same LoRA as a kohya / A1111 file (lora_unet_..., lora_te_text_model_..., with alphas), as
+    most LoRAs shared for SD 1.x are saved."""
+    out = {}
+    for key, value in diffusers_keys.items():
+        if key.startswith("unet."):
+            module, kind = key.removeprefix("unet.").split(".lora.")
+            base = "lora_unet_" + module.replace(".", "_")
+        else:
+            module, kind = key.removeprefix("text_encoder.").split(".lora_linear_layer.")
+            base = "lora_te_text_model_" + module.replace(".", "_")
+        out[f"{base}.lora_{kind.split('.')[0]}.weight"] = value
+        if kind.startswith("down"):
+            out[f"{base}.alpha"] = torch.tensor(float(value.shape[0]))  # alpha = rank: the scale diffusers saved
+    return out
+
+
+def test_a_lora_is_fused_as_diffusers_fuses_it(tmp_path, tiny_pipe_dir, tiny_lora):
+    # a LoRA fine-tune (a few hundred images) is where memorization is likeliest, and diffmem had no way to load one
+    from safetensors.torch import load_file, save_file
+
+    from diffmem.core.loading import model_identity, model_name, weights_fingerprints
+
+    pipe = load_pipeline(tiny_pipe_dir, lora=tiny_lora, lora_scale=0.5)
+    reference = _fused_by_diffusers(tiny_pipe_dir, tiny_lora, 0.5)
+    for part in ("unet", "text_encoder"):
+        ours, theirs = getattr(pipe, part).state_dict(), getattr(reference, part).state_dict()
+        assert ours.keys() == theirs.keys()  # plain weights: no adapter layers left behind
+        assert all(torch.equal(ours[k], theirs[k]) for k in ours)
+    base = load_pipeline(tiny_pipe_dir)
+    fused, plain = model_identity(pipe), model_identity(base)
+    assert fused["unet_weights"] != plain["unet_weights"] and fused["text_encoder_weights"] != plain["text_encoder_weights"]
+    assert fused["lora"] == {"path": str((tiny_lora / "pytorch_lora_weights.safetensors").resolve()), "scale": 0.5}
+    assert "lora" not in plain and "with the LoRA pytorch_lora_weights.safetensors at scale 0.5" in model_name(fused)
+    # at scale 0 the weights are the base model's, bit for bit
+    assert weights_fingerprints(load_pipeline(tiny_pipe_dir, lora=tiny_lora, lora_scale=0.0)) == weights_fingerprints(base)
+    # the same LoRA under kohya's keys and as PEFT's lora_A / lora_B, given as files
+    keys = load_file(tiny_lora / "pytorch_lora_weights.safetensors")
+    save_file(_kohya_keys(keys), tmp_path / "kohya.safetensors")
+    from diffusers.utils import convert_state_dict_to_peft
+
+    save_file(convert_state_dict_to_peft(keys), tmp_path / "peft.safetensors")
+    for file in ("kohya.safetensors", "peft.safetensors"):
+        again = load_pipeline(tiny_pipe_dir, lora=tmp_path / file, lora_scale=0.5)
+        assert weights_fingerprints(again) == weights_fingerprints(pipe), file
+
+
+def _renamed(keys: dict, old: str, new: str) -> dict:
+    return {k.replace(old, new): v for k, v in keys.items()}
+
+
+@pytest.mark.parametrize("case", ["missing", "pickle_file", "pickle_folder", "pipeline_folder", "not_a_lora", "other_shapes",
+                                  "layers_named_nowhere", "several_files", "infinite_scale"])
+def test_a_lora_that_is_unsafe_or_does_not_fit_is_refused(tmp_path, tiny_pipe_dir, tiny_lora, case):
+    from safetensors.torch import load_file, save_file
+
+    keys = load_file(tiny_lora / "pytorch_lora_weights.safetensors")
+    lora, scale = tmp_path / "lora.safetensors", 1.0
+    if case == "missing":
+        said = "LoRA not found"
+    elif case == "pickle_file":
+        lora = tmp_path / "lora.bin"
+        torch.save(keys, lora)
+        said = "is a pickle (.bin), which diffmem does not load"
+    elif case == "pickle_folder":
+        lora = tmp_path / "folder"
+        lora.mkdir()
+        torch.save(keys, lora / "pytorch_lora_weights.bin")
+        said = "holds no .safetensors file, only pickle weights (pytorch_lora_weights.bin)"
+    elif case == "pipeline_folder":
+        lora, said = tiny_pipe_dir, "it is a pipeline folder, to pass as the model"
+    elif case == "not_a_lora":
+        save_file({"conv_in.weight": torch.zeros(2, 2)}, lora)
+        said = "holds no LoRA weights"
+    elif case == "other_shapes":  # a LoRA of a wider model
+        save_file({k: torch.randn(v.shape[0] + 3, v.shape[1]) if ".up." in k else v for k, v in keys.items()}, lora)
+        said = "of its tensors have other shapes than this model's layers"
+    elif case == "layers_named_nowhere":  # diffusers skips such layers with a warning, leaving a part of the LoRA out
+        save_file(_renamed(keys, "down_blocks", "input_blocks"), lora)
+        said = "8 of the 40 layers of the LoRA"  # down_blocks hold 8 of the UNet's 32, the text encoder 8 more
+    elif case == "several_files":
+        lora = tmp_path / "folder"
+        lora.mkdir()
+        for name in ("a.safetensors", "b.safetensors"):
+            save_file(keys, lora / name)
+        said = "holds several .safetensors files (a.safetensors, b.safetensors)"
+    else:
+        shutil.copy(tiny_lora / "pytorch_lora_weights.safetensors", lora)
+        scale, said = float("inf"), "the LoRA scale must be a finite number"
+    with pytest.raises(ModelLoadError, match=re.escape(said)):
+        load_pipeline(tiny_pipe_dir, lora=lora, lora_scale=scale)

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from diffmem.core.errors import InputError
+from diffmem.core.errors import InputError, ModelLoadError
 from diffmem.report.audit import Audit, AuditResult, AuditSettings, memlab_audit_prompts
 
 from .conftest import DIFFMEM, run_cli
@@ -491,3 +491,25 @@ def test_a_stage_whose_saved_files_were_damaged_is_redone(tiny_pipe_dir, tmp_pat
     third = Audit(settings, out, progress=False, console=Console(file=log, width=300)).run()
     assert [third.stages[s]["status"] for s in ("detect", "mitigate")] == ["reused", "reused"]
     assert "changed since" not in log.getvalue()
+
+
+def test_an_audit_of_a_lora_records_it_and_redoes_stages_when_its_scale_changes(tiny_pipe_dir, tiny_lora, tmp_path):
+    from dataclasses import replace
+
+    prompts, reference = tmp_path / "p.txt", tmp_path / "r.txt"
+    prompts.write_text("a red circle\na photo of a cat\n")
+    reference.write_text("\n".join(f"reference prompt {i}" for i in range(12)) + "\n")
+    settings = AuditSettings(model=str(tiny_pipe_dir), lora=str(tiny_lora), lora_scale=0.5, prompts=str(prompts),
+                             reference=str(reference), steps=(0,), grid=False, skip=("explain", "categorize", "mitigate"))
+    out = tmp_path / "audit"
+    first = Audit(settings, out, progress=False).run()
+    assert first.stages["detect"]["status"] == "done"
+    assert first.settings["model_identity"]["lora"]["scale"] == 0.5
+    assert "with the LoRA <code>" + str(tiny_lora) + "</code> fused at scale 0.5" in (out / "report.html").read_text()
+    assert Audit(settings, out, progress=False).run().stages["detect"]["status"] == "reused"
+    assert Audit(replace(settings, lora_scale=1.0), out, progress=False).run().stages["detect"]["status"] == "done"
+    # a LoRA that cannot be loaded is said before any work, the audit folder left as it was
+    before = sorted(p.relative_to(out) for p in out.rglob("*"))
+    with pytest.raises(ModelLoadError, match="LoRA not found"):
+        Audit(replace(settings, lora=str(tmp_path / "nowhere.safetensors")), out, progress=False)
+    assert sorted(p.relative_to(out) for p in out.rglob("*")) == before

@@ -441,10 +441,23 @@ def test_a_recorded_shard_that_was_lost_or_damaged_is_scanned_again(tmp_path):
     assert first.summary.equals(again.summary)
 
 
+def test_the_memorization_check_scores_the_model_with_its_lora_fused(tmp_path, tiny_pipe_dir, tiny_lora):
+    rng = np.random.default_rng(0)
+    src = ListSource([f"caption {i}" for i in range(4)], images=[rng.integers(0, 255, (64, 64, 3), dtype=np.uint8)
+                                                                  for _ in range(4)])
+    args = dict(progress=False, checks=["memorization"], model=str(tiny_pipe_dir), timestep=500)
+    base = DatasetScanner(src, tmp_path / "base", **args).scan().rows["memorization_score"].to_numpy()
+    fused = DatasetScanner(src, tmp_path / "w", **args, lora=str(tiny_lora), lora_scale=0.5).scan()
+    assert not np.allclose(fused.rows["memorization_score"], base, rtol=1e-3)
+    # the same folder with the LoRA at another scale: refused, not resumed with other scores
+    with pytest.raises(InputError, match="with other settings"):
+        DatasetScanner(src, tmp_path / "w", **args, lora=str(tiny_lora), lora_scale=1.0).scan()
+
+
 def test_memorization_settings_without_the_memorization_check_are_refused():
     # --model / --timestep / --memorization-threshold without the check were accepted and never used
     for kw, said in (({"model": "memlab"}, "--model sets"), ({"model": "memlab", "timestep": 500}, "--model, --timestep set"),
-                     ({"memorization_threshold": 2.0}, "--memorization-threshold sets")):
+                     ({"memorization_threshold": 2.0}, "--memorization-threshold sets"), ({"lora": "lora.safetensors"}, "--lora sets")):
         with pytest.raises(InputError, match=f"{said} the memorization check, which is not among the checks"):
             DatasetScanner(ListSource(["a b c"]), None, progress=False, **kw)
     assert DatasetScanner(ListSource(["a b c"]), None, progress=False, checks=["memorization"], model="memlab",

@@ -180,14 +180,20 @@ def load_pipeline(
     local_files_only: bool | None = None,
     allow_pickle: bool = False,
     progress: bool = False,
+    lora: str | os.PathLike | None = None,
+    lora_scale: float = 1.0,
 ):
     """Load an SD 1.x / 2.x pipeline from a local folder, a hub id, or ``"memlab"``.
 
     ``local_files_only`` defaults to True for folders and to the HF_HUB_OFFLINE setting for hub
     ids. The safety checker is not loaded: diffmem audits the denoiser, not its output filter.
+    ``lora``: a LoRA (a .safetensors file, or the folder ``save_lora_weights`` wrote) fused into the
+    UNet and text encoder at ``lora_scale`` (``fuse_lora``), as the pipeline runs it: a LoRA trained on
+    a few hundred images is where fine-tuning memorizes most.
     """
     dev = resolve_device(device)
     dtype = resolve_dtype(dtype)
+    lora_path = lora_file(lora, lora_scale) if lora is not None else None  # before the model: a bad file fails at once
     name = resolve_model(model)
     path = Path(name).expanduser()
     is_local = path.exists() or looks_like_path(name)
@@ -232,8 +238,95 @@ def load_pipeline(
     from .denoise import check_text_to_image
 
     check_text_to_image(pipe, ModelLoadError)
+    if lora_path is not None:
+        fuse_lora(pipe, lora_path, lora_scale)
     pipe.set_progress_bar_config(disable=not progress)
     return pipe.to(dev)
+
+
+LORA_DOWN = re.compile(r"(lora_A|lora\.down|lora_down|lora_linear_layer\.down)\.")  # one per adapted layer, in
+# diffusers', PEFT's and kohya's spellings
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt")
+
+
+def lora_file(path: str | os.PathLike, scale: float = 1.0) -> Path:
+    """The safetensors file of a LoRA given as a file or as the folder ``save_lora_weights`` writes
+    (``pytorch_lora_weights.safetensors``), checked before any model loads: it exists, it is
+    safetensors (a .bin / .pt LoRA is a pickle, never loaded) and it holds LoRA weights."""
+    import math
+
+    if not math.isfinite(scale):
+        raise ModelLoadError(f"the LoRA scale must be a finite number, got {scale}")
+    file = Path(path).expanduser()
+    if not file.exists():
+        raise ModelLoadError(f"LoRA not found: {file}")
+    if file.is_dir():
+        found = sorted(file.glob("*.safetensors"))
+        if not found:
+            pickles = sorted(p.name for p in file.iterdir() if p.suffix in PICKLE_SUFFIXES)
+            raise ModelLoadError(f"LoRA folder {file} holds no .safetensors file"
+                                 + (" (it holds a model_index.json: it is a pipeline folder, to pass as the model)"
+                                    if (file / "model_index.json").exists() else "")
+                                 + (f", only pickle weights ({', '.join(pickles)}), which diffmem does not load: unpickling "
+                                    "can run arbitrary code; convert them to safetensors if you trust their source"
+                                    if pickles else ""))
+        default = file / "pytorch_lora_weights.safetensors"
+        if len(found) > 1 and default not in found:
+            raise ModelLoadError(f"LoRA folder {file} holds several .safetensors files ({', '.join(p.name for p in found)}) "
+                                 "and none is pytorch_lora_weights.safetensors: pass the file meant")
+        file = default if default in found else found[0]
+    elif file.suffix.lower() in PICKLE_SUFFIXES:
+        raise ModelLoadError(f"LoRA {file} is a pickle ({file.suffix}), which diffmem does not load: unpickling can run "
+                             "arbitrary code; convert it to safetensors if you trust its source")
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        with safe_open(str(file), framework="pt") as f:
+            keys = list(f.keys())
+    except (SafetensorError, OSError) as e:
+        raise ModelLoadError(f"LoRA {file} is not a readable safetensors file: {e}") from None
+    if not any(LORA_DOWN.search(k) for k in keys):
+        raise ModelLoadError(f"{file} holds no LoRA weights (no lora_A / lora.down / lora_down tensor among its "
+                             f"{len(keys)}{', e.g. ' + keys[0] if keys else ''}): is it a whole model's weights?")
+    return file
+
+
+def fuse_lora(pipe, file: Path, scale: float = 1.0) -> None:
+    """Fuse the LoRA in ``file`` (from ``lora_file``) into the pipeline's UNet and text encoder, as
+    ``load_lora_weights`` and ``fuse_lora`` do, then drop the adapters: every method then sees plain
+    weights, and the model's fingerprint is the fused model's. Layers of the LoRA that name no module of
+    this model (a LoRA of another architecture) are an error, where diffusers would skip them with a warning."""
+    from peft.tuners.tuners_utils import BaseTunerLayer
+    from safetensors import safe_open
+
+    with safe_open(str(file), framework="pt") as f:
+        layers = sum(1 for k in f.keys() if LORA_DOWN.search(k))
+    name = "diffmem_lora"
+    from diffusers.utils import logging as dlog
+
+    was = dlog.get_verbosity()
+    dlog.set_verbosity(dlog.CRITICAL)  # its errors (every mismatched tensor) and warnings: said below, once
+    try:
+        pipe.load_lora_weights(str(file.parent), weight_name=file.name, adapter_name=name, use_safetensors=True)
+    except (ValueError, RuntimeError, KeyError) as e:
+        pipe.unload_lora_weights()
+        lines = [line.strip() for line in str(e).strip().splitlines()] or [type(e).__name__]
+        mismatched = [line for line in lines if line.startswith("size mismatch")]
+        detail = (f"{len(mismatched)} of its tensors have other shapes than this model's layers; the first: {mismatched[0].rstrip('.')}"
+                  if mismatched else lines[0])
+        raise ModelLoadError(f"the LoRA {file} does not fit this model ({detail}): is it a LoRA of another "
+                             "architecture (SDXL, SD 2.x for SD 1.x)?") from None
+    finally:
+        dlog.set_verbosity(was)
+    adapted = sum(1 for part in (pipe.unet, pipe.text_encoder) for m in part.modules()
+                  if isinstance(m, BaseTunerLayer) and name in m.lora_A)
+    if adapted < layers:
+        pipe.unload_lora_weights()
+        raise ModelLoadError(f"{layers - adapted} of the {layers} layers of the LoRA {file} name no module of this model: "
+                             "is it a LoRA of another architecture (SDXL, SD 2.x for SD 1.x)?")
+    pipe.fuse_lora(components=["unet", "text_encoder"], lora_scale=scale, adapter_names=[name])
+    pipe.unload_lora_weights()
+    pipe.diffmem_lora = {"path": str(file.resolve()), "scale": float(scale)}
 
 
 @contextlib.contextmanager
@@ -332,11 +425,21 @@ def model_identity(pipe) -> dict:
     from .results import digest
 
     sampler_config = {k: v for k, v in pipe.scheduler.config.items() if not k.startswith("_")}
+    lora = getattr(pipe, "diffmem_lora", None)  # only when one is fused: identities saved before stay equal
     return {"name_or_path": str(getattr(pipe, "name_or_path", "") or pipe.config.get("_name_or_path", "")),
+            **({"lora": dict(lora)} if lora else {}),
             "unet_hash": weights_hash(pipe.unet),
             **weights_fingerprints(pipe),
             "prediction_type": pipe.scheduler.config.prediction_type,
             "sampler": type(pipe.scheduler).__name__, "sampler_config": digest(sampler_config)}
+
+
+def model_name(identity: dict) -> str:
+    """How messages name the model of a ``model_identity``: its path, and the LoRA fused into it."""
+    name = repr(identity.get("name_or_path"))
+    if lora := identity.get("lora"):
+        name += f" with the LoRA {Path(lora['path']).name} at scale {lora['scale']:g}"
+    return name
 
 
 def weights_identity(pipe) -> dict:

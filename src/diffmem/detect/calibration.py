@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 
 from ..core.errors import InputError
+from ..core.loading import model_name
 from ..core.results import dump_json
 from .noise_norm import DetectionResult
 
@@ -79,8 +80,8 @@ class Calibration:
         # fingerprinted all of the UNet's and the text encoder's weights hold those too
         for key, part in (("unet_hash", "UNet"), ("unet_weights", "UNet"), ("text_encoder_weights", "text encoder")):
             if self.model.get(key) and model.get(key) != self.model[key]:
-                return (f"model {model.get('name_or_path')!r} is not the calibrated model "
-                        f"{self.model.get('name_or_path')!r} (different {part} weights)")
+                return (f"model {model_name(model)} is not the calibrated model "
+                        f"{model_name(self.model)} (different {part} weights)")
         # calibrations saved before identities held the sampler apply with any
         if self.model.get("sampler") and model.get("sampler") != self.model["sampler"]:
             return f"these scores come from the sampler {model.get('sampler')}, the calibration's from {self.model['sampler']}"

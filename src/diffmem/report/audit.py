@@ -28,6 +28,8 @@ STAGES = ("detect", "explain", "categorize", "mitigate", "scan")
 @dataclass
 class AuditSettings:
     model: str = "memlab"
+    lora: str | None = None  # a LoRA fused into the model (load_pipeline), at lora_scale
+    lora_scale: float = 1.0
     prompts: str | None = None  # None: MemLab's audit prompt set (needs a MemLab model)
     column: str | None = None
     reference: str | None = None  # non-memorized prompts for calibration; None: MemLab's reference set
@@ -231,7 +233,7 @@ class Audit:
 
     def __init__(self, settings: AuditSettings, out: str | Path, progress: bool = True, console=None,
                  device: str = "cpu", dtype: str = "float32"):
-        from ..core.loading import check_pipeline_folder, looks_like_path, resolve_model
+        from ..core.loading import check_pipeline_folder, looks_like_path, lora_file, resolve_model
         from ..core.prompts import ensure_writable_dir
 
         self.settings = settings
@@ -244,6 +246,8 @@ class Audit:
         resolved = Path(resolve_model(settings.model))
         if resolved.exists() or looks_like_path(settings.model):  # hub ids are checked when they load
             check_pipeline_folder(resolved)
+        if settings.lora is not None:
+            lora_file(settings.lora, settings.lora_scale)
         self.prompts = resolve_prompts(settings)
         if settings.train_data is not None and not {"scan", "mitigate"} <= set(settings.skip):
             from ..scan.sources import open_source
@@ -271,7 +275,8 @@ class Audit:
         if self.pipe is None:
             from ..core.loading import load_pipeline, sampler_defaults, weights_identity
 
-            self.pipe = load_pipeline(self.settings.model, device=self.device, dtype=self.dtype)
+            self.pipe = load_pipeline(self.settings.model, device=self.device, dtype=self.dtype, lora=self.settings.lora,
+                                      lora_scale=self.settings.lora_scale)
             # with the VAE, which decodes the generations of mitigate, categorize and scan, and the dtype
             self.identity = weights_identity(self.pipe)
             self.sampler = sampler_defaults(self.pipe)

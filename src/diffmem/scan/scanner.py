@@ -69,6 +69,8 @@ class ScanSettings:
     max_n: int = 8
     # per-sample memorization score (Wen et al.'s training-time statistic)
     model: str | None = None
+    lora: str | None = None  # a LoRA fused into the model (load_pipeline), at lora_scale
+    lora_scale: float = 1.0
     timestep: int | None = None  # None: half the training schedule, the same for every row
     seed: int = 0
     memorization_threshold: float | None = None  # None: flag robust outliers (median + 3 MAD)
@@ -91,8 +93,12 @@ class ScanSettings:
             if not self.model:
                 raise InputError("the memorization check needs a model (--model memlab or a pipeline folder)")
             resolve_device(self.device)  # before any shard is written
+            if self.lora is not None:
+                from ..core.loading import lora_file
+
+                lora_file(self.lora, self.lora_scale)
         else:  # the memorization check's own settings would go unused without a word
-            given = [f"--{name.replace('_', '-')}" for name in ("model", "timestep", "memorization_threshold")
+            given = [f"--{name.replace('_', '-')}" for name in ("model", "lora", "timestep", "memorization_threshold")
                      if getattr(self, name) is not None]
             if given:
                 raise InputError(f"{', '.join(given)} {'sets' if len(given) == 1 else 'set'} the memorization check, "
@@ -111,6 +117,8 @@ class ScanSettings:
         keys = ["shard_size", "limit", "model", "timestep", "seed"]
         d = {k: getattr(self, k) for k in keys}
         d["memorization"] = "memorization" in self.checks
+        if self.lora is not None:  # scans without one keep the key they always had
+            d["lora"] = {"path": str(Path(self.lora).expanduser().resolve()), "scale": self.lora_scale}
         if d["memorization"] and self.dtype != "float32":
             # a half-precision model scores differently; the device does not enter (same numbers),
             # and float32 scans keep the key they always had
@@ -298,7 +306,8 @@ class DatasetScanner:
             from ..core.loading import load_pipeline
             from .memorization import scan_timestep
 
-            pipe = load_pipeline(self.settings.model, device=self.settings.device, dtype=self.settings.dtype)
+            pipe = load_pipeline(self.settings.model, device=self.settings.device, dtype=self.settings.dtype,
+                                 lora=self.settings.lora, lora_scale=self.settings.lora_scale)
             scan_timestep(pipe, self.settings.timestep)
             self._pipe = pipe
         return self._pipe
