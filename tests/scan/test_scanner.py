@@ -163,9 +163,12 @@ def test_memorization_check_scores_pairs_with_the_model(tmp_path, memlab_manifes
                            timestep=500).scan()
     np.testing.assert_allclose(again.rows["memorization_score"], s, rtol=1e-5)
     # the model in bfloat16 scores differently, so its scan does not resume a float32 one
-    with pytest.raises(InputError, match="another dataset or with other settings"):
+    with pytest.raises(InputError, match=r"another dataset or with other settings \(its dtype differs from this run's\)"):
         DatasetScanner(src, tmp_path / "w", progress=False, checks=["memorization"], model="memlab", timestep=500,
                        dtype="bf16").scan()
+    with pytest.raises(InputError, match=r"\(its shard_size, timestep differ from this run's\)"):
+        DatasetScanner(src, tmp_path / "w", progress=False, checks=["memorization"], model="memlab", timestep=400,
+                       shard_size=3).scan()
     half = DatasetScanner(src, tmp_path / "w3", progress=False, checks=["memorization"], model="memlab", timestep=500,
                           dtype="bf16").scan()
     assert half.settings["dtype"] == "bfloat16"
@@ -450,7 +453,7 @@ def test_the_memorization_check_scores_the_model_with_its_lora_fused(tmp_path, t
     fused = DatasetScanner(src, tmp_path / "w", **args, lora=str(tiny_lora), lora_scale=0.5).scan()
     assert not np.allclose(fused.rows["memorization_score"], base, rtol=1e-3)
     # the same folder with the LoRA at another scale: refused, not resumed with other scores
-    with pytest.raises(InputError, match="with other settings"):
+    with pytest.raises(InputError, match=r"with other settings \(its lora differs from this run's\)"):
         DatasetScanner(src, tmp_path / "w", **args, lora=str(tiny_lora), lora_scale=1.0).scan()
 
 

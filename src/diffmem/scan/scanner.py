@@ -238,8 +238,14 @@ class DatasetScanner:
             raise InputError(f"{path} is damaged; delete the folder to start the scan again") from None
         for key in ("version", "source", "pass1", "rows"):
             if json.dumps(state.get(key), sort_keys=True) != json.dumps(fresh[key], sort_keys=True):
+                what = f"{key} differs"
+                if key == "pass1" and isinstance(state.get(key), dict):  # which of its settings: --timestep, --lora, ...
+                    old, new = state[key], fresh[key]
+                    names = sorted(k for k in set(old) | set(new) if json.dumps(old.get(k), sort_keys=True)
+                                   != json.dumps(new.get(k), sort_keys=True))
+                    what = f"its {', '.join(names)} {'differs' if len(names) == 1 else 'differ'} from this run's"
                 raise InputError(f"{self.work_dir} holds a scan of another dataset or with other settings "
-                                 f"({key} differs); use a new output folder or delete this one")
+                                 f"({what}); use a new output folder or delete this one")
         return state
 
     def _shard_path(self, k: int) -> Path:
