@@ -238,6 +238,25 @@ def test_detect_scores_a_model_with_its_lora_fused(tmp_path, tiny_pipe_dir, tiny
         assert not (tmp_path / "l3.parquet").exists()
 
 
+def test_explain_reads_a_textual_inversion_file_as_the_pipeline_does(tmp_path, tiny_pipe, tiny_pipe_dir):
+    import torch
+    from safetensors.torch import save_file
+
+    width = tiny_pipe.text_encoder.get_input_embeddings().weight.shape[1]
+    save_file({"<my-style>": torch.randn(3, width, generator=torch.Generator().manual_seed(5))}, tmp_path / "style.safetensors")
+    out = tmp_path / "ex"
+    r = run("explain", "--prompt", "a <my-style> cat", "--model", str(tiny_pipe_dir), "--num-inference-steps", "4",
+            "--textual-inversion", str(tmp_path / "style.safetensors"), "--out", str(out))
+    assert r.returncode == 0, r.stderr
+    done = json.loads((out / "attribution.json").read_text())
+    assert done["words"] == ["a", "<my-style>", "cat"]  # one word, read with all three of its vectors
+    assert [t for t in done["tokens"] if t.startswith("<my-style>")] == ["<my-style>", "<my-style>_1", "<my-style>_2"]
+    r = run("explain", "--prompt", "a <my-style> cat", "--model", str(tiny_pipe_dir), "--out", str(tmp_path / "ex2"),
+            "--textual-inversion", str(tmp_path / "style.pt"))
+    assert r.returncode == 2 and "textual-inversion embedding not found" in r.stderr and "Traceback" not in r.stderr
+    assert not (tmp_path / "ex2").exists()
+
+
 def test_a_finished_job_removes_its_parts_and_keeps_the_users_own_parts_folder(tmp_path, tiny_pipe_dir):
     prompts = tmp_path / "p.txt"
     prompts.write_text("a red circle\n")

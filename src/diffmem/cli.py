@@ -9,7 +9,7 @@ import sys
 import warnings
 from collections import Counter, deque
 from pathlib import Path
-from typing import Optional
+from typing import List, Optional
 
 import typer
 from rich.console import Console
@@ -185,21 +185,25 @@ DTYPE = typer.Option("float32", help="weights' dtype: float32, float16 (wants a 
 LORA = typer.Option(None, help="a LoRA fused into the model: a .safetensors file (diffusers', PEFT's or kohya's "
                     "keys) or the folder save_lora_weights wrote")
 LORA_SCALE = typer.Option(None, help="the LoRA's scale, as fuse_lora's lora_scale (default 1)")
+TEXTUAL_INVERSION = typer.Option(None, help="a textual-inversion embedding added to the model: a .safetensors file "
+                                 "(its token: the one it names, or for A1111's emb_params its file name) or TOKEN=FILE; "
+                                 "repeat for several")
 NUM_INFERENCE_STEPS = typer.Option(None, min=1, help="sampler steps (default: the model's; SD: 50)")
 GUIDANCE_SCALE = typer.Option(None, callback=_finite, help="guidance scale (default: the model's; SD: 7.5)")
 
 
-def _lora(lora: Path | None, lora_scale: float | None) -> dict:
-    """load_pipeline's LoRA arguments, the LoRA file checked now, before the model loads."""
-    if lora is None:
-        if lora_scale is not None:
-            raise InputError("--lora-scale scales a --lora: give that too")
-        return {}
-    from .core.loading import lora_file
+def _adapters(lora: Path | None, lora_scale: float | None, textual_inversion: list[str] | None) -> dict:
+    """load_pipeline's LoRA and textual-inversion arguments (those given), their files checked now, before the
+    model loads."""
+    if lora is None and lora_scale is not None:
+        raise InputError("--lora-scale scales a --lora: give that too")
+    given = {**({"lora": str(lora), "lora_scale": 1.0 if lora_scale is None else lora_scale} if lora is not None else {}),
+             **({"textual_inversion": tuple(textual_inversion)} if textual_inversion else {})}
+    if given:
+        from .core.loading import check_adapters
 
-    scale = 1.0 if lora_scale is None else lora_scale
-    lora_file(lora, scale)
-    return {"lora": str(lora), "lora_scale": scale}
+        check_adapters(**given)
+    return given
 
 
 def _sampler(pipe, num_inference_steps: int | None, guidance_scale: float | None) -> dict:
@@ -233,6 +237,7 @@ def detect(
     dtype: str = DTYPE,
     lora: Optional[Path] = LORA,
     lora_scale: Optional[float] = LORA_SCALE,
+    textual_inversion: Optional[List[str]] = TEXTUAL_INVERSION,
 ):
     """Score prompts with Wen et al.'s text-conditional noise norm (first step, one generation by default;
     saved every 256 prompts in OUT.parts, so a killed run resumes)."""
@@ -255,7 +260,7 @@ def detect(
     _hold(out.with_name(out.name + ".parts"), instead="write to another output file")
     from .core.loading import load_pipeline
 
-    pipe = load_pipeline(model, device=device, dtype=dtype, **_lora(lora, lora_scale))
+    pipe = load_pipeline(model, device=device, dtype=dtype, **_adapters(lora, lora_scale, textual_inversion))
     from .detect import Calibration, NoiseNormDetector
     from .detect.run import detect_file
 
@@ -301,6 +306,7 @@ def explain(
     dtype: str = DTYPE,
     lora: Optional[Path] = LORA,
     lora_scale: Optional[float] = LORA_SCALE,
+    textual_inversion: Optional[List[str]] = TEXTUAL_INVERSION,
     out: Optional[Path] = typer.Option(None, help="folder for attribution.json, .png and .html (one prompt) or "
                                        "attributions.json, words.parquet and attributions.html (a file)"),
 ):
@@ -337,7 +343,7 @@ def explain(
     from .explain.batch import write_outputs
     from .explain.result import DECISIVE_LEAD
 
-    pipe = load_pipeline(model, device=device, dtype=dtype, **_lora(lora, lora_scale))
+    pipe = load_pipeline(model, device=device, dtype=dtype, **_adapters(lora, lora_scale, textual_inversion))
     d = _sampler(pipe, num_inference_steps, guidance_scale)
     kw = dict(steps=_steps(steps), generations=generations, seed=seed)
     explainer = (TokenAttribution(pipe, d["num_inference_steps"], d["guidance_scale"], **kw) if method == "attribution"
@@ -403,6 +409,7 @@ def mitigate(
     dtype: str = DTYPE,
     lora: Optional[Path] = LORA,
     lora_scale: Optional[float] = LORA_SCALE,
+    textual_inversion: Optional[List[str]] = TEXTUAL_INVERSION,
     train_images: Optional[str] = typer.Option(None, help="measure replication against these training images (an image "
                                                "folder, .parquet / .jsonl / .csv table or saved datasets folder), on any "
                                                "model (MemLab models are measured by their manifest without it)"),
@@ -451,7 +458,7 @@ def mitigate(
     # the chosen measures load (and read the training images) before the model, so a bad path costs nothing
     replication, alignment = chosen_measures(train_images, sscd, clip, image_column, progress=True)
     _hold(out)
-    pipe = load_pipeline(model, device=device, dtype=dtype, **_lora(lora, lora_scale))
+    pipe = load_pipeline(model, device=device, dtype=dtype, **_adapters(lora, lora_scale, textual_inversion))
     d = _sampler(pipe, num_inference_steps, guidance_scale)
     kw = dict(generations=generations, seed=seed, num_inference_steps=d["num_inference_steps"], guidance_scale=d["guidance_scale"])
     if method == "embedding" and calibration is not None:
@@ -648,6 +655,7 @@ def categorize(
     dtype: str = DTYPE,
     lora: Optional[Path] = LORA,
     lora_scale: Optional[float] = LORA_SCALE,
+    textual_inversion: Optional[List[str]] = TEXTUAL_INVERSION,
 ):
     """Features that appear across seeds, each called explicit, implicit or unintended, with its evidence
     (resumes a killed run from OUT/parts)."""
@@ -680,7 +688,7 @@ def categorize(
         sources.append(SentenceEmbeddingExpectation.minilm())
     tracer = None
     _hold(out)
-    pipe = load_pipeline(model, device=device, dtype=dtype, **_lora(lora, lora_scale))
+    pipe = load_pipeline(model, device=device, dtype=dtype, **_adapters(lora, lora_scale, textual_inversion))
     if extractor == "memlab":
         from .categorize import TrainingTracer
         from .memlab import dataset as ds
@@ -794,6 +802,8 @@ def scan(
     lora: Optional[Path] = typer.Option(None, help="memorization check: a LoRA fused into the model (.safetensors file "
                                         "or the folder save_lora_weights wrote)"),
     lora_scale: Optional[float] = typer.Option(None, help="memorization check: the LoRA's scale (default 1)"),
+    textual_inversion: Optional[List[str]] = typer.Option(None, help="memorization check: a textual-inversion embedding "
+                                                          "added to the model (FILE or TOKEN=FILE; repeat for several)"),
 ):
     """Scan a captioned training set for duplicated images and captions and word-level trigger phrases (resumes from OUT)."""
     from .scan import CHECKS, DatasetScanner
@@ -813,7 +823,7 @@ def scan(
     scanner = DatasetScanner(dataset, out / "work", caption_column=caption_column, image_column=image_column,
                              checks=names, shard_size=shard_size, limit=limit, model=model, timestep=timestep,
                              memorization_threshold=memorization_threshold, seed=seed, device=device, dtype=dtype,
-                             **given, **_lora(lora, lora_scale))
+                             **given, **_adapters(lora, lora_scale, textual_inversion))
     result = scanner.scan()
     result.save(out)
     report = write_report(result, out, result.thumbs)
@@ -838,6 +848,7 @@ def verify_triggers_cmd(
     dtype: str = DTYPE,
     lora: Optional[Path] = LORA,
     lora_scale: Optional[float] = LORA_SCALE,
+    textual_inversion: Optional[List[str]] = TEXTUAL_INVERSION,
 ):
     """Generate from each trigger phrase in new captions (and random phrases in the same captions) and
     measure how often the cluster's image comes back; writes trigger_verification.json to SCAN_DIR
@@ -852,7 +863,7 @@ def verify_triggers_cmd(
         raise InputError(f"{scan_dir} holds no cluster images (scan_images.npz): verification needs a scan with images")
     _check_writable(scan_dir)
     _hold(scan_dir)
-    pipe = load_pipeline(model, device=device, dtype=dtype, **_lora(lora, lora_scale))
+    pipe = load_pipeline(model, device=device, dtype=dtype, **_adapters(lora, lora_scale, textual_inversion))
     parts = scan_dir / "verify_parts"
     res = verify_triggers(pipe, result, result.cluster_images(), result.images["mean"], settings, phrases=phrase,
                           checkpoint=parts)
@@ -995,13 +1006,14 @@ def audit(
     dtype: str = DTYPE,
     lora: Optional[Path] = LORA,
     lora_scale: Optional[float] = LORA_SCALE,
+    textual_inversion: Optional[List[str]] = TEXTUAL_INVERSION,
 ):
     """Detect, explain, categorize, mitigate and (with --train-data) scan, then write OUT/report.html.
 
     Re-running with the same settings reuses every finished stage."""
     from .report.audit import Audit, AuditSettings
 
-    settings = AuditSettings(model=model, **_lora(lora, lora_scale), prompts=str(prompts) if prompts else None, column=column,
+    settings = AuditSettings(model=model, **_adapters(lora, lora_scale, textual_inversion), prompts=str(prompts) if prompts else None, column=column,
                              reference=str(reference) if reference else None, train_data=train_data, fpr=fpr, seed=seed,
                              sscd=str(sscd) if sscd else None, clip=str(clip) if clip else None,
                              generations=generations, batch_size=batch_size, grid=grid, max_explain=max_explain,
@@ -1038,13 +1050,14 @@ def app_cmd(
     dtype: str = DTYPE,
     lora: Optional[Path] = LORA,
     lora_scale: Optional[float] = LORA_SCALE,
+    textual_inversion: Optional[List[str]] = TEXTUAL_INVERSION,
 ):
     """A local page: edit a prompt, see its score against the threshold and its words coloured by attribution."""
     from .report.app import AppState, bind, serve
 
     sock = bind(host, port)
     state = AppState(model, calibration=calibration, audit=audit_dir, seed=seed, generations=generations, progress=True,
-                     device=device, dtype=dtype, **_lora(lora, lora_scale))
+                     device=device, dtype=dtype, **_adapters(lora, lora_scale, textual_inversion))
     out_console.print(f"diffmem app on http://{host}:{port}/  (threshold {state.calibration.threshold:.4g}; Ctrl-C stops)",
                       highlight=False, markup=False)
     serve(state, sock)

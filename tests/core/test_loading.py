@@ -239,7 +239,7 @@ def _renamed(keys: dict, old: str, new: str) -> dict:
 
 
 @pytest.mark.parametrize("case", ["missing", "pickle_file", "pickle_folder", "pipeline_folder", "not_a_lora", "other_shapes",
-                                  "layers_named_nowhere", "several_files", "infinite_scale"])
+                                  "layers_named_nowhere", "nan_weights", "several_files", "infinite_scale"])
 def test_a_lora_that_is_unsafe_or_does_not_fit_is_refused(tmp_path, tiny_pipe_dir, tiny_lora, case):
     from safetensors.torch import load_file, save_file
 
@@ -267,6 +267,9 @@ def test_a_lora_that_is_unsafe_or_does_not_fit_is_refused(tmp_path, tiny_pipe_di
     elif case == "layers_named_nowhere":  # diffusers skips such layers with a warning, leaving a part of the LoRA out
         save_file(_renamed(keys, "down_blocks", "input_blocks"), lora)
         said = "8 of the 40 layers of the LoRA"  # down_blocks hold 8 of the UNet's 32, the text encoder 8 more
+    elif case == "nan_weights":
+        save_file({k: v.fill_(float("nan")) if ".up." in k and "mid_block" in k else v for k, v in keys.items()}, lora)
+        said = "gives NaN weights when fused: its weights are broken"
     elif case == "several_files":
         lora = tmp_path / "folder"
         lora.mkdir()
@@ -278,3 +281,69 @@ def test_a_lora_that_is_unsafe_or_does_not_fit_is_refused(tmp_path, tiny_pipe_di
         scale, said = float("inf"), "the LoRA scale must be a finite number"
     with pytest.raises(ModelLoadError, match=re.escape(said)):
         load_pipeline(tiny_pipe_dir, lora=lora, lora_scale=scale)
+
+
+def _embedding_files(folder, width):
+    from safetensors.torch import save_file
+
+    vectors = torch.Generator().manual_seed(5)
+    save_file({"<my-style>": torch.randn(3, width, generator=vectors)}, folder / "style.safetensors")  # diffusers'
+    save_file({"emb_params": torch.randn(2, width, generator=vectors)}, folder / "cat-toy.safetensors")  # A1111's
+    (folder / "trained").mkdir()
+    save_file({"<one>": torch.randn(1, width, generator=vectors)}, folder / "trained" / "learned_embeds.safetensors")
+
+
+def test_textual_inversion_files_are_added_as_the_pipeline_adds_them(tmp_path, tiny_pipe_dir):
+    from diffusers import StableDiffusionPipeline
+    from safetensors.torch import load_file
+
+    from diffmem.core.loading import model_identity, model_name
+
+    width = load_pipeline(tiny_pipe_dir).text_encoder.get_input_embeddings().weight.shape[1]
+    _embedding_files(tmp_path, width)
+    pipe = load_pipeline(tiny_pipe_dir, textual_inversion=[tmp_path / "style.safetensors", tmp_path / "cat-toy.safetensors",
+                                                           f"<renamed>={tmp_path / 'trained'}"])
+    reference = StableDiffusionPipeline.from_pretrained(tiny_pipe_dir, safety_checker=None, requires_safety_checker=False)
+    reference.load_textual_inversion(load_file(tmp_path / "style.safetensors")["<my-style>"], token="<my-style>")
+    reference.load_textual_inversion(load_file(tmp_path / "cat-toy.safetensors")["emb_params"], token="cat-toy")
+    reference.load_textual_inversion(load_file(tmp_path / "trained" / "learned_embeds.safetensors")["<one>"], token="<renamed>")
+    prompt = "a <my-style> photo of cat-toy and <renamed>"
+    ours, theirs = (p.encode_prompt(prompt, "cpu", 1, False)[0] for p in (pipe, reference))
+    assert torch.equal(ours, theirs)
+    assert not torch.equal(ours, load_pipeline(tiny_pipe_dir).encode_prompt(prompt, "cpu", 1, False)[0])
+    identity = model_identity(pipe)
+    assert [(x["token"], x["vectors"]) for x in identity["textual_inversion"]] == [("<my-style>", 3), ("cat-toy", 2), ("<renamed>", 1)]
+    assert model_name(identity).endswith("with the textual-inversion tokens <my-style>, cat-toy, <renamed>")
+
+
+@pytest.mark.parametrize("case", ["missing", "pickle", "empty_token", "token_in_vocabulary", "other_width", "nan",
+                                  "several_tensors", "folder_without_embeds"])
+def test_a_textual_inversion_file_that_is_unsafe_or_does_not_fit_is_refused(tmp_path, tiny_pipe_dir, case):
+    from safetensors.torch import save_file
+
+    width = load_pipeline(tiny_pipe_dir).text_encoder.get_input_embeddings().weight.shape[1]
+    _embedding_files(tmp_path, width)
+    entry = tmp_path / "bad.safetensors"
+    if case == "missing":
+        said = "textual-inversion embedding not found"
+    elif case == "pickle":  # A1111's .pt embeddings
+        entry = tmp_path / "style.pt"
+        torch.save({"string_to_param": {"*": torch.zeros(1, width)}, "name": "style"}, entry)
+        said = "is a pickle (.pt), which diffmem does not load"
+    elif case == "empty_token":
+        entry, said = f"={tmp_path / 'style.safetensors'}", "the token before '=' in"
+    elif case == "token_in_vocabulary":
+        entry, said = f"photo={tmp_path / 'style.safetensors'}", "the token 'photo' of the embedding"
+    elif case == "other_width":  # SD 2.x's embedding on SD 1.x
+        save_file({"<wide>": torch.zeros(1, width + 8)}, entry)
+        said = f"has vectors of shape (1, {width + 8}), where this model's text encoder takes vectors of width {width}"
+    elif case == "nan":
+        save_file({"<nan>": torch.full((2, width), float("nan"))}, entry)
+        said = "its vectors are not all finite"
+    elif case == "several_tensors":
+        save_file({"a": torch.zeros(1, width), "b": torch.zeros(1, width)}, entry)
+        said = "holds 2 tensors, where a textual-inversion embedding holds one"
+    else:
+        entry, said = tiny_pipe_dir, "holds no learned_embeds.safetensors"
+    with pytest.raises(ModelLoadError, match=re.escape(said)):
+        load_pipeline(tiny_pipe_dir, textual_inversion=[entry])

@@ -506,6 +506,7 @@ def test_an_audit_of_a_lora_records_it_and_redoes_stages_when_its_scale_changes(
     assert first.stages["detect"]["status"] == "done"
     assert first.settings["model_identity"]["lora"]["scale"] == 0.5
     assert "with the LoRA <code>" + str(tiny_lora) + "</code> fused at scale 0.5" in (out / "report.html").read_text()
+    assert "<title>diffmem audit: " + str(tiny_pipe_dir) + " with a LoRA</title>" in (out / "report.html").read_text()
     assert Audit(settings, out, progress=False).run().stages["detect"]["status"] == "reused"
     assert Audit(replace(settings, lora_scale=1.0), out, progress=False).run().stages["detect"]["status"] == "done"
     # a LoRA that cannot be loaded is said before any work, the audit folder left as it was

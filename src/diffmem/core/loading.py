@@ -12,6 +12,7 @@ import json
 import os
 import re
 from pathlib import Path
+from typing import Sequence
 
 import torch
 
@@ -182,6 +183,7 @@ def load_pipeline(
     progress: bool = False,
     lora: str | os.PathLike | None = None,
     lora_scale: float = 1.0,
+    textual_inversion: Sequence[str | os.PathLike] = (),
 ):
     """Load an SD 1.x / 2.x pipeline from a local folder, a hub id, or ``"memlab"``.
 
@@ -189,11 +191,16 @@ def load_pipeline(
     ids. The safety checker is not loaded: diffmem audits the denoiser, not its output filter.
     ``lora``: a LoRA (a .safetensors file, or the folder ``save_lora_weights`` wrote) fused into the
     UNet and text encoder at ``lora_scale`` (``fuse_lora``), as the pipeline runs it: a LoRA trained on
-    a few hundred images is where fine-tuning memorizes most.
+    a few hundred images is where fine-tuning memorizes most. ``textual_inversion``: embeddings added to
+    the tokenizer and text encoder (``load_textual_inversion``), each a .safetensors file or
+    ``TOKEN=FILE`` (see ``textual_inversion_file``).
     """
     dev = resolve_device(device)
     dtype = resolve_dtype(dtype)
     lora_path = lora_file(lora, lora_scale) if lora is not None else None  # before the model: a bad file fails at once
+    if isinstance(textual_inversion, (str, os.PathLike)):
+        textual_inversion = [textual_inversion]
+    inversions = [textual_inversion_file(entry) for entry in textual_inversion]
     name = resolve_model(model)
     path = Path(name).expanduser()
     is_local = path.exists() or looks_like_path(name)
@@ -240,6 +247,8 @@ def load_pipeline(
     check_text_to_image(pipe, ModelLoadError)
     if lora_path is not None:
         fuse_lora(pipe, lora_path, lora_scale)
+    for file, token in inversions:
+        add_textual_inversion(pipe, file, token)
     pipe.set_progress_bar_config(disable=not progress)
     return pipe.to(dev)
 
@@ -291,6 +300,74 @@ def lora_file(path: str | os.PathLike, scale: float = 1.0) -> Path:
     return file
 
 
+def check_adapters(lora: str | os.PathLike | None = None, lora_scale: float = 1.0,
+                   textual_inversion: Sequence[str | os.PathLike] = ()) -> None:
+    """Check the LoRA and textual-inversion files that ``load_pipeline`` is to add, before any model loads."""
+    if lora is not None:
+        lora_file(lora, lora_scale)
+    for entry in [textual_inversion] if isinstance(textual_inversion, (str, os.PathLike)) else textual_inversion:
+        textual_inversion_file(entry)
+
+
+def textual_inversion_file(entry: str | os.PathLike) -> tuple[Path, str]:
+    """The safetensors file and token of a textual-inversion embedding given as ``FILE`` or
+    ``TOKEN=FILE``, checked before any model loads. The file holds one tensor, of one vector or several:
+    diffusers' ``learned_embeds.safetensors`` names it by its token; A1111's safetensors name it
+    ``emb_params`` and are called by their file name, which is then the token. A folder is taken for
+    the ``learned_embeds.safetensors`` it holds; a .pt / .bin embedding is a pickle and refused."""
+    text = str(entry)
+    file, token = Path(text).expanduser(), None
+    if not file.exists() and "=" in text:
+        token, text = text.split("=", 1)
+        file = Path(text).expanduser()
+        if not token.strip():
+            raise ModelLoadError(f"the token before '=' in {str(entry)!r} is empty: give TOKEN=FILE or FILE")
+    if not file.exists():
+        raise ModelLoadError(f"textual-inversion embedding not found: {file}")
+    if file.is_dir():
+        if not (file / "learned_embeds.safetensors").is_file():
+            raise ModelLoadError(f"textual-inversion folder {file} holds no learned_embeds.safetensors: pass the embedding's file")
+        file = file / "learned_embeds.safetensors"
+    if file.suffix.lower() in PICKLE_SUFFIXES:
+        raise ModelLoadError(f"textual-inversion embedding {file} is a pickle ({file.suffix}), which diffmem does not load: "
+                             "unpickling can run arbitrary code; convert it to safetensors if you trust its source")
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        with safe_open(str(file), framework="pt") as f:
+            keys = list(f.keys())
+    except (SafetensorError, OSError) as e:
+        raise ModelLoadError(f"textual-inversion embedding {file} is not a readable safetensors file: {e}") from None
+    if len(keys) != 1:
+        raise ModelLoadError(f"{file} holds {len(keys)} tensors, where a textual-inversion embedding holds one (its "
+                             "vectors, named by its token or emb_params): is it another kind of weights?")
+    return file, token or (file.stem if keys[0] == "emb_params" else keys[0])
+
+
+def add_textual_inversion(pipe, file: Path, token: str) -> None:
+    """Add the embedding in ``file`` (from ``textual_inversion_file``) as ``token``, as
+    ``load_textual_inversion`` does; an embedding of another text encoder's width, or a token the
+    tokenizer already has, is refused by name."""
+    from safetensors.torch import load_file
+
+    (vectors,) = load_file(str(file)).values()
+    width = pipe.text_encoder.get_input_embeddings().weight.shape[-1]
+    if vectors.numel() == 0 or not torch.isfinite(vectors).all():
+        raise ModelLoadError(f"the textual-inversion embedding {file} is broken: its vectors are "
+                             + ("empty" if vectors.numel() == 0 else "not all finite (NaN or inf)"))
+    if vectors.dim() not in (1, 2) or vectors.shape[-1] != width:
+        raise ModelLoadError(f"the textual-inversion embedding {file} has vectors of shape {tuple(vectors.shape)}, where "
+                             f"this model's text encoder takes vectors of width {width}: is it an embedding of another "
+                             "model (SD 2.x's are 1024 wide, SD 1.x's 768)?")
+    if token in pipe.tokenizer.get_vocab():
+        raise ModelLoadError(f"the token {token!r} of the embedding {file} is already in the model's tokenizer: give it "
+                             f"another with NEW_TOKEN={file}")
+    pipe.load_textual_inversion(vectors.to(pipe.text_encoder.dtype), token=token)
+    n = 1 if vectors.dim() == 1 else vectors.shape[0]
+    pipe.diffmem_textual_inversion = [*getattr(pipe, "diffmem_textual_inversion", []),
+                                      {"token": token, "path": str(file.resolve()), "vectors": n}]
+
+
 def fuse_lora(pipe, file: Path, scale: float = 1.0) -> None:
     """Fuse the LoRA in ``file`` (from ``lora_file``) into the pipeline's UNet and text encoder, as
     ``load_lora_weights`` and ``fuse_lora`` do, then drop the adapters: every method then sees plain
@@ -324,7 +401,11 @@ def fuse_lora(pipe, file: Path, scale: float = 1.0) -> None:
         pipe.unload_lora_weights()
         raise ModelLoadError(f"{layers - adapted} of the {layers} layers of the LoRA {file} name no module of this model: "
                              "is it a LoRA of another architecture (SDXL, SD 2.x for SD 1.x)?")
-    pipe.fuse_lora(components=["unet", "text_encoder"], lora_scale=scale, adapter_names=[name])
+    try:  # safe fusing: a LoRA with NaN or inf weights is refused here, not found later as NaN scores
+        pipe.fuse_lora(components=["unet", "text_encoder"], lora_scale=scale, adapter_names=[name], safe_fusing=True)
+    except ValueError as e:
+        pipe.unload_lora_weights()
+        raise ModelLoadError(f"the LoRA {file} gives NaN weights when fused: its weights are broken ({e})") from None
     pipe.unload_lora_weights()
     pipe.diffmem_lora = {"path": str(file.resolve()), "scale": float(scale)}
 
@@ -425,9 +506,11 @@ def model_identity(pipe) -> dict:
     from .results import digest
 
     sampler_config = {k: v for k, v in pipe.scheduler.config.items() if not k.startswith("_")}
-    lora = getattr(pipe, "diffmem_lora", None)  # only when one is fused: identities saved before stay equal
+    # only when added: identities saved before stay equal
+    lora, inversions = getattr(pipe, "diffmem_lora", None), getattr(pipe, "diffmem_textual_inversion", None)
     return {"name_or_path": str(getattr(pipe, "name_or_path", "") or pipe.config.get("_name_or_path", "")),
             **({"lora": dict(lora)} if lora else {}),
+            **({"textual_inversion": [dict(x) for x in inversions]} if inversions else {}),
             "unet_hash": weights_hash(pipe.unet),
             **weights_fingerprints(pipe),
             "prediction_type": pipe.scheduler.config.prediction_type,
@@ -439,6 +522,9 @@ def model_name(identity: dict) -> str:
     name = repr(identity.get("name_or_path"))
     if lora := identity.get("lora"):
         name += f" with the LoRA {Path(lora['path']).name} at scale {lora['scale']:g}"
+    if inversions := identity.get("textual_inversion"):
+        name += f"{' and' if lora else ' with'} the textual-inversion token{'s' if len(inversions) > 1 else ''} " + \
+            ", ".join(x["token"] for x in inversions)
     return name
 
 

@@ -57,7 +57,7 @@ class AppState:
 
     def __init__(self, model: str = "memlab", calibration: str | Path | None = None, audit: str | Path | None = None,
                  seed: int = 0, generations: int = 4, progress: bool = False, device: str = "cpu", dtype: str = "float32",
-                 lora: str | Path | None = None, lora_scale: float = 1.0):
+                 lora: str | Path | None = None, lora_scale: float = 1.0, textual_inversion: tuple = ()):
         from ..core.loading import load_pipeline, sampler_defaults
         from ..detect import Calibration, NoiseNormDetector
 
@@ -80,7 +80,8 @@ class AppState:
                                  "give the --out folder of `diffmem audit`")
             if (Path(audit) / "mitigate" / "target_calibration.json").exists():
                 self._target_calibration = Calibration.load(Path(audit) / "mitigate" / "target_calibration.json")
-        self.pipe = load_pipeline(model, device=device, dtype=dtype, lora=lora, lora_scale=lora_scale)
+        self.pipe = load_pipeline(model, device=device, dtype=dtype, lora=lora, lora_scale=lora_scale,
+                                  textual_inversion=textual_inversion)
         self.sampler = sampler_defaults(self.pipe)
         self.seed, self.generations = seed, generations
         cal = Calibration.load(calibration) if calibration is not None else None

@@ -30,6 +30,7 @@ class AuditSettings:
     model: str = "memlab"
     lora: str | None = None  # a LoRA fused into the model (load_pipeline), at lora_scale
     lora_scale: float = 1.0
+    textual_inversion: tuple[str, ...] = ()  # embeddings added to the model: FILE or TOKEN=FILE each
     prompts: str | None = None  # None: MemLab's audit prompt set (needs a MemLab model)
     column: str | None = None
     reference: str | None = None  # non-memorized prompts for calibration; None: MemLab's reference set
@@ -75,6 +76,7 @@ class AuditSettings:
 
     def __post_init__(self):
         self.skip = tuple(self.skip)
+        self.textual_inversion = tuple(str(x) for x in self.textual_inversion)
         self.steps = tuple(sorted({int(x) for x in self.steps}))
         if not self.steps or self.steps[0] < 0:
             raise InputError(f"--steps must be step indices >= 0, got {list(self.steps)}")
@@ -233,7 +235,7 @@ class Audit:
 
     def __init__(self, settings: AuditSettings, out: str | Path, progress: bool = True, console=None,
                  device: str = "cpu", dtype: str = "float32"):
-        from ..core.loading import check_pipeline_folder, looks_like_path, lora_file, resolve_model
+        from ..core.loading import check_adapters, check_pipeline_folder, looks_like_path, resolve_model
         from ..core.prompts import ensure_writable_dir
 
         self.settings = settings
@@ -246,8 +248,7 @@ class Audit:
         resolved = Path(resolve_model(settings.model))
         if resolved.exists() or looks_like_path(settings.model):  # hub ids are checked when they load
             check_pipeline_folder(resolved)
-        if settings.lora is not None:
-            lora_file(settings.lora, settings.lora_scale)
+        check_adapters(settings.lora, settings.lora_scale, settings.textual_inversion)
         self.prompts = resolve_prompts(settings)
         if settings.train_data is not None and not {"scan", "mitigate"} <= set(settings.skip):
             from ..scan.sources import open_source
@@ -276,7 +277,7 @@ class Audit:
             from ..core.loading import load_pipeline, sampler_defaults, weights_identity
 
             self.pipe = load_pipeline(self.settings.model, device=self.device, dtype=self.dtype, lora=self.settings.lora,
-                                      lora_scale=self.settings.lora_scale)
+                                      lora_scale=self.settings.lora_scale, textual_inversion=self.settings.textual_inversion)
             # with the VAE, which decodes the generations of mitigate, categorize and scan, and the dtype
             self.identity = weights_identity(self.pipe)
             self.sampler = sampler_defaults(self.pipe)

@@ -71,6 +71,7 @@ class ScanSettings:
     model: str | None = None
     lora: str | None = None  # a LoRA fused into the model (load_pipeline), at lora_scale
     lora_scale: float = 1.0
+    textual_inversion: tuple[str, ...] = ()  # embeddings added to the model: FILE or TOKEN=FILE each
     timestep: int | None = None  # None: half the training schedule, the same for every row
     seed: int = 0
     memorization_threshold: float | None = None  # None: flag robust outliers (median + 3 MAD)
@@ -81,6 +82,7 @@ class ScanSettings:
         from ..core.loading import resolve_dtype
 
         self.checks = tuple(self.checks)
+        self.textual_inversion = tuple(str(x) for x in self.textual_inversion)
         self.dtype = str(resolve_dtype(self.dtype)).removeprefix("torch.")  # one name per dtype, checked now
         unknown = [c for c in self.checks if c not in CHECKS]
         if unknown:
@@ -93,13 +95,13 @@ class ScanSettings:
             if not self.model:
                 raise InputError("the memorization check needs a model (--model memlab or a pipeline folder)")
             resolve_device(self.device)  # before any shard is written
-            if self.lora is not None:
-                from ..core.loading import lora_file
+            from ..core.loading import check_adapters
 
-                lora_file(self.lora, self.lora_scale)
+            check_adapters(self.lora, self.lora_scale, self.textual_inversion)
         else:  # the memorization check's own settings would go unused without a word
-            given = [f"--{name.replace('_', '-')}" for name in ("model", "lora", "timestep", "memorization_threshold")
-                     if getattr(self, name) is not None]
+            given = [f"--{name.replace('_', '-')}" for name in ("model", "lora", "textual_inversion", "timestep",
+                                                                  "memorization_threshold")
+                     if getattr(self, name) not in (None, ())]
             if given:
                 raise InputError(f"{', '.join(given)} {'sets' if len(given) == 1 else 'set'} the memorization check, "
                                  "which is not among the checks: add memorization to --checks")
@@ -119,6 +121,8 @@ class ScanSettings:
         d["memorization"] = "memorization" in self.checks
         if self.lora is not None:  # scans without one keep the key they always had
             d["lora"] = {"path": str(Path(self.lora).expanduser().resolve()), "scale": self.lora_scale}
+        if self.textual_inversion:
+            d["textual_inversion"] = list(self.textual_inversion)
         if d["memorization"] and self.dtype != "float32":
             # a half-precision model scores differently; the device does not enter (same numbers),
             # and float32 scans keep the key they always had
@@ -313,7 +317,8 @@ class DatasetScanner:
             from .memorization import scan_timestep
 
             pipe = load_pipeline(self.settings.model, device=self.settings.device, dtype=self.settings.dtype,
-                                 lora=self.settings.lora, lora_scale=self.settings.lora_scale)
+                                 lora=self.settings.lora, lora_scale=self.settings.lora_scale,
+                                 textual_inversion=self.settings.textual_inversion)
             scan_timestep(pipe, self.settings.timestep)
             self._pipe = pipe
         return self._pipe
