@@ -347,3 +347,26 @@ def test_a_textual_inversion_file_that_is_unsafe_or_does_not_fit_is_refused(tmp_
         entry, said = tiny_pipe_dir, "holds no learned_embeds.safetensors"
     with pytest.raises(ModelLoadError, match=re.escape(said)):
         load_pipeline(tiny_pipe_dir, textual_inversion=[entry])
+
+
+def test_the_identity_follows_the_scale_and_switch_of_unfused_lora_adapters(tiny_pipe_dir, tiny_lora):
+    # a LoRA loaded into a pipeline and not fused is scored at the scale set_adapters gives it, or not at all
+    # once disabled; the fingerprint read its tensors alone, so every setting shared one calibration
+    from diffusers import StableDiffusionPipeline
+
+    from diffmem.core.loading import weights_fingerprints
+    from diffmem.detect import NoiseNormDetector
+
+    pipe = StableDiffusionPipeline.from_pretrained(tiny_pipe_dir, safety_checker=None, requires_safety_checker=False)
+    pipe.load_lora_weights(tiny_lora, adapter_name="style")
+    seen, scores = [], []
+    for setting in ("loaded", "scaled", "disabled"):
+        if setting == "scaled":
+            pipe.set_adapters(["style"], adapter_weights=[0.3])
+        elif setting == "disabled":
+            pipe.disable_lora()
+        seen.append(weights_fingerprints(pipe))
+        scores.append(NoiseNormDetector(pipe, 4, 7.5).score(["a cat"]).scores[0])
+    assert len({s for s in scores}) == 3  # three models, by what they compute
+    assert all(seen[i]["unet_weights"] != seen[j]["unet_weights"] and seen[i]["text_encoder_weights"] != seen[j]["text_encoder_weights"]
+               for i, j in ((0, 1), (1, 2), (0, 2)))

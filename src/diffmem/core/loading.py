@@ -484,6 +484,14 @@ def weights_digest(module, per_tensor: int = 64) -> str:
         picks = torch.arange(count) * (flat.numel() - 1) // max(count - 1, 1)  # whole numbers: float32 rounds past the end
         h.update(f"{name} {tuple(tensor.shape)}".encode())
         h.update(flat[picks.to(flat.device)].float().cpu().numpy().tobytes())
+    # LoRA adapters loaded and not fused (pipe.load_lora_weights): their weights are tensors above, but
+    # the scale set_adapters gives them, and whether they are on, are not; a model without adapters
+    # keeps the fingerprint it always had
+    for name, layer in sorted(module.named_modules()):
+        if isinstance(getattr(layer, "scaling", None), dict) and hasattr(layer, "merged_adapters"):
+            state = {"scaling": {k: float(v) for k, v in layer.scaling.items()}, "active": list(layer.active_adapters),
+                     "disabled": bool(layer.disable_adapters), "merged": list(layer.merged_adapters)}
+            h.update(f"{name} {json.dumps(state, sort_keys=True)}".encode())
     return h.hexdigest()[:16]
 
 
