@@ -371,6 +371,37 @@ def test_train_end_to_end_and_resume(tmp_path, tiny_pipe_dir, colour_folder_with
     assert said in " ".join(r.stdout.split()) and (filtered / "model" / "training.png").exists()
 
 
+def test_train_a_lora_then_audit_it_with_the_base_model(tmp_path, tiny_pipe_dir, colour_folder_with_a_broken_row):
+    import torch
+    from safetensors.torch import load_file
+
+    out = tmp_path / "out"
+    r = run("train", "--model", str(tiny_pipe_dir), "--data", str(colour_folder_with_a_broken_row), "--out", str(out),
+            "--batch-size", "2", "--steps", "4", "--lr", "1e-2", "--lora-rank", "4", "--train-text-encoder")
+    assert r.returncode == 0, r.stderr
+    assert f"trained LoRA (rank 4) saved to {out / 'model'} (audit it with --model {tiny_pipe_dir} --lora {out / 'model'})" \
+        in " ".join(r.stdout.split())
+    assert sorted(p.name for p in (out / "model").iterdir()) == ["diffmem_train.json", "pytorch_lora_weights.safetensors",
+                                                                 "training.png"]
+    # the saved LoRA is what the run trained: the adapters of its last checkpoint (step 4), in diffusers' keys
+    saved = load_file(out / "model" / "pytorch_lora_weights.safetensors")
+    trained = {**{"unet." + k: v for k, v in load_file(out / "checkpoint" / "unet.safetensors").items()},
+               **{"text_encoder." + k: v for k, v in load_file(out / "checkpoint" / "text_encoder.safetensors").items()}}
+
+    def diffusers_key(key):
+        if key.startswith("unet."):
+            return key.replace(".lora_A.default.", ".lora.down.").replace(".lora_B.default.", ".lora.up.")
+        return key.replace(".lora_A.default.", ".lora_linear_layer.down.").replace(".lora_B.default.", ".lora_linear_layer.up.")
+
+    assert saved.keys() == {diffusers_key(k) for k in trained}
+    assert all(torch.equal(saved[diffusers_key(k)], v) for k, v in trained.items())
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("colour 1\n")
+    r = run("detect", "--prompts", str(prompts), "--model", str(tiny_pipe_dir), "--lora", str(out / "model"),
+            "--num-inference-steps", "4", "--out", str(tmp_path / "d.parquet"))
+    assert r.returncode == 0, r.stderr
+
+
 def test_train_refuses_a_device_or_precision_it_cannot_use(tmp_path, tiny_pipe_dir):
     import torch
 

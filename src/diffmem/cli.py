@@ -753,6 +753,9 @@ def train(
     allow_pickle: bool = typer.Option(False, help="allow loading pickle (.bin) weights: only for sources you trust"),
     device: str = DEVICE,
     mixed_precision: str = typer.Option("no", help="no, bf16 or fp16: autocast the forward passes (weights stay float32)"),
+    lora_rank: Optional[int] = typer.Option(None, min=1, help="train a LoRA of this rank on the attention (the text "
+                                            "encoder's too with --train-text-encoder) instead of every weight; OUT/model "
+                                            "then holds the LoRA, to audit with --model M --lora OUT/model"),
 ):
     """Train or fine-tune a Stable Diffusion pipeline on image-caption pairs (resumes from OUT/checkpoint)."""
     from .train.api import TRAIN_LOG, TRAINING_PLOT, train_pipeline
@@ -762,14 +765,17 @@ def train(
     model_dir = train_pipeline(model, data, out, steps=steps, batch_size=batch_size, lr=lr, prediction_type=prediction_type,
                                train_text_encoder=train_text_encoder, ema=ema, caption_column=caption_column,
                                checkpoint_every=checkpoint_every, mem_filter_threshold=mem_filter_threshold, seed=seed,
-                               allow_pickle=allow_pickle, device=device, mixed_precision=mixed_precision)
+                               allow_pickle=allow_pickle, device=device, mixed_precision=mixed_precision,
+                               lora_rank=lora_rank)
     import json
 
     log = json.loads((model_dir / TRAIN_LOG).read_text())
     n = log["skipped_rows"]
     skipped = f"; {n} row{'s' if n > 1 else ''} skipped, listed in {Path(out) / 'data_problems.json'}" if n else ""
-    out_console.print(f"trained pipeline saved to {model_dir} ({log['rows']} image-caption pairs{skipped}); "
-                      f"loss curve in {model_dir / TRAINING_PLOT}")
+    what = (f"trained LoRA (rank {lora_rank}) saved to {model_dir} (audit it with --model {model} --lora {model_dir})"
+            if lora_rank is not None else f"trained pipeline saved to {model_dir}")
+    out_console.print(f"{what} ({log['rows']} image-caption pairs{skipped}); loss curve in {model_dir / TRAINING_PLOT}",
+                      highlight=False, markup=False)
     mf = log["mem_filter"]
     if mf is not None:
         out_console.print(f"memorization filter (norm >= {mf['threshold']:g}): dropped {mf['dropped']} of {mf['samples']} "

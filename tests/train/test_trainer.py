@@ -3,6 +3,7 @@ import json
 import numpy as np
 import pytest
 import torch
+from safetensors.torch import load_file
 
 from diffmem.core.components import tiny_pipeline
 from diffmem.train.trainer import TrainConfig, TrainData, Trainer, encode_images
@@ -123,6 +124,7 @@ def test_a_checkpoint_of_another_run_is_refused_and_names_what_differs(tmp_path)
         # the same first UNet tensors, which were all the key held of the weights
         (_other_attention(tiny_pipeline(seed=3), "unet"), None, cfg, "another starting model"),
         (_other_attention(tiny_pipeline(seed=3), "text_encoder"), None, cfg, "another starting model"),
+        (tiny_pipeline(seed=3), None, TrainConfig(**{**cfg.to_dict(), "lora_rank": 4}), "lora_rank None -> 4"),
     ]:
         d = _data(pipe)
         if data == "captions":
@@ -137,6 +139,7 @@ def test_a_checkpoint_of_another_run_is_refused_and_names_what_differs(tmp_path)
     # before the key fingerprinted all the weights is checked by the fingerprint it holds
     saved = json.loads(state)
     saved["run"]["model"] = {k: v for k, v in saved["run"]["model"].items() if not k.endswith("_weights")}
+    del saved["run"]["config"]["lora_rank"]  # nor a setting added since, at its value that trains as before
     (tmp_path / "run" / "checkpoint" / "state.json").write_text(json.dumps(saved))
     same = tiny_pipeline(seed=3)
     Trainer(same, _data(same), TrainConfig(**{**cfg.to_dict(), "steps": 10, "checkpoint_every": 2, "threads": 2}),
@@ -308,3 +311,34 @@ def test_a_resumed_runs_log_counts_training_time_from_its_checkpoint(tmp_path, m
     # steps 0-9 before the checkpoint (9 s: it is saved before step 9's tick) and 10-18 after; not the pause,
     # nor the lost steps 10-12 of the killed run
     assert resumed.log[-1]["elapsed_s"] == 18
+
+
+def test_a_lora_run_trains_the_adapters_alone_and_resumes_exactly(tmp_path):
+    cfg = TrainConfig(steps=12, batch_size=4, lr=1e-2, warmup_steps=2, checkpoint_every=4, train_text_encoder=True,
+                      ema=True, lora_rank=4)
+    straight = tiny_pipeline(seed=3)
+    before = _weights(straight)
+    Trainer(straight, _data(straight), cfg, tmp_path / "a").run(progress=False)
+    after = _weights(straight)
+    adapters = {k: v for k, v in after.items() if ".lora_" in k}
+    # the model's own weights as they were, bit for bit (PEFT keeps them as base_layer); every adapter trained
+    assert {k.replace(".base_layer", ""): v for k, v in after.items() if k not in adapters}.keys() == before.keys()
+    assert all(torch.equal(before[k.replace(".base_layer", "")], v) for k, v in after.items() if k not in adapters)
+    assert sum(".lora_B." in k and k.startswith("te.") for k in adapters) == 8  # q, k, v, out of 2 text layers
+    assert all(v.abs().max() > 0 for k, v in adapters.items() if ".lora_B." in k)  # B starts at zero
+    # the checkpoint keeps the adapters, not a copy of the model
+    saved = load_file(tmp_path / "a" / "checkpoint" / "unet.safetensors")
+    assert saved.keys() == {k for k in adapters if not k.startswith("te.")}
+
+    interrupted = tiny_pipeline(seed=3)
+
+    def stop(step):
+        if step == 6:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        Trainer(interrupted, _data(interrupted), cfg, tmp_path / "b").run(progress=False, on_step=stop)
+    resumed = tiny_pipeline(seed=3)
+    Trainer(resumed, _data(resumed), cfg, tmp_path / "b").run(progress=False)
+    again = _weights(resumed)
+    assert again.keys() == after.keys() and all(torch.equal(after[k], again[k]) for k in after)

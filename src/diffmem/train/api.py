@@ -18,8 +18,12 @@ def train_pipeline(model: str, data: str, out: str | Path, steps: int = 1000, ba
                    prediction_type: str | None = None, train_text_encoder: bool = False, ema: bool = False,
                    caption_column: str | None = None, checkpoint_every: int = 500,
                    mem_filter_threshold: float | None = None, seed: int = 0, allow_pickle: bool = False,
-                   device: str = "cpu", mixed_precision: str = "no", progress: bool = True) -> Path:
-    """Fine-tune ``model`` on ``data``; returns the folder of the saved pipeline (``out/model``).
+                   device: str = "cpu", mixed_precision: str = "no", lora_rank: int | None = None,
+                   progress: bool = True) -> Path:
+    """Fine-tune ``model`` on ``data``; returns the folder of the saved pipeline (``out/model``). With
+    ``lora_rank``, a LoRA of that rank is trained instead of every weight, and ``out/model`` holds it
+    as ``save_lora_weights`` writes it (pytorch_lora_weights.safetensors), to load with
+    ``load_pipeline(model, lora=out/model)`` (``--model M --lora OUT/model``).
 
     Images are centre-cropped and resized to the model's resolution and encoded once with its VAE,
     a chunk at a time (so the data set must fit in memory as latents, not as pixels); the chunks
@@ -40,7 +44,7 @@ def train_pipeline(model: str, data: str, out: str | Path, steps: int = 1000, ba
     # the config checks its values before the model loads and the data is encoded
     cfg = TrainConfig(steps=steps, batch_size=batch_size, lr=lr, train_text_encoder=train_text_encoder, ema=ema,
                       checkpoint_every=checkpoint_every, mem_filter_threshold=mem_filter_threshold, seed=seed,
-                      warmup_steps=min(200, steps // 10), mixed_precision=mixed_precision)
+                      warmup_steps=min(200, steps // 10), mixed_precision=mixed_precision, lora_rank=lora_rank)
     pipe = load_pipeline(model, device=device, allow_pickle=allow_pickle)
     if prediction_type is not None:
         if prediction_type not in ("epsilon", "v_prediction"):
@@ -74,12 +78,23 @@ def train_pipeline(model: str, data: str, out: str | Path, steps: int = 1000, ba
     def write(tmp: Path):
         from .plot import plot_training
 
-        pipe.save_pretrained(tmp, safe_serialization=True)
+        if lora_rank is None:
+            pipe.save_pretrained(tmp, safe_serialization=True)
+        else:
+            from diffusers import StableDiffusionPipeline
+
+            from .trainer import lora_layers
+
+            tmp.mkdir(parents=True)
+            StableDiffusionPipeline.save_lora_weights(
+                tmp, unet_lora_layers=lora_layers(pipe.unet),
+                text_encoder_lora_layers=lora_layers(pipe.text_encoder) if train_text_encoder else None, safe_serialization=True)
         dump_json({"config": cfg.to_dict(), "device": str(pipe.device), "source_model": model, "data": data,
                    "rows": len(captions), "skipped_rows": len(problems), "log": trainer.log, "mem_filter": mem_filter},
                   tmp / TRAIN_LOG)
         plot_training(trainer.log, mem_filter and mem_filter["epochs"], tmp / TRAINING_PLOT,
                       f"{model} on {data}: {len(captions)} rows, {cfg.steps} steps of {cfg.batch_size}, lr {cfg.lr}"
+                      + (f", LoRA of rank {lora_rank}" if lora_rank is not None else "")
                       + (f", memorization filter at {mem_filter_threshold}" if mem_filter else ""))
 
     # saved beside and swapped in whole: a kill while saving leaves the earlier run's model, not half of each

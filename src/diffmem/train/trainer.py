@@ -53,6 +53,8 @@ def checkpoint_state(out_dir: str | Path) -> Path:
 
 # settings a resumed run may change; any other difference from the checkpoint's run is refused
 RESUME_MAY_CHANGE = ("steps", "warmup_steps", "checkpoint_every", "threads", "mixed_precision")
+# settings added to TrainConfig since checkpoints held their run's settings, with the value that trains as before
+CONFIG_ADDED = {"lora_rank": None}
 
 
 @dataclass
@@ -77,6 +79,10 @@ class TrainConfig:
     # "no", "bf16" or "fp16": autocast the forward passes (weights, optimizer and loss stay float32);
     # fp16 adds a gradient scaler. Training runs on the device the pipeline is on.
     mixed_precision: str = "no"
+    # train a LoRA of this rank (alpha = rank) on the UNet's attention projections, and on the text
+    # encoder's with train_text_encoder, instead of every weight: the base weights stay as loaded, and
+    # a LoRA is what most fine-tunes of SD are. None: a full fine-tune
+    lora_rank: int | None = None
 
     def __post_init__(self):
         if self.mixed_precision not in MIXED_PRECISION:
@@ -103,6 +109,8 @@ class TrainConfig:
         for name in ("warmup_steps", "checkpoint_every"):
             if getattr(self, name) < 0:
                 raise InputError(f"{name} must be >= 0, got {getattr(self, name)}")
+        if self.lora_rank is not None and self.lora_rank < 1:
+            raise InputError(f"lora_rank must be at least 1, got {self.lora_rank}")
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -142,11 +150,40 @@ def _cpu(t: torch.Tensor) -> torch.Tensor:
     return t.detach().cpu().contiguous()
 
 
-def _save_checkpoint(path: Path, step: int, unet, text_encoder, optimizer, lr_sched, emas, gen, extra: dict):
+LORA_TARGETS = {"unet": ["to_q", "to_k", "to_v", "to_out.0"], "text_encoder": ["q_proj", "k_proj", "v_proj", "out_proj"]}
+
+
+def add_lora_adapters(module, part: str, rank: int) -> None:
+    """A LoRA of ``rank`` (alpha = rank, so scale 1) on ``part``'s attention projections, as diffusers'
+    train_text_to_image_lora adds it; the module's own weights are frozen."""
+    from peft import LoraConfig
+
+    module.requires_grad_(False)
+    module.add_adapter(LoraConfig(r=rank, lora_alpha=rank, init_lora_weights="gaussian", target_modules=LORA_TARGETS[part]))
+
+
+def lora_layers(module) -> dict:
+    """``module``'s LoRA weights in diffusers' naming, as ``save_lora_weights`` takes them."""
+    from diffusers.utils import convert_state_dict_to_diffusers
+    from peft.utils import get_peft_model_state_dict
+
+    return convert_state_dict_to_diffusers(get_peft_model_state_dict(module))
+
+
+def _checkpoint_weights(module, lora: bool) -> dict:
+    """What a checkpoint keeps of ``module``: all its weights, or in a LoRA run its adapters' alone
+    (the rest is the starting model, which the run key fingerprints)."""
+    if lora:
+        return {k: v for k, v in module.state_dict().items() if ".lora_" in k}
+    return module.state_dict()
+
+
+def _save_checkpoint(path: Path, step: int, unet, text_encoder, optimizer, lr_sched, emas, gen, extra: dict,
+                     lora: bool = False):
     def write(tmp: Path):
         tmp.mkdir(parents=True)
-        save_file({k: _cpu(v) for k, v in unet.state_dict().items()}, tmp / "unet.safetensors")
-        save_file({k: _cpu(v) for k, v in text_encoder.state_dict().items()}, tmp / "text_encoder.safetensors")
+        for name, module in (("unet", unet), ("text_encoder", text_encoder)):
+            save_file({k: _cpu(v) for k, v in _checkpoint_weights(module, lora).items()}, tmp / f"{name}.safetensors")
         opt_tensors, opt_meta = _flatten_optimizer(optimizer)
         save_file(opt_tensors, tmp / "optimizer.safetensors")
         for name, ema in emas.items():
@@ -214,7 +251,8 @@ def _warmup_cosine(warmup: int, total: int, floor: float):
 
 
 class Trainer:
-    """Trains ``pipe``'s UNet (and optionally its text encoder) in place on ``data``."""
+    """Trains ``pipe``'s UNet (and optionally its text encoder) in place on ``data``: every weight, or
+    with ``lora_rank`` LoRA adapters added to them (left unfused in ``pipe``)."""
 
     def __init__(self, pipe: StableDiffusionPipeline, data: TrainData, config: TrainConfig, out_dir: str | Path):
         if len(data.image_index) == 0:
@@ -248,14 +286,22 @@ class Trainer:
         unet.train()
         te.train(cfg.train_text_encoder)
         te.requires_grad_(cfg.train_text_encoder)
-        params = list(unet.parameters()) + (list(te.parameters()) if cfg.train_text_encoder else [])
+        run_key = self.run_key()  # of the starting weights: taken (or kept) before training or a checkpoint changes them
+        self.check_resumable(run_key)  # another run's checkpoint is refused before the pipeline gets adapters
+        lora = cfg.lora_rank is not None
+        if lora and not getattr(unet, "peft_config", None):  # (added once: a second run() goes on with them)
+            add_lora_adapters(unet, "unet", cfg.lora_rank)
+            if cfg.train_text_encoder:
+                add_lora_adapters(te, "text_encoder", cfg.lora_rank)
+        trained = {"unet": unet, **({"text_encoder": te} if cfg.train_text_encoder else {})}
+
+        def trainable(name: str) -> list:  # every weight, or in a LoRA run the adapters'
+            return [p for p in trained[name].parameters() if p.requires_grad or not lora]
+
+        params = [p for name in trained for p in trainable(name)]
         optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
         lr_sched = torch.optim.lr_scheduler.LambdaLR(optimizer, _warmup_cosine(cfg.warmup_steps, cfg.steps, cfg.lr_end_fraction))
-        emas = {}
-        if cfg.ema:
-            emas["unet"] = EMAModel(unet.parameters(), decay=cfg.ema_decay)
-            if cfg.train_text_encoder:
-                emas["text_encoder"] = EMAModel(te.parameters(), decay=cfg.ema_decay)
+        emas = {name: EMAModel(trainable(name), decay=cfg.ema_decay) for name in trained} if cfg.ema else {}
         # batches are drawn on the CPU from one seeded generator and then moved, so a run is the
         # same draw on every device and resumes exactly
         gen = torch.Generator().manual_seed(cfg.seed)
@@ -271,7 +317,6 @@ class Trainer:
         start, self._elapsed_before = 0, 0.0
         self._reset_filter_counts()
         ckpt = self.out / CHECKPOINT_DIR
-        run_key = self.run_key()  # of the starting weights: taken (or kept) before a checkpoint replaces them
         if checkpoint_state(self.out).exists():
             start = self._resume(ckpt, unet, te, optimizer, lr_sched, emas, gen, scaler, run_key)
         self.started_at_step = start
@@ -328,7 +373,7 @@ class Trainer:
                 scaler.step(optimizer)
                 scaler.update()
                 for name, ema in emas.items():
-                    ema.step((unet if name == "unet" else te).parameters())
+                    ema.step(trainable(name))
                 loss_value = float(loss.detach())
                 if not math.isfinite(loss_value):
                     raise FloatingPointError(f"training loss became {loss_value} at step {step}; lower the learning rate")
@@ -352,12 +397,13 @@ class Trainer:
             if cfg.checkpoint_every and ((step + 1) % cfg.checkpoint_every == 0 or step + 1 == cfg.steps):
                 _save_checkpoint(ckpt, step + 1, unet, te, optimizer, lr_sched, emas, gen,
                                  {"log": self.log, "grad_scaler": scaler.state_dict(), "run": run_key,
-                                  "filter_log": self.filter_log, "filter_counts": counts, "elapsed_s": time.time() - t0})
+                                  "filter_log": self.filter_log, "filter_counts": counts, "elapsed_s": time.time() - t0},
+                                 lora=lora)
             if on_step:
                 on_step(step)
         bar.close()
         for name, ema in emas.items():
-            ema.copy_to((unet if name == "unet" else te).parameters())
+            ema.copy_to(trainable(name))
         unet.eval()
         te.eval()
         return pipe
@@ -407,6 +453,9 @@ class Trainer:
 
             later = {f"{part}_weights" for part in SCORED_PARTS} - set(saved["run"].get("model", {}))
             run_key["model"] = {k: v for k, v in run_key["model"].items() if k not in later}
+            # settings added since, at the value that leaves a run as it was: absent from older checkpoints
+            run_key["config"] = {k: v for k, v in run_key["config"].items()
+                                 if k in saved["run"].get("config", {}) or CONFIG_ADDED.get(k, object()) != v}
             if run_key != saved["run"]:
                 raise InputError(f"{state.parent} is a checkpoint of another training run "
                                  f"({_differences(saved['run'], run_key)}); "
@@ -419,8 +468,17 @@ class Trainer:
     def _resume(self, ckpt: Path, unet, te, optimizer, lr_sched, emas, gen, scaler, run_key: dict) -> int:
         self.check_resumable(run_key)
         state = json.loads((ckpt / "state.json").read_text())
-        unet.load_state_dict(load_file(ckpt / "unet.safetensors"))
-        te.load_state_dict(load_file(ckpt / "text_encoder.safetensors"))
+        lora = self.cfg.lora_rank is not None
+        for module, name in ((unet, "unet"), (te, "text_encoder")):
+            saved = load_file(ckpt / f"{name}.safetensors")
+            if lora:  # its adapters alone: each of them must be there
+                wanted = _checkpoint_weights(module, lora=True)
+                if set(saved) != set(wanted):
+                    raise InputError(f"{ckpt} holds other LoRA weights of the {name} than this run trains; use another "
+                                     "output folder, or delete the checkpoint to start over")
+                module.load_state_dict(saved, strict=False)
+            else:
+                module.load_state_dict(saved)
         optimizer.load_state_dict(_unflatten_optimizer(load_file(ckpt / "optimizer.safetensors"), state["optimizer"]))
         lr_sched.load_state_dict(state["lr_scheduler"])
         if state.get("grad_scaler"):
