@@ -198,9 +198,7 @@ def load_pipeline(
     dev = resolve_device(device)
     dtype = resolve_dtype(dtype)
     lora_path = lora_file(lora, lora_scale) if lora is not None else None  # before the model: a bad file fails at once
-    if isinstance(textual_inversion, (str, os.PathLike)):
-        textual_inversion = [textual_inversion]
-    inversions = [textual_inversion_file(entry) for entry in textual_inversion]
+    inversions = [textual_inversion_file(entry) for entry in _entries(textual_inversion)]
     name = resolve_model(model)
     path = Path(name).expanduser()
     is_local = path.exists() or looks_like_path(name)
@@ -258,6 +256,21 @@ LORA_DOWN = re.compile(r"(lora_A|lora\.down|lora_down|lora_linear_layer\.down)\.
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt")
 
 
+def _adapter_keys(file: Path, what: str) -> list[str]:
+    """The tensor names of an adapter file (a LoRA or an embedding, described by ``what``), read from
+    its safetensors header; a pickle is refused unread."""
+    if file.suffix.lower() in PICKLE_SUFFIXES:
+        raise ModelLoadError(f"{what} {file} is a pickle ({file.suffix}), which diffmem does not load: unpickling can run "
+                             "arbitrary code; convert it to safetensors if you trust its source")
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        with safe_open(str(file), framework="pt") as f:
+            return list(f.keys())
+    except (SafetensorError, OSError) as e:
+        raise ModelLoadError(f"{what} {file} is not a readable safetensors file: {e}") from None
+
+
 def lora_file(path: str | os.PathLike, scale: float = 1.0) -> Path:
     """The safetensors file of a LoRA given as a file or as the folder ``save_lora_weights`` writes
     (``pytorch_lora_weights.safetensors``), checked before any model loads: it exists, it is
@@ -284,16 +297,7 @@ def lora_file(path: str | os.PathLike, scale: float = 1.0) -> Path:
             raise ModelLoadError(f"LoRA folder {file} holds several .safetensors files ({', '.join(p.name for p in found)}) "
                                  "and none is pytorch_lora_weights.safetensors: pass the file meant")
         file = default if default in found else found[0]
-    elif file.suffix.lower() in PICKLE_SUFFIXES:
-        raise ModelLoadError(f"LoRA {file} is a pickle ({file.suffix}), which diffmem does not load: unpickling can run "
-                             "arbitrary code; convert it to safetensors if you trust its source")
-    from safetensors import SafetensorError, safe_open
-
-    try:
-        with safe_open(str(file), framework="pt") as f:
-            keys = list(f.keys())
-    except (SafetensorError, OSError) as e:
-        raise ModelLoadError(f"LoRA {file} is not a readable safetensors file: {e}") from None
+    keys = _adapter_keys(file, "LoRA")
     if not any(LORA_DOWN.search(k) for k in keys):
         raise ModelLoadError(f"{file} holds no LoRA weights (no lora_A / lora.down / lora_down tensor among its "
                              f"{len(keys)}{', e.g. ' + keys[0] if keys else ''}): is it a whole model's weights?")
@@ -305,8 +309,13 @@ def check_adapters(lora: str | os.PathLike | None = None, lora_scale: float = 1.
     """Check the LoRA and textual-inversion files that ``load_pipeline`` is to add, before any model loads."""
     if lora is not None:
         lora_file(lora, lora_scale)
-    for entry in [textual_inversion] if isinstance(textual_inversion, (str, os.PathLike)) else textual_inversion:
+    for entry in _entries(textual_inversion):
         textual_inversion_file(entry)
+
+
+def _entries(textual_inversion) -> list:
+    """One embedding given alone, or several: a list either way."""
+    return [textual_inversion] if isinstance(textual_inversion, (str, os.PathLike)) else list(textual_inversion)
 
 
 def textual_inversion_file(entry: str | os.PathLike) -> tuple[Path, str]:
@@ -328,16 +337,7 @@ def textual_inversion_file(entry: str | os.PathLike) -> tuple[Path, str]:
         if not (file / "learned_embeds.safetensors").is_file():
             raise ModelLoadError(f"textual-inversion folder {file} holds no learned_embeds.safetensors: pass the embedding's file")
         file = file / "learned_embeds.safetensors"
-    if file.suffix.lower() in PICKLE_SUFFIXES:
-        raise ModelLoadError(f"textual-inversion embedding {file} is a pickle ({file.suffix}), which diffmem does not load: "
-                             "unpickling can run arbitrary code; convert it to safetensors if you trust its source")
-    from safetensors import SafetensorError, safe_open
-
-    try:
-        with safe_open(str(file), framework="pt") as f:
-            keys = list(f.keys())
-    except (SafetensorError, OSError) as e:
-        raise ModelLoadError(f"textual-inversion embedding {file} is not a readable safetensors file: {e}") from None
+    keys = _adapter_keys(file, "textual-inversion embedding")
     if len(keys) != 1:
         raise ModelLoadError(f"{file} holds {len(keys)} tensors, where a textual-inversion embedding holds one (its "
                              "vectors, named by its token or emb_params): is it another kind of weights?")
@@ -374,10 +374,8 @@ def fuse_lora(pipe, file: Path, scale: float = 1.0) -> None:
     weights, and the model's fingerprint is the fused model's. Layers of the LoRA that name no module of
     this model (a LoRA of another architecture) are an error, where diffusers would skip them with a warning."""
     from peft.tuners.tuners_utils import BaseTunerLayer
-    from safetensors import safe_open
 
-    with safe_open(str(file), framework="pt") as f:
-        layers = sum(1 for k in f.keys() if LORA_DOWN.search(k))
+    layers = sum(1 for k in _adapter_keys(file, "LoRA") if LORA_DOWN.search(k))
     name = "diffmem_lora"
     from diffusers.utils import logging as dlog
 
@@ -526,7 +524,8 @@ def model_identity(pipe) -> dict:
 
 
 def model_name(identity: dict) -> str:
-    """How messages name the model of a ``model_identity``: its path, and the LoRA fused into it."""
+    """How messages name the model of a ``model_identity``: its path, the LoRA fused into it and the
+    textual-inversion tokens added to it."""
     name = repr(identity.get("name_or_path"))
     if lora := identity.get("lora"):
         name += f" with the LoRA {Path(lora['path']).name} at scale {lora['scale']:g}"
