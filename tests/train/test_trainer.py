@@ -20,22 +20,28 @@ def _weights(pipe):
         "te." + k: v.clone() for k, v in pipe.text_encoder.state_dict().items()}
 
 
+def _interrupted_then_resumed(cfg, folder, at_step: int):
+    """The tiny pipeline trained into ``folder``, killed at ``at_step`` and resumed from a fresh pipeline,
+    as a new process would start from scratch weights."""
+    interrupted = tiny_pipeline(seed=3)
+
+    def stop(step):
+        if step == at_step:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        Trainer(interrupted, _data(interrupted), cfg, folder).run(progress=False, on_step=stop)
+    resumed = tiny_pipeline(seed=3)
+    Trainer(resumed, _data(resumed), cfg, folder).run(progress=False)
+    return resumed
+
+
 def test_resume_after_interruption_gives_identical_weights(tmp_path):
     cfg = TrainConfig(steps=20, batch_size=4, lr=1e-3, warmup_steps=2, checkpoint_every=5, train_text_encoder=True, ema=True)
     straight = tiny_pipeline(seed=3)
     Trainer(straight, _data(straight), cfg, tmp_path / "a").run(progress=False)
 
-    interrupted = tiny_pipeline(seed=3)
-
-    def stop(step):
-        if step == 12:
-            raise KeyboardInterrupt
-
-    with pytest.raises(KeyboardInterrupt):
-        Trainer(interrupted, _data(interrupted), cfg, tmp_path / "b").run(progress=False, on_step=stop)
-    resumed = tiny_pipeline(seed=3)  # a fresh process would start from scratch weights
-    trainer = Trainer(resumed, _data(resumed), cfg, tmp_path / "b")
-    trainer.run(progress=False)
+    resumed = _interrupted_then_resumed(cfg, tmp_path / "b", at_step=12)
     a, b = _weights(straight), _weights(resumed)
     for k in a:
         assert torch.equal(a[k], b[k]), k
@@ -330,15 +336,5 @@ def test_a_lora_run_trains_the_adapters_alone_and_resumes_exactly(tmp_path):
     saved = load_file(tmp_path / "a" / "checkpoint" / "unet.safetensors")
     assert saved.keys() == {k for k in adapters if not k.startswith("te.")}
 
-    interrupted = tiny_pipeline(seed=3)
-
-    def stop(step):
-        if step == 6:
-            raise KeyboardInterrupt
-
-    with pytest.raises(KeyboardInterrupt):
-        Trainer(interrupted, _data(interrupted), cfg, tmp_path / "b").run(progress=False, on_step=stop)
-    resumed = tiny_pipeline(seed=3)
-    Trainer(resumed, _data(resumed), cfg, tmp_path / "b").run(progress=False)
-    again = _weights(resumed)
+    again = _weights(_interrupted_then_resumed(cfg, tmp_path / "b", at_step=6))
     assert again.keys() == after.keys() and all(torch.equal(after[k], again[k]) for k in after)
