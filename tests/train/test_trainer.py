@@ -338,3 +338,16 @@ def test_a_lora_run_trains_the_adapters_alone_and_resumes_exactly(tmp_path):
 
     again = _weights(_interrupted_then_resumed(cfg, tmp_path / "b", at_step=6))
     assert again.keys() == after.keys() and all(torch.equal(after[k], again[k]) for k in after)
+
+
+def test_two_lora_runs_of_one_seed_train_the_same_lora(tmp_path):
+    # the adapters' random start came from torch's global generator: two runs of one seed, in a process
+    # that had drawn anything else between them, trained different LoRAs
+    cfg = TrainConfig(steps=3, batch_size=2, lr=1e-2, warmup_steps=1, checkpoint_every=0, lora_rank=4, train_text_encoder=True)
+    runs = []
+    for i, folder in enumerate(("a", "b")):
+        pipe = tiny_pipeline(seed=3)
+        torch.manual_seed(100 + i)  # whatever the process drew before
+        Trainer(pipe, _data(pipe), cfg, tmp_path / folder).run(progress=False)
+        runs.append({k: v for k, v in _weights(pipe).items() if ".lora_" in k})
+    assert runs[0].keys() == runs[1].keys() and all(torch.equal(runs[0][k], runs[1][k]) for k in runs[0])

@@ -153,13 +153,17 @@ def _cpu(t: torch.Tensor) -> torch.Tensor:
 LORA_TARGETS = {"unet": ["to_q", "to_k", "to_v", "to_out.0"], "text_encoder": ["q_proj", "k_proj", "v_proj", "out_proj"]}
 
 
-def add_lora_adapters(module, part: str, rank: int) -> None:
+def add_lora_adapters(module, part: str, rank: int, seed: int) -> None:
     """A LoRA of ``rank`` (alpha = rank, so scale 1) on ``part``'s attention projections, as diffusers'
-    train_text_to_image_lora adds it; the module's own weights are frozen."""
+    train_text_to_image_lora adds it; the module's own weights are frozen. Its random start is drawn
+    from ``seed``, not from torch's global generator, so two runs of one seed train the same LoRA."""
     from peft import LoraConfig
 
     module.requires_grad_(False)
-    module.add_adapter(LoraConfig(r=rank, lora_alpha=rank, init_lora_weights="gaussian", target_modules=LORA_TARGETS[part]))
+    with torch.random.fork_rng(devices=[]):  # the adapters are made on the CPU; the caller's draws are left as they were
+        torch.manual_seed(seed)
+        module.add_adapter(LoraConfig(r=rank, lora_alpha=rank, init_lora_weights="gaussian",
+                                      target_modules=LORA_TARGETS[part]))
 
 
 def lora_layers(module) -> dict:
@@ -290,9 +294,9 @@ class Trainer:
         self.check_resumable(run_key)  # another run's checkpoint is refused before the pipeline gets adapters
         lora = cfg.lora_rank is not None
         if lora and not getattr(unet, "peft_config", None):  # (added once: a second run() goes on with them)
-            add_lora_adapters(unet, "unet", cfg.lora_rank)
+            add_lora_adapters(unet, "unet", cfg.lora_rank, cfg.seed)
             if cfg.train_text_encoder:
-                add_lora_adapters(te, "text_encoder", cfg.lora_rank)
+                add_lora_adapters(te, "text_encoder", cfg.lora_rank, cfg.seed + 1)
         trained = {"unet": unet, **({"text_encoder": te} if cfg.train_text_encoder else {})}
 
         def trainable(name: str) -> list:  # every weight, or in a LoRA run the adapters'
