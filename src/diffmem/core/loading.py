@@ -83,6 +83,7 @@ def runs_on(pipe) -> dict:
 
 
 SINGLE_FILE_SUFFIXES = (".safetensors", ".ckpt", ".pt", ".pth", ".bin")
+PICKLE_SUFFIXES = (".bin", ".pt", ".ckpt", ".pth")  # weights that unpickle when loaded
 
 
 WEIGHTED = ("unet", "vae", "text_encoder")
@@ -162,12 +163,12 @@ def check_pipeline_folder(folder: Path, allow_pickle: bool = False) -> dict[str,
         if name in WEIGHTED:
             files = [p.name for p in sub.iterdir()]
             has_safe = any(f.endswith(".safetensors") for f in files)
-            has_pickle = any(f.endswith((".bin", ".pt", ".ckpt", ".pth")) for f in files)
+            has_pickle = any(f.endswith(PICKLE_SUFFIXES) for f in files)
             if not has_safe and not has_pickle:
                 raise ModelLoadError(f"component {name!r} at {sub} has no weight file")
             if not has_safe and not allow_pickle:
                 raise ModelLoadError(
-                    f"component {name!r} at {sub} has only pickle weights ({', '.join(f for f in files if f.endswith(('.bin', '.pt', '.ckpt', '.pth')))}); "
+                    f"component {name!r} at {sub} has only pickle weights ({', '.join(f for f in files if f.endswith(PICKLE_SUFFIXES))}); "
                     "diffmem loads safetensors only. Convert the weights, or pass allow_pickle=True "
                     "(--allow-pickle) if you trust their source: unpickling can run arbitrary code"
                 )
@@ -253,7 +254,6 @@ def load_pipeline(
 
 LORA_DOWN = re.compile(r"(lora_A|lora\.down|lora_down|lora_linear_layer\.down)\.")  # one per adapted layer, in
 # diffusers', PEFT's and kohya's spellings
-PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt")
 
 
 def _adapter_keys(file: Path, what: str) -> list[str]:
