@@ -298,14 +298,12 @@ class Trainer:
             if cfg.train_text_encoder:
                 add_lora_adapters(te, "text_encoder", cfg.lora_rank, cfg.seed + 1)
         trained = {"unet": unet, **({"text_encoder": te} if cfg.train_text_encoder else {})}
-
-        def trainable(name: str) -> list:  # every weight, or in a LoRA run the adapters'
-            return [p for p in trained[name].parameters() if p.requires_grad or not lora]
-
-        params = [p for name in trained for p in trainable(name)]
+        # each trained module's parameters that the optimizer moves: every weight, or in a LoRA run the adapters'
+        trainable = {name: [p for p in module.parameters() if p.requires_grad or not lora] for name, module in trained.items()}
+        params = [p for name in trained for p in trainable[name]]
         optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
         lr_sched = torch.optim.lr_scheduler.LambdaLR(optimizer, _warmup_cosine(cfg.warmup_steps, cfg.steps, cfg.lr_end_fraction))
-        emas = {name: EMAModel(trainable(name), decay=cfg.ema_decay) for name in trained} if cfg.ema else {}
+        emas = {name: EMAModel(trainable[name], decay=cfg.ema_decay) for name in trained} if cfg.ema else {}
         # batches are drawn on the CPU from one seeded generator and then moved, so a run is the
         # same draw on every device and resumes exactly
         gen = torch.Generator().manual_seed(cfg.seed)
@@ -322,7 +320,7 @@ class Trainer:
         self._reset_filter_counts()
         ckpt = self.out / CHECKPOINT_DIR
         if checkpoint_state(self.out).exists():
-            start = self._resume(ckpt, unet, te, optimizer, lr_sched, emas, gen, scaler, run_key)
+            start = self._resume(ckpt, unet, te, optimizer, lr_sched, emas, gen, scaler)
         self.started_at_step = start
 
         ids_all = _tokenize(pipe, self.data.captions)
@@ -377,7 +375,7 @@ class Trainer:
                 scaler.step(optimizer)
                 scaler.update()
                 for name, ema in emas.items():
-                    ema.step(trainable(name))
+                    ema.step(trainable[name])
                 loss_value = float(loss.detach())
                 if not math.isfinite(loss_value):
                     raise FloatingPointError(f"training loss became {loss_value} at step {step}; lower the learning rate")
@@ -407,7 +405,7 @@ class Trainer:
                 on_step(step)
         bar.close()
         for name, ema in emas.items():
-            ema.copy_to(trainable(name))
+            ema.copy_to(trainable[name])
         unet.eval()
         te.eval()
         return pipe
@@ -469,8 +467,8 @@ class Trainer:
             raise InputError(f"{state.parent} is already trained to step {saved['step']}, past the {self.cfg.steps} steps "
                              f"asked for; ask for at least {saved['step']}, or use another output folder")
 
-    def _resume(self, ckpt: Path, unet, te, optimizer, lr_sched, emas, gen, scaler, run_key: dict) -> int:
-        self.check_resumable(run_key)
+    def _resume(self, ckpt: Path, unet, te, optimizer, lr_sched, emas, gen, scaler) -> int:
+        """Load the checkpoint in ``ckpt``, which ``run`` has checked (``check_resumable``) before any change."""
         state = json.loads((ckpt / "state.json").read_text())
         lora = self.cfg.lora_rank is not None
         for module, name in ((unet, "unet"), (te, "text_encoder")):
