@@ -214,3 +214,24 @@ def test_a_figure_pickles_like_any_matplotlib_figure():
     ax.set_title("a $5 bill")
     back = pickle.loads(pickle.dumps(fig))
     assert back.axes[0].get_title() == "a $5 bill" and type(back).__name__ == "PlainTextFigure"
+
+
+def test_log_axes_label_their_ticks_in_plain_text_not_raw_tex():
+    # matplotlib labels log and symlog ticks in TeX math; with math parsing off for the prompts' sake, the
+    # detect histograms and ROC plots showed "$\mathdefault{10^{0}}$" on their axes
+    import numpy as np
+
+    from diffmem.core.figures import subplots
+
+    fig, (hist, roc) = subplots(1, 2, figsize=(6, 2))
+    hist.hist(np.linspace(0, 3, 200) ** 2, bins=20)
+    hist.set_yscale("log")
+    roc.plot([0, 0.001, 0.01, 0.1, 1], [0, 1, 2, 3, 4])
+    roc.set_xscale("symlog", linthresh=0.01)
+    fig.tight_layout()
+    fig.canvas.draw()
+    labels = [t.get_text() for ax in (hist, roc) for axis in (ax.xaxis, ax.yaxis) for minor in (False, True)
+              for t in axis.get_ticklabels(minor=minor)]
+    assert not [label for label in labels if "$" in label or "\\" in label], labels
+    assert {"10\u2070", "10\u00b9"} <= {t.get_text() for t in hist.get_yticklabels()}
+    assert [t.get_text() for t in roc.get_xticklabels()][:3] == ["0", "10\u207b\u00b2", "10\u207b\u00b9"]

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import re
 import unicodedata
 import warnings
 from contextlib import contextmanager
@@ -26,6 +27,7 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from matplotlib.ft2font import FT2Font
 from matplotlib.text import Text
+from matplotlib.ticker import LogFormatterMathtext, LogFormatterSciNotation
 
 from .prompts import reveal_bidi_controls
 
@@ -46,6 +48,7 @@ class PlainTextFigure(Figure):
 
     @contextmanager
     def _as_written(self):
+        _plain_log_ticks(self)
         uncovered: set[str] = set()
         for text in self.findobj(Text):
             text.set_parse_math(False)
@@ -71,6 +74,41 @@ class PlainTextFigure(Figure):
     def tight_layout(self, *args, **kwargs):
         with self._as_written():
             return super().tight_layout(*args, **kwargs)
+
+
+_SUPERSCRIPTS = str.maketrans("0123456789-\u2212.", "\u2070\u00b9\u00b2\u00b3\u2074\u2075\u2076\u2077\u2078\u2079\u207b\u207b\u00b7")
+
+
+def plain_math(label: str) -> str:
+    """A log axis' tick label as plain text: matplotlib writes them in TeX math ("$\\mathdefault{10^{-2}}$"),
+    which a figure drawing its text as written would show raw; "10⁻²", "6×10⁰" and "0" read the same."""
+    if not (len(label) > 1 and label[0] == label[-1] == "$"):
+        return label
+    inner = label[1:-1]
+    if inner.startswith("\\mathdefault{") and inner.endswith("}"):
+        inner = inner[len("\\mathdefault{"):-1]
+    inner = inner.replace("\\times", "\u00d7").replace("\\;", " ")
+    return re.sub(r"\^\{([^}]*)\}", lambda m: m.group(1).translate(_SUPERSCRIPTS), inner)
+
+
+class PlainLogFormatter(LogFormatterSciNotation):
+    """matplotlib's log-axis labels (decades, and the minor ticks' "6×10⁰"), in plain text."""
+
+    def __call__(self, x, pos=None):
+        return plain_math(super().__call__(x, pos))
+
+
+def _plain_log_ticks(fig) -> None:
+    """Give the log and symlog axes of ``fig`` plain-text tick labels: the labels matplotlib makes
+    for them are TeX math, which these figures do not parse."""
+    for ax in fig.axes:
+        for axis in (ax.xaxis, ax.yaxis):
+            for get, put in ((axis.get_major_formatter, axis.set_major_formatter),
+                             (axis.get_minor_formatter, axis.set_minor_formatter)):
+                fmt = get()
+                if isinstance(fmt, LogFormatterMathtext) and not isinstance(fmt, PlainLogFormatter):
+                    put(PlainLogFormatter(fmt._base, labelOnlyBase=fmt.labelOnlyBase, minor_thresholds=fmt.minor_thresholds,
+                                          linthresh=fmt._linthresh))
 
 
 def _shown_in_plain_figures(preprocess):
