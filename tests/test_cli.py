@@ -205,6 +205,48 @@ def test_detect_end_to_end_with_calibration_and_long_prompt(tmp_path, tiny_pipe_
     assert json.loads((mit / "mitigation.json").read_text()) == done
 
 
+def test_detect_scores_seed_consistency_as_the_python_api_does(tmp_path, tiny_pipe_dir):
+    from diffmem.core.loading import load_pipeline, sampler_defaults
+    from diffmem.detect import DetectionResult, SeedConsistencyDetector
+
+    texts = ["a cat", "a red cube on grass"]
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("\n".join(texts) + "\n")
+    ref = tmp_path / "ref.txt"
+    ref.write_text("\n".join(f"reference prompt {i}" for i in range(20)) + "\n")
+    common = ("--prompts", str(prompts), "--model", str(tiny_pipe_dir), "--num-inference-steps", "4")
+    r = run("detect", *common, "--method", "seed-consistency", "--out", str(tmp_path / "x0.parquet"),
+            "--calibrate-with", str(ref), "--fpr", "0.1")
+    assert r.returncode == 0, r.stderr
+    assert "flagged" in r.stdout and (tmp_path / "x0.png").stat().st_size > 1000
+    pipe = load_pipeline(tiny_pipe_dir)
+    guidance = sampler_defaults(pipe)["guidance_scale"]
+    got = DetectionResult.load(tmp_path / "x0.parquet")
+    expected = SeedConsistencyDetector(pipe, "x0", 4, 4, guidance).score(texts)
+    assert got.method == "seed_consistency" and got.settings["mode"] == "x0" and got.seeds == [0, 1, 2, 3]
+    assert got.scores == pytest.approx(expected.scores, rel=1e-5) and got.threshold is not None
+    r = run("detect", *common, "--method", "seed-consistency", "--mode", "images", "--generations", "2", "--seed", "5",
+            "--out", str(tmp_path / "images.json"))
+    assert r.returncode == 0, r.stderr
+    got = DetectionResult.load(tmp_path / "images.json")
+    expected = SeedConsistencyDetector(pipe, "images", 2, 4, guidance, seed=5).score(texts)
+    assert got.settings["mode"] == "images" and got.seeds == [5, 6]
+    assert got.scores == pytest.approx(expected.scores, rel=1e-5)
+    # a calibration of one detector does not judge the other's scores
+    r = run("detect", *common, "--out", str(tmp_path / "nn.parquet"), "--calibration", str(tmp_path / "x0.calibration.json"))
+    assert r.returncode == 2 and "method 'noise_norm' vs calibrated 'seed_consistency'" in r.stderr, r.stderr
+    # the other detector's options, or impossible ones: said before the model loads (it is not there), nothing written
+    for extra, said in ((["--method", "seed-consistency", "--steps", "0,1"], "--steps applies to --method noise-norm"),
+                        (["--mode", "x0"], "--mode applies to --method seed-consistency"),
+                        (["--method", "seed-consistency", "--mode", "latents"], "--mode must be x0 or images"),
+                        (["--method", "seed-consistency", "--generations", "1"], "--generations must be at least 2"),
+                        (["--method", "wen"], "--method must be noise-norm or seed-consistency")):
+        r = run("detect", "--prompts", str(prompts), "--model", str(tmp_path / "no-model"), "--out", str(tmp_path / "bad.parquet"),
+                *extra)
+        assert r.returncode == 2 and said in r.stderr and "Traceback" not in r.stderr, (extra, r.stderr)
+        assert not (tmp_path / "bad.parquet").exists()
+
+
 def test_detect_scores_a_model_with_its_lora_fused(tmp_path, tiny_pipe_dir, tiny_lora):
     from diffmem.core.loading import load_pipeline
     from diffmem.detect import DetectionResult, NoiseNormDetector

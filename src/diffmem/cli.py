@@ -224,10 +224,16 @@ def detect(
     column: Optional[str] = typer.Option(None, help="the prompt column of a .csv / .jsonl (default: prompt, caption or text)"),
     model: str = typer.Option("memlab", help="a local pipeline folder, a hub id, or memlab"),
     out: Path = typer.Option(Path("detect-results.parquet"), help="results file (.parquet or .json)"),
-    steps: str = typer.Option("0", help="sampling steps to score, comma-separated (0 = the first step)"),
+    method: str = typer.Option("noise-norm", help="noise-norm (Wen et al.) or seed-consistency (how alike the "
+                               "generations of different seeds are)"),
+    steps: Optional[str] = typer.Option(None, help="noise-norm: sampling steps to score, comma-separated (0 = the first "
+                                        "step, the default)"),
+    mode: Optional[str] = typer.Option(None, help="seed-consistency: x0 (the clean latent predicted at the first step, "
+                                       "the default) or images (full generations)"),
     num_inference_steps: Optional[int] = NUM_INFERENCE_STEPS,
     guidance_scale: Optional[float] = GUIDANCE_SCALE,
-    generations: int = typer.Option(1, min=1, help="seeded generations averaged per prompt"),
+    generations: Optional[int] = typer.Option(None, min=1, help="seeded generations per prompt (default: 1 for noise-norm, "
+                                              "averaged; 4 for seed-consistency, at least 2)"),
     seed: int = typer.Option(0, min=0, max=MAX_SEED, help="generation g uses seed + g"),
     batch_size: int = typer.Option(32, min=1),
     calibration: Optional[Path] = typer.Option(None, help="a calibration file to apply (verdict column)"),
@@ -239,11 +245,12 @@ def detect(
     lora_scale: Optional[float] = LORA_SCALE,
     textual_inversion: Optional[List[str]] = TEXTUAL_INVERSION,
 ):
-    """Score prompts with Wen et al.'s text-conditional noise norm (first step, one generation by default;
-    saved every 256 prompts in OUT.parts, so a killed run resumes)."""
+    """Score prompts with Wen et al.'s text-conditional noise norm (first step, one generation by default),
+    or with seed consistency; saved every 256 prompts in OUT.parts, so a killed run resumes."""
     from .core.prompts import ensure_not_an_input, read_prompts, warn_if_in_reference
 
     items = read_prompts(prompts, column)  # bad input fails before torch and the model load (seconds)
+    detector_options = _detector_options(method, steps, mode, generations)
     if calibration is not None and calibrate_with is not None:  # the fitted one replaced the file without a word
         raise InputError("give --calibration FILE (apply a saved calibration) or --calibrate-with REFERENCE (fit one), "
                          "not both")
@@ -261,12 +268,16 @@ def detect(
     from .core.loading import load_pipeline
 
     pipe = load_pipeline(model, device=device, dtype=dtype, **_adapters(lora, lora_scale, textual_inversion))
-    from .detect import Calibration, NoiseNormDetector
+    from .detect import Calibration, NoiseNormDetector, SeedConsistencyDetector
     from .detect.run import detect_file
 
     d = _sampler(pipe, num_inference_steps, guidance_scale)
-    det = NoiseNormDetector(pipe, d["num_inference_steps"], d["guidance_scale"], steps=_steps(steps), generations=generations,
-                            seed=seed, batch_size=batch_size)
+    if method == "noise-norm":
+        det = NoiseNormDetector(pipe, d["num_inference_steps"], d["guidance_scale"], seed=seed, batch_size=batch_size,
+                                **detector_options)
+    else:
+        det = SeedConsistencyDetector(pipe, num_inference_steps=d["num_inference_steps"], guidance_scale=d["guidance_scale"],
+                                      seed=seed, batch_size=batch_size, **detector_options)
     cal = Calibration.load(calibration) if calibration else None
     reference_scores = None
     if reference is not None:
@@ -280,10 +291,34 @@ def detect(
     summary = detect_file(det, prompts, out, column=column, calibration=cal)
     out_console.print(summary.line())
     st = det.settings
-    picture = summary.plot(out.with_suffix(".png"), reference_scores,
-                           f"{st.num_inference_steps} steps, guidance {st.guidance_scale}, scored step(s) {','.join(map(str, st.steps))}, "
-                           f"{st.generations} generation(s) from seed {st.seed}")
+    if method == "noise-norm":
+        caption = (f"{st.num_inference_steps} steps, guidance {st.guidance_scale}, scored step(s) {','.join(map(str, st.steps))}, "
+                   f"{st.generations} generation(s) from seed {st.seed}")
+    else:
+        caption = (f"{st['num_inference_steps']} steps, guidance {st['guidance_scale']}, "
+                   f"{'first-step x0' if st['mode'] == 'x0' else 'full images'} of {st['generations']} generations "
+                   f"from seed {st['seed']}")
+    picture = summary.plot(out.with_suffix(".png"), reference_scores, caption)
     out_console.print(f"histogram of the scores -> {picture}")
+
+
+def _detector_options(method: str, steps: str | None, mode: str | None, generations: int | None) -> dict:
+    """The chosen detector's keyword arguments, checked before the model loads; an option of the other
+    detector is refused (it would go unused without a word)."""
+    if method not in ("noise-norm", "seed-consistency"):
+        raise InputError(f"--method must be noise-norm or seed-consistency, got {method!r}")
+    if method == "noise-norm":
+        if mode is not None:
+            raise InputError("--mode applies to --method seed-consistency; noise-norm scores --steps")
+        return {"steps": _steps(steps if steps is not None else "0"), "generations": 1 if generations is None else generations}
+    if steps is not None:
+        raise InputError("--steps applies to --method noise-norm; seed-consistency compares the seeds' outputs (--mode)")
+    if mode is not None and mode not in ("x0", "images"):
+        raise InputError(f"--mode must be x0 or images, got {mode!r}")
+    if generations is not None and generations < 2:
+        raise InputError(f"seed-consistency compares generations of different seeds: --generations must be at least 2, "
+                         f"got {generations}")
+    return {"mode": mode or "x0", "generations": 4 if generations is None else generations}
 
 
 @app.command()

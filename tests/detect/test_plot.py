@@ -30,3 +30,19 @@ def test_detect_writes_the_histogram_beside_its_results(tmp_path, tiny_pipe):
     summary = detect_file(det, prompts, tmp_path / "r.parquet", calibration=cal, progress=False)
     assert np.array_equal(summary.scores, np.asarray(det.score(["a cat", "a dog", "a red circle"]).scores, np.float32))
     assert summary.plot(tmp_path / "r.png").stat().st_size > 1000
+
+
+def test_the_histogram_names_the_detector_that_scored(tmp_path, tiny_pipe):
+    from diffmem.detect import NoiseNormDetector, SeedConsistencyDetector
+    from diffmem.detect.plot import score_figure
+    from diffmem.detect.run import detect_file
+
+    assert score_figure(np.ones(3)).axes[0].get_xlabel() == "text-conditional noise norm (Wen et al.)"
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("a cat\na dog\n")
+    for det, axis in ((NoiseNormDetector(tiny_pipe, 4, 5.0), "noise norm"),
+                      (SeedConsistencyDetector(tiny_pipe, "x0", 2, 4, 5.0), "seed consistency")):
+        summary = detect_file(det, prompts, tmp_path / f"{det.method}.parquet", progress=False)
+        assert summary.method == det.method
+        assert summary.plot(tmp_path / f"{det.method}.png").stat().st_size > 1000
+        assert axis in score_figure(summary.scores, method=summary.method).axes[0].get_xlabel()

@@ -6,7 +6,13 @@ from __future__ import annotations
 import numpy as np
 
 
-def draw_scores(ax, scores, threshold: float | None = None, reference=None, label: str = "scored prompts") -> None:
+# each detector's score, as the histogram's axis names it
+AXIS_LABELS = {"noise_norm": "text-conditional noise norm (Wen et al.)",
+               "seed_consistency": "seed consistency (correlation across seeds)"}
+
+
+def draw_scores(ax, scores, threshold: float | None = None, reference=None, label: str = "scored prompts",
+                method: str = "noise_norm") -> None:
     """Histograms on a log count scale: a memorized prompt lies far right of the reference mass."""
     scores = np.asarray(scores, float)
     shown = [scores] if reference is None else [scores, np.asarray(reference, float)]
@@ -20,16 +26,17 @@ def draw_scores(ax, scores, threshold: float | None = None, reference=None, labe
     if threshold is not None:
         ax.axvline(threshold, color="k", ls="--", lw=1.2, label=f"threshold {threshold:.3g}")
     ax.set_yscale("log")
-    ax.set_xlabel("text-conditional noise norm (Wen et al.)")
+    ax.set_xlabel(AXIS_LABELS.get(method, method))
     ax.set_ylabel("prompts")
     ax.legend(fontsize=7)
 
 
-def score_figure(scores, threshold: float | None = None, reference=None, caption: str = "", label: str = "scored prompts"):
+def score_figure(scores, threshold: float | None = None, reference=None, caption: str = "", label: str = "scored prompts",
+                 method: str = "noise_norm"):
     from ..core.figures import subplots
 
     fig, ax = subplots(figsize=(6.4, 3.0))
-    draw_scores(ax, scores, threshold, reference, label)
+    draw_scores(ax, scores, threshold, reference, label, method)
     ax.set_title(caption, fontsize=7)
     fig.tight_layout()
     return fig

@@ -41,6 +41,7 @@ class DetectSummary:
     score_max: float
     n_truncated: int = 0
     scores: np.ndarray | None = field(default=None, repr=False)  # every prompt's score, in file order
+    method: str = "noise_norm"  # the detector's, which names the histogram's axis
 
     def plot(self, path: str | Path, reference=None, caption: str = "") -> Path:
         """The scores' histogram against the threshold, and the reference scores it was fitted on if given."""
@@ -48,7 +49,7 @@ class DetectSummary:
 
         if self.scores is None:
             raise InputError("this summary holds no scores to draw")
-        fig = score_figure(self.scores, self.threshold, reference, caption)
+        fig = score_figure(self.scores, self.threshold, reference, caption, method=self.method)
         fig.savefig(path, dpi=120)
         return Path(path)
 
@@ -137,7 +138,7 @@ def detect_file(detector, prompts_path: str | Path, out: str | Path, column: str
     allscores = np.concatenate(scores_seen)
     return DetectSummary(n, flagged if calibration else None, calibration.threshold if calibration else None,
                          time.time() - t0, out, float(allscores.min()), float(np.median(allscores)), float(allscores.max()),
-                         n_truncated, allscores)
+                         n_truncated, allscores, detector.method)
 
 
 def run_identity(detector, calibration: Calibration | None) -> dict:
