@@ -9,7 +9,9 @@ LoRA on a small duplicated set, then audited fused with its base, as `diffmem de
    and again with the memorization filter (Wen et al.) at the ``--filter-quantile`` of the base
    model's per-sample noise norms on the fine-tune rows.
 3. For the base model and each LoRA, fused: the first-5-steps noise norm (the audit's detector) of
-   the fine-tuned captions against the held-out ones (AUC, sklearn), and the share of generations of
+   the fine-tuned captions against the held-out ones (AUC, sklearn), and that of the first-step norm
+   and of seed consistency (the first step's x0 over 4 seeds), each also as the change from the base
+   model's score of the same prompt (the base model as a reference); and the share of generations of
    the fine-tuned captions (``--seeds`` each) that copy their fine-tune image (pixel correlation of
    grey thumbnails >= 0.95, the measure for models without a manifest), the share of the held-out
    prompts' generations that copy any fine-tune image, and MemLab's attribute
@@ -83,17 +85,30 @@ def base_norms(captions, images, copies: int) -> np.ndarray:
     return retrain.per_sample_norms(pipe, [captions[i] for i in index], latents)
 
 
+# the detectors compared: the audit's (first 5 steps), detect's default (first step) and the seed consistency of
+# the first step's predicted x0 over 4 seeds (`diffmem detect --method seed-consistency`)
+DETECTORS = ("norm_5_steps", "norm_first_step", "seed_consistency_x0")
+
+
+def detector_scores(pipe, prompts, sampler: dict) -> dict[str, np.ndarray]:
+    from diffmem.detect import NoiseNormDetector, SeedConsistencyDetector
+
+    n, g = sampler["num_inference_steps"], sampler["guidance_scale"]
+    return {"norm_5_steps": NoiseNormDetector(pipe, n, g, steps=range(5)).score(prompts).scores,
+            "norm_first_step": NoiseNormDetector(pipe, n, g).score(prompts).scores,
+            "seed_consistency_x0": SeedConsistencyDetector(pipe, "x0", 4, n, g).score(prompts).scores}
+
+
 def measure(pipe, tuned, held, images, seeds: int) -> dict:
     from sklearn.metrics import roc_auc_score
 
     from diffmem.core.generate import generate
     from diffmem.core.loading import sampler_defaults
-    from diffmem.detect import NoiseNormDetector
     from diffmem.mitigate.measures import MemLabAlignment, PixelReplication
 
     sampler = sampler_defaults(pipe)
-    det = NoiseNormDetector(pipe, sampler["num_inference_steps"], sampler["guidance_scale"], steps=range(5))
-    scores = det.score(tuned + held).scores
+    by_detector = detector_scores(pipe, tuned + held, sampler)
+    scores = by_detector["norm_5_steps"]
     labels = np.r_[np.ones(len(tuned)), np.zeros(len(held))]
     made = generate(pipe, tuned, list(range(seeds)), **sampler)  # (P, S, H, W, 3)
     copied = PixelReplication(images)(made.reshape(-1, *made.shape[2:]))
@@ -102,6 +117,8 @@ def measure(pipe, tuned, held, images, seeds: int) -> dict:
     novel = generate(pipe, held, list(range(seeds)), **sampler).reshape(-1, *made.shape[2:])
     agreement = MemLabAlignment()(novel, [p for p in held for _ in range(seeds)])
     return {"auc_tuned_vs_held": float(roc_auc_score(labels, scores)),
+            "auc_by_detector": {name: float(roc_auc_score(labels, v)) for name, v in by_detector.items()},
+            "scores": {name: np.asarray(v, float).round(6).tolist() for name, v in by_detector.items()},
             "score_median_tuned": float(np.median(scores[: len(tuned)])), "score_median_held": float(np.median(scores[len(tuned):])),
             "replication_tuned": float(replicated.mean()),
             # held-out prompts that bring back one of the fine-tune images anyway: memorization beyond its captions
@@ -148,6 +165,18 @@ def main() -> None:
         share = "" if r.get("dropped_share") is None else f"{r['dropped_share']:.1%}"
         print(f"{name:>14} {r['auc_tuned_vs_held']:>15.3f} {r['score_median_tuned']:>13.4f} {r['score_median_held']:>12.4f} "
               f"{r['replication_tuned']:>12.3f} {r['replication_held_any']:>13.3f} {r['agreement_held']:>10.3f} {share:>8}")
+    labels = np.r_[np.ones(len(tuned)), np.zeros(len(held))]
+    base = {name: np.asarray(v) for name, v in rows["base"]["scores"].items()}
+    print("\nAUC, fine-tuned captions against held-out ones, by detector (and of the change from the base model's score):")
+    print(f"{'model':>14} " + " ".join(f"{name:>22}" for name in DETECTORS))
+    from sklearn.metrics import roc_auc_score
+
+    for name, r in rows.items():
+        if name != "base":  # the base model as the reference: the rise of each prompt's score
+            r["auc_change_from_base"] = {d: float(roc_auc_score(labels, np.asarray(r["scores"][d]) - base[d])) for d in DETECTORS}
+        change = r.get("auc_change_from_base", {})
+        print(f"{name:>14} " + " ".join(f"{r['auc_by_detector'][d]:>13.3f}" + (f" ({change[d]:.3f})" if d in change else " " * 8)
+                                        for d in DETECTORS))
     print(f"{out['seconds']:.0f} s")
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
