@@ -761,6 +761,30 @@ def test_bench_detect_runs_in_the_dtype_asked_for_and_says_so(tmp_path, tiny_pip
     assert r.returncode == 2 and "unknown dtype 'fp8'" in r.stderr and not (tmp_path / "b" / "bench_detect.json").exists()
 
 
+def test_bench_detect_measures_a_model_with_its_lora_fused(tmp_path, tiny_pipe_dir, tiny_lora):
+    from sklearn.metrics import roc_auc_score
+
+    from diffmem.core.loading import load_pipeline
+    from diffmem.detect import NoiseNormDetector
+
+    texts, labels = ["a cat", "a dog", "a red circle", "a blue square", "a green star"], [1, 1, 0, 0, 0]
+    data = tmp_path / "l.csv"
+    data.write_text("prompt,label\n" + "".join(f"{t},{y}\n" for t, y in zip(texts, labels)))
+    base = ["bench", "detect", "--data", str(data), "--model", str(tiny_pipe_dir), "--generations", "1", "--no-black-box"]
+    r = run(*base, "--out", str(tmp_path / "o"), "--lora", str(tiny_lora), "--lora-scale", "0.5")
+    assert r.returncode == 0, r.stderr
+    saved = json.loads((tmp_path / "o" / "bench_detect.json").read_text())
+    assert saved["model"]["lora"]["scale"] == 0.5
+    fused = load_pipeline(tiny_pipe_dir, lora=tiny_lora, lora_scale=0.5)
+    first = next(row for row in saved["grid"] if row["steps"] == "first step")
+    expected = NoiseNormDetector(fused, saved["settings"]["num_inference_steps"], saved["settings"]["guidance_scale"]).score(
+        texts).scores
+    assert first["auc"] == pytest.approx(roc_auc_score(labels, expected))
+    # a LoRA that is not there: said before the model loads, nothing written
+    r = run(*base, "--out", str(tmp_path / "b"), "--lora", str(tmp_path / "none.safetensors"))
+    assert r.returncode == 2 and "LoRA not found" in r.stderr and not (tmp_path / "b").exists(), r.stderr
+
+
 def test_bench_detect_refuses_options_of_the_other_prompt_source(tmp_path):
     # each was ignored: --negatives alone ran the MemLab set, --positives beside --data was never read,
     # and --column / --feature-word-negatives applied to the source not chosen

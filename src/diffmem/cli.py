@@ -530,8 +530,13 @@ def bench_detect_cmd(
                                                 "feature word as negatives in the main split (they are reported in a second split either way)"),
     device: str = DEVICE,
     dtype: str = DTYPE,
+    lora: Optional[Path] = LORA,
+    lora_scale: Optional[float] = LORA_SCALE,
+    textual_inversion: Optional[List[str]] = TEXTUAL_INVERSION,
 ):
-    """AUC and TPR@1%FPR over a grid of steps x generations, a ROC plot and a JSON file."""
+    """AUC and TPR@1%FPR over a grid of steps x generations, a ROC plot and a JSON file. With --lora, for
+    example on the captions a LoRA was fine-tuned on (--positives) and others (--negatives): which
+    detector sees what the fine-tune memorized."""
     from .bench.detect import bench_detect, labelled_from_files, memlab_labelled
     from .core.loading import load_pipeline, runs_on
 
@@ -553,12 +558,13 @@ def bench_detect_cmd(
     else:
         labelled = labelled_from_files(data, str(positives) if positives else None, str(negatives) if negatives else None,
                                        label_column, column)
+    modes = tuple(m.strip() for m in black_box_modes.split(",") if m.strip())
+    if not set(modes) <= {"x0", "images"}:  # before the model loads
+        raise InputError(f"--black-box-modes takes x0 and / or images, got {black_box_modes!r}")
+    adapters = _adapters(lora, lora_scale, textual_inversion)
     _check_writable(out)
     _hold(out)
-    pipe = load_pipeline(model, device=device, dtype=dtype)
-    modes = tuple(m.strip() for m in black_box_modes.split(",") if m.strip())
-    if not set(modes) <= {"x0", "images"}:
-        raise InputError(f"--black-box-modes takes x0 and / or images, got {black_box_modes!r}")
+    pipe = load_pipeline(model, device=device, dtype=dtype, **adapters)
     res = bench_detect(pipe, labelled, generations=tuple(_steps(generations)), seed=seed, batch_size=batch_size,
                        black_box=black_box, black_box_modes=modes, checkpoint=out / "parts")
     res.settings["runs_on"] = runs_on(pipe)
