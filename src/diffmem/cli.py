@@ -1030,7 +1030,10 @@ def audit(
     out: Path = typer.Option(Path("audit"), help="folder for each stage's results and report.html"),
     fpr: float = typer.Option(0.01, callback=_rate, help="calibrated false-positive rate"),
     seed: int = SEED,
-    generations: int = typer.Option(1, min=1, help="detection: seeded generations averaged per prompt"),
+    detect_method: str = typer.Option("noise-norm", help="detection: noise-norm (Wen et al.) or seed-consistency (the first "
+                                      "step's x0 alike across seeds; better on a LoRA fine-tune of MemLab)"),
+    generations: Optional[int] = typer.Option(None, min=1, help="detection: seeded generations per prompt (default: 1 for "
+                                              "noise-norm, averaged; 4 for seed-consistency, at least 2)"),
     skip: str = typer.Option("", help="stages to skip, comma-separated: explain, categorize, mitigate, scan"),
     grid: bool = typer.Option(True, help="with labelled prompts: also the steps x generations grid"),
     max_explain: Optional[int] = typer.Option(None, min=0, help="explain at most this many flagged prompts (highest scores first)"),
@@ -1063,7 +1066,8 @@ def audit(
     settings = AuditSettings(model=model, **_adapters(lora, lora_scale, textual_inversion), prompts=str(prompts) if prompts else None, column=column,
                              reference=str(reference) if reference else None, train_data=train_data, fpr=fpr, seed=seed,
                              sscd=str(sscd) if sscd else None, clip=str(clip) if clip else None,
-                             generations=generations, batch_size=batch_size, grid=grid, max_explain=max_explain,
+                             detect_method=detect_method.replace("-", "_"), generations=generations, batch_size=batch_size,
+                             grid=grid, max_explain=max_explain,
                              explain_method=explain_method,
                              categorize_n=categorize_n, max_categorize=max_categorize, categorize_controls=categorize_controls,
                              max_mitigate=max_mitigate, mitigate_generations=mitigate_generations, mitigate_iters=mitigate_iters,

@@ -166,11 +166,14 @@ def test_killed_during_mitigation_resumes_only_that_stage(tmp_path, memlab_manif
     assert (out / "report.html").exists()
 
 
-@pytest.mark.parametrize("case", ["missing_model", "empty_prompts", "unwritable_out"])
+@pytest.mark.parametrize("case", ["missing_model", "empty_prompts", "unwritable_out", "one_seed_to_compare"])
 def test_bad_input_fails_before_any_work(tmp_path, case):
     out = tmp_path / "out"
     args = ["audit", "--out", out]
-    if case == "missing_model":
+    if case == "one_seed_to_compare":
+        args += ["--detect-method", "seed-consistency", "--generations", "1"]
+        expect = "--generations must be at least 2, got 1"
+    elif case == "missing_model":
         args += ["--model", tmp_path / "no-such-model"]
         expect = "not found"
     elif case == "empty_prompts":
@@ -514,3 +517,55 @@ def test_an_audit_of_a_lora_records_it_and_redoes_stages_when_its_scale_changes(
     with pytest.raises(ModelLoadError, match="LoRA not found"):
         Audit(replace(settings, lora=str(tmp_path / "nowhere.safetensors")), out, progress=False)
     assert sorted(p.relative_to(out) for p in out.rglob("*")) == before
+
+
+def test_an_audit_can_flag_by_seed_consistency_and_says_so(tiny_pipe_dir, tmp_path, monkeypatch):
+    from dataclasses import replace
+
+    from diffmem.core import loading
+    from diffmem.core.loading import load_pipeline, sampler_defaults
+    from diffmem.detect import DetectionResult, SeedConsistencyDetector
+    from diffmem.report.app import AppState
+
+    assert AuditSettings().generations == 1 and AuditSettings(detect_method="seed_consistency").generations == 4
+    with pytest.raises(InputError, match="--generations must be at least 2, got 1"):
+        AuditSettings(detect_method="seed_consistency", generations=1)
+    with pytest.raises(InputError, match="--detect-method must be one of noise-norm, seed-consistency"):
+        AuditSettings(detect_method="wen")
+    reference_texts = [f"reference prompt {i}" for i in range(12)]
+    pipe = load_pipeline(tiny_pipe_dir)
+    sampler = sampler_defaults(pipe)
+    detector = SeedConsistencyDetector(pipe, "x0", 4, sampler["num_inference_steps"], sampler["guidance_scale"])
+    reference_scores = detector.score(reference_texts).scores
+    # the reference prompt that scores highest stands above a median threshold: one flagged prompt
+    top = reference_texts[int(np.argmax(reference_scores))]
+    texts = ["a red circle", top]
+    prompts, reference = tmp_path / "p.txt", tmp_path / "r.txt"
+    prompts.write_text("\n".join(texts) + "\n")
+    reference.write_text("\n".join(reference_texts) + "\n")
+    settings = AuditSettings(model=str(tiny_pipe_dir), prompts=str(prompts), reference=str(reference), fpr=0.5,
+                             detect_method="seed_consistency", steps=(0,), grid=False, skip=("categorize", "mitigate", "scan"))
+    out = tmp_path / "audit"
+    with pytest.warns(UserWarning, match="also in the reference"):  # the top reference prompt is audited too
+        first = Audit(settings, out, progress=False).run()
+    got = DetectionResult.load(out / "detect" / "detections.parquet")
+    assert got.method == "seed_consistency" and got.seeds == [0, 1, 2, 3]
+    assert got.scores == pytest.approx(detector.score(texts).scores, rel=1e-5)
+    assert first.stages["detect"]["summary"]["threshold"] == pytest.approx(np.quantile(reference_scores, 0.5, method="higher"))
+    assert got.verdicts[1]
+    assert first.stages["explain"]["summary"]["n_explained"] == int(got.verdicts.sum())
+    page = (out / "report.html").read_text()
+    assert "seed consistency of the first step&#39;s x0 (4 seeds) &gt;" in page
+    assert "Flagged by seed consistency" in page and "by the noise norm" in page
+    # the noise norm is another detection: redone, not reused
+    with pytest.warns(UserWarning):
+        again = Audit(replace(settings, detect_method="noise_norm", generations=None), out, progress=False).run()
+    assert again.stages["detect"]["status"] == "done"
+    assert DetectionResult.load(out / "detect" / "detections.parquet").method == "noise_norm"
+    assert "noise norm (Wen et al.) &gt;" in (out / "report.html").read_text()
+    # the app scores the noise norm: a seed-consistency audit's calibration is refused before the model loads
+    with pytest.warns(UserWarning):
+        Audit(settings, out, progress=False).run()
+    monkeypatch.setattr(loading, "load_pipeline", lambda *a, **k: pytest.fail("the model loaded"))
+    with pytest.raises(InputError, match="calibrates the seed consistency detector"):
+        AppState(model=str(tiny_pipe_dir), audit=out)

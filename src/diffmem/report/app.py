@@ -80,11 +80,15 @@ class AppState:
                                  "give the --out folder of `diffmem audit`")
             if (Path(audit) / "mitigate" / "target_calibration.json").exists():
                 self._target_calibration = Calibration.load(Path(audit) / "mitigate" / "target_calibration.json")
+        cal = Calibration.load(calibration) if calibration is not None else None
+        if cal is not None and cal.method != NoiseNormDetector.method:  # before the model loads
+            raise InputError(f"{calibration} calibrates the {cal.method.replace('_', ' ')} detector; the app scores the "
+                             "noise norm as a prompt is edited: give a calibration of it (`diffmem detect "
+                             "--calibrate-with`, or an audit's with --detect-method noise-norm)")
         self.pipe = load_pipeline(model, device=device, dtype=dtype, lora=lora, lora_scale=lora_scale,
                                   textual_inversion=textual_inversion)
         self.sampler = sampler_defaults(self.pipe)
         self.seed, self.generations = seed, generations
-        cal = Calibration.load(calibration) if calibration is not None else None
         if cal is not None:  # score exactly as the calibration was made
             cs = cal.settings
             self.sampler = {"num_inference_steps": cs["num_inference_steps"], "guidance_scale": cs["guidance_scale"]}

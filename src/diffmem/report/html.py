@@ -43,10 +43,20 @@ def _array_data(img: np.ndarray, scale: int = 3) -> str:
     return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
 
 
-def _score_figure(scores, reference, threshold, caption: str) -> str:
+def _score_figure(scores, reference, threshold, caption: str, method: str = "noise_norm") -> str:
     from ..detect.plot import score_figure
 
-    return _fig_data(score_figure(scores, threshold, reference, caption, label="audited prompts"))
+    return _fig_data(score_figure(scores, threshold, reference, caption, label="audited prompts", method=method))
+
+
+def _detector_text(det) -> tuple[str, str]:
+    """The detector that flagged the audited prompts, and its settings, as the report names them."""
+    st = det.settings
+    if det.method == "seed_consistency":
+        return (f"seed consistency of the first step's x0 ({len(det.seeds)} seeds)",
+                f"{st['num_inference_steps']} steps, guidance {st['guidance_scale']}, first-step x0, seeds {det.seeds}")
+    return ("noise norm (Wen et al.)",
+            f"{st['num_inference_steps']} steps, guidance {st['guidance_scale']}, scored step(s) {st['steps']}, seeds {det.seeds}")
 
 
 def _roc_figure(roc: dict, caption: str) -> str:
@@ -85,13 +95,19 @@ def build_context(out: Path, result) -> dict:
     labels = json.loads((out / "detect" / "labels.json").read_text())
     dsum = st["detect"]["summary"]
     det_caption = f"detector settings {_settings_text(det.settings)}; seeds {det.seeds}; calibrated at FPR {cal.fpr} on {cal.n_reference} reference prompts"
+    detector_name, detector_settings = _detector_text(det)
     ctx = {"settings": result.settings, "stages": st, "detect": dsum, "det_caption": det_caption,
-           "score_fig": _score_figure(det.scores, ref.scores, cal.threshold, f"{det.settings['num_inference_steps']} steps, "
-                                      f"guidance {det.settings['guidance_scale']}, scored step(s) {det.settings['steps']}, seeds {det.seeds}"),
+           "detector_name": detector_name, "detector_settings": detector_settings,
+           # the words' shares and the mitigation's loss are of the noise norm, whichever detector flagged
+           "detector_note": None if det.method == "noise_norm" else
+           (f"Flagged by {detector_name}. The words are shaded, and mitigation lowers the loss, by the noise norm "
+            "(Wen et al.): a prompt already below the mitigation's target is generated as it was."),
+           "score_fig": _score_figure(det.scores, ref.scores, cal.threshold, detector_settings, det.method),
            "roc_fig": None, "grid": None, "grid_fig": None}
     if labels.get("labels") is not None and (out / "detect" / "roc.json").exists():
         roc = json.loads((out / "detect" / "roc.json").read_text())
-        ctx["roc_fig"] = _roc_figure(roc, f"AUC {dsum['auc']:.3f}, TPR@1%FPR {dsum['tpr_at_1pct_fpr']:.3f}; steps {det.settings['steps']}, seeds {det.seeds}")
+        ctx["roc_fig"] = _roc_figure(roc, f"{detector_name}: AUC {dsum['auc']:.3f}, TPR@1%FPR {dsum['tpr_at_1pct_fpr']:.3f}; "
+                                          f"{detector_settings}")
         gpath = out / "detect" / "grid" / "bench_detect.json"
         if gpath.exists():
             g = json.loads(gpath.read_text())
