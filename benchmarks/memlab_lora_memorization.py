@@ -11,7 +11,9 @@ LoRA on a small duplicated set, then audited fused with its base, as `diffmem de
 3. For the base model and each LoRA, fused: the first-5-steps noise norm (the audit's detector) of
    the fine-tuned captions against the held-out ones (AUC, sklearn), and that of the first-step norm
    and of seed consistency (the first step's x0 over 4 seeds), each also as the change from the base
-   model's score of the same prompt (the base model as a reference); and the share of generations of
+   model's score of the same prompt (the base model as a reference), and, as an audit judges them,
+   against MemLab's reference prompts (AUC, and the share flagged at a threshold calibrated at FPR 1%
+   on those prompts); and the share of generations of
    the fine-tuned captions (``--seeds`` each) that copy their fine-tune image (pixel correlation of
    grey thumbnails >= 0.95, the measure for models without a manifest), the share of the held-out
    prompts' generations that copy any fine-tune image, and MemLab's attribute
@@ -99,7 +101,20 @@ def detector_scores(pipe, prompts, sampler: dict) -> dict[str, np.ndarray]:
             "seed_consistency_x0": SeedConsistencyDetector(pipe, "x0", 4, n, g).score(prompts).scores}
 
 
-def measure(pipe, tuned, held, images, seeds: int) -> dict:
+def against_reference(tuned_scores: np.ndarray, reference_scores: np.ndarray, fpr: float = 0.01) -> dict:
+    """The audit's view: the fine-tuned captions judged against non-memorized reference prompts, at the
+    threshold a calibration on those prompts sets (Calibration.fit)."""
+    from sklearn.metrics import roc_auc_score
+
+    from diffmem.detect import Calibration
+
+    threshold = Calibration.fit(reference_scores, fpr=fpr).threshold
+    labels = np.r_[np.ones(len(tuned_scores)), np.zeros(len(reference_scores))]
+    return {"auc": float(roc_auc_score(labels, np.r_[tuned_scores, reference_scores])),
+            "flagged_at_1pct_fpr": float(np.mean(tuned_scores > threshold))}
+
+
+def measure(pipe, tuned, held, images, seeds: int, reference: list[str]) -> dict:
     from sklearn.metrics import roc_auc_score
 
     from diffmem.core.generate import generate
@@ -108,6 +123,7 @@ def measure(pipe, tuned, held, images, seeds: int) -> dict:
 
     sampler = sampler_defaults(pipe)
     by_detector = detector_scores(pipe, tuned + held, sampler)
+    on_reference = detector_scores(pipe, reference, sampler)
     scores = by_detector["norm_5_steps"]
     labels = np.r_[np.ones(len(tuned)), np.zeros(len(held))]
     made = generate(pipe, tuned, list(range(seeds)), **sampler)  # (P, S, H, W, 3)
@@ -118,6 +134,8 @@ def measure(pipe, tuned, held, images, seeds: int) -> dict:
     agreement = MemLabAlignment()(novel, [p for p in held for _ in range(seeds)])
     return {"auc_tuned_vs_held": float(roc_auc_score(labels, scores)),
             "auc_by_detector": {name: float(roc_auc_score(labels, v)) for name, v in by_detector.items()},
+            "against_reference": {name: against_reference(np.asarray(v[: len(tuned)]), np.asarray(on_reference[name]))
+                                  for name, v in by_detector.items()},
             "scores": {name: np.asarray(v, float).round(6).tolist() for name, v in by_detector.items()},
             "score_median_tuned": float(np.median(scores[: len(tuned)])), "score_median_held": float(np.median(scores[len(tuned):])),
             "replication_tuned": float(replicated.mean()),
@@ -145,14 +163,19 @@ def main() -> None:
     from diffmem.memlab.verify import load_manifest
 
     started = time.time()
-    tuned, images, held = fine_tune_set(load_manifest("memlab"), args.captions, args.seed)
+    from diffmem.report.audit import memlab_audit_prompts
+
+    manifest = load_manifest("memlab")
+    tuned, images, held = fine_tune_set(manifest, args.captions, args.seed)
+    # the audit's reference prompts, less those fine-tuned on or held out
+    reference = [p for p in memlab_audit_prompts(manifest).reference if p not in set(tuned + held)]
     threshold = float(np.quantile(base_norms(tuned, images, args.copies), args.filter_quantile))
-    rows = {"base": measure(load_pipeline("memlab"), tuned, held, images, args.seeds)}
+    rows = {"base": measure(load_pipeline("memlab"), tuned, held, images, args.seeds, reference)}
     with tempfile.TemporaryDirectory() as tmp:
         for name, t in (("lora", None), ("lora_filtered", threshold)):
             trained = train_lora(tuned, images, args.copies, args, t, Path(tmp) / name)
             fused = load_pipeline("memlab", lora=trained.pop("lora"))
-            rows[name] = {**measure(fused, tuned, held, images, args.seeds), **trained}
+            rows[name] = {**measure(fused, tuned, held, images, args.seeds, reference), **trained}
     out = {"settings": {**{k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
                         "filter_threshold": threshold},
            "rows": rows, "seconds": round(time.time() - started, 1)}
@@ -176,6 +199,12 @@ def main() -> None:
             r["auc_change_from_base"] = {d: float(roc_auc_score(labels, np.asarray(r["scores"][d]) - base[d])) for d in DETECTORS}
         change = r.get("auc_change_from_base", {})
         print(f"{name:>14} " + " ".join(f"{r['auc_by_detector'][d]:>13.3f}" + (f" ({change[d]:.3f})" if d in change else " " * 8)
+                                        for d in DETECTORS))
+    print(f"\nAs an audit judges them: the fine-tuned captions against {len(reference)} of MemLab's reference prompts, "
+          "AUC and the share flagged at a threshold calibrated at FPR 1% on those prompts:")
+    print(f"{'model':>14} " + " ".join(f"{name:>22}" for name in DETECTORS))
+    for name, r in rows.items():
+        print(f"{name:>14} " + " ".join(f"{r['against_reference'][d]['auc']:>13.3f} ({r['against_reference'][d]['flagged_at_1pct_fpr']:.2f})"
                                         for d in DETECTORS))
     print(f"{out['seconds']:.0f} s")
     if args.json:
