@@ -51,3 +51,35 @@ def test_predicted_x0_is_the_samplers_own(prediction_type, sampler):
             eps = (x - x0) / sched.sigmas[i]
             torch.testing.assert_close(denoise.to_epsilon(pipe, out[0] - out[1], t), eps[0] - eps[1], rtol=1e-4, atol=1e-5)
         x = step.prev_sample[:1].expand_as(x)  # both samples at one x_t, as a difference of predictions is taken
+
+
+@pytest.mark.parametrize("mode", ["x0", "images"])
+def test_progress_is_reported_as_the_generations_are_made(tiny_pipe, mode):
+    # diffmem detect's bar moves by it within a chunk of prompts: full generations take minutes each on a CPU
+    seen = []
+    det = SeedConsistencyDetector(tiny_pipe, mode=mode, generations=3, num_inference_steps=3, batch_size=2)
+    det.score(["a cat", "a dog", "a red circle"], on_progress=lambda done, total: seen.append((done, total)))
+    assert len(seen) > 1 and seen[-1] == (9, 9)
+    assert [d for d, _ in seen] == sorted(d for d, _ in seen) and {t for _, t in seen} == {9}
+
+
+def test_detect_file_moves_its_bar_within_a_chunk_and_takes_detectors_that_do_not_report(tmp_path, tiny_pipe):
+    from diffmem.detect.run import detect_file
+
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("a cat\na dog\na red circle\n")
+    given = []
+
+    class Reporting(SeedConsistencyDetector):
+        def score(self, prompts, progress=False, on_progress=None):
+            given.append(on_progress)
+            return super().score(prompts, progress, on_progress)
+
+    class Silent(SeedConsistencyDetector):  # a detector of the user's, without the argument
+        def score(self, prompts, progress=False):
+            return super().score(prompts, progress)
+
+    detect_file(Reporting(tiny_pipe, "x0", 2, 3), prompts, tmp_path / "a.parquet", chunk=2, progress=False)
+    assert len(given) == 2 and all(callable(f) for f in given)
+    silent = detect_file(Silent(tiny_pipe, "x0", 2, 3), prompts, tmp_path / "b.parquet", chunk=2, progress=False)
+    assert silent.n_prompts == 3

@@ -10,11 +10,12 @@ import torch
 
 def generate(pipe, prompts: Sequence[str], seeds: Sequence[int], num_inference_steps: int = 50,
              guidance_scale: float = 7.5, batch_size: int = 64, progress: bool = False,
-             prompt_embeds: torch.Tensor | None = None) -> np.ndarray:
+             prompt_embeds: torch.Tensor | None = None, on_batch=None) -> np.ndarray:
     """Images (P, S, H, W, 3) float32 in [0, 1]: prompt p with seed s uses
     ``torch.Generator().manual_seed(s)``, so any image can be regenerated alone.
 
     ``prompt_embeds`` (P, L, D), when given, replace the prompts' text embeddings (mitigation).
+    ``on_batch(n)``, when given, is called with the number of images each batch made.
     """
     from tqdm.auto import tqdm
 
@@ -48,5 +49,7 @@ def generate(pipe, prompts: Sequence[str], seeds: Sequence[int], num_inference_s
         for (pi, si), im in zip(chunk, images):
             out[pi, si] = im
         bar.update(len(chunk))
+        if on_batch is not None:
+            on_batch(len(chunk))
     bar.close()
     return out

@@ -12,6 +12,7 @@ revision of the method are refused, never mixed in.
 
 from __future__ import annotations
 
+import inspect
 import json
 import shutil
 import time
@@ -88,6 +89,19 @@ def detect_file(detector, prompts_path: str | Path, out: str | Path, column: str
     scores_seen: list[np.ndarray] = []
     flagged = n_truncated = 0
 
+    # the bar moves within a chunk too, for detectors that report their progress: a chunk of full
+    # generations (seed consistency's images mode) takes many minutes
+    takes_progress = "on_progress" in inspect.signature(detector.score).parameters
+    moved = [0]  # prompts of the current chunk the bar has counted
+
+    def within_chunk(size: int) -> dict:
+        def on_progress(done: int, total: int) -> None:
+            now = size * done // total
+            bar.update(now - moved[0])
+            moved[0] = now
+
+        return {"on_progress": on_progress} if takes_progress else {}
+
     def scored():
         nonlocal flagged, n_truncated
         for i, (buf, key) in enumerate(zip(_chunks(iter_prompts(prompts_path, column), chunk), keys)):
@@ -102,7 +116,7 @@ def detect_file(detector, prompts_path: str | Path, out: str | Path, column: str
                     if res.truncated is None:  # saved before results had the column: every part's table must match
                         res.truncated = denoise.truncated(detector.pipe, res.prompts)
             if res is None:
-                res = detector.score(buf)
+                res = detector.score(buf, **within_chunk(len(buf)))
                 if calibration is not None:
                     res = calibration.apply(res)
                 res.save(part)
@@ -112,7 +126,8 @@ def detect_file(detector, prompts_path: str | Path, out: str | Path, column: str
             if res.truncated is not None:
                 n_truncated += int(np.sum(res.truncated))
             scores_seen.append(np.asarray(res.scores, np.float32))
-            bar.update(len(buf))
+            bar.update(len(buf) - moved[0])
+            moved[0] = 0
             yield res
 
     try:

@@ -54,24 +54,34 @@ class SeedConsistencyDetector:
         return [self.settings["seed"] + g for g in range(self.settings["generations"])]
 
     @torch.inference_mode()
-    def score(self, prompts: Sequence[str], progress: bool = False) -> DetectionResult:
+    def score(self, prompts: Sequence[str], progress: bool = False, on_progress=None) -> DetectionResult:
+        """``on_progress(done, total)``, in prompt-generations, as they are made (as NoiseNormDetector.score)."""
         prompts = check_prompts(prompts)
         s = self.settings
         seeds = self.seeds()
+        done = 0
+
+        def advance(n: int) -> None:
+            nonlocal done
+            done += n
+            if on_progress is not None:
+                on_progress(done, len(prompts) * len(seeds))
+
         if s["mode"] == "images":
             from ..core.generate import generate
 
-            out = generate(self.pipe, prompts, seeds, s["num_inference_steps"], s["guidance_scale"], s["batch_size"], progress)
+            out = generate(self.pipe, prompts, seeds, s["num_inference_steps"], s["guidance_scale"], s["batch_size"], progress,
+                           on_batch=advance)
             outputs = torch.from_numpy(out).flatten(2)  # (P, G, D)
         else:
-            outputs = self._first_step_x0(prompts, seeds)
+            outputs = self._first_step_x0(prompts, seeds, advance)
         values = torch.stack([pairwise_agreement(o) for o in outputs]).numpy()[..., None]
         from ..core.loading import model_identity
 
         return DetectionResult(prompts, values.mean(axis=(1, 2)), values, dict(s), seeds, self.method, model_identity(self.pipe),
                                truncated=denoise.truncated(self.pipe, prompts))
 
-    def _first_step_x0(self, prompts, seeds) -> torch.Tensor:
+    def _first_step_x0(self, prompts, seeds, advance) -> torch.Tensor:
         pipe, s = self.pipe, self.settings
         uncond_emb = denoise.encode_text(pipe, [""], warn=False)
         res = []
@@ -88,5 +98,6 @@ class SeedConsistencyDetector:
                 uncond = pipe.unet(xin[:1], t, encoder_hidden_states=uncond_emb).sample.expand_as(cond)
                 x0 = denoise.predicted_x0(pipe, xin, denoise.guided(uncond, cond, s["guidance_scale"]), t)
                 per_seed.append(x0.flatten(1))
+                advance(len(chunk))
             res.append(torch.stack(per_seed, dim=1))  # (B, G, D)
         return torch.cat(res)
