@@ -194,13 +194,10 @@ class DetectBenchResult:
         ax.set_xlabel("false-positive rate (log scale above 0.01)")
         ax.set_ylabel("true-positive rate")
         s = self.settings
-        # a fine-tune is named (by file, not by path: a title line holds little): its ROC is not the base model's
-        adapters = []
-        if lora := self.model.get("lora"):
-            adapters.append(f"the LoRA {Path(lora['path']).name} at scale {lora['scale']:g}")
-        if inversions := self.model.get("textual_inversion"):
-            adapters.append("the token" + ("s " if len(inversions) > 1 else " ") + ", ".join(x["token"] for x in inversions))
-        adapted = f"\nwith {' and '.join(adapters)}" if adapters else ""
+        # a fine-tune is named (by its files, not the model's path: a title line holds little): its ROC is not the base model's
+        from ..core.loading import adapters_named
+
+        adapted = f"\n{adapters}" if (adapters := adapters_named(self.model).strip()) else ""
         ax.set_title(f"{self.source}: {int(self.n_pos)} memorized vs {int(self.n_neg)} not\n"
                      f"{s['num_inference_steps']} steps, guidance {s['guidance_scale']}, seeds {self.seeds}{adapted}", fontsize=8)
         ax.legend(fontsize=6, loc="lower right")

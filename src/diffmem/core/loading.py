@@ -526,7 +526,13 @@ def model_identity(pipe) -> dict:
 def model_name(identity: dict) -> str:
     """How messages name the model of a ``model_identity``: its path, the LoRA fused into it and the
     textual-inversion tokens added to it."""
-    name = repr(identity.get("name_or_path"))
+    return repr(identity.get("name_or_path")) + adapters_named(identity)
+
+
+def adapters_named(identity: dict) -> str:
+    """" with the LoRA ... at scale ... and the textual-inversion token ...", as ``model_name`` ends, or
+    "" for a model without adapters."""
+    name = ""
     if lora := identity.get("lora"):
         name += f" with the LoRA {Path(lora['path']).name} at scale {lora['scale']:g}"
     if inversions := identity.get("textual_inversion"):
