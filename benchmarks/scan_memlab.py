@@ -87,9 +87,13 @@ def main(argv=None):
             "verbatim_vs_other": roc_auc_score(lab[lab != "template"] == "verbatim", s[lab != "template"]),
             "template_vs_other": roc_auc_score(lab[lab != "verbatim"] == "template", s[lab != "verbatim"]),
         }
-    # random timesteps per row, as the training-time filter draws them
+    # random timesteps per row, as the training-time filter draws them, among those with signal left:
+    # MemLab's zero-terminal-SNR schedule has none at its last, where the scan refuses to score
+    from diffmem.core.denoise import scores_nothing_at
+
+    with_signal = [t for t in range(pipe.scheduler.config.num_train_timesteps) if not scores_nothing_at(pipe, t)]
     gen = torch.Generator().manual_seed(0)
-    ts = torch.randint(0, pipe.scheduler.config.num_train_timesteps, (len(sample),), generator=gen).tolist()
+    ts = [with_signal[k] for k in torch.randint(0, len(with_signal), (len(sample),), generator=gen).tolist()]
     s = np.concatenate([sample_noise_norms(pipe, [row], timestep=t) for row, t in zip(sample, ts)])
     auc["random_t"] = {
         "verbatim_vs_other": roc_auc_score(lab[lab != "template"] == "verbatim", s[lab != "template"]),
