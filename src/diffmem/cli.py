@@ -840,6 +840,9 @@ def scan(
                                                "inside its cluster (default 0.9)"),
     caption_jaccard: Optional[float] = typer.Option(None, min=0.0, max=1.0, help="caption_duplicates: near-duplicate "
                                                     "captions' estimated Jaccard of word 1-2 grams (default 0.8)"),
+    image_index: Optional[str] = typer.Option(None, help="image_duplicates: the thumbnails' neighbour search: exact, "
+                                              "approximate (faiss IVF: a fraction of the time, most of the neighbours) "
+                                              "or auto (the default: approximate past 100,000 images)"),
     model: Optional[str] = typer.Option(None, help="pipeline for the memorization check (memlab, a folder or a hub id)"),
     timestep: Optional[int] = typer.Option(None, min=0, help="memorization check: the timestep every row is noised to (default: half the training schedule)"),
     memorization_threshold: Optional[float] = typer.Option(None, help="memorization check: flag rows above this noise norm (default: median + 3 MAD)"),
@@ -862,7 +865,8 @@ def scan(
     names = tuple(c.strip() for c in checks.split(",") if c.strip())
     unused, given = _mode_options({
         "triggers": {"--min-support": ("min_support", min_support), "--min-purity": ("min_purity", min_purity)},
-        "caption_duplicates": {"--caption-jaccard": ("caption_jaccard", caption_jaccard)}}, set(names))
+        "caption_duplicates": {"--caption-jaccard": ("caption_jaccard", caption_jaccard)},
+        "image_duplicates": {"--image-index": ("image_index", image_index)}}, set(names))
     if unused and set(names) <= set(CHECKS):  # a misspelt check is named as such by the scanner
         raise InputError(f"{', '.join(unused)} {'sets a check' if len(unused) == 1 else 'set checks'} not among "
                          f"--checks {','.join(names)}")

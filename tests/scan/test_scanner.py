@@ -324,6 +324,12 @@ def test_cli_scan_writes_results_and_report_and_rejects_bad_input(tmp_path):
     assert unused.returncode == 2 and "Traceback" not in unused.stderr
     assert "--min-support (triggers), --caption-jaccard (caption_duplicates) set checks not among" in unused.stderr
     assert not (tmp_path / "o4").exists()
+    unused = run_cli("scan", tmp_path / "caps.parquet", "--out", tmp_path / "o4", "--checks", "triggers",
+                     "--image-index", "exact")
+    assert unused.returncode == 2 and "--image-index (image_duplicates) sets a check not among" in unused.stderr
+    unknown = run_cli("scan", tmp_path / "caps.parquet", "--out", tmp_path / "o4", "--image-index", "hnsw")
+    assert unknown.returncode == 2 and "unknown image index 'hnsw': choose from auto, exact, approximate" in unknown.stderr
+    assert "Traceback" not in unknown.stderr and not (tmp_path / "o4").exists()
     given = run_cli("scan", tmp_path / "caps.parquet", "--out", tmp_path / "o5", "--checks", "triggers", "--min-support", "3")
     assert given.returncode == 0, given.stderr[-2000:]
     settings = json.loads((tmp_path / "o5" / "scan_summary.json").read_text())["settings"]
@@ -409,22 +415,45 @@ def test_the_mean_thumbnail_is_summed_in_chunks_and_skips_rows_without_an_image(
         np.testing.assert_array_equal(mean_thumbnail(with_gaps, chunk=chunk), expected)
 
 
-def test_a_large_image_scan_says_how_long_the_image_search_takes_before_it_starts(tmp_path, monkeypatch):
+def test_a_large_exact_image_scan_says_how_long_the_image_search_takes_before_it_starts(tmp_path, monkeypatch):
     import diffmem.scan.scanner as scanner_module
 
     rng = np.random.default_rng(0)
     images = [rng.random((16, 16, 3)).astype(np.float32) for _ in range(6)]
     source = ListSource([f"caption {i}" for i in range(6)], images=images)
     monkeypatch.setattr(scanner_module, "LARGE_IMAGE_SCAN", 5)
-    with pytest.warns(UserWarning, match="6 images: the near-duplicate image search"):
-        DatasetScanner(source, tmp_path / "w", progress=False).scan()
-    monkeypatch.setattr(scanner_module, "LARGE_IMAGE_SCAN", 6)
+    with pytest.warns(UserWarning, match="6 images: the exact near-duplicate image search.*--image-index approximate"):
+        DatasetScanner(source, tmp_path / "w", progress=False, image_index="exact").scan()
     import warnings
 
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        DatasetScanner(source, tmp_path / "w2", progress=False).scan()
-    assert not [w for w in caught if "image search" in str(w.message)]
+    for index, limit in (("exact", 6), ("auto", 5), ("approximate", 5)):  # small enough, or not exact
+        monkeypatch.setattr(scanner_module, "LARGE_IMAGE_SCAN", limit)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            DatasetScanner(source, tmp_path / f"w-{index}", progress=False, image_index=index).scan()
+        assert not [w for w in caught if "image search" in str(w.message)], index
+
+
+def test_auto_image_index_turns_approximate_past_the_large_scan_size(tmp_path, monkeypatch):
+    import diffmem.scan.scanner as scanner_module
+
+    rng = np.random.default_rng(0)
+    images = [rng.random((16, 16, 3)).astype(np.float32) for _ in range(6)]
+    images[1] = images[0].copy()
+    source = ListSource([f"caption {i}" for i in range(6)], images=images)
+
+    def method(limit, index="auto"):
+        monkeypatch.setattr(scanner_module, "LARGE_IMAGE_SCAN", limit)
+        res = DatasetScanner(source, tmp_path / f"w-{limit}-{index}", progress=False, image_index=index).scan()
+        detail = res.summary.set_index("check").loc["image_duplicates", "detail"]
+        assert res.rows["image_cluster"].iloc[0] == res.rows["image_cluster"].iloc[1] >= 0
+        return detail["method"], res.settings["image_index"]
+
+    assert method(6) == ("perceptual hash + thumbnail neighbours (exact)", "auto")
+    assert method(5) == ("perceptual hash + thumbnail neighbours (approximate: faiss IVF)", "auto")
+    assert method(6, "approximate")[0].endswith("(approximate: faiss IVF)")
+    with pytest.raises(InputError, match="unknown image index 'hnsw'"):
+        DatasetScanner(source, tmp_path / "bad", progress=False, image_index="hnsw")
 
 
 def test_a_recorded_shard_that_was_lost_or_damaged_is_scanned_again(tmp_path):

@@ -11,8 +11,11 @@ Two rows are linked when
 - an optional embedding from a local model (SSCD, CLIP) puts them within ``min_cosine``.
 
 Clusters are the connected components of these links. The neighbour search is exact (sklearn,
-brute force), which is fine up to about 10^5 images on a CPU; beyond that, pass an embedding and
-an approximate index of your own.
+brute force) by default, whose time grows with the square of the count: fine up to about 10^5
+images on a CPU. ``index="approximate"`` searches an inverted-file index instead (faiss IVF over
+the vectors' top 128 principal components, after scaling each to unit length, so that distances
+there follow the cosine): its time grows about as the count to the power 1.5, and it finds most
+but not all of the exact neighbours (``benchmarks/scan_image_scale.py`` measures how many).
 """
 
 from __future__ import annotations
@@ -86,16 +89,101 @@ def _unless_blanks_of_other_colours(flat: np.ndarray, shape: tuple, a: np.ndarra
     return a[keep], b[keep]
 
 
-def _neighbour_pairs(vectors: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+INDEXES = ("exact", "approximate")
+APPROXIMATE_DIMS = 128  # principal components the approximate index searches
+APPROXIMATE_PROBES = 32  # inverted lists searched per query: more finds more exact neighbours, slower
+APPROXIMATE_TRAINING_ROWS = 20_000  # rows the principal components are fitted on
+
+
+def _neighbour_pairs(vectors: np.ndarray, k: int, index: str = "exact", cosine: bool = True,
+                     chunk: int = PAIR_CHUNK) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+    """Each row's ``k`` nearest other rows by cosine, as pairs ``i``, ``j`` and, if ``cosine``,
+    their cosine (the approximate index's cost it apart: the thumbnails' links do without it)."""
+    if index not in INDEXES:
+        raise ValueError(f"unknown neighbour index {index!r}: choose from {', '.join(INDEXES)}")
+    k = min(k, len(vectors) - 1)
+    if index == "approximate":
+        i, j = _approximate_neighbours(vectors, k, chunk)
+        if not cosine:
+            return i, j, None
+        cos = np.empty(len(i), np.float32)
+        for s in range(0, len(i), chunk):
+            cos[s : s + chunk] = (_unit(vectors[i[s : s + chunk]]) * _unit(vectors[j[s : s + chunk]])).sum(1)
+        return i, j, cos
     from sklearn.neighbors import NearestNeighbors
 
-    k = min(k, len(vectors) - 1)
-    nn = NearestNeighbors(n_neighbors=k + 1, metric="cosine", algorithm="brute").fit(vectors)
-    dist, nbrs = nn.kneighbors(vectors)
+    vectors = vectors.astype(np.float32, copy=False)
+    dist, nbrs = NearestNeighbors(n_neighbors=k + 1, metric="cosine", algorithm="brute").fit(vectors).kneighbors(vectors)
     i = np.repeat(np.arange(len(vectors)), k + 1)
     j = nbrs.ravel()
     keep = i != j
     return i[keep], j[keep], 1.0 - dist.ravel()[keep]
+
+
+def _unit(rows: np.ndarray) -> np.ndarray:
+    rows = rows.astype(np.float32)
+    return rows / np.maximum(np.linalg.norm(rows, axis=1, keepdims=True), 1e-12)
+
+
+def _approximate_neighbours(vectors: np.ndarray, k: int, chunk: int = PAIR_CHUNK) -> tuple[np.ndarray, np.ndarray]:
+    """About each row's ``k`` nearest other rows by cosine, from faiss's inverted-file index.
+
+    Unit rows make the squared distance 2 - 2 cosine, and PCA keeps distances up to what its
+    components leave out, so the nearest in 128 components are nearly the nearest by cosine. Rows
+    are converted to float32 a chunk at a time: a million 32 x 32 thumbnails are 3 GB as uint8,
+    12 GB as float32. Deterministic: faiss seeds its k-means, and the PCA sample is seeded."""
+    import faiss
+
+    n, d = vectors.shape
+    dims = min(APPROXIMATE_DIMS, d, n)
+    rng = np.random.default_rng(0)
+    sample = np.sort(rng.choice(n, min(n, APPROXIMATE_TRAINING_ROWS), replace=False))
+    from sklearn.decomposition import PCA
+
+    # randomized: a third of the time of faiss's full eigendecomposition of 3,072 dimensions
+    pca = PCA(dims, svd_solver="randomized", random_state=0).fit(_unit(vectors[sample]))
+    reduced = np.ascontiguousarray(np.concatenate([pca.transform(_unit(vectors[s : s + chunk]))
+                                                   for s in range(0, n, chunk)]), dtype=np.float32)
+    # about 4 sqrt(n) lists, each trained on at least 39 rows as faiss asks
+    lists = max(1, min(int(4 * np.sqrt(n)), n // 39))
+    if lists == 1:  # too few rows for lists: search the components in full
+        index = faiss.IndexFlatL2(dims)
+    else:
+        index = faiss.IndexIVFFlat(faiss.IndexFlatL2(dims), dims, lists)
+        index.train(reduced)
+        index.nprobe = min(lists, APPROXIMATE_PROBES)
+    index.add(reduced)
+    _, nbrs = index.search(reduced, k + 1)
+    i = np.repeat(np.arange(n), k + 1)
+    j = nbrs.ravel().astype(np.int64)
+    keep = (j >= 0) & (i != j)  # -1: fewer than k + 1 rows in the lists searched
+    return i[keep], j[keep]
+
+
+def neighbour_recall(vectors: np.ndarray, k: int = 10, queries: int = 1000, block: int = 65536) -> float:
+    """Share of the exact ``k`` nearest neighbours (cosine) of ``queries`` evenly spaced rows that the
+    approximate index returns for them: what the approximate search misses, measured on your data."""
+    from sklearn.neighbors import NearestNeighbors
+
+    q = np.unique(np.linspace(0, len(vectors) - 1, min(queries, len(vectors))).astype(int))
+    i, j, _ = _neighbour_pairs(vectors, k, "approximate", cosine=False)
+    asked = np.isin(i, q)
+    found: dict[int, set] = {}
+    for a, b in zip(i[asked].tolist(), j[asked].tolist()):
+        found.setdefault(a, set()).add(b)
+    dists, idxs = [], []
+    for s in range(0, len(vectors), block):  # the exact search a block of rows at a time: bounded memory
+        rows = vectors[s : s + block].astype(np.float32)
+        nn = NearestNeighbors(n_neighbors=min(k + 1, len(rows)), metric="cosine", algorithm="brute").fit(rows)
+        d, x = nn.kneighbors(vectors[q].astype(np.float32))
+        dists.append(d)
+        idxs.append(x + s)
+    dist, idx = np.concatenate(dists, 1), np.concatenate(idxs, 1)
+    hits = []
+    for r, row in enumerate(q.tolist()):
+        nearest = [x for x in idx[r][np.argsort(dist[r], kind="stable")].tolist() if x != row][:k]
+        hits.append(len(set(nearest) & found.get(row, set())) / max(len(nearest), 1))
+    return float(np.mean(hits))
 
 
 def _pair_agreement(uniq: np.ndarray, shape: tuple, i: np.ndarray, j: np.ndarray, chunk: int = PAIR_CHUNK) -> np.ndarray:
@@ -112,8 +200,11 @@ def _pair_agreement(uniq: np.ndarray, shape: tuple, i: np.ndarray, j: np.ndarray
 
 def image_clusters(phash: np.ndarray, thumbs: np.ndarray, valid: np.ndarray, max_hamming: int = 4,
                    neighbours: int = 10, min_agreement: float = 0.6, embedding: np.ndarray | None = None,
-                   min_cosine: float = 0.9) -> ImageClusters:
-    """Cluster rows ``valid`` (bool, N) from their hashes (int64, N) and uint8 thumbnails (N, S, S, 3)."""
+                   min_cosine: float = 0.9, index: str = "exact") -> ImageClusters:
+    """Cluster rows ``valid`` (bool, N) from their hashes (int64, N) and uint8 thumbnails (N, S, S, 3);
+    ``index``: the neighbour search, exact or approximate (see the module's note)."""
+    if index not in INDEXES:
+        raise ValueError(f"unknown neighbour index {index!r}: choose from {', '.join(INDEXES)}")
     n = len(valid)
     idx = np.flatnonzero(valid)
     score = np.full(n, np.nan, np.float32)
@@ -136,7 +227,7 @@ def image_clusters(phash: np.ndarray, thumbs: np.ndarray, valid: np.ndarray, max
     links_b.append(first[inverse])
     best[np.bincount(inverse)[inverse] >= 2] = 1.0
     if len(uniq) >= 2:
-        i, j, _ = _neighbour_pairs(uniq.astype(np.float32), neighbours)
+        i, j, _ = _neighbour_pairs(uniq, neighbours, index, cosine=False)
         agree = _pair_agreement(uniq, thumbs.shape[1:], i, j)
         best_u = np.zeros(len(uniq), np.float32)
         np.maximum.at(best_u, i, agree)
@@ -146,7 +237,7 @@ def image_clusters(phash: np.ndarray, thumbs: np.ndarray, valid: np.ndarray, max
         links_b.append(first[j[keep]])
     if embedding is not None:
         emb = embedding[idx].astype(np.float32)
-        i, j, cos = _neighbour_pairs(emb, neighbours)
+        i, j, cos = _neighbour_pairs(emb, neighbours, index)
         keep = cos >= min_cosine
         links_a.append(i[keep])
         links_b.append(j[keep])

@@ -61,6 +61,9 @@ class ScanSettings:
     max_hamming: int = 4
     neighbours: int = 10
     min_agreement: float = 0.6
+    # the thumbnails' neighbour search: exact, approximate (faiss IVF), or auto: exact up to
+    # LARGE_IMAGE_SCAN images, approximate past them, where the exact one's time grows as their square
+    image_index: str = "auto"
     # caption near-duplicates
     caption_jaccard: float = 0.8
     # triggers
@@ -107,6 +110,8 @@ class ScanSettings:
                                  "which is not among the checks: add memorization to --checks")
         if self.memorization_threshold is not None and not math.isfinite(self.memorization_threshold):
             raise InputError(f"memorization_threshold must be a finite number, got {self.memorization_threshold}")
+        if self.image_index not in IMAGE_INDEXES:
+            raise InputError(f"unknown image index {self.image_index!r}: choose from {', '.join(IMAGE_INDEXES)}")
         if self.shard_size < 1:
             raise InputError("shard_size must be at least 1")
         if self.limit is not None and self.limit < 1:
@@ -130,7 +135,8 @@ class ScanSettings:
         return d
 
 
-LARGE_IMAGE_SCAN = 100_000  # images past which the scan warns how long the image search will take
+LARGE_IMAGE_SCAN = 100_000  # images past which the exact image search is slow: auto turns approximate
+IMAGE_INDEXES = ("auto", "exact", "approximate")
 MAX_CLUSTER_IMAGES = 1000  # median thumbnails kept for the largest clusters (a 32x32 RGB each)
 
 
@@ -408,22 +414,26 @@ def analyse(features, settings: ScanSettings, source: dict) -> ScanResult:
         if has_image.any():
             from .image_duplicates import image_clusters
 
-            if (n_images := int(has_image.sum())) > LARGE_IMAGE_SCAN:
+            index = settings.image_index
+            if index == "auto":
+                index = "approximate" if int(has_image.sum()) > LARGE_IMAGE_SCAN else "exact"
+            if index == "exact" and (n_images := int(has_image.sum())) > LARGE_IMAGE_SCAN:
                 import warnings
 
-                # said before the wait, not after: the search is exact (benchmarks/scan_image_scale.py)
-                warnings.warn(f"{n_images:,} images: the near-duplicate image search compares each with every other, "
-                              "so its time grows with the square of the count (on 2 CPU cores about 3 min for "
-                              "60,000 images, about 27 min for 200,000)", stacklevel=2)
+                # said before the wait, not after (benchmarks/scan_image_scale.py)
+                warnings.warn(f"{n_images:,} images: the exact near-duplicate image search compares each with every "
+                              "other, so its time grows with the square of the count (on 2 CPU cores about 3 min for "
+                              "60,000 images, about 27 min for 200,000); image_index='approximate' "
+                              "(--image-index approximate) takes a fraction of that", stacklevel=2)
             size = int(round(math.sqrt(len(f["thumb"][has_image].iloc[0]) / 3)))
             thumbs = np.zeros((n, size, size, 3), np.uint8)
             for i in np.flatnonzero(has_image):
                 thumbs[i] = np.frombuffer(f["thumb"].iloc[i], np.uint8).reshape(size, size, 3)
             phash = f["phash"].fillna(0).to_numpy(np.int64)
             cl = image_clusters(phash, thumbs, has_image, settings.max_hamming, settings.neighbours,
-                                settings.min_agreement)
+                                settings.min_agreement, index=index)
             clusters, score = cl.labels, cl.score
-            method = "perceptual hash + thumbnail neighbours"
+            method = f"perceptual hash + thumbnail neighbours ({'exact' if index == 'exact' else 'approximate: faiss IVF'})"
         elif f["image_key"].notna().any():
             # text-only data with an image identity (URL, hash): rows sharing it share the image
             from .caption_duplicates import _group_ids
