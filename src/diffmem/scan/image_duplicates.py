@@ -190,11 +190,15 @@ def _pair_agreement(uniq: np.ndarray, shape: tuple, i: np.ndarray, j: np.ndarray
     """``informative_agreement`` of the flattened thumbnails ``uniq[i]`` and ``uniq[j]``, a chunk at a
     time: all pairs at once (10 a row) took about 300 KB of temporaries per row: 5.7 GB peak at 20,000
     images, about 17 GB at 60,000 by extrapolation."""
-    flat = np.concatenate([flat_pixels(uniq[s : s + chunk].reshape(-1, *shape)) for s in range(0, len(uniq), chunk)])
+    # packed to a bit a pixel: as bools, a million thumbnails' masks took 3 GB
+    width = uniq.shape[1]
+    flat = np.concatenate([np.packbits(flat_pixels(uniq[s : s + chunk].reshape(-1, *shape)), axis=1)
+                           for s in range(0, len(uniq), chunk)])
     out = np.empty(len(i), np.float32)
     for s in range(0, len(i), chunk):
         a, b = i[s : s + chunk], j[s : s + chunk]
-        out[s : s + chunk] = informative_agreement(uniq[a], uniq[b], flat[a], flat[b])
+        out[s : s + chunk] = informative_agreement(uniq[a], uniq[b], np.unpackbits(flat[a], axis=1, count=width).view(bool),
+                                                   np.unpackbits(flat[b], axis=1, count=width).view(bool))
     return out
 
 
@@ -212,7 +216,8 @@ def image_clusters(phash: np.ndarray, thumbs: np.ndarray, valid: np.ndarray, max
         if len(idx):
             score[idx] = 0.0
         return ImageClusters(np.full(n, -1), score, {})
-    flat = thumbs[idx].reshape(len(idx), -1)
+    # every row valid (the common case): a view, not a copy (3 GB for a million thumbnails)
+    flat = (thumbs if len(idx) == n else thumbs[idx]).reshape(len(idx), -1)
     best = np.zeros(len(idx), np.float32)
 
     a, b = _hash_pairs(phash[idx], max_hamming)
