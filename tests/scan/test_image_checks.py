@@ -105,7 +105,8 @@ def test_the_approximate_index_is_the_exact_search_where_its_components_keep_eve
         np.testing.assert_allclose(approx[2][order_a], exact[2][order_e], atol=1e-5)  # exact cosines, not PCA's
         assert _neighbour_pairs(vectors, 10, "approximate", cosine=False)[2] is None
     with pytest.raises(ValueError, match="unknown neighbour index 'hnsw'"):
-        _neighbour_pairs(vectors, 10, "hnsw")
+        image_clusters(np.zeros(len(vectors), np.int64), vectors.reshape(-1, 32, 32, 3), np.ones(len(vectors), bool),
+                       index="hnsw")
 
 
 def test_the_approximate_index_finds_the_near_copies_and_layouts_the_exact_one_finds():

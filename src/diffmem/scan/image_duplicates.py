@@ -99,8 +99,6 @@ def _neighbour_pairs(vectors: np.ndarray, k: int, index: str = "exact", cosine: 
                      chunk: int = PAIR_CHUNK) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
     """Each row's ``k`` nearest other rows by cosine, as pairs ``i``, ``j`` and, if ``cosine``,
     their cosine (the approximate index's cost it apart: the thumbnails' links do without it)."""
-    if index not in INDEXES:
-        raise ValueError(f"unknown neighbour index {index!r}: choose from {', '.join(INDEXES)}")
     k = min(k, len(vectors) - 1)
     if index == "approximate":
         i, j = _approximate_neighbours(vectors, k, chunk)
@@ -133,13 +131,12 @@ def _approximate_neighbours(vectors: np.ndarray, k: int, chunk: int = PAIR_CHUNK
     are converted to float32 a chunk at a time: a million 32 x 32 thumbnails are 3 GB as uint8,
     12 GB as float32. Deterministic: faiss seeds its k-means, and the PCA sample is seeded."""
     import faiss
+    from sklearn.decomposition import PCA
 
     n, d = vectors.shape
     dims = min(APPROXIMATE_DIMS, d, n)
     rng = np.random.default_rng(0)
     sample = np.sort(rng.choice(n, min(n, APPROXIMATE_TRAINING_ROWS), replace=False))
-    from sklearn.decomposition import PCA
-
     # randomized: a third of the time of faiss's full eigendecomposition of 3,072 dimensions
     pca = PCA(dims, svd_solver="randomized", random_state=0).fit(_unit(vectors[sample]))
     reduced = np.ascontiguousarray(np.concatenate([pca.transform(_unit(vectors[s : s + chunk]))

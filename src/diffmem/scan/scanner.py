@@ -414,10 +414,10 @@ def analyse(features, settings: ScanSettings, source: dict) -> ScanResult:
         if has_image.any():
             from .image_duplicates import image_clusters
 
-            index = settings.image_index
+            n_images, index = int(has_image.sum()), settings.image_index
             if index == "auto":
-                index = "approximate" if int(has_image.sum()) > LARGE_IMAGE_SCAN else "exact"
-            if index == "exact" and (n_images := int(has_image.sum())) > LARGE_IMAGE_SCAN:
+                index = "approximate" if n_images > LARGE_IMAGE_SCAN else "exact"
+            if index == "exact" and n_images > LARGE_IMAGE_SCAN:
                 import warnings
 
                 # said before the wait, not after (benchmarks/scan_image_scale.py)
