@@ -124,7 +124,8 @@ def main(argv=None):
         from diffmem.scan.image_duplicates import neighbour_recall
 
         # the search runs on the distinct thumbnails, so its recall is measured on them
-        distinct = np.unique(np.stack([t for t in result.thumbs if t is not None]).reshape(-1, 32 * 32 * 3), axis=0)
+        with_image = [t for t in result.thumbs if t is not None]
+        distinct = np.unique(np.stack(with_image).reshape(len(with_image), -1), axis=0)
         figures["neighbour_recall_at_10"] = neighbour_recall(distinct, 10, 1000)
         figures["distinct_thumbnails"] = int(len(distinct))
     print(json.dumps(figures, indent=1, default=float))
