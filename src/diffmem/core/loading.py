@@ -175,6 +175,18 @@ def check_pipeline_folder(folder: Path, allow_pickle: bool = False) -> dict[str,
     return weights_variants(folder)
 
 
+def hub_snapshot(repo_id: str) -> Path | None:
+    """The folder of a hub id's cached snapshot (the revision its ``refs/main`` names), or None where
+    the hub cache does not hold it."""
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import LocalEntryNotFoundError
+
+    try:
+        return Path(snapshot_download(repo_id, local_files_only=True))
+    except LocalEntryNotFoundError:
+        return None
+
+
 def load_pipeline(
     model: str | os.PathLike = "memlab",
     device: str | torch.device | None = "cpu",
@@ -203,16 +215,20 @@ def load_pipeline(
     name = resolve_model(model)
     path = Path(name).expanduser()
     is_local = path.exists() or looks_like_path(name)
+    shown = str(path)
     if is_local:
-        variants = check_pipeline_folder(path, allow_pickle)
         src, local = str(path), True
     else:
-        variants, src = {}, name
+        src = name
         local = local_files_only if local_files_only is not None else os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "")
+        # offline, a cached hub id is a folder: checked as one, its weight variants found as in one
+        if local and (snapshot := hub_snapshot(name)) is not None:
+            path, src, is_local, shown = snapshot, str(snapshot), True, f"{name!r} (cached at {snapshot})"
+    variants = check_pipeline_folder(path, allow_pickle) if is_local else {}
     if variant := next(iter(variants.values()), None):
         import warnings
 
-        warnings.warn(f"{', '.join(variants)} of {path} {'has' if len(variants) == 1 else 'have'} only "
+        warnings.warn(f"{', '.join(variants)} of {shown} {'has' if len(variants) == 1 else 'have'} only "
                       f"{variant}-variant weights (*.{variant}.safetensors): loading those", stacklevel=2)
     from diffusers import StableDiffusionPipeline  # after the folder checks: a missing folder fails in no time
 
@@ -241,6 +257,8 @@ def load_pipeline(
             f"could not load {src!r}: it is not a local folder, and as a hub id it could not be fetched "
             f"({'offline mode' if local else 'no network or no such repository'}): {str(e).splitlines()[0]}"
         ) from None
+    if src != name and not looks_like_path(name):
+        pipe.register_to_config(_name_or_path=name)  # identified by its hub id, as before, not by the snapshot's commit
     from .denoise import check_text_to_image
 
     check_text_to_image(pipe, ModelLoadError)
