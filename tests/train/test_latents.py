@@ -112,3 +112,41 @@ def test_a_damaged_part_is_encoded_again_from_there(tmp_path, pipe, monkeypatch)
 def test_memlab_and_missing_sources_save_nothing(tmp_path):
     assert latents_module.source_fingerprint("memlab") is None
     assert latents_module.source_fingerprint(str(tmp_path / "nope")) is None
+
+
+def test_a_vae_whose_encoder_alone_changed_encodes_again(tmp_path, monkeypatch):
+    # the key read the VAE's first 8 tensors by name, all in its decoder: a VAE with another encoder and
+    # the same decoder reused the latents of the first
+    import copy
+
+    data = str(_folder(tmp_path / "data"))
+    first = tiny_pipeline(seed=1)
+    encode_source(first, data, 16, folder=tmp_path / "latents", chunk=3)
+    other = copy.copy(first)
+    other.vae = copy.deepcopy(first.vae)
+    with torch.no_grad():
+        other.vae.encoder.conv_out.weight.mul_(1.5)
+    before = sorted((p.name, p.read_bytes()) for p in (tmp_path / "latents").iterdir())
+    with pytest.raises(InputError, match=r"other data \(differs in: vae\)"):
+        encode_source(other, data, 16, folder=tmp_path / "latents", chunk=3, replace=False)
+    assert sorted((p.name, p.read_bytes()) for p in (tmp_path / "latents").iterdir()) == before
+    counter = Counting(monkeypatch)
+    latents = encode_source(other, data, 16, folder=tmp_path / "latents", chunk=3)[0]
+    assert counter.calls == 4
+    assert torch.equal(latents, encode_source(other, data, 16, chunk=3)[0])
+    assert not torch.equal(latents, encode_source(first, data, 16, chunk=3)[0])
+
+
+def test_latents_saved_with_the_older_key_are_still_reused_and_keyed_anew(tmp_path, pipe, monkeypatch):
+    # a training run in progress depends on its latents: a key written before the VAE's whole fingerprint
+    # was in it still matches the same VAE, and from then on names the whole fingerprint
+    data = str(_folder(tmp_path / "data"))
+    plain = encode_source(pipe, data, 16, folder=tmp_path / "latents", chunk=3)[0]
+    key_file = tmp_path / "latents" / "key.json"
+    key = json.loads(key_file.read_text())
+    assert key.pop("vae_weights")
+    key_file.write_text(json.dumps(key))
+    counter = Counting(monkeypatch)
+    assert torch.equal(encode_source(pipe, data, 16, folder=tmp_path / "latents", chunk=3, replace=False)[0], plain)
+    assert counter.calls == 0
+    assert "vae_weights" in json.loads(key_file.read_text())

@@ -6,10 +6,11 @@ made. A killed run picks up after the last saved part, and resuming a training r
 nothing again.
 
 The saved parts are reused only for the same source, read the same way (resolution, columns), by
-the same VAE weights. A local source is identified by the names, sizes and modification times of
-its files (for a ``.parquet`` / ``.jsonl`` table, of the table itself: images it names by path
-elsewhere are not looked at); a hub dataset and MemLab are always encoded afresh (MemLab takes
-seconds).
+the same VAE weights (a fingerprint of every tensor; keys saved before it held only decoder tensors
+and are taken as they are, then keyed anew). A local source is identified by the names, sizes and
+modification times of its files (for a ``.parquet`` / ``.jsonl`` table, of the table itself: images
+it names by path elsewhere are not looked at); a hub dataset and MemLab are always encoded afresh
+(MemLab takes seconds).
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ from safetensors.torch import load_file, save_file
 
 from ..core.cache import files_fingerprint
 from ..core.errors import InputError
-from ..core.loading import weights_hash
+from ..core.loading import weights_digest, weights_hash
 from ..core.results import SWAP_SUFFIXES, atomic_path, dump_json, foreign_folder
 from .data import iter_pairs
 from .trainer import CHECKPOINT_DIR, encode_images
@@ -52,10 +53,15 @@ def encode_source(pipe, source: str, size: int, caption_column: str | None = Non
     fingerprint = source_fingerprint(source, run_dir=Path(folder).parent if folder is not None else None)
     folder = Path(folder) if folder is not None and fingerprint is not None else None
     key = {"format": FORMAT, "source": str(source), "files": fingerprint, "size": size, "caption_column": caption_column,
-           "chunk": chunk, "vae": weights_hash(pipe.vae)}
+           "chunk": chunk, "vae": weights_hash(pipe.vae), "vae_weights": weights_digest(pipe.vae)}
     parts, captions, problems, start = [], [], [], 0
     if folder is not None:
         saved = _read_key(folder)
+        if saved is not None and "vae_weights" not in saved and saved == {k: v for k, v in key.items() if k != "vae_weights"}:
+            # keyed before the whole VAE was (``vae`` reads only decoder tensors): a run in progress depends on
+            # these latents, so they are taken as the same VAE's, and keyed anew from here on
+            dump_json(key, folder / "key.json")
+            saved = key
         if saved == key:
             for path in sorted(folder.glob("part-*.safetensors")):
                 try:
@@ -72,7 +78,7 @@ def encode_source(pipe, source: str, size: int, caption_column: str | None = Non
         else:
             if saved is not None and not replace:
                 what = [k for k in ("source", "files", "size", "caption_column", "chunk", "vae", "format")
-                        if saved.get(k) != key[k]]
+                        if saved.get(k) != key[k] or (k == "vae" and saved.get("vae_weights") != key["vae_weights"])]
                 raise InputError(f"{folder} holds the latents of a training run on other data (differs in: "
                                  f"{', '.join(what)}), and its checkpoint depends on them; use another output folder, "
                                  "or delete it to start over")
