@@ -494,3 +494,32 @@ def test_memorization_settings_without_the_memorization_check_are_refused():
             DatasetScanner(ListSource(["a b c"]), None, progress=False, **kw)
     assert DatasetScanner(ListSource(["a b c"]), None, progress=False, checks=["memorization"], model="memlab",
                           timestep=500).settings.timestep == 500
+
+
+def test_the_thumbnails_are_read_into_one_array_and_not_kept_as_bytes_beside_it(tmp_path):
+    # the features held every thumbnail as a bytes object a row through the whole analysis, beside the
+    # clustering's array of them: 3 GB a million images held twice
+    from diffmem.scan.features import thumbnail
+    from diffmem.scan.scanner import analyse
+
+    rng = np.random.default_rng(0)
+    images = [rng.random((16, 16, 3)).astype(np.float32) for _ in range(7)]
+    images[2] = images[0].copy()
+    images[4] = None  # a row without an image, in the second shard
+    source = ListSource([f"caption {i}" for i in range(7)], images=images)
+    scanner = DatasetScanner(source, tmp_path / "w", shard_size=3, progress=False)
+    scanner.run_pass1()
+    features, thumbs = scanner.load_features()
+    assert "thumb" not in features and features["has_image"].tolist() == [i != 4 for i in range(7)]
+    assert thumbs.dtype == np.uint8 and thumbs.shape[0] == 7
+    for i, image in enumerate(images):
+        np.testing.assert_array_equal(thumbs[i], thumbnail(image) if image is not None else 0)
+    res = scanner.scan()
+    assert res.thumbs[4] is None and all(res.thumbs[i].base is not None for i in range(7) if i != 4)  # views
+    assert res.rows["image_cluster"].iloc[0] == res.rows["image_cluster"].iloc[2] >= 0
+    # a frame that holds the thumbnails' bytes, as the shards do, is analysed the same
+    old_style = features.drop(columns="has_image")
+    old_style["thumb"] = [thumbs[i].tobytes() if i != 4 else None for i in range(7)]
+    again = analyse(old_style, scanner.settings, source.describe())
+    pd.testing.assert_frame_equal(again.rows, res.rows)
+    np.testing.assert_array_equal(again.images["mean"], res.images["mean"])

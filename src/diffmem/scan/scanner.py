@@ -349,17 +349,33 @@ class DatasetScanner:
     # -- pass 2 ------------------------------------------------------------------------------
 
     def load_features(self, rescan_damaged: bool = True):
+        """(features, thumbnails): the shards' per-row features, with a ``has_image`` column, and their
+        thumbnails as one uint8 array (rows, side, side, 3), zeros where a row has no image, or None where
+        none has one. The thumbnails are copied into the array a shard at a time: kept as a bytes object
+        a row beside it, they were a second copy through the whole analysis (3 GB a million)."""
         import pandas as pd
+        import pyarrow.parquet as pq
 
         state = self._load_state()
-        parts, damaged = [], []
+        n = self._n_rows()
+        parts, damaged, thumbs, at = [], [], None, 0
         for k in sorted(state["done"]):
             try:
-                parts.append(read_parquet(self._shard_path(k))[0])
+                table = pq.read_table(self._shard_path(k))
+                shard_thumbs, has_image = stack_thumbnails(table.column("thumb").to_pylist())
+                part = table.drop_columns(["thumb"]).to_pandas()
             except Exception as e:  # lost or damaged after it was recorded: hours of a scan need not go with it
                 damaged.append(k)
                 warnings.warn(f"scanning shard {k} again: {self._shard_path(k)} cannot be read ({type(e).__name__})",
                               stacklevel=2)
+                continue
+            part["has_image"] = has_image
+            if shard_thumbs is not None and at + len(part) <= n and not damaged:
+                if thumbs is None:
+                    thumbs = np.zeros((n, *shard_thumbs.shape[1:]), np.uint8)
+                thumbs[at : at + len(part)] = shard_thumbs
+            parts.append(part)
+            at += len(part)
         if damaged:
             if not rescan_damaged:
                 raise RuntimeError(f"scan shards {damaged} in {self.work_dir} cannot be read even when written again")
@@ -368,15 +384,16 @@ class DatasetScanner:
             self.run_pass1()
             return self.load_features(rescan_damaged=False)
         frame = pd.concat(parts, ignore_index=True)
-        if frame["row"].duplicated().any() or len(frame) != self._n_rows():
+        if frame["row"].duplicated().any() or len(frame) != n:
             raise RuntimeError(f"scan features in {self.work_dir} are inconsistent; delete the folder and scan again")
-        return frame
+        return frame, thumbs
 
     def scan(self, checks=None) -> ScanResult:
         if checks is not None:
             self.settings = ScanSettings(**{**asdict(self.settings), "checks": tuple(checks)})
         self.run_pass1()
-        result = analyse(self.load_features(), self.settings, self.source.describe())
+        features, thumbs = self.load_features()
+        result = analyse(features, self.settings, self.source.describe(), thumbs=thumbs)
         if self._tmp is not None:
             shutil.rmtree(self._tmp, ignore_errors=True)
         return result
@@ -388,12 +405,30 @@ def _truncation_keys():
     return TruncationKeys()
 
 
-def analyse(features, settings: ScanSettings, source: dict) -> ScanResult:
-    """Pass 2: every global check from the per-row features."""
+def stack_thumbnails(values: list) -> tuple[np.ndarray | None, np.ndarray]:
+    """(thumbnails, has_image) of per-row thumbnail bytes (None: no image): one uint8 array (rows, side,
+    side, 3), zeros where a row has no image, or None where none has one."""
+    has_image = np.array([v is not None for v in values], bool)
+    if not has_image.any():
+        return None, has_image
+    side = int(round(math.sqrt(len(values[int(np.argmax(has_image))]) / 3)))
+    thumbs = np.zeros((len(values), side, side, 3), np.uint8)
+    for i in np.flatnonzero(has_image):
+        thumbs[i] = np.frombuffer(values[i], np.uint8).reshape(side, side, 3)
+    return thumbs, has_image
+
+
+def analyse(features, settings: ScanSettings, source: dict, thumbs: np.ndarray | None = None) -> ScanResult:
+    """Pass 2: every global check from the per-row features: ``load_features``' features and
+    thumbnails, or features whose ``thumb`` column holds each row's thumbnail bytes."""
     import pandas as pd
 
     f = features
     n = len(f)
+    if "thumb" in f:
+        thumbs, has_image = stack_thumbnails(f["thumb"].tolist())
+    else:
+        has_image = f["has_image"].to_numpy(bool)
     rows = f[["row", "caption", "caption_issue", "image_issue", "image_key"]].copy()
     rows["is_bad_caption_issue"] = f["caption_issue"].notna().to_numpy()
     rows["is_bad_image_issue"] = f["image_issue"].notna().to_numpy()
@@ -407,7 +442,6 @@ def analyse(features, settings: ScanSettings, source: dict) -> ScanResult:
     ]
     info: dict = {}
     norm = [c if isinstance(c, str) and c else None for c in f["caption_norm"]]
-    has_image = f["thumb"].notna().to_numpy()
     clusters = np.full(n, -1)
 
     if "image_duplicates" in settings.checks:
@@ -425,10 +459,6 @@ def analyse(features, settings: ScanSettings, source: dict) -> ScanResult:
                               "other, so its time grows with the square of the count (on 2 CPU cores about 3 min for "
                               "60,000 images, about 27 min for 200,000); image_index='approximate' "
                               "(--image-index approximate) takes a fraction of that", stacklevel=2)
-            size = int(round(math.sqrt(len(f["thumb"][has_image].iloc[0]) / 3)))
-            thumbs = np.zeros((n, size, size, 3), np.uint8)
-            for i in np.flatnonzero(has_image):
-                thumbs[i] = np.frombuffer(f["thumb"].iloc[i], np.uint8).reshape(size, size, 3)
             phash = f["phash"].fillna(0).to_numpy(np.int64)
             cl = image_clusters(phash, thumbs, has_image, settings.max_hamming, settings.neighbours,
                                 settings.min_agreement, index=index)
@@ -502,9 +532,7 @@ def analyse(features, settings: ScanSettings, source: dict) -> ScanResult:
 
     result = ScanResult(asdict(settings), source, rows, pd.DataFrame(summary), info)
     if has_image.any():
-        size = int(round(math.sqrt(len(f["thumb"][has_image].iloc[0]) / 3)))
-        result.thumbs = [np.frombuffer(t, np.uint8).reshape(size, size, 3) if t is not None else None
-                          for t in f["thumb"]]
+        result.thumbs = [thumbs[i] if has_image[i] else None for i in range(n)]  # views: no copy
         # what trigger verification compares generations with: the dataset's mean thumbnail and,
         # per trigger cluster, its members' median (the layout they share, without their objects)
         result.images["mean"] = mean_thumbnail(result.thumbs)
