@@ -290,15 +290,10 @@ def detect(
         console.print(f"calibration: threshold {cal.threshold:.4g} at FPR {cal.fpr} from {cal.n_reference} prompts -> {cal_path}")
     summary = detect_file(det, prompts, out, column=column, calibration=cal)
     out_console.print(summary.line())
-    st = det.settings
-    if method == "noise-norm":
-        caption = (f"{st.num_inference_steps} steps, guidance {st.guidance_scale}, scored step(s) {','.join(map(str, st.steps))}, "
-                   f"{st.generations} generation(s) from seed {st.seed}")
-    else:
-        caption = (f"{st['num_inference_steps']} steps, guidance {st['guidance_scale']}, "
-                   f"{'first-step x0' if st['mode'] == 'x0' else 'full images'} of {st['generations']} generations "
-                   f"from seed {st['seed']}")
-    picture = summary.plot(out.with_suffix(".png"), reference_scores, caption)
+    from .detect.plot import settings_caption
+
+    settings, seeds = (det.settings.to_dict(), det.settings.seeds()) if method == "noise-norm" else (det.settings, det.seeds())
+    picture = summary.plot(out.with_suffix(".png"), reference_scores, settings_caption(det.method, settings, seeds))
     out_console.print(f"histogram of the scores -> {picture}")
 
 

@@ -46,3 +46,17 @@ def test_the_histogram_names_the_detector_that_scored(tmp_path, tiny_pipe):
         assert summary.method == det.method
         assert summary.plot(tmp_path / f"{det.method}.png").stat().st_size > 1000
         assert axis in score_figure(summary.scores, method=summary.method).axes[0].get_xlabel()
+
+
+def test_a_detection_result_names_its_settings_as_the_detector_that_made_it(tiny_pipe):
+    # the histogram of `diffmem detect` and the audit's report worded them each their own way
+    from diffmem.detect import NoiseNormDetector, SeedConsistencyDetector
+    from diffmem.detect.plot import settings_caption
+
+    norm = NoiseNormDetector(tiny_pipe, 4, 5.0, steps=(0, 2), generations=2, seed=3).score(["a cat"])
+    assert settings_caption(norm.method, norm.settings, norm.seeds) == \
+        "4 steps, guidance 5.0, scored step(s) 0,2, 2 generations from seed 3"
+    for mode, made in (("x0", "first-step x0"), ("images", "full images")):
+        consistency = SeedConsistencyDetector(tiny_pipe, mode, 3, 4, 5.0).score(["a cat"])
+        assert settings_caption(consistency.method, consistency.settings, consistency.seeds) == \
+            f"4 steps, guidance 5.0, {made} of 3 generations from seed 0"

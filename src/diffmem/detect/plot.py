@@ -11,6 +11,16 @@ AXIS_LABELS = {"noise_norm": "text-conditional noise norm (Wen et al.)",
                "seed_consistency": "seed consistency (correlation across seeds)"}
 
 
+def settings_caption(method: str, settings: dict, seeds) -> str:
+    """A detector's settings as the histogram, the ROC and the report name them."""
+    seeds = list(seeds)
+    head = f"{settings['num_inference_steps']} steps, guidance {settings['guidance_scale']}"
+    generations = f"{len(seeds)} generation{'s' if len(seeds) != 1 else ''} from seed {seeds[0]}"
+    if method == "seed_consistency":
+        return f"{head}, {'first-step x0' if settings.get('mode', 'x0') == 'x0' else 'full images'} of {generations}"
+    return f"{head}, scored step(s) {','.join(map(str, settings['steps']))}, {generations}"
+
+
 def draw_scores(ax, scores, threshold: float | None = None, reference=None, label: str = "scored prompts",
                 method: str = "noise_norm") -> None:
     """Histograms on a log count scale: a memorized prompt lies far right of the reference mass."""

@@ -51,12 +51,11 @@ def _score_figure(scores, reference, threshold, caption: str, method: str = "noi
 
 def _detector_text(det) -> tuple[str, str]:
     """The detector that flagged the audited prompts, and its settings, as the report names them."""
-    st = det.settings
-    if det.method == "seed_consistency":
-        return (f"seed consistency of the first step's x0 ({len(det.seeds)} seeds)",
-                f"{st['num_inference_steps']} steps, guidance {st['guidance_scale']}, first-step x0, seeds {det.seeds}")
-    return ("noise norm (Wen et al.)",
-            f"{st['num_inference_steps']} steps, guidance {st['guidance_scale']}, scored step(s) {st['steps']}, seeds {det.seeds}")
+    from ..detect.plot import settings_caption
+
+    name = (f"seed consistency of the first step's x0 ({len(det.seeds)} seeds)" if det.method == "seed_consistency"
+            else "noise norm (Wen et al.)")
+    return name, settings_caption(det.method, det.settings, det.seeds)
 
 
 def _roc_figure(roc: dict, caption: str) -> str:
