@@ -215,7 +215,7 @@ def load_pipeline(
     name = resolve_model(model)
     path = Path(name).expanduser()
     is_local = path.exists() or looks_like_path(name)
-    shown = str(path)
+    shown, snapshot = str(path), None
     if is_local:
         src, local = str(path), True
     else:
@@ -257,7 +257,7 @@ def load_pipeline(
             f"could not load {src!r}: it is not a local folder, and as a hub id it could not be fetched "
             f"({'offline mode' if local else 'no network or no such repository'}): {str(e).splitlines()[0]}"
         ) from None
-    if src != name and not looks_like_path(name):
+    if snapshot is not None:
         pipe.register_to_config(_name_or_path=name)  # identified by its hub id, as before, not by the snapshot's commit
     from .denoise import check_text_to_image
 
