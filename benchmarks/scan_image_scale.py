@@ -48,19 +48,14 @@ def main(argv=None):
         return prepare_whole_scan(args) if args.prepare_only else whole_scan(args)
     from diffmem.scan.image_duplicates import image_clusters, neighbour_recall
 
-    thumbs = planted_thumbnails(args.rows, args.copies)
-    # random hashes: no pair within the Hamming bound, so every link comes from the neighbour search
-    phash = np.random.default_rng(1).integers(0, 2**62, args.rows).astype(np.int64)
+    thumbs, phash = planted_thumbnails(args.rows, args.copies)
     before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     t0 = time.perf_counter()
     res = image_clusters(phash, thumbs, np.ones(args.rows, bool), index=args.index)
     seconds = time.perf_counter() - t0
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    planted = res.labels[: args.copies]
     figures = {"rows": args.rows, "index": args.index, "seconds": seconds, "peak_rss_mb": peak,
-               "rss_before_mb": before,
-               "planted_group_found": bool(planted[0] >= 0 and (planted == planted[0]).all()
-                                           and (res.labels == planted[0]).sum() == args.copies),
+               "rss_before_mb": before, "planted_group_found": planted_group_found(res.labels, args.copies),
                "clusters": len(res.sizes)}
     print(f"{args.rows} thumbnails, {args.index} index: {seconds:.1f} s, peak RSS {peak:.0f} MB (inputs made: "
           f"{before:.0f} MB); planted group found: {figures['planted_group_found']}; {figures['clusters']} clusters")
@@ -74,15 +69,23 @@ def main(argv=None):
         dump_json(figures, args.json)
 
 
-def planted_thumbnails(rows: int, copies: int) -> np.ndarray:
-    """``rows`` smooth random 32 x 32 images, the first ``copies`` near copies of the first."""
+def planted_thumbnails(rows: int, copies: int) -> tuple[np.ndarray, np.ndarray]:
+    """(thumbnails, hashes): ``rows`` smooth random 32 x 32 images, the first ``copies`` near copies of
+    the first, and random perceptual hashes for them, no pair within the Hamming bound, so that every
+    link comes from the neighbour search (drawn after the images, as the shipped figures were)."""
     rng = np.random.default_rng(0)
     small = rng.integers(0, 256, (rows, 8, 8, 3), dtype=np.uint8)
     thumbs = np.repeat(np.repeat(small, 4, axis=1), 4, axis=2)  # 32 x 32, smooth at 4-pixel blocks
     del small
     noise = rng.integers(-3, 4, (copies - 1, *thumbs.shape[1:]))
     thumbs[1:copies] = np.clip(thumbs[0].astype(np.int16) + noise, 0, 255)
-    return thumbs
+    return thumbs, rng.integers(0, 2**62, rows).astype(np.int64)
+
+
+def planted_group_found(labels: np.ndarray, copies: int) -> bool:
+    """Whether the first ``copies`` rows, the planted near copies, came back as one cluster of their own."""
+    planted = labels[:copies]
+    return bool(planted[0] >= 0 and (planted == planted[0]).all() and (labels == planted[0]).sum() == copies)
 
 
 def prepare_whole_scan(args) -> None:
@@ -105,7 +108,7 @@ def prepare_whole_scan(args) -> None:
             Image.fromarray(a).save(buf, format="PNG")
             return buf.getvalue()
 
-        thumbs = planted_thumbnails(args.rows, args.copies)
+        thumbs, _ = planted_thumbnails(args.rows, args.copies)
         pd.DataFrame({"text": [f"picture number {i}" for i in range(len(thumbs))],
                       "image": [png(a) for a in thumbs]}).to_parquet(table)
     t0 = time.perf_counter()
@@ -131,9 +134,7 @@ def whole_scan(args) -> None:
                             image_index=args.index, progress=False).scan()
     seconds = time.perf_counter() - t0
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    labels = result.rows["image_cluster"].to_numpy()
-    planted = labels[: args.copies]
-    found = bool(planted[0] >= 0 and (planted == planted[0]).all() and (labels == planted[0]).sum() == args.copies)
+    found = planted_group_found(result.rows["image_cluster"].to_numpy(), args.copies)
     figures = {"rows": args.rows, "index": args.index, "whole_scan_pass2_seconds": seconds, "peak_rss_mb": peak,
                "rss_before_mb": before, "planted_group_found": found}
     print(f"{args.rows} images, the scan's second pass ({args.index} index): {seconds:.1f} s, peak RSS {peak:.0f} MB "
