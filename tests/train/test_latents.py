@@ -150,3 +150,17 @@ def test_latents_saved_with_the_older_key_are_still_reused_and_keyed_anew(tmp_pa
     assert torch.equal(encode_source(pipe, data, 16, folder=tmp_path / "latents", chunk=3, replace=False)[0], plain)
     assert counter.calls == 0
     assert "vae_weights" in json.loads(key_file.read_text())
+
+
+def test_an_older_key_refused_for_other_data_does_not_blame_the_vae(tmp_path, pipe):
+    # the older key has no whole-VAE fingerprint to compare: the refusal named the VAE beside the files
+    folder = _folder(tmp_path / "data")
+    encode_source(pipe, str(folder), 16, folder=tmp_path / "latents", chunk=3)
+    key_file = tmp_path / "latents" / "key.json"
+    key = json.loads(key_file.read_text())
+    del key["vae_weights"]
+    key_file.write_text(json.dumps(key))
+    Image.new("RGB", (20, 24), "red").save(folder / "0.png")
+    os.utime(folder / "0.png", ns=(1, 1))
+    with pytest.raises(InputError, match=r"other data \(differs in: files\)"):
+        encode_source(pipe, str(folder), 16, folder=tmp_path / "latents", chunk=3, replace=False)

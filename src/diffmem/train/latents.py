@@ -78,7 +78,9 @@ def encode_source(pipe, source: str, size: int, caption_column: str | None = Non
         else:
             if saved is not None and not replace:
                 what = [k for k in ("source", "files", "size", "caption_column", "chunk", "vae", "format")
-                        if saved.get(k) != key[k] or (k == "vae" and saved.get("vae_weights") != key["vae_weights"])]
+                        if saved.get(k) != key[k]
+                        # an older key has no whole-VAE fingerprint: its VAE is judged by ``vae`` alone
+                        or (k == "vae" and saved.get("vae_weights", key["vae_weights"]) != key["vae_weights"])]
                 raise InputError(f"{folder} holds the latents of a training run on other data (differs in: "
                                  f"{', '.join(what)}), and its checkpoint depends on them; use another output folder, "
                                  "or delete it to start over")
