@@ -31,14 +31,29 @@ def killed_renaming(monkeypatch, moving: str, nth: int = 1):
 def held_by_another_run(folder):
     """Within the block, ``folder`` is held as a first diffmem run still going would hold it (skips
     the test where there is no ``flock``); let go after it."""
-    pytest.importorskip("fcntl")
-    from diffmem.core.results import hold_folder
-
-    fd = hold_folder(folder)
+    fcntl = pytest.importorskip("fcntl")
+    # a lock of its own, not through diffmem's holds: those of one process nest, another run's do not
+    Path(folder).mkdir(parents=True, exist_ok=True)
+    fd = os.open(folder, os.O_RDONLY)
+    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     try:
         yield
     finally:
         os.close(fd)
+
+
+def free_for_another_run(folder) -> bool:
+    """Whether another process could hold ``folder`` now: a lock of its own on it (another open of
+    the folder, as another process's would be), taken and given back at once."""
+    fcntl = pytest.importorskip("fcntl")
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return False
+    finally:
+        os.close(fd)
+    return True
 
 
 def bump_revision(monkeypatch, method_class) -> None:

@@ -111,7 +111,7 @@ def _remove_parts(folder: Path) -> None:
     remove_parts(folder)
 
 
-_HELD: list[tuple[int | None, Path, bool]] = []  # (descriptor, folder, made by this run): see core.results.hold_folder
+_HELD: list[Path] = []  # this command's holds (see core.results.hold_folder), let go when it ends
 _RESUMES_FROM: list[Path] = []  # where the running command saves work that the same command goes on from
 
 
@@ -122,8 +122,7 @@ def _hold(folder: Path, resumes: bool = True, **refusal) -> None:
     ``refusal``: hold_folder's ``instead``."""
     from .core.results import hold_folder
 
-    created = not folder.exists()
-    _HELD.append((hold_folder(folder, **refusal), folder, created))
+    _HELD.append(hold_folder(folder, **refusal))
     if resumes:
         _RESUMES_FROM.append(folder)
 
@@ -132,15 +131,12 @@ def _let_go() -> None:
     """End the command's holds; a folder it made that is still empty (the model failed to load, say)
     is removed, so a failed command leaves no new folder behind."""
     _RESUMES_FROM.clear()
+    if not _HELD:
+        return
+    from .core.results import let_go_folder  # here: numpy is not needed to parse arguments
+
     while _HELD:
-        fd, folder, created = _HELD.pop()
-        if fd is not None:
-            os.close(fd)
-        if created:
-            try:
-                folder.rmdir()  # only an empty folder goes
-            except OSError:
-                pass
+        let_go_folder(_HELD.pop())
 
 
 def _check_writable(folder: Path) -> None:

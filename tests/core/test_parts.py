@@ -54,3 +54,29 @@ def test_removing_a_jobs_parts_keeps_what_else_the_folder_holds(tmp_path):
     remove_parts(folder)
     assert not folder.exists()  # only parts in it: the folder goes too
     remove_parts(folder)  # and a folder that is not there is nothing to do
+
+
+def test_parts_are_held_from_the_call_until_the_work_ends_or_is_dropped(tmp_path):
+    # the API held nothing: two processes writing one parts folder (two notebooks, a job queued twice)
+    # computed and wrote the same parts at once
+    from doubles import free_for_another_run, held_by_another_run
+
+    from diffmem.core.errors import InputError
+
+    folder = tmp_path / "parts"
+    chunks = [["a"], ["b"]]
+    with held_by_another_run(folder):
+        computed = []
+        with pytest.raises(InputError, match="is in use by another diffmem run"):
+            _run(folder, chunks, computed)
+        assert computed == [] and list(folder.iterdir()) == []
+    assert _run(folder, chunks, []) == [["A"], ["B"]] and free_for_another_run(folder)  # let go once done
+
+    started = in_parts(chunks, ["k0", "k1"], tmp_path / "other", lambda c: c, lambda part, r: None, lambda part: None)
+    assert not free_for_another_run(tmp_path / "other")  # held before the first part is asked for
+    assert next(started) == ["a"]
+    del started  # dropped unfinished: a notebook cell interrupted, say
+    assert free_for_another_run(tmp_path / "other")
+    never_started = in_parts(chunks, ["k0", "k1"], tmp_path / "third", lambda c: c, lambda part, r: None, lambda part: None)
+    del never_started
+    assert not (tmp_path / "third").exists()  # made by the hold, and empty: gone with it

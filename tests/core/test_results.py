@@ -21,18 +21,43 @@ def test_atomic_writes_use_the_umask_and_leave_no_temp_files(tmp_path):
 
 def test_a_held_folder_is_refused_to_a_second_run_until_the_first_lets_go(tmp_path):
     import pytest
+    from doubles import free_for_another_run, held_by_another_run
 
     from diffmem.core.errors import InputError
-    from diffmem.core.results import hold_folder
+    from diffmem.core.results import hold_folder, let_go_folder
 
     pytest.importorskip("fcntl")
     folder = tmp_path / "out"
-    first = hold_folder(folder)
+    with held_by_another_run(folder):
+        with pytest.raises(InputError, match="is in use by another diffmem run; wait for it to end, or choose another"):
+            hold_folder(folder)
+    key = hold_folder(folder)
     assert folder.is_dir() and list(folder.iterdir()) == []  # no lock file among the user's files
-    with pytest.raises(InputError, match="is in use by another diffmem run"):
-        hold_folder(folder)
-    os.close(first)  # the run ended
-    os.close(hold_folder(folder))
+    assert not free_for_another_run(folder)
+    let_go_folder(key)  # the run ended
+    assert free_for_another_run(folder)
+
+
+def test_holds_of_one_process_nest_and_the_last_let_go_ends_the_hold(tmp_path):
+    # the command line holds a run's folder, and the Python API under it holds it again: not a second run
+    import pytest
+    from doubles import free_for_another_run
+
+    pytest.importorskip("fcntl")
+    from diffmem.core.results import folder_held, hold_folder, let_go_folder
+
+    folder = tmp_path / "out"
+    outer = hold_folder(folder)
+    (tmp_path / "link").symlink_to(folder)
+    with folder_held(tmp_path / "link"):  # the same folder, otherwise named
+        (folder / "kept.txt").write_text("work")
+    assert not free_for_another_run(folder)  # the outer hold still stands
+    let_go_folder(outer)
+    assert free_for_another_run(folder) and (folder / "kept.txt").is_file()
+    # a folder the hold made goes when it is let go still empty: a failed run leaves no new folder
+    with folder_held(tmp_path / "failed"):
+        pass
+    assert not (tmp_path / "failed").exists()
 
 
 def test_a_file_system_without_locks_runs_unguarded_rather_than_failing(tmp_path, monkeypatch):
@@ -41,13 +66,17 @@ def test_a_file_system_without_locks_runs_unguarded_rather_than_failing(tmp_path
     import pytest
 
     fcntl = pytest.importorskip("fcntl")
-    from diffmem.core.results import hold_folder
+    from diffmem.core.results import hold_folder, let_go_folder
 
     def no_locks(fd, how):
         raise OSError(errno.ENOLCK, "No locks available")
 
     monkeypatch.setattr(fcntl, "flock", no_locks)
-    assert hold_folder(tmp_path / "out") is None and (tmp_path / "out").is_dir()
+    key = hold_folder(tmp_path / "out")
+    assert (tmp_path / "out").is_dir()
+    hold_folder(tmp_path / "out")  # nor is a second hold refused
+    let_go_folder(key)
+    let_go_folder(key)
 
 
 def _swap_killed_at(monkeypatch, moving, folder, write):

@@ -132,3 +132,20 @@ def test_the_prompt_file_as_the_results_file_is_refused_and_kept(tiny_pipe, tmp_
     with pytest.raises(InputError, match="is the prompts file"):
         detect_file(detector(tiny_pipe), table, table, progress=False)
     assert table.read_bytes() == before and not (tmp_path / "prompts.parquet.parts").exists()
+
+
+def test_a_second_run_into_the_same_results_file_is_refused_through_the_python_api(tiny_pipe, tmp_path, prompt_file):
+    # only the command line held OUT.parts: two notebooks scoring into one file wrote the same chunks,
+    # and the first to finish removed them under the other
+    from doubles import held_by_another_run
+
+    out = tmp_path / "r.parquet"
+    parts = tmp_path / "r.parquet.parts"
+    scorer = Counting(detector(tiny_pipe))
+    with held_by_another_run(parts):
+        with pytest.raises(InputError, match="r.parquet.parts is in use by another diffmem run; wait for it to end, "
+                                             "or write to another output file"):
+            detect_file(scorer, prompt_file, out, chunk=2, progress=False)
+        assert scorer.calls == [] and list(parts.iterdir()) == [] and not out.exists()
+    detect_file(scorer, prompt_file, out, chunk=2, progress=False)  # once the first run has ended
+    assert len(DetectionResult.load(out).prompts) == len(PROMPTS) and not parts.exists()

@@ -569,3 +569,15 @@ def test_an_audit_can_flag_by_seed_consistency_and_says_so(tiny_pipe_dir, tmp_pa
     monkeypatch.setattr(loading, "load_pipeline", lambda *a, **k: pytest.fail("the model loaded"))
     with pytest.raises(InputError, match="calibrates the seed consistency detector"):
         AppState(model=str(tiny_pipe_dir), audit=out)
+
+
+def test_a_second_audit_into_a_folder_in_use_is_refused_through_the_python_api(tmp_path):
+    # only the command line held OUT: a second audit from a notebook redid and overwrote the same stages
+    from doubles import held_by_another_run
+
+    out = tmp_path / "audit"
+    audit = Audit(AuditSettings(), out)
+    with held_by_another_run(out):
+        with pytest.raises(InputError, match="audit is in use by another diffmem run"):
+            audit.run()
+        assert list(out.iterdir()) == [] and audit.pipe is None  # refused before the model loads

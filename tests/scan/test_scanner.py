@@ -523,3 +523,17 @@ def test_the_thumbnails_are_read_into_one_array_and_not_kept_as_bytes_beside_it(
     again = analyse(old_style, scanner.settings, source.describe())
     pd.testing.assert_frame_equal(again.rows, res.rows)
     np.testing.assert_array_equal(again.images["mean"], res.images["mean"])
+
+
+def test_a_second_scan_into_a_folder_in_use_is_refused_through_the_python_api(tmp_path):
+    # only the command line held the folder: two processes scanning into it wrote the same shards at once
+    from doubles import held_by_another_run
+
+    work = tmp_path / "work"
+    scanner = DatasetScanner(ListSource(["a red circle", "a blue square"]), work, progress=False)
+    with held_by_another_run(work):
+        for step in (scanner.scan, scanner.run_pass1):
+            with pytest.raises(InputError, match="work is in use by another diffmem run"):
+                step()
+        assert list(work.iterdir()) == []
+    assert len(scanner.scan().rows) == 2

@@ -99,3 +99,17 @@ def test_a_latents_folder_diffmem_did_not_write_is_kept_and_a_refused_source_wri
     with pytest.raises(InputError, match="no caption column 'nope'"):
         train_pipeline(str(tiny_pipe_dir), str(data), out, caption_column="nope", **common)
     assert not (out / "latents").exists()
+
+
+def test_a_second_training_into_a_folder_in_use_is_refused_through_the_python_api(tmp_path, tiny_pipe_dir,
+                                                                                  colour_folder_with_a_broken_row):
+    # only the command line held OUT: two processes training into one folder encoded the same latents
+    # and wrote the same checkpoints at once
+    from doubles import held_by_another_run
+
+    out = tmp_path / "out"
+    with held_by_another_run(out):
+        with pytest.raises(InputError, match="out is in use by another diffmem run"):
+            train_pipeline(str(tiny_pipe_dir), str(colour_folder_with_a_broken_row), out, steps=1, batch_size=2,
+                           checkpoint_every=0, progress=False)
+        assert list(out.iterdir()) == []

@@ -7,11 +7,12 @@ import json
 import re
 import shutil
 import warnings
+import weakref
 from pathlib import Path
 from typing import Callable, Iterator, Sequence
 
 from .errors import InputError
-from .results import dump_json
+from .results import dump_json, hold_folder, let_go_folder
 
 
 def saved_key(part: Path) -> str | None:
@@ -36,6 +37,27 @@ def in_parts(chunks: Sequence[list], keys: Sequence[str], folder: str | Path, co
     if stale not in ("refuse", "restart"):
         raise InputError(f"stale must be 'refuse' or 'restart', got {stale!r}")
     folder = Path(folder)
+    # held from now until the iterator ends, or is closed or dropped unfinished: a second run into
+    # the folder, from another process, would write the same parts at once
+    hold = hold_folder(folder)
+    try:
+        parts_iter = _in_parts(chunks, keys, folder, compute, save, load, prefix, stale, what)
+    except BaseException:
+        let_go_folder(hold)
+        raise
+
+    def held():
+        try:
+            yield from parts_iter
+        finally:
+            let_go()
+
+    gen = held()
+    let_go = weakref.finalize(gen, let_go_folder, hold)  # once: on its end, its close, or its collection
+    return gen
+
+
+def _in_parts(chunks, keys, folder: Path, compute, save, load, prefix, stale, what) -> Iterator:
     parts = [folder / f"{prefix}_{i:04d}" for i in range(len(chunks))]
     saved = [saved_key(p) for p in parts]
     extra = sorted(p for p in folder.glob(f"{prefix}_*") if p not in parts) if folder.is_dir() else []

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import os
 import tempfile
+import threading
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -98,21 +99,47 @@ def foreign_folder(folder: str | Path, marker: str) -> bool:
     return folder.is_dir() and any(folder.iterdir()) and not (folder / marker).is_file()
 
 
-def hold_folder(folder: str | Path, instead: str = "choose another output folder") -> int | None:
+# this process's holds, by resolved folder: [descriptor or None, holds, made by the first hold]
+_HOLDS: dict[Path, list] = {}
+_HOLDS_LOCK = threading.RLock()  # re-entered if the collector lets go of a dropped run's hold meanwhile
+
+
+def hold_folder(folder: str | Path, instead: str = "choose another output folder") -> Path:
     """Hold ``folder`` (created if new) for one run: a second run into the same folder, such as a
-    command started twice or a re-queued job, would write the same parts and checkpoints at once.
-    An advisory lock on the folder itself, so no lock file is left among the user's files; it lasts
-    while the returned descriptor is open, and the system frees it when the process ends, however it
-    ends. None where there is no ``flock`` (Windows): runs are not guarded there. ``instead``: what the
-    refusal tells the user to do besides waiting."""
+    command started twice, a re-queued job or two notebooks, would write the same parts and
+    checkpoints at once. An advisory lock on the folder itself, so no lock file is left among the
+    user's files; the system frees it when the process ends, however it ends. Not guarded where
+    there is no ``flock`` (Windows, some network mounts). ``instead``: what the refusal tells the
+    user to do besides waiting.
+
+    Holds nest within one process: the command line holds its folder before the model loads, and the
+    Python API under it holds the same folder again where it writes. Returns the key that
+    ``let_go_folder`` takes; the last let-go of a folder ends the hold."""
     from .errors import InputError
 
+    folder = Path(folder)
+    created = not folder.exists()
+    folder.mkdir(parents=True, exist_ok=True)
+    key = folder.resolve()
+    with _HOLDS_LOCK:
+        if key in _HOLDS:
+            _HOLDS[key][1] += 1
+            return key
+        try:
+            fd = _lock(folder)
+        except BlockingIOError:
+            raise InputError(f"{folder} is in use by another diffmem run; wait for it to end, or {instead}") from None
+        _HOLDS[key] = [fd, 1, created]
+    return key
+
+
+def _lock(folder: Path) -> int | None:
+    """An exclusive lock on ``folder``'s own descriptor, or None where it cannot be had but the run may
+    go on unguarded; BlockingIOError when another run holds it."""
     try:
         import fcntl
     except ImportError:
         return None
-    folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
     try:
         fd = os.open(folder, os.O_RDONLY)
     except OSError:  # a folder that can be written but not read: it cannot be held, and the run goes on
@@ -121,11 +148,42 @@ def hold_folder(folder: str | Path, instead: str = "choose another output folder
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
         os.close(fd)
-        raise InputError(f"{folder} is in use by another diffmem run; wait for it to end, or {instead}") from None
+        raise
     except OSError:  # a file system without locks (some network mounts): not guarded, as on Windows
         os.close(fd)
         return None
     return fd
+
+
+def let_go_folder(key: Path) -> None:
+    """Undo one ``hold_folder``. The last one ends the hold and removes the folder if its first hold
+    made it and it is still empty (the model failed to load, say): a failed run leaves no new folder."""
+    with _HOLDS_LOCK:
+        entry = _HOLDS.get(key)
+        if entry is None:
+            return
+        entry[1] -= 1
+        if entry[1] > 0:
+            return
+        del _HOLDS[key]
+    fd, _, created = entry
+    if fd is not None:
+        os.close(fd)
+    if created:
+        try:
+            key.rmdir()  # only an empty folder goes
+        except OSError:
+            pass
+
+
+@contextmanager
+def folder_held(folder: str | Path, instead: str = "choose another output folder"):
+    """``hold_folder`` for the ``with`` block."""
+    key = hold_folder(folder, instead)
+    try:
+        yield Path(folder)
+    finally:
+        let_go_folder(key)
 
 
 def atomic_write_bytes(path: str | Path, data: bytes) -> None:

@@ -25,7 +25,7 @@ import numpy as np
 from ..core import denoise
 from ..core.errors import InputError
 from ..core.prompts import ensure_not_an_input, iter_prompts
-from ..core.results import atomic_path, atomic_write_text, digest, revision_key, to_jsonable
+from ..core.results import atomic_path, atomic_write_text, digest, folder_held, revision_key, to_jsonable
 from .calibration import Calibration
 from .noise_norm import DetectionResult
 
@@ -77,6 +77,14 @@ def detect_file(detector, prompts_path: str | Path, out: str | Path, column: str
         n += len(buf)
         keys.append(digest({**base, "prompts": buf}))
     parts = out.with_name(out.name + ".parts")
+    # held while scoring: a second run into OUT, from another process, would write the same chunks,
+    # and the first to finish would remove them under the other
+    with folder_held(parts, instead="write to another output file"):
+        return _score_in_chunks(detector, prompts_path, column, calibration, chunk, progress, out, parts, keys, n)
+
+
+def _score_in_chunks(detector, prompts_path, column, calibration, chunk: int, progress: bool, out: Path, parts: Path,
+                     keys: list[str], n: int) -> DetectSummary:
     for marker in sorted(parts.glob("chunk_*.done")):
         i = int(marker.stem.removeprefix("chunk_"))
         if i >= len(keys) or marker.read_text() != keys[i]:

@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 
 from ..core.errors import InputError
-from ..core.results import digest, dump_json, file_digest, foreign_folder, reading_saved, revision_key
+from ..core.results import digest, dump_json, file_digest, folder_held, foreign_folder, reading_saved, revision_key
 
 STAGES = ("detect", "explain", "categorize", "mitigate", "scan")
 DETECT_METHODS = ("noise_norm", "seed_consistency")
@@ -311,6 +311,12 @@ class Audit:
                         "upstream": upstream, "version": 1})
 
     def run(self) -> AuditResult:
+        # held for the whole audit: a second one into OUT, from another process, would redo and
+        # overwrite the same stages at once
+        with folder_held(self.out):
+            return self._run_stages()
+
+    def _run_stages(self) -> AuditResult:
         from ..core.loading import runs_on
 
         s = self.settings

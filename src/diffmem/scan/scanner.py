@@ -27,7 +27,7 @@ from pathlib import Path
 import numpy as np
 
 from ..core.errors import InputError
-from ..core.results import dump_json, read_parquet, reading_saved, write_parquet
+from ..core.results import dump_json, folder_held, read_parquet, reading_saved, write_parquet
 from .sources import Source, open_source, shards
 
 CHECKS = ("image_duplicates", "caption_duplicates", "triggers", "memorization")
@@ -262,9 +262,14 @@ class DatasetScanner:
         return self.work_dir / "shards" / f"shard-{k:05d}.parquet"
 
     def run_pass1(self) -> dict:
+        # held while shards are written: a second scan into the folder, from another process, would
+        # write the same shards and record them at once
+        with folder_held(self.work_dir):
+            return self._pass1()
+
+    def _pass1(self) -> dict:
         from tqdm.auto import tqdm
 
-        self.work_dir.mkdir(parents=True, exist_ok=True)
         state = self._load_state()
         done = set(state["done"])
         n = self._n_rows()
@@ -391,8 +396,9 @@ class DatasetScanner:
     def scan(self, checks=None) -> ScanResult:
         if checks is not None:
             self.settings = ScanSettings(**{**asdict(self.settings), "checks": tuple(checks)})
-        self.run_pass1()
-        features, thumbs = self.load_features()
+        with folder_held(self.work_dir):  # a damaged shard found while reading is scanned again
+            self.run_pass1()
+            features, thumbs = self.load_features()
         result = analyse(features, self.settings, self.source.describe(), thumbs=thumbs)
         if self._tmp is not None:
             shutil.rmtree(self._tmp, ignore_errors=True)

@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from ..core.errors import InputError
-from ..core.results import dump_json, finish_replace, foreign_folder, replace_folder
+from ..core.results import dump_json, finish_replace, folder_held, foreign_folder, replace_folder
 from .latents import check_latents_folder, encode_source
 from .trainer import TrainConfig, TrainData, Trainer, checkpoint_state
 
@@ -38,67 +38,70 @@ def train_pipeline(model: str, data: str, out: str | Path, steps: int = 1000, ba
 
     out = Path(out)
     _check_model_folder(Path(model), out / MODEL_DIR)  # before anything is written
-    # a model a kill left whole beside its folder (in model.new) is moved in, even if this run stops early
-    finish_replace(out / MODEL_DIR, TRAIN_LOG)
-    check_latents_folder(out / "latents")
-    # the config checks its values before the model loads and the data is encoded
-    cfg = TrainConfig(steps=steps, batch_size=batch_size, lr=lr, train_text_encoder=train_text_encoder, ema=ema,
-                      checkpoint_every=checkpoint_every, mem_filter_threshold=mem_filter_threshold, seed=seed,
-                      warmup_steps=min(200, steps // 10), mixed_precision=mixed_precision, lora_rank=lora_rank)
-    pipe = load_pipeline(model, device=device, allow_pickle=allow_pickle)
-    if prediction_type is not None:
-        if prediction_type not in ("epsilon", "v_prediction"):
-            raise InputError(f"prediction_type must be epsilon or v_prediction, got {prediction_type!r}")
-        pipe.scheduler = pipe.scheduler.__class__.from_config(pipe.scheduler.config, prediction_type=prediction_type)
-    size = pipe.unet.config.sample_size * pipe.vae_scale_factor
-    # encoded a chunk at a time (never all at once as pixels), each chunk saved in out/latents: a
-    # killed or resumed run encodes nothing twice
-    latents, captions, problems = encode_source(pipe, data, size, caption_column, folder=out / "latents",
-                                                progress=progress, replace=not checkpoint_state(out).exists())
-    trainer = Trainer(pipe, TrainData(latents, np.arange(len(captions)), captions), cfg, out)
-    trainer.check_resumable()  # another run's folder is refused before anything in it is rewritten
-    out.mkdir(parents=True, exist_ok=True)
-    if problems:
-        import warnings
+    # held until the model is saved: a second run into OUT, from another process, would encode the same
+    # latents and write the same checkpoints at once
+    with folder_held(out):
+        # a model a kill left whole beside its folder (in model.new) is moved in, even if this run stops early
+        finish_replace(out / MODEL_DIR, TRAIN_LOG)
+        check_latents_folder(out / "latents")
+        # the config checks its values before the model loads and the data is encoded
+        cfg = TrainConfig(steps=steps, batch_size=batch_size, lr=lr, train_text_encoder=train_text_encoder, ema=ema,
+                          checkpoint_every=checkpoint_every, mem_filter_threshold=mem_filter_threshold, seed=seed,
+                          warmup_steps=min(200, steps // 10), mixed_precision=mixed_precision, lora_rank=lora_rank)
+        pipe = load_pipeline(model, device=device, allow_pickle=allow_pickle)
+        if prediction_type is not None:
+            if prediction_type not in ("epsilon", "v_prediction"):
+                raise InputError(f"prediction_type must be epsilon or v_prediction, got {prediction_type!r}")
+            pipe.scheduler = pipe.scheduler.__class__.from_config(pipe.scheduler.config, prediction_type=prediction_type)
+        size = pipe.unet.config.sample_size * pipe.vae_scale_factor
+        # encoded a chunk at a time (never all at once as pixels), each chunk saved in out/latents: a
+        # killed or resumed run encodes nothing twice
+        latents, captions, problems = encode_source(pipe, data, size, caption_column, folder=out / "latents",
+                                                    progress=progress, replace=not checkpoint_state(out).exists())
+        trainer = Trainer(pipe, TrainData(latents, np.arange(len(captions)), captions), cfg, out)
+        trainer.check_resumable()  # another run's folder is refused before anything in it is rewritten
+        out.mkdir(parents=True, exist_ok=True)
+        if problems:
+            import warnings
 
-        dump_json(problems, out / "data_problems.json")
-        # said before the long training starts, not only in a file: the user may be training on far less than they think
-        first = problems[0]
-        warnings.warn(f"{len(problems)} of {len(problems) + len(captions)} rows of {data} skipped (the first: row "
-                      f"{first['row']}, {first['problem']}); all are listed in {out / 'data_problems.json'}", stacklevel=2)
-    else:  # a list left by an earlier run, on data since mended, would name problems that are gone
-        (out / "data_problems.json").unlink(missing_ok=True)
-    trainer.run(progress=progress)
-    mem_filter = None
-    if mem_filter_threshold is not None:
-        epochs = trainer.filter_log
-        mem_filter = {"threshold": mem_filter_threshold, "dropped": trainer.filter_counts["dropped"],
-                      "samples": sum(e["samples"] for e in epochs), "epochs": epochs}
+            dump_json(problems, out / "data_problems.json")
+            # said before the long training starts, not only in a file: the user may be training on far less than they think
+            first = problems[0]
+            warnings.warn(f"{len(problems)} of {len(problems) + len(captions)} rows of {data} skipped (the first: row "
+                          f"{first['row']}, {first['problem']}); all are listed in {out / 'data_problems.json'}", stacklevel=2)
+        else:  # a list left by an earlier run, on data since mended, would name problems that are gone
+            (out / "data_problems.json").unlink(missing_ok=True)
+        trainer.run(progress=progress)
+        mem_filter = None
+        if mem_filter_threshold is not None:
+            epochs = trainer.filter_log
+            mem_filter = {"threshold": mem_filter_threshold, "dropped": trainer.filter_counts["dropped"],
+                          "samples": sum(e["samples"] for e in epochs), "epochs": epochs}
 
-    def write(tmp: Path):
-        from .plot import plot_training
+        def write(tmp: Path):
+            from .plot import plot_training
 
-        if lora_rank is None:
-            pipe.save_pretrained(tmp, safe_serialization=True)
-        else:
-            from diffusers import StableDiffusionPipeline
+            if lora_rank is None:
+                pipe.save_pretrained(tmp, safe_serialization=True)
+            else:
+                from diffusers import StableDiffusionPipeline
 
-            from .trainer import lora_layers
+                from .trainer import lora_layers
 
-            tmp.mkdir(parents=True)
-            StableDiffusionPipeline.save_lora_weights(
-                tmp, unet_lora_layers=lora_layers(pipe.unet),
-                text_encoder_lora_layers=lora_layers(pipe.text_encoder) if train_text_encoder else None, safe_serialization=True)
-        dump_json({"config": cfg.to_dict(), "device": str(pipe.device), "source_model": model, "data": data,
-                   "rows": len(captions), "skipped_rows": len(problems), "log": trainer.log, "mem_filter": mem_filter},
-                  tmp / TRAIN_LOG)
-        plot_training(trainer.log, mem_filter and mem_filter["epochs"], tmp / TRAINING_PLOT,
-                      f"{model} on {data}: {len(captions)} rows, {cfg.steps} steps of {cfg.batch_size}, lr {cfg.lr}"
-                      + (f", LoRA of rank {lora_rank}" if lora_rank is not None else "")
-                      + (f", memorization filter at {mem_filter_threshold}" if mem_filter else ""))
+                tmp.mkdir(parents=True)
+                StableDiffusionPipeline.save_lora_weights(
+                    tmp, unet_lora_layers=lora_layers(pipe.unet),
+                    text_encoder_lora_layers=lora_layers(pipe.text_encoder) if train_text_encoder else None, safe_serialization=True)
+            dump_json({"config": cfg.to_dict(), "device": str(pipe.device), "source_model": model, "data": data,
+                       "rows": len(captions), "skipped_rows": len(problems), "log": trainer.log, "mem_filter": mem_filter},
+                      tmp / TRAIN_LOG)
+            plot_training(trainer.log, mem_filter and mem_filter["epochs"], tmp / TRAINING_PLOT,
+                          f"{model} on {data}: {len(captions)} rows, {cfg.steps} steps of {cfg.batch_size}, lr {cfg.lr}"
+                          + (f", LoRA of rank {lora_rank}" if lora_rank is not None else "")
+                          + (f", memorization filter at {mem_filter_threshold}" if mem_filter else ""))
 
-    # saved beside and swapped in whole: a kill while saving leaves the earlier run's model, not half of each
-    return replace_folder(out / MODEL_DIR, write)
+        # saved beside and swapped in whole: a kill while saving leaves the earlier run's model, not half of each
+        return replace_folder(out / MODEL_DIR, write)
 
 
 def _check_model_folder(model: Path, model_dir: Path) -> None:
