@@ -88,3 +88,15 @@ def test_the_shipped_models_vae_seeds_a_run_of_the_shipped_recipe(tmp_path):
     shipped = json.loads((memlab_path() / recipe.RECIPE_RECORD).read_text())
     assert json.loads((out / recipe.VAE_STATS).read_text()) == shipped["vae"]
     recipe.check_run_folder(out)  # a run takes it as its own folder, the VAE stage done
+
+
+def test_a_second_training_run_into_a_folder_in_use_is_refused_before_any_work(tmp_path, monkeypatch):
+    # only the command line held OUT: a second run from Python wrote the same VAE stage and checkpoints
+    from doubles import held_by_another_run
+
+    built = []
+    monkeypatch.setattr(recipe.ds, "build", lambda *a, **k: built.append(a) or pytest.fail("the data was built"))
+    with held_by_another_run(tmp_path / "run"):
+        with pytest.raises(InputError, match="run is in use by another diffmem run"):
+            recipe.run(recipe.MemLabRecipe(), tmp_path / "run", progress=False)
+        assert built == [] and list((tmp_path / "run").iterdir()) == []

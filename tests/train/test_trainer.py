@@ -351,3 +351,20 @@ def test_two_lora_runs_of_one_seed_train_the_same_lora(tmp_path):
         Trainer(pipe, _data(pipe), cfg, tmp_path / folder).run(progress=False)
         runs.append({k: v for k, v in _weights(pipe).items() if ".lora_" in k})
     assert runs[0].keys() == runs[1].keys() and all(torch.equal(runs[0][k], runs[1][k]) for k in runs[0])
+
+
+def test_a_second_training_into_a_folder_in_use_is_refused_before_a_step(tmp_path):
+    # the Trainer held nothing: a second process training into the folder wrote the same checkpoints
+    from doubles import held_by_another_run
+
+    from diffmem.core.errors import InputError
+
+    pipe = tiny_pipeline(seed=3)
+    before = _weights(pipe)
+    steps = []
+    cfg = TrainConfig(steps=2, batch_size=2, warmup_steps=0, checkpoint_every=1)
+    with held_by_another_run(tmp_path / "run"):
+        with pytest.raises(InputError, match="run is in use by another diffmem run"):
+            Trainer(pipe, _data(pipe), cfg, tmp_path / "run").run(progress=False, on_step=steps.append)
+        assert steps == [] and list((tmp_path / "run").iterdir()) == []
+    assert all(torch.equal(before[k], v) for k, v in _weights(pipe).items())

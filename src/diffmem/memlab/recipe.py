@@ -15,7 +15,7 @@ import torch
 
 from ..core.errors import InputError
 from ..core.components import PipelineSpec, build_pipeline
-from ..core.results import finish_replace, foreign_folder, replace_folder
+from ..core.results import finish_replace, folder_held, foreign_folder, replace_folder
 from ..train.trainer import TrainConfig, TrainData, Trainer, encode_images, train_vae
 from . import dataset as ds
 
@@ -64,7 +64,13 @@ def run(recipe: MemLabRecipe, out_dir: str | Path, progress: bool = True, device
     dev = resolve_device(device)  # before any folder is made: a missing GPU writes nothing
     out = Path(out_dir)
     check_run_folder(out)
-    out.mkdir(parents=True, exist_ok=True)
+    # held until the model is saved: a second run into OUT, from another process, would write the
+    # same VAE stage and checkpoints at once
+    with folder_held(out):
+        return _train_into(recipe, out, dev, progress)
+
+
+def _train_into(recipe: MemLabRecipe, out: Path, dev, progress: bool) -> Path:
     if recipe.train.threads:
         torch.set_num_threads(recipe.train.threads)
     t0 = time.time()

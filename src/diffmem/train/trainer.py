@@ -29,7 +29,7 @@ from diffusers.training_utils import EMAModel
 from safetensors.torch import load_file, save_file
 
 from ..core.errors import InputError
-from ..core.results import finish_replace, replace_folder, swap_names
+from ..core.results import finish_replace, folder_held, replace_folder, swap_names
 
 MIXED_PRECISION = {"no": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -280,6 +280,13 @@ class Trainer:
 
     def run(self, progress: bool = True, on_log: Callable[[dict], None] | None = None,
             on_step: Callable[[int], None] | None = None) -> StableDiffusionPipeline:
+        # held while training: a second run into the folder, from another process, would write the
+        # same checkpoints at once
+        with folder_held(self.out):
+            return self._train(progress, on_log, on_step)
+
+    def _train(self, progress: bool, on_log: Callable[[dict], None] | None,
+               on_step: Callable[[int], None] | None) -> StableDiffusionPipeline:
         cfg, pipe = self.cfg, self.pipe
         if cfg.threads:
             torch.set_num_threads(cfg.threads)
