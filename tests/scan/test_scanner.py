@@ -537,3 +537,30 @@ def test_a_second_scan_into_a_folder_in_use_is_refused_through_the_python_api(tm
                 step()
         assert list(work.iterdir()) == []
     assert len(scanner.scan().rows) == 2
+
+
+def test_a_scan_without_a_folder_leaves_no_temporary_folder_behind(monkeypatch):
+    # the temporary folder went only after a scan that succeeded: a failed or killed scan, or a scanner
+    # made and never run, left it in the system's temporary folder with the shards written so far
+    import gc
+
+    from diffmem.scan import scanner as scanner_module
+
+    scanner = DatasetScanner(ListSource(["a red circle", "a blue square"]), None, progress=False)
+    first = scanner.work_dir
+
+    def killed(*args, **kwargs):
+        assert any(first.rglob("*.parquet"))  # the shards are written by now
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(scanner_module, "analyse", killed)
+    with pytest.raises(KeyboardInterrupt):
+        scanner.scan()
+    assert not first.exists()
+    monkeypatch.undo()
+    assert len(scanner.scan().rows) == 2 and not scanner.work_dir.exists()  # run again: a folder of its own, gone too
+    idle = DatasetScanner(ListSource(["a red circle"]), None, progress=False)
+    never_run = idle.work_dir
+    del idle
+    gc.collect()
+    assert not never_run.exists()

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import json
 import math
-import shutil
 import tempfile
 import warnings
 from dataclasses import asdict, dataclass, field
@@ -220,9 +219,9 @@ class DatasetScanner:
         self.source: Source = open_source(dataset, caption_column, image_column)
         self.settings = ScanSettings(**settings)
         self._tmp = None
-        if work_dir is None:
-            self._tmp = tempfile.mkdtemp(prefix="diffmem-scan-")
-            work_dir = self._tmp
+        if work_dir is None:  # removed when a scan ends, fails or is killed, or the scanner is dropped
+            self._tmp = tempfile.TemporaryDirectory(prefix="diffmem-scan-")
+            work_dir = self._tmp.name
         self.work_dir = Path(work_dir)
         self.progress = progress
         self._pipe = None
@@ -396,13 +395,17 @@ class DatasetScanner:
     def scan(self, checks=None) -> ScanResult:
         if checks is not None:
             self.settings = ScanSettings(**{**asdict(self.settings), "checks": tuple(checks)})
-        with folder_held(self.work_dir):  # a damaged shard found while reading is scanned again
-            self.run_pass1()
-            features, thumbs = self.load_features()
-        result = analyse(features, self.settings, self.source.describe(), thumbs=thumbs)
-        if self._tmp is not None:
-            shutil.rmtree(self._tmp, ignore_errors=True)
-        return result
+        if self._tmp is not None and not self.work_dir.exists():  # scanned before: a new folder of its own
+            self._tmp = tempfile.TemporaryDirectory(prefix="diffmem-scan-")
+            self.work_dir = Path(self._tmp.name)
+        try:
+            with folder_held(self.work_dir):  # a damaged shard found while reading is scanned again
+                self.run_pass1()
+                features, thumbs = self.load_features()
+            return analyse(features, self.settings, self.source.describe(), thumbs=thumbs)
+        finally:
+            if self._tmp is not None:  # nothing there can be resumed: no later scanner knows the folder
+                self._tmp.cleanup()
 
 
 def _truncation_keys():
