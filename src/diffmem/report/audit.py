@@ -320,7 +320,6 @@ class Audit:
         from ..core.loading import runs_on
 
         s = self.settings
-        self.out.mkdir(parents=True, exist_ok=True)
         result = AuditResult(self.out, {**asdict(s), "skip": list(s.skip)})
         self._load()
         result.settings["model_identity"] = self.identity

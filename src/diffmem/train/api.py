@@ -60,7 +60,6 @@ def train_pipeline(model: str, data: str, out: str | Path, steps: int = 1000, ba
                                                     progress=progress, replace=not checkpoint_state(out).exists())
         trainer = Trainer(pipe, TrainData(latents, np.arange(len(captions)), captions), cfg, out)
         trainer.check_resumable()  # another run's folder is refused before anything in it is rewritten
-        out.mkdir(parents=True, exist_ok=True)
         if problems:
             import warnings
 
