@@ -466,7 +466,7 @@ def analyse(features, settings: ScanSettings, source: dict, thumbs: np.ndarray |
                 # said before the wait, not after (benchmarks/scan_image_scale.py)
                 warnings.warn(f"{n_images:,} images: the exact near-duplicate image search compares each with every "
                               "other, so its time grows with the square of the count (on 2 CPU cores about 3 min for "
-                              "60,000 images, about 27 min for 200,000); image_index='approximate' "
+                              "60,000 images, by extrapolation 20 to 30 min for 200,000); image_index='approximate' "
                               "(--image-index approximate) takes a fraction of that", stacklevel=2)
             phash = f["phash"].fillna(0).to_numpy(np.int64)
             cl = image_clusters(phash, thumbs, has_image, settings.max_hamming, settings.neighbours,
