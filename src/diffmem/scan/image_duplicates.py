@@ -190,8 +190,8 @@ def _exact_copies(flat: np.ndarray, chunk: int = PAIR_CHUNK) -> tuple[np.ndarray
     Rows are matched by a 64-bit digest each, then checked pixel for pixel against the row they
     matched: ``np.unique(flat, axis=0)`` sorted copies of the whole array, near three times its
     size at its peak (1.8 GB beside 0.6 GB of thumbnails at 200,000 images), where the digests
-    take 8 bytes a row. Two rows of one digest and other pixels (about one pair in 10^19 at a
-    million rows) leave it to that exact sort."""
+    take 8 bytes a row. Two rows of one digest and other pixels (a chance of about 3 in 10^8 at a
+    million distinct rows) leave it to that exact sort."""
     import hashlib
 
     n = len(flat)
