@@ -857,3 +857,26 @@ def test_a_second_detect_into_the_same_results_file_is_refused(tmp_path, tiny_pi
     r = run("detect", "--prompts", str(prompts), "--model", str(tmp_path / "no-model"), "--out", str(tmp_path / "s.parquet"))
     assert r.returncode == 2 and "model folder not found" in r.stderr
     assert not (tmp_path / "s.parquet.parts").exists()
+
+
+def test_a_refused_pickle_lora_says_how_to_convert_it_and_the_converted_file_is_taken(tmp_path, tiny_pipe_dir, tiny_lora):
+    import torch
+    from safetensors.torch import load_file
+
+    folder = tmp_path / "lora"
+    folder.mkdir()
+    torch.save(load_file(tiny_lora / "pytorch_lora_weights.safetensors"), folder / "pytorch_lora_weights.bin")
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("a cat\n")
+    common = ("--prompts", str(prompts), "--model", str(tiny_pipe_dir), "--num-inference-steps", "2", "--lora", str(folder))
+    r = run("detect", *common, "--out", str(tmp_path / "a.parquet"))
+    said = " ".join(r.stderr.split())
+    assert r.returncode == 2 and f"diffmem convert {folder / 'pytorch_lora_weights.bin'}" in said, r.stderr
+    r = run("convert", str(folder / "pytorch_lora_weights.bin"))
+    assert r.returncode == 0 and "converted the LoRA" in r.stdout, r.stderr
+    r = run("detect", *common, "--out", str(tmp_path / "a.parquet"))
+    assert r.returncode == 0, r.stderr
+    # converting again would replace the file: refused, unless asked
+    r = run("convert", str(folder / "pytorch_lora_weights.bin"))
+    assert r.returncode == 2 and "exists" in r.stderr and "Traceback" not in r.stderr, r.stderr
+    assert run("convert", str(folder / "pytorch_lora_weights.bin"), "--overwrite").returncode == 0

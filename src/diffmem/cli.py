@@ -1109,6 +1109,25 @@ def app_cmd(
     serve(state, sock)
 
 
+@app.command("convert")
+def convert_cmd(
+    source: Path = typer.Argument(..., help="a pickled LoRA or textual-inversion embedding (.bin / .pt / .ckpt / .pth)"),
+    out: Optional[Path] = typer.Option(None, help="the .safetensors file to write (default: beside SOURCE, its name "
+                                       "with .safetensors; an A1111 embedding is called by this file's name)"),
+    overwrite: bool = typer.Option(False, "--overwrite", help="replace OUT if it exists"),
+):
+    """Convert a pickled LoRA or embedding you trust to safetensors, for --lora / --textual-inversion.
+
+    Read with torch's weights-only unpickler, which rebuilds tensors and plain containers and refuses
+    any other object: a pickle that would run code is refused, not run."""
+    from .core.convert import convert_adapter
+
+    done = convert_adapter(source, out, overwrite=overwrite)
+    out_console.print(done.describe(), highlight=False, markup=False)
+    if done.left_out:
+        out_console.print(f"left out (not tensors): {', '.join(done.left_out)}", highlight=False, markup=False)
+
+
 def _exit(code: int):
     if code == 130:  # Ctrl-C, however it reached us: say so, and that the saved work is not lost
         saved = [f for f in _RESUMES_FROM if f.is_dir() and any(f.iterdir())]

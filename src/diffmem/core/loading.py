@@ -279,7 +279,8 @@ def _adapter_keys(file: Path, what: str) -> list[str]:
     its safetensors header; a pickle is refused unread."""
     if file.suffix.lower() in PICKLE_SUFFIXES:
         raise ModelLoadError(f"{what} {file} is a pickle ({file.suffix}), which diffmem does not load: unpickling can run "
-                             "arbitrary code; convert it to safetensors if you trust its source")
+                             f"arbitrary code. If you trust its source, convert it: diffmem convert {file} (torch's weights-only "
+                             "unpickler, which refuses anything but tensors)")
     from safetensors import SafetensorError, safe_open
 
     try:
@@ -308,7 +309,8 @@ def lora_file(path: str | os.PathLike, scale: float = 1.0) -> Path:
                                  + (" (it holds a model_index.json: it is a pipeline folder, to pass as the model)"
                                     if (file / "model_index.json").exists() else "")
                                  + (f", only pickle weights ({', '.join(pickles)}), which diffmem does not load: unpickling "
-                                    "can run arbitrary code; convert them to safetensors if you trust their source"
+                                    "can run arbitrary code. If you trust their source, convert one: diffmem convert "
+                                    f"{file / pickles[0]}"
                                     if pickles else ""))
         default = file / "pytorch_lora_weights.safetensors"
         if len(found) > 1 and default not in found:

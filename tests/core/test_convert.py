@@ -1,0 +1,119 @@
+import os
+import re
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from diffmem.core.convert import convert_adapter
+from diffmem.core.errors import ModelLoadError
+from diffmem.core.loading import load_pipeline, weights_fingerprints
+
+
+def _width(pipe_dir):
+    return load_pipeline(pipe_dir).text_encoder.get_input_embeddings().weight.shape[1]
+
+
+def test_a_pickled_lora_converts_to_the_same_fused_weights(tmp_path, tiny_pipe_dir, tiny_lora):
+    # most LoRAs shared before safetensors are pickles; diffmem refuses to unpickle them while loading
+    keys = load_file(tiny_lora / "pytorch_lora_weights.safetensors")
+    # a slice sharing storage with another tensor, which safetensors refuses to write as it is
+    tied = {**keys, "unet.extra.lora.down.weight": next(iter(keys.values()))[:1]}
+    torch.save({**keys, "step": 1200}, tmp_path / "lora.bin")
+    done = convert_adapter(tmp_path / "lora.bin")
+    assert (done.kind, done.out, done.tensors, done.left_out) == ("lora", str(tmp_path / "lora.safetensors"), len(keys), ["step"])
+    assert "--lora " + str(tmp_path / "lora.safetensors") in done.describe()
+    written = load_file(tmp_path / "lora.safetensors")
+    assert written.keys() == keys.keys() and all(torch.equal(written[k], keys[k]) for k in keys)
+    fused = load_pipeline(tiny_pipe_dir, lora=tmp_path / "lora.safetensors", lora_scale=0.5)
+    assert weights_fingerprints(fused) == weights_fingerprints(load_pipeline(tiny_pipe_dir, lora=tiny_lora, lora_scale=0.5))
+    # tensors that share storage are written each on its own
+    torch.save(tied, tmp_path / "tied.pt")
+    assert convert_adapter(tmp_path / "tied.pt").tensors == len(tied)
+
+
+def test_a1111_and_diffusers_pickled_embeddings_convert_and_load(tmp_path, tiny_pipe_dir):
+    width = _width(tiny_pipe_dir)
+    vectors = torch.randn(2, width, generator=torch.Generator().manual_seed(1))
+    # A1111's .pt: its vectors under a placeholder, beside its name, step and checkpoint
+    torch.save({"string_to_token": {"*": 265}, "string_to_param": {"*": vectors}, "name": "cat-toy", "step": 3000,
+                "sd_checkpoint": "abc", "sd_checkpoint_name": "v1-5"}, tmp_path / "cat-toy.pt")
+    with pytest.raises(ModelLoadError, match=re.escape(f"convert it: diffmem convert {tmp_path / 'cat-toy.pt'}")):
+        load_pipeline(tiny_pipe_dir, textual_inversion=[tmp_path / "cat-toy.pt"])  # refused unread, saying how
+    done = convert_adapter(tmp_path / "cat-toy.pt")
+    assert (done.kind, done.token, done.vectors, done.width) == ("textual_inversion", "cat-toy", 2, width)
+    assert done.left_out == ["name", "sd_checkpoint", "sd_checkpoint_name", "step", "string_to_token"]
+    assert "token 'cat-toy'" in done.describe() and "--textual-inversion" in done.describe()
+    # diffusers' learned_embeds.bin: one tensor named by its token; to another name
+    torch.save({"<my-style>": vectors[0]}, tmp_path / "learned_embeds.bin")
+    other = convert_adapter(tmp_path / "learned_embeds.bin", tmp_path / "style.safetensors")
+    assert (other.token, other.vectors) == ("<my-style>", 1)
+    pipe = load_pipeline(tiny_pipe_dir, textual_inversion=[done.out, other.out])
+    table = pipe.text_encoder.get_input_embeddings().weight
+    ids = pipe.tokenizer.convert_tokens_to_ids(["cat-toy", "cat-toy_1", "<my-style>"])
+    assert torch.equal(table[ids], torch.cat([vectors, vectors[:1]]))
+
+
+@pytest.mark.parametrize("case", ["code", "not_a_pickle", "safetensors", "folder", "missing", "whole_model", "no_tensors",
+                                  "list", "exists", "other_suffix", "a1111_two_params"])
+def test_what_is_not_a_safe_pickled_adapter_is_refused_and_nothing_written(tmp_path, tiny_lora, case):
+    keys = load_file(tiny_lora / "pytorch_lora_weights.safetensors")
+    source, out, marker = tmp_path / "in.pt", None, tmp_path / "ran"
+    if case == "code":  # a pickle that would run a command when unpickled
+        class Payload:
+            def __reduce__(self):
+                return os.system, (f"touch {marker}",)
+
+        torch.save({"w": Payload()}, source)
+        said = "holds objects other than tensors and plain containers"
+    elif case == "not_a_pickle":
+        source.write_text("hello")
+        said = "is not a readable torch pickle"
+    elif case == "safetensors":
+        source = tiny_lora / "pytorch_lora_weights.safetensors"
+        said = "it is safetensors already"
+    elif case == "folder":
+        source, said = tiny_lora, "is a folder"
+    elif case == "missing":
+        said = "not found"
+    elif case == "whole_model":
+        torch.save({"conv_in.weight": torch.zeros(4, 4, 3, 3), "conv_in.bias": torch.zeros(4)}, source)
+        said = "is it a whole model's weights?"
+    elif case == "no_tensors":
+        torch.save({"step": 3}, source)
+        said = "holds no tensors (step)"
+    elif case == "list":
+        torch.save([torch.zeros(2)], source)
+        said = "holds a list, where a LoRA or an embedding is a dict of tensors"
+    elif case == "exists":
+        torch.save(keys, source)
+        (tmp_path / "in.safetensors").write_text("mine")
+        said = "exists; choose another output"
+    elif case == "other_suffix":
+        torch.save(keys, source)
+        out, said = tmp_path / "in.bin2", "must end in .safetensors"
+    else:
+        torch.save({"string_to_param": {"*": torch.zeros(2, 8), "#": torch.zeros(2, 8)}}, source)
+        said = "string_to_param holds 2 tensors, where one is expected"
+    before = sorted(p.name for p in tmp_path.iterdir())
+    with pytest.raises(ModelLoadError, match=re.escape(said)):
+        convert_adapter(source, out)
+    assert sorted(p.name for p in tmp_path.iterdir()) == before  # nothing written, nothing replaced
+    assert not marker.exists()
+    if case == "exists":
+        assert (tmp_path / "in.safetensors").read_text() == "mine"
+
+
+def test_overwrite_replaces_the_output_and_a_refusal_leaves_it(tmp_path, tiny_lora):
+    keys = load_file(tiny_lora / "pytorch_lora_weights.safetensors")
+    torch.save(keys, tmp_path / "in.pt")
+    (tmp_path / "in.safetensors").write_text("old")
+    assert convert_adapter(tmp_path / "in.pt", overwrite=True).kind == "lora"
+    assert load_file(tmp_path / "in.safetensors").keys() == keys.keys()
+    # vectors that are neither one vector nor a matrix of them: the file it would replace stays as it was
+    torch.save({"string_to_param": {"*": torch.zeros(2, 3, 8)}}, tmp_path / "emb.pt")
+    (tmp_path / "emb.safetensors").write_text("old")
+    with pytest.raises(ModelLoadError, match=re.escape("vectors have shape (2, 3, 8)")):
+        convert_adapter(tmp_path / "emb.pt", overwrite=True)
+    assert (tmp_path / "emb.safetensors").read_text() == "old"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["emb.pt", "emb.safetensors", "in.pt", "in.safetensors"]
