@@ -69,9 +69,9 @@ def convert_adapter(source: str | Path, out: str | Path | None = None, overwrite
     try:
         loaded = torch.load(source, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
-        raise ModelLoadError(f"{source} holds objects other than tensors and plain containers, which torch's weights-only "
-                             f"unpickler refuses (a pickle meant to run code is refused this way): not converted. "
-                             f"torch said: {str(e).splitlines()[0]}") from None
+        raise ModelLoadError(f"{source} holds objects other than tensors and plain containers ({_refused_object(e)}), "
+                             "which torch's weights-only unpickler refuses, as it refuses a pickle made to run code: "
+                             "not converted") from None
     except Exception as e:  # a damaged or foreign file fails inside the unpickler in many ways (KeyError, EOFError, ...)
         raise ModelLoadError(f"{source} is not a readable torch pickle: {type(e).__name__}: "
                              f"{(str(e).splitlines() or [''])[0]}") from None
@@ -89,6 +89,17 @@ def convert_adapter(source: str | Path, out: str | Path | None = None, overwrite
     return Conversion(str(source), str(out), kind, len(tensors), token=token,
                       vectors=(1 if first.dim() == 1 else first.shape[0]) if kind == "textual_inversion" else None,
                       width=first.shape[-1] if kind == "textual_inversion" else None, left_out=left_out)
+
+
+def _refused_object(error: Exception) -> str:
+    """What the weights-only unpickler refused, from its message (which goes on to suggest loading
+    the file without it, advice diffmem does not pass on)."""
+    import re
+
+    # "Unsupported global: GLOBAL x was not allowed", "unsupported GLOBAL x whose module is blocked"
+    if found := re.search(r"\bGLOBAL (\S+)", str(error)):
+        return f"it holds {found.group(1)}"
+    return "torch did not say which"
 
 
 def _adapter_tensors(source: Path, loaded) -> tuple[dict, str | None, list[str], str]:
