@@ -880,3 +880,27 @@ def test_a_refused_pickle_lora_says_how_to_convert_it_and_the_converted_file_is_
     r = run("convert", str(folder / "pytorch_lora_weights.bin"))
     assert r.returncode == 2 and "exists" in r.stderr and "Traceback" not in r.stderr, r.stderr
     assert run("convert", str(folder / "pytorch_lora_weights.bin"), "--overwrite").returncode == 0
+
+
+def test_several_loras_are_given_by_repeating_lora_and_their_scales(tmp_path, tiny_pipe_dir, tiny_lora):
+    from diffmem.core.loading import load_pipeline
+    from diffmem.detect import DetectionResult, NoiseNormDetector
+
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("a cat\na red cube on grass\n")
+    common = ("--prompts", str(prompts), "--model", str(tiny_pipe_dir), "--num-inference-steps", "4",
+              "--lora", str(tiny_lora), "--lora", str(tiny_lora))
+    r = run("detect", *common, "--lora-scale", "0.5", "--lora-scale", "0.25", "--out", str(tmp_path / "two.parquet"))
+    assert r.returncode == 0, r.stderr
+    got = DetectionResult.load(tmp_path / "two.parquet")
+    assert [x["scale"] for x in got.model["lora"]] == [0.5, 0.25]
+    expected = NoiseNormDetector(load_pipeline(tiny_pipe_dir, lora=[tiny_lora] * 2, lora_scale=[0.5, 0.25]), 4, 7.5).score(
+        ["a cat", "a red cube on grass"])
+    assert got.scores == pytest.approx(expected.scores, rel=1e-5)
+    # one scale scales them all; two scales for three LoRAs is refused before the model loads
+    r = run("detect", *common, "--lora-scale", "0.5", "--out", str(tmp_path / "one.parquet"))
+    assert r.returncode == 0 and [x["scale"] for x in DetectionResult.load(tmp_path / "one.parquet").model["lora"]] == [0.5, 0.5]
+    r = run("detect", *common, "--lora", str(tiny_lora), "--lora-scale", "1", "--lora-scale", "2",
+            "--out", str(tmp_path / "bad.parquet"))
+    assert r.returncode == 2 and "2 --lora-scale for 3 --lora" in r.stderr and "Traceback" not in r.stderr, r.stderr
+    assert not (tmp_path / "bad.parquet").exists()

@@ -179,8 +179,9 @@ SEED = typer.Option(0, min=0, max=MAX_SEED)
 DEVICE = typer.Option("cpu", help="torch device: cpu, cuda, cuda:1, mps")
 DTYPE = typer.Option("float32", help="weights' dtype: float32, float16 (wants a GPU) or bfloat16")
 LORA = typer.Option(None, help="a LoRA fused into the model: a .safetensors file (diffusers', PEFT's or kohya's "
-                    "keys) or the folder save_lora_weights wrote")
-LORA_SCALE = typer.Option(None, help="the LoRA's scale, as fuse_lora's lora_scale (default 1)")
+                    "keys) or the folder save_lora_weights wrote; repeat for several, fused in the order given")
+LORA_SCALE = typer.Option(None, help="the LoRA's scale, as fuse_lora's lora_scale (default 1); one for every --lora, "
+                          "or one per --lora in their order")
 TEXTUAL_INVERSION = typer.Option(None, help="a textual-inversion embedding added to the model: a .safetensors file "
                                  "(its token: the one it names, or for A1111's emb_params its file name) or TOKEN=FILE; "
                                  "repeat for several")
@@ -188,12 +189,17 @@ NUM_INFERENCE_STEPS = typer.Option(None, min=1, help="sampler steps (default: th
 GUIDANCE_SCALE = typer.Option(None, callback=_finite, help="guidance scale (default: the model's; SD: 7.5)")
 
 
-def _adapters(lora: Path | None, lora_scale: float | None, textual_inversion: list[str] | None) -> dict:
+def _adapters(lora: list[Path] | None, lora_scale: list[float] | None, textual_inversion: list[str] | None) -> dict:
     """load_pipeline's LoRA and textual-inversion arguments (those given), their files checked now, before the
-    model loads."""
-    if lora is None and lora_scale is not None:
+    model loads. One LoRA is given as a path and a scale, as before there could be several: settings
+    saved by audits and scans of one LoRA keep their form."""
+    loras, scales = [str(p) for p in lora or []], list(lora_scale or [])
+    if scales and not loras:
         raise InputError("--lora-scale scales a --lora: give that too")
-    given = {**({"lora": str(lora), "lora_scale": 1.0 if lora_scale is None else lora_scale} if lora is not None else {}),
+    if len(scales) > 1 and len(scales) != len(loras):
+        raise InputError(f"{len(scales)} --lora-scale for {len(loras)} --lora: give one scale for them all, or one per --lora")
+    given = {**({"lora": loras[0] if len(loras) == 1 else loras,
+                 "lora_scale": (scales[0] if len(scales) == 1 else scales) if scales else 1.0} if loras else {}),
              **({"textual_inversion": tuple(textual_inversion)} if textual_inversion else {})}
     if given:
         from .core.loading import check_adapters
@@ -237,8 +243,8 @@ def detect(
     fpr: Optional[float] = typer.Option(None, callback=_rate, help="false-positive rate for --calibrate-with (default 0.01)"),
     device: str = DEVICE,
     dtype: str = DTYPE,
-    lora: Optional[Path] = LORA,
-    lora_scale: Optional[float] = LORA_SCALE,
+    lora: Optional[List[Path]] = LORA,
+    lora_scale: Optional[List[float]] = LORA_SCALE,
     textual_inversion: Optional[List[str]] = TEXTUAL_INVERSION,
 ):
     """Score prompts with Wen et al.'s text-conditional noise norm (first step, one generation by default),
@@ -330,8 +336,8 @@ def explain(
     guidance_scale: Optional[float] = GUIDANCE_SCALE,
     device: str = DEVICE,
     dtype: str = DTYPE,
-    lora: Optional[Path] = LORA,
-    lora_scale: Optional[float] = LORA_SCALE,
+    lora: Optional[List[Path]] = LORA,
+    lora_scale: Optional[List[float]] = LORA_SCALE,
     textual_inversion: Optional[List[str]] = TEXTUAL_INVERSION,
     out: Optional[Path] = typer.Option(None, help="folder for attribution.json, .png and .html (one prompt) or "
                                        "attributions.json, words.parquet and attributions.html (a file)"),
@@ -433,8 +439,8 @@ def mitigate(
     guidance_scale: Optional[float] = GUIDANCE_SCALE,
     device: str = DEVICE,
     dtype: str = DTYPE,
-    lora: Optional[Path] = LORA,
-    lora_scale: Optional[float] = LORA_SCALE,
+    lora: Optional[List[Path]] = LORA,
+    lora_scale: Optional[List[float]] = LORA_SCALE,
     textual_inversion: Optional[List[str]] = TEXTUAL_INVERSION,
     train_images: Optional[str] = typer.Option(None, help="measure replication against these training images (an image "
                                                "folder, .parquet / .jsonl / .csv table or saved datasets folder), on any "
@@ -521,8 +527,8 @@ def bench_detect_cmd(
                                                 "feature word as negatives in the main split (they are reported in a second split either way)"),
     device: str = DEVICE,
     dtype: str = DTYPE,
-    lora: Optional[Path] = LORA,
-    lora_scale: Optional[float] = LORA_SCALE,
+    lora: Optional[List[Path]] = LORA,
+    lora_scale: Optional[List[float]] = LORA_SCALE,
     textual_inversion: Optional[List[str]] = TEXTUAL_INVERSION,
 ):
     """AUC and TPR@1%FPR over a grid of steps x generations, a ROC plot and a JSON file. With --lora, for
@@ -685,8 +691,8 @@ def categorize(
     embedding: bool = typer.Option(False, help="also decide 'implied' with the bundled sentence-embedding model"),
     device: str = DEVICE,
     dtype: str = DTYPE,
-    lora: Optional[Path] = LORA,
-    lora_scale: Optional[float] = LORA_SCALE,
+    lora: Optional[List[Path]] = LORA,
+    lora_scale: Optional[List[float]] = LORA_SCALE,
     textual_inversion: Optional[List[str]] = TEXTUAL_INVERSION,
 ):
     """Features that appear across seeds, each called explicit, implicit or unintended, with its evidence
@@ -840,9 +846,10 @@ def scan(
     seed: int = SEED,
     device: str = typer.Option("cpu", help="memorization check: torch device (cpu, cuda, cuda:1, mps)"),
     dtype: str = typer.Option("float32", help="memorization check: the model's dtype (float32, float16, bfloat16)"),
-    lora: Optional[Path] = typer.Option(None, help="memorization check: a LoRA fused into the model (.safetensors file "
-                                        "or the folder save_lora_weights wrote)"),
-    lora_scale: Optional[float] = typer.Option(None, help="memorization check: the LoRA's scale (default 1)"),
+    lora: Optional[List[Path]] = typer.Option(None, help="memorization check: a LoRA fused into the model (.safetensors "
+                                              "file or the folder save_lora_weights wrote); repeat for several"),
+    lora_scale: Optional[List[float]] = typer.Option(None, help="memorization check: the LoRA's scale (default 1); one "
+                                                     "for every --lora, or one per --lora"),
     textual_inversion: Optional[List[str]] = typer.Option(None, help="memorization check: a textual-inversion embedding "
                                                           "added to the model (FILE or TOKEN=FILE; repeat for several)"),
 ):
@@ -888,8 +895,8 @@ def verify_triggers_cmd(
     seed: int = SEED,
     device: str = DEVICE,
     dtype: str = DTYPE,
-    lora: Optional[Path] = LORA,
-    lora_scale: Optional[float] = LORA_SCALE,
+    lora: Optional[List[Path]] = LORA,
+    lora_scale: Optional[List[float]] = LORA_SCALE,
     textual_inversion: Optional[List[str]] = TEXTUAL_INVERSION,
 ):
     """Generate from each trigger phrase in new captions (and random phrases in the same captions) and
@@ -1049,8 +1056,8 @@ def audit(
     batch_size: int = typer.Option(32, min=1),
     device: str = DEVICE,
     dtype: str = DTYPE,
-    lora: Optional[Path] = LORA,
-    lora_scale: Optional[float] = LORA_SCALE,
+    lora: Optional[List[Path]] = LORA,
+    lora_scale: Optional[List[float]] = LORA_SCALE,
     textual_inversion: Optional[List[str]] = TEXTUAL_INVERSION,
 ):
     """Detect, explain, categorize, mitigate and (with --train-data) scan, then write OUT/report.html.
@@ -1094,8 +1101,8 @@ def app_cmd(
                                     "(an audit's target calibration brings its own)"),
     device: str = DEVICE,
     dtype: str = DTYPE,
-    lora: Optional[Path] = LORA,
-    lora_scale: Optional[float] = LORA_SCALE,
+    lora: Optional[List[Path]] = LORA,
+    lora_scale: Optional[List[float]] = LORA_SCALE,
     textual_inversion: Optional[List[str]] = TEXTUAL_INVERSION,
 ):
     """A local page: edit a prompt, see its score against the threshold and its words coloured by attribution."""

@@ -234,6 +234,45 @@ def test_a_lora_is_fused_as_diffusers_fuses_it(tmp_path, tiny_pipe_dir, tiny_lor
         assert weights_fingerprints(again) == weights_fingerprints(pipe), file
 
 
+def test_several_loras_are_fused_in_turn_as_diffusers_fuses_several_adapters(tmp_path, tiny_pipe_dir, tiny_lora):
+    # a character LoRA on a style LoRA: what users run together is what memorizes together
+    from diffusers import StableDiffusionPipeline
+    from safetensors.torch import load_file, save_file
+
+    from diffmem.core.loading import model_identity, model_name, weights_fingerprints
+
+    keys = load_file(tiny_lora / "pytorch_lora_weights.safetensors")
+    second = {k: torch.randn(v.shape, generator=torch.Generator().manual_seed(i)) for i, (k, v) in enumerate(keys.items())}
+    save_file(second, tmp_path / "style.safetensors")
+    pipe = load_pipeline(tiny_pipe_dir, lora=[tiny_lora, tmp_path / "style.safetensors"], lora_scale=[0.5, 0.25])
+    reference = StableDiffusionPipeline.from_pretrained(tiny_pipe_dir, safety_checker=None, requires_safety_checker=False)
+    reference.load_lora_weights(tiny_lora, adapter_name="a")
+    reference.load_lora_weights(tmp_path, weight_name="style.safetensors", adapter_name="b")
+    reference.set_adapters(["a", "b"], [0.5, 0.25])
+    reference.fuse_lora(adapter_names=["a", "b"])
+    reference.unload_lora_weights()
+    for part in ("unet", "text_encoder"):
+        ours, theirs = getattr(pipe, part).state_dict(), getattr(reference, part).state_dict()
+        assert ours.keys() == theirs.keys()
+        assert all(torch.equal(ours[k], theirs[k]) for k in ours), part
+    # both LoRAs count: neither alone gives these weights
+    alone = load_pipeline(tiny_pipe_dir, lora=tiny_lora, lora_scale=0.5)
+    assert weights_fingerprints(alone) != weights_fingerprints(pipe)
+    identity = model_identity(pipe)
+    assert identity["lora"] == [{"path": str((tiny_lora / "pytorch_lora_weights.safetensors").resolve()), "scale": 0.5},
+                                {"path": str((tmp_path / "style.safetensors").resolve()), "scale": 0.25}]
+    assert model_name(identity).endswith("with the LoRAs pytorch_lora_weights.safetensors at scale 0.5 and "
+                                         "style.safetensors at scale 0.25")
+    # one scale for all; one LoRA keeps the form its identity always had
+    both_at_one = load_pipeline(tiny_pipe_dir, lora=[tiny_lora, tmp_path / "style.safetensors"])
+    assert [x["scale"] for x in model_identity(both_at_one)["lora"]] == [1.0, 1.0]
+    assert model_identity(alone)["lora"] == {"path": identity["lora"][0]["path"], "scale": 0.5}
+    with pytest.raises(ModelLoadError, match="2 LoRA scales for 3 LoRAs: give one scale for them all, or one per LoRA"):
+        load_pipeline(tiny_pipe_dir, lora=[tiny_lora, tiny_lora, tmp_path / "style.safetensors"], lora_scale=[1, 1])
+    with pytest.raises(ModelLoadError, match="LoRA not found"):  # each file is checked before the model loads
+        load_pipeline(tiny_pipe_dir, lora=[tiny_lora, tmp_path / "nowhere.safetensors"])
+
+
 def _renamed(keys: dict, old: str, new: str) -> dict:
     return {k.replace(old, new): v for k, v in keys.items()}
 

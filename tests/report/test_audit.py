@@ -512,6 +512,12 @@ def test_an_audit_of_a_lora_records_it_and_redoes_stages_when_its_scale_changes(
     assert "<title>diffmem audit: " + str(tiny_pipe_dir) + " with a LoRA</title>" in (out / "report.html").read_text()
     assert Audit(settings, out, progress=False).run().stages["detect"]["status"] == "reused"
     assert Audit(replace(settings, lora_scale=1.0), out, progress=False).run().stages["detect"]["status"] == "done"
+    # a second LoRA on the first: a model of its own, and the page names both
+    two = Audit(replace(settings, lora=[str(tiny_lora), str(tiny_lora)], lora_scale=[1.0, 0.25]), out, progress=False).run()
+    assert two.stages["detect"]["status"] == "done" and [x["scale"] for x in two.settings["model_identity"]["lora"]] == [1.0, 0.25]
+    page = (out / "report.html").read_text()
+    assert f"with the LoRAs <code>{tiny_lora}</code> at scale 1.0 and <code>{tiny_lora}</code> at scale 0.25, fused in that order" in page
+    assert "<title>diffmem audit: " + str(tiny_pipe_dir) + " with 2 LoRAs</title>" in page
     # a LoRA that cannot be loaded is said before any work, the audit folder left as it was
     before = sorted(p.relative_to(out) for p in out.rglob("*"))
     with pytest.raises(ModelLoadError, match="LoRA not found"):

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import numbers
 import os
 import re
 from pathlib import Path
@@ -194,8 +195,8 @@ def load_pipeline(
     local_files_only: bool | None = None,
     allow_pickle: bool = False,
     progress: bool = False,
-    lora: str | os.PathLike | None = None,
-    lora_scale: float = 1.0,
+    lora: str | os.PathLike | Sequence[str | os.PathLike] | None = None,
+    lora_scale: float | Sequence[float] = 1.0,
     textual_inversion: Sequence[str | os.PathLike] = (),
 ):
     """Load an SD 1.x / 2.x pipeline from a local folder, a hub id, or ``"memlab"``.
@@ -204,13 +205,15 @@ def load_pipeline(
     ids. The safety checker is not loaded: diffmem audits the denoiser, not its output filter.
     ``lora``: a LoRA (a .safetensors file, or the folder ``save_lora_weights`` wrote) fused into the
     UNet and text encoder at ``lora_scale`` (``fuse_lora``), as the pipeline runs it: a LoRA trained on
-    a few hundred images is where fine-tuning memorizes most. ``textual_inversion``: embeddings added to
+    a few hundred images is where fine-tuning memorizes most. Several LoRAs (a list) are fused one after
+    the other, in the order given, each at its own scale (a list of one per LoRA) or all at one
+    (see ``lora_entries``), as diffusers fuses several adapters. ``textual_inversion``: embeddings added to
     the tokenizer and text encoder (``load_textual_inversion``), each a .safetensors file or
     ``TOKEN=FILE`` (see ``textual_inversion_file``).
     """
     dev = resolve_device(device)
     dtype = resolve_dtype(dtype)
-    lora_path = lora_file(lora, lora_scale) if lora is not None else None  # before the model: a bad file fails at once
+    loras = [(lora_file(path, scale), scale) for path, scale in lora_entries(lora, lora_scale)]  # before the model: a bad file fails at once
     inversions = [textual_inversion_file(entry) for entry in _entries(textual_inversion)]
     name = resolve_model(model)
     path = Path(name).expanduser()
@@ -262,8 +265,8 @@ def load_pipeline(
     from .denoise import check_text_to_image
 
     check_text_to_image(pipe, ModelLoadError)
-    if lora_path is not None:
-        fuse_lora(pipe, lora_path, lora_scale)
+    for file, scale in loras:
+        fuse_lora(pipe, file, scale)
     for file, token in inversions:
         add_textual_inversion(pipe, file, token)
     pipe.set_progress_bar_config(disable=not progress)
@@ -324,13 +327,25 @@ def lora_file(path: str | os.PathLike, scale: float = 1.0) -> Path:
     return file
 
 
-def check_adapters(lora: str | os.PathLike | None = None, lora_scale: float = 1.0,
-                   textual_inversion: Sequence[str | os.PathLike] = ()) -> None:
+def check_adapters(lora: str | os.PathLike | Sequence[str | os.PathLike] | None = None,
+                   lora_scale: float | Sequence[float] = 1.0, textual_inversion: Sequence[str | os.PathLike] = ()) -> None:
     """Check the LoRA and textual-inversion files that ``load_pipeline`` is to add, before any model loads."""
-    if lora is not None:
-        lora_file(lora, lora_scale)
+    for path, scale in lora_entries(lora, lora_scale):
+        lora_file(path, scale)
     for entry in _entries(textual_inversion):
         textual_inversion_file(entry)
+
+
+def lora_entries(lora, lora_scale=1.0) -> list[tuple[str | os.PathLike, float]]:
+    """(path, scale) of each LoRA ``load_pipeline`` is given: ``lora`` one path or a list of them,
+    ``lora_scale`` one scale for all or a list of one per LoRA. Files are not checked here."""
+    if lora is None:
+        return []
+    paths = [lora] if isinstance(lora, (str, os.PathLike)) else list(lora)
+    scales = [lora_scale] * len(paths) if isinstance(lora_scale, numbers.Real) else list(lora_scale)
+    if len(scales) != len(paths):
+        raise ModelLoadError(f"{len(scales)} LoRA scales for {len(paths)} LoRAs: give one scale for them all, or one per LoRA")
+    return [(path, float(scale)) for path, scale in zip(paths, scales)]
 
 
 def _entries(textual_inversion) -> list:
@@ -425,7 +440,7 @@ def fuse_lora(pipe, file: Path, scale: float = 1.0) -> None:
         pipe.unload_lora_weights()
         raise ModelLoadError(f"the LoRA {file} gives NaN weights when fused: its weights are broken ({e})") from None
     pipe.unload_lora_weights()
-    pipe.diffmem_lora = {"path": str(file.resolve()), "scale": float(scale)}
+    pipe.diffmem_lora = [*getattr(pipe, "diffmem_lora", []), {"path": str(file.resolve()), "scale": float(scale)}]
 
 
 @contextlib.contextmanager
@@ -533,9 +548,10 @@ def model_identity(pipe) -> dict:
 
     sampler_config = {k: v for k, v in pipe.scheduler.config.items() if not k.startswith("_")}
     # only when added: identities saved before stay equal
-    lora, inversions = getattr(pipe, "diffmem_lora", None), getattr(pipe, "diffmem_textual_inversion", None)
+    loras, inversions = getattr(pipe, "diffmem_lora", None), getattr(pipe, "diffmem_textual_inversion", None)
     return {"name_or_path": str(getattr(pipe, "name_or_path", "") or pipe.config.get("_name_or_path", "")),
-            **({"lora": dict(lora)} if lora else {}),
+            # one LoRA as it always was, several as a list in the order they were fused
+            **({"lora": dict(loras[0]) if len(loras) == 1 else [dict(x) for x in loras]} if loras else {}),
             **({"textual_inversion": [dict(x) for x in inversions]} if inversions else {}),
             "unet_hash": weights_hash(pipe.unet),
             **weights_fingerprints(pipe),
@@ -554,7 +570,9 @@ def adapters_named(identity: dict) -> str:
     "" for a model without adapters."""
     name = ""
     if lora := identity.get("lora"):
-        name += f" with the LoRA {Path(lora['path']).name} at scale {lora['scale']:g}"
+        loras = [lora] if isinstance(lora, dict) else lora
+        name += f" with the LoRA{'s' if len(loras) > 1 else ''} " + \
+            " and ".join(f"{Path(x['path']).name} at scale {x['scale']:g}" for x in loras)
     if inversions := identity.get("textual_inversion"):
         name += f"{' and' if lora else ' with'} the textual-inversion token{'s' if len(inversions) > 1 else ''} " + \
             ", ".join(x["token"] for x in inversions)

@@ -57,7 +57,7 @@ class AppState:
 
     def __init__(self, model: str = "memlab", calibration: str | Path | None = None, audit: str | Path | None = None,
                  seed: int = 0, generations: int = 4, progress: bool = False, device: str = "cpu", dtype: str = "float32",
-                 lora: str | Path | None = None, lora_scale: float = 1.0, textual_inversion: tuple = ()):
+                 lora: str | Path | list | None = None, lora_scale: float | list[float] = 1.0, textual_inversion: tuple = ()):
         from ..core.loading import load_pipeline, sampler_defaults
         from ..detect import Calibration, NoiseNormDetector
 

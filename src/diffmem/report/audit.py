@@ -29,8 +29,8 @@ DETECT_METHODS = ("noise_norm", "seed_consistency")
 @dataclass
 class AuditSettings:
     model: str = "memlab"
-    lora: str | None = None  # a LoRA fused into the model (load_pipeline), at lora_scale
-    lora_scale: float = 1.0
+    lora: str | list[str] | None = None  # a LoRA fused into the model (load_pipeline), at lora_scale, or several
+    lora_scale: float | list[float] = 1.0  # one for every LoRA, or one each
     textual_inversion: tuple[str, ...] = ()  # embeddings added to the model: FILE or TOKEN=FILE each
     prompts: str | None = None  # None: MemLab's audit prompt set (needs a MemLab model)
     column: str | None = None

@@ -71,8 +71,8 @@ class ScanSettings:
     max_n: int = 8
     # per-sample memorization score (Wen et al.'s training-time statistic)
     model: str | None = None
-    lora: str | None = None  # a LoRA fused into the model (load_pipeline), at lora_scale
-    lora_scale: float = 1.0
+    lora: str | list[str] | None = None  # a LoRA fused into the model (load_pipeline), at lora_scale, or several
+    lora_scale: float | list[float] = 1.0  # one for every LoRA, or one each
     textual_inversion: tuple[str, ...] = ()  # embeddings added to the model: FILE or TOKEN=FILE each
     timestep: int | None = None  # None: half the training schedule, the same for every row
     seed: int = 0
@@ -123,8 +123,12 @@ class ScanSettings:
         keys = ["shard_size", "limit", "model", "timestep", "seed"]
         d = {k: getattr(self, k) for k in keys}
         d["memorization"] = "memorization" in self.checks
-        if self.lora is not None:  # scans without one keep the key they always had
-            d["lora"] = {"path": str(Path(self.lora).expanduser().resolve()), "scale": self.lora_scale}
+        if self.lora is not None:  # scans without one keep the key they always had, and scans of one theirs
+            from ..core.loading import lora_entries
+
+            loras = [{"path": str(Path(path).expanduser().resolve()), "scale": scale}
+                     for path, scale in lora_entries(self.lora, self.lora_scale)]
+            d["lora"] = loras[0] if len(loras) == 1 else loras
         if self.textual_inversion:
             d["textual_inversion"] = list(self.textual_inversion)
         if d["memorization"] and self.dtype != "float32":
