@@ -198,8 +198,10 @@ def _adapters(lora: list[Path] | None, lora_scale: list[float] | None, textual_i
         raise InputError("--lora-scale scales a --lora: give that too")
     if len(scales) > 1 and len(scales) != len(loras):
         raise InputError(f"{len(scales)} --lora-scale for {len(loras)} --lora: give one scale for them all, or one per --lora")
-    given = {**({"lora": loras[0] if len(loras) == 1 else loras,
-                 "lora_scale": (scales[0] if len(scales) == 1 else scales) if scales else 1.0} if loras else {}),
+    from .core.loading import lora_settings
+
+    path, scale = lora_settings(loras, scales if len(scales) > 1 else scales[0] if scales else 1.0)
+    given = {**({"lora": path, "lora_scale": scale} if loras else {}),
              **({"textual_inversion": tuple(textual_inversion)} if textual_inversion else {})}
     if given:
         from .core.loading import check_adapters

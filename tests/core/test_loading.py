@@ -273,6 +273,18 @@ def test_several_loras_are_fused_in_turn_as_diffusers_fuses_several_adapters(tmp
         load_pipeline(tiny_pipe_dir, lora=[tiny_lora, tmp_path / "nowhere.safetensors"])
 
 
+def test_lora_settings_keep_one_lora_in_the_form_settings_always_had():
+    from diffmem.core.loading import lora_settings
+
+    assert lora_settings(None, 0.3) == (None, 1.0) and lora_settings([], []) == (None, 1.0)
+    assert lora_settings("a.safetensors") == ("a.safetensors", 1.0)
+    assert lora_settings(["a.safetensors"], [0.5]) == ("a.safetensors", 0.5)
+    assert lora_settings(["a", "b"], 0.5) == (["a", "b"], [0.5, 0.5])
+    assert lora_settings(["a", "b"], (1, 0.25)) == (["a", "b"], [1.0, 0.25])
+    with pytest.raises(ModelLoadError, match="1 LoRA scale for 2 LoRAs"):
+        lora_settings(["a", "b"], [0.5])
+
+
 def _renamed(keys: dict, old: str, new: str) -> dict:
     return {k.replace(old, new): v for k, v in keys.items()}
 

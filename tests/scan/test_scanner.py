@@ -484,6 +484,9 @@ def test_the_memorization_check_scores_the_model_with_its_lora_fused(tmp_path, t
     # the same folder with the LoRA at another scale: refused, not resumed with other scores
     with pytest.raises(InputError, match=r"with other settings \(its lora differs from this run's\)"):
         DatasetScanner(src, tmp_path / "w", **args, lora=str(tiny_lora), lora_scale=1.0).scan()
+    # one LoRA given as a list of one is the same run, and resumes it
+    again = DatasetScanner(src, tmp_path / "w", **args, lora=[str(tiny_lora)], lora_scale=[0.5]).scan()
+    assert np.array_equal(again.rows["memorization_score"], fused.rows["memorization_score"])
     # nor with a second LoRA on the same; in a folder of its own, both are fused
     with pytest.raises(InputError, match=r"with other settings \(its lora differs from this run's\)"):
         DatasetScanner(src, tmp_path / "w", **args, lora=[str(tiny_lora)] * 2, lora_scale=[0.5, 0.5]).scan()

@@ -344,8 +344,21 @@ def lora_entries(lora, lora_scale=1.0) -> list[tuple[str | os.PathLike, float]]:
     paths = [lora] if isinstance(lora, (str, os.PathLike)) else list(lora)
     scales = [lora_scale] * len(paths) if isinstance(lora_scale, numbers.Real) else list(lora_scale)
     if len(scales) != len(paths):
-        raise ModelLoadError(f"{len(scales)} LoRA scales for {len(paths)} LoRAs: give one scale for them all, or one per LoRA")
+        raise ModelLoadError(f"{len(scales)} LoRA scale{'s' if len(scales) != 1 else ''} for {len(paths)} LoRA"
+                             f"{'s' if len(paths) != 1 else ''}: give one scale for them all, or one per LoRA")
     return [(path, float(scale)) for path, scale in zip(paths, scales)]
+
+
+def lora_settings(lora, lora_scale=1.0) -> tuple:
+    """``lora`` and ``lora_scale`` in the one form settings save them in: None and 1.0 without a LoRA; a
+    path and a scale for one, the form settings had before there could be several, so the keys of
+    saved runs stay as they were; lists for several."""
+    entries = lora_entries(lora, lora_scale)
+    if not entries:
+        return None, 1.0
+    if len(entries) == 1:
+        return str(entries[0][0]), entries[0][1]
+    return [str(path) for path, _ in entries], [scale for _, scale in entries]
 
 
 def _entries(textual_inversion) -> list:

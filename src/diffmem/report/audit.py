@@ -92,7 +92,10 @@ class AuditSettings:
         elif self.detect_method == "seed_consistency" and self.generations < 2:
             raise InputError(f"seed consistency compares generations of different seeds: --generations must be at least 2, "
                              f"got {self.generations}")
+        from ..core.loading import lora_settings
+
         self.skip = tuple(self.skip)
+        self.lora, self.lora_scale = lora_settings(self.lora, self.lora_scale)
         self.textual_inversion = tuple(str(x) for x in self.textual_inversion)
         self.steps = tuple(sorted({int(x) for x in self.steps}))
         if not self.steps or self.steps[0] < 0:

@@ -83,7 +83,10 @@ class ScanSettings:
     def __post_init__(self):
         from ..core.loading import resolve_dtype
 
+        from ..core.loading import lora_settings
+
         self.checks = tuple(self.checks)
+        self.lora, self.lora_scale = lora_settings(self.lora, self.lora_scale)
         self.textual_inversion = tuple(str(x) for x in self.textual_inversion)
         self.dtype = str(resolve_dtype(self.dtype)).removeprefix("torch.")  # one name per dtype, checked now
         unknown = [c for c in self.checks if c not in CHECKS]
@@ -124,11 +127,10 @@ class ScanSettings:
         d = {k: getattr(self, k) for k in keys}
         d["memorization"] = "memorization" in self.checks
         if self.lora is not None:  # scans without one keep the key they always had, and scans of one theirs
-            from ..core.loading import lora_entries
-
-            loras = [{"path": str(Path(path).expanduser().resolve()), "scale": scale}
-                     for path, scale in lora_entries(self.lora, self.lora_scale)]
-            d["lora"] = loras[0] if len(loras) == 1 else loras
+            several = isinstance(self.lora, list)  # lora_settings' form: a list for several, a path for one
+            paths, scales = (self.lora, self.lora_scale) if several else ([self.lora], [self.lora_scale])
+            loras = [{"path": str(Path(path).expanduser().resolve()), "scale": scale} for path, scale in zip(paths, scales)]
+            d["lora"] = loras if several else loras[0]
         if self.textual_inversion:
             d["textual_inversion"] = list(self.textual_inversion)
         if d["memorization"] and self.dtype != "float32":
