@@ -117,7 +117,7 @@ def _adapter_tensors(source: Path, loaded) -> tuple[dict, str | None, list[str],
         if vectors.dim() not in (1, 2):
             raise ModelLoadError(f"{source} is an A1111 embedding whose vectors have shape {tuple(vectors.shape)}, where an "
                                  "embedding is one vector or a matrix of them")
-        return {"emb_params": vectors}, None, sorted(k for k in loaded if k != "string_to_param"), "textual_inversion"
+        return {"emb_params": vectors}, None, sorted(str(k) for k in loaded if k != "string_to_param"), "textual_inversion"
     tensors = {k: v for k, v in loaded.items() if torch.is_tensor(v)}
     left_out = sorted(str(k) for k in loaded if not torch.is_tensor(loaded[k]))
     if not tensors:
