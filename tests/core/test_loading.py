@@ -368,7 +368,7 @@ def test_textual_inversion_files_are_added_as_the_pipeline_adds_them(tmp_path, t
 
 
 @pytest.mark.parametrize("case", ["missing", "pickle", "empty_token", "token_in_vocabulary", "other_width", "nan",
-                                  "several_tensors", "folder_without_embeds"])
+                                  "several_tensors", "folder_without_embeds", "folder_with_pickled_embeds"])
 def test_a_textual_inversion_file_that_is_unsafe_or_does_not_fit_is_refused(tmp_path, tiny_pipe_dir, case):
     from safetensors.torch import save_file
 
@@ -394,10 +394,21 @@ def test_a_textual_inversion_file_that_is_unsafe_or_does_not_fit_is_refused(tmp_
     elif case == "several_tensors":
         save_file({"a": torch.zeros(1, width), "b": torch.zeros(1, width)}, entry)
         said = "holds 2 tensors, where a textual-inversion embedding holds one"
-    else:
-        entry, said = tiny_pipe_dir, "holds no learned_embeds.safetensors"
+    elif case == "folder_without_embeds":
+        entry, said = tiny_pipe_dir, "holds no learned_embeds.safetensors: pass the embedding's file"
+    else:  # diffusers' training script saved pickles before safetensors
+        entry = tmp_path / "old_run"
+        entry.mkdir()
+        torch.save({"<old>": torch.zeros(1, width)}, entry / "learned_embeds.bin")
+        said = f"holds no learned_embeds.safetensors, only learned_embeds.bin, a pickle, which diffmem does not load: " \
+               f"unpickling can run arbitrary code. If you trust its source, convert it: diffmem convert {entry / 'learned_embeds.bin'}"
     with pytest.raises(ModelLoadError, match=re.escape(said)):
         load_pipeline(tiny_pipe_dir, textual_inversion=[entry])
+    if case == "folder_with_pickled_embeds":  # and once converted as it says, the folder is taken
+        from diffmem.core.convert import convert_adapter
+
+        convert_adapter(entry / "learned_embeds.bin")
+        assert "<old>" in load_pipeline(tiny_pipe_dir, textual_inversion=[entry]).tokenizer.get_vocab()
 
 
 def test_the_identity_follows_the_scale_and_switch_of_unfused_lora_adapters(tiny_pipe_dir, tiny_lora):

@@ -383,7 +383,11 @@ def textual_inversion_file(entry: str | os.PathLike) -> tuple[Path, str]:
         raise ModelLoadError(f"textual-inversion embedding not found: {file}")
     if file.is_dir():
         if not (file / "learned_embeds.safetensors").is_file():
-            raise ModelLoadError(f"textual-inversion folder {file} holds no learned_embeds.safetensors: pass the embedding's file")
+            pickled = file / "learned_embeds.bin"  # what diffusers' training script saved before safetensors
+            raise ModelLoadError(f"textual-inversion folder {file} holds no learned_embeds.safetensors"
+                                 + (f", only learned_embeds.bin, a pickle, which diffmem does not load: unpickling can run "
+                                    f"arbitrary code. If you trust its source, convert it: diffmem convert {pickled}"
+                                    if pickled.is_file() else ": pass the embedding's file"))
         file = file / "learned_embeds.safetensors"
     keys = _adapter_keys(file, "textual-inversion embedding")
     if len(keys) != 1:
