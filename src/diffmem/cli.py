@@ -1120,18 +1120,21 @@ def app_cmd(
 
 @app.command("convert")
 def convert_cmd(
-    source: Path = typer.Argument(..., help="a pickled LoRA or textual-inversion embedding (.bin / .pt / .ckpt / .pth)"),
+    source: Path = typer.Argument(..., help="a pickled LoRA or textual-inversion embedding (.bin / .pt / .ckpt / .pth), "
+                                  "or a pipeline folder whose weights are pickles"),
     out: Optional[Path] = typer.Option(None, help="the .safetensors file to write (default: beside SOURCE, its name "
-                                       "with .safetensors; an A1111 embedding is called by this file's name)"),
+                                       "with .safetensors; an A1111 embedding is called by this file's name), or for a "
+                                       "pipeline the new folder (default: SOURCE-safetensors beside it)"),
     overwrite: bool = typer.Option(False, "--overwrite", help="replace OUT if it exists"),
 ):
-    """Convert a pickled LoRA or embedding you trust to safetensors, for --lora / --textual-inversion.
+    """Convert pickled weights you trust to safetensors: a LoRA or embedding, for --lora / --textual-inversion,
+    or a pipeline folder, for --model.
 
     Read with torch's weights-only unpickler, which rebuilds tensors and plain containers and refuses
     any other object: a pickle that would run code is refused, not run."""
-    from .core.convert import convert_adapter
+    from .core.convert import convert
 
-    done = convert_adapter(source, out, overwrite=overwrite)
+    done = convert(source, out, overwrite=overwrite)
     out_console.print(done.describe(), highlight=False, markup=False)
     if done.left_out:
         out_console.print(f"left out (not tensors): {', '.join(done.left_out)}", highlight=False, markup=False)

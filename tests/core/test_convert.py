@@ -117,3 +117,65 @@ def test_overwrite_replaces_the_output_and_a_refusal_leaves_it(tmp_path, tiny_lo
         convert_adapter(tmp_path / "emb.pt", overwrite=True)
     assert (tmp_path / "emb.safetensors").read_text() == "old"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["emb.pt", "emb.safetensors", "in.pt", "in.safetensors"]
+
+
+def _pickled_pipeline(tiny_pipe_dir, folder):
+    """The tiny pipeline as diffusers saved pipelines before safetensors: every weight a .bin."""
+    import shutil
+
+    shutil.copytree(tiny_pipe_dir, folder)
+    for name, stem in (("unet", "diffusion_pytorch_model"), ("vae", "diffusion_pytorch_model"), ("text_encoder", "model")):
+        weights = folder / name / f"{stem}.safetensors"
+        torch.save(load_file(weights), folder / name / f"{'pytorch_model' if name == 'text_encoder' else stem}.bin")
+        weights.unlink()
+    return folder
+
+
+def test_a_pipeline_of_pickles_converts_to_a_folder_of_the_same_weights(tmp_path, tiny_pipe_dir):
+    from diffmem.core.convert import convert
+
+    old = _pickled_pipeline(tiny_pipe_dir, tmp_path / "old-sd")
+    with pytest.raises(ModelLoadError, match=re.escape(f"convert the pipeline once: diffmem convert {old} ")):
+        load_pipeline(old)  # refused unread, saying how
+    done = convert(old)
+    assert (done.kind, done.out, done.from_pickles) == ("pipeline", str(tmp_path / "old-sd-safetensors"),
+                                                       ["unet", "vae", "text_encoder"])
+    assert f"--model {done.out}" in done.describe()
+    new = load_pipeline(done.out)  # no pickle left to allow
+    assert not [p for p in (tmp_path / "old-sd-safetensors").rglob("*") if p.suffix == ".bin"]
+    assert weights_fingerprints(new) == weights_fingerprints(load_pipeline(tiny_pipe_dir))
+    for name in ("unet", "vae", "text_encoder"):
+        ours, theirs = getattr(new, name).state_dict(), getattr(load_pipeline(tiny_pipe_dir), name).state_dict()
+        assert ours.keys() == theirs.keys() and all(torch.equal(ours[k], theirs[k]) for k in ours), name
+    # the output is not replaced unless asked; a pipeline of safetensors needs no conversion
+    with pytest.raises(ModelLoadError, match="exists; choose a new folder"):
+        convert(old)
+    assert convert(old, overwrite=True).out == done.out
+    with pytest.raises(ModelLoadError, match="has safetensors weights already: pass the folder as it is"):
+        convert(tiny_pipe_dir, tmp_path / "again")
+    assert not (tmp_path / "again").exists()
+
+
+def test_a_pipeline_whose_pickle_would_run_code_is_refused_and_nothing_written(tmp_path, tiny_pipe_dir):
+    from diffmem.core.convert import convert
+
+    old = _pickled_pipeline(tiny_pipe_dir, tmp_path / "old-sd")
+    marker = tmp_path / "ran"
+
+    class Payload:
+        def __reduce__(self):
+            return os.system, (f"touch {marker}",)
+
+    torch.save({"conv_in.weight": Payload()}, old / "unet" / "diffusion_pytorch_model.bin")
+    with pytest.raises(ModelLoadError, match=re.escape(f"{old / 'unet' / 'diffusion_pytorch_model.bin'} holds objects other "
+                                                       "than tensors and plain containers (it holds posix.system)")):
+        convert(old, tmp_path / "out")
+    assert not marker.exists() and sorted(p.name for p in tmp_path.iterdir()) == ["old-sd"]
+
+
+def test_a_single_file_checkpoint_is_not_taken_for_an_adapter(tmp_path):
+    torch.save({"state_dict": {"model.diffusion_model.input_blocks.0.0.weight": torch.zeros(2)}, "global_step": 3},
+               tmp_path / "v1-5.ckpt")
+    with pytest.raises(ModelLoadError, match="is a whole model's single-file checkpoint.*from_single_file"):
+        convert_adapter(tmp_path / "v1-5.ckpt")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["v1-5.ckpt"]

@@ -1,4 +1,5 @@
-"""Convert a pickled adapter (a .bin / .pt LoRA or textual-inversion embedding) to safetensors.
+"""Convert pickled weights to safetensors: a LoRA or textual-inversion embedding (.bin / .pt), or a
+pipeline folder whose components hold only pickles (diffusers saved .bin before safetensors).
 
 diffmem never unpickles while loading a model: a pickle can run arbitrary code. Many LoRAs and most
 of A1111's older embeddings are pickles, though, and a user who trusts one needs a way in. This is
@@ -6,6 +7,8 @@ that way, taken on purpose, one file at a time: the file is read with torch's we
 (``torch.load(weights_only=True)``), which rebuilds tensors and plain containers (dicts, lists,
 strings, numbers) and refuses every other object, so a pickle that would run code is refused, not run.
 The tensors are written to a safetensors file that ``--lora`` / ``--textual-inversion`` then take.
+A pipeline folder is loaded by diffusers and transformers, whose loaders use the same weights-only
+unpickler for .bin files, and saved again with safetensors.
 """
 from __future__ import annotations
 
@@ -24,14 +27,18 @@ class Conversion:
     embedding, the token it is called by."""
     source: str
     out: str
-    kind: str  # "lora" or "textual_inversion"
+    kind: str  # "lora", "textual_inversion" or "pipeline"
     tensors: int
     token: str | None = None
     vectors: int | None = None  # an embedding's vectors, and their width
     width: int | None = None
     left_out: list[str] = field(default_factory=list)  # entries of the pickle that are not tensors (A1111's step, name)
+    from_pickles: list[str] = field(default_factory=list)  # a pipeline's components that held only pickles
 
     def describe(self) -> str:
+        if self.kind == "pipeline":
+            return (f"converted the pipeline {self.source} ({', '.join(self.from_pickles)} from pickles; {self.tensors} "
+                    f"tensors, saved in float32) -> {self.out}; use it with --model {self.out}")
         if self.kind == "lora":
             return (f"converted the LoRA {self.source} ({self.tensors} tensors) -> {self.out}; "
                     f"use it with --lora {self.out}")
@@ -52,8 +59,6 @@ def convert_adapter(source: str | Path, out: str | Path | None = None, overwrite
 
     Anything else (a whole model's weights, a pickle holding other objects) is refused, and an
     existing ``out`` is not replaced unless ``overwrite``; nothing is written on any refusal."""
-    import torch
-
     source = Path(source).expanduser()
     if not source.is_file():
         raise ModelLoadError(f"{source} is {'a folder' if source.is_dir() else 'not found'}: give the pickle file to convert")
@@ -66,17 +71,7 @@ def convert_adapter(source: str | Path, out: str | Path | None = None, overwrite
         raise ModelLoadError(f"the output {out} must end in .safetensors")
     if out.exists() and not overwrite:
         raise ModelLoadError(f"{out} exists; choose another output, or replace it with overwrite=True (--overwrite)")
-    try:
-        loaded = torch.load(source, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as e:
-        raise ModelLoadError(f"{source} holds objects other than tensors and plain containers ({_refused_object(e)}), "
-                             "which torch's weights-only unpickler refuses, as it refuses a pickle made to run code: "
-                             "not converted") from None
-    except Exception as e:  # a damaged or foreign file fails inside the unpickler in many ways (KeyError, EOFError, ...)
-        raise ModelLoadError(f"{source} is not a readable torch pickle: {type(e).__name__}: "
-                             f"{(str(e).splitlines() or [''])[0]}") from None
-
-    tensors, token, left_out, kind = _adapter_tensors(source, loaded)
+    tensors, token, left_out, kind = _adapter_tensors(source, _load_weights_only(source))
     with atomic_path(out) as tmp:
         from safetensors.torch import save_file
 
@@ -89,6 +84,21 @@ def convert_adapter(source: str | Path, out: str | Path | None = None, overwrite
     return Conversion(str(source), str(out), kind, len(tensors), token=token,
                       vectors=(1 if first.dim() == 1 else first.shape[0]) if kind == "textual_inversion" else None,
                       width=first.shape[-1] if kind == "textual_inversion" else None, left_out=left_out)
+
+
+def _load_weights_only(path: Path):
+    """``torch.load`` of ``path`` through the weights-only unpickler, its refusals said plainly."""
+    import torch
+
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        raise ModelLoadError(f"{path} holds objects other than tensors and plain containers ({_refused_object(e)}), "
+                             "which torch's weights-only unpickler refuses, as it refuses a pickle made to run code: "
+                             "not converted") from None
+    except Exception as e:  # a damaged or foreign file fails inside the unpickler in many ways (KeyError, EOFError, ...)
+        raise ModelLoadError(f"{path} is not a readable torch pickle: {type(e).__name__}: "
+                             f"{(str(e).splitlines() or [''])[0]}") from None
 
 
 def _refused_object(error: Exception) -> str:
@@ -118,6 +128,10 @@ def _adapter_tensors(source: Path, loaded) -> tuple[dict, str | None, list[str],
             raise ModelLoadError(f"{source} is an A1111 embedding whose vectors have shape {tuple(vectors.shape)}, where an "
                                  "embedding is one vector or a matrix of them")
         return {"emb_params": vectors}, None, sorted(str(k) for k in loaded if k != "string_to_param"), "textual_inversion"
+    if "state_dict" in loaded or any(str(k).startswith("model.diffusion_model.") for k in loaded):
+        raise ModelLoadError(f"{source} is a whole model's single-file checkpoint, not a LoRA or an embedding: convert it to a "
+                             "pipeline folder with diffusers: StableDiffusionPipeline.from_single_file(FILE, config="
+                             "DIR_OF_THE_SAME_ARCHITECTURE, local_files_only=True).save_pretrained(OUT)")
     tensors = {k: v for k, v in loaded.items() if torch.is_tensor(v)}
     left_out = sorted(str(k) for k in loaded if not torch.is_tensor(loaded[k]))
     if not tensors:
@@ -132,3 +146,47 @@ def _adapter_tensors(source: Path, loaded) -> tuple[dict, str | None, list[str],
     raise ModelLoadError(f"{source} holds {len(tensors)} tensors (e.g. {next(iter(tensors))}) and none is a LoRA "
                          "down-projection (lora_A / lora.down / lora_down), nor is it one embedding tensor: is it a whole "
                          "model's weights? diffmem converts LoRAs and embeddings only")
+
+
+def convert_pipeline(source: str | Path, out: str | Path | None = None, overwrite: bool = False) -> Conversion:
+    """Save the pipeline folder ``source``, some of whose components hold only pickle weights (.bin),
+    as a new pipeline folder ``out`` (default: beside it, its name ending in ``-safetensors``) with
+    safetensors weights, in float32 as diffmem loads models by default. The pickles are read by
+    diffusers' and transformers' loaders, which use torch's weights-only unpickler. ``out`` is
+    written whole or not at all; an existing one is replaced only with ``overwrite``."""
+    from .loading import PICKLE_SUFFIXES as pickles
+    from .loading import WEIGHTED, check_pipeline_folder, load_pipeline
+    from .results import replace_folder
+
+    source = Path(source).expanduser()
+    check_pipeline_folder(source, allow_pickle=True)  # a folder that is no pipeline is said as the loader says it
+    pickled = [name for name in WEIGHTED if not any(p.suffix == ".safetensors" for p in (source / name).iterdir())
+               and any(p.name.endswith(pickles) for p in (source / name).iterdir())]
+    if not pickled:
+        raise ModelLoadError(f"every component of {source} has safetensors weights already: pass the folder as it is")
+    out = Path(out).expanduser() if out is not None else source.resolve().with_name(source.resolve().name + "-safetensors")
+    if out.resolve() == source.resolve():
+        raise ModelLoadError(f"the output {out} is the pipeline folder itself: choose a new folder")
+    if out.is_file():
+        raise ModelLoadError(f"the output {out} is a file: choose a new folder")
+    if out.exists() and any(out.iterdir()) and not overwrite:
+        raise ModelLoadError(f"{out} exists; choose a new folder, or replace it with overwrite=True (--overwrite)")
+    try:
+        pipe = load_pipeline(source, allow_pickle=True)
+    except ModelLoadError:
+        # the libraries say only that a file could not be loaded: the pickle the unpickler refused is named
+        for name in pickled:
+            for file in sorted(p for p in (source / name).iterdir() if p.name.endswith(pickles)):
+                _load_weights_only(file)
+        raise
+    # the folder is swapped in whole: a kill while saving leaves no half pipeline to load
+    replace_folder(out, lambda tmp: pipe.save_pretrained(tmp, safe_serialization=True))
+    tensors = sum(len(getattr(pipe, name).state_dict()) for name in WEIGHTED)
+    return Conversion(str(source), str(out), "pipeline", tensors, from_pickles=pickled)
+
+
+def convert(source: str | Path, out: str | Path | None = None, overwrite: bool = False) -> Conversion:
+    """``convert_pipeline`` for a folder, ``convert_adapter`` for a file (``diffmem convert``)."""
+    if Path(source).expanduser().is_dir():
+        return convert_pipeline(source, out, overwrite)
+    return convert_adapter(source, out, overwrite)

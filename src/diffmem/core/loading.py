@@ -170,8 +170,9 @@ def check_pipeline_folder(folder: Path, allow_pickle: bool = False) -> dict[str,
             if not has_safe and not allow_pickle:
                 raise ModelLoadError(
                     f"component {name!r} at {sub} has only pickle weights ({', '.join(f for f in files if f.endswith(PICKLE_SUFFIXES))}); "
-                    "diffmem loads safetensors only. Convert the weights, or pass allow_pickle=True "
-                    "(--allow-pickle) if you trust their source: unpickling can run arbitrary code"
+                    "diffmem loads safetensors only: unpickling can run arbitrary code. If you trust their source, convert "
+                    f"the pipeline once: diffmem convert {folder} (a new folder, through torch's weights-only unpickler); "
+                    "or load it with allow_pickle=True (diffmem train --allow-pickle)"
                 )
     return weights_variants(folder)
 
