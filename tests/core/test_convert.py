@@ -154,6 +154,16 @@ def test_a_pipeline_of_pickles_converts_to_a_folder_of_the_same_weights(tmp_path
     with pytest.raises(ModelLoadError, match="has safetensors weights already: pass the folder as it is"):
         convert(tiny_pipe_dir, tmp_path / "again")
     assert not (tmp_path / "again").exists()
+    # an output another conversion is writing is refused before any work; the hold made the folder and removes it
+    from doubles import held_by_another_run
+
+    from diffmem.core.errors import InputError
+
+    with held_by_another_run(tmp_path / "busy"), pytest.raises(InputError, match="is in use by another diffmem run"):
+        convert(old, tmp_path / "busy", overwrite=True)
+    assert not any((tmp_path / "busy").iterdir()) and not (tmp_path / "busy.tmp").exists()
+    convert(old, tmp_path / "fresh")
+    assert (tmp_path / "fresh" / "model_index.json").is_file() and not (tmp_path / "fresh.tmp").exists()
 
 
 def test_a_pipeline_whose_pickle_would_run_code_is_refused_and_nothing_written(tmp_path, tiny_pipe_dir):

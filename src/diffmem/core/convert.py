@@ -156,7 +156,7 @@ def convert_pipeline(source: str | Path, out: str | Path | None = None, overwrit
     written whole or not at all; an existing one is replaced only with ``overwrite``."""
     from .loading import PICKLE_SUFFIXES as pickles
     from .loading import WEIGHTED, check_pipeline_folder, load_pipeline
-    from .results import replace_folder
+    from .results import folder_held, replace_folder
 
     source = Path(source).expanduser()
     check_pipeline_folder(source, allow_pickle=True)  # a folder that is no pipeline is said as the loader says it
@@ -171,16 +171,18 @@ def convert_pipeline(source: str | Path, out: str | Path | None = None, overwrit
         raise ModelLoadError(f"the output {out} is a file: choose a new folder")
     if out.exists() and any(out.iterdir()) and not overwrite:
         raise ModelLoadError(f"{out} exists; choose a new folder, or replace it with overwrite=True (--overwrite)")
-    try:
-        pipe = load_pipeline(source, allow_pickle=True)
-    except ModelLoadError:
-        # the libraries say only that a file could not be loaded: the pickle the unpickler refused is named
-        for name in pickled:
-            for file in sorted(p for p in (source / name).iterdir() if p.name.endswith(pickles)):
-                _load_weights_only(file)
-        raise
-    # the folder is swapped in whole: a kill while saving leaves no half pipeline to load
-    replace_folder(out, lambda tmp: pipe.save_pretrained(tmp, safe_serialization=True))
+    # held while it is written: a second conversion into OUT would clear this one's half-written OUT.tmp
+    with folder_held(out, instead="choose another output folder"):
+        try:
+            pipe = load_pipeline(source, allow_pickle=True)
+        except ModelLoadError:
+            # the libraries say only that a file could not be loaded: the pickle the unpickler refused is named
+            for name in pickled:
+                for file in sorted(p for p in (source / name).iterdir() if p.name.endswith(pickles)):
+                    _load_weights_only(file)
+            raise
+        # the folder is swapped in whole: a kill while saving leaves no half pipeline to load
+        replace_folder(out, lambda tmp: pipe.save_pretrained(tmp, safe_serialization=True))
     tensors = sum(len(getattr(pipe, name).state_dict()) for name in WEIGHTED)
     return Conversion(str(source), str(out), "pipeline", tensors, from_pickles=pickled)
 
