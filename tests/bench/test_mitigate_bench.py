@@ -163,6 +163,13 @@ def test_bench_mitigate_recomputes_rows_saved_before_a_method_changed(memlab_man
     bump_revision(monkeypatch, GaussianNoiseInjection)
     again = bench_mitigate(pipe, memlab_manifest, **run)
     assert made == ["gni", "gni"] and "reused_rows" not in again.settings
+    # so are rows measured by an earlier revision of a measure
+    from diffmem.mitigate.measures import MemLabAlignment, MemLabReplication
+
+    for measure, runs in ((MemLabAlignment, 3), (MemLabReplication, 4)):
+        bump_revision(monkeypatch, measure)
+        bench_mitigate(pipe, memlab_manifest, **run)
+        assert made == ["gni"] * runs, measure
 
 
 def test_bench_mitigate_command_adds_a_row_to_the_saved_ones(tmp_path):

@@ -235,3 +235,26 @@ def test_image_only_tables_and_datasets_need_no_caption_column(tmp_path):
 
     with pytest.raises(InputError, match="no caption column"):  # the scan still needs its captions
         open_source(tmp_path / "train" / "images.csv")
+
+
+def test_a_measure_of_a_later_revision_does_not_read_an_earlier_ones_cached_features(tmp_path, monkeypatch):
+    # the cached training features were named by the featurizer alone: a measure whose features change
+    # would have been served the earlier ones
+    from doubles import bump_revision
+
+    monkeypatch.setenv("DIFFMEM_CACHE", str(tmp_path / "cache"))
+    _training_folder(tmp_path / "train", sizes=((32, 32),) * 3)
+    calls = []
+    real = M._featurize_shard
+
+    def counting(batch, featurize, batch_size):
+        calls.append([r.row for r in batch])
+        return real(batch, featurize, batch_size)
+
+    monkeypatch.setattr(M, "_featurize_shard", counting)
+    M.PixelReplication(tmp_path / "train")
+    M.PixelReplication(tmp_path / "train")
+    assert len(calls) == 1  # the second read them back
+    bump_revision(monkeypatch, M.PixelReplication)
+    M.PixelReplication(tmp_path / "train")
+    assert len(calls) == 2

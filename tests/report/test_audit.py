@@ -305,6 +305,25 @@ def _small_mitigating_audit(model, tmp_path, skip=("explain", "categorize", "sca
     return settings, tmp_path / "audit"
 
 
+def test_a_stage_measured_by_an_earlier_revision_of_a_measure_is_redone(tiny_pipe_dir, tmp_path, monkeypatch):
+    # revisions covered the methods and not the measures: a stage measured by a measure that has
+    # since changed was reused with its old figures
+    from doubles import bump_revision
+
+    from diffmem.mitigate import measures
+
+    settings, out = _small_mitigating_audit(tiny_pipe_dir, tmp_path)
+    assert Audit(settings, out, progress=False).run().stages["mitigate"]["status"] == "done"
+    assert Audit(settings, out, progress=False).run().stages["mitigate"]["status"] == "reused"
+    for measure in (measures.MemLabAlignment, measures.MemLabReplication):
+        bump_revision(monkeypatch, measure)
+        redone = Audit(settings, out, progress=False).run()
+        assert [redone.stages[s]["status"] for s in ("detect", "mitigate")] == ["reused", "done"], measure
+    # a measure the audit does not use changes nothing
+    bump_revision(monkeypatch, measures.CLIPScore)
+    assert Audit(settings, out, progress=False).run().stages["mitigate"]["status"] == "reused"
+
+
 def test_a_vae_saved_over_the_model_redoes_the_stages_it_decodes_for(tiny_pipe_dir, tmp_path):
     # the stage keys held the UNet's first tensors alone: a new VAE (SD 1.x's ft-MSE swap, say) left
     # the mitigate stage's images, decoded by the old one, reported as reused

@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 
 from ..core.errors import InputError
-from ..core.results import digest, dump_json, reading_saved
+from ..core.results import digest, dump_json, reading_saved, revision_key
 
 
 @dataclass
@@ -182,6 +182,7 @@ def bench_mitigate(pipe, manifest: dict, generations: int = 4, methods: dict | N
     from ..memlab.reader import AttributeReader
     from ..memlab.replication import MemLabReplication
     from ..mitigate import BASELINES, EmbeddingOptimization
+    from ..mitigate import measures
     from ..mitigate.measures import MemLabAlignment
     from . import check_max_prompts
     from .detect import memlab_labelled
@@ -262,10 +263,13 @@ def bench_mitigate(pipe, manifest: dict, generations: int = 4, methods: dict | N
         methods = {k: v for k, v in methods.items() if only in f"{k[0]}, {k[1]}"}
         if not methods:
             raise InputError(f"no benchmark row matches {only!r}")
-    # the methods' revisions too: rows of a method whose output changed since they were saved are redone
+    # the methods' revisions too: rows of a method whose output changed since they were saved are redone;
+    # and the measures', from their revision 2 on
     revisions = {m.method: m.revision for m in (EmbeddingOptimization, *BASELINES.values())}
     saved_rows = SavedRows(rows_dir, {"model": weights_identity(pipe), "prompts": prompts, "reference": reference,
-                                      "generations": generations, "revisions": revisions, **d})
+                                      "generations": generations, "revisions": revisions, **d,
+                                      **revision_key(measures.MemLabReplication, "replication_revision"),
+                                      **revision_key(MemLabAlignment, "alignment_revision")})
     kernel = MemLabReplication(ds.build(ds.MemLabConfig(**manifest["config"])), pipe.vae)
     reader, align = AttributeReader(), MemLabAlignment()
     groups = np.array([e["group"] for e in entries])

@@ -207,17 +207,29 @@ class TrainingImages:
         return {"similarity": sim, "nearest": self.rows[idx]}
 
 
+# Each measure's revision (core.results.revision_key), bumped when it gives other values for the same
+# images: audits and benchmark rows measured by an earlier one, and cached training features, are
+# then redone, not reused. The key of revision 1 is the key they had before measures had revisions.
+
+
+def _revised(identity: str, measure) -> str:
+    """A cached-features identity of ``measure``'s current revision (unchanged at revision 1)."""
+    revision = getattr(measure, "revision", 1)
+    return identity if revision == 1 else f"{identity}:r{revision}"
+
+
 class SSCDReplication:
     """SSCD copy detection (TorchScript file); ``train_images`` as ``TrainingImages`` takes them."""
 
     threshold = 0.5
+    revision = 1
 
     def __init__(self, model_path: str | Path, train_images, batch_size: int = 32, progress: bool = False,
                  image_column: str | None = None):
         self.model_path = str(model_path)
         self.model = load_torchscript(model_path)
         self.batch_size = batch_size
-        identity = f"sscd:{file_digest(model_path)}"  # cached training features belong to these weights only
+        identity = _revised(f"sscd:{file_digest(model_path)}", self)  # cached training features belong to these weights only
         self.train = TrainingImages(train_images, self.embed, batch_size, progress=progress, image_column=image_column,
                                     identity=identity)
 
@@ -250,10 +262,11 @@ class PixelReplication:
     """No-weights fallback: Pearson correlation of grey 64x64 thumbnails; copies at >= 0.95."""
 
     threshold = 0.95
+    revision = 1
 
     def __init__(self, train_images, progress: bool = False, image_column: str | None = None):
         self.train = TrainingImages(train_images, self.thumbs, progress=progress, image_column=image_column,
-                                    identity="pixel-thumbs-64")
+                                    identity=_revised("pixel-thumbs-64", self))
 
     def describe(self) -> str:
         return f"pixel correlation (grey 64x64 thumbnails, no weights) >= {self.threshold} to the nearest of {self.train.describe()}"
@@ -273,6 +286,8 @@ def pixel_replication(images, train_images) -> dict:
 
 class MemLabReplication:
     """MemLab's measure (ratio to the nearest training image's VAE round-trip error)."""
+
+    revision = 1
 
     def __init__(self, pipe, manifest: dict | None = None):
         from ..memlab import dataset as ds
@@ -351,6 +366,10 @@ def memlab_alignment_kernel(reads: list[dict], prompts: list[str]) -> np.ndarray
 
 
 class MemLabAlignment:
+    """MemLab's attribute reader's agreement with the features a prompt names."""
+
+    revision = 1
+
     def __init__(self):
         from ..memlab.reader import AttributeReader
 
@@ -370,6 +389,8 @@ def memlab_alignment(images, prompts) -> np.ndarray:
 
 class CLIPScore:
     """Cosine similarity of CLIP image and text embeddings, from a local transformers CLIP folder."""
+
+    revision = 1
 
     def __init__(self, path: str | Path):
         from transformers import CLIPModel, CLIPTokenizer

@@ -546,6 +546,13 @@ class Audit:
                 settings["sscd"] = str(s.sscd)
         if s.clip is not None:
             settings["clip"] = str(s.clip)
+        # the measures' revisions, as the method's: a stage measured by an earlier diffmem's measure is redone
+        from ..mitigate import measures as M
+
+        replication_measure = (M.SSCDReplication if s.sscd is not None else M.PixelReplication) if against is not None \
+            else M.MemLabReplication
+        settings.update(revision_key(replication_measure, "replication_revision"))
+        settings.update(revision_key(M.CLIPScore if s.clip is not None else M.MemLabAlignment, "alignment_revision"))
 
         def work(folder: Path, key: str) -> dict:
             from ..mitigate.measures import chosen_measures
