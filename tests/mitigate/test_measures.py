@@ -163,12 +163,8 @@ def test_training_images_that_cannot_serve_are_named(tmp_path):
         M.PixelReplication(np.zeros((0, 8, 8, 3), np.float32))
 
 
-def test_training_features_are_cached_by_shard_and_a_killed_run_redoes_one(tmp_path, monkeypatch):
-    """Reading and embedding a real training set is the slow part of measuring (SSCD on a CPU): a rerun
-    reads the features back, a run killed midway keeps the shards it finished, and changed data or
-    other weights are never served stale features."""
-    monkeypatch.setenv("DIFFMEM_CACHE", str(tmp_path / "cache"))
-    arrays = _training_folder(tmp_path / "train", sizes=((32, 32),) * 5)
+def _count_featurized_shards(monkeypatch) -> list:
+    """The rows of each shard featurized from now on (not read back from the cache), in order."""
     calls = []
     real = M._featurize_shard
 
@@ -177,6 +173,16 @@ def test_training_features_are_cached_by_shard_and_a_killed_run_redoes_one(tmp_p
         return real(batch, featurize, batch_size)
 
     monkeypatch.setattr(M, "_featurize_shard", counting)
+    return calls
+
+
+def test_training_features_are_cached_by_shard_and_a_killed_run_redoes_one(tmp_path, monkeypatch):
+    """Reading and embedding a real training set is the slow part of measuring (SSCD on a CPU): a rerun
+    reads the features back, a run killed midway keeps the shards it finished, and changed data or
+    other weights are never served stale features."""
+    monkeypatch.setenv("DIFFMEM_CACHE", str(tmp_path / "cache"))
+    arrays = _training_folder(tmp_path / "train", sizes=((32, 32),) * 5)
+    calls = _count_featurized_shards(monkeypatch)
     first = M.TrainingImages(tmp_path / "train", M.PixelReplication.thumbs, shard_size=2, identity="pixel")
     assert calls == [[0, 1], [2, 3], [4, 5]] and [r for r, _ in first.skipped] == [3]
     calls.clear()
@@ -192,6 +198,8 @@ def test_training_features_are_cached_by_shard_and_a_killed_run_redoes_one(tmp_p
     from PIL import Image
 
     Image.fromarray(arrays[0][::-1].copy()).save(tmp_path / "train" / "img_0.png")  # changed data: new entries
+
+    counting = M._featurize_shard  # the helper's counting stand-in
 
     def dies_on_row_2(batch, featurize, batch_size):
         if batch[0].row == 2:
@@ -244,14 +252,7 @@ def test_a_measure_of_a_later_revision_does_not_read_an_earlier_ones_cached_feat
 
     monkeypatch.setenv("DIFFMEM_CACHE", str(tmp_path / "cache"))
     _training_folder(tmp_path / "train", sizes=((32, 32),) * 3)
-    calls = []
-    real = M._featurize_shard
-
-    def counting(batch, featurize, batch_size):
-        calls.append([r.row for r in batch])
-        return real(batch, featurize, batch_size)
-
-    monkeypatch.setattr(M, "_featurize_shard", counting)
+    calls = _count_featurized_shards(monkeypatch)
     M.PixelReplication(tmp_path / "train")
     M.PixelReplication(tmp_path / "train")
     assert len(calls) == 1  # the second read them back
