@@ -154,14 +154,13 @@ def convert_pipeline(source: str | Path, out: str | Path | None = None, overwrit
     safetensors weights, in float32 as diffmem loads models by default. The pickles are read by
     diffusers' and transformers' loaders, which use torch's weights-only unpickler. ``out`` is
     written whole or not at all; an existing one is replaced only with ``overwrite``."""
-    from .loading import PICKLE_SUFFIXES as pickles
-    from .loading import WEIGHTED, check_pipeline_folder, load_pipeline
+    from .loading import WEIGHTED, check_pipeline_folder, load_pipeline, weight_files
     from .results import folder_held, replace_folder
 
     source = Path(source).expanduser()
     check_pipeline_folder(source, allow_pickle=True)  # a folder that is no pipeline is said as the loader says it
-    pickled = [name for name in WEIGHTED if not any(p.suffix == ".safetensors" for p in (source / name).iterdir())
-               and any(p.name.endswith(pickles) for p in (source / name).iterdir())]
+    # the check leaves every weighted component some weights: those without safetensors hold pickles
+    pickled = [name for name in WEIGHTED if not weight_files(source / name)[0]]
     if not pickled:
         raise ModelLoadError(f"every component of {source} has safetensors weights already: pass the folder as it is")
     out = Path(out).expanduser() if out is not None else source.resolve().with_name(source.resolve().name + "-safetensors")
@@ -178,8 +177,8 @@ def convert_pipeline(source: str | Path, out: str | Path | None = None, overwrit
         except ModelLoadError:
             # the libraries say only that a file could not be loaded: the pickle the unpickler refused is named
             for name in pickled:
-                for file in sorted(p for p in (source / name).iterdir() if p.name.endswith(pickles)):
-                    _load_weights_only(file)
+                for file in sorted(weight_files(source / name)[1]):
+                    _load_weights_only(source / name / file)
             raise
         # the folder is swapped in whole: a kill while saving leaves no half pipeline to load
         replace_folder(out, lambda tmp: pipe.save_pretrained(tmp, safe_serialization=True))

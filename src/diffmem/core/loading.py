@@ -162,19 +162,23 @@ def check_pipeline_folder(folder: Path, allow_pickle: bool = False) -> dict[str,
         if not sub.is_dir():
             raise ModelLoadError(f"pipeline at {folder} is missing its {name!r} component: folder {sub} not found")
         if name in WEIGHTED:
-            files = [p.name for p in sub.iterdir()]
-            has_safe = any(f.endswith(".safetensors") for f in files)
-            has_pickle = any(f.endswith(PICKLE_SUFFIXES) for f in files)
-            if not has_safe and not has_pickle:
+            safe, pickles = weight_files(sub)
+            if not safe and not pickles:
                 raise ModelLoadError(f"component {name!r} at {sub} has no weight file")
-            if not has_safe and not allow_pickle:
+            if not safe and not allow_pickle:
                 raise ModelLoadError(
-                    f"component {name!r} at {sub} has only pickle weights ({', '.join(f for f in files if f.endswith(PICKLE_SUFFIXES))}); "
+                    f"component {name!r} at {sub} has only pickle weights ({', '.join(pickles)}); "
                     "diffmem loads safetensors only: unpickling can run arbitrary code. If you trust their source, convert "
                     f"the pipeline once: diffmem convert {folder} (a new folder, through torch's weights-only unpickler); "
                     "or load it with allow_pickle=True (diffmem train --allow-pickle)"
                 )
     return weights_variants(folder)
+
+
+def weight_files(component: Path) -> tuple[list[str], list[str]]:
+    """The names of a component folder's safetensors files and of its pickle weight files."""
+    files = [p.name for p in component.iterdir()]
+    return [f for f in files if f.endswith(".safetensors")], [f for f in files if f.endswith(PICKLE_SUFFIXES)]
 
 
 def hub_snapshot(repo_id: str) -> Path | None:
@@ -482,7 +486,7 @@ def _load_components_one_by_one(folder: Path, dtype, variants: dict[str, str]) -
     classes = {"unet": UNet2DConditionModel, "vae": AutoencoderKL, "text_encoder": CLIPTextModel}
     parts = {}
     for name, cls in classes.items():
-        safe = any(p.suffix == ".safetensors" for p in (folder / name).iterdir())
+        safe = bool(weight_files(folder / name)[0])
         parts[name] = cls.from_pretrained(folder / name, dtype=dtype, use_safetensors=safe, variant=variants.get(name))
     return parts
 
