@@ -81,9 +81,7 @@ class ScanSettings:
     dtype: str = "float32"
 
     def __post_init__(self):
-        from ..core.loading import resolve_dtype
-
-        from ..core.loading import lora_settings
+        from ..core.loading import lora_settings, resolve_dtype
 
         self.checks = tuple(self.checks)
         self.lora, self.lora_scale = lora_settings(self.lora, self.lora_scale)
@@ -127,10 +125,11 @@ class ScanSettings:
         d = {k: getattr(self, k) for k in keys}
         d["memorization"] = "memorization" in self.checks
         if self.lora is not None:  # scans without one keep the key they always had, and scans of one theirs
-            several = isinstance(self.lora, list)  # lora_settings' form: a list for several, a path for one
-            paths, scales = (self.lora, self.lora_scale) if several else ([self.lora], [self.lora_scale])
-            loras = [{"path": str(Path(path).expanduser().resolve()), "scale": scale} for path, scale in zip(paths, scales)]
-            d["lora"] = loras if several else loras[0]
+            from ..core.loading import lora_entries
+
+            loras = [{"path": str(Path(path).expanduser().resolve()), "scale": scale}
+                     for path, scale in lora_entries(self.lora, self.lora_scale)]
+            d["lora"] = loras if len(loras) > 1 else loras[0]
         if self.textual_inversion:
             d["textual_inversion"] = list(self.textual_inversion)
         if d["memorization"] and self.dtype != "float32":
