@@ -183,7 +183,6 @@ def bench_mitigate(pipe, manifest: dict, generations: int = 4, methods: dict | N
     from ..memlab.replication import MemLabReplication
     from ..mitigate import BASELINES, EmbeddingOptimization
     from ..mitigate import measures
-    from ..mitigate.measures import MemLabAlignment
     from . import check_max_prompts
     from .detect import memlab_labelled
 
@@ -269,9 +268,9 @@ def bench_mitigate(pipe, manifest: dict, generations: int = 4, methods: dict | N
     saved_rows = SavedRows(rows_dir, {"model": weights_identity(pipe), "prompts": prompts, "reference": reference,
                                       "generations": generations, "revisions": revisions, **d,
                                       **revision_key(measures.MemLabReplication, "replication_revision"),
-                                      **revision_key(MemLabAlignment, "alignment_revision")})
+                                      **revision_key(measures.MemLabAlignment, "alignment_revision")})
     kernel = MemLabReplication(ds.build(ds.MemLabConfig(**manifest["config"])), pipe.vae)
-    reader, align = AttributeReader(), MemLabAlignment()
+    reader, align = AttributeReader(), measures.MemLabAlignment()
     groups = np.array([e["group"] for e in entries])
 
     def measured(images) -> dict:

@@ -29,7 +29,7 @@ import torch
 from ..core.cache import content_key, files_fingerprint
 from ..core.errors import InputError
 from ..core.images import integer_full_scale
-from ..core.results import file_digest
+from ..core.results import file_digest, revision_key
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -214,8 +214,8 @@ class TrainingImages:
 
 def _revised(identity: str, measure) -> str:
     """A cached-features identity of ``measure``'s current revision (unchanged at revision 1)."""
-    revision = getattr(measure, "revision", 1)
-    return identity if revision == 1 else f"{identity}:r{revision}"
+    revision = revision_key(measure).get("revision")
+    return f"{identity}:r{revision}" if revision else identity
 
 
 class SSCDReplication:
