@@ -10,8 +10,13 @@ from diffmem.core.errors import ModelLoadError
 from diffmem.core.loading import load_pipeline, weights_fingerprints
 
 
-def _width(pipe_dir):
-    return load_pipeline(pipe_dir).text_encoder.get_input_embeddings().weight.shape[1]
+def _command_payload(marker):
+    """An object whose unpickling runs ``touch marker``: what a malicious pickle carries."""
+    class Payload:
+        def __reduce__(self):
+            return os.system, (f"touch {marker}",)
+
+    return Payload()
 
 
 def test_a_pickled_lora_converts_to_the_same_fused_weights(tmp_path, tiny_pipe_dir, tiny_lora):
@@ -33,7 +38,7 @@ def test_a_pickled_lora_converts_to_the_same_fused_weights(tmp_path, tiny_pipe_d
 
 
 def test_a1111_and_diffusers_pickled_embeddings_convert_and_load(tmp_path, tiny_pipe_dir):
-    width = _width(tiny_pipe_dir)
+    width = load_pipeline(tiny_pipe_dir).text_encoder.get_input_embeddings().weight.shape[1]
     vectors = torch.randn(2, width, generator=torch.Generator().manual_seed(1))
     # A1111's .pt: its vectors under a placeholder, beside its name, step and checkpoint
     torch.save({"string_to_token": {"*": 265}, "string_to_param": {"*": vectors}, "name": "cat-toy", "step": 3000,
@@ -60,11 +65,7 @@ def test_what_is_not_a_safe_pickled_adapter_is_refused_and_nothing_written(tmp_p
     keys = load_file(tiny_lora / "pytorch_lora_weights.safetensors")
     source, out, marker = tmp_path / "in.pt", None, tmp_path / "ran"
     if case == "code":  # a pickle that would run a command when unpickled
-        class Payload:
-            def __reduce__(self):
-                return os.system, (f"touch {marker}",)
-
-        torch.save({"w": Payload()}, source)
+        torch.save({"w": _command_payload(marker)}, source)
         said = "holds objects other than tensors and plain containers (it holds posix.system)"
     elif case == "not_a_pickle":
         source.write_text("hello")
@@ -171,12 +172,7 @@ def test_a_pipeline_whose_pickle_would_run_code_is_refused_and_nothing_written(t
 
     old = _pickled_pipeline(tiny_pipe_dir, tmp_path / "old-sd")
     marker = tmp_path / "ran"
-
-    class Payload:
-        def __reduce__(self):
-            return os.system, (f"touch {marker}",)
-
-    torch.save({"conv_in.weight": Payload()}, old / "unet" / "diffusion_pytorch_model.bin")
+    torch.save({"conv_in.weight": _command_payload(marker)}, old / "unet" / "diffusion_pytorch_model.bin")
     with pytest.raises(ModelLoadError, match=re.escape(f"{old / 'unet' / 'diffusion_pytorch_model.bin'} holds objects other "
                                                        "than tensors and plain containers (it holds posix.system)")):
         convert(old, tmp_path / "out")
