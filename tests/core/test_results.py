@@ -60,6 +60,40 @@ def test_holds_of_one_process_nest_and_the_last_let_go_ends_the_hold(tmp_path):
     assert not (tmp_path / "failed").exists()
 
 
+def test_another_thread_of_the_same_process_is_another_run_and_is_refused(tmp_path):
+    # the system's lock is the process's, so two runs started from one notebook's threads would
+    # otherwise both take it, and write the same parts at once
+    import threading
+
+    from diffmem.core.errors import InputError
+    from diffmem.core.results import _HOLDS, folder_held, hold_folder, let_go_folder
+
+    folder = tmp_path / "out"
+    outcome = {}
+
+    def second_run():
+        try:
+            with folder_held(folder):
+                outcome["held"] = True
+        except InputError as e:
+            outcome["refused"] = str(e)
+
+    key = hold_folder(folder)
+    thread = threading.Thread(target=second_run)
+    thread.start()
+    thread.join()
+    assert "held" not in outcome
+    assert "in use by another diffmem run in this process (another thread)" in outcome["refused"]
+    with folder_held(folder):  # the holding thread still nests its own holds
+        pass
+    let_go_folder(key)
+    thread = threading.Thread(target=second_run)  # and once it lets go, the other thread may run there
+    thread.start()
+    thread.join()
+    assert outcome.get("held") is True
+    assert key not in _HOLDS  # nothing stays held
+
+
 def test_a_file_system_without_locks_runs_unguarded_rather_than_failing(tmp_path, monkeypatch):
     import errno
 

@@ -99,7 +99,7 @@ def foreign_folder(folder: str | Path, marker: str) -> bool:
     return folder.is_dir() and any(folder.iterdir()) and not (folder / marker).is_file()
 
 
-# this process's holds, by resolved folder: [descriptor or None, holds, made by the first hold]
+# this process's holds, by resolved folder: [descriptor or None, holds, made by the first hold, holding thread]
 _HOLDS: dict[Path, list] = {}
 _HOLDS_LOCK = threading.RLock()  # re-entered if the collector lets go of a dropped run's hold meanwhile
 
@@ -112,9 +112,11 @@ def hold_folder(folder: str | Path, instead: str = "choose another output folder
     there is no ``flock`` (Windows, some network mounts). ``instead``: what the refusal tells the
     user to do besides waiting.
 
-    Holds nest within one process: the command line holds its folder before the model loads, and the
-    Python API under it holds the same folder again where it writes. Returns the key that
-    ``let_go_folder`` takes; the last let-go of a folder ends the hold."""
+    Holds nest within one thread: the command line holds its folder before the model loads, and the
+    Python API under it holds the same folder again where it writes. Another thread of the same
+    process (two runs started from one notebook) is another run, and is refused: the system's lock
+    cannot tell threads apart. Returns the key that ``let_go_folder`` takes; the last let-go of a
+    folder ends the hold."""
     from .errors import InputError
 
     folder = Path(folder)
@@ -123,13 +125,16 @@ def hold_folder(folder: str | Path, instead: str = "choose another output folder
     key = folder.resolve()
     with _HOLDS_LOCK:
         if key in _HOLDS:
+            if _HOLDS[key][3] != threading.get_ident():
+                raise InputError(f"{folder} is in use by another diffmem run in this process (another thread); "
+                                 f"wait for it to end, or {instead}")
             _HOLDS[key][1] += 1
             return key
         try:
             fd = _lock(folder)
         except BlockingIOError:
             raise InputError(f"{folder} is in use by another diffmem run; wait for it to end, or {instead}") from None
-        _HOLDS[key] = [fd, 1, created]
+        _HOLDS[key] = [fd, 1, created, threading.get_ident()]
     return key
 
 
@@ -166,7 +171,7 @@ def let_go_folder(key: Path) -> None:
         if entry[1] > 0:
             return
         del _HOLDS[key]
-    fd, _, created = entry
+    fd, _, created, _ = entry
     if fd is not None:
         os.close(fd)
     if created:
