@@ -120,6 +120,48 @@ def test_overwrite_replaces_the_output_and_a_refusal_leaves_it(tmp_path, tiny_lo
     assert sorted(p.name for p in tmp_path.iterdir()) == ["emb.pt", "emb.safetensors", "in.pt", "in.safetensors"]
 
 
+def test_an_output_another_conversion_wrote_meanwhile_is_not_replaced(tmp_path, tiny_lora, monkeypatch):
+    # two conversions into one output, both started before either wrote it: the check before the work
+    # passes for both, and the one that finished last replaced the other's file without --overwrite
+    import diffmem.core.convert as convert_module
+
+    keys = load_file(tiny_lora / "pytorch_lora_weights.safetensors")
+    torch.save(keys, tmp_path / "in.pt")
+    out = tmp_path / "in.safetensors"
+    reading = convert_module._adapter_tensors
+
+    def while_another_conversion_finishes(*args):
+        out.write_text("the other run's")
+        return reading(*args)
+
+    monkeypatch.setattr(convert_module, "_adapter_tensors", while_another_conversion_finishes)
+    with pytest.raises(ModelLoadError, match=re.escape(f"{out} exists; choose another output")):
+        convert_adapter(tmp_path / "in.pt")
+    assert out.read_text() == "the other run's"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["in.pt", "in.safetensors"]  # no temporary file left
+    # with overwrite, replacing it is what was asked
+    assert convert_adapter(tmp_path / "in.pt", overwrite=True).kind == "lora"
+    assert load_file(out).keys() == keys.keys()
+
+
+def test_files_are_published_new_where_hard_links_are_not_supported(tmp_path, monkeypatch):
+    # some file systems (FAT, some network mounts) make no hard links: checked, then renamed
+    import errno
+
+    from diffmem.core.results import atomic_path
+
+    def no_links(src, dst):
+        raise OSError(errno.EPERM, "Operation not permitted")
+
+    monkeypatch.setattr(os, "link", no_links)
+    with atomic_path(tmp_path / "a.txt", replace=False) as tmp:
+        open(tmp, "w").write("new")
+    assert (tmp_path / "a.txt").read_text() == "new"
+    with pytest.raises(FileExistsError), atomic_path(tmp_path / "a.txt", replace=False) as tmp:
+        open(tmp, "w").write("second")
+    assert (tmp_path / "a.txt").read_text() == "new" and [p.name for p in tmp_path.iterdir()] == ["a.txt"]
+
+
 def _pickled_pipeline(tiny_pipe_dir, folder):
     """The tiny pipeline as diffusers saved pipelines before safetensors: every weight a .bin."""
     import shutil
@@ -165,6 +207,27 @@ def test_a_pipeline_of_pickles_converts_to_a_folder_of_the_same_weights(tmp_path
     assert not any((tmp_path / "busy").iterdir()) and not (tmp_path / "busy.tmp").exists()
     convert(old, tmp_path / "fresh")
     assert (tmp_path / "fresh" / "model_index.json").is_file() and not (tmp_path / "fresh.tmp").exists()
+
+
+def test_a_pipeline_output_another_conversion_wrote_meanwhile_is_not_replaced(tmp_path, tiny_pipe_dir, monkeypatch):
+    # the other conversion finished, and let go of the folder, between this one's check and its hold
+    import diffmem.core.results as results
+    from diffmem.core.convert import convert
+
+    old = _pickled_pipeline(tiny_pipe_dir, tmp_path / "old-sd")
+    out = tmp_path / "out"
+    holding = results.folder_held
+
+    def after_another_conversion_finished(folder, **kwargs):
+        out.mkdir(exist_ok=True)
+        (out / "model_index.json").write_text("the other run's")
+        return holding(folder, **kwargs)
+
+    monkeypatch.setattr(results, "folder_held", after_another_conversion_finished)
+    with pytest.raises(ModelLoadError, match=re.escape(f"{out} exists; choose a new folder")):
+        convert(old, out)
+    assert [p.name for p in out.iterdir()] == ["model_index.json"]
+    assert (out / "model_index.json").read_text() == "the other run's"
 
 
 def test_a_pipeline_whose_pickle_would_run_code_is_refused_and_nothing_written(tmp_path, tiny_pipe_dir):

@@ -72,12 +72,16 @@ def convert_adapter(source: str | Path, out: str | Path | None = None, overwrite
     if out.exists() and not overwrite:
         raise ModelLoadError(f"{out} exists; choose another output, or replace it with overwrite=True (--overwrite)")
     tensors, token, left_out, kind = _adapter_tensors(source, _load_weights_only(source))
-    with atomic_path(out) as tmp:
-        from safetensors.torch import save_file
+    try:
+        # without overwrite, an output another conversion wrote meanwhile is not replaced either
+        with atomic_path(out, replace=overwrite) as tmp:
+            from safetensors.torch import save_file
 
-        # safetensors refuses tensors that share storage (tied or sliced weights): each gets its own
-        save_file({k: v.detach().to("cpu").contiguous().clone() for k, v in tensors.items()}, tmp,
-                  metadata={"converted_from": source.name})
+            # safetensors refuses tensors that share storage (tied or sliced weights): each gets its own
+            save_file({k: v.detach().to("cpu").contiguous().clone() for k, v in tensors.items()}, tmp,
+                      metadata={"converted_from": source.name})
+    except FileExistsError:
+        raise ModelLoadError(f"{out} exists; choose another output, or replace it with overwrite=True (--overwrite)") from None
     first = next(iter(tensors.values()))
     if kind == "textual_inversion":
         token = token or out.stem  # emb_params: called by its file name, as load_pipeline calls it
@@ -168,10 +172,13 @@ def convert_pipeline(source: str | Path, out: str | Path | None = None, overwrit
         raise ModelLoadError(f"the output {out} is the pipeline folder itself: choose a new folder")
     if out.is_file():
         raise ModelLoadError(f"the output {out} is a file: choose a new folder")
+    refusal = f"{out} exists; choose a new folder, or replace it with overwrite=True (--overwrite)"
     if out.exists() and any(out.iterdir()) and not overwrite:
-        raise ModelLoadError(f"{out} exists; choose a new folder, or replace it with overwrite=True (--overwrite)")
+        raise ModelLoadError(refusal)
     # held while it is written: a second conversion into OUT would clear this one's half-written OUT.tmp
     with folder_held(out, instead="choose another output folder"):
+        if any(out.iterdir()) and not overwrite:  # written by another conversion since the check above
+            raise ModelLoadError(refusal)
         try:
             pipe = load_pipeline(source, allow_pickle=True)
         except ModelLoadError:

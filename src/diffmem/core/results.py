@@ -24,9 +24,13 @@ def _umask_mode() -> int:
 
 
 @contextmanager
-def atomic_path(path: str | Path):
+def atomic_path(path: str | Path, replace: bool = True):
     """Yield a temporary path beside ``path``; on success it replaces ``path`` in one rename, on
-    any error it is removed. Readers never see a half-written file."""
+    any error it is removed. Readers never see a half-written file.
+
+    ``replace=False``: ``path`` is not replaced if it exists by then, written meanwhile by another
+    run say (FileExistsError, the temporary file removed): a check before the work would leave
+    that run's file to be replaced by whichever finishes last."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
@@ -34,11 +38,29 @@ def atomic_path(path: str | Path):
     try:
         yield tmp
         os.chmod(tmp, _umask_mode())
-        os.replace(tmp, path)
+        if replace:
+            os.replace(tmp, path)
+        else:
+            _publish_new(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
             os.unlink(tmp)
         raise
+
+
+def _publish_new(tmp: str, path: Path) -> None:
+    """Rename ``tmp`` to ``path`` only if ``path`` does not exist: a hard link is made only to a new
+    name, in one step, where a check and a rename leave a moment between them."""
+    try:
+        os.link(tmp, path)
+    except FileExistsError:
+        raise FileExistsError(f"{path} exists") from None
+    except OSError:  # a file system without hard links: checked, then renamed
+        if os.path.lexists(path):
+            raise FileExistsError(f"{path} exists") from None
+        os.replace(tmp, path)
+        return
+    os.unlink(tmp)
 
 
 # the folders beside ``folder`` a ``replace_folder`` goes through: written, whole, and the one replaced
