@@ -69,8 +69,9 @@ def convert_adapter(source: str | Path, out: str | Path | None = None, overwrite
     out = Path(out).expanduser() if out is not None else source.with_suffix(".safetensors")
     if out.suffix.lower() != ".safetensors":
         raise ModelLoadError(f"the output {out} must end in .safetensors")
+    refusal = f"{out} exists; choose another output, or replace it with overwrite=True (--overwrite)"
     if out.exists() and not overwrite:
-        raise ModelLoadError(f"{out} exists; choose another output, or replace it with overwrite=True (--overwrite)")
+        raise ModelLoadError(refusal)
     tensors, token, left_out, kind = _adapter_tensors(source, _load_weights_only(source))
     try:
         # without overwrite, an output another conversion wrote meanwhile is not replaced either
@@ -81,7 +82,7 @@ def convert_adapter(source: str | Path, out: str | Path | None = None, overwrite
             save_file({k: v.detach().to("cpu").contiguous().clone() for k, v in tensors.items()}, tmp,
                       metadata={"converted_from": source.name})
     except FileExistsError:
-        raise ModelLoadError(f"{out} exists; choose another output, or replace it with overwrite=True (--overwrite)") from None
+        raise ModelLoadError(refusal) from None
     first = next(iter(tensors.values()))
     if kind == "textual_inversion":
         token = token or out.stem  # emb_params: called by its file name, as load_pipeline calls it
