@@ -355,15 +355,19 @@ def lora_entries(lora, lora_scale=1.0) -> list[tuple[str | os.PathLike, float]]:
 
 
 def lora_settings(lora, lora_scale=1.0) -> tuple:
-    """``lora`` and ``lora_scale`` in the one form settings save them in: None and 1.0 without a LoRA; a
-    path and a scale for one, the form settings had before there could be several, so the keys of
-    saved runs stay as they were; lists for several."""
+    """``lora`` and ``lora_scale`` in the one form settings save them in: None and 1.0 without a LoRA;
+    otherwise as ``saved_form`` gives the paths and the scales."""
     entries = lora_entries(lora, lora_scale)
     if not entries:
         return None, 1.0
-    if len(entries) == 1:
-        return str(entries[0][0]), entries[0][1]
-    return [str(path) for path, _ in entries], [scale for _, scale in entries]
+    return saved_form([str(path) for path, _ in entries]), saved_form([scale for _, scale in entries])
+
+
+def saved_form(per_lora: list):
+    """What saved settings and keys hold for the LoRAs' ``per_lora`` values: the one value alone for
+    one LoRA, the form they had before there could be several, so the keys of saved runs stay as
+    they were; the list for several."""
+    return per_lora[0] if len(per_lora) == 1 else per_lora
 
 
 def _entries(textual_inversion) -> list:
@@ -572,8 +576,8 @@ def model_identity(pipe) -> dict:
     # only when added: identities saved before stay equal
     loras, inversions = getattr(pipe, "diffmem_lora", None), getattr(pipe, "diffmem_textual_inversion", None)
     return {"name_or_path": str(getattr(pipe, "name_or_path", "") or pipe.config.get("_name_or_path", "")),
-            # one LoRA as it always was, several as a list in the order they were fused
-            **({"lora": dict(loras[0]) if len(loras) == 1 else [dict(x) for x in loras]} if loras else {}),
+            # in the order they were fused
+            **({"lora": saved_form([dict(x) for x in loras])} if loras else {}),
             **({"textual_inversion": [dict(x) for x in inversions]} if inversions else {}),
             "unet_hash": weights_hash(pipe.unet),
             **weights_fingerprints(pipe),

@@ -125,11 +125,10 @@ class ScanSettings:
         d = {k: getattr(self, k) for k in keys}
         d["memorization"] = "memorization" in self.checks
         if self.lora is not None:  # scans without one keep the key they always had, and scans of one theirs
-            from ..core.loading import lora_entries
+            from ..core.loading import lora_entries, saved_form
 
-            loras = [{"path": str(Path(path).expanduser().resolve()), "scale": scale}
-                     for path, scale in lora_entries(self.lora, self.lora_scale)]
-            d["lora"] = loras if len(loras) > 1 else loras[0]
+            d["lora"] = saved_form([{"path": str(Path(path).expanduser().resolve()), "scale": scale}
+                                    for path, scale in lora_entries(self.lora, self.lora_scale)])
         if self.textual_inversion:
             d["textual_inversion"] = list(self.textual_inversion)
         if d["memorization"] and self.dtype != "float32":
