@@ -23,8 +23,8 @@ from .results import atomic_path
 
 @dataclass
 class Conversion:
-    """What ``convert_adapter`` wrote: the kind of adapter it found, its tensors and, for an
-    embedding, the token it is called by."""
+    """What ``convert_adapter`` or ``convert_pipeline`` wrote: the kind of weights it found, its
+    tensors and, for an embedding, the token it is called by."""
     source: str
     out: str
     kind: str  # "lora", "textual_inversion" or "pipeline"
