@@ -13,6 +13,31 @@ def test_txt_jsonl_csv(tmp_path):
     assert read_prompts(tmp_path / "p.csv", "text") == ["hello", "world"]
 
 
+def test_a_line_ends_only_at_a_line_break(tmp_path):
+    """Scraped captions hold U+2028, NEL (U+0085) and form feeds, and JSON allows them raw inside a
+    string; a line of a prompt file still ends only at \\n, \\r\\n or \\r, as in an editor."""
+    import json
+
+    odd = ["a red circle\u2028on a blue square", "caf\u0085 art", "page\x0cbreak", "two\u2029paragraphs"]
+    (tmp_path / "p.txt").write_bytes(("\r\n".join(odd) + "\r\n").encode())
+    assert read_prompts(tmp_path / "p.txt") == odd
+    (tmp_path / "p.jsonl").write_text("\n".join(json.dumps({"prompt": p}, ensure_ascii=False) for p in odd) + "\n",
+                                      encoding="utf-8")
+    assert read_prompts(tmp_path / "p.jsonl") == odd
+    (tmp_path / "blank.txt").write_text("a cat\u2028\n \na dog\n", encoding="utf-8")
+    with pytest.raises(InputError, match="line 2: empty prompt"):  # numbered as an editor numbers lines
+        read_prompts(tmp_path / "blank.txt")
+
+
+def test_a_csv_error_names_the_line_its_row_starts_on(tmp_path):
+    # a quoted caption over three lines and a blank line come before the bad row, on line 6
+    (tmp_path / "p.csv").write_text('prompt,id\n"a cat\non a\nmat",1\n\n"  ",2\n', encoding="utf-8")
+    with pytest.raises(InputError, match="line 6: empty prompt"):
+        read_prompts(tmp_path / "p.csv")
+    (tmp_path / "ok.csv").write_text('prompt,id\n"a cat\non a mat",1\n', encoding="utf-8")
+    assert read_prompts(tmp_path / "ok.csv") == ["a cat\non a mat"]
+
+
 def test_the_public_sd_v1_list_reads():
     from pathlib import Path
 

@@ -102,6 +102,16 @@ def _read_text(path: Path) -> str:
     return text
 
 
+# a line of a prompt file ends where an editor's does, and `wc -l` counts: at \n, \r\n or \r. Python's
+# str.splitlines also breaks at U+2028 / U+2029, NEL (U+0085, what a cp1252 ellipsis becomes read as
+# Latin-1), form feed and more, all of which scraped captions hold, and JSON allows raw inside a string
+_LINE_BREAK = re.compile(r"\r\n|\r|\n")
+
+
+def _lines(text: str) -> list[str]:
+    return _LINE_BREAK.split(text)
+
+
 def iter_prompts(path: str | Path, column: str | None = None, flagged: bool = False) -> Iterator[str]:
     """Yield prompts one by one (the whole file is checked for encoding first).
 
@@ -125,7 +135,7 @@ def iter_prompts(path: str | Path, column: str | None = None, flagged: bool = Fa
     text = _read_text(path)
     if suffix == ".jsonl":
         col = column
-        for i, line in enumerate(text.splitlines(), 1):
+        for i, line in enumerate(_lines(text), 1):
             if not line.strip():
                 continue
             try:
@@ -145,20 +155,28 @@ def iter_prompts(path: str | Path, column: str | None = None, flagged: bool = Fa
     elif suffix == ".csv":
         reader = csv.DictReader(io.StringIO(text))
         col = _pick_column(path, column, reader.fieldnames or [])
-        for i, row in enumerate(reader, 2):
-            if _kept(row, flagged, path, i):
-                yield _check(row[col], path, i)
+        for row in reader:
+            line = _first_line(reader.line_num, row)
+            if _kept(row, flagged, path, line):
+                yield _check(row[col], path, line)
                 n += 1
     else:
         if column:
             raise InputError(f"--column applies to .csv, .jsonl and .parquet files, not {path.name}")
-        lines = text.splitlines()
+        lines = _lines(text)
         while lines and not lines[-1].strip():  # a trailing newline is not an empty prompt
             lines.pop()
         for i, line in enumerate(lines, 1):
             yield _check(line, path, i)
             n += 1
     _check_count(path, n, flagged)
+
+
+def _first_line(last_line: int, row: dict) -> int:
+    """The line a CSV row starts on, from the line it ends on: a quoted caption may hold line breaks,
+    and the reader skips blank lines, so counting rows would name the wrong line."""
+    fields = [v for value in row.values() for v in (value if isinstance(value, list) else [value])]
+    return last_line - sum(v.count("\n") for v in fields if isinstance(v, str))
 
 
 def _parquet_rows(path: Path) -> list[dict]:
