@@ -85,6 +85,18 @@ def test_bad_rows_are_reported_and_never_stop_the_scan(tmp_path):
     assert rows.loc[8, "image_cluster"] == rows.loc[0, "image_cluster"] >= 0
 
 
+def test_a_csv_row_not_in_utf8_is_flagged_after_a_caption_over_several_lines(tmp_path):
+    from diffmem.scan.sources import TableSource
+
+    # a quoted caption over two lines and a blank line come before the row that is not UTF-8
+    (tmp_path / "t.csv").write_bytes(b'caption,key\n"a cat\non a mat",a\n\nplain dog,b\ncaf\xe9 latte,c\n'
+                                     b'"a caf\xe9\nover two lines",d\nred circle,e\n')
+    source = TableSource(tmp_path / "t.csv")
+    rows = source.rows(0, len(source))
+    assert [r.caption_issue for r in rows] == [None, None, "not UTF-8", "not UTF-8", None]
+    assert rows[0].caption == "a cat\non a mat" and rows[4].caption == "red circle"
+
+
 def test_a_lone_surrogate_in_a_listed_caption_is_named_and_the_scan_goes_on(tmp_path):
     from diffmem.scan import ListSource
 

@@ -156,7 +156,7 @@ def iter_prompts(path: str | Path, column: str | None = None, flagged: bool = Fa
         reader = csv.DictReader(io.StringIO(text))
         col = _pick_column(path, column, reader.fieldnames or [])
         for row in reader:
-            line = _first_line(reader.line_num, row)
+            line = csv_row_first_line(reader.line_num, row)
             if _kept(row, flagged, path, line):
                 yield _check(row[col], path, line)
                 n += 1
@@ -172,7 +172,7 @@ def iter_prompts(path: str | Path, column: str | None = None, flagged: bool = Fa
     _check_count(path, n, flagged)
 
 
-def _first_line(last_line: int, row: dict) -> int:
+def csv_row_first_line(last_line: int, row: dict) -> int:
     """The line a CSV row starts on, from the line it ends on: a quoted caption may hold line breaks,
     and the reader skips blank lines, so counting rows would name the wrong line."""
     fields = [v for value in row.values() for v in (value if isinstance(value, list) else [value])]

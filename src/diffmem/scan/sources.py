@@ -32,7 +32,7 @@ from typing import Iterator
 import numpy as np
 
 from ..core.errors import InputError
-from ..core.prompts import lone_surrogate, replace_lone_surrogates
+from ..core.prompts import csv_row_first_line, lone_surrogate, replace_lone_surrogates
 from ..core.images import image_array
 
 CAPTION_COLUMNS = ("caption", "text", "prompt")
@@ -267,10 +267,16 @@ class TableSource(Source):
             except UnicodeDecodeError:
                 text_lines.append(line.decode("utf-8", errors="replace"))
                 bad.append(True)
-        rows = list(csv.DictReader(io.StringIO("\n".join(text_lines))))
+        reader = csv.DictReader(io.StringIO("\n".join(text_lines)))
+        rows, row_bad = [], []
+        for row in reader:
+            # a row is flagged if any line it spans was not UTF-8: a quoted caption may span several
+            # lines, and blank lines are skipped, so rows and lines do not pair one to one
+            rows.append(row)
+            row_bad.append(any(bad[csv_row_first_line(reader.line_num, row) - 1 : reader.line_num]))
         frame = pd.DataFrame(rows)
-        if len(frame):  # data lines start after the header; flag rows whose line was not UTF-8
-            frame["__not_utf8__"] = bad[1 : 1 + len(frame)]
+        if len(frame):
+            frame["__not_utf8__"] = row_bad
         return frame
 
     def __len__(self):
