@@ -1116,7 +1116,7 @@ def app_cmd(
                      device=device, dtype=dtype, **_adapters(lora, lora_scale, textual_inversion))
     out_console.print(f"diffmem app on http://{host}:{port}/  (threshold {state.calibration.threshold:.4g}; Ctrl-C stops)",
                       highlight=False, markup=False)
-    serve(state, sock)
+    serve(state, sock, host)
 
 
 @app.command("convert")

@@ -97,3 +97,68 @@ def test_a_score_asked_while_a_job_holds_the_model_reports_its_wait_apart(tiny_p
     assert waited["waited"] > 2.0  # the job's time, said as a wait
     assert waited["seconds"] < 2.0  # not counted as the scoring's own time
     assert waited["score"] == alone["score"]
+
+
+def _ask(app, method, path, headers, body=b""):
+    """One request to an ASGI app, without a server: its status and decoded JSON or text body."""
+    import asyncio
+    import json
+
+    scope = {"type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": method, "scheme": "http",
+             "path": path, "raw_path": path.encode(), "query_string": b"", "root_path": "",
+             "headers": [(k.lower().encode("latin-1"), v.encode("latin-1")) for k, v in headers.items()],
+             "client": ("127.0.0.1", 50000), "server": ("127.0.0.1", 7860)}
+    messages, delivered = [], False
+
+    async def receive():
+        nonlocal delivered
+        if delivered:
+            return {"type": "http.disconnect"}
+        delivered = True
+        return {"type": "http.request", "body": body, "more_body": False}
+
+    async def send(message):
+        messages.append(message)
+
+    asyncio.run(app(scope, receive, send))
+    status = next(m["status"] for m in messages if m["type"] == "http.response.start")
+    text = b"".join(m.get("body", b"") for m in messages if m["type"] == "http.response.body").decode()
+    return status, (json.loads(text) if text.startswith("{") else text)
+
+
+def test_a_page_of_another_site_may_not_use_the_app():
+    """A "simple" cross-site POST (text/plain) reaches a local server without the browser asking first,
+    and a rebound DNS name makes another site same-origin to itself: both are refused, while the
+    app's own page, its loopback names and clients without an Origin are served."""
+    from diffmem.report.app import create_app
+
+    class Scorer:  # stands in for the model: only the requests that get through reach it
+        calls = []
+
+        def score(self, prompt):
+            self.calls.append(prompt)
+            return {"prompt": prompt}
+
+    state = Scorer()
+    app = create_app(state, served_as=("127.0.0.1",))
+    own = {"host": "127.0.0.1:7860", "content-type": "application/json"}
+    body = b'{"prompt": "a cat"}'
+    assert _ask(app, "POST", "/api/score", own, body) == (200, {"prompt": "a cat"})  # curl, a script
+    assert _ask(app, "POST", "/api/score", {**own, "origin": "http://127.0.0.1:7860"}, body)[0] == 200  # its page
+    assert _ask(app, "POST", "/api/score", {"host": "localhost:7860", "origin": "http://localhost:7860"}, body)[0] == 200
+    assert _ask(app, "GET", "/", {"host": "[::1]:7860"})[0] == 200
+    for headers, why in (({"host": "127.0.0.1:7860", "origin": "https://evil.example", "content-type": "text/plain"},
+                          "a page of another site (https://evil.example) may not use this app"),
+                         ({"host": "127.0.0.1:7860", "origin": "null"}, "a page of another site (null)"),
+                         ({"host": "127.0.0.1:7860", "origin": "http://127.0.0.1:9999"}, "another site"),
+                         ({"host": "evil.example:7860", "origin": "http://evil.example:7860"},
+                          "addressed to 'evil.example:7860', which is not this app's address")):
+        status, answer = _ask(app, "POST", "/api/score", headers, body)
+        assert status == 403 and why in answer["error"], (headers, answer)
+    status, answer = _ask(app, "GET", "/", {"host": "evil.example:7860"})  # nor may a rebound name read the page
+    assert status == 403 and "not this app's address" in answer["error"]
+    assert state.calls == ["a cat"] * 3
+    # bound to every address, the app answers any name it is reached by, still only from its own page
+    everywhere = create_app(state, served_as=("0.0.0.0",))
+    assert _ask(everywhere, "GET", "/", {"host": "box.lan:7860"})[0] == 200
+    assert _ask(everywhere, "POST", "/api/score", {"host": "box.lan:7860", "origin": "http://evil.example"}, body)[0] == 403

@@ -282,3 +282,11 @@ def _mitigation_job_reports_progress_and_cancels(app_server, generations):
             with pytest.raises(urllib.error.HTTPError) as e:
                 urllib.request.urlopen(urllib.request.Request(app_server + path, data), timeout=60)
             assert e.value.code == 400 and why in json.loads(e.value.read())["error"], (path, body)
+    # the served app refuses a page of another site, and a name it was not served as (DNS rebinding)
+    port = app_server.rsplit(":", 1)[1].strip("/")
+    for headers in ({"Origin": "https://evil.example"}, {"Host": f"evil.example:{port}"}):
+        request = urllib.request.Request(app_server + "api/mitigate", json.dumps({"prompt": "a cat"}).encode(),
+                                         {"Content-Type": "text/plain", **headers})
+        with pytest.raises(urllib.error.HTTPError) as e:
+            urllib.request.urlopen(request, timeout=60)
+        assert e.value.code == 403 and "refused" in json.loads(e.value.read())["error"], headers

@@ -12,6 +12,8 @@ run time, and a page whose elements a browser test can address directly.
   ``POST /api/jobs/{id}/cancel`` between images or optimization iterations (a queued job at once).
   The server keeps the newest ``KEPT_JOBS`` ended jobs.
 Model calls are serialised by one lock: the model is not shared between concurrent requests.
+Requests from a page of another site are refused (``request_refusal``): the API starts minutes of
+work and returns what the model makes of a prompt.
 """
 
 from __future__ import annotations
@@ -276,11 +278,55 @@ class AppState:
         return {k: job[k] for k in ("id", "state", "progress", "message", "result", "error")}
 
 
-def create_app(state: AppState):
+LOOPBACK_NAMES = ("localhost", "127.0.0.1", "::1")
+EVERY_ADDRESS = ("0.0.0.0", "::", "")  # bound to every address: any name may reach the app
+
+
+def request_refusal(method: str, host: str | None, origin: str | None, served_as: tuple[str, ...]) -> str | None:
+    """Why the app refuses a request, or None. A browser sends another site's POST with its Origin,
+    and a "simple" one (text/plain, a form) without asking first, so a page open in another tab
+    could start mitigation jobs here: an Origin other than the app's own is refused for all but
+    GET / HEAD. A site whose name was made to resolve to this machine (DNS rebinding) is same-origin
+    to itself but sends its own name as Host, which is refused unless the app answers every address.
+    Clients that are not browsers (curl, scripts) send no Origin and are served."""
+    from urllib.parse import urlsplit
+
+    if host is not None and not any(name in EVERY_ADDRESS for name in served_as):
+        try:
+            name = urlsplit("//" + host).hostname
+        except ValueError:
+            name = None
+        if name not in {*LOOPBACK_NAMES, *(n.lower() for n in served_as)}:
+            return (f"refused: the request was addressed to {host!r}, which is not this app's address "
+                    f"({', '.join(dict.fromkeys((*served_as, *LOOPBACK_NAMES)))}); open the app at the address it printed")
+    if method not in ("GET", "HEAD") and origin is not None and (host is None or origin.lower() != f"http://{host.lower()}"):
+        return (f"refused: a page of another site ({origin}) may not use this app; open the app's own page "
+                f"(http://{host or 'HOST:PORT'}/)")
+    return None
+
+
+def create_app(state: AppState, served_as: tuple[str, ...] = ("127.0.0.1",)):
+    """The app, answering requests addressed to the names in ``served_as`` (the --host given and the
+    address bound) or to this machine's loopback names, from its own page or from clients that are
+    not browsers."""
     from starlette.applications import Starlette
+    from starlette.middleware import Middleware
     from starlette.requests import Request
     from starlette.responses import HTMLResponse, JSONResponse
     from starlette.routing import Route
+
+    class OwnPageOnly:
+        def __init__(self, app):
+            self.app = app
+
+        async def __call__(self, scope, receive, send):
+            if scope["type"] == "http":
+                headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]}
+                why = request_refusal(scope["method"], headers.get("host"), headers.get("origin"), served_as)
+                if why is not None:
+                    await JSONResponse({"error": why}, status_code=403)(scope, receive, send)
+                    return
+            await self.app(scope, receive, send)
 
     def bad(msg: str, code: int = 400):
         return JSONResponse({"error": msg}, status_code=code)
@@ -331,7 +377,8 @@ def create_app(state: AppState):
 
     return Starlette(routes=[Route("/", page), Route("/api/info", info), Route("/api/score", score, methods=["POST"]),
                              Route("/api/mitigate", mitigate, methods=["POST"]), Route("/api/jobs/{job_id}", job),
-                             Route("/api/jobs/{job_id}/cancel", cancel, methods=["POST"])])
+                             Route("/api/jobs/{job_id}/cancel", cancel, methods=["POST"])],
+                     middleware=[Middleware(OwnPageOnly)])
 
 
 def bind(host: str = "127.0.0.1", port: int = 7860) -> socket.socket:
@@ -349,11 +396,13 @@ def bind(host: str = "127.0.0.1", port: int = 7860) -> socket.socket:
     return sock
 
 
-def serve(state: AppState, sock: socket.socket) -> None:
-    """Serve the page on a socket from ``bind``."""
+def serve(state: AppState, sock: socket.socket, host: str | None = None) -> None:
+    """Serve the page on a socket from ``bind``, to requests addressed to ``host`` (the name given to
+    ``bind``), the address it bound, or this machine's loopback names."""
     import uvicorn
 
-    uvicorn.Server(uvicorn.Config(create_app(state), log_level="warning")).run(sockets=[sock])
+    served_as = tuple(dict.fromkeys(n for n in (host, sock.getsockname()[0]) if n is not None))
+    uvicorn.Server(uvicorn.Config(create_app(state, served_as), log_level="warning")).run(sockets=[sock])
 
 
 # The page builds every user-derived node with textContent, never innerHTML: a prompt is shown as text.
