@@ -282,12 +282,18 @@ LORA_DOWN = re.compile(r"(lora_A|lora\.down|lora_down|lora_linear_layer\.down)\.
 # diffusers', PEFT's and kohya's spellings
 
 
+def _not_unpickled(file: Path, several: bool = False) -> str:
+    """What a refusal of a pickled adapter says after naming it: why it is not loaded, and the command
+    that converts ``file`` (one of ``several``) if the user trusts it."""
+    return (f"which diffmem does not load: unpickling can run arbitrary code. If you trust {'their' if several else 'its'} "
+            f"source, convert {'one' if several else 'it'}: diffmem convert {file}")
+
+
 def _adapter_keys(file: Path, what: str) -> list[str]:
     """The tensor names of an adapter file (a LoRA or an embedding, described by ``what``), read from
     its safetensors header; a pickle is refused unread."""
     if file.suffix.lower() in PICKLE_SUFFIXES:
-        raise ModelLoadError(f"{what} {file} is a pickle ({file.suffix}), which diffmem does not load: unpickling can run "
-                             f"arbitrary code. If you trust its source, convert it: diffmem convert {file} (torch's weights-only "
+        raise ModelLoadError(f"{what} {file} is a pickle ({file.suffix}), {_not_unpickled(file)} (torch's weights-only "
                              "unpickler, which refuses anything but tensors)")
     from safetensors import SafetensorError, safe_open
 
@@ -316,9 +322,7 @@ def lora_file(path: str | os.PathLike, scale: float = 1.0) -> Path:
             raise ModelLoadError(f"LoRA folder {file} holds no .safetensors file"
                                  + (" (it holds a model_index.json: it is a pipeline folder, to pass as the model)"
                                     if (file / "model_index.json").exists() else "")
-                                 + (f", only pickle weights ({', '.join(pickles)}), which diffmem does not load: unpickling "
-                                    "can run arbitrary code. If you trust their source, convert one: diffmem convert "
-                                    f"{file / pickles[0]}"
+                                 + (f", only pickle weights ({', '.join(pickles)}), {_not_unpickled(file / pickles[0], several=True)}"
                                     if pickles else ""))
         default = file / "pytorch_lora_weights.safetensors"
         if len(found) > 1 and default not in found:
@@ -394,8 +398,7 @@ def textual_inversion_file(entry: str | os.PathLike) -> tuple[Path, str]:
         if not (file / "learned_embeds.safetensors").is_file():
             pickled = file / "learned_embeds.bin"  # what diffusers' training script saved before safetensors
             raise ModelLoadError(f"textual-inversion folder {file} holds no learned_embeds.safetensors"
-                                 + (f", only learned_embeds.bin, a pickle, which diffmem does not load: unpickling can run "
-                                    f"arbitrary code. If you trust its source, convert it: diffmem convert {pickled}"
+                                 + (f", only learned_embeds.bin, a pickle, {_not_unpickled(pickled)}"
                                     if pickled.is_file() else ": pass the embedding's file"))
         file = file / "learned_embeds.safetensors"
     keys = _adapter_keys(file, "textual-inversion embedding")
