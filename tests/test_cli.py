@@ -467,6 +467,8 @@ def test_app_refuses_a_port_in_use_before_loading_the_model():
     assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr[-2000:]
     assert f"cannot serve on 127.0.0.1:{port}: Address already in use" in r.stderr
     assert "scoring" not in r.stderr and "diffmem app on" not in r.stdout  # neither calibrated nor announced
+    r = run("app", "--port", str(port), "--allow-origin", "hub.example.org")  # checked before the port, too
+    assert r.returncode == 2 and "--allow-origin takes a page's origin" in r.stderr and "Traceback" not in r.stderr
 
 
 def test_usage_errors_are_one_clear_message(tmp_path):

@@ -1099,6 +1099,9 @@ def app_cmd(
     audit_dir: Optional[Path] = typer.Option(None, "--audit", help="use the calibration of this audit folder"),
     host: str = typer.Option("127.0.0.1", help="address to bind (default: this machine only)"),
     port: int = typer.Option(7860, min=1, max=65535),
+    allow_origin: Optional[List[str]] = typer.Option(None, help="a page the app is opened through besides its own "
+                                                     "address, e.g. a proxy's https://hub.example.org (repeatable): "
+                                                     "its requests are served; other sites' pages are refused"),
     seed: int = SEED,
     generations: int = typer.Option(4, min=1, help="seeds a mitigation optimizes over and shows before / after "
                                     "(an audit's target calibration brings its own)"),
@@ -1109,14 +1112,15 @@ def app_cmd(
     textual_inversion: Optional[List[str]] = TEXTUAL_INVERSION,
 ):
     """A local page: edit a prompt, see its score against the threshold and its words coloured by attribution."""
-    from .report.app import AppState, bind, serve
+    from .report.app import AppState, bind, check_origins, serve
 
+    allowed_origins = check_origins(allow_origin or ())
     sock = bind(host, port)
     state = AppState(model, calibration=calibration, audit=audit_dir, seed=seed, generations=generations, progress=True,
                      device=device, dtype=dtype, **_adapters(lora, lora_scale, textual_inversion))
     out_console.print(f"diffmem app on http://{host}:{port}/  (threshold {state.calibration.threshold:.4g}; Ctrl-C stops)",
                       highlight=False, markup=False)
-    serve(state, sock, host)
+    serve(state, sock, host, allowed_origins)
 
 
 @app.command("convert")

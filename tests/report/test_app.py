@@ -162,3 +162,20 @@ def test_a_page_of_another_site_may_not_use_the_app():
     everywhere = create_app(state, served_as=("0.0.0.0",))
     assert _ask(everywhere, "GET", "/", {"host": "box.lan:7860"})[0] == 200
     assert _ask(everywhere, "POST", "/api/score", {"host": "box.lan:7860", "origin": "http://evil.example"}, body)[0] == 403
+    # a proxy serving the page over https, with the Host kept or rewritten to the app's: allowed by name
+    assert _ask(app, "POST", "/api/score", {"host": "127.0.0.1:7860", "origin": "https://127.0.0.1:7860"}, body)[0] == 200
+    proxied = create_app(state, served_as=("127.0.0.1",), allowed_origins=["https://Hub.example.org/"])
+    for host in ("hub.example.org", "127.0.0.1:7860"):
+        assert _ask(proxied, "POST", "/api/score", {"host": host, "origin": "https://hub.example.org"}, body)[0] == 200
+    assert _ask(proxied, "POST", "/api/score", {"host": "hub.example.org", "origin": "https://evil.example"}, body)[0] == 403
+    assert len(state.calls) == 6  # the 3 above, the https page and the proxied two
+
+
+@pytest.mark.parametrize("origin", ["hub.example.org", "ftp://hub.example.org", "https://hub.example.org/app",
+                                    "https://hub.example.org:port", "https://me@hub.example.org", ""])
+def test_an_allowed_origin_that_is_not_one_is_refused_before_the_model_loads(origin):
+    from diffmem.core.errors import InputError
+    from diffmem.report.app import create_app
+
+    with pytest.raises(InputError, match="--allow-origin takes a page's origin, a scheme and a host"):
+        create_app(None, allowed_origins=[origin])

@@ -282,13 +282,36 @@ LOOPBACK_NAMES = ("localhost", "127.0.0.1", "::1")
 EVERY_ADDRESS = ("0.0.0.0", "::", "")  # bound to every address: any name may reach the app
 
 
-def request_refusal(method: str, host: str | None, origin: str | None, served_as: tuple[str, ...]) -> str | None:
+def check_origins(origins) -> tuple[str, ...]:
+    """``--allow-origin`` values, each a scheme and a host (and port): "https://hub.example.org"."""
+    from urllib.parse import urlsplit
+
+    checked = []
+    for origin in origins:
+        try:
+            parts = urlsplit(origin)
+            ok = parts.scheme in ("http", "https") and parts.hostname and parts.path in ("", "/") \
+                and not (parts.query or parts.fragment or parts.username)
+            parts.port  # raises ValueError for a port that is not a number
+        except ValueError:
+            ok = False
+        if not ok:
+            raise InputError(f"--allow-origin takes a page's origin, a scheme and a host with its port if any "
+                             f"(https://hub.example.org, http://10.0.0.5:8888), got {origin!r}")
+        checked.append(f"{parts.scheme}://{parts.netloc}".lower())
+    return tuple(checked)
+
+
+def request_refusal(method: str, host: str | None, origin: str | None, served_as: tuple[str, ...],
+                    allowed_origins: tuple[str, ...] = ()) -> str | None:
     """Why the app refuses a request, or None. A browser sends another site's POST with its Origin,
     and a "simple" one (text/plain, a form) without asking first, so a page open in another tab
-    could start mitigation jobs here: an Origin other than the app's own is refused for all but
-    GET / HEAD. A site whose name was made to resolve to this machine (DNS rebinding) is same-origin
-    to itself but sends its own name as Host, which is refused unless the app answers every address.
-    Clients that are not browsers (curl, scripts) send no Origin and are served."""
+    could start mitigation jobs here: an Origin whose host is not the request's Host is refused for
+    all but GET / HEAD (the scheme is not compared: a proxy may serve the page over https). A site
+    whose name was made to resolve to this machine (DNS rebinding) is same-origin to itself but
+    sends its own name as Host, which is refused unless the app answers every address. Clients that
+    are not browsers (curl, scripts) send no Origin and are served. ``allowed_origins`` (checked by
+    ``check_origins``): pages the user serves the app through, a proxy's say, accepted with their names."""
     from urllib.parse import urlsplit
 
     if host is not None and not any(name in EVERY_ADDRESS for name in served_as):
@@ -296,24 +319,33 @@ def request_refusal(method: str, host: str | None, origin: str | None, served_as
             name = urlsplit("//" + host).hostname
         except ValueError:
             name = None
-        if name not in {*LOOPBACK_NAMES, *(n.lower() for n in served_as)}:
+        names = {*LOOPBACK_NAMES, *(n.lower() for n in served_as), *(urlsplit(o).hostname for o in allowed_origins)}
+        if name not in names:
             return (f"refused: the request was addressed to {host!r}, which is not this app's address "
-                    f"({', '.join(dict.fromkeys((*served_as, *LOOPBACK_NAMES)))}); open the app at the address it printed")
-    if method not in ("GET", "HEAD") and origin is not None and (host is None or origin.lower() != f"http://{host.lower()}"):
-        return (f"refused: a page of another site ({origin}) may not use this app; open the app's own page "
-                f"(http://{host or 'HOST:PORT'}/)")
+                    f"({', '.join(dict.fromkeys((*served_as, *LOOPBACK_NAMES)))}); open the app at the address it printed, "
+                    "or give the page you open it through as --allow-origin")
+    if method not in ("GET", "HEAD") and origin is not None and origin.lower() not in allowed_origins:
+        try:
+            same = host is not None and urlsplit(origin).netloc.lower() == host.lower()
+        except ValueError:
+            same = False
+        if not same:
+            return (f"refused: a page of another site ({origin}) may not use this app; open the app's own page "
+                    f"(http://{host or 'HOST:PORT'}/), or give a page you trust as --allow-origin")
     return None
 
 
-def create_app(state: AppState, served_as: tuple[str, ...] = ("127.0.0.1",)):
+def create_app(state: AppState, served_as: tuple[str, ...] = ("127.0.0.1",), allowed_origins: tuple[str, ...] = ()):
     """The app, answering requests addressed to the names in ``served_as`` (the --host given and the
-    address bound) or to this machine's loopback names, from its own page or from clients that are
-    not browsers."""
+    address bound) or to this machine's loopback names, from its own page, from ``allowed_origins``
+    or from clients that are not browsers."""
     from starlette.applications import Starlette
     from starlette.middleware import Middleware
     from starlette.requests import Request
     from starlette.responses import HTMLResponse, JSONResponse
     from starlette.routing import Route
+
+    allowed_origins = check_origins(allowed_origins)
 
     class OwnPageOnly:
         def __init__(self, app):
@@ -322,7 +354,8 @@ def create_app(state: AppState, served_as: tuple[str, ...] = ("127.0.0.1",)):
         async def __call__(self, scope, receive, send):
             if scope["type"] == "http":
                 headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]}
-                why = request_refusal(scope["method"], headers.get("host"), headers.get("origin"), served_as)
+                why = request_refusal(scope["method"], headers.get("host"), headers.get("origin"), served_as,
+                                      allowed_origins)
                 if why is not None:
                     await JSONResponse({"error": why}, status_code=403)(scope, receive, send)
                     return
@@ -396,13 +429,14 @@ def bind(host: str = "127.0.0.1", port: int = 7860) -> socket.socket:
     return sock
 
 
-def serve(state: AppState, sock: socket.socket, host: str | None = None) -> None:
+def serve(state: AppState, sock: socket.socket, host: str | None = None, allowed_origins: tuple[str, ...] = ()) -> None:
     """Serve the page on a socket from ``bind``, to requests addressed to ``host`` (the name given to
-    ``bind``), the address it bound, or this machine's loopback names."""
+    ``bind``), the address it bound, or this machine's loopback names (``create_app``)."""
     import uvicorn
 
     served_as = tuple(dict.fromkeys(n for n in (host, sock.getsockname()[0]) if n is not None))
-    uvicorn.Server(uvicorn.Config(create_app(state, served_as), log_level="warning")).run(sockets=[sock])
+    app = create_app(state, served_as, allowed_origins)
+    uvicorn.Server(uvicorn.Config(app, log_level="warning")).run(sockets=[sock])
 
 
 # The page builds every user-derived node with textContent, never innerHTML: a prompt is shown as text.
