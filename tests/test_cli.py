@@ -672,6 +672,10 @@ def test_control_characters_in_the_users_text_are_shown_not_sent_to_the_terminal
     from diffmem.explain import AttributionResult
 
     assert AttributionResult.load(tmp_path / "o" / "attribution.json").prompt == prompt  # the data keeps them
+    # a prompt with line breaks (a .jsonl may hold one) stays on its one line of the listing
+    r = run("explain", "--prompt", "a red\ncircle\u2028on a square", "--model", str(tiny_pipe_dir),
+            "--num-inference-steps", "4", "--out", str(tmp_path / "o2"))
+    assert r.returncode == 0 and "a red\u23cecircle\u23ceon a square" in r.stdout, repr(r.stdout)
     r = run("explain", "--prompt", "a cat", "--model", str(tmp_path / "nope\x1b]0;owned\x07"))
     assert r.returncode == 2 and "nope\u241b]0;owned\u2407" in r.stderr and "\x1b" not in r.stderr, repr(r.stderr)
 

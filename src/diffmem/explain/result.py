@@ -69,6 +69,9 @@ def _fragment_template():
     )
 
 
+_LINE_BREAK_PICTURES = str.maketrans({"\n": "\u23ce", "\u2028": "\u23ce", "\u2029": "\u23ce"})  # as ⏎
+
+
 @dataclass
 class AttributionResult:
     prompt: str
@@ -184,17 +187,20 @@ class AttributionResult:
         return s / s.max() if s.max() > 0 else s
 
     def to_rich(self):
-        """The prompt as rich Text, each word on a background as strong as its score."""
+        """The prompt as rich Text on one line, each word on a background as strong as its score."""
         from rich.text import Text
 
         from ..core.prompts import terminal_text
 
+        def shown(text):  # control characters drawn: rich would drop some (BEL, CR) and pass others (ESC) on;
+            # line breaks too, which would split one prompt of a listing in two
+            return terminal_text(text).translate(_LINE_BREAK_PICTURES)
+
         t = Text()
         for (before, w), a in zip(self.segments(), self._shares()):
             level = int(255 - 200 * a)
-            # control characters shown: rich would drop some (BEL, CR) and pass others (ESC) on
-            t.append(terminal_text(before))
-            t.append(terminal_text(w), style=f"black on rgb(255,{level},{level})")
+            t.append(shown(before))
+            t.append(shown(w), style=f"black on rgb(255,{level},{level})")
         if self.truncated:
             t.append(f" {TRUNCATED_MARK}", style="dim")
         return t
