@@ -31,13 +31,13 @@ def pairwise_agreement(x: torch.Tensor) -> torch.Tensor:
     return (sim.sum(dim=1) - 1) / (g - 1)
 
 
-
 def check_generations(generations: int) -> None:
     """Seed consistency compares generations of different seeds: one alone is refused (by the
     detector, and by the command line and the audit before any model loads)."""
     if generations < 2:
         raise InputError(f"seed consistency compares generations of different seeds: --generations must be at least 2, "
                          f"got {generations}")
+
 
 class SeedConsistencyDetector:
     method = "seed_consistency"
