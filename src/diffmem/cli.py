@@ -1112,13 +1112,13 @@ def app_cmd(
     textual_inversion: Optional[List[str]] = TEXTUAL_INVERSION,
 ):
     """A local page: edit a prompt, see its score against the threshold and its words coloured by attribution."""
-    from .report.app import AppState, bind, check_origins, serve
+    from .report.app import AppState, bind, check_origins, page_url, serve
 
     allowed_origins = check_origins(allow_origin or ())
     sock = bind(host, port)
     state = AppState(model, calibration=calibration, audit=audit_dir, seed=seed, generations=generations, progress=True,
                      device=device, dtype=dtype, **_adapters(lora, lora_scale, textual_inversion))
-    out_console.print(f"diffmem app on http://{host}:{port}/  (threshold {state.calibration.threshold:.4g}; Ctrl-C stops)",
+    out_console.print(f"diffmem app on {page_url(host, port)}  (threshold {state.calibration.threshold:.4g}; Ctrl-C stops)",
                       highlight=False, markup=False)
     serve(state, sock, host, allowed_origins)
 

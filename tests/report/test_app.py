@@ -179,3 +179,10 @@ def test_an_allowed_origin_that_is_not_one_is_refused_before_the_model_loads(ori
 
     with pytest.raises(InputError, match="--allow-origin takes a page's origin, a scheme and a host"):
         create_app(None, allowed_origins=[origin])
+
+
+def test_the_printed_address_of_an_ipv6_host_is_a_url():
+    from diffmem.report.app import page_url
+
+    assert page_url("::1", 7860) == "http://[::1]:7860/" and page_url("::", 80) == "http://[::]:80/"
+    assert page_url("127.0.0.1", 7860) == "http://127.0.0.1:7860/" and page_url("box.lan", 8080) == "http://box.lan:8080/"

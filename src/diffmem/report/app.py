@@ -429,6 +429,11 @@ def bind(host: str = "127.0.0.1", port: int = 7860) -> socket.socket:
     return sock
 
 
+def page_url(host: str, port: int) -> str:
+    """The address to open, printed when the app starts: an IPv6 address in brackets, as a URL needs."""
+    return f"http://[{host}]:{port}/" if ":" in host else f"http://{host}:{port}/"
+
+
 def serve(state: AppState, sock: socket.socket, host: str | None = None, allowed_origins: tuple[str, ...] = ()) -> None:
     """Serve the page on a socket from ``bind``, to requests addressed to ``host`` (the name given to
     ``bind``), the address it bound, or this machine's loopback names (``create_app``)."""
