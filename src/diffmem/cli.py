@@ -224,7 +224,7 @@ def _sampler(pipe, num_inference_steps: int | None, guidance_scale: float | None
 
 @app.command()
 def detect(
-    prompts: Path = typer.Option(..., help="prompts: .txt (one per line), .jsonl, .csv or .parquet"),
+    prompts: Path = typer.Option(..., help="prompts: .txt (one per line), .jsonl, .json, .csv / .tsv or .parquet"),
     column: Optional[str] = typer.Option(None, help="the prompt column of a .csv / .jsonl (default: prompt, caption or text)"),
     model: str = typer.Option("memlab", help="a local pipeline folder, a hub id, or memlab"),
     out: Path = typer.Option(Path("detect-results.parquet"), help="results file (.parquet or .json)"),
@@ -324,8 +324,9 @@ def _detector_options(method: str, steps: str | None, mode: str | None, generati
 @app.command()
 def explain(
     prompt: Optional[str] = typer.Option(None, help="the prompt to explain"),
-    prompts: Optional[Path] = typer.Option(None, help="or a file of prompts (.txt / .jsonl / .csv / .parquet, e.g. detect's "
-                                           "results with --flagged); needs --out, where it checkpoints and resumes"),
+    prompts: Optional[Path] = typer.Option(None, help="or a file of prompts (.txt / .jsonl / .json / .csv / .tsv / "
+                                           ".parquet, e.g. detect's results with --flagged); needs --out, where it "
+                                           "checkpoints and resumes"),
     column: Optional[str] = typer.Option(None, help="prompt column of a .csv / .jsonl / .parquet file"),
     flagged: bool = typer.Option(False, "--flagged", help="only the prompts detect flagged (its results file, with a calibration)"),
     model: str = typer.Option("memlab"),
@@ -414,7 +415,7 @@ def explain(
 
 @app.command()
 def mitigate(
-    prompts: Path = typer.Option(..., help="prompts to mitigate (.txt / .jsonl / .csv / .parquet)"),
+    prompts: Path = typer.Option(..., help="prompts to mitigate (.txt / .jsonl / .json / .csv / .tsv / .parquet)"),
     column: Optional[str] = typer.Option(None),
     flagged: bool = typer.Option(False, "--flagged", help="only the prompts detect flagged (its results file, with a calibration)"),
     model: str = typer.Option("memlab"),
@@ -679,7 +680,7 @@ def bench_categorize_cmd(
 
 @app.command()
 def categorize(
-    prompts: Path = typer.Option(..., help="prompts: .txt (one per line), .jsonl, .csv or .parquet"),
+    prompts: Path = typer.Option(..., help="prompts: .txt (one per line), .jsonl, .json, .csv / .tsv or .parquet"),
     model: str = typer.Option("memlab", help="a local pipeline folder, a hub id, or memlab"),
     out: Path = typer.Option(Path("categorize-out"), help="folder for profile.json / profile.parquet and one PNG per prompt"),
     column: Optional[str] = typer.Option(None, help="prompt column of a .jsonl / .csv / .parquet file"),
@@ -1023,7 +1024,8 @@ def memlab_sample(
 @app.command()
 def audit(
     model: str = typer.Option("memlab", help="a local pipeline folder, a hub id, or memlab"),
-    prompts: Optional[Path] = typer.Option(None, help="prompts to audit (.txt / .jsonl / .csv / .parquet); default: MemLab's audit set"),
+    prompts: Optional[Path] = typer.Option(None, help="prompts to audit (.txt / .jsonl / .json / .csv / .tsv / .parquet); "
+                                           "default: MemLab's audit set"),
     column: Optional[str] = typer.Option(None, help="prompt column of a .csv / .jsonl file"),
     reference: Optional[Path] = typer.Option(None, help="non-memorized prompts to calibrate on; default: MemLab's reference set"),
     train_data: Optional[str] = typer.Option(None, help="training data to scan (as for diffmem scan: memlab, a folder, a table file); "

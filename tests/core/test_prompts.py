@@ -103,6 +103,38 @@ def test_detect_results_feed_the_next_stage_flagged_only(tmp_path):
         read_prompts(tmp_path / "x.parquet")
     with pytest.raises(InputError, match="no column 'caption'"):
         read_prompts(tmp_path / "r.parquet", "caption")
+    # detect's .json results too, not read as lines of JSON text ('{', ' "method": ...')
+    res.save(tmp_path / "r.json")
+    assert read_prompts(tmp_path / "r.json") == prompts
+    assert read_prompts(tmp_path / "r.json", flagged=True) == ["a quiet orange cross", "a velvet harbor"]
+    DetectionResult(prompts, scores, scores.reshape(4, 1, 1), {"steps": [0]}, [0], "noise_norm", {}).save(tmp_path / "u.json")
+    assert read_prompts(tmp_path / "u.json") == prompts
+    with pytest.raises(InputError, match="no verdict column"):
+        read_prompts(tmp_path / "u.json", flagged=True)
+
+
+def test_a_json_list_of_prompts_and_a_tsv_table_read(tmp_path):
+    import json
+
+    (tmp_path / "s.json").write_text(json.dumps(["a cat", "a dog"]))
+    assert read_prompts(tmp_path / "s.json") == ["a cat", "a dog"]
+    (tmp_path / "o.json").write_text(json.dumps([{"caption": "a cat", "id": 1}, {"caption": "a dog", "id": 2}]))
+    assert read_prompts(tmp_path / "o.json") == ["a cat", "a dog"]
+    assert read_prompts(tmp_path / "o.json", "caption") == ["a cat", "a dog"]
+    (tmp_path / "t.tsv").write_text("id\tcaption\n1\ta cat, sitting\n2\ta dog\n")  # the comma is the caption's
+    assert read_prompts(tmp_path / "t.tsv") == ["a cat, sitting", "a dog"]
+    for data, message in (([], "holds no prompts"), ({"a": 1}, "is JSON, but neither a list of prompts"),
+                          (["a cat", {"prompt": "a dog"}], "is JSON, but neither"),
+                          ([{"prompt": "a cat"}, {"text": "a dog"}], "item 2 has no 'prompt'"),
+                          ([{"prompt": 5}], "item 1: the prompt is not text"), (["a cat", "  "], "item 2: empty prompt")):
+        (tmp_path / "bad.json").write_text(json.dumps(data))
+        with pytest.raises(InputError, match=message):
+            read_prompts(tmp_path / "bad.json")
+    with pytest.raises(InputError, match="a list of strings, without columns"):
+        read_prompts(tmp_path / "s.json", "caption")
+    (tmp_path / "broken.json").write_text('["a cat",\n]')
+    with pytest.raises(InputError, match=r"not valid JSON \(line 2\)"):
+        read_prompts(tmp_path / "broken.json")
 
 
 def test_a_nul_character_in_a_parquet_prompt_is_named(tmp_path):

@@ -1,4 +1,5 @@
-"""Reading prompt files: ``.txt`` (one per line), ``.jsonl``, ``.csv`` and ``.parquet`` (a chosen column).
+"""Reading prompt files: ``.txt`` (one per line), ``.jsonl``, ``.csv`` / ``.tsv`` and ``.parquet`` (a chosen
+column), and ``.json``: a list of prompts (strings, or objects with a chosen key) or detect's results.
 
 Every problem is an ``InputError`` that names the file and the line: an empty file, an empty
 prompt line, bytes that are not UTF-8, a missing column, a malformed JSON line.
@@ -116,19 +117,22 @@ def iter_prompts(path: str | Path, column: str | None = None, flagged: bool = Fa
     """Yield prompts one by one (the whole file is checked for encoding first).
 
     ``flagged``: only the rows whose ``verdict`` is "memorized", from a table that has one (what
-    ``diffmem detect`` writes with a calibration: its .parquet, or the same columns as .csv / .jsonl),
-    so detection's output feeds explain and mitigate directly."""
+    ``diffmem detect`` writes with a calibration: its .parquet or .json, or the same columns as
+    .csv / .jsonl), so detection's output feeds explain and mitigate directly."""
     path = Path(path)
     suffix = path.suffix.lower()
-    if flagged and suffix not in (".parquet", ".csv", ".jsonl"):
-        raise InputError(f"--flagged needs a table with a verdict column (detect's .parquet, or .csv / .jsonl), not {path.name}")
+    if flagged and suffix not in (".parquet", ".json", ".csv", ".tsv", ".jsonl"):
+        raise InputError(f"--flagged needs a table with a verdict column (detect's .parquet or .json, or .csv / .jsonl), "
+                         f"not {path.name}")
     n = 0
-    if suffix == ".parquet":
-        rows = _parquet_rows(path)
+    if suffix in (".parquet", ".json"):
+        rows, unit = (_parquet_rows(path), "row") if suffix == ".parquet" else (_json_rows(path, column), "item")
         col = _pick_column(path, column, list(rows[0]) if rows else [])
         for i, row in enumerate(rows, 1):
+            if col not in row:  # a JSON list's objects need not share their keys: the first one's holds
+                raise InputError(f"{path} {unit} {i} has no {col!r} (keys: {sorted(row)})")
             if _kept(row, flagged, path, i):
-                yield _check(row[col], path, i, "row")
+                yield _check(row[col], path, i, unit)
                 n += 1
         _check_count(path, n, flagged)
         return
@@ -152,8 +156,8 @@ def iter_prompts(path: str | Path, column: str | None = None, flagged: bool = Fa
             if _kept(row, flagged, path, i):
                 yield _check(row[col], path, i)
                 n += 1
-    elif suffix == ".csv":
-        reader = csv.DictReader(io.StringIO(text))
+    elif suffix in (".csv", ".tsv"):
+        reader = csv.DictReader(io.StringIO(text), delimiter="\t" if suffix == ".tsv" else ",")
         col = _pick_column(path, column, reader.fieldnames or [])
         for row in reader:
             line = csv_row_first_line(reader.line_num, row)
@@ -177,6 +181,33 @@ def csv_row_first_line(last_line: int, row: dict) -> int:
     and the reader skips blank lines, so counting rows would name the wrong line."""
     fields = [v for value in row.values() for v in (value if isinstance(value, list) else [value])]
     return last_line - sum(v.count("\n") for v in fields if isinstance(v, str))
+
+
+def _json_rows(path: Path, column: str | None) -> list[dict]:
+    """A .json file's prompts as rows: a list of strings (each a prompt), a list of objects (a key of
+    them, as the lines of a .jsonl), or detect's saved results (its prompts, with their verdicts when
+    it was calibrated). Anything else is refused, not read as lines of text."""
+    try:
+        data = json.loads(_read_text(path))
+    except json.JSONDecodeError as e:
+        raise InputError(f"{path} is not valid JSON (line {e.lineno}): {e.msg}") from None
+    if isinstance(data, dict) and isinstance(data.get("prompts"), list):  # DetectionResult.save
+        rows = [{"prompt": p} for p in data["prompts"]]
+        scores, threshold = data.get("scores"), data.get("threshold")
+        if threshold is not None and isinstance(scores, list) and len(scores) == len(rows):
+            for row, score in zip(rows, scores):
+                row["verdict"] = "memorized" if score > threshold else "not memorized"
+        return rows
+    if isinstance(data, list) and data and all(isinstance(x, str) for x in data):
+        if column:
+            raise InputError(f"{path} is a list of strings, without columns: --column applies to a list of objects")
+        return [{"prompt": x} for x in data]
+    if isinstance(data, list) and data and all(isinstance(x, dict) for x in data):
+        return data
+    if isinstance(data, list) and not data:
+        raise InputError(f"{path} holds no prompts")
+    raise InputError(f"{path} is JSON, but neither a list of prompts (strings, or objects with a prompt / caption / "
+                     "text key) nor detect's results (an object with \"prompts\")")
 
 
 def _parquet_rows(path: Path) -> list[dict]:
