@@ -111,6 +111,14 @@ def test_detect_results_feed_the_next_stage_flagged_only(tmp_path):
     assert read_prompts(tmp_path / "u.json") == prompts
     with pytest.raises(InputError, match="no verdict column"):
         read_prompts(tmp_path / "u.json", flagged=True)
+    import json
+
+    edited = json.loads((tmp_path / "r.json").read_text())
+    edited["scores"][1] = None  # a hand-edited file: its prompts read, no verdicts made up
+    (tmp_path / "e.json").write_text(json.dumps(edited))
+    assert read_prompts(tmp_path / "e.json") == prompts
+    with pytest.raises(InputError, match="no verdict column"):
+        read_prompts(tmp_path / "e.json", flagged=True)
 
 
 def test_a_json_list_of_prompts_and_a_tsv_table_read(tmp_path):

@@ -194,7 +194,9 @@ def _json_rows(path: Path, column: str | None) -> list[dict]:
     if isinstance(data, dict) and isinstance(data.get("prompts"), list):  # DetectionResult.save
         rows = [{"prompt": p} for p in data["prompts"]]
         scores, threshold = data.get("scores"), data.get("threshold")
-        if threshold is not None and isinstance(scores, list) and len(scores) == len(rows):
+        numbers = (int, float)  # a hand-edited file: no verdicts rather than a TypeError
+        if isinstance(threshold, numbers) and isinstance(scores, list) and len(scores) == len(rows) \
+                and all(isinstance(x, numbers) for x in scores):
             for row, score in zip(rows, scores):
                 row["verdict"] = "memorized" if score > threshold else "not memorized"
         return rows
