@@ -133,7 +133,8 @@ def test_a_page_of_another_site_may_not_use_the_app():
     from diffmem.report.app import create_app
 
     class Scorer:  # stands in for the model: only the requests that get through reach it
-        calls = []
+        def __init__(self):
+            self.calls = []
 
         def score(self, prompt):
             self.calls.append(prompt)
