@@ -314,10 +314,9 @@ def _detector_options(method: str, steps: str | None, mode: str | None, generati
         raise InputError("--steps applies to --method noise-norm; seed-consistency compares the seeds' outputs (--mode)")
     if mode is not None and mode not in ("x0", "images"):
         raise InputError(f"--mode must be x0 or images, got {mode!r}")
-    if generations is not None:
-        from .detect.seed_consistency import check_generations
-
-        check_generations(generations)
+    if generations is not None and generations < 2:
+        raise InputError(f"seed-consistency compares generations of different seeds: --generations must be at least 2, "
+                         f"got {generations}")
     return {"mode": mode or "x0", "generations": 4 if generations is None else generations}
 
 

@@ -31,14 +31,6 @@ def pairwise_agreement(x: torch.Tensor) -> torch.Tensor:
     return (sim.sum(dim=1) - 1) / (g - 1)
 
 
-def check_generations(generations: int) -> None:
-    """Seed consistency compares generations of different seeds: one alone is refused (by the
-    detector, and by the command line and the audit before any model loads)."""
-    if generations < 2:
-        raise InputError(f"seed consistency compares generations of different seeds: --generations must be at least 2, "
-                         f"got {generations}")
-
-
 class SeedConsistencyDetector:
     method = "seed_consistency"
     # bumped when the method gives other scores for the same settings: saved chunks of an earlier
@@ -51,7 +43,8 @@ class SeedConsistencyDetector:
                  guidance_scale: float = 7.5, seed: int = 0, batch_size: int = 32):
         if mode not in ("x0", "images"):
             raise InputError(f"mode must be 'x0' or 'images', got {mode!r}")
-        check_generations(generations)
+        if generations < 2:
+            raise InputError("seed consistency needs at least 2 generations")
         denoise.check_inference_steps(pipe, num_inference_steps)
         self.pipe = pipe
         self.settings = {"mode": mode, "generations": generations, "num_inference_steps": num_inference_steps,

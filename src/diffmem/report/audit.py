@@ -89,10 +89,9 @@ class AuditSettings:
                              f"got {self.detect_method!r}")
         if self.generations is None:
             self.generations = 4 if self.detect_method == "seed_consistency" else 1
-        elif self.detect_method == "seed_consistency":
-            from ..detect.seed_consistency import check_generations
-
-            check_generations(self.generations)
+        elif self.detect_method == "seed_consistency" and self.generations < 2:
+            raise InputError(f"seed consistency compares generations of different seeds: --generations must be at least 2, "
+                             f"got {self.generations}")
         from ..core.loading import lora_settings
 
         self.skip = tuple(self.skip)
