@@ -313,17 +313,26 @@ def _manifest_of(pipe) -> dict:
     return json.loads(p.read_text())
 
 
+def measure_classes(train_images=None, sscd: str | Path | None = None, clip: str | Path | None = None) -> tuple:
+    """The classes of the (replication, alignment) measures a mitigation is measured with, without
+    loading them: those ``chosen_measures`` loads, and MemLab's own for one not chosen (what
+    ``apply_measures`` falls back to on a MemLab model). Their revisions key saved work."""
+    replication = MemLabReplication if train_images is None else SSCDReplication if sscd is not None else PixelReplication
+    return replication, (CLIPScore if clip is not None else MemLabAlignment)
+
+
 def chosen_measures(train_images=None, sscd: str | Path | None = None, clip: str | Path | None = None,
                     image_column: str | None = None, progress: bool = False) -> tuple:
     """(replication, alignment) as a user chose them, each None when not chosen: replication against
     ``train_images`` by SSCD with an ``sscd`` file, else by pixel correlation; alignment by CLIP score
     with a ``clip`` folder. Loading reads the training images, so call it before the model loads."""
+    replication_class, alignment_class = measure_classes(train_images, sscd, clip)
     replication = alignment = None
     if train_images is not None:
-        replication = (SSCDReplication(sscd, train_images, progress=progress, image_column=image_column)
-                       if sscd is not None else PixelReplication(train_images, progress=progress, image_column=image_column))
+        weights = (sscd,) if replication_class is SSCDReplication else ()  # the pixel measure has none
+        replication = replication_class(*weights, train_images, progress=progress, image_column=image_column)
     if clip is not None:
-        alignment = CLIPScore(clip)
+        alignment = alignment_class(clip)
     return replication, alignment
 
 

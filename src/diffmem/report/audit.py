@@ -547,12 +547,11 @@ class Audit:
         if s.clip is not None:
             settings["clip"] = str(s.clip)
         # the measures' revisions, as the method's: a stage measured by an earlier diffmem's measure is redone
-        from ..mitigate import measures as M
+        from ..mitigate.measures import measure_classes
 
-        replication_measure = (M.SSCDReplication if s.sscd is not None else M.PixelReplication) if against is not None \
-            else M.MemLabReplication
+        replication_measure, alignment_measure = measure_classes(against, s.sscd, s.clip)
         settings.update(revision_key(replication_measure, "replication_revision"))
-        settings.update(revision_key(M.CLIPScore if s.clip is not None else M.MemLabAlignment, "alignment_revision"))
+        settings.update(revision_key(alignment_measure, "alignment_revision"))
 
         def work(folder: Path, key: str) -> dict:
             from ..mitigate.measures import chosen_measures
