@@ -16,7 +16,7 @@ from rich.console import Console
 from rich.text import Text
 
 from .core.errors import DiffmemError, InputError
-from .core.prompts import terminal_text
+from .core.prompts import TABLE_SUFFIXES, terminal_text
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Audit text-to-image diffusion models for memorization of their training data.")
@@ -59,6 +59,7 @@ out_console = _ShowingConsole(soft_wrap=True, markup=False)
 
 
 WARNINGS_SHOWN = 5  # of one kind, then counted
+COLUMN_HELP = f"the prompt column of a table file ({TABLE_SUFFIXES}; default: prompt, caption or text)"
 RANKED_SHOWN = 12  # words of an explanation listed in the terminal (the files hold every word)
 
 
@@ -225,7 +226,7 @@ def _sampler(pipe, num_inference_steps: int | None, guidance_scale: float | None
 @app.command()
 def detect(
     prompts: Path = typer.Option(..., help="prompts: .txt (one per line), .jsonl, .json, .csv / .tsv or .parquet"),
-    column: Optional[str] = typer.Option(None, help="the prompt column of a .csv / .jsonl (default: prompt, caption or text)"),
+    column: Optional[str] = typer.Option(None, help=COLUMN_HELP),
     model: str = typer.Option("memlab", help="a local pipeline folder, a hub id, or memlab"),
     out: Path = typer.Option(Path("detect-results.parquet"), help="results file (.parquet or .json)"),
     method: str = typer.Option("noise-norm", help="noise-norm (Wen et al.) or seed-consistency (how alike the "
@@ -326,7 +327,7 @@ def explain(
     prompts: Optional[Path] = typer.Option(None, help="or a file of prompts (.txt / .jsonl / .json / .csv / .tsv / "
                                            ".parquet, e.g. detect's results with --flagged); needs --out, where it "
                                            "checkpoints and resumes"),
-    column: Optional[str] = typer.Option(None, help="prompt column of a .csv / .jsonl / .parquet file"),
+    column: Optional[str] = typer.Option(None, help=COLUMN_HELP),
     flagged: bool = typer.Option(False, "--flagged", help="only the prompts detect flagged (its results file, with a calibration)"),
     model: str = typer.Option("memlab"),
     method: str = typer.Option("attribution", help="attribution (gradients, Wen et al.) or ablation (score drop per word)"),
@@ -415,7 +416,7 @@ def explain(
 @app.command()
 def mitigate(
     prompts: Path = typer.Option(..., help="prompts to mitigate (.txt / .jsonl / .json / .csv / .tsv / .parquet)"),
-    column: Optional[str] = typer.Option(None),
+    column: Optional[str] = typer.Option(None, help=COLUMN_HELP),
     flagged: bool = typer.Option(False, "--flagged", help="only the prompts detect flagged (its results file, with a calibration)"),
     model: str = typer.Option("memlab"),
     method: str = typer.Option("embedding", help="embedding (Wen et al.), rta, rna, gni or word_repetition"),
@@ -518,7 +519,7 @@ def bench_detect_cmd(
     positives: Optional[Path] = typer.Option(None, help="memorized prompts, one file (.txt / .jsonl, e.g. sdv1_500_memorized.jsonl)"),
     negatives: Optional[Path] = typer.Option(None, help="non-memorized prompts, one file"),
     label_column: str = typer.Option("label"),
-    column: Optional[str] = typer.Option(None, help="prompt column of .csv / .jsonl files"),
+    column: Optional[str] = typer.Option(None, help=COLUMN_HELP),
     model: str = typer.Option("memlab"),
     out: Path = typer.Option(Path("bench-detect"), help="folder for bench_detect.json and bench_detect_roc.png"),
     generations: str = typer.Option("1,4", help="generation counts for the grid"),
@@ -682,7 +683,7 @@ def categorize(
     prompts: Path = typer.Option(..., help="prompts: .txt (one per line), .jsonl, .json, .csv / .tsv or .parquet"),
     model: str = typer.Option("memlab", help="a local pipeline folder, a hub id, or memlab"),
     out: Path = typer.Option(Path("categorize-out"), help="folder for profile.json / profile.parquet and one PNG per prompt"),
-    column: Optional[str] = typer.Option(None, help="prompt column of a .jsonl / .csv / .parquet file"),
+    column: Optional[str] = typer.Option(None, help=COLUMN_HELP),
     flagged: bool = typer.Option(False, "--flagged", help="only the prompts detect flagged (its results file, with a calibration)"),
     n: int = typer.Option(16, min=2, help="generations per prompt"),
     tau: float = typer.Option(0.8, help="a feature is consistent when it appears in at least this share of generations"),
@@ -1025,7 +1026,7 @@ def audit(
     model: str = typer.Option("memlab", help="a local pipeline folder, a hub id, or memlab"),
     prompts: Optional[Path] = typer.Option(None, help="prompts to audit (.txt / .jsonl / .json / .csv / .tsv / .parquet); "
                                            "default: MemLab's audit set"),
-    column: Optional[str] = typer.Option(None, help="prompt column of a .csv / .jsonl file"),
+    column: Optional[str] = typer.Option(None, help=COLUMN_HELP),
     reference: Optional[Path] = typer.Option(None, help="non-memorized prompts to calibrate on; default: MemLab's reference set"),
     train_data: Optional[str] = typer.Option(None, help="training data to scan (as for diffmem scan: memlab, a folder, a table file); "
                                              "a model without MemLab's manifest has its mitigation measured against it"),

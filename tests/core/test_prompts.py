@@ -143,6 +143,12 @@ def test_a_json_list_of_prompts_and_a_tsv_table_read(tmp_path):
     (tmp_path / "broken.json").write_text('["a cat",\n]')
     with pytest.raises(InputError, match=r"not valid JSON \(line 2\)"):
         read_prompts(tmp_path / "broken.json")
+    # a text file has no columns, and the refusal names every format that has, these two with them
+    (tmp_path / "p.txt").write_text("a cat\n")
+    with pytest.raises(InputError, match=r"--column applies to table files \(.*\.json / .*\.tsv.*\), not p.txt"):
+        read_prompts(tmp_path / "p.txt", "caption")
+    with pytest.raises(InputError, match=r"--flagged needs a table .*\.tsv"):
+        read_prompts(tmp_path / "p.txt", flagged=True)
 
 
 def test_a_nul_character_in_a_parquet_prompt_is_named(tmp_path):

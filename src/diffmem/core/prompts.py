@@ -84,6 +84,10 @@ def html_environment(**kwargs):
     return Environment(autoescape=True, finalize=shown, **kwargs)
 
 
+# the prompt files read as tables, where --column picks the prompt; any other file is one prompt a line
+TABLE_SUFFIXES = ".jsonl / .json / .csv / .tsv / .parquet"
+
+
 def _read_text(path: Path) -> str:
     if not path.exists():
         raise InputError(f"prompt file not found: {path}")
@@ -122,8 +126,8 @@ def iter_prompts(path: str | Path, column: str | None = None, flagged: bool = Fa
     path = Path(path)
     suffix = path.suffix.lower()
     if flagged and suffix not in (".parquet", ".json", ".csv", ".tsv", ".jsonl"):
-        raise InputError(f"--flagged needs a table with a verdict column (detect's .parquet or .json, or .csv / .jsonl), "
-                         f"not {path.name}")
+        raise InputError(f"--flagged needs a table with a verdict column (detect's .parquet or .json, or .csv / .tsv / "
+                         f".jsonl), not {path.name}")
     n = 0
     if suffix in (".parquet", ".json"):
         rows, unit = (_parquet_rows(path), "row") if suffix == ".parquet" else (_json_rows(path, column), "item")
@@ -166,7 +170,7 @@ def iter_prompts(path: str | Path, column: str | None = None, flagged: bool = Fa
                 n += 1
     else:
         if column:
-            raise InputError(f"--column applies to .csv, .jsonl and .parquet files, not {path.name}")
+            raise InputError(f"--column applies to table files ({TABLE_SUFFIXES}), not {path.name}")
         lines = _lines(text)
         while lines and not lines[-1].strip():  # a trailing newline is not an empty prompt
             lines.pop()
