@@ -232,6 +232,82 @@ def test_app_page_without_a_mitigation_target_says_why_its_button_is_off(tiny_pi
             driver.quit()
 
 
+@contextlib.contextmanager
+def path_proxy(upstream: str, prefix: str):
+    """A reverse proxy serving ``upstream`` under ``prefix``, as Jupyter's /proxy/PORT/ does: the path
+    loses the prefix, Host becomes the upstream's, Origin is passed on; anything else is a 404 page."""
+    import http.client
+    import threading
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+    from urllib.parse import urlsplit
+
+    netloc = urlsplit(upstream).netloc
+
+    class Forward(BaseHTTPRequestHandler):
+        def log_message(self, *args):
+            pass
+
+        def _forward(self):
+            if not self.path.startswith(prefix):
+                self.send_response(404)
+                self.send_header("Content-Type", "text/html")
+                self.end_headers()
+                self.wfile.write(b"<html><body>no such page</body></html>")
+                return
+            body = self.rfile.read(int(self.headers.get("Content-Length", 0)))
+            headers = {k: v for k, v in self.headers.items() if k.lower() not in ("host", "connection")}
+            conn = http.client.HTTPConnection(netloc, timeout=120)
+            conn.request(self.command, "/" + self.path[len(prefix):], body=body or None, headers={**headers, "Host": netloc})
+            reply = conn.getresponse()
+            data = reply.read()
+            self.send_response(reply.status)
+            for k, v in reply.getheaders():
+                if k.lower() not in ("transfer-encoding", "connection", "content-length"):
+                    self.send_header(k, v)
+            self.send_header("Content-Length", str(len(data)))
+            self.end_headers()
+            self.wfile.write(data)
+            conn.close()
+
+        do_GET = do_POST = _forward
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Forward)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}"
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def test_app_page_works_behind_a_proxy_path_prefix(tiny_pipe_dir, tiny_calibration):
+    """Opened through a proxy under /proxy/PORT/ (JupyterHub, a remote machine), the page reaches the
+    app's API through the proxy, and scores; the proxy's origin is the one --allow-origin names."""
+    from selenium.webdriver.common.by import By
+
+    port = free_port()
+    # the proxy's port is taken first, so --allow-origin can name it
+    with contextlib.ExitStack() as stack:
+        origin = stack.enter_context(path_proxy(f"http://127.0.0.1:{port}", f"/proxy/{port}/"))
+        proc = subprocess.Popen([*DIFFMEM, "app", "--port", str(port), "--model", str(tiny_pipe_dir), "--calibration",
+                                 str(tiny_calibration), "--allow-origin", origin], stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE, text=True)
+        stack.callback(lambda: (proc.terminate(), proc.wait(timeout=30)))
+        wait_for_url(f"http://127.0.0.1:{port}/", proc)
+        driver = browser()
+        stack.callback(driver.quit)
+        driver.get(f"{origin}/proxy/{port}/")
+        _wait(driver, lambda d: "threshold" in d.find_element(By.ID, "info").text, timeout=60)
+        driver.find_element(By.ID, "prompt").send_keys("a red circle on a blue square")
+        driver.find_element(By.ID, "score-btn").click()
+        _wait(driver, lambda d: d.find_element(By.ID, "verdict").text != "" or d.find_element(By.ID, "error").text != "",
+              timeout=60)
+        assert driver.find_element(By.ID, "error").text == ""
+        assert driver.find_element(By.ID, "verdict").text in ("memorized", "not memorized")
+        float(driver.find_element(By.ID, "score").text)
+        assert console_errors(driver) == []
+
+
 def test_app_mitigation_job_reports_progress_and_cancels():
     with serving("--generations", "2") as url:  # two seeds: the calibration and the optimization cost half of four
         _mitigation_job_reports_progress_and_cancels(url, generations=2)

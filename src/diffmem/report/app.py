@@ -501,7 +501,7 @@ async function score() {
   // the model scores one request at a time: a running mitigation job keeps it until its end
   $("score-status").textContent = job ? "scoring when the mitigation job ends (Cancel it to score now)" : "";
   try {
-    const d = await api("/api/score", {prompt});
+    const d = await api("api/score", {prompt});
     current = d;
     $("result").hidden = false;
     $("score").textContent = d.score.toFixed(4);
@@ -564,7 +564,7 @@ async function mitigate() {
   showError(null);
   $("mitigate-btn").disabled = true;
   try {
-    const d = await api("/api/mitigate", {prompt: $("prompt").value});
+    const d = await api("api/mitigate", {prompt: $("prompt").value});
     job = d.job;
     $("job").hidden = false;
     $("images").hidden = true;
@@ -575,7 +575,7 @@ function jobEnded() { job = null; $("mitigate-btn").disabled = false; }
 async function poll() {
   if (!job) return;
   let d;
-  try { d = await api("/api/jobs/" + job); } catch (e) { showError(e); jobEnded(); return; }
+  try { d = await api("api/jobs/" + job); } catch (e) { showError(e); jobEnded(); return; }
   $("job-progress").value = d.progress;
   $("job-message").textContent = d.message;
   if (d.state === "done") {
@@ -596,9 +596,9 @@ $("score-btn").addEventListener("click", score);
 $("mitigate-btn").addEventListener("click", mitigate);
 $("drop-btn").addEventListener("click", () => edit(null));
 $("replace-btn").addEventListener("click", () => edit($("replace-input").value.trim()));
-$("cancel-btn").addEventListener("click", async () => { if (job) await api("/api/jobs/" + job + "/cancel", {}); });
+$("cancel-btn").addEventListener("click", async () => { if (job) await api("api/jobs/" + job + "/cancel", {}); });
 $("prompt").addEventListener("keydown", (ev) => { if (ev.key === "Enter" && !ev.shiftKey) { ev.preventDefault(); score(); } });
-api("/api/info").then((d) => {
+api("api/info").then((d) => {
   $("info").textContent = "model " + (d.model.name_or_path || "?") + "; threshold " + d.threshold.toFixed(4) + " (calibrated FPR " + d.fpr +
     "); scored steps " + d.settings.steps.join(",") + " of " + d.settings.num_inference_steps + " steps, guidance " + d.settings.guidance_scale + ", seed " + d.settings.seed;
   if (d.mitigation) { $("mitigate-btn").disabled = true; $("mitigate-btn").title = d.mitigation; }  // why it cannot run
