@@ -257,8 +257,15 @@ def path_proxy(upstream: str, prefix: str):
             body = self.rfile.read(int(self.headers.get("Content-Length", 0)))
             headers = {k: v for k, v in self.headers.items() if k.lower() not in ("host", "connection")}
             conn = http.client.HTTPConnection(netloc, timeout=120)
-            conn.request(self.command, "/" + self.path[len(prefix):], body=body or None, headers={**headers, "Host": netloc})
-            reply = conn.getresponse()
+            try:
+                conn.request(self.command, "/" + self.path[len(prefix):], body=body or None, headers={**headers, "Host": netloc})
+                reply = conn.getresponse()
+            except OSError:  # the app has stopped: a proxy's own error page
+                self.send_response(502)
+                self.send_header("Content-Type", "text/html")
+                self.end_headers()
+                self.wfile.write(b"<html><body>bad gateway</body></html>")
+                return
             data = reply.read()
             self.send_response(reply.status)
             for k, v in reply.getheaders():
@@ -306,6 +313,13 @@ def test_app_page_works_behind_a_proxy_path_prefix(tiny_pipe_dir, tiny_calibrati
         assert driver.find_element(By.ID, "verdict").text in ("memorized", "not memorized")
         float(driver.find_element(By.ID, "score").text)
         assert console_errors(driver) == []
+        # the app stopped: the proxy's error page is named as such, not as a JSON syntax error
+        proc.terminate()
+        proc.wait(timeout=30)
+        driver.find_element(By.ID, "score-btn").click()
+        _wait(driver, lambda d: d.find_element(By.ID, "error").text != "", timeout=30)
+        error = driver.find_element(By.ID, "error").text
+        assert error.startswith("HTTP 502") and "is it still running" in error and "api/score" in error, error
 
 
 def test_app_mitigation_job_reports_progress_and_cancels():

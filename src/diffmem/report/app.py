@@ -484,7 +484,11 @@ const $ = (id) => document.getElementById(id);
 let current = null, chosen = null, job = null;
 async function api(path, body) {
   const r = await fetch(path, body === undefined ? {} : {method: "POST", headers: {"Content-Type": "application/json"}, body: JSON.stringify(body)});
-  const data = await r.json();
+  // a proxy in between answers with its own page when the app has stopped or the path is not passed on
+  let data;
+  try { data = JSON.parse(await r.text()); } catch (e) {
+    throw new Error(`HTTP ${r.status} ${r.statusText}: not an answer of the app; is it still running, and does a proxy in between pass ${path} on?`);
+  }
   if (!r.ok) throw new Error(data.error || r.statusText);
   return data;
 }
