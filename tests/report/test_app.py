@@ -182,6 +182,19 @@ def test_an_allowed_origin_that_is_not_one_is_refused_before_the_model_loads(ori
         create_app(None, allowed_origins=[origin])
 
 
+def test_a_page_address_given_as_an_allowed_origin_is_answered_with_its_origin():
+    from diffmem.core.errors import InputError
+    from diffmem.report.app import check_origins
+
+    with pytest.raises(InputError, match=r"got 'https://Hub.example.org:8443/user/me/proxy/7860/\?x=1'; "
+                                         r"for this page, https://Hub.example.org:8443$"):
+        check_origins(["https://Hub.example.org:8443/user/me/proxy/7860/?x=1"])
+    for nothing_to_offer in ("hub.example.org", "ftp://hub.example.org/x", "https://me@hub.example.org/x"):
+        with pytest.raises(InputError) as refused:
+            check_origins([nothing_to_offer])
+        assert "for this page" not in str(refused.value)
+
+
 def test_the_printed_address_of_an_ipv6_host_is_a_url():
     from diffmem.report.app import page_url
 

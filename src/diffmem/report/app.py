@@ -290,14 +290,15 @@ def check_origins(origins) -> tuple[str, ...]:
     for origin in origins:
         try:
             parts = urlsplit(origin)
-            ok = parts.scheme in ("http", "https") and parts.hostname and parts.path in ("", "/") \
-                and not (parts.query or parts.fragment or parts.username)
+            site = parts.scheme in ("http", "https") and parts.hostname and not parts.username
             parts.port  # raises ValueError for a port that is not a number
         except ValueError:
-            ok = False
-        if not ok:
+            site = False
+        if not (site and parts.path in ("", "/") and not (parts.query or parts.fragment)):
+            # the page's whole address is what a user has at hand, behind a proxy's path above all
+            hint = f"; for this page, {parts.scheme}://{parts.netloc}" if site else ""
             raise InputError(f"--allow-origin takes a page's origin, a scheme and a host with its port if any "
-                             f"(https://hub.example.org, http://10.0.0.5:8888), got {origin!r}")
+                             f"(https://hub.example.org, http://10.0.0.5:8888), got {origin!r}{hint}")
         checked.append(f"{parts.scheme}://{parts.netloc}".lower())
     return tuple(checked)
 
