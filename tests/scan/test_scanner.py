@@ -584,3 +584,79 @@ def test_a_scan_without_a_folder_leaves_no_temporary_folder_behind(monkeypatch):
     del idle
     gc.collect()
     assert not never_run.exists()
+
+
+def _photo_folder(folder, sizes):
+    from PIL import Image
+
+    folder.mkdir()
+    rng = np.random.default_rng(3)
+    rows = []
+    for i, (w, h) in enumerate(sizes):
+        name = f"{i:02d}." + ("jpg" if i % 2 else "png")
+        Image.fromarray(rng.integers(0, 255, (h, w, 3), dtype=np.uint8)).save(folder / name)
+        rows.append(json.dumps({"file_name": name, "text": f"a photograph number {i}"}))
+    (folder / "metadata.jsonl").write_text("\n".join(rows) + "\n")
+
+
+def test_a_shard_never_holds_its_full_size_images_at_once(tmp_path, monkeypatch):
+    # a shard of 1,024 rows was decoded whole before any was reduced to its thumbnail: 144 MB of
+    # float32 pixels for each 12-megapixel photo (benchmarks/scan_photo_memory.py)
+    import weakref
+
+    import diffmem.scan.sources as sources
+
+    _photo_folder(tmp_path / "photos", [(120, 90)] * 6)
+    decoded, most_alive = [], []
+    real = sources.load_image
+
+    def recording(value):
+        most_alive.append(sum(ref() is not None for ref in decoded))
+        image = real(value)
+        decoded.append(weakref.ref(image))
+        return image
+
+    monkeypatch.setattr(sources, "load_image", recording)
+    scanner = DatasetScanner(str(tmp_path / "photos"), tmp_path / "w", shard_size=1024, progress=False)
+    scanner.run_pass1()
+    assert len(decoded) == 6 and max(most_alive) == 0, most_alive
+    features, thumbs = scanner.load_features()
+    assert features["has_image"].all() and (thumbs.reshape(6, -1).max(axis=1) > 0).all()
+
+
+def test_reduced_images_give_the_features_and_scores_of_the_full_size_ones(tmp_path, tiny_pipe_dir):
+    # the thumbnail, the perceptual hash and the memorization check's input are made from the decoded
+    # image as they were: a resumed scan joins shards made either way
+    from diffmem.core.loading import load_pipeline
+    from diffmem.scan.features import phash64, thumbnail
+    from diffmem.scan.memorization import sample_noise_norms
+    from diffmem.scan.sources import ImageFolderSource, Source
+
+    _photo_folder(tmp_path / "photos", [(130, 70), (64, 64), (33, 97), (200, 150), (64, 64)])
+    folder = ImageFolderSource(tmp_path / "photos")
+    whole = folder.rows(0, len(folder))
+    assert all(r.image is not None and r.thumb is None for r in whole)
+
+    class OwnSource(Source):  # a caller's source, which gives its rows whole: reduced after
+        def __len__(self):
+            return len(folder)
+
+        def rows(self, start, stop):
+            return folder.rows(start, stop)
+
+        def describe(self):
+            return {"kind": "own"}
+
+    args = dict(progress=False, checks=["image_duplicates", "memorization"], model=str(tiny_pipe_dir), timestep=500,
+                shard_size=2)
+    pipe = load_pipeline(tiny_pipe_dir)
+    # shard by shard, as the scan scores them: a batch of another size differs in the last float digits
+    expected = np.concatenate([sample_noise_norms(pipe, whole[i:i + 2], timestep=500) for i in range(0, 5, 2)])
+    for name, source in (("folder", str(tmp_path / "photos")), ("own", OwnSource())):
+        scanner = DatasetScanner(source, tmp_path / name, **args)
+        scanner.run_pass1()
+        features, thumbs = scanner.load_features()
+        for i, row in enumerate(whole):
+            np.testing.assert_array_equal(thumbs[i], thumbnail(row.image))
+            assert features["phash"].iloc[i] == phash64(row.image)
+        np.testing.assert_array_equal(features["memorization_score"].to_numpy(float), expected)

@@ -36,26 +36,34 @@ def scan_timestep(pipe, timestep: int | None) -> int:
     return t
 
 
-def sample_noise_norms(pipe, rows, timestep: int | None = None, seed: int = 0, batch_size: int = 32) -> np.ndarray:
+def model_pixels(pipe) -> int:
+    """The side, in pixels, of the square images the model is trained on."""
+    return pipe.unet.config.sample_size * pipe.vae_scale_factor
+
+
+def model_sized(image: np.ndarray, size: int) -> np.ndarray:
+    """A float (H, W, 3) image as the check encodes it: ``size`` x ``size``, resized bicubic (stretched,
+    not cropped) unless it has that size already."""
     from PIL import Image
 
+    if image.shape[:2] == (size, size):
+        return image
+    return np.asarray(Image.fromarray((image * 255).astype(np.uint8)).resize((size, size), Image.BICUBIC),
+                      np.float32) / 255.0
+
+
+def sample_noise_norms(pipe, rows, timestep: int | None = None, seed: int = 0, batch_size: int = 32) -> np.ndarray:
     out = np.full(len(rows), np.nan)
     ok = [k for k, r in enumerate(rows) if r.image is not None and r.caption and r.caption_issue is None]
     if not ok:
         return out
-    size = pipe.unet.config.sample_size * pipe.vae_scale_factor
+    size = model_pixels(pipe)
     timestep = scan_timestep(pipe, timestep)
     uncond = encode_text(pipe, [""], warn=False)
     noising = training_scheduler(pipe)  # the training noise, whatever sampler the folder holds
     for lo in range(0, len(ok), batch_size):
         part = ok[lo:lo + batch_size]
-        images = []
-        for k in part:
-            im = rows[k].image
-            if im.shape[:2] != (size, size):
-                im = np.asarray(Image.fromarray((im * 255).astype(np.uint8)).resize((size, size), Image.BICUBIC),
-                                np.float32) / 255.0
-            images.append(im)
+        images = [model_sized(rows[k].image, size) for k in part]
         x = torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).float().to(pipe.device, pipe.unet.dtype)
         gens = [torch.Generator().manual_seed(int(seed) * 1_000_003 + int(rows[k].row)) for k in part]
         with torch.inference_mode():

@@ -284,9 +284,10 @@ class DatasetScanner:
         bar = tqdm(total=n, initial=min(n, len(done) * self.settings.shard_size), unit="row", desc="scanning",
                    disable=not self.progress)
         truncation = _truncation_keys()
+        reduce = self._image_reducer() if todo else None
         for k, start, stop in todo:
             stop = min(stop, n)
-            frame = self._shard_features(self.source.rows(start, stop), truncation)
+            frame = self._shard_features(self.source.reduced_rows(start, stop, reduce), truncation)
             write_parquet(frame, self._shard_path(k))
             state["done"] = sorted(done | {k})
             done.add(k)
@@ -297,17 +298,40 @@ class DatasetScanner:
             raise RuntimeError(f"scan incomplete: {len(done)} of {total} shards")
         return state
 
+    def _image_reducer(self):
+        """What a row keeps of its image (``Source.reduced_rows``): its perceptual hash and thumbnail, and
+        for the memorization check the model-size input it encodes; the full-size pixels go as soon as
+        these are made, so a shard never holds them all."""
+        from .features import phash64, thumbnail
+
+        size = None
+        if "memorization" in self.settings.checks:
+            from .memorization import model_pixels
+
+            size = model_pixels(self._memorization_model())
+
+        def reduce(image):
+            if size is None:
+                kept = None
+            else:
+                from .memorization import model_sized
+
+                kept = model_sized(image, size)
+            return phash64(image), thumbnail(image).tobytes(), kept
+
+        return reduce
+
     def _shard_features(self, rows, truncation):
         import pandas as pd
 
         from .caption_duplicates import minhash_signatures
-        from .features import normalize_caption, phash64, thumbnail
+        from .features import normalize_caption
 
         norm = [normalize_caption(r.caption) if r.caption_issue is None else None for r in rows]
         norm = [c if c else None for c in norm]
         sig = minhash_signatures(norm)
-        phash = [phash64(r.image) if r.image is not None else None for r in rows]
-        thumbs = [thumbnail(r.image).tobytes() if r.image is not None else None for r in rows]
+        phash = [r.phash for r in rows]
+        thumbs = [r.thumb for r in rows]
         frame = pd.DataFrame({
             "row": [r.row for r in rows],
             "caption": [r.caption for r in rows],

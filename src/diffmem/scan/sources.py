@@ -49,6 +49,8 @@ class ScanRow:
     image: np.ndarray | None = None  # float32 (H, W, 3) in [0, 1]
     image_issue: str | None = None  # why the image could not be read
     image_key: str | None = None  # identity of the image when only a key is available
+    phash: int | None = None  # set with ``thumb`` when the image was reduced as it was read (``Source.reduced_rows``)
+    thumb: bytes | None = None
 
 
 def load_image(data) -> np.ndarray:
@@ -88,6 +90,22 @@ class Source:
     def rows(self, start: int, stop: int) -> list[ScanRow]:
         raise NotImplementedError
 
+    # the sources here reduce each image as soon as it is decoded (``rows``' ``reduce``); a source
+    # of the caller's own gives its rows whole, and they are reduced after
+    reduces_as_it_reads = False
+
+    def reduced_rows(self, start: int, stop: int, reduce) -> list[ScanRow]:
+        """``rows`` with each image passed through ``reduce(image) -> (phash, thumb, kept)`` as soon as
+        it is decoded, the row keeping ``kept`` as its image: a shard of full-size photos was held
+        whole, 144 MB of float32 pixels for each 12-megapixel one. An image ``reduce`` fails on is
+        unreadable, as one its decoder fails on."""
+        if self.reduces_as_it_reads:
+            return self.rows(start, stop, reduce=reduce)
+        rows = self.rows(start, stop)
+        for row in rows:
+            _reduce(row, reduce)
+        return rows
+
     def describe(self) -> dict:
         raise NotImplementedError
 
@@ -105,11 +123,15 @@ class MemLabSource(Source):
     def __len__(self) -> int:
         return len(self.dataset.rows)
 
-    def rows(self, start, stop):
+    reduces_as_it_reads = True
+
+    def rows(self, start, stop, reduce=None):
         out = []
         for i in range(start, min(stop, len(self))):
             r = self.dataset.rows[i]
-            out.append(ScanRow(i, r.caption, image=self.dataset.image(r.image_id)))
+            row = ScanRow(i, r.caption, image=self.dataset.image(r.image_id))
+            _reduce(row, reduce)
+            out.append(row)
         return out
 
     def describe(self):
@@ -134,13 +156,15 @@ class ListSource(Source):
     def has_images(self):
         return self.images is not None
 
-    def rows(self, start, stop):
+    reduces_as_it_reads = True
+
+    def rows(self, start, stop, reduce=None):
         out = []
         for i in range(start, min(stop, len(self))):
             cap, issue = _caption(self.captions[i])
             row = ScanRow(i, cap, issue, image_key=None if self.image_keys is None else str(self.image_keys[i]))
             if self.images is not None:
-                _fill_image(row, lambda: self.images[i])
+                _fill_image(row, lambda: self.images[i], reduce)
             out.append(row)
         return out
 
@@ -149,7 +173,7 @@ class ListSource(Source):
         return {"kind": "list", "name": self.name, "rows": len(self), "captions_sha256": h}
 
 
-def _fill_image(row: ScanRow, get) -> None:
+def _fill_image(row: ScanRow, get, reduce=None) -> None:
     try:
         value = get()
         if _missing(value):
@@ -157,6 +181,19 @@ def _fill_image(row: ScanRow, get) -> None:
             return
         row.image = load_image(value)
     except Exception as e:  # any decoder error is a property of this row, not of the scan
+        row.image_issue = f"unreadable image: {type(e).__name__}: {str(e)[:120]}"
+        return
+    _reduce(row, reduce)
+
+
+def _reduce(row: ScanRow, reduce) -> None:
+    """The row's image through ``reduce`` (see ``Source.reduced_rows``), if it has one and a reduce is given."""
+    if reduce is None or row.image is None:
+        return
+    try:
+        row.phash, row.thumb, row.image = reduce(row.image)
+    except Exception as e:
+        row.image = None
         row.image_issue = f"unreadable image: {type(e).__name__}: {str(e)[:120]}"
 
 
@@ -179,16 +216,18 @@ class ImageFolderSource(Source):
     def __len__(self):
         return len(self._table) if self._table is not None else len(self.files)
 
-    def rows(self, start, stop):
+    reduces_as_it_reads = True
+
+    def rows(self, start, stop, reduce=None):
         if self._table is not None:
-            return self._table.rows(start, stop)
+            return self._table.rows(start, stop, reduce)
         out = []
         for i in range(start, min(stop, len(self))):
             p = self.files[i]
             txt = p.with_suffix(".txt")
             cap, issue = _caption(txt.read_bytes() if txt.exists() else None)
             row = ScanRow(i, cap.strip() if cap else cap, issue)
-            _fill_image(row, lambda: p)
+            _fill_image(row, lambda: p, reduce)
             out.append(row)
         return out
 
@@ -286,7 +325,9 @@ class TableSource(Source):
     def has_images(self):
         return self.image_column is not None
 
-    def rows(self, start, stop):
+    reduces_as_it_reads = True
+
+    def rows(self, start, stop, reduce=None):
         out = []
         part = self.frame.iloc[start:stop]
         for i, (_, rec) in enumerate(part.iterrows(), start):
@@ -301,7 +342,7 @@ class TableSource(Source):
                 value = rec[self.image_column]
                 if isinstance(value, str) and not Path(value).is_absolute():
                     value = self.path.parent / value
-                _fill_image(row, lambda: value)
+                _fill_image(row, lambda: value, reduce)
             out.append(row)
         return out
 
@@ -339,7 +380,9 @@ class HFDatasetSource(Source):
     def has_images(self):
         return self.image_column is not None
 
-    def rows(self, start, stop):
+    reduces_as_it_reads = True
+
+    def rows(self, start, stop, reduce=None):
         import datasets
 
         part = self.ds.select(range(start, min(stop, len(self))))
@@ -350,7 +393,7 @@ class HFDatasetSource(Source):
             cap, issue = _caption(rec[self.caption_column] if self.caption_column is not None else None)
             row = ScanRow(i, cap, issue, image_key=None if self.key_column is None else str(rec[self.key_column]))
             if self.image_column is not None:
-                _fill_image(row, lambda: rec[self.image_column])
+                _fill_image(row, lambda: rec[self.image_column], reduce)
             out.append(row)
         return out
 
