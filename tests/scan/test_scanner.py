@@ -629,7 +629,7 @@ def test_reduced_images_give_the_features_and_scores_of_the_full_size_ones(tmp_p
     # image as they were: a resumed scan joins shards made either way
     from diffmem.core.loading import load_pipeline
     from diffmem.scan.features import phash64, thumbnail
-    from diffmem.scan.memorization import sample_noise_norms
+    from diffmem.scan.memorization import model_pixels, sample_noise_norms
     from diffmem.scan.sources import ImageFolderSource, Source
 
     _photo_folder(tmp_path / "photos", [(130, 70), (64, 64), (33, 97), (200, 150), (64, 64)])
@@ -660,3 +660,10 @@ def test_reduced_images_give_the_features_and_scores_of_the_full_size_ones(tmp_p
             np.testing.assert_array_equal(thumbs[i], thumbnail(row.image))
             assert features["phash"].iloc[i] == phash64(row.image)
         np.testing.assert_array_equal(features["memorization_score"].to_numpy(float), expected)
+    # what a row keeps for the check: a decoded file's pixels as uint8 (a quarter of float32's memory),
+    # pixels that are not k / 255 as they are
+    reduce = DatasetScanner(str(tmp_path / "photos"), tmp_path / "r", **args)._image_reducer()
+    assert reduce(whole[0].image)[2].dtype == np.uint8 and reduce(whole[1].image)[2].dtype == np.uint8
+    side = model_pixels(pipe)  # at the model's size already: not resized, so not made k / 255 by the resize
+    finer = np.full((side, side, 3), 0.3, np.float32)
+    assert reduce(finer)[2].dtype == np.float32 and (reduce(finer)[2] == finer).all()

@@ -42,14 +42,23 @@ def model_pixels(pipe) -> int:
 
 
 def model_sized(image: np.ndarray, size: int) -> np.ndarray:
-    """A float (H, W, 3) image as the check encodes it: ``size`` x ``size``, resized bicubic (stretched,
-    not cropped) unless it has that size already."""
+    """An (H, W, 3) image, float in [0, 1] or uint8, as the check encodes it: float, ``size`` x ``size``,
+    resized bicubic (stretched, not cropped) unless it has that size already."""
     from PIL import Image
 
+    if image.dtype == np.uint8:  # as the scan keeps a decoded file's pixels (compact_pixels)
+        image = image.astype(np.float32) / 255.0
     if image.shape[:2] == (size, size):
         return image
     return np.asarray(Image.fromarray((image * 255).astype(np.uint8)).resize((size, size), Image.BICUBIC),
                       np.float32) / 255.0
+
+
+def compact_pixels(image: np.ndarray) -> np.ndarray:
+    """The float image as uint8 where that loses nothing, as for pixels decoded from a file (k / 255),
+    a quarter of their memory (a shard of 1,024 rows at 512 x 512: 0.8 GB, not 3.2); else unchanged."""
+    quantized = np.rint(np.clip(image, 0.0, 1.0) * 255.0).astype(np.uint8)
+    return quantized if np.array_equal(quantized.astype(np.float32) / 255.0, image) else image
 
 
 def sample_noise_norms(pipe, rows, timestep: int | None = None, seed: int = 0, batch_size: int = 32) -> np.ndarray:

@@ -314,9 +314,9 @@ class DatasetScanner:
             if size is None:
                 kept = None
             else:
-                from .memorization import model_sized
+                from .memorization import compact_pixels, model_sized
 
-                kept = model_sized(image, size)
+                kept = compact_pixels(model_sized(image, size))
             return phash64(image), thumbnail(image).tobytes(), kept
 
         return reduce
