@@ -124,6 +124,36 @@ def _training_folder(folder, sizes=((40, 40), (48, 32), (40, 56), (40, 40)), see
     return arrays
 
 
+def test_a_training_folder_is_measured_without_holding_a_shard_of_full_size_images(tmp_path, monkeypatch,
+                                                                                    sscd_stand_in):
+    # a shard of 32 photos was decoded whole before any was featurized: 4.6 GB of float32 pixels at 12
+    # megapixels; each is now prepared (thumbnail, SSCD's 224 x 224 crop) as it is read, to the same features
+    import weakref
+
+    import diffmem.scan.sources as sources
+
+    monkeypatch.setenv("DIFFMEM_CACHE", "off")
+    arrays = _training_folder(tmp_path / "train", sizes=((40, 40), (48, 32), (300, 260), (40, 56), (64, 64)))
+    decoded, most_alive = [], []
+    real = sources.load_image
+
+    def recording(value):
+        most_alive.append(sum(ref() is not None for ref in decoded))
+        image = real(value)
+        decoded.append(weakref.ref(image))
+        return image
+
+    monkeypatch.setattr(sources, "load_image", recording)
+    pixel = M.PixelReplication(tmp_path / "train")
+    sscd = M.SSCDReplication(sscd_stand_in, tmp_path / "train", batch_size=2)
+    assert len(decoded) == 10 and max(most_alive) == 0, most_alive  # 5 images, once for each measure
+    for measure in (pixel, sscd):
+        assert list(measure.train.rows) == [0, 1, 2, 4, 5] and [r for r, _ in measure.train.skipped] == [3]
+    full = [a.astype(np.float32) / 255.0 for a in arrays]
+    torch.testing.assert_close(pixel.train.features, M.PixelReplication.thumbs(full), rtol=0, atol=0)
+    torch.testing.assert_close(sscd.train.features, sscd.embed(full), rtol=0, atol=0)
+
+
 def test_training_images_from_a_folder_map_generations_to_their_rows(tmp_path):
     arrays = _training_folder(tmp_path / "train")
     rep = M.PixelReplication(tmp_path / "train")

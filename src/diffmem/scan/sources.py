@@ -96,9 +96,10 @@ class Source:
 
     def reduced_rows(self, start: int, stop: int, reduce) -> list[ScanRow]:
         """``rows`` with each image passed through ``reduce(image) -> (phash, thumb, kept)`` as soon as
-        it is decoded, the row keeping ``kept`` as its image: a shard of full-size photos was held
-        whole, 144 MB of float32 pixels for each 12-megapixel one. An image ``reduce`` fails on is
-        unreadable, as one its decoder fails on."""
+        it is decoded, the row keeping ``kept`` as its image (phash and thumb may be None: a replication
+        measure keeps only its model's input): a shard of full-size photos was held whole, 144 MB of
+        float32 pixels for each 12-megapixel one. An image ``reduce`` fails on is unreadable, as one
+        its decoder fails on."""
         if self.reduces_as_it_reads:
             return self.rows(start, stop, reduce=reduce)
         rows = self.rows(start, stop)
