@@ -667,3 +667,26 @@ def test_reduced_images_give_the_features_and_scores_of_the_full_size_ones(tmp_p
     side = model_pixels(pipe)  # at the model's size already: not resized, so not made k / 255 by the resize
     finer = np.full((side, side, 3), 0.3, np.float32)
     assert reduce(finer)[2].dtype == np.float32 and (reduce(finer)[2] == finer).all()
+
+
+def test_the_memorization_check_shows_the_model_an_image_as_training_does(tmp_path, tiny_pipe_dir):
+    # the fine-tuning filter thresholds the norm of the centre-cropped image diffmem train encodes;
+    # the scan stretched a non-square image to the square, a shape the model never trained on
+    from diffmem.core.loading import load_pipeline
+    from diffmem.scan.memorization import model_pixels, model_sized
+    from diffmem.scan.sources import load_image
+    from diffmem.train.data import _to_array
+
+    _photo_folder(tmp_path / "photos", [(130, 70), (33, 97), (64, 64), (300, 300)])
+    size = model_pixels(load_pipeline(tiny_pipe_dir))
+    for path in sorted((tmp_path / "photos").glob("0*")):
+        np.testing.assert_array_equal(model_sized(load_image(path), size), _to_array(path, size))
+    # a scan whose rows were scored the other way is not resumed with rows scored this one
+    args = dict(progress=False, checks=["memorization"], model=str(tiny_pipe_dir), timestep=500, shard_size=2)
+    DatasetScanner(str(tmp_path / "photos"), tmp_path / "w", **args).run_pass1()
+    state_path = tmp_path / "w" / "scan_state.json"
+    state = json.loads(state_path.read_text())
+    del state["pass1"]["memorization_pixels"]
+    state_path.write_text(json.dumps({**state, "done": state["done"][:1]}))
+    with pytest.raises(InputError, match="its memorization_pixels differs"):
+        DatasetScanner(str(tmp_path / "photos"), tmp_path / "w", **args).run_pass1()

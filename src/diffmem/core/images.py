@@ -39,6 +39,15 @@ def open_image(data) -> Image.Image:
     return im.convert("RGB")
 
 
+def centre_square(im: Image.Image, size: int) -> Image.Image:
+    """``im`` cropped to its centre square and resized bicubic to ``size`` x ``size``, as diffusers'
+    training scripts show images to a model (Resize + CenterCrop) and ``diffmem train`` does."""
+    w, h = im.size
+    s = min(w, h)
+    im = im.crop(((w - s) // 2, (h - s) // 2, (w - s) // 2 + s, (h - s) // 2 + s))
+    return im if s == size else im.resize((size, size), Image.BICUBIC)
+
+
 def _unit_float(arr: np.ndarray) -> np.ndarray:
     """A float image in [0, 1], or in 0..255 when its values run past 1."""
     if not np.isfinite(arr).all():

@@ -1,6 +1,7 @@
 """Per-sample memorization score of training pairs: Wen et al.'s training-time statistic.
 
-For an (image, caption) pair: encode the image, noise it to timestep t with seeded noise, and take
+For an (image, caption) pair: encode the image (cropped to its centre square at the model's size, as
+training shows it), noise it to timestep t with seeded noise, and take
 || eps(x_t, caption) - eps(x_t, "") ||, the statistic the fine-tuning filter thresholds
 (``diffmem.train``). Rows without a readable image or caption get NaN. Noise is seeded by the row
 number, so a resumed scan gives the same values as an uninterrupted one.
@@ -43,15 +44,19 @@ def model_pixels(pipe) -> int:
 
 def model_sized(image: np.ndarray, size: int) -> np.ndarray:
     """An (H, W, 3) image, float in [0, 1] or uint8, as the check encodes it: float, ``size`` x ``size``,
-    resized bicubic (stretched, not cropped) unless it has that size already."""
+    cropped to its centre square and resized bicubic as ``diffmem train`` and diffusers' training
+    scripts show it to the model (the same pixels as train's for a decoded file), unless it has that
+    size already. It had been stretched to the square, a shape the model never trained on."""
     from PIL import Image
+
+    from ..core.images import centre_square
 
     if image.dtype == np.uint8:  # as the scan keeps a decoded file's pixels (compact_pixels)
         image = image.astype(np.float32) / 255.0
     if image.shape[:2] == (size, size):
         return image
-    return np.asarray(Image.fromarray((image * 255).astype(np.uint8)).resize((size, size), Image.BICUBIC),
-                      np.float32) / 255.0
+    pixels = np.rint(np.clip(image, 0.0, 1.0) * 255.0).astype(np.uint8)  # a decoded file's own bytes again
+    return np.asarray(centre_square(Image.fromarray(pixels), size), np.float32) / 255.0
 
 
 def compact_pixels(image: np.ndarray) -> np.ndarray:

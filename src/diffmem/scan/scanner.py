@@ -131,6 +131,10 @@ class ScanSettings:
                                     for path, scale in lora_entries(self.lora, self.lora_scale)])
         if self.textual_inversion:
             d["textual_inversion"] = list(self.textual_inversion)
+        if d["memorization"]:
+            # images not of the model's size are cropped to their centre square, as training shows them;
+            # scans before stretched them, and their rows are not joined with rows scored this way
+            d["memorization_pixels"] = "centre-crop"
         if d["memorization"] and self.dtype != "float32":
             # a half-precision model scores differently; the device does not enter (same numbers),
             # and float32 scans keep the key they always had

@@ -16,20 +16,14 @@ import numpy as np
 from PIL import Image, UnidentifiedImageError
 
 from ..core.errors import InputError
-from ..core.images import open_image
+from ..core.images import centre_square, open_image
 
 CAPTION_COLUMNS = ("text", "caption", "prompt")
 
 
 def _to_array(img, size: int) -> np.ndarray:
     """Upright (EXIF), centre-cropped to a square and resized to ``size``: float32 (size, size, 3) in [0, 1]."""
-    img = open_image(img)
-    w, h = img.size
-    s = min(w, h)
-    img = img.crop(((w - s) // 2, (h - s) // 2, (w - s) // 2 + s, (h - s) // 2 + s))
-    if s != size:
-        img = img.resize((size, size), Image.BICUBIC)
-    return np.asarray(img, dtype=np.float32) / 255.0
+    return np.asarray(centre_square(open_image(img), size), dtype=np.float32) / 255.0
 
 
 def _open_hf(source: str):
