@@ -82,3 +82,24 @@ class Recording:
 
     def __getattr__(self, name):
         return getattr(self.inner, name)
+
+
+def count_live_decoded_images(monkeypatch) -> tuple[list, list]:
+    """Record the images the scan's sources decode: (weak references to each, and before each decode
+    how many decoded earlier are still held). A reader that keeps each image only until it is reduced
+    has 0 held before every decode; one that holds a shard of them, up to the shard's size."""
+    import weakref
+
+    import diffmem.scan.sources as sources
+
+    decoded, live_before = [], []
+    real = sources.load_image
+
+    def recording(value):
+        live_before.append(sum(ref() is not None for ref in decoded))
+        image = real(value)
+        decoded.append(weakref.ref(image))
+        return image
+
+    monkeypatch.setattr(sources, "load_image", recording)
+    return decoded, live_before

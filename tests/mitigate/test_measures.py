@@ -128,22 +128,11 @@ def test_a_training_folder_is_measured_without_holding_a_shard_of_full_size_imag
                                                                                     sscd_stand_in):
     # a shard of 32 photos was decoded whole before any was featurized: 4.6 GB of float32 pixels at 12
     # megapixels; each is now prepared (thumbnail, SSCD's 224 x 224 crop) as it is read, to the same features
-    import weakref
-
-    import diffmem.scan.sources as sources
+    from doubles import count_live_decoded_images
 
     monkeypatch.setenv("DIFFMEM_CACHE", "off")
     arrays = _training_folder(tmp_path / "train", sizes=((40, 40), (48, 32), (300, 260), (40, 56), (64, 64)))
-    decoded, most_alive = [], []
-    real = sources.load_image
-
-    def recording(value):
-        most_alive.append(sum(ref() is not None for ref in decoded))
-        image = real(value)
-        decoded.append(weakref.ref(image))
-        return image
-
-    monkeypatch.setattr(sources, "load_image", recording)
+    decoded, most_alive = count_live_decoded_images(monkeypatch)
     pixel = M.PixelReplication(tmp_path / "train")
     sscd = M.SSCDReplication(sscd_stand_in, tmp_path / "train", batch_size=2)
     assert len(decoded) == 10 and max(most_alive) == 0, most_alive  # 5 images, once for each measure

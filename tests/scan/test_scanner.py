@@ -602,21 +602,10 @@ def _photo_folder(folder, sizes):
 def test_a_shard_never_holds_its_full_size_images_at_once(tmp_path, monkeypatch):
     # a shard of 1,024 rows was decoded whole before any was reduced to its thumbnail: 144 MB of
     # float32 pixels for each 12-megapixel photo (benchmarks/scan_photo_memory.py)
-    import weakref
-
-    import diffmem.scan.sources as sources
+    from doubles import count_live_decoded_images
 
     _photo_folder(tmp_path / "photos", [(120, 90)] * 6)
-    decoded, most_alive = [], []
-    real = sources.load_image
-
-    def recording(value):
-        most_alive.append(sum(ref() is not None for ref in decoded))
-        image = real(value)
-        decoded.append(weakref.ref(image))
-        return image
-
-    monkeypatch.setattr(sources, "load_image", recording)
+    decoded, most_alive = count_live_decoded_images(monkeypatch)
     scanner = DatasetScanner(str(tmp_path / "photos"), tmp_path / "w", shard_size=1024, progress=False)
     scanner.run_pass1()
     assert len(decoded) == 6 and max(most_alive) == 0, most_alive
