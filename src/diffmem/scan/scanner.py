@@ -308,19 +308,12 @@ class DatasetScanner:
         these are made, so a shard never holds them all."""
         from .features import phash64, thumbnail
 
-        size = None
-        if "memorization" in self.settings.checks:
-            from .memorization import model_pixels
+        from .memorization import compact_pixels, model_pixels, model_sized
 
-            size = model_pixels(self._memorization_model())
+        size = model_pixels(self._memorization_model()) if "memorization" in self.settings.checks else None
 
         def reduce(image):
-            if size is None:
-                kept = None
-            else:
-                from .memorization import compact_pixels, model_sized
-
-                kept = compact_pixels(model_sized(image, size))
+            kept = None if size is None else compact_pixels(model_sized(image, size))
             return phash64(image), thumbnail(image).tobytes(), kept
 
         return reduce
