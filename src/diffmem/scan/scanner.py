@@ -308,12 +308,14 @@ class DatasetScanner:
         these are made, so a shard never holds them all."""
         from .features import phash64, thumbnail
 
-        from .memorization import compact_pixels, model_pixels, model_sized
+        size = None
+        if "memorization" in self.settings.checks:  # its module imports diffusers: only for the check
+            from . import memorization
 
-        size = model_pixels(self._memorization_model()) if "memorization" in self.settings.checks else None
+            size = memorization.model_pixels(self._memorization_model())
 
         def reduce(image):
-            kept = None if size is None else compact_pixels(model_sized(image, size))
+            kept = None if size is None else memorization.compact_pixels(memorization.model_sized(image, size))
             return phash64(image), thumbnail(image).tobytes(), kept
 
         return reduce
