@@ -49,20 +49,22 @@ def model_sized(image: np.ndarray, size: int) -> np.ndarray:
     size already. It had been stretched to the square, a shape the model never trained on."""
     from PIL import Image
 
-    from ..core.images import centre_square
+    from ..core.images import centre_square, to_uint8
 
     if image.dtype == np.uint8:  # as the scan keeps a decoded file's pixels (compact_pixels)
         image = image.astype(np.float32) / 255.0
     if image.shape[:2] == (size, size):
         return image
-    pixels = np.rint(np.clip(image, 0.0, 1.0) * 255.0).astype(np.uint8)  # a decoded file's own bytes again
+    pixels = to_uint8(image)  # a decoded file's own bytes again
     return np.asarray(centre_square(Image.fromarray(pixels), size), np.float32) / 255.0
 
 
 def compact_pixels(image: np.ndarray) -> np.ndarray:
     """The float image as uint8 where that loses nothing, as for pixels decoded from a file (k / 255),
     a quarter of their memory (a shard of 1,024 rows at 512 x 512: 0.8 GB, not 3.2); else unchanged."""
-    quantized = np.rint(np.clip(image, 0.0, 1.0) * 255.0).astype(np.uint8)
+    from ..core.images import to_uint8
+
+    quantized = to_uint8(image)
     return quantized if np.array_equal(quantized.astype(np.float32) / 255.0, image) else image
 
 
