@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import json
 import warnings
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -108,7 +109,12 @@ def _each(featurize, images) -> torch.Tensor:
     """``featurize`` over an (N, H, W, 3) batch at once, or image by image for a list (sizes may differ)."""
     if isinstance(images, np.ndarray) or torch.is_tensor(images):
         return featurize(images)
-    return torch.cat([featurize(np.asarray(im)) for im in images])
+    return torch.cat([_one(featurize, im) for im in images])
+
+
+def _one(featurize, image) -> torch.Tensor:
+    """``featurize`` of one image of a list, as ``_each`` and TrainingImages' ``stages`` apply it."""
+    return featurize(np.asarray(image))
 
 
 FEATURES_KIND = "training_image_features"  # the cache folder; in every key, so a format change is a new name
@@ -240,7 +246,7 @@ class SSCDReplication:
         self.batch_size = batch_size
         identity = _revised(f"sscd:{file_digest(model_path)}", self)  # cached training features belong to these weights only
         self.train = TrainingImages(train_images, self.embed, batch_size, progress=progress, image_column=image_column,
-                                    identity=identity, stages=(self._prepare, self._embed_prepared))
+                                    identity=identity, stages=(partial(_one, sscd_preprocess), self._embed_prepared))
 
     def describe(self) -> str:
         return f"SSCD ({self.model_path}) cosine >= {self.threshold} to the nearest of {self.train.describe()}"
@@ -251,10 +257,6 @@ class SSCDReplication:
         for i in range(0, len(images), self.batch_size):
             out.append(self.model(_each(sscd_preprocess, images[i : i + self.batch_size])))
         return torch.cat(out)
-
-    @staticmethod
-    def _prepare(image) -> torch.Tensor:  # embed's per-image step, for TrainingImages' stages
-        return sscd_preprocess(np.asarray(image))
 
     @torch.inference_mode()
     def _embed_prepared(self, prepared: list) -> torch.Tensor:
@@ -285,7 +287,7 @@ class PixelReplication:
     def __init__(self, train_images, progress: bool = False, image_column: str | None = None):
         self.train = TrainingImages(train_images, self.thumbs, progress=progress, image_column=image_column,
                                     identity=_revised("pixel-thumbs-64", self),
-                                    stages=(lambda image: _thumbs(np.asarray(image)), torch.cat))
+                                    stages=(partial(_one, _thumbs), torch.cat))
 
     def describe(self) -> str:
         return f"pixel correlation (grey 64x64 thumbnails, no weights) >= {self.threshold} to the nearest of {self.train.describe()}"
