@@ -16,7 +16,7 @@ from rich.console import Console
 from rich.text import Text
 
 from .core.errors import DiffmemError, InputError
-from .core.prompts import TABLE_SUFFIXES, terminal_text
+from .core.prompts import PROMPT_FILES, TABLE_SUFFIXES, terminal_text
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Audit text-to-image diffusion models for memorization of their training data.")
@@ -324,9 +324,8 @@ def _detector_options(method: str, steps: str | None, mode: str | None, generati
 @app.command()
 def explain(
     prompt: Optional[str] = typer.Option(None, help="the prompt to explain"),
-    prompts: Optional[Path] = typer.Option(None, help="or a file of prompts (.txt / .jsonl / .json / .csv / .tsv / "
-                                           ".parquet, e.g. detect's results with --flagged); needs --out, where it "
-                                           "checkpoints and resumes"),
+    prompts: Optional[Path] = typer.Option(None, help=f"or a file of prompts ({PROMPT_FILES}, e.g. detect's results "
+                                           "with --flagged); needs --out, where it checkpoints and resumes"),
     column: Optional[str] = typer.Option(None, help=COLUMN_HELP),
     flagged: bool = typer.Option(False, "--flagged", help="only the prompts detect flagged (its results file, with a calibration)"),
     model: str = typer.Option("memlab"),
@@ -415,7 +414,7 @@ def explain(
 
 @app.command()
 def mitigate(
-    prompts: Path = typer.Option(..., help="prompts to mitigate (.txt / .jsonl / .json / .csv / .tsv / .parquet)"),
+    prompts: Path = typer.Option(..., help=f"prompts to mitigate ({PROMPT_FILES})"),
     column: Optional[str] = typer.Option(None, help=COLUMN_HELP),
     flagged: bool = typer.Option(False, "--flagged", help="only the prompts detect flagged (its results file, with a calibration)"),
     model: str = typer.Option("memlab"),
@@ -1024,8 +1023,7 @@ def memlab_sample(
 @app.command()
 def audit(
     model: str = typer.Option("memlab", help="a local pipeline folder, a hub id, or memlab"),
-    prompts: Optional[Path] = typer.Option(None, help="prompts to audit (.txt / .jsonl / .json / .csv / .tsv / .parquet); "
-                                           "default: MemLab's audit set"),
+    prompts: Optional[Path] = typer.Option(None, help=f"prompts to audit ({PROMPT_FILES}); default: MemLab's audit set"),
     column: Optional[str] = typer.Option(None, help=COLUMN_HELP),
     reference: Optional[Path] = typer.Option(None, help="non-memorized prompts to calibrate on; default: MemLab's reference set"),
     train_data: Optional[str] = typer.Option(None, help="training data to scan (as for diffmem scan: memlab, a folder, a table file); "

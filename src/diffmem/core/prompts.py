@@ -85,7 +85,9 @@ def html_environment(**kwargs):
 
 
 # the prompt files read as tables, where --column picks the prompt; any other file is one prompt a line
-TABLE_SUFFIXES = ".jsonl / .json / .csv / .tsv / .parquet"
+TABLES = (".jsonl", ".json", ".csv", ".tsv", ".parquet")
+TABLE_SUFFIXES = " / ".join(TABLES)
+PROMPT_FILES = f".txt / {TABLE_SUFFIXES}"  # as the commands' help lists them
 
 
 def _read_text(path: Path) -> str:
@@ -125,7 +127,7 @@ def iter_prompts(path: str | Path, column: str | None = None, flagged: bool = Fa
     .csv / .jsonl), so detection's output feeds explain and mitigate directly."""
     path = Path(path)
     suffix = path.suffix.lower()
-    if flagged and suffix not in (".parquet", ".json", ".csv", ".tsv", ".jsonl"):
+    if flagged and suffix not in TABLES:
         raise InputError(f"--flagged needs a table with a verdict column (detect's .parquet or .json, or .csv / .tsv / "
                          f".jsonl), not {path.name}")
     n = 0
