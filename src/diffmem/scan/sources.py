@@ -182,9 +182,14 @@ def _fill_image(row: ScanRow, get, reduce=None) -> None:
             return
         row.image = load_image(value)
     except Exception as e:  # any decoder error is a property of this row, not of the scan
-        row.image_issue = f"unreadable image: {type(e).__name__}: {str(e)[:120]}"
+        _unreadable(row, e)
         return
     _reduce(row, reduce)
+
+
+def _unreadable(row: ScanRow, error: Exception) -> None:
+    row.image = None
+    row.image_issue = f"unreadable image: {type(error).__name__}: {str(error)[:120]}"
 
 
 def _reduce(row: ScanRow, reduce) -> None:
@@ -194,8 +199,7 @@ def _reduce(row: ScanRow, reduce) -> None:
     try:
         row.phash, row.thumb, row.image = reduce(row.image)
     except Exception as e:
-        row.image = None
-        row.image_issue = f"unreadable image: {type(e).__name__}: {str(e)[:120]}"
+        _unreadable(row, e)
 
 
 class ImageFolderSource(Source):
