@@ -185,3 +185,28 @@ def test_bidirectional_formatting_characters_are_shown_not_obeyed():
         p="<b>\u202ex</b>", frag=Markup("<i>\u2066y</i>"))
     # escaped and shown in text and attribute alike; a fragment already safe stays markup
     assert page == '<p title="&lt;b&gt;[U+202E]x&lt;/b&gt;">&lt;b&gt;[U+202E]x&lt;/b&gt; <i>[U+2066]y</i></p>'
+
+
+def test_a_parquet_prompt_file_is_read_in_its_prompt_column_alone(tmp_path, monkeypatch):
+    # a training set's captions share their file with its image bytes, which were read with them
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    captions = ["a cat", "a dog", "a bird"]
+    pq.write_table(pa.table({"image": [b"\xff" * 4096] * 3, "text": captions,
+                             "verdict": ["memorized", "not memorized", "memorized"]}), tmp_path / "train.parquet")
+    asked = []
+    for owner, name in ((pq, "read_table"), (pq.ParquetFile, "read")):
+        def recording(*args, columns=None, _original=getattr(owner, name), **kwargs):
+            asked.append(columns)
+            return _original(*args, columns=columns, **kwargs)
+
+        monkeypatch.setattr(owner, name, recording)
+    assert read_prompts(tmp_path / "train.parquet") == captions and asked == [["text"]]
+    asked.clear()
+    assert read_prompts(tmp_path / "train.parquet", flagged=True) == ["a cat", "a bird"] and asked == [["text", "verdict"]]
+    with pytest.raises(InputError, match=r"has no column 'caption' \(columns: \['image', 'text', 'verdict'\]\)"):
+        read_prompts(tmp_path / "train.parquet", "caption")
+    pq.write_table(pa.table({"text": pa.array([], pa.string())}), tmp_path / "none.parquet")
+    with pytest.raises(InputError, match="none.parquet holds no prompts"):
+        read_prompts(tmp_path / "none.parquet")

@@ -132,8 +132,11 @@ def iter_prompts(path: str | Path, column: str | None = None, flagged: bool = Fa
                          f".jsonl), not {path.name}")
     n = 0
     if suffix in (".parquet", ".json"):
-        rows, unit = (_parquet_rows(path), "row") if suffix == ".parquet" else (_json_rows(path, column), "item")
-        col = _pick_column(path, column, list(rows[0]) if rows else [])
+        if suffix == ".parquet":
+            rows, col, unit = *_parquet_rows(path, column, flagged), "row"
+        else:
+            rows, unit = _json_rows(path, column), "item"
+            col = _pick_column(path, column, list(rows[0]) if rows else [])
         for i, row in enumerate(rows, 1):
             if col not in row:  # a JSON list's objects need not share their keys: the first one's holds
                 raise InputError(f"{path} {unit} {i} has no {col!r} (keys: {sorted(row)})")
@@ -218,7 +221,10 @@ def _json_rows(path: Path, column: str | None) -> list[dict]:
                      "text key) nor detect's results (an object with \"prompts\")")
 
 
-def _parquet_rows(path: Path) -> list[dict]:
+def _parquet_rows(path: Path, column: str | None, flagged: bool) -> tuple[list[dict], str]:
+    """The rows of a .parquet file in its prompt column (and verdicts, for ``flagged``) alone, and that
+    column's name: a training set's captions often share their file with the image bytes, which read
+    with them took about five times the file's size in memory."""
     if not path.exists():
         raise InputError(f"prompt file not found: {path}")
     if path.is_dir():
@@ -226,7 +232,13 @@ def _parquet_rows(path: Path) -> list[dict]:
     import pyarrow.parquet as pq
 
     try:
-        return pq.read_table(path).to_pylist()
+        file = pq.ParquetFile(path)
+        fields = file.schema_arrow.names
+        col = _pick_column(path, column, fields)
+        wanted = [col] + (["verdict"] if flagged and "verdict" in fields and col != "verdict" else [])
+        return file.read(columns=wanted).to_pylist(), col
+    except InputError:
+        raise
     except Exception as e:  # pyarrow raises several types for a file that is not Parquet
         raise InputError(f"{path} is not a readable Parquet file ({type(e).__name__}: {e})") from None
 
