@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import subprocess
 import sys
 import tempfile
@@ -79,6 +78,7 @@ def official_way(pipe, prompts: list[str], steps: int, guidance: float, seed: in
 
 def rss_run(model: str, n: int, batch: int) -> None:
     """Child process: stream ``n`` prompts from a file through ``detect_file``; print peak RSS."""
+    from diffmem.bench.memory import peak_rss_mb
     from diffmem.core.loading import load_pipeline, sampler_defaults
     from diffmem.detect import NoiseNormDetector
     from diffmem.detect.run import detect_file
@@ -92,7 +92,8 @@ def rss_run(model: str, n: int, batch: int) -> None:
         t0 = time.perf_counter()
         detect_file(det, f, Path(tmp) / "out.parquet", progress=False)
         dt = time.perf_counter() - t0
-    print(json.dumps({"n": n, "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, "seconds": dt}))
+    # the child's own peak: ru_maxrss would start at the parent's, which has scored with the model in (a) and (b)
+    print(json.dumps({"n": n, "peak_rss_mb": peak_rss_mb(), "seconds": dt}))
 
 
 def main() -> None:

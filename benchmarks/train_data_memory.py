@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import resource
 import subprocess
 import sys
 import tempfile
@@ -45,7 +44,9 @@ def write_folder(folder: Path, n: int, size: int, seed: int = 0) -> None:
 
 
 def _peak_mb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: kB
+    from diffmem.bench.memory import peak_rss_mb
+
+    return peak_rss_mb()  # the child's own: ru_maxrss would start at the peak of the parent that wrote the images
 
 
 def run_one(folder: Path, size: int, mode: str, parts: Path) -> dict:
