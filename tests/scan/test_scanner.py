@@ -114,11 +114,13 @@ def test_numbers_in_the_caption_column_and_empty_image_cells_are_named_as_such(t
                    tmp_path / "ints.parquet")
     pq.write_table(pa.table({"caption": pa.array([["a", "b"], ["c"]])}), tmp_path / "lists.parquet")
     rows = DatasetScanner(tmp_path / "ints.parquet", tmp_path / "w1", progress=False).scan().rows.set_index("row")
-    assert rows["caption_issue"].tolist() == ["not text (float)", "missing", "not text (float)"]  # pandas: NaN makes floats
+    # each cell read as Arrow holds it: an int column with an empty cell stays ints (pandas made them floats)
+    assert rows["caption_issue"].tolist() == ["not text (int)", "missing", "not text (int)"]
+    assert rows["caption"].tolist()[::2] == ["1", "3"] and rows["caption"].isna().tolist() == [False, True, False]
     assert rows["image_issue"].tolist()[:2] == ["missing image", "missing image"]
     assert rows.loc[2, "image_issue"].startswith("unreadable image: UnidentifiedImageError")
     lists = DatasetScanner(tmp_path / "lists.parquet", tmp_path / "w2", progress=False).scan()
-    assert lists.rows["caption_issue"].tolist() == ["not text (ndarray)"] * 2
+    assert lists.rows["caption_issue"].tolist() == ["not text (list)"] * 2
     assert lists.summary.set_index("check").loc["bad_caption", "issues"] == 2
 
 
@@ -131,6 +133,9 @@ def test_empty_datasets_and_wrong_columns_give_clear_errors(tmp_path):
         DatasetScanner(tmp_path / "t.csv", progress=False)
     with pytest.raises(InputError, match="not found"):
         DatasetScanner(tmp_path / "nope", progress=False)
+    (tmp_path / "t.parquet").write_text("title,url\na,b\n")  # a CSV saved under the wrong name
+    with pytest.raises(InputError, match=r"could not read .*t.parquet as Parquet: .*footer"):
+        DatasetScanner(tmp_path / "t.parquet", progress=False)
     with pytest.raises(InputError, match="zero rows"):
         ListSource([])
     with pytest.raises(InputError, match="needs a model"):
@@ -679,3 +684,62 @@ def test_the_memorization_check_shows_the_model_an_image_as_training_does(tmp_pa
     state_path.write_text(json.dumps({**state, "done": state["done"][:1]}))
     with pytest.raises(InputError, match="its memorization_pixels differs"):
         DatasetScanner(str(tmp_path / "photos"), tmp_path / "w", **args).run_pass1()
+
+
+def test_a_parquet_file_is_read_a_row_group_at_a_time_and_only_in_the_columns_the_scan_uses(tmp_path, monkeypatch):
+    # a Parquet file of image bytes was read whole into pandas, at about four times its size in memory
+    # (benchmarks/scan_photo_memory.py --layout parquet)
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    from diffmem.scan.sources import ImageFolderSource, TableSource, _ParquetRows
+
+    _photo_folder(tmp_path / "photos", [(40, 30)] * 12)
+    listed = [json.loads(line) for line in (tmp_path / "photos" / "metadata.jsonl").read_text().splitlines()]
+    images = [{"bytes": (tmp_path / "photos" / r["file_name"]).read_bytes(), "path": None} for r in listed]  # datasets' Image
+    pq.write_table(pa.table({"text": [r["text"] for r in listed], "image": images, "unused": [b"x" * 64] * 12}),
+                   tmp_path / "photos.parquet", row_group_size=5)  # groups of rows 0-4, 5-9 and 10-11
+    read, original = [], pq.ParquetFile.iter_batches
+
+    def recording(self, batch_size=65536, row_groups=None, columns=None, **kwargs):
+        read.extend((g, tuple(columns)) for g in row_groups)
+        if damaged and row_groups == [1]:
+            return damaged_pages()
+        return original(self, batch_size=batch_size, row_groups=row_groups, columns=columns, **kwargs)
+
+    def damaged_pages():  # as pyarrow's reader: its batches are read, and fail, as they are asked for
+        raise OSError("Couldn't deserialize thrift: TProtocolException: Invalid data")
+        yield
+
+    damaged = False
+    monkeypatch.setattr(pq.ParquetFile, "iter_batches", recording)
+    source = TableSource(tmp_path / "photos.parquet")
+    assert len(source) == 12 and read == []  # its length and columns come from the footer
+    rows = source.rows(3, 8)
+    assert read == [(0, ("text", "image")), (1, ("text", "image"))]
+    whole = ImageFolderSource(tmp_path / "photos").rows(0, 12)
+    assert [r.row for r in rows] == [3, 4, 5, 6, 7]
+    for row in rows:
+        assert row.caption == whole[row.row].caption and row.caption_issue is None
+        np.testing.assert_array_equal(row.image, whole[row.row].image)
+
+    for batch_rows in (2, 3):  # shards that start and stop inside a group's batches
+        monkeypatch.setattr(_ParquetRows, "BATCH_ROWS", batch_rows)
+        for start, stop in ((0, 12), (4, 11), (9, 10), (11, 40)):
+            assert [(r.row, r.caption) for r in source.rows(start, stop)] == [(r.row, r.caption) for r in whole[start:stop]]
+    monkeypatch.setattr(_ParquetRows, "BATCH_ROWS", 32)
+
+    # a damaged row group stops the scan with its rows named; the shards before it are kept, and
+    # the scan resumes from them once the file is mended
+    damaged = True
+    with pytest.raises(InputError, match=r"could not read rows 5-9 of .*photos.parquet \(row group 1\): Couldn't"):
+        DatasetScanner(str(tmp_path / "photos.parquet"), tmp_path / "w", shard_size=5, progress=False).run_pass1()
+    assert [p.name for p in sorted((tmp_path / "w" / "shards").glob("shard-*.parquet"))] == ["shard-00000.parquet"]
+    damaged, read[:] = False, []
+    scanner = DatasetScanner(str(tmp_path / "photos.parquet"), tmp_path / "w", shard_size=5, progress=False)
+    scanner.run_pass1()
+    assert [i for i, _ in read] == [1, 2]
+    reference = DatasetScanner(str(tmp_path / "photos"), tmp_path / "r", shard_size=5, progress=False)
+    reference.run_pass1()
+    (features, thumbs), (expected, expected_thumbs) = scanner.load_features(), reference.load_features()
+    assert features["phash"].tolist() == expected["phash"].tolist() and features["has_image"].all()
+    np.testing.assert_array_equal(thumbs, expected_thumbs)
