@@ -5,8 +5,8 @@ decodes to float32 pixels (12 bytes a pixel: 144 MB for 4000 x 3000). It keeps o
 thumbnail, a perceptual hash and, with the memorization check, the model-size input of each;
 this script measures how much of the full-size pixels it holds at once. It writes N synthetic
 JPEGs of W x H pixels with captions, scans them in a fresh process with one shard for all (the
-default shard size, 1024 rows, is larger than N) and prints wall time and the growth of peak RSS
-over the process's RSS before the scan.
+default shard size, 1024 rows, is larger than N) and prints the wall time of opening the data and
+the first pass, and how far peak RSS grew over the process's peak before it opened the data.
 
 ``--layout folder`` writes an imagefolder with metadata.jsonl; ``--layout parquet`` one Parquet
 file of the encoded images (``datasets``' Image column) in row groups of ``--row-group`` rows, as
