@@ -4,6 +4,7 @@ import shutil
 import signal
 import subprocess
 import time
+import warnings
 
 import numpy as np
 import pandas as pd
@@ -712,7 +713,17 @@ def test_a_parquet_file_is_read_a_row_group_at_a_time_and_only_in_the_columns_th
 
     damaged = False
     monkeypatch.setattr(pq.ParquetFile, "iter_batches", recording)
-    source = TableSource(tmp_path / "photos.parquet")
+    meta = pq.ParquetFile(tmp_path / "photos.parquet").metadata
+    largest = max(sum(meta.row_group(g).column(c).total_compressed_size for c in range(meta.num_columns))
+                  for g in range(meta.num_row_groups))
+    monkeypatch.setattr(_ParquetRows, "LARGE_GROUP_BYTES", largest)  # as if this size were a GB
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no group here is past the size that warns
+        source = TableSource(tmp_path / "photos.parquet")
+    pq.write_table(pq.read_table(tmp_path / "photos.parquet"), tmp_path / "one_group.parquet")
+    with pytest.warns(UserWarning, match=r"one_group.parquet keeps rows 0-11 in one row group of 0 MB, which is read "
+                                         r"whole.*row_group_size=100"):
+        TableSource(tmp_path / "one_group.parquet")
     assert len(source) == 12 and read == []  # its length and columns come from the footer
     rows = source.rows(3, 8)
     assert read == [(0, ("text", "image")), (1, ("text", "image"))]

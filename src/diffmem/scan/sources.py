@@ -372,6 +372,7 @@ class _ParquetRows:
     datasets 100 rows to a group."""
 
     BATCH_ROWS = 32  # Arrow's reader holds a batch's decoded values beside the group's pages
+    LARGE_GROUP_BYTES = 2**30  # a group read whole takes about three times this (2.6 GB for 763 MB)
 
     def __init__(self, path: Path):
         import pyarrow.parquet as pq
@@ -384,6 +385,16 @@ class _ParquetRows:
         meta = self.file.metadata
         self.columns = self.file.schema_arrow.names
         self.group_starts = np.cumsum([0] + [meta.row_group(g).num_rows for g in range(meta.num_row_groups)])
+        sizes = [sum(meta.row_group(g).column(c).total_compressed_size for c in range(meta.num_columns))
+                 for g in range(meta.num_row_groups)]
+        if sizes and max(sizes) > self.LARGE_GROUP_BYTES:  # pandas' to_parquet writes up to a million rows to one
+            g = int(np.argmax(sizes))
+            import warnings
+
+            warnings.warn(f"{path} keeps rows {self.group_starts[g]}-{self.group_starts[g + 1] - 1} in one row group of "
+                          f"{sizes[g] / 2**20:,.0f} MB, which is read whole, at several times that in memory; written in "
+                          "groups of 100 rows (pyarrow.parquet.write_table(table, path, row_group_size=100)) it is read "
+                          "100 rows at a time", stacklevel=2)
 
     def __len__(self):
         return int(self.group_starts[-1])
