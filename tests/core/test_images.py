@@ -1,5 +1,6 @@
 import io
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -109,3 +110,20 @@ def test_training_data_reads_a_camera_photo_upright(tmp_path):
     assert problems == [] and sorted(captions) == ["camera", "upright"]
     cam, up = images[captions.index("camera")], images[captions.index("upright")]
     assert np.abs(cam - up).mean() < 0.03  # JPEG noise only; sideways it would be about 0.3
+
+
+def test_an_image_cell_is_found_in_the_tables_folder_then_the_working_directory(tmp_path, monkeypatch):
+    from diffmem.core.images import image_cell
+
+    (tmp_path / "table").mkdir()
+    (tmp_path / "table" / "a.png").write_bytes(b"x")
+    (tmp_path / "b.png").write_bytes(b"x")
+    monkeypatch.chdir(tmp_path)
+    assert image_cell("a.png", tmp_path / "table") == tmp_path / "table" / "a.png"
+    assert image_cell({"bytes": None, "path": "a.png"}, tmp_path / "table") == tmp_path / "table" / "a.png"
+    assert image_cell({"bytes": None, "path": "b.png"}, "table") == Path("b.png")
+    assert image_cell({"bytes": b"png", "path": "b.png"}, "table") == {"bytes": b"png", "path": "b.png"}
+    for empty in (None, float("nan"), {"bytes": None, "path": None}):
+        assert image_cell(empty, "table") is None
+    with pytest.raises(FileNotFoundError, match=r"c\.png is in neither the table's folder .*table nor the working directory"):
+        image_cell("c.png", "table")

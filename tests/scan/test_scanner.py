@@ -754,3 +754,32 @@ def test_a_parquet_file_is_read_a_row_group_at_a_time_and_only_in_the_columns_th
     (features, thumbs), (expected, expected_thumbs) = scanner.load_features(), reference.load_features()
     assert features["phash"].tolist() == expected["phash"].tolist() and features["has_image"].all()
     np.testing.assert_array_equal(thumbs, expected_thumbs)
+
+
+def test_image_paths_in_datasets_image_cells_are_found_as_plain_paths_are(tmp_path, monkeypatch):
+    # ``Dataset.to_parquet`` writes an image loaded from a relative path as {"bytes": None, "path": ...};
+    # the scan opened that path against the working directory (a plain path, against the table's
+    # folder), and an Image cell holding neither was an AttributeError
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    from diffmem.scan.sources import ImageFolderSource, TableSource
+
+    (tmp_path / "data").mkdir()
+    _photo_folder(tmp_path / "data" / "photos", [(40, 30)] * 3)
+    listed = [json.loads(line) for line in (tmp_path / "data" / "photos" / "metadata.jsonl").read_text().splitlines()]
+    shutil.move(tmp_path / "data" / "photos" / listed[2]["file_name"], tmp_path / "moved.png")
+    cells = [{"bytes": None, "path": f"photos/{listed[0]['file_name']}"},  # in the table's folder
+             {"bytes": None, "path": f"data/photos/{listed[1]['file_name']}"},  # in the working directory
+             {"bytes": None, "path": "moved.png"}, {"bytes": None, "path": "nowhere.png"},
+             {"bytes": None, "path": None}, None]
+    pq.write_table(pa.table({"text": [f"caption {i}" for i in range(6)], "image": cells}), tmp_path / "data" / "t.parquet")
+    monkeypatch.chdir(tmp_path)
+    rows = TableSource(tmp_path / "data" / "t.parquet").rows(0, 6)
+    whole = ImageFolderSource(tmp_path / "data" / "photos").rows(0, 2)
+    for row, expected in zip(rows, whole):
+        assert row.image_issue is None
+        np.testing.assert_array_equal(row.image, expected.image)
+    assert rows[2].image_issue is None and rows[2].image.shape == whole[0].image.shape
+    assert rows[3].image is None and rows[3].image_issue.startswith(
+        "unreadable image: FileNotFoundError: nowhere.png is in neither the table's folder")
+    assert [r.image_issue for r in rows[4:]] == ["missing image", "missing image"]

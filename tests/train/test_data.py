@@ -152,3 +152,26 @@ def test_a_hub_shaped_id_still_goes_to_datasets(monkeypatch):
     with pytest.raises(InputError, match="could not read training data 'owner/captions'.*ConnectionError"):
         load_pairs("owner/captions", 8)
     assert asked == ["owner/captions"]
+
+
+def test_relative_paths_as_datasets_exports_them_and_empty_image_cells(tmp_path, monkeypatch):
+    # ``Dataset.to_parquet`` writes an image loaded from a relative path as {"bytes": None, "path": ...}:
+    # that path was opened against the working directory, so the table failed anywhere but beside it
+    import pandas as pd
+
+    (tmp_path / "data" / "imgs").mkdir(parents=True)
+    (tmp_path / "data" / "imgs" / "red.png").write_bytes(_png((255, 0, 0)))
+    (tmp_path / "blue.png").write_bytes(_png((0, 0, 255)))  # relative to where the table was built
+    p = tmp_path / "data" / "d.parquet"
+    pd.DataFrame({"image": [{"bytes": None, "path": "imgs/red.png"}, {"bytes": None, "path": "blue.png"},
+                            {"bytes": None, "path": None}, None],
+                  "text": ["red", "blue", "no image", "none at all"]}).to_parquet(p)
+    monkeypatch.chdir(tmp_path)
+    images, captions, problems = load_pairs(str(p), 8)
+    assert captions == ["red", "blue"]
+    assert images[0, 0, 0].tolist() == [1.0, 0.0, 0.0] and images[1, 0, 0].tolist() == [0.0, 0.0, 1.0]
+    # an empty image cell stopped the run with AttributeError
+    assert problems == [{"row": 2, "problem": "missing image"}, {"row": 3, "problem": "missing image"}]
+    monkeypatch.chdir(tmp_path / "data")
+    _, captions, problems = load_pairs(str(p.name), 8)
+    assert captions == ["red"] and problems[0] == {"row": 1, "problem": "unreadable image: FileNotFoundError"}

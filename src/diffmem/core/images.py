@@ -10,6 +10,7 @@ from their full range instead.
 from __future__ import annotations
 
 import io
+import math
 from pathlib import Path
 
 import numpy as np
@@ -37,6 +38,32 @@ def open_image(data) -> Image.Image:
         grey = wide / 65535.0 if im.mode != "F" else _unit_float(wide)
         return Image.fromarray(np.clip(np.rint(grey * 255.0), 0, 255).astype(np.uint8)).convert("RGB")
     return im.convert("RGB")
+
+
+def image_cell(value, folder: str | Path | None = None):
+    """A table's image cell as :func:`open_image` takes it, or None when the cell is empty (None, NaN,
+    or ``datasets``' Image struct with neither bytes nor path).
+
+    A relative file path, plain or in that struct, is looked for in ``folder`` (the table's own, as an
+    image folder's metadata names its files) and else in the working directory, where ``datasets``
+    looks: ``Dataset.to_parquet`` writes an image it loaded from ``imgs/0.png`` as
+    ``{"bytes": None, "path": "imgs/0.png"}``, relative to wherever the dataset was built. A path in
+    neither place raises FileNotFoundError naming both."""
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return None
+    if isinstance(value, dict) and "bytes" in value and value["bytes"] is None:
+        value = value.get("path")
+        if value is None:
+            return None
+    if not isinstance(value, (str, Path)) or Path(value).is_absolute() or folder is None:
+        return value
+    in_folder = Path(folder) / value
+    if in_folder.exists():
+        return in_folder
+    if Path(value).exists():
+        return Path(value)
+    raise FileNotFoundError(f"{value} is in neither the table's folder {Path(folder).resolve()} "
+                            f"nor the working directory {Path.cwd()}")
 
 
 def centre_square(im: Image.Image, size: int) -> Image.Image:

@@ -33,7 +33,7 @@ import numpy as np
 
 from ..core.errors import InputError
 from ..core.prompts import csv_row_first_line, lone_surrogate, replace_lone_surrogates
-from ..core.images import image_array
+from ..core.images import image_array, image_cell
 
 CAPTION_COLUMNS = ("caption", "text", "prompt")
 IMAGE_COLUMNS = ("image", "file_name", "image_path", "path")
@@ -352,10 +352,7 @@ class TableSource(Source):
                 issue = "lone surrogate"
             row = ScanRow(i, cap, issue, image_key=None if self.key_column is None else str(rec[self.key_column]))
             if self.image_column is not None:
-                value = rec[self.image_column]
-                if isinstance(value, str) and not Path(value).is_absolute():
-                    value = self.path.parent / value
-                _fill_image(row, lambda: value, reduce)
+                _fill_image(row, lambda: image_cell(rec[self.image_column], self.path.parent), reduce)
             out.append(row)
         return out
 
@@ -462,7 +459,7 @@ class HFDatasetSource(Source):
             cap, issue = _caption(rec[self.caption_column] if self.caption_column is not None else None)
             row = ScanRow(i, cap, issue, image_key=None if self.key_column is None else str(rec[self.key_column]))
             if self.image_column is not None:
-                _fill_image(row, lambda: rec[self.image_column], reduce)
+                _fill_image(row, lambda: image_cell(rec[self.image_column]), reduce)
             out.append(row)
         return out
 

@@ -16,7 +16,7 @@ import numpy as np
 from PIL import Image, UnidentifiedImageError
 
 from ..core.errors import InputError
-from ..core.images import centre_square, open_image
+from ..core.images import centre_square, image_cell, open_image
 
 CAPTION_COLUMNS = ("text", "caption", "prompt")
 
@@ -114,10 +114,11 @@ def iter_pairs(source: str, size: int, caption_column: str | None = None, image_
         if caption is None or not caption.strip():
             problems.append({"row": i, "problem": "empty caption"})
             continue
-        img = row[image_column]
-        if isinstance(img, str) and not Path(img).is_absolute():
-            img = base / img
         try:
+            img = image_cell(row[image_column], base)
+            if img is None:
+                problems.append({"row": i, "problem": "missing image"})
+                continue
             images.append(_to_array(img, size))
         except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError) as e:
             problems.append({"row": i, "problem": f"unreadable image: {type(e).__name__}"})
