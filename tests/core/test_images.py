@@ -123,7 +123,14 @@ def test_an_image_cell_is_found_in_the_tables_folder_then_the_working_directory(
     assert image_cell({"bytes": None, "path": "a.png"}, tmp_path / "table") == tmp_path / "table" / "a.png"
     assert image_cell({"bytes": None, "path": "b.png"}, "table") == Path("b.png")
     assert image_cell({"bytes": b"png", "path": "b.png"}, "table") == {"bytes": b"png", "path": "b.png"}
-    for empty in (None, float("nan"), {"bytes": None, "path": None}):
+    for empty in (None, float("nan"), {"bytes": None, "path": None}, "", "  "):
         assert image_cell(empty, "table") is None
     with pytest.raises(FileNotFoundError, match=r"c\.png is in neither the table's folder .*table nor the working directory"):
         image_cell("c.png", "table")
+
+
+@pytest.mark.parametrize("cell", [7, 2.5, [[0, 1], [1, 0]], {"path": "a.png"}])
+def test_an_image_of_a_type_no_reader_takes_is_named_by_its_type(cell):
+    # Pillow's own error was "'int' object has no attribute 'read'"
+    with pytest.raises(TypeError, match=f"an image is read from a file path, .* not {type(cell).__name__}$"):
+        open_image(cell)

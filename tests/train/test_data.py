@@ -175,3 +175,14 @@ def test_relative_paths_as_datasets_exports_them_and_empty_image_cells(tmp_path,
     monkeypatch.chdir(tmp_path / "data")
     _, captions, problems = load_pairs(str(p.name), 8)
     assert captions == ["red"] and problems[0] == {"row": 1, "problem": "unreadable image: FileNotFoundError"}
+
+
+def test_an_image_cell_of_another_type_or_blank_is_a_problem_row_not_a_crash(tmp_path):
+    # an int or a list in the image column stopped the run with Pillow's AttributeError ('int' object
+    # has no attribute 'read'), and a blank path opened the table's folder as an image
+    (tmp_path / "x.png").write_bytes(_png((0, 0, 0)))
+    rows = [{"image": "x.png", "text": "black"}, {"image": 7, "text": "a number"}, {"image": "", "text": "blank"}]
+    (tmp_path / "d.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
+    _, captions, problems = load_pairs(str(tmp_path / "d.jsonl"), 8)
+    assert captions == ["black"]
+    assert problems == [{"row": 1, "problem": "unreadable image: TypeError"}, {"row": 2, "problem": "missing image"}]

@@ -29,6 +29,9 @@ def open_image(data) -> Image.Image:
         data = io.BytesIO(data)
     if isinstance(data, Path):
         data = str(data)
+    if not isinstance(data, (str, Image.Image)) and not hasattr(data, "read"):  # else Pillow's "'int' object has no attribute 'read'"
+        raise TypeError(f"an image is read from a file path, encoded bytes, a datasets Image dict or a PIL image, "
+                        f"not {type(data).__name__}")
     im = data if isinstance(data, Image.Image) else Image.open(data)
     im.load()
     if im.getexif().get(_ORIENTATION, 1) != 1:
@@ -42,7 +45,7 @@ def open_image(data) -> Image.Image:
 
 def image_cell(value, folder: str | Path | None = None):
     """A table's image cell as :func:`open_image` takes it, or None when the cell is empty (None, NaN,
-    or ``datasets``' Image struct with neither bytes nor path).
+    a blank string, or ``datasets``' Image struct with neither bytes nor path).
 
     A relative file path, plain or in that struct, is looked for in ``folder`` (the table's own, as an
     image folder's metadata names its files) and else in the working directory, where ``datasets``
@@ -55,6 +58,8 @@ def image_cell(value, folder: str | Path | None = None):
         value = value.get("path")
         if value is None:
             return None
+    if isinstance(value, str) and not value.strip():  # as a CSV or JSON file leaves an empty cell
+        return None
     if not isinstance(value, (str, Path)) or Path(value).is_absolute() or folder is None:
         return value
     in_folder = Path(folder) / value

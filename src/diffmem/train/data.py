@@ -120,7 +120,7 @@ def iter_pairs(source: str, size: int, caption_column: str | None = None, image_
                 problems.append({"row": i, "problem": "missing image"})
                 continue
             images.append(_to_array(img, size))
-        except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError) as e:
+        except (UnidentifiedImageError, OSError, ValueError, TypeError, Image.DecompressionBombError) as e:
             problems.append({"row": i, "problem": f"unreadable image: {type(e).__name__}"})
             continue
         captions.append(caption)
