@@ -186,3 +186,17 @@ def test_an_image_cell_of_another_type_or_blank_is_a_problem_row_not_a_crash(tmp
     _, captions, problems = load_pairs(str(tmp_path / "d.jsonl"), 8)
     assert captions == ["black"]
     assert problems == [{"row": 1, "problem": "unreadable image: TypeError"}, {"row": 2, "problem": "missing image"}]
+
+
+def test_a_csv_table_trains_as_the_scan_reads_it(tmp_path):
+    # a curator's .csv of paths and captions could be scanned but not trained on ("use a folder,
+    # .parquet or .jsonl"); its suffix is read in any case, as the scan reads it
+    (tmp_path / "imgs").mkdir()
+    (tmp_path / "imgs" / "r.png").write_bytes(_png((255, 0, 0)))
+    (tmp_path / "d.CSV").write_text('image,text\nimgs/r.png,"a red square, small"\n,no image\nimgs/r.png,\n')
+    images, captions, problems = load_pairs(str(tmp_path / "d.CSV"), 8)
+    assert captions == ["a red square, small"] and images[0, 0, 0].tolist() == [1.0, 0.0, 0.0]
+    assert problems == [{"row": 1, "problem": "missing image"}, {"row": 2, "problem": "empty caption"}]
+    (tmp_path / "d.tsv").write_text("image\ttext\n")
+    with pytest.raises(InputError, match=r"unsupported data file d.tsv: use a folder, .parquet, .jsonl or .csv"):
+        load_pairs(str(tmp_path / "d.tsv"), 8)

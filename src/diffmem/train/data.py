@@ -3,7 +3,7 @@
 - ``memlab``: the MemLab training set (built from its seed);
 - a folder of images with ``metadata.jsonl`` or ``metadata.csv`` (``file_name`` + caption
   column): the ``imagefolder`` layout;
-- a ``.parquet`` or ``.jsonl`` file whose image column holds image bytes or paths;
+- a ``.parquet``, ``.jsonl`` or ``.csv`` file whose image column holds image bytes or paths;
 - a folder written by ``datasets.Dataset.save_to_disk``, or a hub dataset id (cached locally).
 """
 
@@ -40,16 +40,19 @@ def _open_hf(source: str):
                 raise InputError(f"{p} has no metadata.jsonl or metadata.csv: an image folder needs captions "
                                  "(columns file_name and text/caption)")
             return datasets.load_dataset("imagefolder", data_dir=str(p), split="train")
-        if p.suffix == ".parquet":
+        suffix = p.suffix.lower()  # D.PARQUET as the scan reads it
+        if suffix == ".parquet":
             return datasets.load_dataset("parquet", data_files=str(p), split="train")
-        if p.suffix in (".jsonl", ".json"):
+        if suffix in (".jsonl", ".json"):
             return datasets.load_dataset("json", data_files=str(p), split="train")
+        if suffix == ".csv":  # a table the scan reads, so one a curator scanned can be trained on
+            return datasets.load_dataset("csv", data_files=str(p), split="train")
         if p.exists():
-            raise InputError(f"unsupported data file {p.name}: use a folder, .parquet or .jsonl")
+            raise InputError(f"unsupported data file {p.name}: use a folder, .parquet, .jsonl or .csv")
         if looks_like_path(source):
             # not an owner/name hub id: asking the hub would only retry for half a minute and fail
             raise InputError(f"training data not found: {source} (give 'memlab', an image folder with metadata, "
-                             "a .parquet / .jsonl file, a saved datasets folder or a hub dataset id owner/name)")
+                             "a .parquet / .jsonl / .csv file, a saved datasets folder or a hub dataset id owner/name)")
         return datasets.load_dataset(source, split="train")
     except InputError:
         raise

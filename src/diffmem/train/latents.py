@@ -8,9 +8,9 @@ nothing again.
 The saved parts are reused only for the same source, read the same way (resolution, columns), by
 the same VAE weights (a fingerprint of every tensor; keys saved before it held only decoder tensors
 and are taken as they are, then keyed anew). A local source is identified by the names, sizes and
-modification times of its files (for a ``.parquet`` / ``.jsonl`` table, of the table itself: images
-it names by path elsewhere are not looked at); a hub dataset and MemLab are always encoded afresh
-(MemLab takes seconds).
+modification times of its files (for a ``.parquet`` / ``.jsonl`` / ``.csv`` table, of the table
+itself: images it names by path elsewhere are not looked at); a hub dataset and MemLab are always
+encoded afresh (MemLab takes seconds).
 """
 
 from __future__ import annotations
