@@ -122,6 +122,7 @@ def test_an_image_cell_is_found_in_the_tables_folder_then_the_working_directory(
     assert image_cell("a.png", tmp_path / "table") == tmp_path / "table" / "a.png"
     assert image_cell({"bytes": None, "path": "a.png"}, tmp_path / "table") == tmp_path / "table" / "a.png"
     assert image_cell({"bytes": None, "path": "b.png"}, "table") == Path("b.png")
+    assert image_cell("b.png", "table", working_directory=False) == Path("table") / "b.png"  # an image folder's own
     assert image_cell({"bytes": b"png", "path": "b.png"}, "table") == {"bytes": b"png", "path": "b.png"}
     for empty in (None, float("nan"), {"bytes": None, "path": None}, "", "  "):
         assert image_cell(empty, "table") is None

@@ -783,3 +783,8 @@ def test_image_paths_in_datasets_image_cells_are_found_as_plain_paths_are(tmp_pa
     assert rows[3].image is None and rows[3].image_issue.startswith(
         "unreadable image: FileNotFoundError: nowhere.png is in neither the table's folder")
     assert [r.image_issue for r in rows[4:]] == ["missing image", "missing image"]
+    # an image folder's metadata names its own files alone, as datasets' imagefolder reads it: one
+    # missing from the folder is not taken from the working directory, whatever lies there
+    shutil.copy(tmp_path / "moved.png", tmp_path / listed[2]["file_name"])
+    missing = ImageFolderSource(tmp_path / "data" / "photos").rows(2, 3)[0]
+    assert missing.image is None and missing.image_issue.startswith("unreadable image: FileNotFoundError: [Errno 2]")

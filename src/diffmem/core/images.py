@@ -43,7 +43,7 @@ def open_image(data) -> Image.Image:
     return im.convert("RGB")
 
 
-def image_cell(value, folder: str | Path | None = None):
+def image_cell(value, folder: str | Path | None = None, working_directory: bool = True):
     """A table's image cell as :func:`open_image` takes it, or None when the cell is empty (None, NaN,
     a blank string, or ``datasets``' Image struct with neither bytes nor path).
 
@@ -51,7 +51,9 @@ def image_cell(value, folder: str | Path | None = None):
     image folder's metadata names its files) and else in the working directory, where ``datasets``
     looks: ``Dataset.to_parquet`` writes an image it loaded from ``imgs/0.png`` as
     ``{"bytes": None, "path": "imgs/0.png"}``, relative to wherever the dataset was built. A path in
-    neither place raises FileNotFoundError naming both."""
+    neither place raises FileNotFoundError naming both. ``working_directory=False`` looks in ``folder``
+    alone: an image folder's metadata names only its own files, and a missing one must not be taken
+    from wherever the command runs."""
     if value is None or (isinstance(value, float) and math.isnan(value)):
         return None
     if isinstance(value, dict) and "bytes" in value and value["bytes"] is None:
@@ -63,7 +65,7 @@ def image_cell(value, folder: str | Path | None = None):
     if not isinstance(value, (str, Path)) or Path(value).is_absolute() or folder is None:
         return value
     in_folder = Path(folder) / value
-    if in_folder.exists():
+    if in_folder.exists() or not working_directory:
         return in_folder
     if Path(value).exists():
         return Path(value)

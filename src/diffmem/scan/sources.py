@@ -209,7 +209,8 @@ class ImageFolderSource(Source):
             raise InputError(f"dataset folder not found: {self.folder}")
         meta = next((self.folder / n for n in ("metadata.jsonl", "metadata.csv") if (self.folder / n).exists()), None)
         if meta is not None:
-            table = TableSource(meta, caption_column=caption_column, image_column="file_name", captions=captions)
+            table = TableSource(meta, caption_column=caption_column, image_column="file_name", captions=captions,
+                                working_directory=False)  # as datasets' imagefolder: its own files alone
             self._table = table
         else:
             self._table = None
@@ -246,8 +247,9 @@ class TableSource(Source):
     """Rows of a ``.parquet``, ``.jsonl`` or ``.csv`` file."""
 
     def __init__(self, path: str | Path, caption_column: str | None = None, image_column: str | None = None,
-                 key_column: str | None = None, captions: bool = True):
+                 key_column: str | None = None, captions: bool = True, working_directory: bool = True):
         self.path = Path(path)
+        self.working_directory = working_directory  # also where a relative image path is looked for (core.images.image_cell)
         if not self.path.exists():
             raise InputError(f"dataset file not found: {self.path}")
         suffix = self.path.suffix.lower()
@@ -352,7 +354,8 @@ class TableSource(Source):
                 issue = "lone surrogate"
             row = ScanRow(i, cap, issue, image_key=None if self.key_column is None else str(rec[self.key_column]))
             if self.image_column is not None:
-                _fill_image(row, lambda: image_cell(rec[self.image_column], self.path.parent), reduce)
+                _fill_image(row, lambda: image_cell(rec[self.image_column], self.path.parent, self.working_directory),
+                            reduce)
             out.append(row)
         return out
 
