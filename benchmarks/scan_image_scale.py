@@ -25,10 +25,11 @@ the result. Its peak memory is the pass's, the whole scan's at scale (pass 1 hol
 from __future__ import annotations
 
 import argparse
-import resource
 import time
 
 import numpy as np
+
+from diffmem.bench.memory import peak_rss_mb
 
 
 def main(argv=None):
@@ -49,11 +50,11 @@ def main(argv=None):
     from diffmem.scan.image_duplicates import image_clusters, neighbour_recall
 
     thumbs, phash = planted_thumbnails(args.rows, args.copies)
-    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    before = peak_rss_mb()
     t0 = time.perf_counter()
     res = image_clusters(phash, thumbs, np.ones(args.rows, bool), index=args.index)
     seconds = time.perf_counter() - t0
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    peak = peak_rss_mb()
     figures = {"rows": args.rows, "index": args.index, "seconds": seconds, "peak_rss_mb": peak,
                "rss_before_mb": before, "planted_group_found": planted_group_found(res.labels, args.copies),
                "clusters": len(res.sizes)}
@@ -128,12 +129,12 @@ def whole_scan(args) -> None:
     from diffmem.scan.scanner import DatasetScanner
 
     folder = Path(args.whole_scan)
-    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    before = peak_rss_mb()
     t0 = time.perf_counter()
     result = DatasetScanner(str(folder / "images.parquet"), folder / "work", checks=("image_duplicates",),
                             image_index=args.index, progress=False).scan()
     seconds = time.perf_counter() - t0
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    peak = peak_rss_mb()
     found = planted_group_found(result.rows["image_cluster"].to_numpy(), args.copies)
     figures = {"rows": args.rows, "index": args.index, "whole_scan_pass2_seconds": seconds, "peak_rss_mb": peak,
                "rss_before_mb": before, "planted_group_found": found}

@@ -32,6 +32,8 @@ from pathlib import Path
 
 import numpy as np
 
+from diffmem.bench.memory import peak_rss_mb
+
 
 def _photos(n: int, width: int, height: int, grain: float, seed: int = 0):
     """(file name, JPEG bytes, caption) of each synthetic photo, one at a time."""
@@ -73,12 +75,6 @@ def write_parquet(path: Path, n: int, width: int, height: int, grain: float = 0,
     return path
 
 
-def _peak_mb() -> float:
-    from diffmem.bench.memory import peak_rss_mb
-
-    return peak_rss_mb()  # the child's own: ru_maxrss would start at the peak of the parent that wrote the photos
-
-
 def run_one(data: Path, work: Path) -> dict:
     """In this process: the data opened and the scan's first pass, then its features read back."""
     from diffmem.scan import DatasetScanner
@@ -86,13 +82,15 @@ def run_one(data: Path, work: Path) -> dict:
     for module in ("torch", "pandas", "pyarrow.parquet"):  # what opening the data imports, before the baseline
         importlib.import_module(module)
 
-    before = _peak_mb()  # before the data is opened: a table was read whole there
+    # before the data is opened (a table was read whole there); the child's own peak: ru_maxrss would
+    # start at the peak of the parent that wrote the photos
+    before = peak_rss_mb()
     t0 = time.perf_counter()
     scanner = DatasetScanner(str(data), work, checks=("image_duplicates", "caption_duplicates"), progress=False)
     scanner.run_pass1()
     seconds = time.perf_counter() - t0
     features, _ = scanner.load_features()
-    return {"seconds": seconds, "peak_growth_mb": _peak_mb() - before, "rows": len(features),
+    return {"seconds": seconds, "peak_growth_mb": peak_rss_mb() - before, "rows": len(features),
             "with_image": int(features["has_image"].sum())}
 
 

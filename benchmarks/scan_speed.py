@@ -19,11 +19,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import resource
 import tempfile
 import time
 
 import numpy as np
+
+from diffmem.bench.memory import peak_rss_mb
 
 
 def synthetic(rows: int, seed: int = 0, triggers: int = 200, per_trigger: int = 30, decoys: int = 200,
@@ -92,7 +93,7 @@ def main(argv=None):
     t0 = time.perf_counter()
     captions, keys, planted, long_groups = synthetic(args.rows)
     t_build = time.perf_counter() - t0
-    rss_after_build = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+    rss_after_build = peak_rss_mb() / 1024
     with tempfile.TemporaryDirectory() as work:
         t1 = time.perf_counter()
         scanner = DatasetScanner(ListSource(captions, image_keys=keys, name="synthetic"), work,
@@ -112,7 +113,7 @@ def main(argv=None):
         "scan_pass1_seconds": round(t_pass1, 1),
         "scan_pass2_seconds": round(t_pass2, 1),
         "scan_total_seconds": round(t_pass1 + t_pass2, 1),
-        "peak_rss_gib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 2),
+        "peak_rss_gib": round(peak_rss_mb() / 1024, 2),
         "rss_after_building_captions_gib": round(rss_after_build, 2),
         "trigger_recall": hit / len(planted),
         "trigger_precision": hit / max(len(found), 1),

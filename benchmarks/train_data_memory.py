@@ -25,6 +25,8 @@ from pathlib import Path
 
 import numpy as np
 
+from diffmem.bench.memory import peak_rss_mb
+
 
 MODES = ("all-at-once", "chunked", "resumed")
 
@@ -43,12 +45,6 @@ def write_folder(folder: Path, n: int, size: int, seed: int = 0) -> None:
     (folder / "metadata.jsonl").write_text("\n".join(rows) + "\n")
 
 
-def _peak_mb() -> float:
-    from diffmem.bench.memory import peak_rss_mb
-
-    return peak_rss_mb()  # the child's own: ru_maxrss would start at the peak of the parent that wrote the images
-
-
 def run_one(folder: Path, size: int, mode: str, parts: Path) -> dict:
     """In this process: load the MemLab VAE, then prepare the data ``mode``'s way."""
     import torch
@@ -61,7 +57,7 @@ def run_one(folder: Path, size: int, mode: str, parts: Path) -> dict:
     torch.set_num_threads(2)
     pipe = load_pipeline("memlab")
     encode_images(pipe, np.zeros((1, size, size, 3), np.float32))  # warm the VAE's buffers before the baseline
-    base = _peak_mb()
+    base = peak_rss_mb()  # the child's own: ru_maxrss would start at the peak of the parent that wrote the images
     start = time.perf_counter()
     if mode == "all-at-once":
         images, captions, _ = load_pairs(str(folder), size)
@@ -69,7 +65,7 @@ def run_one(folder: Path, size: int, mode: str, parts: Path) -> dict:
         del images
     else:  # "chunked" encodes and saves the parts; "resumed" finds them saved
         latents, captions, _ = encode_source(pipe, str(folder), size, folder=parts)
-    return {"mode": mode, "seconds": round(time.perf_counter() - start, 1), "peak_growth_mb": round(_peak_mb() - base, 1),
+    return {"mode": mode, "seconds": round(time.perf_counter() - start, 1), "peak_growth_mb": round(peak_rss_mb() - base, 1),
             "rows": len(captions), "latents_mb": round(latents.numel() * 4 / 2**20, 1),
             "pixels_mb": round(len(captions) * size * size * 3 * 4 / 2**20, 1),
             "latents_sha": __import__("hashlib").sha256(latents.numpy().tobytes()).hexdigest()[:16]}
