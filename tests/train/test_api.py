@@ -15,7 +15,7 @@ def test_skipped_rows_are_warned_and_a_fixed_rerun_leaves_no_stale_list(tmp_path
     data = colour_folder_with_a_broken_row
     out = tmp_path / "out"
     common = dict(steps=1, batch_size=2, checkpoint_every=0, progress=False)
-    with pytest.warns(UserWarning, match=r"1 of 4 rows of .* skipped \(the first: row 3, unreadable image"):
+    with pytest.warns(UserWarning, match=r"1 of 4 rows of .* skipped \(the first: row 3, unreadable image: \w+ \(.*broken\.png"):
         train_pipeline(str(tiny_pipe_dir), str(data), out, **common)
     assert [p["row"] for p in json.loads((out / "data_problems.json").read_text())] == [3]
 

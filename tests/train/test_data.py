@@ -6,7 +6,7 @@ import pytest
 from PIL import Image
 
 from diffmem.core.errors import InputError
-from diffmem.train.data import load_pairs
+from diffmem.train.data import describe_problem, load_pairs
 
 
 def _png(colour, size=20):
@@ -36,6 +36,18 @@ def test_image_folder_with_bad_rows_recorded_not_fatal(image_folder):
     assert np.allclose(images[0, 8, 8], [1, 0, 0], atol=0.02)
     kinds = sorted(p["problem"].split(":")[0] for p in problems)
     assert kinds == ["empty caption", "unreadable image"]
+
+
+def test_an_unreadable_image_problem_row_names_the_file_and_the_reason(image_folder):
+    # the rows said "unreadable image: FileNotFoundError" and no more: with thousands of rows the
+    # curator could not tell which file to mend, where the scan's rows say it
+    (image_folder / "a.png").unlink()
+    _, _, problems = load_pairs(str(image_folder), 16)
+    by_row = {p["row"]: p for p in problems}
+    assert by_row[0]["problem"] == "unreadable image: FileNotFoundError" and "a.png" in by_row[0]["detail"]
+    assert by_row[2]["problem"] == "unreadable image: UnidentifiedImageError" and "broken.png" in by_row[2]["detail"]
+    assert describe_problem(by_row[0]).startswith("unreadable image: FileNotFoundError (") and "a.png" in describe_problem(by_row[0])
+    assert describe_problem({"row": 3, "problem": "empty caption"}) == "empty caption"
 
 
 def test_pairs_come_in_chunks_that_add_up_to_the_whole(image_folder):
@@ -72,7 +84,8 @@ def test_a_decompression_bomb_is_a_problem_row_not_a_crash(tmp_path):
     (d / "metadata.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
     images, captions, problems = load_pairs(str(d), 8)
     assert captions == ["a red square"] and images.shape == (1, 8, 8, 3)
-    assert problems == [{"row": 0, "problem": "unreadable image: DecompressionBombError"}]
+    assert [(p["row"], p["problem"]) for p in problems] == [(0, "unreadable image: DecompressionBombError")]
+    assert "exceeds limit" in problems[0]["detail"]
 
 
 def test_a_caption_that_is_not_text_is_named_so(tmp_path):
@@ -174,7 +187,8 @@ def test_relative_paths_as_datasets_exports_them_and_empty_image_cells(tmp_path,
     assert problems == [{"row": 2, "problem": "missing image"}, {"row": 3, "problem": "missing image"}]
     monkeypatch.chdir(tmp_path / "data")
     _, captions, problems = load_pairs(str(p.name), 8)
-    assert captions == ["red"] and problems[0] == {"row": 1, "problem": "unreadable image: FileNotFoundError"}
+    assert captions == ["red"] and problems[0]["row"] == 1
+    assert problems[0]["problem"] == "unreadable image: FileNotFoundError" and "blue.png is in neither" in problems[0]["detail"]
 
 
 def test_an_image_cell_of_another_type_or_blank_is_a_problem_row_not_a_crash(tmp_path):
@@ -185,7 +199,8 @@ def test_an_image_cell_of_another_type_or_blank_is_a_problem_row_not_a_crash(tmp
     (tmp_path / "d.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
     _, captions, problems = load_pairs(str(tmp_path / "d.jsonl"), 8)
     assert captions == ["black"]
-    assert problems == [{"row": 1, "problem": "unreadable image: TypeError"}, {"row": 2, "problem": "missing image"}]
+    assert [(p["row"], p["problem"]) for p in problems] == [(1, "unreadable image: TypeError"), (2, "missing image")]
+    assert "not int" in problems[0]["detail"] and "detail" not in problems[1]
 
 
 def test_a_csv_table_trains_as_the_scan_reads_it(tmp_path):

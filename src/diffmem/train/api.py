@@ -6,6 +6,7 @@ from pathlib import Path
 
 from ..core.errors import InputError
 from ..core.results import dump_json, finish_replace, folder_held, foreign_folder, replace_folder
+from .data import describe_problem
 from .latents import check_latents_folder, encode_source
 from .trainer import TrainConfig, TrainData, Trainer, checkpoint_state
 
@@ -67,7 +68,7 @@ def train_pipeline(model: str, data: str, out: str | Path, steps: int = 1000, ba
             # said before the long training starts, not only in a file: the user may be training on far less than they think
             first = problems[0]
             warnings.warn(f"{len(problems)} of {len(problems) + len(captions)} rows of {data} skipped (the first: row "
-                          f"{first['row']}, {first['problem']}); all are listed in {out / 'data_problems.json'}", stacklevel=2)
+                          f"{first['row']}, {describe_problem(first)}); all are listed in {out / 'data_problems.json'}", stacklevel=2)
         else:  # a list left by an earlier run, on data since mended, would name problems that are gone
             (out / "data_problems.json").unlink(missing_ok=True)
         trainer.run(progress=progress)

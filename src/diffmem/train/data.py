@@ -124,7 +124,8 @@ def iter_pairs(source: str, size: int, caption_column: str | None = None, image_
                 continue
             images.append(_to_array(img, size))
         except (UnidentifiedImageError, OSError, ValueError, TypeError, Image.DecompressionBombError) as e:
-            problems.append({"row": i, "problem": f"unreadable image: {type(e).__name__}"})
+            # the kind to count by, and Pillow's or the OS's words, which name the file, to mend it by
+            problems.append({"row": i, "problem": f"unreadable image: {type(e).__name__}", "detail": _first_line(e)})
             continue
         captions.append(caption)
         used += 1
@@ -134,7 +135,7 @@ def iter_pairs(source: str, size: int, caption_column: str | None = None, image_
     if images:
         yield np.stack(images), captions, next_row
     if not used and not start:
-        first = f", the first: row {problems[0]['row']}, {problems[0]['problem']}" if problems else ""
+        first = f", the first: row {problems[0]['row']}, {describe_problem(problems[0])}" if problems else ""
         raise InputError(f"no usable image-caption pairs in {source} ({len(problems)} problem rows{first})")
 
 
@@ -144,3 +145,13 @@ def load_pairs(source: str, size: int, caption_column: str | None = None, image_
     problems: list[dict] = []
     chunks = list(iter_pairs(source, size, caption_column, image_column, limit, problems=problems))
     return np.concatenate([c[0] for c in chunks]), [c for _, caps, _ in chunks for c in caps], problems
+
+
+def describe_problem(problem: dict) -> str:
+    """A problem row as a person reads it: its kind, then its detail where there is one."""
+    return f"{problem['problem']} ({problem['detail']})" if problem.get("detail") else problem["problem"]
+
+
+def _first_line(error: Exception) -> str:
+    lines = str(error).splitlines()
+    return lines[0][:300] if lines else ""
