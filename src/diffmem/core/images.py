@@ -43,6 +43,11 @@ def open_image(data) -> Image.Image:
     return im.convert("RGB")
 
 
+def empty_cell(value) -> bool:
+    """A table cell that holds nothing: None, or NaN as pandas holds one."""
+    return value is None or (isinstance(value, float) and math.isnan(value))
+
+
 def image_cell(value, folder: str | Path | None = None, working_directory: bool = True):
     """A table's image cell as :func:`open_image` takes it, or None when the cell is empty (None, NaN,
     a blank string, or ``datasets``' Image struct with neither bytes nor path).
@@ -54,7 +59,7 @@ def image_cell(value, folder: str | Path | None = None, working_directory: bool 
     neither place raises FileNotFoundError naming both. ``working_directory=False`` looks in ``folder``
     alone: an image folder's metadata names only its own files, and a missing one must not be taken
     from wherever the command runs."""
-    if value is None or (isinstance(value, float) and math.isnan(value)):
+    if empty_cell(value):
         return None
     if isinstance(value, dict) and "bytes" in value and value["bytes"] is None:
         value = value.get("path")

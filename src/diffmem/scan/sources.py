@@ -33,7 +33,7 @@ import numpy as np
 
 from ..core.errors import InputError
 from ..core.prompts import csv_row_first_line, lone_surrogate, replace_lone_surrogates
-from ..core.images import image_array, image_cell
+from ..core.images import empty_cell, image_array, image_cell
 
 CAPTION_COLUMNS = ("caption", "text", "prompt")
 IMAGE_COLUMNS = ("image", "file_name", "image_path", "path")
@@ -59,13 +59,8 @@ def load_image(data) -> np.ndarray:
     return image_array(data)
 
 
-def _missing(value) -> bool:
-    """An empty cell: None, or NaN as pandas holds one."""
-    return value is None or (isinstance(value, float) and np.isnan(value))
-
-
 def _caption(value) -> tuple[str | None, str | None]:
-    if _missing(value):
+    if empty_cell(value):
         return None, "missing"
     if isinstance(value, bytes):
         try:
@@ -177,7 +172,7 @@ class ListSource(Source):
 def _fill_image(row: ScanRow, get, reduce=None) -> None:
     try:
         value = get()
-        if _missing(value):
+        if empty_cell(value):
             row.image_issue = "missing image"
             return
         row.image = load_image(value)
