@@ -446,7 +446,7 @@ def mitigate(
     lora_scale: Optional[List[float]] = LORA_SCALE,
     textual_inversion: Optional[List[str]] = TEXTUAL_INVERSION,
     train_images: Optional[str] = typer.Option(None, help="measure replication against these training images (an image "
-                                               "folder, .parquet / .jsonl / .csv table or saved datasets folder), on any "
+                                               "folder, .parquet / .jsonl / .csv table, WebDataset .tar shards or saved datasets folder), on any "
                                                "model (MemLab models are measured by their manifest without it)"),
     image_column: Optional[str] = typer.Option(None, help="image column of a --train-images table"),
     sscd: Optional[Path] = typer.Option(None, help="SSCD TorchScript file for --train-images (cosine >= 0.5 is a copy); "
@@ -826,7 +826,8 @@ def train(
 
 @app.command()
 def scan(
-    dataset: str = typer.Argument(..., help="memlab, an image folder (metadata.jsonl/csv or .txt captions), a .parquet/.jsonl/.csv file, or a saved datasets folder"),
+    dataset: str = typer.Argument(..., help="memlab, an image folder (metadata.jsonl/csv or .txt captions), a .parquet/.jsonl/.csv file, "
+                                 "WebDataset .tar shards (a shard or a folder of them), or a saved datasets folder"),
     out: Path = typer.Option(..., help="output folder: results, report, and the resumable shard files"),
     checks: str = typer.Option(",".join(("image_duplicates", "caption_duplicates", "triggers")),
                                help="comma-separated: image_duplicates, caption_duplicates, triggers, memorization"),

@@ -13,6 +13,8 @@ Sources:
   an image column (a path, or encoded bytes) or an image key (a URL or hash that identifies the
   image, for text-only scans).
 - ``HFDatasetSource``: a ``datasets.Dataset`` object or a folder saved with ``save_to_disk``.
+- ``WebDatasetSource``: WebDataset ``.tar`` shards (img2dataset's ``webdataset`` output), a shard
+  or a folder of them, read in place.
 
 Problems inside a row (an unreadable image, a missing or non-UTF-8 caption) are recorded on the
 row and never stop the stream; problems with the dataset itself (no such file, zero rows, no
@@ -45,7 +47,7 @@ IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".ti
 class ScanRow:
     row: int
     caption: str | None
-    caption_issue: str | None = None  # "missing", "empty", "not UTF-8", "lone surrogate", "not text (int)"
+    caption_issue: str | None = None  # "missing", "empty", "not UTF-8", "lone surrogate", "not text (int)", "unreadable"
     image: np.ndarray | None = None  # float32 (H, W, 3) in [0, 1]
     image_issue: str | None = None  # why the image could not be read
     image_key: str | None = None  # identity of the image when only a key is available
@@ -259,7 +261,7 @@ class TableSource(Source):
         elif suffix == ".csv":
             self.frame = self._read_csv()
         else:
-            raise InputError(f"unsupported dataset file {self.path.name}: use .parquet, .jsonl, .csv, an image folder or a saved datasets folder")
+            raise InputError(f"unsupported dataset file {self.path.name}: use .parquet, .jsonl, .csv, WebDataset .tar shards, an image folder or a saved datasets folder")
         if self.frame is not None:
             columns = self.frame.columns
         if len(self) == 0:
@@ -466,6 +468,131 @@ class HFDatasetSource(Source):
         return {"kind": "datasets", "fingerprint": fp, "rows": len(self), "caption_column": self.caption_column}
 
 
+class WebDatasetSource(Source):
+    """Samples of WebDataset ``.tar`` shards, as img2dataset writes a training set: a sample is the
+    files sharing a key (``000012.jpg``, ``000012.txt``, ``000012.json``), named by extension as
+    ``datasets``' webdataset loader names its columns. The caption is the ``.txt`` file, or else the
+    ``.json``'s caption / text / prompt; ``caption_column`` / ``image_column`` name another extension.
+
+    Each shard's headers are read once, seeking past the data, and a sample's files are read by
+    offset: a multi-GB shard is scanned in place, never unpacked. Compressed shards (``.tar.gz``)
+    cannot be read by offset and are refused."""
+
+    def __init__(self, path: str | Path, caption_column: str | None = None, image_column: str | None = None,
+                 captions: bool = True):
+        path = Path(path)
+        self.shards = sorted(path.glob("*.tar")) if path.is_dir() else [path]
+        if not self.shards:
+            raise InputError(f"{path} holds no .tar shards")
+        # per sample: (shard index, key, {extension: (offset, size)})
+        self.samples: list[tuple[int, str, dict[str, tuple[int, int]]]] = []
+        for k, shard in enumerate(self.shards):
+            self.samples += [(k, key, files) for key, files in _tar_samples(shard)]
+        if not self.samples:
+            raise InputError(f"{path} holds no samples: nothing to scan")
+        extensions = sorted({e for _, _, files in self.samples for e in files})
+        self.image_ext = _pick_extension(extensions, image_column, sorted(e[1:] for e in IMAGE_SUFFIXES), "image", path)
+        if caption_column is not None:
+            self.caption_ext = _pick_extension(extensions, caption_column, [], "caption", path)
+        else:
+            self.caption_ext = "txt" if "txt" in extensions else ("json" if "json" in extensions else None)
+            if self.caption_ext is None and captions:
+                raise InputError(f"{path} has no captions: no sample has a .txt or .json file (files: {extensions})")
+        self.caption_column = self.caption_ext
+
+    def __len__(self):
+        return len(self.samples)
+
+    @property
+    def has_images(self):
+        return self.image_ext is not None
+
+    reduces_as_it_reads = True
+
+    def rows(self, start, stop, reduce=None):
+        out, handles = [], {}
+        try:
+            for i in range(start, min(stop, len(self))):
+                k, key, files = self.samples[i]
+                if k not in handles:
+                    handles[k] = open(self.shards[k], "rb")
+                f = handles[k]
+                try:
+                    cap, issue = _caption(self._caption(f, files))
+                except OSError:  # as an unreadable image: a property of this row (a shard cut short), not of the scan
+                    cap, issue = None, "unreadable"
+                row = ScanRow(i, cap.strip() if isinstance(cap, str) else cap, issue)
+                _fill_image(row, lambda: _read_member(f, files.get(self.image_ext)), reduce)
+                out.append(row)
+        finally:
+            for f in handles.values():
+                f.close()
+        return out
+
+    def _caption(self, f, files):
+        if self.caption_ext is None or self.caption_ext not in files:
+            return None
+        raw = _read_member(f, files[self.caption_ext])
+        if self.caption_ext != "json":
+            return raw
+        try:
+            meta = json.loads(raw)
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            return None
+        return next((meta[c] for c in CAPTION_COLUMNS if isinstance(meta, dict) and c in meta), None)
+
+    def describe(self):
+        shards = [[str(p.resolve()), p.stat().st_size, int(p.stat().st_mtime)] for p in self.shards]
+        return {"kind": "webdataset", "shards": shards, "rows": len(self), "caption_column": self.caption_ext,
+                "image_column": self.image_ext}
+
+
+def _tar_samples(shard: Path) -> list[tuple[str, dict[str, tuple[int, int]]]]:
+    """(key, {extension: (data offset, size)}) of a shard's samples, in the order they first appear.
+    A key is the member's path up to the first dot of its file name, as WebDataset splits it."""
+    import tarfile
+
+    if shard.name.lower().endswith((".tar.gz", ".tgz", ".tar.bz2", ".tar.xz")):
+        raise InputError(f"{shard} is a compressed tar: its images cannot be read in place; decompress it to .tar")
+    samples: dict[str, dict[str, tuple[int, int]]] = {}
+    try:
+        with tarfile.open(shard, "r:") as tar:  # "r:": plain tar alone, so data offsets are file offsets
+            for m in tar:
+                if not m.isfile():
+                    continue
+                folder, _, name = m.name.rpartition("/")
+                if "." not in name or name.startswith("."):
+                    continue  # no extension, or a hidden file: no part of a sample
+                stem, ext = name.split(".", 1)
+                key = f"{folder}/{stem}" if folder else stem
+                samples.setdefault(key, {})[ext.lower()] = (m.offset_data, m.size)
+    except tarfile.TarError as e:
+        raise InputError(f"{shard} is not a readable tar file ({type(e).__name__}: {e})") from None
+    except OSError as e:
+        raise InputError(f"could not read {shard}: {e.strerror or e}") from None
+    return list(samples.items())
+
+
+def _pick_extension(extensions: list[str], wanted: str | None, defaults: list[str], what: str, where: Path):
+    if wanted is not None:
+        wanted = wanted.lower().lstrip(".")
+        if wanted not in extensions:
+            raise InputError(f"{where} has no {what} files .{wanted} (its samples' files: {extensions})")
+        return wanted
+    return next((e for e in defaults if e in extensions), None)
+
+
+def _read_member(f, place: tuple[int, int] | None) -> bytes | None:
+    if place is None:
+        return None
+    offset, size = place
+    f.seek(offset)
+    data = f.read(size)
+    if len(data) != size:  # a shard cut short after it was indexed
+        raise OSError(f"the shard ends {size - len(data)} bytes short of this file's end")
+    return data
+
+
 def _pick(columns, wanted, defaults, what, where, required=True):
     columns = list(columns)
     if wanted is not None:
@@ -490,11 +617,16 @@ def open_source(dataset, caption_column: str | None = None, image_column: str | 
         return MemLabSource()
     path = Path(dataset)
     if not path.exists():
-        raise InputError(f"dataset not found: {path} (give 'memlab', an image folder, a .parquet / .jsonl / .csv file or a saved datasets folder)")
+        raise InputError(f"dataset not found: {path} (give 'memlab', an image folder, a .parquet / .jsonl / .csv file, "
+                         "WebDataset .tar shards or a saved datasets folder)")
     if path.is_dir():
         if (path / "dataset_info.json").exists() or (path / "dataset_dict.json").exists():
             return HFDatasetSource(path, caption_column, image_column, captions)
+        if not any((path / n).exists() for n in ("metadata.jsonl", "metadata.csv")) and any(path.glob("*.tar")):
+            return WebDatasetSource(path, caption_column, image_column, captions)  # img2dataset's output folder
         return ImageFolderSource(path, caption_column, captions)
+    if path.name.lower().endswith((".tar", ".tar.gz", ".tgz", ".tar.bz2", ".tar.xz")):
+        return WebDatasetSource(path, caption_column, image_column, captions)
     return TableSource(path, caption_column, image_column, captions=captions)
 
 
@@ -506,4 +638,4 @@ def shards(source: Source, shard_size: int) -> Iterator[tuple[int, int, int]]:
 
 
 __all__ = ["ScanRow", "Source", "MemLabSource", "ListSource", "ImageFolderSource", "TableSource",
-           "HFDatasetSource", "open_source", "shards", "load_image"]
+           "HFDatasetSource", "WebDatasetSource", "open_source", "shards", "load_image"]

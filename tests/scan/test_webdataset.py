@@ -1,0 +1,123 @@
+"""WebDataset .tar shards (img2dataset's output) as a scan source, checked against the same samples
+read as an image folder."""
+
+import io
+import json
+import tarfile
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from diffmem.core.errors import InputError
+from diffmem.scan import DatasetScanner
+from diffmem.scan.sources import ImageFolderSource, WebDatasetSource, open_source
+
+
+def _png(seed: int) -> bytes:
+    rng = np.random.default_rng(seed)
+    buf = io.BytesIO()
+    Image.fromarray((rng.random((24, 24, 3)) * 255).astype(np.uint8)).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def _shard(path, members):
+    with tarfile.open(path, "w") as tar:
+        for name, data in members:
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+
+
+# (image seed, caption): samples 0 and 3 share an image, as a duplicated training image does
+SAMPLES = [(0, "a red barn at dawn"), (1, "a lighthouse"), (2, "a tabby cat"), (0, "a red barn at dawn, again"),
+           (4, "a bowl of ramen"), (5, "a mountain lake")]
+
+
+@pytest.fixture
+def same_samples_two_ways(tmp_path):
+    """The samples as two .tar shards in img2dataset's layout and as an image folder with metadata."""
+    shards, folder = tmp_path / "shards", tmp_path / "folder"
+    shards.mkdir()
+    folder.mkdir()
+    members = [[], []]
+    for i, (seed, caption) in enumerate(SAMPLES):
+        key = f"{i:09d}"
+        members[i // 3] += [(f"{key}.png", _png(seed)), (f"{key}.txt", caption.encode()),
+                            (f"{key}.json", json.dumps({"key": key, "caption": caption, "url": f"http://x/{i}"}).encode())]
+        (folder / f"{key}.png").write_bytes(_png(seed))
+    (folder / "metadata.jsonl").write_text("\n".join(json.dumps({"file_name": f"{i:09d}.png", "text": c})
+                                                     for i, (_, c) in enumerate(SAMPLES)))
+    for k, part in enumerate(members):
+        _shard(shards / f"{k:05d}.tar", part)
+    (shards / "00000.parquet").write_bytes(b"img2dataset's metadata table sits beside the shards")
+    return shards, folder
+
+
+def test_shards_give_the_rows_of_the_same_samples_as_an_image_folder(same_samples_two_ways):
+    shards, folder = same_samples_two_ways
+    source = open_source(shards)
+    assert isinstance(source, WebDatasetSource) and len(source) == len(SAMPLES)
+    from_tar, from_folder = source.rows(0, 6), ImageFolderSource(folder).rows(0, 6)
+    assert [r.caption for r in from_tar] == [c for _, c in SAMPLES]
+    for a, b in zip(from_tar, from_folder):
+        assert a.image_issue is None and a.caption_issue is None
+        np.testing.assert_array_equal(a.image, b.image)
+    # one shard alone is a source too, its rows numbered from 0
+    one = open_source(shards / "00001.tar")
+    assert [r.caption for r in one.rows(0, 10)] == [c for _, c in SAMPLES[3:]]
+
+
+def test_a_scan_of_the_shards_finds_the_duplicated_image_as_the_folder_scan_does(same_samples_two_ways, tmp_path):
+    shards, folder = same_samples_two_ways
+    tar_rows = DatasetScanner(shards, tmp_path / "a", progress=False).scan().rows.set_index("row")
+    folder_rows = DatasetScanner(folder, tmp_path / "b", progress=False).scan().rows.set_index("row")
+    assert tar_rows.loc[0, "image_cluster"] == tar_rows.loc[3, "image_cluster"] >= 0
+    np.testing.assert_array_equal(tar_rows["image_cluster"] >= 0, folder_rows["image_cluster"] >= 0)
+
+
+def test_captions_come_from_the_json_without_a_txt_and_a_sample_may_lack_a_part(tmp_path):
+    _shard(tmp_path / "s.tar", [("a.jpg", _png(1)), ("a.json", json.dumps({"caption": "from json"}).encode()),
+                                ("b.jpg", _png(2)),  # no caption at all
+                                ("c.json", json.dumps({"caption": "no image"}).encode()),
+                                ("d.jpg", b"not a jpeg"), ("d.json", json.dumps({"text": "broken"}).encode())])
+    rows = WebDatasetSource(tmp_path / "s.tar").rows(0, 4)
+    assert [(r.caption, r.caption_issue) for r in rows] == [("from json", None), (None, "missing"),
+                                                              ("no image", None), ("broken", None)]
+    assert rows[0].image is not None and rows[1].image is not None
+    assert rows[2].image_issue == "missing image" and rows[3].image_issue.startswith("unreadable image")
+
+
+def test_bad_shards_and_names_are_refused_clearly(tmp_path):
+    _shard(tmp_path / "s.tar", [("a.png", _png(1)), ("a.txt", b"a caption")])
+    with pytest.raises(InputError, match=r"no caption files \.cls .*\['png', 'txt'\]"):
+        WebDatasetSource(tmp_path / "s.tar", caption_column="cls")
+    with pytest.raises(InputError, match=r"no image files \.webp"):
+        WebDatasetSource(tmp_path / "s.tar", image_column=".webp")
+    (tmp_path / "junk.tar").write_bytes(b"not a tar file" * 100)
+    with pytest.raises(InputError, match="junk.tar is not a readable tar file"):
+        open_source(tmp_path / "junk.tar")
+    with tarfile.open(tmp_path / "s.tar.gz", "w:gz") as tar:
+        tar.add(tmp_path / "s.tar", arcname="s.tar")
+    with pytest.raises(InputError, match="is a compressed tar: .* decompress it to .tar"):
+        open_source(tmp_path / "s.tar.gz")
+    _shard(tmp_path / "nocaps.tar", [("a.png", _png(1))])
+    with pytest.raises(InputError, match=r"has no captions: no sample has a \.txt or \.json file \(files: \['png'\]\)"):
+        open_source(tmp_path / "nocaps.tar")
+    assert len(open_source(tmp_path / "nocaps.tar", captions=False)) == 1  # read for its images alone
+    (tmp_path / "empty").mkdir()
+    _shard(tmp_path / "empty" / "0.tar", [])
+    with pytest.raises(InputError, match="holds no samples"):
+        open_source(tmp_path / "empty")
+
+
+def test_a_shard_cut_short_after_it_was_indexed_makes_its_lost_rows_unreadable_not_fatal(tmp_path):
+    _shard(tmp_path / "s.tar", [("a.png", _png(1)), ("a.txt", b"first"), ("b.png", _png(2)), ("b.txt", b"second")])
+    source = WebDatasetSource(tmp_path / "s.tar")
+    offset, _ = source.samples[1][2]["png"]
+    with open(tmp_path / "s.tar", "r+b") as f:
+        f.truncate(offset + 10)
+    rows = source.rows(0, 2)
+    assert rows[0].image is not None and rows[0].caption == "first"
+    assert rows[1].image is None and rows[1].image_issue.startswith("unreadable image: OSError: the shard ends")
+    assert rows[1].caption is None and rows[1].caption_issue == "unreadable"
