@@ -157,3 +157,31 @@ def colour_folder_with_a_broken_row(tmp_path):
     rows.append({"file_name": "broken.png", "text": "colour 3"})
     (data / "metadata.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
     return data
+
+
+@pytest.fixture
+def samples_as_shards_and_folder(tmp_path):
+    """SHARD_SAMPLES as two WebDataset .tar shards in img2dataset's layout (key.png, key.txt, key.json,
+    img2dataset's .parquet and stats beside them) and as an image folder with metadata.jsonl."""
+    import json
+
+    from shards import SHARD_SAMPLES, random_png, write_tar_shard
+
+    shards, folder = tmp_path / "shards", tmp_path / "folder"
+    shards.mkdir()
+    folder.mkdir()
+    members = [[], []]
+    for i, (seed, caption) in enumerate(SHARD_SAMPLES):
+        key = f"{i:09d}"
+        members[i // 3] += [(f"{key}.png", random_png(seed)), (f"{key}.txt", caption.encode()),
+                            (f"{key}.json", json.dumps({"key": key, "caption": caption, "url": f"http://x/{i}"}).encode())]
+        (folder / f"{key}.png").write_bytes(random_png(seed))
+    (folder / "metadata.jsonl").write_text("\n".join(json.dumps({"file_name": f"{i:09d}.png", "text": c})
+                                                     for i, (_, c) in enumerate(SHARD_SAMPLES)))
+    for k, part in enumerate(members):
+        write_tar_shard(shards / f"{k:05d}.tar", part)
+    # img2dataset's metadata table and stats sit beside the shards; neither is a sample
+    (shards / "00000.parquet").write_bytes(b"not read")
+    (shards / "00000_stats.json").write_text("{}")
+    return shards, folder
+

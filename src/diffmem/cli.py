@@ -778,7 +778,8 @@ def _read_yaml_mapping(path: Path) -> dict:
 
 @app.command()
 def train(
-    data: str = typer.Option(..., help="memlab, an image folder with metadata.jsonl/csv, a .parquet/.jsonl/.csv file, a saved datasets folder, or a hub dataset id owner/name (cached)"),
+    data: str = typer.Option(..., help="memlab, an image folder with metadata.jsonl/csv, a .parquet/.jsonl/.csv file, WebDataset .tar shards "
+                                    "(columns by extension: txt, jpg / png), a saved datasets folder, or a hub dataset id owner/name (cached)"),
     out: Path = typer.Option(..., help="output folder: checkpoints, and the trained pipeline in OUT/model"),
     model: str = typer.Option(..., help="pipeline to fine-tune: a local folder, a hub id, or memlab"),
     steps: int = typer.Option(1000, min=1),

@@ -1,61 +1,22 @@
 """WebDataset .tar shards (img2dataset's output) as a scan source, checked against the same samples
 read as an image folder."""
 
-import io
 import json
 import tarfile
 
 import numpy as np
 import pytest
-from PIL import Image
+from shards import SHARD_SAMPLES as SAMPLES
+from shards import random_png as _png
+from shards import write_tar_shard as _shard
 
 from diffmem.core.errors import InputError
 from diffmem.scan import DatasetScanner
 from diffmem.scan.sources import ImageFolderSource, WebDatasetSource, open_source
 
 
-def _png(seed: int) -> bytes:
-    rng = np.random.default_rng(seed)
-    buf = io.BytesIO()
-    Image.fromarray((rng.random((24, 24, 3)) * 255).astype(np.uint8)).save(buf, format="PNG")
-    return buf.getvalue()
-
-
-def _shard(path, members):
-    with tarfile.open(path, "w") as tar:
-        for name, data in members:
-            info = tarfile.TarInfo(name)
-            info.size = len(data)
-            tar.addfile(info, io.BytesIO(data))
-
-
-# (image seed, caption): samples 0 and 3 share an image, as a duplicated training image does
-SAMPLES = [(0, "a red barn at dawn"), (1, "a lighthouse"), (2, "a tabby cat"), (0, "a red barn at dawn, again"),
-           (4, "a bowl of ramen"), (5, "a mountain lake")]
-
-
-@pytest.fixture
-def same_samples_two_ways(tmp_path):
-    """The samples as two .tar shards in img2dataset's layout and as an image folder with metadata."""
-    shards, folder = tmp_path / "shards", tmp_path / "folder"
-    shards.mkdir()
-    folder.mkdir()
-    members = [[], []]
-    for i, (seed, caption) in enumerate(SAMPLES):
-        key = f"{i:09d}"
-        members[i // 3] += [(f"{key}.png", _png(seed)), (f"{key}.txt", caption.encode()),
-                            (f"{key}.json", json.dumps({"key": key, "caption": caption, "url": f"http://x/{i}"}).encode())]
-        (folder / f"{key}.png").write_bytes(_png(seed))
-    (folder / "metadata.jsonl").write_text("\n".join(json.dumps({"file_name": f"{i:09d}.png", "text": c})
-                                                     for i, (_, c) in enumerate(SAMPLES)))
-    for k, part in enumerate(members):
-        _shard(shards / f"{k:05d}.tar", part)
-    (shards / "00000.parquet").write_bytes(b"img2dataset's metadata table sits beside the shards")
-    return shards, folder
-
-
-def test_shards_give_the_rows_of_the_same_samples_as_an_image_folder(same_samples_two_ways):
-    shards, folder = same_samples_two_ways
+def test_shards_give_the_rows_of_the_same_samples_as_an_image_folder(samples_as_shards_and_folder):
+    shards, folder = samples_as_shards_and_folder
     source = open_source(shards)
     assert isinstance(source, WebDatasetSource) and len(source) == len(SAMPLES)
     from_tar, from_folder = source.rows(0, 6), ImageFolderSource(folder).rows(0, 6)
@@ -68,8 +29,8 @@ def test_shards_give_the_rows_of_the_same_samples_as_an_image_folder(same_sample
     assert [r.caption for r in one.rows(0, 10)] == [c for _, c in SAMPLES[3:]]
 
 
-def test_a_scan_of_the_shards_finds_the_duplicated_image_as_the_folder_scan_does(same_samples_two_ways, tmp_path):
-    shards, folder = same_samples_two_ways
+def test_a_scan_of_the_shards_finds_the_duplicated_image_as_the_folder_scan_does(samples_as_shards_and_folder, tmp_path):
+    shards, folder = samples_as_shards_and_folder
     tar_rows = DatasetScanner(shards, tmp_path / "a", progress=False).scan().rows.set_index("row")
     folder_rows = DatasetScanner(folder, tmp_path / "b", progress=False).scan().rows.set_index("row")
     assert tar_rows.loc[0, "image_cluster"] == tar_rows.loc[3, "image_cluster"] >= 0

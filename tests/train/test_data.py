@@ -213,5 +213,29 @@ def test_a_csv_table_trains_as_the_scan_reads_it(tmp_path):
     assert captions == ["a red square, small"] and images[0, 0, 0].tolist() == [1.0, 0.0, 0.0]
     assert problems == [{"row": 1, "problem": "missing image"}, {"row": 2, "problem": "empty caption"}]
     (tmp_path / "d.tsv").write_text("image\ttext\n")
-    with pytest.raises(InputError, match=r"unsupported data file d.tsv: use a folder, .parquet, .jsonl or .csv"):
+    with pytest.raises(InputError, match=r"unsupported data file d.tsv: use a folder, .parquet, .jsonl, .csv or WebDataset .tar shards"):
         load_pairs(str(tmp_path / "d.tsv"), 8)
+
+
+def test_webdataset_shards_train_on_the_pairs_of_the_same_samples_as_an_image_folder(samples_as_shards_and_folder):
+    # img2dataset's .tar shards could be scanned but not trained on; through datasets' webdataset
+    # loader their columns are named by extension: the caption is txt, the image png here
+    from shards import SHARD_SAMPLES
+
+    shards, folder = samples_as_shards_and_folder
+    from_tar, captions, problems = load_pairs(str(shards), 8)
+    from_folder, folder_captions, _ = load_pairs(str(folder), 8)
+    assert captions == folder_captions == [c for _, c in SHARD_SAMPLES] and problems == []
+    np.testing.assert_array_equal(from_tar, from_folder)
+    _, one_shard, _ = load_pairs(str(shards / "00001.tar"), 8)
+    assert one_shard == [c for _, c in SHARD_SAMPLES[3:]]
+
+
+def test_a_compressed_shard_is_refused_as_the_scan_refuses_it(tmp_path):
+    import tarfile
+
+    (tmp_path / "a.txt").write_text("x")
+    with tarfile.open(tmp_path / "s.tar.gz", "w:gz") as tar:
+        tar.add(tmp_path / "a.txt", arcname="a.txt")
+    with pytest.raises(InputError, match=r"s.tar.gz is a compressed tar: decompress it to .tar"):
+        load_pairs(str(tmp_path / "s.tar.gz"), 8)

@@ -4,6 +4,8 @@
 - a folder of images with ``metadata.jsonl`` or ``metadata.csv`` (``file_name`` + caption
   column): the ``imagefolder`` layout;
 - a ``.parquet``, ``.jsonl`` or ``.csv`` file whose image column holds image bytes or paths;
+- WebDataset ``.tar`` shards, one or a folder of them (img2dataset's output), through ``datasets``'
+  webdataset loader: columns named by extension, the caption ``txt``, the image ``jpg`` / ``png`` / ...;
 - a folder written by ``datasets.Dataset.save_to_disk``, or a hub dataset id (cached locally).
 """
 
@@ -18,7 +20,10 @@ from PIL import Image, UnidentifiedImageError
 from ..core.errors import InputError
 from ..core.images import centre_square, image_cell, open_image
 
-CAPTION_COLUMNS = ("text", "caption", "prompt")
+CAPTION_COLUMNS = ("text", "caption", "prompt", "txt")  # txt: a WebDataset sample's caption file
+# "image", then a WebDataset sample's image file, by the extensions datasets' webdataset loader decodes
+IMAGE_COLUMNS = ("image", "jpg", "jpeg", "png", "webp", "bmp", "tif", "tiff", "gif")
+COMPRESSED_TAR = (".tar.gz", ".tgz", ".tar.bz2", ".tar.xz")
 
 
 def _to_array(img, size: int) -> np.ndarray:
@@ -35,11 +40,16 @@ def _open_hf(source: str):
     try:
         if p.is_dir() and ((p / "dataset_info.json").exists() or (p / "state.json").exists()):
             return datasets.load_from_disk(str(p))
+        has_metadata = p.is_dir() and any((p / m).exists() for m in ("metadata.jsonl", "metadata.csv"))
+        if p.is_dir() and not has_metadata and any(p.glob("*.tar")):  # img2dataset's output folder
+            return datasets.load_dataset("webdataset", data_files=sorted(map(str, p.glob("*.tar"))), split="train")
         if p.is_dir():
-            if not any((p / m).exists() for m in ("metadata.jsonl", "metadata.csv")):
+            if not has_metadata:
                 raise InputError(f"{p} has no metadata.jsonl or metadata.csv: an image folder needs captions "
                                  "(columns file_name and text/caption)")
             return datasets.load_dataset("imagefolder", data_dir=str(p), split="train")
+        if p.name.lower().endswith(COMPRESSED_TAR):  # refused as the scan refuses it, so both read the same shards
+            raise InputError(f"{p} is a compressed tar: decompress it to .tar (the scan reads shards in place)")
         suffix = p.suffix.lower()  # D.PARQUET as the scan reads it
         if suffix == ".parquet":
             return datasets.load_dataset("parquet", data_files=str(p), split="train")
@@ -47,12 +57,15 @@ def _open_hf(source: str):
             return datasets.load_dataset("json", data_files=str(p), split="train")
         if suffix == ".csv":  # a table the scan reads, so one a curator scanned can be trained on
             return datasets.load_dataset("csv", data_files=str(p), split="train")
+        if suffix == ".tar":
+            return datasets.load_dataset("webdataset", data_files=str(p), split="train")
         if p.exists():
-            raise InputError(f"unsupported data file {p.name}: use a folder, .parquet, .jsonl or .csv")
+            raise InputError(f"unsupported data file {p.name}: use a folder, .parquet, .jsonl, .csv or WebDataset .tar shards")
         if looks_like_path(source):
             # not an owner/name hub id: asking the hub would only retry for half a minute and fail
             raise InputError(f"training data not found: {source} (give 'memlab', an image folder with metadata, "
-                             "a .parquet / .jsonl / .csv file, a saved datasets folder or a hub dataset id owner/name)")
+                             "a .parquet / .jsonl / .csv file, WebDataset .tar shards, a saved datasets folder or a hub "
+                             "dataset id owner/name)")
         return datasets.load_dataset(source, split="train")
     except InputError:
         raise
@@ -60,7 +73,7 @@ def _open_hf(source: str):
         raise InputError(f"could not read training data {source!r}: {type(e).__name__}: {str(e).splitlines()[0]}") from None
 
 
-def iter_pairs(source: str, size: int, caption_column: str | None = None, image_column: str = "image",
+def iter_pairs(source: str, size: int, caption_column: str | None = None, image_column: str | None = None,
                limit: int | None = None, chunk: int = 64, problems: list | None = None,
                progress: bool = False, start: int = 0) -> Iterator[tuple[np.ndarray, list[str], int]]:
     """Usable (images (k, size, size, 3), captions, next_row) in chunks of at most ``chunk`` rows,
@@ -91,6 +104,7 @@ def iter_pairs(source: str, size: int, caption_column: str | None = None, image_
     cap = caption_column or next((c for c in CAPTION_COLUMNS if c in cols), None)
     if cap is None or cap not in cols:
         raise InputError(f"no caption column {caption_column or CAPTION_COLUMNS!r} in {source} (columns: {cols})")
+    image_column = image_column or next((c for c in IMAGE_COLUMNS if c in cols), "image")
     if image_column not in cols:
         raise InputError(f"no image column {image_column!r} in {source} (columns: {cols})")
     import datasets
@@ -139,7 +153,7 @@ def iter_pairs(source: str, size: int, caption_column: str | None = None, image_
         raise InputError(f"no usable image-caption pairs in {source} ({len(problems)} problem rows{first})")
 
 
-def load_pairs(source: str, size: int, caption_column: str | None = None, image_column: str = "image",
+def load_pairs(source: str, size: int, caption_column: str | None = None, image_column: str | None = None,
                limit: int | None = None) -> tuple[np.ndarray, list[str], list[dict]]:
     """(images (N, size, size, 3), captions, problems): all of :func:`iter_pairs` at once."""
     problems: list[dict] = []
