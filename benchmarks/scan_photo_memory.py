@@ -10,12 +10,13 @@ the first pass, and how far peak RSS grew over the process's peak before it open
 
 ``--layout folder`` writes an imagefolder with metadata.jsonl; ``--layout parquet`` one Parquet
 file of the encoded images (``datasets``' Image column) in row groups of ``--row-group`` rows, as
-``datasets`` writes image datasets (100). ``--grain S`` adds noise of standard deviation S (of 255)
+``datasets`` writes image datasets (100); ``--layout webdataset`` WebDataset .tar shards of
+``--row-group`` samples each (key.jpg + key.txt), as img2dataset writes them. ``--grain S`` adds noise of standard deviation S (of 255)
 so that the files are as large as a camera's: about 3 MB at 12 megapixels with 8; without it a
 synthetic 12-megapixel JPEG is 0.6 MB.
 
     python benchmarks/scan_photo_memory.py [--images 24] [--width 4000] [--height 3000]
-        [--layout folder|parquet] [--row-group 100] [--grain 0] [--json out.json]
+        [--layout folder|parquet|webdataset] [--row-group 100] [--grain 0] [--json out.json]
 """
 
 from __future__ import annotations
@@ -75,6 +76,22 @@ def write_parquet(path: Path, n: int, width: int, height: int, grain: float = 0,
     return path
 
 
+def write_shards(folder: Path, n: int, width: int, height: int, grain: float = 0, per_shard: int = 100) -> Path:
+    import tarfile
+
+    folder.mkdir(parents=True, exist_ok=True)
+    photos = _photos(n, width, height, grain)
+    for k, start in enumerate(range(0, n, per_shard)):
+        with tarfile.open(folder / f"{k:05d}.tar", "w") as tar:
+            for _ in range(min(per_shard, n - start)):
+                name, data, caption = next(photos)
+                for member, content in ((name, data), (name.replace(".jpg", ".txt"), caption.encode())):
+                    info = tarfile.TarInfo(member)
+                    info.size = len(content)
+                    tar.addfile(info, io.BytesIO(content))
+    return folder
+
+
 def run_one(data: Path, work: Path) -> dict:
     """In this process: the data opened and the scan's first pass, then its features read back."""
     from diffmem.scan import DatasetScanner
@@ -99,8 +116,9 @@ def main() -> None:
     ap.add_argument("--images", type=int, default=24)
     ap.add_argument("--width", type=int, default=4000)
     ap.add_argument("--height", type=int, default=3000)
-    ap.add_argument("--layout", choices=("folder", "parquet"), default="folder")
-    ap.add_argument("--row-group", type=int, default=100, help="rows to a Parquet row group (--layout parquet)")
+    ap.add_argument("--layout", choices=("folder", "parquet", "webdataset"), default="folder")
+    ap.add_argument("--row-group", type=int, default=100,
+                    help="rows to a Parquet row group (--layout parquet), samples to a shard (--layout webdataset)")
     ap.add_argument("--grain", type=float, default=0.0, help="noise (of 255) that makes the JPEGs as large as a camera's")
     ap.add_argument("--json", type=Path)
     ap.add_argument("--child", nargs=2, type=Path, help=argparse.SUPPRESS)
@@ -112,6 +130,9 @@ def main() -> None:
         if args.layout == "folder":
             data = write_folder(Path(tmp) / "photos", args.images, args.width, args.height, args.grain)
             size = sum(p.stat().st_size for p in data.iterdir())
+        elif args.layout == "webdataset":
+            data = write_shards(Path(tmp) / "shards", args.images, args.width, args.height, args.grain, args.row_group)
+            size = sum(p.stat().st_size for p in data.iterdir())
         else:
             data = write_parquet(Path(tmp) / "photos.parquet", args.images, args.width, args.height, args.grain,
                                  args.row_group)
@@ -119,10 +140,11 @@ def main() -> None:
         out = subprocess.run([sys.executable, __file__, "--child", str(data), str(Path(tmp) / "work")],
                              capture_output=True, text=True, check=True)
         figures = {"images": args.images, "width": args.width, "height": args.height, "layout": args.layout,
-                   "row_group": args.row_group if args.layout == "parquet" else None, "grain": args.grain,
+                   "row_group": args.row_group if args.layout != "folder" else None, "grain": args.grain,
                    "encoded_mb": size / 2**20, "float32_pixels_mb": args.images * args.width * args.height * 12 / 2**20,
                    **json.loads(out.stdout.strip().splitlines()[-1])}
-    where = "a folder" if args.layout == "folder" else f"a Parquet file in row groups of {args.row_group}"
+    where = {"folder": "a folder", "parquet": f"a Parquet file in row groups of {args.row_group}",
+             "webdataset": f"WebDataset shards of {args.row_group}"}[args.layout]
     print(f"{figures['images']} photos of {args.width} x {args.height} in {where} ({figures['encoded_mb']:.0f} MB encoded, "
           f"{figures['float32_pixels_mb']:.0f} MB as float32 pixels): first pass {figures['seconds']:.1f} s, peak RSS grew "
           f"{figures['peak_growth_mb']:.0f} MB; {figures['with_image']} of {figures['rows']} rows with an image")
