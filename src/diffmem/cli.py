@@ -446,7 +446,7 @@ def mitigate(
     lora_scale: Optional[List[float]] = LORA_SCALE,
     textual_inversion: Optional[List[str]] = TEXTUAL_INVERSION,
     train_images: Optional[str] = typer.Option(None, help="measure replication against these training images (an image "
-                                               "folder, .parquet / .jsonl / .csv table, WebDataset .tar shards or saved datasets folder), on any "
+                                               "folder, .parquet / .jsonl / .json / .csv / .tsv table, WebDataset .tar shards or saved datasets folder), on any "
                                                "model (MemLab models are measured by their manifest without it)"),
     image_column: Optional[str] = typer.Option(None, help="image column of a --train-images table"),
     sscd: Optional[Path] = typer.Option(None, help="SSCD TorchScript file for --train-images (cosine >= 0.5 is a copy); "
@@ -778,7 +778,7 @@ def _read_yaml_mapping(path: Path) -> dict:
 
 @app.command()
 def train(
-    data: str = typer.Option(..., help="memlab, an image folder with metadata.jsonl/csv, a .parquet/.jsonl/.csv file, WebDataset .tar shards "
+    data: str = typer.Option(..., help="memlab, an image folder with metadata.jsonl/csv, a .parquet/.jsonl/.json/.csv/.tsv file, WebDataset .tar shards "
                                     "(columns by extension: txt, jpg / png), a saved datasets folder, or a hub dataset id owner/name (cached)"),
     out: Path = typer.Option(..., help="output folder: checkpoints, and the trained pipeline in OUT/model"),
     model: str = typer.Option(..., help="pipeline to fine-tune: a local folder, a hub id, or memlab"),
@@ -827,7 +827,7 @@ def train(
 
 @app.command()
 def scan(
-    dataset: str = typer.Argument(..., help="memlab, an image folder (metadata.jsonl/csv or .txt captions), a .parquet/.jsonl/.csv file, "
+    dataset: str = typer.Argument(..., help="memlab, an image folder (metadata.jsonl/csv or .txt captions), a .parquet/.jsonl/.json/.csv/.tsv file, "
                                  "WebDataset .tar shards (a shard or a folder of them), or a saved datasets folder"),
     out: Path = typer.Option(..., help="output folder: results, report, and the resumable shard files"),
     checks: str = typer.Option(",".join(("image_duplicates", "caption_duplicates", "triggers")),

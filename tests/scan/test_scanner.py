@@ -788,3 +788,36 @@ def test_image_paths_in_datasets_image_cells_are_found_as_plain_paths_are(tmp_pa
     shutil.copy(tmp_path / "moved.png", tmp_path / listed[2]["file_name"])
     missing = ImageFolderSource(tmp_path / "data" / "photos").rows(2, 3)[0]
     assert missing.image is None and missing.image_issue.startswith("unreadable image: FileNotFoundError: [Errno 2]")
+
+
+def test_json_and_tsv_tables_give_the_rows_of_the_same_jsonl_and_csv(tmp_path):
+    # a .json list of rows (or JSON Lines under that name) and a .tsv were refused as unsupported,
+    # where the prompt readers and datasets' loaders take both
+    from diffmem.scan.sources import TableSource
+
+    _photo_folder(tmp_path / "imgs", [(20, 20)] * 2)
+    names = [json.loads(line)["file_name"] for line in (tmp_path / "imgs" / "metadata.jsonl").read_text().splitlines()]
+    records = [{"image": f"imgs/{names[0]}", "caption": "a barn, red, at dawn"},
+               {"image": f"imgs/{names[1]}", "caption": "a cat \ud83d"}, {"image": "", "caption": "no image"}]
+    (tmp_path / "t.jsonl").write_text("\n".join(json.dumps(r) for r in records))
+    (tmp_path / "t.json").write_text(json.dumps(records, indent=1))
+    (tmp_path / "lines.json").write_text("\n".join(json.dumps(r) for r in records))
+    pd.DataFrame(records[:1] + records[2:]).to_csv(tmp_path / "t.csv", index=False)
+    pd.DataFrame(records[:1] + records[2:]).to_csv(tmp_path / "t.tsv", index=False, sep="\t")
+
+    def read(name):
+        rows = TableSource(tmp_path / name).rows(0, 3)
+        return [(r.caption, r.caption_issue, r.image_issue, None if r.image is None else r.image.tobytes()) for r in rows]
+
+    assert read("t.json") == read("lines.json") == read("t.jsonl")
+    assert read("t.json")[1][:2] == ("a cat \ufffd", "lone surrogate") and read("t.json")[2][2] == "missing image"
+    assert read("t.tsv") == read("t.csv") and read("t.tsv")[0][0] == "a barn, red, at dawn"
+    (tmp_path / "bad.json").write_bytes(b'[{"caption": "caf\xe9"}]')
+    with pytest.raises(InputError, match=r"bad.json is not UTF-8 \(byte 17\)"):
+        TableSource(tmp_path / "bad.json")
+    (tmp_path / "scalar.json").write_text("[1, 2]")
+    with pytest.raises(InputError, match="scalar.json is JSON, but not a list of objects"):
+        TableSource(tmp_path / "scalar.json")
+    (tmp_path / "broken.json").write_text('[{"caption": "x"},')
+    with pytest.raises(InputError, match=r"broken.json is not valid JSON \(line 1\)"):
+        TableSource(tmp_path / "broken.json")

@@ -2,6 +2,7 @@ import io
 import json
 
 import numpy as np
+import pandas as pd
 import pytest
 from PIL import Image
 
@@ -212,9 +213,13 @@ def test_a_csv_table_trains_as_the_scan_reads_it(tmp_path):
     images, captions, problems = load_pairs(str(tmp_path / "d.CSV"), 8)
     assert captions == ["a red square, small"] and images[0, 0, 0].tolist() == [1.0, 0.0, 0.0]
     assert problems == [{"row": 1, "problem": "missing image"}, {"row": 2, "problem": "empty caption"}]
-    (tmp_path / "d.tsv").write_text("image\ttext\n")
-    with pytest.raises(InputError, match=r"unsupported data file d.tsv: use a folder, .parquet, .jsonl, .csv or WebDataset .tar shards"):
-        load_pairs(str(tmp_path / "d.tsv"), 8)
+    (tmp_path / "d.xlsx").write_text("image\ttext\n")
+    with pytest.raises(InputError, match=r"unsupported data file d.xlsx: use a folder, .parquet, .jsonl, .json, .csv, .tsv "
+                                         "or WebDataset .tar shards"):
+        load_pairs(str(tmp_path / "d.xlsx"), 8)
+    (tmp_path / "header.csv").write_text("image,text\n")
+    with pytest.raises(InputError, match=r"header.csv has no rows"):  # was datasets' 'Instruction "train" corresponds to no data!'
+        load_pairs(str(tmp_path / "header.csv"), 8)
 
 
 def test_webdataset_shards_train_on_the_pairs_of_the_same_samples_as_an_image_folder(samples_as_shards_and_folder):
@@ -239,3 +244,17 @@ def test_a_compressed_shard_is_refused_as_the_scan_refuses_it(tmp_path):
         tar.add(tmp_path / "a.txt", arcname="a.txt")
     with pytest.raises(InputError, match=r"s.tar.gz is a compressed tar: decompress it to .tar"):
         load_pairs(str(tmp_path / "s.tar.gz"), 8)
+
+
+def test_tsv_and_json_list_tables_train_as_the_csv_and_jsonl_do(tmp_path):
+    (tmp_path / "r.png").write_bytes(_png((255, 0, 0)))
+    (tmp_path / "g.png").write_bytes(_png((0, 255, 0)))
+    rows = [{"image": "r.png", "text": "red, bright"}, {"image": "g.png", "text": "green"}]
+    pd.DataFrame(rows).to_csv(tmp_path / "d.csv", index=False)
+    pd.DataFrame(rows).to_csv(tmp_path / "d.tsv", index=False, sep="\t")
+    (tmp_path / "d.json").write_text(json.dumps(rows))
+    expected = load_pairs(str(tmp_path / "d.csv"), 8)
+    for name in ("d.tsv", "d.json"):
+        images, captions, problems = load_pairs(str(tmp_path / name), 8)
+        assert captions == expected[1] == ["red, bright", "green"] and problems == []
+        np.testing.assert_array_equal(images, expected[0])

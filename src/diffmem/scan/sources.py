@@ -9,7 +9,7 @@ Sources:
 - ``ImageFolderSource``: a folder of images with captions in ``metadata.jsonl`` / ``metadata.csv``
   (the Hugging Face imagefolder layout: ``file_name`` plus a caption column) or in ``.txt`` files
   beside the images.
-- ``TableSource``: ``.parquet`` / ``.jsonl`` / ``.csv`` rows with a caption column and, optionally,
+- ``TableSource``: ``.parquet`` / ``.jsonl`` / ``.json`` / ``.csv`` / ``.tsv`` rows with a caption column and, optionally,
   an image column (a path, or encoded bytes) or an image key (a URL or hash that identifies the
   image, for text-only scans).
 - ``HFDatasetSource``: a ``datasets.Dataset`` object or a folder saved with ``save_to_disk``.
@@ -240,8 +240,20 @@ class ImageFolderSource(Source):
         return {"kind": "imagefolder", "folder": str(self.folder.resolve()), "rows": len(self)}
 
 
+def _mended(rec: dict, not_utf8: bool) -> dict:
+    """A JSON row with its flags: not UTF-8, and which of its strings held a lone surrogate."""
+    rec["__not_utf8__"] = not_utf8
+    # half an emoji escaped in a truncated line ("\\ud83d"): no Arrow-backed column takes it,
+    # so it is replaced here, and the row's caption flagged if it was there
+    mended = [k for k, v in rec.items() if isinstance(v, str) and lone_surrogate(v)]
+    for k in mended:
+        rec[k] = replace_lone_surrogates(rec[k])
+    rec["__lone_surrogate__"] = mended or None  # None, not an empty list on every row
+    return rec
+
+
 class TableSource(Source):
-    """Rows of a ``.parquet``, ``.jsonl`` or ``.csv`` file."""
+    """Rows of a ``.parquet``, ``.jsonl``, ``.json``, ``.csv`` or ``.tsv`` file."""
 
     def __init__(self, path: str | Path, caption_column: str | None = None, image_column: str | None = None,
                  key_column: str | None = None, captions: bool = True, working_directory: bool = True):
@@ -258,10 +270,13 @@ class TableSource(Source):
             columns = self._parquet.columns
         elif suffix == ".jsonl":
             self.frame = self._read_jsonl()
-        elif suffix == ".csv":
-            self.frame = self._read_csv()
+        elif suffix == ".json":
+            self.frame = self._read_json()
+        elif suffix in (".csv", ".tsv"):
+            self.frame = self._read_csv(delimiter="\t" if suffix == ".tsv" else ",")
         else:
-            raise InputError(f"unsupported dataset file {self.path.name}: use .parquet, .jsonl, .csv, WebDataset .tar shards, an image folder or a saved datasets folder")
+            raise InputError(f"unsupported dataset file {self.path.name}: use .parquet, .jsonl, .json, .csv, .tsv, "
+                             "WebDataset .tar shards, an image folder or a saved datasets folder")
         if self.frame is not None:
             columns = self.frame.columns
         if len(self) == 0:
@@ -289,17 +304,32 @@ class TableSource(Source):
                     raise InputError(f"{self.path} line {i} is not valid JSON: {e.msg}") from None
                 if not isinstance(rec, dict):
                     raise InputError(f"{self.path} line {i} is not a JSON object")
-                rec["__not_utf8__"] = bad
-                # half an emoji escaped in a truncated line ("\\ud83d"): no Arrow-backed column takes it,
-                # so it is replaced here, and the row's caption flagged if it was there
-                mended = [k for k, v in rec.items() if isinstance(v, str) and lone_surrogate(v)]
-                for k in mended:
-                    rec[k] = replace_lone_surrogates(rec[k])
-                rec["__lone_surrogate__"] = mended or None  # None, not an empty list on every row
-                records.append(rec)
+                records.append(_mended(rec, bad))
         return pd.DataFrame.from_records(records)
 
-    def _read_csv(self):
+    def _read_json(self):
+        """A JSON list of row objects, or JSON Lines under a .json name (as ``datasets``' json loader reads both)."""
+        import pandas as pd
+
+        raw = self.path.read_bytes()
+        try:
+            text = raw.decode("utf-8-sig")
+        except UnicodeDecodeError as e:  # rows cannot be told apart before parsing, so none can be flagged alone
+            raise InputError(f"{self.path} is not UTF-8 (byte {e.start}), as a JSON file must be; as .jsonl its "
+                             "rows would be read one by one and the bad ones flagged") from None
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as e:
+            if e.msg == "Extra data":  # one object, then another: JSON Lines
+                return self._read_jsonl()
+            raise InputError(f"{self.path} is not valid JSON (line {e.lineno}): {e.msg}") from None
+        if isinstance(data, dict):  # JSON Lines of one row
+            return self._read_jsonl()
+        if not isinstance(data, list) or not all(isinstance(r, dict) for r in data):
+            raise InputError(f"{self.path} is JSON, but not a list of objects, one a row")
+        return pd.DataFrame.from_records([_mended(r, False) for r in data])
+
+    def _read_csv(self, delimiter: str = ","):
         import pandas as pd
 
         raw = self.path.read_bytes()
@@ -313,7 +343,7 @@ class TableSource(Source):
             except UnicodeDecodeError:
                 text_lines.append(line.decode("utf-8", errors="replace"))
                 bad.append(True)
-        reader = csv.DictReader(io.StringIO("\n".join(text_lines)))
+        reader = csv.DictReader(io.StringIO("\n".join(text_lines)), delimiter=delimiter)
         rows, row_bad = [], []
         for row in reader:
             # a row is flagged if any line it spans was not UTF-8: a quoted caption may span several
@@ -617,7 +647,7 @@ def open_source(dataset, caption_column: str | None = None, image_column: str | 
         return MemLabSource()
     path = Path(dataset)
     if not path.exists():
-        raise InputError(f"dataset not found: {path} (give 'memlab', an image folder, a .parquet / .jsonl / .csv file, "
+        raise InputError(f"dataset not found: {path} (give 'memlab', an image folder, a .parquet / .jsonl / .json / .csv / .tsv file, "
                          "WebDataset .tar shards or a saved datasets folder)")
     if path.is_dir():
         if (path / "dataset_info.json").exists() or (path / "dataset_dict.json").exists():

@@ -3,7 +3,7 @@
 - ``memlab``: the MemLab training set (built from its seed);
 - a folder of images with ``metadata.jsonl`` or ``metadata.csv`` (``file_name`` + caption
   column): the ``imagefolder`` layout;
-- a ``.parquet``, ``.jsonl`` or ``.csv`` file whose image column holds image bytes or paths;
+- a ``.parquet``, ``.jsonl``, ``.json``, ``.csv`` or ``.tsv`` file whose image column holds image bytes or paths;
 - WebDataset ``.tar`` shards, one or a folder of them (img2dataset's output), through ``datasets``'
   webdataset loader: columns named by extension, the caption ``txt``, the image ``jpg`` / ``png`` / ...;
 - a folder written by ``datasets.Dataset.save_to_disk``, or a hub dataset id (cached locally).
@@ -55,21 +55,23 @@ def _open_hf(source: str):
             return datasets.load_dataset("parquet", data_files=str(p), split="train")
         if suffix in (".jsonl", ".json"):
             return datasets.load_dataset("json", data_files=str(p), split="train")
-        if suffix == ".csv":  # a table the scan reads, so one a curator scanned can be trained on
-            return datasets.load_dataset("csv", data_files=str(p), split="train")
+        if suffix in (".csv", ".tsv"):  # a table the scan reads, so one a curator scanned can be trained on
+            return datasets.load_dataset("csv", data_files=str(p), split="train", sep="\t" if suffix == ".tsv" else ",")
         if suffix == ".tar":
             return datasets.load_dataset("webdataset", data_files=str(p), split="train")
         if p.exists():
-            raise InputError(f"unsupported data file {p.name}: use a folder, .parquet, .jsonl, .csv or WebDataset .tar shards")
+            raise InputError(f"unsupported data file {p.name}: use a folder, .parquet, .jsonl, .json, .csv, .tsv or WebDataset .tar shards")
         if looks_like_path(source):
             # not an owner/name hub id: asking the hub would only retry for half a minute and fail
             raise InputError(f"training data not found: {source} (give 'memlab', an image folder with metadata, "
-                             "a .parquet / .jsonl / .csv file, WebDataset .tar shards, a saved datasets folder or a hub "
+                             "a .parquet / .jsonl / .json / .csv / .tsv file, WebDataset .tar shards, a saved datasets folder or a hub "
                              "dataset id owner/name)")
         return datasets.load_dataset(source, split="train")
     except InputError:
         raise
     except Exception as e:  # datasets raises many kinds; the user needs the source and the reason
+        if p.is_file() and "corresponds to no data" in str(e):  # datasets' words for a table of a header alone
+            raise InputError(f"{source} has no rows: nothing to train on") from None
         raise InputError(f"could not read training data {source!r}: {type(e).__name__}: {str(e).splitlines()[0]}") from None
 
 
