@@ -544,7 +544,8 @@ def test_the_thumbnails_are_read_into_one_array_and_not_kept_as_bytes_beside_it(
     assert res.thumbs[4] is None and all(res.thumbs[i].base is not None for i in range(7) if i != 4)  # views
     assert res.rows["image_cluster"].iloc[0] == res.rows["image_cluster"].iloc[2] >= 0
     # a frame that holds the thumbnails' bytes, as the shards do, is analysed the same
-    old_style = features.drop(columns="has_image")
+    # and one from shards written before rows had a location (ListSource rows have none)
+    old_style = features.drop(columns=["has_image", "location"])
     old_style["thumb"] = [thumbs[i].tobytes() if i != 4 else None for i in range(7)]
     again = analyse(old_style, scanner.settings, source.describe())
     pd.testing.assert_frame_equal(again.rows, res.rows)
@@ -783,6 +784,8 @@ def test_image_paths_in_datasets_image_cells_are_found_as_plain_paths_are(tmp_pa
     assert rows[3].image is None and rows[3].image_issue.startswith(
         "unreadable image: FileNotFoundError: nowhere.png is in neither the table's folder")
     assert [r.image_issue for r in rows[4:]] == ["missing image", "missing image"]
+    # each row's image path as the table writes it, to find it by; an empty cell names none
+    assert [r.location for r in rows] == [c["path"] if c else None for c in cells]
     # an image folder's metadata names its own files alone, as datasets' imagefolder reads it: one
     # missing from the folder is not taken from the working directory, whatever lies there
     shutil.copy(tmp_path / "moved.png", tmp_path / listed[2]["file_name"])

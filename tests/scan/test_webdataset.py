@@ -12,6 +12,7 @@ from shards import write_tar_shard as _shard
 
 from diffmem.core.errors import InputError
 from diffmem.scan import DatasetScanner
+from diffmem.scan.report import write_report
 from diffmem.scan.sources import ImageFolderSource, WebDatasetSource, open_source
 
 
@@ -31,10 +32,18 @@ def test_shards_give_the_rows_of_the_same_samples_as_an_image_folder(samples_as_
 
 def test_a_scan_of_the_shards_finds_the_duplicated_image_as_the_folder_scan_does(samples_as_shards_and_folder, tmp_path):
     shards, folder = samples_as_shards_and_folder
-    tar_rows = DatasetScanner(shards, tmp_path / "a", progress=False).scan().rows.set_index("row")
+    tar_scan = DatasetScanner(shards, tmp_path / "a", progress=False).scan()
+    tar_rows = tar_scan.rows.set_index("row")
     folder_rows = DatasetScanner(folder, tmp_path / "b", progress=False).scan().rows.set_index("row")
     assert tar_rows.loc[0, "image_cluster"] == tar_rows.loc[3, "image_cluster"] >= 0
     np.testing.assert_array_equal(tar_rows["image_cluster"] >= 0, folder_rows["image_cluster"] >= 0)
+    # each row says where its image is, as shard:key, so the curator can find the copies
+    assert tar_rows.loc[[0, 3], "location"].tolist() == ["00000.tar:000000000", "00001.tar:000000003"]
+    assert folder_rows.loc[[0, 3], "location"].tolist() == ["000000000.png", "000000003.png"]
+    (cluster,) = tar_scan.info["image_clusters"]
+    assert cluster["example_locations"] == ["00000.tar:000000000", "00001.tar:000000003"]
+    assert "2 rows, e.g. “a red barn at dawn” / “a red barn at dawn, again”; images: 00000.tar:000000000, " \
+           "00001.tar:000000003\n" in write_report(tar_scan, tmp_path / "a", tar_scan.thumbs).read_text()
 
 
 def test_captions_come_from_the_json_without_a_txt_and_a_sample_may_lack_a_part(tmp_path):

@@ -54,8 +54,11 @@ def write_report(result, folder: str | Path, thumbs=None, max_phrases: int = 30)
         if png is not None:
             lines += ["![largest image clusters](clusters.png)", ""]
         for c in clusters[:10]:
+            # where the copies are, so the curator can drop them (a result saved before rows had locations has none)
+            found = [x for x in c.get("example_locations", []) if isinstance(x, str)]
+            where = f"; images: {', '.join(_cell(x) for x in found)}{', ...' if c['size'] > len(found) else ''}" if found else ""
             lines.append(f"- cluster {c['cluster']}: {c['size']} rows, e.g. " +
-                         " / ".join(f"“{_cell(x)}”" for x in c["example_captions"]))
+                         " / ".join(f"“{_cell(x)}”" for x in c["example_captions"]) + where)
     if "memorization_score" in result.rows:
         png = _plot_memorization(result, folder / "memorization.png")
         thr = result.summary.set_index("check").loc["memorization", "detail"].get("threshold")

@@ -337,6 +337,7 @@ class DatasetScanner:
             "caption_issue": [r.caption_issue for r in rows],
             "image_issue": [r.image_issue for r in rows],
             "image_key": [r.image_key for r in rows],
+            "location": [r.location for r in rows],
             "caption_norm": norm,
             "caption_truncated": truncation(norm),
             "minhash": [s.tobytes() for s in sig],
@@ -466,6 +467,8 @@ def analyse(features, settings: ScanSettings, source: dict, thumbs: np.ndarray |
     else:
         has_image = f["has_image"].to_numpy(bool)
     rows = f[["row", "caption", "caption_issue", "image_issue", "image_key"]].copy()
+    # shards scanned before rows recorded where their image is have no location
+    rows.insert(5, "location", f["location"].to_numpy(object) if "location" in f else np.full(n, None, object))
     rows["is_bad_caption_issue"] = f["caption_issue"].notna().to_numpy()
     rows["is_bad_image_issue"] = f["image_issue"].notna().to_numpy()
     summary = [
@@ -516,7 +519,8 @@ def analyse(features, settings: ScanSettings, source: dict, thumbs: np.ndarray |
         sizes = pd.Series(clusters[clusters >= 0]).value_counts()
         info["image_clusters"] = [
             {"cluster": int(c), "size": int(s), "example_rows": [int(r) for r in np.flatnonzero(clusters == c)[:8]],
-             "example_captions": [f["caption"].iloc[r] for r in np.flatnonzero(clusters == c)[:3]]}
+             "example_captions": [f["caption"].iloc[r] for r in np.flatnonzero(clusters == c)[:3]],
+             "example_locations": [rows["location"].iloc[r] for r in np.flatnonzero(clusters == c)[:8]]}
             for c, s in sizes.sort_index().items()]
         summary.append({"check": "image_duplicates", "issues": int((clusters >= 0).sum()),
                         "detail": {"clusters": int(len(sizes)), "largest": int(sizes.max()) if len(sizes) else 0,

@@ -51,6 +51,8 @@ class ScanRow:
     image: np.ndarray | None = None  # float32 (H, W, 3) in [0, 1]
     image_issue: str | None = None  # why the image could not be read
     image_key: str | None = None  # identity of the image when only a key is available
+    # where the curator finds the row's image: its path as the data names it, or shard.tar:key
+    location: str | None = None
     phash: int | None = None  # set with ``thumb`` when the image was reduced as it was read (``Source.reduced_rows``)
     thumb: bytes | None = None
 
@@ -171,6 +173,14 @@ class ListSource(Source):
         return {"kind": "list", "name": self.name, "rows": len(self), "captions_sha256": h}
 
 
+def _cell_location(value) -> str | None:
+    """An image cell's file path as the table writes it (plain, or in ``datasets``' Image struct); None
+    for encoded bytes, which name no file."""
+    if isinstance(value, dict):
+        value = value.get("path")
+    return value if isinstance(value, str) and value.strip() else None
+
+
 def _fill_image(row: ScanRow, get, reduce=None) -> None:
     try:
         value = get()
@@ -229,7 +239,7 @@ class ImageFolderSource(Source):
             p = self.files[i]
             txt = p.with_suffix(".txt")
             cap, issue = _caption(txt.read_bytes() if txt.exists() else None)
-            row = ScanRow(i, cap.strip() if cap else cap, issue)
+            row = ScanRow(i, cap.strip() if cap else cap, issue, location=p.relative_to(self.folder).as_posix())
             _fill_image(row, lambda: p, reduce)
             out.append(row)
         return out
@@ -381,6 +391,7 @@ class TableSource(Source):
                 issue = "lone surrogate"
             row = ScanRow(i, cap, issue, image_key=None if self.key_column is None else str(rec[self.key_column]))
             if self.image_column is not None:
+                row.location = _cell_location(rec[self.image_column])
                 _fill_image(row, lambda: image_cell(rec[self.image_column], self.path.parent, self.working_directory),
                             reduce)
             out.append(row)
@@ -489,6 +500,7 @@ class HFDatasetSource(Source):
             cap, issue = _caption(rec[self.caption_column] if self.caption_column is not None else None)
             row = ScanRow(i, cap, issue, image_key=None if self.key_column is None else str(rec[self.key_column]))
             if self.image_column is not None:
+                row.location = _cell_location(rec[self.image_column])
                 _fill_image(row, lambda: image_cell(rec[self.image_column]), reduce)
             out.append(row)
         return out
@@ -551,7 +563,7 @@ class WebDatasetSource(Source):
                     cap, issue = _caption(self._caption(f, files))
                 except OSError:  # as an unreadable image: a property of this row (a shard cut short), not of the scan
                     cap, issue = None, "unreadable"
-                row = ScanRow(i, cap.strip() if isinstance(cap, str) else cap, issue)
+                row = ScanRow(i, cap.strip() if isinstance(cap, str) else cap, issue, location=f"{self.shards[k].name}:{key}")
                 _fill_image(row, lambda: _read_member(f, files.get(self.image_ext)), reduce)
                 out.append(row)
         finally:
