@@ -41,6 +41,7 @@ CAPTION_COLUMNS = ("caption", "text", "prompt")
 IMAGE_COLUMNS = ("image", "file_name", "image_path", "path")
 KEY_COLUMNS = ("image_key", "url", "image_url", "sha256", "key")
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
+COMPRESSED_TAR = (".tar.gz", ".tgz", ".tar.bz2", ".tar.xz")  # shards that cannot be read by offset
 
 
 @dataclass
@@ -523,7 +524,7 @@ class WebDatasetSource(Source):
     def __init__(self, path: str | Path, caption_column: str | None = None, image_column: str | None = None,
                  captions: bool = True):
         path = Path(path)
-        self.shards = sorted(path.glob("*.tar")) if path.is_dir() else [path]
+        self.shards = tar_shards(path) if path.is_dir() else [path]
         if not self.shards:
             raise InputError(f"{path} holds no .tar shards")
         # per sample: (shard index, key, {extension: (offset, size)})
@@ -594,7 +595,7 @@ def _tar_samples(shard: Path) -> list[tuple[str, dict[str, tuple[int, int]]]]:
     A key is the member's path up to the first dot of its file name, as WebDataset splits it."""
     import tarfile
 
-    if shard.name.lower().endswith((".tar.gz", ".tgz", ".tar.bz2", ".tar.xz")):
+    if shard.name.lower().endswith(COMPRESSED_TAR):
         raise InputError(f"{shard} is a compressed tar: its images cannot be read in place; decompress it to .tar")
     samples: dict[str, dict[str, tuple[int, int]]] = {}
     try:
@@ -613,6 +614,14 @@ def _tar_samples(shard: Path) -> list[tuple[str, dict[str, tuple[int, int]]]]:
     except OSError as e:
         raise InputError(f"could not read {shard}: {e.strerror or e}") from None
     return list(samples.items())
+
+
+def tar_shards(folder: Path) -> list[Path]:
+    """The ``.tar`` shards of a folder that is one of WebDataset shards (img2dataset's output folder,
+    its tables and stats beside them); none for an image folder with ``metadata.jsonl`` / ``.csv``."""
+    if any((folder / n).exists() for n in ("metadata.jsonl", "metadata.csv")):
+        return []
+    return sorted(folder.glob("*.tar"))
 
 
 def _pick_extension(extensions: list[str], wanted: str | None, defaults: list[str], what: str, where: Path):
@@ -664,10 +673,10 @@ def open_source(dataset, caption_column: str | None = None, image_column: str | 
     if path.is_dir():
         if (path / "dataset_info.json").exists() or (path / "dataset_dict.json").exists():
             return HFDatasetSource(path, caption_column, image_column, captions)
-        if not any((path / n).exists() for n in ("metadata.jsonl", "metadata.csv")) and any(path.glob("*.tar")):
-            return WebDatasetSource(path, caption_column, image_column, captions)  # img2dataset's output folder
+        if tar_shards(path):
+            return WebDatasetSource(path, caption_column, image_column, captions)
         return ImageFolderSource(path, caption_column, captions)
-    if path.name.lower().endswith((".tar", ".tar.gz", ".tgz", ".tar.bz2", ".tar.xz")):
+    if path.name.lower().endswith((".tar",) + COMPRESSED_TAR):
         return WebDatasetSource(path, caption_column, image_column, captions)
     return TableSource(path, caption_column, image_column, captions=captions)
 

@@ -19,11 +19,11 @@ from PIL import Image, UnidentifiedImageError
 
 from ..core.errors import InputError
 from ..core.images import centre_square, image_cell, open_image
+from ..scan.sources import COMPRESSED_TAR, tar_shards
 
 CAPTION_COLUMNS = ("text", "caption", "prompt", "txt")  # txt: a WebDataset sample's caption file
 # "image", then a WebDataset sample's image file, by the extensions datasets' webdataset loader decodes
 IMAGE_COLUMNS = ("image", "jpg", "jpeg", "png", "webp", "bmp", "tif", "tiff", "gif")
-COMPRESSED_TAR = (".tar.gz", ".tgz", ".tar.bz2", ".tar.xz")
 
 
 def _to_array(img, size: int) -> np.ndarray:
@@ -40,11 +40,11 @@ def _open_hf(source: str):
     try:
         if p.is_dir() and ((p / "dataset_info.json").exists() or (p / "state.json").exists()):
             return datasets.load_from_disk(str(p))
-        has_metadata = p.is_dir() and any((p / m).exists() for m in ("metadata.jsonl", "metadata.csv"))
-        if p.is_dir() and not has_metadata and any(p.glob("*.tar")):  # img2dataset's output folder
-            return datasets.load_dataset("webdataset", data_files=sorted(map(str, p.glob("*.tar"))), split="train")
+        shards = tar_shards(p) if p.is_dir() else []
+        if shards:  # the scan reads the same folders as shards
+            return datasets.load_dataset("webdataset", data_files=[str(s) for s in shards], split="train")
         if p.is_dir():
-            if not has_metadata:
+            if not any((p / m).exists() for m in ("metadata.jsonl", "metadata.csv")):
                 raise InputError(f"{p} has no metadata.jsonl or metadata.csv: an image folder needs captions "
                                  "(columns file_name and text/caption)")
             return datasets.load_dataset("imagefolder", data_dir=str(p), split="train")
