@@ -215,7 +215,7 @@ class ImageFolderSource(Source):
         self.folder = Path(folder)
         if not self.folder.is_dir():
             raise InputError(f"dataset folder not found: {self.folder}")
-        meta = next((self.folder / n for n in ("metadata.jsonl", "metadata.csv") if (self.folder / n).exists()), None)
+        meta = folder_metadata(self.folder)
         if meta is not None:
             table = TableSource(meta, caption_column=caption_column, image_column="file_name", captions=captions,
                                 working_directory=False)  # as datasets' imagefolder: its own files alone
@@ -585,7 +585,10 @@ class WebDatasetSource(Source):
         return next((meta[c] for c in CAPTION_COLUMNS if isinstance(meta, dict) and c in meta), None)
 
     def describe(self):
-        shards = [[str(p.resolve()), p.stat().st_size, int(p.stat().st_mtime)] for p in self.shards]
+        shards = []
+        for p in self.shards:
+            st = p.stat()
+            shards.append([str(p.resolve()), st.st_size, int(st.st_mtime)])
         return {"kind": "webdataset", "shards": shards, "rows": len(self), "caption_column": self.caption_ext,
                 "image_column": self.image_ext}
 
@@ -616,10 +619,15 @@ def _tar_samples(shard: Path) -> list[tuple[str, dict[str, tuple[int, int]]]]:
     return list(samples.items())
 
 
+def folder_metadata(folder: Path) -> Path | None:
+    """An image folder's ``metadata.jsonl`` or ``metadata.csv``, as ``datasets``' imagefolder reads it, or None."""
+    return next((folder / n for n in ("metadata.jsonl", "metadata.csv") if (folder / n).exists()), None)
+
+
 def tar_shards(folder: Path) -> list[Path]:
     """The ``.tar`` shards of a folder that is one of WebDataset shards (img2dataset's output folder,
     its tables and stats beside them); none for an image folder with ``metadata.jsonl`` / ``.csv``."""
-    if any((folder / n).exists() for n in ("metadata.jsonl", "metadata.csv")):
+    if folder_metadata(folder) is not None:
         return []
     return sorted(folder.glob("*.tar"))
 

@@ -19,7 +19,7 @@ from PIL import Image, UnidentifiedImageError
 
 from ..core.errors import InputError
 from ..core.images import centre_square, image_cell, open_image
-from ..scan.sources import COMPRESSED_TAR, tar_shards
+from ..scan.sources import COMPRESSED_TAR, folder_metadata, tar_shards
 
 CAPTION_COLUMNS = ("text", "caption", "prompt", "txt")  # txt: a WebDataset sample's caption file
 # "image", then a WebDataset sample's image file, by the extensions datasets' webdataset loader decodes
@@ -40,11 +40,11 @@ def _open_hf(source: str):
     try:
         if p.is_dir() and ((p / "dataset_info.json").exists() or (p / "state.json").exists()):
             return datasets.load_from_disk(str(p))
-        shards = tar_shards(p) if p.is_dir() else []
-        if shards:  # the scan reads the same folders as shards
-            return datasets.load_dataset("webdataset", data_files=[str(s) for s in shards], split="train")
         if p.is_dir():
-            if not any((p / m).exists() for m in ("metadata.jsonl", "metadata.csv")):
+            shards = tar_shards(p)
+            if shards:  # the scan reads the same folders as shards
+                return datasets.load_dataset("webdataset", data_files=[str(s) for s in shards], split="train")
+            if folder_metadata(p) is None:
                 raise InputError(f"{p} has no metadata.jsonl or metadata.csv: an image folder needs captions "
                                  "(columns file_name and text/caption)")
             return datasets.load_dataset("imagefolder", data_dir=str(p), split="train")
