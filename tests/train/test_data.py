@@ -236,6 +236,24 @@ def test_webdataset_shards_train_on_the_pairs_of_the_same_samples_as_an_image_fo
     assert one_shard == [c for _, c in SHARD_SAMPLES[3:]]
 
 
+def test_a_sample_with_two_images_gives_train_and_the_scan_the_same_one(tmp_path):
+    # the scan took the first extension alphabetically (bmp, then jpeg) and train jpg first: a curator's
+    # scan then vouched for images other than those the model trained on
+    from shards import write_tar_shard
+
+    from diffmem.scan.sources import WebDatasetSource
+
+    colours = {"bmp": (0, 0, 255), "jpeg": (0, 255, 0), "jpg": (255, 0, 0)}
+    write_tar_shard(tmp_path / "s.tar", [m for k in ("a", "b") for m in [(f"{k}.txt", f"sample {k}".encode())]
+                                         + [(f"{k}.{ext}", _png(c)) for ext, c in colours.items()]])
+    images, captions, problems = load_pairs(str(tmp_path / "s.tar"), 8)
+    assert captions == ["sample a", "sample b"] and problems == []
+    scanned = WebDatasetSource(tmp_path / "s.tar").rows(0, 2)
+    for trained, row in zip(images, scanned):
+        assert trained[0, 0].tolist() == [1.0, 0.0, 0.0]  # the .jpg, as img2dataset writes it
+        assert row.image[0, 0].tolist() == [1.0, 0.0, 0.0]
+
+
 def test_a_compressed_shard_is_refused_as_the_scan_refuses_it(tmp_path):
     import tarfile
 

@@ -42,6 +42,9 @@ IMAGE_COLUMNS = ("image", "file_name", "image_path", "path")
 KEY_COLUMNS = ("image_key", "url", "image_url", "sha256", "key")
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
 COMPRESSED_TAR = (".tar.gz", ".tgz", ".tar.bz2", ".tar.xz")  # shards that cannot be read by offset
+# a shard sample's image, by extension, most wanted first (img2dataset writes jpg): the scan and
+# `diffmem train` take the same one from a sample that holds two
+SHARD_IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp", "bmp", "tif", "tiff", "gif")
 
 
 @dataclass
@@ -534,9 +537,9 @@ class WebDatasetSource(Source):
         if not self.samples:
             raise InputError(f"{path} holds no samples: nothing to scan")
         extensions = sorted({e for _, _, files in self.samples for e in files})
-        self.image_ext = _pick_extension(extensions, image_column, sorted(e[1:] for e in IMAGE_SUFFIXES), "image", path)
+        self.image_ext = _pick_extension(extensions, image_column, SHARD_IMAGE_EXTENSIONS, "image", path)
         if caption_column is not None:
-            self.caption_ext = _pick_extension(extensions, caption_column, [], "caption", path)
+            self.caption_ext = _pick_extension(extensions, caption_column, (), "caption", path)
         else:
             self.caption_ext = "txt" if "txt" in extensions else ("json" if "json" in extensions else None)
             if self.caption_ext is None and captions:
@@ -632,7 +635,7 @@ def tar_shards(folder: Path) -> list[Path]:
     return sorted(folder.glob("*.tar"))
 
 
-def _pick_extension(extensions: list[str], wanted: str | None, defaults: list[str], what: str, where: Path):
+def _pick_extension(extensions: list[str], wanted: str | None, defaults: tuple[str, ...], what: str, where: Path):
     if wanted is not None:
         wanted = wanted.lower().lstrip(".")
         if wanted not in extensions:

@@ -19,11 +19,11 @@ from PIL import Image, UnidentifiedImageError
 
 from ..core.errors import InputError
 from ..core.images import centre_square, image_cell, open_image
-from ..scan.sources import COMPRESSED_TAR, folder_metadata, tar_shards
+from ..scan.sources import COMPRESSED_TAR, SHARD_IMAGE_EXTENSIONS, folder_metadata, tar_shards
 
 CAPTION_COLUMNS = ("text", "caption", "prompt", "txt")  # txt: a WebDataset sample's caption file
-# "image", then a WebDataset sample's image file, by the extensions datasets' webdataset loader decodes
-IMAGE_COLUMNS = ("image", "jpg", "jpeg", "png", "webp", "bmp", "tif", "tiff", "gif")
+# "image", then a WebDataset sample's image file, in the order the scan picks it
+IMAGE_COLUMNS = ("image",) + SHARD_IMAGE_EXTENSIONS
 
 
 def _to_array(img, size: int) -> np.ndarray:
