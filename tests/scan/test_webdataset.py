@@ -50,10 +50,12 @@ def test_captions_come_from_the_json_without_a_txt_and_a_sample_may_lack_a_part(
     _shard(tmp_path / "s.tar", [("a.jpg", _png(1)), ("a.json", json.dumps({"caption": "from json"}).encode()),
                                 ("b.jpg", _png(2)),  # no caption at all
                                 ("c.json", json.dumps({"caption": "no image"}).encode()),
-                                ("d.jpg", b"not a jpeg"), ("d.json", json.dumps({"text": "broken"}).encode())])
-    rows = WebDatasetSource(tmp_path / "s.tar").rows(0, 4)
+                                ("d.jpg", b"not a jpeg"), ("d.json", json.dumps({"text": "broken"}).encode()),
+                                # a null caption is no caption (img2dataset writes one): the text is taken, as train takes it
+                                ("e.jpg", _png(5)), ("e.json", json.dumps({"caption": None, "text": "set"}).encode())])
+    rows = WebDatasetSource(tmp_path / "s.tar").rows(0, 5)
     assert [(r.caption, r.caption_issue) for r in rows] == [("from json", None), (None, "missing"),
-                                                              ("no image", None), ("broken", None)]
+                                                              ("no image", None), ("broken", None), ("set", None)]
     assert rows[0].image is not None and rows[1].image is not None
     assert rows[2].image_issue == "missing image" and rows[3].image_issue.startswith("unreadable image")
 

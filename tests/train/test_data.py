@@ -254,6 +254,26 @@ def test_a_sample_with_two_images_gives_train_and_the_scan_the_same_one(tmp_path
         assert row.image[0, 0].tolist() == [1.0, 0.0, 0.0]
 
 
+def test_shard_captions_in_json_alone_train_as_the_scan_reads_them(tmp_path):
+    # img2dataset writes the caption into key.json, and key.txt only when asked: train said "no caption
+    # column" for shards the scan read; datasets fills a key a sample lacks with None (b has no "caption")
+    from shards import write_tar_shard
+
+    from diffmem.scan.sources import WebDatasetSource
+
+    metas = {"a": {"caption": "a red square", "width": 20}, "b": {"text": "a green square"},
+             "c": {"caption": None, "status": "failed"}, "d": {"caption": "a blue square", "text": "ignored"}}
+    colours = {"a": (255, 0, 0), "b": (0, 255, 0), "c": (9, 9, 9), "d": (0, 0, 255)}
+    write_tar_shard(tmp_path / "s.tar", [m for k, meta in metas.items()
+                                         for m in [(f"{k}.jpg", _png(colours[k])), (f"{k}.json", json.dumps(meta).encode())]])
+    images, captions, problems = load_pairs(str(tmp_path / "s.tar"), 8)
+    scanned = [r.caption for r in WebDatasetSource(tmp_path / "s.tar").rows(0, 4)]
+    assert scanned == ["a red square", "a green square", None, "a blue square"]
+    assert captions == [c for c in scanned if c is not None]
+    assert problems == [{"row": 2, "problem": "empty caption"}]
+    assert [im[0, 0].tolist() for im in images] == [[1.0, 0.0, 0.0], [0.0, 1.0, 0.0], [0.0, 0.0, 1.0]]
+
+
 def test_a_compressed_shard_is_refused_as_the_scan_refuses_it(tmp_path):
     import tarfile
 

@@ -585,7 +585,7 @@ class WebDatasetSource(Source):
             meta = json.loads(raw)
         except (json.JSONDecodeError, UnicodeDecodeError):
             return None
-        return next((meta[c] for c in CAPTION_COLUMNS if isinstance(meta, dict) and c in meta), None)
+        return json_caption(meta)
 
     def describe(self):
         shards = []
@@ -625,6 +625,15 @@ def _tar_samples(shard: Path) -> list[tuple[str, dict[str, tuple[int, int]]]]:
 def folder_metadata(folder: Path) -> Path | None:
     """An image folder's ``metadata.jsonl`` or ``metadata.csv``, as ``datasets``' imagefolder reads it, or None."""
     return next((folder / n for n in ("metadata.jsonl", "metadata.csv") if (folder / n).exists()), None)
+
+
+def json_caption(meta) -> object:
+    """A shard sample's caption in its ``.json``: the first of caption / text / prompt that is set.
+    img2dataset writes ``"caption": null`` where it had none, and ``datasets`` fills the keys that a
+    sample lacks with None, so a key alone does not make a caption."""
+    if not isinstance(meta, dict):
+        return None
+    return next((meta[c] for c in CAPTION_COLUMNS if meta.get(c) is not None), None)
 
 
 def tar_shards(folder: Path) -> list[Path]:

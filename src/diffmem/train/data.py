@@ -5,7 +5,8 @@
   column): the ``imagefolder`` layout;
 - a ``.parquet``, ``.jsonl``, ``.json``, ``.csv`` or ``.tsv`` file whose image column holds image bytes or paths;
 - WebDataset ``.tar`` shards, one or a folder of them (img2dataset's output), through ``datasets``'
-  webdataset loader: columns named by extension, the caption ``txt``, the image ``jpg`` / ``png`` / ...;
+  webdataset loader: columns named by extension, the caption ``txt`` (else the ``.json``'s caption /
+  text / prompt, as the scan reads it), the image ``jpg`` / ``png`` / ...;
 - a folder written by ``datasets.Dataset.save_to_disk``, or a hub dataset id (cached locally).
 """
 
@@ -19,7 +20,7 @@ from PIL import Image, UnidentifiedImageError
 
 from ..core.errors import InputError
 from ..core.images import centre_square, image_cell, open_image
-from ..scan.sources import COMPRESSED_TAR, SHARD_IMAGE_EXTENSIONS, folder_metadata, tar_shards
+from ..scan.sources import COMPRESSED_TAR, SHARD_IMAGE_EXTENSIONS, folder_metadata, json_caption, tar_shards
 
 CAPTION_COLUMNS = ("text", "caption", "prompt", "txt")  # txt: a WebDataset sample's caption file
 # "image", then a WebDataset sample's image file, in the order the scan picks it
@@ -104,6 +105,8 @@ def iter_pairs(source: str, size: int, caption_column: str | None = None, image_
     hf = _open_hf(source)
     cols = hf.column_names
     cap = caption_column or next((c for c in CAPTION_COLUMNS if c in cols), None)
+    if cap is None and "json" in cols:  # a shard sample without .txt: its caption is in the .json, as the scan reads it
+        cap = "json"
     if cap is None or cap not in cols:
         raise InputError(f"no caption column {caption_column or CAPTION_COLUMNS!r} in {source} (columns: {cols})")
     image_column = image_column or next((c for c in IMAGE_COLUMNS if c in cols), "image")
@@ -127,6 +130,8 @@ def iter_pairs(source: str, size: int, caption_column: str | None = None, image_
             break
         next_row = i + 1
         caption = row[cap]
+        if cap == "json" and isinstance(caption, dict):
+            caption = json_caption(caption)
         if caption is not None and not isinstance(caption, str):  # a number or a list: the wrong column
             problems.append({"row": i, "problem": f"caption not text ({type(caption).__name__})"})
             continue
