@@ -788,7 +788,7 @@ def train(
     prediction_type: Optional[str] = typer.Option(None, help="epsilon or v_prediction (default: the model's own)"),
     train_text_encoder: bool = typer.Option(False, "--train-text-encoder/--freeze-text-encoder"),
     ema: bool = typer.Option(False, help="keep an exponential moving average of the weights"),
-    caption_column: Optional[str] = typer.Option(None, help="caption column (default: text, caption or prompt; in WebDataset shards txt, else the json's caption)"),
+    caption_column: Optional[str] = typer.Option(None, help="caption column (default: caption, text or prompt; in WebDataset shards txt, else the json's caption)"),
     checkpoint_every: int = typer.Option(500, min=0),
     mem_filter_threshold: Optional[float] = typer.Option(None, help="drop samples whose text-conditional noise norm is >= this (Wen et al.)"),
     seed: int = SEED,

@@ -274,6 +274,23 @@ def test_shard_captions_in_json_alone_train_as_the_scan_reads_them(tmp_path):
     assert [im[0, 0].tolist() for im in images] == [[1.0, 0.0, 0.0], [0.0, 1.0, 0.0], [0.0, 0.0, 1.0]]
 
 
+def test_a_table_trains_on_the_columns_the_scan_reads(tmp_path):
+    # train took "text" before "caption" and knew no "file_name" column outside an image folder, so
+    # a table the scan read trained on other captions, or not at all ("no image column 'image'")
+    from diffmem.scan.sources import TableSource
+
+    (tmp_path / "r.png").write_bytes(_png((255, 0, 0)))
+    (tmp_path / "g.png").write_bytes(_png((0, 255, 0)))
+    pd.DataFrame({"file_name": ["r.png", "g.png"], "text": ["short", "short"],
+                  "caption": ["a red square", "a green square"]}).to_csv(tmp_path / "d.csv", index=False)
+    images, captions, problems = load_pairs(str(tmp_path / "d.csv"), 8)
+    scanned = TableSource(tmp_path / "d.csv").rows(0, 2)
+    assert captions == [r.caption for r in scanned] == ["a red square", "a green square"] and problems == []
+    for trained, row in zip(images, scanned):
+        assert trained[0, 0].tolist() == row.image[0, 0].tolist()
+    assert images[1, 0, 0].tolist() == [0.0, 1.0, 0.0]
+
+
 def test_a_compressed_shard_is_refused_as_the_scan_refuses_it(tmp_path):
     import tarfile
 

@@ -20,11 +20,13 @@ from PIL import Image, UnidentifiedImageError
 
 from ..core.errors import InputError
 from ..core.images import centre_square, image_cell, open_image
+from ..scan import sources as scan_sources
 from ..scan.sources import COMPRESSED_TAR, SHARD_IMAGE_EXTENSIONS, folder_metadata, json_caption, tar_shards
 
-CAPTION_COLUMNS = ("text", "caption", "prompt", "txt")  # txt: a WebDataset sample's caption file
-# "image", then a WebDataset sample's image file, in the order the scan picks it
-IMAGE_COLUMNS = ("image",) + SHARD_IMAGE_EXTENSIONS
+# the scan's columns, so that a scan vouches for the captions and images a model trains on; then a
+# WebDataset sample's files, named by extension: the caption file, the image files in the scan's order
+CAPTION_COLUMNS = scan_sources.CAPTION_COLUMNS + ("txt",)
+IMAGE_COLUMNS = scan_sources.IMAGE_COLUMNS + SHARD_IMAGE_EXTENSIONS
 
 
 def _to_array(img, size: int) -> np.ndarray:
@@ -47,7 +49,7 @@ def _open_hf(source: str):
                 return datasets.load_dataset("webdataset", data_files=[str(s) for s in shards], split="train")
             if folder_metadata(p) is None:
                 raise InputError(f"{p} has no metadata.jsonl or metadata.csv: an image folder needs captions "
-                                 "(columns file_name and text/caption)")
+                                 "(columns file_name and caption/text)")
             return datasets.load_dataset("imagefolder", data_dir=str(p), split="train")
         if p.name.lower().endswith(COMPRESSED_TAR):  # refused as the scan refuses it, so both read the same shards
             raise InputError(f"{p} is a compressed tar: decompress it to .tar (the scan reads shards in place)")
