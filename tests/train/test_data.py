@@ -291,6 +291,25 @@ def test_a_table_trains_on_the_columns_the_scan_reads(tmp_path):
     assert images[1, 0, 0].tolist() == [0.0, 1.0, 0.0]
 
 
+def test_a_shard_json_that_is_not_json_is_named_not_left_to_datasets_words(tmp_path):
+    # datasets' loader stops at it with "An error occurred while generating the dataset"; sample 020 lies
+    # past the samples it reads to infer the columns, 021 is not UTF-8
+    from shards import write_tar_shard
+
+    from diffmem.scan.sources import WebDatasetSource
+
+    members = []
+    for i in range(24):
+        meta = {20: b'{"caption": "cut', 21: b'{"caption": "\xff"}'}.get(i, json.dumps({"caption": f"c{i}"}).encode())
+        members += [(f"{i:03d}.jpg", _png((i, i, i), 8)), (f"{i:03d}.json", meta)]
+    write_tar_shard(tmp_path / "s.tar", members)
+    with pytest.raises(InputError, match=r"2 sample .json file\(s\) in .*s.tar are not JSON, the first s.tar:020.json "
+                                         r"\(Unterminated string.*\); .* mend or remove them"):
+        load_pairs(str(tmp_path / "s.tar"), 8)
+    rows = WebDatasetSource(tmp_path / "s.tar").rows(19, 22)  # what the message says of the scan
+    assert [(r.caption, r.caption_issue) for r in rows] == [("c19", None), (None, "missing"), (None, "missing")]
+
+
 def test_a_compressed_shard_is_refused_as_the_scan_refuses_it(tmp_path):
     import tarfile
 

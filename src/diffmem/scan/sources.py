@@ -627,6 +627,22 @@ def folder_metadata(folder: Path) -> Path | None:
     return next((folder / n for n in ("metadata.jsonl", "metadata.csv") if (folder / n).exists()), None)
 
 
+def invalid_json_files(shards: list[Path]) -> list[str]:
+    """``shard.tar:key.json (reason)`` for each sample ``.json`` that is not JSON. The scan reads such a
+    sample as uncaptioned; ``datasets``' webdataset loader stops at it, so train names them."""
+    found = []
+    for shard in shards:
+        with open(shard, "rb") as f:
+            for key, files in _tar_samples(shard):
+                if "json" not in files:
+                    continue
+                try:
+                    json.loads(_read_member(f, files["json"]))
+                except (ValueError, OSError) as e:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
+                    found.append(f"{shard.name}:{key}.json ({str(e).splitlines()[0][:120]})")
+    return found
+
+
 def json_caption(meta) -> object:
     """A shard sample's caption in its ``.json``: the first of caption / text / prompt that is set.
     img2dataset writes ``"caption": null`` where it had none, and ``datasets`` fills the keys that a

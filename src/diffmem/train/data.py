@@ -21,7 +21,8 @@ from PIL import Image, UnidentifiedImageError
 from ..core.errors import InputError
 from ..core.images import centre_square, image_cell, open_image
 from ..scan import sources as scan_sources
-from ..scan.sources import COMPRESSED_TAR, SHARD_IMAGE_EXTENSIONS, folder_metadata, json_caption, tar_shards
+from ..scan.sources import (COMPRESSED_TAR, SHARD_IMAGE_EXTENSIONS, folder_metadata, invalid_json_files, json_caption,
+                            tar_shards)
 
 # the scan's columns, so that a scan vouches for the captions and images a model trains on; then a
 # WebDataset sample's files, named by extension: the caption file, the image files in the scan's order
@@ -46,7 +47,7 @@ def _open_hf(source: str):
         if p.is_dir():
             shards = tar_shards(p)
             if shards:  # the scan reads the same folders as shards
-                return datasets.load_dataset("webdataset", data_files=[str(s) for s in shards], split="train")
+                return _load_shards(source, shards)
             if folder_metadata(p) is None:
                 raise InputError(f"{p} has no metadata.jsonl or metadata.csv: an image folder needs captions "
                                  "(columns file_name and caption/text)")
@@ -61,7 +62,7 @@ def _open_hf(source: str):
         if suffix in (".csv", ".tsv"):  # a table the scan reads, so one a curator scanned can be trained on
             return datasets.load_dataset("csv", data_files=str(p), split="train", sep="\t" if suffix == ".tsv" else ",")
         if suffix == ".tar":
-            return datasets.load_dataset("webdataset", data_files=str(p), split="train")
+            return _load_shards(source, [p])
         if p.exists():
             raise InputError(f"unsupported data file {p.name}: use a folder, .parquet, .jsonl, .json, .csv, .tsv or WebDataset .tar shards")
         if looks_like_path(source):
@@ -76,6 +77,22 @@ def _open_hf(source: str):
         if p.is_file() and "corresponds to no data" in str(e):  # datasets' words for a table of a header alone
             raise InputError(f"{source} has no rows: nothing to train on") from None
         raise InputError(f"could not read training data {source!r}: {type(e).__name__}: {str(e).splitlines()[0]}") from None
+
+
+def _load_shards(source: str, shards: list[Path]):
+    import datasets
+
+    try:
+        return datasets.load_dataset("webdataset", data_files=[str(s) for s in shards], split="train")
+    except Exception:
+        # datasets stops at a sample's .json that is not JSON, saying only "An error occurred while
+        # generating the dataset": name the files, which the curator can mend or remove
+        bad = invalid_json_files(shards)
+        if not bad:
+            raise
+        raise InputError(f"{len(bad)} sample .json file(s) in {source} are not JSON, the first {bad[0]}; datasets' "
+                         "webdataset loader, which diffmem train reads shards with, stops at them (the scan reads "
+                         "such a sample as uncaptioned): mend or remove them") from None
 
 
 def iter_pairs(source: str, size: int, caption_column: str | None = None, image_column: str | None = None,
