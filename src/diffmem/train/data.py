@@ -20,14 +20,15 @@ from PIL import Image, UnidentifiedImageError
 
 from ..core.errors import InputError
 from ..core.images import centre_square, image_cell, open_image
-from ..scan import sources as scan_sources
+from ..scan.sources import CAPTION_COLUMNS as SCAN_CAPTION_COLUMNS
+from ..scan.sources import IMAGE_COLUMNS as SCAN_IMAGE_COLUMNS
 from ..scan.sources import (COMPRESSED_TAR, SHARD_IMAGE_EXTENSIONS, folder_metadata, invalid_json_files, json_caption,
                             tar_shards)
 
 # the scan's columns, so that a scan vouches for the captions and images a model trains on; then a
 # WebDataset sample's files, named by extension: the caption file, the image files in the scan's order
-CAPTION_COLUMNS = scan_sources.CAPTION_COLUMNS + ("txt",)
-IMAGE_COLUMNS = scan_sources.IMAGE_COLUMNS + SHARD_IMAGE_EXTENSIONS
+CAPTION_COLUMNS = SCAN_CAPTION_COLUMNS + ("txt",)
+IMAGE_COLUMNS = SCAN_IMAGE_COLUMNS + SHARD_IMAGE_EXTENSIONS
 
 
 def _to_array(img, size: int) -> np.ndarray:
