@@ -188,6 +188,9 @@ TEXTUAL_INVERSION = typer.Option(None, help="a textual-inversion embedding added
                                  "repeat for several")
 NUM_INFERENCE_STEPS = typer.Option(None, min=1, help="sampler steps (default: the model's; SD: 50)")
 GUIDANCE_SCALE = typer.Option(None, callback=_finite, help="guidance scale (default: the model's; SD: 7.5)")
+# one help for scan and train, which pick a caption by the same rules (scan.sources)
+CAPTION_COLUMN = typer.Option(None, help="caption column (default: caption, text or prompt; in WebDataset shards txt, "
+                              "else the json's caption)")
 
 
 def _adapters(lora: list[Path] | None, lora_scale: list[float] | None, textual_inversion: list[str] | None) -> dict:
@@ -788,7 +791,7 @@ def train(
     prediction_type: Optional[str] = typer.Option(None, help="epsilon or v_prediction (default: the model's own)"),
     train_text_encoder: bool = typer.Option(False, "--train-text-encoder/--freeze-text-encoder"),
     ema: bool = typer.Option(False, help="keep an exponential moving average of the weights"),
-    caption_column: Optional[str] = typer.Option(None, help="caption column (default: caption, text or prompt; in WebDataset shards txt, else the json's caption)"),
+    caption_column: Optional[str] = CAPTION_COLUMN,
     checkpoint_every: int = typer.Option(500, min=0),
     mem_filter_threshold: Optional[float] = typer.Option(None, help="drop samples whose text-conditional noise norm is >= this (Wen et al.)"),
     seed: int = SEED,
@@ -832,7 +835,7 @@ def scan(
     out: Path = typer.Option(..., help="output folder: results, report, and the resumable shard files"),
     checks: str = typer.Option(",".join(("image_duplicates", "caption_duplicates", "triggers")),
                                help="comma-separated: image_duplicates, caption_duplicates, triggers, memorization"),
-    caption_column: Optional[str] = typer.Option(None, help="caption column (default: caption, text or prompt; in WebDataset shards txt, else the json's caption)"),
+    caption_column: Optional[str] = CAPTION_COLUMN,
     image_column: Optional[str] = typer.Option(None, help="image column (default: image, file_name, image_path or path)"),
     shard_size: int = typer.Option(1024, min=1, help="rows per checkpointed shard (bounds memory)"),
     limit: Optional[int] = typer.Option(None, min=1, help="scan only the first LIMIT rows"),
