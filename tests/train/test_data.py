@@ -274,6 +274,50 @@ def test_shard_captions_in_json_alone_train_as_the_scan_reads_them(tmp_path):
     assert [im[0, 0].tolist() for im in images] == [[1.0, 0.0, 0.0], [0.0, 1.0, 0.0], [0.0, 0.0, 1.0]]
 
 
+def test_a_sample_with_a_caption_file_beside_its_txt_trains_on_the_txt_the_scan_reads(tmp_path):
+    # train tried caption / text / prompt before txt on shards too: a sample's .caption file, which
+    # datasets hands over as bytes, came first, and every row was refused as "caption not text (bytes)"
+    # while the scan read the .txt; named, the .caption file is read as UTF-8 text, as the scan reads it
+    from shards import write_tar_shard
+
+    from diffmem.scan.sources import WebDatasetSource
+
+    write_tar_shard(tmp_path / "s.tar", [m for i, c in enumerate(((255, 0, 0), (0, 255, 0))) for m in [
+        (f"{i:03d}.png", _png(c)), (f"{i:03d}.txt", f"the txt {i}".encode()), (f"{i:03d}.caption", f"the other {i}".encode())]])
+    images, captions, problems = load_pairs(str(tmp_path / "s.tar"), 8)
+    assert captions == [r.caption for r in WebDatasetSource(tmp_path / "s.tar").rows(0, 2)] == ["the txt 0", "the txt 1"]
+    assert problems == [] and images[1, 0, 0].tolist() == [0.0, 1.0, 0.0]
+    _, named, _ = load_pairs(str(tmp_path / "s.tar"), 8, caption_column="caption")
+    scanned = WebDatasetSource(tmp_path / "s.tar", caption_column="caption").rows(0, 2)
+    assert named == [r.caption for r in scanned] == ["the other 0", "the other 1"]
+    write_tar_shard(tmp_path / "bad.tar", [("0.png", _png((1, 2, 3))), ("0.caption", b"caf\xe9"),
+                                           ("1.png", _png((4, 5, 6))), ("1.caption", b"fine")])
+    _, named, problems = load_pairs(str(tmp_path / "bad.tar"), 8, caption_column="caption")
+    assert named == ["fine"] and problems == [{"row": 0, "problem": "caption not UTF-8"}]
+
+
+def test_a_saved_dataset_made_from_shards_is_read_by_the_shards_rules_in_scan_and_train(tmp_path):
+    # saved with save_to_disk (or a hub dataset of shards), its columns are the extensions again: the scan
+    # found no image column (png is no table's name) and read the .caption file, train refused every row
+    import datasets
+    from shards import write_tar_shard
+
+    from diffmem.scan.sources import open_source
+
+    meta = {"a": {"caption": "a red square"}, "b": {"text": "a green square"}}
+    write_tar_shard(tmp_path / "s.tar", [m for k, c in (("a", (255, 0, 0)), ("b", (0, 255, 0))) for m in [
+        (f"{k}.png", _png(c)), (f"{k}.json", json.dumps(meta[k]).encode()), (f"{k}.caption", b"other")]])
+    datasets.load_dataset("webdataset", data_files=[str(tmp_path / "s.tar")], split="train").save_to_disk(tmp_path / "saved")
+    images, captions, problems = load_pairs(str(tmp_path / "saved"), 8)
+    source = open_source(tmp_path / "saved")
+    scanned = source.rows(0, 2)
+    assert captions == [r.caption for r in scanned] == ["a red square", "a green square"] and problems == []
+    assert [r.location for r in scanned] == ["s.tar:a", "s.tar:b"]  # as the shards' own scan places them
+    for trained, row in zip(images, scanned):
+        assert trained[0, 0].tolist() == row.image[0, 0].tolist()
+    assert images[1, 0, 0].tolist() == [0.0, 1.0, 0.0]
+
+
 def test_a_table_trains_on_the_columns_the_scan_reads(tmp_path):
     # train took "text" before "caption" and knew no "file_name" column outside an image folder, so
     # a table the scan read trained on other captions, or not at all ("no image column 'image'")

@@ -45,6 +45,8 @@ COMPRESSED_TAR = (".tar.gz", ".tgz", ".tar.bz2", ".tar.xz")  # shards that canno
 # a shard sample's image, by extension, most wanted first (img2dataset writes jpg): the scan and
 # `diffmem train` take the same one from a sample that holds two
 SHARD_IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp", "bmp", "tif", "tiff", "gif")
+# a shard sample's caption: its .txt, else its .json's caption / text / prompt (``json_caption``)
+SHARD_CAPTION_EXTENSIONS = ("txt", "json")
 
 
 @dataclass
@@ -479,9 +481,10 @@ class HFDatasetSource(Source):
         if len(dataset) == 0:
             raise InputError("the dataset has zero rows: nothing to scan")
         self.ds = dataset
-        self.caption_column = _pick(dataset.column_names, caption_column, CAPTION_COLUMNS, "caption", "the dataset",
+        caption_columns, image_columns = default_columns(dataset.column_names)
+        self.caption_column = _pick(dataset.column_names, caption_column, caption_columns, "caption", "the dataset",
                                     required=captions)
-        self.image_column = _pick(dataset.column_names, image_column, IMAGE_COLUMNS, "image", "the dataset", required=False)
+        self.image_column = _pick(dataset.column_names, image_column, image_columns, "image", "the dataset", required=False)
         self.key_column = _pick(dataset.column_names, None, KEY_COLUMNS, "image key", "the dataset", required=False)
 
     def __len__(self):
@@ -501,10 +504,13 @@ class HFDatasetSource(Source):
             part = part.cast_column(self.image_column, datasets.Image(decode=False))  # decode per row, errors per row
         out = []
         for i, rec in enumerate(part, start):
-            cap, issue = _caption(rec[self.caption_column] if self.caption_column is not None else None)
+            cap, issue = _caption(column_caption(rec[self.caption_column], self.caption_column)
+                                  if self.caption_column is not None else None)
             row = ScanRow(i, cap, issue, image_key=None if self.key_column is None else str(rec[self.key_column]))
             if self.image_column is not None:
-                row.location = _cell_location(rec[self.image_column])
+                # a sample of shards: shard.tar:key, as WebDatasetSource places the shards' own samples
+                row.location = (f"{Path(rec['__url__']).name}:{rec['__key__']}" if rec.get("__url__") and rec.get("__key__")
+                                else _cell_location(rec[self.image_column]))
                 _fill_image(row, lambda: image_cell(rec[self.image_column]), reduce)
             out.append(row)
         return out
@@ -541,7 +547,7 @@ class WebDatasetSource(Source):
         if caption_column is not None:
             self.caption_ext = _pick_extension(extensions, caption_column, (), "caption", path)
         else:
-            self.caption_ext = "txt" if "txt" in extensions else ("json" if "json" in extensions else None)
+            self.caption_ext = next((e for e in SHARD_CAPTION_EXTENSIONS if e in extensions), None)
             if self.caption_ext is None and captions:
                 raise InputError(f"{path} has no captions: no sample has a .txt or .json file (files: {extensions})")
         self.caption_column = self.caption_ext
@@ -678,6 +684,20 @@ def _read_member(f, place: tuple[int, int] | None) -> bytes | None:
     if len(data) != size:  # a shard cut short after it was indexed
         raise OSError(f"the shard ends {size - len(data)} bytes short of this file's end")
     return data
+
+
+def default_columns(columns) -> tuple[tuple[str, ...], tuple[str, ...]]:
+    """The caption and image columns tried, in order, on a dataset with these columns: a table's names,
+    or, for one ``datasets``' webdataset loader read from shards (it adds ``__key__``, and names the
+    other columns by a sample's file extensions), the shard rules the scan reads shards by in place."""
+    if "__key__" in columns:
+        return SHARD_CAPTION_EXTENSIONS, SHARD_IMAGE_EXTENSIONS
+    return CAPTION_COLUMNS, IMAGE_COLUMNS
+
+
+def column_caption(value, column: str):
+    """A caption cell as a caption: a shard sample's ``.json`` column holds a dict, its caption inside."""
+    return json_caption(value) if column == "json" and isinstance(value, dict) else value
 
 
 def _pick(columns, wanted, defaults, what, where, required=True):

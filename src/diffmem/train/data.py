@@ -7,7 +7,10 @@
 - WebDataset ``.tar`` shards, one or a folder of them (img2dataset's output), through ``datasets``'
   webdataset loader: columns named by extension, the caption ``txt`` (else the ``.json``'s caption /
   text / prompt, as the scan reads it), the image ``jpg`` / ``png`` / ...;
-- a folder written by ``datasets.Dataset.save_to_disk``, or a hub dataset id (cached locally).
+- a folder written by ``datasets.Dataset.save_to_disk``, or a hub dataset id (cached locally); one
+  made from shards (it has a ``__key__`` column) is read by the shards' rules.
+
+The caption and image columns are found by the scan's rules (``scan.sources.default_columns``).
 """
 
 from __future__ import annotations
@@ -20,15 +23,10 @@ from PIL import Image, UnidentifiedImageError
 
 from ..core.errors import InputError
 from ..core.images import centre_square, image_cell, open_image
-from ..scan.sources import CAPTION_COLUMNS as SCAN_CAPTION_COLUMNS
-from ..scan.sources import IMAGE_COLUMNS as SCAN_IMAGE_COLUMNS
-from ..scan.sources import (COMPRESSED_TAR, SHARD_IMAGE_EXTENSIONS, folder_metadata, invalid_json_files, json_caption,
+# the scan's rules for which columns hold the caption and the image, so that a scan vouches for the
+# captions and images a model trains on
+from ..scan.sources import (COMPRESSED_TAR, column_caption, default_columns, folder_metadata, invalid_json_files,
                             tar_shards)
-
-# the scan's columns, so that a scan vouches for the captions and images a model trains on; then a
-# WebDataset sample's files, named by extension: the caption file, the image files in the scan's order
-CAPTION_COLUMNS = SCAN_CAPTION_COLUMNS + ("txt",)
-IMAGE_COLUMNS = SCAN_IMAGE_COLUMNS + SHARD_IMAGE_EXTENSIONS
 
 
 def _to_array(img, size: int) -> np.ndarray:
@@ -124,12 +122,11 @@ def iter_pairs(source: str, size: int, caption_column: str | None = None, image_
         return
     hf = _open_hf(source)
     cols = hf.column_names
-    cap = caption_column or next((c for c in CAPTION_COLUMNS if c in cols), None)
-    if cap is None and "json" in cols:  # a shard sample without .txt: its caption is in the .json, as the scan reads it
-        cap = "json"
+    caption_columns, image_columns = default_columns(cols)
+    cap = caption_column or next((c for c in caption_columns if c in cols), None)
     if cap is None or cap not in cols:
-        raise InputError(f"no caption column {caption_column or CAPTION_COLUMNS!r} in {source} (columns: {cols})")
-    image_column = image_column or next((c for c in IMAGE_COLUMNS if c in cols), "image")
+        raise InputError(f"no caption column {caption_column or caption_columns!r} in {source} (columns: {cols})")
+    image_column = image_column or next((c for c in image_columns if c in cols), "image")
     if image_column not in cols:
         raise InputError(f"no image column {image_column!r} in {source} (columns: {cols})")
     import datasets
@@ -149,9 +146,13 @@ def iter_pairs(source: str, size: int, caption_column: str | None = None, image_
         if limit is not None and used >= limit:
             break
         next_row = i + 1
-        caption = row[cap]
-        if cap == "json" and isinstance(caption, dict):
-            caption = json_caption(caption)
+        caption = column_caption(row[cap], cap)
+        if isinstance(caption, bytes):  # a shard's file of an extension datasets does not decode (.caption)
+            try:
+                caption = caption.decode("utf-8")
+            except UnicodeDecodeError:
+                problems.append({"row": i, "problem": "caption not UTF-8"})
+                continue
         if caption is not None and not isinstance(caption, str):  # a number or a list: the wrong column
             problems.append({"row": i, "problem": f"caption not text ({type(caption).__name__})"})
             continue
