@@ -341,10 +341,11 @@ def test_mitigate_measures_any_model_against_its_training_images_and_clip(tmp_pa
     done = json.loads((out / "mitigation.json").read_text())
     m = done["measures"]
     assert m["replication_before"] == [1.0, 1.0] and m["nearest_before"][0] in (0, 1) and m["nearest_before"][1] in (2, 3)
+    assert [m["nearest_location_before"][i] == f"gen_{i}_{m['nearest_before'][i] % 2}.png" for i in (0, 1)] == [True, True]
     assert len(m["alignment_before"]) == len(m["alignment_after"]) == 2 and all(abs(a) <= 1 for a in m["alignment_after"])
     assert "4 training images from" in done["settings"]["measured_with"]["replication"]
     assert "replication 1.000 -> " in r.stdout and "alignment: CLIP score" in r.stdout
-    assert {"replication_before", "similarity_after", "nearest_after", "alignment_after"} <= set(
+    assert {"replication_before", "similarity_after", "nearest_after", "nearest_location_after", "alignment_after"} <= set(
         open(out / "mitigation.csv").readline().strip().split(","))
 
     # bad measure inputs fail before the model loads and write nothing

@@ -155,6 +155,9 @@ def test_training_images_from_a_folder_map_generations_to_their_rows(tmp_path):
     out = rep(gens)
     assert list(out["replicated"]) == [True, False] and out["nearest"][0] == 4  # row 4 of the folder, the 4th readable
     assert out["similarity"][0] == pytest.approx(1.0, abs=1e-5)
+    # where the nearest image is, for the curator to open it: the folder's file; images given in memory have no place
+    assert out["location"][0] == "img_3.png" and rep.train.locations == ["img_0.png", "img_1.png", "img_2.png", "img_3.png"]
+    assert listed(gens)["location"] == [None, None]
 
 
 def test_sscd_reads_a_training_folder_in_shards(tmp_path, sscd_stand_in):
@@ -208,6 +211,19 @@ def test_training_features_are_cached_by_shard_and_a_killed_run_redoes_one(tmp_p
     again = M.TrainingImages(tmp_path / "train", M.PixelReplication.thumbs, shard_size=2, identity="pixel")
     assert calls == [] and again.skipped == first.skipped and list(again.rows) == list(first.rows)
     torch.testing.assert_close(again.features, first.features)
+    assert again.locations == first.locations == [f"img_{i}.png" for i in range(5)]
+    # entries cached before they kept the images' locations are made again, once
+    from safetensors.numpy import load_file, save_file
+
+    entries = sorted((tmp_path / "cache").rglob("*.safetensors"))
+    assert len(entries) == 3
+    for entry in entries:
+        save_file({k: v for k, v in load_file(str(entry)).items() if k != "locations"}, str(entry))
+    assert M.TrainingImages(tmp_path / "train", M.PixelReplication.thumbs, shard_size=2, identity="pixel").locations == first.locations
+    assert len(calls) == 3
+    calls.clear()
+    M.TrainingImages(tmp_path / "train", M.PixelReplication.thumbs, shard_size=2, identity="pixel")
+    assert calls == []
     # another featurizer identity (other SSCD weights) has entries of its own
     M.TrainingImages(tmp_path / "train", M.PixelReplication.thumbs, shard_size=2, identity="other")
     assert len(calls) == 3

@@ -35,7 +35,7 @@ def test_measure_with_counts_copies_per_prompt_and_names_the_training_row(tmp_pa
     res = _result(before, after, ["a copied prompt", "a half copied prompt"])
     m = measure_with(res, M.PixelReplication(train), alignment)
     assert m["replication_before"] == [1.0, 0.5] and m["replication_after"] == [0.0, 0.0]
-    assert m["nearest_before"] == [4, 2]
+    assert m["nearest_before"] == [4, 2] and m["nearest_location_before"] == [None, None]  # images in memory: no place
     assert m["similarity_before"][0] == pytest.approx(1.0, abs=1e-5) and m["similarity_after"][0] < 0.5
     assert m["alignment_before"] == [1.0, 1.0]
     # alignment is always against the prompt the user wrote, never the rewrite

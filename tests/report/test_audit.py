@@ -418,8 +418,8 @@ def test_a_non_memlab_audit_measures_mitigation_against_its_training_data(tiny_p
     train.mkdir()
     for i, gens in enumerate(plain.images_before):
         for j, im in enumerate(gens):
-            Image.fromarray((im * 255).round().astype(np.uint8)).save(train / f"gen_{i}_{j}.png")
-            (train / f"gen_{i}_{j}.txt").write_text(plain.prompts[i])
+            Image.fromarray((im * 255).round().astype(np.uint8)).save(train / f"gen_{i}_{j} <copy>.png")
+            (train / f"gen_{i}_{j} <copy>.txt").write_text(plain.prompts[i])
     again = Audit(AuditSettings(**common, train_data=str(train), skip=("explain", "categorize", "scan")), out,
                   progress=False).run()
     assert again.stages["detect"]["status"] == "reused" and again.stages["mitigate"]["status"] == "done"
@@ -429,6 +429,12 @@ def test_a_non_memlab_audit_measures_mitigation_against_its_training_data(tiny_p
     assert measured.measures["replication_before"] == [1.0] * len(plain.prompts)
     html = (out / "report.html").read_text()
     assert "train &lt;data&gt;" in html and "train <data>" not in html  # the path is escaped
+    # each mitigated prompt names the training image its generations came nearest, escaped too
+    assert measured.measures["nearest_location_before"] == [f"gen_{i}_{measured.measures['nearest_before'][i] % 2} <copy>.png"
+                                                            for i in range(len(plain.prompts))]
+    assert "nearest training image: before row 0 (gen_0_0 &lt;copy&gt;.png)" in html or \
+        "nearest training image: before row 1 (gen_0_1 &lt;copy&gt;.png)" in html
+    assert "<copy>" not in html
     assert "replication before → after mitigation" in html and "alignment before → after" not in html
 
     # SSCD for replication and CLIP for alignment: the stage is redone with them, and the report names both

@@ -120,34 +120,40 @@ def _one(featurize, image) -> torch.Tensor:
 FEATURES_KIND = "training_image_features"  # the cache folder; in every key, so a format change is a new name
 
 
-def _featurize_shard(batch, featurize, batch_size: int) -> tuple[torch.Tensor, list[int], list[tuple[int, str]]]:
-    """(features, rows, skipped) of one shard's rows; unreadable images are skipped, not fatal."""
+def _featurize_shard(batch, featurize, batch_size: int):
+    """(features, rows, skipped, locations) of one shard's rows; unreadable images are skipped, not fatal."""
     skipped = [(r.row, r.image_issue or "no image") for r in batch if r.image is None]
     good = [r for r in batch if r.image is not None]
     feats = [featurize([r.image for r in good[i : i + batch_size]]) for i in range(0, len(good), batch_size)]
-    return (torch.cat(feats) if feats else torch.zeros(0)), [r.row for r in good], skipped
+    return (torch.cat(feats) if feats else torch.zeros(0)), [r.row for r in good], skipped, [r.location for r in good]
+
+
+def _json_array(value) -> np.ndarray:
+    return np.frombuffer(json.dumps(value).encode(), np.uint8)
 
 
 def _load_shard(key: str):
     from ..core.cache import load_arrays
 
     saved = load_arrays(FEATURES_KIND, key)
-    if saved is None:
+    if saved is None or "locations" not in saved:  # cached before locations were kept: made again, once
         return None
     skipped = [tuple(s) for s in json.loads(saved["skipped"].tobytes().decode())]
-    return torch.from_numpy(saved["features"]), saved["rows"].tolist(), skipped
+    locations = json.loads(saved["locations"].tobytes().decode())
+    return torch.from_numpy(saved["features"]), saved["rows"].tolist(), skipped, locations
 
 
-def _save_shard(key: str, features: torch.Tensor, rows: list[int], skipped: list) -> None:
+def _save_shard(key: str, features: torch.Tensor, rows: list[int], skipped: list, locations: list) -> None:
     from ..core.cache import save_arrays
 
     save_arrays(FEATURES_KIND, key, {"features": features.numpy(), "rows": np.asarray(rows, np.int64),
-                                     "skipped": np.frombuffer(json.dumps(skipped).encode(), np.uint8)})
+                                     "skipped": _json_array(skipped), "locations": _json_array(locations)})
 
 
 class TrainingImages:
-    """Features of the training images a replication measure compares generations with, and the row
-    each came from.
+    """Features of the training images a replication measure compares generations with, the row each
+    came from and where its image is (``locations``: a path, ``shard.tar:key``; None where a source
+    names none).
 
     ``images``: an (N, H, W, 3) array or a list of images (rows 0..N-1), or a dataset as the scan
     reads it (an image folder, a .parquet / .jsonl / .csv table, a saved ``datasets`` folder, or a
@@ -175,7 +181,7 @@ class TrainingImages:
                 raise InputError(f"{images}: the data set holds no images to compare generations with")
             self.name = str(images) if isinstance(images, (str, Path)) else type(images).__name__
             fingerprint = files_fingerprint(images) if identity is not None else None
-            feats, rows = [], []
+            feats, rows, locations = [], [], []
             from tqdm.auto import tqdm
 
             with tqdm(total=len(source), desc="training images", unit="image", disable=not progress) as bar:
@@ -195,17 +201,20 @@ class TrainingImages:
                     feats.append(shard[0])
                     rows += shard[1]
                     self.skipped += shard[2]
+                    locations += shard[3]
                     bar.update(stop - start)
             if not rows:
                 raise InputError(f"{images}: none of its {len(source)} images can be read "
                                  f"(row {self.skipped[0][0]}: {self.skipped[0][1]})")
             self.features, self.rows = torch.cat([f for f in feats if len(f)]), np.asarray(rows)
+            self.locations = locations
         else:
             if len(images) == 0:
                 raise InputError("no training images to compare generations with")
             self.name = f"{len(images)} images"
             self.features = torch.cat([featurize(images[i : i + batch_size]) for i in range(0, len(images), batch_size)])
             self.rows = np.arange(len(self.features))
+            self.locations = [None] * len(self.rows)
 
     def __len__(self) -> int:
         return len(self.rows)
@@ -219,7 +228,7 @@ class TrainingImages:
 
     def nearest(self, gen_features: torch.Tensor) -> dict:
         sim, idx = max_cosine(gen_features, self.features)
-        return {"similarity": sim, "nearest": self.rows[idx]}
+        return {"similarity": sim, "nearest": self.rows[idx], "location": [self.locations[i] for i in np.asarray(idx)]}
 
 
 # Each measure's revision (core.results.revision_key), bumped when it gives other values for the same

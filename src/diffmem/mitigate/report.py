@@ -48,7 +48,8 @@ def measure_with(res: MitigationResult, replication=None, alignment=None) -> dic
 
     Per prompt: ``replication_*`` the share of its generations at or above the measure's threshold,
     ``similarity_*`` their mean similarity to the nearest training image, ``nearest_*`` the training
-    row nearest to its most similar generation; ``alignment_*`` the mean alignment."""
+    row nearest to its most similar generation and ``nearest_location_*`` where that row's image is
+    (a path or ``shard.tar:key``; None where the data names none); ``alignment_*`` the mean alignment."""
     if res.images_before is None:
         raise InputError("this mitigation result holds no images to measure (it was run without generating them)")
     p, s = res.images_before.shape[:2]
@@ -65,6 +66,9 @@ def measure_with(res: MitigationResult, replication=None, alignment=None) -> dic
             out[f"replication_{when}"] = copied.mean(axis=1).tolist()
             out[f"similarity_{when}"] = sim.mean(axis=1).tolist()
             out[f"nearest_{when}"] = near[np.arange(p), sim.argmax(axis=1)].tolist()
+            if all("location" in f for f in found):  # a measure of the caller's own may not say where
+                where = np.array([loc for f in found for loc in f["location"]], dtype=object).reshape(p, s)
+                out[f"nearest_location_{when}"] = where[np.arange(p), sim.argmax(axis=1)].tolist()
         if alignment is not None:
             a = np.concatenate([alignment(flat[i : i + MEASURE_BATCH], prompts_flat[i : i + MEASURE_BATCH]) for i in chunks])
             out[f"alignment_{when}"] = _mean_of_named(np.asarray(a, float).reshape(p, s)).tolist()

@@ -73,6 +73,17 @@ def _roc_figure(roc: dict, caption: str) -> str:
     return _fig_data(fig)
 
 
+def _nearest_training_images(measures: dict, k: int) -> dict[str, str]:
+    """Before / after: the training row nearest to prompt ``k``'s most similar generation and where
+    its image is, for a mitigation measured against training data."""
+    found = {}
+    for when in ("before", "after"):
+        if f"nearest_{when}" in measures:
+            where = measures.get(f"nearest_location_{when}", [None] * (k + 1))[k]
+            found[when] = f"row {int(measures[f'nearest_{when}'][k])}" + (f" ({where})" if where else "")
+    return found
+
+
 def _settings_text(settings: dict | None, seeds=None) -> str:
     if not settings:
         return ""
@@ -154,6 +165,7 @@ def build_context(out: Path, result) -> dict:
                                   "reached": bool(mitigation.reached_target[k]), "iterations": int(mitigation.iterations[k]),
                                   "numbers": {n: float(m[n][k]) for n in ("replication_before", "replication_after",
                                                                           "alignment_before", "alignment_after") if n in m},
+                                  "nearest": _nearest_training_images(m, k),
                                   "caption": f"top row before, bottom row after; {_settings_text(mitigation.settings)}; seeds {mitigation.seeds}"}
         if p in links and (links[p]["triggers"] or links[p]["clusters"]):
             lk = links[p]
