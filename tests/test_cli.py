@@ -368,6 +368,24 @@ def test_mitigate_measures_any_model_against_its_training_images_and_clip(tmp_pa
         assert not bad.exists()
 
 
+def test_train_reads_a_table_by_the_columns_it_is_given(tmp_path, tiny_pipe_dir, colour_folder_with_a_broken_row):
+    # --image-column, which the scan had, reaches diffmem train: a table the scan read with it can be trained on
+    import json
+
+    import pandas as pd
+
+    rows = [json.loads(line) for line in (colour_folder_with_a_broken_row / "metadata.jsonl").read_text().splitlines()]
+    table = colour_folder_with_a_broken_row / "table.csv"
+    pd.DataFrame({"picture": [r["file_name"] for r in rows], "words": [r["text"] for r in rows]}).to_csv(table, index=False)
+    args = ["train", "--model", str(tiny_pipe_dir), "--data", str(table), "--out", str(tmp_path / "out"), "--batch-size", "2",
+            "--steps", "1", "--checkpoint-every", "0", "--caption-column", "words"]
+    r = run(*args)
+    assert r.returncode == 2 and "no image column" in r.stderr and "--image-column" in r.stderr, r.stderr
+    r = run(*args, "--image-column", "picture")
+    assert r.returncode == 0, r.stderr
+    assert "(3 image-caption pairs; 1 row skipped" in " ".join(r.stdout.split())
+
+
 def test_train_end_to_end_and_resume(tmp_path, tiny_pipe_dir, colour_folder_with_a_broken_row):
     import json
 

@@ -191,6 +191,8 @@ GUIDANCE_SCALE = typer.Option(None, callback=_finite, help="guidance scale (defa
 # one help for scan and train, which pick a caption by the same rules (scan.sources)
 CAPTION_COLUMN = typer.Option(None, help="caption column (default: caption, text or prompt; in WebDataset shards txt, "
                               "else the json's caption)")
+IMAGE_COLUMN = typer.Option(None, help="image column (default: image, file_name, image_path or path; in WebDataset "
+                            "shards jpg, else jpeg / png / ...)")
 
 
 def _adapters(lora: list[Path] | None, lora_scale: list[float] | None, textual_inversion: list[str] | None) -> dict:
@@ -792,6 +794,7 @@ def train(
     train_text_encoder: bool = typer.Option(False, "--train-text-encoder/--freeze-text-encoder"),
     ema: bool = typer.Option(False, help="keep an exponential moving average of the weights"),
     caption_column: Optional[str] = CAPTION_COLUMN,
+    image_column: Optional[str] = IMAGE_COLUMN,
     checkpoint_every: int = typer.Option(500, min=0),
     mem_filter_threshold: Optional[float] = typer.Option(None, help="drop samples whose text-conditional noise norm is >= this (Wen et al.)"),
     seed: int = SEED,
@@ -809,7 +812,7 @@ def train(
     _hold(out)
     model_dir = train_pipeline(model, data, out, steps=steps, batch_size=batch_size, lr=lr, prediction_type=prediction_type,
                                train_text_encoder=train_text_encoder, ema=ema, caption_column=caption_column,
-                               checkpoint_every=checkpoint_every, mem_filter_threshold=mem_filter_threshold, seed=seed,
+                               image_column=image_column, checkpoint_every=checkpoint_every, mem_filter_threshold=mem_filter_threshold, seed=seed,
                                allow_pickle=allow_pickle, device=device, mixed_precision=mixed_precision,
                                lora_rank=lora_rank)
     import json
@@ -836,7 +839,7 @@ def scan(
     checks: str = typer.Option(",".join(("image_duplicates", "caption_duplicates", "triggers")),
                                help="comma-separated: image_duplicates, caption_duplicates, triggers, memorization"),
     caption_column: Optional[str] = CAPTION_COLUMN,
-    image_column: Optional[str] = typer.Option(None, help="image column (default: image, file_name, image_path or path)"),
+    image_column: Optional[str] = IMAGE_COLUMN,
     shard_size: int = typer.Option(1024, min=1, help="rows per checkpointed shard (bounds memory)"),
     limit: Optional[int] = typer.Option(None, min=1, help="scan only the first LIMIT rows"),
     min_support: Optional[int] = typer.Option(None, min=2, help="triggers: a trigger ties at least this many distinct "

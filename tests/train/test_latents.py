@@ -164,3 +164,31 @@ def test_an_older_key_refused_for_other_data_does_not_blame_the_vae(tmp_path, pi
     os.utime(folder / "0.png", ns=(1, 1))
     with pytest.raises(InputError, match=r"other data \(differs in: files\)"):
         encode_source(pipe, str(folder), 16, folder=tmp_path / "latents", chunk=3, replace=False)
+
+
+def test_a_named_image_column_is_read_and_keys_the_latents(tmp_path, pipe, monkeypatch):
+    # diffmem train had no --image-column, which the scan has: a table whose images are in a column of
+    # another name could be scanned but not trained on
+    import pandas as pd
+
+    folder = _folder(tmp_path / "data", n=4, broken=())
+    rows = [json.loads(line) for line in (folder / "metadata.jsonl").read_text().splitlines()]
+    table = folder / "table.csv"
+    pd.DataFrame({"picture": [r["file_name"] for r in rows], "caption": [r["text"] for r in rows]}).to_csv(table, index=False)
+    with pytest.raises(InputError, match="no image column"):
+        encode_source(pipe, str(table), 16)
+    named = encode_source(pipe, str(table), 16, folder=tmp_path / "latents", chunk=3, image_column="picture")
+    assert torch.equal(named[0], encode_source(pipe, str(folder), 16, chunk=3)[0]) and named[1] == [r["text"] for r in rows]
+    assert json.loads((tmp_path / "latents" / "key.json").read_text())["image_column"] == "picture"
+    # latents keyed before an image column could be named are the default's: reused, and keyed anew
+    plain = tmp_path / "plain"
+    first = encode_source(pipe, str(folder), 16, folder=plain / "latents", chunk=3)[0]
+    key = json.loads((plain / "latents" / "key.json").read_text())
+    assert key.pop("image_column") is None
+    (plain / "latents" / "key.json").write_text(json.dumps(key))
+    counter = Counting(monkeypatch)
+    assert torch.equal(encode_source(pipe, str(folder), 16, folder=plain / "latents", chunk=3, replace=False)[0], first)
+    assert counter.calls == 0 and json.loads((plain / "latents" / "key.json").read_text())["image_column"] is None
+    # naming another column is other data to a checkpoint that depends on these latents
+    with pytest.raises(InputError, match=r"other data \(differs in: image_column\)"):
+        encode_source(pipe, str(folder), 16, folder=plain / "latents", chunk=3, replace=False, image_column="file_name")

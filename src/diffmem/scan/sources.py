@@ -297,9 +297,9 @@ class TableSource(Source):
             columns = self.frame.columns
         if len(self) == 0:
             raise InputError(f"{self.path} has zero rows: nothing to scan")
-        self.caption_column = _pick(columns, caption_column, CAPTION_COLUMNS, "caption", self.path, required=captions)
-        self.image_column = _pick(columns, image_column, IMAGE_COLUMNS, "image", self.path, required=False)
-        self.key_column = _pick(columns, key_column, KEY_COLUMNS, "image key", self.path, required=False)
+        self.caption_column = pick_column(columns, caption_column, CAPTION_COLUMNS, "caption", self.path, required=captions)
+        self.image_column = pick_column(columns, image_column, IMAGE_COLUMNS, "image", self.path, required=False)
+        self.key_column = pick_column(columns, key_column, KEY_COLUMNS, "image key", self.path, required=False)
 
     def _read_jsonl(self):
         import pandas as pd
@@ -482,10 +482,10 @@ class HFDatasetSource(Source):
             raise InputError("the dataset has zero rows: nothing to scan")
         self.ds = dataset
         caption_columns, image_columns = default_columns(dataset.column_names)
-        self.caption_column = _pick(dataset.column_names, caption_column, caption_columns, "caption", "the dataset",
+        self.caption_column = pick_column(dataset.column_names, caption_column, caption_columns, "caption", "the dataset",
                                     required=captions)
-        self.image_column = _pick(dataset.column_names, image_column, image_columns, "image", "the dataset", required=False)
-        self.key_column = _pick(dataset.column_names, None, KEY_COLUMNS, "image key", "the dataset", required=False)
+        self.image_column = pick_column(dataset.column_names, image_column, image_columns, "image", "the dataset", required=False)
+        self.key_column = pick_column(dataset.column_names, None, KEY_COLUMNS, "image key", "the dataset", required=False)
 
     def __len__(self):
         return len(self.ds)
@@ -700,7 +700,9 @@ def column_caption(value, column: str):
     return json_caption(value) if column == "json" and isinstance(value, dict) else value
 
 
-def _pick(columns, wanted, defaults, what, where, required=True):
+def pick_column(columns, wanted, defaults, what, where, required=True):
+    """The column ``wanted``, else the first of ``defaults`` present; a missing one is refused by name
+    and, for a default, with the option that names another (``--caption-column``)."""
     columns = list(columns)
     if wanted is not None:
         if wanted not in columns:

@@ -17,7 +17,7 @@ TRAINING_PLOT = "training.png"  # in MODEL_DIR: the loss by step, and the share 
 
 def train_pipeline(model: str, data: str, out: str | Path, steps: int = 1000, batch_size: int = 32, lr: float = 1e-4,
                    prediction_type: str | None = None, train_text_encoder: bool = False, ema: bool = False,
-                   caption_column: str | None = None, checkpoint_every: int = 500,
+                   caption_column: str | None = None, image_column: str | None = None, checkpoint_every: int = 500,
                    mem_filter_threshold: float | None = None, seed: int = 0, allow_pickle: bool = False,
                    device: str = "cpu", mixed_precision: str = "no", lora_rank: int | None = None,
                    progress: bool = True) -> Path:
@@ -30,6 +30,7 @@ def train_pipeline(model: str, data: str, out: str | Path, steps: int = 1000, ba
     a chunk at a time (so the data set must fit in memory as latents, not as pixels); the chunks
     are saved in ``out/latents`` (see ``diffmem.train.latents``). Re-running with the same ``out``
     resumes: the encoding after its last saved chunk, the training from its last checkpoint.
+    ``caption_column`` / ``image_column`` name the columns where the scan's defaults do not find them.
     ``device`` is where the model trains (cpu, cuda, cuda:1, mps); ``mixed_precision`` (no, bf16,
     fp16) autocasts its forward passes while the weights stay float32.
     """
@@ -58,7 +59,8 @@ def train_pipeline(model: str, data: str, out: str | Path, steps: int = 1000, ba
         # encoded a chunk at a time (never all at once as pixels), each chunk saved in out/latents: a
         # killed or resumed run encodes nothing twice
         latents, captions, problems = encode_source(pipe, data, size, caption_column, folder=out / "latents",
-                                                    progress=progress, replace=not checkpoint_state(out).exists())
+                                                    progress=progress, replace=not checkpoint_state(out).exists(),
+                                                    image_column=image_column)
         trainer = Trainer(pipe, TrainData(latents, np.arange(len(captions)), captions), cfg, out)
         trainer.check_resumable()  # another run's folder is refused before anything in it is rewritten
         if problems:

@@ -26,7 +26,7 @@ from ..core.images import centre_square, image_cell, open_image
 # the scan's rules for which columns hold the caption and the image, so that a scan vouches for the
 # captions and images a model trains on
 from ..scan.sources import (COMPRESSED_TAR, column_caption, default_columns, folder_metadata, invalid_json_files,
-                            tar_shards)
+                            pick_column, tar_shards)
 
 
 def _to_array(img, size: int) -> np.ndarray:
@@ -123,12 +123,8 @@ def iter_pairs(source: str, size: int, caption_column: str | None = None, image_
     hf = _open_hf(source)
     cols = hf.column_names
     caption_columns, image_columns = default_columns(cols)
-    cap = caption_column or next((c for c in caption_columns if c in cols), None)
-    if cap is None or cap not in cols:
-        raise InputError(f"no caption column {caption_column or caption_columns!r} in {source} (columns: {cols})")
-    image_column = image_column or next((c for c in image_columns if c in cols), "image")
-    if image_column not in cols:
-        raise InputError(f"no image column {image_column!r} in {source} (columns: {cols})")
+    cap = pick_column(cols, caption_column, caption_columns, "caption", source)
+    image_column = pick_column(cols, image_column, image_columns, "image", source)
     import datasets
 
     if isinstance(hf.features.get(image_column), datasets.Image):

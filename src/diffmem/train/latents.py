@@ -5,7 +5,7 @@ images take a day and a half), so each chunk's latents are saved in ``DIR/latent
 made. A killed run picks up after the last saved part, and resuming a training run encodes
 nothing again.
 
-The saved parts are reused only for the same source, read the same way (resolution, columns), by
+The saved parts are reused only for the same source, read the same way (resolution, columns named), by
 the same VAE weights (a fingerprint of every tensor; keys saved before it held only decoder tensors
 and are taken as they are, then keyed anew). A local source is identified by the names, sizes and
 modification times of its files (for a ``.parquet`` / ``.jsonl`` / ``.csv`` table, of the table
@@ -45,18 +45,23 @@ def source_fingerprint(source: str, run_dir: str | Path | None = None) -> str | 
 
 
 def encode_source(pipe, source: str, size: int, caption_column: str | None = None, folder: str | Path | None = None,
-                  chunk: int = 64, progress: bool = False,
-                  replace: bool = True) -> tuple[torch.Tensor, list[str], list[dict]]:
+                  chunk: int = 64, progress: bool = False, replace: bool = True,
+                  image_column: str | None = None) -> tuple[torch.Tensor, list[str], list[dict]]:
     """(latents, captions, problems) of ``source``; with ``folder``, encoded parts are saved there
     and reused (see the module's note). Saved parts of another source or VAE are replaced, or with
     ``replace=False`` (a training checkpoint depends on them) refused."""
     fingerprint = source_fingerprint(source, run_dir=Path(folder).parent if folder is not None else None)
     folder = Path(folder) if folder is not None and fingerprint is not None else None
     key = {"format": FORMAT, "source": str(source), "files": fingerprint, "size": size, "caption_column": caption_column,
-           "chunk": chunk, "vae": weights_hash(pipe.vae), "vae_weights": weights_digest(pipe.vae)}
+           "image_column": image_column, "chunk": chunk, "vae": weights_hash(pipe.vae), "vae_weights": weights_digest(pipe.vae)}
     parts, captions, problems, start = [], [], [], 0
     if folder is not None:
         saved = _read_key(folder)
+        if saved is not None and "image_column" not in saved:
+            # keyed before an image column could be named: read by the default, the same as naming none
+            saved = {**saved, "image_column": None}
+            if saved == key:
+                dump_json(key, folder / "key.json")
         if saved is not None and "vae_weights" not in saved and saved == {k: v for k, v in key.items() if k != "vae_weights"}:
             # keyed before the whole VAE was (``vae`` reads only decoder tensors): a run in progress depends on
             # these latents, so they are taken as the same VAE's, and keyed anew from here on
@@ -77,7 +82,7 @@ def encode_source(pipe, source: str, size: int, caption_column: str | None = Non
                 start = meta["next_row"]
         else:
             if saved is not None and not replace:
-                what = [k for k in ("source", "files", "size", "caption_column", "chunk", "vae", "format")
+                what = [k for k in ("source", "files", "size", "caption_column", "image_column", "chunk", "vae", "format")
                         if saved.get(k) != key[k]
                         # an older key has no whole-VAE fingerprint: its VAE is judged by ``vae`` alone
                         or (k == "vae" and saved.get("vae_weights", key["vae_weights"]) != key["vae_weights"])]
@@ -87,8 +92,8 @@ def encode_source(pipe, source: str, size: int, caption_column: str | None = Non
             check_latents_folder(folder)
             if folder.exists():
                 shutil.rmtree(folder)  # diffmem's own cache of other data: the source itself is untouched
-    for images, chunk_captions, next_row in iter_pairs(source, size, caption_column, chunk=chunk, problems=problems,
-                                                       progress=progress, start=start):
+    for images, chunk_captions, next_row in iter_pairs(source, size, caption_column, image_column, chunk=chunk,
+                                                       problems=problems, progress=progress, start=start):
         latents = encode_images(pipe, images)
         new_problems = [p for p in problems if p["row"] >= start]
         if folder is not None:
