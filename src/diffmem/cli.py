@@ -189,10 +189,10 @@ TEXTUAL_INVERSION = typer.Option(None, help="a textual-inversion embedding added
 NUM_INFERENCE_STEPS = typer.Option(None, min=1, help="sampler steps (default: the model's; SD: 50)")
 GUIDANCE_SCALE = typer.Option(None, callback=_finite, help="guidance scale (default: the model's; SD: 7.5)")
 # one help for scan and train, which pick a caption by the same rules (scan.sources)
-CAPTION_COLUMN = typer.Option(None, help="caption column (default: caption, text or prompt; in WebDataset shards txt, "
-                              "else the json's caption)")
-IMAGE_COLUMN = typer.Option(None, help="image column (default: image, file_name, image_path or path; in WebDataset "
-                            "shards jpg, else jpeg / png / ...)")
+CAPTION_COLUMN_HELP = "caption column (default: caption, text or prompt; in WebDataset shards txt, else the json's caption)"
+IMAGE_COLUMN_HELP = "image column (default: image, file_name, image_path or path; in WebDataset shards jpg, else jpeg / png / ...)"
+CAPTION_COLUMN = typer.Option(None, help=CAPTION_COLUMN_HELP)
+IMAGE_COLUMN = typer.Option(None, help=IMAGE_COLUMN_HELP)
 
 
 def _adapters(lora: list[Path] | None, lora_scale: list[float] | None, textual_inversion: list[str] | None) -> dict:
@@ -1036,6 +1036,8 @@ def audit(
     reference: Optional[Path] = typer.Option(None, help="non-memorized prompts to calibrate on; default: MemLab's reference set"),
     train_data: Optional[str] = typer.Option(None, help="training data to scan (as for diffmem scan: memlab, a folder, a table file); "
                                              "a model without MemLab's manifest has its mitigation measured against it"),
+    train_caption_column: Optional[str] = typer.Option(None, help=f"--train-data's {CAPTION_COLUMN_HELP}"),
+    train_image_column: Optional[str] = typer.Option(None, help=f"--train-data's {IMAGE_COLUMN_HELP}"),
     sscd: Optional[Path] = typer.Option(None, help="SSCD TorchScript file: mitigation's replication against --train-data "
                                         "by SSCD (cosine >= 0.5) instead of pixel correlation"),
     clip: Optional[Path] = typer.Option(None, help="local CLIP folder (transformers, safetensors): mitigation's alignment "
@@ -1077,7 +1079,8 @@ def audit(
     from .report.audit import Audit, AuditSettings
 
     settings = AuditSettings(model=model, **_adapters(lora, lora_scale, textual_inversion), prompts=str(prompts) if prompts else None, column=column,
-                             reference=str(reference) if reference else None, train_data=train_data, fpr=fpr, seed=seed,
+                             reference=str(reference) if reference else None, train_data=train_data,
+                             train_caption_column=train_caption_column, train_image_column=train_image_column, fpr=fpr, seed=seed,
                              sscd=str(sscd) if sscd else None, clip=str(clip) if clip else None,
                              detect_method=detect_method.replace("-", "_"), generations=generations, batch_size=batch_size,
                              grid=grid, max_explain=max_explain,

@@ -166,13 +166,17 @@ def test_killed_during_mitigation_resumes_only_that_stage(tmp_path, memlab_manif
     assert (out / "report.html").exists()
 
 
-@pytest.mark.parametrize("case", ["missing_model", "empty_prompts", "unwritable_out", "one_seed_to_compare"])
+@pytest.mark.parametrize("case", ["missing_model", "empty_prompts", "unwritable_out", "one_seed_to_compare",
+                                  "column_without_train_data"])
 def test_bad_input_fails_before_any_work(tmp_path, case):
     out = tmp_path / "out"
     args = ["audit", "--out", out]
     if case == "one_seed_to_compare":
         args += ["--detect-method", "seed-consistency", "--generations", "1"]
         expect = "--generations must be at least 2, got 1"
+    elif case == "column_without_train_data":
+        args += ["--train-caption-column", "TEXT"]
+        expect = "--train-caption-column names a column of --train-data: give it too"
     elif case == "missing_model":
         args += ["--model", tmp_path / "no-such-model"]
         expect = "not found"
@@ -446,6 +450,30 @@ def test_a_non_memlab_audit_measures_mitigation_against_its_training_data(tiny_p
     assert -1.0 <= summary["alignment_before"] <= 1.0
     html = (out / "report.html").read_text()
     assert "alignment before → after" in html and "CLIP score (" in html and "sscd_stand_in.pt" in html
+
+    # the same images in a table whose columns the scan's defaults do not find: named for the scan and the
+    # measure (the audit took no column names, so such data could not be audited at all)
+    import pandas as pd
+
+    table = train / "table.csv"
+    images = sorted(p.name for p in train.glob("*.png"))
+    pd.DataFrame({"picture": images, "words": [(train / n).with_suffix(".txt").read_text() for n in images]}).to_csv(table, index=False)
+    with pytest.raises(InputError, match="no caption column"):
+        Audit(AuditSettings(**common, train_data=str(table)), tmp_path / "refused", progress=False)
+    assert not (tmp_path / "refused").exists() or not any((tmp_path / "refused").iterdir())
+    fourth = Audit(AuditSettings(**common, train_data=str(table), train_caption_column="words", train_image_column="picture",
+                                 skip=("explain", "categorize")), out, progress=False).run()
+    assert fourth.stages["scan"]["status"] == "done" and fourth.stages["mitigate"]["status"] == "done"
+    from diffmem.scan.scanner import ScanResult
+
+    scanned = ScanResult.load(out / "scan")
+    assert (scanned.source["caption_column"], scanned.source["image_column"]) == ("words", "picture")
+    assert set(scanned.rows["caption"]) == set(plain.prompts) and scanned.rows["image_issue"].isna().all()
+    summary = fourth.stages["mitigate"]["summary"]
+    assert summary["replication_before"] == 1.0 and "table.csv" in summary["replication_measure"]
+    assert MitigationResult.load(out / "mitigate").measures["nearest_location_before"][0].startswith("gen_0_")
+    with pytest.raises(InputError, match="--train-image-column names a column of --train-data"):
+        AuditSettings(train_image_column="picture")
 
 
 def test_audit_measure_paths_are_checked_before_any_work(tiny_pipe_dir, tmp_path):

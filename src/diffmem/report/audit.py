@@ -36,6 +36,10 @@ class AuditSettings:
     column: str | None = None
     reference: str | None = None  # non-memorized prompts for calibration; None: MemLab's reference set
     train_data: str | None = None  # a training set to scan (diffmem scan's sources); non-MemLab mitigation is measured against it
+    # train_data's caption and image columns, where the scan's defaults (caption / text / prompt; image,
+    # file_name, image_path, path) do not find them: a LAION table's TEXT, for one
+    train_caption_column: str | None = None
+    train_image_column: str | None = None
     # mitigation measures on any model: SSCD (a TorchScript file) for replication against train_data
     # instead of pixel correlation, and CLIP score (a local CLIP folder) for alignment
     sscd: str | None = None
@@ -107,6 +111,9 @@ class AuditSettings:
             raise InputError("detect cannot be skipped: every other stage works on its flagged prompts")
         if self.sscd is not None and self.train_data is None:
             raise InputError("--sscd measures replication against --train-data: give it too")
+        for name in ("train_caption_column", "train_image_column"):
+            if getattr(self, name) is not None and self.train_data is None:
+                raise InputError(f"--{name.replace('_', '-')} names a column of --train-data: give it too")
         if self.column is not None and self.prompts is None:  # MemLab's own audit set would be read, the column ignored
             raise InputError("--column names the prompt column of a --prompts file: give it too")
         if not 0 < self.fpr < 1:
@@ -273,7 +280,8 @@ class Audit:
         if settings.train_data is not None and not {"scan", "mitigate"} <= set(settings.skip):
             from ..scan.sources import open_source
 
-            open_source(settings.train_data, captions="scan" not in settings.skip)  # mitigation reads images alone
+            open_source(settings.train_data, settings.train_caption_column, settings.train_image_column,
+                        captions="scan" not in settings.skip)  # mitigation reads images alone
         if "mitigate" not in settings.skip:
             from ..mitigate.measures import check_clip_folder, check_sscd_file
 
@@ -542,6 +550,8 @@ class Audit:
         against = s.train_data if s.train_data is not None and (s.sscd is not None or self.manifest is None) else None
         if against is not None:
             settings["replication_against"] = str(against)
+            if s.train_image_column is not None:  # in the key only when named: audits before it keep theirs
+                settings["replication_image_column"] = s.train_image_column
             if s.sscd is not None:
                 settings["sscd"] = str(s.sscd)
         if s.clip is not None:
@@ -571,7 +581,8 @@ class Audit:
                 rewrite=s.mitigate_rewrite,
                 num_inference_steps=self.sampler["num_inference_steps"], guidance_scale=self.sampler["guidance_scale"])
             cal.save(folder / "target_calibration.json")
-            replication, alignment = chosen_measures(against, s.sscd, s.clip, progress=self.progress)
+            replication, alignment = chosen_measures(against, s.sscd, s.clip, image_column=s.train_image_column,
+                                                     progress=self.progress)
             merged = mitigate_in_parts(m, prompts, folder / "parts", progress=self.progress, stale="restart")
             apply_measures(self.pipe, merged, replication, alignment)
             merged.save(folder)
@@ -599,11 +610,15 @@ class Audit:
     def _scan(self, keys):
         s = self.settings
         settings = {"train_data": str(s.train_data), "seed": s.seed}
+        # in the key only when named: audits before the columns could be named keep theirs
+        settings.update({k: v for k, v in (("caption_column", s.train_caption_column),
+                                           ("image_column", s.train_image_column)) if v is not None})
 
         def work(folder: Path, key: str) -> dict:
             from ..scan import DatasetScanner
 
-            scanner = DatasetScanner(s.train_data, folder / "work", seed=s.seed, progress=self.progress)
+            scanner = DatasetScanner(s.train_data, folder / "work", seed=s.seed, progress=self.progress,
+                                     caption_column=s.train_caption_column, image_column=s.train_image_column)
             res = scanner.scan()
             res.save(folder)
             links = link_scan(res, self.flagged())
