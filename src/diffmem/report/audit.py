@@ -12,6 +12,7 @@ Every input is checked before any model work starts.
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import time
 from dataclasses import asdict, dataclass, field
@@ -280,8 +281,11 @@ class Audit:
         if settings.train_data is not None and not {"scan", "mitigate"} <= set(settings.skip):
             from ..scan.sources import open_source
 
-            open_source(settings.train_data, settings.train_caption_column, settings.train_image_column,
-                        captions="scan" not in settings.skip)  # mitigation reads images alone
+            try:
+                open_source(settings.train_data, settings.train_caption_column, settings.train_image_column,
+                            captions="scan" not in settings.skip)  # mitigation reads images alone
+            except InputError as e:  # the scan's hint names its own options; the audit's are --train-...
+                raise InputError(re.sub(r"--(caption|image)-column", r"--train-\1-column", str(e))) from None
         if "mitigate" not in settings.skip:
             from ..mitigate.measures import check_clip_folder, check_sscd_file
 
