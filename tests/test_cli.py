@@ -345,6 +345,8 @@ def test_mitigate_measures_any_model_against_its_training_images_and_clip(tmp_pa
     assert len(m["alignment_before"]) == len(m["alignment_after"]) == 2 and all(abs(a) <= 1 for a in m["alignment_after"])
     assert "4 training images from" in done["settings"]["measured_with"]["replication"]
     assert "replication 1.000 -> " in r.stdout and "alignment: CLIP score" in r.stdout
+    assert "nearest to each prompt's generations" in " ".join(r.stdout.split())
+    assert sorted(p.name for p in out.glob("nearest_*.png")) == ["nearest_0000.png", "nearest_0001.png"]
     assert {"replication_before", "similarity_after", "nearest_after", "nearest_location_after", "alignment_after"} <= set(
         open(out / "mitigation.csv").readline().strip().split(","))
 

@@ -474,7 +474,7 @@ def mitigate(
     from .mitigate.baselines import check_placement
     from .mitigate.measures import chosen_measures
     from .mitigate.parts import mitigate_in_parts
-    from .mitigate.report import apply_measures, save_outputs
+    from .mitigate.report import apply_measures, save_nearest_images, save_outputs
 
     if method == "embedding":
         if (target is None) == (calibration is None):
@@ -513,6 +513,8 @@ def mitigate(
     res = mitigate_in_parts(m, texts, out / "parts", progress=True)
     apply_measures(pipe, res, replication, alignment)
     summary = save_outputs(res, out)
+    if save_nearest_images(res, replication, out):
+        summary += f"\nthe training image nearest to each prompt's generations before mitigation: {out / 'nearest_*.png'}"
     _remove_parts(out / "parts")  # the joined result holds everything they did
     out_console.print(summary)
 

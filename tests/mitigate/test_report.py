@@ -52,6 +52,34 @@ def test_measure_with_counts_copies_per_prompt_and_names_the_training_row(tmp_pa
     assert list(frame["replication_before"]) == [1.0, 0.5] and "similarity_after" in frame
 
 
+def test_the_nearest_training_image_of_each_prompt_is_saved_from_the_data(tmp_path):
+    # what a replicating prompt copies, to look at beside its generations: read back from the training
+    # data (the measure keeps only features), at most 256 pixels a side
+    from PIL import Image
+
+    from diffmem.mitigate.report import save_nearest_images
+
+    rng = np.random.default_rng(2)
+    (tmp_path / "train").mkdir()
+    train = [(rng.uniform(size=(h, w, 3)) * 255).astype(np.uint8) for h, w in ((32, 32), (300, 600), (40, 24))]
+    for i, arr in enumerate(train):
+        Image.fromarray(arr).save(tmp_path / "train" / f"{i}.png")
+    gens = np.stack([[train[2] / 255.0] * 2, [rng.uniform(size=(40, 24, 3))] * 2]).astype(np.float32)
+    res = _result(gens, gens, ["a copy", "a novel prompt"])
+    for data in (tmp_path / "train", [train[0], train[1], train[2]]):  # a folder, or images in memory
+        rep = M.PixelReplication(data)
+        res.measures = measure_with(res, rep)
+        out = tmp_path / ("listed" if isinstance(data, list) else "folder")
+        paths = save_nearest_images(res, rep, out)
+        assert [p.name for p in paths] == ["nearest_0000.png", "nearest_0001.png"]
+        assert np.array_equal(np.asarray(Image.open(paths[0]).convert("RGB")), train[2])  # the image it copies
+        nearest = res.measures["nearest_before"][1]
+        assert Image.open(paths[1]).size == ((256, 128) if nearest == 1 else Image.fromarray(train[nearest]).size)
+    assert M.PixelReplication(tmp_path / "train").train.image(1).shape == (300, 600, 3)
+    # a measure without training images (MemLab's, a caller's own) saves none
+    assert save_nearest_images(res, lambda images: {}, tmp_path / "none") == [] and not (tmp_path / "none").exists()
+
+
 def test_measure_with_only_one_measure_and_without_images():
     rng = np.random.default_rng(1)
     imgs = rng.uniform(size=(1, 2, 16, 16, 3)).astype(np.float32)

@@ -439,6 +439,13 @@ def test_a_non_memlab_audit_measures_mitigation_against_its_training_data(tiny_p
     assert "nearest training image: before row 0 (gen_0_0 &lt;copy&gt;.png)" in html or \
         "nearest training image: before row 1 (gen_0_1 &lt;copy&gt;.png)" in html
     assert "<copy>" not in html
+    # and shows it beside the generations: the image read back from the training data
+    from PIL import Image
+
+    k = measured.measures["nearest_before"][0]
+    shown = np.asarray(Image.open(out / "mitigate" / "nearest_0000.png").convert("RGB"))
+    assert np.array_equal(shown, np.asarray(Image.open(train / measured.measures["nearest_location_before"][0]).convert("RGB")))
+    assert html.count('alt="the nearest training image"') == len(plain.prompts) and k in (0, 1)
     assert "replication before → after mitigation" in html and "alignment before → after" not in html
 
     # SSCD for replication and CLIP for alignment: the stage is redone with them, and the report names both

@@ -208,6 +208,7 @@ class TrainingImages:
                                  f"(row {self.skipped[0][0]}: {self.skipped[0][1]})")
             self.features, self.rows = torch.cat([f for f in feats if len(f)]), np.asarray(rows)
             self.locations = locations
+            self._source = source
         else:
             if len(images) == 0:
                 raise InputError("no training images to compare generations with")
@@ -215,9 +216,22 @@ class TrainingImages:
             self.features = torch.cat([featurize(images[i : i + batch_size]) for i in range(0, len(images), batch_size)])
             self.rows = np.arange(len(self.features))
             self.locations = [None] * len(self.rows)
+            self._source = images
 
     def __len__(self) -> int:
         return len(self.rows)
+
+    def image(self, row: int) -> np.ndarray:
+        """Row ``row``'s image, read again from the data (only features are kept): float32 (H, W, 3) in [0, 1]."""
+        from ..core.images import image_array
+        from ..scan.sources import Source
+
+        if isinstance(self._source, Source):
+            (found,) = self._source.rows(int(row), int(row) + 1)
+            if found.image is None:  # it was read for its features; the data changed since
+                raise InputError(f"row {row} of {self.name} can no longer be read: {found.image_issue}")
+            return found.image
+        return image_array(np.asarray(self._source[int(row)]))
 
     def describe(self) -> str:
         text = f"{len(self)} training images from {self.name}"

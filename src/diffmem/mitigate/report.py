@@ -75,6 +75,34 @@ def measure_with(res: MitigationResult, replication=None, alignment=None) -> dic
     return out
 
 
+NEAREST_PNG = "nearest_{:04d}.png"  # per prompt: the training image its generations came nearest before mitigation
+NEAREST_SIDE = 256  # a full-size photo would swell the report that embeds it
+
+
+def save_nearest_images(res: MitigationResult, replication, folder: str | Path) -> list[Path]:
+    """Per prompt, the training image nearest to its most similar generation before mitigation (the
+    one it copies, when it replicates), read again from the training data and saved as
+    ``NEAREST_PNG`` in ``folder``, its longer side at most ``NEAREST_SIDE``. Nothing for a measure
+    without training images (MemLab's, or one of the caller's own)."""
+    from PIL import Image
+
+    from ..core.results import atomic_path
+
+    train = getattr(replication, "train", None)
+    if train is None or "nearest_before" not in res.measures:
+        return []
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for i, row in enumerate(res.measures["nearest_before"]):
+        im = Image.fromarray((np.clip(train.image(row), 0, 1) * 255).round().astype(np.uint8))
+        im.thumbnail((NEAREST_SIDE, NEAREST_SIDE))
+        with atomic_path(folder / NEAREST_PNG.format(i)) as tmp:
+            im.save(tmp, format="PNG")
+        paths.append(folder / NEAREST_PNG.format(i))
+    return paths
+
+
 def apply_measures(pipe, res: MitigationResult, replication=None, alignment=None) -> MitigationResult:
     """``res`` measured: with the chosen measures (see ``measure_with``), and with MemLab's own
     (``measure``) for whichever was not chosen on a MemLab model; the chosen ones are named in

@@ -570,7 +570,7 @@ class Audit:
         def work(folder: Path, key: str) -> dict:
             from ..mitigate.measures import chosen_measures
             from ..mitigate.parts import mitigate_in_parts
-            from ..mitigate.report import apply_measures
+            from ..mitigate.report import apply_measures, save_nearest_images
 
             prompts = self.flagged(s.max_mitigate)
             if not prompts:
@@ -592,6 +592,7 @@ class Audit:
             merged.save(folder)
             for i in range(len(merged.prompts)):
                 _before_after_png(merged, i, folder / f"prompt_{i:04d}.png")
+            save_nearest_images(merged, replication, folder)
             ms = merged.measures
             summary = {"n_prompts": len(prompts), "n_unreached": len(merged.unreached), "settings": merged.settings,
                        "seeds": merged.seeds, "target": cal.threshold}

@@ -93,6 +93,7 @@ def _settings_text(settings: dict | None, seeds=None) -> str:
 
 def build_context(out: Path, result) -> dict:
     from ..detect.calibration import Calibration
+    from ..mitigate.report import NEAREST_PNG
     from ..detect.noise_norm import DetectionResult
 
     out = Path(out)
@@ -166,6 +167,7 @@ def build_context(out: Path, result) -> dict:
                                   "numbers": {n: float(m[n][k]) for n in ("replication_before", "replication_after",
                                                                           "alignment_before", "alignment_after") if n in m},
                                   "nearest": _nearest_training_images(m, k),
+                                  "nearest_img": _png_data(out / "mitigate" / NEAREST_PNG.format(k)),
                                   "caption": f"top row before, bottom row after; {_settings_text(mitigation.settings)}; seeds {mitigation.seeds}"}
         if p in links and (links[p]["triggers"] or links[p]["clusters"]):
             lk = links[p]
