@@ -78,6 +78,12 @@ def test_the_nearest_training_image_of_each_prompt_is_saved_from_the_data(tmp_pa
     assert M.PixelReplication(tmp_path / "train").train.image(1).shape == (300, 600, 3)
     # a measure without training images (MemLab's, a caller's own) saves none
     assert save_nearest_images(res, lambda images: {}, tmp_path / "none") == [] and not (tmp_path / "none").exists()
+    # and an earlier run's in the same folder are not left to be taken for this run's
+    one = _result(gens[:1], gens[:1], ["a copy"])
+    one.measures = measure_with(one, rep)
+    assert [p.name for p in save_nearest_images(one, rep, out)] == ["nearest_0000.png"]
+    assert sorted(p.name for p in out.glob("nearest_*.png")) == ["nearest_0000.png"]
+    assert save_nearest_images(one, lambda images: {}, out) == [] and not list(out.glob("nearest_*.png"))
 
 
 def test_measure_with_only_one_measure_and_without_images():

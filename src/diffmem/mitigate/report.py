@@ -83,23 +83,24 @@ def save_nearest_images(res: MitigationResult, replication, folder: str | Path) 
     """Per prompt, the training image nearest to its most similar generation before mitigation (the
     one it copies, when it replicates), read again from the training data and saved as
     ``NEAREST_PNG`` in ``folder``, its longer side at most ``NEAREST_SIDE``. Nothing for a measure
-    without training images (MemLab's, or one of the caller's own)."""
+    without training images (MemLab's, or one of the caller's own). Those an earlier run left in
+    ``folder`` are removed: they would be taken for this run's."""
     from PIL import Image
 
     from ..core.results import atomic_path
 
-    train = getattr(replication, "train", None)
-    if train is None or "nearest_before" not in res.measures:
-        return []
     folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
-    paths = []
-    for i, row in enumerate(res.measures["nearest_before"]):
+    train = getattr(replication, "train", None)
+    rows = res.measures.get("nearest_before", []) if train is not None else []
+    paths = [folder / NEAREST_PNG.format(i) for i in range(len(rows))]
+    for stale in set(folder.glob(NEAREST_PNG.replace("{:04d}", "*"))) - set(paths):
+        stale.unlink()
+    for row, path in zip(rows, paths):
         im = Image.fromarray((np.clip(train.image(row), 0, 1) * 255).round().astype(np.uint8))
         im.thumbnail((NEAREST_SIDE, NEAREST_SIDE))
-        with atomic_path(folder / NEAREST_PNG.format(i)) as tmp:
+        folder.mkdir(parents=True, exist_ok=True)
+        with atomic_path(path) as tmp:
             im.save(tmp, format="PNG")
-        paths.append(folder / NEAREST_PNG.format(i))
     return paths
 
 
