@@ -188,9 +188,10 @@ TEXTUAL_INVERSION = typer.Option(None, help="a textual-inversion embedding added
                                  "repeat for several")
 NUM_INFERENCE_STEPS = typer.Option(None, min=1, help="sampler steps (default: the model's; SD: 50)")
 GUIDANCE_SCALE = typer.Option(None, callback=_finite, help="guidance scale (default: the model's; SD: 7.5)")
-# one help for scan and train, which pick a caption by the same rules (scan.sources)
+# one help for scan, train and the audit's --train-data, which pick columns by the same rules (scan.sources)
 CAPTION_COLUMN_HELP = "caption column (default: caption, text or prompt; in WebDataset shards txt, else the json's caption)"
-IMAGE_COLUMN_HELP = "image column (default: image, file_name, image_path or path; in WebDataset shards jpg, else jpeg / png / ...)"
+IMAGE_COLUMN_HELP = ("image column (default: image, file_name, image_path or path; in WebDataset shards jpg, "
+                     "else jpeg / png / ...)")
 CAPTION_COLUMN = typer.Option(None, help=CAPTION_COLUMN_HELP)
 IMAGE_COLUMN = typer.Option(None, help=IMAGE_COLUMN_HELP)
 
@@ -814,9 +815,9 @@ def train(
     _hold(out)
     model_dir = train_pipeline(model, data, out, steps=steps, batch_size=batch_size, lr=lr, prediction_type=prediction_type,
                                train_text_encoder=train_text_encoder, ema=ema, caption_column=caption_column,
-                               image_column=image_column, checkpoint_every=checkpoint_every, mem_filter_threshold=mem_filter_threshold, seed=seed,
-                               allow_pickle=allow_pickle, device=device, mixed_precision=mixed_precision,
-                               lora_rank=lora_rank)
+                               image_column=image_column, checkpoint_every=checkpoint_every,
+                               mem_filter_threshold=mem_filter_threshold, seed=seed, allow_pickle=allow_pickle,
+                               device=device, mixed_precision=mixed_precision, lora_rank=lora_rank)
     import json
 
     log = json.loads((model_dir / TRAIN_LOG).read_text())

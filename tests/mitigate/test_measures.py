@@ -219,7 +219,8 @@ def test_training_features_are_cached_by_shard_and_a_killed_run_redoes_one(tmp_p
     assert len(entries) == 3
     for entry in entries:
         save_file({k: v for k, v in load_file(str(entry)).items() if k != "locations"}, str(entry))
-    assert M.TrainingImages(tmp_path / "train", M.PixelReplication.thumbs, shard_size=2, identity="pixel").locations == first.locations
+    remade = M.TrainingImages(tmp_path / "train", M.PixelReplication.thumbs, shard_size=2, identity="pixel")
+    assert remade.locations == first.locations
     assert len(calls) == 3
     calls.clear()
     M.TrainingImages(tmp_path / "train", M.PixelReplication.thumbs, shard_size=2, identity="pixel")

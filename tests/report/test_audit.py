@@ -464,7 +464,8 @@ def test_a_non_memlab_audit_measures_mitigation_against_its_training_data(tiny_p
 
     table = train / "table.csv"
     images = sorted(p.name for p in train.glob("*.png"))
-    pd.DataFrame({"picture": images, "words": [(train / n).with_suffix(".txt").read_text() for n in images]}).to_csv(table, index=False)
+    words = [(train / n).with_suffix(".txt").read_text() for n in images]
+    pd.DataFrame({"picture": images, "words": words}).to_csv(table, index=False)
     with pytest.raises(InputError, match="no caption column .*; name one with --train-caption-column"):
         Audit(AuditSettings(**common, train_data=str(table)), tmp_path / "refused", progress=False)
     assert not (tmp_path / "refused").exists() or not any((tmp_path / "refused").iterdir())

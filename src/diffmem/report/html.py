@@ -93,8 +93,8 @@ def _settings_text(settings: dict | None, seeds=None) -> str:
 
 def build_context(out: Path, result) -> dict:
     from ..detect.calibration import Calibration
-    from ..mitigate.report import NEAREST_PNG
     from ..detect.noise_norm import DetectionResult
+    from ..mitigate.report import NEAREST_PNG
 
     out = Path(out)
     st = result.stages
