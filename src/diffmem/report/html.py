@@ -79,7 +79,8 @@ def _nearest_training_images(measures: dict, k: int) -> dict[str, str]:
     found = {}
     for when in ("before", "after"):
         if f"nearest_{when}" in measures:
-            where = measures.get(f"nearest_location_{when}", [None] * (k + 1))[k]
+            locations = measures.get(f"nearest_location_{when}")  # results measured before locations were kept have none
+            where = locations[k] if locations else None
             found[when] = f"row {int(measures[f'nearest_{when}'][k])}" + (f" ({where})" if where else "")
     return found
 
