@@ -5,10 +5,27 @@ import pytest
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 warnings.filterwarnings("ignore", message=".*requires torchvision.*")
+if os.environ.get("PYTEST_XDIST_WORKER_COUNT") and not os.environ.get("DIFFMEM_TEST_THREADS"):
+    # pytest-xdist runs a worker per core: torch's threads in each, its command-line children
+    # included (they read OMP_NUM_THREADS at import), share the cores instead of contending for them
+    os.environ["DIFFMEM_TEST_THREADS"] = str(max(1, (os.cpu_count() or 1) // int(os.environ["PYTEST_XDIST_WORKER_COUNT"])))
+    os.environ.setdefault("OMP_NUM_THREADS", os.environ["DIFFMEM_TEST_THREADS"])
 if os.environ.get("DIFFMEM_TEST_THREADS"):
     import torch
 
     torch.set_num_threads(int(os.environ["DIFFMEM_TEST_THREADS"]))
+
+# Fixtures that take half a minute or more: under pytest-xdist (--dist loadgroup) every test that
+# uses one runs on the same worker, so each is built once, not once per worker.
+BUILT_ONCE = ("memlab_audit", "memlab_scan")
+
+
+@pytest.hookimpl(tryfirst=True)  # before xdist's own hook reads the groups
+def pytest_collection_modifyitems(items):
+    for item in items:
+        used = [name for name in BUILT_ONCE if name in getattr(item, "fixturenames", ())]
+        if used:
+            item.add_marker(pytest.mark.xdist_group(used[0]))
 
 
 @pytest.fixture(scope="session", autouse=True)
