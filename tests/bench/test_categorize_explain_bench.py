@@ -82,6 +82,7 @@ def test_outcome_takes_a_repeated_word_by_its_position():
     assert ExplainBenchResult([], [], res.settings, [old]).outcome()["ablation"]["replication_with_top_word_masked"] == 1.0
 
 
+@pytest.mark.slow
 def test_bench_explain_small_run(memlab_manifest, tmp_path):
     from diffmem.core.loading import load_pipeline
     from diffmem.explain import TokenAttribution
@@ -160,6 +161,7 @@ def test_bench_explain_scores_the_steps_it_is_given(memlab_manifest, monkeypatch
         assert row[f"{name}_top"] == direct.top_word, name
 
 
+@pytest.mark.slow
 def test_masked_outcomes_resume_from_saved_parts(memlab_manifest, tmp_path, monkeypatch):
     import diffmem.bench.explain as bench_module
     from diffmem.core.loading import load_pipeline, sampler_defaults

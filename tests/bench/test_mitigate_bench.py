@@ -93,6 +93,7 @@ def _interrupted():
     raise KeyboardInterrupt  # a kill while this row runs
 
 
+@pytest.mark.slow
 def test_bench_mitigate_resumes_from_its_saved_rows(memlab_manifest, tmp_path):
     """A killed benchmark keeps its finished rows; a re-run computes only the rest and equals an
     uninterrupted run; ``only`` lists the rows saved before; ``redo`` and other settings recompute."""
@@ -142,6 +143,7 @@ def test_bench_mitigate_resumes_from_its_saved_rows(memlab_manifest, tmp_path):
     assert made == ["rta"] and "reused_rows" not in other.settings and len(other.rows) == 2
 
 
+@pytest.mark.slow
 def test_bench_mitigate_recomputes_rows_saved_before_a_method_changed(memlab_manifest, tmp_path, monkeypatch):
     # the baselines' rewrite changed with the same settings (892da4b): rows saved by the earlier code
     # were read back as this code's unless renamed, and only --redo recomputed them
@@ -172,6 +174,7 @@ def test_bench_mitigate_recomputes_rows_saved_before_a_method_changed(memlab_man
         assert made == ["gni"] * runs, measure
 
 
+@pytest.mark.slow
 def test_bench_mitigate_command_adds_a_row_to_the_saved_ones(tmp_path):
     from forked_cli import run_cli
 

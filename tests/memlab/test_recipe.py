@@ -30,6 +30,7 @@ def test_a_folder_that_is_not_a_training_run_is_refused_before_any_work(tmp_path
     assert _tree(foreign) == before
 
 
+@pytest.mark.slow
 def test_a_tiny_run_and_a_second_run_seeded_with_its_vae(tmp_path, monkeypatch):
     rc = recipe.MemLabRecipe()
     rc = replace(rc, vae_steps=1, train=replace(rc.train, steps=1, checkpoint_every=0))
@@ -57,6 +58,7 @@ def test_a_tiny_run_and_a_second_run_seeded_with_its_vae(tmp_path, monkeypatch):
     assert _tree(second) == {k: v for k, v in _tree(first).items() if k.parts[0] != "model"}
 
 
+@pytest.mark.slow
 def test_a_finished_model_folder_seeds_the_vae_stage_when_its_recipe_matches(tmp_path):
     import json
 
