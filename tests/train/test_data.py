@@ -347,8 +347,8 @@ def test_a_shard_json_that_is_not_json_is_named_not_left_to_datasets_words(tmp_p
         meta = {20: b'{"caption": "cut', 21: b'{"caption": "\xff"}'}.get(i, json.dumps({"caption": f"c{i}"}).encode())
         members += [(f"{i:03d}.jpg", _png((i, i, i), 8)), (f"{i:03d}.json", meta)]
     write_tar_shard(tmp_path / "s.tar", members)
-    with pytest.raises(InputError, match=r"2 sample .json file\(s\) in .*s.tar are not JSON, the first s.tar:020.json "
-                                         r"\(Unterminated string.*\); .* mend or remove them"):
+    with pytest.raises(InputError, match=r"webdataset loader, which cannot read 2 sample .json file\(s\) in .*s.tar, the "
+                                         r"first s.tar:020.json \(Unterminated string.*\); .* mend or remove them"):
         load_pairs(str(tmp_path / "s.tar"), 8)
     rows = WebDatasetSource(tmp_path / "s.tar").rows(19, 22)  # what the message says of the scan
     assert [(r.caption, r.caption_issue) for r in rows] == [("c19", None), (None, "missing"), (None, "missing")]
@@ -376,3 +376,43 @@ def test_tsv_and_json_list_tables_train_as_the_csv_and_jsonl_do(tmp_path):
         images, captions, problems = load_pairs(str(tmp_path / name), 8)
         assert captions == expected[1] == ["red, bright", "green"] and problems == []
         np.testing.assert_array_equal(images, expected[0])
+
+
+# half an emoji, escaped as a truncated scraped caption holds it: the scan reads the row with U+FFFD
+# and flags its caption, but no Arrow column takes it, so datasets refuses the whole file
+_HALF_EMOJI = '"a cat \\ud83d"'
+
+
+# (a JSON list, which datasets reads whole with Python's json, it reads with the half character dropped)
+@pytest.mark.parametrize("layout", ["metadata.jsonl", "d.jsonl"])
+def test_a_json_table_with_a_lone_surrogate_is_refused_by_row_as_the_scan_flags_it(tmp_path, layout):
+    # train said "ArrowInvalid: JSON parse error: The surrogate pair in string is invalid" of the whole file
+    from diffmem.scan.sources import open_source
+
+    for name, colour in (("a.png", (255, 0, 0)), ("b.png", (0, 255, 0)), ("c.png", (0, 0, 255))):
+        (tmp_path / name).write_bytes(_png(colour))
+    column = "file_name" if layout == "metadata.jsonl" else "image"
+    rows = (("a.png", '"fine"'), ("b.png", _HALF_EMOJI), ("c.png", '"also fine"'))
+    lines = [f'{{"{column}": "{name}", "text": {text}}}' for name, text in rows]
+    (tmp_path / layout).write_text("\n".join(lines))
+    source = tmp_path if layout == "metadata.jsonl" else tmp_path / layout
+    with pytest.raises(InputError, match=rf"{layout} row 1 \('text'\) holds a lone surrogate.*; 1 of its 3 rows hold one.* mend or remove"):
+        load_pairs(str(source), 8)
+    scanned = open_source(source).rows(0, 3)
+    assert [(r.caption, r.caption_issue) for r in scanned] == [("fine", None), ("a cat \ufffd", "lone surrogate"),
+                                                                ("also fine", None)]
+
+
+def test_a_shard_json_with_a_lone_surrogate_is_named_as_one_that_is_not_json_is(tmp_path):
+    # train said only "UnicodeEncodeError: 'utf-8' codec can't encode character '\ud83d' in position 6"
+    from shards import write_tar_shard
+
+    from diffmem.scan.sources import WebDatasetSource
+
+    write_tar_shard(tmp_path / "s.tar", [("0.png", _png((1, 2, 3))), ("0.json", b'{"caption": "fine"}'),
+                                         ("1.png", _png((4, 5, 6))), ("1.json", f'{{"caption": {_HALF_EMOJI}}}'.encode())])
+    with pytest.raises(InputError, match=r"webdataset loader, which cannot read 1 sample .json file\(s\) in .*s.tar, the "
+                                         r"first s.tar:1.json \(holds a lone surrogate \\ud83d at character 6"):
+        load_pairs(str(tmp_path / "s.tar"), 8)
+    rows = WebDatasetSource(tmp_path / "s.tar").rows(0, 2)
+    assert [(r.caption, r.caption_issue) for r in rows] == [("fine", None), ("a cat \ufffd", "lone surrogate")]

@@ -633,9 +633,10 @@ def folder_metadata(folder: Path) -> Path | None:
     return next((folder / n for n in ("metadata.jsonl", "metadata.csv") if (folder / n).exists()), None)
 
 
-def invalid_json_files(shards: list[Path]) -> list[str]:
-    """``shard.tar:key.json (reason)`` for each sample ``.json`` that is not JSON. The scan reads such a
-    sample as uncaptioned; ``datasets``' webdataset loader stops at it, so train names them."""
+def unreadable_json_files(shards: list[Path]) -> list[str]:
+    """``shard.tar:key.json (reason)`` for each sample ``.json`` that ``datasets``' webdataset loader
+    stops at, so train names them: one that is not JSON, which the scan reads as uncaptioned, and one
+    holding a lone surrogate, which the scan reads with U+FFFD in its place (no Arrow column takes it)."""
     found = []
     for shard in shards:
         with open(shard, "rb") as f:
@@ -643,10 +644,27 @@ def invalid_json_files(shards: list[Path]) -> list[str]:
                 if "json" not in files:
                     continue
                 try:
-                    json.loads(_read_member(f, files["json"]))
+                    meta = json.loads(_read_member(f, files["json"]))
                 except (ValueError, OSError) as e:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
                     found.append(f"{shard.name}:{key}.json ({str(e).splitlines()[0][:120]})")
+                    continue
+                problem = next(filter(None, map(lone_surrogate, _json_strings(meta))), None)
+                if problem:
+                    found.append(f"{shard.name}:{key}.json ({problem})")
     return found
+
+
+def _json_strings(value) -> Iterator[str]:
+    """Every string in parsed JSON, keys too: each becomes an Arrow string when ``datasets`` reads it."""
+    if isinstance(value, str):
+        yield value
+    elif isinstance(value, dict):
+        for k, v in value.items():
+            yield k
+            yield from _json_strings(v)
+    elif isinstance(value, list):
+        for v in value:
+            yield from _json_strings(v)
 
 
 def json_caption(meta) -> object:

@@ -25,8 +25,8 @@ from ..core.errors import InputError
 from ..core.images import centre_square, image_cell, open_image
 # the scan's rules for which columns hold the caption and the image, so that a scan vouches for the
 # captions and images a model trains on
-from ..scan.sources import (COMPRESSED_TAR, column_caption, default_columns, folder_metadata, invalid_json_files,
-                            pick_column, tar_shards)
+from ..scan.sources import (COMPRESSED_TAR, column_caption, default_columns, folder_metadata, TableSource,
+                            pick_column, tar_shards, unreadable_json_files)
 
 
 def _to_array(img, size: int) -> np.ndarray:
@@ -75,6 +75,9 @@ def _open_hf(source: str):
     except Exception as e:  # datasets raises many kinds; the user needs the source and the reason
         if p.is_file() and "corresponds to no data" in str(e):  # datasets' words for a table of a header alone
             raise InputError(f"{source} has no rows: nothing to train on") from None
+        table = folder_metadata(p) if p.is_dir() else p
+        if table is not None and table.suffix.lower() in (".jsonl", ".json"):
+            _refuse_lone_surrogates(table)
         raise InputError(f"could not read training data {source!r}: {type(e).__name__}: {str(e).splitlines()[0]}") from None
 
 
@@ -85,13 +88,31 @@ def _load_shards(source: str, shards: list[Path]):
         return datasets.load_dataset("webdataset", data_files=[str(s) for s in shards], split="train")
     except Exception:
         # datasets stops at a sample's .json that is not JSON, saying only "An error occurred while
-        # generating the dataset": name the files, which the curator can mend or remove
-        bad = invalid_json_files(shards)
+        # generating the dataset", and at a lone surrogate naming no file: name the files, which the
+        # curator can mend or remove
+        bad = unreadable_json_files(shards)
         if not bad:
             raise
-        raise InputError(f"{len(bad)} sample .json file(s) in {source} are not JSON, the first {bad[0]}; datasets' "
-                         "webdataset loader, which diffmem train reads shards with, stops at them (the scan reads "
-                         "such a sample as uncaptioned): mend or remove them") from None
+        raise InputError(f"diffmem train reads shards with datasets' webdataset loader, which cannot read {len(bad)} "
+                         f"sample .json file(s) in {source}, the first {bad[0]}; the scan reads a .json that is not JSON "
+                         "as no caption, and a lone surrogate as U+FFFD: mend or remove them") from None
+
+
+def _refuse_lone_surrogates(table: Path) -> None:
+    """Refuse, by row, a JSON table that holds a lone surrogate: datasets' JSON reader refuses the whole
+    file with words that name neither the row nor the cause (Arrow takes no lone surrogate), where the
+    scan reads the row with U+FFFD in its place and flags it."""
+    try:
+        frame = TableSource(table, captions=False).frame
+    except InputError:  # not a table the scan reads either: datasets' own words stand
+        return
+    flagged = frame["__lone_surrogate__"].dropna()
+    if len(flagged):
+        row, columns = flagged.index[0], flagged.iloc[0]
+        raise InputError(f"{table} row {row} ({', '.join(map(repr, columns))}) holds a lone surrogate, half of a character "
+                         f"cut in two (an emoji escaped as \\ud83d, say); {len(flagged)} of its {len(frame)} rows hold one. "
+                         "datasets' JSON reader, which diffmem train reads it with, takes no such file; the scan reads "
+                         "those rows with U+FFFD in its place: mend or remove them")
 
 
 def iter_pairs(source: str, size: int, caption_column: str | None = None, image_column: str | None = None,
