@@ -69,7 +69,9 @@ def load_image(data) -> np.ndarray:
     return image_array(data)
 
 
-def _caption(value) -> tuple[str | None, str | None]:
+def caption_and_issue(value) -> tuple[str | None, str | None]:
+    """A caption cell read as a caption, and what is wrong with it (``ScanRow.caption_issue``) or None;
+    ``diffmem train`` skips the rows the scan flags by the same rules."""
     if empty_cell(value):
         return None, "missing"
     if isinstance(value, bytes):
@@ -167,7 +169,7 @@ class ListSource(Source):
     def rows(self, start, stop, reduce=None):
         out = []
         for i in range(start, min(stop, len(self))):
-            cap, issue = _caption(self.captions[i])
+            cap, issue = caption_and_issue(self.captions[i])
             row = ScanRow(i, cap, issue, image_key=None if self.image_keys is None else str(self.image_keys[i]))
             if self.images is not None:
                 _fill_image(row, lambda: self.images[i], reduce)
@@ -244,7 +246,7 @@ class ImageFolderSource(Source):
         for i in range(start, min(stop, len(self))):
             p = self.files[i]
             txt = p.with_suffix(".txt")
-            cap, issue = _caption(txt.read_bytes() if txt.exists() else None)
+            cap, issue = caption_and_issue(txt.read_bytes() if txt.exists() else None)
             row = ScanRow(i, cap.strip() if cap else cap, issue, location=p.relative_to(self.folder).as_posix())
             _fill_image(row, lambda: p, reduce)
             out.append(row)
@@ -389,7 +391,7 @@ class TableSource(Source):
     def rows(self, start, stop, reduce=None):
         out = []
         for i, rec in enumerate(self._records(start, stop), start):
-            cap, issue = _caption(rec[self.caption_column] if self.caption_column is not None else None)
+            cap, issue = caption_and_issue(rec[self.caption_column] if self.caption_column is not None else None)
             if issue is None and bool(rec.get("__not_utf8__", False)):
                 issue = "not UTF-8"
             mended = rec.get("__lone_surrogate__")
@@ -504,8 +506,8 @@ class HFDatasetSource(Source):
             part = part.cast_column(self.image_column, datasets.Image(decode=False))  # decode per row, errors per row
         out = []
         for i, rec in enumerate(part, start):
-            cap, issue = _caption(column_caption(rec[self.caption_column], self.caption_column)
-                                  if self.caption_column is not None else None)
+            cap, issue = caption_and_issue(column_caption(rec[self.caption_column], self.caption_column)
+                                           if self.caption_column is not None else None)
             row = ScanRow(i, cap, issue, image_key=None if self.key_column is None else str(rec[self.key_column]))
             if self.image_column is not None:
                 # a sample of shards: shard.tar:key, as WebDatasetSource places the shards' own samples
@@ -570,7 +572,7 @@ class WebDatasetSource(Source):
                     handles[k] = open(self.shards[k], "rb")
                 f = handles[k]
                 try:
-                    cap, issue = _caption(self._caption(f, files))
+                    cap, issue = caption_and_issue(self._caption(f, files))
                 except OSError:  # as an unreadable image: a property of this row (a shard cut short), not of the scan
                     cap, issue = None, "unreadable"
                 row = ScanRow(i, cap.strip() if isinstance(cap, str) else cap, issue, location=f"{self.shards[k].name}:{key}")

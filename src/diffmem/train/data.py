@@ -25,8 +25,12 @@ from ..core.errors import InputError
 from ..core.images import centre_square, image_cell, open_image
 # the scan's rules for which columns hold the caption and the image, so that a scan vouches for the
 # captions and images a model trains on
-from ..scan.sources import (COMPRESSED_TAR, column_caption, default_columns, folder_metadata, TableSource,
-                            pick_column, tar_shards, unreadable_json_files)
+from ..scan.sources import (COMPRESSED_TAR, TableSource, caption_and_issue, column_caption, default_columns,
+                            folder_metadata, pick_column, tar_shards, unreadable_json_files)
+
+
+# the scan's caption issues as a skipped row names them; the others read "caption not UTF-8" etc.
+_CAPTION_PROBLEMS = {"missing": "empty caption", "empty": "empty caption", "lone surrogate": "caption holds a lone surrogate"}
 
 
 def _to_array(img, size: int) -> np.ndarray:
@@ -163,18 +167,11 @@ def iter_pairs(source: str, size: int, caption_column: str | None = None, image_
         if limit is not None and used >= limit:
             break
         next_row = i + 1
-        caption = column_caption(row[cap], cap)
-        if isinstance(caption, bytes):  # a shard's file of an extension datasets does not decode (.caption)
-            try:
-                caption = caption.decode("utf-8")
-            except UnicodeDecodeError:
-                problems.append({"row": i, "problem": "caption not UTF-8"})
-                continue
-        if caption is not None and not isinstance(caption, str):  # a number or a list: the wrong column
-            problems.append({"row": i, "problem": f"caption not text ({type(caption).__name__})"})
-            continue
-        if caption is None or not caption.strip():
-            problems.append({"row": i, "problem": "empty caption"})
+        # by the scan's rules: bytes (a shard's file of an extension datasets does not decode, .caption)
+        # read as UTF-8, and a number or a list (the wrong column) not taken for text
+        caption, issue = caption_and_issue(column_caption(row[cap], cap))
+        if issue is not None:
+            problems.append({"row": i, "problem": _CAPTION_PROBLEMS.get(issue, f"caption {issue}")})
             continue
         try:
             img = image_cell(row[image_column], base)
