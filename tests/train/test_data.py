@@ -347,7 +347,7 @@ def test_a_shard_json_that_is_not_json_is_named_not_left_to_datasets_words(tmp_p
         meta = {20: b'{"caption": "cut', 21: b'{"caption": "\xff"}'}.get(i, json.dumps({"caption": f"c{i}"}).encode())
         members += [(f"{i:03d}.jpg", _png((i, i, i), 8)), (f"{i:03d}.json", meta)]
     write_tar_shard(tmp_path / "s.tar", members)
-    with pytest.raises(InputError, match=r"webdataset loader, which cannot read 2 sample .json file\(s\) in .*s.tar, the "
+    with pytest.raises(InputError, match=r"webdataset loader, which cannot read 2 sample file\(s\) in .*s.tar, the "
                                          r"first s.tar:020.json \(Unterminated string.*\); .* mend or remove them"):
         load_pairs(str(tmp_path / "s.tar"), 8)
     rows = WebDatasetSource(tmp_path / "s.tar").rows(19, 22)  # what the message says of the scan
@@ -396,23 +396,56 @@ def test_a_json_table_with_a_lone_surrogate_is_refused_by_row_as_the_scan_flags_
     lines = [f'{{"{column}": "{name}", "text": {text}}}' for name, text in rows]
     (tmp_path / layout).write_text("\n".join(lines))
     source = tmp_path if layout == "metadata.jsonl" else tmp_path / layout
-    with pytest.raises(InputError, match=rf"{layout} row 1 \('text'\) holds a lone surrogate.*; 1 of its 3 rows hold one.* mend or remove"):
+    with pytest.raises(InputError, match=rf"{layout} row 1 \('text'\) holds a lone surrogate.*; 1 of its 3 rows is not UTF-8 or holds a lone surrogate.* mend or remove"):
         load_pairs(str(source), 8)
     scanned = open_source(source).rows(0, 3)
     assert [(r.caption, r.caption_issue) for r in scanned] == [("fine", None), ("a cat \ufffd", "lone surrogate"),
                                                                 ("also fine", None)]
 
 
-def test_a_shard_json_with_a_lone_surrogate_is_named_as_one_that_is_not_json_is(tmp_path):
+def test_a_shard_file_datasets_cannot_decode_is_named_as_a_json_that_is_not_json_is(tmp_path):
     # train said only "UnicodeEncodeError: 'utf-8' codec can't encode character '\ud83d' in position 6"
     from shards import write_tar_shard
 
     from diffmem.scan.sources import WebDatasetSource
 
     write_tar_shard(tmp_path / "s.tar", [("0.png", _png((1, 2, 3))), ("0.json", b'{"caption": "fine"}'),
-                                         ("1.png", _png((4, 5, 6))), ("1.json", f'{{"caption": {_HALF_EMOJI}}}'.encode())])
-    with pytest.raises(InputError, match=r"webdataset loader, which cannot read 1 sample .json file\(s\) in .*s.tar, the "
+                                         ("1.png", _png((4, 5, 6))), ("1.json", f'{{"caption": {_HALF_EMOJI}}}'.encode()),
+                                         ("2.png", _png((7, 8, 9))), ("2.txt", b"caf\xe9")])
+    with pytest.raises(InputError, match=r"webdataset loader, which cannot read 2 sample file\(s\) in .*s.tar, the "
                                          r"first s.tar:1.json \(holds a lone surrogate \\ud83d at character 6"):
         load_pairs(str(tmp_path / "s.tar"), 8)
-    rows = WebDatasetSource(tmp_path / "s.tar").rows(0, 2)
+    rows = WebDatasetSource(tmp_path / "s.tar", caption_column="json").rows(0, 2)
     assert [(r.caption, r.caption_issue) for r in rows] == [("fine", None), ("a cat \ufffd", "lone surrogate")]
+    write_tar_shard(tmp_path / "t.tar", [("0.png", _png((1, 2, 3))), ("0.txt", b"fine"), ("1.png", _png((7, 8, 9))),
+                                         ("1.txt", b"caf\xe9"), ("2.png", _png((4, 5, 6))), ("2.cls", b"seven")])
+    with pytest.raises(InputError, match=r"cannot read 2 sample file\(s\) in .*t.tar, the first t.tar:1.txt \(not UTF-8: "
+                                         r"byte 0xe9 at 3\); the scan reads a .txt that is not UTF-8"):
+        load_pairs(str(tmp_path / "t.tar"), 8)
+    rows = WebDatasetSource(tmp_path / "t.tar").rows(0, 2)
+    assert [(r.caption, r.caption_issue) for r in rows] == [("fine", None), ("caf\ufffd", "not UTF-8")]
+
+
+@pytest.mark.parametrize("layout", ["metadata.jsonl", "d.jsonl", "metadata.csv", "d.csv", "d.tsv"])
+def test_a_caption_not_in_utf8_is_refused_by_row_as_the_scan_flags_it(tmp_path, layout):
+    # datasets said "An error occurred while generating the dataset" of a .csv and "'utf-8' codec can't
+    # decode byte 0xe9" of a folder's metadata.csv; it took a .jsonl in whole and failed with a traceback
+    # when it reached the row
+    from diffmem.scan.sources import open_source
+
+    for name, colour in (("a.png", (255, 0, 0)), ("b.png", (0, 255, 0)), ("c.png", (0, 0, 255))):
+        (tmp_path / name).write_bytes(_png(colour))
+    column = "file_name" if layout.startswith("metadata") else "image"
+    rows = ((b"a.png", b"fine"), (b"b.png", b"caf\xe9 au lait"), (b"c.png", b"also fine"))
+    if layout.endswith(".jsonl"):
+        lines = [b'{"%s": "%s", "text": "%s"}' % (column.encode(), name, caption) for name, caption in rows]
+    else:
+        sep = b"\t" if layout.endswith(".tsv") else b","
+        lines = [column.encode() + sep + b"text"] + [name + sep + caption for name, caption in rows]
+    (tmp_path / layout).write_bytes(b"\n".join(lines) + b"\n")
+    source = tmp_path if layout.startswith("metadata") else tmp_path / layout
+    with pytest.raises(InputError, match=rf"{layout} row 1 is not UTF-8 .*; 1 of its 3 rows is not UTF-8.* mend or remove"):
+        load_pairs(str(source), 8)
+    scanned = open_source(source).rows(0, 3)
+    assert [(r.caption, r.caption_issue) for r in scanned] == [("fine", None), ("caf\ufffd au lait", "not UTF-8"),
+                                                                ("also fine", None)]

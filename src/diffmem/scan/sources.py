@@ -635,25 +635,47 @@ def folder_metadata(folder: Path) -> Path | None:
     return next((folder / n for n in ("metadata.jsonl", "metadata.csv") if (folder / n).exists()), None)
 
 
-def unreadable_json_files(shards: list[Path]) -> list[str]:
-    """``shard.tar:key.json (reason)`` for each sample ``.json`` that ``datasets``' webdataset loader
-    stops at, so train names them: one that is not JSON, which the scan reads as uncaptioned, and one
-    holding a lone surrogate, which the scan reads with U+FFFD in its place (no Arrow column takes it)."""
+# the members that datasets' webdataset loader decodes, by their last extension (its DECODERS), and so
+# can stop at; the others it hands over as bytes
+_DECODED_AS_TEXT = ("txt", "text", "transcript")
+_DECODED_AS_JSON = ("json", "jsn")
+_DECODED_AS_INT = ("cls", "cls2", "index", "inx", "id")
+
+
+def unreadable_sample_files(shards: list[Path]) -> list[str]:
+    """``shard.tar:key.ext (reason)`` for each sample file that ``datasets``' webdataset loader stops at,
+    so train names them: a .txt that is not UTF-8 (the scan reads it with U+FFFD and flags it), a .json
+    that is not JSON (the scan reads the sample as uncaptioned) or that holds a lone surrogate (the
+    scan reads it with U+FFFD: no Arrow column takes one), a .cls or .id that is not an integer."""
     found = []
     for shard in shards:
         with open(shard, "rb") as f:
             for key, files in _tar_samples(shard):
-                if "json" not in files:
-                    continue
-                try:
-                    meta = json.loads(_read_member(f, files["json"]))
-                except (ValueError, OSError) as e:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
-                    found.append(f"{shard.name}:{key}.json ({str(e).splitlines()[0][:120]})")
-                    continue
-                problem = next(filter(None, map(lone_surrogate, _json_strings(meta))), None)
-                if problem:
-                    found.append(f"{shard.name}:{key}.json ({problem})")
+                for ext, member in files.items():
+                    decoded_as = ext.rsplit(".", 1)[-1]
+                    if decoded_as in _DECODED_AS_TEXT + _DECODED_AS_JSON + _DECODED_AS_INT:
+                        try:
+                            problem = _undecodable(_read_member(f, member), decoded_as)
+                        except OSError as e:  # a shard cut short
+                            problem = str(e)
+                        if problem:
+                            found.append(f"{shard.name}:{key}.{ext} ({problem[:120]})")
     return found
+
+
+def _undecodable(raw: bytes, decoded_as: str) -> str | None:
+    """Why ``datasets`` cannot decode a sample file of this extension, or None."""
+    try:
+        if decoded_as in _DECODED_AS_INT:
+            int(raw)
+            return None
+        # parsed from bytes as datasets parses it (json.loads reads UTF-16 and UTF-32 too)
+        value = json.loads(raw) if decoded_as in _DECODED_AS_JSON else raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        return f"not UTF-8: byte 0x{raw[e.start]:02x} at {e.start}"
+    except ValueError as e:  # JSONDecodeError, or int's "invalid literal"
+        return str(e).splitlines()[0]
+    return next(filter(None, map(lone_surrogate, _json_strings(value))), None)
 
 
 def _json_strings(value) -> Iterator[str]:

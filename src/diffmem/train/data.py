@@ -26,7 +26,7 @@ from ..core.images import centre_square, image_cell, open_image
 # the scan's rules for which columns hold the caption and the image, so that a scan vouches for the
 # captions and images a model trains on
 from ..scan.sources import (COMPRESSED_TAR, TableSource, caption_and_issue, column_caption, default_columns,
-                            folder_metadata, pick_column, tar_shards, unreadable_json_files)
+                            folder_metadata, pick_column, tar_shards, unreadable_sample_files)
 
 
 # the scan's caption issues as a skipped row names them; the others read "caption not UTF-8" etc.
@@ -79,9 +79,8 @@ def _open_hf(source: str):
     except Exception as e:  # datasets raises many kinds; the user needs the source and the reason
         if p.is_file() and "corresponds to no data" in str(e):  # datasets' words for a table of a header alone
             raise InputError(f"{source} has no rows: nothing to train on") from None
-        table = folder_metadata(p) if p.is_dir() else p
-        if table is not None and table.suffix.lower() in (".jsonl", ".json"):
-            _refuse_lone_surrogates(table)
+        if (table := _text_table(p)) is not None:
+            _refuse_unreadable_rows(table)
         raise InputError(f"could not read training data {source!r}: {type(e).__name__}: {str(e).splitlines()[0]}") from None
 
 
@@ -92,31 +91,63 @@ def _load_shards(source: str, shards: list[Path]):
         return datasets.load_dataset("webdataset", data_files=[str(s) for s in shards], split="train")
     except Exception:
         # datasets stops at a sample's .json that is not JSON, saying only "An error occurred while
-        # generating the dataset", and at a lone surrogate naming no file: name the files, which the
-        # curator can mend or remove
-        bad = unreadable_json_files(shards)
+        # generating the dataset", and at a .txt that is not UTF-8 or a lone surrogate naming no file:
+        # name the files, which the curator can mend or remove
+        bad = unreadable_sample_files(shards)
         if not bad:
             raise
         raise InputError(f"diffmem train reads shards with datasets' webdataset loader, which cannot read {len(bad)} "
-                         f"sample .json file(s) in {source}, the first {bad[0]}; the scan reads a .json that is not JSON "
-                         "as no caption, and a lone surrogate as U+FFFD: mend or remove them") from None
+                         f"sample file(s) in {source}, the first {bad[0]}; the scan reads a .txt that is not UTF-8 "
+                         "or a lone surrogate with U+FFFD in its place, and a .json that is not JSON as no caption: "
+                         "mend or remove them") from None
 
 
-def _refuse_lone_surrogates(table: Path) -> None:
-    """Refuse, by row, a JSON table that holds a lone surrogate: datasets' JSON reader refuses the whole
-    file with words that name neither the row nor the cause (Arrow takes no lone surrogate), where the
-    scan reads the row with U+FFFD in its place and flags it."""
+def _text_table(p: Path) -> Path | None:
+    """The file of text rows behind a source (a folder's metadata.jsonl / .csv), whose rows the scan
+    reads one by one and datasets reads whole, or None."""
+    table = folder_metadata(p) if p.is_dir() else p
+    return table if table is not None and table.suffix.lower() in (".jsonl", ".json", ".csv", ".tsv") else None
+
+
+def _refuse_unreadable_rows(table: Path) -> None:
+    """Refuse, by row, a table that holds a caption datasets cannot read: it refuses the whole file (or
+    fails when it reaches the row) with words that name neither the row nor the cause, where the scan
+    reads the row with U+FFFD in place of the bad bytes or of the lone surrogate, and flags it."""
     try:
         frame = TableSource(table, captions=False).frame
     except InputError:  # not a table the scan reads either: datasets' own words stand
         return
-    flagged = frame["__lone_surrogate__"].dropna()
-    if len(flagged):
-        row, columns = flagged.index[0], flagged.iloc[0]
-        raise InputError(f"{table} row {row} ({', '.join(map(repr, columns))}) holds a lone surrogate, half of a character "
-                         f"cut in two (an emoji escaped as \\ud83d, say); {len(flagged)} of its {len(frame)} rows hold one. "
-                         "datasets' JSON reader, which diffmem train reads it with, takes no such file; the scan reads "
-                         "those rows with U+FFFD in its place: mend or remove them")
+    import pandas as pd
+
+    neither = pd.Series(False, index=frame.index)  # a .csv has no surrogates, an empty table no flags
+    not_utf8 = frame["__not_utf8__"].astype(bool) if "__not_utf8__" in frame else neither
+    surrogates = frame["__lone_surrogate__"].notna() if "__lone_surrogate__" in frame else neither
+    bad = not_utf8 | surrogates
+    if not bad.any():
+        return
+    row = int(bad.idxmax())
+    if not_utf8[row]:
+        what = "is not UTF-8 (a byte in another encoding, Latin-1 say)"
+    else:
+        columns = ", ".join(map(repr, frame.at[row, "__lone_surrogate__"]))
+        what = f"({columns}) holds a lone surrogate, half of a character cut in two (an emoji escaped as \\ud83d, say)"
+    count = int(bad.sum())
+    raise InputError(f"{table} row {row} {what}; {count} of its {len(frame)} rows {'is' if count == 1 else 'are'} not "
+                     f"UTF-8 or {'holds' if count == 1 else 'hold'} a lone surrogate. datasets, which diffmem train reads "
+                     "the file with, cannot read such a row; the scan reads it with U+FFFD in place of the bad bytes: "
+                     "mend or remove each"
+                     + ("; a whole file in Latin-1 re-encodes with iconv -f latin1 -t utf-8" if not_utf8.any() else ""))
+
+
+def _rows_read(hf, table: Path | None, source: str):
+    """The rows of ``hf``: a .jsonl's byte that is not UTF-8 is taken in whole and fails only when its
+    row is read, then refused by row as when datasets refuses the file."""
+    try:
+        yield from hf
+    except UnicodeDecodeError as e:
+        if table is not None:
+            _refuse_unreadable_rows(table)
+        raise InputError(f"could not read training data {source!r}: UnicodeDecodeError: {e}") from None
 
 
 def iter_pairs(source: str, size: int, caption_column: str | None = None, image_column: str | None = None,
@@ -161,7 +192,8 @@ def iter_pairs(source: str, size: int, caption_column: str | None = None, image_
         hf = hf.select(range(start, total))
     images, captions, used = [], [], 0
     base = Path(source).parent if Path(source).is_file() else Path(source)
-    rows = tqdm(hf, desc="reading images", unit="row", initial=start, total=total, disable=not progress)
+    rows = tqdm(_rows_read(hf, _text_table(Path(source)), source), desc="reading images", unit="row", initial=start,
+                total=total, disable=not progress)
     next_row = start
     for i, row in enumerate(rows, start):
         if limit is not None and used >= limit:
