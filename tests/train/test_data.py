@@ -449,3 +449,17 @@ def test_a_caption_not_in_utf8_is_refused_by_row_as_the_scan_flags_it(tmp_path, 
     scanned = open_source(source).rows(0, 3)
     assert [(r.caption, r.caption_issue) for r in scanned] == [("fine", None), ("caf\ufffd au lait", "not UTF-8"),
                                                                 ("also fine", None)]
+
+
+def test_an_unreadable_image_is_named_in_the_same_words_by_train_and_the_scan(tmp_path):
+    # the scan cut its words at 120 characters, mid-path in a deep folder, where train kept 300
+    from diffmem.scan.sources import open_source
+
+    deep = tmp_path / ("a folder with a long name, " * 4).strip(", ")
+    deep.mkdir()
+    (deep / "a.png").write_bytes(_png((255, 0, 0)))
+    (deep / "d.jsonl").write_text("\n".join(json.dumps({"image": n, "text": "x"}) for n in ("a.png", "gone.png")))
+    _, _, problems = load_pairs(str(deep / "d.jsonl"), 8)
+    scanned = open_source(deep / "d.jsonl").rows(1, 2)[0]
+    assert f"in neither the table's folder {deep} nor" in problems[0]["detail"] and len(problems[0]["detail"]) > 120
+    assert scanned.image_issue == f"{problems[0]['problem']}: {problems[0]['detail']}"

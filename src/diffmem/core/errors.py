@@ -11,3 +11,10 @@ class ModelLoadError(DiffmemError):
 
 class InputError(DiffmemError, ValueError):
     """Bad user input: prompts, files, options."""
+
+
+def first_line(error: Exception, limit: int = 300) -> str:
+    """An exception's first line, at most ``limit`` characters: Pillow's or the OS's words, which name
+    the file to mend, without what follows them."""
+    lines = str(error).splitlines()
+    return lines[0][:limit] if lines else ""

@@ -33,7 +33,7 @@ from typing import Iterator
 
 import numpy as np
 
-from ..core.errors import InputError
+from ..core.errors import InputError, first_line
 from ..core.prompts import csv_row_first_line, lone_surrogate, replace_lone_surrogates
 from ..core.images import empty_cell, image_array, image_cell
 
@@ -204,7 +204,7 @@ def _fill_image(row: ScanRow, get, reduce=None) -> None:
 
 def _unreadable(row: ScanRow, error: Exception) -> None:
     row.image = None
-    row.image_issue = f"unreadable image: {type(error).__name__}: {str(error)[:120]}"
+    row.image_issue = f"unreadable image: {type(error).__name__}: {first_line(error)}"  # the words train gives
 
 
 def _reduce(row: ScanRow, reduce) -> None:

@@ -21,7 +21,7 @@ from typing import Iterator
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
-from ..core.errors import InputError
+from ..core.errors import InputError, first_line
 from ..core.images import centre_square, image_cell, open_image
 # the scan's rules for which columns hold the caption and the image, so that a scan vouches for the
 # captions and images a model trains on
@@ -213,7 +213,7 @@ def iter_pairs(source: str, size: int, caption_column: str | None = None, image_
             images.append(_to_array(img, size))
         except (UnidentifiedImageError, OSError, ValueError, TypeError, Image.DecompressionBombError) as e:
             # the kind to count by, and Pillow's or the OS's words, which name the file, to mend it by
-            problems.append({"row": i, "problem": f"unreadable image: {type(e).__name__}", "detail": _first_line(e)})
+            problems.append({"row": i, "problem": f"unreadable image: {type(e).__name__}", "detail": first_line(e)})
             continue
         captions.append(caption)
         used += 1
@@ -238,8 +238,3 @@ def load_pairs(source: str, size: int, caption_column: str | None = None, image_
 def describe_problem(problem: dict) -> str:
     """A problem row as a person reads it: its kind, then its detail where there is one."""
     return f"{problem['problem']} ({problem['detail']})" if problem.get("detail") else problem["problem"]
-
-
-def _first_line(error: Exception) -> str:
-    lines = str(error).splitlines()
-    return lines[0][:300] if lines else ""
