@@ -379,28 +379,42 @@ def test_tsv_and_json_list_tables_train_as_the_csv_and_jsonl_do(tmp_path):
 
 
 # half an emoji, escaped as a truncated scraped caption holds it: the scan reads the row with U+FFFD
-# and flags its caption, but no Arrow column takes it, so datasets refuses the whole file
-_HALF_EMOJI = '"a cat \\ud83d"'
+# and flags its caption, but no Arrow column takes it
+_HALF_EMOJI = b"a cat \\ud83d"
+# the caption datasets cannot read, as the file holds it; train's refusal; the caption the scan reads
+_UNREADABLE_CAPTIONS = {
+    "not UTF-8": (b"caf\xe9 au lait", r"row 1 is not UTF-8 .*; 1 of its 3 rows is not UTF-8", "caf\ufffd au lait"),
+    "lone surrogate": (_HALF_EMOJI, r"row 1 \('text'\) holds a lone surrogate.*; 1 of its 3 rows is not UTF-8 or holds a "
+                                    r"lone surrogate", "a cat \ufffd")}
 
 
-# (a JSON list, which datasets reads whole with Python's json, it reads with the half character dropped)
-@pytest.mark.parametrize("layout", ["metadata.jsonl", "d.jsonl"])
-def test_a_json_table_with_a_lone_surrogate_is_refused_by_row_as_the_scan_flags_it(tmp_path, layout):
-    # train said "ArrowInvalid: JSON parse error: The surrogate pair in string is invalid" of the whole file
+@pytest.mark.parametrize("layout, kind", [(layout, "not UTF-8") for layout in ("metadata.jsonl", "d.jsonl", "metadata.csv",
+                                                                              "d.csv", "d.tsv")]
+                         + [(layout, "lone surrogate") for layout in ("metadata.jsonl", "d.jsonl")])
+def test_a_caption_datasets_cannot_read_is_refused_by_row_as_the_scan_flags_it(tmp_path, layout, kind):
+    # datasets refused the whole file, naming neither the row nor the cause ("ArrowInvalid: JSON parse
+    # error: The surrogate pair in string is invalid", "An error occurred while generating the dataset"
+    # of a .csv, "'utf-8' codec can't decode byte 0xe9" of a metadata.csv), or took a .jsonl with such a
+    # byte in whole and failed with a traceback when it reached the row. (A JSON list, which datasets
+    # reads whole with Python's json, it reads with the half character dropped.)
     from diffmem.scan.sources import open_source
 
+    held, refusal, scanned_caption = _UNREADABLE_CAPTIONS[kind]
     for name, colour in (("a.png", (255, 0, 0)), ("b.png", (0, 255, 0)), ("c.png", (0, 0, 255))):
         (tmp_path / name).write_bytes(_png(colour))
-    column = "file_name" if layout == "metadata.jsonl" else "image"
-    rows = (("a.png", '"fine"'), ("b.png", _HALF_EMOJI), ("c.png", '"also fine"'))
-    lines = [f'{{"{column}": "{name}", "text": {text}}}' for name, text in rows]
-    (tmp_path / layout).write_text("\n".join(lines))
-    source = tmp_path if layout == "metadata.jsonl" else tmp_path / layout
-    with pytest.raises(InputError, match=rf"{layout} row 1 \('text'\) holds a lone surrogate.*; 1 of its 3 rows is not UTF-8 or holds a lone surrogate.* mend or remove"):
+    column = "file_name" if layout.startswith("metadata") else "image"
+    rows = ((b"a.png", b"fine"), (b"b.png", held), (b"c.png", b"also fine"))
+    if layout.endswith(".jsonl"):
+        lines = [b'{"%s": "%s", "text": "%s"}' % (column.encode(), name, caption) for name, caption in rows]
+    else:
+        sep = b"\t" if layout.endswith(".tsv") else b","
+        lines = [column.encode() + sep + b"text"] + [name + sep + caption for name, caption in rows]
+    (tmp_path / layout).write_bytes(b"\n".join(lines) + b"\n")
+    source = tmp_path if layout.startswith("metadata") else tmp_path / layout
+    with pytest.raises(InputError, match=rf"{layout} {refusal}.* mend or remove"):
         load_pairs(str(source), 8)
     scanned = open_source(source).rows(0, 3)
-    assert [(r.caption, r.caption_issue) for r in scanned] == [("fine", None), ("a cat \ufffd", "lone surrogate"),
-                                                                ("also fine", None)]
+    assert [(r.caption, r.caption_issue) for r in scanned] == [("fine", None), (scanned_caption, kind), ("also fine", None)]
 
 
 def test_a_shard_file_datasets_cannot_decode_is_named_as_a_json_that_is_not_json_is(tmp_path):
@@ -410,7 +424,7 @@ def test_a_shard_file_datasets_cannot_decode_is_named_as_a_json_that_is_not_json
     from diffmem.scan.sources import WebDatasetSource
 
     write_tar_shard(tmp_path / "s.tar", [("0.png", _png((1, 2, 3))), ("0.json", b'{"caption": "fine"}'),
-                                         ("1.png", _png((4, 5, 6))), ("1.json", f'{{"caption": {_HALF_EMOJI}}}'.encode()),
+                                         ("1.png", _png((4, 5, 6))), ("1.json", b'{"caption": "%s"}' % _HALF_EMOJI),
                                          ("2.png", _png((7, 8, 9))), ("2.txt", b"caf\xe9")])
     with pytest.raises(InputError, match=r"webdataset loader, which cannot read 2 sample file\(s\) in .*s.tar, the "
                                          r"first s.tar:1.json \(holds a lone surrogate \\ud83d at character 6"):
@@ -424,31 +438,6 @@ def test_a_shard_file_datasets_cannot_decode_is_named_as_a_json_that_is_not_json
         load_pairs(str(tmp_path / "t.tar"), 8)
     rows = WebDatasetSource(tmp_path / "t.tar").rows(0, 2)
     assert [(r.caption, r.caption_issue) for r in rows] == [("fine", None), ("caf\ufffd", "not UTF-8")]
-
-
-@pytest.mark.parametrize("layout", ["metadata.jsonl", "d.jsonl", "metadata.csv", "d.csv", "d.tsv"])
-def test_a_caption_not_in_utf8_is_refused_by_row_as_the_scan_flags_it(tmp_path, layout):
-    # datasets said "An error occurred while generating the dataset" of a .csv and "'utf-8' codec can't
-    # decode byte 0xe9" of a folder's metadata.csv; it took a .jsonl in whole and failed with a traceback
-    # when it reached the row
-    from diffmem.scan.sources import open_source
-
-    for name, colour in (("a.png", (255, 0, 0)), ("b.png", (0, 255, 0)), ("c.png", (0, 0, 255))):
-        (tmp_path / name).write_bytes(_png(colour))
-    column = "file_name" if layout.startswith("metadata") else "image"
-    rows = ((b"a.png", b"fine"), (b"b.png", b"caf\xe9 au lait"), (b"c.png", b"also fine"))
-    if layout.endswith(".jsonl"):
-        lines = [b'{"%s": "%s", "text": "%s"}' % (column.encode(), name, caption) for name, caption in rows]
-    else:
-        sep = b"\t" if layout.endswith(".tsv") else b","
-        lines = [column.encode() + sep + b"text"] + [name + sep + caption for name, caption in rows]
-    (tmp_path / layout).write_bytes(b"\n".join(lines) + b"\n")
-    source = tmp_path if layout.startswith("metadata") else tmp_path / layout
-    with pytest.raises(InputError, match=rf"{layout} row 1 is not UTF-8 .*; 1 of its 3 rows is not UTF-8.* mend or remove"):
-        load_pairs(str(source), 8)
-    scanned = open_source(source).rows(0, 3)
-    assert [(r.caption, r.caption_issue) for r in scanned] == [("fine", None), ("caf\ufffd au lait", "not UTF-8"),
-                                                                ("also fine", None)]
 
 
 def test_an_unreadable_image_is_named_in_the_same_words_by_train_and_the_scan(tmp_path):
