@@ -168,6 +168,18 @@ def test_a_hub_shaped_id_still_goes_to_datasets(monkeypatch):
     assert asked == ["owner/captions"]
 
 
+def test_an_error_without_words_from_datasets_is_still_a_one_line_error(monkeypatch):
+    # an exception with an empty message made the error's own wording fail (IndexError), a traceback
+    import datasets
+
+    def timed_out(name, split):
+        raise TimeoutError()
+
+    monkeypatch.setattr(datasets, "load_dataset", timed_out)
+    with pytest.raises(InputError, match="could not read training data 'owner/captions': TimeoutError$"):
+        load_pairs("owner/captions", 8)
+
+
 def test_relative_paths_as_datasets_exports_them_and_empty_image_cells(tmp_path, monkeypatch):
     # ``Dataset.to_parquet`` writes an image loaded from a relative path as {"bytes": None, "path": ...}:
     # that path was opened against the working directory, so the table failed anywhere but beside it

@@ -674,7 +674,7 @@ def _undecodable(raw: bytes, decoded_as: str) -> str | None:
     except UnicodeDecodeError as e:
         return f"not UTF-8: byte 0x{raw[e.start]:02x} at {e.start}"
     except ValueError as e:  # JSONDecodeError, or int's "invalid literal"
-        return str(e).splitlines()[0]
+        return first_line(e)
     return next(filter(None, map(lone_surrogate, _json_strings(value))), None)
 
 

@@ -81,7 +81,8 @@ def _open_hf(source: str):
             raise InputError(f"{source} has no rows: nothing to train on") from None
         if (table := _text_table(p)) is not None:
             _refuse_unreadable_rows(table)
-        raise InputError(f"could not read training data {source!r}: {type(e).__name__}: {str(e).splitlines()[0]}") from None
+        words = first_line(e)  # some exceptions carry none
+        raise InputError(f"could not read training data {source!r}: {type(e).__name__}{': ' + words if words else ''}") from None
 
 
 def _load_shards(source: str, shards: list[Path]):
