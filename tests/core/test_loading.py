@@ -482,3 +482,16 @@ def test_a_cached_hub_id_is_checked_as_a_folder_is(tmp_path, monkeypatch, tiny_p
     # not in the cache: the error says where it looked
     with pytest.raises(ModelLoadError, match=r"not a local folder.*offline"):
         load_pipeline("someone/not-cached")
+
+
+def test_a_folder_error_without_words_is_named_by_its_kind():
+    # str(e).splitlines()[0] of an exception with no message was an IndexError: a traceback in place of the error
+    from diffmem.core.errors import InputError
+    from diffmem.core.loading import model_folder_errors
+
+    with pytest.raises(InputError, match=r"^clip is not a CLIP model folder: KeyError$"):
+        with model_folder_errors("clip", "a CLIP model folder"):
+            raise KeyError()
+    with pytest.raises(InputError, match=r"^clip is not a CLIP model folder: no config.json$"):
+        with model_folder_errors("clip", "a CLIP model folder"):
+            raise OSError("no config.json\nmore words")

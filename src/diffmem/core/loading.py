@@ -17,7 +17,7 @@ from typing import Sequence
 
 import torch
 
-from .errors import ModelLoadError
+from .errors import ModelLoadError, first_line
 
 SUPPORTED_CLASSES = {"StableDiffusionPipeline", "StableDiffusionImg2ImgPipeline", "StableDiffusionInpaintPipeline"}
 # what other pipeline families would need, said plainly in the error
@@ -263,7 +263,7 @@ def load_pipeline(
             raise ModelLoadError(f"could not load the pipeline at {src}: {e}") from None
         raise ModelLoadError(
             f"could not load {src!r}: it is not a local folder, and as a hub id it could not be fetched "
-            f"({'offline mode' if local else 'no network or no such repository'}): {str(e).splitlines()[0]}"
+            f"({'offline mode' if local else 'no network or no such repository'}): {first_line(e) or type(e).__name__}"
         ) from None
     if snapshot is not None:
         pipe.register_to_config(_name_or_path=name)  # identified by its hub id, as before, not by the snapshot's commit
@@ -517,7 +517,7 @@ def model_folder_errors(path: str | os.PathLike, what: str):
     try:
         yield
     except (OSError, ValueError, KeyError) as e:
-        raise InputError(f"{path} is not {what}: {str(e).splitlines()[0]}") from None
+        raise InputError(f"{path} is not {what}: {first_line(e) or type(e).__name__}") from None
 
 
 def weights_hash(module) -> str:

@@ -28,7 +28,7 @@ import numpy as np
 import torch
 
 from ..core.cache import content_key, files_fingerprint
-from ..core.errors import InputError
+from ..core.errors import InputError, first_line
 from ..core.images import integer_full_scale
 from ..core.results import file_digest, revision_key
 
@@ -102,7 +102,7 @@ def load_torchscript(path: str | Path):
             return torch.jit.load(str(path), map_location="cpu").eval()
     except (RuntimeError, ValueError) as e:
         raise InputError(f"{path} is not a TorchScript model (SSCD is distributed as TorchScript, e.g. "
-                         f"sscd_disc_mixup.torchscript.pt): {str(e).splitlines()[0]}") from None
+                         f"sscd_disc_mixup.torchscript.pt): {first_line(e) or type(e).__name__}") from None
 
 
 def _each(featurize, images) -> torch.Tensor:
