@@ -464,3 +464,23 @@ def test_an_unreadable_image_is_named_in_the_same_words_by_train_and_the_scan(tm
     scanned = open_source(deep / "d.jsonl").rows(1, 2)[0]
     assert f"in neither the table's folder {deep} nor" in problems[0]["detail"] and len(problems[0]["detail"]) > 120
     assert scanned.image_issue == f"{problems[0]['problem']}: {problems[0]['detail']}"
+
+
+def test_a_table_the_scan_cannot_read_either_keeps_datasets_words(tmp_path, monkeypatch):
+    # the check by row reads the table with the scan's reader only when datasets failed; its own failure
+    # of any kind must leave datasets' words, not raise a second, unrelated error
+    import datasets
+
+    import diffmem.train.data as data
+
+    def broken(*a, **k):
+        raise RuntimeError("the scan's reader broke")
+
+    def refused(*a, **k):
+        raise ValueError("datasets' own words")
+
+    (tmp_path / "d.csv").write_text("image,text\na.png,x\n")
+    monkeypatch.setattr(data, "TableSource", broken)
+    monkeypatch.setattr(datasets, "load_dataset", refused)
+    with pytest.raises(InputError, match=r"could not read training data .*d.csv': ValueError: datasets' own words$"):
+        load_pairs(str(tmp_path / "d.csv"), 8)

@@ -116,7 +116,7 @@ def _refuse_unreadable_rows(table: Path) -> None:
     reads the row with U+FFFD in place of the bad bytes or of the lone surrogate, and flags it."""
     try:
         frame = TableSource(table, captions=False).frame
-    except InputError:  # not a table the scan reads either: datasets' own words stand
+    except Exception:  # not a table the scan reads either: datasets' own words stand, not a second error's
         return
     import pandas as pd
 
@@ -135,7 +135,7 @@ def _refuse_unreadable_rows(table: Path) -> None:
     count = int(bad.sum())
     raise InputError(f"{table} row {row} {what}; {count} of its {len(frame)} rows {'is' if count == 1 else 'are'} not "
                      f"UTF-8 or {'holds' if count == 1 else 'hold'} a lone surrogate. datasets, which diffmem train reads "
-                     "the file with, cannot read such a row; the scan reads it with U+FFFD in place of the bad bytes: "
+                     "the file with, cannot read such a row; the scan reads it with U+FFFD in place of what it cannot read: "
                      "mend or remove each"
                      + ("; a whole file in Latin-1 re-encodes with iconv -f latin1 -t utf-8" if not_utf8.any() else ""))
 
