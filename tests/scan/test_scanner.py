@@ -98,6 +98,19 @@ def test_a_csv_row_not_in_utf8_is_flagged_after_a_caption_over_several_lines(tmp
     assert rows[0].caption == "a cat\non a mat" and rows[4].caption == "red circle"
 
 
+def test_a_csv_quote_left_open_is_named_by_line_not_left_to_the_csv_modules_words(tmp_path):
+    # the csv module said only "field limit (131072)" exceeded, in a traceback: a stray quote in a
+    # scraped caption runs its field on through the rest of the file
+    from diffmem.scan.sources import TableSource
+
+    rows = [f"{i}.png,caption {i}" for i in range(10000)]  # 190,000 characters after the quote
+    rows[3] = '3.png,"a quote left open'
+    (tmp_path / "t.csv").write_text("image,text\n" + "\n".join(rows) + "\n")
+    with pytest.raises(InputError, match=r"t.csv: the row after line 4 is not CSV the scan can read \(field larger than "
+                                         r"field limit.*\); most likely a quote left open"):
+        TableSource(tmp_path / "t.csv")
+
+
 def test_a_lone_surrogate_in_a_listed_caption_is_named_and_the_scan_goes_on(tmp_path):
     from diffmem.scan import ListSource
 

@@ -362,12 +362,18 @@ class TableSource(Source):
                 text_lines.append(line.decode("utf-8", errors="replace"))
                 bad.append(True)
         reader = csv.DictReader(io.StringIO("\n".join(text_lines)), delimiter=delimiter)
-        rows, row_bad = [], []
-        for row in reader:
-            # a row is flagged if any line it spans was not UTF-8: a quoted caption may span several
-            # lines, and blank lines are skipped, so rows and lines do not pair one to one
-            rows.append(row)
-            row_bad.append(any(bad[csv_row_first_line(reader.line_num, row) - 1 : reader.line_num]))
+        rows, row_bad, ended = [], [], 1  # ended: the last line of the header, then of each row read
+        try:
+            for row in reader:
+                # a row is flagged if any line it spans was not UTF-8: a quoted caption may span several
+                # lines, and blank lines are skipped, so rows and lines do not pair one to one
+                rows.append(row)
+                row_bad.append(any(bad[csv_row_first_line(reader.line_num, row) - 1 : reader.line_num]))
+                ended = reader.line_num
+        except csv.Error as e:  # the csv module's own words name no line
+            hint = ("; most likely a quote left open, which runs one field on through every line after it"
+                    if "field limit" in str(e) else "")
+            raise InputError(f"{self.path}: the row after line {ended} is not CSV the scan can read ({e}){hint}") from None
         frame = pd.DataFrame(rows)
         if len(frame):
             frame["__not_utf8__"] = row_bad
