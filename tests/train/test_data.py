@@ -484,3 +484,12 @@ def test_a_table_the_scan_cannot_read_either_keeps_datasets_words(tmp_path, monk
     monkeypatch.setattr(datasets, "load_dataset", refused)
     with pytest.raises(InputError, match=r"could not read training data .*d.csv': ValueError: datasets' own words$"):
         load_pairs(str(tmp_path / "d.csv"), 8)
+
+
+def test_datasets_generation_error_gives_its_cause_not_its_own_words(tmp_path):
+    # "An error occurred while generating the dataset" was all train said of a .csv whose quote is left open
+    rows = [f"{i}.png,caption {i}" for i in range(6)]
+    rows[3] = '3.png,"a quote left open'
+    (tmp_path / "t.csv").write_text("image,text\n" + "\n".join(rows) + "\n")
+    with pytest.raises(InputError, match=r"could not read training data .*t.csv': ParserError: .*EOF inside string"):
+        load_pairs(str(tmp_path / "t.csv"), 8)

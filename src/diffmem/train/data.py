@@ -81,6 +81,8 @@ def _open_hf(source: str):
             raise InputError(f"{source} has no rows: nothing to train on") from None
         if (table := _text_table(p)) is not None:
             _refuse_unreadable_rows(table)
+        if type(e).__name__ == "DatasetGenerationError" and (e.__cause__ or e.__context__) is not None:
+            e = e.__cause__ or e.__context__  # "An error occurred while generating the dataset": the reason is its cause
         words = first_line(e)  # some exceptions carry none
         raise InputError(f"could not read training data {source!r}: {type(e).__name__}{': ' + words if words else ''}") from None
 
