@@ -79,12 +79,7 @@ def _open_hf(source: str):
     except Exception as e:  # datasets raises many kinds; the user needs the source and the reason
         if p.is_file() and "corresponds to no data" in str(e):  # datasets' words for a table of a header alone
             raise InputError(f"{source} has no rows: nothing to train on") from None
-        if (table := _text_table(p)) is not None:
-            _refuse_unreadable_rows(table)
-        if type(e).__name__ == "DatasetGenerationError" and (e.__cause__ or e.__context__) is not None:
-            e = e.__cause__ or e.__context__  # "An error occurred while generating the dataset": the reason is its cause
-        words = first_line(e)  # some exceptions carry none
-        raise InputError(f"could not read training data {source!r}: {type(e).__name__}{': ' + words if words else ''}") from None
+        raise _read_error(source, e) from None
 
 
 def _load_shards(source: str, shards: list[Path]):
@@ -142,15 +137,24 @@ def _refuse_unreadable_rows(table: Path) -> None:
                      + ("; a whole file in Latin-1 re-encodes with iconv -f latin1 -t utf-8" if not_utf8.any() else ""))
 
 
-def _rows_read(hf, table: Path | None, source: str):
+def _read_error(source: str, error: Exception) -> InputError:
+    """datasets' failure to read ``source`` as one line: by row where the scan's reader finds a caption
+    datasets cannot read (that refusal is raised instead), else the reason in its reader's words."""
+    if (table := _text_table(Path(source))) is not None:
+        _refuse_unreadable_rows(table)
+    if type(error).__name__ == "DatasetGenerationError" and (error.__cause__ or error.__context__) is not None:
+        error = error.__cause__ or error.__context__  # "An error occurred while generating the dataset": the reason is its cause
+    words = first_line(error)  # some exceptions carry none
+    return InputError(f"could not read training data {source!r}: {type(error).__name__}{': ' + words if words else ''}")
+
+
+def _rows_read(hf, source: str):
     """The rows of ``hf``: a .jsonl's byte that is not UTF-8 is taken in whole and fails only when its
     row is read, then refused by row as when datasets refuses the file."""
     try:
         yield from hf
     except UnicodeDecodeError as e:
-        if table is not None:
-            _refuse_unreadable_rows(table)
-        raise InputError(f"could not read training data {source!r}: UnicodeDecodeError: {e}") from None
+        raise _read_error(source, e) from None
 
 
 def iter_pairs(source: str, size: int, caption_column: str | None = None, image_column: str | None = None,
@@ -195,8 +199,7 @@ def iter_pairs(source: str, size: int, caption_column: str | None = None, image_
         hf = hf.select(range(start, total))
     images, captions, used = [], [], 0
     base = Path(source).parent if Path(source).is_file() else Path(source)
-    rows = tqdm(_rows_read(hf, _text_table(Path(source)), source), desc="reading images", unit="row", initial=start,
-                total=total, disable=not progress)
+    rows = tqdm(_rows_read(hf, source), desc="reading images", unit="row", initial=start, total=total, disable=not progress)
     next_row = start
     for i, row in enumerate(rows, start):
         if limit is not None and used >= limit:
