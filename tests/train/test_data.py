@@ -402,13 +402,13 @@ _UNREADABLE_CAPTIONS = {
 
 @pytest.mark.parametrize("layout, kind", [(layout, "not UTF-8") for layout in ("metadata.jsonl", "d.jsonl", "metadata.csv",
                                                                               "d.csv", "d.tsv")]
-                         + [(layout, "lone surrogate") for layout in ("metadata.jsonl", "d.jsonl")])
+                         + [(layout, "lone surrogate") for layout in ("metadata.jsonl", "d.jsonl", "d.json")])
 def test_a_caption_datasets_cannot_read_is_refused_by_row_as_the_scan_flags_it(tmp_path, layout, kind):
     # datasets refused the whole file, naming neither the row nor the cause ("ArrowInvalid: JSON parse
     # error: The surrogate pair in string is invalid", "An error occurred while generating the dataset"
     # of a .csv, "'utf-8' codec can't decode byte 0xe9" of a metadata.csv), or took a .jsonl with such a
-    # byte in whole and failed with a traceback when it reached the row. (A JSON list, which datasets
-    # reads whole with Python's json, it reads with the half character dropped.)
+    # byte in whole and failed with a traceback when it reached the row. A JSON list, which datasets
+    # reads whole with pandas' ujson, it took with the half character dropped without a word.
     from diffmem.scan.sources import open_source
 
     held, refusal, scanned_caption = _UNREADABLE_CAPTIONS[kind]
@@ -416,8 +416,10 @@ def test_a_caption_datasets_cannot_read_is_refused_by_row_as_the_scan_flags_it(t
         (tmp_path / name).write_bytes(_png(colour))
     column = "file_name" if layout.startswith("metadata") else "image"
     rows = ((b"a.png", b"fine"), (b"b.png", held), (b"c.png", b"also fine"))
-    if layout.endswith(".jsonl"):
+    if layout.endswith((".jsonl", ".json")):
         lines = [b'{"%s": "%s", "text": "%s"}' % (column.encode(), name, caption) for name, caption in rows]
+        if layout.endswith(".json"):  # a JSON list
+            lines = [b"[" + b",\n".join(lines) + b"]"]
     else:
         sep = b"\t" if layout.endswith(".tsv") else b","
         lines = [column.encode() + sep + b"text"] + [name + sep + caption for name, caption in rows]

@@ -61,7 +61,12 @@ def _open_hf(source: str):
         if suffix == ".parquet":
             return datasets.load_dataset("parquet", data_files=str(p), split="train")
         if suffix in (".jsonl", ".json"):
-            return datasets.load_dataset("json", data_files=str(p), split="train")
+            hf = datasets.load_dataset("json", data_files=str(p), split="train")
+            if suffix == ".json" and _escapes_a_surrogate(p):
+                # a JSON list, which datasets reads whole with pandas' ujson: it drops a lone surrogate
+                # without a word, where JSON Lines fail in Arrow and are refused by row below
+                _refuse_unreadable_rows(p)
+            return hf
         if suffix in (".csv", ".tsv"):  # a table the scan reads, so one a curator scanned can be trained on
             return datasets.load_dataset("csv", data_files=str(p), split="train", sep="\t" if suffix == ".tsv" else ",")
         if suffix == ".tar":
@@ -100,6 +105,18 @@ def _load_shards(source: str, shards: list[Path]):
                          "mend or remove them") from None
 
 
+def _escapes_a_surrogate(p: Path) -> bool:
+    """Whether ``p`` holds a JSON escape of a surrogate (``\\ud83d``), paired or not: only then is the
+    file read a second time, by row, to look for a lone one."""
+    import mmap
+    import re
+
+    if p.stat().st_size == 0:  # mmap refuses an empty file
+        return False
+    with open(p, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as m:
+        return re.search(rb"\\u[dD][89a-fA-F]", m) is not None
+
+
 def _text_table(p: Path) -> Path | None:
     """The file of text rows behind a source (a folder's metadata.jsonl / .csv), whose rows the scan
     reads one by one and datasets reads whole, or None."""
@@ -132,7 +149,7 @@ def _refuse_unreadable_rows(table: Path) -> None:
     count = int(bad.sum())
     raise InputError(f"{table} row {row} {what}; {count} of its {len(frame)} rows {'is' if count == 1 else 'are'} not "
                      f"UTF-8 or {'holds' if count == 1 else 'hold'} a lone surrogate. datasets, which diffmem train reads "
-                     "the file with, cannot read such a row; the scan reads it with U+FFFD in place of what it cannot read: "
+                     "the file with, cannot read such a row as written; the scan reads it with U+FFFD in place of what it cannot read: "
                      "mend or remove each"
                      + ("; a whole file in Latin-1 re-encodes with iconv -f latin1 -t utf-8" if not_utf8.any() else ""))
 
