@@ -38,6 +38,22 @@ def test_a_csv_error_names_the_line_its_row_starts_on(tmp_path):
     assert read_prompts(tmp_path / "ok.csv") == ["a cat\non a mat"]
 
 
+@pytest.mark.parametrize("sep, ending", [("\n", "\n"), ("\r\n", "\r\n"), ("\n", "")])
+def test_a_csv_quote_left_open_is_named_by_line_not_read_as_one_last_prompt(tmp_path, sep, ending):
+    # the csv module read a stray quote's field on through the rest of the file: five prompts came out
+    # as three, the last "a quote left open\nprompt 3\nprompt 4\n", without a word
+    lines = ["prompt", "prompt 0", '"two\nlines"', "", '"a quote left open', "prompt 3", "prompt 4"]
+    (tmp_path / "p.csv").write_bytes(sep.join(lines).encode() + ending.encode())
+    with pytest.raises(InputError, match=r"p.csv line 6: a quote opened in this row is never closed"):
+        read_prompts(tmp_path / "p.csv")
+    # closed, the same rows read, a quote inside an unquoted field and a quoted one ending in a line break too
+    lines[4] = '"a quote closed"'
+    lines[5] = 'prompt 3 is 5" tall'
+    lines[6] = '"prompt 4\n"'
+    (tmp_path / "p.csv").write_bytes(sep.join(lines).encode() + ending.encode())
+    assert read_prompts(tmp_path / "p.csv") == ["prompt 0", "two\nlines", "a quote closed", 'prompt 3 is 5" tall', "prompt 4\n"]
+
+
 def test_the_public_sd_v1_list_reads():
     from pathlib import Path
 

@@ -106,9 +106,14 @@ def test_a_csv_quote_left_open_is_named_by_line_not_left_to_the_csv_modules_word
     rows = [f"{i}.png,caption {i}" for i in range(10000)]  # 190,000 characters after the quote
     rows[3] = '3.png,"a quote left open'
     (tmp_path / "t.csv").write_text("image,text\n" + "\n".join(rows) + "\n")
-    with pytest.raises(InputError, match=r"t.csv: the row after line 4 is not CSV the scan can read \(field larger than "
+    with pytest.raises(InputError, match=r"t.csv: the row after line 4 is not CSV diffmem can read \(field larger than "
                                          r"field limit.*\); most likely a quote left open"):
         TableSource(tmp_path / "t.csv")
+    # short of the limit, the rest of the file was read as one last caption ("a quote left open\n4.png,caption
+    # 4\n..."), as train, whose reader refuses the file, never reads it
+    (tmp_path / "short.csv").write_text("image,text\n" + "\n".join(rows[:6]) + "\n")
+    with pytest.raises(InputError, match=r"short.csv line 5: a quote opened in this row is never closed"):
+        TableSource(tmp_path / "short.csv")
 
 
 def test_a_lone_surrogate_in_a_listed_caption_is_named_and_the_scan_goes_on(tmp_path):

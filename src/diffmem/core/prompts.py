@@ -166,10 +166,9 @@ def iter_prompts(path: str | Path, column: str | None = None, flagged: bool = Fa
                 yield _check(row[col], path, i)
                 n += 1
     elif suffix in (".csv", ".tsv"):
-        reader = csv.DictReader(io.StringIO(text), delimiter="\t" if suffix == ".tsv" else ",")
-        col = _pick_column(path, column, reader.fieldnames or [])
-        for row in reader:
-            line = csv_row_first_line(reader.line_num, row)
+        header, rows = read_csv(text, path, delimiter="\t" if suffix == ".tsv" else ",")
+        col = _pick_column(path, column, header)
+        for line, _, row in rows:
             if _kept(row, flagged, path, line):
                 yield _check(row[col], path, line)
                 n += 1
@@ -185,11 +184,54 @@ def iter_prompts(path: str | Path, column: str | None = None, flagged: bool = Fa
     _check_count(path, n, flagged)
 
 
-def csv_row_first_line(last_line: int, row: dict) -> int:
-    """The line a CSV row starts on, from the line it ends on: a quoted caption may hold line breaks,
-    and the reader skips blank lines, so counting rows would name the wrong line."""
+def read_csv(text: str, path: Path, delimiter: str = ",") -> tuple[list[str], list[tuple[int, int, dict]]]:
+    """The header and the rows of CSV ``text``, each row as (the line it starts on, the line it ends on,
+    the row). A quoted caption may hold line breaks and the reader skips blank lines, so rows and lines
+    do not pair one to one.
+
+    A quote left open (a stray quote in a scraped caption) runs its field on through every line after
+    it: the csv module reads the rest of the file as one last row without a word, or, past its field
+    limit, stops with words that name no line. Both are refused, naming the line."""
+    reader = csv.DictReader(io.StringIO(text), delimiter=delimiter)
+    rows, ended = [], 1  # ended: the last line of the header, then of each row read
+    try:
+        header = reader.fieldnames or []
+        for row in reader:
+            rows.append((_row_first_line(reader.line_num, row), reader.line_num, row))
+            ended = reader.line_num
+    except csv.Error as e:
+        hint = ("; most likely a quote left open, which runs one field on through every line after it"
+                if "field limit" in str(e) else "")
+        raise InputError(f"{path}: the row after line {ended} is not CSV diffmem can read ({e}){hint}") from None
+    if (opened := _left_open(text, rows[-1][0] if rows else 1, delimiter)) is not None:
+        raise InputError(f"{path} line {opened}: a quote opened in this row is never closed, so the csv module reads every "
+                         'line after it as one field; close it, or double a quote that is part of the text ("")')
+    return header, rows
+
+
+def _row_first_line(last_line: int, row: dict) -> int:
+    """The line a CSV row starts on, from the line it ends on (the line before, for a row left open
+    at the end of a file that ends in a line break, which its last field holds)."""
     fields = [v for value in row.values() for v in (value if isinstance(value, list) else [value])]
     return last_line - sum(v.count("\n") for v in fields if isinstance(v, str))
+
+
+def _left_open(text: str, from_line: int, delimiter: str) -> int | None:
+    """The line of the row that ``text`` ends inside a quote of, or None: the csv module tells it only
+    when strict, which also refuses what the lenient reader takes (``"a" b``), so only the last row or
+    two, from ``from_line``, are read strictly."""
+    import itertools
+
+    reader = csv.reader(io.StringIO("".join(itertools.islice(io.StringIO(text), from_line - 1, None))),
+                        delimiter=delimiter, strict=True)
+    starts = 1
+    try:
+        for _ in reader:
+            starts = reader.line_num + 1
+    except csv.Error as e:
+        if str(e) == "unexpected end of data":  # strict's words for the end of the text inside a quote
+            return from_line - 1 + starts
+    return None
 
 
 def _json_rows(path: Path, column: str | None) -> list[dict]:

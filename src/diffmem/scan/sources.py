@@ -23,9 +23,7 @@ caption column) raise ``InputError``.
 
 from __future__ import annotations
 
-import csv
 import hashlib
-import io
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,7 +32,7 @@ from typing import Iterator
 import numpy as np
 
 from ..core.errors import InputError, first_line
-from ..core.prompts import csv_row_first_line, lone_surrogate, replace_lone_surrogates
+from ..core.prompts import lone_surrogate, read_csv, replace_lone_surrogates
 from ..core.images import empty_cell, image_array, image_cell
 
 CAPTION_COLUMNS = ("caption", "text", "prompt")
@@ -361,22 +359,10 @@ class TableSource(Source):
             except UnicodeDecodeError:
                 text_lines.append(line.decode("utf-8", errors="replace"))
                 bad.append(True)
-        reader = csv.DictReader(io.StringIO("\n".join(text_lines)), delimiter=delimiter)
-        rows, row_bad, ended = [], [], 1  # ended: the last line of the header, then of each row read
-        try:
-            for row in reader:
-                # a row is flagged if any line it spans was not UTF-8: a quoted caption may span several
-                # lines, and blank lines are skipped, so rows and lines do not pair one to one
-                rows.append(row)
-                row_bad.append(any(bad[csv_row_first_line(reader.line_num, row) - 1 : reader.line_num]))
-                ended = reader.line_num
-        except csv.Error as e:  # the csv module's own words name no line
-            hint = ("; most likely a quote left open, which runs one field on through every line after it"
-                    if "field limit" in str(e) else "")
-            raise InputError(f"{self.path}: the row after line {ended} is not CSV the scan can read ({e}){hint}") from None
-        frame = pd.DataFrame(rows)
-        if len(frame):
-            frame["__not_utf8__"] = row_bad
+        _, rows = read_csv("\n".join(text_lines), self.path, delimiter)
+        frame = pd.DataFrame([row for _, _, row in rows])
+        if len(frame):  # a row is flagged if any line it spans was not UTF-8
+            frame["__not_utf8__"] = [any(bad[first - 1 : last]) for first, last, _ in rows]
         return frame
 
     def __len__(self):
