@@ -1,5 +1,6 @@
 import io
 import json
+import re
 
 import numpy as np
 import pandas as pd
@@ -489,9 +490,31 @@ def test_a_table_the_scan_cannot_read_either_keeps_datasets_words(tmp_path, monk
 
 
 def test_datasets_generation_error_gives_its_cause_not_its_own_words(tmp_path):
-    # "An error occurred while generating the dataset" was all train said of a .csv whose quote is left open
+    # "An error occurred while generating the dataset" was all train said of a .csv with a field too many,
+    # which the scan reads (the extra field apart)
     rows = [f"{i}.png,caption {i}" for i in range(6)]
-    rows[3] = '3.png,"a quote left open'
+    rows[3] = "3.png,caption 3,a field too many"
     (tmp_path / "t.csv").write_text("image,text\n" + "\n".join(rows) + "\n")
-    with pytest.raises(InputError, match=r"could not read training data .*t.csv': ParserError: .*EOF inside string"):
+    with pytest.raises(InputError, match=r"could not read training data .*t.csv': ParserError: .*Expected 2 fields in line 5"):
         load_pairs(str(tmp_path / "t.csv"), 8)
+
+
+@pytest.mark.parametrize("name, content", [
+    ("comma.json", b'[{"image": "a.png", "text": "a"},\n{"image": "a.png" "text": "b"}]'),
+    ("cut.json", b'[{"image": "a.png", "text": "a"},\n{"image": "a.png", "text": "b"}'),
+    ("latin1.json", b'[{"image": "a.png", "text": "caf\xe9"}]'),
+    ("comma.jsonl", b'{"image": "a.png", "text": "a"}\n{"image": "a.png" "text": "b"}\n'),
+    ("open.csv", b'image,text\na.png,a\na.png,"a quote left open\na.png,c\n')])
+def test_a_table_the_scan_refuses_too_is_refused_in_the_scans_words(tmp_path, name, content):
+    # datasets' words named a character offset ("Unexpected character found when decoding object value at
+    # position 47") or a row counted from 0 ("in row 1"); the scan's name the line
+    from diffmem.scan.sources import TableSource
+
+    (tmp_path / "a.png").write_bytes(_png((255, 0, 0)))
+    (tmp_path / name).write_bytes(content)
+    with pytest.raises(InputError) as scanned:
+        TableSource(tmp_path / name)
+    assert re.search(r"line [23]\b|byte \d+", str(scanned.value))
+    with pytest.raises(InputError) as trained:
+        load_pairs(str(tmp_path / name), 8)
+    assert str(trained.value) == f"could not read training data {str(tmp_path / name)!r}: {scanned.value}"

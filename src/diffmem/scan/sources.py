@@ -332,7 +332,7 @@ class TableSource(Source):
             text = raw.decode("utf-8-sig")
         except UnicodeDecodeError as e:  # rows cannot be told apart before parsing, so none can be flagged alone
             raise InputError(f"{self.path} is not UTF-8 (byte {e.start}), as a JSON file must be; as .jsonl its "
-                             "rows would be read one by one and the bad ones flagged") from None
+                             "rows would be read one by one and the bad ones named") from None
         try:
             data = json.loads(text)
         except json.JSONDecodeError as e:

@@ -124,14 +124,19 @@ def _text_table(p: Path) -> Path | None:
     return table if table is not None and table.suffix.lower() in (".jsonl", ".json", ".csv", ".tsv") else None
 
 
-def _refuse_unreadable_rows(table: Path) -> None:
+def _refuse_unreadable_rows(table: Path) -> str | None:
     """Refuse, by row, a table that holds a caption datasets cannot read: it refuses the whole file (or
     fails when it reaches the row) with words that name neither the row nor the cause, where the scan
-    reads the row with U+FFFD in place of the bad bytes or of the lone surrogate, and flags it."""
+    reads the row with U+FFFD in place of the bad bytes or of the lone surrogate, and flags it.
+
+    Where the scan's reader refuses the file too, its words, which name the line (datasets' name a
+    character offset or a row counted from 0), are returned."""
     try:
         frame = TableSource(table, captions=False).frame
-    except Exception:  # not a table the scan reads either: datasets' own words stand, not a second error's
-        return
+    except InputError as e:  # its zero-row refusal speaks of scanning: datasets' words stand
+        return None if "zero rows" in str(e) else str(e)
+    except Exception:  # the scan's reader failed where it should not: datasets' own words stand, not a second error's
+        return None
     import pandas as pd
 
     neither = pd.Series(False, index=frame.index)  # a .csv has no surrogates, an empty table no flags
@@ -139,7 +144,7 @@ def _refuse_unreadable_rows(table: Path) -> None:
     surrogates = frame["__lone_surrogate__"].notna() if "__lone_surrogate__" in frame else neither
     bad = not_utf8 | surrogates
     if not bad.any():
-        return
+        return None
     row = int(bad.idxmax())
     if not_utf8[row]:
         what = "is not UTF-8 (a byte in another encoding, Latin-1 say)"
@@ -156,9 +161,10 @@ def _refuse_unreadable_rows(table: Path) -> None:
 
 def _read_error(source: str, error: Exception) -> InputError:
     """datasets' failure to read ``source`` as one line: by row where the scan's reader finds a caption
-    datasets cannot read (that refusal is raised instead), else the reason in its reader's words."""
-    if (table := _text_table(Path(source))) is not None:
-        _refuse_unreadable_rows(table)
+    datasets cannot read (that refusal is raised instead), in the scan's words where it refuses the file
+    too, else the reason in datasets' reader's words."""
+    if (table := _text_table(Path(source))) is not None and (words := _refuse_unreadable_rows(table)):
+        return InputError(f"could not read training data {source!r}: {words}")
     if type(error).__name__ == "DatasetGenerationError" and (error.__cause__ or error.__context__) is not None:
         error = error.__cause__ or error.__context__  # "An error occurred while generating the dataset": the reason is its cause
     words = first_line(error)  # some exceptions carry none
