@@ -16,7 +16,7 @@ import pickle
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .errors import ModelLoadError
+from .errors import ModelLoadError, first_line
 from .loading import LORA_DOWN, PICKLE_SUFFIXES
 from .results import atomic_path
 
@@ -103,7 +103,7 @@ def _load_weights_only(path: Path):
                              "not converted") from None
     except Exception as e:  # a damaged or foreign file fails inside the unpickler in many ways (KeyError, EOFError, ...)
         raise ModelLoadError(f"{path} is not a readable torch pickle: {type(e).__name__}: "
-                             f"{(str(e).splitlines() or [''])[0]}") from None
+                             f"{first_line(e)}") from None
 
 
 def _refused_object(error: Exception) -> str:
