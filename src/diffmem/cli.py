@@ -837,7 +837,8 @@ def train(
 @app.command()
 def scan(
     dataset: str = typer.Argument(..., help="memlab, an image folder (metadata.jsonl/csv or .txt captions), a .parquet/.jsonl/.json/.csv/.tsv file, "
-                                 "WebDataset .tar shards (a shard or a folder of them), or a saved datasets folder"),
+                                 "WebDataset .tar shards (a shard or a folder of them), a saved datasets folder, or a hub dataset id "
+                                 "owner/name (from datasets' cache when offline)"),
     out: Path = typer.Option(..., help="output folder: results, report, and the resumable shard files"),
     checks: str = typer.Option(",".join(("image_duplicates", "caption_duplicates", "triggers")),
                                help="comma-separated: image_duplicates, caption_duplicates, triggers, memorization"),

@@ -143,6 +143,44 @@ def test_numbers_in_the_caption_column_and_empty_image_cells_are_named_as_such(t
     assert lists.summary.set_index("check").loc["bad_caption", "issues"] == 2
 
 
+def test_a_hub_dataset_id_is_scanned_as_train_reads_it(tmp_path, monkeypatch):
+    # diffmem train took an owner/name id (from datasets' cache when offline); the scan said "dataset not
+    # found", so a model could be trained on rows no scan could vouch for
+    import datasets
+    from shards import random_png
+
+    rows = {"image": [{"bytes": random_png(k), "path": None} for k in (0, 1, 0)], "text": ["a", "b", "a"]}
+    hub = datasets.Dataset.from_dict(rows, features=datasets.Features({"image": datasets.Image(), "text": datasets.Value("string")}))
+    asked = []
+
+    def cached_hub(name, split):
+        asked.append((name, split))
+        if name != "owner/captions":
+            raise FileNotFoundError(f"Dataset '{name}' doesn't exist on the Hub or cannot be accessed.")
+        return hub
+
+    monkeypatch.setattr(datasets, "load_dataset", cached_hub)
+    scanned = DatasetScanner("owner/captions", tmp_path / "w", checks=["image_duplicates", "caption_duplicates"],
+                             progress=False).scan()
+    hub.save_to_disk(str(tmp_path / "saved"))
+    saved = DatasetScanner(tmp_path / "saved", tmp_path / "w2", checks=["image_duplicates", "caption_duplicates"],
+                           progress=False).scan()
+    assert asked == [("owner/captions", "train")] and len(scanned.rows) == 3
+    pd.testing.assert_frame_equal(scanned.rows, saved.rows)
+    assert scanned.rows["caption"].tolist() == ["a", "b", "a"] and scanned.rows["image_cluster"].tolist() == [0, -1, 0]
+    refusal = r"could not load the hub dataset 'owner/missing': FileNotFoundError: Dataset 'owner/missing' doesn't exist"
+    monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", False)  # online, the way not to wait for the network
+    with pytest.raises(InputError, match=rf"{refusal}.*\(offline, .*set HF_HUB_OFFLINE=1 not to wait for the network\)$"):
+        DatasetScanner("owner/missing", tmp_path / "w3", progress=False)
+    monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", True)
+    with pytest.raises(InputError, match=rf"{refusal} on the Hub or cannot be accessed\.$"):
+        DatasetScanner("owner/missing", tmp_path / "w3", progress=False)
+    monkeypatch.chdir(tmp_path)  # a path-shaped name is a path: the hub is not asked
+    with pytest.raises(InputError, match="dataset not found: captions .*hub dataset id owner/name"):
+        DatasetScanner("./captions", tmp_path / "w4", progress=False)
+    assert len(asked) == 3
+
+
 def test_empty_datasets_and_wrong_columns_give_clear_errors(tmp_path):
     (tmp_path / "empty.jsonl").write_text("")
     with pytest.raises(InputError, match="zero rows"):

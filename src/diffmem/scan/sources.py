@@ -750,7 +750,7 @@ def pick_column(columns, wanted, defaults, what, where, required=True):
 
 def open_source(dataset, caption_column: str | None = None, image_column: str | None = None,
                 captions: bool = True) -> Source:
-    """``memlab``, a folder (images or a saved ``datasets`` dataset), a table file, or a Dataset.
+    """``memlab``, a folder (images or a saved ``datasets`` dataset), a table file, a hub dataset id, or a Dataset.
     ``captions=False``: a source read for its images alone needs no caption column."""
     if isinstance(dataset, Source):
         return dataset
@@ -760,8 +760,12 @@ def open_source(dataset, caption_column: str | None = None, image_column: str | 
         return MemLabSource()
     path = Path(dataset)
     if not path.exists():
+        from ..core.loading import looks_like_path
+
+        if not looks_like_path(str(dataset)):  # owner/name, as diffmem train reads it: the scan vouches for the same rows
+            return HFDatasetSource(_hub_dataset(str(dataset)), caption_column, image_column, captions)
         raise InputError(f"dataset not found: {path} (give 'memlab', an image folder, a .parquet / .jsonl / .json / .csv / .tsv file, "
-                         "WebDataset .tar shards or a saved datasets folder)")
+                         "WebDataset .tar shards, a saved datasets folder or a hub dataset id owner/name)")
     if path.is_dir():
         if (path / "dataset_info.json").exists() or (path / "dataset_dict.json").exists():
             return HFDatasetSource(path, caption_column, image_column, captions)
@@ -771,6 +775,20 @@ def open_source(dataset, caption_column: str | None = None, image_column: str | 
     if path.name.lower().endswith((".tar",) + COMPRESSED_TAR):
         return WebDatasetSource(path, caption_column, image_column, captions)
     return TableSource(path, caption_column, image_column, captions=captions)
+
+
+def _hub_dataset(dataset_id: str):
+    """The train split of a hub dataset, as ``datasets`` loads it (from its cache when offline)."""
+    import datasets
+
+    try:
+        return datasets.load_dataset(dataset_id, split="train")
+    except Exception as e:  # no network, no such dataset, no train split: datasets raises many kinds
+        words = first_line(e)
+        hint = "" if datasets.config.HF_HUB_OFFLINE else \
+            " (offline, it is read from datasets' cache: set HF_HUB_OFFLINE=1 not to wait for the network)"
+        raise InputError(f"could not load the hub dataset {dataset_id!r}: {type(e).__name__}{': ' + words if words else ''}"
+                         + hint) from None
 
 
 def shards(source: Source, shard_size: int) -> Iterator[tuple[int, int, int]]:
