@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import csv
 import io
+import itertools
 import json
 import re
 from pathlib import Path
@@ -220,8 +221,6 @@ def _left_open(text: str, from_line: int, delimiter: str) -> int | None:
     """The line of the row that ``text`` ends inside a quote of, or None: the csv module tells it only
     when strict, which also refuses what the lenient reader takes (``"a" b``), so only the last row or
     two, from ``from_line``, are read strictly."""
-    import itertools
-
     reader = csv.reader(io.StringIO("".join(itertools.islice(io.StringIO(text), from_line - 1, None))),
                         delimiter=delimiter, strict=True)
     starts = 1

@@ -64,8 +64,9 @@ def _open_hf(source: str):
             hf = datasets.load_dataset("json", data_files=str(p), split="train")
             if suffix == ".json" and _escapes_a_surrogate(p):
                 # a JSON list, which datasets reads whole with pandas' ujson: it drops a lone surrogate
-                # without a word, where JSON Lines fail in Arrow and are refused by row below
-                _refuse_unreadable_rows(p)
+                # without a word, where JSON Lines fail in Arrow and are refused by row below (datasets
+                # read this file, so the scan's refusal of it, if any, is not train's)
+                _check_rows_as_the_scan_reads(p)
             return hf
         if suffix in (".csv", ".tsv"):  # a table the scan reads, so one a curator scanned can be trained on
             return datasets.load_dataset("csv", data_files=str(p), split="train", sep="\t" if suffix == ".tsv" else ",")
@@ -124,7 +125,7 @@ def _text_table(p: Path) -> Path | None:
     return table if table is not None and table.suffix.lower() in (".jsonl", ".json", ".csv", ".tsv") else None
 
 
-def _refuse_unreadable_rows(table: Path) -> str | None:
+def _check_rows_as_the_scan_reads(table: Path) -> str | None:
     """Refuse, by row, a table that holds a caption datasets cannot read: it refuses the whole file (or
     fails when it reaches the row) with words that name neither the row nor the cause, where the scan
     reads the row with U+FFFD in place of the bad bytes or of the lone surrogate, and flags it.
@@ -163,7 +164,7 @@ def _read_error(source: str, error: Exception) -> InputError:
     """datasets' failure to read ``source`` as one line: by row where the scan's reader finds a caption
     datasets cannot read (that refusal is raised instead), in the scan's words where it refuses the file
     too, else the reason in datasets' reader's words."""
-    if (table := _text_table(Path(source))) is not None and (words := _refuse_unreadable_rows(table)):
+    if (table := _text_table(Path(source))) is not None and (words := _check_rows_as_the_scan_reads(table)):
         return InputError(f"could not read training data {source!r}: {words}")
     if type(error).__name__ == "DatasetGenerationError" and (error.__cause__ or error.__context__) is not None:
         error = error.__cause__ or error.__context__  # "An error occurred while generating the dataset": the reason is its cause
