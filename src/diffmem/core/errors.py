@@ -18,3 +18,10 @@ def first_line(error: Exception, limit: int = 300) -> str:
     the file to mend, without what follows them."""
     lines = str(error).splitlines()
     return lines[0][:limit] if lines else ""
+
+
+def kind_and_first_line(error: Exception) -> str:
+    """``Kind: first line`` of an exception, or its kind alone where it carries no words (a bare
+    ``TimeoutError``), so a message never ends in a dangling colon."""
+    words = first_line(error)
+    return f"{type(error).__name__}: {words}" if words else type(error).__name__

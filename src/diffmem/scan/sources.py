@@ -31,7 +31,7 @@ from typing import Iterator
 
 import numpy as np
 
-from ..core.errors import InputError, first_line
+from ..core.errors import InputError, first_line, kind_and_first_line
 from ..core.prompts import lone_surrogate, read_csv, replace_lone_surrogates
 from ..core.images import empty_cell, image_array, image_cell
 
@@ -784,11 +784,9 @@ def _hub_dataset(dataset_id: str):
     try:
         return datasets.load_dataset(dataset_id, split="train")
     except Exception as e:  # no network, no such dataset, no train split: datasets raises many kinds
-        words = first_line(e)
         hint = "" if datasets.config.HF_HUB_OFFLINE else \
             " (offline, it is read from datasets' cache: set HF_HUB_OFFLINE=1 not to wait for the network)"
-        raise InputError(f"could not load the hub dataset {dataset_id!r}: {type(e).__name__}{': ' + words if words else ''}"
-                         + hint) from None
+        raise InputError(f"could not load the hub dataset {dataset_id!r}: {kind_and_first_line(e)}{hint}") from None
 
 
 def shards(source: Source, shard_size: int) -> Iterator[tuple[int, int, int]]:

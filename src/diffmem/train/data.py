@@ -21,7 +21,7 @@ from typing import Iterator
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
-from ..core.errors import InputError, first_line
+from ..core.errors import InputError, first_line, kind_and_first_line
 from ..core.images import centre_square, image_cell, open_image
 # the scan's rules for which columns hold the caption and the image, so that a scan vouches for the
 # captions and images a model trains on
@@ -168,8 +168,7 @@ def _read_error(source: str, error: Exception) -> InputError:
         return InputError(f"could not read training data {source!r}: {words}")
     if type(error).__name__ == "DatasetGenerationError" and (error.__cause__ or error.__context__) is not None:
         error = error.__cause__ or error.__context__  # "An error occurred while generating the dataset": the reason is its cause
-    words = first_line(error)  # some exceptions carry none
-    return InputError(f"could not read training data {source!r}: {type(error).__name__}{': ' + words if words else ''}")
+    return InputError(f"could not read training data {source!r}: {kind_and_first_line(error)}")
 
 
 def _rows_read(hf, source: str):
