@@ -10,6 +10,7 @@ from diffmem.bench.explain import ExplainBenchResult
 from diffmem.bench.mitigate import MitigateBenchResult
 from diffmem.categorize.profiler import ProfileResult
 from diffmem.core.errors import InputError
+from diffmem.core.results import reading_saved
 from diffmem.detect.noise_norm import DetectionResult
 from diffmem.explain.batch import AttributionSet
 from diffmem.explain.result import AttributionResult
@@ -46,3 +47,10 @@ def test_loading_what_is_not_a_saved_result_is_a_clear_error(tmp_path, cls, inne
     a_file.write_text("x")
     with pytest.raises(InputError, match="a_file"):
         cls.load(a_file)
+
+
+def test_a_damage_without_words_is_named_by_its_kind_alone(tmp_path):
+    # the reader's message gave the kind and then "(IndexError: )" where the error's words would be
+    with pytest.raises(InputError, match=r"is not a saved scan \(IndexError\)$"):
+        with reading_saved(tmp_path / "scan", "scan"):
+            raise IndexError()

@@ -143,6 +143,22 @@ def test_numbers_in_the_caption_column_and_empty_image_cells_are_named_as_such(t
     assert lists.summary.set_index("check").loc["bad_caption", "issues"] == 2
 
 
+def test_an_image_that_fails_without_words_is_named_by_its_kind_alone():
+    # a caller's own images, fetched as they are read: the one that timed out said
+    # "unreadable image: TimeoutError: ", a dangling colon where the error's words would be
+    from diffmem.scan.sources import ListSource
+
+    class Fetched(list):
+        def __getitem__(self, i):
+            if i == 1:
+                raise TimeoutError()
+            return super().__getitem__(i)
+
+    rows = ListSource(["a red circle", "a blue square"], images=Fetched([np.zeros((8, 8, 3), np.float32)] * 2)).rows(0, 2)
+    assert rows[0].image_issue is None
+    assert rows[1].image is None and rows[1].image_issue == "unreadable image: TimeoutError"
+
+
 def test_a_hub_dataset_id_is_scanned_as_train_reads_it(tmp_path, monkeypatch):
     # diffmem train took an owner/name id (from datasets' cache when offline); the scan said "dataset not
     # found", so a model could be trained on rows no scan could vouch for

@@ -16,7 +16,7 @@ import pickle
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .errors import ModelLoadError, first_line
+from .errors import ModelLoadError, kind_and_first_line
 from .loading import LORA_DOWN, PICKLE_SUFFIXES
 from .results import atomic_path
 
@@ -102,8 +102,7 @@ def _load_weights_only(path: Path):
                              "which torch's weights-only unpickler refuses, as it refuses a pickle made to run code: "
                              "not converted") from None
     except Exception as e:  # a damaged or foreign file fails inside the unpickler in many ways (KeyError, EOFError, ...)
-        raise ModelLoadError(f"{path} is not a readable torch pickle: {type(e).__name__}: "
-                             f"{first_line(e)}") from None
+        raise ModelLoadError(f"{path} is not a readable torch pickle: {kind_and_first_line(e)}") from None
 
 
 def _refused_object(error: Exception) -> str:

@@ -297,7 +297,7 @@ def read_parquet(path: str | Path):
 def reading_saved(path: str | Path, what: str):
     """Around a result's ``load``: a missing, foreign or damaged file becomes one clear InputError
     naming the path and what was expected, not a KeyError or a JSON parser's message."""
-    from .errors import InputError, first_line
+    from .errors import InputError, kind_and_first_line
 
     try:
         yield
@@ -310,4 +310,4 @@ def reading_saved(path: str | Path, what: str):
     except KeyError as e:
         raise InputError(f"{path} is not a saved {what}: it has no {e.args[0]!r}") from None
     except (OSError, ValueError, TypeError, AttributeError, IndexError) as e:  # JSON, Parquet, npz, shapes
-        raise InputError(f"{path} is not a saved {what} ({type(e).__name__}: {first_line(e)})") from None
+        raise InputError(f"{path} is not a saved {what} ({kind_and_first_line(e)})") from None

@@ -202,7 +202,7 @@ def _fill_image(row: ScanRow, get, reduce=None) -> None:
 
 def _unreadable(row: ScanRow, error: Exception) -> None:
     row.image = None
-    row.image_issue = f"unreadable image: {type(error).__name__}: {first_line(error)}"  # the words train gives
+    row.image_issue = f"unreadable image: {kind_and_first_line(error)}"  # the words train gives
 
 
 def _reduce(row: ScanRow, reduce) -> None:
