@@ -235,6 +235,25 @@ def test_a_csv_table_trains_as_the_scan_reads_it(tmp_path):
         load_pairs(str(tmp_path / "header.csv"), 8)
 
 
+def test_a_table_or_folder_without_rows_is_named_as_such(tmp_path):
+    # datasets' words for these were "StopIteration", "IndexError: list index out of range" and
+    # "ArrowInvalid: BatchSize must be greater than 0, got 0": the scan's reader names them empty
+    (tmp_path / "e.jsonl").write_text("")
+    (tmp_path / "header.tsv").write_text("image\ttext\n")
+    pd.DataFrame({"image": pd.Series([], dtype=object), "text": pd.Series([], dtype=str)}).to_parquet(tmp_path / "z.parquet")
+    for folder, metadata, text in [("f", "metadata.csv", "file_name,text\n"), ("g", "metadata.jsonl", "")]:
+        (tmp_path / folder).mkdir()
+        (tmp_path / folder / metadata).write_text(text)
+    for source, empty in [("e.jsonl", "e.jsonl"), ("header.tsv", "header.tsv"), ("z.parquet", "z.parquet"),
+                          ("f", "f/metadata.csv"), ("g", "g/metadata.jsonl")]:
+        with pytest.raises(InputError, match=f"^{re.escape(str(tmp_path / empty))} has no rows: nothing to train on$"):
+            load_pairs(str(tmp_path / source), 8)
+    # a file the scan refuses for another reason is not called empty
+    (tmp_path / "e.json").write_text("")
+    with pytest.raises(InputError, match="e.json is not valid JSON"):
+        load_pairs(str(tmp_path / "e.json"), 8)
+
+
 def test_webdataset_shards_train_on_the_pairs_of_the_same_samples_as_an_image_folder(samples_as_shards_and_folder):
     # img2dataset's .tar shards could be scanned but not trained on; through datasets' webdataset
     # loader their columns are named by extension: the caption is txt, the image png here

@@ -47,6 +47,11 @@ SHARD_IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp", "bmp", "tif", "tiff", "g
 SHARD_CAPTION_EXTENSIONS = ("txt", "json")
 
 
+class ZeroRowsError(InputError):
+    """A dataset with no rows: nothing to scan. Its own kind, so that ``diffmem train``, which asks the
+    scan's reader why datasets could not read a table, tells an empty table from a broken one."""
+
+
 @dataclass
 class ScanRow:
     row: int
@@ -153,7 +158,7 @@ class ListSource(Source):
         self.image_keys = image_keys
         self.name = name
         if not self.captions:
-            raise InputError("the dataset has zero rows: nothing to scan")
+            raise ZeroRowsError("the dataset has zero rows: nothing to scan")
 
     def __len__(self):
         return len(self.captions)
@@ -296,7 +301,7 @@ class TableSource(Source):
         if self.frame is not None:
             columns = self.frame.columns
         if len(self) == 0:
-            raise InputError(f"{self.path} has zero rows: nothing to scan")
+            raise ZeroRowsError(f"{self.path} has zero rows: nothing to scan")
         self.caption_column = pick_column(columns, caption_column, CAPTION_COLUMNS, "caption", self.path, required=captions)
         self.image_column = pick_column(columns, image_column, IMAGE_COLUMNS, "image", self.path, required=False)
         self.key_column = pick_column(columns, key_column, KEY_COLUMNS, "image key", self.path, required=False)
@@ -473,7 +478,7 @@ class HFDatasetSource(Source):
                 raise InputError(f"the saved dataset has splits {list(dataset)}; pick one and save it alone")
             dataset = next(iter(dataset.values()))
         if len(dataset) == 0:
-            raise InputError("the dataset has zero rows: nothing to scan")
+            raise ZeroRowsError("the dataset has zero rows: nothing to scan")
         self.ds = dataset
         caption_columns, image_columns = default_columns(dataset.column_names)
         self.caption_column = pick_column(dataset.column_names, caption_column, caption_columns, "caption", "the dataset",
@@ -796,5 +801,5 @@ def shards(source: Source, shard_size: int) -> Iterator[tuple[int, int, int]]:
         yield k, start, min(start + shard_size, n)
 
 
-__all__ = ["ScanRow", "Source", "MemLabSource", "ListSource", "ImageFolderSource", "TableSource",
+__all__ = ["ZeroRowsError", "ScanRow", "Source", "MemLabSource", "ListSource", "ImageFolderSource", "TableSource",
            "HFDatasetSource", "WebDatasetSource", "open_source", "shards", "load_image"]

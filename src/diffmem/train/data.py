@@ -25,8 +25,8 @@ from ..core.errors import InputError, first_line, kind_and_first_line
 from ..core.images import centre_square, image_cell, open_image
 # the scan's rules for which columns hold the caption and the image, so that a scan vouches for the
 # captions and images a model trains on
-from ..scan.sources import (COMPRESSED_TAR, TableSource, caption_and_issue, column_caption, default_columns,
-                            folder_metadata, pick_column, tar_shards, unreadable_sample_files)
+from ..scan.sources import (COMPRESSED_TAR, TableSource, ZeroRowsError, caption_and_issue, column_caption,
+                            default_columns, folder_metadata, pick_column, tar_shards, unreadable_sample_files)
 
 
 # the scan's caption issues as a skipped row names them; the others read "caption not UTF-8" etc.
@@ -83,8 +83,10 @@ def _open_hf(source: str):
     except InputError:
         raise
     except Exception as e:  # datasets raises many kinds; the user needs the source and the reason
-        if p.is_file() and "corresponds to no data" in str(e):  # datasets' words for a table of a header alone
-            raise InputError(f"{source} has no rows: nothing to train on") from None
+        if (empty := _table_without_rows(p)) is not None:
+            # datasets' words for it were 'Instruction "train" corresponds to no data!' for a header alone,
+            # StopIteration for an empty .jsonl, IndexError for a folder's, an ArrowInvalid for Parquet
+            raise InputError(f"{empty} has no rows: nothing to train on") from None
         raise _read_error(source, e) from None
 
 
@@ -125,6 +127,20 @@ def _text_table(p: Path) -> Path | None:
     return table if table is not None and table.suffix.lower() in (".jsonl", ".json", ".csv", ".tsv") else None
 
 
+def _table_without_rows(p: Path) -> Path | None:
+    """The table behind ``p`` (the file, or a folder's metadata) if the scan's reader finds no rows in it."""
+    table = folder_metadata(p) if p.is_dir() else p
+    if table is None or not table.is_file():
+        return None
+    try:
+        TableSource(table, captions=False)
+    except ZeroRowsError:
+        return table
+    except Exception:  # any other refusal is not this one: datasets' failure is worded as it is
+        return None
+    return None
+
+
 def _check_rows_as_the_scan_reads(table: Path) -> str | None:
     """Refuse, by row, a table that holds a caption datasets cannot read: it refuses the whole file (or
     fails when it reaches the row) with words that name neither the row nor the cause, where the scan
@@ -134,8 +150,10 @@ def _check_rows_as_the_scan_reads(table: Path) -> str | None:
     character offset or a row counted from 0), are returned."""
     try:
         frame = TableSource(table, captions=False).frame
-    except InputError as e:  # its zero-row refusal speaks of scanning: datasets' words stand
-        return None if "zero rows" in str(e) else str(e)
+    except ZeroRowsError:  # its words speak of scanning; load_pairs names an empty table itself
+        return None
+    except InputError as e:
+        return str(e)
     except Exception:  # the scan's reader failed where it should not: datasets' own words stand, not a second error's
         return None
     import pandas as pd
