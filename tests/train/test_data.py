@@ -1,6 +1,7 @@
 import io
 import json
 import re
+import tarfile
 
 import numpy as np
 import pandas as pd
@@ -8,6 +9,7 @@ import pytest
 from PIL import Image
 
 from diffmem.core.errors import InputError
+from diffmem.scan.sources import open_source
 from diffmem.train.data import describe_problem, load_pairs
 
 
@@ -231,7 +233,7 @@ def test_a_csv_table_trains_as_the_scan_reads_it(tmp_path):
                                          "or WebDataset .tar shards"):
         load_pairs(str(tmp_path / "d.xlsx"), 8)
     (tmp_path / "header.csv").write_text("image,text\n")
-    with pytest.raises(InputError, match=r"header.csv has no rows"):  # was datasets' 'Instruction "train" corresponds to no data!'
+    with pytest.raises(InputError, match=r"header.csv has zero rows: nothing to train on"):  # was datasets' 'Instruction "train" corresponds to no data!'
         load_pairs(str(tmp_path / "header.csv"), 8)
 
 
@@ -246,8 +248,26 @@ def test_a_table_or_folder_without_rows_is_named_as_such(tmp_path):
         (tmp_path / folder / metadata).write_text(text)
     for source, empty in [("e.jsonl", "e.jsonl"), ("header.tsv", "header.tsv"), ("z.parquet", "z.parquet"),
                           ("f", "f/metadata.csv"), ("g", "g/metadata.jsonl")]:
-        with pytest.raises(InputError, match=f"^{re.escape(str(tmp_path / empty))} has no rows: nothing to train on$"):
+        with pytest.raises(InputError, match=f"^{re.escape(str(tmp_path / empty))} has zero rows: nothing to train on$"):
             load_pairs(str(tmp_path / source), 8)
+    # a shard without samples: "ArrowInvalid: Must pass at least one table", alone or in a folder of shards
+    (tmp_path / "shards").mkdir()
+    for shard in (tmp_path / "empty.tar", tmp_path / "shards" / "000.tar"):
+        tarfile.open(shard, "w").close()
+    for source in ("empty.tar", "shards"):
+        with pytest.raises(InputError, match=f"^{re.escape(str(tmp_path / source))} holds no samples: nothing to train on$"):
+            load_pairs(str(tmp_path / source), 8)
+
+
+def test_an_empty_shard_beside_others_is_read_as_no_samples(tmp_path, samples_as_shards_and_folder):
+    # the scan reads it as no samples; datasets' loader stopped at it ("Must pass at least one table")
+    # and trained on none of the other shards' samples
+    shards, _ = samples_as_shards_and_folder
+    tarfile.open(shards / "000-empty.tar", "w").close()
+    assert sorted(shards.glob("*.tar"))[0].name == "000-empty.tar"
+    images, captions, problems = load_pairs(str(shards), 8)
+    assert captions == [r.caption for r in open_source(shards).rows(0, 10**6) if r.caption_issue is None]
+    assert len(images) == len(captions) > 0
     # a file the scan refuses for another reason is not called empty
     (tmp_path / "e.json").write_text("")
     with pytest.raises(InputError, match="e.json is not valid JSON"):

@@ -49,7 +49,12 @@ SHARD_CAPTION_EXTENSIONS = ("txt", "json")
 
 class ZeroRowsError(InputError):
     """A dataset with no rows: nothing to scan. Its own kind, so that ``diffmem train``, which asks the
-    scan's reader why datasets could not read a table, tells an empty table from a broken one."""
+    scan's reader why datasets could not read a dataset, tells an empty one from a broken one; ``empty``
+    says what is empty ("X has zero rows"), without what the scan would have done with it."""
+
+    def __init__(self, empty: str):
+        super().__init__(f"{empty}: nothing to scan")
+        self.empty = empty
 
 
 @dataclass
@@ -158,7 +163,7 @@ class ListSource(Source):
         self.image_keys = image_keys
         self.name = name
         if not self.captions:
-            raise ZeroRowsError("the dataset has zero rows: nothing to scan")
+            raise ZeroRowsError("the dataset has zero rows")
 
     def __len__(self):
         return len(self.captions)
@@ -301,7 +306,7 @@ class TableSource(Source):
         if self.frame is not None:
             columns = self.frame.columns
         if len(self) == 0:
-            raise ZeroRowsError(f"{self.path} has zero rows: nothing to scan")
+            raise ZeroRowsError(f"{self.path} has zero rows")
         self.caption_column = pick_column(columns, caption_column, CAPTION_COLUMNS, "caption", self.path, required=captions)
         self.image_column = pick_column(columns, image_column, IMAGE_COLUMNS, "image", self.path, required=False)
         self.key_column = pick_column(columns, key_column, KEY_COLUMNS, "image key", self.path, required=False)
@@ -478,7 +483,7 @@ class HFDatasetSource(Source):
                 raise InputError(f"the saved dataset has splits {list(dataset)}; pick one and save it alone")
             dataset = next(iter(dataset.values()))
         if len(dataset) == 0:
-            raise ZeroRowsError("the dataset has zero rows: nothing to scan")
+            raise ZeroRowsError("the dataset has zero rows")
         self.ds = dataset
         caption_columns, image_columns = default_columns(dataset.column_names)
         self.caption_column = pick_column(dataset.column_names, caption_column, caption_columns, "caption", "the dataset",
@@ -540,7 +545,7 @@ class WebDatasetSource(Source):
         for k, shard in enumerate(self.shards):
             self.samples += [(k, key, files) for key, files in _tar_samples(shard)]
         if not self.samples:
-            raise InputError(f"{path} holds no samples: nothing to scan")
+            raise ZeroRowsError(f"{path} holds no samples")
         extensions = sorted({e for _, _, files in self.samples for e in files})
         self.image_ext = _pick_extension(extensions, image_column, SHARD_IMAGE_EXTENSIONS, "image", path)
         if caption_column is not None:

@@ -26,7 +26,8 @@ from ..core.images import centre_square, image_cell, open_image
 # the scan's rules for which columns hold the caption and the image, so that a scan vouches for the
 # captions and images a model trains on
 from ..scan.sources import (COMPRESSED_TAR, TableSource, ZeroRowsError, caption_and_issue, column_caption,
-                            default_columns, folder_metadata, pick_column, tar_shards, unreadable_sample_files)
+                            default_columns, folder_metadata, open_source, pick_column, tar_shards,
+                            unreadable_sample_files)
 
 
 # the scan's caption issues as a skipped row names them; the others read "caption not UTF-8" etc.
@@ -83,18 +84,24 @@ def _open_hf(source: str):
     except InputError:
         raise
     except Exception as e:  # datasets raises many kinds; the user needs the source and the reason
-        if (empty := _table_without_rows(p)) is not None:
+        if (empty := _empty_source(p)) is not None:
             # datasets' words for it were 'Instruction "train" corresponds to no data!' for a header alone,
             # StopIteration for an empty .jsonl, IndexError for a folder's, an ArrowInvalid for Parquet
-            raise InputError(f"{empty} has no rows: nothing to train on") from None
+            # and for shards whose members make no sample
+            raise InputError(f"{empty}: nothing to train on") from None
         raise _read_error(source, e) from None
 
 
 def _load_shards(source: str, shards: list[Path]):
     import datasets
 
+    # a shard without members, which the scan reads as no samples, stops datasets' loader with
+    # "Must pass at least one table", however many samples the other shards hold
+    with_samples = [s for s in shards if _holds_members(s)]
+    if not with_samples:
+        raise InputError(f"{source} holds no samples: nothing to train on")
     try:
-        return datasets.load_dataset("webdataset", data_files=[str(s) for s in shards], split="train")
+        return datasets.load_dataset("webdataset", data_files=[str(s) for s in with_samples], split="train")
     except Exception:
         # datasets stops at a sample's .json that is not JSON, saying only "An error occurred while
         # generating the dataset", and at a .txt that is not UTF-8 or a lone surrogate naming no file:
@@ -127,15 +134,26 @@ def _text_table(p: Path) -> Path | None:
     return table if table is not None and table.suffix.lower() in (".jsonl", ".json", ".csv", ".tsv") else None
 
 
-def _table_without_rows(p: Path) -> Path | None:
-    """The table behind ``p`` (the file, or a folder's metadata) if the scan's reader finds no rows in it."""
-    table = folder_metadata(p) if p.is_dir() else p
-    if table is None or not table.is_file():
+def _holds_members(shard: Path) -> bool:
+    """Whether a .tar holds anything, read from its first header alone."""
+    import tarfile
+
+    try:
+        with tarfile.open(shard) as t:
+            return t.next() is not None
+    except (tarfile.TarError, OSError):  # left to the loader, whose failure names what is wrong with it
+        return True
+
+
+def _empty_source(p: Path) -> str | None:
+    """What the scan's reader finds empty at ``p`` ("X has zero rows", "X holds no samples"), or None:
+    a table, a folder's metadata, shards."""
+    if not p.exists():
         return None
     try:
-        TableSource(table, captions=False)
-    except ZeroRowsError:
-        return table
+        open_source(p, captions=False)
+    except ZeroRowsError as e:
+        return e.empty
     except Exception:  # any other refusal is not this one: datasets' failure is worded as it is
         return None
     return None
