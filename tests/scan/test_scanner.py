@@ -1,5 +1,6 @@
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -211,6 +212,13 @@ def test_empty_datasets_and_wrong_columns_give_clear_errors(tmp_path):
         DatasetScanner(tmp_path / "t.parquet", progress=False)
     with pytest.raises(InputError, match="zero rows"):
         ListSource([])
+    # datasets writes no data file for a dataset of zero rows, and its load_from_disk then fails with
+    # "list index out of range", which was all the scan said
+    import datasets
+
+    datasets.Dataset.from_dict({"image": [], "text": []}).save_to_disk(tmp_path / "saved")
+    with pytest.raises(InputError, match=f"^{re.escape(str(tmp_path / 'saved'))} holds a saved dataset of zero rows: nothing to scan$"):
+        DatasetScanner(tmp_path / "saved", progress=False)
     with pytest.raises(InputError, match="needs a model"):
         DatasetScanner(tmp_path / "t.csv", progress=False, caption_column="title", checks=["memorization"])
 

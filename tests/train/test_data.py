@@ -257,6 +257,12 @@ def test_a_table_or_folder_without_rows_is_named_as_such(tmp_path):
     for source in ("empty.tar", "shards"):
         with pytest.raises(InputError, match=f"^{re.escape(str(tmp_path / source))} holds no samples: nothing to train on$"):
             load_pairs(str(tmp_path / source), 8)
+    # a saved datasets folder of zero rows, which datasets' load_from_disk fails on ("list index out of range")
+    import datasets
+
+    datasets.Dataset.from_dict({"image": [], "text": []}).save_to_disk(tmp_path / "saved")
+    with pytest.raises(InputError, match=f"^{re.escape(str(tmp_path / 'saved'))} holds a saved dataset of zero rows: nothing to train on$"):
+        load_pairs(str(tmp_path / "saved"), 8)
 
 
 def test_an_empty_shard_beside_others_is_read_as_no_samples(tmp_path, samples_as_shards_and_folder):

@@ -477,7 +477,9 @@ class HFDatasetSource(Source):
             try:
                 dataset = datasets.load_from_disk(str(dataset))
             except Exception as e:
-                raise InputError(f"could not open {dataset} as a saved datasets folder: {e}") from None
+                if _saved_without_rows(Path(dataset)):  # datasets fails on it with "list index out of range"
+                    raise ZeroRowsError(f"{dataset} holds a saved dataset of zero rows") from None
+                raise InputError(f"could not open {dataset} as a saved datasets folder: {kind_and_first_line(e)}") from None
         if isinstance(dataset, datasets.DatasetDict):
             if len(dataset) != 1:
                 raise InputError(f"the saved dataset has splits {list(dataset)}; pick one and save it alone")
@@ -522,6 +524,14 @@ class HFDatasetSource(Source):
     def describe(self):
         fp = getattr(self.ds, "_fingerprint", None)
         return {"kind": "datasets", "fingerprint": fp, "rows": len(self), "caption_column": self.caption_column}
+
+
+def _saved_without_rows(folder: Path) -> bool:
+    """Whether a folder ``save_to_disk`` wrote holds no rows: its state.json lists no data files."""
+    try:
+        return json.loads((folder / "state.json").read_text())["_data_files"] == []
+    except Exception:  # no such file, not JSON, another layout: not this case
+        return False
 
 
 class WebDatasetSource(Source):
