@@ -1,3 +1,5 @@
+import tarfile
+
 import numpy as np
 import pytest
 import torch
@@ -183,6 +185,12 @@ def test_training_images_that_cannot_serve_are_named(tmp_path):
         M.PixelReplication(table)
     with pytest.raises(InputError, match="no training images"):
         M.PixelReplication(np.zeros((0, 8, 8, 3), np.float32))
+    # a data set of zero rows was refused in the scan's words, "nothing to scan"
+    (tmp_path / "header.csv").write_text("image,caption\n")
+    tarfile.open(tmp_path / "empty.tar", "w").close()
+    for name, empty in (("header.csv", "has zero rows"), ("empty.tar", "holds no samples")):
+        with pytest.raises(InputError, match=f"{name} {empty}: no training images to compare generations with$"):
+            M.PixelReplication(tmp_path / name)
 
 
 def _count_featurized_shards(monkeypatch) -> list:

@@ -176,7 +176,7 @@ def test_killed_during_mitigation_resumes_only_that_stage(tmp_path, memlab_manif
 
 
 @pytest.mark.parametrize("case", ["missing_model", "empty_prompts", "unwritable_out", "one_seed_to_compare",
-                                  "column_without_train_data"])
+                                  "column_without_train_data", "empty_train_data_for_mitigation"])
 def test_bad_input_fails_before_any_work(tmp_path, case):
     out = tmp_path / "out"
     args = ["audit", "--out", out]
@@ -186,6 +186,10 @@ def test_bad_input_fails_before_any_work(tmp_path, case):
     elif case == "column_without_train_data":
         args += ["--train-caption-column", "TEXT"]
         expect = "--train-caption-column names a column of --train-data: give it too"
+    elif case == "empty_train_data_for_mitigation":  # with the scan skipped, it said "nothing to scan"
+        (tmp_path / "header.csv").write_text("image,caption\n")
+        args += ["--train-data", tmp_path / "header.csv", "--skip", "scan"]
+        expect = "header.csv has zero rows: no training images to compare generations with"
     elif case == "missing_model":
         args += ["--model", tmp_path / "no-such-model"]
         expect = "not found"

@@ -172,11 +172,14 @@ class TrainingImages:
 
     def __init__(self, images, featurize, batch_size: int = 32, shard_size: int = 32, progress: bool = False,
                  image_column: str | None = None, identity: str | None = None, stages: tuple | None = None):
-        from ..scan.sources import Source, open_source, shards
+        from ..scan.sources import Source, ZeroRowsError, open_source, shards
 
         self.skipped: list[tuple[int, str]] = []
         if isinstance(images, (str, Path, Source)):
-            source = open_source(images, image_column=image_column, captions=False)  # images alone are compared
+            try:
+                source = open_source(images, image_column=image_column, captions=False)  # images alone are compared
+            except ZeroRowsError as e:  # its words are the scan's, "nothing to scan"
+                raise InputError(f"{e.empty}: no training images to compare generations with") from None
             if not source.has_images:
                 raise InputError(f"{images}: the data set holds no images to compare generations with")
             self.name = str(images) if isinstance(images, (str, Path)) else type(images).__name__
