@@ -265,6 +265,25 @@ def test_a_table_or_folder_without_rows_is_named_as_such(tmp_path):
         load_pairs(str(tmp_path / "saved"), 8)
 
 
+def test_a_saved_dataset_dict_of_one_split_is_read_as_the_scan_reads_it(tmp_path):
+    # train took a folder save_to_disk wrote for a DatasetDict (dataset_dict.json, a folder per split)
+    # for an image folder, and said it had no metadata.jsonl, where the scan read its one split
+    import datasets
+
+    images = [Image.new("RGB", (12, 12), colour) for colour in ((255, 0, 0), (0, 0, 255), (0, 255, 0))]
+    ds = datasets.Dataset.from_dict({"image": images, "text": ["red", "blue", "green"]}).cast_column("image", datasets.Image())
+    datasets.DatasetDict({"train": ds}).save_to_disk(tmp_path / "one")
+    got, captions, problems = load_pairs(str(tmp_path / "one"), 8)
+    assert captions == [r.caption for r in open_source(tmp_path / "one").rows(0, 10)] == ["red", "blue", "green"]
+    assert got[1][0, 0].tolist() == [0.0, 0.0, 1.0] and problems == []
+    # several splits: which rows are meant is unclear, and both refuse it in the same words
+    datasets.DatasetDict({"train": ds, "test": ds.select([0])}).save_to_disk(tmp_path / "two")
+    said = f"{tmp_path / 'two'} holds the splits ['train', 'test']; pick one and save it alone"
+    for read in (lambda: load_pairs(str(tmp_path / "two"), 8), lambda: open_source(tmp_path / "two")):
+        with pytest.raises(InputError, match=re.escape(said)):
+            read()
+
+
 def test_an_empty_shard_beside_others_is_read_as_no_samples(tmp_path, samples_as_shards_and_folder):
     # the scan reads it as no samples; datasets' loader stopped at it ("Must pass at least one table")
     # and trained on none of the other shards' samples

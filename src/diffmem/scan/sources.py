@@ -471,19 +471,7 @@ class _ParquetRows:
 
 class HFDatasetSource(Source):
     def __init__(self, dataset, caption_column: str | None = None, image_column: str | None = None, captions: bool = True):
-        import datasets
-
-        if isinstance(dataset, (str, Path)):
-            try:
-                dataset = datasets.load_from_disk(str(dataset))
-            except Exception as e:
-                if _saved_without_rows(Path(dataset)):  # datasets fails on it with "list index out of range"
-                    raise ZeroRowsError(f"{dataset} holds a saved dataset of zero rows") from None
-                raise InputError(f"could not open {dataset} as a saved datasets folder: {kind_and_first_line(e)}") from None
-        if isinstance(dataset, datasets.DatasetDict):
-            if len(dataset) != 1:
-                raise InputError(f"the saved dataset has splits {list(dataset)}; pick one and save it alone")
-            dataset = next(iter(dataset.values()))
+        dataset = load_saved_dataset(dataset) if isinstance(dataset, (str, Path)) else _one_split(dataset, "the dataset")
         if len(dataset) == 0:
             raise ZeroRowsError("the dataset has zero rows")
         self.ds = dataset
@@ -524,6 +512,37 @@ class HFDatasetSource(Source):
     def describe(self):
         fp = getattr(self.ds, "_fingerprint", None)
         return {"kind": "datasets", "fingerprint": fp, "rows": len(self), "caption_column": self.caption_column}
+
+
+def is_saved_dataset(folder: Path) -> bool:
+    """Whether a folder is one ``datasets``' ``save_to_disk`` wrote: a Dataset's (dataset_info.json,
+    state.json) or a DatasetDict's (dataset_dict.json)."""
+    return any((folder / name).exists() for name in ("dataset_info.json", "state.json", "dataset_dict.json"))
+
+
+def load_saved_dataset(folder: str | Path):
+    """The Dataset a saved datasets folder holds, as the scan and ``diffmem train`` read it: a
+    DatasetDict's one split, and one of several splits refused, as the rows it means are unclear."""
+    import datasets
+
+    try:
+        dataset = datasets.load_from_disk(str(folder))
+    except Exception as e:
+        if _saved_without_rows(Path(folder)):  # datasets fails on it with "list index out of range"
+            raise ZeroRowsError(f"{folder} holds a saved dataset of zero rows") from None
+        raise InputError(f"could not open {folder} as a saved datasets folder: {kind_and_first_line(e)}") from None
+    return _one_split(dataset, str(folder))
+
+
+def _one_split(dataset, name: str):
+    import datasets
+
+    if isinstance(dataset, datasets.DatasetDict):
+        if len(dataset) != 1:
+            raise InputError(f"{name} holds the splits {list(dataset)}; pick one and save it alone "
+                             "(dataset[split].save_to_disk(folder))")
+        dataset = next(iter(dataset.values()))
+    return dataset
 
 
 def _saved_without_rows(folder: Path) -> bool:
@@ -787,7 +806,7 @@ def open_source(dataset, caption_column: str | None = None, image_column: str | 
         raise InputError(f"dataset not found: {path} (give 'memlab', an image folder, a .parquet / .jsonl / .json / .csv / .tsv file, "
                          "WebDataset .tar shards, a saved datasets folder or a hub dataset id owner/name)")
     if path.is_dir():
-        if (path / "dataset_info.json").exists() or (path / "dataset_dict.json").exists():
+        if is_saved_dataset(path):
             return HFDatasetSource(path, caption_column, image_column, captions)
         if tar_shards(path):
             return WebDatasetSource(path, caption_column, image_column, captions)
@@ -817,4 +836,5 @@ def shards(source: Source, shard_size: int) -> Iterator[tuple[int, int, int]]:
 
 
 __all__ = ["ZeroRowsError", "ScanRow", "Source", "MemLabSource", "ListSource", "ImageFolderSource", "TableSource",
-           "HFDatasetSource", "WebDatasetSource", "open_source", "shards", "load_image"]
+           "HFDatasetSource", "WebDatasetSource", "open_source", "shards", "load_image", "is_saved_dataset",
+           "load_saved_dataset"]

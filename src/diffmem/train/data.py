@@ -26,8 +26,8 @@ from ..core.images import centre_square, image_cell, open_image
 # the scan's rules for which columns hold the caption and the image, so that a scan vouches for the
 # captions and images a model trains on
 from ..scan.sources import (COMPRESSED_TAR, TableSource, ZeroRowsError, caption_and_issue, column_caption,
-                            default_columns, folder_metadata, open_source, pick_column, tar_shards,
-                            unreadable_sample_files)
+                            default_columns, folder_metadata, is_saved_dataset, load_saved_dataset, open_source,
+                            pick_column, tar_shards, unreadable_sample_files)
 
 
 # the scan's caption issues as a skipped row names them; the others read "caption not UTF-8" etc.
@@ -46,8 +46,8 @@ def _open_hf(source: str):
 
     p = Path(source)
     try:
-        if p.is_dir() and ((p / "dataset_info.json").exists() or (p / "state.json").exists()):
-            return datasets.load_from_disk(str(p))
+        if p.is_dir() and is_saved_dataset(p):  # a DatasetDict's too, as the scan reads it
+            return load_saved_dataset(p)
         if p.is_dir():
             shards = tar_shards(p)
             if shards:  # the scan reads the same folders as shards
@@ -81,6 +81,8 @@ def _open_hf(source: str):
                              "a .parquet / .jsonl / .json / .csv / .tsv file, WebDataset .tar shards, a saved datasets folder or a hub "
                              "dataset id owner/name)")
         return datasets.load_dataset(source, split="train")
+    except ZeroRowsError as e:  # the scan's refusal, in its words "nothing to scan"
+        raise InputError(f"{e.empty}: nothing to train on") from None
     except InputError:
         raise
     except Exception as e:  # datasets raises many kinds; the user needs the source and the reason
