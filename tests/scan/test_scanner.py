@@ -895,6 +895,12 @@ def test_json_and_tsv_tables_give_the_rows_of_the_same_jsonl_and_csv(tmp_path):
     assert read("t.json") == read("lines.json") == read("t.jsonl")
     assert read("t.json")[1][:2] == ("a cat \ufffd", "lone surrogate") and read("t.json")[2][2] == "missing image"
     assert read("t.tsv") == read("t.csv") and read("t.tsv")[0][0] == "a barn, red, at dawn"
+    # a byte order mark, as Windows' Notepad saves UTF-8: JSON Lines were refused ("Unexpected UTF-8 BOM")
+    # where datasets, and so diffmem train, read them
+    bom = b"\xef\xbb\xbf"
+    for name in ("t.jsonl", "lines.json", "t.json", "t.csv"):
+        (tmp_path / f"bom_{name}").write_bytes(bom + (tmp_path / name).read_bytes())
+        assert read(f"bom_{name}") == read(name)
     (tmp_path / "bad.json").write_bytes(b'[{"caption": "caf\xe9"}]')
     with pytest.raises(InputError, match=r"bad.json is not UTF-8 \(byte 17\)"):
         TableSource(tmp_path / "bad.json")

@@ -23,6 +23,7 @@ caption column) raise ``InputError``.
 
 from __future__ import annotations
 
+import codecs
 import hashlib
 import json
 from dataclasses import dataclass
@@ -317,6 +318,8 @@ class TableSource(Source):
         records = []
         with open(self.path, "rb") as f:
             for i, raw in enumerate(f, 1):
+                if i == 1:  # a byte order mark, which Windows' Notepad writes; datasets reads past it too
+                    raw = raw.removeprefix(codecs.BOM_UTF8)
                 if not raw.strip():
                     continue
                 try:
