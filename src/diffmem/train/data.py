@@ -100,8 +100,8 @@ def _load_shards(source: str, shards: list[Path]):
     # a shard without members, which the scan reads as no samples, stops datasets' loader with
     # "Must pass at least one table", however many samples the other shards hold
     with_samples = [s for s in shards if _holds_members(s)]
-    if not with_samples:
-        raise InputError(f"{source} holds no samples: nothing to train on")
+    if not with_samples:  # worded for training by _open_hf, as the scan's own refusal of it
+        raise ZeroRowsError(f"{source} holds no samples")
     try:
         return datasets.load_dataset("webdataset", data_files=[str(s) for s in with_samples], split="train")
     except Exception:
