@@ -284,6 +284,17 @@ def test_a_saved_dataset_dict_of_one_split_is_read_as_the_scan_reads_it(tmp_path
             read()
 
 
+def test_an_image_folder_with_a_stray_state_json_is_still_an_image_folder(tmp_path):
+    # a saved Dataset holds dataset_info.json and state.json; train took either alone for one, and
+    # failed on an image folder that held some tool's state.json
+    (tmp_path / "imgs").mkdir()
+    (tmp_path / "imgs" / "r.png").write_bytes(_png((255, 0, 0)))
+    (tmp_path / "imgs" / "metadata.jsonl").write_text(json.dumps({"file_name": "r.png", "text": "a red square"}) + "\n")
+    (tmp_path / "imgs" / "state.json").write_text("{}")
+    assert load_pairs(str(tmp_path / "imgs"), 8)[1] == ["a red square"]
+    assert [r.caption for r in open_source(tmp_path / "imgs").rows(0, 5)] == ["a red square"]
+
+
 def test_an_empty_shard_beside_others_is_read_as_no_samples(tmp_path, samples_as_shards_and_folder):
     # the scan reads it as no samples; datasets' loader stopped at it ("Must pass at least one table")
     # and trained on none of the other shards' samples

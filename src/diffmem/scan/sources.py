@@ -518,9 +518,11 @@ class HFDatasetSource(Source):
 
 
 def is_saved_dataset(folder: Path) -> bool:
-    """Whether a folder is one ``datasets``' ``save_to_disk`` wrote: a Dataset's (dataset_info.json,
-    state.json) or a DatasetDict's (dataset_dict.json)."""
-    return any((folder / name).exists() for name in ("dataset_info.json", "state.json", "dataset_dict.json"))
+    """Whether a folder is one ``datasets``' ``save_to_disk`` wrote: a Dataset's (dataset_info.json and
+    state.json, both: an image folder may hold a stray file of either name) or a DatasetDict's
+    (dataset_dict.json)."""
+    return ((folder / "dataset_info.json").exists() and (folder / "state.json").exists()) or \
+        (folder / "dataset_dict.json").exists()
 
 
 def load_saved_dataset(folder: str | Path):
