@@ -86,11 +86,6 @@ def _open_hf(source: str):
     except InputError:
         raise
     except Exception as e:  # datasets raises many kinds; the user needs the source and the reason
-        if (empty := _empty_source(p)) is not None:
-            # datasets' words for it were 'Instruction "train" corresponds to no data!' for a header alone,
-            # StopIteration for an empty .jsonl, IndexError for a folder's, an ArrowInvalid for Parquet
-            # and for shards whose members make no sample
-            raise InputError(f"{empty}: nothing to train on") from None
         raise _read_error(source, e) from None
 
 
@@ -149,7 +144,7 @@ def _holds_members(shard: Path) -> bool:
 
 def _empty_source(p: Path) -> str | None:
     """What the scan's reader finds empty at ``p`` ("X has zero rows", "X holds no samples"), or None:
-    a table, a folder's metadata, shards."""
+    a Parquet file, shards (a text table's rows are checked by ``_check_rows_as_the_scan_reads``)."""
     if not p.exists():
         return None
     try:
@@ -167,11 +162,11 @@ def _check_rows_as_the_scan_reads(table: Path) -> str | None:
     reads the row with U+FFFD in place of the bad bytes or of the lone surrogate, and flags it.
 
     Where the scan's reader refuses the file too, its words, which name the line (datasets' name a
-    character offset or a row counted from 0), are returned."""
+    character offset or a row counted from 0), are returned; a table without rows is refused as such."""
     try:
         frame = TableSource(table, captions=False).frame
-    except ZeroRowsError:  # its words speak of scanning; load_pairs names an empty table itself
-        return None
+    except ZeroRowsError as e:  # its words speak of scanning
+        raise InputError(f"{e.empty}: nothing to train on") from None
     except InputError as e:
         return str(e)
     except Exception:  # the scan's reader failed where it should not: datasets' own words stand, not a second error's
@@ -201,9 +196,15 @@ def _check_rows_as_the_scan_reads(table: Path) -> str | None:
 def _read_error(source: str, error: Exception) -> InputError:
     """datasets' failure to read ``source`` as one line: by row where the scan's reader finds a caption
     datasets cannot read (that refusal is raised instead), in the scan's words where it refuses the file
-    too, else the reason in datasets' reader's words."""
-    if (table := _text_table(Path(source))) is not None and (words := _check_rows_as_the_scan_reads(table)):
-        return InputError(f"could not read training data {source!r}: {words}")
+    too or finds it empty, else the reason in datasets' reader's words. The scan's reader reads the
+    source once: datasets' words for an empty one were 'Instruction "train" corresponds to no data!'
+    for a header alone, StopIteration for an empty .jsonl, IndexError for a folder's, an ArrowInvalid
+    for Parquet and for shards whose members make no sample."""
+    if (table := _text_table(Path(source))) is not None:
+        if words := _check_rows_as_the_scan_reads(table):
+            return InputError(f"could not read training data {source!r}: {words}")
+    elif (empty := _empty_source(Path(source))) is not None:
+        return InputError(f"{empty}: nothing to train on")
     if type(error).__name__ == "DatasetGenerationError" and (error.__cause__ or error.__context__) is not None:
         error = error.__cause__ or error.__context__  # "An error occurred while generating the dataset": the reason is its cause
     return InputError(f"could not read training data {source!r}: {kind_and_first_line(error)}")
