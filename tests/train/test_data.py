@@ -324,6 +324,61 @@ def test_webdataset_shards_train_on_the_pairs_of_the_same_samples_as_an_image_fo
     assert one_shard == [c for _, c in SHARD_SAMPLES[3:]]
 
 
+@pytest.mark.parametrize("shard_formats", [[["jpg", "png", "jpg", "webp", "png", "jpg"]],
+                                           [["jpg"] * 5 + ["png", "webp"]],
+                                           [["jpg", "jpg"], ["png", "png"]]],
+                         ids=["first-samples-differ", "a-later-format", "a-later-shard"])
+def test_shards_that_mix_image_formats_train_on_every_sample_as_the_scan_reads_it(tmp_path, shard_formats):
+    # datasets' webdataset loader types its columns by the first shard's first 5 samples: it refused
+    # shards whose samples differ there, and read a later .png as "missing image"; the scan took the
+    # .jpg alone too, so neither trained on nor vouched for the other formats' samples
+    from shards import write_tar_shard
+
+    from diffmem.scan.sources import WebDatasetSource
+
+    (tmp_path / "shards").mkdir()
+    expected, n = [], 0
+    for k, formats in enumerate(shard_formats):
+        members = []
+        for fmt in formats:
+            colour = (10 * n, 255 - 10 * n, 7)
+            members.append((f"{n:03d}.{fmt}", _png(colour)))
+            # the last sample's caption is in its .json alone, where the others have a .txt
+            members.append((f"{n:03d}.json", json.dumps({"caption": f"sample {n}"}).encode()) if fmt == formats[-1] == "webp"
+                           else (f"{n:03d}.txt", f"sample {n}".encode()))
+            expected.append((f"sample {n}", [c / 255 for c in colour]))
+            n += 1
+        write_tar_shard(tmp_path / "shards" / f"{k:05d}.tar", members)
+    images, captions, problems = load_pairs(str(tmp_path / "shards"), 8)
+    assert problems == [] and captions == [c for c, _ in expected]
+    np.testing.assert_allclose([im[0, 0] for im in images], [c for _, c in expected], atol=1e-6)
+    scanned = WebDatasetSource(tmp_path / "shards").rows(0, n)
+    assert [(r.caption, r.image_issue) for r in scanned] == [(c, None) for c, _ in expected]
+    np.testing.assert_allclose([r.image[0, 0] for r in scanned], [c for _, c in expected], atol=1e-6)
+
+
+def test_a_dataset_saved_from_mixed_shards_is_read_per_sample_by_the_scan_and_train(tmp_path):
+    import datasets
+    from shards import write_tar_shard
+
+    from diffmem.scan.sources import webdataset_features
+
+    write_tar_shard(tmp_path / "s.tar", [("a.jpg", _png((255, 0, 0))), ("a.txt", b"red"), ("b.png", _png((0, 255, 0))),
+                                         ("b.json", json.dumps({"caption": "green", "width": 20}).encode())])
+    features = webdataset_features([tmp_path / "s.tar"])
+    assert set(features) == {"__key__", "__url__", "jpg", "png", "txt", "json"}
+    datasets.load_dataset("webdataset", data_files=[str(tmp_path / "s.tar")], split="train",
+                          features=features).save_to_disk(str(tmp_path / "saved"))
+    rows = open_source(tmp_path / "saved").rows(0, 2)
+    assert [(r.caption, r.image_issue, r.location) for r in rows] == [("red", None, "s.tar:a"), ("green", None, "s.tar:b")]
+    assert rows[1].image[0, 0].tolist() == [0.0, 1.0, 0.0]
+    images, captions, problems = load_pairs(str(tmp_path / "saved"), 8)
+    assert captions == ["red", "green"] and problems == [] and images[1, 0, 0].tolist() == [0.0, 1.0, 0.0]
+    # a column named is every sample's: the .png alone
+    _, captions, problems = load_pairs(str(tmp_path / "saved"), 8, image_column="png")
+    assert captions == ["green"] and problems == [{"row": 0, "problem": "missing image"}]
+
+
 def test_a_sample_with_two_images_gives_train_and_the_scan_the_same_one(tmp_path):
     # the scan took the first extension alphabetically (bmp, then jpeg) and train jpg first: a curator's
     # scan then vouched for images other than those the model trained on

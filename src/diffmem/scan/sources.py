@@ -478,10 +478,10 @@ class HFDatasetSource(Source):
         if len(dataset) == 0:
             raise ZeroRowsError("the dataset has zero rows")
         self.ds = dataset
-        caption_columns, image_columns = default_columns(dataset.column_names)
-        self.caption_column = pick_column(dataset.column_names, caption_column, caption_columns, "caption", "the dataset",
-                                    required=captions)
-        self.image_column = pick_column(dataset.column_names, image_column, image_columns, "image", "the dataset", required=False)
+        self.caption_tried, self.image_tried = caption_and_image_columns(
+            dataset.column_names, caption_column, image_column, "the dataset", captions=captions, images=False)
+        self.caption_column = self.caption_tried[0] if self.caption_tried else None
+        self.image_column = self.image_tried[0] if self.image_tried else None
         self.key_column = pick_column(dataset.column_names, None, KEY_COLUMNS, "image key", "the dataset", required=False)
 
     def __len__(self):
@@ -497,18 +497,21 @@ class HFDatasetSource(Source):
         import datasets
 
         part = self.ds.select(range(start, min(stop, len(self))))
-        if self.image_column is not None and isinstance(part.features.get(self.image_column), datasets.Image):
-            part = part.cast_column(self.image_column, datasets.Image(decode=False))  # decode per row, errors per row
+        for column in self.image_tried:
+            if isinstance(part.features.get(column), datasets.Image):
+                part = part.cast_column(column, datasets.Image(decode=False))  # decode per row, errors per row
         out = []
         for i, rec in enumerate(part, start):
-            cap, issue = caption_and_issue(column_caption(rec[self.caption_column], self.caption_column)
-                                           if self.caption_column is not None else None)
+            caption_column = first_held(self.caption_tried, lambda c: rec[c] is not None)
+            image_column = first_held(self.image_tried, lambda c: rec[c] is not None)
+            cap, issue = caption_and_issue(column_caption(rec[caption_column], caption_column)
+                                           if caption_column is not None else None)
             row = ScanRow(i, cap, issue, image_key=None if self.key_column is None else str(rec[self.key_column]))
             if self.image_column is not None:
                 # a sample of shards: shard.tar:key, as WebDatasetSource places the shards' own samples
                 row.location = (f"{Path(rec['__url__']).name}:{rec['__key__']}" if rec.get("__url__") and rec.get("__key__")
-                                else _cell_location(rec[self.image_column]))
-                _fill_image(row, lambda: image_cell(rec[self.image_column]), reduce)
+                                else _cell_location(rec[image_column]))
+                _fill_image(row, lambda: image_cell(rec[image_column]), reduce)
             out.append(row)
         return out
 
@@ -589,6 +592,9 @@ class WebDatasetSource(Source):
             if self.caption_ext is None and captions:
                 raise InputError(f"{path} has no captions: no sample has a .txt or .json file (files: {extensions})")
         self.caption_column = self.caption_ext
+        # each sample's own file, first wanted first, where no column is named (see ``sample_columns``)
+        self.image_tried = sample_columns(extensions, self.image_ext, image_column, SHARD_IMAGE_EXTENSIONS)
+        self.caption_tried = sample_columns(extensions, self.caption_ext, caption_column, SHARD_CAPTION_EXTENSIONS)
 
     def __len__(self):
         return len(self.samples)
@@ -612,7 +618,8 @@ class WebDatasetSource(Source):
                 except OSError:  # as an unreadable image: a property of this row (a shard cut short), not of the scan
                     cap, issue = None, "unreadable"
                 row = ScanRow(i, cap.strip() if isinstance(cap, str) else cap, issue, location=f"{self.shards[k].name}:{key}")
-                _fill_image(row, lambda: _read_member(f, files.get(self.image_ext)), reduce)
+                image_ext = first_held(self.image_tried, files.__contains__)
+                _fill_image(row, lambda: _read_member(f, files.get(image_ext)), reduce)
                 out.append(row)
         finally:
             for f in handles.values():
@@ -620,10 +627,11 @@ class WebDatasetSource(Source):
         return out
 
     def _caption(self, f, files):
-        if self.caption_ext is None or self.caption_ext not in files:
+        caption_ext = first_held(self.caption_tried, files.__contains__)
+        if caption_ext is None or caption_ext not in files:
             return None
-        raw = _read_member(f, files[self.caption_ext])
-        if self.caption_ext != "json":
+        raw = _read_member(f, files[caption_ext])
+        if caption_ext != "json":
             return raw
         try:
             meta = json.loads(raw)
@@ -640,9 +648,10 @@ class WebDatasetSource(Source):
                 "image_column": self.image_ext}
 
 
-def _tar_samples(shard: Path) -> list[tuple[str, dict[str, tuple[int, int]]]]:
+def _tar_samples(shard: Path, lower: bool = True) -> list[tuple[str, dict[str, tuple[int, int]]]]:
     """(key, {extension: (data offset, size)}) of a shard's samples, in the order they first appear.
-    A key is the member's path up to the first dot of its file name, as WebDataset splits it."""
+    A key is the member's path up to the first dot of its file name, as WebDataset splits it; an
+    extension is lower case, as the scan matches it, or, ``lower=False``, as datasets names its column."""
     import tarfile
 
     if shard.name.lower().endswith(COMPRESSED_TAR):
@@ -658,7 +667,7 @@ def _tar_samples(shard: Path) -> list[tuple[str, dict[str, tuple[int, int]]]]:
                     continue  # no extension, or a hidden file: no part of a sample
                 stem, ext = name.split(".", 1)
                 key = f"{folder}/{stem}" if folder else stem
-                samples.setdefault(key, {})[ext.lower()] = (m.offset_data, m.size)
+                samples.setdefault(key, {})[ext.lower() if lower else ext] = (m.offset_data, m.size)
     except tarfile.TarError as e:
         raise InputError(f"{shard} is not a readable tar file ({type(e).__name__}: {e})") from None
     except OSError as e:
@@ -697,6 +706,37 @@ def unreadable_sample_files(shards: list[Path]) -> list[str]:
                         if problem:
                             found.append(f"{shard.name}:{key}.{ext} ({problem[:120]})")
     return found
+
+
+def webdataset_features(shards: list[Path]):
+    """The columns to give ``datasets``' webdataset loader for shards whose samples do not all hold the
+    same files (a .jpg here, a .png there; a .json in some), or None where they do. Unhelped, it types
+    its columns by the first shard's first 5 samples: it refuses them if they differ ("don't share the
+    same prefix or the same types") and drops the files of a kind they lack (a later sample's .png
+    read as no image), where the scan reads each sample's own. Read from the shards' headers alone.
+    A file datasets decodes to an array, audio or video, or a compressed one, is left out: neither
+    a caption nor an image is taken from it."""
+    import datasets
+    from datasets.packaged_modules.webdataset.webdataset import EXTENSION_TO_COMPRESSION_FS_FILE_CLS, WebDataset
+
+    held = {frozenset(files) for shard in shards for _, files in _tar_samples(shard, lower=False)}
+    if len(held) <= 1:
+        return None
+    features = {"__key__": datasets.Value("string"), "__url__": datasets.Value("string")}
+    for field in sorted(set().union(*held)):
+        last = field.rsplit(".", 1)[-1].lower()
+        if last in WebDataset.IMAGE_EXTENSIONS:
+            features[field] = datasets.Image()
+        elif last in _DECODED_AS_TEXT:
+            features[field] = datasets.Value("string")
+        elif last in _DECODED_AS_JSON:
+            features[field] = datasets.Json()
+        elif last in _DECODED_AS_INT:
+            features[field] = datasets.Value("int64")
+        elif last not in WebDataset.DECODERS and f".{last}" not in EXTENSION_TO_COMPRESSION_FS_FILE_CLS and not any(
+                last in kinds for kinds in (WebDataset.AUDIO_EXTENSIONS, WebDataset.VIDEO_EXTENSIONS, WebDataset.MESH_EXTENSIONS)):
+            features[field] = datasets.Value("binary")  # handed over as bytes (a .caption file)
+    return datasets.Features(features)
 
 
 def _undecodable(raw: bytes, decoded_as: str) -> str | None:
@@ -773,9 +813,41 @@ def default_columns(columns) -> tuple[tuple[str, ...], tuple[str, ...]]:
     return CAPTION_COLUMNS, IMAGE_COLUMNS
 
 
+def sample_columns(columns, picked: str | None, named: str | None, defaults: tuple[str, ...]) -> tuple[str, ...]:
+    """The columns (a shard's file extensions) that each sample's caption or image is taken from, the
+    first it holds first. Shards written from several sources may hold a .jpg in one sample and a
+    .png in the next, a .txt in one and a .json alone in the next: with no column named, a sample
+    gives its own, as the same order picks it (``picked`` is the first of ``defaults`` in ``columns``).
+    A named column, or a table's, is the one column of every row."""
+    if picked is None:
+        return ()
+    if named is not None:
+        return (picked,)
+    return tuple(c for c in defaults if c in columns)
+
+
+def first_held(tried: tuple[str, ...], holds) -> str | None:
+    """The first of ``tried`` that a sample ``holds``, else the first (which it lacks), else None."""
+    return next((c for c in tried if holds(c)), tried[0] if tried else None)
+
+
 def column_caption(value, column: str):
     """A caption cell as a caption: a shard sample's ``.json`` column holds a dict, its caption inside."""
     return json_caption(value) if column == "json" and isinstance(value, dict) else value
+
+
+def caption_and_image_columns(columns, caption_column: str | None, image_column: str | None, where,
+                              captions: bool = True, images: bool = True) -> tuple[tuple[str, ...], tuple[str, ...]]:
+    """The columns a row's caption and its image are taken from, the first set first, by the scan's
+    rules (``default_columns``, ``pick_column``): in a dataset read from shards with no column named,
+    a sample's own file of each role (``sample_columns``); else one column each, () for none."""
+    caption_defaults, image_defaults = default_columns(columns)
+    caption = pick_column(columns, caption_column, caption_defaults, "caption", where, required=captions)
+    image = pick_column(columns, image_column, image_defaults, "image", where, required=images)
+    if "__key__" not in columns:  # a table's caption or image is one column, whatever its rows hold
+        return tuple(c for c in (caption,) if c), tuple(c for c in (image,) if c)
+    return (sample_columns(columns, caption, caption_column, caption_defaults),
+            sample_columns(columns, image, image_column, image_defaults))
 
 
 def pick_column(columns, wanted, defaults, what, where, required=True):

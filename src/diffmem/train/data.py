@@ -6,7 +6,8 @@
 - a ``.parquet``, ``.jsonl``, ``.json``, ``.csv`` or ``.tsv`` file whose image column holds image bytes or paths;
 - WebDataset ``.tar`` shards, one or a folder of them (img2dataset's output), through ``datasets``'
   webdataset loader: columns named by extension, the caption ``txt`` (else the ``.json``'s caption /
-  text / prompt, as the scan reads it), the image ``jpg`` / ``png`` / ...;
+  text / prompt, as the scan reads it), the image ``jpg`` / ``png`` / ..., each sample's own where
+  shards mix formats (the loader is given every sample's columns, ``scan.sources.webdataset_features``);
 - a folder written by ``datasets.Dataset.save_to_disk``, or a hub dataset id (cached locally); one
   made from shards (it has a ``__key__`` column) is read by the shards' rules.
 
@@ -26,8 +27,9 @@ from ..core.images import centre_square, image_cell, open_image
 # the scan's rules for which columns hold the caption and the image, so that a scan vouches for the
 # captions and images a model trains on
 from ..scan.sources import (COMPRESSED_TAR, TableSource, ZeroRowsError, caption_and_issue, column_caption,
-                            default_columns, folder_metadata, is_saved_dataset, load_saved_dataset, open_source,
-                            pick_column, tar_shards, unreadable_sample_files)
+                            caption_and_image_columns, first_held, folder_metadata, is_saved_dataset,
+                            load_saved_dataset, open_source, tar_shards, unreadable_sample_files,
+                            webdataset_features)
 
 
 # the scan's caption issues as a skipped row names them; the others read "caption not UTF-8" etc.
@@ -97,8 +99,10 @@ def _load_shards(source: str, shards: list[Path]):
     with_samples = [s for s in shards if _holds_members(s)]
     if not with_samples:  # worded for training by _open_hf, as the scan's own refusal of it
         raise ZeroRowsError(f"{source} holds no samples")
+    features = webdataset_features(with_samples)
     try:
-        return datasets.load_dataset("webdataset", data_files=[str(s) for s in with_samples], split="train")
+        return datasets.load_dataset("webdataset", data_files=[str(s) for s in with_samples], split="train",
+                                     features=features)
     except Exception:
         # datasets stops at a sample's .json that is not JSON, saying only "An error occurred while
         # generating the dataset", and at a .txt that is not UTF-8 or a lone surrogate naming no file:
@@ -247,13 +251,12 @@ def iter_pairs(source: str, size: int, caption_column: str | None = None, image_
         return
     hf = _open_hf(source)
     cols = hf.column_names
-    caption_columns, image_columns = default_columns(cols)
-    cap = pick_column(cols, caption_column, caption_columns, "caption", source)
-    image_column = pick_column(cols, image_column, image_columns, "image", source)
+    caption_tried, image_tried = caption_and_image_columns(cols, caption_column, image_column, source)
     import datasets
 
-    if isinstance(hf.features.get(image_column), datasets.Image):
-        hf = hf.cast_column(image_column, datasets.Image(decode=False))
+    for column in image_tried:
+        if isinstance(hf.features.get(column), datasets.Image):
+            hf = hf.cast_column(column, datasets.Image(decode=False))
     total = len(hf)
     if start >= total > 0:  # all read before (datasets' select refuses an empty range at the end)
         return
@@ -269,12 +272,13 @@ def iter_pairs(source: str, size: int, caption_column: str | None = None, image_
         next_row = i + 1
         # by the scan's rules: bytes (a shard's file of an extension datasets does not decode, .caption)
         # read as UTF-8, and a number or a list (the wrong column) not taken for text
+        cap = first_held(caption_tried, lambda c: row[c] is not None)
         caption, issue = caption_and_issue(column_caption(row[cap], cap))
         if issue is not None:
             problems.append({"row": i, "problem": _CAPTION_PROBLEMS.get(issue, f"caption {issue}")})
             continue
         try:
-            img = image_cell(row[image_column], base)
+            img = image_cell(row[first_held(image_tried, lambda c: row[c] is not None)], base)
             if img is None:
                 problems.append({"row": i, "problem": "missing image"})
                 continue
