@@ -357,6 +357,22 @@ def test_shards_that_mix_image_formats_train_on_every_sample_as_the_scan_reads_i
     np.testing.assert_allclose([r.image[0, 0] for r in scanned], [c for _, c in expected], atol=1e-6)
 
 
+def test_a_shard_caption_saved_with_a_byte_order_mark_reads_without_it_in_the_scan_and_train(tmp_path):
+    # both kept U+FEFF ahead of a Windows editor's .txt: the scan's caption duplicates missed the
+    # caption it repeats, and the text encoder read a character the captioner never wrote
+    from shards import write_tar_shard
+
+    from diffmem.scan.sources import WebDatasetSource
+
+    write_tar_shard(tmp_path / "s.tar", [("a.jpg", _png((255, 0, 0))), ("a.txt", "\ufeffa red square".encode()),
+                                         ("b.jpg", _png((0, 255, 0))), ("b.txt", b"a red square"),
+                                         ("c.jpg", _png((0, 0, 255))), ("c.txt", "\ufeff".encode())])
+    scanned = WebDatasetSource(tmp_path / "s.tar").rows(0, 3)
+    assert [(r.caption, r.caption_issue) for r in scanned] == [("a red square", None), ("a red square", None), ("", "empty")]
+    _, captions, problems = load_pairs(str(tmp_path / "s.tar"), 8)
+    assert captions == ["a red square", "a red square"] and problems == [{"row": 2, "problem": "empty caption"}]
+
+
 def test_a_dataset_saved_from_mixed_shards_is_read_per_sample_by_the_scan_and_train(tmp_path):
     import datasets
     from shards import write_tar_shard

@@ -90,6 +90,9 @@ def caption_and_issue(value) -> tuple[str | None, str | None]:
             return value.decode("utf-8", errors="replace"), "not UTF-8"
     if not isinstance(value, str):  # a number or a list: most likely the wrong column, never a caption
         return str(value), f"not text ({type(value).__name__})"
+    # the byte-order mark a Windows editor writes ahead of a .txt: no part of the caption, and with it
+    # "a cat" and "\ufeffa cat" would be two captions (datasets decodes a shard's .txt keeping it)
+    value = value.removeprefix("\ufeff")
     if not value.strip():
         return value, "empty"
     if lone_surrogate(value):  # half an emoji from truncated JSON: no tokenizer or Parquet file takes it
