@@ -821,7 +821,7 @@ def sample_columns(columns, picked: str | None, named: str | None, defaults: tup
     first it holds first. Shards written from several sources may hold a .jpg in one sample and a
     .png in the next, a .txt in one and a .json alone in the next: with no column named, a sample
     gives its own, as the same order picks it (``picked`` is the first of ``defaults`` in ``columns``).
-    A named column, or a table's, is the one column of every row."""
+    A named column is the one column of every sample (a table's, ``caption_and_image_columns``, too)."""
     if picked is None:
         return ()
     if named is not None:
