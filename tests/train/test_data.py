@@ -373,6 +373,22 @@ def test_a_shard_caption_saved_with_a_byte_order_mark_reads_without_it_in_the_sc
     assert captions == ["a red square", "a red square"] and problems == [{"row": 2, "problem": "empty caption"}]
 
 
+def test_a_shard_of_capital_extensions_trains_on_what_the_scan_reads(tmp_path):
+    # a camera writes .JPG: the scan matched it as .jpg, while datasets names the column JPG and train
+    # found no image column
+    from shards import write_tar_shard
+
+    from diffmem.scan.sources import WebDatasetSource
+
+    write_tar_shard(tmp_path / "s.tar", [("a.JPG", _png((255, 0, 0))), ("a.TXT", b"red"),
+                                         ("b.JPG", _png((0, 255, 0))), ("b.JSON", json.dumps({"caption": "green"}).encode())])
+    scanned = WebDatasetSource(tmp_path / "s.tar").rows(0, 2)
+    assert [(r.caption, r.image_issue) for r in scanned] == [("red", None), ("green", None)]
+    images, captions, problems = load_pairs(str(tmp_path / "s.tar"), 8)
+    assert captions == ["red", "green"] and problems == []
+    assert images[:, 0, 0].tolist() == [r.image[0, 0].tolist() for r in scanned] == [[1.0, 0.0, 0.0], [0.0, 1.0, 0.0]]
+
+
 def test_a_dataset_saved_from_mixed_shards_is_read_per_sample_by_the_scan_and_train(tmp_path):
     import datasets
     from shards import write_tar_shard

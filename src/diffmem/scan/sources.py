@@ -836,7 +836,7 @@ def first_held(tried: tuple[str, ...], holds) -> str | None:
 
 def column_caption(value, column: str):
     """A caption cell as a caption: a shard sample's ``.json`` column holds a dict, its caption inside."""
-    return json_caption(value) if column == "json" and isinstance(value, dict) else value
+    return json_caption(value) if column.lower() == "json" and isinstance(value, dict) else value
 
 
 def caption_and_image_columns(columns, caption_column: str | None, image_column: str | None, where,
@@ -845,6 +845,9 @@ def caption_and_image_columns(columns, caption_column: str | None, image_column:
     rules (``default_columns``, ``pick_column``): in a dataset read from shards with no column named,
     a sample's own file of each role (``sample_columns``); else one column each, () for none."""
     caption_defaults, image_defaults = default_columns(columns)
+    if "__key__" in columns:  # datasets names a column as the file's extension is written: .JPG is the scan's .jpg
+        caption_defaults = tuple(c for d in caption_defaults for c in columns if c.lower() == d) or caption_defaults
+        image_defaults = tuple(c for d in image_defaults for c in columns if c.lower() == d) or image_defaults
     caption = pick_column(columns, caption_column, caption_defaults, "caption", where, required=captions)
     image = pick_column(columns, image_column, image_defaults, "image", where, required=images)
     if "__key__" not in columns:  # a table's caption or image is one column, whatever its rows hold
