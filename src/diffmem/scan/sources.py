@@ -810,9 +810,12 @@ def _read_member(f, place: tuple[int, int] | None) -> bytes | None:
 def default_columns(columns) -> tuple[tuple[str, ...], tuple[str, ...]]:
     """The caption and image columns tried, in order, on a dataset with these columns: a table's names,
     or, for one ``datasets``' webdataset loader read from shards (it adds ``__key__``, and names the
-    other columns by a sample's file extensions), the shard rules the scan reads shards by in place."""
+    other columns by a sample's file extensions), the shard rules the scan reads shards by in place.
+    The loader names a column as the file's extension is written, so those match in any case (.JPG
+    is the scan's .jpg); where none is present, the rules themselves, for a refusal to name."""
     if "__key__" in columns:
-        return SHARD_CAPTION_EXTENSIONS, SHARD_IMAGE_EXTENSIONS
+        return tuple(tuple(c for d in rules for c in columns if c.lower() == d) or rules
+                     for rules in (SHARD_CAPTION_EXTENSIONS, SHARD_IMAGE_EXTENSIONS))
     return CAPTION_COLUMNS, IMAGE_COLUMNS
 
 
@@ -845,9 +848,6 @@ def caption_and_image_columns(columns, caption_column: str | None, image_column:
     rules (``default_columns``, ``pick_column``): in a dataset read from shards with no column named,
     a sample's own file of each role (``sample_columns``); else one column each, () for none."""
     caption_defaults, image_defaults = default_columns(columns)
-    if "__key__" in columns:  # datasets names a column as the file's extension is written: .JPG is the scan's .jpg
-        caption_defaults = tuple(c for d in caption_defaults for c in columns if c.lower() == d) or caption_defaults
-        image_defaults = tuple(c for d in image_defaults for c in columns if c.lower() == d) or image_defaults
     caption = pick_column(columns, caption_column, caption_defaults, "caption", where, required=captions)
     image = pick_column(columns, image_column, image_defaults, "image", where, required=images)
     if "__key__" not in columns:  # a table's caption or image is one column, whatever its rows hold
