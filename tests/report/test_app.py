@@ -200,3 +200,54 @@ def test_the_printed_address_of_an_ipv6_host_is_a_url():
 
     assert page_url("::1", 7860) == "http://[::1]:7860/" and page_url("::", 80) == "http://[::]:80/"
     assert page_url("127.0.0.1", 7860) == "http://127.0.0.1:7860/" and page_url("box.lan", 8080) == "http://box.lan:8080/"
+
+
+def test_a_first_mitigation_calibrates_its_target_in_the_first_half_of_its_bar_and_once(tiny_pipe_dir, tiny_calibration,
+                                                                                      monkeypatch):
+    """Without an audit, the first job calibrates the target on the reference set: its bar's first
+    half, cancellable there with nothing kept, after which the next job calibrates afresh and the
+    one after that reuses its target."""
+    from diffmem.mitigate import EmbeddingOptimization
+    from diffmem.report import app as app_module
+
+    class RunAtOnce:  # the job runs in the request, so its views can be read as it goes
+        def __init__(self, target, args, daemon):
+            self.target, self.args = target, args
+
+        def start(self):
+            self.target(*self.args)
+
+    app = app_module.AppState(model=str(tiny_pipe_dir), calibration=tiny_calibration, generations=2)
+    monkeypatch.setattr(app_module.threading, "Thread", RunAtOnce)
+    reference = [f"a reference photo number {i}" for i in range(10)]
+    monkeypatch.setattr(app, "_reference", reference)
+    real = EmbeddingOptimization.calibrated.__func__
+    seen, cancel_at = [], [1]
+
+    def calibrated(cls, pipe, ref, on_progress=None, **kw):
+        def tick(n, of):
+            job = list(app.jobs.values())[-1]
+            if cancel_at and n >= cancel_at[0]:
+                app.cancel(job["id"])
+            on_progress(n, of)
+            seen.append((job["progress"], job["message"]))
+        return real(cls, pipe, ref, on_progress=tick, **kw)
+
+    monkeypatch.setattr(EmbeddingOptimization, "calibrated", classmethod(calibrated))
+    first = app.job_view(app.start_mitigation("a photo of a cat"))
+    assert first["state"] == "cancelled" and first["result"] is None
+    assert app._mitigator_cache is None and app._target_calibration is None  # nothing half-calibrated is kept
+    cancel_at.clear()
+    seen.clear()
+    second = app.job_view(app.start_mitigation("a photo of a cat"))
+    assert second["state"] == "done", second
+    assert seen and all(0 < progress <= 0.5 for progress, _ in seen)
+    assert seen[-1][0] == 0.5 and all(m.startswith("calibrating the mitigation target: ") for _, m in seen)
+    result = second["result"]
+    assert result["target_source"].endswith(f"on {len(reference)} reference prompts")
+    assert result["target"] == app._target_calibration.threshold and app._target_calibration.n_reference == len(reference)
+    assert result["seeds"] == [0, 1] and len(result["before"]) == len(result["after"]) == 2
+    seen.clear()
+    third = app.job_view(app.start_mitigation("a photo of a dog"))
+    assert third["state"] == "done" and seen == []  # calibrated once
+    assert third["result"]["target"] == result["target"]

@@ -1,6 +1,7 @@
 """The report and the interactive page in headless Chromium (Debian's package, driven by Selenium)."""
 
 import contextlib
+import json
 import os
 import subprocess
 from pathlib import Path
@@ -322,13 +323,17 @@ def test_app_page_works_behind_a_proxy_path_prefix(tiny_pipe_dir, tiny_calibrati
         assert error.startswith("HTTP 502") and "is it still running" in error and "api/score" in error, error
 
 
-def test_app_mitigation_job_reports_progress_and_cancels():
-    with serving("--generations", "2") as url:  # two seeds: the calibration and the optimization cost half of four
-        _mitigation_job_reports_progress_and_cancels(url, generations=2)
+def test_app_mitigation_job_reports_progress_and_cancels(memlab_audit):
+    # served with the audit's target calibration, whose loss steps and seeds the jobs take: the
+    # target a first job calibrates on MemLab's reference set (40 s) is tested in test_app.py
+    out, _ = memlab_audit
+    calibrated = json.loads((out / "mitigate" / "target_calibration.json").read_text())["settings"]
+    with serving("--audit", str(out)) as url:
+        _mitigation_job_reports_progress_and_cancels(url, generations=calibrated["generations"],
+                                                     target_source="the audit's target calibration")
 
 
-def _mitigation_job_reports_progress_and_cancels(app_server, generations):
-    import json
+def _mitigation_job_reports_progress_and_cancels(app_server, generations, target_source):
     import time
     import urllib.request
 
@@ -362,7 +367,7 @@ def _mitigation_job_reports_progress_and_cancels(app_server, generations):
     r = state["result"]
     assert r["initial_loss"] > r["target"] and r["final_loss"] < r["initial_loss"]
     assert r["after"] != r["before"]  # changed: from the RNA rewrite, optimized while above the target
-    assert "calibration" in r["target_source"]
+    assert r["target_source"] == target_source
     for path in ("api/score", "api/mitigate"):  # bad requests: status 400 and what was wrong with them
         for body, why in (({"prompt": "   "}, "the prompt is empty"), ({"prompt": 5}, "the prompt must be text, got int 5"),
                           ({"text": "a cat"}, 'the request has no "prompt"'), (["a cat"], 'the request has no "prompt"'),
