@@ -32,6 +32,8 @@ from ..core.errors import InputError, first_line
 from ..core.images import integer_full_scale
 from ..core.results import file_digest, revision_key
 
+# why mitigation's replication measure refuses a data set without rows or an empty list of images
+NO_IMAGES_TO_COMPARE = "no training images to compare generations with"
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
@@ -179,7 +181,7 @@ class TrainingImages:
             try:
                 source = open_source(images, image_column=image_column, captions=False)  # images alone are compared
             except ZeroRowsError as e:  # its words are the scan's, "nothing to scan"
-                raise InputError(f"{e.empty}: no training images to compare generations with") from None
+                raise e.for_job(NO_IMAGES_TO_COMPARE) from None
             if not source.has_images:
                 raise InputError(f"{images}: the data set holds no images to compare generations with")
             self.name = str(images) if isinstance(images, (str, Path)) else type(images).__name__
@@ -214,7 +216,7 @@ class TrainingImages:
             self._source = source
         else:
             if len(images) == 0:
-                raise InputError("no training images to compare generations with")
+                raise InputError(NO_IMAGES_TO_COMPARE)
             self.name = f"{len(images)} images"
             self.features = torch.cat([featurize(images[i : i + batch_size]) for i in range(0, len(images), batch_size)])
             self.rows = np.arange(len(self.features))

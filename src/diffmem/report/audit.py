@@ -279,14 +279,14 @@ class Audit:
         check_adapters(settings.lora, settings.lora_scale, settings.textual_inversion)
         self.prompts = resolve_prompts(settings)
         if settings.train_data is not None and not {"scan", "mitigate"} <= set(settings.skip):
+            from ..mitigate.measures import NO_IMAGES_TO_COMPARE
             from ..scan.sources import ZeroRowsError, open_source
 
             try:
                 open_source(settings.train_data, settings.train_caption_column, settings.train_image_column,
                             captions="scan" not in settings.skip)  # mitigation reads images alone
             except ZeroRowsError as e:
-                raise InputError(f"{e.empty}: " + ("nothing to scan" if "scan" not in settings.skip
-                                                   else "no training images to compare generations with")) from None
+                raise (e if "scan" not in settings.skip else e.for_job(NO_IMAGES_TO_COMPARE)) from None
             except InputError as e:  # the scan's hint names its own options; the audit's are --train-...
                 raise InputError(re.sub(r"--(caption|image)-column", r"--train-\1-column", str(e))) from None
         if "mitigate" not in settings.skip:

@@ -57,6 +57,10 @@ class ZeroRowsError(InputError):
         super().__init__(f"{empty}: nothing to scan")
         self.empty = empty
 
+    def for_job(self, what: str) -> InputError:
+        """The refusal in the words of the job that read the data ("X has zero rows: nothing to train on")."""
+        return InputError(f"{self.empty}: {what}")
+
 
 @dataclass
 class ScanRow:

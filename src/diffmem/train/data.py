@@ -32,6 +32,7 @@ from ..scan.sources import (COMPRESSED_TAR, TableSource, ZeroRowsError, caption_
                             webdataset_features)
 
 
+NOTHING_TO_TRAIN = "nothing to train on"  # after what the scan's reader found empty ("X has zero rows")
 # the scan's caption issues as a skipped row names them; the others read "caption not UTF-8" etc.
 _CAPTION_PROBLEMS = {"missing": "empty caption", "empty": "empty caption", "lone surrogate": "caption holds a lone surrogate"}
 
@@ -84,7 +85,7 @@ def _open_hf(source: str):
                              "dataset id owner/name)")
         return datasets.load_dataset(source, split="train")
     except ZeroRowsError as e:  # the scan's refusal, in its words "nothing to scan"
-        raise InputError(f"{e.empty}: nothing to train on") from None
+        raise e.for_job(NOTHING_TO_TRAIN) from None
     except InputError:
         raise
     except Exception as e:  # datasets raises many kinds; the user needs the source and the reason
@@ -146,15 +147,15 @@ def _holds_members(shard: Path) -> bool:
         return True
 
 
-def _empty_source(p: Path) -> str | None:
-    """What the scan's reader finds empty at ``p`` ("X has zero rows", "X holds no samples"), or None:
+def _empty_source(p: Path) -> ZeroRowsError | None:
+    """The scan's reader's refusal of ``p`` as empty ("X has zero rows", "X holds no samples"), or None:
     a Parquet file, shards (a text table's rows are checked by ``_check_rows_as_the_scan_reads``)."""
     if not p.exists():
         return None
     try:
         open_source(p, captions=False)
     except ZeroRowsError as e:
-        return e.empty
+        return e
     except Exception:  # any other refusal is not this one: datasets' failure is worded as it is
         return None
     return None
@@ -170,7 +171,7 @@ def _check_rows_as_the_scan_reads(table: Path) -> str | None:
     try:
         frame = TableSource(table, captions=False).frame
     except ZeroRowsError as e:  # its words speak of scanning
-        raise InputError(f"{e.empty}: nothing to train on") from None
+        raise e.for_job(NOTHING_TO_TRAIN) from None
     except InputError as e:
         return str(e)
     except Exception:  # the scan's reader failed where it should not: datasets' own words stand, not a second error's
@@ -208,7 +209,7 @@ def _read_error(source: str, error: Exception) -> InputError:
         if words := _check_rows_as_the_scan_reads(table):
             return InputError(f"could not read training data {source!r}: {words}")
     elif (empty := _empty_source(Path(source))) is not None:
-        return InputError(f"{empty}: nothing to train on")
+        return empty.for_job(NOTHING_TO_TRAIN)
     if type(error).__name__ == "DatasetGenerationError" and (error.__cause__ or error.__context__) is not None:
         error = error.__cause__ or error.__context__  # "An error occurred while generating the dataset": the reason is its cause
     return InputError(f"could not read training data {source!r}: {kind_and_first_line(error)}")
