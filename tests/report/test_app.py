@@ -13,15 +13,18 @@ def test_a_mitigation_the_app_has_no_target_for_is_refused_at_the_request(tiny_p
     assert app.jobs == {}  # no job queued to fail later
 
 
+class RunAtOnce:
+    """A job thread that runs in the request: each job has ended when it returns, its views read as it goes."""
+
+    def __init__(self, target, args, daemon):
+        self.target, self.args = target, args
+
+    def start(self):
+        self.target(*self.args)
+
+
 def test_the_server_keeps_only_the_newest_ended_jobs(tiny_pipe_dir, tiny_calibration, monkeypatch):
     from diffmem.report import app as app_module
-
-    class RunAtOnce:  # the job runs in the request, so each has ended before the next starts
-        def __init__(self, target, args, daemon):
-            self.target, self.args = target, args
-
-        def start(self):
-            self.target(*self.args)
 
     app = app_module.AppState(model=str(tiny_pipe_dir), calibration=tiny_calibration)
     monkeypatch.setattr(app_module, "KEPT_JOBS", 3)
@@ -210,24 +213,17 @@ def test_a_first_mitigation_calibrates_its_target_in_the_first_half_of_its_bar_a
     from diffmem.mitigate import EmbeddingOptimization
     from diffmem.report import app as app_module
 
-    class RunAtOnce:  # the job runs in the request, so its views can be read as it goes
-        def __init__(self, target, args, daemon):
-            self.target, self.args = target, args
-
-        def start(self):
-            self.target(*self.args)
-
     app = app_module.AppState(model=str(tiny_pipe_dir), calibration=tiny_calibration, generations=2)
     monkeypatch.setattr(app_module.threading, "Thread", RunAtOnce)
     reference = [f"a reference photo number {i}" for i in range(10)]
     monkeypatch.setattr(app, "_reference", reference)
     real = EmbeddingOptimization.calibrated.__func__
-    seen, cancel_at = [], [1]
+    seen, cancelling = [], [True]
 
     def calibrated(cls, pipe, ref, on_progress=None, **kw):
         def tick(n, of):
             job = list(app.jobs.values())[-1]
-            if cancel_at and n >= cancel_at[0]:
+            if cancelling:  # at the first reference batch
                 app.cancel(job["id"])
             on_progress(n, of)
             seen.append((job["progress"], job["message"]))
@@ -237,7 +233,7 @@ def test_a_first_mitigation_calibrates_its_target_in_the_first_half_of_its_bar_a
     first = app.job_view(app.start_mitigation("a photo of a cat"))
     assert first["state"] == "cancelled" and first["result"] is None
     assert app._mitigator_cache is None and app._target_calibration is None  # nothing half-calibrated is kept
-    cancel_at.clear()
+    cancelling.clear()
     seen.clear()
     second = app.job_view(app.start_mitigation("a photo of a cat"))
     assert second["state"] == "done", second
