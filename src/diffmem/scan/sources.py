@@ -501,12 +501,7 @@ class HFDatasetSource(Source):
     reduces_as_it_reads = True
 
     def rows(self, start, stop, reduce=None):
-        import datasets
-
-        part = self.ds.select(range(start, min(stop, len(self))))
-        for column in self.image_tried:
-            if isinstance(part.features.get(column), datasets.Image):
-                part = part.cast_column(column, datasets.Image(decode=False))  # decode per row, errors per row
+        part = undecoded_images(self.ds.select(range(start, min(stop, len(self)))), self.image_tried)
         out = []
         for i, rec in enumerate(part, start):
             caption_column = first_held(self.caption_tried, lambda c: rec[c] is not None)
@@ -858,6 +853,17 @@ def caption_and_image_columns(columns, caption_column: str | None, image_column:
         return tuple(c for c in (caption,) if c), tuple(c for c in (image,) if c)
     return (sample_columns(columns, caption, caption_column, caption_defaults),
             sample_columns(columns, image, image_column, image_defaults))
+
+
+def undecoded_images(dataset, columns):
+    """``dataset`` with those of ``columns`` that are ``datasets.Image`` left undecoded (bytes or a
+    path): the reader decodes each row's, so an unreadable image is that row's problem, not the read's."""
+    import datasets
+
+    for column in columns:
+        if isinstance(dataset.features.get(column), datasets.Image):
+            dataset = dataset.cast_column(column, datasets.Image(decode=False))
+    return dataset
 
 
 def pick_column(columns, wanted, defaults, what, where, required=True):

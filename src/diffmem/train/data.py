@@ -28,8 +28,8 @@ from ..core.images import centre_square, image_cell, open_image
 # captions and images a model trains on
 from ..scan.sources import (COMPRESSED_TAR, TableSource, ZeroRowsError, caption_and_issue, column_caption,
                             caption_and_image_columns, first_held, folder_metadata, is_saved_dataset,
-                            load_saved_dataset, open_source, tar_shards, unreadable_sample_files,
-                            webdataset_features)
+                            load_saved_dataset, open_source, tar_shards, undecoded_images,
+                            unreadable_sample_files, webdataset_features)
 
 
 NOTHING_TO_TRAIN = "nothing to train on"  # after what the scan's reader found empty ("X has zero rows")
@@ -253,11 +253,7 @@ def iter_pairs(source: str, size: int, caption_column: str | None = None, image_
     hf = _open_hf(source)
     cols = hf.column_names
     caption_tried, image_tried = caption_and_image_columns(cols, caption_column, image_column, source)
-    import datasets
-
-    for column in image_tried:
-        if isinstance(hf.features.get(column), datasets.Image):
-            hf = hf.cast_column(column, datasets.Image(decode=False))
+    hf = undecoded_images(hf, image_tried)
     total = len(hf)
     if start >= total > 0:  # all read before (datasets' select refuses an empty range at the end)
         return
