@@ -223,6 +223,19 @@ def test_empty_datasets_and_wrong_columns_give_clear_errors(tmp_path):
         DatasetScanner(tmp_path / "t.csv", progress=False, caption_column="title", checks=["memorization"])
 
 
+def test_a_dataset_dict_passed_in_python_is_refused_in_words_for_the_object(tmp_path):
+    # the refusal told a caller who passed a DatasetDict of several splits to "pick one and save it
+    # alone (dataset[split].save_to_disk(folder))", words for a saved folder they never had
+    import datasets
+
+    ds = datasets.Dataset.from_dict({"text": ["a cat", "a dog", "a cat"]})
+    with pytest.raises(InputError, match=re.escape("the dataset is a DatasetDict of the splits ['train', 'test']; "
+                                                   "pass one of them (dataset['train'])")):
+        DatasetScanner(datasets.DatasetDict({"train": ds, "test": ds}), tmp_path / "w", progress=False)
+    one = DatasetScanner(datasets.DatasetDict({"train": ds}), None, checks=["caption_duplicates"], progress=False).scan()
+    assert one.rows["caption"].tolist() == ["a cat", "a dog", "a cat"]
+
+
 def test_resume_refuses_a_folder_from_another_scan(tmp_path):
     DatasetScanner(ListSource(["a b c", "d e f"]), tmp_path / "w", progress=False).scan()
     with pytest.raises(InputError, match="another dataset or with other settings"):

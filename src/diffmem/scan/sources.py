@@ -481,7 +481,7 @@ class _ParquetRows:
 
 class HFDatasetSource(Source):
     def __init__(self, dataset, caption_column: str | None = None, image_column: str | None = None, captions: bool = True):
-        dataset = load_saved_dataset(dataset) if isinstance(dataset, (str, Path)) else _one_split(dataset, "the dataset")
+        dataset = load_saved_dataset(dataset) if isinstance(dataset, (str, Path)) else _one_split(dataset)
         if len(dataset) == 0:
             raise ZeroRowsError("the dataset has zero rows")
         self.ds = dataset
@@ -544,12 +544,18 @@ def load_saved_dataset(folder: str | Path):
     return _one_split(dataset, str(folder))
 
 
-def _one_split(dataset, name: str):
+def _one_split(dataset, folder: str | None = None):
+    """``dataset`` itself, or the one split of a DatasetDict; one of several splits is refused, in words
+    for the saved ``folder`` it was read from, else for the object a caller passed."""
     import datasets
 
     if isinstance(dataset, datasets.DatasetDict):
         if len(dataset) != 1:
-            raise InputError(f"{name} holds the splits {list(dataset)}; pick one and save it alone "
+            if folder is None:
+                split = next(iter(dataset))
+                raise InputError(f"the dataset is a DatasetDict of the splits {list(dataset)}; pass one of them "
+                                 f"(dataset[{split!r}])")
+            raise InputError(f"{folder} holds the splits {list(dataset)}; pick one and save it alone "
                              "(dataset[split].save_to_disk(folder))")
         dataset = next(iter(dataset.values()))
     return dataset
