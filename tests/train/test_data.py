@@ -631,6 +631,24 @@ def test_an_unreadable_image_is_named_in_the_same_words_by_train_and_the_scan(tm
     assert scanned.image_issue == f"{problems[0]['problem']}: {problems[0]['detail']}"
 
 
+def test_an_image_path_in_a_saved_dataset_is_read_where_the_scan_reads_it(tmp_path, monkeypatch):
+    # train looked for a relative path in the saved folder before the working directory, where the scan
+    # (and datasets) look only in the working directory: it trained on an image the scan called missing
+    import datasets
+
+    monkeypatch.chdir(tmp_path)
+    datasets.Dataset.from_dict({"image": ["imgs/0.png", "imgs/1.png"], "text": ["red", "blue"]}).save_to_disk("saved")
+    (tmp_path / "saved" / "imgs").mkdir()
+    (tmp_path / "saved" / "imgs" / "0.png").write_bytes(_png((255, 0, 0)))
+    (tmp_path / "imgs").mkdir()
+    (tmp_path / "imgs" / "1.png").write_bytes(_png((0, 0, 255)))
+    got, captions, problems = load_pairs("saved", 8)
+    scanned = open_source(tmp_path / "saved").rows(0, 2)
+    assert captions == ["blue"] and got[0][0, 0].tolist() == [0.0, 0.0, 1.0] and scanned[1].image_issue is None
+    assert [p["row"] for p in problems] == [0] and "No such file or directory: 'imgs/0.png'" in problems[0]["detail"]
+    assert scanned[0].image_issue == f"{problems[0]['problem']}: {problems[0]['detail']}"
+
+
 def test_a_table_the_scan_cannot_read_either_keeps_datasets_words(tmp_path, monkeypatch):
     # the check by row reads the table with the scan's reader only when datasets failed; its own failure
     # of any kind must leave datasets' words, not raise a second, unrelated error

@@ -260,7 +260,9 @@ def iter_pairs(source: str, size: int, caption_column: str | None = None, image_
     if start:
         hf = hf.select(range(start, total))
     images, captions, used = [], [], 0
-    base = Path(source).parent if Path(source).is_file() else Path(source)
+    # a table file's relative image paths are looked for beside it, as the scan looks; a folder's rows
+    # (a saved dataset's, a hub dataset's) in the working directory alone, as the scan and datasets look
+    base = Path(source).parent if Path(source).is_file() else None
     rows = tqdm(_rows_read(hf, source), desc="reading images", unit="row", initial=start, total=total, disable=not progress)
     next_row = start
     for i, row in enumerate(rows, start):
