@@ -909,6 +909,25 @@ def test_a_refused_pickle_lora_says_how_to_convert_it_and_the_converted_file_is_
     assert run("convert", str(folder / "pytorch_lora_weights.bin"), "--overwrite").returncode == 0
 
 
+def test_a_refused_single_file_checkpoint_says_how_to_convert_it_and_the_folder_is_taken(tmp_path, tiny_pipe, tiny_pipe_dir):
+    from ldm_checkpoint import write_ldm_checkpoint
+
+    file = write_ldm_checkpoint(tiny_pipe, tmp_path / "sd.safetensors")
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("a cat\n")
+    r = run("detect", "--prompts", str(prompts), "--model", str(file), "--out", str(tmp_path / "a.parquet"))
+    said = " ".join(r.stderr.split())
+    assert r.returncode == 2 and f"diffmem convert {file} --config DIR" in said, r.stderr
+    r = run("convert", str(file), "--config", str(tmp_path / "nowhere"))
+    assert r.returncode == 2 and "model folder not found" in r.stderr and "Traceback" not in r.stderr, r.stderr
+    r = run("convert", str(file), "--config", str(tiny_pipe_dir))
+    said = " ".join(r.stdout.split())
+    assert r.returncode == 0 and f"use it with --model {tmp_path / 'sd-diffusers'}" in said, r.stderr
+    r = run("detect", "--prompts", str(prompts), "--model", str(tmp_path / "sd-diffusers"), "--num-inference-steps", "2",
+            "--out", str(tmp_path / "a.parquet"))
+    assert r.returncode == 0, r.stderr
+
+
 def test_several_loras_are_given_by_repeating_lora_and_their_scales(tmp_path, tiny_pipe_dir, tiny_lora):
     from diffmem.core.loading import load_pipeline
     from diffmem.detect import DetectionResult, NoiseNormDetector

@@ -1141,20 +1141,27 @@ def app_cmd(
 @app.command("convert")
 def convert_cmd(
     source: Path = typer.Argument(..., help="a pickled LoRA or textual-inversion embedding (.bin / .pt / .ckpt / .pth), "
-                                  "or a pipeline folder whose weights are pickles"),
+                                  "a pipeline folder whose weights are pickles, or with --config a single-file "
+                                  "checkpoint (.safetensors / .ckpt)"),
     out: Optional[Path] = typer.Option(None, help="the .safetensors file to write (default: beside SOURCE, its name "
                                        "with .safetensors; an A1111 embedding is called by this file's name), or for a "
-                                       "pipeline the new folder (default: SOURCE-safetensors beside it)"),
+                                       "pipeline the new folder (default: SOURCE-safetensors beside it; for a "
+                                       "single-file checkpoint, STEM-diffusers)"),
+    config: Optional[str] = typer.Option(None, help="for a single-file checkpoint: a pipeline of the same architecture "
+                                         "(a folder, memlab, or a hub id in the hub cache) whose configurations, "
+                                         "tokenizer and sampler it is read with; its weights are not read"),
+    ema: bool = typer.Option(True, "--ema/--no-ema", help="for a single-file checkpoint holding EMA weights beside its "
+                             "trained ones: take the EMA weights (the releases generate with them), or the trained ones"),
     overwrite: bool = typer.Option(False, "--overwrite", help="replace OUT if it exists"),
 ):
     """Convert pickled weights you trust to safetensors: a LoRA or embedding, for --lora / --textual-inversion,
-    or a pipeline folder, for --model.
+    or a pipeline folder, for --model; and a single-file checkpoint to a pipeline folder, for --model.
 
     Read with torch's weights-only unpickler, which rebuilds tensors and plain containers and refuses
     any other object: a pickle that would run code is refused, not run."""
     from .core.convert import convert
 
-    done = convert(source, out, overwrite=overwrite)
+    done = convert(source, out, overwrite=overwrite, config=config, ema=ema, progress=True)
     out_console.print(done.describe(), highlight=False, markup=False)
     if done.left_out:
         out_console.print(f"left out (not tensors): {', '.join(done.left_out)}", highlight=False, markup=False)

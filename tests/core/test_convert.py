@@ -249,6 +249,124 @@ def test_a_pipeline_whose_pickle_would_run_code_is_refused_and_nothing_written(t
 def test_a_single_file_checkpoint_is_not_taken_for_an_adapter(tmp_path):
     torch.save({"state_dict": {"model.diffusion_model.input_blocks.0.0.weight": torch.zeros(2)}, "global_step": 3},
                tmp_path / "v1-5.ckpt")
-    with pytest.raises(ModelLoadError, match="is a whole model's single-file checkpoint.*from_single_file"):
+    with pytest.raises(ModelLoadError, match=re.escape(f"is a whole model's single-file checkpoint, not a LoRA or an "
+                                                       f"embedding: convert it to a pipeline folder with diffmem convert "
+                                                       f"{tmp_path / 'v1-5.ckpt'} --config DIR")):
         convert_adapter(tmp_path / "v1-5.ckpt")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["v1-5.ckpt"]
+
+
+def _weights_only_config(tiny_pipe_dir, folder):
+    """The tiny pipeline's folder without its weights: what a checkpoint takes from its --config."""
+    import shutil
+
+    shutil.copytree(tiny_pipe_dir, folder, ignore=shutil.ignore_patterns("*.safetensors", "*.bin"))
+    return folder
+
+
+def _same_weights(a, b) -> bool:
+    return all(getattr(a, part).state_dict().keys() == getattr(b, part).state_dict().keys()
+               and all(torch.equal(v, getattr(b, part).state_dict()[k]) for k, v in getattr(a, part).state_dict().items())
+               for part in ("unet", "vae", "text_encoder"))
+
+
+def test_a_single_file_checkpoint_converts_back_to_the_pipeline_it_was_written_from(tmp_path, tiny_pipe, tiny_pipe_dir):
+    # the original SD layout (model.diffusion_model.*, first_stage_model.*, cond_stage_model.*), as the
+    # releases and civitai ship it, was refused with a diffusers snippet to run by hand
+    from ldm_checkpoint import write_ldm_checkpoint
+
+    from diffmem.core.convert import convert
+
+    file = write_ldm_checkpoint(tiny_pipe, tmp_path / "sd.safetensors")
+    config = _weights_only_config(tiny_pipe_dir, tmp_path / "config")  # its weights are not read
+    with pytest.raises(ModelLoadError, match=re.escape(f"diffmem convert {file} --config DIR")):
+        load_pipeline(file)  # refused, saying how
+    with pytest.raises(ModelLoadError, match=re.escape(f"diffmem convert {file} --config DIR")):
+        convert(file)  # not an adapter: the same words
+    done = convert(file, config=config)
+    assert (done.kind, done.out, done.config, done.ema) == ("checkpoint", str(tmp_path / "sd-diffusers"), str(config), None)
+    assert f"-> {done.out}; use it with --model {done.out}" in done.describe() and "EMA" not in done.describe()
+    new = load_pipeline(done.out)
+    assert _same_weights(new, tiny_pipe) and weights_fingerprints(new) == weights_fingerprints(tiny_pipe)
+    settings = [{k: v for k, v in p.scheduler.config.items() if not k.startswith("_")} for p in (new, tiny_pipe)]
+    assert settings[0] == settings[1] and done.tensors == sum(
+        len(getattr(tiny_pipe, part).state_dict()) for part in ("unet", "vae", "text_encoder"))
+    assert new.tokenizer("a red cube").input_ids == tiny_pipe.tokenizer("a red cube").input_ids
+    with pytest.raises(ModelLoadError, match="exists; choose a new folder"):
+        convert(file, config=config)
+    assert convert(file, config=config, overwrite=True).out == done.out
+    with pytest.raises(ModelLoadError, match="--config is for a single-file checkpoint"):
+        convert(tiny_pipe_dir, config=config)
+    with pytest.raises(ModelLoadError, match=r"--no-ema\) chooses a single-file checkpoint's weights: give its --config"):
+        convert(file, ema=False)
+
+
+def test_a_ckpt_with_ema_weights_gives_them_unless_told_not_to(tmp_path, tiny_pipe, tiny_pipe_dir):
+    # SD 1.x's v1-5-pruned.ckpt holds the UNet's EMA copy beside its trained weights; diffusers converts the
+    # trained ones unless told, where the releases generate with the EMA ones
+    from ldm_checkpoint import unet_to_ldm, write_ldm_checkpoint
+    from safetensors.torch import load_file
+
+    from diffmem.core.convert import convert
+
+    tensors = load_file(write_ldm_checkpoint(tiny_pipe, tmp_path / "plain.safetensors"))
+    # the EMA copy's names as the original trainer flattens them ("model_ema.diffusion_modelinput_blocks00weight")
+    ema = {"model_ema." + "".join(k.split(".")[1:]): v + 1 for k, v in unet_to_ldm(tiny_pipe.unet).items()}
+    torch.save({"state_dict": {**tensors, **ema}, "global_step": 5}, tmp_path / "sd.ckpt")
+    done = convert(tmp_path / "sd.ckpt", config=tiny_pipe_dir)
+    assert done.ema is True and "its UNet's EMA weights" in done.describe()
+    taken = load_pipeline(done.out)
+    assert all(torch.equal(v + 1, taken.unet.state_dict()[k]) for k, v in tiny_pipe.unet.state_dict().items())
+    assert _same_weights(taken, type(tiny_pipe)(**{**tiny_pipe.components, "unet": taken.unet}))  # VAE, text encoder as written
+    trained = convert(tmp_path / "sd.ckpt", config=tiny_pipe_dir, out=tmp_path / "trained", ema=False)
+    assert trained.ema is False and "trained weights" in trained.describe()
+    assert _same_weights(load_pipeline(trained.out), tiny_pipe)
+
+
+def test_a_checkpoint_that_does_not_fit_its_config_is_refused_by_what_does_not_fit(tmp_path, tiny_pipe, tiny_pipe_dir):
+    # diffusers said "Cannot copy out of meta tensor" of a tensor the file lacks, and "Cannot load  because ..."
+    # of a shape
+    from ldm_checkpoint import write_ldm_checkpoint
+    from safetensors.torch import load_file, save_file
+
+    from diffmem.core.convert import convert
+    from diffmem.core.loading import load_pipeline as load
+
+    file = write_ldm_checkpoint(tiny_pipe, tmp_path / "sd.safetensors")
+    memlab = load("memlab")
+    ours, theirs = (tuple(p.unet.conv_in.weight.shape) for p in (tiny_pipe, memlab))
+    with pytest.raises(ModelLoadError, match=re.escape(f"the file's UNet tensor conv_in.weight is {'x'.join(map(str, ours))}, "
+                                                       f"theirs {'x'.join(map(str, theirs))}: is it a pipeline of the "
+                                                       "file's architecture?")):
+        convert(file, config="memlab")
+    tensors = load_file(file)
+    del tensors["model.diffusion_model.middle_block.1.norm.bias"]
+    save_file(tensors, tmp_path / "short.safetensors")
+    with pytest.raises(ModelLoadError, match=re.escape(f"the file's UNet lacks 1 of the {len(tiny_pipe.unet.state_dict())} "
+                                                       "tensors of theirs, the first mid_block.attentions.0.norm.bias")):
+        convert(tmp_path / "short.safetensors", config=tiny_pipe_dir)
+    save_file({k: v for k, v in tensors.items() if not k.startswith("model.")}, tmp_path / "no-unet.safetensors")
+    with pytest.raises(ModelLoadError, match=r"no-unet.safetensors holds no UNet of an original single-file checkpoint "
+                                             r"\(model.diffusion_model.\*; its first tensor: (cond|first)_stage_model\.[^)]+\): a LoRA or an "
+                                             r"embedding is passed as it is$"):
+        convert(tmp_path / "no-unet.safetensors", config=tiny_pipe_dir)
+    with pytest.raises(ModelLoadError, match="model folder not found"):
+        convert(file, config=tmp_path / "nowhere")
+    with pytest.raises(ModelLoadError, match="'owner/absent' is a hub id the hub cache does not hold, and diffmem converts offline"):
+        convert(file, config="owner/absent")
+    (tmp_path / "broken.safetensors").write_bytes(b"not a header")
+    with pytest.raises(ModelLoadError, match="broken.safetensors is not a readable safetensors file"):
+        convert(tmp_path / "broken.safetensors", config=tiny_pipe_dir)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["broken.safetensors", "no-unet.safetensors", "sd.safetensors",
+                                                          "short.safetensors"]
+
+
+def test_a_ckpt_whose_pickle_would_run_code_is_refused_and_nothing_written(tmp_path, tiny_pipe_dir):
+    from diffmem.core.convert import convert
+
+    marker = tmp_path / "ran"
+    torch.save({"state_dict": {"model.diffusion_model.input_blocks.0.0.weight": _command_payload(marker)}},
+               tmp_path / "sd.ckpt")
+    with pytest.raises(ModelLoadError, match="holds objects other than tensors and plain containers \\(it holds posix.system\\)"):
+        convert(tmp_path / "sd.ckpt", config=tiny_pipe_dir)
+    assert not marker.exists() and sorted(p.name for p in tmp_path.iterdir()) == ["sd.ckpt"]

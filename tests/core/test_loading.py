@@ -33,7 +33,7 @@ def test_a_single_file_checkpoint_is_told_how_to_convert(tmp_path, name, pickle_
     (tmp_path / name).write_bytes(b"weights")
     with pytest.raises(ModelLoadError, match="single-file checkpoint") as e:
         load_pipeline(str(tmp_path / name))
-    assert "from_single_file" in str(e.value) and ("is a pickle" in str(e.value)) == pickle_warning
+    assert f"diffmem convert {tmp_path / name} --config DIR" in str(e.value) and ("is a pickle" in str(e.value)) == pickle_warning
     with pytest.raises(ModelLoadError, match="is a file, not a pipeline folder"):
         (tmp_path / "notes.txt").write_text("x")
         load_pipeline(str(tmp_path / "notes.txt"))

@@ -9,6 +9,11 @@ strings, numbers) and refuses every other object, so a pickle that would run cod
 The tensors are written to a safetensors file that ``--lora`` / ``--textual-inversion`` then take.
 A pipeline folder is loaded by diffusers and transformers, whose loaders use the same weights-only
 unpickler for .bin files, and saved again with safetensors.
+
+A single-file checkpoint (the original Stable Diffusion layout of the first releases and of civitai,
+.safetensors or a pickled .ckpt) becomes a pipeline folder the same way, by diffusers'
+``from_single_file``, given a pipeline folder of the same architecture to take its configurations
+from: offline, nothing else says how many blocks the UNet has or which tokenizer the model reads with.
 """
 from __future__ import annotations
 
@@ -21,21 +26,33 @@ from .loading import LORA_DOWN, PICKLE_SUFFIXES
 from .results import atomic_path
 
 
+LDM_UNET = "model.diffusion_model."  # the UNet's prefix in an original (LDM / CompVis) single-file checkpoint
+WHOLE_MODEL = ("{source} is a whole model's single-file checkpoint, not a LoRA or an embedding: convert it to a pipeline "
+               "folder with diffmem convert {source} --config DIR, DIR a pipeline folder of the same architecture")
+
+
 @dataclass
 class Conversion:
     """What ``convert_adapter`` or ``convert_pipeline`` wrote: the kind of weights it found, its
     tensors and, for an embedding, the token it is called by."""
     source: str
     out: str
-    kind: str  # "lora", "textual_inversion" or "pipeline"
+    kind: str  # "lora", "textual_inversion", "pipeline" or "checkpoint" (a single file made a pipeline folder)
     tensors: int
     token: str | None = None
     vectors: int | None = None  # an embedding's vectors, and their width
     width: int | None = None
     left_out: list[str] = field(default_factory=list)  # entries of the pickle that are not tensors (A1111's step, name)
     from_pickles: list[str] = field(default_factory=list)  # a pipeline's components that held only pickles
+    config: str | None = None  # a checkpoint's: the pipeline folder whose configurations it was read with
+    ema: bool | None = None  # a checkpoint's UNet: its EMA weights (True), its trained ones beside them (False), or it held no EMA
 
     def describe(self) -> str:
+        if self.kind == "checkpoint":
+            which = {True: "; its UNet's EMA weights, which it held beside the trained ones (--no-ema takes those)",
+                     False: "; its UNet's trained weights, not the EMA ones it held beside them", None: ""}[self.ema]
+            return (f"converted the single-file checkpoint {self.source} ({self.tensors} tensors, configured as {self.config}, "
+                    f"saved in float32{which}) -> {self.out}; use it with --model {self.out}")
         if self.kind == "pipeline":
             return (f"converted the pipeline {self.source} ({', '.join(self.from_pickles)} from pickles; {self.tensors} "
                     f"tensors, saved in float32) -> {self.out}; use it with --model {self.out}")
@@ -132,10 +149,8 @@ def _adapter_tensors(source: Path, loaded) -> tuple[dict, str | None, list[str],
             raise ModelLoadError(f"{source} is an A1111 embedding whose vectors have shape {tuple(vectors.shape)}, where an "
                                  "embedding is one vector or a matrix of them")
         return {"emb_params": vectors}, None, sorted(str(k) for k in loaded if k != "string_to_param"), "textual_inversion"
-    if "state_dict" in loaded or any(str(k).startswith("model.diffusion_model.") for k in loaded):
-        raise ModelLoadError(f"{source} is a whole model's single-file checkpoint, not a LoRA or an embedding: convert it to a "
-                             "pipeline folder with diffusers: StableDiffusionPipeline.from_single_file(FILE, config="
-                             "DIR_OF_THE_SAME_ARCHITECTURE, local_files_only=True).save_pretrained(OUT)")
+    if "state_dict" in loaded or any(str(k).startswith(LDM_UNET) for k in loaded):
+        raise ModelLoadError(WHOLE_MODEL.format(source=source))
     tensors = {k: v for k, v in loaded.items() if torch.is_tensor(v)}
     left_out = sorted(str(k) for k in loaded if not torch.is_tensor(loaded[k]))
     if not tensors:
@@ -193,8 +208,182 @@ def convert_pipeline(source: str | Path, out: str | Path | None = None, overwrit
     return Conversion(str(source), str(out), "pipeline", tensors, from_pickles=pickled)
 
 
-def convert(source: str | Path, out: str | Path | None = None, overwrite: bool = False) -> Conversion:
-    """``convert_pipeline`` for a folder, ``convert_adapter`` for a file (``diffmem convert``)."""
-    if Path(source).expanduser().is_dir():
+def convert_checkpoint(source: str | Path, config: str | Path, out: str | Path | None = None,
+                       overwrite: bool = False, ema: bool = True, progress: bool = False) -> Conversion:
+    """Save the single-file Stable Diffusion 1.x / 2.x checkpoint ``source`` (the original LDM layout
+    that the first releases and civitai ship: ``model.diffusion_model.*``, ``first_stage_model.*``,
+    ``cond_stage_model.*``) as a pipeline folder ``out`` (default: beside it, named ``STEM-diffusers``)
+    with safetensors weights in float32, by diffusers' ``from_single_file``, offline. ``config`` is a
+    pipeline of the same architecture (a folder, ``memlab`` or a hub id in the hub cache): its UNet, VAE
+    and text encoder configurations, tokenizer and sampler are taken, its weights are not read.
+
+    A file that holds EMA copies of the UNet beside its trained weights (SD 1.x's ``v1-5-pruned.ckpt``)
+    gives its EMA weights, which the releases generate with, unless ``ema=False`` (diffusers' own
+    default is the trained ones). A pickled file (.ckpt) is read with torch's weights-only unpickler
+    first, so that a refused object is named, and again by diffusers, which reads it the same way.
+    What of the file does not fit ``config``'s architecture is named; ``out`` is written whole or not at all."""
+    from .loading import SINGLE_FILE_SUFFIXES, check_pipeline_folder, hub_snapshot, looks_like_path, resolve_model
+    from .results import folder_held, replace_folder
+
+    source = Path(source).expanduser()
+    if not source.is_file():
+        raise ModelLoadError(f"{source} is {'a folder' if source.is_dir() else 'not found'}: give the single-file "
+                             "checkpoint to convert (a pipeline folder of pickles converts without --config)")
+    if source.suffix.lower() not in SINGLE_FILE_SUFFIXES:
+        raise ModelLoadError(f"{source} is not a single-file checkpoint ({', '.join(SINGLE_FILE_SUFFIXES)})")
+    name = resolve_model(str(config))
+    folder = Path(name).expanduser()
+    if not folder.exists() and not looks_like_path(name):
+        if (folder := hub_snapshot(name)) is None:
+            raise ModelLoadError(f"the configuration {config!r} is a hub id the hub cache does not hold, and diffmem "
+                                 "converts offline: give a local pipeline folder of the same architecture")
+    check_pipeline_folder(folder, weights=False)  # said as the loader says it: no model_index.json, a missing component
+    out = Path(out).expanduser() if out is not None else source.with_name(source.stem + "-diffusers")
+    if out.resolve() == folder.resolve():
+        raise ModelLoadError(f"the output {out} is the configuration's folder: choose a new folder")
+    if out.is_file():
+        raise ModelLoadError(f"the output {out} is a file: choose a new folder")
+    refusal = f"{out} exists; choose a new folder, or replace it with overwrite=True (--overwrite)"
+    if out.exists() and any(out.iterdir()) and not overwrite:
+        raise ModelLoadError(refusal)
+    keys = _checkpoint_keys(source)
+    if not any(k.startswith((LDM_UNET, "model_ema.")) for k in keys):
+        raise ModelLoadError(f"{source} holds no UNet of an original single-file checkpoint ({LDM_UNET}*; its first "
+                             f"tensor: {next(iter(keys), 'none')}): a LoRA or an embedding is passed as it is")
+    held_ema = sum(k.startswith("model_ema.") for k in keys) > 100  # where diffusers takes a file to hold EMA weights
+    pipe = _from_single_file(source, folder, extract_ema=ema and held_ema, progress=progress)
+    with folder_held(out, instead="choose another output folder"):
+        if any(out.iterdir()) and not overwrite:  # written by another conversion since the check above
+            raise ModelLoadError(refusal)
+        replace_folder(out, lambda tmp: pipe.save_pretrained(tmp, safe_serialization=True))
+    tensors = sum(len(getattr(pipe, part).state_dict()) for part in ("unet", "vae", "text_encoder"))
+    return Conversion(str(source), str(out), "checkpoint", tensors, config=str(folder), ema=ema if held_ema else None)
+
+
+def _checkpoint_keys(path: Path) -> list[str]:
+    """A single-file checkpoint's tensor names: a safetensors file's from its header, a pickle's through
+    the weights-only unpickler (its refusals said plainly), unnested from a training run's state_dict."""
+    if path.suffix.lower() == ".safetensors":
+        from safetensors import safe_open
+
+        try:
+            with safe_open(str(path), "pt") as f:
+                return list(f.keys())
+        except Exception as e:  # a damaged or foreign file
+            raise ModelLoadError(f"{path} is not a readable safetensors file: {kind_and_first_line(e)}") from None
+    loaded = _unnested(_load_weights_only(path))
+    if not isinstance(loaded, dict):
+        raise ModelLoadError(f"{path} holds a {type(loaded).__name__}, where a checkpoint is a dict of tensors")
+    return [str(k) for k in loaded]
+
+
+def _unnested(loaded):
+    while isinstance(loaded, dict) and "state_dict" in loaded:  # as diffusers unnests a training run's file
+        loaded = loaded["state_dict"]
+    return loaded
+
+
+def _from_single_file(source: Path, config: Path, extract_ema: bool, progress: bool):
+    """The pipeline diffusers converts ``source`` to with ``config``'s configurations; its failures said
+    with what of the file does not fit them."""
+    import torch
+    from diffusers import StableDiffusionPipeline
+    from diffusers.utils import logging as diffusers_log
+
+    from .loading import PICKLE_SUFFIXES, loading_bars
+
+    was = diffusers_log.get_verbosity()
+    # diffusers logs a cast's warning about "modules that should be kept in float32: []" for each model,
+    # and its choice between EMA and trained weights, which the Conversion says
+    diffusers_log.set_verbosity_error()
+    try:
+        with loading_bars(progress):
+            pipe = StableDiffusionPipeline.from_single_file(
+                str(source), config=str(config), local_files_only=True, torch_dtype=torch.float32,
+                extract_ema=extract_ema, safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+    except Exception as e:
+        if source.suffix.lower() in PICKLE_SUFFIXES:
+            checkpoint = _unnested(_load_weights_only(source))
+        else:
+            from safetensors.torch import load_file
+
+            checkpoint = load_file(str(source))  # its header was read: a damaged file fails above, in diffusers
+        raise ModelLoadError(f"could not convert {source} with the configurations of {config}: "
+                             f"{_misfit(checkpoint, config, extract_ema) or kind_and_first_line(e)}") from None
+    finally:
+        diffusers_log.set_verbosity(was)
+    empty = [f"{part}.{n}" for part in ("unet", "vae", "text_encoder")
+             for n, p in getattr(pipe, part).named_parameters() if p.is_meta]
+    if empty:  # a tensor the file lacks, left without weights where diffusers did not fail on it
+        raise ModelLoadError(f"could not convert {source} with the configurations of {config}: the file lacks "
+                             f"{len(empty)} of their tensors, the first {empty[0]}")
+    return pipe
+
+
+def _misfit(checkpoint: dict, config: Path, extract_ema: bool = False) -> str | None:
+    """What of ``checkpoint`` does not fit ``config``'s UNet, VAE and CLIP text encoder, by diffusers' own
+    conversion of each component's names: a tensor it lacks, or one of another shape; None if each fits
+    (the failure lies elsewhere)."""
+    from accelerate import init_empty_weights
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from diffusers.loaders import single_file_utils as sf
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    found = []
+    for part, cls, convert in (("UNet", UNet2DConditionModel,
+                                lambda c, cfg: sf.convert_ldm_unet_checkpoint(c, cfg, extract_ema=extract_ema)),
+                               ("VAE", AutoencoderKL, sf.convert_ldm_vae_checkpoint)):
+        cfg = cls.load_config(config / ("unet" if part == "UNet" else "vae"))
+        with init_empty_weights():
+            model = cls.from_config(cfg)
+        found.append((part, model, convert(checkpoint, cfg)))
+    if sf.is_clip_model(checkpoint):
+        with init_empty_weights():
+            model = CLIPTextModel(CLIPTextConfig.from_pretrained(config / "text_encoder"))
+        text = sf.convert_ldm_clip_checkpoint(checkpoint)
+        if not hasattr(model, "text_model"):  # transformers 5.6 flattened CLIPTextModel; the files keep the prefix
+            text = {k.removeprefix("text_model."): v for k, v in text.items()}
+        found.append(("text encoder", model, text))
+    for part, model, got in found:
+        wanted = model.state_dict()
+        lacking = [k for k in wanted if got.get(k) is None]
+        if len(lacking) == len(wanted):
+            return f"the file holds no {part} of this layout"
+        if lacking:
+            return f"the file's {part} lacks {len(lacking)} of the {len(wanted)} tensors of theirs, the first {lacking[0]}"
+        for k, v in wanted.items():
+            if tuple(got[k].shape) != tuple(v.shape):
+                shape = "x".join(map(str, got[k].shape))
+                return (f"the file's {part} tensor {k} is {shape}, theirs {'x'.join(map(str, v.shape))}: "
+                        "is it a pipeline of the file's architecture?")
+    return None
+
+
+def convert(source: str | Path, out: str | Path | None = None, overwrite: bool = False,
+            config: str | Path | None = None, ema: bool = True, progress: bool = False) -> Conversion:
+    """``convert_checkpoint`` for a file given ``config``, else ``convert_pipeline`` for a folder and
+    ``convert_adapter`` for a file (``diffmem convert``)."""
+    source_path = Path(source).expanduser()
+    if not ema and config is None:
+        raise ModelLoadError("ema=False (--no-ema) chooses a single-file checkpoint's weights: give its --config too")
+    if config is not None:
+        if source_path.is_dir():
+            raise ModelLoadError(f"{source} is a pipeline folder: --config is for a single-file checkpoint, and a folder "
+                                 "of pickles converts without it")
+        return convert_checkpoint(source, config, out, overwrite, ema=ema, progress=progress)
+    if source_path.is_dir():
         return convert_pipeline(source, out, overwrite)
+    if source_path.suffix.lower() == ".safetensors" and _names_a_unet(source_path):
+        raise ModelLoadError(WHOLE_MODEL.format(source=source))
     return convert_adapter(source, out, overwrite)
+
+
+def _names_a_unet(path: Path) -> bool:
+    """Whether a safetensors file holds an original checkpoint's UNet, read from its header alone."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), "pt") as f:
+            return any(k.startswith(LDM_UNET) for k in f.keys())
+    except Exception:  # not safetensors: convert_adapter says what it is
+        return False

@@ -120,20 +120,21 @@ def weights_variants(folder: Path) -> dict[str, str]:
     return variants
 
 
-def check_pipeline_folder(folder: Path, allow_pickle: bool = False) -> dict[str, str]:
+def check_pipeline_folder(folder: Path, allow_pickle: bool = False, weights: bool = True) -> dict[str, str]:
     """Check a local folder before diffusers sees it, so errors say exactly what is wrong; returns
-    the weight variants to load (``weights_variants``)."""
+    the weight variants to load (``weights_variants``). ``weights=False`` checks only what a folder
+    read for its configurations needs (``convert_checkpoint``'s ``config``)."""
     if not folder.exists():
         raise ModelLoadError(f"model folder not found: {folder}")
     if not folder.is_dir():
         if folder.suffix.lower() in SINGLE_FILE_SUFFIXES:
             # civitai-style checkpoints: diffusers can convert them, but offline only given a config folder
             raise ModelLoadError(
-                f"{folder} is a single-file checkpoint; diffmem loads diffusers pipeline folders. Convert it once "
-                "with diffusers: StableDiffusionPipeline.from_single_file(FILE, config=DIR_OF_THE_SAME_ARCHITECTURE, "
-                "local_files_only=True).save_pretrained(OUT), then pass OUT"
-                + (f" (a {folder.suffix} file is a pickle: convert it only if you trust its source)"
-                   if folder.suffix.lower() != ".safetensors" else ""))
+                f"{folder} is a single-file checkpoint; diffmem loads diffusers pipeline folders. Convert it once: "
+                f"diffmem convert {folder} --config DIR, DIR a pipeline folder of the same architecture (its "
+                "configurations are read, not its weights), then pass the folder it writes"
+                + (f" (a {folder.suffix} file is a pickle, read with torch's weights-only unpickler: convert it only "
+                   "if you trust its source)" if folder.suffix.lower() != ".safetensors" else ""))
         raise ModelLoadError(f"model path is a file, not a pipeline folder: {folder}")
     index_file = folder / "model_index.json"
     if not index_file.exists():
@@ -161,7 +162,7 @@ def check_pipeline_folder(folder: Path, allow_pickle: bool = False) -> dict[str,
         sub = folder / name
         if not sub.is_dir():
             raise ModelLoadError(f"pipeline at {folder} is missing its {name!r} component: folder {sub} not found")
-        if name in WEIGHTED:
+        if name in WEIGHTED and weights:
             safe, pickles = weight_files(sub)
             if not safe and not pickles:
                 raise ModelLoadError(f"component {name!r} at {sub} has no weight file")
@@ -172,7 +173,7 @@ def check_pipeline_folder(folder: Path, allow_pickle: bool = False) -> dict[str,
                     f"the pipeline once: diffmem convert {folder} (a new folder, through torch's weights-only unpickler); "
                     "or load it with allow_pickle=True (diffmem train --allow-pickle)"
                 )
-    return weights_variants(folder)
+    return weights_variants(folder) if weights else {}
 
 
 def weight_files(component: Path) -> tuple[list[str], list[str]]:
@@ -246,7 +247,7 @@ def load_pipeline(
             # diffusers switches every remaining component to pickle once one falls back to it,
             # and its component order varies: load each weighted component in its own format
             parts = _load_components_one_by_one(path, dtype, variants)
-        with _loading_bars(progress):
+        with loading_bars(progress):
             pipe = StableDiffusionPipeline.from_pretrained(
                 src,
                 dtype=dtype,
@@ -473,7 +474,7 @@ def fuse_lora(pipe, file: Path, scale: float = 1.0) -> None:
 
 
 @contextlib.contextmanager
-def _loading_bars(show: bool):
+def loading_bars(show: bool):
     """diffusers' "Loading pipeline components" bar, shown only with ``progress=True`` and put back as
     it was afterwards."""
     from diffusers.utils import logging as dlog
