@@ -18,6 +18,7 @@ from: offline, nothing else says how many blocks the UNet has or which tokenizer
 from __future__ import annotations
 
 import pickle
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -174,7 +175,6 @@ def convert_pipeline(source: str | Path, out: str | Path | None = None, overwrit
     diffusers' and transformers' loaders, which use torch's weights-only unpickler. ``out`` is
     written whole or not at all; an existing one is replaced only with ``overwrite``."""
     from .loading import WEIGHTED, check_pipeline_folder, load_pipeline, weight_files
-    from .results import folder_held, replace_folder
 
     source = Path(source).expanduser()
     check_pipeline_folder(source, allow_pickle=True)  # a folder that is no pipeline is said as the loader says it
@@ -183,17 +183,7 @@ def convert_pipeline(source: str | Path, out: str | Path | None = None, overwrit
     if not pickled:
         raise ModelLoadError(f"every component of {source} has safetensors weights already: pass the folder as it is")
     out = Path(out).expanduser() if out is not None else source.resolve().with_name(source.resolve().name + "-safetensors")
-    if out.resolve() == source.resolve():
-        raise ModelLoadError(f"the output {out} is the pipeline folder itself: choose a new folder")
-    if out.is_file():
-        raise ModelLoadError(f"the output {out} is a file: choose a new folder")
-    refusal = f"{out} exists; choose a new folder, or replace it with overwrite=True (--overwrite)"
-    if out.exists() and any(out.iterdir()) and not overwrite:
-        raise ModelLoadError(refusal)
-    # held while it is written: a second conversion into OUT would clear this one's half-written OUT.tmp
-    with folder_held(out, instead="choose another output folder"):
-        if any(out.iterdir()) and not overwrite:  # written by another conversion since the check above
-            raise ModelLoadError(refusal)
+    with _new_pipeline_folder(out, overwrite, not_in=(source, "the pipeline folder itself")):
         try:
             pipe = load_pipeline(source, allow_pickle=True)
         except ModelLoadError:
@@ -202,10 +192,37 @@ def convert_pipeline(source: str | Path, out: str | Path | None = None, overwrit
                 for file in sorted(weight_files(source / name)[1]):
                     _load_weights_only(source / name / file)
             raise
-        # the folder is swapped in whole: a kill while saving leaves no half pipeline to load
-        replace_folder(out, lambda tmp: pipe.save_pretrained(tmp, safe_serialization=True))
+        _save_whole(pipe, out)
     tensors = sum(len(getattr(pipe, name).state_dict()) for name in WEIGHTED)
     return Conversion(str(source), str(out), "pipeline", tensors, from_pickles=pickled)
+
+
+@contextmanager
+def _new_pipeline_folder(out: Path, overwrite: bool, not_in: tuple[Path, str]):
+    """Held while the pipeline folder ``out`` is made and written (a second conversion into it would clear
+    this one's half-written OUT.tmp); refused, before any work, where it is the folder ``not_in`` names,
+    a file, or a folder with something in it and no ``overwrite``."""
+    from .results import folder_held
+
+    if out.resolve() == Path(not_in[0]).resolve():
+        raise ModelLoadError(f"the output {out} is {not_in[1]}: choose a new folder")
+    if out.is_file():
+        raise ModelLoadError(f"the output {out} is a file: choose a new folder")
+    refusal = f"{out} exists; choose a new folder, or replace it with overwrite=True (--overwrite)"
+    if out.exists() and any(out.iterdir()) and not overwrite:
+        raise ModelLoadError(refusal)
+    with folder_held(out, instead="choose another output folder"):
+        if any(out.iterdir()) and not overwrite:  # written by another conversion since the check above
+            raise ModelLoadError(refusal)
+        yield
+
+
+def _save_whole(pipe, out: Path) -> None:
+    """``pipe`` saved with safetensors weights, swapped in whole: a kill while saving leaves no half
+    pipeline to load."""
+    from .results import replace_folder
+
+    replace_folder(out, lambda tmp: pipe.save_pretrained(tmp, safe_serialization=True))
 
 
 def convert_checkpoint(source: str | Path, config: str | Path, out: str | Path | None = None,
@@ -223,7 +240,6 @@ def convert_checkpoint(source: str | Path, config: str | Path, out: str | Path |
     first, so that a refused object is named, and again by diffusers, which reads it the same way.
     What of the file does not fit ``config``'s architecture is named; ``out`` is written whole or not at all."""
     from .loading import SINGLE_FILE_SUFFIXES, check_pipeline_folder, hub_snapshot, looks_like_path, resolve_model
-    from .results import folder_held, replace_folder
 
     source = Path(source).expanduser()
     if not source.is_file():
@@ -239,23 +255,14 @@ def convert_checkpoint(source: str | Path, config: str | Path, out: str | Path |
                                  "converts offline: give a local pipeline folder of the same architecture")
     check_pipeline_folder(folder, weights=False)  # said as the loader says it: no model_index.json, a missing component
     out = Path(out).expanduser() if out is not None else source.with_name(source.stem + "-diffusers")
-    if out.resolve() == folder.resolve():
-        raise ModelLoadError(f"the output {out} is the configuration's folder: choose a new folder")
-    if out.is_file():
-        raise ModelLoadError(f"the output {out} is a file: choose a new folder")
-    refusal = f"{out} exists; choose a new folder, or replace it with overwrite=True (--overwrite)"
-    if out.exists() and any(out.iterdir()) and not overwrite:
-        raise ModelLoadError(refusal)
-    keys = _checkpoint_keys(source)
-    if not any(k.startswith((LDM_UNET, "model_ema.")) for k in keys):
-        raise ModelLoadError(f"{source} holds no UNet of an original single-file checkpoint ({LDM_UNET}*; its first "
-                             f"tensor: {next(iter(keys), 'none')}): a LoRA or an embedding is passed as it is")
-    held_ema = sum(k.startswith("model_ema.") for k in keys) > 100  # where diffusers takes a file to hold EMA weights
-    pipe = _from_single_file(source, folder, extract_ema=ema and held_ema, progress=progress)
-    with folder_held(out, instead="choose another output folder"):
-        if any(out.iterdir()) and not overwrite:  # written by another conversion since the check above
-            raise ModelLoadError(refusal)
-        replace_folder(out, lambda tmp: pipe.save_pretrained(tmp, safe_serialization=True))
+    with _new_pipeline_folder(out, overwrite, not_in=(folder, "the configuration's folder")):
+        keys = _checkpoint_keys(source)
+        if not any(k.startswith((LDM_UNET, "model_ema.")) for k in keys):
+            raise ModelLoadError(f"{source} holds no UNet of an original single-file checkpoint ({LDM_UNET}*; its first "
+                                 f"tensor: {next(iter(keys), 'none')}): a LoRA or an embedding is passed as it is")
+        held_ema = sum(k.startswith("model_ema.") for k in keys) > 100  # where diffusers takes a file to hold EMA weights
+        pipe = _from_single_file(source, folder, extract_ema=ema and held_ema, progress=progress)
+        _save_whole(pipe, out)
     tensors = sum(len(getattr(pipe, part).state_dict()) for part in ("unet", "vae", "text_encoder"))
     return Conversion(str(source), str(out), "checkpoint", tensors, config=str(folder), ema=ema if held_ema else None)
 
