@@ -270,15 +270,34 @@ def _same_weights(a, b) -> bool:
                for part in ("unet", "vae", "text_encoder"))
 
 
-def test_a_single_file_checkpoint_converts_back_to_the_pipeline_it_was_written_from(tmp_path, tiny_pipe, tiny_pipe_dir):
+def _sd_layout(tiny_pipe):
+    """A small pipeline laid out as SD 1.x is: two resnets a level, attention on the high-resolution levels
+    (the tiny pipeline has one, and attention on the low ones), three levels in the VAE."""
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+
+    torch.manual_seed(0)
+    unet = UNet2DConditionModel(sample_size=8, block_out_channels=(8, 16, 16), layers_per_block=2, norm_num_groups=4,
+                                down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
+                                up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
+                                cross_attention_dim=tiny_pipe.text_encoder.config.hidden_size, attention_head_dim=4)
+    vae = AutoencoderKL(block_out_channels=(8, 16, 16), layers_per_block=2, latent_channels=4, norm_num_groups=4,
+                        down_block_types=("DownEncoderBlock2D",) * 3, up_block_types=("UpDecoderBlock2D",) * 3)
+    return type(tiny_pipe)(**{**tiny_pipe.components, "unet": unet, "vae": vae, "safety_checker": None,
+                              "requires_safety_checker": False})
+
+
+@pytest.mark.parametrize("layout", ["tiny", "sd"])
+def test_a_single_file_checkpoint_converts_back_to_the_pipeline_it_was_written_from(tmp_path, tiny_pipe, layout):
     # the original SD layout (model.diffusion_model.*, first_stage_model.*, cond_stage_model.*), as the
     # releases and civitai ship it, was refused with a diffusers snippet to run by hand
     from ldm_checkpoint import write_ldm_checkpoint
 
     from diffmem.core.convert import convert
 
-    file = write_ldm_checkpoint(tiny_pipe, tmp_path / "sd.safetensors")
-    config = _weights_only_config(tiny_pipe_dir, tmp_path / "config")  # its weights are not read
+    pipe = tiny_pipe if layout == "tiny" else _sd_layout(tiny_pipe)
+    pipe.save_pretrained(tmp_path / "pipe", safe_serialization=True)
+    file = write_ldm_checkpoint(pipe, tmp_path / "sd.safetensors")
+    config = _weights_only_config(tmp_path / "pipe", tmp_path / "config")  # its weights are not read
     with pytest.raises(ModelLoadError, match=re.escape(f"diffmem convert {file} --config DIR")):
         load_pipeline(file)  # refused, saying how
     with pytest.raises(ModelLoadError, match=re.escape(f"diffmem convert {file} --config DIR")):
@@ -287,16 +306,16 @@ def test_a_single_file_checkpoint_converts_back_to_the_pipeline_it_was_written_f
     assert (done.kind, done.out, done.config, done.ema) == ("checkpoint", str(tmp_path / "sd-diffusers"), str(config), None)
     assert f"-> {done.out}; use it with --model {done.out}" in done.describe() and "EMA" not in done.describe()
     new = load_pipeline(done.out)
-    assert _same_weights(new, tiny_pipe) and weights_fingerprints(new) == weights_fingerprints(tiny_pipe)
-    settings = [{k: v for k, v in p.scheduler.config.items() if not k.startswith("_")} for p in (new, tiny_pipe)]
+    assert _same_weights(new, pipe) and weights_fingerprints(new) == weights_fingerprints(pipe)
+    settings = [{k: v for k, v in p.scheduler.config.items() if not k.startswith("_")} for p in (new, pipe)]
     assert settings[0] == settings[1] and done.tensors == sum(
-        len(getattr(tiny_pipe, part).state_dict()) for part in ("unet", "vae", "text_encoder"))
-    assert new.tokenizer("a red cube").input_ids == tiny_pipe.tokenizer("a red cube").input_ids
+        len(getattr(pipe, part).state_dict()) for part in ("unet", "vae", "text_encoder"))
+    assert new.tokenizer("a red cube").input_ids == pipe.tokenizer("a red cube").input_ids
     with pytest.raises(ModelLoadError, match="exists; choose a new folder"):
         convert(file, config=config)
     assert convert(file, config=config, overwrite=True).out == done.out
     with pytest.raises(ModelLoadError, match="--config is for a single-file checkpoint"):
-        convert(tiny_pipe_dir, config=config)
+        convert(tmp_path / "pipe", config=config)
     with pytest.raises(ModelLoadError, match=r"--no-ema\) chooses a single-file checkpoint's weights: give its --config"):
         convert(file, ema=False)
 
