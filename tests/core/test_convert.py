@@ -364,6 +364,10 @@ def test_a_checkpoint_that_does_not_fit_its_config_is_refused_by_what_does_not_f
     with pytest.raises(ModelLoadError, match=re.escape(f"the file's UNet lacks 1 of the {len(tiny_pipe.unet.state_dict())} "
                                                        "tensors of theirs, the first mid_block.attentions.0.norm.bias")):
         convert(tmp_path / "short.safetensors", config=tiny_pipe_dir)
+    tensors = load_file(file)
+    save_file({k: v for k, v in tensors.items() if not k.startswith("first_stage_model.")}, tmp_path / "no-vae.safetensors")
+    with pytest.raises(ModelLoadError, match="no-vae.safetensors with the configurations of .*: the file holds no VAE of this layout$"):
+        convert(tmp_path / "no-vae.safetensors", config=tiny_pipe_dir)  # as some are shared: diffmem takes no VAE from elsewhere
     save_file({k: v for k, v in tensors.items() if not k.startswith("model.")}, tmp_path / "no-unet.safetensors")
     with pytest.raises(ModelLoadError, match=r"no-unet.safetensors holds no UNet of an original single-file checkpoint "
                                              r"\(model.diffusion_model.\*; its first tensor: (cond|first)_stage_model\.[^)]+\): a LoRA or an "
@@ -376,8 +380,8 @@ def test_a_checkpoint_that_does_not_fit_its_config_is_refused_by_what_does_not_f
     (tmp_path / "broken.safetensors").write_bytes(b"not a header")
     with pytest.raises(ModelLoadError, match="broken.safetensors is not a readable safetensors file"):
         convert(tmp_path / "broken.safetensors", config=tiny_pipe_dir)
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["broken.safetensors", "no-unet.safetensors", "sd.safetensors",
-                                                          "short.safetensors"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["broken.safetensors", "no-unet.safetensors", "no-vae.safetensors",
+                                                          "sd.safetensors", "short.safetensors"]
 
 
 def test_a_ckpt_whose_pickle_would_run_code_is_refused_and_nothing_written(tmp_path, tiny_pipe_dir):
