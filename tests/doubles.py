@@ -103,3 +103,21 @@ def count_live_decoded_images(monkeypatch) -> tuple[list, list]:
 
     monkeypatch.setattr(sources, "load_image", recording)
     return decoded, live_before
+
+
+def hub_cache_with(tmp_path, monkeypatch, repo_id, folder):
+    """A hub cache, laid out as huggingface_hub writes one, holding ``folder`` as ``repo_id``'s main, offline."""
+    import shutil
+
+    import huggingface_hub.constants
+
+    cache = tmp_path / "hub"
+    repo = cache / ("models--" + repo_id.replace("/", "--"))
+    commit = "0123456789abcdef0123456789abcdef01234567"
+    shutil.copytree(folder, repo / "snapshots" / commit)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(commit)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(cache))
+    monkeypatch.setenv("HF_HUB_CACHE", str(cache))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    return repo / "snapshots" / commit

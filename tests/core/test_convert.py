@@ -3,6 +3,7 @@ import re
 
 import pytest
 import torch
+from doubles import hub_cache_with
 from safetensors.torch import load_file
 
 from diffmem.core.convert import convert_adapter
@@ -287,7 +288,7 @@ def _sd_layout(tiny_pipe):
 
 
 @pytest.mark.parametrize("layout", ["tiny", "sd"])
-def test_a_single_file_checkpoint_converts_back_to_the_pipeline_it_was_written_from(tmp_path, tiny_pipe, layout):
+def test_a_single_file_checkpoint_converts_back_to_the_pipeline_it_was_written_from(tmp_path, monkeypatch, tiny_pipe, layout):
     # the original SD layout (model.diffusion_model.*, first_stage_model.*, cond_stage_model.*), as the
     # releases and civitai ship it, was refused with a diffusers snippet to run by hand
     from ldm_checkpoint import write_ldm_checkpoint
@@ -316,6 +317,10 @@ def test_a_single_file_checkpoint_converts_back_to_the_pipeline_it_was_written_f
     assert convert(file, config=config, overwrite=True).out == done.out
     with pytest.raises(ModelLoadError, match="--config is for a single-file checkpoint"):
         convert(tmp_path / "pipe", config=config)
+    # a hub id in the hub cache, offline, is read as its snapshot folder
+    snapshot = hub_cache_with(tmp_path, monkeypatch, "someone/sd-configs", config)
+    cached = convert(file, config="someone/sd-configs", out=tmp_path / "from-hub")
+    assert cached.config == str(snapshot) and _same_weights(load_pipeline(cached.out), pipe)
     with pytest.raises(ModelLoadError, match=r"--no-ema\) chooses a single-file checkpoint's weights: give its --config"):
         convert(file, ema=False)
 

@@ -4,6 +4,7 @@ import shutil
 
 import pytest
 import torch
+from doubles import hub_cache_with
 
 from diffmem.core.errors import ModelLoadError
 from diffmem.core.loading import load_pipeline
@@ -434,28 +435,12 @@ def test_the_identity_follows_the_scale_and_switch_of_unfused_lora_adapters(tiny
                for i, j in ((0, 1), (1, 2), (0, 2)))
 
 
-def _hub_cache_with(tmp_path, monkeypatch, repo_id, folder):
-    """A hub cache, laid out as huggingface_hub writes one, holding ``folder`` as ``repo_id``'s main."""
-    import huggingface_hub.constants
-
-    cache = tmp_path / "hub"
-    repo = cache / ("models--" + repo_id.replace("/", "--"))
-    commit = "0123456789abcdef0123456789abcdef01234567"
-    shutil.copytree(folder, repo / "snapshots" / commit)
-    (repo / "refs").mkdir()
-    (repo / "refs" / "main").write_text(commit)
-    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(cache))
-    monkeypatch.setenv("HF_HUB_CACHE", str(cache))
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    return repo / "snapshots" / commit
-
-
 def test_a_cached_hub_id_of_fp16_variant_weights_loads_them_offline(tmp_path, monkeypatch, tiny_pipe_dir):
     # SD 1.5's fp16 files alone in the hub cache, offline: diffusers' "no file named
     # diffusion_pytorch_model.safetensors", where a local folder of the same files loaded
     half = load_pipeline(tiny_pipe_dir, dtype="float16")
     half.save_pretrained(tmp_path / "fp16", safe_serialization=True, variant="fp16")
-    _hub_cache_with(tmp_path, monkeypatch, "someone/tiny-sd", tmp_path / "fp16")
+    hub_cache_with(tmp_path, monkeypatch, "someone/tiny-sd", tmp_path / "fp16")
     with pytest.warns(UserWarning, match=r"unet, vae, text_encoder of 'someone/tiny-sd' .* have only fp16-variant weights"):
         pipe = load_pipeline("someone/tiny-sd")
     for name in ("unet", "vae", "text_encoder"):
@@ -473,7 +458,7 @@ def test_a_cached_hub_id_is_checked_as_a_folder_is(tmp_path, monkeypatch, tiny_p
 
     torch.save(load_file(unet / "diffusion_pytorch_model.safetensors"), unet / "diffusion_pytorch_model.bin")
     (unet / "diffusion_pytorch_model.safetensors").unlink()
-    _hub_cache_with(tmp_path, monkeypatch, "someone/old-sd", folder)
+    hub_cache_with(tmp_path, monkeypatch, "someone/old-sd", folder)
     with pytest.raises(ModelLoadError, match=r"'unet' .* has only pickle weights \(diffusion_pytorch_model.bin\)"):
         load_pipeline("someone/old-sd")
     pipe = load_pipeline("someone/old-sd", allow_pickle=True)
