@@ -257,15 +257,16 @@ def test_a_single_file_checkpoint_is_not_taken_for_an_adapter(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["v1-5.ckpt"]
 
 
-def _weights_only_config(tiny_pipe_dir, folder):
-    """The tiny pipeline's folder without its weights: what a checkpoint takes from its --config."""
+def _configs_only(pipeline_folder, folder):
+    """A copy of a pipeline folder without its weights: what a checkpoint takes from its --config."""
     import shutil
 
-    shutil.copytree(tiny_pipe_dir, folder, ignore=shutil.ignore_patterns("*.safetensors", "*.bin"))
+    shutil.copytree(pipeline_folder, folder, ignore=shutil.ignore_patterns("*.safetensors", "*.bin"))
     return folder
 
 
 def _same_weights(a, b) -> bool:
+    """Whether two pipelines' UNets, VAEs and text encoders hold equal tensors under the same names."""
     return all(getattr(a, part).state_dict().keys() == getattr(b, part).state_dict().keys()
                and all(torch.equal(v, getattr(b, part).state_dict()[k]) for k, v in getattr(a, part).state_dict().items())
                for part in ("unet", "vae", "text_encoder"))
@@ -298,7 +299,7 @@ def test_a_single_file_checkpoint_converts_back_to_the_pipeline_it_was_written_f
     pipe = tiny_pipe if layout == "tiny" else _sd_layout(tiny_pipe)
     pipe.save_pretrained(tmp_path / "pipe", safe_serialization=True)
     file = write_ldm_checkpoint(pipe, tmp_path / "sd.safetensors")
-    config = _weights_only_config(tmp_path / "pipe", tmp_path / "config")  # its weights are not read
+    config = _configs_only(tmp_path / "pipe", tmp_path / "config")  # its weights are not read
     with pytest.raises(ModelLoadError, match=re.escape(f"diffmem convert {file} --config DIR")):
         load_pipeline(file)  # refused, saying how
     with pytest.raises(ModelLoadError, match=re.escape(f"diffmem convert {file} --config DIR")):
