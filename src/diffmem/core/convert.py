@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .errors import ModelLoadError, kind_and_first_line
-from .loading import LORA_DOWN, PICKLE_SUFFIXES
+from .loading import LORA_DOWN, PICKLE_SUFFIXES, WEIGHTED
 from .results import atomic_path
 
 
@@ -174,7 +174,7 @@ def convert_pipeline(source: str | Path, out: str | Path | None = None, overwrit
     safetensors weights, in float32 as diffmem loads models by default. The pickles are read by
     diffusers' and transformers' loaders, which use torch's weights-only unpickler. ``out`` is
     written whole or not at all; an existing one is replaced only with ``overwrite``."""
-    from .loading import WEIGHTED, check_pipeline_folder, load_pipeline, weight_files
+    from .loading import check_pipeline_folder, load_pipeline, weight_files
 
     source = Path(source).expanduser()
     check_pipeline_folder(source, allow_pickle=True)  # a folder that is no pipeline is said as the loader says it
@@ -192,8 +192,7 @@ def convert_pipeline(source: str | Path, out: str | Path | None = None, overwrit
                 for file in sorted(weight_files(source / name)[1]):
                     _load_weights_only(source / name / file)
             raise
-        _save_whole(pipe, out)
-    tensors = sum(len(getattr(pipe, name).state_dict()) for name in WEIGHTED)
+        tensors = _save_whole(pipe, out)
     return Conversion(str(source), str(out), "pipeline", tensors, from_pickles=pickled)
 
 
@@ -217,12 +216,13 @@ def _new_pipeline_folder(out: Path, overwrite: bool, not_in: tuple[Path, str]):
         yield
 
 
-def _save_whole(pipe, out: Path) -> None:
+def _save_whole(pipe, out: Path) -> int:
     """``pipe`` saved with safetensors weights, swapped in whole: a kill while saving leaves no half
-    pipeline to load."""
+    pipeline to load. Returns how many tensors its weighted components hold."""
     from .results import replace_folder
 
     replace_folder(out, lambda tmp: pipe.save_pretrained(tmp, safe_serialization=True))
+    return sum(len(getattr(pipe, name).state_dict()) for name in WEIGHTED)
 
 
 def convert_checkpoint(source: str | Path, config: str | Path, out: str | Path | None = None,
@@ -262,8 +262,7 @@ def convert_checkpoint(source: str | Path, config: str | Path, out: str | Path |
                                  f"tensor: {next(iter(keys), 'none')}): a LoRA or an embedding is passed as it is")
         held_ema = sum(k.startswith("model_ema.") for k in keys) > 100  # where diffusers takes a file to hold EMA weights
         pipe = _from_single_file(source, folder, extract_ema=ema and held_ema, progress=progress)
-        _save_whole(pipe, out)
-    tensors = sum(len(getattr(pipe, part).state_dict()) for part in ("unet", "vae", "text_encoder"))
+        tensors = _save_whole(pipe, out)
     return Conversion(str(source), str(out), "checkpoint", tensors, config=str(folder), ema=ema if held_ema else None)
 
 
@@ -319,7 +318,7 @@ def _from_single_file(source: Path, config: Path, extract_ema: bool, progress: b
                              f"{_misfit(checkpoint, config, extract_ema) or kind_and_first_line(e)}") from None
     finally:
         diffusers_log.set_verbosity(was)
-    empty = [f"{part}.{n}" for part in ("unet", "vae", "text_encoder")
+    empty = [f"{part}.{n}" for part in WEIGHTED
              for n, p in getattr(pipe, part).named_parameters() if p.is_meta]
     if empty:  # a tensor the file lacks, left without weights where diffusers did not fail on it
         raise ModelLoadError(f"could not convert {source} with the configurations of {config}: the file lacks "
