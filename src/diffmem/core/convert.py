@@ -379,17 +379,11 @@ def convert(source: str | Path, out: str | Path | None = None, overwrite: bool =
         return convert_checkpoint(source, config, out, overwrite, ema=ema, progress=progress)
     if source_path.is_dir():
         return convert_pipeline(source, out, overwrite)
-    if source_path.suffix.lower() == ".safetensors" and _names_a_unet(source_path):
-        raise ModelLoadError(WHOLE_MODEL.format(source=source))
+    if source_path.suffix.lower() == ".safetensors":  # a whole model's is named, read from its header alone
+        try:
+            keys = _checkpoint_keys(source_path)
+        except ModelLoadError:  # not safetensors: convert_adapter says what it is
+            keys = []
+        if any(k.startswith(LDM_UNET) for k in keys):
+            raise ModelLoadError(WHOLE_MODEL.format(source=source))
     return convert_adapter(source, out, overwrite)
-
-
-def _names_a_unet(path: Path) -> bool:
-    """Whether a safetensors file holds an original checkpoint's UNet, read from its header alone."""
-    from safetensors import safe_open
-
-    try:
-        with safe_open(str(path), "pt") as f:
-            return any(k.startswith(LDM_UNET) for k in f.keys())
-    except Exception:  # not safetensors: convert_adapter says what it is
-        return False
